@@ -1,0 +1,20 @@
+// compat.cuh: the one include every kernel starts with.
+//
+// Under nvcc it pulls in CUDA's own headers and nothing else. Under a host compiler it
+// pulls in the emulator runtime (cuda/emu/), which provides the same names on the CPU.
+// FK_KERNEL declares an entry point that takes one params struct by value (DESIGN.md §3):
+//   FK_KERNEL(scatter_add_bf16_f32, ScatterAddParams) { ... use p ... }
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#define FK_KERNEL(name, Params) extern "C" __global__ void name(const Params p)
+#define FK_KERNEL_BOUNDS(name, Params, threads) \
+  extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+#else
+#include "../emu/emu.h"
+#endif
+
+#define FK_DEVICE __device__ __forceinline__

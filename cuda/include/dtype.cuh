@@ -1,0 +1,21 @@
+// dtype.cuh: element loads and stores through f32, one overload per storage type.
+// Kernels compute in f32 and round once on store (round-to-nearest-even, as __float2bfloat16
+// and __float2half do).
+#pragma once
+#include "compat.cuh"
+
+FK_DEVICE float to_f32(float x) { return x; }
+FK_DEVICE float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+FK_DEVICE float to_f32(__half x) { return __half2float(x); }
+
+template <typename T> FK_DEVICE T from_f32(float x);
+template <> FK_DEVICE float from_f32<float>(float x) { return x; }
+template <> FK_DEVICE __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> FK_DEVICE __half from_f32<__half>(float x) { return __float2half(x); }
+
+// The raw 16 bits of a half-precision value, and back (for 16-bit atomicCAS loops).
+FK_DEVICE unsigned short bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+FK_DEVICE unsigned short bits16(__half x) { return __half_as_ushort(x); }
+template <typename T> FK_DEVICE T from_bits16(unsigned short b);
+template <> FK_DEVICE __nv_bfloat16 from_bits16<__nv_bfloat16>(unsigned short b) { return __ushort_as_bfloat16(b); }
+template <> FK_DEVICE __half from_bits16<__half>(unsigned short b) { return __ushort_as_half(b); }

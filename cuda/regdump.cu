@@ -1,0 +1,73 @@
+// Register-dump kernels: launched with one warp (32 threads, one block). The GPU check runs
+// them on real hardware and commits the dump; the emulator must reproduce it bit for bit.
+#include "include/compat.cuh"
+#include "include/ptx.cuh"
+#include "params/regdump.h"
+
+namespace {
+
+// Rows sit 48 bytes apart in a permuted order, so a dump also shows that each lane's own
+// address is used (not "row 0 plus an offset").
+constexpr int kRowStride = 24;  // halves
+FK_DEVICE int row_slot(int matrix, int row) { return ((matrix * 8 + row) * 5) % 32; }
+// Element (m, r, c) holds a marker and its coordinates, so every value names its origin.
+FK_DEVICE uint16_t element_id(int m, int r, int c) { return 0xA000 | (m << 6) | (r << 3) | c; }
+
+template <int N>
+FK_DEVICE void store_regs(uint32_t* out, int variant, int lane, const uint32_t (&r)[N]) {
+  for (int i = 0; i < 4; ++i) out[(variant * 32 + lane) * 4 + i] = i < N ? r[i] : 0u;
+}
+
+template <typename Mma>
+FK_DEVICE void dump_mma(const RegdumpParams& p, Mma mma) {
+  const int lane = threadIdx.x;
+  const uint32_t* in = p.in + lane * FK_REGDUMP_MMA_IN;
+  const uint32_t a[4] = {in[0], in[1], in[2], in[3]};
+  const uint32_t b[2] = {in[4], in[5]};
+  const float c[4] = {__uint_as_float(in[6]), __uint_as_float(in[7]), __uint_as_float(in[8]),
+                      __uint_as_float(in[9])};
+  float d[4];
+  mma(d, a, b, c);
+  for (int i = 0; i < 4; ++i) p.out[lane * 4 + i] = __float_as_uint(d[i]);
+}
+
+}  // namespace
+
+FK_KERNEL(regdump_ldmatrix, RegdumpParams) {
+  __shared__ __align__(16) uint16_t tiles[32 * kRowStride];
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 4 * 64; e += 32) {
+    const int m = e / 64, r = (e / 8) % 8, c = e % 8;
+    tiles[row_slot(m, r) * kRowStride + c] = element_id(m, r, c);
+  }
+  __syncwarp();
+  const uint16_t* row = tiles + row_slot(lane / 8, lane % 8) * kRowStride;
+  uint32_t r1[1], r2[2], r4[4];
+  ldmatrix_x1(r1, row);
+  store_regs(p.out, 0, lane, r1);
+  ldmatrix_x2(r2, row);
+  store_regs(p.out, 1, lane, r2);
+  ldmatrix_x4(r4, row);
+  store_regs(p.out, 2, lane, r4);
+  ldmatrix_x1_trans(r1, row);
+  store_regs(p.out, 3, lane, r1);
+  ldmatrix_x2_trans(r2, row);
+  store_regs(p.out, 4, lane, r2);
+  ldmatrix_x4_trans(r4, row);
+  store_regs(p.out, 5, lane, r4);
+}
+
+FK_KERNEL(regdump_mma_bf16, RegdumpParams) { dump_mma(p, mma_m16n8k16_bf16); }
+FK_KERNEL(regdump_mma_f16, RegdumpParams) { dump_mma(p, mma_m16n8k16_f16); }
+FK_KERNEL(regdump_mma_e4m3, RegdumpParams) { dump_mma(p, mma_m16n8k32_e4m3); }
+FK_KERNEL(regdump_mma_e5m2, RegdumpParams) { dump_mma(p, mma_m16n8k32_e5m2); }
+
+FK_KERNEL(regdump_cvt, RegdumpParams) {
+  const int lane = threadIdx.x;
+  const float hi = __uint_as_float(p.in[lane * FK_REGDUMP_CVT_IN]);
+  const float lo = __uint_as_float(p.in[lane * FK_REGDUMP_CVT_IN + 1]);
+  uint32_t* out = p.out + lane * FK_REGDUMP_CVT_OUT;
+  out[0] = cvt_bf16x2(hi, lo);
+  out[1] = cvt_e4m3x2(hi, lo);
+  out[2] = cvt_e5m2x2(hi, lo);
+}

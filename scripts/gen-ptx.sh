@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Regenerates ptx/<target>/<module>.ptx from cuda/<module>.cu with the pinned nvcc
+# (or $FK_NVCC). Flags come from cuda/nvcc.flags, as in build.rs.
+#   scripts/gen-ptx.sh            rewrite ptx/
+#   scripts/gen-ptx.sh --check    fail if ptx/ differs from what nvcc produces
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+nvcc=${FK_NVCC:-$(scripts/install-toolchain.sh)/nvcc}
+mode=${1:-write}
+out=ptx
+[ "$mode" = --check ] && out=$(mktemp -d)
+mapfile -t flags < cuda/nvcc.flags
+for target in sm_80 sm_89 sm_90a; do
+  mkdir -p "$out/$target"
+  for cu in cuda/*.cu; do
+    module=$(basename "$cu" .cu)
+    "$nvcc" "${flags[@]}" -arch="$target" -ptx "$cu" -o "$out/$target/$module.ptx"
+  done
+done
+if [ "$mode" = --check ]; then
+  if ! diff -r "$out" ptx >/dev/null; then
+    diff -r "$out" ptx | head -20
+    echo "gen-ptx: committed ptx/ is stale; run scripts/gen-ptx.sh" >&2
+    exit 1
+  fi
+  rm -rf "$out"
+  echo "gen-ptx: ptx/ is fresh"
+fi

@@ -1,0 +1,299 @@
+//! The CUDA backend: a cudarc context and stream, lazily loaded PTX modules, launches.
+
+use super::ptx::{self, Target};
+use super::{Kernel, LaunchConfig};
+use crate::dtype::Elem;
+use crate::error::{Error, NoDevice, Result};
+use cudarc::driver::{result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+/// What the driver says about itself, probed without ever panicking.
+#[derive(Debug, Clone)]
+pub struct DriverInfo {
+    /// `cuDriverGetVersion`, e.g. 13000 for CUDA 13.0.
+    pub version: i32,
+    pub device_count: usize,
+}
+
+/// The CUDA version the committed PTX (ISA 9.0, nvcc 13.0) needs from the driver.
+pub const PTX_DRIVER_VERSION: i32 = 13000;
+
+/// Loads libcuda and asks it for its version and device count. cudarc panics on its first
+/// driver call when libcuda is missing, so the library's presence is checked first.
+pub fn probe_driver() -> Result<DriverInfo> {
+    // SAFETY: only tries to dlopen libcuda by its usual names.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(NoDevice::NoDriver.into());
+    }
+    match result::init() {
+        Ok(()) => {}
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => return Err(NoDevice::NoGpu.into()),
+        Err(e) => return Err(Error::driver("cuInit", e)),
+    }
+    let mut version = 0;
+    // SAFETY: cuInit succeeded; the out-pointer is a live local.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| Error::driver("cuDriverGetVersion", e))?;
+    let count = result::device::get_count().map_err(|e| Error::driver("cuDeviceGetCount", e))?;
+    Ok(DriverInfo {
+        version,
+        device_count: count.max(0) as usize,
+    })
+}
+
+struct LoadedModule(sys::CUmodule);
+// SAFETY: a CUmodule handle may be used from any thread once its context is current.
+unsafe impl Send for LoadedModule {}
+unsafe impl Sync for LoadedModule {}
+
+#[derive(Clone, Copy)]
+struct Function(sys::CUfunction);
+// SAFETY: as for modules; the function lives as long as its module, which the device keeps.
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+/// One GPU: its primary context (shared with other frameworks in the process), a stream,
+/// and the modules loaded so far.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    ordinal: usize,
+    name: String,
+    compute_capability: (i32, i32),
+    target: Target,
+    driver: DriverInfo,
+    modules: Mutex<HashMap<&'static str, LoadedModule>>,
+    functions: Mutex<HashMap<String, Function>>,
+}
+
+impl CudaDevice {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let driver = probe_driver()?;
+        if driver.device_count == 0 {
+            return Err(NoDevice::NoGpu.into());
+        }
+        if ordinal >= driver.device_count {
+            return Err(NoDevice::Ordinal {
+                ordinal,
+                count: driver.device_count,
+            }
+            .into());
+        }
+        if driver.version < PTX_DRIVER_VERSION && !ptx::built_from_source() {
+            return Err(NoDevice::DriverTooOld {
+                driver: driver.version,
+                needed: PTX_DRIVER_VERSION,
+            }
+            .into());
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| Error::driver("cuDevicePrimaryCtxRetain", e))?;
+        // One stream, so cudarc's per-buffer event tracking would only add events.
+        // SAFETY: called before any buffer or stream of this context exists.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| Error::driver("cuDeviceGetAttribute", e))?;
+        let target = Target::for_compute_capability(major, minor)
+            .ok_or(NoDevice::ComputeCapability { major, minor })?;
+        let name = ctx
+            .name()
+            .map_err(|e| Error::driver("cuDeviceGetName", e))?;
+        let stream = ctx.default_stream();
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            ordinal,
+            name,
+            compute_capability: (major, minor),
+            target,
+            driver,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        let (ma, mi) = self.compute_capability;
+        format!(
+            "cuda:{} {} (sm_{ma}{mi}, PTX {})",
+            self.ordinal,
+            self.name,
+            self.target.name()
+        )
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The PTX target this device loads.
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    pub fn driver(&self) -> &DriverInfo {
+        &self.driver
+    }
+
+    /// The cudarc context, for users who mix this crate with their own cudarc code.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn raw_stream(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    pub(crate) fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| Error::driver("cuMemcpyHtoDAsync", e))
+    }
+
+    pub(crate) fn download<T: Elem>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream
+            .clone_dtoh(s)
+            .map_err(|e| Error::driver("cuMemcpyDtoHAsync", e))
+    }
+
+    pub(crate) fn copy_in<T: Elem>(&self, host: &[T], s: &mut CudaSlice<T>) -> Result<()> {
+        self.stream
+            .memcpy_htod(host, s)
+            .map_err(|e| Error::driver("cuMemcpyHtoDAsync", e))
+    }
+
+    pub(crate) fn alloc_filled<T: Elem>(&self, len: usize, byte: u8) -> Result<CudaSlice<T>> {
+        let bytes =
+            len.checked_mul(std::mem::size_of::<T>())
+                .ok_or_else(|| Error::InvalidArgument {
+                    what: "buffer length",
+                    why: format!("{len} elements overflow usize bytes"),
+                })?;
+        // SAFETY: every byte is written by the memset below before anyone can read it.
+        let s = unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| Error::driver("cuMemAlloc", e))?;
+        if bytes > 0 {
+            // SAFETY: the allocation holds at least `bytes` bytes.
+            unsafe { result::memset_d8_async(self.addr(&s), byte, bytes, self.raw_stream()) }
+                .map_err(|e| Error::driver("cuMemsetD8Async", e))?;
+        }
+        Ok(s)
+    }
+
+    pub(crate) fn addr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (ptr, _sync) = s.device_ptr(&self.stream);
+        ptr
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::driver("cuStreamSynchronize", e))
+    }
+
+    fn function(&self, kernel: &Kernel) -> Result<Function> {
+        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = functions.get(&kernel.name) {
+            return Ok(*f);
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if !modules.contains_key(kernel.module) {
+            let source =
+                ptx::source(kernel.module, self.target).ok_or_else(|| Error::Unsupported {
+                    op: "module load",
+                    why: format!(
+                        "no PTX for module {} at {}",
+                        kernel.module,
+                        self.target.name()
+                    ),
+                })?;
+            let image = CString::new(source).map_err(|_| Error::Unsupported {
+                op: "module load",
+                why: format!("PTX for {} holds a NUL byte", kernel.module),
+            })?;
+            // SAFETY: `image` is NUL-terminated PTX text; the driver copies it.
+            let m = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(|e| Error::driver("cuModuleLoadData", e))?;
+            modules.insert(kernel.module, LoadedModule(m));
+        }
+        let module = modules[kernel.module].0;
+        let cname = CString::new(kernel.name.as_str()).expect("kernel names hold no NUL");
+        // SAFETY: `module` is loaded in this context and stays loaded while `self` lives.
+        let f = unsafe { result::module::get_function(module, cname) }
+            .map_err(|e| Error::driver("cuModuleGetFunction", e))?;
+        functions.insert(kernel.name.clone(), Function(f));
+        Ok(Function(f))
+    }
+
+    /// Launches `kernel` on `stream` with its params struct.
+    ///
+    /// # Safety
+    /// `params` must be the struct the kernel is declared with, its pointers valid on this
+    /// device for the kernel's accesses, and `stream` a live stream of this context.
+    pub(crate) unsafe fn launch<P: Copy>(
+        &self,
+        kernel: &Kernel,
+        cfg: LaunchConfig,
+        stream: sys::CUstream,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(kernel)?;
+        if cfg.shared_bytes > 48 * 1024 {
+            // SAFETY: `f` is a live function handle of this context.
+            unsafe {
+                result::function::set_function_attribute(
+                    f.0,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shared_bytes as i32,
+                )
+            }
+            .map_err(|e| Error::driver("cuFuncSetAttribute", e))?;
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
+        let mut args = [params as *const P as *mut c_void];
+        // SAFETY: one argument, the params struct, as every kernel here is declared;
+        // the caller guarantees the pointers inside it.
+        unsafe {
+            result::launch_kernel(
+                f.0,
+                cfg.grid,
+                cfg.block,
+                cfg.shared_bytes,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| Error::driver("cuLaunchKernel", e))
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        let modules = self.modules.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, m) in modules.drain() {
+            // SAFETY: the module was loaded in this context and no function of it is used
+            // after the device is dropped.
+            let _ = unsafe { result::module::unload(m.0) };
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Devices, typed buffers and kernel launches.
+//!
+//! [`Device::Cuda`] runs the committed PTX through the CUDA driver (cudarc, loaded at run
+//! time). Buffers are typed and owned by the device that made them. Every kernel wrapper
+//! goes through [`Device::launch`], which takes the kernel's one params struct by value.
+
+mod cuda;
+pub mod ptx;
+
+pub use cuda::{probe_driver, CudaDevice, DriverInfo};
+pub use ptx::Target;
+
+use crate::dtype::{Elem, POISON_BYTE};
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// Where kernels run.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Device {
+    /// An NVIDIA GPU through the CUDA driver.
+    Cuda(Arc<CudaDevice>),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D grid of `threads`-wide blocks covering `n` items, one per thread, capped at
+    /// `max_blocks` (kernels loop grid-stride past the cap). `n == 0` gives zero blocks.
+    pub fn grid_stride(n: u64, threads: u32, max_blocks: u32) -> Self {
+        let blocks = n.div_ceil(threads as u64).min(max_blocks as u64) as u32;
+        LaunchConfig {
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// A kernel entry point: the PTX module (one per `cuda/<module>.cu`) and the entry name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Kernel {
+    pub module: &'static str,
+    pub name: String,
+}
+
+impl Device {
+    /// The CUDA device `ordinal`, or a [`NoDevice`] error saying why there is none.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device::Cuda(Arc::new(CudaDevice::new(ordinal)?)))
+    }
+
+    /// The best backend available here: GPU 0 if there is one.
+    pub fn best() -> Result<Device> {
+        Device::cuda(0)
+    }
+
+    /// One line naming the device, e.g. `cuda:0 NVIDIA H100 80GB HBM3 (sm_90, PTX sm_90a)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cuda(d) => d.describe(),
+        }
+    }
+
+    /// `"cuda"` or `"emu"`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Device::Cuda(_) => "cuda",
+        }
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    /// Copies host data into a new buffer.
+    pub fn upload<T: Elem>(&self, host: &[T]) -> Result<Buffer<T>> {
+        let storage = match self {
+            Device::Cuda(d) => Storage::Cuda(d.upload(host)?),
+        };
+        Ok(Buffer {
+            storage,
+            len: host.len(),
+            device: self.clone(),
+        })
+    }
+
+    /// A new buffer of `len` elements, every byte set to 0xFF (NaN in float dtypes), so a
+    /// kernel that leaves an element unwritten is caught.
+    pub fn alloc_poisoned<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
+        let storage = match self {
+            Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, POISON_BYTE)?),
+        };
+        Ok(Buffer {
+            storage,
+            len,
+            device: self.clone(),
+        })
+    }
+
+    /// A new buffer of `len` zeros.
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
+        let storage = match self {
+            Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, 0)?),
+        };
+        Ok(Buffer {
+            storage,
+            len,
+            device: self.clone(),
+        })
+    }
+
+    /// Waits for all launched work to finish.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cuda(d) => d.synchronize(),
+        }
+    }
+
+    /// Launches `kernel` with `params` (its one params struct, passed by value).
+    ///
+    /// # Safety
+    /// `params` must be the struct `kernel` is declared with in `cuda/params/`, and every
+    /// pointer in it must be valid on this device for what the kernel reads and writes.
+    pub(crate) unsafe fn launch<P: Copy>(
+        &self,
+        kernel: &Kernel,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
+            return Ok(());
+        }
+        match self {
+            // SAFETY: forwarded from this function's contract.
+            Device::Cuda(d) => unsafe { d.launch(kernel, cfg, d.raw_stream(), params) },
+        }
+    }
+
+    pub(crate) fn same(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+        }
+    }
+}
+
+enum Storage<T: Elem> {
+    Cuda(cudarc::driver::CudaSlice<T>),
+}
+
+/// A typed buffer owned by one device.
+pub struct Buffer<T: Elem> {
+    storage: Storage<T>,
+    len: usize,
+    device: Device,
+}
+
+impl<T: Elem> Buffer<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Copies the buffer back to the host (waits for pending work).
+    pub fn to_host(&self) -> Result<Vec<T>> {
+        match (&self.storage, &self.device) {
+            (Storage::Cuda(s), Device::Cuda(d)) => d.download(s),
+        }
+    }
+
+    /// Overwrites the buffer with host data of the same length.
+    pub fn copy_from_host(&mut self, host: &[T]) -> Result<()> {
+        Error::check_len("copy_from_host", self.len, host.len())?;
+        match (&mut self.storage, &self.device) {
+            (Storage::Cuda(s), Device::Cuda(d)) => d.copy_in(host, s),
+        }
+    }
+
+    /// The address kernels see (device address, or host address under the emulator).
+    pub(crate) fn addr(&self) -> u64 {
+        match (&self.storage, &self.device) {
+            (Storage::Cuda(s), Device::Cuda(d)) => d.addr(s),
+        }
+    }
+
+    pub(crate) fn ptr(&self) -> *const std::ffi::c_void {
+        self.addr() as *const std::ffi::c_void
+    }
+
+    /// A mutable pointer for a kernel's params: taking `&mut self` keeps Rust's aliasing
+    /// rules on the host side of every launch.
+    pub(crate) fn ptr_mut(&mut self) -> *mut std::ffi::c_void {
+        self.addr() as *mut std::ffi::c_void
+    }
+
+    /// The CUDA slice, for users mixing this crate with cudarc.
+    pub fn as_cuda_slice(&self) -> Option<&cudarc::driver::CudaSlice<T>> {
+        match &self.storage {
+            Storage::Cuda(s) => Some(s),
+        }
+    }
+}
+
+/// Errors if `b` lives on another device than `dev`.
+pub(crate) fn check_device<T: Elem>(dev: &Device, b: &Buffer<T>) -> Result<()> {
+    if dev.same(b.device()) {
+        Ok(())
+    } else {
+        Err(Error::DeviceMismatch)
+    }
+}

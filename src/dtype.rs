@@ -1,0 +1,110 @@
+//! Element types that device buffers hold, and the conversions the kernels use.
+
+use half::{bf16, f16};
+
+/// A storage dtype, as kernels name it (`<op>_<dtype>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    BF16,
+    F16,
+    F32,
+    U8,
+    U32,
+    U64,
+}
+
+impl DType {
+    /// The name used in kernel names: `bf16`, `f16`, `f32`, `u8`, `u32`, `u64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+            DType::U8 => "u8",
+            DType::U32 => "u32",
+            DType::U64 => "u64",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 => 1,
+            DType::BF16 | DType::F16 => 2,
+            DType::F32 | DType::U32 => 4,
+            DType::U64 => 8,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A type a device buffer can hold.
+pub trait Elem:
+    Copy
+    + Default
+    + bytemuck::Pod
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
+{
+    const DTYPE: DType;
+}
+
+/// A floating-point element: kernels load it as f32 and round once on store
+/// (round-to-nearest-even, as CUDA's `__float2bfloat16` / `__float2half` do).
+pub trait FloatElem: Elem {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+macro_rules! elem {
+    ($t:ty, $d:expr) => {
+        impl Elem for $t {
+            const DTYPE: DType = $d;
+        }
+    };
+}
+elem!(bf16, DType::BF16);
+elem!(f16, DType::F16);
+elem!(f32, DType::F32);
+elem!(u8, DType::U8);
+elem!(u32, DType::U32);
+elem!(u64, DType::U64);
+
+impl FloatElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl FloatElem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl FloatElem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// The f32 bit pattern of all-ones bytes: what poisoned buffers hold (a NaN in every float
+/// dtype), so an element a kernel forgot to write shows up.
+pub const POISON_BYTE: u8 = 0xFF;

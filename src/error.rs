@@ -1,0 +1,162 @@
+//! The crate's one error type. Every check that can fail on user input returns one of these
+//! before anything is launched; nothing here panics on bad input.
+
+use std::fmt;
+
+/// Why no CUDA device can run kernels here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoDevice {
+    /// `libcuda.so` could not be loaded: no NVIDIA driver is installed.
+    NoDriver,
+    /// The driver loaded but reports no CUDA device.
+    NoGpu,
+    /// The driver is older than the committed PTX needs (ISA 9.0: CUDA 13.0, R580).
+    DriverTooOld { driver: i32, needed: i32 },
+    /// The device's compute capability is below the sm_80 baseline.
+    ComputeCapability { major: i32, minor: i32 },
+    /// A device ordinal past the device count.
+    Ordinal { ordinal: usize, count: usize },
+    /// The host emulator backend was not compiled in (feature `emu`).
+    EmulatorNotBuilt,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// Two shapes that must agree do not.
+    ShapeMismatch {
+        what: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    /// A dtype (or combination of dtypes) that this kernel is not built for.
+    UnsupportedDtype { op: &'static str, dtypes: String },
+    /// A shape or parameter outside what the kernel supports.
+    Unsupported { op: &'static str, why: String },
+    /// A pointer or size that breaks a kernel's alignment requirement.
+    Misaligned {
+        what: &'static str,
+        align: usize,
+        value: u64,
+    },
+    /// A flattened index past the end of the tensor it indexes.
+    IndexOutOfRange {
+        position: usize,
+        index: u64,
+        numel: u64,
+    },
+    /// Indices given to a path that needs them sorted and unique.
+    UnsortedIndices {
+        position: usize,
+        previous: u64,
+        index: u64,
+    },
+    /// A numeric argument that is NaN, infinite or out of its range.
+    InvalidArgument { what: &'static str, why: String },
+    /// No device can run kernels; says why.
+    NoDevice(NoDevice),
+    /// Buffers from two different devices (or backends) in one call.
+    DeviceMismatch,
+    /// A CUDA driver call failed: the call and the driver's error name.
+    Driver { call: &'static str, name: String },
+    /// The host emulator caught a kernel bug (race, divergent barrier, bad mask...).
+    Emulator(String),
+    /// A file could not be read or written.
+    Io { path: String, why: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl fmt::Display for NoDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoDevice::NoDriver => write!(f, "no NVIDIA driver: libcuda.so could not be loaded"),
+            NoDevice::NoGpu => write!(f, "the NVIDIA driver reports no CUDA device"),
+            NoDevice::DriverTooOld { driver, needed } => write!(
+                f,
+                "the driver supports CUDA {}.{}, the shipped PTX needs {}.{} (R580+); \
+                 regenerate PTX with a local nvcc (FK_NVCC, see README)",
+                driver / 1000,
+                driver % 1000 / 10,
+                needed / 1000,
+                needed % 1000 / 10
+            ),
+            NoDevice::ComputeCapability { major, minor } => write!(
+                f,
+                "compute capability {major}.{minor} is below the sm_80 baseline (Ampere)"
+            ),
+            NoDevice::Ordinal { ordinal, count } => {
+                write!(f, "device {ordinal} requested, the driver reports {count}")
+            }
+            NoDevice::EmulatorNotBuilt => {
+                write!(
+                    f,
+                    "the host emulator is not built in (enable feature `emu`)"
+                )
+            }
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ShapeMismatch { what, expected, got } => {
+                write!(f, "shape mismatch in {what}: expected {expected:?}, got {got:?}")
+            }
+            Error::UnsupportedDtype { op, dtypes } => {
+                write!(f, "{op} is not built for dtypes {dtypes}")
+            }
+            Error::Unsupported { op, why } => write!(f, "{op}: unsupported: {why}"),
+            Error::Misaligned { what, align, value } => {
+                write!(f, "{what} must be a multiple of {align}, got {value:#x}")
+            }
+            Error::IndexOutOfRange { position, index, numel } => write!(
+                f,
+                "index {index} at position {position} is out of range for {numel} elements"
+            ),
+            Error::UnsortedIndices { position, previous, index } => write!(
+                f,
+                "indices must be sorted and unique: position {position} holds {index} after {previous}"
+            ),
+            Error::InvalidArgument { what, why } => write!(f, "invalid {what}: {why}"),
+            Error::NoDevice(why) => write!(f, "no device: {why}"),
+            Error::DeviceMismatch => write!(f, "buffers belong to different devices"),
+            Error::Driver { call, name } => write!(f, "CUDA driver call {call} failed: {name}"),
+            Error::Emulator(msg) => write!(f, "emulator: {msg}"),
+            Error::Io { path, why } => write!(f, "{path}: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<NoDevice> for Error {
+    fn from(why: NoDevice) -> Self {
+        Error::NoDevice(why)
+    }
+}
+
+impl Error {
+    /// Wraps a cudarc driver error with the name of the call that failed.
+    pub(crate) fn driver(call: &'static str, e: cudarc::driver::DriverError) -> Self {
+        let name = e.error_name().map(|s| s.to_string_lossy().into_owned());
+        Error::Driver {
+            call,
+            name: name.unwrap_or_else(|_| format!("{:?}", e.0)),
+        }
+    }
+
+    /// Checks that two lengths agree.
+    pub(crate) fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
+        if expected == got {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch {
+                what: what.to_string(),
+                expected: vec![expected],
+                got: vec![got],
+            })
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! # finetune-kernels
+//!
+//! Hand-written CUDA kernels for memory-efficient LLM fine-tuning. Every kernel ships three
+//! ways: a CPU reference ([`reference`]), the same CUDA source run on the host, and the GPU
+//! run from committed PTX through the CUDA driver ([`device`]).
+//!
+//! Families: [`sparse`] (sparse deltas). The register-dump kernels ([`regdump`]) record
+//! tensor-core fragment layouts on real hardware for the emulator's tests.
+
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod params;
+pub mod reference;
+pub mod regdump;
+pub mod sparse;
+pub mod testing;
+
+pub use device::{Buffer, Device};
+pub use dtype::{DType, Elem, FloatElem};
+pub use error::{Error, NoDevice, Result};
+pub use half::{bf16, f16};

@@ -1,0 +1,373 @@
+//! Host side of the register-dump kernels (`cuda/regdump.cu`).
+//!
+//! One warp records what every lane holds after each `ldmatrix` variant, each `mma.sync`
+//! variant (on two input sets: small integers, whose products are exact, and random
+//! values, which show the hardware's rounding) and the packed `cvt` instructions. The GPU
+//! check writes the dump to `tests/data/regdump-<gpu>.txt`; the emulator must reproduce it.
+
+use crate::device::{Device, Kernel, LaunchConfig, Target};
+use crate::error::{Error, Result};
+use crate::params::{
+    RegdumpParams, FK_REGDUMP_CVT_IN, FK_REGDUMP_LDMATRIX_VARIANTS, FK_REGDUMP_MMA_IN,
+};
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+
+const MODULE: &str = "regdump";
+const LANES: usize = 32;
+
+/// One kernel run: its inputs and what the warp wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    /// Kernel name, e.g. `regdump_mma_bf16`.
+    pub kernel: String,
+    /// Input set: `none`, `int`, `random` or `edge`.
+    pub set: String,
+    pub input: Vec<u32>,
+    pub output: Vec<u32>,
+}
+
+/// A whole dump: where it was recorded and every section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegDump {
+    pub recorded_on: String,
+    pub sections: Vec<Section>,
+}
+
+/// The element type an mma kernel takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmaInput {
+    BF16,
+    F16,
+    E4M3,
+    E5M2,
+}
+
+impl MmaInput {
+    pub const ALL: [MmaInput; 4] = [
+        MmaInput::BF16,
+        MmaInput::F16,
+        MmaInput::E4M3,
+        MmaInput::E5M2,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            MmaInput::BF16 => "bf16",
+            MmaInput::F16 => "f16",
+            MmaInput::E4M3 => "e4m3",
+            MmaInput::E5M2 => "e5m2",
+        }
+    }
+
+    fn is_fp8(self) -> bool {
+        matches!(self, MmaInput::E4M3 | MmaInput::E5M2)
+    }
+
+    /// The bits of `x` in this type; `x` must be representable (small integers are).
+    fn encode(self, x: f32) -> u32 {
+        match self {
+            MmaInput::BF16 => bf16::from_f32(x).to_bits() as u32,
+            MmaInput::F16 => f16::from_f32(x).to_bits() as u32,
+            MmaInput::E4M3 => encode_small_fp8(x, 3, 7),
+            MmaInput::E5M2 => encode_small_fp8(x, 2, 15),
+        }
+    }
+
+    /// A random finite encoding (never NaN or infinity).
+    fn random_bits(self, rng: &mut impl Rng) -> u32 {
+        match self {
+            MmaInput::BF16 => bf16::from_f32(rng.random_range(-2.0..2.0)).to_bits() as u32,
+            MmaInput::F16 => f16::from_f32(rng.random_range(-2.0..2.0)).to_bits() as u32,
+            MmaInput::E4M3 => loop {
+                let b: u8 = rng.random();
+                if b & 0x7F != 0x7F {
+                    break b as u32;
+                }
+            },
+            MmaInput::E5M2 => loop {
+                let b: u8 = rng.random();
+                if b & 0x7C != 0x7C {
+                    break b as u32;
+                }
+            },
+        }
+    }
+
+    /// Elements per 32-bit register.
+    fn per_register(self) -> usize {
+        if self.is_fp8() {
+            4
+        } else {
+            2
+        }
+    }
+}
+
+/// An integer in [-15, 15] as an FP8 bit pattern with `mant` mantissa bits and `bias`.
+fn encode_small_fp8(x: f32, mant: u32, bias: i32) -> u32 {
+    let sign = if x < 0.0 { 0x80 } else { 0 };
+    let a = x.abs() as u32;
+    if a == 0 {
+        return sign;
+    }
+    let e = 31 - a.leading_zeros(); // floor(log2 a)
+    let frac = (a - (1 << e)) << mant >> e;
+    sign | (((e as i32 + bias) as u32) << mant) | frac
+}
+
+fn pack(elems: &[u32], bits: u32) -> u32 {
+    elems
+        .iter()
+        .enumerate()
+        .fold(0, |acc, (i, &e)| acc | (e << (bits * i as u32)))
+}
+
+/// Inputs for one mma kernel: per lane, A[4] B[2] registers and C[4] f32 bits.
+pub fn mma_input(t: MmaInput, set: &str, seed: u64) -> Vec<u32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let per = t.per_register();
+    let bits = 32 / per as u32;
+    let mut words = Vec::with_capacity(LANES * FK_REGDUMP_MMA_IN as usize);
+    for _ in 0..LANES {
+        let elem = |rng: &mut rand::rngs::StdRng| match set {
+            "int" => t.encode(rng.random_range(-4i32..=4) as f32),
+            _ => t.random_bits(rng),
+        };
+        for _ in 0..6 {
+            let e: Vec<u32> = (0..per).map(|_| elem(&mut rng)).collect();
+            words.push(pack(&e, bits));
+        }
+        for _ in 0..4 {
+            let c = match set {
+                "int" => rng.random_range(-8i32..=8) as f32,
+                _ => rng.random_range(-4.0f32..4.0),
+            };
+            words.push(c.to_bits());
+        }
+    }
+    words
+}
+
+/// Inputs for the cvt kernel: per lane a (hi, lo) pair. The first lanes hold edge cases
+/// (ties, saturation, NaN, infinities, signed zero, subnormals), the rest random values.
+pub fn cvt_input(seed: u64) -> Vec<u32> {
+    let tie = 1.0 + 2f32.powi(-8); // exactly between two bf16 values: rounds to even
+    let edge = [
+        (1.0, -2.5),
+        (tie, 1.0 + 3.0 * 2f32.powi(-8)),
+        (448.0, -448.0),
+        (464.0, 480.0),
+        (1e6, -1e6),
+        (57344.0, 61440.0),
+        (f32::NAN, -f32::NAN),
+        (f32::INFINITY, f32::NEG_INFINITY),
+        (0.0, -0.0),
+        (2f32.powi(-9), 2f32.powi(-10)),
+        (2f32.powi(-16), 2f32.powi(-17)),
+        (f32::from_bits(1), -f32::from_bits(0x007F_FFFF)),
+        (3.0e38, -3.4e38),
+        (0.1, -0.3),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut words = Vec::with_capacity(LANES * FK_REGDUMP_CVT_IN as usize);
+    for lane in 0..LANES {
+        let (hi, lo) = edge.get(lane).copied().unwrap_or_else(|| {
+            let scale = 2f32.powi(rng.random_range(-20..20));
+            (
+                rng.random_range(-1.0f32..1.0) * scale,
+                rng.random_range(-1.0f32..1.0) * scale,
+            )
+        });
+        words.extend([hi.to_bits(), lo.to_bits()]);
+    }
+    words
+}
+
+/// Every section the dump holds on `target`, with its inputs (FP8 needs sm_89+).
+pub fn plan(target: Target) -> Vec<Section> {
+    let mut sections = vec![Section {
+        kernel: "regdump_ldmatrix".into(),
+        set: "none".into(),
+        input: vec![],
+        output: vec![],
+    }];
+    for (i, t) in MmaInput::ALL.into_iter().enumerate() {
+        if t.is_fp8() && target == Target::Sm80 {
+            continue;
+        }
+        for (j, set) in ["int", "random"].into_iter().enumerate() {
+            sections.push(Section {
+                kernel: format!("regdump_mma_{}", t.name()),
+                set: set.into(),
+                input: mma_input(t, set, 1000 + 10 * i as u64 + j as u64),
+                output: vec![],
+            });
+        }
+    }
+    if target != Target::Sm80 {
+        sections.push(Section {
+            kernel: "regdump_cvt".into(),
+            set: "edge".into(),
+            input: cvt_input(7),
+            output: vec![],
+        });
+    }
+    sections
+}
+
+/// Words each section's kernel writes.
+pub fn output_len(kernel: &str) -> usize {
+    match kernel {
+        "regdump_ldmatrix" => FK_REGDUMP_LDMATRIX_VARIANTS as usize * LANES * 4,
+        "regdump_cvt" => LANES * crate::params::FK_REGDUMP_CVT_OUT as usize,
+        _ => LANES * 4,
+    }
+}
+
+/// Runs one section's kernel on `dev` with its input and returns what the warp wrote.
+pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
+    let input = dev.upload(if s.input.is_empty() {
+        &[0u32][..]
+    } else {
+        &s.input
+    })?;
+    let mut out = dev.alloc_poisoned::<u32>(output_len(&s.kernel))?;
+    let p = RegdumpParams {
+        out: out.ptr_mut() as *mut u32,
+        in_: input.ptr() as *const u32,
+    };
+    let cfg = LaunchConfig {
+        grid: (1, 1, 1),
+        block: (LANES as u32, 1, 1),
+        shared_bytes: 0,
+    };
+    let kernel = Kernel {
+        module: MODULE,
+        name: s.kernel.clone(),
+    };
+    // SAFETY: the kernel reads at most 32 lanes x FK_REGDUMP_MMA_IN words of `input` (the
+    // mma and cvt inputs are that long; ldmatrix reads none) and writes output_len words.
+    unsafe { dev.launch(&kernel, cfg, &p)? };
+    out.to_host()
+}
+
+/// Records the whole dump on `dev`.
+pub fn record(dev: &Device, target: Target) -> Result<RegDump> {
+    let mut sections = plan(target);
+    for s in &mut sections {
+        s.output = run_section(dev, s)?;
+    }
+    Ok(RegDump {
+        recorded_on: dev.describe(),
+        sections,
+    })
+}
+
+impl RegDump {
+    /// The committed text form: a header, then per section its input and output words in
+    /// hex, eight per line.
+    pub fn to_text(&self) -> String {
+        let mut t = String::from("# finetune-kernels register dump v1\n");
+        t += &format!("recorded_on {}\n", self.recorded_on);
+        for s in &self.sections {
+            t += &format!("section {} {}\n", s.kernel, s.set);
+            for (tag, words) in [("in", &s.input), ("out", &s.output)] {
+                t += &format!("{tag} {}\n", words.len());
+                for chunk in words.chunks(8) {
+                    let line: Vec<String> = chunk.iter().map(|w| format!("{w:08x}")).collect();
+                    t += &line.join(" ");
+                    t.push('\n');
+                }
+            }
+        }
+        t
+    }
+
+    pub fn parse(text: &str) -> Result<RegDump> {
+        let bad = |why: String| Error::Io {
+            path: "register dump".into(),
+            why,
+        };
+        let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+        let recorded_on = lines
+            .next()
+            .and_then(|l| l.strip_prefix("recorded_on "))
+            .ok_or_else(|| bad("missing recorded_on line".into()))?
+            .to_string();
+        let mut sections = Vec::new();
+        while let Some(head) = lines.next() {
+            let mut f = head.split_whitespace();
+            let (Some("section"), Some(kernel), Some(set)) = (f.next(), f.next(), f.next()) else {
+                return Err(bad(format!("expected a section line, got {head:?}")));
+            };
+            let mut read = |tag: &str| -> Result<Vec<u32>> {
+                let l = lines
+                    .next()
+                    .ok_or_else(|| bad(format!("{kernel}: missing {tag}")))?;
+                let n: usize = l
+                    .strip_prefix(tag)
+                    .and_then(|r| r.trim().parse().ok())
+                    .ok_or_else(|| bad(format!("{kernel}: bad {tag} line {l:?}")))?;
+                let mut words = Vec::with_capacity(n);
+                while words.len() < n {
+                    let l = lines
+                        .next()
+                        .ok_or_else(|| bad(format!("{kernel}: {tag} ends early")))?;
+                    for w in l.split_whitespace() {
+                        words.push(
+                            u32::from_str_radix(w, 16)
+                                .map_err(|e| bad(format!("{kernel}: {w}: {e}")))?,
+                        );
+                    }
+                }
+                Ok(words)
+            };
+            let input = read("in")?;
+            let output = read("out")?;
+            sections.push(Section {
+                kernel: kernel.into(),
+                set: set.into(),
+                input,
+                output,
+            });
+        }
+        Ok(RegDump {
+            recorded_on,
+            sections,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_fp8_encodings() {
+        // e4m3: 1.0 = 0x38, 3.0 = 0x44, -4.0 = 0xC8; e5m2: 1.0 = 0x3C, 3.0 = 0x42.
+        assert_eq!(encode_small_fp8(1.0, 3, 7), 0x38);
+        assert_eq!(encode_small_fp8(3.0, 3, 7), 0x44);
+        assert_eq!(encode_small_fp8(-4.0, 3, 7), 0xC8);
+        assert_eq!(encode_small_fp8(1.0, 2, 15), 0x3C);
+        assert_eq!(encode_small_fp8(3.0, 2, 15), 0x42);
+        assert_eq!(encode_small_fp8(-0.0, 2, 15), 0x00);
+    }
+
+    #[test]
+    fn text_round_trip() {
+        let d = RegDump {
+            recorded_on: "test device".into(),
+            sections: plan(Target::Sm89)
+                .into_iter()
+                .map(|mut s| {
+                    s.output = (0..output_len(&s.kernel) as u32)
+                        .map(|x| x.wrapping_mul(2654435761))
+                        .collect();
+                    s
+                })
+                .collect(),
+        };
+        assert_eq!(RegDump::parse(&d.to_text()).unwrap(), d);
+    }
+}

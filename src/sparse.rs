@@ -1,0 +1,618 @@
+//! Sparse deltas for sparse fine-tuning (SpIEL, S2FT, Sparse MeZO): scatter-add into a
+//! dense weight, gather from a dense gradient, and a fused sparse AdamW step.
+//!
+//! Kernels: `cuda/sparse.cu`. Reference: [`crate::reference::sparse`]. Tests:
+//! `tests/sparse.rs`. Benchmarks: `benches/sparse.rs` and `fk bench`.
+//!
+//! Indices are flattened row-major offsets into the dense tensor. They are validated once,
+//! on the host, when a [`SparseIndex`] or [`ScatterPlan`] is built (the support of a sparse
+//! fine-tune changes rarely), so every launch is checked before it runs and costs no
+//! validation on the device.
+//!
+//! | path | indices | determinism |
+//! |---|---|---|
+//! | [`scatter_add`] | sorted, unique | deterministic, no atomics |
+//! | [`scatter_add_planned`] | any (a [`ScatterPlan`] groups repeats) | deterministic |
+//! | [`scatter_add_atomic`] | any | **nondeterministic** rounding order for repeats |
+
+use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig};
+use crate::dtype::{DType, Elem, FloatElem};
+use crate::error::{Error, Result};
+use crate::params::{GatherParams, ScatterAddParams, SegmentedScatterAddParams, SparseAdamwParams};
+pub use crate::reference::sparse::AdamwConfig;
+use crate::reference::sparse::AdamwStepScalars;
+
+const MODULE: &str = "sparse";
+const THREADS: u32 = 256;
+const MAX_BLOCKS: u32 = 1 << 16;
+
+/// The (W or source, V or destination) dtype pairs the kernels are built for.
+pub const DTYPE_PAIRS: [(DType, DType); 5] = [
+    (DType::BF16, DType::BF16),
+    (DType::BF16, DType::F32),
+    (DType::F16, DType::F16),
+    (DType::F16, DType::F32),
+    (DType::F32, DType::F32),
+];
+
+/// Width of the index (and plan) arrays on the device: u32 unless the tensor or the number
+/// of entries needs u64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexWidth {
+    U32,
+    U64,
+}
+
+impl IndexWidth {
+    fn for_sizes(numel: u64, n: usize) -> Self {
+        if numel <= 1 << 32 && (n as u64) < 1 << 32 {
+            IndexWidth::U32
+        } else {
+            IndexWidth::U64
+        }
+    }
+
+    fn check_fits(self, op: &'static str, numel: u64, n: usize) -> Result<()> {
+        if self == IndexWidth::U32 && IndexWidth::for_sizes(numel, n) == IndexWidth::U64 {
+            return Err(Error::Unsupported {
+                op,
+                why: format!("u32 offsets cannot address {numel} elements or {n} entries"),
+            });
+        }
+        Ok(())
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            IndexWidth::U32 => "",
+            IndexWidth::U64 => "_idx64",
+        }
+    }
+}
+
+/// The kernel `<op>_<a>_<b>[_idx64]`, if built for that dtype pair.
+pub fn kernel(op: &'static str, a: DType, b: DType, width: IndexWidth) -> Result<Kernel> {
+    if !DTYPE_PAIRS.contains(&(a, b)) {
+        return Err(Error::UnsupportedDtype {
+            op,
+            dtypes: format!("({a}, {b})"),
+        });
+    }
+    Ok(Kernel {
+        module: MODULE,
+        name: format!("{op}_{a}_{b}{}", width.suffix()),
+    })
+}
+
+fn config(n: u64) -> LaunchConfig {
+    LaunchConfig::grid_stride(n, THREADS, MAX_BLOCKS)
+}
+
+/// A device-resident array of u32 or u64 offsets.
+enum Offsets {
+    U32(Buffer<u32>),
+    U64(Buffer<u64>),
+}
+
+impl Offsets {
+    fn upload(dev: &Device, values: &[u64], width: IndexWidth) -> Result<Self> {
+        Ok(match width {
+            IndexWidth::U32 => {
+                Offsets::U32(dev.upload(&values.iter().map(|&x| x as u32).collect::<Vec<_>>())?)
+            }
+            IndexWidth::U64 => Offsets::U64(dev.upload(values)?),
+        })
+    }
+
+    fn ptr(&self) -> *const std::ffi::c_void {
+        match self {
+            Offsets::U32(b) => b.ptr(),
+            Offsets::U64(b) => b.ptr(),
+        }
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Offsets::U32(b) => b.device(),
+            Offsets::U64(b) => b.device(),
+        }
+    }
+}
+
+fn check_in_range(indices: &[u64], numel: u64) -> Result<()> {
+    match indices.iter().position(|&t| t >= numel) {
+        Some(position) => Err(Error::IndexOutOfRange {
+            position,
+            index: indices[position],
+            numel,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A validated support: flattened indices into a tensor of `numel` elements, on a device.
+pub struct SparseIndex {
+    offsets: Offsets,
+    len: usize,
+    numel: u64,
+    /// The first position that breaks strict ascending order, if any.
+    unsorted_at: Option<usize>,
+    host: Vec<u64>,
+}
+
+impl SparseIndex {
+    /// Checks every index against `numel` and uploads them. Unsorted or repeated indices
+    /// are accepted here; the paths that need them sorted and unique say so.
+    pub fn new<I: Copy + Into<u64>>(dev: &Device, indices: &[I], numel: u64) -> Result<Self> {
+        let width = IndexWidth::for_sizes(numel, indices.len());
+        SparseIndex::with_width(dev, indices, numel, width)
+    }
+
+    /// Like [`SparseIndex::new`] with the device index width chosen by the caller
+    /// (u64 for small tensors is allowed; u32 for tensors past 2³² elements is an error).
+    pub fn with_width<I: Copy + Into<u64>>(
+        dev: &Device,
+        indices: &[I],
+        numel: u64,
+        width: IndexWidth,
+    ) -> Result<Self> {
+        width.check_fits("SparseIndex", numel, indices.len())?;
+        let host: Vec<u64> = indices.iter().map(|&i| i.into()).collect();
+        check_in_range(&host, numel)?;
+        let unsorted_at = host.windows(2).position(|w| w[0] >= w[1]).map(|p| p + 1);
+        Ok(SparseIndex {
+            offsets: Offsets::upload(dev, &host, width)?,
+            len: host.len(),
+            numel,
+            unsorted_at,
+            host,
+        })
+    }
+
+    /// Like [`SparseIndex::new`], but errors unless the indices are sorted and unique.
+    pub fn sorted<I: Copy + Into<u64>>(dev: &Device, indices: &[I], numel: u64) -> Result<Self> {
+        let index = SparseIndex::new(dev, indices, numel)?;
+        index.require_sorted()?;
+        Ok(index)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements of the dense tensor the indices point into.
+    pub fn numel(&self) -> u64 {
+        self.numel
+    }
+
+    pub fn is_sorted_unique(&self) -> bool {
+        self.unsorted_at.is_none()
+    }
+
+    /// The indices as given (kept on the host for plans and checkpoints).
+    pub fn indices(&self) -> &[u64] {
+        &self.host
+    }
+
+    pub fn width(&self) -> IndexWidth {
+        match self.offsets {
+            Offsets::U32(_) => IndexWidth::U32,
+            Offsets::U64(_) => IndexWidth::U64,
+        }
+    }
+
+    fn require_sorted(&self) -> Result<()> {
+        match self.unsorted_at {
+            Some(position) => Err(Error::UnsortedIndices {
+                position,
+                previous: self.host[position - 1],
+                index: self.host[position],
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn check<T: Elem>(&self, dense: &Buffer<T>, what: &str) -> Result<()> {
+        Error::check_len(what, self.numel as usize, dense.len())?;
+        if !self.offsets.device().same(dense.device()) {
+            return Err(Error::DeviceMismatch);
+        }
+        Ok(())
+    }
+}
+
+/// The deterministic path for unsorted or repeated indices: positions grouped by target
+/// (a stable sort, done once on the host), so one thread sums each target's values in a
+/// fixed order.
+pub struct ScatterPlan {
+    targets: Offsets,
+    starts: Offsets,
+    order: Offsets,
+    segments: usize,
+    len: usize,
+    numel: u64,
+    width: IndexWidth,
+}
+
+impl ScatterPlan {
+    pub fn new<I: Copy + Into<u64>>(dev: &Device, indices: &[I], numel: u64) -> Result<Self> {
+        let width = IndexWidth::for_sizes(numel, indices.len());
+        ScatterPlan::with_width(dev, indices, numel, width)
+    }
+
+    /// Like [`ScatterPlan::new`] with the device index width chosen by the caller.
+    pub fn with_width<I: Copy + Into<u64>>(
+        dev: &Device,
+        indices: &[I],
+        numel: u64,
+        width: IndexWidth,
+    ) -> Result<Self> {
+        width.check_fits("ScatterPlan", numel, indices.len())?;
+        let host: Vec<u64> = indices.iter().map(|&i| i.into()).collect();
+        check_in_range(&host, numel)?;
+        let mut order: Vec<u64> = (0..host.len() as u64).collect();
+        order.sort_by_key(|&i| host[i as usize]);
+        let mut targets = Vec::new();
+        let mut starts = Vec::new();
+        for (k, &i) in order.iter().enumerate() {
+            let t = host[i as usize];
+            if targets.last() != Some(&t) {
+                targets.push(t);
+                starts.push(k as u64);
+            }
+        }
+        starts.push(order.len() as u64);
+        Ok(ScatterPlan {
+            targets: Offsets::upload(dev, &targets, width)?,
+            starts: Offsets::upload(dev, &starts, width)?,
+            order: Offsets::upload(dev, &order, width)?,
+            segments: targets.len(),
+            len: host.len(),
+            numel,
+            width,
+        })
+    }
+
+    /// Number of values the plan consumes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of distinct targets.
+    pub fn segments(&self) -> usize {
+        self.segments
+    }
+}
+
+fn check_alpha(alpha: f32) -> Result<()> {
+    if alpha.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            what: "alpha",
+            why: format!("{alpha} is not finite"),
+        })
+    }
+}
+
+/// `w[idx[i]] += alpha * values[i]` for sorted unique indices: deterministic, no atomics,
+/// one rounding per element. `w` has `index.numel()` elements, `values` `index.len()`.
+pub fn scatter_add<W: FloatElem, V: FloatElem>(
+    w: &mut Buffer<W>,
+    index: &SparseIndex,
+    values: &Buffer<V>,
+    alpha: f32,
+) -> Result<()> {
+    index.require_sorted()?;
+    launch_scatter_add("scatter_add", w, index, values, alpha)
+}
+
+/// `w[idx[i]] += alpha * values[i]` for any indices, with atomics. Repeated indices add in
+/// an order that depends on timing, so results can differ in the last bit between runs.
+/// Prefer [`scatter_add_planned`] unless the indices change every step.
+pub fn scatter_add_atomic<W: FloatElem, V: FloatElem>(
+    w: &mut Buffer<W>,
+    index: &SparseIndex,
+    values: &Buffer<V>,
+    alpha: f32,
+) -> Result<()> {
+    launch_scatter_add("scatter_add_atomic", w, index, values, alpha)
+}
+
+fn launch_scatter_add<W: FloatElem, V: FloatElem>(
+    op: &'static str,
+    w: &mut Buffer<W>,
+    index: &SparseIndex,
+    values: &Buffer<V>,
+    alpha: f32,
+) -> Result<()> {
+    index.check(w, "w")?;
+    Error::check_len("values", index.len(), values.len())?;
+    check_device(w.device(), values)?;
+    check_alpha(alpha)?;
+    let kernel = kernel(op, W::DTYPE, V::DTYPE, index.width())?;
+    let p = ScatterAddParams {
+        w: w.ptr_mut(),
+        values: values.ptr(),
+        indices: index.offsets.ptr(),
+        n: index.len() as u64,
+        numel: index.numel,
+        alpha,
+    };
+    let dev = w.device().clone();
+    // SAFETY: lengths and devices were checked above; every index is < numel == w.len().
+    unsafe { dev.launch(&kernel, config(p.n), &p) }
+}
+
+/// `w[t] += alpha * Σ values[i]` over the positions `i` the plan groups under each target
+/// `t`, summed in f32 in position order: deterministic for any indices.
+pub fn scatter_add_planned<W: FloatElem, V: FloatElem>(
+    w: &mut Buffer<W>,
+    plan: &ScatterPlan,
+    values: &Buffer<V>,
+    alpha: f32,
+) -> Result<()> {
+    Error::check_len("w", plan.numel as usize, w.len())?;
+    Error::check_len("values", plan.len, values.len())?;
+    check_device(w.device(), values)?;
+    if !plan.targets.device().same(w.device()) {
+        return Err(Error::DeviceMismatch);
+    }
+    check_alpha(alpha)?;
+    let kernel = kernel("segmented_scatter_add", W::DTYPE, V::DTYPE, plan.width)?;
+    let p = SegmentedScatterAddParams {
+        w: w.ptr_mut(),
+        values: values.ptr(),
+        targets: plan.targets.ptr(),
+        starts: plan.starts.ptr(),
+        order: plan.order.ptr(),
+        segments: plan.segments as u64,
+        numel: plan.numel,
+        alpha,
+    };
+    let dev = w.device().clone();
+    // SAFETY: the plan's arrays were built together and validated against numel == w.len().
+    unsafe { dev.launch(&kernel, config(p.segments), &p) }
+}
+
+/// `out[i] = src[idx[i]]`, converted to O (bf16 or f16 to f32, or the same dtype).
+pub fn gather<S: FloatElem, O: FloatElem>(
+    src: &Buffer<S>,
+    index: &SparseIndex,
+    out: &mut Buffer<O>,
+) -> Result<()> {
+    index.check(src, "src")?;
+    Error::check_len("out", index.len(), out.len())?;
+    check_device(src.device(), out)?;
+    let kernel = kernel("gather", S::DTYPE, O::DTYPE, index.width())?;
+    let p = GatherParams {
+        out: out.ptr_mut(),
+        src: src.ptr(),
+        indices: index.offsets.ptr(),
+        n: index.len() as u64,
+        numel: index.numel,
+    };
+    let dev = src.device().clone();
+    // SAFETY: checked above: out holds n elements, every index is < numel == src.len().
+    unsafe { dev.launch(&kernel, config(p.n), &p) }
+}
+
+fn check_config(c: &AdamwConfig) -> Result<()> {
+    let bad = |what, why: String| Err(Error::InvalidArgument { what, why });
+    if !(c.lr.is_finite() && c.lr >= 0.0) {
+        return bad("lr", format!("{} must be finite and >= 0", c.lr));
+    }
+    for (what, b) in [("beta1", c.beta1), ("beta2", c.beta2)] {
+        if !(0.0..1.0).contains(&b) {
+            return bad(what, format!("{b} must be in [0, 1)"));
+        }
+    }
+    if !(c.eps.is_finite() && c.eps > 0.0) {
+        return bad("eps", format!("{} must be finite and > 0", c.eps));
+    }
+    if !(c.weight_decay.is_finite() && c.weight_decay >= 0.0) {
+        return bad(
+            "weight_decay",
+            format!("{} must be finite and >= 0", c.weight_decay),
+        );
+    }
+    Ok(())
+}
+
+/// AdamW over a fixed sparse support of a dense weight: f32 moments and an f32 delta per
+/// support element; each [`SparseAdamw::step`] is one fused pass that reads the dense
+/// gradient at the support and writes `base + delta` into the weight (no drift from
+/// repeated rounding in bf16). Weight decay pulls the delta toward zero, i.e. the weight
+/// toward its pretrained value.
+pub struct SparseAdamw {
+    index: SparseIndex,
+    base: Buffer<f32>,
+    delta: Buffer<f32>,
+    exp_avg: Buffer<f32>,
+    exp_avg_sq: Buffer<f32>,
+    step: u64,
+    config: AdamwConfig,
+}
+
+impl SparseAdamw {
+    /// Starts a run on `w` over `index` (sorted, unique), remembering W's current values
+    /// at the support as the base.
+    pub fn new<W: FloatElem>(
+        w: &Buffer<W>,
+        index: SparseIndex,
+        config: AdamwConfig,
+    ) -> Result<Self> {
+        index.require_sorted()?;
+        index.check(w, "w")?;
+        check_config(&config)?;
+        let dev = w.device();
+        let mut base = dev.alloc_poisoned::<f32>(index.len())?;
+        // Gathering W into f32 needs the (W, f32) kernel, which every float W has.
+        gather(w, &index, &mut base)?;
+        Ok(SparseAdamw {
+            delta: dev.zeros(index.len())?,
+            exp_avg: dev.zeros(index.len())?,
+            exp_avg_sq: dev.zeros(index.len())?,
+            index,
+            base,
+            step: 0,
+            config,
+        })
+    }
+
+    /// One AdamW step with the dense gradient `grad` (same shape as W).
+    pub fn step<W: FloatElem, G: FloatElem>(
+        &mut self,
+        w: &mut Buffer<W>,
+        grad: &Buffer<G>,
+    ) -> Result<()> {
+        self.index.check(w, "w")?;
+        self.index.check(grad, "grad")?;
+        let kernel = kernel("sparse_adamw", W::DTYPE, G::DTYPE, self.index.width())?;
+        let s = AdamwStepScalars::new(&self.config, self.step + 1);
+        let p = SparseAdamwParams {
+            w: w.ptr_mut(),
+            grad: grad.ptr(),
+            indices: self.index.offsets.ptr(),
+            base: self.base.ptr() as *const f32,
+            delta: self.delta.ptr_mut() as *mut f32,
+            exp_avg: self.exp_avg.ptr_mut() as *mut f32,
+            exp_avg_sq: self.exp_avg_sq.ptr_mut() as *mut f32,
+            n: self.index.len() as u64,
+            numel: self.index.numel,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            one_minus_beta1: s.one_minus_beta1,
+            one_minus_beta2: s.one_minus_beta2,
+            eps: s.eps,
+            decay: s.decay,
+            step_size: s.step_size,
+            sqrt_bc2: s.sqrt_bc2,
+        };
+        let dev = w.device().clone();
+        // SAFETY: W and grad hold numel elements (checked), the state buffers n, every
+        // index is < numel and unique, so no two threads touch one element.
+        unsafe { dev.launch(&kernel, config(p.n), &p)? };
+        self.step += 1;
+        Ok(())
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    pub fn config(&self) -> &AdamwConfig {
+        &self.config
+    }
+
+    pub fn index(&self) -> &SparseIndex {
+        &self.index
+    }
+
+    /// The trained change at the support (`[n]`, f32): the sparse delta to save.
+    pub fn delta(&self) -> &Buffer<f32> {
+        &self.delta
+    }
+
+    /// Copies the optimizer state back to the host, in the reference's form.
+    pub fn state_to_host(&self) -> Result<crate::reference::sparse::SparseAdamwState> {
+        Ok(crate::reference::sparse::SparseAdamwState {
+            base: self.base.to_host()?,
+            delta: self.delta.to_host()?,
+            exp_avg: self.exp_avg.to_host()?,
+            exp_avg_sq: self.exp_avg_sq.to_host()?,
+        })
+    }
+}
+
+/// Raw entry points for framework authors: launch on memory and a stream your framework
+/// owns. You fill the params struct with device pointers; nothing is checked except the
+/// dtype pair. Kernels skip indices `>= numel` (gather writes NaN there) rather than touch
+/// memory out of bounds.
+pub mod raw {
+    use super::*;
+    use crate::device::CudaDevice;
+    use cudarc::driver::sys::CUstream;
+
+    /// Sorted-unique (`atomic == false`) or atomic scatter-add.
+    ///
+    /// # Safety
+    /// Every pointer in `p` must be valid device memory of `dev`'s context for the lengths
+    /// in `p`, in the dtypes named, with indices of `width`; `stream` must belong to that
+    /// context; for `atomic == false` the indices must be unique.
+    pub unsafe fn scatter_add(
+        dev: &CudaDevice,
+        stream: CUstream,
+        w: DType,
+        values: DType,
+        width: IndexWidth,
+        atomic: bool,
+        p: &ScatterAddParams,
+    ) -> Result<()> {
+        let op = if atomic {
+            "scatter_add_atomic"
+        } else {
+            "scatter_add"
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dev.launch(&kernel(op, w, values, width)?, config(p.n), stream, p) }
+    }
+
+    /// # Safety
+    /// As [`scatter_add`]; `targets` must be unique.
+    pub unsafe fn segmented_scatter_add(
+        dev: &CudaDevice,
+        stream: CUstream,
+        w: DType,
+        values: DType,
+        width: IndexWidth,
+        p: &SegmentedScatterAddParams,
+    ) -> Result<()> {
+        let k = kernel("segmented_scatter_add", w, values, width)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dev.launch(&k, config(p.segments), stream, p) }
+    }
+
+    /// # Safety
+    /// As [`scatter_add`].
+    pub unsafe fn gather(
+        dev: &CudaDevice,
+        stream: CUstream,
+        src: DType,
+        out: DType,
+        width: IndexWidth,
+        p: &GatherParams,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dev.launch(&kernel("gather", src, out, width)?, config(p.n), stream, p) }
+    }
+
+    /// # Safety
+    /// As [`scatter_add`]; indices unique; the scalars as [`AdamwStepScalars`] computes them.
+    pub unsafe fn sparse_adamw(
+        dev: &CudaDevice,
+        stream: CUstream,
+        w: DType,
+        grad: DType,
+        width: IndexWidth,
+        p: &SparseAdamwParams,
+    ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            dev.launch(
+                &kernel("sparse_adamw", w, grad, width)?,
+                config(p.n),
+                stream,
+                p,
+            )
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Helpers for testing kernels against the references: the backends to run on, random
+//! inputs, and error measures. Public, so users can test their own kernels the same way.
+
+use crate::device::Device;
+use crate::dtype::FloatElem;
+use rand::Rng;
+
+/// Every backend that can run kernels here. With `FK_REQUIRE_GPU=1` a missing GPU is a
+/// panic (the GPU check sets it); otherwise the reason is printed and the GPU is skipped.
+pub fn backends() -> Vec<Device> {
+    let mut devices = Vec::new();
+    match Device::cuda(0) {
+        Ok(d) => devices.push(d),
+        Err(e) => {
+            if std::env::var("FK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("FK_REQUIRE_GPU=1 but no GPU backend: {e}");
+            }
+            skip_note(&format!("GPU backend skipped: {e}"));
+        }
+    }
+    if devices.is_empty() {
+        skip_note("no backend can run kernels here: the test checks nothing but its reference");
+    }
+    devices
+}
+
+fn skip_note(msg: &str) {
+    eprintln!("note: {msg}");
+}
+
+/// `‖out − ref‖₂ / ‖ref‖₂` in f64 (0 when both are zero; infinite if out has a NaN where
+/// ref has none).
+pub fn rel_l2<A: FloatElem, B: FloatElem>(out: &[A], reference: &[B]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        let (o, r) = (o.to_f32() as f64, r.to_f32() as f64);
+        if o.is_nan() != r.is_nan() {
+            return f64::INFINITY;
+        }
+        if !r.is_nan() {
+            num += (o - r) * (o - r);
+            den += r * r;
+        }
+    }
+    if den == 0.0 {
+        if num == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Positions where the bit patterns differ (NaNs compare by bits too).
+pub fn bit_mismatches<T: bytemuck::Pod>(a: &[T], b: &[T]) -> Vec<usize> {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .filter(|(_, (x, y))| bytemuck::bytes_of(*x) != bytemuck::bytes_of(*y))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// `n` values uniform in `[-scale, scale)`, never all zero, rounded to T.
+pub fn random_vec<T: FloatElem>(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(-scale..scale)))
+        .collect()
+}
+
+/// `k` distinct sorted indices below `numel` (`k <= numel`).
+pub fn random_support(rng: &mut impl Rng, numel: u64, k: usize) -> Vec<u64> {
+    assert!(k as u64 <= numel);
+    let mut picked = rand::seq::index::sample(rng, numel as usize, k).into_vec();
+    picked.sort_unstable();
+    picked.into_iter().map(|i| i as u64).collect()
+}
