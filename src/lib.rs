@@ -7,6 +7,8 @@
 //! Families: [`sparse`] (sparse deltas). The register-dump kernels ([`regdump`]) record
 //! tensor-core fragment layouts on real hardware for the emulator's tests.
 
+pub mod bench;
+pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;

@@ -2,207 +2,38 @@
 //! Fresh random inputs per case, odd sizes, both index widths, every dtype pair; outputs
 //! are poisoned before each run. Exact paths must match the reference bit for bit.
 
+use finetune_kernels::check::{self, sparse::Case};
+use finetune_kernels::for_each_sparse_pair;
 use finetune_kernels::reference::sparse as reference;
 use finetune_kernels::sparse::{
     self, AdamwConfig, IndexWidth, ScatterPlan, SparseAdamw, SparseIndex,
 };
 use finetune_kernels::testing::{backends, bit_mismatches, random_support, random_vec, rel_l2};
-use finetune_kernels::{bf16, f16, Device, Error, FloatElem};
+use finetune_kernels::{bf16, Error};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const WIDTHS: [IndexWidth; 2] = [IndexWidth::U32, IndexWidth::U64];
 
-/// Calls `$f::<W, V>($args)` for every dtype pair the kernels are built for.
-macro_rules! for_each_pair {
-    ($f:ident($($arg:expr),*)) => {{
-        $f::<bf16, bf16>($($arg),*);
-        $f::<bf16, f32>($($arg),*);
-        $f::<f16, f16>($($arg),*);
-        $f::<f16, f32>($($arg),*);
-        $f::<f32, f32>($($arg),*);
-    }};
-}
-
-fn name<W: FloatElem, V: FloatElem>() -> String {
-    format!("({}, {})", W::DTYPE, V::DTYPE)
-}
-
-fn check_sorted_scatter<W: FloatElem, V: FloatElem>(dev: &Device, seed: u64, numel: u64, k: usize) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    for width in WIDTHS {
-        let w0: Vec<W> = random_vec(&mut rng, numel as usize, 2.0);
-        let idx = random_support(&mut rng, numel, k);
-        let v: Vec<V> = random_vec(&mut rng, k, 1.0);
-        let alpha = rng.random_range(-2.0..2.0);
-        let mut expected = w0.clone();
-        reference::scatter_add(&mut expected, &idx, &v, alpha);
-
-        let index = SparseIndex::with_width(dev, &idx, numel, width).unwrap();
-        let mut w = dev.upload(&w0).unwrap();
-        sparse::scatter_add(&mut w, &index, &dev.upload(&v).unwrap(), alpha).unwrap();
-        let got = w.to_host().unwrap();
-        let bad = bit_mismatches(&got, &expected);
-        assert!(
-            bad.is_empty(),
-            "{} {width:?} seed {seed}: {} mismatches, first at {}",
-            name::<W, V>(),
-            bad.len(),
-            bad[0]
-        );
-    }
-}
-
-fn check_planned_scatter<W: FloatElem, V: FloatElem>(
-    dev: &Device,
-    seed: u64,
-    numel: u64,
-    n: usize,
-) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    for width in WIDTHS {
-        let w0: Vec<W> = random_vec(&mut rng, numel as usize, 2.0);
-        // Unsorted, with repeats: draw from a small pool of targets.
-        let pool = random_support(&mut rng, numel, (numel as usize).min(1 + n / 3));
-        let idx: Vec<u64> = (0..n)
-            .map(|_| pool[rng.random_range(0..pool.len())])
-            .collect();
-        let v: Vec<V> = random_vec(&mut rng, n, 1.0);
-        let alpha = rng.random_range(-2.0..2.0);
-        let mut expected = w0.clone();
-        reference::scatter_add(&mut expected, &idx, &v, alpha);
-
-        let plan = ScatterPlan::with_width(dev, &idx, numel, width).unwrap();
-        let mut w = dev.upload(&w0).unwrap();
-        sparse::scatter_add_planned(&mut w, &plan, &dev.upload(&v).unwrap(), alpha).unwrap();
-        let got = w.to_host().unwrap();
-        let bad = bit_mismatches(&got, &expected);
-        assert!(
-            bad.is_empty(),
-            "{} {width:?} seed {seed}: {} mismatches, first at {}",
-            name::<W, V>(),
-            bad.len(),
-            bad[0]
-        );
-    }
-}
-
-/// Relative bound for the atomic path: each repeated target rounds once per addition
-/// instead of once, so allow a few ulps of W's dtype.
-fn atomic_bound<W: FloatElem>() -> f64 {
-    match W::DTYPE {
-        finetune_kernels::DType::F32 => 1e-5,
-        finetune_kernels::DType::F16 => 1e-2,
-        _ => 4e-2,
-    }
-}
-
-fn check_atomic_scatter<W: FloatElem, V: FloatElem>(dev: &Device, seed: u64, numel: u64, n: usize) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let w0: Vec<W> = random_vec(&mut rng, numel as usize, 2.0);
-    let pool = random_support(&mut rng, numel, (numel as usize).min(1 + n / 3));
-    let idx: Vec<u64> = (0..n)
-        .map(|_| pool[rng.random_range(0..pool.len())])
-        .collect();
-    let v: Vec<V> = random_vec(&mut rng, n, 1.0);
-    let mut expected = w0.clone();
-    reference::scatter_add(&mut expected, &idx, &v, 1.0);
-
-    let index = SparseIndex::new(dev, &idx, numel).unwrap();
-    let mut w = dev.upload(&w0).unwrap();
-    sparse::scatter_add_atomic(&mut w, &index, &dev.upload(&v).unwrap(), 1.0).unwrap();
-    let got = w.to_host().unwrap();
-    // Untouched elements are exact; touched ones within the bound, measured against the
-    // change the scatter made (not the whole weight, which would hide errors).
-    let touched: std::collections::BTreeSet<u64> = idx.iter().copied().collect();
-    for t in 0..numel {
-        if !touched.contains(&t) {
-            assert_eq!(
-                got[t as usize].to_f32().to_bits(),
-                w0[t as usize].to_f32().to_bits(),
-                "untouched {t}"
-            );
+/// Runs one check for every dtype pair and both index widths on every backend.
+macro_rules! check_all {
+    ($f:ident, $seed:expr, $numel:expr, $n:expr) => {
+        for dev in backends() {
+            for width in WIDTHS {
+                let case = Case {
+                    seed: $seed,
+                    numel: $numel,
+                    n: $n,
+                    width,
+                    timed: false,
+                };
+                for row in for_each_sparse_pair!(check::sparse::$f, &dev, case) {
+                    let row = row.unwrap();
+                    assert!(row.pass(), "{row}");
+                }
+            }
         }
-    }
-    let change = |w: &[W]| -> Vec<f32> {
-        touched
-            .iter()
-            .map(|&t| w[t as usize].to_f32() - w0[t as usize].to_f32())
-            .collect()
     };
-    let err = rel_l2(&change(&got), &change(&expected));
-    assert!(
-        err <= atomic_bound::<W>(),
-        "{} seed {seed}: rel error {err:e}",
-        name::<W, V>()
-    );
-}
-
-fn check_gather<S: FloatElem, O: FloatElem>(dev: &Device, seed: u64, numel: u64, k: usize) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    for width in WIDTHS {
-        let src: Vec<S> = random_vec(&mut rng, numel as usize, 3.0);
-        // Gather accepts any order and repeats.
-        let idx: Vec<u64> = (0..k).map(|_| rng.random_range(0..numel)).collect();
-        let expected: Vec<O> = reference::gather(&src, &idx);
-        let index = SparseIndex::with_width(dev, &idx, numel, width).unwrap();
-        let mut out = dev.alloc_poisoned::<O>(k).unwrap();
-        sparse::gather(&dev.upload(&src).unwrap(), &index, &mut out).unwrap();
-        let got = out.to_host().unwrap();
-        let bad = bit_mismatches(&got, &expected);
-        assert!(
-            bad.is_empty(),
-            "{} {width:?} seed {seed}: {} mismatches",
-            name::<S, O>(),
-            bad.len()
-        );
-    }
-}
-
-fn check_adamw<W: FloatElem, G: FloatElem>(dev: &Device, seed: u64, numel: u64, k: usize) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    for width in WIDTHS {
-        let w0: Vec<W> = random_vec(&mut rng, numel as usize, 1.0);
-        let idx = random_support(&mut rng, numel, k);
-        let cfg = AdamwConfig {
-            lr: rng.random_range(1e-4..1e-1),
-            beta1: rng.random_range(0.5..0.99),
-            beta2: rng.random_range(0.9..0.9999),
-            eps: 1e-8,
-            weight_decay: rng.random_range(0.0..0.1),
-        };
-        let mut expected = w0.clone();
-        let mut state = reference::SparseAdamwState::new(&w0, &idx);
-
-        let mut w = dev.upload(&w0).unwrap();
-        let index = SparseIndex::with_width(dev, &idx, numel, width).unwrap();
-        let mut opt = SparseAdamw::new(&w, index, cfg).unwrap();
-        for step in 1..=3 {
-            let grad: Vec<G> = random_vec(&mut rng, numel as usize, 0.5);
-            reference::sparse_adamw_step(
-                &mut expected,
-                &grad,
-                &idx,
-                &mut state,
-                &reference::AdamwStepScalars::new(&cfg, step),
-            );
-            opt.step(&mut w, &dev.upload(&grad).unwrap()).unwrap();
-        }
-        let got = w.to_host().unwrap();
-        let bad = bit_mismatches(&got, &expected);
-        assert!(
-            bad.is_empty(),
-            "{} {width:?} seed {seed}: W differs at {} elements",
-            name::<W, G>(),
-            bad.len()
-        );
-        assert_eq!(
-            opt.state_to_host().unwrap(),
-            state,
-            "{} {width:?} seed {seed}: state differs",
-            name::<W, G>()
-        );
-    }
 }
 
 proptest! {
@@ -210,41 +41,38 @@ proptest! {
 
     #[test]
     fn scatter_add_sorted_matches_reference(seed in any::<u64>(), numel in 1u64..3000, frac in 0.0f64..1.0) {
-        let k = ((numel as f64 * frac) as usize).max(1);
-        for dev in backends() { for_each_pair!(check_sorted_scatter(&dev, seed, numel, k)); }
+        check_all!(scatter_sorted, seed, numel, ((numel as f64 * frac) as usize).max(1));
     }
 
     #[test]
     fn scatter_add_planned_matches_reference(seed in any::<u64>(), numel in 1u64..3000, n in 1usize..4000) {
-        for dev in backends() { for_each_pair!(check_planned_scatter(&dev, seed, numel, n)); }
+        check_all!(scatter_planned, seed, numel, n);
     }
 
     #[test]
     fn scatter_add_atomic_within_bound(seed in any::<u64>(), numel in 1u64..3000, n in 1usize..4000) {
-        for dev in backends() { for_each_pair!(check_atomic_scatter(&dev, seed, numel, n)); }
+        check_all!(scatter_atomic, seed, numel, n);
     }
 
     #[test]
-    fn gather_matches_reference(seed in any::<u64>(), numel in 1u64..3000, k in 1usize..3000) {
-        for dev in backends() { for_each_pair!(check_gather(&dev, seed, numel, k)); }
+    fn gather_matches_reference(seed in any::<u64>(), numel in 1u64..3000, n in 1usize..3000) {
+        check_all!(gather, seed, numel, n);
     }
 
     #[test]
     fn sparse_adamw_matches_reference_bit_for_bit(seed in any::<u64>(), numel in 1u64..3000, frac in 0.0f64..1.0) {
-        let k = ((numel as f64 * frac) as usize).max(1);
-        for dev in backends() { for_each_pair!(check_adamw(&dev, seed, numel, k)); }
+        check_all!(adamw, seed, numel, ((numel as f64 * frac) as usize).max(1));
     }
 }
 
 #[test]
 fn tail_and_multi_block_sizes() {
     // One element, one warp, exactly one block, one past a block, and several blocks.
-    for dev in backends() {
-        for numel in [1u64, 31, 256, 257, 70_001] {
-            let k = (numel as usize).div_ceil(2);
-            for_each_pair!(check_sorted_scatter(&dev, numel, numel, k));
-            for_each_pair!(check_adamw(&dev, numel + 1, numel, k));
-        }
+    for numel in [1u64, 31, 256, 257, 70_001] {
+        let n = (numel as usize).div_ceil(2);
+        check_all!(scatter_sorted, rng_seed(), numel, n);
+        check_all!(scatter_planned, rng_seed(), numel, n);
+        check_all!(adamw, rng_seed(), numel, n);
     }
 }
 

@@ -1,1 +1,154 @@
-fn main() {}
+//! `fk`: the command-line face of finetune-kernels.
+//!
+//!   fk info                       the device, driver, PTX target, and why kernels cannot run
+//!   fk check [--small] [--seed N] every kernel against its reference; exit 0 only if all pass
+//!   fk regdump --out FILE         record tensor-core register layouts on this GPU
+//!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
+
+use finetune_kernels::bench::{self, GpuTimer};
+use finetune_kernels::check::{self, Scale};
+use finetune_kernels::device::{probe_driver, ptx, Device};
+use finetune_kernels::{regdump, Error};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE | fk bench --json FILE --md FILE";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("info") | None => {
+            let _ = info();
+            Ok(true)
+        }
+        Some("check") => run_check(&args[1..]),
+        Some("regdump") => run_regdump(&args[1..]).map(|_| true),
+        Some("bench") => run_bench(&args[1..]).map(|_| true),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        Some(other) => Err(format!("unknown command {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(msg) => {
+            eprintln!("fk: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>, String> {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args
+            .get(i + 1)
+            .map(|s| Some(s.as_str()))
+            .ok_or(format!("{flag} needs a value")),
+        None => Ok(None),
+    }
+}
+
+/// Prints what this machine has; returns the device kernels would run on.
+fn info() -> Result<Device, Error> {
+    println!("finetune-kernels {}", env!("CARGO_PKG_VERSION"));
+    let targets: Vec<&str> = ptx::Target::ALL.iter().map(|t| t.name()).collect();
+    let source = if ptx::built_from_source() {
+        "compiled from cuda/ by FK_NVCC"
+    } else {
+        "committed, ISA 9.0"
+    };
+    println!("PTX: {} ({source})", targets.join(", "));
+    match probe_driver() {
+        Ok(d) => println!(
+            "driver: CUDA {}.{}, {} device(s)",
+            d.version / 1000,
+            d.version % 1000 / 10,
+            d.device_count
+        ),
+        Err(e) => println!("driver: {e}"),
+    }
+    match Device::best() {
+        Ok(dev) => {
+            println!("device: {}", dev.describe());
+            println!("kernels run on: {}", dev.backend());
+            Ok(dev)
+        }
+        Err(e) => {
+            println!("kernels cannot run here: {e}");
+            Err(e)
+        }
+    }
+}
+
+fn run_check(args: &[String]) -> Result<bool, String> {
+    let dev = match info() {
+        Ok(dev) => dev,
+        // No device at all is not a failure of the kernels (unless a GPU is required);
+        // a driver error on a machine that has one is.
+        Err(Error::NoDevice(_)) if std::env::var("FK_REQUIRE_GPU").as_deref() != Ok("1") => {
+            println!("no backend can run kernels here; nothing to check");
+            return Ok(true);
+        }
+        Err(_) => return Ok(false),
+    };
+    let scale = if args.iter().any(|a| a == "--small") {
+        Scale::Small
+    } else {
+        Scale::Realistic
+    };
+    let seed = match flag_value(args, "--seed")? {
+        Some(s) => s.parse().map_err(|e| format!("--seed {s}: {e}"))?,
+        None => rand::random(),
+    };
+    println!("check: {scale:?} shapes, seed {seed}\n");
+    let rows = check::all(&dev, scale, seed).map_err(|e| e.to_string())?;
+    print!("{}", check::table(&rows));
+    let failed = rows.iter().filter(|r| !r.pass()).count();
+    println!("\n{} checks, {} failed", rows.len(), failed);
+    Ok(failed == 0)
+}
+
+fn run_regdump(args: &[String]) -> Result<(), String> {
+    let out = flag_value(args, "--out")?.ok_or("regdump needs --out FILE")?;
+    let dev = Device::best().map_err(|e| e.to_string())?;
+    let Device::Cuda(cuda) = &dev else {
+        return Err("the register dump records real hardware: it needs a GPU".into());
+    };
+    let dump = regdump::record(&dev, cuda.target()).map_err(|e| e.to_string())?;
+    std::fs::write(out, dump.to_text()).map_err(|e| format!("{out}: {e}"))?;
+    println!(
+        "regdump: {} sections from {} written to {out}",
+        dump.sections.len(),
+        dump.recorded_on
+    );
+    Ok(())
+}
+
+fn run_bench(args: &[String]) -> Result<(), String> {
+    let json = flag_value(args, "--json")?.ok_or("bench needs --json FILE")?;
+    let md = flag_value(args, "--md")?.ok_or("bench needs --md FILE")?;
+    let dev = Device::best().map_err(|e| e.to_string())?;
+    let go = || -> Result<Vec<bench::Row>, Error> {
+        let mut timer = GpuTimer::new(bench::cuda(&dev)?)?;
+        let c = bench::measure_ceilings(&dev, &mut timer)?;
+        println!(
+            "ceilings: copy {:.3} TB/s (read+write), cuBLAS bf16 {}",
+            c.copy_bytes_per_s * 1e-12,
+            c.bf16_flops_per_s
+                .map_or("unavailable".to_string(), |r| format!(
+                    "{:.1} TFLOP/s",
+                    r * 1e-12
+                ))
+        );
+        let mut rows = bench::cublas_rows(&dev, &mut timer, &c)?;
+        rows.extend(bench::sparse::rows(&dev, &mut timer, &c)?);
+        Ok(rows)
+    };
+    let rows = go().map_err(|e| e.to_string())?;
+    std::fs::write(json, bench::to_json(&rows)).map_err(|e| format!("{json}: {e}"))?;
+    let table = bench::to_markdown(&rows);
+    std::fs::write(md, &table).map_err(|e| format!("{md}: {e}"))?;
+    print!("{table}");
+    Ok(())
+}

@@ -218,6 +218,12 @@ impl<T: Elem> Buffer<T> {
             Storage::Cuda(s) => Some(s),
         }
     }
+
+    pub fn as_cuda_slice_mut(&mut self) -> Option<&mut cudarc::driver::CudaSlice<T>> {
+        match &mut self.storage {
+            Storage::Cuda(s) => Some(s),
+        }
+    }
 }
 
 /// Errors if `b` lives on another device than `dev`.

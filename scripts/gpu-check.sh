@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (DESIGN.md §9), in two steps:
+#
+#   scripts/gpu-check.sh build
+#       Here, on a CPU machine: release test binaries, fk, stripped, into .bundle/ (git-
+#       ignored, at most 48 MiB) with a manifest.
+#   scripts/gpu-check.sh run OUTDIR [--dry-run]
+#       On the GPU machine, from the repository root with .bundle/ present: environment,
+#       PTX rebuilt with that machine's nvcc, the GPU test suite (FK_REQUIRE_GPU=1) on the
+#       committed and on the rebuilt PTX, compute-sanitizer (memcheck, racecheck, initcheck,
+#       synccheck) on `fk check --small`, the register dump, `fk check`, `fk bench` and the
+#       PyTorch/PEFT baselines. Writes OUTDIR/<date>-<gpu>.md and .json (format:
+#       bench/results/README.md), the register dump and a log; prints a summary last.
+#       --dry-run runs the same steps without a GPU, marking the GPU-only ones skipped, so
+#       that the output format is tested here.
+#
+# It never changes the GPU's clocks, power or mode.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bundle=.bundle
+max_bundle_mib=48
+
+build() {
+  set -e
+  rm -rf "$bundle"
+  mkdir -p "$bundle"
+  cargo build --release --locked --bin fk
+  cp target/release/fk "$bundle/fk"
+  # Test binaries: cargo prints their paths as JSON artifacts.
+  cargo test --release --locked --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"] and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" "$bundle/test-$name"; done
+  strip "$bundle"/* 2>/dev/null || true
+  {
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo none)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m)"
+    (cd "$bundle" && sha256sum fk test-*)
+  } >"$bundle/MANIFEST"
+  size=$(du -sm "$bundle" | cut -f1)
+  echo "gpu-check build: $bundle is ${size} MiB:"
+  ls -la "$bundle"
+  if [ "$size" -gt "$max_bundle_mib" ]; then
+    echo "gpu-check build: bundle exceeds ${max_bundle_mib} MiB" >&2
+    exit 1
+  fi
+}
+
+run() {
+  out=${1:?usage: gpu-check.sh run OUTDIR [--dry-run]}
+  dry=${2:-}
+  mkdir -p "$out"
+  work=$(mktemp -d)
+  log="$out/gpu-check.log"
+  : >"$log"
+  start=$(date +%s)
+  step() { echo "== $* ($(( $(date +%s) - start ))s)" | tee -a "$log"; }
+  [ -x "$bundle/fk" ] || { echo "gpu-check run: no $bundle/fk; run 'gpu-check.sh build' first" >&2; exit 2; }
+
+  step environment
+  {
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "bundle: $(head -1 "$bundle/MANIFEST")"
+    if [ -z "$dry" ] && command -v nvidia-smi >/dev/null; then
+      echo "gpu: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+      echo "driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)"
+      echo "cuda: $(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -1)"
+      echo "clocks_at_start: $(nvidia-smi --query-gpu=clocks.sm,clocks.mem,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader | head -1)"
+    else
+      echo "gpu: none (dry run)"
+    fi
+    echo "nvcc: $(nvcc --version 2>/dev/null | tail -1 || echo none)"
+  } | tee "$work/env.txt" | tee -a "$log"
+
+  # cuBLAS for the baselines: PyTorch's wheels carry it.
+  libdirs=$(python3 - 2>/dev/null <<'PY'
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for f in glob.glob(os.path.join(sp, "nvidia", "**", "libcublas*.so*"), recursive=True):
+        dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+  export LD_LIBRARY_PATH="${libdirs:+$libdirs:}${LD_LIBRARY_PATH:-}"
+
+  step "PTX rebuilt with this machine's nvcc"
+  local_ptx="$work/ptx"
+  if [ -z "$dry" ] && command -v nvcc >/dev/null; then
+    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+    target=sm_$arch; [ "$arch" = 90 ] && target=sm_90a
+    mkdir -p "$local_ptx/$target"
+    mapfile -t flags < cuda/nvcc.flags
+    for cu in cuda/*.cu; do
+      nvcc "${flags[@]}" -arch="$target" -ptx "$cu" -o "$local_ptx/$target/$(basename "$cu" .cu).ptx" 2>>"$log" ||
+        echo "nvcc failed on $cu" | tee -a "$log"
+    done
+    for f in "$local_ptx/$target"/*.ptx; do
+      cmp -s "$f" "ptx/$target/$(basename "$f")" && echo "$(basename "$f"): identical to committed" ||
+        echo "$(basename "$f"): differs from committed (nvcc $(nvcc --version | tail -1))"
+    done | tee "$work/ptx.txt" | tee -a "$log"
+  else
+    echo "skipped (dry run or no nvcc)" | tee "$work/ptx.txt" | tee -a "$log"
+  fi
+
+  require=1; [ -n "$dry" ] && require=0
+  for which in committed rebuilt; do
+    step "tests on $which PTX"
+    if [ "$which" = rebuilt ]; then
+      [ -d "$local_ptx" ] || { echo "skipped: no rebuilt PTX" | tee -a "$log"; continue; }
+      export FK_PTX_DIR="$local_ptx"
+    fi
+    for t in "$bundle"/test-*; do
+      echo "## $(basename "$t") ($which PTX)" >>"$work/tests-$which.txt"
+      FK_REQUIRE_GPU=$require timeout 120 "$t" --test-threads=4 >>"$work/tests-$which.txt" 2>&1
+      echo "exit $?" >>"$work/tests-$which.txt"
+    done
+    unset FK_PTX_DIR
+    grep -E "^test .* \.\.\. |^exit |^## " "$work/tests-$which.txt" >>"$log"
+  done
+
+  step compute-sanitizer
+  : >"$work/sanitizer.txt"
+  for tool in memcheck racecheck initcheck synccheck; do
+    if [ -z "$dry" ] && command -v compute-sanitizer >/dev/null; then
+      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bundle/fk" check --small --seed 1 >"$work/san-$tool.txt" 2>&1
+      rc=$?
+      echo "$tool: exit $rc; $(grep -c '^========= ' "$work/san-$tool.txt") sanitizer lines; $(tail -1 "$work/san-$tool.txt")" >>"$work/sanitizer.txt"
+      grep -E "^========= (Invalid|Race|Uninit|Barrier|ERROR)" "$work/san-$tool.txt" | head -5 >>"$work/sanitizer.txt"
+    else
+      echo "$tool: skipped (dry run or no compute-sanitizer)" >>"$work/sanitizer.txt"
+    fi
+  done
+  cat "$work/sanitizer.txt" | tee -a "$log"
+
+  step "register dump"
+  gpu_slug=$(sed -n 's/^gpu: //p' "$work/env.txt" | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-' | sed 's/^nvidia-//')
+  [ -n "$gpu_slug" ] || gpu_slug=none
+  if [ -z "$dry" ]; then
+    "$bundle/fk" regdump --out "$out/regdump-$gpu_slug.txt" 2>&1 | tee -a "$log"
+  else
+    echo "skipped (dry run)" | tee -a "$log"
+  fi
+
+  step "fk check (realistic shapes)"
+  FK_REQUIRE_GPU=$require timeout 150 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
+  echo "exit $?" >>"$work/check.txt"
+  tail -5 "$work/check.txt" | tee -a "$log"
+
+  step "fk bench"
+  if [ -z "$dry" ]; then
+    timeout 180 "$bundle/fk" bench --json "$work/bench.json" --md "$work/bench.md" >>"$log" 2>&1 || echo "fk bench failed" | tee -a "$log"
+  else
+    echo "skipped (dry run)" | tee -a "$log"
+  fi
+
+  step "PyTorch baselines"
+  if [ -z "$dry" ]; then
+    timeout 120 python3 scripts/torch_baselines.py --json "$work/torch.json" 2>&1 | tee -a "$log"
+  else
+    echo "skipped (dry run)" | tee -a "$log"
+  fi
+
+  step "results"
+  python3 scripts/gpu_results.py "$work" "$out" "$gpu_slug" "$(( $(date +%s) - start ))" 2>&1 | tee -a "$log"
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: gpu-check.sh build | run OUTDIR [--dry-run]" >&2; exit 2 ;;
+esac

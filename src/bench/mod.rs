@@ -1,0 +1,368 @@
+//! GPU timing: CUDA events around each repetition, warm-up first, L2 flushed between
+//! repetitions, median reported. And the rows the GPU check writes (DESIGN.md §8): time,
+//! TB/s, TFLOP/s, the floor and the fraction of it, and the baseline from the same run.
+
+pub mod sparse;
+
+use crate::device::{CudaDevice, Device};
+use crate::dtype::{Elem, FloatElem};
+use crate::error::{Error, Result};
+use cudarc::cublas::{sys as cublas_sys, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{result, sys, CudaSlice};
+use half::bf16;
+
+/// Repetition times of one measured region.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub median_us: f64,
+    pub min_us: f64,
+    pub reps: usize,
+}
+
+/// Times regions on one CUDA device with events; flushes L2 between repetitions by writing
+/// a buffer twice the L2's size.
+pub struct GpuTimer<'a> {
+    dev: &'a CudaDevice,
+    flush: CudaSlice<u8>,
+}
+
+impl<'a> GpuTimer<'a> {
+    pub fn new(dev: &'a CudaDevice) -> Result<Self> {
+        let l2 = dev
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(|e| Error::driver("cuDeviceGetAttribute", e))?;
+        let flush = dev.alloc_filled::<u8>(2 * l2.max(1 << 20) as usize, 0)?;
+        Ok(GpuTimer { dev, flush })
+    }
+
+    fn flush_l2(&mut self) -> Result<()> {
+        let addr = self.dev.addr(&self.flush);
+        // SAFETY: writes exactly the flush buffer's bytes.
+        unsafe { result::memset_d8_async(addr, 0x5A, self.flush.len(), self.dev.raw_stream()) }
+            .map_err(|e| Error::driver("cuMemsetD8Async", e))
+    }
+
+    /// Runs `f` `warmup` times untimed, then `reps` times, each between two events, with
+    /// L2 flushed before each. Returns the median and minimum in microseconds.
+    pub fn time(
+        &mut self,
+        warmup: usize,
+        reps: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<Stats> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let ctx = self.dev.context().clone();
+        let stream = self.dev.stream().clone();
+        let ev = |_| {
+            ctx.new_event(None)
+                .map_err(|e| Error::driver("cuEventCreate", e))
+        };
+        let starts = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
+        let ends = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
+        for (s, e) in starts.iter().zip(&ends) {
+            self.flush_l2()?;
+            s.record(&stream)
+                .map_err(|e| Error::driver("cuEventRecord", e))?;
+            f()?;
+            e.record(&stream)
+                .map_err(|e| Error::driver("cuEventRecord", e))?;
+        }
+        self.dev.synchronize()?;
+        let mut us = starts
+            .iter()
+            .zip(&ends)
+            .map(|(s, e)| {
+                s.elapsed_ms(e)
+                    .map(|ms| ms as f64 * 1e3)
+                    .map_err(|e| Error::driver("cuEventElapsedTime", e))
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        us.sort_by(|a, b| a.total_cmp(b));
+        Ok(Stats {
+            median_us: us[us.len() / 2],
+            min_us: us[0],
+            reps,
+        })
+    }
+}
+
+/// The two ceilings every floor is computed from, measured in the same run.
+#[derive(Debug, Clone, Copy)]
+pub struct Ceilings {
+    /// Device-to-device copy, bytes read plus written per second.
+    pub copy_bytes_per_s: f64,
+    /// cuBLAS bf16 GEMM at 8192³, FLOP/s (None when cuBLAS is not loadable).
+    pub bf16_flops_per_s: Option<f64>,
+}
+
+/// One benchmark result.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub family: String,
+    pub kernel: String,
+    pub shape: String,
+    pub time_us: f64,
+    /// Fewest bytes the work must move through device memory.
+    pub bytes: f64,
+    pub flops: f64,
+    pub floor_us: f64,
+    /// Name and median time of the baseline measured in the same run.
+    pub baseline: Option<(String, f64)>,
+}
+
+impl Row {
+    pub fn new(
+        family: &str,
+        kernel: &str,
+        shape: &str,
+        time_us: f64,
+        bytes: f64,
+        flops: f64,
+        c: &Ceilings,
+    ) -> Row {
+        let mem_us = bytes / c.copy_bytes_per_s * 1e6;
+        let math_us = c.bf16_flops_per_s.map_or(0.0, |r| flops / r * 1e6);
+        Row {
+            family: family.into(),
+            kernel: kernel.into(),
+            shape: shape.into(),
+            time_us,
+            bytes,
+            flops,
+            floor_us: mem_us.max(math_us),
+            baseline: None,
+        }
+    }
+
+    pub fn with_baseline(mut self, name: &str, time_us: f64) -> Row {
+        self.baseline = Some((name.into(), time_us));
+        self
+    }
+
+    pub fn tb_per_s(&self) -> f64 {
+        self.bytes / self.time_us * 1e-6
+    }
+
+    pub fn tflop_per_s(&self) -> f64 {
+        self.flops / self.time_us * 1e-6
+    }
+
+    pub fn fraction_of_floor(&self) -> f64 {
+        self.floor_us / self.time_us
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o += "\\\"",
+            '\\' => o += "\\\\",
+            c if (c as u32) < 0x20 => o += &format!("\\u{:04x}", c as u32),
+            c => o.push(c),
+        }
+    }
+    o + "\""
+}
+
+/// The rows as a JSON array (one object per row, every figure included).
+pub fn to_json(rows: &[Row]) -> String {
+    let objs: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let (bname, btime) = match &r.baseline {
+                Some((n, t)) => (json_str(n), format!("{t:.3}")),
+                None => ("null".into(), "null".into()),
+            };
+            format!(
+                "  {{\"family\": {}, \"kernel\": {}, \"shape\": {}, \"time_us\": {:.3}, \"bytes\": {:.0}, \
+                 \"flops\": {:.0}, \"tb_per_s\": {:.4}, \"tflop_per_s\": {:.3}, \"floor_us\": {:.3}, \
+                 \"fraction_of_floor\": {:.4}, \"baseline\": {bname}, \"baseline_us\": {btime}}}",
+                json_str(&r.family),
+                json_str(&r.kernel),
+                json_str(&r.shape),
+                r.time_us,
+                r.bytes,
+                r.flops,
+                r.tb_per_s(),
+                r.tflop_per_s(),
+                r.floor_us,
+                r.fraction_of_floor(),
+            )
+        })
+        .collect();
+    format!("[\n{}\n]\n", objs.join(",\n"))
+}
+
+/// The rows as a Markdown table.
+pub fn to_markdown(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| family | kernel | shape | time µs | TB/s | TFLOP/s | floor µs | of floor | baseline | baseline µs | ×baseline |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---|---:|---:|\n",
+    );
+    for r in rows {
+        let (bn, bt, ratio) = match &r.baseline {
+            Some((n, b)) => (
+                n.clone(),
+                format!("{b:.2}"),
+                format!("{:.2}", r.time_us / b),
+            ),
+            None => ("—".into(), "—".into(), "—".into()),
+        };
+        t += &format!(
+            "| {} | {} | {} | {:.2} | {:.3} | {:.1} | {:.2} | {:.0}% | {} | {} | {} |\n",
+            r.family,
+            r.kernel,
+            r.shape,
+            r.time_us,
+            r.tb_per_s(),
+            r.tflop_per_s(),
+            r.floor_us,
+            100.0 * r.fraction_of_floor(),
+            bn,
+            bt,
+            ratio
+        );
+    }
+    t
+}
+
+/// The CUDA device behind `dev`, or an error saying benchmarks need one.
+pub fn cuda(dev: &Device) -> Result<&CudaDevice> {
+    match dev {
+        Device::Cuda(d) => Ok(d),
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::Unsupported {
+            op: "benchmark",
+            why: "benchmarks time GPU kernels; this device is not a GPU".into(),
+        }),
+    }
+}
+
+/// Times a device-to-device copy of `bytes` bytes (the baseline for memory-bound work);
+/// the copy moves twice that (read plus write).
+pub fn time_copy(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Stats> {
+    let d = cuda(dev)?;
+    let src = d.alloc_filled::<u8>(bytes, 0x3C)?;
+    let dst = d.alloc_filled::<u8>(bytes, 0)?;
+    let (s, t) = (d.addr(&src), d.addr(&dst));
+    timer.time(2, 30, || {
+        // SAFETY: both allocations hold `bytes` bytes.
+        unsafe { result::memcpy_dtod_async(t, s, bytes, d.raw_stream()) }
+            .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
+    })
+}
+
+/// cuBLAS, if its library loads (probed first: cudarc panics when it is missing).
+pub fn cublas(dev: &Device) -> Result<Option<CudaBlas>> {
+    let d = cuda(dev)?;
+    // SAFETY: only tries to dlopen libcublas by its usual names.
+    if !unsafe { cublas_sys::is_culib_present() } {
+        return Ok(None);
+    }
+    CudaBlas::new(d.stream().clone())
+        .map(Some)
+        .map_err(|e| Error::Driver {
+            call: "cublasCreate",
+            name: format!("{e:?}"),
+        })
+}
+
+fn random_device<T: Elem + FloatElem>(
+    dev: &Device,
+    n: usize,
+    seed: u64,
+) -> Result<crate::Buffer<T>> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    dev.upload(&crate::testing::random_vec::<T>(&mut rng, n, 1.0))
+}
+
+/// Times cuBLAS bf16 `y[m, n] = x[m, k] · W[n, k]ᵀ` (f32 accumulate) on random data.
+pub fn time_cublas_linear(
+    dev: &Device,
+    blas: &CudaBlas,
+    timer: &mut GpuTimer,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Stats> {
+    let x = random_device::<bf16>(dev, m * k, 1)?;
+    let w = random_device::<bf16>(dev, n * k, 2)?;
+    let mut y = dev.alloc_poisoned::<bf16>(m * n)?;
+    let (xs, ws) = (x.as_cuda_slice().unwrap(), w.as_cuda_slice().unwrap());
+    let ys = y.as_cuda_slice_mut().unwrap();
+    // Column-major view: yᵀ[n, m] = W[n, k] · xᵀ[k, m], i.e. op(A) = Wᵀ of the stored k×n.
+    let cfg = GemmConfig {
+        transa: cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+        transb: cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: bf16::ONE,
+        lda: k as i32,
+        ldb: k as i32,
+        beta: bf16::ZERO,
+        ldc: n as i32,
+    };
+    timer.time(3, 30, || {
+        // SAFETY: the three buffers hold m·k, n·k and m·n elements, as cfg describes.
+        unsafe { blas.gemm(cfg, ws, xs, ys) }.map_err(|e| Error::Driver {
+            call: "cublasGemmEx",
+            name: format!("{e:?}"),
+        })
+    })
+}
+
+/// Measures the copy bandwidth (1 GiB moved) and the cuBLAS bf16 rate at 8192³.
+pub fn measure_ceilings(dev: &Device, timer: &mut GpuTimer) -> Result<Ceilings> {
+    let half_gib = 1 << 29;
+    let copy = time_copy(dev, timer, half_gib)?;
+    let copy_bytes_per_s = 2.0 * half_gib as f64 / (copy.median_us * 1e-6);
+    let bf16_flops_per_s = match cublas(dev)? {
+        Some(blas) => {
+            let s = 8192;
+            let t = time_cublas_linear(dev, &blas, timer, s, s, s)?;
+            Some(2.0 * (s as f64).powi(3) / (t.median_us * 1e-6))
+        }
+        None => None,
+    };
+    Ok(Ceilings {
+        copy_bytes_per_s,
+        bf16_flops_per_s,
+    })
+}
+
+/// cuBLAS bf16 at the linear-layer shapes later families compare against (DESIGN.md §8):
+/// recorded now so every kernel's baseline has a history.
+pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+    let Some(blas) = cublas(dev)? else {
+        return Ok(vec![]);
+    };
+    let mut rows = Vec::new();
+    for (m, n, k, what) in [
+        (8192, 8192, 8192, "square"),
+        (8192, 4096, 4096, "LoRA base fwd"),
+        (8192, 11008, 4096, "NF4 GEMM shape"),
+        (8192, 4096, 11008, "NF4 dX shape"),
+        (1, 11008, 4096, "GEMV"),
+        (1, 4096, 11008, "GEMV"),
+    ] {
+        let t = time_cublas_linear(dev, &blas, timer, m, n, k)?;
+        let bytes = 2.0 * (m * k + n * k + m * n) as f64;
+        let flops = 2.0 * (m * n * k) as f64;
+        rows.push(Row::new(
+            "baseline",
+            "cublas_gemm_bf16",
+            &format!("{m}x{k}→{n} ({what})"),
+            t.median_us,
+            bytes,
+            flops,
+            c,
+        ));
+    }
+    Ok(rows)
+}

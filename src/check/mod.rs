@@ -1,0 +1,102 @@
+//! Kernel-against-reference checks, shared by the test suite and `fk check`: each check
+//! draws fresh random inputs from a seed, runs the kernel on a device, runs the reference
+//! on the host and returns a [`CheckRow`]. Tests assert `row.pass`; `fk check` prints rows.
+
+pub mod sparse;
+
+use crate::bench::GpuTimer;
+use crate::device::Device;
+use crate::error::Result;
+
+/// How a result is compared with the reference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Measure {
+    /// Bit-exact: `error` counts mismatching elements and must be 0.
+    Exact,
+    /// `‖out − ref‖₂ / ‖ref‖₂` must be at most the bound.
+    RelL2(f64),
+}
+
+/// One kernel run checked against its reference.
+#[derive(Debug, Clone)]
+pub struct CheckRow {
+    pub kernel: String,
+    pub backend: &'static str,
+    pub shape: String,
+    pub seed: u64,
+    pub measure: Measure,
+    pub error: f64,
+    /// Median kernel time on a GPU, when timing was asked for.
+    pub time_us: Option<f64>,
+}
+
+impl CheckRow {
+    pub fn pass(&self) -> bool {
+        match self.measure {
+            Measure::Exact => self.error == 0.0,
+            Measure::RelL2(bound) => self.error <= bound,
+        }
+    }
+}
+
+impl std::fmt::Display for CheckRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.pass() { "pass" } else { "FAIL" };
+        let err = match self.measure {
+            Measure::Exact => format!("{} mismatches (exact)", self.error),
+            Measure::RelL2(b) => format!("rel {:.2e} (bound {b:.0e})", self.error),
+        };
+        write!(
+            f,
+            "{} [{}] {} seed {}: {err}: {verdict}",
+            self.kernel, self.backend, self.shape, self.seed
+        )
+    }
+}
+
+/// Whether checks time their kernels (GPU only) and the sizes they use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// Small odd shapes: every kernel entry once (the emulator, compute-sanitizer).
+    Small,
+    /// The shapes of DESIGN.md §8, timed (a GPU).
+    Realistic,
+}
+
+/// Times `f` on a GPU (median of 5 after one warm-up); `None` elsewhere or when not asked.
+pub(crate) fn time_if(
+    dev: &Device,
+    timed: bool,
+    f: impl FnMut() -> Result<()>,
+) -> Result<Option<f64>> {
+    match dev {
+        Device::Cuda(d) if timed => Ok(Some(GpuTimer::new(d)?.time(1, 5, f)?.median_us)),
+        _ => Ok(None),
+    }
+}
+
+/// Every family's checks at `scale`.
+pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+    sparse::all(dev, scale, seed)
+}
+
+/// A plain-text table of rows, as `fk check` prints it.
+pub fn table(rows: &[CheckRow]) -> String {
+    let mut t = format!(
+        "{:<34} {:<5} {:<28} {:>22} {:>10} {:>6}\n",
+        "kernel", "on", "shape", "error", "time µs", "result"
+    );
+    for r in rows {
+        let err = match r.measure {
+            Measure::Exact => format!("{} bits off", r.error),
+            Measure::RelL2(b) => format!("{:.1e} ≤ {b:.0e}", r.error),
+        };
+        let time = r.time_us.map_or("—".to_string(), |t| format!("{t:.2}"));
+        let verdict = if r.pass() { "pass" } else { "FAIL" };
+        t += &format!(
+            "{:<34} {:<5} {:<28} {:>22} {:>10} {:>6}\n",
+            r.kernel, r.backend, r.shape, err, time, verdict
+        );
+    }
+    t
+}

@@ -1,0 +1,291 @@
+//! Checks of the sparse-delta kernels against `reference::sparse`.
+
+use super::{time_if, CheckRow, Measure, Scale};
+use crate::device::Device;
+use crate::dtype::{DType, FloatElem};
+use crate::error::Result;
+use crate::reference::sparse as reference;
+use crate::sparse::{self, AdamwConfig, IndexWidth, ScatterPlan, SparseAdamw, SparseIndex};
+use crate::testing::{bit_mismatches, random_support, random_vec, rel_l2};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::BTreeSet;
+
+/// A sparse check's size: `numel` dense elements, `n` support entries.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub seed: u64,
+    pub numel: u64,
+    pub n: usize,
+    pub width: IndexWidth,
+    pub timed: bool,
+}
+
+fn row(
+    kernel: String,
+    dev: &Device,
+    c: &Case,
+    measure: Measure,
+    error: f64,
+    time_us: Option<f64>,
+) -> CheckRow {
+    CheckRow {
+        kernel,
+        backend: dev.backend(),
+        shape: format!("numel {} n {} {:?}", c.numel, c.n, c.width),
+        seed: c.seed,
+        measure,
+        error,
+        time_us,
+    }
+}
+
+fn name<A: FloatElem, B: FloatElem>(op: &str, w: IndexWidth) -> String {
+    let suffix = if w == IndexWidth::U64 { "_idx64" } else { "" };
+    format!("{op}_{}_{}{suffix}", A::DTYPE, B::DTYPE)
+}
+
+/// Unsorted indices with repeats, drawn from a pool of about n/3 targets.
+fn repeated_indices(rng: &mut StdRng, numel: u64, n: usize) -> Vec<u64> {
+    let pool = random_support(rng, numel, (numel as usize).min(1 + n / 3));
+    (0..n)
+        .map(|_| pool[rng.random_range(0..pool.len())])
+        .collect()
+}
+
+/// Sorted unique scatter-add: bit-exact.
+pub fn scatter_sorted<W: FloatElem, V: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w0: Vec<W> = random_vec(&mut rng, c.numel as usize, 2.0);
+    let idx = random_support(&mut rng, c.numel, c.n);
+    let v: Vec<V> = random_vec(&mut rng, c.n, 1.0);
+    let alpha = rng.random_range(-2.0..2.0);
+    let mut expected = w0.clone();
+    reference::scatter_add(&mut expected, &idx, &v, alpha);
+
+    let index = SparseIndex::with_width(dev, &idx, c.numel, c.width)?;
+    let mut w = dev.upload(&w0)?;
+    let values = dev.upload(&v)?;
+    sparse::scatter_add(&mut w, &index, &values, alpha)?;
+    let bad = bit_mismatches(&w.to_host()?, &expected).len();
+    let t = time_if(dev, c.timed, || {
+        sparse::scatter_add(&mut w, &index, &values, alpha)
+    })?;
+    Ok(row(
+        name::<W, V>("scatter_add", c.width),
+        dev,
+        &c,
+        Measure::Exact,
+        bad as f64,
+        t,
+    ))
+}
+
+/// Scatter-add through a plan, unsorted indices with repeats: bit-exact.
+pub fn scatter_planned<W: FloatElem, V: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w0: Vec<W> = random_vec(&mut rng, c.numel as usize, 2.0);
+    let idx = repeated_indices(&mut rng, c.numel, c.n);
+    let v: Vec<V> = random_vec(&mut rng, c.n, 1.0);
+    let alpha = rng.random_range(-2.0..2.0);
+    let mut expected = w0.clone();
+    reference::scatter_add(&mut expected, &idx, &v, alpha);
+
+    let plan = ScatterPlan::with_width(dev, &idx, c.numel, c.width)?;
+    let mut w = dev.upload(&w0)?;
+    let values = dev.upload(&v)?;
+    sparse::scatter_add_planned(&mut w, &plan, &values, alpha)?;
+    let bad = bit_mismatches(&w.to_host()?, &expected).len();
+    let t = time_if(dev, c.timed, || {
+        sparse::scatter_add_planned(&mut w, &plan, &values, alpha)
+    })?;
+    Ok(row(
+        name::<W, V>("segmented_scatter_add", c.width),
+        dev,
+        &c,
+        Measure::Exact,
+        bad as f64,
+        t,
+    ))
+}
+
+/// Relative bound for the atomic path on the change it makes: repeated targets round once
+/// per addition instead of once per target, a few ulps of W's dtype.
+fn atomic_bound(w: DType) -> f64 {
+    match w {
+        DType::F32 => 1e-5,
+        DType::F16 => 1e-2,
+        _ => 4e-2,
+    }
+}
+
+/// Atomic scatter-add with repeats: untouched elements exact (any change there counts as
+/// an infinite error), the change at touched ones within [`atomic_bound`].
+pub fn scatter_atomic<W: FloatElem, V: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w0: Vec<W> = random_vec(&mut rng, c.numel as usize, 2.0);
+    let idx = repeated_indices(&mut rng, c.numel, c.n);
+    let v: Vec<V> = random_vec(&mut rng, c.n, 1.0);
+    let mut expected = w0.clone();
+    reference::scatter_add(&mut expected, &idx, &v, 1.0);
+
+    let index = SparseIndex::with_width(dev, &idx, c.numel, c.width)?;
+    let mut w = dev.upload(&w0)?;
+    let values = dev.upload(&v)?;
+    sparse::scatter_add_atomic(&mut w, &index, &values, 1.0)?;
+    let got = w.to_host()?;
+    let touched: BTreeSet<u64> = idx.iter().copied().collect();
+    let untouched_changed = (0..c.numel).any(|t| {
+        !touched.contains(&t)
+            && bytemuck::bytes_of(&got[t as usize]) != bytemuck::bytes_of(&w0[t as usize])
+    });
+    let change = |w: &[W]| -> Vec<f32> {
+        touched
+            .iter()
+            .map(|&t| w[t as usize].to_f32() - w0[t as usize].to_f32())
+            .collect()
+    };
+    let err = if untouched_changed {
+        f64::INFINITY
+    } else {
+        rel_l2(&change(&got), &change(&expected))
+    };
+    let t = time_if(dev, c.timed, || {
+        sparse::scatter_add_atomic(&mut w, &index, &values, 1.0)
+    })?;
+    Ok(row(
+        name::<W, V>("scatter_add_atomic", c.width),
+        dev,
+        &c,
+        Measure::RelL2(atomic_bound(W::DTYPE)),
+        err,
+        t,
+    ))
+}
+
+/// Gather at unsorted, repeated indices into a poisoned output: bit-exact.
+pub fn gather<S: FloatElem, O: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let src: Vec<S> = random_vec(&mut rng, c.numel as usize, 3.0);
+    let idx: Vec<u64> = (0..c.n).map(|_| rng.random_range(0..c.numel)).collect();
+    let expected: Vec<O> = reference::gather(&src, &idx);
+    let index = SparseIndex::with_width(dev, &idx, c.numel, c.width)?;
+    let src = dev.upload(&src)?;
+    let mut out = dev.alloc_poisoned::<O>(c.n)?;
+    sparse::gather(&src, &index, &mut out)?;
+    let bad = bit_mismatches(&out.to_host()?, &expected).len();
+    let t = time_if(dev, c.timed, || sparse::gather(&src, &index, &mut out))?;
+    Ok(row(
+        name::<S, O>("gather", c.width),
+        dev,
+        &c,
+        Measure::Exact,
+        bad as f64,
+        t,
+    ))
+}
+
+/// Three AdamW steps with fresh gradients and random hyper-parameters: W and the whole
+/// optimizer state bit-exact.
+pub fn adamw<W: FloatElem, G: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w0: Vec<W> = random_vec(&mut rng, c.numel as usize, 1.0);
+    let idx = random_support(&mut rng, c.numel, c.n);
+    let cfg = AdamwConfig {
+        lr: rng.random_range(1e-4..1e-1),
+        beta1: rng.random_range(0.5..0.99),
+        beta2: rng.random_range(0.9..0.9999),
+        eps: 1e-8,
+        weight_decay: rng.random_range(0.0..0.1),
+    };
+    let mut expected = w0.clone();
+    let mut state = reference::SparseAdamwState::new(&w0, &idx);
+    let mut w = dev.upload(&w0)?;
+    let mut opt = SparseAdamw::new(
+        &w,
+        SparseIndex::with_width(dev, &idx, c.numel, c.width)?,
+        cfg,
+    )?;
+    let mut grad = dev.zeros::<G>(c.numel as usize)?;
+    for step in 1..=3 {
+        let g: Vec<G> = random_vec(&mut rng, c.numel as usize, 0.5);
+        reference::sparse_adamw_step(
+            &mut expected,
+            &g,
+            &idx,
+            &mut state,
+            &reference::AdamwStepScalars::new(&cfg, step),
+        );
+        grad.copy_from_host(&g)?;
+        opt.step(&mut w, &grad)?;
+    }
+    let got_state = opt.state_to_host()?;
+    let mut bad = bit_mismatches(&w.to_host()?, &expected).len();
+    for (a, b) in [
+        (&got_state.base, &state.base),
+        (&got_state.delta, &state.delta),
+        (&got_state.exp_avg, &state.exp_avg),
+        (&got_state.exp_avg_sq, &state.exp_avg_sq),
+    ] {
+        bad += bit_mismatches(a, b).len();
+    }
+    let t = time_if(dev, c.timed, || opt.step(&mut w, &grad))?;
+    Ok(row(
+        name::<W, G>("sparse_adamw", c.width),
+        dev,
+        &c,
+        Measure::Exact,
+        bad as f64,
+        t,
+    ))
+}
+
+/// Calls `$($f)::+::<A, B>` for every dtype pair the kernels are built for, collecting rows.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! for_each_sparse_pair {
+    ($($f:ident)::+, $dev:expr, $case:expr) => {{
+        use $crate::{bf16, f16};
+        vec![
+            $($f)::+::<bf16, bf16>($dev, $case),
+            $($f)::+::<bf16, f32>($dev, $case),
+            $($f)::+::<f16, f16>($dev, $case),
+            $($f)::+::<f16, f32>($dev, $case),
+            $($f)::+::<f32, f32>($dev, $case),
+        ]
+    }};
+}
+
+/// Every sparse kernel entry (each op, dtype pair and index width) once.
+pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+    // Realistic: 1% of a 4096×11008 weight (DESIGN.md §8). Small: odd sizes past one block.
+    let (numel, n) = match scale {
+        Scale::Realistic => (4096 * 11008, 4096 * 11008 / 100),
+        Scale::Small => (3001, 517),
+    };
+    let widths = match scale {
+        Scale::Realistic => vec![IndexWidth::U32],
+        Scale::Small => vec![IndexWidth::U32, IndexWidth::U64],
+    };
+    let mut rows = Vec::new();
+    for width in widths {
+        let c = Case {
+            seed,
+            numel,
+            n,
+            width,
+            timed: scale == Scale::Realistic,
+        };
+        for f in [
+            for_each_sparse_pair!(scatter_sorted, dev, c),
+            for_each_sparse_pair!(scatter_planned, dev, c),
+            for_each_sparse_pair!(scatter_atomic, dev, c),
+            for_each_sparse_pair!(gather, dev, c),
+            for_each_sparse_pair!(adamw, dev, c),
+        ] {
+            for r in f {
+                rows.push(r?);
+            }
+        }
+    }
+    Ok(rows)
+}
