@@ -121,6 +121,7 @@ PY
       echo "exit $?" >>"$work/tests-$which.txt"
     done
     unset FK_PTX_DIR
+    cp "$work/tests-$which.txt" "$out/tests-$which.txt"
     grep -E "^test .* \.\.\. |^exit |^## " "$work/tests-$which.txt" >>"$log"
   done
 
