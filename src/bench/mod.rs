@@ -57,7 +57,7 @@ impl<'a> GpuTimer<'a> {
         let ctx = self.dev.context().clone();
         let stream = self.dev.stream().clone();
         let ev = |_| {
-            ctx.new_event(None)
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| Error::driver("cuEventCreate", e))
         };
         let starts = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
