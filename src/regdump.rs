@@ -216,6 +216,19 @@ pub fn plan(target: Target) -> Vec<Section> {
     sections
 }
 
+/// Every kernel this module can launch (the build checks look each up in the PTX).
+pub fn kernels() -> Vec<Kernel> {
+    let mut names: Vec<String> = plan(Target::Sm89).into_iter().map(|s| s.kernel).collect();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| Kernel {
+            module: MODULE,
+            name,
+        })
+        .collect()
+}
+
 /// Words each section's kernel writes.
 pub fn output_len(kernel: &str) -> usize {
     match kernel {

@@ -84,6 +84,26 @@ pub fn kernel(op: &'static str, a: DType, b: DType, width: IndexWidth) -> Result
     })
 }
 
+/// Every kernel this module can launch (the build checks look each up in the PTX).
+pub fn kernels() -> Vec<Kernel> {
+    let ops = [
+        "scatter_add",
+        "scatter_add_atomic",
+        "segmented_scatter_add",
+        "gather",
+        "sparse_adamw",
+    ];
+    let mut all = Vec::new();
+    for op in ops {
+        for (a, b) in DTYPE_PAIRS {
+            for width in [IndexWidth::U32, IndexWidth::U64] {
+                all.push(kernel(op, a, b, width).expect("DTYPE_PAIRS are built"));
+            }
+        }
+    }
+    all
+}
+
 fn config(n: u64) -> LaunchConfig {
     LaunchConfig::grid_stride(n, THREADS, MAX_BLOCKS)
 }

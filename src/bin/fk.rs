@@ -4,6 +4,7 @@
 //!   fk check [--small] [--seed N] every kernel against its reference; exit 0 only if all pass
 //!   fk regdump --out FILE         record tensor-core register layouts on this GPU
 //!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
+//!   fk kernels                    every (module, kernel) the Rust side can launch
 
 use finetune_kernels::bench::{self, GpuTimer};
 use finetune_kernels::check::{self, Scale};
@@ -11,7 +12,7 @@ use finetune_kernels::device::{probe_driver, ptx, Device};
 use finetune_kernels::{regdump, Error};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE | fk bench --json FILE --md FILE";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE | fk bench --json FILE --md FILE | fk kernels";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,6 +24,15 @@ fn main() -> ExitCode {
         Some("check") => run_check(&args[1..]),
         Some("regdump") => run_regdump(&args[1..]).map(|_| true),
         Some("bench") => run_bench(&args[1..]).map(|_| true),
+        Some("kernels") => {
+            for k in finetune_kernels::sparse::kernels()
+                .into_iter()
+                .chain(regdump::kernels())
+            {
+                println!("{} {}", k.module, k.name);
+            }
+            Ok(true)
+        }
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(true)
