@@ -47,6 +47,63 @@ fn main() {
     }
     writeln!(table, "];").unwrap();
     fs::write(out.join("ptx_table.rs"), table).unwrap();
+
+    #[cfg(feature = "emu")]
+    build_emulator(&root);
+}
+
+/// The host emulator (cuda/emu/) and every kernel source compiled for the host, as one
+/// static library linked whole: kernels register themselves from static initializers,
+/// which a plain static link would drop.
+#[cfg(feature = "emu")]
+fn build_emulator(root: &Path) {
+    let cuda = root.join("cuda");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .include(&cuda)
+        .opt_level(2)
+        .warnings(true)
+        .extra_warnings(true)
+        // No contraction of a*b+c into fma, as nvcc is told (-fmad=false): results match
+        // the GPU and the references bit for bit.
+        .flag("-ffp-contract=off")
+        .flag("-fno-strict-aliasing")
+        .flag("-fno-extern-tls-init")
+        .flag_if_supported("-Wno-unused-parameter")
+        .link_lib_modifier("+whole-archive");
+    if env::var("FK_EMU_ASAN").is_ok_and(|v| v == "1") {
+        build
+            .flag("-fsanitize=address")
+            .flag("-fno-omit-frame-pointer");
+        println!("cargo:rustc-link-lib=dylib=asan");
+        println!("cargo:rustc-cfg=fk_emu_asan");
+    }
+    println!("cargo:rerun-if-env-changed=FK_EMU_ASAN");
+    println!("cargo::rustc-check-cfg=cfg(fk_emu_asan)");
+    for f in sorted_files(&cuda.join("emu"), "cpp") {
+        build.file(f);
+    }
+    build.file(cuda.join("emu/switch.S"));
+    // Each .cu file through a one-line .cpp that includes it: the emulator headers make
+    // CUDA C++ plain C++, and the compiler then needs no language flag.
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("emu_kernels");
+    fs::create_dir_all(&out).unwrap();
+    for dir in [cuda.clone(), cuda.join("emu/tests")] {
+        for cu in sorted_files(&dir, "cu") {
+            let name = cu
+                .strip_prefix(&cuda)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .replace(['/', '.'], "_");
+            let unit = out.join(format!("{name}.cpp"));
+            fs::write(&unit, format!("#include {:?}\n", cu.display().to_string())).unwrap();
+            build.file(unit);
+        }
+    }
+    build.compile("fk_emu");
 }
 
 fn sorted_files(dir: &Path, ext: &str) -> Vec<PathBuf> {

@@ -8,6 +8,13 @@ pub const FK_REGDUMP_LDMATRIX_VARIANTS: u32 = 6;
 pub const FK_REGDUMP_MMA_IN: u32 = 10;
 pub const FK_REGDUMP_CVT_IN: u32 = 2;
 pub const FK_REGDUMP_CVT_OUT: u32 = 3;
+pub const FK_EMU_SCHEDULE_FORWARD: u32 = 0;
+pub const FK_EMU_SCHEDULE_REVERSE: u32 = 1;
+pub const FK_EMU_SCHEDULE_RANDOM: u32 = 2;
+pub const FK_EMU_FORMAT_BF16: u32 = 0;
+pub const FK_EMU_FORMAT_F16: u32 = 1;
+pub const FK_EMU_FORMAT_E4M3: u32 = 2;
+pub const FK_EMU_FORMAT_E5M2: u32 = 3;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct RegdumpParams {
@@ -162,4 +169,39 @@ const _: () = {
         [::core::mem::offset_of!(SparseAdamwParams, step_size) - 96usize];
     ["Offset of field: SparseAdamwParams::sqrt_bc2"]
         [::core::mem::offset_of!(SparseAdamwParams, sqrt_bc2) - 100usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct FkEmuOptions {
+    pub schedule: u32,
+    pub seed: u64,
+    pub threads: u32,
+    pub stack_bytes: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FkEmuOptions"][::core::mem::size_of::<FkEmuOptions>() - 24usize];
+    ["Alignment of FkEmuOptions"][::core::mem::align_of::<FkEmuOptions>() - 8usize];
+    ["Offset of field: FkEmuOptions::schedule"]
+        [::core::mem::offset_of!(FkEmuOptions, schedule) - 0usize];
+    ["Offset of field: FkEmuOptions::seed"][::core::mem::offset_of!(FkEmuOptions, seed) - 8usize];
+    ["Offset of field: FkEmuOptions::threads"]
+        [::core::mem::offset_of!(FkEmuOptions, threads) - 16usize];
+    ["Offset of field: FkEmuOptions::stack_bytes"]
+        [::core::mem::offset_of!(FkEmuOptions, stack_bytes) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct EmuTestParams {
+    pub out: *mut f32,
+    pub in_: *const f32,
+    pub n: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EmuTestParams"][::core::mem::size_of::<EmuTestParams>() - 24usize];
+    ["Alignment of EmuTestParams"][::core::mem::align_of::<EmuTestParams>() - 8usize];
+    ["Offset of field: EmuTestParams::out"][::core::mem::offset_of!(EmuTestParams, out) - 0usize];
+    ["Offset of field: EmuTestParams::in_"][::core::mem::offset_of!(EmuTestParams, in_) - 8usize];
+    ["Offset of field: EmuTestParams::n"][::core::mem::offset_of!(EmuTestParams, n) - 16usize];
 };

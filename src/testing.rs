@@ -1,12 +1,14 @@
 //! Helpers for testing kernels against the references: the backends to run on, random
 //! inputs, and error measures. Public, so users can test their own kernels the same way.
 
-use crate::device::Device;
+use crate::device::{Device, EmuOptions, Schedule};
 use crate::dtype::FloatElem;
 use rand::Rng;
 
-/// Every backend that can run kernels here. With `FK_REQUIRE_GPU=1` a missing GPU is a
-/// panic (the GPU check sets it); otherwise the reason is printed and the GPU is skipped.
+/// Every backend that can run kernels here: the GPU if there is one, and the emulator
+/// (when built) under three schedules — forward, reverse and random (seed from
+/// `FK_EMU_SEED`, else fresh; it is in each device's description, so a failure replays).
+/// With `FK_REQUIRE_GPU=1` a missing GPU is a panic (the GPU check sets it).
 pub fn backends() -> Vec<Device> {
     let mut devices = Vec::new();
     match Device::cuda(0) {
@@ -15,17 +17,25 @@ pub fn backends() -> Vec<Device> {
             if std::env::var("FK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("FK_REQUIRE_GPU=1 but no GPU backend: {e}");
             }
-            skip_note(&format!("GPU backend skipped: {e}"));
+            eprintln!("note: GPU backend skipped: {e}");
+        }
+    }
+    let random = EmuOptions::default();
+    for schedule in [Schedule::Forward, Schedule::Reverse, random.schedule] {
+        match Device::emu(EmuOptions { schedule, ..random }) {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                eprintln!("note: emulator skipped: {e}");
+                break;
+            }
         }
     }
     if devices.is_empty() {
-        skip_note("no backend can run kernels here: the test checks nothing but its reference");
+        eprintln!(
+            "note: no backend can run kernels here: the test checks nothing but its reference"
+        );
     }
     devices
-}
-
-fn skip_note(msg: &str) {
-    eprintln!("note: {msg}");
 }
 
 /// `‖out − ref‖₂ / ‖ref‖₂` in f64 (0 when both are zero; infinite if out has a NaN where

@@ -13,8 +13,17 @@
 #define FK_KERNEL(name, Params) extern "C" __global__ void name(const Params p)
 #define FK_KERNEL_BOUNDS(name, Params, threads) \
   extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+// Dynamic shared memory, one helper on both sides (the emulator poisons it per block).
+template <typename T>
+__device__ __forceinline__ T* dyn_smem() {
+  extern __shared__ __align__(16) unsigned char fk_dyn_smem[];
+  return reinterpret_cast<T*>(fk_dyn_smem);
+}
 #else
 #include "../emu/emu.h"
 #endif
 
 #define FK_DEVICE __device__ __forceinline__
+
+// The element types of mma.sync (ptx.cuh) and their emulation (cuda/emu/tensor.cpp).
+enum class MmaType { bf16, f16, e4m3, e5m2 };

@@ -73,8 +73,6 @@ FK_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
 
 // ---- mma.sync: D = A·B + C, f32 accumulate ------------------------------------------------
 
-enum class MmaType { bf16, f16, e4m3, e5m2 };
-
 FK_DEVICE void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                                  const float (&c)[4]) {
 #if FK_PTX
@@ -217,10 +215,12 @@ FK_DEVICE void cp_async_wait() {
 #endif
 }
 
+// wait_all = commit_group + wait_group 0: it also completes uncommitted copies.
 FK_DEVICE void cp_async_wait_all() {
 #if FK_PTX
   asm volatile("cp.async.wait_all;\n" ::);
 #elif FK_EMU_PTX
+  fk_emu_cp_async_commit();
   fk_emu_cp_async_wait(0);
 #endif
 }

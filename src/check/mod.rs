@@ -22,6 +22,8 @@ pub enum Measure {
 pub struct CheckRow {
     pub kernel: String,
     pub backend: &'static str,
+    /// The device's description (for the emulator: its schedule and seed, to replay).
+    pub device: String,
     pub shape: String,
     pub seed: u64,
     pub measure: Measure,

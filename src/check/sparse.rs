@@ -31,6 +31,7 @@ fn row(
     CheckRow {
         kernel,
         backend: dev.backend(),
+        device: dev.describe(),
         shape: format!("numel {} n {} {:?}", c.numel, c.n, c.width),
         seed: c.seed,
         measure,

@@ -1,13 +1,16 @@
 //! Devices, typed buffers and kernel launches.
 //!
 //! [`Device::Cuda`] runs the committed PTX through the CUDA driver (cudarc, loaded at run
-//! time). Buffers are typed and owned by the device that made them. Every kernel wrapper
-//! goes through [`Device::launch`], which takes the kernel's one params struct by value.
+//! time); [`Device::Emu`] runs the same CUDA source on the host. Buffers are typed and
+//! owned by the device that made them. Every kernel wrapper goes through
+//! [`Device::launch`], which takes the kernel's one params struct by value.
 
 mod cuda;
+pub mod emu;
 pub mod ptx;
 
 pub use cuda::{probe_driver, CudaDevice, DriverInfo};
+pub use emu::{EmuDevice, EmuOptions, Schedule};
 pub use ptx::Target;
 
 use crate::dtype::{Elem, POISON_BYTE};
@@ -20,6 +23,8 @@ use std::sync::Arc;
 pub enum Device {
     /// An NVIDIA GPU through the CUDA driver.
     Cuda(Arc<CudaDevice>),
+    /// The host emulator (feature `emu`): host memory, every launch checked.
+    Emu(Arc<EmuDevice>),
 }
 
 impl std::fmt::Debug for Device {
@@ -62,15 +67,28 @@ impl Device {
         Ok(Device::Cuda(Arc::new(CudaDevice::new(ordinal)?)))
     }
 
-    /// The best backend available here: GPU 0 if there is one.
+    /// The host emulator, or [`crate::NoDevice::EmulatorNotBuilt`] without feature `emu`.
+    pub fn emu(options: EmuOptions) -> Result<Device> {
+        Ok(Device::Emu(Arc::new(EmuDevice::new(options)?)))
+    }
+
+    /// The best backend available here: GPU 0 if there is one, else the emulator (with
+    /// default options) if it is built in, else the reason there is no GPU.
     pub fn best() -> Result<Device> {
-        Device::cuda(0)
+        match Device::cuda(0) {
+            Ok(d) => Ok(d),
+            Err(Error::NoDevice(why)) => {
+                Device::emu(EmuOptions::default()).map_err(|_| Error::NoDevice(why))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// One line naming the device, e.g. `cuda:0 NVIDIA H100 80GB HBM3 (sm_90, PTX sm_90a)`.
     pub fn describe(&self) -> String {
         match self {
             Device::Cuda(d) => d.describe(),
+            Device::Emu(e) => e.describe(),
         }
     }
 
@@ -78,6 +96,7 @@ impl Device {
     pub fn backend(&self) -> &'static str {
         match self {
             Device::Cuda(_) => "cuda",
+            Device::Emu(_) => "emu",
         }
     }
 
@@ -89,6 +108,7 @@ impl Device {
     pub fn upload<T: Elem>(&self, host: &[T]) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.upload(host)?),
+            Device::Emu(_) => Storage::Host(host.to_vec()),
         };
         Ok(Buffer {
             storage,
@@ -102,6 +122,7 @@ impl Device {
     pub fn alloc_poisoned<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, POISON_BYTE)?),
+            Device::Emu(_) => Storage::Host(host_filled(len, POISON_BYTE)),
         };
         Ok(Buffer {
             storage,
@@ -114,6 +135,7 @@ impl Device {
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, 0)?),
+            Device::Emu(_) => Storage::Host(host_filled(len, 0)),
         };
         Ok(Buffer {
             storage,
@@ -126,15 +148,19 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Device::Cuda(d) => d.synchronize(),
+            Device::Emu(_) => Ok(()),
         }
     }
 
-    /// Launches `kernel` with `params` (its one params struct, passed by value).
+    /// Launches `kernel` with `params` (its one params struct, passed by value). A grid
+    /// with no blocks launches nothing. Public for users who test their own kernels on
+    /// both backends.
     ///
     /// # Safety
-    /// `params` must be the struct `kernel` is declared with in `cuda/params/`, and every
-    /// pointer in it must be valid on this device for what the kernel reads and writes.
-    pub(crate) unsafe fn launch<P: Copy>(
+    /// `params` must be the struct `kernel` is declared with, and every pointer in it must
+    /// be valid on this device (device addresses on a GPU, host addresses under the
+    /// emulator) for what the kernel reads and writes.
+    pub unsafe fn launch<P: Copy>(
         &self,
         kernel: &Kernel,
         cfg: LaunchConfig,
@@ -146,18 +172,29 @@ impl Device {
         match self {
             // SAFETY: forwarded from this function's contract.
             Device::Cuda(d) => unsafe { d.launch(kernel, cfg, d.raw_stream(), params) },
+            // SAFETY: forwarded from this function's contract.
+            Device::Emu(e) => unsafe { e.launch(kernel, cfg, params) },
         }
     }
 
     pub(crate) fn same(&self, other: &Device) -> bool {
         match (self, other) {
             (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+            (Device::Emu(a), Device::Emu(b)) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
 }
 
+fn host_filled<T: Elem>(len: usize, byte: u8) -> Vec<T> {
+    let mut v = vec![T::zeroed(); len];
+    bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(byte);
+    v
+}
+
 enum Storage<T: Elem> {
     Cuda(cudarc::driver::CudaSlice<T>),
+    Host(Vec<T>),
 }
 
 /// A typed buffer owned by one device.
@@ -184,6 +221,8 @@ impl<T: Elem> Buffer<T> {
     pub fn to_host(&self) -> Result<Vec<T>> {
         match (&self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.download(s),
+            (Storage::Host(v), _) => Ok(v.clone()),
+            (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
         }
     }
 
@@ -192,36 +231,46 @@ impl<T: Elem> Buffer<T> {
         Error::check_len("copy_from_host", self.len, host.len())?;
         match (&mut self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.copy_in(host, s),
+            (Storage::Host(v), _) => {
+                v.copy_from_slice(host);
+                Ok(())
+            }
+            (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
         }
     }
 
-    /// The address kernels see (device address, or host address under the emulator).
-    pub(crate) fn addr(&self) -> u64 {
+    /// The address a kernel reads through (a device address, or a host address under the
+    /// emulator), for filling params structs.
+    pub fn ptr(&self) -> *const std::ffi::c_void {
         match (&self.storage, &self.device) {
-            (Storage::Cuda(s), Device::Cuda(d)) => d.addr(s),
+            (Storage::Cuda(s), Device::Cuda(d)) => d.addr(s) as *const std::ffi::c_void,
+            (Storage::Host(v), _) => v.as_ptr() as *const std::ffi::c_void,
+            (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
         }
     }
 
-    pub(crate) fn ptr(&self) -> *const std::ffi::c_void {
-        self.addr() as *const std::ffi::c_void
-    }
-
-    /// A mutable pointer for a kernel's params: taking `&mut self` keeps Rust's aliasing
-    /// rules on the host side of every launch.
-    pub(crate) fn ptr_mut(&mut self) -> *mut std::ffi::c_void {
-        self.addr() as *mut std::ffi::c_void
+    /// The address a kernel writes through. Taking `&mut self` keeps Rust's aliasing rules
+    /// on the host side of every launch.
+    pub fn ptr_mut(&mut self) -> *mut std::ffi::c_void {
+        match (&mut self.storage, &self.device) {
+            (Storage::Cuda(s), Device::Cuda(d)) => d.addr(s) as *mut std::ffi::c_void,
+            (Storage::Host(v), _) => v.as_mut_ptr() as *mut std::ffi::c_void,
+            (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
+        }
     }
 
     /// The CUDA slice, for users mixing this crate with cudarc.
     pub fn as_cuda_slice(&self) -> Option<&cudarc::driver::CudaSlice<T>> {
         match &self.storage {
             Storage::Cuda(s) => Some(s),
+            Storage::Host(_) => None,
         }
     }
 
     pub fn as_cuda_slice_mut(&mut self) -> Option<&mut cudarc::driver::CudaSlice<T>> {
         match &mut self.storage {
             Storage::Cuda(s) => Some(s),
+            Storage::Host(_) => None,
         }
     }
 }

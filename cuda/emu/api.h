@@ -1,0 +1,39 @@
+/* api.h: the emulator's C ABI, called from Rust (src/device/emu.rs). bindgen generates the
+ * Rust side of FkEmuOptions into src/params.rs with the kernel params. */
+#ifndef FK_EMU_API_H
+#define FK_EMU_API_H
+#include <stdint.h>
+
+#define FK_EMU_SCHEDULE_FORWARD 0
+#define FK_EMU_SCHEDULE_REVERSE 1
+#define FK_EMU_SCHEDULE_RANDOM 2
+
+#define FK_EMU_FORMAT_BF16 0
+#define FK_EMU_FORMAT_F16 1
+#define FK_EMU_FORMAT_E4M3 2
+#define FK_EMU_FORMAT_E5M2 3
+
+typedef struct FkEmuOptions {
+  uint32_t schedule;    /* FK_EMU_SCHEDULE_*: the order fibers (and blocks) run in */
+  uint64_t seed;        /* for FK_EMU_SCHEDULE_RANDOM */
+  uint32_t threads;     /* OS threads running blocks in parallel; 0 means 1 */
+  uint32_t stack_bytes; /* per fiber; 0 means 256 KiB */
+} FkEmuOptions;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Runs kernel `name` over the grid on the host. Returns 0, or 1 with a message in `err`
+ * (a kernel bug the emulator caught, or a launch the GPU would refuse). */
+int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t dynamic_smem,
+                  const void* params, uint64_t params_size, const FkEmuOptions* options, char* err, uint64_t err_len);
+
+/* The numeric conversions, as CUDA performs them, for the exhaustive tests. */
+uint32_t fk_emu_from_f32(uint32_t format, float x);
+float fk_emu_to_f32(uint32_t format, uint32_t bits);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,574 @@
+// runtime.cpp: kernel registry, launch, fibers and the block scheduler (DESIGN.md §5).
+//
+// A block runs on one OS thread: one fiber per GPU thread, switched by fk_emu_switch
+// (switch.S) on pooled mmap'd stacks with a guard page. Fibers run, in an order drawn from
+// the schedule, until each blocks at a barrier or collective or exits; when none can run,
+// the scheduler releases the barrier or collective whose participants have all arrived,
+// after checking they agree on call site and mask. Anything else is a kernel bug, reported
+// with every thread's state; nothing hangs.
+#include "runtime.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "api.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define FK_EMU_ASAN 1
+#endif
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+extern "C" void fk_emu_switch(void** save_sp, void* load_sp);
+
+namespace fk_emu {
+namespace {
+
+struct KernelInfo {
+  Entry entry;
+  size_t params_size;
+  unsigned max_threads;
+};
+
+std::map<std::string, KernelInfo>& registry() {
+  static std::map<std::string, KernelInfo> kernels;
+  return kernels;
+}
+
+// One block in flight on this OS thread. A failing fiber records its message in `error`.
+struct Block {
+  const char* kernel = "";
+  const KernelInfo* info = nullptr;
+  const void* params = nullptr;
+  std::vector<Fiber> fibers;
+  void* scheduler_sp = nullptr;
+  std::vector<unsigned char> smem;
+  std::string error;
+  uint32_t schedule = FK_EMU_SCHEDULE_FORWARD;
+  std::mt19937_64 rng;
+};
+
+thread_local Block* t_block = nullptr;
+thread_local Fiber* t_fiber = nullptr;
+
+// ---- stacks -------------------------------------------------------------------------------
+
+const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+
+// Stacks are mapped once and reused by every block on every OS thread.
+struct StackPool {
+  std::mutex lock;
+  size_t size = 0;
+  std::vector<void*> free;
+  // Takes n stacks of `want` bytes into `out`; false if the mapping fails.
+  bool take(size_t want, size_t n, std::vector<void*>& out) {
+    std::lock_guard<std::mutex> g(lock);
+    if (want != size) {
+      for (void* s : free) munmap(s, size + kPage);
+      free.clear();
+      size = want;
+    }
+    while (out.size() < n) {
+      if (!free.empty()) {
+        out.push_back(free.back());
+        free.pop_back();
+        continue;
+      }
+      void* s = mmap(nullptr, size + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (s == MAP_FAILED) return false;
+      mprotect(s, kPage, PROT_NONE);  // guard page below the stack: an overflow faults
+      out.push_back(s);
+    }
+    return true;
+  }
+  void give(size_t stack_size, std::vector<void*>& stacks) {
+    std::lock_guard<std::mutex> g(lock);
+    for (void* s : stacks) {
+      if (stack_size == size) free.push_back(s);
+      else munmap(s, stack_size + kPage);
+    }
+    stacks.clear();
+  }
+};
+StackPool g_stacks;
+
+// ---- switching --------------------------------------------------------------------------
+// Under ASan every switch is announced (start) and completed (finish), so that ASan knows
+// which stack is live; each fiber keeps its own fake-stack handle.
+
+#if FK_EMU_ASAN
+thread_local const void* t_scheduler_bottom = nullptr;
+thread_local size_t t_scheduler_size = 0;
+thread_local void* t_scheduler_fake = nullptr;
+#endif
+
+// Scheduler -> fiber f; returns when f yields.
+void enter(Block& b, Fiber& f) {
+#if FK_EMU_ASAN
+  __sanitizer_start_switch_fiber(&t_scheduler_fake, static_cast<char*>(f.stack) + kPage, f.stack_size);
+  fk_emu_switch(&b.scheduler_sp, f.sp);
+  __sanitizer_finish_switch_fiber(t_scheduler_fake, nullptr, nullptr);
+#else
+  fk_emu_switch(&b.scheduler_sp, f.sp);
+#endif
+}
+
+// In a fiber, just after it starts or resumes.
+void resumed(Fiber& f, bool first) {
+#if FK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(first ? nullptr : f.asan_fake, &t_scheduler_bottom, &t_scheduler_size);
+#else
+  (void)f, (void)first;
+#endif
+}
+
+// Fiber -> scheduler. An exiting fiber never resumes.
+void yield(bool exiting = false) {
+  Fiber& f = *t_fiber;
+#if FK_EMU_ASAN
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &f.asan_fake, t_scheduler_bottom, t_scheduler_size);
+#else
+  (void)exiting;
+#endif
+  fk_emu_switch(&f.sp, t_block->scheduler_sp);
+  resumed(f, false);
+}
+
+[[noreturn]] void fiber_main() {
+  resumed(*t_fiber, true);
+  t_block->info->entry(t_block->params);
+  Fiber* f = t_fiber;
+  if (!f->uncommitted.empty() || !f->groups.empty()) {
+    fail(Site{"thread exit", 0}, "the thread exited with cp.async copies it never waited for");
+  }
+  f->state = State::exited;
+  yield(true);
+  __builtin_unreachable();
+}
+
+void init_fiber(Fiber& f, void* stack, size_t size) {
+  f.stack = stack;
+  f.stack_size = size;
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kPage + size) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top);
+  *--sp = 0;                                          // fiber_main's return address: none
+  *--sp = reinterpret_cast<uint64_t>(&fiber_main);    // where fk_emu_switch returns to
+  for (int i = 0; i < 6; ++i) *--sp = 0;              // rbp rbx r12 r13 r14 r15
+  *--sp = (uint64_t(0x037F) << 32) | 0x1F80;          // x87 control word, MXCSR defaults
+  f.sp = sp;
+}
+
+// ---- reporting ----------------------------------------------------------------------------
+
+const char* op_name(WarpOp op) {
+  switch (op) {
+    case WarpOp::sync: return "__syncwarp";
+    case WarpOp::shfl_idx: return "__shfl_sync";
+    case WarpOp::shfl_up: return "__shfl_up_sync";
+    case WarpOp::shfl_down: return "__shfl_down_sync";
+    case WarpOp::shfl_xor: return "__shfl_xor_sync";
+    case WarpOp::ballot: return "__ballot_sync";
+    case WarpOp::any: return "__any_sync";
+    case WarpOp::all: return "__all_sync";
+    case WarpOp::ldmatrix: return "ldmatrix";
+    case WarpOp::mma: return "mma.sync";
+  }
+  return "?";
+}
+
+std::string describe(const Fiber& f) {
+  std::ostringstream o;
+  switch (f.state) {
+    case State::ready: o << "runnable"; break;
+    case State::exited: o << "exited"; break;
+    case State::block_wait: o << "waiting at __syncthreads " << f.site.file << ":" << f.site.line; break;
+    case State::warp_wait:
+      o << "waiting at " << op_name(f.op) << " " << f.site.file << ":" << f.site.line << " mask 0x" << std::hex << f.mask;
+      break;
+  }
+  return o.str();
+}
+
+// Every thread's state, consecutive threads in the same state on one line.
+std::string thread_table(const Block& b) {
+  std::ostringstream o;
+  size_t i = 0;
+  while (i < b.fibers.size()) {
+    std::string what = describe(b.fibers[i]);
+    size_t j = i;
+    while (j + 1 < b.fibers.size() && describe(b.fibers[j + 1]) == what) ++j;
+    o << "\n    threads " << i << (j > i ? "-" + std::to_string(j) : "") << ": " << what;
+    i = j + 1;
+  }
+  return o.str();
+}
+
+void block_error(Block& b, const std::string& what) {
+  if (b.error.empty()) b.error = what + thread_table(b);
+}
+
+bool same_site(const Site& a, const Site& b) { return a.line == b.line && std::strcmp(a.file, b.file) == 0; }
+
+// ---- releasing collectives ----------------------------------------------------------------
+
+uint64_t shuffle_source(const Fiber& f, int lane, Fiber* const* lanes) {
+  const int width = f.width;
+  const int base = lane & ~(width - 1);
+  int src = lane;
+  switch (f.op) {
+    case WarpOp::shfl_idx: src = base + (f.arg & (width - 1)); break;
+    case WarpOp::shfl_up: src = lane - f.arg < base ? lane : lane - f.arg; break;
+    case WarpOp::shfl_down: src = lane + f.arg >= base + width ? lane : lane + f.arg; break;
+    case WarpOp::shfl_xor: src = (lane ^ f.arg) >= base + width ? lane : (lane ^ f.arg); break;
+    default: break;
+  }
+  if (!((f.mask >> src) & 1u)) return ~uint64_t(0);  // an inactive source: undefined, so poison
+  return lanes[src]->value;
+}
+
+// Checks the group of lanes `f` waits with and, if all have arrived consistently, computes
+// and releases it. Returns false and records an error on a bug.
+bool release_warp_group(Block& b, Fiber& f, int warp, bool* released) {
+  const int lane = f.linear % 32;
+  const int lanes_here = static_cast<int>(std::min<size_t>(32, b.fibers.size() - warp * 32));
+  Fiber* lanes[32] = {};
+  for (int l = 0; l < lanes_here; ++l) lanes[l] = &b.fibers[warp * 32 + l];
+  std::ostringstream why;
+  if (!((f.mask >> lane) & 1u)) {
+    why << op_name(f.op) << " at " << f.site.file << ":" << f.site.line << ": lane " << lane
+        << " calls it with mask 0x" << std::hex << f.mask << ", which leaves itself out";
+    block_error(b, why.str());
+    return false;
+  }
+  for (int l = 0; l < 32; ++l) {
+    if (!((f.mask >> l) & 1u)) continue;
+    if (l >= lanes_here) {
+      why << op_name(f.op) << " at " << f.site.file << ":" << f.site.line << ": mask 0x" << std::hex << f.mask
+          << std::dec << " names lane " << l << ", which does not exist (warp " << warp << " has " << lanes_here << " lanes)";
+      block_error(b, why.str());
+      return false;
+    }
+    const Fiber& o = *lanes[l];
+    if (o.state == State::ready) return true;  // still running towards it
+    // Shuffles take a per-lane source or delta; ldmatrix and mma encode their shape in arg.
+    const bool tensor_op = f.op == WarpOp::ldmatrix || f.op == WarpOp::mma;
+    if (o.state != State::warp_wait || o.op != f.op || o.mask != f.mask || !same_site(o.site, f.site) ||
+        o.width != f.width || (tensor_op && o.arg != f.arg)) {
+      why << "lane " << lane << " of warp " << warp << " waits at " << op_name(f.op) << " " << f.site.file << ":"
+          << f.site.line << " for lane " << l << ", which is " << describe(o) << " (divergent or mismatched collective)";
+      block_error(b, why.str());
+      return false;
+    }
+  }
+  const bool tensor = f.op == WarpOp::ldmatrix || f.op == WarpOp::mma;
+  if (tensor && lanes_here < 32) {
+    block_error(b, std::string(op_name(f.op)) + " needs all 32 lanes of a warp");
+    return false;
+  }
+  uint64_t ballot = 0;
+  int votes = 0, members = 0;
+  for (int l = 0; l < lanes_here; ++l) {
+    if ((f.mask >> l) & 1u) {
+      ++members;
+      if (lanes[l]->value) {
+        ballot |= 1ull << l;
+        ++votes;
+      }
+    }
+  }
+  if (f.op == WarpOp::ldmatrix) compute_ldmatrix(lanes, f.arg & 7, (f.arg >> 4) & 1);
+  if (f.op == WarpOp::mma) compute_mma(lanes, f.arg);
+  uint64_t results[32];
+  for (int l = 0; l < lanes_here; ++l) {
+    if (!((f.mask >> l) & 1u)) continue;
+    switch (f.op) {
+      case WarpOp::shfl_idx:
+      case WarpOp::shfl_up:
+      case WarpOp::shfl_down:
+      case WarpOp::shfl_xor: results[l] = shuffle_source(*lanes[l], l, lanes); break;
+      case WarpOp::ballot: results[l] = ballot; break;
+      case WarpOp::any: results[l] = votes > 0; break;
+      case WarpOp::all: results[l] = votes == members; break;
+      default: results[l] = 0; break;
+    }
+  }
+  for (int l = 0; l < lanes_here; ++l) {
+    if (!((f.mask >> l) & 1u)) continue;
+    lanes[l]->result = results[l];
+    lanes[l]->state = State::ready;
+  }
+  *released = true;
+  return true;
+}
+
+// Releases every warp group whose lanes have all arrived. False on a bug.
+bool release_warps(Block& b, bool* released) {
+  for (Fiber& f : b.fibers) {
+    if (f.state != State::warp_wait) continue;
+    if (!release_warp_group(b, f, f.linear / 32, released)) return false;
+  }
+  return true;
+}
+
+// Releases __syncthreads once every live thread waits there. False on a bug.
+bool release_block_barrier(Block& b, bool* released) {
+  const Fiber* first = nullptr;
+  int exited = 0, waiting = 0, votes = 0;
+  for (const Fiber& f : b.fibers) {
+    if (f.state == State::exited) ++exited;
+    if (f.state != State::block_wait) continue;
+    ++waiting;
+    votes += f.value != 0;
+    if (!first) first = &f;
+    if (!same_site(f.site, first->site)) {
+      block_error(b, "divergent __syncthreads: threads wait at different call sites");
+      return false;
+    }
+  }
+  if (!first) return true;
+  if (exited > 0) {
+    block_error(b, std::to_string(exited) + " thread(s) exited while others wait at __syncthreads " +
+                       first->site.file + ":" + std::to_string(first->site.line));
+    return false;
+  }
+  if (waiting + exited < static_cast<int>(b.fibers.size())) return true;  // warps still pending
+  for (Fiber& f : b.fibers) {
+    switch (f.barrier) {
+      case BarrierKind::plain: f.result = 0; break;
+      case BarrierKind::count: f.result = votes; break;
+      case BarrierKind::all: f.result = votes == waiting; break;
+      case BarrierKind::any: f.result = votes > 0; break;
+    }
+    f.state = State::ready;
+  }
+  *released = true;
+  return true;
+}
+
+// Runs one block to completion. Returns false with b.error set on a kernel bug.
+bool run_block(Block& b, size_t stack_size) {
+  std::vector<void*> stacks;
+  if (!g_stacks.take(stack_size, b.fibers.size(), stacks)) {
+    g_stacks.give(stack_size, stacks);
+    b.error = "could not map the fiber stacks";
+    return false;
+  }
+  for (size_t i = 0; i < b.fibers.size(); ++i) init_fiber(b.fibers[i], stacks[i], stack_size);
+  std::vector<Fiber*> order;
+  bool ok = true;
+  for (;;) {
+    order.clear();
+    for (Fiber& f : b.fibers)
+      if (f.state == State::ready) order.push_back(&f);
+    if (b.schedule == FK_EMU_SCHEDULE_REVERSE) std::reverse(order.begin(), order.end());
+    if (b.schedule == FK_EMU_SCHEDULE_RANDOM) std::shuffle(order.begin(), order.end(), b.rng);
+    if (!order.empty()) {
+      for (Fiber* f : order) {
+        t_fiber = f;
+        threadIdx = f->tid;
+        enter(b, *f);
+        if (!b.error.empty()) break;
+      }
+      if (!b.error.empty()) {
+        ok = false;
+        break;
+      }
+      continue;
+    }
+    bool all_exited = std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::exited; });
+    if (all_exited) break;
+    bool released = false;
+    if (!release_warps(b, &released) || (!released && !release_block_barrier(b, &released))) {
+      ok = false;
+      break;
+    }
+    if (!released) {
+      block_error(b, "deadlock: no thread can run and no barrier can release");
+      ok = false;
+      break;
+    }
+  }
+  t_fiber = nullptr;
+  g_stacks.give(stack_size, stacks);
+  return ok;
+}
+
+uint64_t splitmix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+const char* schedule_name(uint32_t s) {
+  return s == FK_EMU_SCHEDULE_FORWARD ? "forward" : s == FK_EMU_SCHEDULE_REVERSE ? "reverse" : "random";
+}
+
+}  // namespace
+
+Registrar::Registrar(const char* name, Entry entry, size_t params_size, unsigned max_threads) {
+  registry()[name] = KernelInfo{entry, params_size, max_threads};
+}
+
+Fiber* current_fiber() { return t_fiber; }
+
+unsigned char* dyn_smem_base() { return t_block->smem.data(); }
+
+[[noreturn]] void fail(Site site, const char* what) {
+  Block& b = *t_block;
+  Fiber& f = *t_fiber;
+  std::ostringstream o;
+  o << "thread " << f.linear << " at " << site.file << ":" << site.line << ": " << what;
+  block_error(b, o.str());
+  f.state = State::exited;
+  yield(true);
+  __builtin_unreachable();
+}
+
+int block_barrier(Site site, BarrierKind kind, int pred) {
+  Fiber* f = t_fiber;
+  f->state = State::block_wait;
+  f->site = site;
+  f->barrier = kind;
+  f->value = static_cast<uint64_t>(pred != 0);
+  yield();
+  return static_cast<int>(f->result);
+}
+
+uint64_t warp_collective(Site site, WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
+  Fiber* f = t_fiber;
+  if (width < 1 || width > 32 || (width & (width - 1))) fail(site, "shuffle width must be a power of two in [1, 32]");
+  f->state = State::warp_wait;
+  f->site = site;
+  f->op = op;
+  f->mask = mask;
+  f->value = value;
+  f->arg = arg;
+  f->width = width;
+  yield();
+  return f->result;
+}
+
+unsigned active_mask() {
+  const Block& b = *t_block;
+  const unsigned warp = t_fiber->linear / 32;
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32 && warp * 32 + l < b.fibers.size(); ++l)
+    if (b.fibers[warp * 32 + l].state != State::exited) m |= 1u << l;
+  return m;
+}
+
+}  // namespace fk_emu
+
+using namespace fk_emu;
+
+extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t dynamic_smem,
+                             const void* params, uint64_t params_size, const FkEmuOptions* options, char* err,
+                             uint64_t err_len) {
+  auto fail_launch = [&](const std::string& msg) {
+    std::snprintf(err, err_len, "%s", msg.c_str());
+    return 1;
+  };
+  auto it = registry().find(name);
+  if (it == registry().end()) return fail_launch(std::string("no emulated kernel named ") + name);
+  const KernelInfo& info = it->second;
+  if (params_size != info.params_size)
+    return fail_launch(std::string(name) + ": params struct is " + std::to_string(params_size) + " bytes, the kernel takes " +
+                       std::to_string(info.params_size));
+  const uint64_t threads = uint64_t(block[0]) * block[1] * block[2];
+  std::ostringstream bad;
+  if (threads == 0 || threads > 1024 || block[0] > 1024 || block[1] > 1024 || block[2] > 64)
+    bad << "block (" << block[0] << ", " << block[1] << ", " << block[2] << ") is outside the GPU's limits (1024 threads; z <= 64)";
+  else if (threads > info.max_threads)
+    bad << "block of " << threads << " threads exceeds the kernel's __launch_bounds__ of " << info.max_threads;
+  else if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7FFFFFFFu || grid[1] > 65535 || grid[2] > 65535)
+    bad << "grid (" << grid[0] << ", " << grid[1] << ", " << grid[2] << ") is outside the GPU's limits";
+  else if (dynamic_smem > 227 * 1024)
+    bad << "dynamic shared memory " << dynamic_smem << " bytes exceeds the 227 KiB a block can opt into";
+  if (!bad.str().empty()) return fail_launch(std::string(name) + ": " + bad.str());
+
+  const FkEmuOptions opt = *options;
+  const size_t stack_size = opt.stack_bytes ? (opt.stack_bytes + kPage - 1) / kPage * kPage : size_t(256) << 10;
+  const uint64_t blocks = uint64_t(grid[0]) * grid[1] * grid[2];
+  std::vector<uint64_t> order(blocks);
+  for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+  if (opt.schedule == FK_EMU_SCHEDULE_REVERSE) std::reverse(order.begin(), order.end());
+  if (opt.schedule == FK_EMU_SCHEDULE_RANDOM) std::shuffle(order.begin(), order.end(), std::mt19937_64(opt.seed));
+
+  std::atomic<uint64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_lock;
+  std::string first_error;
+  auto worker = [&]() {
+    Block b;
+    b.kernel = name;
+    b.info = &info;
+    b.params = params;
+    b.schedule = opt.schedule;
+    t_block = &b;
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+    blockDim = dim3{block[0], block[1], block[2]};
+    for (uint64_t k; !failed.load() && (k = next.fetch_add(1)) < blocks;) {
+      const uint64_t id = order[k];
+      blockIdx = uint3{unsigned(id % grid[0]), unsigned(id / grid[0] % grid[1]), unsigned(id / grid[0] / grid[1])};
+      b.fibers.assign(threads, Fiber{});
+      for (unsigned t = 0; t < threads; ++t)
+        b.fibers[t].tid = uint3{t % block[0], t / block[0] % block[1], t / block[0] / block[1]}, b.fibers[t].linear = t;
+      b.smem.assign(dynamic_smem, 0xFF);  // poison: NaN in every float type
+      b.error.clear();
+      b.rng.seed(splitmix(opt.seed ^ splitmix(id)));
+      if (!run_block(b, stack_size)) {
+        std::lock_guard<std::mutex> g(error_lock);
+        if (!failed.exchange(true)) {
+          std::ostringstream o;
+          o << name << " block (" << blockIdx.x << ", " << blockIdx.y << ", " << blockIdx.z << "), schedule "
+            << schedule_name(opt.schedule) << " seed " << opt.seed << ": " << b.error;
+          first_error = o.str();
+        }
+      }
+    }
+    t_block = nullptr;
+  };
+  const unsigned workers = std::max(1u, std::min<unsigned>(opt.threads, static_cast<unsigned>(std::min<uint64_t>(blocks, 64))));
+  if (workers == 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    for (unsigned i = 0; i < workers; ++i) pool.emplace_back(worker);
+    for (auto& t : pool) t.join();
+  }
+  return failed.load() ? fail_launch(first_error) : 0;
+}
+
+extern "C" uint32_t fk_emu_from_f32(uint32_t format, float x) {
+  switch (format) {
+    case FK_EMU_FORMAT_BF16: return f32_to_bf16_bits(x);
+    case FK_EMU_FORMAT_F16: return f32_to_f16_bits(x);
+    case FK_EMU_FORMAT_E4M3: return f32_to_e4m3_bits(x);
+    case FK_EMU_FORMAT_E5M2: return f32_to_e5m2_bits(x);
+  }
+  return 0;
+}
+
+extern "C" float fk_emu_to_f32(uint32_t format, uint32_t bits) {
+  switch (format) {
+    case FK_EMU_FORMAT_BF16: return bf16_bits_to_f32(static_cast<uint16_t>(bits));
+    case FK_EMU_FORMAT_F16: return f16_bits_to_f32(static_cast<uint16_t>(bits));
+    case FK_EMU_FORMAT_E4M3: return e4m3_bits_to_f32(static_cast<uint8_t>(bits));
+    case FK_EMU_FORMAT_E5M2: return e5m2_bits_to_f32(static_cast<uint8_t>(bits));
+  }
+  return 0.0f;
+}

@@ -1,0 +1,96 @@
+// Test kernels for the emulator (tests/emu.rs): each planted bug must be caught, and each
+// correct twin must pass under every schedule. Built into the emulator only, never to PTX.
+#include "include/compat.cuh"
+#include "include/ptx.cuh"
+#include "emu/tests/planted.h"
+
+// Bug: a thread reads a neighbour's shared-memory write with no barrier in between.
+FK_KERNEL(emu_test_missing_syncthreads, EmuTestParams) {
+  float* s = dyn_smem<float>();
+  const unsigned t = threadIdx.x;
+  s[t] = p.in[t];
+  p.out[t] = s[(t + 1) % p.n];
+}
+
+FK_KERNEL(emu_test_with_syncthreads, EmuTestParams) {
+  float* s = dyn_smem<float>();
+  const unsigned t = threadIdx.x;
+  s[t] = p.in[t];
+  __syncthreads();
+  p.out[t] = s[(t + 1) % p.n];
+}
+
+// Bug: two halves of the block wait at different barriers.
+FK_KERNEL(emu_test_divergent_barrier, EmuTestParams) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  p.out[threadIdx.x] = 1.0f;
+}
+
+// Bug: odd threads exit while even ones wait at a barrier.
+FK_KERNEL(emu_test_barrier_after_exit, EmuTestParams) {
+  if (threadIdx.x % 2) return;
+  __syncthreads();
+  p.out[threadIdx.x] = 1.0f;
+}
+
+// Bug: every lane shuffles with a mask that names only lanes 0-15.
+FK_KERNEL(emu_test_bad_shfl_mask, EmuTestParams) {
+  p.out[threadIdx.x] = __shfl_sync(0x0000ffffu, p.in[threadIdx.x], 0);
+}
+
+// Bug: one lane leaves before a full-warp shuffle.
+FK_KERNEL(emu_test_shfl_after_exit, EmuTestParams) {
+  if (threadIdx.x == 5) return;
+  p.out[threadIdx.x] = __shfl_sync(0xffffffffu, p.in[threadIdx.x], 0);
+}
+
+// Correct use of every collective; out[8 t + k] holds result k of thread t (n threads).
+FK_KERNEL(emu_test_collectives, EmuTestParams) {
+  const unsigned t = threadIdx.x;
+  const float v = p.in[t];
+  float* o = p.out + 8 * t;
+  o[0] = __shfl_sync(0xffffffffu, v, (t * 7 + 3) % 32);
+  o[1] = __shfl_up_sync(0xffffffffu, v, 3, 16);
+  o[2] = __shfl_down_sync(0xffffffffu, v, 5, 8);
+  o[3] = __shfl_xor_sync(0xffffffffu, v, 6, 32);
+  o[4] = static_cast<float>(__ballot_sync(0xffffffffu, v > 0.0f) & 0xffffu);
+  o[5] = static_cast<float>(__any_sync(0xffffffffu, v > 1.5f) + 2 * __all_sync(0xffffffffu, v > -2.0f));
+  o[6] = static_cast<float>(__syncthreads_count(v > 0.0f));
+  o[7] = static_cast<float>(__syncthreads_or(v > 1.9f) + 2 * __syncthreads_and(v > -1.99f));
+}
+
+// Bug: reads the cp.async destination before waiting for it.
+FK_KERNEL(emu_test_cp_async_before_wait, EmuTestParams) {
+  float* s = dyn_smem<float>();
+  const unsigned t = threadIdx.x;
+  cp_async<16>(s + 4 * t, p.in + 4 * t);
+  cp_async_commit();
+  for (int i = 0; i < 4; ++i) p.out[4 * t + i] = s[4 * t + i];
+  cp_async_wait_all();
+}
+
+// Correct: two groups, waits, a barrier, then each thread reads its neighbour's data.
+FK_KERNEL(emu_test_cp_async, EmuTestParams) {
+  float* s = dyn_smem<float>();
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  cp_async<8>(s + 4 * t, p.in + 4 * t);
+  cp_async_commit();
+  cp_async<8>(s + 4 * t + 2, p.in + 4 * t + 2);
+  cp_async_commit();
+  cp_async_wait<1>();
+  cp_async_wait<0>();
+  __syncthreads();
+  const unsigned u = (t + 1) % n;
+  for (int i = 0; i < 4; ++i) p.out[4 * t + i] = s[4 * u + i];
+}
+
+// Bug: writes one element past the dynamic shared memory (n floats); ASan builds catch it.
+FK_KERNEL(emu_test_oob_shared, EmuTestParams) {
+  float* s = dyn_smem<float>();
+  if (threadIdx.x == 0) s[p.n] = 1.0f;
+  p.out[threadIdx.x] = 0.0f;
+}

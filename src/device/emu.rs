@@ -1,0 +1,193 @@
+//! The host emulator backend: the same CUDA source, compiled for the host against the
+//! runtime in `cuda/emu/` (feature `emu`), run on host memory. Each block runs on one OS
+//! thread with a fiber per GPU thread; barriers and warp collectives are checked, and
+//! fibers run in an order drawn from a [`Schedule`], so races show up as wrong results.
+
+use super::{Kernel, LaunchConfig};
+use crate::error::{Error, NoDevice, Result};
+use crate::params::FkEmuOptions;
+
+/// The order fibers run in between barriers (and blocks run in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Forward,
+    Reverse,
+    /// A fresh random permutation at every barrier, drawn from the seed (printed in errors
+    /// and in [`EmuDevice::describe`], so a failure replays).
+    Random(u64),
+}
+
+/// How the emulator runs kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmuOptions {
+    pub schedule: Schedule,
+    /// OS threads running blocks in parallel (a block never migrates between them).
+    pub threads: u32,
+    /// Stack size of each fiber (each GPU thread).
+    pub stack_bytes: u32,
+}
+
+impl Default for EmuOptions {
+    /// A random schedule (seed from `FK_EMU_SEED` if set), one OS thread per core up to 4,
+    /// 256 KiB stacks.
+    fn default() -> Self {
+        let seed = std::env::var("FK_EMU_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        EmuOptions {
+            schedule: Schedule::Random(seed),
+            threads: cores.min(4),
+            stack_bytes: 256 << 10,
+        }
+    }
+}
+
+/// The emulator as a device.
+#[derive(Debug)]
+pub struct EmuDevice {
+    options: EmuOptions,
+}
+
+#[cfg(feature = "emu")]
+extern "C" {
+    fn fk_emu_launch(
+        name: *const std::ffi::c_char,
+        grid: *const u32,
+        block: *const u32,
+        dynamic_smem: u32,
+        params: *const std::ffi::c_void,
+        params_size: u64,
+        options: *const FkEmuOptions,
+        err: *mut std::ffi::c_char,
+        err_len: u64,
+    ) -> std::ffi::c_int;
+    fn fk_emu_from_f32(format: u32, x: f32) -> u32;
+    fn fk_emu_to_f32(format: u32, bits: u32) -> f32;
+}
+
+impl EmuDevice {
+    /// The emulator, or [`NoDevice::EmulatorNotBuilt`] without feature `emu`.
+    pub fn new(options: EmuOptions) -> Result<Self> {
+        if cfg!(feature = "emu") {
+            Ok(EmuDevice { options })
+        } else {
+            Err(NoDevice::EmulatorNotBuilt.into())
+        }
+    }
+
+    pub fn options(&self) -> &EmuOptions {
+        &self.options
+    }
+
+    pub fn describe(&self) -> String {
+        let s = match self.options.schedule {
+            Schedule::Forward => "forward".to_string(),
+            Schedule::Reverse => "reverse".to_string(),
+            Schedule::Random(seed) => format!("random seed {seed}"),
+        };
+        format!(
+            "emu (host emulator, schedule {s}, {} threads)",
+            self.options.threads
+        )
+    }
+
+    fn ffi_options(&self) -> FkEmuOptions {
+        let (schedule, seed) = match self.options.schedule {
+            Schedule::Forward => (crate::params::FK_EMU_SCHEDULE_FORWARD, 0),
+            Schedule::Reverse => (crate::params::FK_EMU_SCHEDULE_REVERSE, 0),
+            Schedule::Random(seed) => (crate::params::FK_EMU_SCHEDULE_RANDOM, seed),
+        };
+        FkEmuOptions {
+            schedule,
+            seed,
+            threads: self.options.threads,
+            stack_bytes: self.options.stack_bytes,
+        }
+    }
+
+    /// Runs `kernel` to completion on the host.
+    ///
+    /// # Safety
+    /// As [`super::Device::launch`]: pointers in `params` are host addresses valid for
+    /// the kernel's accesses.
+    pub(crate) unsafe fn launch<P: Copy>(
+        &self,
+        kernel: &Kernel,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        #[cfg(feature = "emu")]
+        {
+            let name =
+                std::ffi::CString::new(kernel.name.as_str()).expect("kernel names hold no NUL");
+            let grid = [cfg.grid.0, cfg.grid.1, cfg.grid.2];
+            let block = [cfg.block.0, cfg.block.1, cfg.block.2];
+            let opts = self.ffi_options();
+            let mut err = vec![0u8; 16 << 10];
+            // SAFETY: the arrays and the params struct outlive the call; the runtime writes
+            // at most err_len bytes, NUL-terminated; the caller vouches for the params.
+            let rc = unsafe {
+                fk_emu_launch(
+                    name.as_ptr(),
+                    grid.as_ptr(),
+                    block.as_ptr(),
+                    cfg.shared_bytes,
+                    params as *const P as *const std::ffi::c_void,
+                    std::mem::size_of::<P>() as u64,
+                    &opts,
+                    err.as_mut_ptr() as *mut std::ffi::c_char,
+                    err.len() as u64,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+            Err(Error::Emulator(
+                String::from_utf8_lossy(&err[..end]).into_owned(),
+            ))
+        }
+        #[cfg(not(feature = "emu"))]
+        {
+            let _ = (kernel, cfg, params);
+            Err(NoDevice::EmulatorNotBuilt.into())
+        }
+    }
+}
+
+/// A storage format the emulator converts to and from as CUDA does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    BF16,
+    F16,
+    E4M3,
+    E5M2,
+}
+
+impl Format {
+    fn code(self) -> u32 {
+        match self {
+            Format::BF16 => crate::params::FK_EMU_FORMAT_BF16,
+            Format::F16 => crate::params::FK_EMU_FORMAT_F16,
+            Format::E4M3 => crate::params::FK_EMU_FORMAT_E4M3,
+            Format::E5M2 => crate::params::FK_EMU_FORMAT_E5M2,
+        }
+    }
+}
+
+/// The emulator's f32 → `format` conversion (round to nearest even; FP8 saturates to
+/// finite, as `cvt.rn.satfinite` does), for tests.
+#[cfg(feature = "emu")]
+pub fn emu_from_f32(format: Format, x: f32) -> u32 {
+    // SAFETY: a pure function of its arguments.
+    unsafe { fk_emu_from_f32(format.code(), x) }
+}
+
+/// The emulator's `format` → f32 conversion (exact), for tests.
+#[cfg(feature = "emu")]
+pub fn emu_to_f32(format: Format, bits: u32) -> f32 {
+    // SAFETY: a pure function of its arguments.
+    unsafe { fk_emu_to_f32(format.code(), bits) }
+}
