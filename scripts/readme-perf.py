@@ -68,7 +68,8 @@ def render(path, data):
         f"`scripts/gpu-check.sh` ([full results]({md})). Median of ≥ 30 timed runs, L2 flushed. "
         "*Of floor*: the floor (bytes over measured copy bandwidth, or FLOPs over measured cuBLAS "
         "rate) as a fraction of the time. *×*: our time over the baseline's, measured in the "
-        "same run (below 1 is faster). `baseline` rows are cuBLAS itself: the ceilings the floors use.",
+        "same run (below 1 is faster). Rows marked (baseline) time cuBLAS itself, the rate the "
+        "floors use.",
         "",
         "| kernel | shape | time µs | of floor | baseline | × baseline | PyTorch µs | × PyTorch | GPU | date |",
         "|---|---|---:|---:|---|---:|---:|---:|---|---|",
@@ -77,10 +78,10 @@ def render(path, data):
         frac = r.get("fraction_of_floor")
         name = torch_equivalent(r["kernel"])
         t_us = torch.get((name, r["shape"])) if name else None
-        kernel = r["kernel"] if r.get("family") != "baseline" else f"{r['kernel']} (baseline)"
+        kernel = f"`{r['kernel']}`" + (" (baseline)" if r.get("family") == "baseline" else "")
         torch_cell = "—" if t_us is None else f"{us(t_us)} ({name.removeprefix('torch ')})"
         lines.append(
-            f"| `{kernel}` | {r['shape']} | {us(r.get('time_us'))} | "
+            f"| {kernel} | {r['shape']} | {us(r.get('time_us'))} | "
             f"{'—' if frac is None else f'{frac * 100:.0f}%'} | {r.get('baseline') or '—'} | "
             f"{ratio(r.get('time_us'), r.get('baseline_us'))} | "
             f"{torch_cell} | "
