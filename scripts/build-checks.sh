@@ -115,12 +115,14 @@ for module, kernel in wanted:
             fail(f"entry: {module} {kernel}: no ptx/{t}/{module}.ptx")
         elif kernel not in entries[(t, module)]:
             fail(f"entry: {module} {kernel}: no .entry {kernel}( in ptx/{t}/{module}.ptx")
+missing_entries = len(errors)
 launchable = set(wanted)
 for (t, module), names in sorted(entries.items()):
     extra = sorted(n for n in names if (module, n) not in launchable)
     if extra and t == TARGETS[0]:
         print(f"   note: ptx/*/{module}.ptx has entries the Rust side never launches: {', '.join(extra)}")
-print(f"   {len(wanted)} launchable kernels, each an .entry on {len(TARGETS)} targets")
+if len(errors) == missing_entries:
+    print(f"   {len(wanted)} launchable kernels, each an .entry on {len(TARGETS)} targets")
 
 
 # ---- ptxas -v and cuobjdump -sass ------------------------------------------------------
