@@ -1,6 +1,9 @@
 // tensor.cpp: the tensor-core and async-copy instructions of ptx.cuh, emulated exactly per
 // the PTX ISA fragment layouts (design notes: reference/ptx-fragments.md), and checked
 // against registers dumped on real hardware (tests/data/regdump-*.txt).
+#include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstring>
 
 #include "runtime.h"
@@ -50,35 +53,76 @@ void compute_ldmatrix(Fiber* const* lanes, int count, bool trans) {
   }
 }
 
+// One HMMA.16816.F32 dot product as Hopper computes it, fitted to the hardware dump
+// (bit-exact on every random bf16 and f16 case recorded): the reference exponent is the
+// largest of C's exponent and each nonzero product's exponent sum e(a) + e(b) (taken
+// before the product is normalized); every term, C included, is truncated toward zero to a
+// multiple of 2^(ref - 25); the exact sum of those is rounded toward zero to f32.
+// Non-finite inputs take the IEEE path (NaN and infinities propagate).
+static float hmma_dot(const float* a, const float* b, const int* ks, int n, float c) {
+  bool finite = std::isfinite(c);
+  int ref = c != 0.0f ? std::ilogb(c) : INT32_MIN;
+  for (int i = 0; i < n; ++i) {
+    const float x = a[ks[i]], y = b[ks[i]];
+    finite = finite && std::isfinite(x) && std::isfinite(y);
+    if (x != 0.0f && y != 0.0f) ref = std::max(ref, std::ilogb(x) + std::ilogb(y));
+  }
+  if (!finite) {
+    double sum = c;
+    for (int i = 0; i < n; ++i) sum += static_cast<double>(a[ks[i]]) * b[ks[i]];
+    return static_cast<float>(sum);
+  }
+  if (ref == INT32_MIN) return c;  // every term is zero
+  int64_t units = static_cast<int64_t>(std::trunc(std::ldexp(static_cast<double>(c), 25 - ref)));
+  for (int i = 0; i < n; ++i) {
+    const double product = static_cast<double>(a[ks[i]]) * b[ks[i]];  // exact: <= 24 bits
+    units += static_cast<int64_t>(std::trunc(std::ldexp(product, 25 - ref)));
+  }
+  const double v = std::ldexp(static_cast<double>(units), ref - 25);  // exact
+  float r = static_cast<float>(v);
+  if (std::fabs(static_cast<double>(r)) > std::fabs(v)) r = std::nextafter(r, 0.0f);  // toward zero
+  return r;
+}
+
 // D = A·B + C for m16n8k16 (bf16, f16) and m16n8k32 (e4m3, e5m2), f32 accumulate.
-// g = lane/4, t = lane%4; see reference/ptx-fragments.md for the layouts.
+// g = lane/4, t = lane%4; see reference/ptx-fragments.md for the layouts. FP8 follows
+// what ptxas emits for sm_90, where FP8 mma.sync is not native: each FP8 pair is unpacked
+// to f16, two HMMAs run from a zero accumulator (first the k with k%4 < 2, then the rest),
+// and C is added last with an ordinary f32 add.
 void compute_mma(Fiber* const* lanes, int type) {
   const bool fp8 = type == static_cast<int>(MmaType::e4m3) || type == static_cast<int>(MmaType::e5m2);
   const int K = fp8 ? 32 : 16, per = fp8 ? 4 : 2, bits = fp8 ? 8 : 16;
-  float A[16][32], B[32][8], C[16][8];
+  float A[16][32], Bt[8][32], C[16][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
     const uint32_t* in = lanes[l]->regs_in;
-    for (int r = 0; r < 4; ++r) {       // A: reg r covers rows g (+8 if r odd), k-half r/2
+    for (int r = 0; r < 4; ++r) {  // A: reg r covers row g (+8 if r odd), k-half r/2
       const int row = g + 8 * (r & 1), col0 = per * t + (K / 2) * (r >> 1);
       for (int i = 0; i < per; ++i) A[row][col0 + i] = widen(element(in[r], i, bits), type);
     }
-    for (int r = 0; r < 2; ++r) {       // B: reg r covers k-half r, column g
+    for (int r = 0; r < 2; ++r) {  // B: reg r covers k-half r of column g
       const int k0 = per * t + (K / 2) * r;
-      for (int i = 0; i < per; ++i) B[k0 + i][g] = widen(element(in[4 + r], i, bits), type);
+      for (int i = 0; i < per; ++i) Bt[g][k0 + i] = widen(element(in[4 + r], i, bits), type);
     }
-    for (int i = 0; i < 4; ++i) {       // C: rows g, g+8; columns 2t, 2t+1
-      std::memcpy(&C[g + 8 * (i >> 1)][2 * t + (i & 1)], &in[6 + i], 4);
-    }
+    for (int i = 0; i < 4; ++i) std::memcpy(&C[g + 8 * (i >> 1)][2 * t + (i & 1)], &in[6 + i], 4);
+  }
+  int all[16], low[16], high[16];
+  for (int k = 0, nl = 0, nh = 0; k < K; ++k) {
+    if (k < 16) all[k] = k;
+    if (k % 4 < 2) low[nl++] = k;
+    else high[nh++] = k;
   }
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
     for (int i = 0; i < 4; ++i) {
       const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-      // Products of these inputs are exact in double; the sum is rounded once to f32.
-      double acc = C[row][col];
-      for (int k = 0; k < K; ++k) acc += static_cast<double>(A[row][k]) * B[k][col];
-      const float d = static_cast<float>(acc);
+      float d;
+      if (fp8) {
+        const float first = hmma_dot(A[row], Bt[col], low, 16, 0.0f);
+        d = C[row][col] + hmma_dot(A[row], Bt[col], high, 16, first);
+      } else {
+        d = hmma_dot(A[row], Bt[col], all, 16, C[row][col]);
+      }
       std::memcpy(&lanes[l]->regs_out[i], &d, 4);
     }
   }
