@@ -23,6 +23,7 @@
 #include "api.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define FK_EMU_ASAN 1
 #endif
@@ -160,6 +161,10 @@ void yield(bool exiting = false) {
 }
 
 void init_fiber(Fiber& f, void* stack, size_t size) {
+#if FK_EMU_ASAN
+  // A reused stack still carries the redzones of the frames that lived on it.
+  __asan_unpoison_memory_region(static_cast<char*>(stack) + kPage, size);
+#endif
   f.stack = stack;
   f.stack_size = size;
   uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kPage + size) & ~uintptr_t(15);
