@@ -10,22 +10,52 @@ use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn schedules() -> Vec<Schedule> {
-    let seed = std::env::var("FK_EMU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    vec![Schedule::Forward, Schedule::Reverse, Schedule::Random(seed), Schedule::Random(seed ^ 0x9E37)]
+    let seed = std::env::var("FK_EMU_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    vec![
+        Schedule::Forward,
+        Schedule::Reverse,
+        Schedule::Random(seed),
+        Schedule::Random(seed ^ 0x9E37),
+    ]
 }
 
 fn emu(schedule: Schedule) -> Device {
-    Device::emu(EmuOptions { schedule, ..EmuOptions::default() }).unwrap()
+    Device::emu(EmuOptions {
+        schedule,
+        ..EmuOptions::default()
+    })
+    .unwrap()
 }
 
 /// Runs a test kernel with `threads` threads in one block and `n` floats of dynamic shared
 /// memory; returns the output (poisoned beforehand) or the emulator's error.
-fn run(dev: &Device, kernel: &str, input: &[f32], out_len: usize, threads: u32, smem_floats: u32) -> Result<Vec<f32>, Error> {
+fn run(
+    dev: &Device,
+    kernel: &str,
+    input: &[f32],
+    out_len: usize,
+    threads: u32,
+    smem_floats: u32,
+) -> Result<Vec<f32>, Error> {
     let inp = dev.upload(input)?;
     let mut out = dev.alloc_poisoned::<f32>(out_len)?;
-    let p = EmuTestParams { out: out.ptr_mut() as *mut f32, in_: inp.ptr() as *const f32, n: smem_floats };
-    let cfg = LaunchConfig { grid: (1, 1, 1), block: (threads, 1, 1), shared_bytes: smem_floats * 4 };
-    let k = Kernel { module: "emu_tests", name: kernel.into() };
+    let p = EmuTestParams {
+        out: out.ptr_mut() as *mut f32,
+        in_: inp.ptr() as *const f32,
+        n: smem_floats,
+    };
+    let cfg = LaunchConfig {
+        grid: (1, 1, 1),
+        block: (threads, 1, 1),
+        shared_bytes: smem_floats * 4,
+    };
+    let k = Kernel {
+        module: "emu_tests",
+        name: kernel.into(),
+    };
     // SAFETY: every test kernel reads at most `input.len()` and writes at most `out_len`
     // floats, as the tests below size them.
     unsafe { dev.launch(&k, cfg, &p)? };
@@ -39,7 +69,10 @@ fn random(n: usize) -> Vec<f32> {
 
 fn expect_error(r: Result<Vec<f32>, Error>, needle: &str) {
     match r {
-        Err(Error::Emulator(msg)) => assert!(msg.contains(needle), "error {msg:?} does not mention {needle:?}"),
+        Err(Error::Emulator(msg)) => assert!(
+            msg.contains(needle),
+            "error {msg:?} does not mention {needle:?}"
+        ),
         other => panic!("expected an emulator error mentioning {needle:?}, got {other:?}"),
     }
 }
@@ -51,19 +84,45 @@ fn missing_syncthreads_is_caught_by_some_schedule() {
     let expected: Vec<f32> = (0..n).map(|t| input[(t + 1) % n]).collect();
     let caught = schedules()
         .into_iter()
-        .filter(|&s| run(&emu(s), "emu_test_missing_syncthreads", &input, n, n as u32, n as u32).unwrap() != expected)
+        .filter(|&s| {
+            run(
+                &emu(s),
+                "emu_test_missing_syncthreads",
+                &input,
+                n,
+                n as u32,
+                n as u32,
+            )
+            .unwrap()
+                != expected
+        })
         .count();
     assert!(caught > 0, "no schedule exposed the missing barrier");
     // The correct twin passes under every schedule.
     for s in schedules() {
-        assert_eq!(run(&emu(s), "emu_test_with_syncthreads", &input, n, n as u32, n as u32).unwrap(), expected, "{s:?}");
+        assert_eq!(
+            run(
+                &emu(s),
+                "emu_test_with_syncthreads",
+                &input,
+                n,
+                n as u32,
+                n as u32
+            )
+            .unwrap(),
+            expected,
+            "{s:?}"
+        );
     }
 }
 
 #[test]
 fn divergent_barrier_is_an_error() {
     for s in schedules() {
-        expect_error(run(&emu(s), "emu_test_divergent_barrier", &[0.0], 32, 32, 0), "divergent __syncthreads");
+        expect_error(
+            run(&emu(s), "emu_test_divergent_barrier", &[0.0], 32, 32, 0),
+            "divergent __syncthreads",
+        );
     }
 }
 
@@ -72,16 +131,28 @@ fn exit_while_others_wait_is_an_error_naming_every_thread() {
     for s in schedules() {
         let r = run(&emu(s), "emu_test_barrier_after_exit", &[0.0], 32, 32, 0);
         expect_error(r.clone(), "exited while others wait at __syncthreads");
-        let Err(Error::Emulator(msg)) = r else { unreachable!() };
-        assert!(msg.contains("threads 0: waiting at __syncthreads") && msg.contains("threads 1: exited"), "{msg}");
+        let Err(Error::Emulator(msg)) = r else {
+            unreachable!()
+        };
+        assert!(
+            msg.contains("threads 0: waiting at __syncthreads")
+                && msg.contains("threads 1: exited"),
+            "{msg}"
+        );
     }
 }
 
 #[test]
 fn shuffle_with_a_wrong_mask_is_an_error() {
     for s in schedules() {
-        expect_error(run(&emu(s), "emu_test_bad_shfl_mask", &random(32), 32, 32, 0), "leaves itself out");
-        expect_error(run(&emu(s), "emu_test_shfl_after_exit", &random(32), 32, 32, 0), "exited");
+        expect_error(
+            run(&emu(s), "emu_test_bad_shfl_mask", &random(32), 32, 32, 0),
+            "leaves itself out",
+        );
+        expect_error(
+            run(&emu(s), "emu_test_shfl_after_exit", &random(32), 32, 32, 0),
+            "exited",
+        );
     }
 }
 
@@ -90,10 +161,31 @@ fn cp_async_read_before_wait_sees_poison() {
     let n = 32;
     let input = random(4 * n);
     for s in schedules() {
-        let out = run(&emu(s), "emu_test_cp_async_before_wait", &input, 4 * n, n as u32, 4 * n as u32).unwrap();
-        assert!(out.iter().all(|x| x.is_nan()), "{s:?}: a read before the wait saw data");
-        let out = run(&emu(s), "emu_test_cp_async", &input, 4 * n, n as u32, 4 * n as u32).unwrap();
-        let expected: Vec<f32> = (0..4 * n).map(|i| input[(4 * (i / 4 + 1) + i % 4) % (4 * n)]).collect();
+        let out = run(
+            &emu(s),
+            "emu_test_cp_async_before_wait",
+            &input,
+            4 * n,
+            n as u32,
+            4 * n as u32,
+        )
+        .unwrap();
+        assert!(
+            out.iter().all(|x| x.is_nan()),
+            "{s:?}: a read before the wait saw data"
+        );
+        let out = run(
+            &emu(s),
+            "emu_test_cp_async",
+            &input,
+            4 * n,
+            n as u32,
+            4 * n as u32,
+        )
+        .unwrap();
+        let expected: Vec<f32> = (0..4 * n)
+            .map(|i| input[(4 * (i / 4 + 1) + i % 4) % (4 * n)])
+            .collect();
         assert_eq!(out, expected, "{s:?}");
     }
 }
@@ -111,11 +203,22 @@ fn collectives_model(v: &[f32]) -> Vec<f32> {
         let o = &mut out[8 * t..8 * t + 8];
         o[0] = lane_v((lane * 7 + 3) % 32);
         let base16 = lane / 16 * 16;
-        o[1] = if lane >= base16 + 3 { lane_v(lane - 3) } else { lane_v(lane) };
+        o[1] = if lane >= base16 + 3 {
+            lane_v(lane - 3)
+        } else {
+            lane_v(lane)
+        };
         let base8 = lane / 8 * 8;
-        o[2] = if lane + 5 < base8 + 8 { lane_v(lane + 5) } else { lane_v(lane) };
+        o[2] = if lane + 5 < base8 + 8 {
+            lane_v(lane + 5)
+        } else {
+            lane_v(lane)
+        };
         o[3] = lane_v(lane ^ 6);
-        let ballot: u32 = (0..32).filter(|&l| lane_v(l) > 0.0).map(|l| 1u32 << l).sum();
+        let ballot: u32 = (0..32)
+            .filter(|&l| lane_v(l) > 0.0)
+            .map(|l| 1u32 << l)
+            .sum();
         o[4] = (ballot & 0xffff) as f32;
         let any = (0..32).any(|l| lane_v(l) > 1.5) as u32;
         let all = (0..32).all(|l| lane_v(l) > -2.0) as u32;
@@ -139,12 +242,35 @@ fn collectives_follow_cuda_semantics() {
 #[test]
 fn launches_a_gpu_would_refuse_are_errors() {
     let dev = emu(Schedule::Forward);
-    expect_error(run(&dev, "emu_test_with_syncthreads", &[0.0; 4], 4, 1025, 4), "outside the GPU's limits");
-    expect_error(run(&dev, "emu_test_with_syncthreads", &[0.0; 4], 4, 4, 228 * 1024 / 4), "exceeds the 227 KiB");
-    expect_error(run(&dev, "no_such_kernel", &[0.0], 1, 1, 0), "no emulated kernel named no_such_kernel");
+    expect_error(
+        run(&dev, "emu_test_with_syncthreads", &[0.0; 4], 4, 1025, 4),
+        "outside the GPU's limits",
+    );
+    expect_error(
+        run(
+            &dev,
+            "emu_test_with_syncthreads",
+            &[0.0; 4],
+            4,
+            4,
+            228 * 1024 / 4,
+        ),
+        "exceeds the 227 KiB",
+    );
+    expect_error(
+        run(&dev, "no_such_kernel", &[0.0], 1, 1, 0),
+        "no emulated kernel named no_such_kernel",
+    );
     // A params struct of the wrong size is refused before anything runs.
-    let k = Kernel { module: "emu_tests", name: "emu_test_with_syncthreads".into() };
-    let cfg = LaunchConfig { grid: (1, 1, 1), block: (1, 1, 1), shared_bytes: 4 };
+    let k = Kernel {
+        module: "emu_tests",
+        name: "emu_test_with_syncthreads".into(),
+    };
+    let cfg = LaunchConfig {
+        grid: (1, 1, 1),
+        block: (1, 1, 1),
+        shared_bytes: 4,
+    };
     // SAFETY: refused before the kernel could read it.
     let r = unsafe { dev.launch(&k, cfg, &0u8) };
     assert!(matches!(r, Err(Error::Emulator(m)) if m.contains("params struct is 1 bytes")));
@@ -158,14 +284,31 @@ fn ldmatrix_follows_the_ptx_isa_formulas() {
         let section = &regdump::plan(Target::Sm89)[0];
         let out = regdump::run_section(&emu(s), section).unwrap();
         let id = |m: u32, r: u32, c: u32| 0xA000 | (m << 6) | (r << 3) | c;
-        for (variant, (count, trans)) in [(1, false), (2, false), (4, false), (1, true), (2, true), (4, true)].into_iter().enumerate() {
+        for (variant, (count, trans)) in [
+            (1, false),
+            (2, false),
+            (4, false),
+            (1, true),
+            (2, true),
+            (4, true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             for lane in 0..32u32 {
                 let (g, t) = (lane / 4, lane % 4);
                 for j in 0..4u32 {
-                    let (lo, hi) = if trans { (id(j, 2 * t, g), id(j, 2 * t + 1, g)) } else { (id(j, g, 2 * t), id(j, g, 2 * t + 1)) };
+                    let (lo, hi) = if trans {
+                        (id(j, 2 * t, g), id(j, 2 * t + 1, g))
+                    } else {
+                        (id(j, g, 2 * t), id(j, g, 2 * t + 1))
+                    };
                     let want = if j < count { lo | (hi << 16) } else { 0 };
                     let got = out[(variant * 32 + lane as usize) * 4 + j as usize];
-                    assert_eq!(got, want, "variant {variant} lane {lane} reg {j}: {got:08x} vs {want:08x}");
+                    assert_eq!(
+                        got, want,
+                        "variant {variant} lane {lane} reg {j}: {got:08x} vs {want:08x}"
+                    );
                 }
             }
         }
@@ -176,10 +319,22 @@ fn ldmatrix_follows_the_ptx_isa_formulas() {
 fn mma_bf16_follows_the_ptx_isa_formulas() {
     let mut rng = StdRng::seed_from_u64(rand::random());
     // Small integers: every product and sum is exact, so D must equal A·B + C exactly.
-    let a: Vec<Vec<f32>> = (0..16).map(|_| (0..16).map(|_| rng.random_range(-4i32..=4) as f32).collect()).collect();
-    let b: Vec<Vec<f32>> = (0..16).map(|_| (0..8).map(|_| rng.random_range(-4i32..=4) as f32).collect()).collect();
-    let c: Vec<Vec<f32>> = (0..16).map(|_| (0..8).map(|_| rng.random_range(-8i32..=8) as f32).collect()).collect();
-    let pack = |lo: f32, hi: f32| bf16::from_f32(lo).to_bits() as u32 | ((bf16::from_f32(hi).to_bits() as u32) << 16);
+    let a: Vec<Vec<f32>> = (0..16)
+        .map(|_| {
+            (0..16)
+                .map(|_| rng.random_range(-4i32..=4) as f32)
+                .collect()
+        })
+        .collect();
+    let b: Vec<Vec<f32>> = (0..16)
+        .map(|_| (0..8).map(|_| rng.random_range(-4i32..=4) as f32).collect())
+        .collect();
+    let c: Vec<Vec<f32>> = (0..16)
+        .map(|_| (0..8).map(|_| rng.random_range(-8i32..=8) as f32).collect())
+        .collect();
+    let pack = |lo: f32, hi: f32| {
+        bf16::from_f32(lo).to_bits() as u32 | ((bf16::from_f32(hi).to_bits() as u32) << 16)
+    };
     let mut input = Vec::new();
     for lane in 0..32usize {
         let (g, t) = (lane / 4, lane % 4);
@@ -189,7 +344,12 @@ fn mma_bf16_follows_the_ptx_isa_formulas() {
         input.push(pack(a[g + 8][2 * t + 8], a[g + 8][2 * t + 9]));
         input.push(pack(b[2 * t][g], b[2 * t + 1][g]));
         input.push(pack(b[2 * t + 8][g], b[2 * t + 9][g]));
-        for (r, col) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)] {
+        for (r, col) in [
+            (g, 2 * t),
+            (g, 2 * t + 1),
+            (g + 8, 2 * t),
+            (g + 8, 2 * t + 1),
+        ] {
             input.push(c[r][col].to_bits());
         }
     }
@@ -197,15 +357,33 @@ fn mma_bf16_follows_the_ptx_isa_formulas() {
         let dev = emu(s);
         let inp = dev.upload(&input).unwrap();
         let mut out = dev.alloc_poisoned::<u32>(128).unwrap();
-        let p = RegdumpParams { out: out.ptr_mut() as *mut u32, in_: inp.ptr() as *const u32 };
-        let k = Kernel { module: "regdump", name: "regdump_mma_bf16".into() };
-        let cfg = LaunchConfig { grid: (1, 1, 1), block: (32, 1, 1), shared_bytes: 0 };
+        let p = RegdumpParams {
+            out: out.ptr_mut() as *mut u32,
+            in_: inp.ptr() as *const u32,
+        };
+        let k = Kernel {
+            module: "regdump",
+            name: "regdump_mma_bf16".into(),
+        };
+        let cfg = LaunchConfig {
+            grid: (1, 1, 1),
+            block: (32, 1, 1),
+            shared_bytes: 0,
+        };
         // SAFETY: the kernel reads 32 x 10 words and writes 32 x 4.
         unsafe { dev.launch(&k, cfg, &p).unwrap() };
         let d = out.to_host().unwrap();
         for lane in 0..32usize {
             let (g, t) = (lane / 4, lane % 4);
-            for (i, (r, col)) in [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)].into_iter().enumerate() {
+            for (i, (r, col)) in [
+                (g, 2 * t),
+                (g, 2 * t + 1),
+                (g + 8, 2 * t),
+                (g + 8, 2 * t + 1),
+            ]
+            .into_iter()
+            .enumerate()
+            {
                 let want: f32 = c[r][col] + (0..16).map(|k| a[r][k] * b[k][col]).sum::<f32>();
                 assert_eq!(f32::from_bits(d[lane * 4 + i]), want, "lane {lane} d{i}");
             }
@@ -220,15 +398,29 @@ fn mma_bf16_follows_the_ptx_isa_formulas() {
 #[test]
 fn out_of_bounds_shared_write_is_caught_by_asan() {
     if std::env::var("FK_EMU_OOB_CHILD").is_ok() {
-        let _ = run(&emu(Schedule::Forward), "emu_test_oob_shared", &[0.0], 32, 32, 16);
+        let _ = run(
+            &emu(Schedule::Forward),
+            "emu_test_oob_shared",
+            &[0.0],
+            32,
+            32,
+            16,
+        );
         return;
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--exact", "out_of_bounds_shared_write_is_caught_by_asan", "--nocapture"])
+        .args([
+            "--exact",
+            "out_of_bounds_shared_write_is_caught_by_asan",
+            "--nocapture",
+        ])
         .env("FK_EMU_OOB_CHILD", "1")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("heap-buffer-overflow"), "ASan did not report: {stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("heap-buffer-overflow"),
+        "ASan did not report: {stderr}"
+    );
 }
