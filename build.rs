@@ -72,6 +72,8 @@ fn build_emulator(root: &Path) {
         .flag("-fno-strict-aliasing")
         .flag("-fno-extern-tls-init")
         .flag_if_supported("-Wno-unused-parameter")
+        // `#pragma unroll` is for nvcc.
+        .flag_if_supported("-Wno-unknown-pragmas")
         .link_lib_modifier("+whole-archive");
     if env::var("FK_EMU_ASAN").is_ok_and(|v| v == "1") {
         build

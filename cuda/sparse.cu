@@ -5,12 +5,10 @@
 // each target from exactly one thread, so they are deterministic and use no atomics.
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
+#include "include/grid.cuh"
 #include "params/sparse.h"
 
 namespace {
-
-FK_DEVICE uint64_t grid_start() { return blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; }
-FK_DEVICE uint64_t grid_stride() { return (uint64_t)gridDim.x * blockDim.x; }
 
 template <typename W, typename V, typename I>
 FK_DEVICE void scatter_add(const ScatterAddParams& p) {

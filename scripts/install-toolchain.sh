@@ -17,7 +17,7 @@ pins=(
 stamp="$dest/.pins"
 want=$(printf '%s\n' "${pins[@]}")
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  rm -rf "$dest"
+  rm -rf "$dest/site"  # bindgen and libclang (gen-bindings.sh) stay
   mkdir -p "$dest"
   python3 -m pip install --quiet --disable-pip-version-check --no-deps --no-compile \
     --target "$dest/site" "${pins[@]}" >&2

@@ -337,7 +337,9 @@ pub fn scatter_add<W: FloatElem, V: FloatElem>(
 
 /// `w[idx[i]] += alpha * values[i]` for any indices, with atomics. Repeated indices add in
 /// an order that depends on timing, so results can differ in the last bit between runs.
-/// Prefer [`scatter_add_planned`] unless the indices change every step.
+/// For f32 weights the GPU's float atomic add flushes subnormal results to zero (SASS
+/// `RED.ADD.F32.FTZ`), unlike the reference and the deterministic paths. Prefer
+/// [`scatter_add_planned`] unless the indices change every step.
 pub fn scatter_add_atomic<W: FloatElem, V: FloatElem>(
     w: &mut Buffer<W>,
     index: &SparseIndex,

@@ -2,7 +2,7 @@
 //! check (`tests/data/regdump-*.txt`) is replayed on the emulator with the recorded inputs
 //! and must match bit for bit. And against the PTX ISA formulas, independently of any dump.
 
-use finetune_kernels::device::{Device, EmuOptions, Schedule, Target};
+use finetune_kernels::device::{Device, EmuOptions, Schedule};
 use finetune_kernels::regdump::{self, RegDump};
 
 fn emulators() -> Vec<Device> {

@@ -23,6 +23,7 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static thread_local
+#define __constant__ static const
 #define __align__(n) __attribute__((aligned(n)))
 
 // ---- geometry ---------------------------------------------------------------------------
@@ -32,6 +33,24 @@ struct uint3 {
 struct dim3 {
   unsigned int x, y, z;
 };
+// Vector types with CUDA's alignment (16-byte loads and stores rely on it).
+struct __attribute__((aligned(8))) uint2 {
+  unsigned int x, y;
+};
+struct __attribute__((aligned(16))) uint4 {
+  unsigned int x, y, z, w;
+};
+struct __attribute__((aligned(8))) float2 {
+  float x, y;
+};
+struct __attribute__((aligned(16))) float4 {
+  float x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
 extern thread_local uint3 threadIdx;
 extern thread_local uint3 blockIdx;
 extern thread_local dim3 blockDim;
@@ -186,6 +205,6 @@ void fk_emu_ldmatrix(uint32_t* regs, int count, bool trans, const void* row);
 void fk_emu_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, int type);
 uint32_t fk_emu_cvt_bf16x2(float hi, float lo);
 uint16_t fk_emu_cvt_fp8x2(float hi, float lo, int type);
-void fk_emu_cp_async(void* smem, const void* gmem, int bytes);
+void fk_emu_cp_async(void* smem, const void* gmem, int bytes, int src_bytes);
 void fk_emu_cp_async_commit();
 void fk_emu_cp_async_wait(int pending);

@@ -14,7 +14,8 @@ enum class State { ready, block_wait, warp_wait, exited };
 struct AsyncCopy {
   void* dst;
   const void* src;
-  int bytes;
+  int bytes;      // written at the destination
+  int src_bytes;  // read from the source; the rest of `bytes` is zero-filled
 };
 
 // One GPU thread.

@@ -162,12 +162,13 @@ uint16_t fk_emu_cvt_fp8x2(float hi, float lo, int type) {
 
 // cp.async: the destination is poisoned at issue and filled at the matching wait, so a read
 // before the wait (or before the barrier after it, from another thread) sees NaN.
-void fk_emu_cp_async(void* smem, const void* gmem, int bytes) {
+void fk_emu_cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
   Fiber* f = current_fiber();
   if (reinterpret_cast<uintptr_t>(smem) % bytes || reinterpret_cast<uintptr_t>(gmem) % bytes)
     fail(Site{"cp.async", bytes}, "cp.async addresses must be aligned to the copy size");
+  if (src_bytes < 0 || src_bytes > bytes) fail(Site{"cp.async", bytes}, "cp.async source size outside [0, copy size]");
   std::memset(smem, 0xFF, bytes);
-  f->uncommitted.push_back(AsyncCopy{smem, gmem, bytes});
+  f->uncommitted.push_back(AsyncCopy{smem, gmem, bytes, src_bytes});
 }
 
 void fk_emu_cp_async_commit() {
@@ -179,7 +180,10 @@ void fk_emu_cp_async_commit() {
 void fk_emu_cp_async_wait(int pending) {
   Fiber* f = current_fiber();
   while (static_cast<int>(f->groups.size()) > pending) {
-    for (const AsyncCopy& c : f->groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+    for (const AsyncCopy& c : f->groups.front()) {
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+    }
     f->groups.erase(f->groups.begin());
   }
 }

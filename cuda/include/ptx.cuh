@@ -194,7 +194,19 @@ FK_DEVICE void cp_async(void* smem, const void* gmem) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(s), "l"(gmem), "n"(Bytes));
   }
 #elif FK_EMU_PTX
-  fk_emu_cp_async(smem, gmem, Bytes);
+  fk_emu_cp_async(smem, gmem, Bytes, Bytes);
+#endif
+}
+
+// 16 bytes of which the first `src_bytes` (0..16) come from gmem and the rest are zero:
+// tiles past a matrix edge load as zeros. gmem must be a valid address even when
+// src_bytes is 0 (nothing is read then).
+FK_DEVICE void cp_async_zfill16(void* smem, const void* gmem, int src_bytes) {
+#if FK_PTX
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#elif FK_EMU_PTX
+  fk_emu_cp_async(smem, gmem, 16, src_bytes);
 #endif
 }
 

@@ -1,5 +1,5 @@
 /* Params for the sparse-delta kernels (cuda/sparse.cu). The only ABI between Rust and the
- * kernels: Rust's side is generated from this file by bindgen (src/params/bindings.rs).
+ * kernels: Rust's side is generated from this file by bindgen (src/params.rs).
  *
  * Indices are flattened row-major offsets into the dense tensor, u32 or u64 as the kernel
  * name says (`_idx64`). Kernels skip an index >= numel rather than touch memory out of

@@ -4,7 +4,8 @@
 //! fibers run in an order drawn from a [`Schedule`], so races show up as wrong results.
 
 use super::{Kernel, LaunchConfig};
-use crate::error::{Error, NoDevice, Result};
+use crate::error::{NoDevice, Result};
+#[cfg(feature = "emu")]
 use crate::params::FkEmuOptions;
 
 /// The order fibers run in between barriers (and blocks run in).
@@ -93,6 +94,7 @@ impl EmuDevice {
         )
     }
 
+    #[cfg(feature = "emu")]
     fn ffi_options(&self) -> FkEmuOptions {
         let (schedule, seed) = match self.options.schedule {
             Schedule::Forward => (crate::params::FK_EMU_SCHEDULE_FORWARD, 0),
@@ -145,7 +147,7 @@ impl EmuDevice {
                 return Ok(());
             }
             let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-            Err(Error::Emulator(
+            Err(crate::Error::Emulator(
                 String::from_utf8_lossy(&err[..end]).into_owned(),
             ))
         }
@@ -158,6 +160,7 @@ impl EmuDevice {
 }
 
 /// A storage format the emulator converts to and from as CUDA does.
+#[cfg(feature = "emu")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     BF16,
@@ -166,6 +169,7 @@ pub enum Format {
     E5M2,
 }
 
+#[cfg(feature = "emu")]
 impl Format {
     fn code(self) -> u32 {
         match self {

@@ -108,7 +108,7 @@ impl Device {
     pub fn upload<T: Elem>(&self, host: &[T]) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.upload(host)?),
-            Device::Emu(_) => Storage::Host(host.to_vec()),
+            Device::Emu(_) => Storage::Host(HostBuffer::from_slice(host)),
         };
         Ok(Buffer {
             storage,
@@ -122,7 +122,7 @@ impl Device {
     pub fn alloc_poisoned<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, POISON_BYTE)?),
-            Device::Emu(_) => Storage::Host(host_filled(len, POISON_BYTE)),
+            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, POISON_BYTE)),
         };
         Ok(Buffer {
             storage,
@@ -135,7 +135,7 @@ impl Device {
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, 0)?),
-            Device::Emu(_) => Storage::Host(host_filled(len, 0)),
+            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, 0)),
         };
         Ok(Buffer {
             storage,
@@ -186,15 +186,50 @@ impl Device {
     }
 }
 
-fn host_filled<T: Elem>(len: usize, byte: u8) -> Vec<T> {
-    let mut v = vec![T::zeroed(); len];
-    bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(byte);
-    v
+/// Host memory for the emulator, 64-byte aligned as device allocations are (at least) 256:
+/// kernels make vector loads that assume it.
+struct HostBuffer {
+    chunks: Vec<Align64>,
+    bytes: usize,
+}
+
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(64))]
+struct Align64([u8; 64]);
+
+impl HostBuffer {
+    fn filled<T: Elem>(len: usize, byte: u8) -> Self {
+        let bytes = len * std::mem::size_of::<T>();
+        HostBuffer {
+            chunks: vec![Align64([byte; 64]); bytes.div_ceil(64)],
+            bytes,
+        }
+    }
+
+    fn from_slice<T: Elem>(host: &[T]) -> Self {
+        let mut b = HostBuffer::filled::<T>(host.len(), 0);
+        b.bytes_mut().copy_from_slice(bytemuck::cast_slice(host));
+        b
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.chunks)[..self.bytes]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.chunks)[..self.bytes]
+    }
+
+    fn to_vec<T: Elem>(&self) -> Vec<T> {
+        let mut v = vec![T::zeroed(); self.bytes / std::mem::size_of::<T>()];
+        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(self.bytes());
+        v
+    }
 }
 
 enum Storage<T: Elem> {
     Cuda(cudarc::driver::CudaSlice<T>),
-    Host(Vec<T>),
+    Host(HostBuffer),
 }
 
 /// A typed buffer owned by one device.
@@ -221,7 +256,7 @@ impl<T: Elem> Buffer<T> {
     pub fn to_host(&self) -> Result<Vec<T>> {
         match (&self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.download(s),
-            (Storage::Host(v), _) => Ok(v.clone()),
+            (Storage::Host(v), _) => Ok(v.to_vec()),
             (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
         }
     }
@@ -232,7 +267,7 @@ impl<T: Elem> Buffer<T> {
         match (&mut self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.copy_in(host, s),
             (Storage::Host(v), _) => {
-                v.copy_from_slice(host);
+                v.bytes_mut().copy_from_slice(bytemuck::cast_slice(host));
                 Ok(())
             }
             (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
@@ -244,7 +279,7 @@ impl<T: Elem> Buffer<T> {
     pub fn ptr(&self) -> *const std::ffi::c_void {
         match (&self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.addr(s) as *const std::ffi::c_void,
-            (Storage::Host(v), _) => v.as_ptr() as *const std::ffi::c_void,
+            (Storage::Host(v), _) => v.chunks.as_ptr() as *const std::ffi::c_void,
             (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
         }
     }
@@ -254,7 +289,7 @@ impl<T: Elem> Buffer<T> {
     pub fn ptr_mut(&mut self) -> *mut std::ffi::c_void {
         match (&mut self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.addr(s) as *mut std::ffi::c_void,
-            (Storage::Host(v), _) => v.as_mut_ptr() as *mut std::ffi::c_void,
+            (Storage::Host(v), _) => v.chunks.as_mut_ptr() as *mut std::ffi::c_void,
             (Storage::Cuda(_), _) => unreachable!("CUDA storage belongs to a CUDA device"),
         }
     }

@@ -39,12 +39,20 @@ mod table {
     include!(concat!(env!("OUT_DIR"), "/ptx_table.rs"));
 }
 
-/// The PTX text of `module` for `target`, if the crate carries it.
-pub fn source(module: &str, target: Target) -> Option<&'static str> {
+/// The PTX text of `module` for `target`: from `$FK_PTX_DIR/<target>/<module>.ptx` when that
+/// variable is set (the GPU check loads PTX built on the machine this way), else the
+/// embedded copy. `None` if there is none.
+pub fn source(module: &str, target: Target) -> Option<String> {
+    if let Some(dir) = std::env::var_os("FK_PTX_DIR") {
+        let path = std::path::Path::new(&dir)
+            .join(target.name())
+            .join(format!("{module}.ptx"));
+        return std::fs::read_to_string(path).ok();
+    }
     table::MODULES
         .iter()
         .find(|(m, t, _)| *m == module && *t == target)
-        .map(|(_, _, s)| *s)
+        .map(|(_, _, s)| s.to_string())
 }
 
 /// Every (module, target, PTX) the crate carries.

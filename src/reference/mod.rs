@@ -5,4 +5,5 @@
 //! operations in the same order (kernels are built with `-fmad=false`, so neither side
 //! fuses a multiply and an add unless it says so).
 
+pub mod linear;
 pub mod sparse;

@@ -1,0 +1,75 @@
+//! Reference matmuls of a linear layer in PyTorch's convention (`W` is `[out, in]`): the
+//! oracle for every fused kernel that computes one. f64 accumulation, one rounding to the
+//! output dtype.
+
+use crate::dtype::FloatElem;
+
+/// `y[m, n] = Σ_k x[m, k] · w[n, k]` (y = x Wᵀ) for `x` `[rows, k]`, `w` `[n, k]`.
+pub fn linear<T: FloatElem, W: FloatElem>(
+    x: &[T],
+    w: &[W],
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Vec<T> {
+    assert_eq!(x.len(), rows * k);
+    assert_eq!(w.len(), n * k);
+    let w: Vec<f64> = w.iter().map(|v| v.to_f32() as f64).collect();
+    let mut y = Vec::with_capacity(rows * n);
+    for r in 0..rows {
+        let xr: Vec<f64> = x[r * k..(r + 1) * k]
+            .iter()
+            .map(|v| v.to_f32() as f64)
+            .collect();
+        for j in 0..n {
+            let wr = &w[j * k..(j + 1) * k];
+            let s: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            y.push(T::from_f32(s as f32));
+        }
+    }
+    y
+}
+
+/// `dx[m, k] = Σ_n dy[m, n] · w[n, k]` (dX = dY W) for `dy` `[rows, n]`, `w` `[n, k]`.
+pub fn linear_dx<T: FloatElem, W: FloatElem>(
+    dy: &[T],
+    w: &[W],
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Vec<T> {
+    assert_eq!(dy.len(), rows * n);
+    assert_eq!(w.len(), n * k);
+    let mut dx = Vec::with_capacity(rows * k);
+    let mut acc = vec![0f64; k];
+    for r in 0..rows {
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for j in 0..n {
+            let g = dy[r * n + j].to_f32() as f64;
+            for (a, wv) in acc.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                *a += g * wv.to_f32() as f64;
+            }
+        }
+        dx.extend(acc.iter().map(|&a| T::from_f32(a as f32)));
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_known_products() {
+        // x = [[1, 2]], w = [[3, 4], [5, 6], [7, 8]]: y = [11, 17, 23]; dX of dy = [1, 0, 2]
+        // is 1*[3, 4] + 2*[7, 8] = [17, 20].
+        assert_eq!(
+            linear(&[1f32, 2.0], &[3f32, 4.0, 5.0, 6.0, 7.0, 8.0], 1, 3, 2),
+            vec![11.0, 17.0, 23.0]
+        );
+        assert_eq!(
+            linear_dx(&[1f32, 0.0, 2.0], &[3f32, 4.0, 5.0, 6.0, 7.0, 8.0], 1, 3, 2),
+            vec![17.0, 20.0]
+        );
+    }
+}
