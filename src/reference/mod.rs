@@ -6,4 +6,5 @@
 //! fuses a multiply and an add unless it says so).
 
 pub mod linear;
+pub mod nf4;
 pub mod sparse;
