@@ -11,6 +11,7 @@ pub enum DType {
     U8,
     U32,
     U64,
+    F64,
 }
 
 impl DType {
@@ -23,6 +24,7 @@ impl DType {
             DType::U8 => "u8",
             DType::U32 => "u32",
             DType::U64 => "u64",
+            DType::F64 => "f64",
         }
     }
 
@@ -31,7 +33,7 @@ impl DType {
             DType::U8 => 1,
             DType::BF16 | DType::F16 => 2,
             DType::F32 | DType::U32 => 4,
-            DType::U64 => 8,
+            DType::U64 | DType::F64 => 8,
         }
     }
 }
@@ -77,6 +79,7 @@ elem!(f32, DType::F32);
 elem!(u8, DType::U8);
 elem!(u32, DType::U32);
 elem!(u64, DType::U64);
+elem!(f64, DType::F64);
 
 impl FloatElem for f32 {
     fn to_f32(self) -> f32 {

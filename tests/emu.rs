@@ -117,6 +117,32 @@ fn missing_syncthreads_is_caught_by_some_schedule() {
 }
 
 #[test]
+fn race_between_warps_is_caught_by_some_schedule() {
+    let n = 64;
+    let input = random(n);
+    let expected: Vec<f32> = (0..n).map(|t| input[(t + 32) % n]).collect();
+    let caught = schedules()
+        .into_iter()
+        .filter(|&s| {
+            run(
+                &emu(s),
+                "emu_test_cross_warp_race",
+                &input,
+                n,
+                n as u32,
+                n as u32,
+            )
+            .unwrap()
+                != expected
+        })
+        .count();
+    assert!(
+        caught > 0,
+        "no schedule let one warp run ahead of the other"
+    );
+}
+
+#[test]
 fn divergent_barrier_is_an_error() {
     for s in schedules() {
         expect_error(

@@ -206,5 +206,8 @@ void fk_emu_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, 
 uint32_t fk_emu_cvt_bf16x2(float hi, float lo);
 uint16_t fk_emu_cvt_fp8x2(float hi, float lo, int type);
 void fk_emu_cp_async(void* smem, const void* gmem, int bytes, int src_bytes);
+float fk_emu_rcp_approx_ftz(float x);
+// A subnormal becomes a zero of the same sign (.ftz).
+inline float fk_emu_flush(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
 void fk_emu_cp_async_commit();
 void fk_emu_cp_async_wait(int pending);

@@ -49,12 +49,55 @@ std::map<std::string, KernelInfo>& registry() {
   return kernels;
 }
 
+// The fibers that can run, as a bitset: the schedule picks the lowest (forward), the
+// highest (reverse) or a random one (random) at every switch.
+struct ReadySet {
+  std::vector<uint64_t> words;
+  int count = 0;
+  void reset(size_t n) {
+    words.assign((n + 63) / 64, 0);
+    count = 0;
+  }
+  void add(unsigned i) {
+    uint64_t& w = words[i / 64];
+    if (!((w >> (i % 64)) & 1u)) w |= 1ull << (i % 64), ++count;
+  }
+  void remove(unsigned i) {
+    uint64_t& w = words[i / 64];
+    if ((w >> (i % 64)) & 1u) w &= ~(1ull << (i % 64)), --count;
+  }
+  int first() const {
+    for (size_t k = 0; k < words.size(); ++k)
+      if (words[k]) return static_cast<int>(64 * k + __builtin_ctzll(words[k]));
+    return -1;
+  }
+  int last() const {
+    for (size_t k = words.size(); k-- > 0;)
+      if (words[k]) return static_cast<int>(64 * k + 63 - __builtin_clzll(words[k]));
+    return -1;
+  }
+  int nth(int n) const {  // the n-th set bit, 0-based
+    for (size_t k = 0; k < words.size(); ++k) {
+      const int c = __builtin_popcountll(words[k]);
+      if (n >= c) {
+        n -= c;
+        continue;
+      }
+      uint64_t w = words[k];
+      for (; n > 0; --n) w &= w - 1;
+      return static_cast<int>(64 * k + __builtin_ctzll(w));
+    }
+    return -1;
+  }
+};
+
 // One block in flight on this OS thread. A failing fiber records its message in `error`.
 struct Block {
   const char* kernel = "";
   const KernelInfo* info = nullptr;
   const void* params = nullptr;
   std::vector<Fiber> fibers;
+  ReadySet ready;
   void* scheduler_sp = nullptr;
   std::vector<unsigned char> smem;
   std::string error;
@@ -245,8 +288,10 @@ uint64_t shuffle_source(const Fiber& f, int lane, Fiber* const* lanes) {
 }
 
 // Checks the group of lanes `f` waits with and, if all have arrived consistently, computes
-// and releases it. Returns false and records an error on a bug.
-bool release_warp_group(Block& b, Fiber& f, int warp, bool* released) {
+// and releases it. Returns false and records an error on a bug. `eager` (right after f
+// arrived, while other fibers may still run) defers every inconsistency that a lane still
+// on its way could resolve.
+bool release_warp_group(Block& b, Fiber& f, int warp, bool* released, bool eager) {
   const int lane = f.linear % 32;
   const int lanes_here = static_cast<int>(std::min<size_t>(32, b.fibers.size() - warp * 32));
   Fiber* lanes[32] = {};
@@ -272,6 +317,7 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released) {
     const bool tensor_op = f.op == WarpOp::ldmatrix || f.op == WarpOp::mma;
     if (o.state != State::warp_wait || o.op != f.op || o.mask != f.mask || !same_site(o.site, f.site) ||
         o.width != f.width || (tensor_op && o.arg != f.arg)) {
+      if (eager) return true;
       why << "lane " << lane << " of warp " << warp << " waits at " << op_name(f.op) << " " << f.site.file << ":"
           << f.site.line << " for lane " << l << ", which is " << describe(o) << " (divergent or mismatched collective)";
       block_error(b, why.str());
@@ -314,6 +360,7 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released) {
     if (!((f.mask >> l) & 1u)) continue;
     lanes[l]->result = results[l];
     lanes[l]->state = State::ready;
+    b.ready.add(lanes[l]->linear);
   }
   *released = true;
   return true;
@@ -323,7 +370,7 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released) {
 bool release_warps(Block& b, bool* released) {
   for (Fiber& f : b.fibers) {
     if (f.state != State::warp_wait) continue;
-    if (!release_warp_group(b, f, f.linear / 32, released)) return false;
+    if (!release_warp_group(b, f, f.linear / 32, released, false)) return false;
   }
   return true;
 }
@@ -358,6 +405,7 @@ bool release_block_barrier(Block& b, bool* released) {
       case BarrierKind::any: f.result = votes > 0; break;
     }
     f.state = State::ready;
+    b.ready.add(f.linear);
   }
   *released = true;
   return true;
@@ -372,21 +420,24 @@ bool run_block(Block& b, size_t stack_size) {
     return false;
   }
   for (size_t i = 0; i < b.fibers.size(); ++i) init_fiber(b.fibers[i], stacks[i], stack_size);
-  std::vector<Fiber*> order;
+  b.ready.reset(b.fibers.size());
+  for (Fiber& f : b.fibers) b.ready.add(f.linear);
   bool ok = true;
   for (;;) {
-    order.clear();
-    for (Fiber& f : b.fibers)
-      if (f.state == State::ready) order.push_back(&f);
-    if (b.schedule == FK_EMU_SCHEDULE_REVERSE) std::reverse(order.begin(), order.end());
-    if (b.schedule == FK_EMU_SCHEDULE_RANDOM) std::shuffle(order.begin(), order.end(), b.rng);
-    if (!order.empty()) {
-      for (Fiber* f : order) {
-        t_fiber = f;
-        threadIdx = f->tid;
-        enter(b, *f);
-        if (!b.error.empty()) break;
-      }
+    if (b.ready.count > 0) {
+      // A warp collective releases as soon as its lanes are in, so under a forward or
+      // reverse schedule one warp runs far ahead of the others up to the next
+      // __syncthreads: races between warps show, not only races within one.
+      const int next = b.schedule == FK_EMU_SCHEDULE_FORWARD   ? b.ready.first()
+                       : b.schedule == FK_EMU_SCHEDULE_REVERSE ? b.ready.last()
+                                                               : b.ready.nth(static_cast<int>(b.rng() % b.ready.count));
+      Fiber& f = b.fibers[next];
+      t_fiber = &f;
+      threadIdx = f.tid;
+      enter(b, f);
+      b.ready.remove(f.linear);  // it blocked or exited
+      bool released = false;
+      if (b.error.empty() && f.state == State::warp_wait) release_warp_group(b, f, f.linear / 32, &released, true);
       if (!b.error.empty()) {
         ok = false;
         break;

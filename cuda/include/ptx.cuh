@@ -181,6 +181,40 @@ FK_DEVICE uint16_t cvt_e5m2x2(float hi, float lo) {
 #endif
 }
 
+// ---- fast-math arithmetic, for bit-exactness with code built with --use_fast_math ---------
+// (bitsandbytes' kernels: src/reference/nf4.rs). Subnormal inputs and results flush to zero.
+
+// rcp.approx.ftz.f32 (SASS MUFU.RCP): within an ulp of 1/x, not always correctly rounded.
+FK_DEVICE float rcp_approx_ftz(float x) {
+#if FK_PTX
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+#elif FK_EMU_PTX
+  return fk_emu_rcp_approx_ftz(x);
+#endif
+}
+
+FK_DEVICE float mul_ftz(float a, float b) {
+#if FK_PTX
+  float r;
+  asm("mul.rn.ftz.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#elif FK_EMU_PTX
+  return fk_emu_flush(fk_emu_flush(a) * fk_emu_flush(b));
+#endif
+}
+
+FK_DEVICE float max_ftz(float a, float b) {
+#if FK_PTX
+  float r;
+  asm("max.ftz.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#elif FK_EMU_PTX
+  return fmaxf(fk_emu_flush(a), fk_emu_flush(b));
+#endif
+}
+
 // ---- cp.async: global -> shared, completed by wait_group ----------------------------------
 
 template <int Bytes>

@@ -2,12 +2,13 @@
 //! repetitions, median reported. And the rows the GPU check writes (DESIGN.md §8): time,
 //! TB/s, TFLOP/s, the floor and the fraction of it, and the baseline from the same run.
 
+pub mod nf4;
 pub mod sparse;
 
+use crate::device::blas::{self, WeightOp};
 use crate::device::{CudaDevice, Device};
-use crate::dtype::{Elem, FloatElem};
+use crate::dtype::FloatElem;
 use crate::error::{Error, Result};
-use cudarc::cublas::{sys as cublas_sys, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{result, sys, CudaSlice};
 use half::bf16;
 
@@ -256,65 +257,36 @@ pub fn time_copy(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Sta
     })
 }
 
-/// cuBLAS, if its library loads (probed first: cudarc panics when it is missing).
-pub fn cublas(dev: &Device) -> Result<Option<CudaBlas>> {
-    let d = cuda(dev)?;
-    // SAFETY: only tries to dlopen libcublas by its usual names.
-    if !unsafe { cublas_sys::is_culib_present() } {
-        return Ok(None);
-    }
-    CudaBlas::new(d.stream().clone())
-        .map(Some)
-        .map_err(|e| Error::Driver {
-            call: "cublasCreate",
-            name: format!("{e:?}"),
-        })
-}
-
-fn random_device<T: Elem + FloatElem>(
-    dev: &Device,
-    n: usize,
-    seed: u64,
-) -> Result<crate::Buffer<T>> {
+fn random_device<T: FloatElem>(dev: &Device, n: usize, seed: u64) -> Result<crate::Buffer<T>> {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     dev.upload(&crate::testing::random_vec::<T>(&mut rng, n, 1.0))
 }
 
-/// Times cuBLAS bf16 `y[m, n] = x[m, k] · W[n, k]ᵀ` (f32 accumulate) on random data.
-pub fn time_cublas_linear(
+/// Times cuBLAS bf16 `out[m, n] = a[m, k] · op(W)` (f32 accumulate) on random data: a
+/// linear layer's forward (`WeightOp::Transposed`, W `[n, k]`) or its dX (`Plain`, W `[k, n]`).
+pub fn time_cublas(
     dev: &Device,
-    blas: &CudaBlas,
     timer: &mut GpuTimer,
     m: usize,
     n: usize,
     k: usize,
-) -> Result<Stats> {
-    let x = random_device::<bf16>(dev, m * k, 1)?;
-    let w = random_device::<bf16>(dev, n * k, 2)?;
-    let mut y = dev.alloc_poisoned::<bf16>(m * n)?;
-    let (xs, ws) = (x.as_cuda_slice().unwrap(), w.as_cuda_slice().unwrap());
-    let ys = y.as_cuda_slice_mut().unwrap();
-    // Column-major view: yᵀ[n, m] = W[n, k] · xᵀ[k, m], i.e. op(A) = Wᵀ of the stored k×n.
-    let cfg = GemmConfig {
-        transa: cublas_sys::cublasOperation_t::CUBLAS_OP_T,
-        transb: cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-        m: n as i32,
-        n: m as i32,
-        k: k as i32,
-        alpha: bf16::ONE,
-        lda: k as i32,
-        ldb: k as i32,
-        beta: bf16::ZERO,
-        ldc: n as i32,
+    op: WeightOp,
+) -> Result<Option<Stats>> {
+    let Some(blas) = blas::handle(cuda(dev)?)? else {
+        return Ok(None);
     };
-    timer.time(3, 30, || {
-        // SAFETY: the three buffers hold m·k, n·k and m·n elements, as cfg describes.
-        unsafe { blas.gemm(cfg, ws, xs, ys) }.map_err(|e| Error::Driver {
-            call: "cublasGemmEx",
-            name: format!("{e:?}"),
-        })
-    })
+    let a = random_device::<bf16>(dev, m * k, 1)?;
+    let w = random_device::<bf16>(dev, n * k, 2)?;
+    let mut out = dev.alloc_poisoned::<bf16>(m * n)?;
+    let (a, w) = (
+        a.as_cuda_slice().expect("a CUDA buffer"),
+        w.as_cuda_slice().expect("a CUDA buffer"),
+    );
+    let o = out.as_cuda_slice_mut().expect("a CUDA buffer");
+    timer
+        .time(3, 30, || blas::matmul(blas, a, w, o, m, n, k, op))
+        .map(Some)
 }
 
 /// Measures the copy bandwidth (1 GiB moved) and the cuBLAS bf16 rate at 8192³.
@@ -322,14 +294,9 @@ pub fn measure_ceilings(dev: &Device, timer: &mut GpuTimer) -> Result<Ceilings> 
     let half_gib = 1 << 29;
     let copy = time_copy(dev, timer, half_gib)?;
     let copy_bytes_per_s = 2.0 * half_gib as f64 / (copy.median_us * 1e-6);
-    let bf16_flops_per_s = match cublas(dev)? {
-        Some(blas) => {
-            let s = 8192;
-            let t = time_cublas_linear(dev, &blas, timer, s, s, s)?;
-            Some(2.0 * (s as f64).powi(3) / (t.median_us * 1e-6))
-        }
-        None => None,
-    };
+    let s = 8192;
+    let bf16_flops_per_s = time_cublas(dev, timer, s, s, s, WeightOp::Transposed)?
+        .map(|t| 2.0 * (s as f64).powi(3) / (t.median_us * 1e-6));
     Ok(Ceilings {
         copy_bytes_per_s,
         bf16_flops_per_s,
@@ -339,9 +306,6 @@ pub fn measure_ceilings(dev: &Device, timer: &mut GpuTimer) -> Result<Ceilings> 
 /// cuBLAS bf16 at the linear-layer shapes later families compare against (DESIGN.md §8):
 /// recorded now so every kernel's baseline has a history.
 pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
-    let Some(blas) = cublas(dev)? else {
-        return Ok(vec![]);
-    };
     let mut rows = Vec::new();
     for (m, n, k, what) in [
         (8192, 8192, 8192, "square"),
@@ -351,7 +315,9 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
         (1, 11008, 4096, "GEMV"),
         (1, 4096, 11008, "GEMV"),
     ] {
-        let t = time_cublas_linear(dev, &blas, timer, m, n, k)?;
+        let Some(t) = time_cublas(dev, timer, m, n, k, WeightOp::Transposed)? else {
+            break;
+        };
         let bytes = 2.0 * (m * k + n * k + m * n) as f64;
         let flops = 2.0 * (m * n * k) as f64;
         rows.push(Row::new(

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Some("kernels") => {
             for k in finetune_kernels::sparse::kernels()
                 .into_iter()
+                .chain(finetune_kernels::nf4::kernels())
                 .chain(regdump::kernels())
             {
                 println!("{} {}", k.module, k.name);
@@ -156,6 +157,7 @@ fn run_bench(args: &[String]) -> Result<(), String> {
         );
         let mut rows = bench::cublas_rows(&dev, &mut timer, &c)?;
         rows.extend(bench::sparse::rows(&dev, &mut timer, &c)?);
+        rows.extend(bench::nf4::rows(&dev, &mut timer, &c)?);
         Ok(rows)
     };
     let rows = go().map_err(|e| e.to_string())?;

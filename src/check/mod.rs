@@ -2,6 +2,7 @@
 //! draws fresh random inputs from a seed, runs the kernel on a device, runs the reference
 //! on the host and returns a [`CheckRow`]. Tests assert `row.pass`; `fk check` prints rows.
 
+pub mod nf4;
 pub mod sparse;
 
 use crate::bench::GpuTimer;
@@ -79,7 +80,9 @@ pub(crate) fn time_if(
 
 /// Every family's checks at `scale`.
 pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
-    sparse::all(dev, scale, seed)
+    let mut rows = sparse::all(dev, scale, seed)?;
+    rows.extend(nf4::all(dev, scale, seed)?);
+    Ok(rows)
 }
 
 /// A plain-text table of rows, as `fk check` prints it.

@@ -67,6 +67,7 @@ pub struct CudaDevice {
     driver: DriverInfo,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
     functions: Mutex<HashMap<String, Function>>,
+    pub(super) blas: std::sync::OnceLock<Result<Option<cudarc::cublas::CudaBlas>>>,
 }
 
 impl CudaDevice {
@@ -113,6 +114,7 @@ impl CudaDevice {
             driver,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            blas: std::sync::OnceLock::new(),
         })
     }
 

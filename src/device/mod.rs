@@ -5,6 +5,7 @@
 //! owned by the device that made them. Every kernel wrapper goes through
 //! [`Device::launch`], which takes the kernel's one params struct by value.
 
+pub mod blas;
 mod cuda;
 pub mod emu;
 pub mod ptx;

@@ -94,3 +94,13 @@ FK_KERNEL(emu_test_oob_shared, EmuTestParams) {
   if (threadIdx.x == 0) s[p.n] = 1.0f;
   p.out[threadIdx.x] = 0.0f;
 }
+
+// Bug: __syncwarp orders a warp, not the block: reading another warp's write needs
+// __syncthreads. Caught only when one warp can run ahead of another.
+FK_KERNEL(emu_test_cross_warp_race, EmuTestParams) {
+  float* s = dyn_smem<float>();
+  const unsigned t = threadIdx.x, n = blockDim.x;
+  s[t] = p.in[t];
+  __syncwarp();
+  p.out[t] = s[(t + 32) % n];
+}

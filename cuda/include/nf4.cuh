@@ -1,0 +1,75 @@
+// nf4.cuh: NF4 primitives shared by the NF4 kernels: the code table, bitsandbytes' code
+// choice (ties and NaN included), its 8-bit dynamic-map search, and per-block absmax.
+// Reference: src/reference/nf4.rs.
+#pragma once
+#include "compat.cuh"
+#include "ptx.cuh"
+#include "../params/nf4.h"
+
+// bitsandbytes' NF4 table (create_normal_map), as f32.
+__constant__ float kNf4Code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// The midpoints bitsandbytes' decision tree compares against, as f32, ascending.
+__constant__ float kNf4Thresholds[15] = {
+    -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
+    -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+    0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
+    0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f};
+
+// The code bitsandbytes picks for a normalized value: its tree tests `x > threshold` at
+// each node, which is the number of thresholds strictly below x. Ties go to the lower
+// code; NaN compares false everywhere and gets code 0.
+FK_DEVICE uint8_t nf4_index(float x) {
+  uint8_t q = 0;
+#pragma unroll
+  for (int i = 0; i < 15; ++i) q += x > kNf4Thresholds[i];
+  return q;
+}
+
+// bitsandbytes' dQuantize<0>: binary search of a sorted 256-entry map, then the nearer of
+// the two neighbours by its midpoint rules (which differ above and below the pivot).
+FK_DEVICE uint8_t dynamic_index(const float* map, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = map[pivot];
+  for (int i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = map[pivot];
+  }
+  if (upper_pivot == 255) upper = map[upper_pivot];
+  if (lower_pivot == 0) lower = map[lower_pivot];
+  if (x > val) {
+    const float midpoint = (upper + val) * 0.5f;
+    return static_cast<uint8_t>(x > midpoint ? upper_pivot : pivot);
+  }
+  const float midpoint = (lower + val) * 0.5f;
+  return static_cast<uint8_t>(x < midpoint ? lower_pivot : pivot);
+}
+
+// The absmax of quantization block b: stored, or decoded from double quantization as
+// bitsandbytes does (its fast-math multiply, then torch's IEEE add of the offset).
+FK_DEVICE float nf4_absmax(const Nf4Weight& w, uint64_t b) {
+  if (!w.nested) return w.absmax[b];
+  return mul_ftz(w.nested_map[w.nested_codes[b]], w.nested_absmax[b / FK_NF4_NESTED_BLOCKSIZE]) + w.offset;
+}
+
+// An element's value: code * absmax as bitsandbytes' kDequantizeBlockwise multiplies.
+FK_DEVICE float nf4_value(const float* table, uint32_t code, float absmax) { return mul_ftz(table[code], absmax); }
+
+// The 4-bit code of flattened element e (element 2i in the high nibble).
+FK_DEVICE uint32_t nf4_code(const uint8_t* codes, uint64_t e) {
+  const uint32_t byte = codes[e >> 1];
+  return (e & 1) ? (byte & 0xF) : (byte >> 4);
+}

@@ -1,0 +1,69 @@
+/* Params for the NF4 kernels (cuda/nf4.cu). NF4 is bitsandbytes' layout (DESIGN.md §6):
+ * blocks of `blocksize` consecutive elements of the flattened row-major weight [rows, cols],
+ * one absmax per block, two 4-bit codes per byte with element 2i in the HIGH nibble.
+ * With double quantization the absmaxes are stored as 8-bit codes of (absmax - offset),
+ * blockwise (FK_NF4_NESTED_BLOCKSIZE) with bitsandbytes' dynamic map; a block's absmax is
+ * nested_map[nested_codes[b]] * nested_absmax[b / 256] + offset, in f32. */
+#ifndef FK_PARAMS_NF4_H
+#define FK_PARAMS_NF4_H
+#include <stdint.h>
+
+#define FK_NF4_NESTED_BLOCKSIZE 256
+/* absmax_mean sums the absmaxes in chunks of this many, each chunk in f64 in index order,
+ * then the chunk sums in index order: the reference does the same, so both agree bitwise. */
+#define FK_NF4_MEAN_CHUNK 1024
+
+typedef struct Nf4Weight {
+  const uint8_t* codes;         /* [ceil(rows * cols / 2)] */
+  const float* absmax;          /* [blocks], when nested == 0 */
+  const uint8_t* nested_codes;  /* [blocks], when nested == 1 */
+  const float* nested_absmax;   /* [ceil(blocks / 256)] */
+  const float* nested_map;      /* [256] */
+  float offset;
+  uint32_t nested;
+  uint32_t blocksize;           /* 32..4096, a power of two */
+  uint32_t rows;                /* out_features */
+  uint32_t cols;                /* in_features */
+} Nf4Weight;
+
+/* out[e] = NF4[code(e)] * absmax(e / blocksize), rounded to out's dtype, e < rows * cols. */
+typedef struct Nf4DequantizeParams {
+  Nf4Weight w;
+  void* out;
+} Nf4DequantizeParams;
+
+/* Quantizes `numel` elements of `input` (out's dtype named by the kernel) blockwise, as
+ * bitsandbytes' kQuantizeBlockwise does. Sets *nonfinite to 1 if any input is NaN or Inf. */
+typedef struct Nf4QuantizeParams {
+  const void* input;
+  uint8_t* codes;
+  float* absmax;
+  uint32_t* nonfinite;
+  uint64_t numel;
+  uint32_t blocksize;
+} Nf4QuantizeParams;
+
+/* Double quantization of `blocks` absmaxes: nf4_absmax_mean writes the offset (and the
+ * chunk sums to scratch), then nf4_quantize_nested writes the nested codes and absmaxes. */
+typedef struct Nf4NestedParams {
+  const float* absmax;          /* [blocks] */
+  double* chunk_sums;           /* scratch, [ceil(blocks / FK_NF4_MEAN_CHUNK)] */
+  float* offset;                /* [1] */
+  uint8_t* nested_codes;        /* [blocks] */
+  float* nested_absmax;         /* [ceil(blocks / 256)] */
+  const float* nested_map;      /* [256], sorted ascending */
+  uint64_t blocks;
+} Nf4NestedParams;
+
+/* The matmuls through the frozen weight W [rows, cols] (activations' dtype by kernel name):
+ *   forward (nf4_gemv_*, nf4_gemm_*):  out[m, rows] = a[m, cols] · Wᵀ
+ *   backward (nf4_gemm_dx_*):           out[m, cols] = a[m, rows] · W
+ * W is dequantized to the activations' dtype on the way in; f32 accumulation. */
+typedef struct Nf4MatmulParams {
+  Nf4Weight w;
+  const void* a;
+  void* out;
+  uint32_t m;
+} Nf4MatmulParams;
+
+#endif

@@ -1,0 +1,163 @@
+//! NF4 benchmarks for the GPU check, at LLaMA-7B's MLP shapes (DESIGN.md §8): the GEMV at
+//! decode sizes against cuBLAS's bf16 GEMV, the forward and backward GEMMs (fused, and
+//! dequantize + cuBLAS) against cuBLAS's bf16 GEMM at several M (which sets the dispatch
+//! threshold), dequantization against a copy, quantization.
+
+use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row};
+use crate::device::blas::WeightOp;
+use crate::device::Device;
+use crate::error::Result;
+use crate::nf4::{self, MatmulPath, Nf4Weight};
+use crate::testing::random_vec;
+use crate::{bf16, Buffer};
+use rand::{rngs::StdRng, SeedableRng};
+
+fn weight(dev: &Device, rows: usize, cols: usize) -> Result<(Buffer<bf16>, Nf4Weight)> {
+    let mut rng = StdRng::seed_from_u64((rows * cols) as u64);
+    let w = dev.upload(&random_vec::<bf16>(&mut rng, rows * cols, 0.05))?;
+    let q = Nf4Weight::quantize(&w, rows, cols, 64, true)?;
+    Ok((w, q))
+}
+
+fn with_cublas(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    row: Row,
+    m: usize,
+    n: usize,
+    k: usize,
+    op: WeightOp,
+) -> Result<Row> {
+    Ok(match time_cublas(dev, timer, m, n, k, op)? {
+        Some(t) => row.with_baseline("cuBLAS bf16, same shape", t.median_us),
+        None => row,
+    })
+}
+
+/// The matmul through `path` for `m` rows: forward `[m, cols] → [m, rows]` or backward.
+fn matmul_row(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    q: &Nf4Weight,
+    m: usize,
+    path: MatmulPath,
+    forward: bool,
+) -> Result<Row> {
+    let (k_in, n_out) = if forward {
+        (q.cols(), q.rows())
+    } else {
+        (q.rows(), q.cols())
+    };
+    let mut rng = StdRng::seed_from_u64(m as u64);
+    let a = dev.upload(&random_vec::<bf16>(&mut rng, m * k_in, 1.0))?;
+    let mut out = dev.alloc_poisoned::<bf16>(m * n_out)?;
+    let t = timer.time(3, 30, || {
+        if forward {
+            nf4::forward_with(q, &a, m, &mut out, path)
+        } else {
+            nf4::backward_dx_with(q, &a, m, &mut out, path)
+        }
+    })?;
+    let bytes = (q.bytes() + 2 * m * (k_in + n_out)) as f64;
+    let flops = 2.0 * (m * q.rows() * q.cols()) as f64;
+    let kernel = match (path, forward) {
+        (MatmulPath::Gemv, _) => "nf4_gemv_bf16",
+        (MatmulPath::FusedGemm, true) => "nf4_gemm_bf16",
+        (MatmulPath::FusedGemm, false) => "nf4_gemm_dx_bf16",
+        (MatmulPath::DequantizeCublas, true) => "nf4_dequant+cublas_bf16",
+        (MatmulPath::DequantizeCublas, false) => "nf4_dequant+cublas_dx_bf16",
+    };
+    let shape = format!("{m}x{k_in}→{n_out}");
+    let op = if forward {
+        WeightOp::Transposed
+    } else {
+        WeightOp::Plain
+    };
+    with_cublas(
+        dev,
+        timer,
+        Row::new("nf4", kernel, &shape, t.median_us, bytes, flops, c),
+        m,
+        n_out,
+        k_in,
+        op,
+    )
+}
+
+pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let (w, q) = weight(dev, 11008, 4096)?;
+    let numel = q.rows() * q.cols();
+
+    let mut out = dev.alloc_poisoned::<bf16>(numel)?;
+    let t = timer.time(3, 30, || q.dequantize(&mut out))?;
+    let bytes = (q.bytes() + 2 * numel) as f64;
+    let copy = time_copy(dev, timer, (bytes / 2.0) as usize)?;
+    rows.push(
+        Row::new(
+            "nf4",
+            "nf4_dequantize_bf16",
+            "4096x11008",
+            t.median_us,
+            bytes,
+            0.0,
+            c,
+        )
+        .with_baseline("d2d copy, same bytes", copy.median_us),
+    );
+
+    let t = timer.time(1, 10, || {
+        Nf4Weight::quantize(&w, 11008, 4096, 64, true).map(|_| ())
+    })?;
+    rows.push(Row::new(
+        "nf4",
+        "nf4_quantize_bf16 (double quant)",
+        "4096x11008",
+        t.median_us,
+        (2 * numel + numel / 2) as f64,
+        0.0,
+        c,
+    ));
+
+    let (_, q_t) = weight(dev, 4096, 11008)?;
+    for weight in [&q, &q_t] {
+        for m in [1, 4, 16] {
+            rows.push(matmul_row(
+                dev,
+                timer,
+                c,
+                weight,
+                m,
+                MatmulPath::Gemv,
+                true,
+            )?);
+        }
+    }
+    let cublas_present = nf4::choose_path(dev, usize::MAX, true) == MatmulPath::DequantizeCublas;
+    for m in [64, 512, 2048, 8192] {
+        for forward in [true, false] {
+            rows.push(matmul_row(
+                dev,
+                timer,
+                c,
+                &q,
+                m,
+                MatmulPath::FusedGemm,
+                forward,
+            )?);
+            if cublas_present {
+                rows.push(matmul_row(
+                    dev,
+                    timer,
+                    c,
+                    &q,
+                    m,
+                    MatmulPath::DequantizeCublas,
+                    forward,
+                )?);
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,243 @@
+//! Checks of the NF4 kernels against `reference::nf4` (bitsandbytes' format and numerics)
+//! and `reference::linear` (the matmuls, in f64).
+
+use super::{time_if, CheckRow, Measure, Scale};
+use crate::device::Device;
+use crate::dtype::{DType, FloatElem};
+use crate::error::Result;
+use crate::nf4::{self, MatmulPath, Nf4Weight};
+use crate::reference::{linear, nf4 as reference};
+use crate::testing::{bit_mismatches, random_vec, rel_l2};
+use crate::{bf16, f16};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// An NF4 check's size: the weight `[rows, cols]`, `m` rows of activations.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub seed: u64,
+    pub rows: usize,
+    pub cols: usize,
+    pub m: usize,
+    pub blocksize: usize,
+    pub double_quant: bool,
+    pub timed: bool,
+}
+
+impl Case {
+    fn shape(&self) -> String {
+        let dq = if self.double_quant { " dq" } else { "" };
+        format!(
+            "{}x{}→{} bs{}{dq}",
+            self.m, self.cols, self.rows, self.blocksize
+        )
+    }
+}
+
+fn row(
+    kernel: String,
+    dev: &Device,
+    c: &Case,
+    measure: Measure,
+    error: f64,
+    time_us: Option<f64>,
+) -> CheckRow {
+    CheckRow {
+        kernel,
+        backend: dev.backend(),
+        device: dev.describe(),
+        shape: c.shape(),
+        seed: c.seed,
+        measure,
+        error,
+        time_us,
+    }
+}
+
+/// A weight like a trained layer's: normal-ish values, a few outliers.
+fn random_weight<T: FloatElem>(rng: &mut StdRng, n: usize) -> Vec<T> {
+    (0..n)
+        .map(|_| {
+            let x: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.02;
+            T::from_f32(if rng.random_range(0..1000) == 0 {
+                x * 20.0
+            } else {
+                x
+            })
+        })
+        .collect()
+}
+
+/// Quantization on the device against the reference: codes, absmaxes and the nested
+/// statistics bit for bit (the reference is checked against bitsandbytes' own output).
+pub fn quantize<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w: Vec<T> = random_weight(&mut rng, c.rows * c.cols);
+    let expected = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+    let wd = dev.upload(&w)?;
+    let q = Nf4Weight::quantize(&wd, c.rows, c.cols, c.blocksize, c.double_quant)?.to_host()?;
+    let mut bad = bit_mismatches(&q.codes, &expected.codes).len();
+    bad += match (&q.absmax, &expected.absmax) {
+        (reference::Absmax::Plain(a), reference::Absmax::Plain(b)) => bit_mismatches(a, b).len(),
+        (reference::Absmax::Nested(a), reference::Absmax::Nested(b)) => {
+            bit_mismatches(&a.codes, &b.codes).len()
+                + bit_mismatches(&a.absmax, &b.absmax).len()
+                + (a.offset.to_bits() != b.offset.to_bits()) as usize
+        }
+        _ => usize::MAX / 2,
+    };
+    let t = time_if(dev, c.timed, || {
+        Nf4Weight::quantize(&wd, c.rows, c.cols, c.blocksize, c.double_quant).map(|_| ())
+    })?;
+    Ok(row(
+        format!("nf4_quantize_{}", T::DTYPE),
+        dev,
+        &c,
+        Measure::Exact,
+        bad as f64,
+        t,
+    ))
+}
+
+/// Dequantization into a poisoned buffer, bit for bit against the reference.
+pub fn dequantize<O: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w: Vec<f32> = random_weight(&mut rng, c.rows * c.cols);
+    let q = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+    let wd = Nf4Weight::upload(dev, &q)?;
+    let mut out = dev.alloc_poisoned::<O>(c.rows * c.cols)?;
+    wd.dequantize(&mut out)?;
+    let bad = bit_mismatches(&out.to_host()?, &q.dequantize::<O>()).len();
+    let t = time_if(dev, c.timed, || wd.dequantize(&mut out))?;
+    Ok(row(
+        format!("nf4_dequantize_{}", O::DTYPE),
+        dev,
+        &c,
+        Measure::Exact,
+        bad as f64,
+        t,
+    ))
+}
+
+/// The bound for a matmul with T operands and output over a reduction of length k: the
+/// output's rounding (unit roundoff of T) plus f32 accumulation (k · 2⁻²³, generous for
+/// the tensor cores' truncating adds).
+pub fn matmul_bound(t: DType, k: usize) -> f64 {
+    let unit = if t == DType::F16 {
+        2f64.powi(-11)
+    } else {
+        2f64.powi(-8)
+    };
+    unit + k as f64 * 2f64.powi(-23)
+}
+
+/// A forward (`forward`) or backward-dX matmul through `path`, against the f64 reference
+/// on the dequantized weight.
+pub fn matmul<T: FloatElem>(
+    dev: &Device,
+    c: Case,
+    path: MatmulPath,
+    forward: bool,
+) -> Result<CheckRow>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w: Vec<T> = random_weight(&mut rng, c.rows * c.cols);
+    let q = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+    let what = q.dequantize::<T>();
+    let (k_in, n_out) = if forward {
+        (c.cols, c.rows)
+    } else {
+        (c.rows, c.cols)
+    };
+    let a: Vec<T> = random_vec(&mut rng, c.m * k_in, 1.0);
+    let expected = if forward {
+        linear::linear(&a, &what, c.m, c.rows, c.cols)
+    } else {
+        linear::linear_dx(&a, &what, c.m, c.rows, c.cols)
+    };
+    let wd = Nf4Weight::upload(dev, &q)?;
+    let ad = dev.upload(&a)?;
+    let mut out = dev.alloc_poisoned::<T>(c.m * n_out)?;
+    let run = |out: &mut crate::Buffer<T>| {
+        if forward {
+            nf4::forward_with(&wd, &ad, c.m, out, path)
+        } else {
+            nf4::backward_dx_with(&wd, &ad, c.m, out, path)
+        }
+    };
+    run(&mut out)?;
+    let err = rel_l2(&out.to_host()?, &expected);
+    let t = time_if(dev, c.timed, || run(&mut out))?;
+    let name = match (path, forward) {
+        (MatmulPath::Gemv, _) => format!("nf4_gemv_{}", T::DTYPE),
+        (MatmulPath::FusedGemm, true) => format!("nf4_gemm_{}", T::DTYPE),
+        (MatmulPath::FusedGemm, false) => format!("nf4_gemm_dx_{}", T::DTYPE),
+        (MatmulPath::DequantizeCublas, true) => format!("nf4_dequant_cublas_{}", T::DTYPE),
+        (MatmulPath::DequantizeCublas, false) => format!("nf4_dequant_cublas_dx_{}", T::DTYPE),
+    };
+    Ok(row(
+        name,
+        dev,
+        &c,
+        Measure::RelL2(matmul_bound(T::DTYPE, k_in)),
+        err,
+        t,
+    ))
+}
+
+/// Every NF4 kernel at `scale`: quantize/dequantize for each dtype, blocksize and double
+/// quantization; the matmuls for bf16 and f16 through each path the device has.
+pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+    let realistic = scale == Scale::Realistic;
+    // Realistic: LLaMA-7B's MLP shapes (DESIGN.md §8). Small: odd sizes with tails everywhere.
+    let (rows, cols, m_gemm) = if realistic {
+        (11008, 4096, 8192)
+    } else {
+        (45, 131, 37)
+    };
+    let base = Case {
+        seed,
+        rows,
+        cols,
+        m: 1,
+        blocksize: 64,
+        double_quant: true,
+        timed: realistic,
+    };
+    let mut rows_out = Vec::new();
+    for (blocksize, dq) in [(64, true), (64, false), (32, true), (4096, true)] {
+        let c = Case {
+            blocksize,
+            double_quant: dq,
+            ..base
+        };
+        rows_out.push(quantize::<bf16>(dev, c)?);
+        rows_out.push(quantize::<f16>(dev, c)?);
+        rows_out.push(quantize::<f32>(dev, c)?);
+        rows_out.push(dequantize::<bf16>(dev, c)?);
+        rows_out.push(dequantize::<f16>(dev, c)?);
+        rows_out.push(dequantize::<f32>(dev, c)?);
+    }
+    let mut paths = vec![MatmulPath::FusedGemm];
+    if nf4::choose_path(dev, usize::MAX, true) == MatmulPath::DequantizeCublas {
+        paths.push(MatmulPath::DequantizeCublas);
+    }
+    for m in [1, 3, 16] {
+        let c = Case {
+            m,
+            seed: seed + m as u64,
+            ..base
+        };
+        rows_out.push(matmul::<bf16>(dev, c, MatmulPath::Gemv, true)?);
+        rows_out.push(matmul::<f16>(dev, c, MatmulPath::Gemv, true)?);
+    }
+    for path in paths {
+        let c = Case { m: m_gemm, ..base };
+        for forward in [true, false] {
+            rows_out.push(matmul::<bf16>(dev, c, path, forward)?);
+            rows_out.push(matmul::<f16>(dev, c, path, forward)?);
+        }
+    }
+    Ok(rows_out)
+}

@@ -1,0 +1,670 @@
+//! NF4 (QLoRA's 4-bit NormalFloat) on the device: bitsandbytes-exact quantization with
+//! double quantization, dequantization, and the matmuls through a frozen NF4 weight with
+//! the dequantization fused in: a GEMV for decode batches (1 to 16 rows), a tensor-core GEMM
+//! for the forward `y = x Ŵᵀ`, and the same for the backward `dX = dY Ŵ`.
+//!
+//! Kernels: `cuda/nf4.cu`. Reference: [`crate::reference::nf4`] (bitsandbytes' format and
+//! numerics) and [`crate::reference::linear`] (the matmuls). Checkpoints: [`checkpoint`].
+//! Tests: `tests/nf4_kernels.rs`. Benchmarks: `src/bench/nf4.rs` (`fk bench`).
+//!
+//! `Ŵ` is the weight dequantized to the activations' dtype, exactly as [`Nf4Weight::dequantize`]
+//! writes it, so every path computes with the same operands as "dequantize, then a bf16
+//! matmul", and [`MatmulPath::DequantizeCublas`] is literally that.
+
+pub mod checkpoint;
+
+use crate::device::blas::{self, WeightOp};
+use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig};
+use crate::dtype::{DType, FloatElem};
+use crate::error::{Error, Result};
+use crate::params::{
+    self, Nf4DequantizeParams, Nf4MatmulParams, Nf4NestedParams, Nf4QuantizeParams,
+};
+use crate::reference::nf4::{dynamic_map, Absmax, NestedAbsmax, Nf4Quantized, BLOCKSIZES};
+
+const MODULE: &str = "nf4";
+const THREADS: u32 = 256;
+const WARPS: u32 = THREADS / 32;
+const MAX_BLOCKS: u32 = 1 << 16;
+/// Rows of activations up to which the GEMV runs (it is instantiated for 1, 2, 4, 8, 16).
+pub const GEMV_MAX_ROWS: usize = 16;
+const GEMM_TILE: u32 = 128;
+
+/// The absmaxes on the device: plain, or double-quantized.
+enum DeviceAbsmax {
+    Plain(Buffer<f32>),
+    Nested {
+        codes: Buffer<u8>,
+        absmax: Buffer<f32>,
+        map: Buffer<f32>,
+        offset: f32,
+    },
+}
+
+/// A frozen NF4 weight `[rows, cols]` (`[out_features, in_features]`) on a device, in
+/// bitsandbytes' layout.
+pub struct Nf4Weight {
+    codes: Buffer<u8>,
+    absmax: DeviceAbsmax,
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+    dtype: DType,
+}
+
+fn check_blocksize(blocksize: usize) -> Result<()> {
+    if BLOCKSIZES.contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(Error::Unsupported {
+            op: "nf4",
+            why: format!("blocksize {blocksize}: bitsandbytes allows {BLOCKSIZES:?}"),
+        })
+    }
+}
+
+fn check_shape(rows: usize, cols: usize) -> Result<usize> {
+    let numel = rows
+        .checked_mul(cols)
+        .filter(|&n| n > 0 && rows <= u32::MAX as usize && cols <= u32::MAX as usize);
+    numel.ok_or_else(|| Error::Unsupported {
+        op: "nf4",
+        why: format!("weight shape [{rows}, {cols}]"),
+    })
+}
+
+fn kernel(name: String) -> Kernel {
+    Kernel {
+        module: MODULE,
+        name,
+    }
+}
+
+impl Nf4Weight {
+    /// Uploads a weight quantized on the host (by [`crate::reference::nf4::quantize`] or
+    /// read from a bitsandbytes checkpoint). It must be 2-D.
+    pub fn upload(dev: &Device, q: &Nf4Quantized) -> Result<Self> {
+        let [rows, cols] = q.shape[..] else {
+            return Err(Error::Unsupported {
+                op: "nf4",
+                why: format!("a linear weight is 2-D, got shape {:?}", q.shape),
+            });
+        };
+        let numel = check_shape(rows, cols)?;
+        check_blocksize(q.blocksize)?;
+        Error::check_len("nf4 codes", numel.div_ceil(2), q.codes.len())?;
+        let blocks = numel.div_ceil(q.blocksize);
+        let absmax = match &q.absmax {
+            Absmax::Plain(a) => {
+                Error::check_len("nf4 absmax", blocks, a.len())?;
+                DeviceAbsmax::Plain(dev.upload(a)?)
+            }
+            Absmax::Nested(n) => {
+                Error::check_len("nf4 nested codes", blocks, n.codes.len())?;
+                let groups = blocks.div_ceil(params::FK_NF4_NESTED_BLOCKSIZE as usize);
+                Error::check_len("nf4 nested absmax", groups, n.absmax.len())?;
+                if n.blocksize != params::FK_NF4_NESTED_BLOCKSIZE as usize {
+                    return Err(Error::Unsupported {
+                        op: "nf4",
+                        why: format!("nested blocksize {} (bitsandbytes uses 256)", n.blocksize),
+                    });
+                }
+                DeviceAbsmax::Nested {
+                    codes: dev.upload(&n.codes)?,
+                    absmax: dev.upload(&n.absmax)?,
+                    map: dev.upload(&n.code)?,
+                    offset: n.offset,
+                }
+            }
+        };
+        Ok(Nf4Weight {
+            codes: dev.upload(&q.codes)?,
+            absmax,
+            rows,
+            cols,
+            blocksize: q.blocksize,
+            dtype: q.dtype,
+        })
+    }
+
+    /// Quantizes `w` (`[rows, cols]`, bf16/f16/f32) on its device, bit-identical to
+    /// bitsandbytes' `quantize_4bit(w, blocksize, compress_statistics=double_quant,
+    /// quant_type="nf4")` (the double-quantization offset is the mean of the absmaxes, summed
+    /// in f64 in a fixed order: see `FK_NF4_MEAN_CHUNK`). A NaN or infinite element is an
+    /// error; `w` is never modified.
+    pub fn quantize<T: FloatElem>(
+        w: &Buffer<T>,
+        rows: usize,
+        cols: usize,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Self> {
+        let numel = check_shape(rows, cols)?;
+        check_blocksize(blocksize)?;
+        Error::check_len("nf4 quantize input", numel, w.len())?;
+        let dev = w.device().clone();
+        let blocks = numel.div_ceil(blocksize);
+        let mut codes = dev.alloc_poisoned::<u8>(numel.div_ceil(2))?;
+        let mut absmax = dev.alloc_poisoned::<f32>(blocks)?;
+        let mut nonfinite = dev.zeros::<u32>(1)?;
+        let p = Nf4QuantizeParams {
+            input: w.ptr(),
+            codes: codes.ptr_mut() as *mut u8,
+            absmax: absmax.ptr_mut() as *mut f32,
+            nonfinite: nonfinite.ptr_mut() as *mut u32,
+            numel: numel as u64,
+            blocksize: blocksize as u32,
+        };
+        let cfg = LaunchConfig::grid_stride(blocks as u64, WARPS, MAX_BLOCKS);
+        let cfg = LaunchConfig {
+            block: (THREADS, 1, 1),
+            ..cfg
+        };
+        // SAFETY: w holds numel elements of T; codes, absmax and the flag are sized above.
+        unsafe { dev.launch(&kernel(format!("nf4_quantize_{}", T::DTYPE)), cfg, &p)? };
+        if nonfinite.to_host()?[0] != 0 {
+            return Err(Error::InvalidArgument {
+                what: "nf4 weight",
+                why: "it holds NaN or infinite elements".into(),
+            });
+        }
+        let absmax = if double_quant {
+            nest(&dev, &absmax)?
+        } else {
+            DeviceAbsmax::Plain(absmax)
+        };
+        Ok(Nf4Weight {
+            codes,
+            absmax,
+            rows,
+            cols,
+            blocksize,
+            dtype: T::DTYPE,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn blocksize(&self) -> usize {
+        self.blocksize
+    }
+
+    pub fn is_double_quant(&self) -> bool {
+        matches!(self.absmax, DeviceAbsmax::Nested { .. })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.codes.device()
+    }
+
+    /// Bytes the weight occupies on the device.
+    pub fn bytes(&self) -> usize {
+        self.codes.len()
+            + match &self.absmax {
+                DeviceAbsmax::Plain(a) => 4 * a.len(),
+                DeviceAbsmax::Nested {
+                    codes, absmax, map, ..
+                } => codes.len() + 4 * (absmax.len() + map.len()),
+            }
+    }
+
+    /// Copies the weight back to the host, in the reference's (and bitsandbytes') form.
+    pub fn to_host(&self) -> Result<Nf4Quantized> {
+        let absmax = match &self.absmax {
+            DeviceAbsmax::Plain(a) => Absmax::Plain(a.to_host()?),
+            DeviceAbsmax::Nested {
+                codes,
+                absmax,
+                map,
+                offset,
+            } => {
+                let map: [f32; 256] = map.to_host()?.try_into().expect("the map holds 256 values");
+                Absmax::Nested(NestedAbsmax {
+                    codes: codes.to_host()?,
+                    absmax: absmax.to_host()?,
+                    code: map,
+                    offset: *offset,
+                    blocksize: params::FK_NF4_NESTED_BLOCKSIZE as usize,
+                })
+            }
+        };
+        Ok(Nf4Quantized {
+            shape: vec![self.rows, self.cols],
+            dtype: self.dtype,
+            blocksize: self.blocksize,
+            codes: self.codes.to_host()?,
+            absmax,
+        })
+    }
+
+    /// The params view kernels take.
+    pub fn params(&self) -> params::Nf4Weight {
+        let null_u8 = std::ptr::null::<u8>();
+        let null_f32 = std::ptr::null::<f32>();
+        let (absmax, nested_codes, nested_absmax, nested_map, offset, nested) = match &self.absmax {
+            DeviceAbsmax::Plain(a) => (a.ptr() as *const f32, null_u8, null_f32, null_f32, 0.0, 0),
+            DeviceAbsmax::Nested {
+                codes,
+                absmax,
+                map,
+                offset,
+            } => (
+                null_f32,
+                codes.ptr() as *const u8,
+                absmax.ptr() as *const f32,
+                map.ptr() as *const f32,
+                *offset,
+                1,
+            ),
+        };
+        params::Nf4Weight {
+            codes: self.codes.ptr() as *const u8,
+            absmax,
+            nested_codes,
+            nested_absmax,
+            nested_map,
+            offset,
+            nested,
+            blocksize: self.blocksize as u32,
+            rows: self.rows as u32,
+            cols: self.cols as u32,
+        }
+    }
+
+    /// Writes `Ŵ` (`[rows, cols]`) into `out` in O's dtype (bf16, f16 or f32), bit-identical
+    /// to bitsandbytes' `dequantize_4bit`.
+    pub fn dequantize<O: FloatElem>(&self, out: &mut Buffer<O>) -> Result<()> {
+        Error::check_len("nf4 dequantize output", self.rows * self.cols, out.len())?;
+        check_device(self.device(), out)?;
+        let p = Nf4DequantizeParams {
+            w: self.params(),
+            out: out.ptr_mut(),
+        };
+        let groups = (self.rows * self.cols).div_ceil(16) as u64;
+        // SAFETY: out holds rows·cols elements; the weight's buffers match its shape.
+        unsafe {
+            self.device().launch(
+                &kernel(format!("nf4_dequantize_{}", O::DTYPE)),
+                LaunchConfig::grid_stride(groups, THREADS, MAX_BLOCKS),
+                &p,
+            )
+        }
+    }
+}
+
+/// Double quantization of the absmaxes on the device (bitsandbytes' compress_statistics).
+fn nest(dev: &Device, absmax: &Buffer<f32>) -> Result<DeviceAbsmax> {
+    let blocks = absmax.len();
+    let groups = blocks.div_ceil(params::FK_NF4_NESTED_BLOCKSIZE as usize);
+    let map = dev.upload(&dynamic_map())?;
+    let mut chunk_sums =
+        dev.alloc_poisoned::<f64>(blocks.div_ceil(params::FK_NF4_MEAN_CHUNK as usize))?;
+    let mut offset = dev.alloc_poisoned::<f32>(1)?;
+    let mut codes = dev.alloc_poisoned::<u8>(blocks)?;
+    let mut nested_absmax = dev.alloc_poisoned::<f32>(groups)?;
+    let p = Nf4NestedParams {
+        absmax: absmax.ptr() as *const f32,
+        chunk_sums: chunk_sums.ptr_mut() as *mut f64,
+        offset: offset.ptr_mut() as *mut f32,
+        nested_codes: codes.ptr_mut() as *mut u8,
+        nested_absmax: nested_absmax.ptr_mut() as *mut f32,
+        nested_map: map.ptr() as *const f32,
+        blocks: blocks as u64,
+    };
+    let one_block = LaunchConfig {
+        grid: (1, 1, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY: every buffer is sized for `blocks` absmaxes above.
+    unsafe { dev.launch(&kernel("nf4_absmax_mean".into()), one_block, &p)? };
+    let cfg = LaunchConfig {
+        block: (THREADS, 1, 1),
+        ..LaunchConfig::grid_stride(groups as u64, WARPS, MAX_BLOCKS)
+    };
+    // SAFETY: as above; the offset was written by the previous launch on the same stream.
+    unsafe { dev.launch(&kernel("nf4_quantize_nested".into()), cfg, &p)? };
+    let offset = offset.to_host()?[0];
+    Ok(DeviceAbsmax::Nested {
+        codes,
+        absmax: nested_absmax,
+        map,
+        offset,
+    })
+}
+
+/// How a matmul through an NF4 weight is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// The fused GEMV (forward only, up to [`GEMV_MAX_ROWS`] rows): memory-bound on the
+    /// 4-bit weight, which it reads once.
+    Gemv,
+    /// The fused tensor-core GEMM (`mma.sync`): the weight is dequantized on its way into
+    /// shared memory and never materialized.
+    FusedGemm,
+    /// Dequantize `Ŵ` into a scratch buffer, then cuBLAS. On Hopper cuBLAS runs `wgmma`,
+    /// about twice the rate of the `mma.sync` the fused GEMM uses, so once there are enough
+    /// rows the extra pass over the weight (2.5 bytes per element) costs less than the
+    /// difference: see [`choose_path`].
+    DequantizeCublas,
+}
+
+/// Rows of activations from which dequantize + cuBLAS beats the fused GEMM on a GPU with
+/// cuBLAS. Measured by `fk bench` (nf4 rows at several M) on an H200; see bench/results.
+pub const DEQUANTIZE_CUBLAS_MIN_ROWS: usize = 1024;
+
+/// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`: the GEMV for decode
+/// batches (forward), dequantize + cuBLAS for large batches where cuBLAS is present, the
+/// fused GEMM otherwise (always on the emulator, which has no cuBLAS).
+pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
+    if forward && m <= GEMV_MAX_ROWS {
+        return MatmulPath::Gemv;
+    }
+    let has_cublas = matches!(dev, Device::Cuda(d) if matches!(blas::handle(d), Ok(Some(_))));
+    if has_cublas && m >= DEQUANTIZE_CUBLAS_MIN_ROWS {
+        MatmulPath::DequantizeCublas
+    } else {
+        MatmulPath::FusedGemm
+    }
+}
+
+/// The fused kernel and launch for a forward (GEMV when `gemv`, else GEMM) or backward dX.
+fn fused_launch(
+    act: DType,
+    rows: u32,
+    cols: u32,
+    m: u32,
+    forward: bool,
+    gemv: bool,
+) -> (Kernel, LaunchConfig) {
+    if gemv {
+        // One warp per 4 weight rows (2 for more than 4 activation rows: fewer registers).
+        let bucket = m.max(1).next_power_of_two();
+        let rows_per_warp = if bucket <= 4 { 4 } else { 2 };
+        let warps = rows.div_ceil(rows_per_warp) as u64;
+        return (
+            kernel(format!("nf4_gemv_{act}_m{bucket}")),
+            LaunchConfig::grid_stride(warps * 32, THREADS, MAX_BLOCKS),
+        );
+    }
+    let n_out = if forward { rows } else { cols };
+    let cfg = LaunchConfig {
+        grid: (n_out.div_ceil(GEMM_TILE), m.div_ceil(GEMM_TILE), 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    let name = if forward {
+        format!("nf4_gemm_{act}")
+    } else {
+        format!("nf4_gemm_dx_{act}")
+    };
+    (kernel(name), cfg)
+}
+
+fn check_matmul<T: FloatElem>(
+    w: &Nf4Weight,
+    a: &Buffer<T>,
+    out: &Buffer<T>,
+    m: usize,
+    forward: bool,
+) -> Result<()> {
+    if !matches!(T::DTYPE, DType::BF16 | DType::F16) {
+        return Err(Error::UnsupportedDtype {
+            op: "nf4 matmul",
+            dtypes: T::DTYPE.to_string(),
+        });
+    }
+    let (k_in, n_out) = if forward {
+        (w.cols, w.rows)
+    } else {
+        (w.rows, w.cols)
+    };
+    let what = if forward { "x" } else { "dy" };
+    if a.len() != m.saturating_mul(k_in) {
+        return Err(Error::ShapeMismatch {
+            what: what.into(),
+            expected: vec![m, k_in],
+            got: vec![a.len()],
+        });
+    }
+    if out.len() != m.saturating_mul(n_out) {
+        return Err(Error::ShapeMismatch {
+            what: "output".into(),
+            expected: vec![m, n_out],
+            got: vec![out.len()],
+        });
+    }
+    if m > u32::MAX as usize {
+        return Err(Error::Unsupported {
+            op: "nf4 matmul",
+            why: format!("{m} rows"),
+        });
+    }
+    check_device(w.device(), a)?;
+    check_device(w.device(), out)
+}
+
+/// `y[m, rows] = x[m, cols] · Ŵᵀ` through the path [`choose_path`] picks; returns it.
+pub fn forward<T: FloatElem>(
+    w: &Nf4Weight,
+    x: &Buffer<T>,
+    m: usize,
+    y: &mut Buffer<T>,
+) -> Result<MatmulPath>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let path = choose_path(w.device(), m, true);
+    forward_with(w, x, m, y, path)?;
+    Ok(path)
+}
+
+/// `dx[m, cols] = dy[m, rows] · Ŵ` through the path [`choose_path`] picks; returns it.
+pub fn backward_dx<T: FloatElem>(
+    w: &Nf4Weight,
+    dy: &Buffer<T>,
+    m: usize,
+    dx: &mut Buffer<T>,
+) -> Result<MatmulPath>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let path = choose_path(w.device(), m, false);
+    backward_dx_with(w, dy, m, dx, path)?;
+    Ok(path)
+}
+
+/// The forward through a given path (for tests and benchmarks).
+pub fn forward_with<T: FloatElem>(
+    w: &Nf4Weight,
+    x: &Buffer<T>,
+    m: usize,
+    y: &mut Buffer<T>,
+    path: MatmulPath,
+) -> Result<()>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    check_matmul(w, x, y, m, true)?;
+    run_matmul(w, x, m, y, path, true)
+}
+
+/// The backward dX through a given path (for tests and benchmarks).
+pub fn backward_dx_with<T: FloatElem>(
+    w: &Nf4Weight,
+    dy: &Buffer<T>,
+    m: usize,
+    dx: &mut Buffer<T>,
+    path: MatmulPath,
+) -> Result<()>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    check_matmul(w, dy, dx, m, false)?;
+    run_matmul(w, dy, m, dx, path, false)
+}
+
+fn run_matmul<T: FloatElem>(
+    w: &Nf4Weight,
+    a: &Buffer<T>,
+    m: usize,
+    out: &mut Buffer<T>,
+    path: MatmulPath,
+    forward: bool,
+) -> Result<()>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    if m == 0 {
+        return Ok(());
+    }
+    let dev = w.device().clone();
+    let p = Nf4MatmulParams {
+        w: w.params(),
+        a: a.ptr(),
+        out: out.ptr_mut(),
+        m: m as u32,
+    };
+    match path {
+        MatmulPath::Gemv | MatmulPath::FusedGemm => {
+            let gemv = path == MatmulPath::Gemv;
+            if gemv && (!forward || m > GEMV_MAX_ROWS) {
+                return Err(Error::Unsupported {
+                    op: "nf4 gemv",
+                    why: format!("the GEMV is forward-only, 1..=16 rows; got {m}"),
+                });
+            }
+            let (k, cfg) = fused_launch(
+                T::DTYPE,
+                w.rows as u32,
+                w.cols as u32,
+                m as u32,
+                forward,
+                gemv,
+            );
+            // SAFETY: shapes checked in check_matmul; the GEMV for a bucket of rows reads
+            // only the first m rows, the GEMM bounds-checks every tile edge.
+            unsafe { dev.launch(&k, cfg, &p) }
+        }
+        MatmulPath::DequantizeCublas => {
+            let Device::Cuda(cuda) = &dev else {
+                return Err(Error::Unsupported {
+                    op: "nf4 matmul",
+                    why: "dequantize + cuBLAS needs a GPU".into(),
+                });
+            };
+            let blas = blas::handle(cuda)?.ok_or(Error::Unsupported {
+                op: "nf4 matmul",
+                why: "cuBLAS is not loadable".into(),
+            })?;
+            let mut scratch = dev.alloc_poisoned::<T>(w.rows * w.cols)?;
+            w.dequantize(&mut scratch)?;
+            let (a, s) = (
+                a.as_cuda_slice().expect("a CUDA buffer"),
+                scratch.as_cuda_slice().expect("a CUDA buffer"),
+            );
+            let o = out.as_cuda_slice_mut().expect("a CUDA buffer");
+            if forward {
+                blas::matmul(blas, a, s, o, m, w.rows, w.cols, WeightOp::Transposed)
+            } else {
+                blas::matmul(blas, a, s, o, m, w.cols, w.rows, WeightOp::Plain)
+            }
+        }
+    }
+}
+
+/// Every kernel this module can launch (the build checks look each up in the PTX).
+pub fn kernels() -> Vec<Kernel> {
+    let mut names = vec![
+        "nf4_absmax_mean".to_string(),
+        "nf4_quantize_nested".to_string(),
+    ];
+    for t in ["bf16", "f16", "f32"] {
+        names.push(format!("nf4_quantize_{t}"));
+        names.push(format!("nf4_dequantize_{t}"));
+    }
+    for t in ["bf16", "f16"] {
+        for m in [1, 2, 4, 8, 16] {
+            names.push(format!("nf4_gemv_{t}_m{m}"));
+        }
+        names.push(format!("nf4_gemm_{t}"));
+        names.push(format!("nf4_gemm_dx_{t}"));
+    }
+    names.into_iter().map(kernel).collect()
+}
+
+/// Raw entry points for framework authors: launch on memory and a stream your framework
+/// owns. Fill [`params::Nf4Weight`] with device pointers in bitsandbytes' layout (codes and
+/// activations 16-byte aligned). Nothing is checked beyond the dtype.
+pub mod raw {
+    use super::*;
+    use crate::device::CudaDevice;
+    use cudarc::driver::sys::CUstream;
+
+    fn float_dtype(op: &'static str, t: DType, allowed: &[DType]) -> Result<()> {
+        if allowed.contains(&t) {
+            Ok(())
+        } else {
+            Err(Error::UnsupportedDtype {
+                op,
+                dtypes: t.to_string(),
+            })
+        }
+    }
+
+    /// `out = Ŵ` in `out`'s dtype (bf16, f16, f32).
+    ///
+    /// # Safety
+    /// The pointers in `p` must be valid device memory of `dev`'s context for the weight's
+    /// shape; `stream` must belong to that context.
+    pub unsafe fn dequantize(
+        dev: &CudaDevice,
+        stream: CUstream,
+        out: DType,
+        p: &Nf4DequantizeParams,
+    ) -> Result<()> {
+        float_dtype(
+            "nf4 dequantize",
+            out,
+            &[DType::BF16, DType::F16, DType::F32],
+        )?;
+        let groups = (p.w.rows as u64 * p.w.cols as u64).div_ceil(16);
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            dev.launch(
+                &kernel(format!("nf4_dequantize_{out}")),
+                LaunchConfig::grid_stride(groups, THREADS, MAX_BLOCKS),
+                stream,
+                p,
+            )
+        }
+    }
+
+    /// The fused forward (`forward == true`, GEMV for m ≤ 16, else GEMM) or backward dX.
+    ///
+    /// # Safety
+    /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
+    /// `[m, rows]`/`[m, cols]` (backward).
+    pub unsafe fn matmul(
+        dev: &CudaDevice,
+        stream: CUstream,
+        act: DType,
+        forward: bool,
+        p: &Nf4MatmulParams,
+    ) -> Result<()> {
+        float_dtype("nf4 matmul", act, &[DType::BF16, DType::F16])?;
+        if p.m == 0 {
+            return Ok(());
+        }
+        let gemv = forward && p.m as usize <= GEMV_MAX_ROWS;
+        let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, gemv);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dev.launch(&k, cfg, stream, p) }
+    }
+}

@@ -1,0 +1,212 @@
+//! NF4 kernels against the reference on every backend available: quantization and
+//! dequantization bit for bit, the matmuls within the bf16/f16 bound, at odd shapes with
+//! tails in every dimension, every blocksize, with and without double quantization.
+
+use finetune_kernels::check::nf4::{self as check, Case};
+use finetune_kernels::check::CheckRow;
+use finetune_kernels::nf4::{self, MatmulPath, Nf4Weight};
+use finetune_kernels::reference::nf4 as reference;
+use finetune_kernels::testing::{backends, random_vec};
+use finetune_kernels::{bf16, f16, Error};
+use proptest::prelude::*;
+use rand::{rngs::StdRng, SeedableRng};
+
+const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+fn assert_pass(row: finetune_kernels::Result<CheckRow>) {
+    let row = row.unwrap();
+    assert!(row.pass(), "{row}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
+
+    #[test]
+    fn quantize_and_dequantize_match_the_reference(
+        seed in any::<u64>(), rows in 1usize..70, cols in 1usize..300, bs in 0usize..8, dq in any::<bool>()
+    ) {
+        let c = Case { seed, rows, cols, m: 1, blocksize: BLOCKSIZES[bs], double_quant: dq, timed: false };
+        for dev in backends() {
+            assert_pass(check::quantize::<bf16>(&dev, c));
+            assert_pass(check::quantize::<f16>(&dev, c));
+            assert_pass(check::quantize::<f32>(&dev, c));
+            assert_pass(check::dequantize::<bf16>(&dev, c));
+            assert_pass(check::dequantize::<f16>(&dev, c));
+            assert_pass(check::dequantize::<f32>(&dev, c));
+        }
+    }
+
+    #[test]
+    fn gemv_matches_the_reference(
+        seed in any::<u64>(), rows in 1usize..150, cols in 1usize..300, m in 1usize..=16, dq in any::<bool>()
+    ) {
+        let c = Case { seed, rows, cols, m, blocksize: 64, double_quant: dq, timed: false };
+        for dev in backends() {
+            assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::Gemv, true));
+            assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::Gemv, true));
+        }
+    }
+
+    #[test]
+    fn fused_gemm_forward_and_dx_match_the_reference(
+        seed in any::<u64>(), rows in 1usize..200, cols in 1usize..200, m in 1usize..160, bs in 0usize..3
+    ) {
+        let c = Case { seed, rows, cols, m, blocksize: BLOCKSIZES[bs], double_quant: seed % 2 == 0, timed: false };
+        for dev in backends() {
+            for forward in [true, false] {
+                assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::FusedGemm, forward));
+                assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::FusedGemm, forward));
+            }
+        }
+    }
+}
+
+/// The fast paths (16- and 32-aligned widths, several k-tiles, more than one tile each
+/// way) as well as the generic ones.
+#[test]
+fn aligned_shapes_take_the_fast_paths_and_agree() {
+    for dev in backends() {
+        for (rows, cols, m) in [
+            (256, 256, 130),
+            (130, 64, 129),
+            (64, 96, 17),
+            (300, 1024, 3),
+        ] {
+            let c = Case {
+                seed: rand::random(),
+                rows,
+                cols,
+                m,
+                blocksize: 64,
+                double_quant: true,
+                timed: false,
+            };
+            for forward in [true, false] {
+                assert_pass(check::matmul::<bf16>(
+                    &dev,
+                    c,
+                    MatmulPath::FusedGemm,
+                    forward,
+                ));
+            }
+            if m <= 16 {
+                assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::Gemv, true));
+            }
+        }
+    }
+}
+
+#[test]
+fn dispatch_runs_every_path_it_can_choose() {
+    for dev in backends() {
+        let c = Case {
+            seed: rand::random(),
+            rows: 96,
+            cols: 160,
+            m: 5,
+            blocksize: 64,
+            double_quant: true,
+            timed: false,
+        };
+        assert_eq!(nf4::choose_path(&dev, 5, true), MatmulPath::Gemv);
+        assert_ne!(
+            nf4::choose_path(&dev, 5, false),
+            MatmulPath::Gemv,
+            "the GEMV is forward-only"
+        );
+        for path in [
+            nf4::choose_path(&dev, 100_000, true),
+            nf4::choose_path(&dev, 100_000, false),
+        ] {
+            assert_pass(check::matmul::<bf16>(&dev, Case { m: 40, ..c }, path, true));
+            assert_pass(check::matmul::<bf16>(
+                &dev,
+                Case { m: 40, ..c },
+                path,
+                false,
+            ));
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let w: Vec<bf16> = random_vec(&mut rng, 6 * 10, 1.0);
+        let wd = dev.upload(&w).unwrap();
+        assert!(matches!(
+            Nf4Weight::quantize(&wd, 6, 10, 48, false),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            Nf4Weight::quantize(&wd, 6, 11, 64, false),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        let mut nan = w.clone();
+        nan[17] = bf16::NAN;
+        let nd = dev.upload(&nan).unwrap();
+        assert!(matches!(
+            Nf4Weight::quantize(&nd, 6, 10, 64, true),
+            Err(Error::InvalidArgument { .. })
+        ));
+
+        let q = Nf4Weight::quantize(&wd, 6, 10, 64, true).unwrap();
+        let x = dev
+            .upload(&random_vec::<bf16>(&mut rng, 3 * 10, 1.0))
+            .unwrap();
+        let mut y = dev.alloc_poisoned::<bf16>(3 * 6).unwrap();
+        let mut short = dev.alloc_poisoned::<bf16>(3 * 5).unwrap();
+        assert!(matches!(
+            nf4::forward(&q, &x, 3, &mut short),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            nf4::forward(&q, &x, 4, &mut y),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            nf4::backward_dx_with(&q, &x, 3, &mut y, MatmulPath::Gemv),
+            Err(Error::ShapeMismatch { .. } | Error::Unsupported { .. })
+        ));
+        let x32 = dev
+            .upload(&random_vec::<f32>(&mut rng, 3 * 10, 1.0))
+            .unwrap();
+        let mut y32 = dev.alloc_poisoned::<f32>(3 * 6).unwrap();
+        assert!(matches!(
+            nf4::forward_with(&q, &x32, 3, &mut y32, MatmulPath::FusedGemm),
+            Err(Error::UnsupportedDtype { .. })
+        ));
+
+        let mut host = reference::quantize(&w, &[6, 10], 64, false).unwrap();
+        host.shape = vec![60];
+        assert!(matches!(
+            Nf4Weight::upload(&dev, &host),
+            Err(Error::Unsupported { .. })
+        ));
+        host.shape = vec![6, 10];
+        host.codes.pop();
+        assert!(matches!(
+            Nf4Weight::upload(&dev, &host),
+            Err(Error::ShapeMismatch { .. })
+        ));
+    }
+}
+
+/// A weight quantized on the device round-trips through the host form unchanged.
+#[test]
+fn device_weights_round_trip_through_the_host() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let w: Vec<f16> = random_vec(&mut rng, 33 * 65, 0.1);
+        for dq in [false, true] {
+            let q = Nf4Weight::quantize(&dev.upload(&w).unwrap(), 33, 65, 128, dq)
+                .unwrap()
+                .to_host()
+                .unwrap();
+            let again = Nf4Weight::upload(&dev, &q).unwrap().to_host().unwrap();
+            assert_eq!(q.codes, again.codes);
+            assert_eq!(q.dequantize::<f32>(), again.dequantize::<f32>());
+        }
+    }
+}
