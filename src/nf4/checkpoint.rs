@@ -1,0 +1,1 @@
+//! NF4 checkpoints (in progress).
