@@ -71,3 +71,24 @@ FK_KERNEL(regdump_cvt, RegdumpParams) {
   out[1] = cvt_e4m3x2(hi, lo);
   out[2] = cvt_e5m2x2(hi, lo);
 }
+
+// MUFU.RCP (rcp.approx.ftz.f32), which bitsandbytes' quantizer uses, against the correctly
+// rounded reciprocal: bit i of word w is set when they differ for x = 1.m, m = 32w + i
+// (2^23 mantissas, 2^18 words; one word per thread). The emulator replays MUFU.RCP from it.
+FK_KERNEL(regdump_rcp_table, RegdumpParams) {
+  const uint32_t w = blockIdx.x * blockDim.x + threadIdx.x;
+  if (w >= FK_REGDUMP_RCP_WORDS) return;
+  uint32_t bits = 0;
+  for (uint32_t i = 0; i < 32; ++i) {
+    const float x = __uint_as_float(0x3f800000u | (w * 32 + i));
+    bits |= uint32_t(__float_as_uint(rcp_approx_ftz(x)) != __float_as_uint(__frcp_rn(x))) << i;
+  }
+  p.out[w] = bits;
+}
+
+// MUFU.RCP of arbitrary inputs (every exponent, subnormals, zeros, infinities): checks that
+// the table above, scaled by the exponent and flushed, predicts it everywhere.
+FK_KERNEL(regdump_rcp, RegdumpParams) {
+  for (int i = threadIdx.x; i < FK_REGDUMP_RCP_SAMPLES; i += blockDim.x)
+    p.out[i] = __float_as_uint(rcp_approx_ftz(__uint_as_float(p.in[i])));
+}

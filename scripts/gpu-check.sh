@@ -143,7 +143,7 @@ PY
   gpu_slug=$(sed -n 's/^gpu: //p' "$work/env.txt" | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-' | sed 's/^nvidia-//')
   [ -n "$gpu_slug" ] || gpu_slug=none
   if [ -z "$dry" ]; then
-    "$bundle/fk" regdump --out "$out/regdump-$gpu_slug.txt" 2>&1 | tee -a "$log"
+    "$bundle/fk" regdump --out "$out/regdump-$gpu_slug.txt" --rcp-table "$out/rcp-$gpu_slug.bin" 2>&1 | tee -a "$log"
   else
     echo "skipped (dry run)" | tee -a "$log"
   fi
@@ -165,6 +165,16 @@ PY
     timeout 120 python3 scripts/torch_baselines.py --json "$work/torch.json" 2>&1 | tee -a "$log"
   else
     echo "skipped (dry run)" | tee -a "$log"
+  fi
+
+  step "bitsandbytes NF4 vectors"
+  # bitsandbytes itself quantizes the test weights (a slim copy of its package in .bnb/,
+  # carried with the bundle); the vectors are committed under tests/data/nf4/.
+  if [ -z "$dry" ] && [ -d .bnb ]; then
+    PYTHONPATH=.bnb timeout 120 python3 scripts/nf4_vectors.py --device cuda --out "$work/nf4" 2>&1 | tail -5 | tee -a "$log"
+    [ -d "$work/nf4" ] && tar -C "$work" -cf "$out/nf4-vectors.tar" nf4
+  else
+    echo "skipped (dry run or no .bnb/)" | tee -a "$log"
   fi
 
   step "results"

@@ -9,6 +9,7 @@ use crate::device::{Device, Kernel, LaunchConfig, Target};
 use crate::error::{Error, Result};
 use crate::params::{
     RegdumpParams, FK_REGDUMP_CVT_IN, FK_REGDUMP_LDMATRIX_VARIANTS, FK_REGDUMP_MMA_IN,
+    FK_REGDUMP_RCP_SAMPLES, FK_REGDUMP_RCP_WORDS,
 };
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -184,6 +185,35 @@ pub fn cvt_input(seed: u64) -> Vec<u32> {
     words
 }
 
+/// Inputs for MUFU.RCP: zeros, infinities, NaN, subnormals, the edges where the result
+/// becomes subnormal (and flushes), then random values over every exponent.
+pub fn rcp_input(seed: u64) -> Vec<u32> {
+    let edge: [u32; 16] = [
+        0x0000_0000,
+        0x8000_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0x0000_0001,
+        0x807f_ffff,
+        0x0080_0000,
+        0x3f80_0000,
+        0x4000_0000,
+        0x7e80_0000,
+        0x7e80_0001,
+        0x7eff_ffff,
+        0x7f00_0000,
+        0x7f7f_ffff,
+        0xc0a0_0000,
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut words = edge.to_vec();
+    while words.len() < FK_REGDUMP_RCP_SAMPLES as usize {
+        words.push(rng.random::<u32>());
+    }
+    words
+}
+
 /// Every section the dump holds on `target`, with its inputs (FP8 needs sm_89+).
 pub fn plan(target: Target) -> Vec<Section> {
     let mut sections = vec![Section {
@@ -213,6 +243,12 @@ pub fn plan(target: Target) -> Vec<Section> {
             output: vec![],
         });
     }
+    sections.push(Section {
+        kernel: "regdump_rcp".into(),
+        set: "edge".into(),
+        input: rcp_input(11),
+        output: vec![],
+    });
     sections
 }
 
@@ -220,6 +256,7 @@ pub fn plan(target: Target) -> Vec<Section> {
 pub fn kernels() -> Vec<Kernel> {
     let mut names: Vec<String> = plan(Target::Sm89).into_iter().map(|s| s.kernel).collect();
     names.dedup();
+    names.push("regdump_rcp_table".into());
     names
         .into_iter()
         .map(|name| Kernel {
@@ -234,6 +271,7 @@ pub fn output_len(kernel: &str) -> usize {
     match kernel {
         "regdump_ldmatrix" => FK_REGDUMP_LDMATRIX_VARIANTS as usize * LANES * 4,
         "regdump_cvt" => LANES * crate::params::FK_REGDUMP_CVT_OUT as usize,
+        "regdump_rcp" => FK_REGDUMP_RCP_SAMPLES as usize,
         _ => LANES * 4,
     }
 }
@@ -262,6 +300,30 @@ pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
     // SAFETY: the kernel reads at most 32 lanes x FK_REGDUMP_MMA_IN words of `input` (the
     // mma and cvt inputs are that long; ldmatrix reads none) and writes output_len words.
     unsafe { dev.launch(&kernel, cfg, &p)? };
+    out.to_host()
+}
+
+/// Records MUFU.RCP against the correctly rounded reciprocal over all 2²³ mantissas: one
+/// bit per mantissa, set where they differ (`FK_REGDUMP_RCP_WORDS` little-endian words).
+pub fn record_rcp_table(dev: &Device) -> Result<Vec<u32>> {
+    let dummy = dev.upload(&[0u32])?;
+    let mut out = dev.alloc_poisoned::<u32>(FK_REGDUMP_RCP_WORDS as usize)?;
+    let p = RegdumpParams {
+        out: out.ptr_mut() as *mut u32,
+        in_: dummy.ptr() as *const u32,
+    };
+    let cfg = LaunchConfig::grid_stride(FK_REGDUMP_RCP_WORDS as u64, 256, u32::MAX);
+    // SAFETY: one thread per output word, FK_REGDUMP_RCP_WORDS of them; no input is read.
+    unsafe {
+        dev.launch(
+            &Kernel {
+                module: MODULE,
+                name: "regdump_rcp_table".into(),
+            },
+            cfg,
+            &p,
+        )?
+    };
     out.to_host()
 }
 

@@ -9,10 +9,14 @@
 #define FK_REGDUMP_MMA_IN 10           /* per lane: A[4], B[2], C[4] (f32 bits) */
 #define FK_REGDUMP_CVT_IN 2            /* per lane: hi, lo (f32 bits) */
 #define FK_REGDUMP_CVT_OUT 3           /* per lane: bf16x2, e4m3x2, e5m2x2 */
+#define FK_REGDUMP_RCP_WORDS 262144    /* 2^23 mantissas, one bit each */
+#define FK_REGDUMP_RCP_SAMPLES 1024
 
 typedef struct RegdumpParams {
-  uint32_t* out;      /* ldmatrix: [variant][lane][4]; mma: [lane][4]; cvt: [lane][3] */
-  const uint32_t* in; /* mma: [lane][FK_REGDUMP_MMA_IN]; cvt: [lane][FK_REGDUMP_CVT_IN] */
+  uint32_t* out;      /* ldmatrix: [variant][lane][4]; mma: [lane][4]; cvt: [lane][3];
+                         rcp_table: [FK_REGDUMP_RCP_WORDS]; rcp: [FK_REGDUMP_RCP_SAMPLES] */
+  const uint32_t* in; /* mma: [lane][FK_REGDUMP_MMA_IN]; cvt: [lane][FK_REGDUMP_CVT_IN];
+                         rcp: [FK_REGDUMP_RCP_SAMPLES] */
 } RegdumpParams;
 
 #endif

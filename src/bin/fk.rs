@@ -2,7 +2,7 @@
 //!
 //!   fk info                       the device, driver, PTX target, and why kernels cannot run
 //!   fk check [--small] [--seed N] every kernel against its reference; exit 0 only if all pass
-//!   fk regdump --out FILE         record tensor-core register layouts on this GPU
+//!   fk regdump --out FILE [--rcp-table FILE]         record tensor-core register layouts on this GPU
 //!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
 //!   fk kernels                    every (module, kernel) the Rust side can launch
 
@@ -12,7 +12,7 @@ use finetune_kernels::device::{probe_driver, ptx, Device};
 use finetune_kernels::{regdump, Error};
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE | fk bench --json FILE --md FILE | fk kernels";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
