@@ -113,6 +113,10 @@ PY
     step "tests on $which PTX"
     if [ "$which" = rebuilt ]; then
       [ -d "$local_ptx" ] || { echo "skipped: no rebuilt PTX" | tee -a "$log"; continue; }
+      if ! grep -q "differs" "$work/ptx.txt"; then
+        echo "skipped: the rebuilt PTX is identical to the committed PTX, already tested" | tee -a "$log"
+        continue
+      fi
       export FK_PTX_DIR="$local_ptx"
     fi
     for t in "$bundle"/test-*; do
