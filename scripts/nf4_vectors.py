@@ -24,9 +24,6 @@ src/reference/nf4.rs), which the Rust tests model. Files written to --out:
                           transformers saves one (safetensors, metadata format=pt).
   checkpoint_dequant.safetensors
                           `dq.<name>` / `plain.<name>`: bitsandbytes' dequantized linears.
-  rcp_approx.safetensors  (CUDA only) the GPU's `rcp.approx.ftz.f32` (bitsandbytes' MUFU.RCP
-                          under --use_fast_math) against the correctly rounded 1/x, for every
-                          f32 mantissa. Not test data: a measurement for the reference.
 
     python3 scripts/nf4_vectors.py --check-fk IN.safetensors OUT.safetensors [--device D]
 
@@ -315,42 +312,6 @@ def write_checkpoints(out, device, g, meta, dequantize):
     print(f"checkpoints: {len(LINEARS)} Linear4bit modules, with and without double quant")
 
 
-# ---------------------------------------------------------------------------- MUFU.RCP
-
-
-def write_rcp_dump(out, meta):
-    """Compares the GPU's rcp.approx.ftz.f32 (what `1.0f / x` compiles to under
-    --use_fast_math) with the correctly rounded reciprocal for all 2^23 mantissas in [1, 2),
-    and checks on a spread of exponents that the result only depends on the mantissa."""
-    try:
-        from torch.cuda.jiterator import _create_jit_fn
-        rcp = _create_jit_fn("""
-            template <typename T> T rcp_approx(T x) {
-                float r;
-                asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-                return r;
-            }""")
-        mant = torch.arange(2**23, dtype=torch.int32, device="cuda")
-        x = (mant | 0x3F800000).view(torch.float32)
-        hw = rcp(x).cpu()
-    except Exception as e:  # the dump is a measurement, not a vector: never fail the run on it
-        print(f"rcp dump skipped: {e}")
-        return
-    exact = (1.0 / x.cpu())
-    diff = hw.view(torch.int32).to(torch.int64) - exact.view(torch.int32).to(torch.int64)
-    off = torch.nonzero(diff).reshape(-1)
-    scaled_mismatch = 0
-    for e in range(-120, 121, 10):
-        s = rcp(x * 2.0**e).cpu()
-        scaled_mismatch += int((s != hw * 2.0**-e).sum())
-    stats = {"mantissas": 2**23, "not_correctly_rounded": int(off.numel()),
-             "max_ulp": int(diff.abs().max()), "exponent_dependent": scaled_mismatch}
-    print(f"rcp.approx.ftz.f32 vs 1/x: {json.dumps(stats)}")
-    save_file({"mantissa": off.to(torch.int32), "ulp_diff": diff[off].to(torch.int8)},
-              os.path.join(out, "rcp_approx.safetensors"),
-              metadata={**meta, **{k: str(v) for k, v in stats.items()}})
-
-
 # ---------------------------------------------------------------------------- --check-fk
 
 
@@ -404,8 +365,6 @@ def main():
     if args.device == "cpu":
         print(f"bitsandbytes' own CPU dequantize_4bit disagreed with its default backend "
               f"on {dequantize.cpu_path_wrong} weights (those use the default backend)")
-    if args.device == "cuda":
-        write_rcp_dump(args.out, meta)
     print(f"written to {args.out}: {meta}")
 
 

@@ -63,6 +63,13 @@ pub enum Error {
     Emulator(String),
     /// A file could not be read or written.
     Io { path: String, why: String },
+    /// A checkpoint that is not what it claims: the file, the tensor (empty when the
+    /// problem is the file as a whole) and what is wrong with it.
+    Checkpoint {
+        file: String,
+        tensor: String,
+        why: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -125,6 +132,10 @@ impl fmt::Display for Error {
             Error::Driver { call, name } => write!(f, "CUDA driver call {call} failed: {name}"),
             Error::Emulator(msg) => write!(f, "emulator: {msg}"),
             Error::Io { path, why } => write!(f, "{path}: {why}"),
+            Error::Checkpoint { file, tensor, why } if tensor.is_empty() => {
+                write!(f, "{file}: {why}")
+            }
+            Error::Checkpoint { file, tensor, why } => write!(f, "{file}: tensor {tensor}: {why}"),
         }
     }
 }

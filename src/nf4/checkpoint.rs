@@ -1,1 +1,599 @@
-//! NF4 checkpoints (in progress).
+//! NF4 weights in safetensors checkpoints, in the layout bitsandbytes and transformers use,
+//! and `fk quantize` ([`quantize_file`]).
+//!
+//! bitsandbytes' `Linear4bit` saves its weight `<module>.weight` as these tensors
+//! (`QuantState.as_dict(packed=True)`; transformers reads them back with
+//! `Params4bit.from_prequantized`):
+//!
+//! | tensor | dtype, shape | holds |
+//! |---|---|---|
+//! | `<w>` | u8 `[ceil(n/2), 1]` | the packed codes, element `2i` in the high nibble |
+//! | `<w>.absmax` | f32 `[blocks]`, or u8 `[blocks]` when double-quantized | per-block scales |
+//! | `<w>.quant_map` | f32 `[16]` | the NF4 table |
+//! | `<w>.nested_absmax` | f32 `[ceil(blocks/256)]` | double quant only |
+//! | `<w>.nested_quant_map` | f32 `[256]` | double quant only: the 8-bit map |
+//! | `<w>.quant_state.bitsandbytes__nf4` | u8 `[len]` | UTF-8 JSON: `quant_type`, `blocksize`, `dtype`, `shape`, and `nested_blocksize`, `nested_dtype`, `nested_offset` when double-quantized |
+//!
+//! Reading checks every part against the others and fails with [`Error::Checkpoint`] naming
+//! the tensor; writing goes to a temporary file renamed over the output at the end.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::reference::nf4::{self, Absmax, NestedAbsmax, Nf4Quantized, BLOCKSIZES, NF4_CODE};
+use crate::{bf16, f16};
+use safetensors::{Dtype, SafeTensors, View};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The key that marks an NF4 weight: `<w>` + this holds its JSON quant state.
+pub const QUANT_STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
+/// The same key for any bitsandbytes 4-bit type (`fp4` is refused by name).
+const ANY_QUANT_STATE: &str = ".quant_state.bitsandbytes__";
+/// The suffixes of the other parts of an NF4 weight (the nested ones first: `.absmax` is a
+/// suffix of `.nested_absmax`).
+const PARTS: [&str; 4] = [
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".absmax",
+    ".quant_map",
+];
+
+/// A tensor as a safetensors file stores it: little-endian bytes, borrowed from the file
+/// that was read or owned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
+}
+
+impl RawTensor<'static> {
+    fn owned<T: bytemuck::Pod>(dtype: Dtype, shape: Vec<usize>, values: &[T]) -> Self {
+        RawTensor {
+            dtype,
+            shape,
+            data: Cow::Owned(bytemuck::cast_slice(values).to_vec()),
+        }
+    }
+}
+
+impl RawTensor<'_> {
+    /// The elements as `T`, which must be the tensor's dtype.
+    pub fn values<T: bytemuck::Pod>(&self) -> Vec<T> {
+        self.data
+            .chunks_exact(size_of::<T>())
+            .map(bytemuck::pod_read_unaligned)
+            .collect()
+    }
+}
+
+impl View for RawTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A checkpoint read whole: its NF4 weights by name (`<module>.weight`), every other tensor
+/// as it is, and the file's metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checkpoint<'a> {
+    pub nf4: BTreeMap<String, Nf4Quantized>,
+    pub tensors: BTreeMap<String, RawTensor<'a>>,
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+/// Reads a whole file, as an [`Error::Io`] naming it on failure.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
+impl<'a> Checkpoint<'a> {
+    /// Parses a safetensors file's bytes (`file` names it in errors).
+    pub fn parse(bytes: &'a [u8], file: &str) -> Result<Self> {
+        let (st, metadata) = deserialize(bytes, file)?;
+        let mut nf4 = BTreeMap::new();
+        for name in st.names() {
+            if let Some(at) = name.find(ANY_QUANT_STATE) {
+                let weight = &name[..at];
+                if !name.ends_with(QUANT_STATE_SUFFIX) {
+                    let kind = &name[at + ANY_QUANT_STATE.len()..];
+                    return Err(bad(
+                        file,
+                        name,
+                        format!("quant_type {kind:?}: only nf4 is supported"),
+                    ));
+                }
+                nf4.insert(weight.to_string(), read_nf4(&st, weight, file)?);
+            }
+        }
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.iter() {
+            if is_part_of(name, &nf4) {
+                continue;
+            }
+            if let Some(weight) = PARTS.iter().find_map(|p| name.strip_suffix(p)) {
+                if st.tensor(weight).is_ok_and(|w| w.dtype() == Dtype::U8) {
+                    return Err(bad(
+                        file,
+                        name,
+                        format!("an NF4 part without {weight}{QUANT_STATE_SUFFIX}"),
+                    ));
+                }
+            }
+            let raw = RawTensor {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                data: Cow::Borrowed(view.data()),
+            };
+            tensors.insert(name.to_string(), raw);
+        }
+        Ok(Checkpoint {
+            nf4,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// Writes the checkpoint (NF4 weights in bitsandbytes' layout) to `path`, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut out: Vec<(String, RawTensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, q) in &self.nf4 {
+            out.extend(nf4_tensors(name, q)?);
+        }
+        write_atomic(path, out, self.metadata.clone())
+    }
+}
+
+fn bad(file: &str, tensor: &str, why: String) -> Error {
+    Error::Checkpoint {
+        file: file.to_string(),
+        tensor: tensor.to_string(),
+        why,
+    }
+}
+
+fn deserialize<'a>(
+    bytes: &'a [u8],
+    file: &str,
+) -> Result<(SafeTensors<'a>, Option<HashMap<String, String>>)> {
+    let not_safetensors = |e: safetensors::SafeTensorError| {
+        bad(file, "", format!("not a valid safetensors file: {e}"))
+    };
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
+    let st = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
+    Ok((st, header.metadata().clone()))
+}
+
+/// Whether `name` is one of the tensors of an NF4 weight in `nf4`.
+fn is_part_of(name: &str, nf4: &BTreeMap<String, Nf4Quantized>) -> bool {
+    nf4.contains_key(name)
+        || name
+            .strip_suffix(QUANT_STATE_SUFFIX)
+            .is_some_and(|w| nf4.contains_key(w))
+        || PARTS
+            .iter()
+            .any(|p| name.strip_suffix(p).is_some_and(|w| nf4.contains_key(w)))
+}
+
+/// bitsandbytes' name for a weight dtype in the quant state (`str(dtype)` less `torch.`).
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Reads the NF4 weight `weight` (e.g. `model.layers.0.mlp.up_proj.weight`) from its parts.
+pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantized> {
+    let state_name = format!("{weight}{QUANT_STATE_SUFFIX}");
+    let get = |suffix: &str, dtype: Dtype, numel: Option<usize>| -> Result<RawTensor> {
+        let name = format!("{weight}{suffix}");
+        let view = st
+            .tensor(&name)
+            .map_err(|_| bad(file, &name, "missing".into()))?;
+        if view.dtype() != dtype {
+            return Err(bad(
+                file,
+                &name,
+                format!("dtype {:?}, expected {dtype:?}", view.dtype()),
+            ));
+        }
+        let n: usize = view.shape().iter().product();
+        if let Some(expected) = numel.filter(|&e| e != n) {
+            return Err(bad(
+                file,
+                &name,
+                format!(
+                    "{n} elements (shape {:?}), expected {expected}",
+                    view.shape()
+                ),
+            ));
+        }
+        Ok(RawTensor {
+            dtype,
+            shape: view.shape().to_vec(),
+            data: Cow::Borrowed(view.data()),
+        })
+    };
+    let state = get(QUANT_STATE_SUFFIX, Dtype::U8, None)?;
+    let state = QuantState::parse(&state.data).map_err(|why| bad(file, &state_name, why))?;
+    let numel = state
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n > 0);
+    let numel = numel.ok_or_else(|| bad(file, &state_name, format!("shape {:?}", state.shape)))?;
+    let blocks = numel.div_ceil(state.blocksize);
+
+    let codes = get("", Dtype::U8, Some(numel.div_ceil(2)))?.values::<u8>();
+    let quant_map = get(".quant_map", Dtype::F32, Some(16))?.values::<f32>();
+    if let Some(i) = (0..16).find(|&i| quant_map[i].to_bits() != NF4_CODE[i].to_bits()) {
+        let why = format!(
+            "entry {i} is {}, not the NF4 table's {}",
+            quant_map[i], NF4_CODE[i]
+        );
+        return Err(bad(file, &format!("{weight}.quant_map"), why));
+    }
+    let absmax = match state.nested {
+        None => Absmax::Plain(get(".absmax", Dtype::F32, Some(blocks))?.values()),
+        Some((blocksize, offset)) => {
+            let map = get(".nested_quant_map", Dtype::F32, Some(256))?.values::<f32>();
+            Absmax::Nested(NestedAbsmax {
+                codes: get(".absmax", Dtype::U8, Some(blocks))?.values(),
+                absmax: get(
+                    ".nested_absmax",
+                    Dtype::F32,
+                    Some(blocks.div_ceil(blocksize)),
+                )?
+                .values(),
+                code: map.try_into().expect("256 checked"),
+                offset,
+                blocksize,
+            })
+        }
+    };
+    let q = Nf4Quantized {
+        shape: state.shape,
+        dtype: state.dtype,
+        blocksize: state.blocksize,
+        codes,
+        absmax,
+    };
+    q.validate().map_err(|e| bad(file, weight, e.to_string()))?;
+    Ok(q)
+}
+
+/// The JSON blob of `<w>.quant_state.bitsandbytes__nf4`, checked.
+struct QuantState {
+    blocksize: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// `(nested_blocksize, nested_offset)` when double-quantized.
+    nested: Option<(usize, f32)>,
+}
+
+impl QuantState {
+    fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| format!("bad JSON: {e}"))?;
+        let field = |k: &str| {
+            v.get(k)
+                .ok_or_else(|| format!("no {k:?} in the quant state"))
+        };
+        let size = |k: &str| {
+            field(k)?
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| format!("{k:?} is not a size"))
+        };
+        let text = |k: &str| {
+            field(k)?
+                .as_str()
+                .ok_or_else(|| format!("{k:?} is not a string"))
+        };
+
+        let quant_type = text("quant_type")?;
+        if quant_type != "nf4" {
+            return Err(format!("quant_type {quant_type:?}: only nf4 is supported"));
+        }
+        let blocksize = size("blocksize")?;
+        if !BLOCKSIZES.contains(&blocksize) {
+            return Err(format!(
+                "blocksize {blocksize}: bitsandbytes allows {BLOCKSIZES:?}"
+            ));
+        }
+        let dtype = match text("dtype")? {
+            "bfloat16" => DType::BF16,
+            "float16" => DType::F16,
+            "float32" => DType::F32,
+            other => {
+                return Err(format!(
+                    "dtype {other:?}: NF4 weights are bfloat16, float16 or float32"
+                ))
+            }
+        };
+        let shape = field("shape")?
+            .as_array()
+            .and_then(|dims| {
+                dims.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or("\"shape\" is not a list of sizes")?;
+        let nested = match v.get("nested_offset") {
+            None => None,
+            Some(offset) => {
+                let offset = offset.as_f64().map(|o| o as f32).filter(|o| o.is_finite());
+                let offset = offset.ok_or("\"nested_offset\" is not a finite number")?;
+                if text("nested_dtype")? != "float32" {
+                    return Err("nested_dtype must be \"float32\"".into());
+                }
+                let blocksize = size("nested_blocksize")?;
+                if blocksize == 0 {
+                    return Err("nested_blocksize 0".into());
+                }
+                Some((blocksize, offset))
+            }
+        };
+        Ok(QuantState {
+            blocksize,
+            dtype,
+            shape,
+            nested,
+        })
+    }
+
+    /// The JSON as bitsandbytes writes it (`json.dumps` of `as_dict`'s non-tensor items).
+    fn to_json(q: &Nf4Quantized) -> String {
+        let mut json = format!(
+            r#"{{"quant_type": "nf4", "blocksize": {}, "dtype": "{}", "shape": {:?}"#,
+            q.blocksize,
+            dtype_name(q.dtype),
+            q.shape
+        );
+        if let Absmax::Nested(n) = &q.absmax {
+            let offset = serde_json::Value::from(n.offset as f64);
+            json += &format!(
+                r#", "nested_blocksize": {}, "nested_dtype": "float32", "nested_offset": {offset}"#,
+                n.blocksize
+            );
+        }
+        json + "}"
+    }
+}
+
+/// The tensors bitsandbytes stores for the NF4 weight `weight`.
+pub fn nf4_tensors(weight: &str, q: &Nf4Quantized) -> Result<Vec<(String, RawTensor<'static>)>> {
+    q.validate()?;
+    let name = |suffix: &str| format!("{weight}{suffix}");
+    let mut out = vec![
+        (
+            name(""),
+            RawTensor::owned(Dtype::U8, vec![q.codes.len(), 1], &q.codes),
+        ),
+        (
+            name(".quant_map"),
+            RawTensor::owned(Dtype::F32, vec![16], &NF4_CODE),
+        ),
+    ];
+    match &q.absmax {
+        Absmax::Plain(a) => out.push((
+            name(".absmax"),
+            RawTensor::owned(Dtype::F32, vec![a.len()], a),
+        )),
+        Absmax::Nested(n) => out.extend([
+            (
+                name(".absmax"),
+                RawTensor::owned(Dtype::U8, vec![n.codes.len()], &n.codes),
+            ),
+            (
+                name(".nested_absmax"),
+                RawTensor::owned(Dtype::F32, vec![n.absmax.len()], &n.absmax),
+            ),
+            (
+                name(".nested_quant_map"),
+                RawTensor::owned(Dtype::F32, vec![256], &n.code),
+            ),
+        ]),
+    }
+    let json = QuantState::to_json(q).into_bytes();
+    out.push((
+        name(QUANT_STATE_SUFFIX),
+        RawTensor::owned(Dtype::U8, vec![json.len()], &json),
+    ));
+    Ok(out)
+}
+
+/// Writes tensors to `path` through a temporary file in the same directory, renamed over
+/// `path` only once complete, so a failure leaves no half-written output (and an existing
+/// file untouched). The metadata gets `format: pt`, which transformers asks for, if absent.
+pub fn write_atomic<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, RawTensor<'a>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let io = |e: &dyn std::fmt::Display| Error::Io {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
+    let mut metadata = metadata.unwrap_or_default();
+    metadata
+        .entry("format".into())
+        .or_insert_with(|| "pt".into());
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io(&"not a file name"))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let written = safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
+        .map_err(|e| io(&e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| io(&e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// What `fk quantize` converts, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeOptions {
+    pub blocksize: usize,
+    pub double_quant: bool,
+    /// Glob patterns (`*` any run of characters, `?` one): a 2-D bf16/f16/f32 tensor is
+    /// quantized if its name matches one of `include` and none of `exclude`.
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl Default for QuantizeOptions {
+    /// QLoRA's usual setting: blocksize 64, double quantization, the linear weights only
+    /// (embeddings, norms and the LM head stay as they are, as transformers leaves them).
+    fn default() -> Self {
+        QuantizeOptions {
+            blocksize: 64,
+            double_quant: true,
+            include: vec!["*.weight".into()],
+            exclude: vec!["*embed*".into(), "*norm*".into(), "lm_head*".into()],
+        }
+    }
+}
+
+impl QuantizeOptions {
+    /// Whether the tensor `name` of this dtype and shape gets quantized.
+    pub fn selects(&self, name: &str, dtype: Dtype, shape: &[usize]) -> bool {
+        shape.len() == 2
+            && matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+            && self.include.iter().any(|p| glob_match(p, name))
+            && !self.exclude.iter().any(|p| glob_match(p, name))
+    }
+}
+
+/// `*` matches any run of characters (dots included), `?` any one character.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Greedy matching with backtracking to the last `*`.
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// What [`quantize_file`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeSummary {
+    /// The tensors quantized to NF4, by name.
+    pub quantized: Vec<String>,
+    /// How many tensors were copied unchanged.
+    pub copied: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// `fk quantize`: converts the selected weights of the safetensors checkpoint `input` to
+/// NF4 and writes `output` with every other tensor copied unchanged. The input is read
+/// whole into memory; the output is written atomically.
+pub fn quantize_file(
+    input: &Path,
+    output: &Path,
+    opts: &QuantizeOptions,
+) -> Result<QuantizeSummary> {
+    let file = input.display().to_string();
+    let bytes = read_file(input)?;
+    let (st, metadata) = deserialize(&bytes, &file)?;
+    let mut out = Vec::new();
+    let mut quantized = Vec::new();
+    for (name, view) in st.iter() {
+        let raw = RawTensor {
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: Cow::Borrowed(view.data()),
+        };
+        if !opts.selects(name, raw.dtype, &raw.shape) {
+            out.push((name.to_string(), raw));
+            continue;
+        }
+        let q = match raw.dtype {
+            Dtype::BF16 => nf4::quantize(
+                &raw.values::<bf16>(),
+                &raw.shape,
+                opts.blocksize,
+                opts.double_quant,
+            ),
+            Dtype::F16 => nf4::quantize(
+                &raw.values::<f16>(),
+                &raw.shape,
+                opts.blocksize,
+                opts.double_quant,
+            ),
+            _ => nf4::quantize(
+                &raw.values::<f32>(),
+                &raw.shape,
+                opts.blocksize,
+                opts.double_quant,
+            ),
+        };
+        let q = q.map_err(|e| bad(&file, name, e.to_string()))?;
+        out.extend(nf4_tensors(name, &q)?);
+        quantized.push(name.to_string());
+    }
+    let copied = st.len() - quantized.len();
+    write_atomic(output, out, metadata)?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    quantized.sort();
+    Ok(QuantizeSummary {
+        quantized,
+        copied,
+        bytes_before: bytes.len() as u64,
+        bytes_after: size(output),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.weight", "model.layers.0.mlp.up_proj.weight"));
+        assert!(!glob_match("*.weight", "model.layers.0.mlp.up_proj.bias"));
+        assert!(glob_match("*embed*", "model.embed_tokens.weight"));
+        assert!(glob_match("lm_head*", "lm_head.weight"));
+        assert!(!glob_match("lm_head*", "model.lm_head_x"));
+        assert!(glob_match("model.layers.?.*", "model.layers.3.x"));
+        assert!(!glob_match("model.layers.?.*", "model.layers.12.x"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "aXbYbZc"));
+    }
+}
