@@ -5,14 +5,17 @@
 //!   fk regdump --out FILE [--rcp-table FILE]         record tensor-core register layouts on this GPU
 //!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
 //!   fk kernels                    every (module, kernel) the Rust side can launch
+//!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
 
 use finetune_kernels::bench::{self, GpuTimer};
 use finetune_kernels::check::{self, Scale};
 use finetune_kernels::device::{probe_driver, ptx, Device};
+use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions};
 use finetune_kernels::{regdump, Error};
+use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]...";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,6 +27,7 @@ fn main() -> ExitCode {
         Some("check") => run_check(&args[1..]),
         Some("regdump") => run_regdump(&args[1..]).map(|_| true),
         Some("bench") => run_bench(&args[1..]).map(|_| true),
+        Some("quantize") => run_quantize(&args[1..]).map(|_| true),
         Some("kernels") => {
             for k in finetune_kernels::sparse::kernels()
                 .into_iter()
@@ -165,5 +169,51 @@ fn run_bench(args: &[String]) -> Result<(), String> {
     let table = bench::to_markdown(&rows);
     std::fs::write(md, &table).map_err(|e| format!("{md}: {e}"))?;
     print!("{table}");
+    Ok(())
+}
+
+/// `fk quantize`: the 2-D linear weights of a bf16/f16/f32 safetensors checkpoint to NF4
+/// (bitsandbytes' layout, loadable by transformers), every other tensor copied. `--include`
+/// and `--exclude` replace the default patterns (`*.weight`; `*embed*`, `*norm*`, `lm_head*`).
+fn run_quantize(args: &[String]) -> Result<(), String> {
+    let mut opts = QuantizeOptions::default();
+    let (mut include, mut exclude, mut paths) = (Vec::new(), Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--blocksize" => {
+                let v = value()?;
+                opts.blocksize = v.parse().map_err(|e| format!("--blocksize {v}: {e}"))?;
+            }
+            "--no-double-quant" => opts.double_quant = false,
+            "--include" => include.push(value()?),
+            "--exclude" => exclude.push(value()?),
+            flag if flag.starts_with("--") => return Err(format!("unknown flag {flag}\n{USAGE}")),
+            path => paths.push(path),
+        }
+    }
+    let [input, output] = paths[..] else {
+        return Err(format!("quantize needs IN and OUT\n{USAGE}"));
+    };
+    if !include.is_empty() {
+        opts.include = include;
+    }
+    if !exclude.is_empty() {
+        opts.exclude = exclude;
+    }
+    let s = quantize_file(Path::new(input), Path::new(output), &opts).map_err(|e| e.to_string())?;
+    for name in &s.quantized {
+        println!("nf4  {name}");
+    }
+    println!(
+        "{} tensors quantized to NF4 (blocksize {}, double quant {}), {} copied; {:.1} MB -> {:.1} MB",
+        s.quantized.len(),
+        opts.blocksize,
+        if opts.double_quant { "on" } else { "off" },
+        s.copied,
+        s.bytes_before as f64 / 1e6,
+        s.bytes_after as f64 / 1e6
+    );
     Ok(())
 }
