@@ -257,6 +257,14 @@ fn include_and_exclude_patterns() {
     };
     let s = quantize_file(&input, &out, &everything).unwrap();
     assert_eq!(s.quantized.len(), LINEARS.len() + 2);
+    let bad = QuantizeOptions {
+        blocksize: 48,
+        ..QuantizeOptions::default()
+    };
+    assert!(matches!(
+        quantize_file(&input, &out, &bad),
+        Err(Error::Unsupported { .. })
+    ));
 }
 
 // ------------------------------------------------------------------ bad input

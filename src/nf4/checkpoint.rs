@@ -529,6 +529,16 @@ pub fn quantize_file(
     output: &Path,
     opts: &QuantizeOptions,
 ) -> Result<QuantizeSummary> {
+    if !BLOCKSIZES.contains(&opts.blocksize) {
+        let why = format!(
+            "blocksize {}: bitsandbytes allows {BLOCKSIZES:?}",
+            opts.blocksize
+        );
+        return Err(Error::Unsupported {
+            op: "fk quantize",
+            why,
+        });
+    }
     let file = input.display().to_string();
     let bytes = read_file(input)?;
     let (st, metadata) = deserialize(&bytes, &file)?;
