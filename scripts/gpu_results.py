@@ -55,7 +55,9 @@ def main():
     work, out, slug, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     env = parse_env(read(os.path.join(work, "env.txt")))
     date = env.get("date", "unknown")[:10]
-    stem = f"{date}-{slug}"
+    # Several runs a day: the stem carries the start time (UTC), e.g. 2026-11-26T0806-h200.
+    when = env.get("date", "unknown")
+    stem = f"{when[:10]}T{when[11:13]}{when[14:16]}-{slug}" if len(when) >= 16 else f"{when}-{slug}"
     tests = {w: parse_tests(read(os.path.join(work, f"tests-{w}.txt"))) for w in ("committed", "rebuilt")}
     sanitizer = read(os.path.join(work, "sanitizer.txt")).strip()
     check = read(os.path.join(work, "check.txt")).strip()

@@ -355,9 +355,12 @@ pub enum MatmulPath {
     DequantizeCublas,
 }
 
-/// Rows of activations from which dequantize + cuBLAS beats the fused GEMM on a GPU with
-/// cuBLAS. Measured by `fk bench` (nf4 rows at several M) on an H200; see bench/results.
-pub const DEQUANTIZE_CUBLAS_MIN_ROWS: usize = 1024;
+/// Rows of activations from which dequantize + cuBLAS is used instead of the fused GEMM when
+/// cuBLAS is present. Measured on an H200 (bench/results/2026-11-26T0806-h200.md, 4096→11008,
+/// bf16): the fused `mma.sync` GEMM took 155 µs at 64 rows and 4258 µs at 8192, dequantize +
+/// cuBLAS 94 µs and 983 µs (cuBLAS alone 919 µs): cuBLAS's `wgmma` wins from the smallest
+/// batch past the GEMV, so the fused GEMM serves GPUs without cuBLAS and the emulator.
+pub const DEQUANTIZE_CUBLAS_MIN_ROWS: usize = GEMV_MAX_ROWS + 1;
 
 /// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`: the GEMV for decode
 /// batches (forward), dequantize + cuBLAS for large batches where cuBLAS is present, the
