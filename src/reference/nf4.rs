@@ -34,7 +34,8 @@
 //! documented at the function that owns them:
 //! - `MUFU.RCP` is an approximate reciprocal (≤ 1 ulp from `1/x`); [`reciprocal`] computes the
 //!   correctly rounded one. A code can differ only where `x * r` falls within an ulp of a
-//!   threshold. Powers of two (and the vectors in `tests/data/nf4/`) agree exactly.
+//!   threshold; absmaxes that are powers of two agree exactly. The CUDA vectors
+//!   (`tests/data/nf4/cuda/`, when recorded) check the rest.
 //! - The offset: torch's mean sums in an order of its own; [`absmax_mean`] sums in f64. Use
 //!   [`quantize_with_offset`] to reproduce a given offset bit for bit.
 //! - NaN and Inf: bitsandbytes does not check (a NaN element is skipped by the max and takes
@@ -42,8 +43,9 @@
 //!
 //! bitsandbytes' own CPU path is *not* the CUDA one (tests/nf4_reference.rs checks both):
 //! the 4-bit codes come from torch ops (`backends/default/ops.py`) that divide the tail block
-//! by its absmax instead of multiplying by the reciprocal, give all-zero blocks code 7,
-//! compare against the exact f32 midpoints, and do not flush subnormals; the 8-bit nested
+//! by its absmax instead of multiplying by the reciprocal (and store that block's absmax
+//! clamped to 1e-38), give all-zero blocks code 7, compare against the exact f32
+//! midpoints, and do not flush subnormals; the 8-bit nested
 //! codes come from a 65536-entry lookup table (`csrc/cpu_ops.cpp`) that can pick a
 //! neighbouring code; and the AVX-512 `dequantize_4bit` reads the wrong absmax when a row's
 //! length is a multiple of 16 but not of the blocksize.
@@ -207,7 +209,9 @@ pub fn mul_ftz(a: f32, b: f32) -> f32 {
 /// `1 / x` with flush-to-zero, standing in for bitsandbytes' `MUFU.RCP`
 /// (`rcp.approx.ftz.f32`). The hardware result is within one ulp of `1/x` but not always
 /// the correctly rounded one; this function is. They agree on powers of two, zero
-/// (`+inf`) and infinity (`0`).
+/// (`+inf`) and infinity (`0`). The register dump (`fk regdump --rcp-table`) records, per
+/// f32 mantissa, where the hardware picks the other neighbour of `1/x`; this is the one
+/// place to apply that table.
 pub fn reciprocal(x: f32) -> f32 {
     flush_subnormal(1.0 / flush_subnormal(x))
 }
