@@ -21,6 +21,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::reference::nf4::{self, Absmax, NestedAbsmax, Nf4Quantized, BLOCKSIZES, NF4_CODE};
 use crate::{bf16, f16};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -65,6 +66,17 @@ impl RawTensor<'_> {
             .chunks_exact(size_of::<T>())
             .map(bytemuck::pod_read_unaligned)
             .collect()
+    }
+}
+
+impl<'a> From<TensorView<'a>> for RawTensor<'a> {
+    /// A tensor of a parsed file, borrowing its bytes.
+    fn from(view: TensorView<'a>) -> Self {
+        RawTensor {
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: Cow::Borrowed(view.data()),
+        }
     }
 }
 
@@ -133,12 +145,7 @@ impl<'a> Checkpoint<'a> {
                     ));
                 }
             }
-            let raw = RawTensor {
-                dtype: view.dtype(),
-                shape: view.shape().to_vec(),
-                data: Cow::Borrowed(view.data()),
-            };
-            tensors.insert(name.to_string(), raw);
+            tensors.insert(name.to_string(), RawTensor::from(view));
         }
         Ok(Checkpoint {
             nf4,
@@ -227,11 +234,7 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
                 ),
             ));
         }
-        Ok(RawTensor {
-            dtype,
-            shape: view.shape().to_vec(),
-            data: Cow::Borrowed(view.data()),
-        })
+        Ok(RawTensor::from(view))
     };
     let state = get(QUANT_STATE_SUFFIX, Dtype::U8, None)?;
     let state = QuantState::parse(&state.data).map_err(|why| bad(file, &state_name, why))?;
@@ -545,11 +548,7 @@ pub fn quantize_file(
     let mut out = Vec::new();
     let mut quantized = Vec::new();
     for (name, view) in st.iter() {
-        let raw = RawTensor {
-            dtype: view.dtype(),
-            shape: view.shape().to_vec(),
-            data: Cow::Borrowed(view.data()),
-        };
+        let raw = RawTensor::from(view);
         if !opts.selects(name, raw.dtype, &raw.shape) {
             out.push((name.to_string(), raw));
             continue;
