@@ -25,12 +25,6 @@ FK_DEVICE float* shared_code_table() {
   return table;
 }
 
-// Ŵ for element e, in T's precision (returned as f32).
-template <typename T>
-FK_DEVICE float dequant(const float* table, uint32_t code, float absmax) {
-  return to_f32(from_f32<T>(nf4_value(table, code, absmax)));
-}
-
 // ---- dequantize: 16 elements per thread (one 8-byte load; 16 divides every blocksize) ----
 
 template <typename O>
@@ -149,9 +143,14 @@ FK_DEVICE void quantize_nested(const Nf4NestedParams& p) {
 
 // ---- GEMV: out[m, rows] = a[m, cols] · Ŵᵀ for m <= M (decode-sized batches) ------------
 //
-// One warp per R weight rows: each lane walks 32-element chunks of the rows (one 16-byte
-// load of codes per row), reuses each chunk of x across the R rows, and the warp sums its
-// lanes at the end (a fixed butterfly: deterministic).
+// Memory-bound on the 4-bit weight, which it reads once. One warp per R weight rows: each
+// lane walks 32-element chunks of the rows (one 16-byte load of codes per row and chunk,
+// two chunks' loads in flight before any use), reuses each chunk of x across the R rows,
+// and the warp sums its lanes at the end (a fixed butterfly: deterministic).
+//
+// A 32-element chunk lies in one quantization block, so the GEMV sums x·code over the chunk
+// and multiplies by the block's absmax once: Ŵ stays in f32 and is never rounded to the
+// activations' dtype (a difference from dequantize-then-multiply far below the bound).
 
 template <typename T>
 FK_DEVICE void unpack8(const uint4& v, float (&x)[8]) {
@@ -162,57 +161,97 @@ FK_DEVICE void unpack8(const uint4& v, float (&x)[8]) {
   }
 }
 
+// The nested map in shared memory (absmax lookups by divergent index), when nested.
+FK_DEVICE Nf4Weight with_shared_map(Nf4Weight w) {
+  __shared__ float map[256];
+  if (w.nested) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = w.nested_map[i];
+    __syncthreads();
+    w.nested_map = map;
+  }
+  return w;
+}
+
 template <typename T, int M>
 FK_DEVICE void gemv(const Nf4MatmulParams& p) {
-  constexpr int R = M <= 4 ? 4 : 2;
+  constexpr int R = M <= 4 ? 4 : 2;  // weight rows per warp (fewer when x has many rows)
+  constexpr int U = 2;               // chunks in flight per lane
   const float* table = shared_code_table();
+  const Nf4Weight w = with_shared_map(p.w);
   const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
-  const uint32_t N = p.w.rows, K = p.w.cols;
+  const uint32_t N = w.rows, K = w.cols, chunks = K / 32;
   const int lane = lane_id();
   const bool fast = K % 32 == 0;
   for (uint64_t n0 = warp_start() * R; n0 < N; n0 += warp_stride() * R) {
     float acc[M][R] = {};
     if (fast) {
-      for (uint32_t c = lane; c < K / 32; c += 32) {
-        uint4 codes[R];
-        float absmax[R];
-        for (int r = 0; r < R; ++r) {
-          const uint64_t e = (n0 + r) * K + 32ull * c;
-          const bool valid = n0 + r < N;
-          codes[r] = valid ? *reinterpret_cast<const uint4*>(p.w.codes + e / 2) : make_uint4(0, 0, 0, 0);
-          absmax[r] = valid ? nf4_absmax(p.w, e / p.w.blocksize) : 0.0f;
-        }
-        for (int s = 0; s < 4; ++s) {  // 8 elements at a time
-          float w[R][8];
+      for (uint32_t c0 = lane; c0 < chunks; c0 += 32 * U) {
+        uint4 codes[U][R];
+        float absmax[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
           for (int r = 0; r < R; ++r) {
-            const uint32_t word = s == 0 ? codes[r].x : s == 1 ? codes[r].y : s == 2 ? codes[r].z : codes[r].w;
-            for (int i = 0; i < 4; ++i) {
-              const uint32_t byte = (word >> (8 * i)) & 0xFF;
-              w[r][2 * i] = dequant<T>(table, byte >> 4, absmax[r]);
-              w[r][2 * i + 1] = dequant<T>(table, byte & 0xF, absmax[r]);
-            }
+            const uint32_t c = c0 + 32 * u;
+            const bool valid = n0 + r < N && c < chunks;
+            const uint64_t e = (n0 + r) * K + 32ull * c;
+            codes[u][r] = valid ? *reinterpret_cast<const uint4*>(w.codes + e / 2) : make_uint4(0, 0, 0, 0);
+            absmax[u][r] = valid ? nf4_absmax(w, e / w.blocksize) : 0.0f;
           }
-          for (int m = 0; m < M; ++m) {
-            if (m >= static_cast<int>(p.m)) break;
-            float x[8];
-            unpack8<T>(*reinterpret_cast<const uint4*>(a + uint64_t(m) * K + 32ull * c + 8 * s), x);
-            for (int r = 0; r < R; ++r)
-              for (int i = 0; i < 8; ++i) acc[m][r] = fmaf(x[i], w[r][i], acc[m][r]);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const uint32_t c = c0 + 32 * u;
+          if (c < chunks) {
+            float part[M][R] = {};
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {  // 8 elements at a time
+              float code[R][8];
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                const uint4& q = codes[u][r];
+                const uint32_t word = s == 0 ? q.x : s == 1 ? q.y : s == 2 ? q.z : q.w;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                  code[r][2 * i] = table[(word >> (8 * i + 4)) & 0xF];
+                  code[r][2 * i + 1] = table[(word >> (8 * i)) & 0xF];
+                }
+              }
+#pragma unroll
+              for (int m = 0; m < M; ++m) {
+                if (m < static_cast<int>(p.m)) {
+                  float x[8];
+                  unpack8<T>(*reinterpret_cast<const uint4*>(a + uint64_t(m) * K + 32ull * c + 8 * s), x);
+#pragma unroll
+                  for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) part[m][r] = fmaf(x[i], code[r][i], part[m][r]);
+                }
+              }
+            }
+#pragma unroll
+            for (int m = 0; m < M; ++m)
+#pragma unroll
+              for (int r = 0; r < R; ++r) acc[m][r] = fmaf(absmax[u][r], part[m][r], acc[m][r]);
           }
         }
       }
     } else {
       for (uint32_t k = lane; k < K; k += 32) {
-        for (int r = 0; r < R && n0 + r < N; ++r) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (n0 + r >= N) continue;
           const uint64_t e = (n0 + r) * K + k;
-          const float w = dequant<T>(table, nf4_code(p.w.codes, e), nf4_absmax(p.w, e / p.w.blocksize));
-          for (int m = 0; m < M && m < static_cast<int>(p.m); ++m)
-            acc[m][r] = fmaf(to_f32(a[uint64_t(m) * K + k]), w, acc[m][r]);
+          const float wv = table[nf4_code(w.codes, e)] * nf4_absmax(w, e / w.blocksize);
+#pragma unroll
+          for (int m = 0; m < M; ++m)
+            if (m < static_cast<int>(p.m)) acc[m][r] = fmaf(to_f32(a[uint64_t(m) * K + k]), wv, acc[m][r]);
         }
       }
     }
+#pragma unroll
     for (int m = 0; m < M; ++m)
+#pragma unroll
       for (int r = 0; r < R; ++r) {
         const float sum = warp_sum(acc[m][r]);
         if (lane == 0 && m < static_cast<int>(p.m) && n0 + r < N) out[uint64_t(m) * N + n0 + r] = from_f32<T>(sum);
