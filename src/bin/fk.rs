@@ -140,6 +140,13 @@ fn run_regdump(args: &[String]) -> Result<(), String> {
         dump.sections.len(),
         dump.recorded_on
     );
+    if let Some(table) = flag_value(args, "--rcp-table")? {
+        let words = regdump::record_rcp_table(&dev).map_err(|e| e.to_string())?;
+        let differ: u32 = words.iter().map(|w| w.count_ones()).sum();
+        std::fs::write(table, bytemuck::cast_slice::<u32, u8>(&words))
+            .map_err(|e| format!("{table}: {e}"))?;
+        println!("regdump: MUFU.RCP differs from the correctly rounded 1/x on {differ} of 2^23 mantissas; table in {table}");
+    }
     Ok(())
 }
 

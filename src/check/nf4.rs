@@ -163,7 +163,10 @@ where
     } else {
         (0..c.m).collect()
     };
-    let a_checked: Vec<T> = checked.iter().flat_map(|&r| a[r * k_in..(r + 1) * k_in].iter().copied()).collect();
+    let a_checked: Vec<T> = checked
+        .iter()
+        .flat_map(|&r| a[r * k_in..(r + 1) * k_in].iter().copied())
+        .collect();
     let expected = if forward {
         linear::linear(&a_checked, &what, checked.len(), c.rows, c.cols)
     } else {
@@ -181,7 +184,10 @@ where
     };
     run(&mut out)?;
     let got = out.to_host()?;
-    let got_checked: Vec<T> = checked.iter().flat_map(|&r| got[r * n_out..(r + 1) * n_out].iter().copied()).collect();
+    let got_checked: Vec<T> = checked
+        .iter()
+        .flat_map(|&r| got[r * n_out..(r + 1) * n_out].iter().copied())
+        .collect();
     let err = rel_l2(&got_checked, &expected);
     let t = time_if(dev, c.timed, || run(&mut out))?;
     let name = match (path, forward) {
