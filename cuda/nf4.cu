@@ -9,6 +9,7 @@
 // a bf16 GEMM", without materializing Ŵ.
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
+#include "include/gemm.cuh"
 #include "include/grid.cuh"
 #include "include/nf4.cuh"
 #include "include/ptx.cuh"
@@ -259,195 +260,27 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
   }
 }
 
-// ---- GEMM on tensor cores --------------------------------------------------------------
+// ---- GEMM on tensor cores (gemm.cuh) ------------------------------------------------------
 //
 // out[M, Nout] = a[M, Kr] · B[Kr, Nout] with B = Ŵᵀ (forward: Nout = rows, Kr = cols) or
-// B = Ŵ (Dx, the backward: Nout = cols, Kr = rows). A 128×128 output tile per block of 8
-// warps (each 64×32), K in steps of 32, two shared-memory stages: the next A tile streams
-// in with cp.async and the next W codes are loaded to registers while the current stage
-// is multiplied; the codes are dequantized into shared memory after.
-
-constexpr int kBM = 128, kBN = 128, kBK = 32, kThreads = 256, kPad = 8;
-
-// A tile: [kBM][kBK] of a[M][Kr], zero past the edges.
-template <typename T>
-FK_DEVICE void load_a_tile(uint16_t (*As)[kBK + kPad], const T* a, uint32_t M, uint32_t Kr, uint32_t m0,
-                           uint32_t k0) {
-  if (Kr % 8 == 0) {  // rows are 16-byte aligned: cp.async in 16-byte chunks
-    for (int c = threadIdx.x; c < kBM * kBK / 8; c += kThreads) {
-      const int r = c / (kBK / 8), col = (c % (kBK / 8)) * 8;
-      const bool in = m0 + r < M && k0 + col < Kr;
-      const T* src = in ? a + uint64_t(m0 + r) * Kr + k0 + col : a;
-      cp_async_zfill16(&As[r][col], src, in ? 16 : 0);
-    }
-  } else {
-    for (int i = threadIdx.x; i < kBM * kBK; i += kThreads) {
-      const int r = i / kBK, col = i % kBK;
-      const bool in = m0 + r < M && k0 + col < Kr;
-      As[r][col] = in ? bits16(a[uint64_t(m0 + r) * Kr + k0 + col]) : 0;
-    }
-  }
-}
-
-// 16 consecutive weight elements of one W row, fetched ahead of their dequantization.
-struct WeightChunk {
-  uint2 codes;
-  float absmax;
-  bool valid;
-};
-
-// Which W row and column chunk thread t covers in the B tile: forward tiles are
-// [kBN rows of W][kBK cols], backward tiles [kBK rows of W][kBN cols].
-template <bool Dx>
-FK_DEVICE void chunk_of_thread(int t, int* tile_row, int* tile_col) {
-  if (Dx) {
-    *tile_row = t / (kBN / 16);
-    *tile_col = (t % (kBN / 16)) * 16;
-  } else {
-    *tile_row = t / (kBK / 16);
-    *tile_col = (t % (kBK / 16)) * 16;
-  }
-}
-
-// W rows/cols of the tile's origin: forward (n0 over rows, k0 over cols), backward
-// (k0 over rows, n0 over cols).
-template <bool Dx>
-FK_DEVICE void weight_origin(uint32_t n0, uint32_t k0, uint32_t* row0, uint32_t* col0) {
-  *row0 = Dx ? k0 : n0;
-  *col0 = Dx ? n0 : k0;
-}
-
-template <bool Dx>
-FK_DEVICE WeightChunk fetch_weight_chunk(const Nf4Weight& w, uint32_t n0, uint32_t k0) {
-  int tr, tc;
-  chunk_of_thread<Dx>(threadIdx.x, &tr, &tc);
-  uint32_t row0, col0;
-  weight_origin<Dx>(n0, k0, &row0, &col0);
-  const uint32_t row = row0 + tr, col = col0 + tc;
-  WeightChunk c{make_uint2(0, 0), 0.0f, row < w.rows && col < w.cols};
-  if (c.valid) {
-    const uint64_t e = uint64_t(row) * w.cols + col;  // cols % 16 == 0: one block, 8-byte aligned
-    c.codes = *reinterpret_cast<const uint2*>(w.codes + e / 2);
-    c.absmax = nf4_absmax(w, e / w.blocksize);
-  }
-  return c;
-}
-
-template <typename T, bool Dx, typename BTile>
-FK_DEVICE void store_weight_chunk(BTile Bs, const float* table, const WeightChunk& c) {
-  int tr, tc;
-  chunk_of_thread<Dx>(threadIdx.x, &tr, &tc);
-  uint32_t packed[8] = {};
-  if (c.valid) {
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t byte = ((i < 4 ? c.codes.x : c.codes.y) >> (8 * (i % 4))) & 0xFF;
-      const unsigned short first = bits16(from_f32<T>(nf4_value(table, byte >> 4, c.absmax)));
-      const unsigned short second = bits16(from_f32<T>(nf4_value(table, byte & 0xF, c.absmax)));
-      packed[i] = uint32_t(first) | (uint32_t(second) << 16);
-    }
-  }
-  *reinterpret_cast<uint4*>(&Bs[tr][tc]) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-  *reinterpret_cast<uint4*>(&Bs[tr][tc + 8]) = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-}
-
-// Any shape: element by element.
-template <typename T, bool Dx, typename BTile>
-FK_DEVICE void load_weight_tile_generic(BTile Bs, const float* table, const Nf4Weight& w, uint32_t n0, uint32_t k0) {
-  uint32_t row0, col0;
-  weight_origin<Dx>(n0, k0, &row0, &col0);
-  constexpr int rows = Dx ? kBK : kBN, cols = Dx ? kBN : kBK;
-  for (int i = threadIdx.x; i < rows * cols; i += kThreads) {
-    const int tr = i / cols, tc = i % cols;
-    const uint32_t row = row0 + tr, col = col0 + tc;
-    unsigned short v = 0;
-    if (row < w.rows && col < w.cols) {
-      const uint64_t e = uint64_t(row) * w.cols + col;
-      v = bits16(from_f32<T>(nf4_value(table, nf4_code(w.codes, e), nf4_absmax(w, e / w.blocksize))));
-    }
-    Bs[tr][tc] = v;
-  }
-}
-
-template <typename T>
-FK_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value) {
-    mma_m16n8k16_f16(d, a, b, d);
-  } else {
-    mma_m16n8k16_bf16(d, a, b, d);
-  }
-}
+// B = Ŵ (Dx, the backward: Nout = cols, Kr = rows): the weight is dequantized on its way
+// into shared memory (Nf4Source, nf4.cuh) and never materialized.
 
 template <typename T, bool Dx>
-FK_DEVICE void gemm(const Nf4MatmulParams& p) {
-  __shared__ __align__(16) uint16_t As[2][kBM][kBK + kPad];
-  __shared__ __align__(16) uint16_t Bs[2][Dx ? kBK : kBN][(Dx ? kBN : kBK) + kPad];
+FK_DEVICE void gemm_kernel(const Nf4MatmulParams& p) {
+  using namespace gemm;
+  __shared__ Stages<true, !Dx> st;
   const float* table = shared_code_table();
-  const T* a = static_cast<const T*>(p.a);
-  T* out = static_cast<T*>(p.out);
   const uint32_t M = p.m, Nout = Dx ? p.w.cols : p.w.rows, Kr = Dx ? p.w.rows : p.w.cols;
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  const int lane = lane_id(), warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
-  const bool fast_w = p.w.cols % 16 == 0;
-  const int ktiles = (Kr + kBK - 1) / kBK;
-
-  auto load_stage = [&](int stage, uint32_t k0) {
-    load_a_tile(As[stage], a, M, Kr, m0, k0);
-    if (fast_w) store_weight_chunk<T, Dx>(Bs[stage], table, fetch_weight_chunk<Dx>(p.w, n0, k0));
-    else load_weight_tile_generic<T, Dx>(Bs[stage], table, p.w, n0, k0);
-  };
-
-  float acc[4][4][4] = {};
-  load_stage(0, 0);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int cur = kt & 1, nxt = cur ^ 1;
-    const bool more = kt + 1 < ktiles;
-    WeightChunk ahead{};
-    if (more) {
-      load_a_tile(As[nxt], a, M, Kr, m0, (kt + 1) * kBK);
-      if (fast_w) ahead = fetch_weight_chunk<Dx>(p.w, n0, (kt + 1) * kBK);
-    }
-    cp_async_commit();
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t af[4][4], bf[4][2];
-      for (int mt = 0; mt < 4; ++mt)
-        ldmatrix_x4(af[mt], &As[cur][wm * 64 + mt * 16 + lane % 16][kk + (lane / 16) * 8]);
-      for (int np = 0; np < 2; ++np) {
-        uint32_t r[4];
-        if (Dx) {
-          ldmatrix_x4_trans(r, &Bs[cur][kk + ((lane / 8) % 2) * 8 + lane % 8][wn * 32 + np * 16 + (lane / 16) * 8]);
-        } else {
-          ldmatrix_x4(r, &Bs[cur][wn * 32 + np * 16 + (lane / 16) * 8 + lane % 8][kk + ((lane / 8) % 2) * 8]);
-        }
-        bf[2 * np][0] = r[0];
-        bf[2 * np][1] = r[1];
-        bf[2 * np + 1][0] = r[2];
-        bf[2 * np + 1][1] = r[3];
-      }
-      for (int mt = 0; mt < 4; ++mt)
-        for (int nt = 0; nt < 4; ++nt) mma<T>(acc[mt][nt], af[mt], bf[nt]);
-    }
-    if (more) {
-      if (fast_w) store_weight_chunk<T, Dx>(Bs[nxt], table, ahead);
-      else load_weight_tile_generic<T, Dx>(Bs[nxt], table, p.w, n0, (kt + 1) * kBK);
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-  }
-
-  const int g = lane / 4, t = lane % 4;
-  for (int mt = 0; mt < 4; ++mt)
-    for (int nt = 0; nt < 4; ++nt)
-      for (int half = 0; half < 2; ++half) {
-        const uint32_t row = m0 + wm * 64 + mt * 16 + g + 8 * half;
-        const uint32_t col = n0 + wn * 32 + nt * 8 + 2 * t;
-        if (row >= M) continue;
-        T* dst = out + uint64_t(row) * Nout + col;
-        if (col < Nout) dst[0] = from_f32<T>(acc[mt][nt][2 * half]);
-        if (col + 1 < Nout) dst[1] = from_f32<T>(acc[mt][nt][2 * half + 1]);
-      }
+  DenseSource<T, true, kBM> a{static_cast<const T*>(p.a), Kr, m0, M, Kr};
+  Nf4Source<T, !Dx> b{p.w, table, n0};
+  Accumulators acc = {};
+  run_segment<T>(acc, st, a, b, 0, Kr);
+  T* out = static_cast<T*>(p.out);
+  for_each(acc, [&](int r, int c, float v) {
+    if (m0 + r < M && n0 + c < Nout) out[uint64_t(m0 + r) * Nout + n0 + c] = from_f32<T>(v);
+  });
 }
 
 }  // namespace
@@ -471,8 +304,8 @@ FK_KERNEL(nf4_quantize_nested, Nf4NestedParams) { quantize_nested(p); }
   FK_KERNEL(nf4_gemv_##t##_m4, Nf4MatmulParams) { gemv<T, 4>(p); }                          \
   FK_KERNEL(nf4_gemv_##t##_m8, Nf4MatmulParams) { gemv<T, 8>(p); }                          \
   FK_KERNEL(nf4_gemv_##t##_m16, Nf4MatmulParams) { gemv<T, 16>(p); }                        \
-  FK_KERNEL_BOUNDS(nf4_gemm_##t, Nf4MatmulParams, kThreads) { gemm<T, false>(p); }          \
-  FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, kThreads) { gemm<T, true>(p); }
+  FK_KERNEL_BOUNDS(nf4_gemm_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, false>(p); } \
+  FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, true>(p); }
 
 FK_NF4_MATMUL_ENTRIES(__nv_bfloat16, bf16)
 FK_NF4_MATMUL_ENTRIES(__half, f16)

@@ -3,6 +3,8 @@
 // Reference: src/reference/nf4.rs.
 #pragma once
 #include "compat.cuh"
+#include "dtype.cuh"
+#include "gemm.cuh"
 #include "ptx.cuh"
 #include "../params/nf4.h"
 
@@ -73,3 +75,78 @@ FK_DEVICE uint32_t nf4_code(const uint8_t* codes, uint64_t e) {
   const uint32_t byte = codes[e >> 1];
   return (e & 1) ? (byte & 0xF) : (byte >> 4);
 }
+
+// Ŵ of an NF4 weight as a GEMM operand (gemm.cuh): the forward's B (KContig: element
+// (n, k) = Ŵ[n][k], a [kBN][kBK] tile) or the backward's (element (k, n) = Ŵ[k][n], a
+// [kBK][kBN] tile). Either way the tile's stored rows are W rows and its columns W columns,
+// and each thread dequantizes 16 consecutive elements of one W row.
+template <typename T, bool KContig>
+struct Nf4Source {
+  Nf4Weight w;
+  const float* table;  // kNf4Code in shared memory
+  uint32_t mn0;        // the tile's origin along n
+  uint2 codes = {0, 0};
+  float absmax = 0.0f;
+  bool valid = false;
+
+  static constexpr int kRows = KContig ? gemm::kBN : gemm::kBK, kCols = KContig ? gemm::kBK : gemm::kBN;
+
+  // When each 16-element run lies in one quantization block with its codes 8-byte aligned.
+  FK_DEVICE bool fast() const { return w.cols % 16 == 0; }
+  FK_DEVICE void origin(uint32_t k0, uint32_t* row0, uint32_t* col0) const {
+    *row0 = KContig ? mn0 : k0;
+    *col0 = KContig ? k0 : mn0;
+  }
+  FK_DEVICE void run_of_thread(int* row, int* col) const {
+    *row = threadIdx.x / (kCols / 16);
+    *col = (threadIdx.x % (kCols / 16)) * 16;
+  }
+
+  FK_DEVICE void issue(gemm::Tile<KContig, gemm::kBN>&, uint32_t k0) {
+    if (!fast()) return;
+    uint32_t row0, col0;
+    origin(k0, &row0, &col0);
+    int tr, tc;
+    run_of_thread(&tr, &tc);
+    const uint32_t row = row0 + tr, col = col0 + tc;
+    valid = row < w.rows && col < w.cols;
+    if (valid) {
+      const uint64_t e = uint64_t(row) * w.cols + col;
+      codes = *reinterpret_cast<const uint2*>(w.codes + e / 2);
+      absmax = nf4_absmax(w, e / w.blocksize);
+    }
+  }
+
+  FK_DEVICE void finish(gemm::Tile<KContig, gemm::kBN>& tile, uint32_t k0) {
+    uint32_t row0, col0;
+    origin(k0, &row0, &col0);
+    if (fast()) {
+      int tr, tc;
+      run_of_thread(&tr, &tc);
+      uint32_t packed[8] = {};
+      if (valid) {
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t byte = ((i < 4 ? codes.x : codes.y) >> (8 * (i % 4))) & 0xFF;
+          const unsigned short first = bits16(from_f32<T>(nf4_value(table, byte >> 4, absmax)));
+          const unsigned short second = bits16(from_f32<T>(nf4_value(table, byte & 0xF, absmax)));
+          packed[i] = uint32_t(first) | (uint32_t(second) << 16);
+        }
+      }
+      *reinterpret_cast<uint4*>(&tile.data[tr][tc]) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      *reinterpret_cast<uint4*>(&tile.data[tr][tc + 8]) = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+      return;
+    }
+    for (int i = threadIdx.x; i < kRows * kCols; i += gemm::kThreads) {  // any shape
+      const int tr = i / kCols, tc = i % kCols;
+      const uint32_t row = row0 + tr, col = col0 + tc;
+      unsigned short v = 0;
+      if (row < w.rows && col < w.cols) {
+        const uint64_t e = uint64_t(row) * w.cols + col;
+        v = bits16(from_f32<T>(nf4_value(table, nf4_code(w.codes, e), nf4_absmax(w, e / w.blocksize))));
+      }
+      tile.data[tr][tc] = v;
+    }
+  }
+
+  FK_DEVICE void post_wait(gemm::Tile<KContig, gemm::kBN>&, uint32_t) {}
+};
