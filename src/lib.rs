@@ -4,7 +4,8 @@
 //! ways: a CPU reference ([`reference`]), the same CUDA source run on the host, and the GPU
 //! run from committed PTX through the CUDA driver ([`device`]).
 //!
-//! Families: [`sparse`] (sparse deltas), [`nf4`] (QLoRA's 4-bit base weights). The register-dump kernels ([`regdump`]) record
+//! Families: [`sparse`] (sparse deltas), [`nf4`] (QLoRA's 4-bit base weights), [`philox`]
+//! (counter-based random numbers: dropout masks). The register-dump kernels ([`regdump`]) record
 //! tensor-core fragment layouts on real hardware for the emulator's tests.
 
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod dtype;
 pub mod error;
 pub mod nf4;
 pub mod params;
+pub mod philox;
 pub mod reference;
 pub mod regdump;
 pub mod sparse;

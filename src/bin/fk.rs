@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             for k in finetune_kernels::sparse::kernels()
                 .into_iter()
                 .chain(finetune_kernels::nf4::kernels())
+                .chain(finetune_kernels::philox::kernels())
                 .chain(regdump::kernels())
             {
                 println!("{} {}", k.module, k.name);

@@ -7,4 +7,5 @@
 
 pub mod linear;
 pub mod nf4;
+pub mod philox;
 pub mod sparse;

@@ -1,0 +1,139 @@
+//! Counter-based random numbers on the device: Philox4x32-10 blocks and dropout keep-masks.
+//!
+//! The fused kernels (LoRA dropout, MeZO perturbations) call the device functions in
+//! `cuda/include/philox.cuh` directly and regenerate their randomness from (seed, element
+//! index) instead of storing it. The kernels here run those same functions over a range, so
+//! the GPU and the emulator are tested against the reference bit for bit, and so a caller
+//! can materialize a mask when it wants one.
+//!
+//! Kernels: `cuda/philox.cu`. Definitions: `cuda/params/philox.h`. Reference:
+//! [`crate::reference::philox`]. Tests: `tests/philox.rs`.
+
+use crate::device::{Buffer, Device, Kernel, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::params::{DropoutMaskParams, PhiloxParams};
+
+const MODULE: &str = "philox";
+const THREADS: u32 = 256;
+const MAX_BLOCKS: u32 = 1 << 16;
+
+fn kernel(name: &str) -> Kernel {
+    Kernel {
+        module: MODULE,
+        name: name.to_string(),
+    }
+}
+
+/// Every kernel this module can launch (the build checks look each up in the PTX).
+pub fn kernels() -> Vec<Kernel> {
+    vec![kernel("philox_u32"), kernel("philox_dropout_mask")]
+}
+
+/// A grid with one thread per Philox block of four words (or four mask elements).
+fn config(blocks: u64) -> LaunchConfig {
+    LaunchConfig::grid_stride(blocks, THREADS, MAX_BLOCKS)
+}
+
+/// Errors unless `p` is a dropout probability in [0, 1) (p = 1 would divide by zero in the
+/// `1 / (1 - p)` rescaling of the kept elements).
+pub fn check_dropout_p(p: f32) -> Result<()> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            what: "dropout p",
+            why: format!("{p} is not in [0, 1)"),
+        })
+    }
+}
+
+/// `blocks` Philox4x32-10 outputs, four words each, as
+/// [`crate::reference::philox::random_words`] defines them: block `b` has the counter
+/// `(c lo, c hi, stream[0], stream[1])` with `c = counter + b` and the key `seed`.
+pub fn random_words(
+    dev: &Device,
+    seed: u64,
+    counter: u64,
+    stream: [u32; 2],
+    blocks: usize,
+) -> Result<Buffer<u32>> {
+    let len = blocks.checked_mul(4).ok_or_else(|| Error::Unsupported {
+        op: "philox_u32",
+        why: format!("{blocks} blocks of 4 words overflow usize"),
+    })?;
+    let mut out = dev.alloc_poisoned::<u32>(len)?;
+    let p = PhiloxParams {
+        out: out.ptr_mut() as *mut u32,
+        blocks: blocks as u64,
+        seed,
+        counter,
+        stream0: stream[0],
+        stream1: stream[1],
+    };
+    // SAFETY: out holds 4 * blocks words on `dev`; the kernel writes exactly those.
+    unsafe { dev.launch(&kernel("philox_u32"), config(p.blocks), &p)? };
+    Ok(out)
+}
+
+/// The dropout keep-mask of elements `0..n` under `seed` with drop probability `p`: 1 where
+/// an element is kept, 0 where it is dropped (definition: `cuda/params/philox.h`).
+pub fn dropout_mask(dev: &Device, seed: u64, p: f32, n: usize) -> Result<Buffer<u8>> {
+    check_dropout_p(p)?;
+    let mut keep = dev.alloc_poisoned::<u8>(n)?;
+    let params = DropoutMaskParams {
+        keep: keep.ptr_mut() as *mut u8,
+        n: n as u64,
+        seed,
+        p,
+    };
+    // SAFETY: keep holds n bytes on `dev`; the kernel writes exactly those.
+    unsafe {
+        dev.launch(
+            &kernel("philox_dropout_mask"),
+            config(params.n.div_ceil(4)),
+            &params,
+        )?
+    };
+    Ok(keep)
+}
+
+/// Raw entry points for framework authors: launch on memory and a stream your framework
+/// owns. Nothing is checked; an empty range launches nothing.
+pub mod raw {
+    use super::*;
+    use crate::device::CudaDevice;
+    use cudarc::driver::sys::CUstream;
+
+    /// # Safety
+    /// `p.out` must be valid device memory of `dev`'s context for `4 * p.blocks` u32;
+    /// `stream` must belong to that context.
+    pub unsafe fn random_words(dev: &CudaDevice, stream: CUstream, p: &PhiloxParams) -> Result<()> {
+        if p.blocks == 0 {
+            return Ok(());
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dev.launch(&kernel("philox_u32"), config(p.blocks), stream, p) }
+    }
+
+    /// # Safety
+    /// `p.keep` must be valid device memory of `dev`'s context for `p.n` bytes; `stream`
+    /// must belong to that context. `p.p` should be in [0, 1).
+    pub unsafe fn dropout_mask(
+        dev: &CudaDevice,
+        stream: CUstream,
+        p: &DropoutMaskParams,
+    ) -> Result<()> {
+        if p.n == 0 {
+            return Ok(());
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            dev.launch(
+                &kernel("philox_dropout_mask"),
+                config(p.n.div_ceil(4)),
+                stream,
+                p,
+            )
+        }
+    }
+}
