@@ -13,6 +13,7 @@ pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod lora;
 pub mod nf4;
 pub mod params;
 pub mod philox;

@@ -5,17 +5,19 @@
 //!   fk regdump --out FILE [--rcp-table FILE]         record tensor-core register layouts on this GPU
 //!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
 //!   fk kernels                    every (module, kernel) the Rust side can launch
+//!   fk merge BASE ADAPTER_DIR OUT a PEFT LoRA adapter merged into a safetensors checkpoint
 //!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
 
 use finetune_kernels::bench::{self, GpuTimer};
 use finetune_kernels::check::{self, Scale};
 use finetune_kernels::device::{probe_driver, ptx, Device};
+use finetune_kernels::lora::adapter::{merge_checkpoint, Adapter};
 use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions};
 use finetune_kernels::{regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]...";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
         Some("regdump") => run_regdump(&args[1..]).map(|_| true),
         Some("bench") => run_bench(&args[1..]).map(|_| true),
         Some("quantize") => run_quantize(&args[1..]).map(|_| true),
+        Some("merge") => run_merge(&args[1..]).map(|_| true),
         Some("kernels") => {
             for k in finetune_kernels::sparse::kernels()
                 .into_iter()
@@ -222,6 +225,23 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
         s.copied,
         s.bytes_before as f64 / 1e6,
         s.bytes_after as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// Writes BASE with every weight the adapter adapts replaced by `W + scale · B A`.
+fn run_merge(args: &[String]) -> Result<(), String> {
+    let [base, adapter, out] = args else {
+        return Err(format!("merge needs BASE ADAPTER_DIR OUT\n{USAGE}"));
+    };
+    let adapter = Adapter::load(Path::new(adapter)).map_err(|e| e.to_string())?;
+    let summary =
+        merge_checkpoint(Path::new(base), &adapter, Path::new(out)).map_err(|e| e.to_string())?;
+    println!(
+        "merge: {} weights merged (scale {}), {} tensors copied, written to {out}",
+        summary.merged.len(),
+        adapter.config.lora(None).scale(),
+        summary.copied
     );
     Ok(())
 }

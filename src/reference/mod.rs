@@ -6,6 +6,7 @@
 //! fuses a multiply and an add unless it says so).
 
 pub mod linear;
+pub mod lora;
 pub mod nf4;
 pub mod philox;
 pub mod sparse;
