@@ -17,15 +17,6 @@
 
 namespace {
 
-// The code table in shared memory: lookups by divergent indices would serialize on the
-// constant cache.
-FK_DEVICE float* shared_code_table() {
-  __shared__ float table[16];
-  if (threadIdx.x < 16) table[threadIdx.x] = kNf4Code[threadIdx.x];
-  __syncthreads();
-  return table;
-}
-
 // ---- dequantize: 16 elements per thread (one 8-byte load; 16 divides every blocksize) ----
 
 template <typename O>

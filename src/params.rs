@@ -144,6 +144,111 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct LoraParams {
+    pub m: u32,
+    pub d_in: u32,
+    pub d_out: u32,
+    pub rank: u32,
+    pub w: *const ::core::ffi::c_void,
+    pub nf4: Nf4Weight,
+    pub bias: *const ::core::ffi::c_void,
+    pub a: *const ::core::ffi::c_void,
+    pub b: *const ::core::ffi::c_void,
+    pub scale: f32,
+    pub dropout: f32,
+    pub seed: u64,
+    pub x: *const ::core::ffi::c_void,
+    pub u: *mut ::core::ffi::c_void,
+    pub y: *mut ::core::ffi::c_void,
+    pub dy: *const ::core::ffi::c_void,
+    pub v: *mut ::core::ffi::c_void,
+    pub dx: *mut ::core::ffi::c_void,
+    pub partials: *mut f32,
+    pub splits: u32,
+    pub da: *mut f32,
+    pub db: *mut f32,
+    pub dbias: *mut f32,
+    pub merged: *mut ::core::ffi::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 224usize];
+    ["Alignment of LoraParams"][::core::mem::align_of::<LoraParams>() - 8usize];
+    ["Offset of field: LoraParams::m"][::core::mem::offset_of!(LoraParams, m) - 0usize];
+    ["Offset of field: LoraParams::d_in"][::core::mem::offset_of!(LoraParams, d_in) - 4usize];
+    ["Offset of field: LoraParams::d_out"][::core::mem::offset_of!(LoraParams, d_out) - 8usize];
+    ["Offset of field: LoraParams::rank"][::core::mem::offset_of!(LoraParams, rank) - 12usize];
+    ["Offset of field: LoraParams::w"][::core::mem::offset_of!(LoraParams, w) - 16usize];
+    ["Offset of field: LoraParams::nf4"][::core::mem::offset_of!(LoraParams, nf4) - 24usize];
+    ["Offset of field: LoraParams::bias"][::core::mem::offset_of!(LoraParams, bias) - 88usize];
+    ["Offset of field: LoraParams::a"][::core::mem::offset_of!(LoraParams, a) - 96usize];
+    ["Offset of field: LoraParams::b"][::core::mem::offset_of!(LoraParams, b) - 104usize];
+    ["Offset of field: LoraParams::scale"][::core::mem::offset_of!(LoraParams, scale) - 112usize];
+    ["Offset of field: LoraParams::dropout"]
+        [::core::mem::offset_of!(LoraParams, dropout) - 116usize];
+    ["Offset of field: LoraParams::seed"][::core::mem::offset_of!(LoraParams, seed) - 120usize];
+    ["Offset of field: LoraParams::x"][::core::mem::offset_of!(LoraParams, x) - 128usize];
+    ["Offset of field: LoraParams::u"][::core::mem::offset_of!(LoraParams, u) - 136usize];
+    ["Offset of field: LoraParams::y"][::core::mem::offset_of!(LoraParams, y) - 144usize];
+    ["Offset of field: LoraParams::dy"][::core::mem::offset_of!(LoraParams, dy) - 152usize];
+    ["Offset of field: LoraParams::v"][::core::mem::offset_of!(LoraParams, v) - 160usize];
+    ["Offset of field: LoraParams::dx"][::core::mem::offset_of!(LoraParams, dx) - 168usize];
+    ["Offset of field: LoraParams::partials"]
+        [::core::mem::offset_of!(LoraParams, partials) - 176usize];
+    ["Offset of field: LoraParams::splits"][::core::mem::offset_of!(LoraParams, splits) - 184usize];
+    ["Offset of field: LoraParams::da"][::core::mem::offset_of!(LoraParams, da) - 192usize];
+    ["Offset of field: LoraParams::db"][::core::mem::offset_of!(LoraParams, db) - 200usize];
+    ["Offset of field: LoraParams::dbias"][::core::mem::offset_of!(LoraParams, dbias) - 208usize];
+    ["Offset of field: LoraParams::merged"][::core::mem::offset_of!(LoraParams, merged) - 216usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct PhiloxParams {
+    pub out: *mut u32,
+    pub blocks: u64,
+    pub seed: u64,
+    pub counter: u64,
+    pub stream0: u32,
+    pub stream1: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of PhiloxParams"][::core::mem::size_of::<PhiloxParams>() - 40usize];
+    ["Alignment of PhiloxParams"][::core::mem::align_of::<PhiloxParams>() - 8usize];
+    ["Offset of field: PhiloxParams::out"][::core::mem::offset_of!(PhiloxParams, out) - 0usize];
+    ["Offset of field: PhiloxParams::blocks"]
+        [::core::mem::offset_of!(PhiloxParams, blocks) - 8usize];
+    ["Offset of field: PhiloxParams::seed"][::core::mem::offset_of!(PhiloxParams, seed) - 16usize];
+    ["Offset of field: PhiloxParams::counter"]
+        [::core::mem::offset_of!(PhiloxParams, counter) - 24usize];
+    ["Offset of field: PhiloxParams::stream0"]
+        [::core::mem::offset_of!(PhiloxParams, stream0) - 32usize];
+    ["Offset of field: PhiloxParams::stream1"]
+        [::core::mem::offset_of!(PhiloxParams, stream1) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DropoutMaskParams {
+    pub keep: *mut u8,
+    pub n: u64,
+    pub seed: u64,
+    pub p: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DropoutMaskParams"][::core::mem::size_of::<DropoutMaskParams>() - 32usize];
+    ["Alignment of DropoutMaskParams"][::core::mem::align_of::<DropoutMaskParams>() - 8usize];
+    ["Offset of field: DropoutMaskParams::keep"]
+        [::core::mem::offset_of!(DropoutMaskParams, keep) - 0usize];
+    ["Offset of field: DropoutMaskParams::n"]
+        [::core::mem::offset_of!(DropoutMaskParams, n) - 8usize];
+    ["Offset of field: DropoutMaskParams::seed"]
+        [::core::mem::offset_of!(DropoutMaskParams, seed) - 16usize];
+    ["Offset of field: DropoutMaskParams::p"]
+        [::core::mem::offset_of!(DropoutMaskParams, p) - 24usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct RegdumpParams {
     pub out: *mut u32,
     pub in_: *const u32,

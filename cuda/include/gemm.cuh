@@ -182,6 +182,17 @@ struct DenseSource {
   }
   FK_DEVICE void finish(Tile<KContig, Extent>&, uint32_t) {}
   FK_DEVICE void post_wait(Tile<KContig, Extent>&, uint32_t) {}
+
+  // Calls f(row, col, count) for each run of `count` stored elements this thread loaded in
+  // issue() (8 along the contiguous index, or single elements): the only elements a
+  // post_wait hook may touch before the barrier, since only this thread's cp.async copies
+  // are known to have landed.
+  template <class F>
+  FK_DEVICE void for_each_loaded(F f) const {
+    constexpr int kRows = KContig ? Extent : kBK, kCols = KContig ? kBK : Extent;
+    const int step = aligned() ? 8 : 1;
+    for (int c = threadIdx.x; c < kRows * kCols / step; c += kThreads) f(c / (kCols / step), (c % (kCols / step)) * step, step);
+  }
 };
 
 }  // namespace gemm

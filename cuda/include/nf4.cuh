@@ -67,6 +67,15 @@ FK_DEVICE float nf4_absmax(const Nf4Weight& w, uint64_t b) {
   return mul_ftz(w.nested_map[w.nested_codes[b]], w.nested_absmax[b / FK_NF4_NESTED_BLOCKSIZE]) + w.offset;
 }
 
+// The code table in shared memory (call from every thread of the block): lookups by
+// divergent indices would serialize on the constant cache.
+FK_DEVICE float* shared_code_table() {
+  __shared__ float table[16];
+  if (threadIdx.x < 16) table[threadIdx.x] = kNf4Code[threadIdx.x];
+  __syncthreads();
+  return table;
+}
+
 // An element's value: code * absmax as bitsandbytes' kDequantizeBlockwise multiplies.
 FK_DEVICE float nf4_value(const float* table, uint32_t code, float absmax) { return mul_ftz(table[code], absmax); }
 

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
                 .into_iter()
                 .chain(finetune_kernels::nf4::kernels())
                 .chain(finetune_kernels::philox::kernels())
+                .chain(finetune_kernels::lora::kernels())
                 .chain(regdump::kernels())
             {
                 println!("{} {}", k.module, k.name);

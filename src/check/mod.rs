@@ -2,6 +2,7 @@
 //! draws fresh random inputs from a seed, runs the kernel on a device, runs the reference
 //! on the host and returns a [`CheckRow`]. Tests assert `row.pass`; `fk check` prints rows.
 
+pub mod lora;
 pub mod nf4;
 pub mod sparse;
 
@@ -82,6 +83,7 @@ pub(crate) fn time_if(
 pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     let mut rows = sparse::all(dev, scale, seed)?;
     rows.extend(nf4::all(dev, scale, seed)?);
+    rows.extend(lora::all(dev, scale, seed)?);
     Ok(rows)
 }
 

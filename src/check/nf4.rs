@@ -147,7 +147,13 @@ where
     let mut rng = StdRng::seed_from_u64(c.seed);
     let w: Vec<T> = random_weight(&mut rng, c.rows * c.cols);
     let q = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
-    let what = q.dequantize::<T>();
+    // Ŵ as the path uses it: the GEMV keeps it in f32 (it never materializes it), the GEMMs
+    // dequantize it to T on the way into their tiles.
+    let what: Vec<f32> = if path == MatmulPath::Gemv {
+        q.dequantize::<f32>()
+    } else {
+        q.dequantize::<T>().iter().map(|v| v.to_f32()).collect()
+    };
     let (k_in, n_out) = if forward {
         (c.cols, c.rows)
     } else {

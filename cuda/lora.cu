@@ -1,0 +1,244 @@
+// Fused LoRA layer kernels, forward and backward, over a dense (bf16/f16) or NF4 base,
+// built on the tensor-core GEMM pieces of gemm.cuh. PEFT's layout and scaling; the math and
+// what is saved are in cuda/params/lora.h. Reference: src/reference/lora.rs. Wrapper:
+// src/lora/mod.rs. Tests: tests/lora_kernels.rs.
+//
+//   lora_down        u  = scale/(1-p) · (mask ⊙ x) Aᵀ
+//   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
+//                                                        no pass over y but the one writing it
+//   lora_backward_v  v  = scale · dY B
+//   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
+//                                                        registers, then the base segment
+//   lora_grad_a      dA partials = vᵀ (mask ⊙ x)          split over rows, reduced in order
+//   lora_grad_b      [dB | dbias] partials = dYᵀ [u | 1]  (deterministic: no float atomics)
+//   lora_reduce      sums the partials into dA, dB, dbias
+//   lora_merge       W' = W + scale · B A
+#include "include/compat.cuh"
+#include "include/dtype.cuh"
+#include "include/gemm.cuh"
+#include "include/grid.cuh"
+#include "include/nf4.cuh"
+#include "include/philox.cuh"
+#include "params/lora.h"
+
+namespace {
+
+using namespace gemm;
+
+FK_DEVICE bool kept(uint64_t seed, uint64_t index, float p) {
+  return (dropout_keep_bits(seed, index / 4, p) >> (index % 4)) & 1u;
+}
+
+// A dense operand that is x under dropout: elements whose flattened index into x (which is
+// the source's own offset(mn, k)) is dropped read as zero. The kept ones are not rescaled
+// here: 1/(1-p) is folded into the epilogue.
+template <typename T, bool KContig, int Extent>
+struct DroppedSource : DenseSource<T, KContig, Extent> {
+  using Base = DenseSource<T, KContig, Extent>;
+  uint64_t seed;
+  float p;
+
+  FK_DEVICE void post_wait(Tile<KContig, Extent>& tile, uint32_t k0) {
+    if (p == 0.0f) return;
+    this->for_each_loaded([&](int row, int col, int count) {
+      for (int j = 0; j < count; ++j) {
+        const uint32_t mn = this->mn0 + (KContig ? row : col + j), k = k0 + (KContig ? col + j : row);
+        if (this->inside(mn, k) && !kept(seed, this->offset(mn, k), p)) tile.data[row][col + j] = 0;
+      }
+    });
+  }
+};
+
+// A dense operand [k_len × extent] whose column `ones` (along mn) reads as 1 for valid k:
+// [u | 1] in the dB/dbias gradient, so dbias comes out of the same GEMM as dB.
+template <typename T, int Extent>
+struct WithOnesColumn : DenseSource<T, false, Extent> {
+  uint32_t ones;
+
+  FK_DEVICE void post_wait(Tile<false, Extent>& tile, uint32_t k0) {
+    const int ones_col = int(ones) - int(this->mn0);
+    this->for_each_loaded([&](int row, int col, int count) {
+      if (ones_col >= col && ones_col < col + count && k0 + row < this->k_len) tile.data[row][ones_col] = bits16(from_f32<T>(1.0f));
+    });
+  }
+};
+
+template <typename T>
+FK_DEVICE const T* as(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+// Stores acc · factor (+ bias) into out[m0 + r][n0 + c] for r < rows, c < cols (row stride ld).
+template <typename T>
+FK_DEVICE void store(Accumulators& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols,
+                     float factor, const T* bias) {
+  for_each(acc, [&](int r, int c, float v) {
+    if (m0 + r >= rows || n0 + c >= cols) return;
+    float y = v * factor;
+    if (bias) y += to_f32(bias[n0 + c]);
+    out[(m0 + r) * ld + n0 + c] = from_f32<T>(y);
+  });
+}
+
+template <typename T>
+FK_DEVICE void down(const LoraParams& p) {
+  __shared__ Stages<true, true> st;
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  DroppedSource<T, true, kBM> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
+  DenseSource<T, true, kBN> a{as<T>(p.a), p.d_in, n0, p.rank, p.d_in};
+  Accumulators acc = {};
+  run_segment<T>(acc, st, x, a, 0, p.d_in);
+  store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, p.scale / (1.0f - p.dropout), static_cast<const T*>(nullptr));
+}
+
+template <typename T, bool Nf4>
+FK_DEVICE void forward(const LoraParams& p) {
+  __shared__ Stages<true, true> st;
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  Accumulators acc = {};
+  DenseSource<T, true, kBM> u{as<T>(p.u), p.rank, m0, p.m, p.rank};
+  DenseSource<T, true, kBN> b{as<T>(p.b), p.rank, n0, p.d_out, p.rank};
+  run_segment<T>(acc, st, u, b, 0, p.rank);
+  DenseSource<T, true, kBM> x{as<T>(p.x), p.d_in, m0, p.m, p.d_in};
+  if constexpr (Nf4) {
+    Nf4Source<T, true> w{p.nf4, shared_code_table(), n0};
+    run_segment<T>(acc, st, x, w, 0, p.d_in);
+  } else {
+    DenseSource<T, true, kBN> w{as<T>(p.w), p.d_in, n0, p.d_out, p.d_in};
+    run_segment<T>(acc, st, x, w, 0, p.d_in);
+  }
+  store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
+}
+
+template <typename T>
+FK_DEVICE void backward_v(const LoraParams& p) {
+  __shared__ Stages<true, false> st;
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  DenseSource<T, true, kBM> dy{as<T>(p.dy), p.d_out, m0, p.m, p.d_out};
+  DenseSource<T, false, kBN> b{as<T>(p.b), p.rank, n0, p.rank, p.d_out};  // B as [d_out × rank]
+  Accumulators acc = {};
+  run_segment<T>(acc, st, dy, b, 0, p.d_out);
+  store(acc, static_cast<T*>(p.v), p.rank, m0, n0, p.m, p.rank, p.scale, static_cast<const T*>(nullptr));
+}
+
+template <typename T, bool Nf4>
+FK_DEVICE void backward_dx(const LoraParams& p) {
+  __shared__ Stages<true, false> st;
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  Accumulators acc = {};
+  // The LoRA part first, alone in the accumulators, so the mask applies to it only.
+  DenseSource<T, true, kBM> v{as<T>(p.v), p.rank, m0, p.m, p.rank};
+  DenseSource<T, false, kBN> a{as<T>(p.a), p.d_in, n0, p.d_in, p.rank};  // A as [rank × d_in]
+  run_segment<T>(acc, st, v, a, 0, p.rank);
+  if (p.dropout > 0.0f) {
+    const float inv_keep = 1.0f / (1.0f - p.dropout);
+    for_each(acc, [&](int r, int c, float& z) {
+      const uint64_t e = uint64_t(m0 + r) * p.d_in + n0 + c;
+      z = (m0 + r < p.m && n0 + c < p.d_in && kept(p.seed, e, p.dropout)) ? z * inv_keep : 0.0f;
+    });
+  }
+  DenseSource<T, true, kBM> dy{as<T>(p.dy), p.d_out, m0, p.m, p.d_out};
+  if constexpr (Nf4) {
+    Nf4Source<T, false> w{p.nf4, shared_code_table(), n0};
+    run_segment<T>(acc, st, dy, w, 0, p.d_out);
+  } else {
+    DenseSource<T, false, kBN> w{as<T>(p.w), p.d_in, n0, p.d_in, p.d_out};  // W as [d_out × d_in]
+    run_segment<T>(acc, st, dy, w, 0, p.d_out);
+  }
+  store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in, 1.0f, static_cast<const T*>(nullptr));
+}
+
+// The row range of split blockIdx.z, in whole k-tiles.
+FK_DEVICE void split_range(const LoraParams& p, uint32_t* begin, uint32_t* end) {
+  const uint32_t tiles = (p.m + kBK - 1) / kBK, per = (tiles + p.splits - 1) / p.splits;
+  *begin = min(p.m, blockIdx.z * per * kBK);
+  *end = min(p.m, (blockIdx.z + 1) * per * kBK);
+}
+
+FK_DEVICE void store_partial(Accumulators& acc, float* out, uint32_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols) {
+  for_each(acc, [&](int r, int c, float v) {
+    if (m0 + r < rows && n0 + c < cols) out[uint64_t(m0 + r) * ld + n0 + c] = v;
+  });
+}
+
+template <typename T>
+FK_DEVICE void grad_a(const LoraParams& p) {
+  __shared__ Stages<false, false> st;
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [rank, d_in]
+  uint32_t k_begin, k_end;
+  split_range(p, &k_begin, &k_end);
+  DenseSource<T, false, kBM> vt{as<T>(p.v), p.rank, m0, p.rank, p.m};  // vᵀ: (r, row) at v[row·rank + r]
+  DroppedSource<T, false, kBN> x{{as<T>(p.x), p.d_in, n0, p.d_in, p.m}, p.seed, p.dropout};
+  Accumulators acc = {};
+  run_segment<T>(acc, st, vt, x, k_begin, k_end);
+  store_partial(acc, p.partials + uint64_t(blockIdx.z) * p.rank * p.d_in, p.d_in, m0, n0, p.rank, p.d_in);
+}
+
+template <typename T>
+FK_DEVICE void grad_b(const LoraParams& p) {
+  __shared__ Stages<false, false> st;
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [d_out, rank + 1]
+  uint32_t k_begin, k_end;
+  split_range(p, &k_begin, &k_end);
+  DenseSource<T, false, kBM> dyt{as<T>(p.dy), p.d_out, m0, p.d_out, p.m};  // dYᵀ
+  WithOnesColumn<T, kBN> u{{as<T>(p.u), p.rank, n0, p.rank, p.m}, p.rank};
+  Accumulators acc = {};
+  run_segment<T>(acc, st, dyt, u, k_begin, k_end);
+  float* base = p.partials + uint64_t(p.splits) * p.rank * p.d_in;
+  store_partial(acc, base + uint64_t(blockIdx.z) * p.d_out * (p.rank + 1), p.rank + 1, m0, n0, p.d_out, p.rank + 1);
+}
+
+// One thread per gradient element, summing the splits in index order.
+FK_DEVICE void reduce(const LoraParams& p) {
+  const uint64_t na = uint64_t(p.rank) * p.d_in, nb = uint64_t(p.d_out) * (p.rank + 1);
+  const float* pb = p.partials + uint64_t(p.splits) * na;
+  for (uint64_t i = grid_start(); i < na + nb; i += grid_stride()) {
+    float s = 0.0f;
+    if (i < na) {
+      for (uint32_t z = 0; z < p.splits; ++z) s += p.partials[z * na + i];
+      p.da[i] = s * (1.0f / (1.0f - p.dropout));
+    } else {
+      const uint64_t j = i - na, row = j / (p.rank + 1), col = j % (p.rank + 1);
+      for (uint32_t z = 0; z < p.splits; ++z) s += pb[z * nb + j];
+      if (col < p.rank) p.db[row * p.rank + col] = s;
+      else if (p.dbias) p.dbias[row] = s;
+    }
+  }
+}
+
+template <typename T>
+FK_DEVICE void merge(const LoraParams& p) {
+  __shared__ Stages<true, false> st;
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [d_out, d_in]
+  DenseSource<T, true, kBM> b{as<T>(p.b), p.rank, m0, p.d_out, p.rank};
+  DenseSource<T, false, kBN> a{as<T>(p.a), p.d_in, n0, p.d_in, p.rank};
+  Accumulators acc = {};
+  run_segment<T>(acc, st, b, a, 0, p.rank);
+  const T* w = as<T>(p.w);
+  T* out = static_cast<T*>(p.merged);
+  for_each(acc, [&](int r, int c, float v) {
+    const uint32_t row = m0 + r, col = n0 + c;
+    if (row < p.d_out && col < p.d_in) {
+      const uint64_t e = uint64_t(row) * p.d_in + col;
+      out[e] = from_f32<T>(to_f32(w[e]) + p.scale * v);
+    }
+  });
+}
+
+}  // namespace
+
+#define FK_LORA_ENTRIES(T, t)                                                                    \
+  FK_KERNEL_BOUNDS(lora_down_##t, LoraParams, kThreads) { down<T>(p); }                          \
+  FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
+  FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
+  FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \
+  FK_KERNEL_BOUNDS(lora_backward_dx_##t, LoraParams, kThreads) { backward_dx<T, false>(p); }     \
+  FK_KERNEL_BOUNDS(lora_backward_dx_nf4_##t, LoraParams, kThreads) { backward_dx<T, true>(p); }  \
+  FK_KERNEL_BOUNDS(lora_grad_a_##t, LoraParams, kThreads) { grad_a<T>(p); }                      \
+  FK_KERNEL_BOUNDS(lora_grad_b_##t, LoraParams, kThreads) { grad_b<T>(p); }                      \
+  FK_KERNEL_BOUNDS(lora_merge_##t, LoraParams, kThreads) { merge<T>(p); }
+
+FK_LORA_ENTRIES(__nv_bfloat16, bf16)
+FK_LORA_ENTRIES(__half, f16)
+
+FK_KERNEL(lora_reduce, LoraParams) { reduce(p); }

@@ -1,0 +1,47 @@
+/* Params for the fused LoRA kernels (cuda/lora.cu), PEFT's layout (DESIGN.md §6):
+ *   y = x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ,   A [rank, d_in], B [d_out, rank],
+ * with dropout's keep-mask regenerated from (seed, flattened index into x) by Philox
+ * (cuda/params/philox.h) and kept elements scaled by 1 / (1 - p). One struct for every
+ * LoRA kernel; each reads the fields its comment names. Activations, W, A, B and bias are in
+ * the kernel's dtype (bf16 or f16); gradients of A, B and bias are f32.
+ *
+ * What forward saves for backward is x (the caller's), u and the seed, where
+ *   u = scale / (1 - p) · (mask ⊙ x) Aᵀ   [m, rank], the activations' dtype,
+ * i.e. scale · dropout(x) Aᵀ: with it y = x Wᵀ + bias + u Bᵀ, and dB = dYᵀ u. Backward
+ * computes v = scale · dY B [m, rank] first, then
+ *   dX = dY W + mask ⊙ (v A) / (1 - p),  dA = vᵀ (mask ⊙ x) / (1 - p),  dB = dYᵀ u,
+ *   dbias = Σ_rows dY. */
+#ifndef FK_PARAMS_LORA_H
+#define FK_PARAMS_LORA_H
+#include <stdint.h>
+
+#include "nf4.h"
+
+typedef struct LoraParams {
+  uint32_t m;        /* rows of x (tokens) */
+  uint32_t d_in;
+  uint32_t d_out;
+  uint32_t rank;
+  const void* w;     /* [d_out, d_in] dense base (the *_nf4 kernels read `nf4` instead) */
+  Nf4Weight nf4;
+  const void* bias;  /* [d_out], or NULL */
+  const void* a;     /* [rank, d_in] */
+  const void* b;     /* [d_out, rank] */
+  float scale;       /* alpha / rank, or alpha / sqrt(rank) (rsLoRA) */
+  float dropout;     /* p in [0, 1) */
+  uint64_t seed;
+  const void* x;     /* [m, d_in] */
+  void* u;           /* [m, rank]: written by lora_down, read by forward and grads */
+  void* y;           /* [m, d_out] */
+  const void* dy;    /* [m, d_out] */
+  void* v;           /* [m, rank]: written by lora_backward_v, read by dx and grads */
+  void* dx;          /* [m, d_in] */
+  float* partials;   /* [splits][rank·d_in + d_out·(rank + 1)], the split-row reductions */
+  uint32_t splits;   /* how many row ranges the weight gradients are split into */
+  float* da;         /* [rank, d_in] */
+  float* db;         /* [d_out, rank] */
+  float* dbias;      /* [d_out], or NULL */
+  void* merged;      /* [d_out, d_in]: W + scale · B A (lora_merge) */
+} LoraParams;
+
+#endif

@@ -1,0 +1,310 @@
+//! Checks of the fused LoRA kernels against `reference::lora` (PEFT's layer, in f64).
+
+use super::{time_if, CheckRow, Measure, Scale};
+use crate::check::nf4::matmul_bound;
+use crate::device::Device;
+use crate::dtype::{DType, FloatElem};
+use crate::error::Result;
+use crate::lora::{LoraBase, LoraConfig, LoraLinear};
+use crate::nf4::Nf4Weight;
+use crate::reference::{lora as reference, nf4 as nf4_reference};
+use crate::testing::{random_vec, rel_l2};
+use crate::{bf16, f16};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// A LoRA check's size and options.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    pub seed: u64,
+    pub m: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
+    pub rslora: bool,
+    pub dropout: f32,
+    pub bias: bool,
+    pub nf4: bool,
+    pub timed: bool,
+}
+
+impl Case {
+    fn shape(&self) -> String {
+        let mut s = format!("{}x{}→{} r{}", self.m, self.d_in, self.d_out, self.rank);
+        if self.dropout > 0.0 {
+            s += &format!(" p{}", self.dropout);
+        }
+        if self.bias {
+            s += " bias";
+        }
+        if self.rslora {
+            s += " rs";
+        }
+        if self.nf4 {
+            s += " nf4";
+        }
+        s
+    }
+}
+
+fn row(
+    kernel: String,
+    dev: &Device,
+    c: &Case,
+    measure: Measure,
+    error: f64,
+    time_us: Option<f64>,
+) -> CheckRow {
+    CheckRow {
+        kernel,
+        backend: dev.backend(),
+        device: dev.describe(),
+        shape: c.shape(),
+        seed: c.seed,
+        measure,
+        error,
+        time_us,
+    }
+}
+
+/// The layer on the device and its host copies (w as the kernels see it: NF4 dequantized).
+struct Setup<T: FloatElem> {
+    layer: LoraLinear<T>,
+    w: Vec<T>,
+    bias: Option<Vec<T>>,
+    a: Vec<T>,
+    b: Vec<T>,
+    x: Vec<T>,
+    config: LoraConfig,
+}
+
+fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup<T>> {
+    let config = LoraConfig {
+        rank: c.rank,
+        alpha: rng.random_range(1.0..32.0),
+        use_rslora: c.rslora,
+        dropout: c.dropout,
+        seed: rng.random(),
+    };
+    let w0: Vec<T> = random_vec(rng, c.d_out * c.d_in, 0.05);
+    let (base, w) = if c.nf4 {
+        let q = nf4_reference::quantize(&w0, &[c.d_out, c.d_in], 64, true)?;
+        (
+            LoraBase::Nf4(Box::new(Nf4Weight::upload(dev, &q)?)),
+            q.dequantize::<T>(),
+        )
+    } else {
+        (LoraBase::Dense(dev.upload(&w0)?), w0)
+    };
+    let bias: Option<Vec<T>> = c.bias.then(|| random_vec(rng, c.d_out, 0.5));
+    let a: Vec<T> = random_vec(rng, c.rank * c.d_in, 0.1);
+    let b: Vec<T> = random_vec(rng, c.d_out * c.rank, 0.1);
+    let x: Vec<T> = random_vec(rng, c.m * c.d_in, 1.0);
+    let layer = LoraLinear::new(
+        base,
+        bias.as_ref().map(|b| dev.upload(b)).transpose()?,
+        dev.upload(&a)?,
+        dev.upload(&b)?,
+        config,
+    )?;
+    Ok(Setup {
+        layer,
+        w,
+        bias,
+        a,
+        b,
+        x,
+        config,
+    })
+}
+
+fn reference_layer<'a, T: FloatElem>(s: &'a Setup<T>, c: &Case) -> reference::LoraLayer<'a, T, T> {
+    reference::LoraLayer {
+        w: &s.w,
+        bias: s.bias.as_deref(),
+        a: &s.a,
+        b: &s.b,
+        d_in: c.d_in,
+        d_out: c.d_out,
+        config: s.config,
+    }
+}
+
+fn unit(t: DType) -> f64 {
+    if t == DType::F16 {
+        2f64.powi(-11)
+    } else {
+        2f64.powi(-8)
+    }
+}
+
+/// Forward: `y` and the saved `u` (which the kernel keeps scaled by `scale`).
+pub fn forward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let s = setup::<T>(dev, &c, &mut rng)?;
+    let expected = reference_layer(&s, &c).forward(&s.x, c.m)?;
+    let x = dev.upload(&s.x)?;
+    let (y, saved) = s.layer.forward(&x, c.m)?;
+    let scale = s.config.scale();
+    let u: Vec<f32> = saved
+        .u
+        .to_host()?
+        .iter()
+        .map(|v| v.to_f32() / scale)
+        .collect();
+    let t = time_if(dev, c.timed, || s.layer.forward(&x, c.m).map(|_| ()))?;
+    let name = if c.nf4 {
+        format!("lora_forward_nf4_{}", T::DTYPE)
+    } else {
+        format!("lora_forward_{}", T::DTYPE)
+    };
+    Ok(vec![
+        row(
+            name,
+            dev,
+            &c,
+            Measure::RelL2(matmul_bound(T::DTYPE, c.d_in + c.rank)),
+            rel_l2(&y.to_host()?, &expected.y),
+            t,
+        ),
+        row(
+            format!("lora_down_{}", T::DTYPE),
+            dev,
+            &c,
+            Measure::RelL2(matmul_bound(T::DTYPE, c.d_in)),
+            rel_l2(&u, &expected.u),
+            None,
+        ),
+    ])
+}
+
+/// Backward: `dx`, `dA`, `dB` and `dbias` from the kernels' own forward.
+pub fn backward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let s = setup::<T>(dev, &c, &mut rng)?;
+    let dy_host: Vec<T> = random_vec(&mut rng, c.m * c.d_out, 1.0);
+    let x = dev.upload(&s.x)?;
+    let (_, saved) = s.layer.forward(&x, c.m)?;
+    // The reference backward takes the u the kernel saved, as the kernel does.
+    let scale = s.config.scale();
+    let u: Vec<f32> = saved
+        .u
+        .to_host()?
+        .iter()
+        .map(|v| v.to_f32() / scale)
+        .collect();
+    let expected = reference_layer(&s, &c).backward(&s.x, &u, &dy_host, c.m)?;
+    let dy = dev.upload(&dy_host)?;
+    let g = s.layer.backward(&x, &saved, &dy)?;
+    let t = time_if(dev, c.timed, || {
+        s.layer.backward(&x, &saved, &dy).map(|_| ())
+    })?;
+    // dA and dB are f32 but computed from the rounded v = scale·dY·B (and u): T's unit.
+    let grad_bound = 2.0 * unit(T::DTYPE) + c.m as f64 * 2f64.powi(-23);
+    let dx_name = if c.nf4 {
+        format!("lora_backward_dx_nf4_{}", T::DTYPE)
+    } else {
+        format!("lora_backward_dx_{}", T::DTYPE)
+    };
+    let mut rows = vec![
+        row(
+            dx_name,
+            dev,
+            &c,
+            Measure::RelL2(matmul_bound(T::DTYPE, c.d_out + c.rank)),
+            rel_l2(&g.dx.to_host()?, &expected.dx),
+            t,
+        ),
+        row(
+            format!("lora_grad_a_{}", T::DTYPE),
+            dev,
+            &c,
+            Measure::RelL2(grad_bound),
+            rel_l2(&g.da.to_host()?, &expected.da),
+            None,
+        ),
+        row(
+            format!("lora_grad_b_{}", T::DTYPE),
+            dev,
+            &c,
+            Measure::RelL2(grad_bound),
+            rel_l2(&g.db.to_host()?, &expected.db),
+            None,
+        ),
+    ];
+    if let (Some(got), Some(want)) = (&g.dbias, &expected.dbias) {
+        rows.push(row(
+            "lora_dbias".into(),
+            dev,
+            &c,
+            Measure::RelL2(c.m as f64 * 2f64.powi(-23)),
+            rel_l2(&got.to_host()?, want),
+            None,
+        ));
+    }
+    Ok(rows)
+}
+
+/// The merged weight `W + scale · B A` (dense base).
+pub fn merge<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let s = setup::<T>(dev, &Case { nf4: false, ..c }, &mut rng)?;
+    let expected = reference_layer(&s, &c).merged()?;
+    let got = s.layer.merged()?.to_host()?;
+    Ok(row(
+        format!("lora_merge_{}", T::DTYPE),
+        dev,
+        &c,
+        Measure::RelL2(unit(T::DTYPE)),
+        rel_l2(&got, &expected),
+        None,
+    ))
+}
+
+/// Every LoRA kernel: bf16 and f16, dense and NF4 bases, with and without dropout and bias.
+pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+    let realistic = scale == Scale::Realistic;
+    // Realistic: DESIGN.md §8's layer (4096→4096, r=16) at 128 tokens, whose f64 reference
+    // takes seconds on a CPU (the 8192-token timings are `fk bench`'s). Small: odd sizes.
+    let (m, d_in, d_out, rank) = if realistic {
+        (128, 4096, 4096, 16)
+    } else {
+        (37, 131, 45, 5)
+    };
+    let base = Case {
+        seed,
+        m,
+        d_in,
+        d_out,
+        rank,
+        rslora: false,
+        dropout: 0.0,
+        bias: false,
+        nf4: false,
+        timed: false,
+    };
+    let mut rows = Vec::new();
+    for (dropout, bias, nf4, rslora) in [
+        (0.0, false, false, false),
+        (0.1, true, false, true),
+        (0.0, false, true, false),
+        (0.05, true, true, false),
+    ] {
+        let c = Case {
+            dropout,
+            bias,
+            nf4,
+            rslora,
+            seed: seed ^ (dropout.to_bits() as u64),
+            ..base
+        };
+        rows.extend(forward::<bf16>(dev, c)?);
+        rows.extend(backward::<bf16>(dev, c)?);
+        if !realistic {
+            rows.extend(forward::<f16>(dev, c)?);
+            rows.extend(backward::<f16>(dev, c)?);
+        }
+    }
+    rows.push(merge::<bf16>(dev, base)?);
+    rows.push(merge::<f16>(dev, base)?);
+    Ok(rows)
+}
