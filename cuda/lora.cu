@@ -13,6 +13,8 @@
 //   lora_grad_b      [dB | dbias] partials = dYᵀ [u | 1]  (deterministic: no float atomics)
 //   lora_reduce      sums the partials into dA, dB, dbias
 //   lora_merge       W' = W + scale · B A
+//   lora_extend_weight, lora_dx_fixup: the extended path that hands the base GEMMs to cuBLAS
+//                    (params/lora.h; src/lora/mod.rs explains when and why)
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
 #include "include/gemm.cuh"
@@ -29,21 +31,29 @@ FK_DEVICE bool kept(uint64_t seed, uint64_t index, float p) {
   return (dropout_keep_bits(seed, index / 4, p) >> (index % 4)) & 1u;
 }
 
-// A dense operand that is x under dropout: elements whose flattened index into x (which is
-// the source's own offset(mn, k)) is dropped read as zero. The kept ones are not rescaled
-// here: 1/(1-p) is folded into the epilogue.
+// Activations as a GEMM operand: a dense source that can drop elements (x under dropout:
+// those whose flattened index into x, the source's own offset(mn, k), is dropped read as
+// zero; 1/(1-p) is folded into the epilogue) and can copy what it loads, before masking, into
+// the rows of a wider matrix (x_ext or dy_ext, KContig sources only).
 template <typename T, bool KContig, int Extent>
-struct DroppedSource : DenseSource<T, KContig, Extent> {
-  using Base = DenseSource<T, KContig, Extent>;
-  uint64_t seed;
-  float p;
+struct ActivationSource : DenseSource<T, KContig, Extent> {
+  uint64_t seed = 0;
+  float p = 0.0f;
+  T* copy = nullptr;  // rows of copy_ld elements
+  uint64_t copy_ld = 0;
 
   FK_DEVICE void post_wait(Tile<KContig, Extent>& tile, uint32_t k0) {
-    if (p == 0.0f) return;
+    if (!copy && p == 0.0f) return;
     this->for_each_loaded([&](int row, int col, int count) {
       for (int j = 0; j < count; ++j) {
         const uint32_t mn = this->mn0 + (KContig ? row : col + j), k = k0 + (KContig ? col + j : row);
-        if (this->inside(mn, k) && !kept(seed, this->offset(mn, k), p)) tile.data[row][col + j] = 0;
+        if (!this->inside(mn, k)) continue;
+        if (KContig && copy && count == 8 && j == 0 && copy_ld % 8 == 0 && this->inside(mn, k + 7)) {
+          *reinterpret_cast<uint4*>(copy + mn * copy_ld + k) = *reinterpret_cast<const uint4*>(&tile.data[row][col]);
+        } else if (KContig && copy && !(count == 8 && copy_ld % 8 == 0 && this->inside(mn, k - j + 7))) {
+          copy[mn * copy_ld + k] = from_bits16<T>(tile.data[row][col + j]);
+        }
+        if (p > 0.0f && !kept(seed, this->offset(mn, k), p)) tile.data[row][col + j] = 0;
       }
     });
   }
@@ -80,15 +90,35 @@ FK_DEVICE void store(Accumulators& acc, T* out, uint64_t ld, uint32_t m0, uint32
   });
 }
 
+// The tail of an extended row: [base | low-rank part (acc · factor) | 1 if `one` | 0...] from
+// column `base` on (the base part is copied by the operand source). Every block writes its
+// columns of the low-rank part; the first column of blocks writes the rest.
+template <typename T>
+FK_DEVICE void extend_rows(Accumulators& acc, T* ext, uint64_t ld, uint32_t base, uint32_t m0, uint32_t n0, uint32_t rows,
+                           uint32_t rank, float factor, bool one) {
+  for_each(acc, [&](int r, int c, float v) {
+    if (m0 + r < rows && n0 + c < rank) ext[(m0 + r) * ld + base + n0 + c] = from_f32<T>(v * factor);
+  });
+  if (blockIdx.x != 0) return;
+  const uint32_t first = base + rank, width = uint32_t(ld) - first;
+  for (uint32_t i = threadIdx.x; i < kBM * width; i += kThreads) {
+    const uint32_t r = i / width, c = first + i % width;
+    if (m0 + r < rows) ext[(m0 + r) * ld + c] = from_f32<T>(one && c == first ? 1.0f : 0.0f);
+  }
+}
+
 template <typename T>
 FK_DEVICE void down(const LoraParams& p) {
   __shared__ Stages<true, true> st;
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  DroppedSource<T, true, kBM> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
+  ActivationSource<T, true, kBM> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
+  if (blockIdx.x == 0) x.copy = static_cast<T*>(p.x_ext), x.copy_ld = p.x_ld;  // one column of blocks copies
   DenseSource<T, true, kBN> a{as<T>(p.a), p.d_in, n0, p.rank, p.d_in};
   Accumulators acc = {};
   run_segment<T>(acc, st, x, a, 0, p.d_in);
-  store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, p.scale / (1.0f - p.dropout), static_cast<const T*>(nullptr));
+  const float factor = p.scale / (1.0f - p.dropout);
+  store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, factor, static_cast<const T*>(nullptr));
+  if (p.x_ext) extend_rows(acc, static_cast<T*>(p.x_ext), p.x_ld, p.d_in, m0, n0, p.m, p.rank, factor, true);
 }
 
 template <typename T, bool Nf4>
@@ -104,7 +134,7 @@ FK_DEVICE void forward(const LoraParams& p) {
     Nf4Source<T, true> w{p.nf4, shared_code_table(), n0};
     run_segment<T>(acc, st, x, w, 0, p.d_in);
   } else {
-    DenseSource<T, true, kBN> w{as<T>(p.w), p.d_in, n0, p.d_out, p.d_in};
+    DenseSource<T, true, kBN> w{as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, n0, p.d_out, p.d_in};
     run_segment<T>(acc, st, x, w, 0, p.d_in);
   }
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
@@ -114,11 +144,13 @@ template <typename T>
 FK_DEVICE void backward_v(const LoraParams& p) {
   __shared__ Stages<true, false> st;
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  DenseSource<T, true, kBM> dy{as<T>(p.dy), p.d_out, m0, p.m, p.d_out};
+  ActivationSource<T, true, kBM> dy{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}};
+  if (blockIdx.x == 0) dy.copy = static_cast<T*>(p.dy_ext), dy.copy_ld = p.dy_ld;
   DenseSource<T, false, kBN> b{as<T>(p.b), p.rank, n0, p.rank, p.d_out};  // B as [d_out × rank]
   Accumulators acc = {};
   run_segment<T>(acc, st, dy, b, 0, p.d_out);
   store(acc, static_cast<T*>(p.v), p.rank, m0, n0, p.m, p.rank, p.scale, static_cast<const T*>(nullptr));
+  if (p.dy_ext) extend_rows(acc, static_cast<T*>(p.dy_ext), p.dy_ld, p.d_out, m0, n0, p.m, p.rank, p.scale, false);
 }
 
 template <typename T, bool Nf4>
@@ -142,7 +174,7 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
     Nf4Source<T, false> w{p.nf4, shared_code_table(), n0};
     run_segment<T>(acc, st, dy, w, 0, p.d_out);
   } else {
-    DenseSource<T, false, kBN> w{as<T>(p.w), p.d_in, n0, p.d_in, p.d_out};  // W as [d_out × d_in]
+    DenseSource<T, false, kBN> w{as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, n0, p.d_in, p.d_out};  // W as [d_out × d_in]
     run_segment<T>(acc, st, dy, w, 0, p.d_out);
   }
   store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in, 1.0f, static_cast<const T*>(nullptr));
@@ -168,7 +200,7 @@ FK_DEVICE void grad_a(const LoraParams& p) {
   uint32_t k_begin, k_end;
   split_range(p, &k_begin, &k_end);
   DenseSource<T, false, kBM> vt{as<T>(p.v), p.rank, m0, p.rank, p.m};  // vᵀ: (r, row) at v[row·rank + r]
-  DroppedSource<T, false, kBN> x{{as<T>(p.x), p.d_in, n0, p.d_in, p.m}, p.seed, p.dropout};
+  ActivationSource<T, false, kBN> x{{as<T>(p.x), p.d_in, n0, p.d_in, p.m}, p.seed, p.dropout};
   Accumulators acc = {};
   run_segment<T>(acc, st, vt, x, k_begin, k_end);
   store_partial(acc, p.partials + uint64_t(blockIdx.z) * p.rank * p.d_in, p.d_in, m0, n0, p.rank, p.d_in);
@@ -215,14 +247,52 @@ FK_DEVICE void merge(const LoraParams& p) {
   Accumulators acc = {};
   run_segment<T>(acc, st, b, a, 0, p.rank);
   const T* w = as<T>(p.w);
+  const uint64_t w_ld = p.w_ld ? p.w_ld : p.d_in;
   T* out = static_cast<T*>(p.merged);
   for_each(acc, [&](int r, int c, float v) {
     const uint32_t row = m0 + r, col = n0 + c;
     if (row < p.d_out && col < p.d_in) {
-      const uint64_t e = uint64_t(row) * p.d_in + col;
-      out[e] = from_f32<T>(to_f32(w[e]) + p.scale * v);
+      out[uint64_t(row) * p.d_in + col] = from_f32<T>(to_f32(w[row * w_ld + col]) + p.scale * v);
     }
   });
+}
+
+// The parts of the extended weight that change as training goes: B, bias and A, from their
+// own buffers (the base W part is written once, or dequantized, by the caller).
+template <typename T>
+FK_DEVICE void extend_weight(const LoraParams& p) {
+  T* w = static_cast<T*>(const_cast<void*>(p.w));
+  const uint64_t tail = p.w_ld - p.d_in;  // B, bias, padding
+  const uint64_t n_tail = uint64_t(p.d_out) * tail, n_a = uint64_t(p.rank) * p.w_ld;
+  for (uint64_t i = grid_start(); i < n_tail + n_a; i += grid_stride()) {
+    if (i < n_tail) {
+      const uint64_t row = i / tail, c = i % tail;
+      const T* bias = as<T>(p.bias);
+      const float v = c < p.rank ? to_f32(as<T>(p.b)[row * p.rank + c]) : (c == p.rank && bias ? to_f32(bias[row]) : 0.0f);
+      w[row * p.w_ld + p.d_in + c] = from_f32<T>(v);
+    } else {
+      const uint64_t j = i - n_tail, row = j / p.w_ld, c = j % p.w_ld;
+      w[(p.d_out + row) * p.w_ld + c] = c < p.d_in ? as<T>(p.a)[row * p.d_in + c] : from_f32<T>(0.0f);
+    }
+  }
+}
+
+// dX += mask ⊙ (v A) / (1 - p), when dX = dY W came from cuBLAS (the extended path under
+// dropout, where the masked low-rank term cannot ride along the GEMM's K).
+template <typename T>
+FK_DEVICE void dx_fixup(const LoraParams& p) {
+  T* dx = static_cast<T*>(p.dx);
+  const T* v = as<T>(p.v);
+  const T* a = as<T>(p.a);
+  const float inv_keep = 1.0f / (1.0f - p.dropout);
+  const uint64_t n = uint64_t(p.m) * p.d_in;
+  for (uint64_t e = grid_start(); e < n; e += grid_stride()) {
+    if (!kept(p.seed, e, p.dropout)) continue;
+    const uint64_t row = e / p.d_in, col = e % p.d_in;
+    float s = 0.0f;
+    for (uint32_t j = 0; j < p.rank; ++j) s = fmaf(to_f32(v[row * p.rank + j]), to_f32(a[uint64_t(j) * p.d_in + col]), s);
+    dx[e] = from_f32<T>(to_f32(dx[e]) + s * inv_keep);
+  }
 }
 
 }  // namespace
@@ -236,7 +306,9 @@ FK_DEVICE void merge(const LoraParams& p) {
   FK_KERNEL_BOUNDS(lora_backward_dx_nf4_##t, LoraParams, kThreads) { backward_dx<T, true>(p); }  \
   FK_KERNEL_BOUNDS(lora_grad_a_##t, LoraParams, kThreads) { grad_a<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_grad_b_##t, LoraParams, kThreads) { grad_b<T>(p); }                      \
-  FK_KERNEL_BOUNDS(lora_merge_##t, LoraParams, kThreads) { merge<T>(p); }
+  FK_KERNEL_BOUNDS(lora_merge_##t, LoraParams, kThreads) { merge<T>(p); }                      \
+  FK_KERNEL(lora_extend_weight_##t, LoraParams) { extend_weight<T>(p); }                         \
+  FK_KERNEL(lora_dx_fixup_##t, LoraParams) { dx_fixup<T>(p); }
 
 FK_LORA_ENTRIES(__nv_bfloat16, bf16)
 FK_LORA_ENTRIES(__half, f16)

@@ -36,12 +36,16 @@ FK_DEVICE void store16(O* dst, const float (&v)[16]) {
 template <typename O>
 FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
   const float* table = shared_code_table();
-  const uint64_t numel = uint64_t(p.w.rows) * p.w.cols;
+  const uint64_t cols = p.w.cols, numel = uint64_t(p.w.rows) * cols, ld = p.out_ld ? p.out_ld : cols;
   O* out = static_cast<O*>(p.out);
+  // Sixteen elements stay in one row (and 16-byte aligned there) when rows are contiguous,
+  // or when both the row length and the stride allow it.
+  const bool runs = ld == cols || (cols % 16 == 0 && ld % 8 == 0);
+  auto at = [&](uint64_t e) { return out + (e / cols) * ld + e % cols; };
   for (uint64_t g = grid_start(); g < (numel + 15) / 16; g += grid_stride()) {
     const uint64_t e0 = g * 16;
     const float absmax = nf4_absmax(p.w, e0 / p.w.blocksize);
-    if (e0 + 16 <= numel) {
+    if (e0 + 16 <= numel && runs) {
       const uint2 bytes = *reinterpret_cast<const uint2*>(p.w.codes + e0 / 2);
       float v[16];
       for (int i = 0; i < 8; ++i) {
@@ -49,9 +53,11 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
         v[2 * i] = nf4_value(table, byte >> 4, absmax);
         v[2 * i + 1] = nf4_value(table, byte & 0xF, absmax);
       }
-      store16(out + e0, v);
+      store16(ld == cols ? out + e0 : at(e0), v);
     } else {
-      for (uint64_t e = e0; e < numel; ++e) out[e] = from_f32<O>(nf4_value(table, nf4_code(p.w.codes, e), absmax));
+      const uint64_t end = e0 + 16 < numel ? e0 + 16 : numel;
+      for (uint64_t e = e0; e < end; ++e)
+        *at(e) = from_f32<O>(nf4_value(table, nf4_code(p.w.codes, e), nf4_absmax(p.w, e / p.w.blocksize)));
     }
   }
 }

@@ -60,7 +60,10 @@ run() {
   : >"$log"
   start=$(date +%s)
   step() { echo "== $* ($(( $(date +%s) - start ))s)" | tee -a "$log"; }
+  # The results file is rewritten after every step, so a run cut short still reports.
+  results() { python3 scripts/gpu_results.py "$work" "$out" "$gpu_slug" "$(( $(date +%s) - start ))" "$@"; }
   [ -x "$bundle/fk" ] || { echo "gpu-check run: no $bundle/fk; run 'gpu-check.sh build' first" >&2; exit 2; }
+  require=1; [ -n "$dry" ] && require=0
 
   step environment
   {
@@ -76,8 +79,10 @@ run() {
     fi
     echo "nvcc: $(nvcc --version 2>/dev/null | tail -1 || echo none)"
   } | tee "$work/env.txt" | tee -a "$log"
+  gpu_slug=$(sed -n 's/^gpu: //p' "$work/env.txt" | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-' | sed 's/^nvidia-//')
+  [ -n "$gpu_slug" ] || gpu_slug=none
 
-  # cuBLAS for the baselines: PyTorch's wheels carry it.
+  # cuBLAS for the baselines and the dispatch: PyTorch's wheels carry it.
   libdirs=$(python3 - 2>/dev/null <<'PY'
 import glob, os, site
 dirs = set()
@@ -88,6 +93,66 @@ print(":".join(sorted(dirs)))
 PY
 )
   export LD_LIBRARY_PATH="${libdirs:+$libdirs:}${LD_LIBRARY_PATH:-}"
+
+  # Steps in order of what a short lease most needs: what only hardware can tell first.
+  step "register dump"
+  if [ -z "$dry" ]; then
+    timeout 60 "$bundle/fk" regdump --out "$out/regdump-$gpu_slug.txt" --rcp-table "$out/rcp-$gpu_slug.bin" 2>&1 | tee -a "$log"
+  else
+    echo "skipped (dry run)" | tee -a "$log"
+  fi
+
+  # GPU tests (FK_BACKENDS=gpu: the emulated ones run in CI).
+  run_tests() {
+    local which=$1
+    for t in "$bundle"/test-*; do
+      echo "## $(basename "$t") ($which PTX)" >>"$work/tests-$which.txt"
+      FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout 120 "$t" --test-threads=4 >>"$work/tests-$which.txt" 2>&1
+      echo "exit $?" >>"$work/tests-$which.txt"
+    done
+    cp "$work/tests-$which.txt" "$out/tests-$which.txt"
+    grep -E "^test .* \.\.\. |^exit |^## " "$work/tests-$which.txt" >>"$log"
+  }
+  step "tests on committed PTX"
+  run_tests committed
+  results >/dev/null
+
+  step "fk bench"
+  if [ -z "$dry" ]; then
+    timeout 240 "$bundle/fk" bench --json "$work/bench.json" --md "$work/bench.md" >>"$log" 2>&1 || echo "fk bench failed" | tee -a "$log"
+  else
+    echo "skipped (dry run)" | tee -a "$log"
+  fi
+  results >/dev/null
+
+  step "PyTorch baselines"
+  if [ -z "$dry" ]; then
+    timeout 120 python3 scripts/torch_baselines.py --json "$work/torch.json" 2>&1 | tee -a "$log"
+  else
+    echo "skipped (dry run)" | tee -a "$log"
+  fi
+  results >/dev/null
+
+  step "fk check (realistic shapes)"
+  FK_REQUIRE_GPU=$require timeout 150 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
+  echo "exit $?" >>"$work/check.txt"
+  tail -5 "$work/check.txt" | tee -a "$log"
+  results >/dev/null
+
+  step compute-sanitizer
+  : >"$work/sanitizer.txt"
+  for tool in memcheck racecheck initcheck synccheck; do
+    if [ -z "$dry" ] && command -v compute-sanitizer >/dev/null; then
+      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bundle/fk" check --small --seed 1 >"$work/san-$tool.txt" 2>&1
+      rc=$?
+      echo "$tool: exit $rc; $(grep -c '^========= ' "$work/san-$tool.txt") sanitizer lines; $(tail -1 "$work/san-$tool.txt")" >>"$work/sanitizer.txt"
+      grep -E "^========= (Invalid|Race|Uninit|Barrier|ERROR)" "$work/san-$tool.txt" | head -5 >>"$work/sanitizer.txt"
+    else
+      echo "$tool: skipped (dry run or no compute-sanitizer)" >>"$work/sanitizer.txt"
+    fi
+    results >/dev/null
+  done
+  cat "$work/sanitizer.txt" | tee -a "$log"
 
   step "PTX rebuilt with this machine's nvcc"
   local_ptx="$work/ptx"
@@ -104,71 +169,12 @@ PY
       cmp -s "$f" "ptx/$target/$(basename "$f")" && echo "$(basename "$f"): identical to committed" ||
         echo "$(basename "$f"): differs from committed (nvcc $(nvcc --version | tail -1))"
     done | tee "$work/ptx.txt" | tee -a "$log"
+    if grep -q "differs" "$work/ptx.txt"; then
+      step "tests on rebuilt PTX"
+      FK_PTX_DIR="$local_ptx" run_tests rebuilt
+    fi
   else
     echo "skipped (dry run or no nvcc)" | tee "$work/ptx.txt" | tee -a "$log"
-  fi
-
-  require=1; [ -n "$dry" ] && require=0
-  for which in committed rebuilt; do
-    step "tests on $which PTX"
-    if [ "$which" = rebuilt ]; then
-      [ -d "$local_ptx" ] || { echo "skipped: no rebuilt PTX" | tee -a "$log"; continue; }
-      if ! grep -q "differs" "$work/ptx.txt"; then
-        echo "skipped: the rebuilt PTX is identical to the committed PTX, already tested" | tee -a "$log"
-        continue
-      fi
-      export FK_PTX_DIR="$local_ptx"
-    fi
-    for t in "$bundle"/test-*; do
-      echo "## $(basename "$t") ($which PTX)" >>"$work/tests-$which.txt"
-      FK_REQUIRE_GPU=$require timeout 120 "$t" --test-threads=4 >>"$work/tests-$which.txt" 2>&1
-      echo "exit $?" >>"$work/tests-$which.txt"
-    done
-    unset FK_PTX_DIR
-    cp "$work/tests-$which.txt" "$out/tests-$which.txt"
-    grep -E "^test .* \.\.\. |^exit |^## " "$work/tests-$which.txt" >>"$log"
-  done
-
-  step compute-sanitizer
-  : >"$work/sanitizer.txt"
-  for tool in memcheck racecheck initcheck synccheck; do
-    if [ -z "$dry" ] && command -v compute-sanitizer >/dev/null; then
-      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bundle/fk" check --small --seed 1 >"$work/san-$tool.txt" 2>&1
-      rc=$?
-      echo "$tool: exit $rc; $(grep -c '^========= ' "$work/san-$tool.txt") sanitizer lines; $(tail -1 "$work/san-$tool.txt")" >>"$work/sanitizer.txt"
-      grep -E "^========= (Invalid|Race|Uninit|Barrier|ERROR)" "$work/san-$tool.txt" | head -5 >>"$work/sanitizer.txt"
-    else
-      echo "$tool: skipped (dry run or no compute-sanitizer)" >>"$work/sanitizer.txt"
-    fi
-  done
-  cat "$work/sanitizer.txt" | tee -a "$log"
-
-  step "register dump"
-  gpu_slug=$(sed -n 's/^gpu: //p' "$work/env.txt" | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-' | sed 's/^nvidia-//')
-  [ -n "$gpu_slug" ] || gpu_slug=none
-  if [ -z "$dry" ]; then
-    "$bundle/fk" regdump --out "$out/regdump-$gpu_slug.txt" --rcp-table "$out/rcp-$gpu_slug.bin" 2>&1 | tee -a "$log"
-  else
-    echo "skipped (dry run)" | tee -a "$log"
-  fi
-
-  step "fk check (realistic shapes)"
-  FK_REQUIRE_GPU=$require timeout 150 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
-  echo "exit $?" >>"$work/check.txt"
-  tail -5 "$work/check.txt" | tee -a "$log"
-
-  step "fk bench"
-  if [ -z "$dry" ]; then
-    timeout 180 "$bundle/fk" bench --json "$work/bench.json" --md "$work/bench.md" >>"$log" 2>&1 || echo "fk bench failed" | tee -a "$log"
-  else
-    echo "skipped (dry run)" | tee -a "$log"
-  fi
-
-  step "PyTorch baselines"
-  if [ -z "$dry" ]; then
-    timeout 120 python3 scripts/torch_baselines.py --json "$work/torch.json" 2>&1 | tee -a "$log"
-  else
-    echo "skipped (dry run)" | tee -a "$log"
   fi
 
   step "bitsandbytes NF4 vectors"
@@ -182,7 +188,7 @@ PY
   fi
 
   step "results"
-  python3 scripts/gpu_results.py "$work" "$out" "$gpu_slug" "$(( $(date +%s) - start ))" 2>&1 | tee -a "$log"
+  results 2>&1 | tee -a "$log"
 }
 
 case "${1:-}" in

@@ -57,15 +57,18 @@ const _: () = {
 pub struct Nf4DequantizeParams {
     pub w: Nf4Weight,
     pub out: *mut ::core::ffi::c_void,
+    pub out_ld: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of Nf4DequantizeParams"][::core::mem::size_of::<Nf4DequantizeParams>() - 72usize];
+    ["Size of Nf4DequantizeParams"][::core::mem::size_of::<Nf4DequantizeParams>() - 80usize];
     ["Alignment of Nf4DequantizeParams"][::core::mem::align_of::<Nf4DequantizeParams>() - 8usize];
     ["Offset of field: Nf4DequantizeParams::w"]
         [::core::mem::offset_of!(Nf4DequantizeParams, w) - 0usize];
     ["Offset of field: Nf4DequantizeParams::out"]
         [::core::mem::offset_of!(Nf4DequantizeParams, out) - 64usize];
+    ["Offset of field: Nf4DequantizeParams::out_ld"]
+        [::core::mem::offset_of!(Nf4DequantizeParams, out_ld) - 72usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -169,10 +172,15 @@ pub struct LoraParams {
     pub db: *mut f32,
     pub dbias: *mut f32,
     pub merged: *mut ::core::ffi::c_void,
+    pub w_ld: u64,
+    pub x_ext: *mut ::core::ffi::c_void,
+    pub x_ld: u64,
+    pub dy_ext: *mut ::core::ffi::c_void,
+    pub dy_ld: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 224usize];
+    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 264usize];
     ["Alignment of LoraParams"][::core::mem::align_of::<LoraParams>() - 8usize];
     ["Offset of field: LoraParams::m"][::core::mem::offset_of!(LoraParams, m) - 0usize];
     ["Offset of field: LoraParams::d_in"][::core::mem::offset_of!(LoraParams, d_in) - 4usize];
@@ -200,6 +208,11 @@ const _: () = {
     ["Offset of field: LoraParams::db"][::core::mem::offset_of!(LoraParams, db) - 200usize];
     ["Offset of field: LoraParams::dbias"][::core::mem::offset_of!(LoraParams, dbias) - 208usize];
     ["Offset of field: LoraParams::merged"][::core::mem::offset_of!(LoraParams, merged) - 216usize];
+    ["Offset of field: LoraParams::w_ld"][::core::mem::offset_of!(LoraParams, w_ld) - 224usize];
+    ["Offset of field: LoraParams::x_ext"][::core::mem::offset_of!(LoraParams, x_ext) - 232usize];
+    ["Offset of field: LoraParams::x_ld"][::core::mem::offset_of!(LoraParams, x_ld) - 240usize];
+    ["Offset of field: LoraParams::dy_ext"][::core::mem::offset_of!(LoraParams, dy_ext) - 248usize];
+    ["Offset of field: LoraParams::dy_ld"][::core::mem::offset_of!(LoraParams, dy_ld) - 256usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

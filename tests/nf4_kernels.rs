@@ -210,3 +210,49 @@ fn device_weights_round_trip_through_the_host() {
         }
     }
 }
+
+/// Dequantizing into the rows of a wider matrix writes exactly the weight's columns and
+/// leaves the rest alone (the LoRA layer's extended weight relies on it).
+#[test]
+fn dequantize_into_wider_rows() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        for (rows, cols, ld) in [(33, 64, 72), (9, 131, 140), (5, 32, 32)] {
+            let w: Vec<bf16> = random_vec(&mut rng, rows * cols, 0.1);
+            let q = reference::quantize(&w, &[rows, cols], 64, true).unwrap();
+            let want = q.dequantize::<bf16>();
+            let wd = Nf4Weight::upload(&dev, &q).unwrap();
+            let fill: Vec<bf16> = random_vec(&mut rng, rows * ld, 5.0);
+            let mut out = dev.upload(&fill).unwrap();
+            wd.dequantize_strided(&mut out, ld).unwrap();
+            let got = out.to_host().unwrap();
+            for r in 0..rows {
+                for c in 0..ld {
+                    let expect = if c < cols {
+                        want[r * cols + c]
+                    } else {
+                        fill[r * ld + c]
+                    };
+                    assert_eq!(
+                        got[r * ld + c].to_bits(),
+                        expect.to_bits(),
+                        "[{r}][{c}] of {rows}x{cols} in rows of {ld}"
+                    );
+                }
+            }
+            // And back out: copy_rows_from gathers the columns into a dense matrix.
+            let mut dense = dev.alloc_poisoned::<bf16>(rows * cols).unwrap();
+            dense.copy_rows_from(&out, rows, cols, ld, cols).unwrap();
+            assert_eq!(
+                dense
+                    .to_host()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            assert!(wd.dequantize_strided(&mut out, cols - 1).is_err());
+        }
+    }
+}

@@ -42,6 +42,18 @@ typedef struct LoraParams {
   float* db;         /* [d_out, rank] */
   float* dbias;      /* [d_out], or NULL */
   void* merged;      /* [d_out, d_in]: W + scale · B A (lora_merge) */
+  /* Row strides (elements; 0 means dense rows) and the extended operands of the path that
+   * hands the base GEMMs to cuBLAS by extending K (src/lora/mod.rs):
+   *   x_ext  [m, x_ld]          = [x | u | 1 | 0...]      written by lora_down
+   *   dy_ext [m, dy_ld]         = [dY | v | 0...]         written by lora_backward_v
+   *   w      [d_out + rank, w_ld] = [W | B | bias | 0...] over [A | 0...]: the extended weight,
+   *          whose A, B and bias parts lora_extend_weight refreshes,
+   * so that y = x_ext · w[:d_out]ᵀ and dX = dy_ext[:, :d_out + rank] · w[:, :d_in]. */
+  uint64_t w_ld;
+  void* x_ext;
+  uint64_t x_ld;
+  void* dy_ext;
+  uint64_t dy_ld;
 } LoraParams;
 
 #endif

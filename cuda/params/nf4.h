@@ -26,10 +26,13 @@ typedef struct Nf4Weight {
   uint32_t cols;                /* in_features */
 } Nf4Weight;
 
-/* out[e] = NF4[code(e)] * absmax(e / blocksize), rounded to out's dtype, e < rows * cols. */
+/* out[row * out_ld + col] = NF4[code(e)] * absmax(e / blocksize), rounded to out's dtype,
+ * for element e = row * cols + col. out_ld >= cols (0 means cols): rows may be written into a
+ * wider matrix, e.g. the LoRA layer's extended weight. */
 typedef struct Nf4DequantizeParams {
   Nf4Weight w;
   void* out;
+  uint64_t out_ld;
 } Nf4DequantizeParams;
 
 /* Quantizes `numel` elements of `input` (out's dtype named by the kernel) blockwise, as

@@ -2,6 +2,7 @@
 //! repetitions, median reported. And the rows the GPU check writes (DESIGN.md §8): time,
 //! TB/s, TFLOP/s, the floor and the fraction of it, and the baseline from the same run.
 
+pub mod lora;
 pub mod nf4;
 pub mod sparse;
 
@@ -284,8 +285,11 @@ pub fn time_cublas(
         w.as_cuda_slice().expect("a CUDA buffer"),
     );
     let o = out.as_cuda_slice_mut().expect("a CUDA buffer");
+    let ldw = if op == WeightOp::Transposed { k } else { n };
     timer
-        .time(3, 30, || blas::matmul(blas, a, w, o, m, n, k, op))
+        .time(3, 30, || {
+            blas::matmul(blas, a, k, w, ldw, o, n, (m, n, k), op)
+        })
         .map(Some)
 }
 

@@ -135,7 +135,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
     }
     let cublas_present = nf4::choose_path(dev, usize::MAX, true) == MatmulPath::DequantizeCublas;
-    for m in [64, 512, 2048, 8192] {
+    for m in [64, 8192] {
         for forward in [true, false] {
             rows.push(matmul_row(
                 dev,

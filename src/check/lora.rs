@@ -5,7 +5,7 @@ use crate::check::nf4::matmul_bound;
 use crate::device::Device;
 use crate::dtype::{DType, FloatElem};
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear};
+use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
 use crate::nf4::Nf4Weight;
 use crate::reference::{lora as reference, nf4 as nf4_reference};
 use crate::testing::{random_vec, rel_l2};
@@ -25,6 +25,8 @@ pub struct Case {
     pub bias: bool,
     pub nf4: bool,
     pub timed: bool,
+    /// The layer's path; `None` takes the one `LoraLinear::new` picks for the device.
+    pub path: Option<LoraPath>,
 }
 
 impl Case {
@@ -41,6 +43,9 @@ impl Case {
         }
         if self.nf4 {
             s += " nf4";
+        }
+        if let Some(path) = self.path {
+            s += &format!(" {path:?}");
         }
         s
     }
@@ -99,13 +104,16 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     let a: Vec<T> = random_vec(rng, c.rank * c.d_in, 0.1);
     let b: Vec<T> = random_vec(rng, c.d_out * c.rank, 0.1);
     let x: Vec<T> = random_vec(rng, c.m * c.d_in, 1.0);
-    let layer = LoraLinear::new(
+    let mut layer = LoraLinear::new(
         base,
         bias.as_ref().map(|b| dev.upload(b)).transpose()?,
         dev.upload(&a)?,
         dev.upload(&b)?,
         config,
     )?;
+    if let Some(path) = c.path {
+        layer = layer.with_path(path)?;
+    }
     Ok(Setup {
         layer,
         w,
@@ -138,7 +146,10 @@ fn unit(t: DType) -> f64 {
 }
 
 /// Forward: `y` and the saved `u` (which the kernel keeps scaled by `scale`).
-pub fn forward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>> {
+pub fn forward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
     let mut rng = StdRng::seed_from_u64(c.seed);
     let s = setup::<T>(dev, &c, &mut rng)?;
     let expected = reference_layer(&s, &c).forward(&s.x, c.m)?;
@@ -152,10 +163,15 @@ pub fn forward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>> {
         .map(|v| v.to_f32() / scale)
         .collect();
     let t = time_if(dev, c.timed, || s.layer.forward(&x, c.m).map(|_| ()))?;
-    let name = if c.nf4 {
-        format!("lora_forward_nf4_{}", T::DTYPE)
+    let path = if s.layer.path() == LoraPath::Extended {
+        "extended_"
     } else {
-        format!("lora_forward_{}", T::DTYPE)
+        ""
+    };
+    let name = if c.nf4 {
+        format!("lora_{path}forward_nf4_{}", T::DTYPE)
+    } else {
+        format!("lora_{path}forward_{}", T::DTYPE)
     };
     Ok(vec![
         row(
@@ -178,7 +194,10 @@ pub fn forward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>> {
 }
 
 /// Backward: `dx`, `dA`, `dB` and `dbias` from the kernels' own forward.
-pub fn backward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>> {
+pub fn backward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
     let mut rng = StdRng::seed_from_u64(c.seed);
     let s = setup::<T>(dev, &c, &mut rng)?;
     let dy_host: Vec<T> = random_vec(&mut rng, c.m * c.d_out, 1.0);
@@ -200,10 +219,15 @@ pub fn backward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>> {
     })?;
     // dA and dB are f32 but computed from the rounded v = scale·dY·B (and u): T's unit.
     let grad_bound = 2.0 * unit(T::DTYPE) + c.m as f64 * 2f64.powi(-23);
-    let dx_name = if c.nf4 {
-        format!("lora_backward_dx_nf4_{}", T::DTYPE)
+    let path = if s.layer.path() == LoraPath::Extended {
+        "extended_"
     } else {
-        format!("lora_backward_dx_{}", T::DTYPE)
+        ""
+    };
+    let dx_name = if c.nf4 {
+        format!("lora_{path}backward_dx_nf4_{}", T::DTYPE)
+    } else {
+        format!("lora_{path}backward_dx_{}", T::DTYPE)
     };
     let mut rows = vec![
         row(
@@ -263,10 +287,10 @@ pub fn merge<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
 /// Every LoRA kernel: bf16 and f16, dense and NF4 bases, with and without dropout and bias.
 pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     let realistic = scale == Scale::Realistic;
-    // Realistic: DESIGN.md §8's layer (4096→4096, r=16) at 128 tokens, whose f64 reference
+    // Realistic: DESIGN.md §8's layer (4096→4096, r=16) at 64 tokens, whose f64 reference
     // takes seconds on a CPU (the 8192-token timings are `fk bench`'s). Small: odd sizes.
     let (m, d_in, d_out, rank) = if realistic {
-        (128, 4096, 4096, 16)
+        (64, 4096, 4096, 16)
     } else {
         (37, 131, 45, 5)
     };
@@ -281,27 +305,36 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
         bias: false,
         nf4: false,
         timed: false,
+        path: None,
     };
     let mut rows = Vec::new();
-    for (dropout, bias, nf4, rslora) in [
-        (0.0, false, false, false),
-        (0.1, true, false, true),
-        (0.0, false, true, false),
-        (0.05, true, true, false),
-    ] {
-        let c = Case {
-            dropout,
-            bias,
-            nf4,
-            rslora,
-            seed: seed ^ (dropout.to_bits() as u64),
-            ..base
-        };
-        rows.extend(forward::<bf16>(dev, c)?);
-        rows.extend(backward::<bf16>(dev, c)?);
-        if !realistic {
-            rows.extend(forward::<f16>(dev, c)?);
-            rows.extend(backward::<f16>(dev, c)?);
+    let paths: &[LoraPath] = if dev.is_gpu() {
+        &[LoraPath::Fused, LoraPath::Extended]
+    } else {
+        &[LoraPath::Fused]
+    };
+    for &path in paths {
+        for (dropout, bias, nf4, rslora) in [
+            (0.0, false, false, false),
+            (0.1, true, false, true),
+            (0.0, false, true, false),
+            (0.05, true, true, false),
+        ] {
+            let c = Case {
+                dropout,
+                bias,
+                nf4,
+                rslora,
+                seed: seed ^ (dropout.to_bits() as u64),
+                path: Some(path),
+                ..base
+            };
+            rows.extend(forward::<bf16>(dev, c)?);
+            rows.extend(backward::<bf16>(dev, c)?);
+            if !realistic {
+                rows.extend(forward::<f16>(dev, c)?);
+                rows.extend(backward::<f16>(dev, c)?);
+            }
         }
     }
     rows.push(merge::<bf16>(dev, base)?);

@@ -34,25 +34,27 @@ pub fn handle(dev: &CudaDevice) -> Result<Option<&CudaBlas>> {
 }
 
 /// Row-major `out[m, n] = a[m, k] · op(w)` with `w` stored `[n, k]` (Transposed) or
-/// `[k, n]` (Plain); f32 accumulation.
+/// `[k, n]` (Plain); f32 accumulation. Rows are `lda`, `ldw`, `ldo` elements apart (at
+/// least the row length), so operands may be column ranges of wider matrices.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: FloatElem>(
     blas: &CudaBlas,
     a: &CudaSlice<T>,
+    lda: usize,
     w: &CudaSlice<T>,
+    ldw: usize,
     out: &mut CudaSlice<T>,
-    m: usize,
-    n: usize,
-    k: usize,
+    ldo: usize,
+    (m, n, k): (usize, usize, usize),
     op: WeightOp,
 ) -> Result<()>
 where
     CudaBlas: Gemm<T>,
 {
     // Column-major view: outᵀ[n, m] = op(w)ᵀ-as-stored · aᵀ.
-    let (transa, lda) = match op {
-        WeightOp::Transposed => (sys::cublasOperation_t::CUBLAS_OP_T, k),
-        WeightOp::Plain => (sys::cublasOperation_t::CUBLAS_OP_N, n),
+    let transa = match op {
+        WeightOp::Transposed => sys::cublasOperation_t::CUBLAS_OP_T,
+        WeightOp::Plain => sys::cublasOperation_t::CUBLAS_OP_N,
     };
     let cfg = GemmConfig {
         transa,
@@ -61,13 +63,13 @@ where
         n: m as i32,
         k: k as i32,
         alpha: T::from_f32(1.0),
-        lda: lda as i32,
-        ldb: k as i32,
+        lda: ldw as i32,
+        ldb: lda as i32,
         beta: T::from_f32(0.0),
-        ldc: n as i32,
+        ldc: ldo as i32,
     };
-    // SAFETY: the slices hold m·k, n·k and m·n elements (checked by the callers), as cfg
-    // describes.
+    // SAFETY: the callers size the buffers for m rows of lda, the weight's rows of ldw, and m
+    // rows of ldo, as cfg describes.
     unsafe { blas.gemm(cfg, w, a, out) }.map_err(|e| Error::Driver {
         call: "cublasGemmEx",
         name: format!("{e:?}"),

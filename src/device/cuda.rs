@@ -194,6 +194,43 @@ impl CudaDevice {
         Ok(s)
     }
 
+    /// `rows` rows of `width` bytes from `src` (rows `src_pitch` bytes apart) to `dst`.
+    pub(crate) fn copy_rows<T>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<T>,
+        rows: usize,
+        width: usize,
+        src_pitch: usize,
+        dst_pitch: usize,
+    ) -> Result<()> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: self.addr(src),
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: self.addr(dst),
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: width,
+            Height: rows,
+        };
+        // SAFETY: the caller checked that both allocations hold the rows at their pitches.
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.raw_stream()) }
+            .result()
+            .map_err(|e| Error::driver("cuMemcpy2DAsync", e))
+    }
+
     pub(crate) fn addr<T>(&self, s: &CudaSlice<T>) -> u64 {
         let (ptr, _sync) = s.device_ptr(&self.stream);
         ptr

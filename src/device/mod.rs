@@ -275,6 +275,43 @@ impl<T: Elem> Buffer<T> {
         }
     }
 
+    /// Copies `rows` rows of `cols` elements from `src` (rows `src_ld` apart) into this
+    /// buffer (rows `dst_ld` apart), on the device. Both must belong to the same device.
+    pub fn copy_rows_from(
+        &mut self,
+        src: &Buffer<T>,
+        rows: usize,
+        cols: usize,
+        src_ld: usize,
+        dst_ld: usize,
+    ) -> Result<()> {
+        let fits =
+            |len: usize, ld: usize| rows == 0 || (ld >= cols && (rows - 1) * ld + cols <= len);
+        if !fits(src.len, src_ld) || !fits(self.len, dst_ld) {
+            return Err(Error::ShapeMismatch {
+                what: "copy_rows_from".into(),
+                expected: vec![rows, cols],
+                got: vec![src.len, self.len],
+            });
+        }
+        check_device(&self.device, src)?;
+        let size = std::mem::size_of::<T>();
+        match (&mut self.storage, &src.storage, &self.device) {
+            (Storage::Cuda(d), Storage::Cuda(s), Device::Cuda(dev)) => {
+                dev.copy_rows(s, d, rows, cols * size, src_ld * size, dst_ld * size)
+            }
+            (Storage::Host(d), Storage::Host(s), _) => {
+                let (sb, db) = (s.bytes(), d.bytes_mut());
+                for r in 0..rows {
+                    db[r * dst_ld * size..(r * dst_ld + cols) * size]
+                        .copy_from_slice(&sb[r * src_ld * size..(r * src_ld + cols) * size]);
+                }
+                Ok(())
+            }
+            _ => Err(Error::DeviceMismatch),
+        }
+    }
+
     /// The address a kernel reads through (a device address, or a host address under the
     /// emulator), for filling params structs.
     pub fn ptr(&self) -> *const std::ffi::c_void {

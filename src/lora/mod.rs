@@ -10,15 +10,31 @@
 //! seed; with the caller's `x` that is all backward needs: nothing `[m, out]`- or
 //! `[out, in]`-sized. Backward's reductions over tokens are split by rows and summed in a
 //! fixed order: deterministic, no float atomics.
+//!
+//! Two paths ([`LoraPath`]), the same math:
+//! - **Fused**: every product on this crate's tensor-core kernels (`mma.sync`): the base GEMM
+//!   runs extended along K by the low-rank term, `[u | x]·[B | W]ᵀ`, one accumulator, bias in
+//!   the epilogue. Runs everywhere (the emulator too).
+//! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
+//!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
+//!   bench/results): the layer keeps W inside an extended weight
+//!   `[W | B | bias | 0] over [A | 0]` (rows `ld = ⌈in + rank + 1⌉₈` apart), the
+//!   down-projection also writes `x_ext = [x | u | 1 | 0]`, and `y = x_ext · Wextᵀ` is one
+//!   GEMM; backward writes `dy_ext = [dY | v | 0]` and `dX = dy_ext · [W ; A]`. Under dropout
+//!   the masked low-rank term of dX cannot ride along K: cuBLAS computes `dY W` and one more
+//!   pass over dX adds it. The small products (down-projection, `v`, dA, dB, dbias) stay
+//!   on the crate's kernels, which are memory-bound there.
 
 pub mod adapter;
 
+use crate::device::blas::{self, WeightOp};
 use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig};
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
 use crate::nf4::Nf4Weight;
 use crate::params::{self, LoraParams};
 pub use crate::reference::lora::LoraConfig;
+use cudarc::cublas::{CudaBlas, Gemm};
 
 const MODULE: &str = "lora";
 const TILE: u32 = 128;
@@ -30,9 +46,24 @@ pub enum LoraBase<T: FloatElem> {
     Nf4(Box<Nf4Weight>),
 }
 
+/// Which kernels compute the layer's base GEMMs (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraPath {
+    Fused,
+    Extended,
+}
+
+/// Where the base weight lives: a dense W is kept compact (Fused) or inside the extended
+/// weight (Extended, rows `ld` apart, `[out + rank, ld]`); an NF4 weight stays NF4 and is
+/// dequantized into a scratch extended weight per call on the Extended path.
+enum Base<T: FloatElem> {
+    Dense { w: Buffer<T>, ld: usize },
+    Nf4(Box<Nf4Weight>),
+}
+
 /// A LoRA layer on a device: the frozen base, an optional bias, and the adapter.
 pub struct LoraLinear<T: FloatElem> {
-    base: LoraBase<T>,
+    base: Base<T>,
     bias: Option<Buffer<T>>,
     /// `lora_A.weight`, `[rank, in]`.
     pub a: Buffer<T>,
@@ -41,6 +72,7 @@ pub struct LoraLinear<T: FloatElem> {
     d_in: usize,
     d_out: usize,
     config: LoraConfig,
+    path: LoraPath,
 }
 
 /// What forward keeps for backward (besides the caller's `x`).
@@ -142,7 +174,18 @@ impl<T: FloatElem> LoraLinear<T> {
             shape("bias [out]", vec![d_out], bias.len())?;
             check_device(&dev, bias)?;
         }
-        Ok(LoraLinear {
+        let path = if crate::nf4::choose_path(&dev, usize::MAX, false)
+            == crate::nf4::MatmulPath::DequantizeCublas
+        {
+            LoraPath::Extended
+        } else {
+            LoraPath::Fused
+        };
+        let base = match base {
+            LoraBase::Dense(w) => Base::Dense { w, ld: d_in },
+            LoraBase::Nf4(q) => Base::Nf4(q),
+        };
+        let layer = LoraLinear {
             base,
             bias,
             a,
@@ -150,7 +193,50 @@ impl<T: FloatElem> LoraLinear<T> {
             d_in,
             d_out,
             config,
-        })
+            path: LoraPath::Fused,
+        };
+        layer.with_path(path)
+    }
+
+    /// The layer moved to `path` (Extended needs a GPU with cuBLAS). For a dense base the
+    /// Extended path moves W into the extended weight (no second copy of W is kept).
+    pub fn with_path(mut self, path: LoraPath) -> Result<Self> {
+        if path == self.path {
+            return Ok(self);
+        }
+        if path == LoraPath::Extended
+            && crate::nf4::choose_path(self.device(), usize::MAX, false)
+                != crate::nf4::MatmulPath::DequantizeCublas
+        {
+            return Err(Error::Unsupported {
+                op: "lora",
+                why: "the extended path needs a GPU with cuBLAS".into(),
+            });
+        }
+        if let Base::Dense { w, ld } = &self.base {
+            let (rows, new_ld) = match path {
+                LoraPath::Extended => (self.d_out + self.config.rank, self.extended_ld()),
+                LoraPath::Fused => (self.d_out, self.d_in),
+            };
+            let mut moved = self.device().zeros::<T>(rows * new_ld)?;
+            moved.copy_rows_from(w, self.d_out, self.d_in, *ld, new_ld)?;
+            self.base = Base::Dense {
+                w: moved,
+                ld: new_ld,
+            };
+        }
+        self.path = path;
+        Ok(self)
+    }
+
+    pub fn path(&self) -> LoraPath {
+        self.path
+    }
+
+    /// Row length of the extended weight and of `x_ext`: `[in | rank | bias | padding]`,
+    /// a multiple of 8 elements (16-byte rows for cuBLAS).
+    fn extended_ld(&self) -> usize {
+        (self.d_in + self.config.rank + 1).div_ceil(8) * 8
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -168,10 +254,6 @@ impl<T: FloatElem> LoraLinear<T> {
 
     pub fn d_out(&self) -> usize {
         self.d_out
-    }
-
-    pub fn base(&self) -> &LoraBase<T> {
-        &self.base
     }
 
     pub fn device(&self) -> &Device {
@@ -192,11 +274,11 @@ impl<T: FloatElem> LoraLinear<T> {
             rows: self.d_out as u32,
             cols: self.d_in as u32,
         };
-        let w = match &self.base {
-            LoraBase::Dense(w) => w.ptr(),
-            LoraBase::Nf4(q) => {
+        let (w, w_ld) = match &self.base {
+            Base::Dense { w, ld } => (w.ptr(), *ld as u64),
+            Base::Nf4(q) => {
                 nf4 = q.params();
-                null
+                (null, 0)
             }
         };
         LoraParams {
@@ -224,6 +306,11 @@ impl<T: FloatElem> LoraLinear<T> {
             db: std::ptr::null_mut(),
             dbias: std::ptr::null_mut(),
             merged: std::ptr::null_mut(),
+            w_ld,
+            x_ext: std::ptr::null_mut(),
+            x_ld: 0,
+            dy_ext: std::ptr::null_mut(),
+            dy_ld: 0,
         }
     }
 
@@ -239,7 +326,7 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 
     fn suffix(&self) -> String {
-        let nf4 = if matches!(self.base, LoraBase::Nf4(_)) {
+        let nf4 = if matches!(self.base, Base::Nf4(_)) {
             "nf4_"
         } else {
             ""
@@ -248,31 +335,70 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 
     /// `y = x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ` for `x` `[m, in]`: returns `y`
-    /// `[m, out]` and what backward needs. Two launches: the down-projection, then the base
-    /// GEMM extended along K by the LoRA term (`[u | x] · [B | W]ᵀ`), bias in its epilogue.
-    pub fn forward(&self, x: &Buffer<T>, m: usize) -> Result<(Buffer<T>, Saved<T>)> {
+    /// `[m, out]` and what backward needs. The down-projection, then the base GEMM extended
+    /// along K by the low-rank term (bias in its epilogue, or in the extended weight).
+    pub fn forward(&self, x: &Buffer<T>, m: usize) -> Result<(Buffer<T>, Saved<T>)>
+    where
+        CudaBlas: Gemm<T>,
+    {
         self.check_rows("x", x, m, self.d_in)?;
         let dev = self.device().clone();
         let mut u = dev.alloc_poisoned::<T>(m * self.config.rank)?;
         let mut y = dev.alloc_poisoned::<T>(m * self.d_out)?;
-        if m > 0 {
-            let mut p = self.params(m, self.config.seed);
-            p.x = x.ptr();
-            p.u = u.ptr_mut();
-            p.y = y.ptr_mut();
-            let t = T::DTYPE;
-            // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above; the
-            // layer's own buffers were checked in new().
-            unsafe {
-                dev.launch(
-                    &kernel(format!("lora_down_{t}")),
-                    tiles(m, self.config.rank, 1),
-                    &p,
-                )?;
-                dev.launch(
-                    &kernel(format!("lora_forward_{}", self.suffix())),
-                    tiles(m, self.d_out, 1),
-                    &p,
+        let saved_seed = self.config.seed;
+        if m == 0 {
+            return Ok((
+                y,
+                Saved {
+                    u,
+                    m,
+                    seed: saved_seed,
+                },
+            ));
+        }
+        let mut p = self.params(m, self.config.seed);
+        p.x = x.ptr();
+        p.u = u.ptr_mut();
+        p.y = y.ptr_mut();
+        let t = T::DTYPE;
+        let down = kernel(format!("lora_down_{t}"));
+        match self.path {
+            LoraPath::Fused => {
+                // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
+                // the layer's own buffers were checked in new().
+                unsafe {
+                    dev.launch(&down, tiles(m, self.config.rank, 1), &p)?;
+                    dev.launch(
+                        &kernel(format!("lora_forward_{}", self.suffix())),
+                        tiles(m, self.d_out, 1),
+                        &p,
+                    )?;
+                }
+            }
+            LoraPath::Extended => {
+                let ld = self.extended_ld();
+                let scratch = self.extended_weight(&mut p)?;
+                let w_ext = scratch.as_ref().or(match &self.base {
+                    Base::Dense { w, .. } => Some(w),
+                    Base::Nf4(_) => None,
+                });
+                let w_ext = w_ext.expect("the extended weight exists on the extended path");
+                let mut x_ext = dev.alloc_poisoned::<T>(m * ld)?;
+                p.x_ext = x_ext.ptr_mut();
+                p.x_ld = ld as u64;
+                // SAFETY: as above, and x_ext holds m rows of ld.
+                unsafe { dev.launch(&down, tiles(m, self.config.rank, 1), &p)? };
+                let blas = self.blas()?;
+                blas::matmul(
+                    blas,
+                    cuda_slice(&x_ext),
+                    ld,
+                    cuda_slice(w_ext),
+                    ld,
+                    y.as_cuda_slice_mut().expect("a CUDA buffer"),
+                    self.d_out,
+                    (m, self.d_out, ld),
+                    WeightOp::Transposed,
                 )?;
             }
         }
@@ -281,24 +407,74 @@ impl<T: FloatElem> LoraLinear<T> {
             Saved {
                 u,
                 m,
-                seed: self.config.seed,
+                seed: saved_seed,
             },
         ))
     }
 
+    fn blas(&self) -> Result<&CudaBlas> {
+        let Device::Cuda(cuda) = self.device() else {
+            return Err(Error::Unsupported {
+                op: "lora",
+                why: "the extended path needs a GPU".into(),
+            });
+        };
+        blas::handle(cuda)?.ok_or(Error::Unsupported {
+            op: "lora",
+            why: "cuBLAS is not loadable".into(),
+        })
+    }
+
+    /// Refreshes B, bias and A in the extended weight (for an NF4 base: dequantizes W into a
+    /// new one first and returns it) and points `p` at it.
+    fn extended_weight(&self, p: &mut LoraParams) -> Result<Option<Buffer<T>>> {
+        let dev = self.device().clone();
+        let ld = self.extended_ld();
+        let mut scratch = None;
+        if let Base::Nf4(q) = &self.base {
+            let mut w = dev.alloc_poisoned::<T>((self.d_out + self.config.rank) * ld)?;
+            q.dequantize_strided(&mut w, ld)?;
+            p.w = w.ptr();
+            scratch = Some(w);
+        }
+        p.w_ld = ld as u64;
+        let n = (self.d_out * (ld - self.d_in) + self.config.rank * ld) as u64;
+        // SAFETY: p.w is the extended weight, [out + rank, ld]; A, B and bias were checked in
+        // new(). The kernel writes only the B, bias, padding and A parts.
+        unsafe {
+            dev.launch(
+                &kernel(format!("lora_extend_weight_{}", T::DTYPE)),
+                LaunchConfig::grid_stride(n, THREADS, 1 << 16),
+                p,
+            )?;
+        }
+        Ok(scratch)
+    }
+
     /// The gradients for `dy` `[m, out]`, given forward's input `x` and what it saved.
-    pub fn backward(
-        &self,
-        x: &Buffer<T>,
-        saved: &Saved<T>,
-        dy: &Buffer<T>,
-    ) -> Result<LoraGrads<T>> {
+    pub fn backward(&self, x: &Buffer<T>, saved: &Saved<T>, dy: &Buffer<T>) -> Result<LoraGrads<T>>
+    where
+        CudaBlas: Gemm<T>,
+    {
         let m = saved.m;
         self.check_rows("x", x, m, self.d_in)?;
         self.check_rows("saved u", &saved.u, m, self.config.rank)?;
         self.check_rows("dy", dy, m, self.d_out)?;
         let dev = self.device().clone();
         let r = self.config.rank;
+        if m == 0 {
+            // No tokens: zero gradients.
+            return Ok(LoraGrads {
+                dx: dev.alloc_poisoned(0)?,
+                da: dev.zeros(r * self.d_in)?,
+                db: dev.zeros(self.d_out * r)?,
+                dbias: self
+                    .bias
+                    .as_ref()
+                    .map(|_| dev.zeros(self.d_out))
+                    .transpose()?,
+            });
+        }
         let mut dx = dev.alloc_poisoned::<T>(m * self.d_in)?;
         let mut da = dev.alloc_poisoned::<f32>(r * self.d_in)?;
         let mut db = dev.alloc_poisoned::<f32>(self.d_out * r)?;
@@ -307,17 +483,6 @@ impl<T: FloatElem> LoraLinear<T> {
             .as_ref()
             .map(|_| dev.alloc_poisoned::<f32>(self.d_out))
             .transpose()?;
-        if m == 0 {
-            // No tokens: zero gradients.
-            da = dev.zeros(r * self.d_in)?;
-            db = dev.zeros(self.d_out * r)?;
-            dbias = self
-                .bias
-                .as_ref()
-                .map(|_| dev.zeros(self.d_out))
-                .transpose()?;
-            return Ok(LoraGrads { dx, da, db, dbias });
-        }
         let mut v = dev.alloc_poisoned::<T>(m * r)?;
         let splits = split_count(m);
         let mut partials =
@@ -336,16 +501,68 @@ impl<T: FloatElem> LoraLinear<T> {
             .as_mut()
             .map_or(std::ptr::null_mut(), |b| b.ptr_mut() as *mut f32);
         let t = T::DTYPE;
+        let backward_v = kernel(format!("lora_backward_v_{t}"));
+        match self.path {
+            LoraPath::Fused => {
+                // SAFETY: every buffer in p was checked or sized above; the kernels only read
+                // u (passed through the mutable field of the shared params struct).
+                unsafe {
+                    dev.launch(&backward_v, tiles(m, r, 1), &p)?;
+                    dev.launch(
+                        &kernel(format!("lora_backward_dx_{}", self.suffix())),
+                        tiles(m, self.d_in, 1),
+                        &p,
+                    )?;
+                }
+            }
+            LoraPath::Extended => {
+                let scratch = self.extended_weight(&mut p)?;
+                let w_ext = scratch.as_ref().or(match &self.base {
+                    Base::Dense { w, .. } => Some(w),
+                    Base::Nf4(_) => None,
+                });
+                let w_ext = w_ext.expect("the extended weight exists on the extended path");
+                let dy_ld = (self.d_out + r).div_ceil(8) * 8;
+                let mut dy_ext = dev.alloc_poisoned::<T>(m * dy_ld)?;
+                p.dy_ext = dy_ext.ptr_mut();
+                p.dy_ld = dy_ld as u64;
+                // SAFETY: as above, and dy_ext holds m rows of dy_ld.
+                unsafe { dev.launch(&backward_v, tiles(m, r, 1), &p)? };
+                // Without dropout, dX = [dY | v] · [W ; A] in one GEMM; with it, dY W here and
+                // the masked v A in one more pass.
+                let k = if self.config.dropout > 0.0 {
+                    self.d_out
+                } else {
+                    self.d_out + r
+                };
+                let blas = self.blas()?;
+                blas::matmul(
+                    blas,
+                    cuda_slice(&dy_ext),
+                    dy_ld,
+                    cuda_slice(w_ext),
+                    self.extended_ld(),
+                    dx.as_cuda_slice_mut().expect("a CUDA buffer"),
+                    self.d_in,
+                    (m, self.d_in, k),
+                    WeightOp::Plain,
+                )?;
+                if self.config.dropout > 0.0 {
+                    let n = (m * self.d_in) as u64;
+                    // SAFETY: dx, v and A are sized as the kernel reads them.
+                    unsafe {
+                        dev.launch(
+                            &kernel(format!("lora_dx_fixup_{t}")),
+                            LaunchConfig::grid_stride(n, THREADS, 1 << 16),
+                            &p,
+                        )?
+                    };
+                }
+            }
+        }
         let reduce_len = (r * self.d_in + self.d_out * (r + 1)) as u64;
-        // SAFETY: every buffer in p was checked or sized above; the kernels only read u
-        // (passed through the mutable field of the shared params struct).
+        // SAFETY: as above.
         unsafe {
-            dev.launch(&kernel(format!("lora_backward_v_{t}")), tiles(m, r, 1), &p)?;
-            dev.launch(
-                &kernel(format!("lora_backward_dx_{}", self.suffix())),
-                tiles(m, self.d_in, 1),
-                &p,
-            )?;
             dev.launch(
                 &kernel(format!("lora_grad_a_{t}")),
                 tiles(r, self.d_in, splits),
@@ -367,7 +584,7 @@ impl<T: FloatElem> LoraLinear<T> {
 
     /// The merged dense weight `W + scale · B A` (`[out, in]`), for a dense base.
     pub fn merged(&self) -> Result<Buffer<T>> {
-        let LoraBase::Dense(_) = &self.base else {
+        let Base::Dense { .. } = &self.base else {
             return Err(Error::Unsupported {
                 op: "lora merge",
                 why: "an NF4 base merges through merged_nf4".into(),
@@ -377,7 +594,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let mut out = dev.alloc_poisoned::<T>(self.d_out * self.d_in)?;
         let mut p = self.params(0, 0);
         p.merged = out.ptr_mut();
-        // SAFETY: out is [out, in] like W; A and B were checked in new().
+        // SAFETY: out is [out, in]; W (rows w_ld apart), A and B were checked in new().
         unsafe {
             dev.launch(
                 &kernel(format!("lora_merge_{}", T::DTYPE)),
@@ -392,7 +609,7 @@ impl<T: FloatElem> LoraLinear<T> {
     /// quantization). Returns the merged NF4 weight and the requantization error it added,
     /// `‖Q(W') − W'‖₂ / ‖W'‖₂` with `W'` the merged weight in T.
     pub fn merged_nf4(&self) -> Result<(Nf4Weight, f64)> {
-        let LoraBase::Nf4(q) = &self.base else {
+        let Base::Nf4(q) = &self.base else {
             return Err(Error::Unsupported {
                 op: "lora merge",
                 why: "a dense base merges through merged".into(),
@@ -404,6 +621,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let mut merged = dev.alloc_poisoned::<T>(self.d_out * self.d_in)?;
         let mut p = self.params(0, 0);
         p.w = w.ptr();
+        p.w_ld = self.d_in as u64;
         p.merged = merged.ptr_mut();
         // SAFETY: w and merged are [out, in]; A and B were checked in new().
         unsafe {
@@ -427,6 +645,11 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 }
 
+fn cuda_slice<T: FloatElem>(b: &Buffer<T>) -> &cudarc::driver::CudaSlice<T> {
+    b.as_cuda_slice()
+        .expect("the extended path runs on CUDA buffers")
+}
+
 /// Row splits of the weight-gradient reductions: enough blocks to fill a GPU, each split at
 /// least 512 rows.
 fn split_count(m: usize) -> u32 {
@@ -447,6 +670,8 @@ pub fn kernels() -> Vec<Kernel> {
             "grad_a",
             "grad_b",
             "merge",
+            "extend_weight",
+            "dx_fixup",
         ] {
             names.push(format!("lora_{op}_{t}"));
         }

@@ -281,13 +281,28 @@ impl Nf4Weight {
     /// to bitsandbytes' `dequantize_4bit`.
     pub fn dequantize<O: FloatElem>(&self, out: &mut Buffer<O>) -> Result<()> {
         Error::check_len("nf4 dequantize output", self.rows * self.cols, out.len())?;
+        self.dequantize_strided(out, self.cols)
+    }
+
+    /// [`Nf4Weight::dequantize`] into the first `cols` columns of the rows of a wider matrix
+    /// (`ld >= cols` elements per row; the other columns are left as they are).
+    pub fn dequantize_strided<O: FloatElem>(&self, out: &mut Buffer<O>, ld: usize) -> Result<()> {
+        if ld < self.cols || out.len() < (self.rows - 1) * ld + self.cols {
+            return Err(Error::ShapeMismatch {
+                what: "nf4 dequantize output (rows of ld)".into(),
+                expected: vec![self.rows, ld],
+                got: vec![out.len()],
+            });
+        }
         check_device(self.device(), out)?;
         let p = Nf4DequantizeParams {
             w: self.params(),
             out: out.ptr_mut(),
+            out_ld: ld as u64,
         };
         let groups = (self.rows * self.cols).div_ceil(16) as u64;
-        // SAFETY: out holds rows·cols elements; the weight's buffers match its shape.
+        // SAFETY: out holds rows of ld elements, checked above; the weight's buffers match
+        // its shape.
         unsafe {
             self.device().launch(
                 &kernel(format!("nf4_dequantize_{}", O::DTYPE)),
@@ -574,9 +589,29 @@ where
             );
             let o = out.as_cuda_slice_mut().expect("a CUDA buffer");
             if forward {
-                blas::matmul(blas, a, s, o, m, w.rows, w.cols, WeightOp::Transposed)
+                blas::matmul(
+                    blas,
+                    a,
+                    w.cols,
+                    s,
+                    w.cols,
+                    o,
+                    w.rows,
+                    (m, w.rows, w.cols),
+                    WeightOp::Transposed,
+                )
             } else {
-                blas::matmul(blas, a, s, o, m, w.cols, w.rows, WeightOp::Plain)
+                blas::matmul(
+                    blas,
+                    a,
+                    w.rows,
+                    s,
+                    w.cols,
+                    o,
+                    w.cols,
+                    (m, w.cols, w.rows),
+                    WeightOp::Plain,
+                )
             }
         }
     }

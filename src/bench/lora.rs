@@ -1,0 +1,95 @@
+//! LoRA benchmarks for the GPU check (DESIGN.md §8: 8192 tokens, 4096→4096, r=16, bf16):
+//! forward and backward on each path, dense and NF4 bases, against cuBLAS's base GEMM and
+//! dX GEMM alone in the same run (PEFT's layer is timed by scripts/torch_baselines.py).
+
+use super::{time_cublas, Ceilings, GpuTimer, Row};
+use crate::bf16;
+use crate::device::blas::WeightOp;
+use crate::device::Device;
+use crate::error::Result;
+use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
+use crate::nf4::Nf4Weight;
+use crate::testing::random_vec;
+use rand::{rngs::StdRng, SeedableRng};
+
+const M: usize = 8192;
+const D: usize = 4096;
+const RANK: usize = 16;
+
+fn layer(dev: &Device, nf4: bool, dropout: f32, path: LoraPath) -> Result<LoraLinear<bf16>> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let w = dev.upload(&random_vec::<bf16>(&mut rng, D * D, 0.02))?;
+    let base = if nf4 {
+        LoraBase::Nf4(Box::new(Nf4Weight::quantize(&w, D, D, 64, true)?))
+    } else {
+        LoraBase::Dense(w)
+    };
+    let a = dev.upload(&random_vec::<bf16>(&mut rng, RANK * D, 0.02))?;
+    let b = dev.upload(&random_vec::<bf16>(&mut rng, D * RANK, 0.02))?;
+    let config = LoraConfig {
+        rank: RANK,
+        alpha: 32.0,
+        use_rslora: false,
+        dropout,
+        seed: 3,
+    };
+    LoraLinear::new(base, None, a, b, config)?.with_path(path)
+}
+
+pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let mut rng = StdRng::seed_from_u64(11);
+    let x = dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?;
+    let dy = dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?;
+    let fwd_base = time_cublas(dev, timer, M, D, D, WeightOp::Transposed)?;
+    let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
+    let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
+    let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
+    let bytes = (2 * 2 * M * D + 2 * D * D) as f64;
+    for path in [LoraPath::Extended, LoraPath::Fused] {
+        for (nf4, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
+            let l = layer(dev, nf4, dropout, path)?;
+            let name = format!(
+                "lora_{}{}{}",
+                if path == LoraPath::Extended {
+                    "extended"
+                } else {
+                    "fused"
+                },
+                if nf4 { "_nf4" } else { "" },
+                if dropout > 0.0 { "_dropout" } else { "" }
+            );
+            let shape = format!("{M}x{D}→{D} r{RANK}");
+            let t = timer.time(2, 20, || l.forward(&x, M).map(|_| ()))?;
+            let mut row = Row::new(
+                "lora",
+                &format!("{name} forward"),
+                &shape,
+                t.median_us,
+                bytes,
+                flops_fwd,
+                c,
+            );
+            if let Some(b) = &fwd_base {
+                row = row.with_baseline("cuBLAS base GEMM alone", b.median_us);
+            }
+            rows.push(row);
+            let (_, saved) = l.forward(&x, M)?;
+            let t = timer.time(2, 20, || l.backward(&x, &saved, &dy).map(|_| ()))?;
+            let mut row = Row::new(
+                "lora",
+                &format!("{name} backward"),
+                &shape,
+                t.median_us,
+                bytes,
+                flops_bwd,
+                c,
+            );
+            if let Some(b) = &dx_base {
+                row = row.with_baseline("cuBLAS dX GEMM alone", b.median_us);
+            }
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
