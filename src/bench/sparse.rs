@@ -172,15 +172,14 @@ fn adamw_row<W: FloatElem>(
 
 /// All sparse rows at the DESIGN.md shape (1% of 4096×11008).
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+    let (numel, shape) = (4096u64 * 11008, "1% of 4096x11008");
+    let k = (numel / 100) as usize;
     let mut rows = Vec::new();
-    for (numel, shape) in [(4096u64 * 11008, "1% of 4096x11008")] {
-        let k = (numel / 100) as usize;
-        rows.extend(scatter_rows::<bf16, bf16>(dev, timer, c, numel, k, shape)?);
-        rows.extend(scatter_rows::<bf16, f32>(dev, timer, c, numel, k, shape)?);
-        rows.extend(scatter_rows::<f32, f32>(dev, timer, c, numel, k, shape)?);
-        rows.push(gather_row(dev, timer, c, numel, k, shape)?);
-        rows.push(adamw_row::<bf16>(dev, timer, c, numel, k, shape)?);
-        rows.push(adamw_row::<f32>(dev, timer, c, numel, k, shape)?);
-    }
+    rows.extend(scatter_rows::<bf16, bf16>(dev, timer, c, numel, k, shape)?);
+    rows.extend(scatter_rows::<bf16, f32>(dev, timer, c, numel, k, shape)?);
+    rows.extend(scatter_rows::<f32, f32>(dev, timer, c, numel, k, shape)?);
+    rows.push(gather_row(dev, timer, c, numel, k, shape)?);
+    rows.push(adamw_row::<bf16>(dev, timer, c, numel, k, shape)?);
+    rows.push(adamw_row::<f32>(dev, timer, c, numel, k, shape)?);
     Ok(rows)
 }
