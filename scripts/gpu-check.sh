@@ -133,17 +133,11 @@ PY
   fi
   results >/dev/null
 
-  step "fk check (realistic shapes)"
-  FK_REQUIRE_GPU=$require timeout 150 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
-  echo "exit $?" >>"$work/check.txt"
-  tail -5 "$work/check.txt" | tee -a "$log"
-  results >/dev/null
-
   step compute-sanitizer
   : >"$work/sanitizer.txt"
   for tool in memcheck racecheck initcheck synccheck; do
     if [ -z "$dry" ] && command -v compute-sanitizer >/dev/null; then
-      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bundle/fk" check --small --seed 1 >"$work/san-$tool.txt" 2>&1
+      timeout 45 compute-sanitizer --tool "$tool" --error-exitcode 9 "$bundle/fk" check --small --seed 1 >"$work/san-$tool.txt" 2>&1
       rc=$?
       echo "$tool: exit $rc; $(grep -c '^========= ' "$work/san-$tool.txt") sanitizer lines; $(tail -1 "$work/san-$tool.txt")" >>"$work/sanitizer.txt"
       grep -E "^========= (Invalid|Race|Uninit|Barrier|ERROR)" "$work/san-$tool.txt" | head -5 >>"$work/sanitizer.txt"
@@ -153,6 +147,12 @@ PY
     results >/dev/null
   done
   cat "$work/sanitizer.txt" | tee -a "$log"
+
+  step "fk check (realistic shapes)"
+  FK_REQUIRE_GPU=$require timeout 150 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
+  echo "exit $?" >>"$work/check.txt"
+  tail -5 "$work/check.txt" | tee -a "$log"
+  results >/dev/null
 
   step "PTX rebuilt with this machine's nvcc"
   local_ptx="$work/ptx"
