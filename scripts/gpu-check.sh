@@ -25,8 +25,12 @@ build() {
   set -e
   rm -rf "$bundle"
   mkdir -p "$bundle"
+  # No PTX inside the binaries (FK_PTX_EMBED=0): the run reads ptx/ from the repository copy
+  # through FK_PTX_DIR, which keeps the bundle small. A target dir of its own keeps the
+  # normal build's embedded PTX.
+  export FK_PTX_EMBED=0 CARGO_TARGET_DIR=target/bundle
   cargo build --release --locked --bin fk
-  cp target/release/fk "$bundle/fk"
+  cp target/bundle/release/fk "$bundle/fk"
   # Test binaries: cargo prints their paths as JSON artifacts.
   cargo test --release --locked --no-run --message-format=json 2>/dev/null |
     python3 -c '
@@ -62,7 +66,9 @@ run() {
   step() { echo "== $* ($(( $(date +%s) - start ))s)" | tee -a "$log"; }
   # The results file is rewritten after every step, so a run cut short still reports.
   results() { python3 scripts/gpu_results.py "$work" "$out" "$gpu_slug" "$(( $(date +%s) - start ))" "$@"; }
-  [ -x "$bundle/fk" ] || { echo "gpu-check run: no $bundle/fk; run 'gpu-check.sh build' first" >&2; exit 2; }
+    [ -x "$bundle/fk" ] || { echo "gpu-check run: no $bundle/fk; run 'gpu-check.sh build' first" >&2; exit 2; }
+  # The bundle's binaries carry no PTX: they load the repository's committed ptx/.
+  export FK_PTX_DIR="$root/ptx"
   require=1; [ -n "$dry" ] && require=0
 
   step environment
@@ -172,6 +178,7 @@ PY
     if grep -q "differs" "$work/ptx.txt"; then
       step "tests on rebuilt PTX"
       FK_PTX_DIR="$local_ptx" run_tests rebuilt
+      export FK_PTX_DIR="$root/ptx"
     fi
   else
     echo "skipped (dry run or no nvcc)" | tee "$work/ptx.txt" | tee -a "$log"
