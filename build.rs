@@ -12,7 +12,7 @@ const TARGETS: [(&str, &str); 3] = [("sm_80", "Sm80"), ("sm_89", "Sm89"), ("sm_9
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
-        println!("cargo:rerun-if-env-changed=FK_NVCC");
+    println!("cargo:rerun-if-env-changed=FK_NVCC");
     // FK_PTX_EMBED=0 embeds no PTX: the binary then reads it from $FK_PTX_DIR at run time
     // (the GPU check's bundle does, to stay small).
     println!("cargo:rerun-if-env-changed=FK_PTX_EMBED");
@@ -38,7 +38,7 @@ fn main() {
         "pub(super) static MODULES: &[(&str, Target, &str)] = &["
     )
     .unwrap();
-        for (dir, variant) in TARGETS.into_iter().filter(|_| embed) {
+    for (dir, variant) in TARGETS.into_iter().filter(|_| embed) {
         for ptx in sorted_files(&ptx_root.join(dir), "ptx") {
             let module = ptx.file_stem().unwrap().to_str().unwrap().to_string();
             writeln!(

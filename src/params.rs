@@ -422,10 +422,11 @@ pub struct FkEmuOptions {
     pub seed: u64,
     pub threads: u32,
     pub stack_bytes: u32,
+    pub rcp_approx_ftz: ::core::option::Option<unsafe extern "C" fn(arg1: f32) -> f32>,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of FkEmuOptions"][::core::mem::size_of::<FkEmuOptions>() - 24usize];
+    ["Size of FkEmuOptions"][::core::mem::size_of::<FkEmuOptions>() - 32usize];
     ["Alignment of FkEmuOptions"][::core::mem::align_of::<FkEmuOptions>() - 8usize];
     ["Offset of field: FkEmuOptions::schedule"]
         [::core::mem::offset_of!(FkEmuOptions, schedule) - 0usize];
@@ -434,6 +435,8 @@ const _: () = {
         [::core::mem::offset_of!(FkEmuOptions, threads) - 16usize];
     ["Offset of field: FkEmuOptions::stack_bytes"]
         [::core::mem::offset_of!(FkEmuOptions, stack_bytes) - 20usize];
+    ["Offset of field: FkEmuOptions::rcp_approx_ftz"]
+        [::core::mem::offset_of!(FkEmuOptions, rcp_approx_ftz) - 24usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

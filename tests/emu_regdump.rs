@@ -1,6 +1,7 @@
 //! The emulator against real hardware: every register-dump section recorded by the GPU
 //! check (`tests/data/regdump-*.txt`) is replayed on the emulator with the recorded inputs
 //! and must match bit for bit. And against the PTX ISA formulas, independently of any dump.
+//! The recorded `MUFU.RCP` results also check the reference's model of it directly.
 
 use finetune_kernels::device::{Device, EmuOptions, Schedule};
 use finetune_kernels::regdump::{self, RegDump};
@@ -57,4 +58,23 @@ fn emulator_reproduces_every_hardware_dump() {
             }
         }
     }
+}
+
+#[test]
+fn mufu_model_reproduces_the_hardware_reciprocals() {
+    use finetune_kernels::reference::mufu::rcp_approx_ftz;
+    let mut checked = 0;
+    for (file, dump) in dumps() {
+        for s in dump.sections.iter().filter(|s| s.kernel == "regdump_rcp") {
+            for (&x, &want) in s.input.iter().zip(&s.output) {
+                let got = rcp_approx_ftz(f32::from_bits(x)).to_bits();
+                assert_eq!(
+                    got, want,
+                    "{file}: MUFU.RCP({x:08x}): model {got:08x}, hardware {want:08x}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 1024, "only {checked} recorded reciprocals");
 }

@@ -18,6 +18,9 @@ typedef struct FkEmuOptions {
   uint64_t seed;        /* for FK_EMU_SCHEDULE_RANDOM */
   uint32_t threads;     /* OS threads running blocks in parallel; 0 means 1 */
   uint32_t stack_bytes; /* per fiber; 0 means 256 KiB */
+  /* MUFU.RCP (rcp.approx.ftz.f32) as the GPU computes it: the model in
+   * src/reference/mufu.rs, one implementation for the references and the emulator. */
+  float (*rcp_approx_ftz)(float);
 } FkEmuOptions;
 
 #ifdef __cplusplus

@@ -103,6 +103,7 @@ struct Block {
   std::string error;
   uint32_t schedule = FK_EMU_SCHEDULE_FORWARD;
   std::mt19937_64 rng;
+  float (*rcp_approx_ftz)(float) = nullptr;
 };
 
 thread_local Block* t_block = nullptr;
@@ -531,6 +532,9 @@ unsigned active_mask() {
 
 using namespace fk_emu;
 
+// MUFU.RCP depends on a 1 MiB table recorded on a GPU; the model lives in Rust.
+float fk_emu_rcp_approx_ftz(float x) { return t_block->rcp_approx_ftz(x); }
+
 extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t dynamic_smem,
                              const void* params, uint64_t params_size, const FkEmuOptions* options, char* err,
                              uint64_t err_len) {
@@ -555,6 +559,7 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
   else if (dynamic_smem > 227 * 1024)
     bad << "dynamic shared memory " << dynamic_smem << " bytes exceeds the 227 KiB a block can opt into";
   if (!bad.str().empty()) return fail_launch(std::string(name) + ": " + bad.str());
+  if (!options->rcp_approx_ftz) return fail_launch("FkEmuOptions.rcp_approx_ftz is null");
 
   const FkEmuOptions opt = *options;
   const size_t stack_size = opt.stack_bytes ? (opt.stack_bytes + kPage - 1) / kPage * kPage : size_t(256) << 10;
@@ -574,6 +579,7 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
     b.info = &info;
     b.params = params;
     b.schedule = opt.schedule;
+    b.rcp_approx_ftz = opt.rcp_approx_ftz;
     t_block = &b;
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block[0], block[1], block[2]};

@@ -151,10 +151,6 @@ void fk_emu_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, 
   std::memcpy(d, f->regs_out, 16);
 }
 
-// MUFU.RCP: the correctly rounded reciprocal stands in for the hardware's approximation
-// (within one ulp of it) until its table is recorded from a GPU.
-float fk_emu_rcp_approx_ftz(float x) { return fk_emu_flush(1.0f / fk_emu_flush(x)); }
-
 uint32_t fk_emu_cvt_bf16x2(float hi, float lo) {
   return (uint32_t(f32_to_bf16_bits(hi)) << 16) | f32_to_bf16_bits(lo);
 }

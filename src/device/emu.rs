@@ -68,6 +68,12 @@ extern "C" {
     fn fk_emu_to_f32(format: u32, bits: u32) -> f32;
 }
 
+/// The emulator's `rcp_approx_ftz`: the reference model of `MUFU.RCP`.
+#[cfg(feature = "emu")]
+extern "C" fn rcp_approx_ftz(x: f32) -> f32 {
+    crate::reference::mufu::rcp_approx_ftz(x)
+}
+
 impl EmuDevice {
     /// The emulator, or [`NoDevice::EmulatorNotBuilt`] without feature `emu`.
     pub fn new(options: EmuOptions) -> Result<Self> {
@@ -106,6 +112,7 @@ impl EmuDevice {
             seed,
             threads: self.options.threads,
             stack_bytes: self.options.stack_bytes,
+            rcp_approx_ftz: Some(rcp_approx_ftz),
         }
     }
 

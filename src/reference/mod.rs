@@ -7,6 +7,7 @@
 
 pub mod linear;
 pub mod lora;
+pub mod mufu;
 pub mod nf4;
 pub mod philox;
 pub mod sparse;

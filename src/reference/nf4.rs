@@ -30,13 +30,14 @@
 //!   (round-to-nearest-even). A nested absmax is first `map[q] * absmax2 + offset` (the add
 //!   in torch, IEEE f32).
 //!
-//! Three places where this reference can differ from bitsandbytes' CUDA output, all
+//! `MUFU.RCP` is an approximate reciprocal (≤ 1 ulp from `1/x`); [`reciprocal`] reproduces
+//! the H100/H200 one bit for bit from a recorded table ([`super::mufu`]), so a code that
+//! sits within an ulp of a threshold comes out as bitsandbytes' does. bitsandbytes' CUDA
+//! output on an H200 (`tests/data/nf4/cuda/`: 65 weights, every blocksize and dtype, ties,
+//! zero, subnormal and huge blocks) matches this reference bit for bit.
+//!
+//! Two places where this reference can differ from bitsandbytes' CUDA output, both
 //! documented at the function that owns them:
-//! - `MUFU.RCP` is an approximate reciprocal (≤ 1 ulp from `1/x`); [`reciprocal`] computes the
-//!   correctly rounded one. A code can differ only where `x * r` falls within an ulp of a
-//!   threshold; absmaxes that are powers of two agree exactly. bitsandbytes' CUDA output
-//!   on an H200 (`tests/data/nf4/cuda/`: 65 weights, every blocksize and dtype, ties, zero,
-//!   subnormal and huge blocks) matches this reference bit for bit.
 //! - The offset: torch's mean sums in an order of its own; [`absmax_mean`] sums in f64. Use
 //!   [`quantize_with_offset`] to reproduce a given offset bit for bit.
 //! - NaN and Inf: bitsandbytes does not check (a NaN element is skipped by the max and takes
@@ -207,14 +208,11 @@ pub fn mul_ftz(a: f32, b: f32) -> f32 {
     flush_subnormal(flush_subnormal(a) * flush_subnormal(b))
 }
 
-/// `1 / x` with flush-to-zero, standing in for bitsandbytes' `MUFU.RCP`
-/// (`rcp.approx.ftz.f32`). The hardware result is within one ulp of `1/x` but not always
-/// the correctly rounded one; this function is. They agree on powers of two, zero
-/// (`+inf`) and infinity (`0`). The register dump (`fk regdump --rcp-table`) records, per
-/// f32 mantissa, where the hardware picks the other neighbour of `1/x`; this is the one
-/// place to apply that table.
+/// `1 / x` as bitsandbytes computes it: `MUFU.RCP` (`rcp.approx.ftz.f32`, fast math), which
+/// is within one ulp of `1/x` but not always the correctly rounded value. See
+/// [`super::mufu`].
 pub fn reciprocal(x: f32) -> f32 {
-    flush_subnormal(1.0 / flush_subnormal(x))
+    super::mufu::rcp_approx_ftz(x)
 }
 
 /// The double-quantized absmaxes (bitsandbytes' `state2` with `offset`).
