@@ -23,6 +23,17 @@ use std::path::{Path, PathBuf};
 /// sums of at most 37 products, so about 1e-7 relative; 1e-6 leaves room.
 const PEFT_TOLERANCE: f64 = 1e-6;
 
+/// The `fk` binary cargo built with this test, or, where the test runs elsewhere (the GPU
+/// check's bundle), the `fk` beside the test executable.
+fn fk_binary() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_fk"));
+    if built.exists() {
+        return built;
+    }
+    let exe = std::env::current_exe().unwrap();
+    exe.with_file_name("fk")
+}
+
 fn data(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/lora")
@@ -480,7 +491,7 @@ fn fk_merge_writes_the_library_merge() {
     let adapter = Adapter::load(&data("plain")).unwrap();
     merge_checkpoint(&data("base.safetensors"), &adapter, &ours).unwrap();
     let run = |args: &[&Path]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fk"))
+        std::process::Command::new(fk_binary())
             .arg("merge")
             .args(args)
             .output()

@@ -108,6 +108,7 @@ impl Device {
     /// Copies host data into a new buffer.
     pub fn upload<T: Elem>(&self, host: &[T]) -> Result<Buffer<T>> {
         let storage = match self {
+            Device::Cuda(d) if host.is_empty() => Storage::Cuda(d.alloc_filled(0, 0)?),
             Device::Cuda(d) => Storage::Cuda(d.upload(host)?),
             Device::Emu(_) => Storage::Host(HostBuffer::from_slice(host)),
         };
@@ -255,6 +256,10 @@ impl<T: Elem> Buffer<T> {
 
     /// Copies the buffer back to the host (waits for pending work).
     pub fn to_host(&self) -> Result<Vec<T>> {
+        if self.len == 0 {
+            // A CUDA allocation is never empty (it holds one element); the buffer is.
+            return Ok(Vec::new());
+        }
         match (&self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.download(s),
             (Storage::Host(v), _) => Ok(v.to_vec()),
@@ -265,6 +270,9 @@ impl<T: Elem> Buffer<T> {
     /// Overwrites the buffer with host data of the same length.
     pub fn copy_from_host(&mut self, host: &[T]) -> Result<()> {
         Error::check_len("copy_from_host", self.len, host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
         match (&mut self.storage, &self.device) {
             (Storage::Cuda(s), Device::Cuda(d)) => d.copy_in(host, s),
             (Storage::Host(v), _) => {

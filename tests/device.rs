@@ -1,0 +1,110 @@
+//! Buffers on every backend: round trips, empty buffers, strided row copies, and the typed
+//! errors for lengths and devices that do not match.
+
+use finetune_kernels::error::Error;
+use finetune_kernels::testing::backends;
+use rand::{Rng, SeedableRng};
+
+fn rng() -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(rand::random())
+}
+
+#[test]
+fn round_trips_every_length() {
+    let mut rng = rng();
+    for dev in backends() {
+        for len in [0usize, 1, 3, 17, 1000, 4097] {
+            let host: Vec<u32> = (0..len).map(|_| rng.random()).collect();
+            let mut b = dev.upload(&host).unwrap();
+            assert_eq!(b.len(), len);
+            assert_eq!(b.to_host().unwrap(), host, "{} len {len}", dev.describe());
+            let again: Vec<u32> = (0..len).map(|_| rng.random()).collect();
+            b.copy_from_host(&again).unwrap();
+            assert_eq!(b.to_host().unwrap(), again, "{} len {len}", dev.describe());
+        }
+    }
+}
+
+#[test]
+fn empty_buffers_are_empty_on_every_backend() {
+    for dev in backends() {
+        let what = dev.describe();
+        assert_eq!(
+            dev.upload::<f32>(&[]).unwrap().to_host().unwrap(),
+            Vec::<f32>::new(),
+            "{what}"
+        );
+        let poisoned = dev.alloc_poisoned::<u32>(0).unwrap();
+        assert!(poisoned.is_empty(), "{what}");
+        assert_eq!(poisoned.to_host().unwrap(), Vec::<u32>::new(), "{what}");
+        let mut zeros = dev.zeros::<u8>(0).unwrap();
+        zeros.copy_from_host(&[]).unwrap();
+        assert_eq!(zeros.to_host().unwrap(), Vec::<u8>::new(), "{what}");
+    }
+}
+
+#[test]
+fn poisoned_and_zeroed_buffers() {
+    for dev in backends() {
+        let p = dev.alloc_poisoned::<f32>(33).unwrap().to_host().unwrap();
+        assert!(p.iter().all(|v| v.is_nan()), "{}", dev.describe());
+        let z = dev.zeros::<u32>(33).unwrap().to_host().unwrap();
+        assert_eq!(z, [0; 33], "{}", dev.describe());
+    }
+}
+
+#[test]
+fn copy_rows_between_strides() {
+    let mut rng = rng();
+    for dev in backends() {
+        let (rows, cols, src_ld, dst_ld) = (7, 5, 9, 6);
+        let src_host: Vec<u32> = (0..rows * src_ld).map(|_| rng.random()).collect();
+        let src = dev.upload(&src_host).unwrap();
+        let mut dst = dev
+            .alloc_poisoned::<u32>((rows - 1) * dst_ld + cols)
+            .unwrap();
+        dst.copy_rows_from(&src, rows, cols, src_ld, dst_ld)
+            .unwrap();
+        let got = dst.to_host().unwrap();
+        for r in 0..rows {
+            assert_eq!(
+                got[r * dst_ld..r * dst_ld + cols],
+                src_host[r * src_ld..r * src_ld + cols],
+                "{} row {r}",
+                dev.describe()
+            );
+            // The gap between rows is left as it was.
+            if r + 1 < rows {
+                assert!(got[r * dst_ld + cols..(r + 1) * dst_ld]
+                    .iter()
+                    .all(|&v| v == 0xffff_ffff));
+            }
+        }
+        // One row too many for the destination.
+        let err = dst
+            .copy_rows_from(&src, rows + 1, cols, src_ld, dst_ld)
+            .unwrap_err();
+        assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+    }
+}
+
+#[test]
+fn wrong_lengths_and_devices_are_typed_errors() {
+    let devices = backends();
+    for dev in &devices {
+        let mut b = dev.upload(&[1u32, 2, 3]).unwrap();
+        let err = b.copy_from_host(&[1, 2]).unwrap_err();
+        assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+        assert_eq!(b.to_host().unwrap(), [1, 2, 3], "nothing is lost");
+    }
+    // A buffer from the GPU cannot be copied into one on the emulator.
+    if let (Some(gpu), Some(emu)) = (
+        devices.iter().find(|d| d.is_gpu()),
+        devices.iter().find(|d| !d.is_gpu()),
+    ) {
+        let src = gpu.upload(&[1u8; 4]).unwrap();
+        let mut dst = emu.zeros::<u8>(4).unwrap();
+        let err = dst.copy_rows_from(&src, 1, 4, 4, 4).unwrap_err();
+        assert!(matches!(err, Error::DeviceMismatch), "{err}");
+    }
+}
