@@ -70,6 +70,29 @@ pub struct CudaDevice {
     pub(super) blas: std::sync::OnceLock<Result<Option<cudarc::cublas::CudaBlas>>>,
 }
 
+/// Buffers come from the device's default memory pool (`cuMemAllocAsync`), which by default
+/// hands freed memory back to the driver at every synchronization, so the next training
+/// step maps its activations afresh. Keeping it pooled is what PyTorch's caching allocator
+/// does; `cuMemPoolTrimTo` on the pool gives it back.
+fn keep_freed_memory(device: sys::CUdevice) -> Result<()> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer; `device` came from a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, device) }
+        .result()
+        .map_err(|e| Error::driver("cuDeviceGetDefaultMemPool", e))?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a u64.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| Error::driver("cuMemPoolSetAttribute", e))
+}
+
 impl CudaDevice {
     pub fn new(ordinal: usize) -> Result<Self> {
         let driver = probe_driver()?;
@@ -104,6 +127,9 @@ impl CudaDevice {
             .name()
             .map_err(|e| Error::driver("cuDeviceGetName", e))?;
         let stream = ctx.default_stream();
+        if ctx.has_async_alloc() {
+            keep_freed_memory(ctx.cu_device())?;
+        }
         Ok(CudaDevice {
             ctx,
             stream,
