@@ -3,10 +3,11 @@
 // what is saved are in cuda/params/lora.h. Reference: src/reference/lora.rs. Wrapper:
 // src/lora/mod.rs. Tests: tests/lora_kernels.rs.
 //
-//   lora_down        u  = scale/(1-p) · (mask ⊙ x) Aᵀ
+//   lora_down        u  = scale/(1-p) · (mask ⊙ x) Aᵀ      (split over K when m is small
+//                                                        against the GPU: + lora_down_reduce)
 //   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
 //                                                        no pass over y but the one writing it
-//   lora_backward_v  v  = scale · dY B
+//   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
 //                                                        registers, then the base segment
 //   lora_grad_a      dA partials = vᵀ (mask ⊙ x)          split over rows, reduced in order
@@ -107,6 +108,23 @@ FK_DEVICE void extend_rows(Accumulators& acc, T* ext, uint64_t ld, uint32_t base
   }
 }
 
+// Split blockIdx.z's range of a reduction `len` long cut into `splits`, in whole k-tiles
+// (empty when there are more splits than tiles).
+FK_DEVICE void split_range(uint32_t len, uint32_t splits, uint32_t* begin, uint32_t* end) {
+  const uint32_t tiles = (len + kBK - 1) / kBK, per = (tiles + splits - 1) / splits;
+  *begin = min(len, blockIdx.z * per * kBK);
+  *end = min(len, (blockIdx.z + 1) * per * kBK);
+}
+
+FK_DEVICE void store_partial(Accumulators& acc, float* out, uint32_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols) {
+  for_each(acc, [&](int r, int c, float v) {
+    if (m0 + r < rows && n0 + c < cols) out[uint64_t(m0 + r) * ld + n0 + c] = v;
+  });
+}
+
+// This split's part of u or v, [m, rank] f32, in the split-K partials.
+FK_DEVICE float* rank_partial(const LoraParams& p) { return p.rank_partials + uint64_t(blockIdx.z) * p.m * p.rank; }
+
 template <typename T>
 FK_DEVICE void down(const LoraParams& p) {
   __shared__ Stages<true, true> st;
@@ -115,7 +133,10 @@ FK_DEVICE void down(const LoraParams& p) {
   if (blockIdx.x == 0) x.copy = static_cast<T*>(p.x_ext), x.copy_ld = p.x_ld;  // one column of blocks copies
   DenseSource<T, true, kBN> a{as<T>(p.a), p.d_in, n0, p.rank, p.d_in};
   Accumulators acc = {};
-  run_segment<T>(acc, st, x, a, 0, p.d_in);
+  uint32_t k_begin, k_end;
+  split_range(p.d_in, max(p.k_splits, 1u), &k_begin, &k_end);
+  run_segment<T>(acc, st, x, a, k_begin, k_end);
+  if (p.k_splits > 1) return store_partial(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   const float factor = p.scale / (1.0f - p.dropout);
   store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, factor, static_cast<const T*>(nullptr));
   if (p.x_ext) extend_rows(acc, static_cast<T*>(p.x_ext), p.x_ld, p.d_in, m0, n0, p.m, p.rank, factor, true);
@@ -148,9 +169,33 @@ FK_DEVICE void backward_v(const LoraParams& p) {
   if (blockIdx.x == 0) dy.copy = static_cast<T*>(p.dy_ext), dy.copy_ld = p.dy_ld;
   DenseSource<T, false, kBN> b{as<T>(p.b), p.rank, n0, p.rank, p.d_out};  // B as [d_out × rank]
   Accumulators acc = {};
-  run_segment<T>(acc, st, dy, b, 0, p.d_out);
+  uint32_t k_begin, k_end;
+  split_range(p.d_out, max(p.k_splits, 1u), &k_begin, &k_end);
+  run_segment<T>(acc, st, dy, b, k_begin, k_end);
+  if (p.k_splits > 1) return store_partial(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   store(acc, static_cast<T*>(p.v), p.rank, m0, n0, p.m, p.rank, p.scale, static_cast<const T*>(nullptr));
   if (p.dy_ext) extend_rows(acc, static_cast<T*>(p.dy_ext), p.dy_ld, p.d_out, m0, n0, p.m, p.rank, p.scale, false);
+}
+
+// After a split-K lora_down or lora_backward_v: sums the splits in order and writes what
+// the unsplit kernel would have, out [m, rank] (u or v) and, with `ext`, the tail of each
+// extended row from column `base` on: [acc · factor | 1 if `one` | 0...].
+template <typename T>
+FK_DEVICE void rank_reduce(const LoraParams& p, void* out_, void* ext_, uint64_t ld, uint32_t base, float factor, bool one) {
+  T* out = static_cast<T*>(out_);
+  T* ext = static_cast<T*>(ext_);
+  const uint64_t width = ext ? ld - base : p.rank, n = uint64_t(p.m) * width, part = uint64_t(p.m) * p.rank;
+  for (uint64_t i = grid_start(); i < n; i += grid_stride()) {
+    const uint64_t row = i / width, c = i % width;
+    float y = one && c == p.rank ? 1.0f : 0.0f;
+    if (c < p.rank) {
+      float s = 0.0f;
+      for (uint32_t z = 0; z < p.k_splits; ++z) s += p.rank_partials[z * part + row * p.rank + c];
+      y = s * factor;
+      out[row * p.rank + c] = from_f32<T>(y);
+    }
+    if (ext) ext[row * ld + base + c] = from_f32<T>(y);
+  }
 }
 
 template <typename T, bool Nf4>
@@ -180,25 +225,12 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
   store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in, 1.0f, static_cast<const T*>(nullptr));
 }
 
-// The row range of split blockIdx.z, in whole k-tiles.
-FK_DEVICE void split_range(const LoraParams& p, uint32_t* begin, uint32_t* end) {
-  const uint32_t tiles = (p.m + kBK - 1) / kBK, per = (tiles + p.splits - 1) / p.splits;
-  *begin = min(p.m, blockIdx.z * per * kBK);
-  *end = min(p.m, (blockIdx.z + 1) * per * kBK);
-}
-
-FK_DEVICE void store_partial(Accumulators& acc, float* out, uint32_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols) {
-  for_each(acc, [&](int r, int c, float v) {
-    if (m0 + r < rows && n0 + c < cols) out[uint64_t(m0 + r) * ld + n0 + c] = v;
-  });
-}
-
 template <typename T>
 FK_DEVICE void grad_a(const LoraParams& p) {
   __shared__ Stages<false, false> st;
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [rank, d_in]
   uint32_t k_begin, k_end;
-  split_range(p, &k_begin, &k_end);
+  split_range(p.m, p.splits, &k_begin, &k_end);
   DenseSource<T, false, kBM> vt{as<T>(p.v), p.rank, m0, p.rank, p.m};  // vᵀ: (r, row) at v[row·rank + r]
   ActivationSource<T, false, kBN> x{{as<T>(p.x), p.d_in, n0, p.d_in, p.m}, p.seed, p.dropout};
   Accumulators acc = {};
@@ -211,7 +243,7 @@ FK_DEVICE void grad_b(const LoraParams& p) {
   __shared__ Stages<false, false> st;
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [d_out, rank + 1]
   uint32_t k_begin, k_end;
-  split_range(p, &k_begin, &k_end);
+  split_range(p.m, p.splits, &k_begin, &k_end);
   DenseSource<T, false, kBM> dyt{as<T>(p.dy), p.d_out, m0, p.d_out, p.m};  // dYᵀ
   WithOnesColumn<T, kBN> u{{as<T>(p.u), p.rank, n0, p.rank, p.m}, p.rank};
   Accumulators acc = {};
@@ -308,7 +340,13 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_BOUNDS(lora_grad_b_##t, LoraParams, kThreads) { grad_b<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_merge_##t, LoraParams, kThreads) { merge<T>(p); }                      \
   FK_KERNEL(lora_extend_weight_##t, LoraParams) { extend_weight<T>(p); }                         \
-  FK_KERNEL(lora_dx_fixup_##t, LoraParams) { dx_fixup<T>(p); }
+  FK_KERNEL(lora_dx_fixup_##t, LoraParams) { dx_fixup<T>(p); }                                   \
+  FK_KERNEL(lora_down_reduce_##t, LoraParams) {                                                  \
+    rank_reduce<T>(p, p.u, p.x_ext, p.x_ld, p.d_in, p.scale / (1.0f - p.dropout), true);         \
+  }                                                                                              \
+  FK_KERNEL(lora_backward_v_reduce_##t, LoraParams) {                                            \
+    rank_reduce<T>(p, p.v, p.dy_ext, p.dy_ld, p.d_out, p.scale, false);                         \
+  }
 
 FK_LORA_ENTRIES(__nv_bfloat16, bf16)
 FK_LORA_ENTRIES(__half, f16)

@@ -177,10 +177,12 @@ pub struct LoraParams {
     pub x_ld: u64,
     pub dy_ext: *mut ::core::ffi::c_void,
     pub dy_ld: u64,
+    pub rank_partials: *mut f32,
+    pub k_splits: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 264usize];
+    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 280usize];
     ["Alignment of LoraParams"][::core::mem::align_of::<LoraParams>() - 8usize];
     ["Offset of field: LoraParams::m"][::core::mem::offset_of!(LoraParams, m) - 0usize];
     ["Offset of field: LoraParams::d_in"][::core::mem::offset_of!(LoraParams, d_in) - 4usize];
@@ -213,6 +215,10 @@ const _: () = {
     ["Offset of field: LoraParams::x_ld"][::core::mem::offset_of!(LoraParams, x_ld) - 240usize];
     ["Offset of field: LoraParams::dy_ext"][::core::mem::offset_of!(LoraParams, dy_ext) - 248usize];
     ["Offset of field: LoraParams::dy_ld"][::core::mem::offset_of!(LoraParams, dy_ld) - 256usize];
+    ["Offset of field: LoraParams::rank_partials"]
+        [::core::mem::offset_of!(LoraParams, rank_partials) - 264usize];
+    ["Offset of field: LoraParams::k_splits"]
+        [::core::mem::offset_of!(LoraParams, k_splits) - 272usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -36,10 +36,11 @@ proptest! {
     fn forward_and_backward_match_the_reference(
         seed in any::<u64>(), m in 1usize..150, d_in in 1usize..150, d_out in 1usize..150, rank in 1usize..40,
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
+        k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)],
     ) {
                 for dev in backends() {
             for path in paths(&dev) {
-                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, timed: false, path: Some(path) };
+                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, timed: false, path: Some(path), k_splits };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -49,13 +50,19 @@ proptest! {
     }
 }
 
-/// Aligned widths (the cp.async paths), ranks past one tile, several row splits.
+/// Aligned widths (the cp.async paths), ranks past one tile, several row splits, and u and
+/// v split over K (the default below 512 of K is one split).
 #[test]
 fn aligned_shapes_large_ranks_and_many_splits() {
     for dev in backends() {
         for (m, d_in, d_out, rank) in [(130, 256, 64, 16), (600, 64, 128, 136), (1100, 32, 48, 8)] {
             for path in paths(&dev) {
-                for (dropout, nf4) in [(0.0, false), (0.2, true), (0.0, true), (0.3, false)] {
+                for (dropout, nf4, k_splits) in [
+                    (0.0, false, None),
+                    (0.2, true, Some(3)),
+                    (0.0, true, None),
+                    (0.3, false, Some(2)),
+                ] {
                     let c = Case {
                         seed: rand::random(),
                         m,
@@ -68,6 +75,7 @@ fn aligned_shapes_large_ranks_and_many_splits() {
                         nf4,
                         timed: false,
                         path: Some(path),
+                        k_splits,
                     };
                     assert_pass(check::forward::<bf16>(&dev, c));
                     assert_pass(check::backward::<bf16>(&dev, c));
@@ -92,6 +100,7 @@ fn merge_matches_the_reference() {
             nf4: false,
             timed: false,
             path: None,
+            k_splits: None,
         };
         for path in paths(&dev) {
             let c = Case {
@@ -218,6 +227,27 @@ fn bad_input_is_a_typed_error() {
             config,
         )
         .unwrap();
+        // K splits from 1 to MAX_K_SPLITS.
+        let err = layer.with_k_splits(Some(0)).map(|_| ()).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        let layer = LoraLinear::new(
+            LoraBase::Dense(w()),
+            None,
+            a(rank * d_in),
+            a(d_out * rank),
+            config,
+        )
+        .unwrap()
+        .with_k_splits(Some(finetune_kernels::lora::MAX_K_SPLITS + 1));
+        assert!(matches!(layer, Err(Error::InvalidArgument { .. })));
+        let layer = LoraLinear::new(
+            LoraBase::Dense(w()),
+            None,
+            a(rank * d_in),
+            a(d_out * rank),
+            config,
+        )
+        .unwrap();
         let x = dev
             .upload(&random_vec::<f16>(&mut rng, 4 * d_in, 1.0))
             .unwrap();
@@ -261,6 +291,8 @@ fn extended_layouts_are_what_cublas_reads() {
     for dev in backends() {
         let mut rng = StdRng::seed_from_u64(rand::random());
         let (m, d_in, d_out, rank, p_drop) = (70usize, 40usize, 24usize, 5usize, 0.25f32);
+        // Unsplit, then split over K into more ranges than K has tiles (one is empty).
+        let mut unsplit: Option<(Vec<bf16>, Vec<bf16>)> = None;
         let ld = (d_in + rank + 1).div_ceil(8) * 8;
         let dy_ld = (d_out + rank).div_ceil(8) * 8;
         let x: Vec<bf16> = random_vec(&mut rng, m * d_in, 1.0);
@@ -269,158 +301,194 @@ fn extended_layouts_are_what_cublas_reads() {
         let b: Vec<bf16> = random_vec(&mut rng, d_out * rank, 0.3);
         let bias: Vec<bf16> = random_vec(&mut rng, d_out, 0.3);
         let dx0: Vec<bf16> = random_vec(&mut rng, m * d_in, 1.0);
-        let (xd, dyd, ad, bd, biasd) = (
-            dev.upload(&x).unwrap(),
-            dev.upload(&dy).unwrap(),
-            dev.upload(&a).unwrap(),
-            dev.upload(&b).unwrap(),
-            dev.upload(&bias).unwrap(),
-        );
-        let mut u = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
-        let mut v = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
-        let mut x_ext = dev.alloc_poisoned::<bf16>(m * ld).unwrap();
-        let mut dy_ext = dev.alloc_poisoned::<bf16>(m * dy_ld).unwrap();
-        let mut w_ext = dev.alloc_poisoned::<bf16>((d_out + rank) * ld).unwrap();
-        let mut dx = dev.upload(&dx0).unwrap();
-        let null = std::ptr::null_mut();
-        let p = LoraParams {
-            m: m as u32,
-            d_in: d_in as u32,
-            d_out: d_out as u32,
-            rank: rank as u32,
-            w: w_ext.ptr_mut(),
-            nf4: Nf4Params {
-                codes: std::ptr::null(),
-                absmax: std::ptr::null(),
-                nested_codes: std::ptr::null(),
-                nested_absmax: std::ptr::null(),
-                nested_map: std::ptr::null(),
-                offset: 0.0,
-                nested: 0,
-                blocksize: 64,
-                rows: 0,
-                cols: 0,
-            },
-            bias: biasd.ptr(),
-            a: ad.ptr(),
-            b: bd.ptr(),
-            scale: 1.5,
-            dropout: p_drop,
-            seed: 99,
-            x: xd.ptr(),
-            u: u.ptr_mut(),
-            y: null,
-            dy: dyd.ptr(),
-            v: v.ptr_mut(),
-            dx: dx.ptr_mut(),
-            partials: std::ptr::null_mut(),
-            splits: 1,
-            da: std::ptr::null_mut(),
-            db: std::ptr::null_mut(),
-            dbias: std::ptr::null_mut(),
-            merged: null,
-            w_ld: ld as u64,
-            x_ext: x_ext.ptr_mut(),
-            x_ld: ld as u64,
-            dy_ext: dy_ext.ptr_mut(),
-            dy_ld: dy_ld as u64,
-        };
-        let tiles = |rows: usize, cols: usize| LaunchConfig {
-            grid: (cols.div_ceil(128) as u32, rows.div_ceil(128) as u32, 1),
-            block: (256, 1, 1),
-            shared_bytes: 0,
-        };
-        let k = |name: &str| Kernel {
-            module: "lora",
-            name: name.into(),
-        };
-        // SAFETY: every pointer above is sized for the shapes in p.
-        unsafe {
-            dev.launch(
-                &k("lora_extend_weight_bf16"),
-                LaunchConfig::grid_stride((d_out * (ld - d_in) + rank * ld) as u64, 256, 1 << 16),
-                &p,
-            )
-            .unwrap();
-            dev.launch(&k("lora_down_bf16"), tiles(m, rank), &p)
+        for k_splits in [1u32, 3] {
+            let (xd, dyd, ad, bd, biasd) = (
+                dev.upload(&x).unwrap(),
+                dev.upload(&dy).unwrap(),
+                dev.upload(&a).unwrap(),
+                dev.upload(&b).unwrap(),
+                dev.upload(&bias).unwrap(),
+            );
+            let mut u = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
+            let mut v = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
+            let mut x_ext = dev.alloc_poisoned::<bf16>(m * ld).unwrap();
+            let mut dy_ext = dev.alloc_poisoned::<bf16>(m * dy_ld).unwrap();
+            let mut w_ext = dev.alloc_poisoned::<bf16>((d_out + rank) * ld).unwrap();
+            let mut dx = dev.upload(&dx0).unwrap();
+            let mut partials = dev
+                .alloc_poisoned::<f32>(k_splits as usize * m * rank)
                 .unwrap();
-            dev.launch(&k("lora_backward_v_bf16"), tiles(m, rank), &p)
+            let null = std::ptr::null_mut();
+            let p = LoraParams {
+                m: m as u32,
+                d_in: d_in as u32,
+                d_out: d_out as u32,
+                rank: rank as u32,
+                w: w_ext.ptr_mut(),
+                nf4: Nf4Params {
+                    codes: std::ptr::null(),
+                    absmax: std::ptr::null(),
+                    nested_codes: std::ptr::null(),
+                    nested_absmax: std::ptr::null(),
+                    nested_map: std::ptr::null(),
+                    offset: 0.0,
+                    nested: 0,
+                    blocksize: 64,
+                    rows: 0,
+                    cols: 0,
+                },
+                bias: biasd.ptr(),
+                a: ad.ptr(),
+                b: bd.ptr(),
+                scale: 1.5,
+                dropout: p_drop,
+                seed: 99,
+                x: xd.ptr(),
+                u: u.ptr_mut(),
+                y: null,
+                dy: dyd.ptr(),
+                v: v.ptr_mut(),
+                dx: dx.ptr_mut(),
+                partials: std::ptr::null_mut(),
+                splits: 1,
+                da: std::ptr::null_mut(),
+                db: std::ptr::null_mut(),
+                dbias: std::ptr::null_mut(),
+                merged: null,
+                w_ld: ld as u64,
+                x_ext: x_ext.ptr_mut(),
+                x_ld: ld as u64,
+                dy_ext: dy_ext.ptr_mut(),
+                dy_ld: dy_ld as u64,
+                rank_partials: partials.ptr_mut() as *mut f32,
+                k_splits,
+            };
+            let tiles = |rows: usize, cols: usize| LaunchConfig {
+                grid: (
+                    cols.div_ceil(128) as u32,
+                    rows.div_ceil(128) as u32,
+                    k_splits,
+                ),
+                block: (256, 1, 1),
+                shared_bytes: 0,
+            };
+            let k = |name: &str| Kernel {
+                module: "lora",
+                name: name.into(),
+            };
+            // SAFETY: every pointer above is sized for the shapes in p.
+            unsafe {
+                dev.launch(
+                    &k("lora_extend_weight_bf16"),
+                    LaunchConfig::grid_stride(
+                        (d_out * (ld - d_in) + rank * ld) as u64,
+                        256,
+                        1 << 16,
+                    ),
+                    &p,
+                )
                 .unwrap();
-            dev.launch(
-                &k("lora_dx_fixup_bf16"),
-                LaunchConfig::grid_stride((m * d_in) as u64, 256, 1 << 16),
-                &p,
-            )
-            .unwrap();
-        }
-        let (u, v) = (u.to_host().unwrap(), v.to_host().unwrap());
-        let (x_ext, dy_ext, w_ext) = (
-            x_ext.to_host().unwrap(),
-            dy_ext.to_host().unwrap(),
-            w_ext.to_host().unwrap(),
-        );
-        let bits = |z: bf16| z.to_bits();
-        for row in 0..m {
-            for c in 0..ld {
-                let want = if c < d_in {
-                    x[row * d_in + c]
-                } else if c < d_in + rank {
-                    u[row * rank + c - d_in]
-                } else {
-                    bf16::from_f32(if c == d_in + rank { 1.0 } else { 0.0 })
-                };
-                assert_eq!(bits(x_ext[row * ld + c]), bits(want), "x_ext[{row}][{c}]");
+                // Each reduce right after its GEMM: the two share the partials.
+                let rows = |width: usize| LaunchConfig::grid_stride((m * width) as u64, 256, 7);
+                dev.launch(&k("lora_down_bf16"), tiles(m, rank), &p)
+                    .unwrap();
+                if k_splits > 1 {
+                    dev.launch(&k("lora_down_reduce_bf16"), rows(ld - d_in), &p)
+                        .unwrap();
+                }
+                dev.launch(&k("lora_backward_v_bf16"), tiles(m, rank), &p)
+                    .unwrap();
+                if k_splits > 1 {
+                    dev.launch(&k("lora_backward_v_reduce_bf16"), rows(dy_ld - d_out), &p)
+                        .unwrap();
+                }
+                dev.launch(
+                    &k("lora_dx_fixup_bf16"),
+                    LaunchConfig::grid_stride((m * d_in) as u64, 256, 1 << 16),
+                    &p,
+                )
+                .unwrap();
             }
-            for c in 0..dy_ld {
-                let want = if c < d_out {
-                    dy[row * d_out + c]
-                } else if c < d_out + rank {
-                    v[row * rank + c - d_out]
-                } else {
-                    bf16::ZERO
-                };
-                assert_eq!(
-                    bits(dy_ext[row * dy_ld + c]),
-                    bits(want),
-                    "dy_ext[{row}][{c}]"
-                );
+            let (u, v) = (u.to_host().unwrap(), v.to_host().unwrap());
+            // Split or not, u and v differ by rounding only (the sums run in another order).
+            let (u0, v0) = unsplit.get_or_insert_with(|| (u.clone(), v.clone()));
+            for (name, got, want) in [("u", &u, &*u0), ("v", &v, &*v0)] {
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                    let (g, w) = (g.to_f32(), w.to_f32());
+                    assert!(
+                        (g - w).abs() <= w.abs().max(1e-3) / 64.0,
+                        "{name}[{i}] split {k_splits}: {g} vs unsplit {w}"
+                    );
+                }
             }
-        }
-        for row in 0..d_out + rank {
-            for c in d_in.min(if row < d_out { d_in } else { 0 })..ld {
-                let want = if row < d_out {
-                    if c < d_in + rank {
-                        b[row * rank + c - d_in]
-                    } else if c == d_in + rank {
-                        bias[row]
+            let (x_ext, dy_ext, w_ext) = (
+                x_ext.to_host().unwrap(),
+                dy_ext.to_host().unwrap(),
+                w_ext.to_host().unwrap(),
+            );
+            let bits = |z: bf16| z.to_bits();
+            for row in 0..m {
+                for c in 0..ld {
+                    let want = if c < d_in {
+                        x[row * d_in + c]
+                    } else if c < d_in + rank {
+                        u[row * rank + c - d_in]
+                    } else {
+                        bf16::from_f32(if c == d_in + rank { 1.0 } else { 0.0 })
+                    };
+                    assert_eq!(bits(x_ext[row * ld + c]), bits(want), "x_ext[{row}][{c}]");
+                }
+                for c in 0..dy_ld {
+                    let want = if c < d_out {
+                        dy[row * d_out + c]
+                    } else if c < d_out + rank {
+                        v[row * rank + c - d_out]
                     } else {
                         bf16::ZERO
-                    }
-                } else if c < d_in {
-                    a[(row - d_out) * d_in + c]
+                    };
+                    assert_eq!(
+                        bits(dy_ext[row * dy_ld + c]),
+                        bits(want),
+                        "dy_ext[{row}][{c}]"
+                    );
+                }
+            }
+            for row in 0..d_out + rank {
+                for c in d_in.min(if row < d_out { d_in } else { 0 })..ld {
+                    let want = if row < d_out {
+                        if c < d_in + rank {
+                            b[row * rank + c - d_in]
+                        } else if c == d_in + rank {
+                            bias[row]
+                        } else {
+                            bf16::ZERO
+                        }
+                    } else if c < d_in {
+                        a[(row - d_out) * d_in + c]
+                    } else {
+                        bf16::ZERO
+                    };
+                    assert_eq!(bits(w_ext[row * ld + c]), bits(want), "w_ext[{row}][{c}]");
+                }
+            }
+            // dx_fixup: dx0 + keep ⊙ (v A) / (1 - p), against a host computation in f32.
+            let keep = dropout_mask(99, p_drop, m * d_in);
+            let dx = dx.to_host().unwrap();
+            for e in 0..m * d_in {
+                let (row, col) = (e / d_in, e % d_in);
+                let mut s = 0.0f32;
+                for j in 0..rank {
+                    s = v[row * rank + j]
+                        .to_f32()
+                        .mul_add(a[j * d_in + col].to_f32(), s);
+                }
+                let want = if keep[e] == 1 {
+                    bf16::from_f32(dx0[e].to_f32() + s * (1.0 / (1.0 - p_drop)))
                 } else {
-                    bf16::ZERO
+                    dx0[e]
                 };
-                assert_eq!(bits(w_ext[row * ld + c]), bits(want), "w_ext[{row}][{c}]");
+                assert_eq!(bits(dx[e]), bits(want), "dx[{e}]");
             }
-        }
-        // dx_fixup: dx0 + keep ⊙ (v A) / (1 - p), against a host computation in f32.
-        let keep = dropout_mask(99, p_drop, m * d_in);
-        let dx = dx.to_host().unwrap();
-        for e in 0..m * d_in {
-            let (row, col) = (e / d_in, e % d_in);
-            let mut s = 0.0f32;
-            for j in 0..rank {
-                s = v[row * rank + j]
-                    .to_f32()
-                    .mul_add(a[j * d_in + col].to_f32(), s);
-            }
-            let want = if keep[e] == 1 {
-                bf16::from_f32(dx0[e].to_f32() + s * (1.0 / (1.0 - p_drop)))
-            } else {
-                dx0[e]
-            };
-            assert_eq!(bits(dx[e]), bits(want), "dx[{e}]");
         }
     }
 }

@@ -54,6 +54,12 @@ typedef struct LoraParams {
   uint64_t x_ld;
   void* dy_ext;
   uint64_t dy_ld;
+  /* Split-K of the two GEMMs only `rank` wide (lora_down, lora_backward_v), which alone
+   * would fill a few dozen blocks: with k_splits > 1, blockIdx.z sums its range of K into
+   * rank_partials [k_splits][m, rank], and lora_down_reduce / lora_backward_v_reduce add
+   * the splits in order and write u or v (and the x_ext / dy_ext tail). 0 means 1. */
+  float* rank_partials;
+  uint32_t k_splits;
 } LoraParams;
 
 #endif

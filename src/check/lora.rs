@@ -27,6 +27,8 @@ pub struct Case {
     pub timed: bool,
     /// The layer's path; `None` takes the one `LoraLinear::new` picks for the device.
     pub path: Option<LoraPath>,
+    /// Splits of K for u and v (`LoraLinear::with_k_splits`); `None` picks by shape.
+    pub k_splits: Option<u32>,
 }
 
 impl Case {
@@ -34,6 +36,9 @@ impl Case {
         let mut s = format!("{}x{}→{} r{}", self.m, self.d_in, self.d_out, self.rank);
         if self.dropout > 0.0 {
             s += &format!(" p{}", self.dropout);
+        }
+        if let Some(k) = self.k_splits {
+            s += &format!(" k/{k}");
         }
         if self.bias {
             s += " bias";
@@ -114,6 +119,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     if let Some(path) = c.path {
         layer = layer.with_path(path)?;
     }
+    layer = layer.with_k_splits(c.k_splits)?;
     Ok(Setup {
         layer,
         w,
@@ -306,6 +312,7 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
         nf4: false,
         timed: false,
         path: None,
+        k_splits: None,
     };
     let mut rows = Vec::new();
     let paths: &[LoraPath] = if dev.is_gpu() {

@@ -73,6 +73,8 @@ pub struct LoraLinear<T: FloatElem> {
     d_out: usize,
     config: LoraConfig,
     path: LoraPath,
+    /// Splits of K for u and v (`None`: [`k_split_count`]).
+    k_splits: Option<u32>,
 }
 
 /// What forward keeps for backward (besides the caller's `x`).
@@ -194,6 +196,7 @@ impl<T: FloatElem> LoraLinear<T> {
             d_out,
             config,
             path: LoraPath::Fused,
+            k_splits: None,
         };
         layer.with_path(path)
     }
@@ -231,6 +234,62 @@ impl<T: FloatElem> LoraLinear<T> {
 
     pub fn path(&self) -> LoraPath {
         self.path
+    }
+
+    /// The layer with the two GEMMs only `rank` wide (`u = x Aᵀ`, `v = dY B`) split into
+    /// `splits` ranges of K, summed in order by one more kernel; `None` picks by shape
+    /// ([`k_split_count`]). A tuning and testing knob: results differ only by rounding.
+    pub fn with_k_splits(mut self, splits: Option<u32>) -> Result<Self> {
+        if splits.is_some_and(|s| !(1..=MAX_K_SPLITS).contains(&s)) {
+            return Err(Error::InvalidArgument {
+                what: "k_splits",
+                why: format!("{splits:?}: from 1 to {MAX_K_SPLITS}"),
+            });
+        }
+        self.k_splits = splits;
+        Ok(self)
+    }
+
+    /// `u` (`lora_down`, K = in) or `v` (`lora_backward_v`, K = out) into the buffers `p`
+    /// names; `width` is how many columns of each row the reduce writes (rank, or the whole
+    /// tail of an extended row).
+    fn rank_gemm(
+        &self,
+        name: &str,
+        p: &mut LoraParams,
+        m: usize,
+        k: usize,
+        width: usize,
+    ) -> Result<()> {
+        let dev = self.device();
+        let r = self.config.rank;
+        let splits = self.k_splits.unwrap_or_else(|| k_split_count(m, k));
+        let mut partials = dev.alloc_poisoned::<f32>(if splits > 1 {
+            splits as usize * m * r
+        } else {
+            0
+        })?;
+        p.rank_partials = partials.ptr_mut() as *mut f32;
+        p.k_splits = splits;
+        let t = T::DTYPE;
+        // SAFETY: the caller sized every buffer in p for m rows; the partials hold
+        // splits · m · rank f32 when split.
+        let launched = unsafe {
+            dev.launch(&kernel(format!("{name}_{t}")), tiles(m, r, splits), p)
+                .and_then(|()| {
+                    if splits == 1 {
+                        return Ok(());
+                    }
+                    dev.launch(
+                        &kernel(format!("{name}_reduce_{t}")),
+                        LaunchConfig::grid_stride((m * width) as u64, THREADS, 1 << 16),
+                        p,
+                    )
+                })
+        };
+        p.rank_partials = std::ptr::null_mut();
+        p.k_splits = 1;
+        launched
     }
 
     /// Row length of the extended weight and of `x_ext`: `[in | rank | bias | padding]`,
@@ -311,6 +370,8 @@ impl<T: FloatElem> LoraLinear<T> {
             x_ld: 0,
             dy_ext: std::ptr::null_mut(),
             dy_ld: 0,
+            rank_partials: std::ptr::null_mut(),
+            k_splits: 1,
         }
     }
 
@@ -360,14 +421,12 @@ impl<T: FloatElem> LoraLinear<T> {
         p.x = x.ptr();
         p.u = u.ptr_mut();
         p.y = y.ptr_mut();
-        let t = T::DTYPE;
-        let down = kernel(format!("lora_down_{t}"));
         match self.path {
             LoraPath::Fused => {
+                self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
                 // the layer's own buffers were checked in new().
                 unsafe {
-                    dev.launch(&down, tiles(m, self.config.rank, 1), &p)?;
                     dev.launch(
                         &kernel(format!("lora_forward_{}", self.suffix())),
                         tiles(m, self.d_out, 1),
@@ -386,8 +445,8 @@ impl<T: FloatElem> LoraLinear<T> {
                 let mut x_ext = dev.alloc_poisoned::<T>(m * ld)?;
                 p.x_ext = x_ext.ptr_mut();
                 p.x_ld = ld as u64;
-                // SAFETY: as above, and x_ext holds m rows of ld.
-                unsafe { dev.launch(&down, tiles(m, self.config.rank, 1), &p)? };
+                // x_ext holds m rows of ld.
+                self.rank_gemm("lora_down", &mut p, m, self.d_in, ld - self.d_in)?;
                 let blas = self.blas()?;
                 blas::matmul(
                     blas,
@@ -501,13 +560,12 @@ impl<T: FloatElem> LoraLinear<T> {
             .as_mut()
             .map_or(std::ptr::null_mut(), |b| b.ptr_mut() as *mut f32);
         let t = T::DTYPE;
-        let backward_v = kernel(format!("lora_backward_v_{t}"));
         match self.path {
             LoraPath::Fused => {
+                self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
                 // SAFETY: every buffer in p was checked or sized above; the kernels only read
                 // u (passed through the mutable field of the shared params struct).
                 unsafe {
-                    dev.launch(&backward_v, tiles(m, r, 1), &p)?;
                     dev.launch(
                         &kernel(format!("lora_backward_dx_{}", self.suffix())),
                         tiles(m, self.d_in, 1),
@@ -526,8 +584,8 @@ impl<T: FloatElem> LoraLinear<T> {
                 let mut dy_ext = dev.alloc_poisoned::<T>(m * dy_ld)?;
                 p.dy_ext = dy_ext.ptr_mut();
                 p.dy_ld = dy_ld as u64;
-                // SAFETY: as above, and dy_ext holds m rows of dy_ld.
-                unsafe { dev.launch(&backward_v, tiles(m, r, 1), &p)? };
+                // dy_ext holds m rows of dy_ld.
+                self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, dy_ld - self.d_out)?;
                 // Without dropout, dX = [dY | v] · [W ; A] in one GEMM; with it, dY W here and
                 // the masked v A in one more pass.
                 let k = if self.config.dropout > 0.0 {
@@ -650,6 +708,20 @@ fn cuda_slice<T: FloatElem>(b: &Buffer<T>) -> &cudarc::driver::CudaSlice<T> {
         .expect("the extended path runs on CUDA buffers")
 }
 
+/// Most splits of K [`LoraLinear::with_k_splits`] takes.
+pub const MAX_K_SPLITS: u32 = 64;
+
+/// Splits of K for the GEMMs only `rank` wide: enough blocks for two per SM of a 132-SM GPU
+/// (one block per 128 rows otherwise: 64 blocks for 8192 tokens), each split at least 512
+/// of K.
+pub fn k_split_count(m: usize, k: usize) -> u32 {
+    let row_tiles = m.div_ceil(TILE as usize);
+    264usize
+        .div_ceil(row_tiles)
+        .min(k.div_ceil(512))
+        .clamp(1, 16) as u32
+}
+
 /// Row splits of the weight-gradient reductions: enough blocks to fill a GPU, each split at
 /// least 512 rows.
 fn split_count(m: usize) -> u32 {
@@ -672,6 +744,8 @@ pub fn kernels() -> Vec<Kernel> {
             "merge",
             "extend_weight",
             "dx_fixup",
+            "down_reduce",
+            "backward_v_reduce",
         ] {
             names.push(format!("lora_{op}_{t}"));
         }
