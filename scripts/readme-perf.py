@@ -8,7 +8,8 @@
 Input: the newest bench/results/*.json (by its environment.date, then file name; format in
 bench/results/README.md). Every `bench` row becomes a table row; where `torch` holds the
 PyTorch operation that does the same work on the same shape (index_add_ for scatter-adds
-with one dtype, index_select for gather), it is shown as a second baseline.
+with one dtype, index_select for gather, PEFT's layer for the LoRA forward), it is shown
+as a second baseline.
 """
 import glob
 import json
@@ -43,6 +44,8 @@ def torch_equivalent(kernel):
     if m := re.fullmatch(r"gather_([a-z0-9]+)_([a-z0-9]+)", kernel):
         src, out = m.groups()
         return f"torch index_select {src}" if src == out else f"torch index_select {src}→{out}"
+    if re.fullmatch(r"lora_(?:extended|fused) forward", kernel):
+        return "peft LoRA forward"  # same layer: bf16 base, no dropout, no bias
     return None
 
 
