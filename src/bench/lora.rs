@@ -2,7 +2,7 @@
 //! forward and backward on each path, dense and NF4 bases, against cuBLAS's base GEMM and
 //! dX GEMM alone in the same run (PEFT's layer is timed by scripts/torch_baselines.py).
 
-use super::{time_cublas, Ceilings, GpuTimer, Row};
+use super::{time_cublas, Ceilings, GpuTimer, Row, REPS};
 use crate::bf16;
 use crate::device::blas::WeightOp;
 use crate::device::Device;
@@ -60,7 +60,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 if dropout > 0.0 { "_dropout" } else { "" }
             );
             let shape = format!("{M}x{D}→{D} r{RANK}");
-            let t = timer.time(2, 20, || l.forward(&x, M).map(|_| ()))?;
+            let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
             let mut row = Row::new(
                 "lora",
                 &format!("{name} forward"),
@@ -75,7 +75,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             }
             rows.push(row);
             let (_, saved) = l.forward(&x, M)?;
-            let t = timer.time(2, 20, || l.backward(&x, &saved, &dy).map(|_| ()))?;
+            let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
             let mut row = Row::new(
                 "lora",
                 &format!("{name} backward"),

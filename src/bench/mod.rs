@@ -21,6 +21,9 @@ pub struct Stats {
     pub reps: usize,
 }
 
+/// Timed repetitions per row: the median of 50 (the GPU check's contract).
+pub const REPS: usize = 50;
+
 /// Times regions on one CUDA device with events; flushes L2 between repetitions by writing
 /// a buffer twice the L2's size.
 pub struct GpuTimer<'a> {
@@ -251,7 +254,7 @@ pub fn time_copy(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Sta
     let src = d.alloc_filled::<u8>(bytes, 0x3C)?;
     let dst = d.alloc_filled::<u8>(bytes, 0)?;
     let (s, t) = (d.addr(&src), d.addr(&dst));
-    timer.time(2, 30, || {
+    timer.time(2, REPS, || {
         // SAFETY: both allocations hold `bytes` bytes.
         unsafe { result::memcpy_dtod_async(t, s, bytes, d.raw_stream()) }
             .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
@@ -287,7 +290,7 @@ pub fn time_cublas(
     let o = out.as_cuda_slice_mut().expect("a CUDA buffer");
     let ldw = if op == WeightOp::Transposed { k } else { n };
     timer
-        .time(3, 30, || {
+        .time(3, REPS, || {
             blas::matmul(blas, a, k, w, ldw, o, n, (m, n, k), op)
         })
         .map(Some)

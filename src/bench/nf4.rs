@@ -3,7 +3,7 @@
 //! dequantize + cuBLAS) against cuBLAS's bf16 GEMM at several M (which sets the dispatch
 //! threshold), dequantization against a copy, quantization.
 
-use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row};
+use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row, REPS};
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
@@ -52,7 +52,7 @@ fn matmul_row(
     let mut rng = StdRng::seed_from_u64(m as u64);
     let a = dev.upload(&random_vec::<bf16>(&mut rng, m * k_in, 1.0))?;
     let mut out = dev.alloc_poisoned::<bf16>(m * n_out)?;
-    let t = timer.time(3, 30, || {
+    let t = timer.time(3, REPS, || {
         if forward {
             nf4::forward_with(q, &a, m, &mut out, path)
         } else {
@@ -91,7 +91,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let numel = q.rows() * q.cols();
 
     let mut out = dev.alloc_poisoned::<bf16>(numel)?;
-    let t = timer.time(3, 30, || q.dequantize(&mut out))?;
+    let t = timer.time(3, REPS, || q.dequantize(&mut out))?;
     let bytes = (q.bytes() + 2 * numel) as f64;
     let copy = time_copy(dev, timer, (bytes / 2.0) as usize)?;
     rows.push(
@@ -107,7 +107,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         .with_baseline("d2d copy, same bytes", copy.median_us),
     );
 
-    let t = timer.time(1, 10, || {
+    let t = timer.time(1, REPS, || {
         Nf4Weight::quantize(&w, 11008, 4096, 64, true).map(|_| ())
     })?;
     rows.push(Row::new(

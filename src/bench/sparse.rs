@@ -1,7 +1,7 @@
 //! Sparse-delta benchmarks for the GPU check: 1% of a 4096×11008 weight (DESIGN.md §8) and
 //! a small shape. Bytes count 32-byte sectors for the scattered accesses.
 
-use super::{time_copy, Ceilings, GpuTimer, Row};
+use super::{time_copy, Ceilings, GpuTimer, Row, REPS};
 use crate::device::Device;
 use crate::dtype::FloatElem;
 use crate::error::Result;
@@ -57,7 +57,7 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
     let name = |op: &str| format!("{op}_{}_{}", W::DTYPE, V::DTYPE);
     let mut rows = Vec::new();
 
-    let t = timer.time(3, 50, || sparse::scatter_add(&mut s.w, &s.index, &v, 0.5))?;
+    let t = timer.time(3, REPS, || sparse::scatter_add(&mut s.w, &s.index, &v, 0.5))?;
     rows.push(with_copy_baseline(
         dev,
         timer,
@@ -72,7 +72,7 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
         ),
     )?);
 
-    let t = timer.time(3, 50, || {
+    let t = timer.time(3, REPS, || {
         sparse::scatter_add_atomic(&mut s.w, &s.index, &v, 0.5)
     })?;
     rows.push(with_copy_baseline(
@@ -95,7 +95,7 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
     shuffled.shuffle(&mut rng);
     let plan = ScatterPlan::new(dev, &shuffled, numel)?;
     let plan_bytes = bytes + 12.0 * k as f64;
-    let t = timer.time(3, 50, || {
+    let t = timer.time(3, REPS, || {
         sparse::scatter_add_planned(&mut s.w, &plan, &v, 0.5)
     })?;
     rows.push(with_copy_baseline(
@@ -126,7 +126,7 @@ fn gather_row(
     let s = setup::<bf16>(dev, &mut rng, numel, k)?;
     let mut out = dev.alloc_poisoned::<f32>(k)?;
     let bytes = k as f64 * (4.0 + 4.0) + 32.0 * sectors(&s.idx, 2);
-    let t = timer.time(3, 50, || sparse::gather(&s.w, &s.index, &mut out))?;
+    let t = timer.time(3, REPS, || sparse::gather(&s.w, &s.index, &mut out))?;
     with_copy_baseline(
         dev,
         timer,
@@ -161,7 +161,7 @@ fn adamw_row<W: FloatElem>(
     let we = std::mem::size_of::<W>() as u64;
     // idx + base read; delta, m, v read and written; grad sectors read; W sectors read+written.
     let bytes = k as f64 * (4.0 + 4.0 + 3.0 * 8.0) + 32.0 * sectors(&s.idx, we) * 3.0;
-    let t = timer.time(3, 50, || opt.step(&mut s.w, &grad))?;
+    let t = timer.time(3, REPS, || opt.step(&mut s.w, &grad))?;
     let name = format!("sparse_adamw_{}_{}", W::DTYPE, W::DTYPE);
     with_copy_baseline(
         dev,
