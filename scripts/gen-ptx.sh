@@ -19,7 +19,7 @@ for target in sm_80 sm_89 sm_90a; do
     # Names with internal linkage (anonymous namespaces) carry a hash of the checkout's
     # path; one fixed value keeps the PTX the same wherever it is built (a module's
     # internal names are its own, so any consistent value links).
-    sed -i -E 's/_INTERNAL_[0-9a-f]{8}_/_INTERNAL_00000000_/g' "$out/$target/$module.ptx"
+    sed -i -E 's/_(INTERNAL|GLOBAL__N_)_[0-9a-f]{8}_/_\1_00000000_/g' "$out/$target/$module.ptx"
   done
 done
 if [ "$mode" = --check ]; then
