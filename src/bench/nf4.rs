@@ -135,7 +135,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
     }
     let cublas_present = nf4::choose_path(dev, usize::MAX, true) == MatmulPath::DequantizeCublas;
-    for m in [64, 8192] {
+    // 4 and 16 rows: where the forward leaves the GEMV (nf4::GEMV_ROWS_WITH_CUBLAS).
+    for m in [4, 16, 64, 8192] {
         for forward in [true, false] {
             rows.push(matmul_row(
                 dev,

@@ -1,7 +1,8 @@
 //! NF4 (QLoRA's 4-bit NormalFloat) on the device: bitsandbytes-exact quantization with
 //! double quantization, dequantization, and the matmuls through a frozen NF4 weight with
 //! the dequantization fused in: a GEMV for decode batches (1 to 16 rows), a tensor-core GEMM
-//! for the forward `y = x Ŵᵀ`, and the same for the backward `dX = dY Ŵ`.
+//! for the forward `y = x Ŵᵀ`, and the same for the backward `dX = dY Ŵ`; or dequantize +
+//! cuBLAS. [`choose_path`] picks by batch size, from measurements.
 //!
 //! Kernels: `cuda/nf4.cu`. Reference: [`crate::reference::nf4`] (bitsandbytes' format and
 //! numerics) and [`crate::reference::linear`] (the matmuls). Checkpoints: [`checkpoint`].
@@ -370,22 +371,31 @@ pub enum MatmulPath {
     DequantizeCublas,
 }
 
-/// Rows of activations from which dequantize + cuBLAS is used instead of the fused GEMM when
-/// cuBLAS is present. Measured on an H200 (bench/results/2026-11-26T0806-h200.md, 4096→11008,
-/// bf16): the fused `mma.sync` GEMM took 155 µs at 64 rows and 4258 µs at 8192, dequantize +
-/// cuBLAS 94 µs and 983 µs (cuBLAS alone 919 µs): cuBLAS's `wgmma` wins from the smallest
-/// batch past the GEMV, so the fused GEMM serves GPUs without cuBLAS and the emulator.
-pub const DEQUANTIZE_CUBLAS_MIN_ROWS: usize = GEMV_MAX_ROWS + 1;
+/// Rows of activations up to which the forward takes the GEMV when cuBLAS is present (past
+/// them, and for every backward, dequantize + cuBLAS). Measured on an H200
+/// (bench/results/2026-11-26T0852-h200.md, 4096→11008 and 11008→4096, bf16): the GEMV took
+/// 29 / 33 µs at 1 row, 50 / 68 µs at 4 and 205 / 284 µs at 16; dequantize + cuBLAS
+/// 97 / 102 µs at 64 rows, about a dequantize pass plus cuBLAS reading Ŵ at any small batch;
+/// the fused `mma.sync` GEMM 148 µs at 64 rows (its dX 515 µs) and 5978 µs at 8192, against
+/// 998 µs for dequantize + cuBLAS. So cuBLAS's `wgmma` wins from the GEMV's crossover (between
+/// 4 and 16 rows, about 8 by the per-row slope) up, in both directions; the fused GEMM serves
+/// GPUs without cuBLAS and the emulator.
+pub const GEMV_ROWS_WITH_CUBLAS: usize = 4;
 
-/// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`: the GEMV for decode
-/// batches (forward), dequantize + cuBLAS for large batches where cuBLAS is present, the
-/// fused GEMM otherwise (always on the emulator, which has no cuBLAS).
+/// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`. With cuBLAS: the GEMV
+/// for a forward of up to [`GEMV_ROWS_WITH_CUBLAS`] rows, dequantize + cuBLAS for the rest.
+/// Without (the emulator, or cuBLAS not loadable): the GEMV for a forward of up to
+/// [`GEMV_MAX_ROWS`] rows, the fused GEMM for the rest.
 pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
-    if forward && m <= GEMV_MAX_ROWS {
-        return MatmulPath::Gemv;
-    }
     let has_cublas = matches!(dev, Device::Cuda(d) if matches!(blas::handle(d), Ok(Some(_))));
-    if has_cublas && m >= DEQUANTIZE_CUBLAS_MIN_ROWS {
+    let gemv_rows = if has_cublas {
+        GEMV_ROWS_WITH_CUBLAS
+    } else {
+        GEMV_MAX_ROWS
+    };
+    if forward && m <= gemv_rows {
+        MatmulPath::Gemv
+    } else if has_cublas {
         MatmulPath::DequantizeCublas
     } else {
         MatmulPath::FusedGemm
