@@ -63,6 +63,7 @@ pub struct CudaDevice {
     ordinal: usize,
     name: String,
     compute_capability: (i32, i32),
+    sm_count: usize,
     target: Target,
     driver: DriverInfo,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
@@ -126,6 +127,9 @@ impl CudaDevice {
         let name = ctx
             .name()
             .map_err(|e| Error::driver("cuDeviceGetName", e))?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::driver("cuDeviceGetAttribute", e))? as usize;
         let stream = ctx.default_stream();
         if ctx.has_async_alloc() {
             keep_freed_memory(ctx.cu_device())?;
@@ -136,6 +140,7 @@ impl CudaDevice {
             ordinal,
             name,
             compute_capability: (major, minor),
+            sm_count,
             target,
             driver,
             modules: Mutex::new(HashMap::new()),
@@ -160,6 +165,10 @@ impl CudaDevice {
 
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     /// The PTX target this device loads.

@@ -93,6 +93,15 @@ impl Device {
         }
     }
 
+    /// Streaming multiprocessors: the GPU's, or for the emulator an H100's 132, so launch
+    /// heuristics choose there what they would on the GPU the kernels are written for.
+    pub fn sm_count(&self) -> usize {
+        match self {
+            Device::Cuda(d) => d.sm_count(),
+            Device::Emu(_) => 132,
+        }
+    }
+
     /// `"cuda"` or `"emu"`.
     pub fn backend(&self) -> &'static str {
         match self {

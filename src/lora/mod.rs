@@ -263,7 +263,9 @@ impl<T: FloatElem> LoraLinear<T> {
     ) -> Result<()> {
         let dev = self.device();
         let r = self.config.rank;
-        let splits = self.k_splits.unwrap_or_else(|| k_split_count(m, k));
+        let splits = self
+            .k_splits
+            .unwrap_or_else(|| k_split_count(m, k, dev.sm_count()));
         let mut partials = dev.alloc_poisoned::<f32>(if splits > 1 {
             splits as usize * m * r
         } else {
@@ -711,15 +713,13 @@ fn cuda_slice<T: FloatElem>(b: &Buffer<T>) -> &cudarc::driver::CudaSlice<T> {
 /// Most splits of K [`LoraLinear::with_k_splits`] takes.
 pub const MAX_K_SPLITS: u32 = 64;
 
-/// Splits of K for the GEMMs only `rank` wide: enough blocks for two per SM of a 132-SM GPU
-/// (one block per 128 rows otherwise: 64 blocks for 8192 tokens), each split at least 512
-/// of K.
-pub fn k_split_count(m: usize, k: usize) -> u32 {
+/// Splits of K for the GEMMs only `rank` wide, for `m` rows on a GPU of `sms`
+/// multiprocessors: one block per 128 rows alone leaves most of a GPU idle (64 blocks for
+/// 8192 tokens on 132 SMs), and a block of these kernels needs a whole SM's registers
+/// (`cuda/budgets.txt`), so as many splits as still fit in one wave, each at least 512 of K.
+pub fn k_split_count(m: usize, k: usize, sms: usize) -> u32 {
     let row_tiles = m.div_ceil(TILE as usize);
-    264usize
-        .div_ceil(row_tiles)
-        .min(k.div_ceil(512))
-        .clamp(1, 16) as u32
+    (sms / row_tiles).min(k.div_ceil(512)).clamp(1, 16) as u32
 }
 
 /// Row splits of the weight-gradient reductions: enough blocks to fill a GPU, each split at
