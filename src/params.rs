@@ -52,6 +52,15 @@ const _: () = {
     ["Offset of field: Nf4Weight::rows"][::core::mem::offset_of!(Nf4Weight, rows) - 52usize];
     ["Offset of field: Nf4Weight::cols"][::core::mem::offset_of!(Nf4Weight, cols) - 56usize];
 };
+impl Default for Nf4Weight {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4DequantizeParams {
@@ -70,6 +79,15 @@ const _: () = {
     ["Offset of field: Nf4DequantizeParams::out_ld"]
         [::core::mem::offset_of!(Nf4DequantizeParams, out_ld) - 72usize];
 };
+impl Default for Nf4DequantizeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4QuantizeParams {
@@ -97,6 +115,15 @@ const _: () = {
     ["Offset of field: Nf4QuantizeParams::blocksize"]
         [::core::mem::offset_of!(Nf4QuantizeParams, blocksize) - 40usize];
 };
+impl Default for Nf4QuantizeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4NestedParams {
@@ -127,6 +154,15 @@ const _: () = {
     ["Offset of field: Nf4NestedParams::blocks"]
         [::core::mem::offset_of!(Nf4NestedParams, blocks) - 48usize];
 };
+impl Default for Nf4NestedParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4MatmulParams {
@@ -145,6 +181,15 @@ const _: () = {
         [::core::mem::offset_of!(Nf4MatmulParams, out) - 72usize];
     ["Offset of field: Nf4MatmulParams::m"][::core::mem::offset_of!(Nf4MatmulParams, m) - 80usize];
 };
+impl Default for Nf4MatmulParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LoraParams {
@@ -220,6 +265,15 @@ const _: () = {
     ["Offset of field: LoraParams::k_splits"]
         [::core::mem::offset_of!(LoraParams, k_splits) - 272usize];
 };
+impl Default for LoraParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct PhiloxParams {
@@ -245,6 +299,15 @@ const _: () = {
     ["Offset of field: PhiloxParams::stream1"]
         [::core::mem::offset_of!(PhiloxParams, stream1) - 36usize];
 };
+impl Default for PhiloxParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DropoutMaskParams {
@@ -266,6 +329,15 @@ const _: () = {
     ["Offset of field: DropoutMaskParams::p"]
         [::core::mem::offset_of!(DropoutMaskParams, p) - 24usize];
 };
+impl Default for DropoutMaskParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct RegdumpParams {
@@ -279,6 +351,15 @@ const _: () = {
     ["Offset of field: RegdumpParams::out"][::core::mem::offset_of!(RegdumpParams, out) - 0usize];
     ["Offset of field: RegdumpParams::in_"][::core::mem::offset_of!(RegdumpParams, in_) - 8usize];
 };
+impl Default for RegdumpParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct ScatterAddParams {
@@ -305,6 +386,15 @@ const _: () = {
     ["Offset of field: ScatterAddParams::alpha"]
         [::core::mem::offset_of!(ScatterAddParams, alpha) - 40usize];
 };
+impl Default for ScatterAddParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct SegmentedScatterAddParams {
@@ -340,6 +430,15 @@ const _: () = {
     ["Offset of field: SegmentedScatterAddParams::alpha"]
         [::core::mem::offset_of!(SegmentedScatterAddParams, alpha) - 56usize];
 };
+impl Default for SegmentedScatterAddParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct GatherParams {
@@ -361,6 +460,15 @@ const _: () = {
     ["Offset of field: GatherParams::numel"]
         [::core::mem::offset_of!(GatherParams, numel) - 32usize];
 };
+impl Default for GatherParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct SparseAdamwParams {
@@ -421,8 +529,17 @@ const _: () = {
     ["Offset of field: SparseAdamwParams::sqrt_bc2"]
         [::core::mem::offset_of!(SparseAdamwParams, sqrt_bc2) - 100usize];
 };
+impl Default for SparseAdamwParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
-#[derive(Debug, Copy, Clone)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct FkEmuOptions {
     pub schedule: u32,
     pub seed: u64,
@@ -459,3 +576,12 @@ const _: () = {
     ["Offset of field: EmuTestParams::in_"][::core::mem::offset_of!(EmuTestParams, in_) - 8usize];
     ["Offset of field: EmuTestParams::n"][::core::mem::offset_of!(EmuTestParams, n) - 16usize];
 };
+impl Default for EmuTestParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

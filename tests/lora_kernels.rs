@@ -219,35 +219,22 @@ fn bad_input_is_a_typed_error() {
             ),
             Err(Error::ShapeMismatch { .. })
         ));
-        let layer = LoraLinear::new(
-            LoraBase::Dense(w()),
-            None,
-            a(rank * d_in),
-            a(d_out * rank),
-            config,
-        )
-        .unwrap();
+        let layer = || {
+            LoraLinear::new(
+                LoraBase::Dense(w()),
+                None,
+                a(rank * d_in),
+                a(d_out * rank),
+                config,
+            )
+            .unwrap()
+        };
         // K splits from 1 to MAX_K_SPLITS.
-        let err = layer.with_k_splits(Some(0)).map(|_| ()).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
-        let layer = LoraLinear::new(
-            LoraBase::Dense(w()),
-            None,
-            a(rank * d_in),
-            a(d_out * rank),
-            config,
-        )
-        .unwrap()
-        .with_k_splits(Some(finetune_kernels::lora::MAX_K_SPLITS + 1));
-        assert!(matches!(layer, Err(Error::InvalidArgument { .. })));
-        let layer = LoraLinear::new(
-            LoraBase::Dense(w()),
-            None,
-            a(rank * d_in),
-            a(d_out * rank),
-            config,
-        )
-        .unwrap();
+        for bad in [0, finetune_kernels::lora::MAX_K_SPLITS + 1] {
+            let err = layer().with_k_splits(Some(bad)).map(|_| ()).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        }
+        let layer = layer();
         let x = dev
             .upload(&random_vec::<f16>(&mut rng, 4 * d_in, 1.0))
             .unwrap();
@@ -286,7 +273,7 @@ fn bad_input_is_a_typed_error() {
 #[test]
 fn extended_layouts_are_what_cublas_reads() {
     use finetune_kernels::device::{Kernel, LaunchConfig};
-    use finetune_kernels::params::{LoraParams, Nf4Weight as Nf4Params};
+    use finetune_kernels::params::LoraParams;
     use finetune_kernels::reference::philox::dropout_mask;
     for dev in backends() {
         let mut rng = StdRng::seed_from_u64(rand::random());
@@ -318,25 +305,12 @@ fn extended_layouts_are_what_cublas_reads() {
             let mut partials = dev
                 .alloc_poisoned::<f32>(k_splits as usize * m * rank)
                 .unwrap();
-            let null = std::ptr::null_mut();
             let p = LoraParams {
                 m: m as u32,
                 d_in: d_in as u32,
                 d_out: d_out as u32,
                 rank: rank as u32,
                 w: w_ext.ptr_mut(),
-                nf4: Nf4Params {
-                    codes: std::ptr::null(),
-                    absmax: std::ptr::null(),
-                    nested_codes: std::ptr::null(),
-                    nested_absmax: std::ptr::null(),
-                    nested_map: std::ptr::null(),
-                    offset: 0.0,
-                    nested: 0,
-                    blocksize: 64,
-                    rows: 0,
-                    cols: 0,
-                },
                 bias: biasd.ptr(),
                 a: ad.ptr(),
                 b: bd.ptr(),
@@ -345,16 +319,9 @@ fn extended_layouts_are_what_cublas_reads() {
                 seed: 99,
                 x: xd.ptr(),
                 u: u.ptr_mut(),
-                y: null,
                 dy: dyd.ptr(),
                 v: v.ptr_mut(),
                 dx: dx.ptr_mut(),
-                partials: std::ptr::null_mut(),
-                splits: 1,
-                da: std::ptr::null_mut(),
-                db: std::ptr::null_mut(),
-                dbias: std::ptr::null_mut(),
-                merged: null,
                 w_ld: ld as u64,
                 x_ext: x_ext.ptr_mut(),
                 x_ld: ld as u64,
@@ -362,6 +329,7 @@ fn extended_layouts_are_what_cublas_reads() {
                 dy_ld: dy_ld as u64,
                 rank_partials: partials.ptr_mut() as *mut f32,
                 k_splits,
+                ..LoraParams::default()
             };
             let tiles = |rows: usize, cols: usize| LaunchConfig {
                 grid: (
@@ -427,25 +395,24 @@ fn extended_layouts_are_what_cublas_reads() {
                 w_ext.to_host().unwrap(),
             );
             let bits = |z: bf16| z.to_bits();
+            // Row `row` of an extended matrix: [base | low-rank part | 1 if `one` | 0...].
+            let extended =
+                |base: &[bf16], width: usize, low: &[bf16], one: bool, row: usize, c: usize| {
+                    if c < width {
+                        base[row * width + c]
+                    } else if c < width + rank {
+                        low[row * rank + c - width]
+                    } else {
+                        bf16::from_f32(if one && c == width + rank { 1.0 } else { 0.0 })
+                    }
+                };
             for row in 0..m {
                 for c in 0..ld {
-                    let want = if c < d_in {
-                        x[row * d_in + c]
-                    } else if c < d_in + rank {
-                        u[row * rank + c - d_in]
-                    } else {
-                        bf16::from_f32(if c == d_in + rank { 1.0 } else { 0.0 })
-                    };
+                    let want = extended(&x, d_in, &u, true, row, c);
                     assert_eq!(bits(x_ext[row * ld + c]), bits(want), "x_ext[{row}][{c}]");
                 }
                 for c in 0..dy_ld {
-                    let want = if c < d_out {
-                        dy[row * d_out + c]
-                    } else if c < d_out + rank {
-                        v[row * rank + c - d_out]
-                    } else {
-                        bf16::ZERO
-                    };
+                    let want = extended(&dy, d_out, &v, false, row, c);
                     assert_eq!(
                         bits(dy_ext[row * dy_ld + c]),
                         bits(want),

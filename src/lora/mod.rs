@@ -321,26 +321,11 @@ impl<T: FloatElem> LoraLinear<T> {
         self.a.device()
     }
 
+    /// The params every kernel of the layer shares; the per-call buffers start null.
     fn params(&self, m: usize, seed: u64) -> LoraParams {
-        let null = std::ptr::null::<std::ffi::c_void>();
-        let mut nf4 = params::Nf4Weight {
-            codes: std::ptr::null(),
-            absmax: std::ptr::null(),
-            nested_codes: std::ptr::null(),
-            nested_absmax: std::ptr::null(),
-            nested_map: std::ptr::null(),
-            offset: 0.0,
-            nested: 0,
-            blocksize: 64,
-            rows: self.d_out as u32,
-            cols: self.d_in as u32,
-        };
-        let (w, w_ld) = match &self.base {
-            Base::Dense { w, ld } => (w.ptr(), *ld as u64),
-            Base::Nf4(q) => {
-                nf4 = q.params();
-                (null, 0)
-            }
+        let (w, w_ld, nf4) = match &self.base {
+            Base::Dense { w, ld } => (w.ptr(), *ld as u64, params::Nf4Weight::default()),
+            Base::Nf4(q) => (std::ptr::null(), 0, q.params()),
         };
         LoraParams {
             m: m as u32,
@@ -349,31 +334,16 @@ impl<T: FloatElem> LoraLinear<T> {
             rank: self.config.rank as u32,
             w,
             nf4,
-            bias: self.bias.as_ref().map_or(null, |b| b.ptr()),
+            bias: self.bias.as_ref().map_or(std::ptr::null(), |b| b.ptr()),
             a: self.a.ptr(),
             b: self.b.ptr(),
             scale: self.config.scale(),
             dropout: self.config.dropout,
             seed,
-            x: null,
-            u: std::ptr::null_mut(),
-            y: std::ptr::null_mut(),
-            dy: null,
-            v: std::ptr::null_mut(),
-            dx: std::ptr::null_mut(),
-            partials: std::ptr::null_mut(),
             splits: 1,
-            da: std::ptr::null_mut(),
-            db: std::ptr::null_mut(),
-            dbias: std::ptr::null_mut(),
-            merged: std::ptr::null_mut(),
             w_ld,
-            x_ext: std::ptr::null_mut(),
-            x_ld: 0,
-            dy_ext: std::ptr::null_mut(),
-            dy_ld: 0,
-            rank_partials: std::ptr::null_mut(),
             k_splits: 1,
+            ..LoraParams::default()
         }
     }
 
