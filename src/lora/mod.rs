@@ -24,6 +24,11 @@
 //!   the masked low-rank term of dX cannot ride along K: cuBLAS computes `dY W` and one more
 //!   pass over dX adds it. The small products (down-projection, `v`, dA, dB, dbias) stay
 //!   on the crate's kernels, which are memory-bound there.
+//!
+//! The down-projection `u` and `v = scale · dY B` are GEMMs only `rank` wide: one block per
+//! 128 rows would leave most of a GPU idle, so they are split over K ([`k_split_count`],
+//! [`LoraLinear::with_k_splits`]) into f32 partials that one more kernel sums in a fixed
+//! order.
 
 pub mod adapter;
 
