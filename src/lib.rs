@@ -1,7 +1,7 @@
 //! # finetune-kernels
 //!
 //! Hand-written CUDA kernels for memory-efficient LLM fine-tuning. Every kernel ships three
-//! ways: a CPU reference ([`reference`]), the same CUDA source run on the host, and the GPU
+//! ways: a CPU reference ([`mod@reference`]), the same CUDA source run on the host, and the GPU
 //! run from committed PTX through the CUDA driver ([`device`]).
 //!
 //! Families: [`sparse`] (sparse deltas), [`nf4`] (QLoRA's 4-bit base weights), [`philox`]

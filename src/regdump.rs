@@ -124,7 +124,7 @@ fn pack(elems: &[u32], bits: u32) -> u32 {
         .fold(0, |acc, (i, &e)| acc | (e << (bits * i as u32)))
 }
 
-/// Inputs for one mma kernel: per lane, A[4] B[2] registers and C[4] f32 bits.
+/// Inputs for one mma kernel: per lane, registers `A[4]`, `B[2]` and `C[4]` (f32 bits).
 pub fn mma_input(t: MmaInput, set: &str, seed: u64) -> Vec<u32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let per = t.per_register();

@@ -63,7 +63,7 @@ pub struct Kernel {
 }
 
 impl Device {
-    /// The CUDA device `ordinal`, or a [`NoDevice`] error saying why there is none.
+    /// The CUDA device `ordinal`, or a [`NoDevice`](crate::NoDevice) error saying why there is none.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         Ok(Device::Cuda(Arc::new(CudaDevice::new(ordinal)?)))
     }
