@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Regenerates ptx/<target>/<module>.ptx from cuda/<module>.cu with the pinned nvcc
 # (or $FK_NVCC). Flags come from cuda/nvcc.flags, as in build.rs.
-#   scripts/gen-ptx.sh            rewrite ptx/
-#   scripts/gen-ptx.sh --check    fail if ptx/ differs from what nvcc produces
+#   scripts/gen-ptx.sh                  rewrite ptx/
+#   scripts/gen-ptx.sh --check          fail if ptx/ differs from what nvcc produces
+#   scripts/gen-ptx.sh --out DIR TARGET write DIR/TARGET/ only (the GPU check, with the
+#                                       machine's own nvcc for its own target)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 nvcc=${FK_NVCC:-$(scripts/install-toolchain.sh)/nvcc}
 mode=${1:-write}
 out=ptx
+targets=(sm_80 sm_89 sm_90a)
 [ "$mode" = --check ] && out=$(mktemp -d)
+if [ "$mode" = --out ]; then
+  out=$2
+  targets=("$3")
+fi
 mapfile -t flags < cuda/nvcc.flags
-for target in sm_80 sm_89 sm_90a; do
+for target in "${targets[@]}"; do
   mkdir -p "$out/$target"
   for cu in cuda/*.cu; do
     module=$(basename "$cu" .cu)

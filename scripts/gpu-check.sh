@@ -165,12 +165,8 @@ PY
   if [ -z "$dry" ] && command -v nvcc >/dev/null; then
     arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
     target=sm_$arch; [ "$arch" = 90 ] && target=sm_90a
-    mkdir -p "$local_ptx/$target"
-    mapfile -t flags < cuda/nvcc.flags
-    for cu in cuda/*.cu; do
-      nvcc "${flags[@]}" -arch="$target" -ptx "$cu" -o "$local_ptx/$target/$(basename "$cu" .cu).ptx" 2>>"$log" ||
-        echo "nvcc failed on $cu" | tee -a "$log"
-    done
+    FK_NVCC=nvcc scripts/gen-ptx.sh --out "$local_ptx" "$target" 2>>"$log" ||
+      echo "gen-ptx.sh failed with this machine's nvcc (log: $log)" | tee -a "$log"
     for f in "$local_ptx/$target"/*.ptx; do
       cmp -s "$f" "ptx/$target/$(basename "$f")" && echo "$(basename "$f"): identical to committed" ||
         echo "$(basename "$f"): differs from committed (nvcc $(nvcc --version | tail -1))"
