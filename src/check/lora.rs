@@ -1,11 +1,11 @@
 //! Checks of the fused LoRA kernels against `reference::lora` (PEFT's layer, in f64).
 
-use super::{time_if, CheckRow, Measure, Scale};
-use crate::check::nf4::matmul_bound;
+use super::{row, time_if, CheckCase, CheckRow, Measure, Scale};
+use crate::check::nf4::{matmul_bound, unit};
 use crate::device::Device;
-use crate::dtype::{DType, FloatElem};
+use crate::dtype::FloatElem;
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
+use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Saved};
 use crate::nf4::Nf4Weight;
 use crate::reference::{lora as reference, nf4 as nf4_reference};
 use crate::testing::{random_vec, rel_l2};
@@ -31,7 +31,11 @@ pub struct Case {
     pub k_splits: Option<u32>,
 }
 
-impl Case {
+impl CheckCase for Case {
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+
     fn shape(&self) -> String {
         let mut s = format!("{}x{}→{} r{}", self.m, self.d_in, self.d_out, self.rank);
         if self.dropout > 0.0 {
@@ -53,26 +57,6 @@ impl Case {
             s += &format!(" {path:?}");
         }
         s
-    }
-}
-
-fn row(
-    kernel: String,
-    dev: &Device,
-    c: &Case,
-    measure: Measure,
-    error: f64,
-    time_us: Option<f64>,
-) -> CheckRow {
-    CheckRow {
-        kernel,
-        backend: dev.backend(),
-        device: dev.describe(),
-        shape: c.shape(),
-        seed: c.seed,
-        measure,
-        error,
-        time_us,
     }
 }
 
@@ -143,12 +127,27 @@ fn reference_layer<'a, T: FloatElem>(s: &'a Setup<T>, c: &Case) -> reference::Lo
     }
 }
 
-fn unit(t: DType) -> f64 {
-    if t == DType::F16 {
-        2f64.powi(-11)
+/// The saved `u` divided by `scale` back to `dropout(x) Aᵀ`, as the reference keeps it.
+fn unscaled_u<T: FloatElem>(s: &Setup<T>, saved: &Saved<T>) -> Result<Vec<f32>> {
+    let scale = s.config.scale();
+    Ok(saved
+        .u
+        .to_host()?
+        .iter()
+        .map(|v| v.to_f32() / scale)
+        .collect())
+}
+
+/// The name a row of the layer's `op` goes by: the path, then the base (`_nf4`), then the
+/// dtype, e.g. `lora_extended_forward_nf4_bf16`.
+fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
+    let path = if s.layer.path() == LoraPath::Extended {
+        "extended_"
     } else {
-        2f64.powi(-8)
-    }
+        ""
+    };
+    let nf4 = if c.nf4 { "_nf4" } else { "" };
+    format!("lora_{path}{op}{nf4}_{}", T::DTYPE)
 }
 
 /// Forward: `y` and the saved `u` (which the kernel keeps scaled by `scale`).
@@ -161,24 +160,9 @@ where
     let expected = reference_layer(&s, &c).forward(&s.x, c.m)?;
     let x = dev.upload(&s.x)?;
     let (y, saved) = s.layer.forward(&x, c.m)?;
-    let scale = s.config.scale();
-    let u: Vec<f32> = saved
-        .u
-        .to_host()?
-        .iter()
-        .map(|v| v.to_f32() / scale)
-        .collect();
+    let u = unscaled_u(&s, &saved)?;
     let t = time_if(dev, c.timed, || s.layer.forward(&x, c.m).map(|_| ()))?;
-    let path = if s.layer.path() == LoraPath::Extended {
-        "extended_"
-    } else {
-        ""
-    };
-    let name = if c.nf4 {
-        format!("lora_{path}forward_nf4_{}", T::DTYPE)
-    } else {
-        format!("lora_{path}forward_{}", T::DTYPE)
-    };
+    let name = layer_kernel(&s, &c, "forward");
     Ok(vec![
         row(
             name,
@@ -210,13 +194,7 @@ where
     let x = dev.upload(&s.x)?;
     let (_, saved) = s.layer.forward(&x, c.m)?;
     // The reference backward takes the u the kernel saved, as the kernel does.
-    let scale = s.config.scale();
-    let u: Vec<f32> = saved
-        .u
-        .to_host()?
-        .iter()
-        .map(|v| v.to_f32() / scale)
-        .collect();
+    let u = unscaled_u(&s, &saved)?;
     let expected = reference_layer(&s, &c).backward(&s.x, &u, &dy_host, c.m)?;
     let dy = dev.upload(&dy_host)?;
     let g = s.layer.backward(&x, &saved, &dy)?;
@@ -227,16 +205,7 @@ where
     let grad_bound = 2.0 * unit(T::DTYPE) + c.m as f64 * 2f64.powi(-23);
     // dX rounds twice: v to T before v·A (the reference keeps v exact), then dX itself.
     let dx_bound = matmul_bound(T::DTYPE, c.d_out + c.rank) + unit(T::DTYPE);
-    let path = if s.layer.path() == LoraPath::Extended {
-        "extended_"
-    } else {
-        ""
-    };
-    let dx_name = if c.nf4 {
-        format!("lora_{path}backward_dx_nf4_{}", T::DTYPE)
-    } else {
-        format!("lora_{path}backward_dx_{}", T::DTYPE)
-    };
+    let dx_name = layer_kernel(&s, &c, "backward_dx");
     let mut rows = vec![
         row(
             dx_name,

@@ -58,6 +58,33 @@ impl std::fmt::Display for CheckRow {
     }
 }
 
+/// What a family's check case tells its rows: the seed to replay it and its shape.
+pub(crate) trait CheckCase {
+    fn seed(&self) -> u64;
+    fn shape(&self) -> String;
+}
+
+/// The row for `kernel` run on `dev` for case `c`.
+pub(crate) fn row(
+    kernel: String,
+    dev: &Device,
+    c: &impl CheckCase,
+    measure: Measure,
+    error: f64,
+    time_us: Option<f64>,
+) -> CheckRow {
+    CheckRow {
+        kernel,
+        backend: dev.backend(),
+        device: dev.describe(),
+        shape: c.shape(),
+        seed: c.seed(),
+        measure,
+        error,
+        time_us,
+    }
+}
+
 /// Whether checks time their kernels (GPU only) and the sizes they use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scale {

@@ -1,7 +1,7 @@
 //! Checks of the NF4 kernels against `reference::nf4` (bitsandbytes' format and numerics)
 //! and `reference::linear` (the matmuls, in f64).
 
-use super::{time_if, CheckRow, Measure, Scale};
+use super::{row, time_if, CheckCase, CheckRow, Measure, Scale};
 use crate::device::Device;
 use crate::dtype::{DType, FloatElem};
 use crate::error::Result;
@@ -26,33 +26,17 @@ pub struct Case {
     pub timed: bool,
 }
 
-impl Case {
+impl CheckCase for Case {
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+
     fn shape(&self) -> String {
         let dq = if self.double_quant { " dq" } else { "" };
         format!(
             "{}x{}→{} bs{}{dq}",
             self.m, self.cols, self.rows, self.blocksize
         )
-    }
-}
-
-fn row(
-    kernel: String,
-    dev: &Device,
-    c: &Case,
-    measure: Measure,
-    error: f64,
-    time_us: Option<f64>,
-) -> CheckRow {
-    CheckRow {
-        kernel,
-        backend: dev.backend(),
-        device: dev.describe(),
-        shape: c.shape(),
-        seed: c.seed,
-        measure,
-        error,
-        time_us,
     }
 }
 
@@ -125,12 +109,17 @@ pub fn dequantize<O: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
 /// output's rounding (unit roundoff of T) plus f32 accumulation (k · 2⁻²³, generous for
 /// the tensor cores' truncating adds).
 pub fn matmul_bound(t: DType, k: usize) -> f64 {
-    let unit = if t == DType::F16 {
+    unit(t) + k as f64 * 2f64.powi(-23)
+}
+
+/// The relative spacing of T around 1 (bf16 2⁻⁸, f16 2⁻¹¹): one rounding's worst case,
+/// twice the unit roundoff, for the bounds of results rounded to T.
+pub fn unit(t: DType) -> f64 {
+    if t == DType::F16 {
         2f64.powi(-11)
     } else {
         2f64.powi(-8)
-    };
-    unit + k as f64 * 2f64.powi(-23)
+    }
 }
 
 /// A forward (`forward`) or backward-dX matmul through `path`, against the f64 reference

@@ -1,6 +1,6 @@
 //! Checks of the sparse-delta kernels against `reference::sparse`.
 
-use super::{time_if, CheckRow, Measure, Scale};
+use super::{row, time_if, CheckCase, CheckRow, Measure, Scale};
 use crate::device::Device;
 use crate::dtype::{DType, FloatElem};
 use crate::error::Result;
@@ -20,23 +20,13 @@ pub struct Case {
     pub timed: bool,
 }
 
-fn row(
-    kernel: String,
-    dev: &Device,
-    c: &Case,
-    measure: Measure,
-    error: f64,
-    time_us: Option<f64>,
-) -> CheckRow {
-    CheckRow {
-        kernel,
-        backend: dev.backend(),
-        device: dev.describe(),
-        shape: format!("numel {} n {} {:?}", c.numel, c.n, c.width),
-        seed: c.seed,
-        measure,
-        error,
-        time_us,
+impl CheckCase for Case {
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    fn shape(&self) -> String {
+        format!("numel {} n {} {:?}", self.numel, self.n, self.width)
     }
 }
 
