@@ -147,6 +147,13 @@ impl Row {
         self
     }
 
+    /// This row against a device-to-device copy moving the same bytes (half read, half
+    /// written), timed now: the baseline of memory-bound kernels.
+    pub fn with_copy_baseline(self, dev: &Device, timer: &mut GpuTimer) -> Result<Row> {
+        let copy = time_copy(dev, timer, (self.bytes / 2.0).max(32.0) as usize)?;
+        Ok(self.with_baseline("d2d copy, same bytes", copy.median_us))
+    }
+
     pub fn tb_per_s(&self) -> f64 {
         self.bytes / self.time_us * 1e-6
     }

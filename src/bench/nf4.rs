@@ -3,7 +3,7 @@
 //! dequantize + cuBLAS) against cuBLAS's bf16 GEMM at several M (which sets the dispatch
 //! threshold), dequantization against a copy, quantization.
 
-use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row, REPS};
+use super::{time_cublas, Ceilings, GpuTimer, Row, REPS};
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
@@ -93,7 +93,6 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let mut out = dev.alloc_poisoned::<bf16>(numel)?;
     let t = timer.time(3, REPS, || q.dequantize(&mut out))?;
     let bytes = (q.bytes() + 2 * numel) as f64;
-    let copy = time_copy(dev, timer, (bytes / 2.0) as usize)?;
     rows.push(
         Row::new(
             "nf4",
@@ -104,7 +103,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             0.0,
             c,
         )
-        .with_baseline("d2d copy, same bytes", copy.median_us),
+        .with_copy_baseline(dev, timer)?,
     );
 
     let t = timer.time(1, REPS, || {

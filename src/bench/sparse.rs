@@ -1,7 +1,7 @@
 //! Sparse-delta benchmarks for the GPU check: 1% of a 4096×11008 weight (DESIGN.md §8) and
 //! a small shape. Bytes count 32-byte sectors for the scattered accesses.
 
-use super::{time_copy, Ceilings, GpuTimer, Row, REPS};
+use super::{Ceilings, GpuTimer, Row, REPS};
 use crate::device::Device;
 use crate::dtype::FloatElem;
 use crate::error::Result;
@@ -33,11 +33,6 @@ fn setup<W: FloatElem>(dev: &Device, rng: &mut StdRng, numel: u64, k: usize) -> 
     })
 }
 
-fn with_copy_baseline(dev: &Device, timer: &mut GpuTimer, row: Row) -> Result<Row> {
-    let copy = time_copy(dev, timer, (row.bytes / 2.0).max(32.0) as usize)?;
-    Ok(row.with_baseline("d2d copy, same bytes", copy.median_us))
-}
-
 fn scatter_rows<W: FloatElem, V: FloatElem>(
     dev: &Device,
     timer: &mut GpuTimer,
@@ -58,9 +53,7 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
     let mut rows = Vec::new();
 
     let t = timer.time(3, REPS, || sparse::scatter_add(&mut s.w, &s.index, &v, 0.5))?;
-    rows.push(with_copy_baseline(
-        dev,
-        timer,
+    rows.push(
         Row::new(
             "sparse",
             &name("scatter_add"),
@@ -69,15 +62,14 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
             bytes,
             0.0,
             c,
-        ),
-    )?);
+        )
+        .with_copy_baseline(dev, timer)?,
+    );
 
     let t = timer.time(3, REPS, || {
         sparse::scatter_add_atomic(&mut s.w, &s.index, &v, 0.5)
     })?;
-    rows.push(with_copy_baseline(
-        dev,
-        timer,
+    rows.push(
         Row::new(
             "sparse",
             &name("scatter_add_atomic"),
@@ -86,8 +78,9 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
             bytes,
             0.0,
             c,
-        ),
-    )?);
+        )
+        .with_copy_baseline(dev, timer)?,
+    );
 
     // The plan path on the same support given in shuffled order: adds targets, starts and
     // order (3 more index arrays) to the bytes.
@@ -98,9 +91,7 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
     let t = timer.time(3, REPS, || {
         sparse::scatter_add_planned(&mut s.w, &plan, &v, 0.5)
     })?;
-    rows.push(with_copy_baseline(
-        dev,
-        timer,
+    rows.push(
         Row::new(
             "sparse",
             &name("segmented_scatter_add"),
@@ -109,8 +100,9 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
             plan_bytes,
             0.0,
             c,
-        ),
-    )?);
+        )
+        .with_copy_baseline(dev, timer)?,
+    );
     Ok(rows)
 }
 
@@ -127,19 +119,16 @@ fn gather_row(
     let mut out = dev.alloc_poisoned::<f32>(k)?;
     let bytes = k as f64 * (4.0 + 4.0) + 32.0 * sectors(&s.idx, 2);
     let t = timer.time(3, REPS, || sparse::gather(&s.w, &s.index, &mut out))?;
-    with_copy_baseline(
-        dev,
-        timer,
-        Row::new(
-            "sparse",
-            "gather_bf16_f32",
-            shape,
-            t.median_us,
-            bytes,
-            0.0,
-            c,
-        ),
+    Row::new(
+        "sparse",
+        "gather_bf16_f32",
+        shape,
+        t.median_us,
+        bytes,
+        0.0,
+        c,
     )
+    .with_copy_baseline(dev, timer)
 }
 
 fn adamw_row<W: FloatElem>(
@@ -163,11 +152,7 @@ fn adamw_row<W: FloatElem>(
     let bytes = k as f64 * (4.0 + 4.0 + 3.0 * 8.0) + 32.0 * sectors(&s.idx, we) * 3.0;
     let t = timer.time(3, REPS, || opt.step(&mut s.w, &grad))?;
     let name = format!("sparse_adamw_{}_{}", W::DTYPE, W::DTYPE);
-    with_copy_baseline(
-        dev,
-        timer,
-        Row::new("sparse", &name, shape, t.median_us, bytes, 0.0, c),
-    )
+    Row::new("sparse", &name, shape, t.median_us, bytes, 0.0, c).with_copy_baseline(dev, timer)
 }
 
 /// All sparse rows at the DESIGN.md shape (1% of 4096×11008).
