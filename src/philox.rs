@@ -61,7 +61,7 @@ pub fn random_words(
         op: "philox_u32",
         why: format!("{blocks} blocks of 4 words overflow usize"),
     })?;
-    let mut out = dev.alloc_poisoned::<u32>(len)?;
+    let mut out = dev.alloc_output::<u32>(len)?;
     let p = PhiloxParams {
         out: out.ptr_mut() as *mut u32,
         blocks: blocks as u64,
@@ -79,7 +79,7 @@ pub fn random_words(
 /// an element is kept, 0 where it is dropped (definition: `cuda/params/philox.h`).
 pub fn dropout_mask(dev: &Device, seed: u64, p: f32, n: usize) -> Result<Buffer<u8>> {
     check_dropout_p(p)?;
-    let mut keep = dev.alloc_poisoned::<u8>(n)?;
+    let mut keep = dev.alloc_output::<u8>(n)?;
     let params = DropoutMaskParams {
         keep: keep.ptr_mut() as *mut u8,
         n: n as u64,

@@ -476,7 +476,7 @@ impl SparseAdamw {
         index.check(w, "w")?;
         check_config(&config)?;
         let dev = w.device();
-        let mut base = dev.alloc_poisoned::<f32>(index.len())?;
+        let mut base = dev.alloc_output::<f32>(index.len())?;
         // Gathering W into f32 needs the (W, f32) kernel, which every float W has.
         gather(w, &index, &mut base)?;
         Ok(SparseAdamw {

@@ -13,7 +13,10 @@ use rand::Rng;
 pub fn backends() -> Vec<Device> {
     let mut devices = Vec::new();
     match Device::cuda(0) {
-        Ok(d) => devices.push(d),
+        Ok(d) => {
+            d.set_poison_outputs(true);
+            devices.push(d);
+        }
         Err(e) => {
             if std::env::var("FK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("FK_REQUIRE_GPU=1 but no GPU backend: {e}");

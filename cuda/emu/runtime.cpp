@@ -93,7 +93,6 @@ struct ReadySet {
 
 // One block in flight on this OS thread. A failing fiber records its message in `error`.
 struct Block {
-  const char* kernel = "";
   const KernelInfo* info = nullptr;
   const void* params = nullptr;
   std::vector<Fiber> fibers;
@@ -297,8 +296,14 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released, bool eager
   const int lanes_here = static_cast<int>(std::min<size_t>(32, b.fibers.size() - warp * 32));
   Fiber* lanes[32] = {};
   for (int l = 0; l < lanes_here; ++l) lanes[l] = &b.fibers[warp * 32 + l];
-  std::ostringstream why;
+  // Shuffles take a per-lane source or delta; ldmatrix and mma encode their shape in arg.
+  const bool tensor = f.op == WarpOp::ldmatrix || f.op == WarpOp::mma;
+  if (tensor && lanes_here < 32) {
+    block_error(b, std::string(op_name(f.op)) + " needs all 32 lanes of a warp");
+    return false;
+  }
   if (!((f.mask >> lane) & 1u)) {
+    std::ostringstream why;
     why << op_name(f.op) << " at " << f.site.file << ":" << f.site.line << ": lane " << lane
         << " calls it with mask 0x" << std::hex << f.mask << ", which leaves itself out";
     block_error(b, why.str());
@@ -307,6 +312,7 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released, bool eager
   for (int l = 0; l < 32; ++l) {
     if (!((f.mask >> l) & 1u)) continue;
     if (l >= lanes_here) {
+      std::ostringstream why;
       why << op_name(f.op) << " at " << f.site.file << ":" << f.site.line << ": mask 0x" << std::hex << f.mask
           << std::dec << " names lane " << l << ", which does not exist (warp " << warp << " has " << lanes_here << " lanes)";
       block_error(b, why.str());
@@ -314,21 +320,15 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released, bool eager
     }
     const Fiber& o = *lanes[l];
     if (o.state == State::ready) return true;  // still running towards it
-    // Shuffles take a per-lane source or delta; ldmatrix and mma encode their shape in arg.
-    const bool tensor_op = f.op == WarpOp::ldmatrix || f.op == WarpOp::mma;
     if (o.state != State::warp_wait || o.op != f.op || o.mask != f.mask || !same_site(o.site, f.site) ||
-        o.width != f.width || (tensor_op && o.arg != f.arg)) {
+        o.width != f.width || (tensor && o.arg != f.arg)) {
       if (eager) return true;
+      std::ostringstream why;
       why << "lane " << lane << " of warp " << warp << " waits at " << op_name(f.op) << " " << f.site.file << ":"
           << f.site.line << " for lane " << l << ", which is " << describe(o) << " (divergent or mismatched collective)";
       block_error(b, why.str());
       return false;
     }
-  }
-  const bool tensor = f.op == WarpOp::ldmatrix || f.op == WarpOp::mma;
-  if (tensor && lanes_here < 32) {
-    block_error(b, std::string(op_name(f.op)) + " needs all 32 lanes of a warp");
-    return false;
   }
   uint64_t ballot = 0;
   int votes = 0, members = 0;
@@ -575,7 +575,6 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
   std::string first_error;
   auto worker = [&]() {
     Block b;
-    b.kernel = name;
     b.info = &info;
     b.params = params;
     b.schedule = opt.schedule;

@@ -3,6 +3,7 @@
 use super::ptx::{self, Target};
 use super::{Kernel, LaunchConfig};
 use crate::dtype::Elem;
+use crate::dtype::POISON_BYTE;
 use crate::error::{Error, NoDevice, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
@@ -69,6 +70,8 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
     functions: Mutex<HashMap<String, Function>>,
     pub(super) blas: std::sync::OnceLock<Result<Option<cudarc::cublas::CudaBlas>>>,
+    /// Whether kernel outputs are poisoned ([`super::Device::set_poison_outputs`]).
+    poison_outputs: std::sync::atomic::AtomicBool,
 }
 
 /// Buffers come from the device's default memory pool (`cuMemAllocAsync`), which by default
@@ -92,6 +95,15 @@ fn keep_freed_memory(device: sys::CUdevice) -> Result<()> {
     }
     .result()
     .map_err(|e| Error::driver("cuMemPoolSetAttribute", e))
+}
+
+/// The bytes of `len` elements of T, or an error if that overflows.
+fn byte_len<T>(len: usize) -> Result<usize> {
+    len.checked_mul(std::mem::size_of::<T>())
+        .ok_or_else(|| Error::InvalidArgument {
+            what: "buffer length",
+            why: format!("{len} elements overflow usize bytes"),
+        })
 }
 
 impl CudaDevice {
@@ -146,6 +158,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: std::sync::OnceLock::new(),
+            poison_outputs: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -211,13 +224,28 @@ impl CudaDevice {
             .map_err(|e| Error::driver("cuMemcpyHtoDAsync", e))
     }
 
+    pub(crate) fn set_poison_outputs(&self, on: bool) {
+        self.poison_outputs
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A buffer for a kernel to overwrite whole: poisoned when asked, otherwise left as the
+    /// pool hands it out (no fill pass over outputs on the hot path).
+    pub(crate) fn alloc_output<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if self
+            .poison_outputs
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return self.alloc_filled(len, POISON_BYTE);
+        }
+        byte_len::<T>(len)?;
+        // SAFETY: T is plain old data, so whatever bytes the memory holds are valid values;
+        // the kernels the caller launches write every element before it is read back.
+        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| Error::driver("cuMemAlloc", e))
+    }
+
     pub(crate) fn alloc_filled<T: Elem>(&self, len: usize, byte: u8) -> Result<CudaSlice<T>> {
-        let bytes =
-            len.checked_mul(std::mem::size_of::<T>())
-                .ok_or_else(|| Error::InvalidArgument {
-                    what: "buffer length",
-                    why: format!("{len} elements overflow usize bytes"),
-                })?;
+        let bytes = byte_len::<T>(len)?;
         // SAFETY: every byte is written by the memset below before anyone can read it.
         let s = unsafe { self.stream.alloc::<T>(len.max(1)) }
             .map_err(|e| Error::driver("cuMemAlloc", e))?;

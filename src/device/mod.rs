@@ -142,6 +142,29 @@ impl Device {
         })
     }
 
+    /// A buffer that the kernels about to run overwrite whole (an output). The emulator
+    /// poisons it as [`Device::alloc_poisoned`] does, so an element left unwritten shows as
+    /// NaN; a GPU does so only after [`Device::set_poison_outputs`] (the tests and `fk check`
+    /// ask for it), and otherwise skips the fill, a pass over the buffer's bytes.
+    pub fn alloc_output<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
+        let storage = match self {
+            Device::Cuda(d) => Storage::Cuda(d.alloc_output(len)?),
+            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, POISON_BYTE)),
+        };
+        Ok(Buffer {
+            storage,
+            len,
+            device: self.clone(),
+        })
+    }
+
+    /// Whether [`Device::alloc_output`] poisons on a GPU (the emulator always does).
+    pub fn set_poison_outputs(&self, on: bool) {
+        if let Device::Cuda(d) = self {
+            d.set_poison_outputs(on);
+        }
+    }
+
     /// A new buffer of `len` zeros.
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {

@@ -271,7 +271,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let splits = self
             .k_splits
             .unwrap_or_else(|| k_split_count(m, k, dev.sm_count()));
-        let mut partials = dev.alloc_poisoned::<f32>(if splits > 1 {
+        let mut partials = dev.alloc_output::<f32>(if splits > 1 {
             splits as usize * m * r
         } else {
             0
@@ -381,8 +381,8 @@ impl<T: FloatElem> LoraLinear<T> {
     {
         self.check_rows("x", x, m, self.d_in)?;
         let dev = self.device().clone();
-        let mut u = dev.alloc_poisoned::<T>(m * self.config.rank)?;
-        let mut y = dev.alloc_poisoned::<T>(m * self.d_out)?;
+        let mut u = dev.alloc_output::<T>(m * self.config.rank)?;
+        let mut y = dev.alloc_output::<T>(m * self.d_out)?;
         let saved_seed = self.config.seed;
         if m == 0 {
             return Ok((
@@ -419,7 +419,7 @@ impl<T: FloatElem> LoraLinear<T> {
                     Base::Nf4(_) => None,
                 });
                 let w_ext = w_ext.expect("the extended weight exists on the extended path");
-                let mut x_ext = dev.alloc_poisoned::<T>(m * ld)?;
+                let mut x_ext = dev.alloc_output::<T>(m * ld)?;
                 p.x_ext = x_ext.ptr_mut();
                 p.x_ld = ld as u64;
                 // x_ext holds m rows of ld.
@@ -468,7 +468,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let ld = self.extended_ld();
         let mut scratch = None;
         if let Base::Nf4(q) = &self.base {
-            let mut w = dev.alloc_poisoned::<T>((self.d_out + self.config.rank) * ld)?;
+            let mut w = dev.alloc_output::<T>((self.d_out + self.config.rank) * ld)?;
             q.dequantize_strided(&mut w, ld)?;
             p.w = w.ptr();
             scratch = Some(w);
@@ -501,7 +501,7 @@ impl<T: FloatElem> LoraLinear<T> {
         if m == 0 {
             // No tokens: zero gradients.
             return Ok(LoraGrads {
-                dx: dev.alloc_poisoned(0)?,
+                dx: dev.alloc_output(0)?,
                 da: dev.zeros(r * self.d_in)?,
                 db: dev.zeros(self.d_out * r)?,
                 dbias: self
@@ -511,18 +511,18 @@ impl<T: FloatElem> LoraLinear<T> {
                     .transpose()?,
             });
         }
-        let mut dx = dev.alloc_poisoned::<T>(m * self.d_in)?;
-        let mut da = dev.alloc_poisoned::<f32>(r * self.d_in)?;
-        let mut db = dev.alloc_poisoned::<f32>(self.d_out * r)?;
+        let mut dx = dev.alloc_output::<T>(m * self.d_in)?;
+        let mut da = dev.alloc_output::<f32>(r * self.d_in)?;
+        let mut db = dev.alloc_output::<f32>(self.d_out * r)?;
         let mut dbias = self
             .bias
             .as_ref()
-            .map(|_| dev.alloc_poisoned::<f32>(self.d_out))
+            .map(|_| dev.alloc_output::<f32>(self.d_out))
             .transpose()?;
-        let mut v = dev.alloc_poisoned::<T>(m * r)?;
+        let mut v = dev.alloc_output::<T>(m * r)?;
         let splits = split_count(m);
         let mut partials =
-            dev.alloc_poisoned::<f32>(splits as usize * (r * self.d_in + self.d_out * (r + 1)))?;
+            dev.alloc_output::<f32>(splits as usize * (r * self.d_in + self.d_out * (r + 1)))?;
         let mut p = self.params(m, saved.seed);
         p.x = x.ptr();
         p.u = saved.u.ptr() as *mut std::ffi::c_void;
@@ -558,7 +558,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 });
                 let w_ext = w_ext.expect("the extended weight exists on the extended path");
                 let dy_ld = (self.d_out + r).div_ceil(8) * 8;
-                let mut dy_ext = dev.alloc_poisoned::<T>(m * dy_ld)?;
+                let mut dy_ext = dev.alloc_output::<T>(m * dy_ld)?;
                 p.dy_ext = dy_ext.ptr_mut();
                 p.dy_ld = dy_ld as u64;
                 // dy_ext holds m rows of dy_ld.
@@ -626,7 +626,7 @@ impl<T: FloatElem> LoraLinear<T> {
             });
         };
         let dev = self.device().clone();
-        let mut out = dev.alloc_poisoned::<T>(self.d_out * self.d_in)?;
+        let mut out = dev.alloc_output::<T>(self.d_out * self.d_in)?;
         let mut p = self.params(0, 0);
         p.merged = out.ptr_mut();
         // SAFETY: out is [out, in]; W (rows w_ld apart), A and B were checked in new().
@@ -651,9 +651,9 @@ impl<T: FloatElem> LoraLinear<T> {
             });
         };
         let dev = self.device().clone();
-        let mut w = dev.alloc_poisoned::<T>(self.d_out * self.d_in)?;
+        let mut w = dev.alloc_output::<T>(self.d_out * self.d_in)?;
         q.dequantize(&mut w)?;
-        let mut merged = dev.alloc_poisoned::<T>(self.d_out * self.d_in)?;
+        let mut merged = dev.alloc_output::<T>(self.d_out * self.d_in)?;
         let mut p = self.params(0, 0);
         p.w = w.ptr();
         p.w_ld = self.d_in as u64;
@@ -673,7 +673,7 @@ impl<T: FloatElem> LoraLinear<T> {
             q.blocksize(),
             q.is_double_quant(),
         )?;
-        let mut back = dev.alloc_poisoned::<T>(self.d_out * self.d_in)?;
+        let mut back = dev.alloc_output::<T>(self.d_out * self.d_in)?;
         requantized.dequantize(&mut back)?;
         let error = crate::testing::rel_l2(&back.to_host()?, &merged.to_host()?);
         Ok((requantized, error))

@@ -145,8 +145,8 @@ impl Nf4Weight {
         Error::check_len("nf4 quantize input", numel, w.len())?;
         let dev = w.device().clone();
         let blocks = numel.div_ceil(blocksize);
-        let mut codes = dev.alloc_poisoned::<u8>(numel.div_ceil(2))?;
-        let mut absmax = dev.alloc_poisoned::<f32>(blocks)?;
+        let mut codes = dev.alloc_output::<u8>(numel.div_ceil(2))?;
+        let mut absmax = dev.alloc_output::<f32>(blocks)?;
         let mut nonfinite = dev.zeros::<u32>(1)?;
         let p = Nf4QuantizeParams {
             input: w.ptr(),
@@ -320,10 +320,10 @@ fn nest(dev: &Device, absmax: &Buffer<f32>) -> Result<DeviceAbsmax> {
     let groups = blocks.div_ceil(params::FK_NF4_NESTED_BLOCKSIZE as usize);
     let map = dev.upload(&dynamic_map())?;
     let mut chunk_sums =
-        dev.alloc_poisoned::<f64>(blocks.div_ceil(params::FK_NF4_MEAN_CHUNK as usize))?;
-    let mut offset = dev.alloc_poisoned::<f32>(1)?;
-    let mut codes = dev.alloc_poisoned::<u8>(blocks)?;
-    let mut nested_absmax = dev.alloc_poisoned::<f32>(groups)?;
+        dev.alloc_output::<f64>(blocks.div_ceil(params::FK_NF4_MEAN_CHUNK as usize))?;
+    let mut offset = dev.alloc_output::<f32>(1)?;
+    let mut codes = dev.alloc_output::<u8>(blocks)?;
+    let mut nested_absmax = dev.alloc_output::<f32>(groups)?;
     let p = Nf4NestedParams {
         absmax: absmax.ptr() as *const f32,
         chunk_sums: chunk_sums.ptr_mut() as *mut f64,
@@ -591,7 +591,7 @@ where
                 op: "nf4 matmul",
                 why: "cuBLAS is not loadable".into(),
             })?;
-            let mut scratch = dev.alloc_poisoned::<T>(w.rows * w.cols)?;
+            let mut scratch = dev.alloc_output::<T>(w.rows * w.cols)?;
             w.dequantize(&mut scratch)?;
             let (a, s) = (
                 a.as_cuda_slice().expect("a CUDA buffer"),
