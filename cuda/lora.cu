@@ -28,10 +28,6 @@ namespace {
 
 using namespace gemm;
 
-FK_DEVICE bool kept(uint64_t seed, uint64_t index, float p) {
-  return (dropout_keep_bits(seed, index / 4, p) >> (index % 4)) & 1u;
-}
-
 // Activations as a GEMM operand: a dense source that can drop elements (x under dropout:
 // those whose flattened index into x, the source's own offset(mn, k), is dropped read as
 // zero; 1/(1-p) is folded into the epilogue) and can copy what it loads, before masking, into
@@ -45,6 +41,7 @@ struct ActivationSource : DenseSource<T, KContig, Extent> {
 
   FK_DEVICE void post_wait(Tile<KContig, Extent>& tile, uint32_t k0) {
     if (!copy && p == 0.0f) return;
+    DropoutMask mask{seed, p};
     this->for_each_loaded([&](int row, int col, int count) {
       for (int j = 0; j < count; ++j) {
         const uint32_t mn = this->mn0 + (KContig ? row : col + j), k = k0 + (KContig ? col + j : row);
@@ -54,7 +51,7 @@ struct ActivationSource : DenseSource<T, KContig, Extent> {
         } else if (KContig && copy && !(count == 8 && copy_ld % 8 == 0 && this->inside(mn, k - j + 7))) {
           copy[mn * copy_ld + k] = from_bits16<T>(tile.data[row][col + j]);
         }
-        if (p > 0.0f && !kept(seed, this->offset(mn, k), p)) tile.data[row][col + j] = 0;
+        if (p > 0.0f && !mask.kept(this->offset(mn, k))) tile.data[row][col + j] = 0;
       }
     });
   }
@@ -209,9 +206,10 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
   run_segment<T>(acc, st, v, a, 0, p.rank);
   if (p.dropout > 0.0f) {
     const float inv_keep = 1.0f / (1.0f - p.dropout);
+    DropoutMask mask{p.seed, p.dropout};
     for_each(acc, [&](int r, int c, float& z) {
       const uint64_t e = uint64_t(m0 + r) * p.d_in + n0 + c;
-      z = (m0 + r < p.m && n0 + c < p.d_in && kept(p.seed, e, p.dropout)) ? z * inv_keep : 0.0f;
+      z = (m0 + r < p.m && n0 + c < p.d_in && mask.kept(e)) ? z * inv_keep : 0.0f;
     });
   }
   DenseSource<T, true, kBM> dy{as<T>(p.dy), p.d_out, m0, p.m, p.d_out};
@@ -318,12 +316,16 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   const T* a = as<T>(p.a);
   const float inv_keep = 1.0f / (1.0f - p.dropout);
   const uint64_t n = uint64_t(p.m) * p.d_in;
-  for (uint64_t e = grid_start(); e < n; e += grid_stride()) {
-    if (!kept(p.seed, e, p.dropout)) continue;
-    const uint64_t row = e / p.d_in, col = e % p.d_in;
-    float s = 0.0f;
-    for (uint32_t j = 0; j < p.rank; ++j) s = fmaf(to_f32(v[row * p.rank + j]), to_f32(a[uint64_t(j) * p.d_in + col]), s);
-    dx[e] = from_f32<T>(to_f32(dx[e]) + s * inv_keep);
+  // A thread per group of four elements: one Philox call gives their keep bits.
+  for (uint64_t g = grid_start(); g < (n + 3) / 4; g += grid_stride()) {
+    const unsigned keep = dropout_keep_bits(p.seed, g, p.dropout);
+    for (uint64_t e = 4 * g; e < 4 * g + 4 && e < n; ++e) {
+      if (!((keep >> (e % 4)) & 1u)) continue;
+      const uint64_t row = e / p.d_in, col = e % p.d_in;
+      float s = 0.0f;
+      for (uint32_t j = 0; j < p.rank; ++j) s = fmaf(to_f32(v[row * p.rank + j]), to_f32(a[uint64_t(j) * p.d_in + col]), s);
+      dx[e] = from_f32<T>(to_f32(dx[e]) + s * inv_keep);
+    }
   }
 }
 

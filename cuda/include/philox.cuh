@@ -49,3 +49,20 @@ FK_DEVICE unsigned dropout_keep_bits(uint64_t seed, uint64_t group, float p) {
          (unsigned)(philox_uniform24(w.z) >= p) << 2 | (unsigned)(philox_uniform24(w.w) >= p) << 3;
 }
 
+// Keep bits looked up element by element, one Philox call per group of four: callers that
+// walk consecutive indices (a row of a tile, a pair of accumulators) pay a quarter.
+struct DropoutMask {
+  uint64_t seed;
+  float p;
+  uint64_t group = ~0ull;
+  unsigned bits = 0;
+
+  FK_DEVICE bool kept(uint64_t index) {
+    if (index / 4 != group) {
+      group = index / 4;
+      bits = dropout_keep_bits(seed, group, p);
+    }
+    return (bits >> (index % 4)) & 1u;
+  }
+};
+

@@ -583,7 +583,8 @@ impl<T: FloatElem> LoraLinear<T> {
                     WeightOp::Plain,
                 )?;
                 if self.config.dropout > 0.0 {
-                    let n = (m * self.d_in) as u64;
+                    // A thread per group of four elements (one Philox call each).
+                    let n = (m * self.d_in).div_ceil(4) as u64;
                     // SAFETY: dx, v and A are sized as the kernel reads them.
                     unsafe {
                         dev.launch(
