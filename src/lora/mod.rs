@@ -271,12 +271,11 @@ impl<T: FloatElem> LoraLinear<T> {
         let splits = self
             .k_splits
             .unwrap_or_else(|| k_split_count(m, k, dev.sm_count()));
-        let mut partials = dev.alloc_output::<f32>(if splits > 1 {
-            splits as usize * m * r
-        } else {
-            0
-        })?;
-        p.rank_partials = partials.ptr_mut() as *mut f32;
+        let mut partials = None;
+        if splits > 1 {
+            let buf = partials.insert(dev.alloc_output::<f32>(splits as usize * m * r)?);
+            p.rank_partials = buf.ptr_mut() as *mut f32;
+        }
         p.k_splits = splits;
         let t = T::DTYPE;
         // SAFETY: the caller sized every buffer in p for m rows; the partials hold
@@ -414,11 +413,7 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraPath::Extended => {
                 let ld = self.extended_ld();
                 let scratch = self.extended_weight(&mut p)?;
-                let w_ext = scratch.as_ref().or(match &self.base {
-                    Base::Dense { w, .. } => Some(w),
-                    Base::Nf4(_) => None,
-                });
-                let w_ext = w_ext.expect("the extended weight exists on the extended path");
+                let w_ext = self.extended(&scratch);
                 let mut x_ext = dev.alloc_output::<T>(m * ld)?;
                 p.x_ext = x_ext.ptr_mut();
                 p.x_ld = ld as u64;
@@ -459,6 +454,16 @@ impl<T: FloatElem> LoraLinear<T> {
             op: "lora",
             why: "cuBLAS is not loadable".into(),
         })
+    }
+
+    /// The extended weight: the layer's own (dense base) or the scratch one
+    /// [`Self::extended_weight`] dequantized (NF4 base).
+    fn extended<'a>(&'a self, scratch: &'a Option<Buffer<T>>) -> &'a Buffer<T> {
+        match (&self.base, scratch) {
+            (_, Some(w)) => w,
+            (Base::Dense { w, .. }, None) => w,
+            (Base::Nf4(_), None) => unreachable!("an NF4 base's extended weight is a scratch one"),
+        }
     }
 
     /// Refreshes B, bias and A in the extended weight (for an NF4 base: dequantizes W into a
@@ -552,29 +557,30 @@ impl<T: FloatElem> LoraLinear<T> {
             }
             LoraPath::Extended => {
                 let scratch = self.extended_weight(&mut p)?;
-                let w_ext = scratch.as_ref().or(match &self.base {
-                    Base::Dense { w, .. } => Some(w),
-                    Base::Nf4(_) => None,
-                });
-                let w_ext = w_ext.expect("the extended weight exists on the extended path");
-                let dy_ld = (self.d_out + r).div_ceil(8) * 8;
-                let mut dy_ext = dev.alloc_output::<T>(m * dy_ld)?;
-                p.dy_ext = dy_ext.ptr_mut();
-                p.dy_ld = dy_ld as u64;
-                // dy_ext holds m rows of dy_ld.
-                self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, dy_ld - self.d_out)?;
-                // Without dropout, dX = [dY | v] · [W ; A] in one GEMM; with it, dY W here and
-                // the masked v A in one more pass.
-                let k = if self.config.dropout > 0.0 {
-                    self.d_out
+                let w_ext = self.extended(&scratch);
+                // Without dropout, dX = [dY | v] · [W ; A] in one GEMM over dy_ext; with it,
+                // dY W straight from dY, and the masked v A in one more pass.
+                let dy_ext = if self.config.dropout > 0.0 {
+                    self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
+                    None
                 } else {
-                    self.d_out + r
+                    let dy_ld = (self.d_out + r).div_ceil(8) * 8;
+                    let mut dy_ext = dev.alloc_output::<T>(m * dy_ld)?;
+                    p.dy_ext = dy_ext.ptr_mut();
+                    p.dy_ld = dy_ld as u64;
+                    // dy_ext holds m rows of dy_ld.
+                    self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, dy_ld - self.d_out)?;
+                    Some((dy_ext, dy_ld))
+                };
+                let (a, lda, k) = match &dy_ext {
+                    Some((e, ld)) => (e, *ld, self.d_out + r),
+                    None => (dy, self.d_out, self.d_out),
                 };
                 let blas = self.blas()?;
                 blas::matmul(
                     blas,
-                    cuda_slice(&dy_ext),
-                    dy_ld,
+                    cuda_slice(a),
+                    lda,
                     cuda_slice(w_ext),
                     self.extended_ld(),
                     dx.as_cuda_slice_mut().expect("a CUDA buffer"),
