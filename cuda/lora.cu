@@ -41,19 +41,29 @@ struct ActivationSource : DenseSource<T, KContig, Extent> {
 
   FK_DEVICE void post_wait(Tile<KContig, Extent>& tile, uint32_t k0) {
     if (!copy && p == 0.0f) return;
-    DropoutMask mask{seed, p};
     this->for_each_loaded([&](int row, int col, int count) {
+      if (KContig && copy) copy_run(tile, row, col, count, k0);
+      if (p == 0.0f) return;
+      // A run is consecutive elements of x along either layout's contiguous index.
+      const uint32_t mn = this->mn0 + (KContig ? row : col), k = k0 + (KContig ? col : row);
+      const uint32_t keep = dropout_keep_run(seed, this->offset(mn, k), count, p);
       for (int j = 0; j < count; ++j) {
-        const uint32_t mn = this->mn0 + (KContig ? row : col + j), k = k0 + (KContig ? col + j : row);
-        if (!this->inside(mn, k)) continue;
-        if (KContig && copy && count == 8 && j == 0 && copy_ld % 8 == 0 && this->inside(mn, k + 7)) {
-          *reinterpret_cast<uint4*>(copy + mn * copy_ld + k) = *reinterpret_cast<const uint4*>(&tile.data[row][col]);
-        } else if (KContig && copy && !(count == 8 && copy_ld % 8 == 0 && this->inside(mn, k - j + 7))) {
-          copy[mn * copy_ld + k] = from_bits16<T>(tile.data[row][col + j]);
-        }
-        if (p > 0.0f && !mask.kept(this->offset(mn, k))) tile.data[row][col + j] = 0;
+        if (!((keep >> j) & 1u)) tile.data[row][col + j] = 0;
       }
     });
+  }
+
+  // Copies a loaded run of a row, unmasked, into the wider matrix: one 16-byte store when the
+  // run is a whole aligned 8, element by element otherwise.
+  FK_DEVICE void copy_run(const Tile<KContig, Extent>& tile, int row, int col, int count, uint32_t k0) {
+    const uint32_t mn = this->mn0 + row, k = k0 + col;
+    if (count == 8 && copy_ld % 8 == 0 && this->inside(mn, k + 7)) {
+      *reinterpret_cast<uint4*>(copy + mn * copy_ld + k) = *reinterpret_cast<const uint4*>(&tile.data[row][col]);
+      return;
+    }
+    for (int j = 0; j < count; ++j) {
+      if (this->inside(mn, k + j)) copy[mn * copy_ld + k + j] = from_bits16<T>(tile.data[row][col + j]);
+    }
   }
 };
 
@@ -331,8 +341,10 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
 
 }  // namespace
 
+// lora_down names its register budget (cuda/budgets.txt): under launch bounds alone ptxas
+// fits it into 128 registers with a spill.
 #define FK_LORA_ENTRIES(T, t)                                                                    \
-  FK_KERNEL_BOUNDS(lora_down_##t, LoraParams, kThreads) { down<T>(p); }                          \
+  FK_KERNEL_REGS(lora_down_##t, LoraParams, kThreads, 176) { down<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
   FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \

@@ -109,6 +109,7 @@ inline T shfl(Site site, WarpOp op, unsigned mask, T var, int arg, int width = w
   static ::fk_emu::Registrar name##_fk_registrar(#name, &name##_fk_entry, sizeof(Params), threads); \
   static void name##_fk_body(const Params p)
 #define FK_KERNEL(name, Params) FK_KERNEL_BOUNDS(name, Params, 1024)
+#define FK_KERNEL_REGS(name, Params, threads, regs) FK_KERNEL_BOUNDS(name, Params, threads)
 
 // ---- synchronization --------------------------------------------------------------------
 #define __syncthreads() ((void)::fk_emu::block_barrier(FK_EMU_SITE, ::fk_emu::BarrierKind::plain, 0))

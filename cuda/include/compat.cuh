@@ -13,6 +13,10 @@
 #define FK_KERNEL(name, Params) extern "C" __global__ void name(const Params p)
 #define FK_KERNEL_BOUNDS(name, Params, threads) \
   extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+// A kernel with an explicit register budget instead (CUDA allows __maxnreg__ or
+// __launch_bounds__, not both): under __launch_bounds__(256) ptxas may squeeze a tile GEMM
+// into 128 registers for a second block per SM, spilling to get there.
+#define FK_KERNEL_REGS(name, Params, threads, regs) extern "C" __global__ void __maxnreg__(regs) name(const Params p)
 // Dynamic shared memory, one helper on both sides (the emulator poisons it per block).
 template <typename T>
 __device__ __forceinline__ T* dyn_smem() {

@@ -49,6 +49,16 @@ FK_DEVICE unsigned dropout_keep_bits(uint64_t seed, uint64_t group, float p) {
          (unsigned)(philox_uniform24(w.z) >= p) << 2 | (unsigned)(philox_uniform24(w.w) >= p) << 3;
 }
 
+// Keep bits of `count` (1 to 8) consecutive elements from `first` on, bit j for element
+// first + j: one Philox call per group of four the run touches (two for an aligned 8).
+FK_DEVICE uint32_t dropout_keep_run(uint64_t seed, uint64_t first, int count, float p) {
+  const uint64_t group = first / 4, groups = (first % 4 + count + 3) / 4;
+  uint32_t bits = dropout_keep_bits(seed, group, p);
+  if (groups > 1) bits |= dropout_keep_bits(seed, group + 1, p) << 4;
+  if (groups > 2) bits |= dropout_keep_bits(seed, group + 2, p) << 8;
+  return bits >> (first % 4);
+}
+
 // Keep bits looked up element by element, one Philox call per group of four: callers that
 // walk consecutive indices (a row of a tile, a pair of accumulators) pay a quarter.
 struct DropoutMask {
