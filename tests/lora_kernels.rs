@@ -5,7 +5,8 @@
 use finetune_kernels::check::lora::{self as check, Case};
 use finetune_kernels::check::CheckRow;
 use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
-use finetune_kernels::testing::{backends, random_vec};
+use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
+use finetune_kernels::testing::{backends, random_vec, rel_l2};
 use finetune_kernels::Device;
 use finetune_kernels::{bf16, f16, Error};
 use proptest::prelude::*;
@@ -15,9 +16,7 @@ use rand::{rngs::StdRng, SeedableRng};
 /// GPU with cuBLAS.
 fn paths(dev: &Device) -> Vec<LoraPath> {
     let mut p = vec![LoraPath::Fused];
-    if finetune_kernels::nf4::choose_path(dev, usize::MAX, false)
-        == finetune_kernels::nf4::MatmulPath::DequantizeCublas
-    {
+    if dev.has_cublas() {
         p.push(LoraPath::Extended);
     }
     p
@@ -113,15 +112,20 @@ fn merge_matches_the_reference() {
     }
 }
 
+/// The NF4 merge against the reference chain: dequantize, `W + scale · B A` in f64,
+/// quantize again. The merged weights agree but where the kernel's f32 merge and the f64
+/// one round to different neighbours, which can move an element across a code boundary:
+/// a handful of codes at most.
 #[test]
-fn merge_into_nf4_reports_its_requantization_error() {
+fn merge_into_nf4_matches_the_reference_requantization() {
     for dev in backends() {
         let mut rng = StdRng::seed_from_u64(rand::random());
-        let (d_out, d_in, rank) = (64, 128, 4);
+        let (d_out, d_in, rank, blocksize) = (64, 130, 4, 64);
         let w = dev
             .upload(&random_vec::<bf16>(&mut rng, d_out * d_in, 0.05))
             .unwrap();
-        let q = finetune_kernels::nf4::Nf4Weight::quantize(&w, d_out, d_in, 64, true).unwrap();
+        let q =
+            finetune_kernels::nf4::Nf4Weight::quantize(&w, d_out, d_in, blocksize, true).unwrap();
         let config = LoraConfig {
             rank,
             alpha: 8.0,
@@ -129,17 +133,53 @@ fn merge_into_nf4_reports_its_requantization_error() {
             dropout: 0.0,
             seed: 1,
         };
-        let a = dev
-            .upload(&random_vec::<bf16>(&mut rng, rank * d_in, 0.1))
-            .unwrap();
-        let b = dev
-            .upload(&random_vec::<bf16>(&mut rng, d_out * rank, 0.1))
-            .unwrap();
-        let layer = LoraLinear::new(LoraBase::Nf4(Box::new(q)), None, a, b, config).unwrap();
+        let a_host = random_vec::<bf16>(&mut rng, rank * d_in, 0.1);
+        let b_host = random_vec::<bf16>(&mut rng, d_out * rank, 0.1);
+        let w_host: Vec<bf16> = q.to_host().unwrap().dequantize();
+        let expected_merged = reference::LoraLayer {
+            w: &w_host,
+            bias: None,
+            a: &a_host,
+            b: &b_host,
+            d_in,
+            d_out,
+            config,
+        }
+        .merged()
+        .unwrap();
+        let expected =
+            nf4_reference::quantize(&expected_merged, &[d_out, d_in], blocksize, true).unwrap();
+        let expected_back: Vec<f32> = expected.dequantize();
+
+        let layer = LoraLinear::new(
+            LoraBase::Nf4(Box::new(q)),
+            None,
+            dev.upload(&a_host).unwrap(),
+            dev.upload(&b_host).unwrap(),
+            config,
+        )
+        .unwrap();
         let (merged, error) = layer.merged_nf4().unwrap();
-        // NF4 keeps about 2-3 significant bits per element: a few percent relative error.
-        assert!(error > 0.0 && error < 0.15, "requantization error {error}");
+        let got = merged.to_host().unwrap();
         assert_eq!((merged.rows(), merged.cols()), (d_out, d_in));
+        let codes_off = (0..d_out * d_in)
+            .filter(|&i| got.code(i) != expected.code(i))
+            .count();
+        assert!(
+            codes_off <= 8,
+            "{codes_off} of {} codes differ",
+            d_out * d_in
+        );
+        assert!(
+            rel_l2(&got.dequantize::<f32>(), &expected_back) < 0.01,
+            "merged NF4 weight differs from the reference's"
+        );
+        // The reported error is the requantization's own: NF4 keeps 2-3 significant bits.
+        let want = rel_l2(&expected_back, &expected_merged);
+        assert!(
+            (error - want).abs() <= 0.05 * want && want > 0.01,
+            "requantization error {error}, reference {want}"
+        );
     }
 }
 

@@ -133,7 +133,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             )?);
         }
     }
-    let cublas_present = nf4::choose_path(dev, usize::MAX, true) == MatmulPath::DequantizeCublas;
+    let cublas_present = dev.has_cublas();
     // 4 and 16 rows: where the forward leaves the GEMV (nf4::GEMV_ROWS_WITH_CUBLAS).
     for m in [4, 16, 64, 8192] {
         for forward in [true, false] {

@@ -114,6 +114,12 @@ impl Device {
         matches!(self, Device::Cuda(_))
     }
 
+    /// Whether cuBLAS serves this device: a GPU whose libcublas loads. The paths that hand
+    /// GEMMs to cuBLAS (NF4 dequantize + cuBLAS, LoRA's extended layer) need it.
+    pub fn has_cublas(&self) -> bool {
+        matches!(self, Device::Cuda(d) if matches!(blas::handle(d), Ok(Some(_))))
+    }
+
     /// Copies host data into a new buffer.
     pub fn upload<T: Elem>(&self, host: &[T]) -> Result<Buffer<T>> {
         let storage = match self {

@@ -181,9 +181,7 @@ impl<T: FloatElem> LoraLinear<T> {
             shape("bias [out]", vec![d_out], bias.len())?;
             check_device(&dev, bias)?;
         }
-        let path = if crate::nf4::choose_path(&dev, usize::MAX, false)
-            == crate::nf4::MatmulPath::DequantizeCublas
-        {
+        let path = if dev.has_cublas() {
             LoraPath::Extended
         } else {
             LoraPath::Fused
@@ -212,10 +210,7 @@ impl<T: FloatElem> LoraLinear<T> {
         if path == self.path {
             return Ok(self);
         }
-        if path == LoraPath::Extended
-            && crate::nf4::choose_path(self.device(), usize::MAX, false)
-                != crate::nf4::MatmulPath::DequantizeCublas
-        {
+        if path == LoraPath::Extended && !self.device().has_cublas() {
             return Err(Error::Unsupported {
                 op: "lora",
                 why: "the extended path needs a GPU with cuBLAS".into(),

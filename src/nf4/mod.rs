@@ -387,7 +387,7 @@ pub const GEMV_ROWS_WITH_CUBLAS: usize = 4;
 /// Without (the emulator, or cuBLAS not loadable): the GEMV for a forward of up to
 /// [`GEMV_MAX_ROWS`] rows, the fused GEMM for the rest.
 pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
-    let has_cublas = matches!(dev, Device::Cuda(d) if matches!(blas::handle(d), Ok(Some(_))));
+    let has_cublas = dev.has_cublas();
     let gemv_rows = if has_cublas {
         GEMV_ROWS_WITH_CUBLAS
     } else {

@@ -21,7 +21,9 @@
 //! so a NaN there does not reach `u`; it still reaches `y` through `x Wᵀ`).
 //!
 //! Every sum is taken in f64 from the operands' values, then rounded to f32 (and from there
-//! to the output type, as a kernel's f32 accumulator is).
+//! to the output type, as a kernel's f32 accumulator is). Backward's `v = scale · dY B` is
+//! rounded to `T` before its two uses (dX and dA), as the kernels store it and as PyTorch's
+//! autograd holds it for PEFT.
 
 use crate::dtype::FloatElem;
 use crate::error::{Error, Result};
@@ -107,9 +109,9 @@ pub struct Forward<T> {
 /// their rounding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grads<T> {
-    /// `[m, in]`: `dY W + scale · (dY B) A ⊙ keep / (1 − p)`
+    /// `[m, in]`: `dY W + v A ⊙ keep / (1 − p)`, `v = scale · dY B` rounded to `T`
     pub dx: Vec<T>,
-    /// `[r, in]`: `scale · (dY B)ᵀ dropout(x)`
+    /// `[r, in]`: `vᵀ dropout(x)`
     pub da: Vec<f32>,
     /// `[out, r]`: `scale · dYᵀ u`
     pub db: Vec<f32>,
@@ -176,6 +178,12 @@ impl Mat {
             .iter_mut()
             .zip(&other.data)
             .for_each(|(x, y)| *x += s * y);
+        self
+    }
+
+    /// `s · self`.
+    fn scaled(mut self, s: f64) -> Mat {
+        self.data.iter_mut().for_each(|x| *x *= s);
         self
     }
 
@@ -276,12 +284,14 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
         check_shape("dy [m, out]", &[m, o], dy.len())?;
         let (x, u, dy) = (Mat::new(x, m, i), Mat::new(u, m, r), Mat::new(dy, m, o));
         let a = Mat::new(self.a, r, i);
-        let v = dy.mul(&Mat::new(self.b, o, r));
-        let dx = dy.mul(&Mat::new(self.w, o, i)).add_scaled(
-            self.scale(),
-            &v.mul(&a).mul_elementwise(&self.dropout_factor(m)),
-        );
-        let scaled = |g: Mat| g.data.iter().map(|&v| (self.scale() * v) as f32).collect();
+        // v = scale · dY B, held in T between its two uses (as PEFT's autograd holds it).
+        let v = dy.mul(&Mat::new(self.b, o, r)).scaled(self.scale());
+        let v = Mat::new(&v.rounded::<T>(), m, r);
+        let dx = dy
+            .mul(&Mat::new(self.w, o, i))
+            .add_scaled(1.0, &v.mul(&a).mul_elementwise(&self.dropout_factor(m)));
+        let f32s = |g: Mat| g.data.iter().map(|&v| v as f32).collect();
+        let scaled = |g: Mat| f32s(g.scaled(self.scale()));
         let dbias = self.bias.map(|_| {
             (0..o)
                 .map(|j| (0..m).map(|row| dy.data[row * o + j]).sum::<f64>() as f32)
@@ -289,7 +299,7 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
         });
         Ok(Grads {
             dx: dx.rounded(),
-            da: scaled(v.t().mul(&self.dropped(&x))),
+            da: f32s(v.t().mul(&self.dropped(&x))),
             db: scaled(dy.t().mul(&u)),
             dbias,
         })
