@@ -70,6 +70,8 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
             (256, 256, 130),
             (130, 64, 129),
             (64, 96, 17),
+            (64, 96, 16),
+            (128, 96, 9),
             (300, 1024, 3),
         ] {
             let c = Case {
@@ -114,17 +116,19 @@ fn dispatch_runs_every_path_it_can_choose() {
             MatmulPath::Gemv,
             "the GEMV is forward-only"
         );
-        for path in [
-            nf4::choose_path(&dev, 100_000, true),
-            nf4::choose_path(&dev, 100_000, false),
-        ] {
-            assert_pass(check::matmul::<bf16>(&dev, Case { m: 40, ..c }, path, true));
-            assert_pass(check::matmul::<bf16>(
-                &dev,
-                Case { m: 40, ..c },
-                path,
-                false,
-            ));
+        // Every (path, direction) the dispatch picks for some m, each run once at that m.
+        let mut chosen = Vec::new();
+        for m in [1, 4, 5, 16, 17, 40, 100_000] {
+            for forward in [true, false] {
+                let path = nf4::choose_path(&dev, m, forward);
+                if !chosen.iter().any(|&(p, f, _)| (p, f) == (path, forward)) {
+                    chosen.push((path, forward, m.min(40)));
+                }
+            }
+        }
+        assert!(chosen.len() >= 3, "{chosen:?}");
+        for (path, forward, m) in chosen {
+            assert_pass(check::matmul::<bf16>(&dev, Case { m, ..c }, path, forward));
         }
     }
 }
@@ -165,9 +169,23 @@ fn bad_input_is_a_typed_error() {
             nf4::forward(&q, &x, 4, &mut y),
             Err(Error::ShapeMismatch { .. })
         ));
+        // Shapes that fit a backward ([3, out] in, [3, in] out) on the forward-only GEMV,
+        // and a forward of more rows than it takes.
+        let dy = dev
+            .upload(&random_vec::<bf16>(&mut rng, 3 * 6, 1.0))
+            .unwrap();
+        let mut dx = dev.alloc_poisoned::<bf16>(3 * 10).unwrap();
         assert!(matches!(
-            nf4::backward_dx_with(&q, &x, 3, &mut y, MatmulPath::Gemv),
-            Err(Error::ShapeMismatch { .. } | Error::Unsupported { .. })
+            nf4::backward_dx_with(&q, &dy, 3, &mut dx, MatmulPath::Gemv),
+            Err(Error::Unsupported { .. })
+        ));
+        let x17 = dev
+            .upload(&random_vec::<bf16>(&mut rng, 17 * 10, 1.0))
+            .unwrap();
+        let mut y17 = dev.alloc_poisoned::<bf16>(17 * 6).unwrap();
+        assert!(matches!(
+            nf4::forward_with(&q, &x17, 17, &mut y17, MatmulPath::Gemv),
+            Err(Error::Unsupported { .. })
         ));
         let x32 = dev
             .upload(&random_vec::<f32>(&mut rng, 3 * 10, 1.0))
@@ -190,6 +208,38 @@ fn bad_input_is_a_typed_error() {
             Nf4Weight::upload(&dev, &host),
             Err(Error::ShapeMismatch { .. })
         ));
+        let mut host = reference::quantize(&w, &[6, 10], 64, true).unwrap();
+        host.dtype = finetune_kernels::DType::U8;
+        assert!(matches!(
+            Nf4Weight::upload(&dev, &host),
+            Err(Error::Unsupported { .. })
+        ));
+        host.dtype = finetune_kernels::DType::BF16;
+        if let reference::Absmax::Nested(n) = &mut host.absmax {
+            n.offset = f32::NAN;
+        }
+        assert!(matches!(
+            Nf4Weight::upload(&dev, &host),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+}
+
+/// Past FK_NF4_MEAN_CHUNK blocks the double-quantization offset is a sum of chunk sums:
+/// the kernel and the reference must still agree bit for bit (2123 blocks, three chunks).
+#[test]
+fn double_quant_offset_over_many_chunks() {
+    for dev in backends() {
+        let c = Case {
+            seed: rand::random(),
+            rows: 97,
+            cols: 700,
+            m: 1,
+            blocksize: 32,
+            double_quant: true,
+            timed: false,
+        };
+        assert_pass(check::quantize::<bf16>(&dev, c));
     }
 }
 

@@ -328,9 +328,10 @@ fn matches_bitsandbytes_vectors() {
             dir.display(),
             report.cases
         );
-        // The offset is torch's f32 mean, ours an f64 sum: they agree within f32 rounding.
+        // The offset is torch's f32 mean, ours an f64 sum rounded once: torch's pairwise f32
+        // sum of at most a few thousand absmaxes stays within an ulp or two of it (1 seen).
         assert!(
-            report.offset_max_ulps <= 64,
+            report.offset_max_ulps <= 2,
             "offset {} ulps from bitsandbytes'",
             report.offset_max_ulps
         );
@@ -538,13 +539,6 @@ fn check_properties<T: FloatElem>(seed: u64, numel: usize, blocksize: usize, dou
             }
         );
     }
-    // The dtype rounding happens once, after the f32 multiply.
-    let deq_t: Vec<T> = plain.dequantize();
-    assert!(deq_t
-        .iter()
-        .zip(&deq)
-        .all(|(a, &b)| a.to_f32() == T::from_f32(b).to_f32()));
-
     if double_quant {
         let Absmax::Nested(n) = &q.absmax else {
             panic!("nested")
@@ -553,9 +547,13 @@ fn check_properties<T: FloatElem>(seed: u64, numel: usize, blocksize: usize, dou
             q.codes, plain.codes,
             "double quantization leaves the 4-bit codes alone"
         );
-        assert_eq!(n.offset, absmax_mean(absmax));
-        let again = quantize_with_offset(&w, &shape, blocksize, n.offset).unwrap();
-        assert_eq!(again, q);
+        // The offset is the mean of the absmaxes: within an ulp of a plain f64 mean.
+        let mean = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+        assert!(
+            n.offset.to_bits().abs_diff(mean.to_bits()) <= 1,
+            "offset {} for a mean of {mean}",
+            n.offset
+        );
         let approx = q.absmax_f32();
         for (b, (&a, &r)) in approx.iter().zip(absmax).enumerate() {
             let bound =

@@ -19,7 +19,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::reference::nf4::{self, Absmax, NestedAbsmax, Nf4Quantized, BLOCKSIZES, NF4_CODE};
+use crate::reference::nf4::{self, check_blocksize, Absmax, NestedAbsmax, Nf4Quantized, NF4_CODE};
 use crate::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors, View};
@@ -318,11 +318,7 @@ impl QuantState {
             return Err(format!("quant_type {quant_type:?}: only nf4 is supported"));
         }
         let blocksize = size("blocksize")?;
-        if !BLOCKSIZES.contains(&blocksize) {
-            return Err(format!(
-                "blocksize {blocksize}: bitsandbytes allows {BLOCKSIZES:?}"
-            ));
-        }
+        check_blocksize("quant_state", blocksize).map_err(|e| e.to_string())?;
         let dtype = match text("dtype")? {
             "bfloat16" => DType::BF16,
             "float16" => DType::F16,
@@ -532,16 +528,7 @@ pub fn quantize_file(
     output: &Path,
     opts: &QuantizeOptions,
 ) -> Result<QuantizeSummary> {
-    if !BLOCKSIZES.contains(&opts.blocksize) {
-        let why = format!(
-            "blocksize {}: bitsandbytes allows {BLOCKSIZES:?}",
-            opts.blocksize
-        );
-        return Err(Error::Unsupported {
-            op: "fk quantize",
-            why,
-        });
-    }
+    check_blocksize("fk quantize", opts.blocksize)?;
     let file = input.display().to_string();
     let bytes = read_file(input)?;
     let (st, metadata) = deserialize(&bytes, &file)?;

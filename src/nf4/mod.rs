@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::params::{
     self, Nf4DequantizeParams, Nf4MatmulParams, Nf4NestedParams, Nf4QuantizeParams,
 };
-use crate::reference::nf4::{dynamic_map, Absmax, NestedAbsmax, Nf4Quantized, BLOCKSIZES};
+use crate::reference::nf4::{check_blocksize, dynamic_map, Absmax, NestedAbsmax, Nf4Quantized};
 
 const MODULE: &str = "nf4";
 const THREADS: u32 = 256;
@@ -53,17 +53,6 @@ pub struct Nf4Weight {
     dtype: DType,
 }
 
-fn check_blocksize(blocksize: usize) -> Result<()> {
-    if BLOCKSIZES.contains(&blocksize) {
-        Ok(())
-    } else {
-        Err(Error::Unsupported {
-            op: "nf4",
-            why: format!("blocksize {blocksize}: bitsandbytes allows {BLOCKSIZES:?}"),
-        })
-    }
-}
-
 fn check_shape(rows: usize, cols: usize) -> Result<usize> {
     let numel = rows
         .checked_mul(cols)
@@ -83,7 +72,8 @@ fn kernel(name: String) -> Kernel {
 
 impl Nf4Weight {
     /// Uploads a weight quantized on the host (by [`crate::reference::nf4::quantize`] or
-    /// read from a bitsandbytes checkpoint). It must be 2-D.
+    /// read from a bitsandbytes checkpoint). It must be 2-D and pass
+    /// [`Nf4Quantized::validate`].
     pub fn upload(dev: &Device, q: &Nf4Quantized) -> Result<Self> {
         let [rows, cols] = q.shape[..] else {
             return Err(Error::Unsupported {
@@ -91,19 +81,11 @@ impl Nf4Weight {
                 why: format!("a linear weight is 2-D, got shape {:?}", q.shape),
             });
         };
-        let numel = check_shape(rows, cols)?;
-        check_blocksize(q.blocksize)?;
-        Error::check_len("nf4 codes", numel.div_ceil(2), q.codes.len())?;
-        let blocks = numel.div_ceil(q.blocksize);
+        check_shape(rows, cols)?;
+        q.validate()?;
         let absmax = match &q.absmax {
-            Absmax::Plain(a) => {
-                Error::check_len("nf4 absmax", blocks, a.len())?;
-                DeviceAbsmax::Plain(dev.upload(a)?)
-            }
+            Absmax::Plain(a) => DeviceAbsmax::Plain(dev.upload(a)?),
             Absmax::Nested(n) => {
-                Error::check_len("nf4 nested codes", blocks, n.codes.len())?;
-                let groups = blocks.div_ceil(params::FK_NF4_NESTED_BLOCKSIZE as usize);
-                Error::check_len("nf4 nested absmax", groups, n.absmax.len())?;
                 if n.blocksize != params::FK_NF4_NESTED_BLOCKSIZE as usize {
                     return Err(Error::Unsupported {
                         op: "nf4",
@@ -141,7 +123,7 @@ impl Nf4Weight {
         double_quant: bool,
     ) -> Result<Self> {
         let numel = check_shape(rows, cols)?;
-        check_blocksize(blocksize)?;
+        check_blocksize("nf4 quantize", blocksize)?;
         Error::check_len("nf4 quantize input", numel, w.len())?;
         let dev = w.device().clone();
         let blocks = numel.div_ceil(blocksize);

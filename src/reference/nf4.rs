@@ -252,14 +252,21 @@ pub struct Nf4Quantized {
     pub absmax: Absmax,
 }
 
+/// Errors unless bitsandbytes accepts `blocksize` (one of [`BLOCKSIZES`]); `op` names
+/// what was asked for.
+pub fn check_blocksize(op: &'static str, blocksize: usize) -> Result<()> {
+    if BLOCKSIZES.contains(&blocksize) {
+        return Ok(());
+    }
+    Err(Error::Unsupported {
+        op,
+        why: format!("blocksize {blocksize}: bitsandbytes allows {BLOCKSIZES:?}"),
+    })
+}
+
 /// Checks what bitsandbytes would accept, and refuses the NaN/Inf it would silently mangle.
 fn check_weight<T: FloatElem>(w: &[T], shape: &[usize], blocksize: usize) -> Result<()> {
-    if !BLOCKSIZES.contains(&blocksize) {
-        return Err(Error::Unsupported {
-            op: "nf4 quantize",
-            why: format!("blocksize {blocksize}: bitsandbytes allows {BLOCKSIZES:?}"),
-        });
-    }
+    check_blocksize("nf4 quantize", blocksize)?;
     let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     if numel != Some(w.len()) {
         return Err(Error::ShapeMismatch {
@@ -306,11 +313,16 @@ fn scale_blocks(
     (codes, absmax)
 }
 
-/// The mean of the absmaxes, summed in f64 and rounded once to f32. bitsandbytes uses
-/// torch's f32 `mean()`, whose summation order is torch's own, so its offset can be an ulp
-/// or so away; [`quantize_with_offset`] takes bitsandbytes' value where that matters.
+/// The mean of the absmaxes in f64, rounded once to f32: summed in chunks of
+/// `FK_NF4_MEAN_CHUNK` in index order, then the chunk sums in index order, as the kernel
+/// sums them, so the two agree bitwise. bitsandbytes uses torch's f32 `mean()`, whose
+/// summation order is torch's own, so its offset can be an ulp or so away;
+/// [`quantize_with_offset`] takes bitsandbytes' value where that matters.
 pub fn absmax_mean(absmax: &[f32]) -> f32 {
-    let sum: f64 = absmax.iter().map(|&a| a as f64).sum();
+    let sum: f64 = absmax
+        .chunks(crate::params::FK_NF4_MEAN_CHUNK as usize)
+        .map(|chunk| chunk.iter().map(|&a| a as f64).sum::<f64>())
+        .sum();
     (sum / absmax.len() as f64) as f32
 }
 
@@ -433,12 +445,7 @@ impl Nf4Quantized {
                 why,
             })
         };
-        if !BLOCKSIZES.contains(&self.blocksize) {
-            return bad(format!(
-                "blocksize {}: bitsandbytes allows {BLOCKSIZES:?}",
-                self.blocksize
-            ));
-        }
+        check_blocksize("nf4 weight", self.blocksize)?;
         if !matches!(self.dtype, DType::BF16 | DType::F16 | DType::F32) {
             return bad(format!(
                 "dtype {}: NF4 weights are bf16, f16 or f32",
