@@ -85,7 +85,7 @@ def main():
     def test_lines(which):
         rows = []
         for binary, r in tests[which].items():
-            failed = ", ".join(r["failed"]) or "—"
+            failed = ", ".join(r["failed"]) or ("crashed: no failing test, exit not 0" if r["exit"] not in (0, None) else "—")
             rows.append(f"| {binary} | {r['passed']} | {len(r['failed'])} | {r['ignored']} | {r['exit']} | {failed} |")
         return "\n".join(rows) or "| (not run) | | | | | |"
 
@@ -112,7 +112,9 @@ def main():
     for which in ("committed", "rebuilt"):
         p = sum(r["passed"] for r in tests[which].values())
         fl = sum(len(r["failed"]) for r in tests[which].values())
-        print(f"tests ({which} PTX): {p} passed, {fl} failed")
+        # A binary that exits non-zero without a failing test crashed (or was killed).
+        crashed = [b for b, r in tests[which].items() if r["exit"] not in (0, None) and not r["failed"]]
+        print(f"tests ({which} PTX): {p} passed, {fl} failed" + (f", crashed: {' '.join(crashed)}" if crashed else ""))
     for line in sanitizer.splitlines():
         if re.match(r"^\w+: ", line):
             print("sanitizer " + line[:110])

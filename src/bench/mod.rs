@@ -17,7 +17,6 @@ use half::bf16;
 #[derive(Debug, Clone)]
 pub struct Stats {
     pub median_us: f64,
-    pub min_us: f64,
     pub reps: usize,
 }
 
@@ -49,7 +48,7 @@ impl<'a> GpuTimer<'a> {
     }
 
     /// Runs `f` `warmup` times untimed, then `reps` times, each between two events, with
-    /// L2 flushed before each. Returns the median and minimum in microseconds.
+    /// L2 flushed before each. Returns the median in microseconds.
     pub fn time(
         &mut self,
         warmup: usize,
@@ -88,7 +87,6 @@ impl<'a> GpuTimer<'a> {
         us.sort_by(|a, b| a.total_cmp(b));
         Ok(Stats {
             median_us: us[us.len() / 2],
-            min_us: us[0],
             reps,
         })
     }
@@ -109,7 +107,9 @@ pub struct Row {
     pub family: String,
     pub kernel: String,
     pub shape: String,
+    /// The median of `reps` timed repetitions.
     pub time_us: f64,
+    pub reps: usize,
     /// Fewest bytes the work must move through device memory.
     pub bytes: f64,
     pub flops: f64,
@@ -123,7 +123,7 @@ impl Row {
         family: &str,
         kernel: &str,
         shape: &str,
-        time_us: f64,
+        t: &Stats,
         bytes: f64,
         flops: f64,
         c: &Ceilings,
@@ -134,7 +134,8 @@ impl Row {
             family: family.into(),
             kernel: kernel.into(),
             shape: shape.into(),
-            time_us,
+            time_us: t.median_us,
+            reps: t.reps,
             bytes,
             flops,
             floor_us: mem_us.max(math_us),
@@ -167,46 +168,30 @@ impl Row {
     }
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o += "\\\"",
-            '\\' => o += "\\\\",
-            c if (c as u32) < 0x20 => o += &format!("\\u{:04x}", c as u32),
-            c => o.push(c),
-        }
-    }
-    o + "\""
-}
-
-/// The rows as a JSON array (one object per row, every figure included).
+/// The rows as a JSON array (one object per row, every figure included; a figure that is
+/// not finite, e.g. a rate over a zero time, is null).
 pub fn to_json(rows: &[Row]) -> String {
-    let objs: Vec<String> = rows
+    let objs: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            let (bname, btime) = match &r.baseline {
-                Some((n, t)) => (json_str(n), format!("{t:.3}")),
-                None => ("null".into(), "null".into()),
-            };
-            format!(
-                "  {{\"family\": {}, \"kernel\": {}, \"shape\": {}, \"time_us\": {:.3}, \"bytes\": {:.0}, \
-                 \"flops\": {:.0}, \"tb_per_s\": {:.4}, \"tflop_per_s\": {:.3}, \"floor_us\": {:.3}, \
-                 \"fraction_of_floor\": {:.4}, \"baseline\": {bname}, \"baseline_us\": {btime}}}",
-                json_str(&r.family),
-                json_str(&r.kernel),
-                json_str(&r.shape),
-                r.time_us,
-                r.bytes,
-                r.flops,
-                r.tb_per_s(),
-                r.tflop_per_s(),
-                r.floor_us,
-                r.fraction_of_floor(),
-            )
+            serde_json::json!({
+                "family": r.family,
+                "kernel": r.kernel,
+                "shape": r.shape,
+                "time_us": r.time_us,
+                "reps": r.reps,
+                "bytes": r.bytes,
+                "flops": r.flops,
+                "tb_per_s": r.tb_per_s(),
+                "tflop_per_s": r.tflop_per_s(),
+                "floor_us": r.floor_us,
+                "fraction_of_floor": r.fraction_of_floor(),
+                "baseline": r.baseline.as_ref().map(|b| &b.0),
+                "baseline_us": r.baseline.as_ref().map(|b| b.1),
+            })
         })
         .collect();
-    format!("[\n{}\n]\n", objs.join(",\n"))
+    serde_json::to_string_pretty(&objs).expect("JSON values serialize") + "\n"
 }
 
 /// The rows as a Markdown table.
@@ -338,7 +323,7 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
             "baseline",
             "cublas_gemm_bf16",
             &format!("{m}x{k}→{n} ({what})"),
-            t.median_us,
+            &t,
             bytes,
             flops,
             c,

@@ -54,16 +54,8 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
 
     let t = timer.time(3, REPS, || sparse::scatter_add(&mut s.w, &s.index, &v, 0.5))?;
     rows.push(
-        Row::new(
-            "sparse",
-            &name("scatter_add"),
-            shape,
-            t.median_us,
-            bytes,
-            0.0,
-            c,
-        )
-        .with_copy_baseline(dev, timer)?,
+        Row::new("sparse", &name("scatter_add"), shape, &t, bytes, 0.0, c)
+            .with_copy_baseline(dev, timer)?,
     );
 
     let t = timer.time(3, REPS, || {
@@ -74,7 +66,7 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
             "sparse",
             &name("scatter_add_atomic"),
             shape,
-            t.median_us,
+            &t,
             bytes,
             0.0,
             c,
@@ -96,7 +88,7 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
             "sparse",
             &name("segmented_scatter_add"),
             shape,
-            t.median_us,
+            &t,
             plan_bytes,
             0.0,
             c,
@@ -119,16 +111,7 @@ fn gather_row(
     let mut out = dev.alloc_poisoned::<f32>(k)?;
     let bytes = k as f64 * (4.0 + 4.0) + 32.0 * sectors(&s.idx, 2);
     let t = timer.time(3, REPS, || sparse::gather(&s.w, &s.index, &mut out))?;
-    Row::new(
-        "sparse",
-        "gather_bf16_f32",
-        shape,
-        t.median_us,
-        bytes,
-        0.0,
-        c,
-    )
-    .with_copy_baseline(dev, timer)
+    Row::new("sparse", "gather_bf16_f32", shape, &t, bytes, 0.0, c).with_copy_baseline(dev, timer)
 }
 
 fn adamw_row<W: FloatElem>(
@@ -152,7 +135,7 @@ fn adamw_row<W: FloatElem>(
     let bytes = k as f64 * (4.0 + 4.0 + 3.0 * 8.0) + 32.0 * sectors(&s.idx, we) * 3.0;
     let t = timer.time(3, REPS, || opt.step(&mut s.w, &grad))?;
     let name = format!("sparse_adamw_{}_{}", W::DTYPE, W::DTYPE);
-    Row::new("sparse", &name, shape, t.median_us, bytes, 0.0, c).with_copy_baseline(dev, timer)
+    Row::new("sparse", &name, shape, &t, bytes, 0.0, c).with_copy_baseline(dev, timer)
 }
 
 /// All sparse rows at the DESIGN.md shape (1% of 4096×11008).

@@ -52,8 +52,8 @@ impl std::fmt::Display for CheckRow {
         };
         write!(
             f,
-            "{} [{}] {} seed {}: {err}: {verdict}",
-            self.kernel, self.backend, self.shape, self.seed
+            "{} [{}] {} seed {}: {err}: {verdict} (on {})",
+            self.kernel, self.backend, self.shape, self.seed, self.device
         )
     }
 }
@@ -114,9 +114,13 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     Ok(rows)
 }
 
-/// A plain-text table of rows, as `fk check` prints it.
+/// A plain-text table of rows, as `fk check` prints it: first the devices they ran on (an
+/// emulator's schedule and its seed replay a failure).
 pub fn table(rows: &[CheckRow]) -> String {
-    let mut t = format!(
+    let mut devices: Vec<&str> = rows.iter().map(|r| r.device.as_str()).collect();
+    devices.dedup();
+    let mut t: String = devices.iter().map(|d| format!("on {d}\n")).collect();
+    t += &format!(
         "{:<34} {:<5} {:<28} {:>22} {:>10} {:>6}\n",
         "kernel", "on", "shape", "error", "time µs", "result"
     );
