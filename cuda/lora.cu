@@ -134,7 +134,7 @@ FK_DEVICE float* rank_partial(const LoraParams& p) { return p.rank_partials + ui
 
 template <typename T>
 FK_DEVICE void down(const LoraParams& p) {
-  __shared__ Stages<true, true> st;
+  FK_SHARED(st, Stages<true, true>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   ActivationSource<T, true, kBM> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
   if (blockIdx.x == 0) x.copy = static_cast<T*>(p.x_ext), x.copy_ld = p.x_ld;  // one column of blocks copies
@@ -151,7 +151,7 @@ FK_DEVICE void down(const LoraParams& p) {
 
 template <typename T, bool Nf4>
 FK_DEVICE void forward(const LoraParams& p) {
-  __shared__ Stages<true, true> st;
+  FK_SHARED(st, Stages<true, true>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   Accumulators acc = {};
   DenseSource<T, true, kBM> u{as<T>(p.u), p.rank, m0, p.m, p.rank};
@@ -170,7 +170,7 @@ FK_DEVICE void forward(const LoraParams& p) {
 
 template <typename T>
 FK_DEVICE void backward_v(const LoraParams& p) {
-  __shared__ Stages<true, false> st;
+  FK_SHARED(st, Stages<true, false>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   ActivationSource<T, true, kBM> dy{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}};
   if (blockIdx.x == 0) dy.copy = static_cast<T*>(p.dy_ext), dy.copy_ld = p.dy_ld;
@@ -207,7 +207,7 @@ FK_DEVICE void rank_reduce(const LoraParams& p, void* out_, void* ext_, uint64_t
 
 template <typename T, bool Nf4>
 FK_DEVICE void backward_dx(const LoraParams& p) {
-  __shared__ Stages<true, false> st;
+  FK_SHARED(st, Stages<true, false>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   Accumulators acc = {};
   // The LoRA part first, alone in the accumulators, so the mask applies to it only.
@@ -235,7 +235,7 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
 
 template <typename T>
 FK_DEVICE void grad_a(const LoraParams& p) {
-  __shared__ Stages<false, false> st;
+  FK_SHARED(st, Stages<false, false>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [rank, d_in]
   uint32_t k_begin, k_end;
   split_range(p.m, p.splits, &k_begin, &k_end);
@@ -248,7 +248,7 @@ FK_DEVICE void grad_a(const LoraParams& p) {
 
 template <typename T>
 FK_DEVICE void grad_b(const LoraParams& p) {
-  __shared__ Stages<false, false> st;
+  FK_SHARED(st, Stages<false, false>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [d_out, rank + 1]
   uint32_t k_begin, k_end;
   split_range(p.m, p.splits, &k_begin, &k_end);
@@ -280,7 +280,7 @@ FK_DEVICE void reduce(const LoraParams& p) {
 
 template <typename T>
 FK_DEVICE void merge(const LoraParams& p) {
-  __shared__ Stages<true, false> st;
+  FK_SHARED(st, Stages<true, false>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [d_out, d_in]
   DenseSource<T, true, kBM> b{as<T>(p.b), p.rank, m0, p.d_out, p.rank};
   DenseSource<T, false, kBN> a{as<T>(p.a), p.d_in, n0, p.d_in, p.rank};

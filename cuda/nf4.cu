@@ -115,7 +115,7 @@ FK_DEVICE void absmax_mean(const Nf4NestedParams& p) {
 
 // One warp per 256 absmaxes: bitsandbytes' quantize_blockwise of (absmax - offset).
 FK_DEVICE void quantize_nested(const Nf4NestedParams& p) {
-  __shared__ float map[256];
+  FK_SHARED(map, float[256]);
   for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = p.nested_map[i];
   __syncthreads();
   const float offset = *p.offset;
@@ -161,7 +161,7 @@ FK_DEVICE void unpack8(const uint4& v, float (&x)[8]) {
 
 // The nested map in shared memory (absmax lookups by divergent index), when nested.
 FK_DEVICE Nf4Weight with_shared_map(Nf4Weight w) {
-  __shared__ float map[256];
+  FK_SHARED(map, float[256]);
   if (w.nested) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = w.nested_map[i];
     __syncthreads();
@@ -266,7 +266,7 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
 template <typename T, bool Dx>
 FK_DEVICE void gemm_kernel(const Nf4MatmulParams& p) {
   using namespace gemm;
-  __shared__ Stages<true, !Dx> st;
+  FK_SHARED(st, Stages<true, !Dx>);
   const float* table = shared_code_table();
   const uint32_t M = p.m, Nout = Dx ? p.w.cols : p.w.rows, Kr = Dx ? p.w.rows : p.w.cols;
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;

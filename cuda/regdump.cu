@@ -34,7 +34,7 @@ FK_DEVICE void dump_mma(const RegdumpParams& p, Mma mma) {
 }  // namespace
 
 FK_KERNEL(regdump_ldmatrix, RegdumpParams) {
-  __shared__ __align__(16) uint16_t tiles[32 * kRowStride];
+  FK_SHARED(tiles, uint16_t[32 * kRowStride]);
   const int lane = threadIdx.x;
   for (int e = lane; e < 4 * 64; e += 32) {
     const int m = e / 64, r = (e / 8) % 8, c = e % 8;

@@ -9,11 +9,12 @@ use finetune_kernels::Error;
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+/// Forward, reverse and two random schedules (the seed from `FK_EMU_SEED` if set, as
+/// `EmuOptions::default` takes it; failures print the schedule, seed included).
 fn schedules() -> Vec<Schedule> {
-    let seed = std::env::var("FK_EMU_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let Schedule::Random(seed) = EmuOptions::default().schedule else {
+        unreachable!("the default schedule is random")
+    };
     vec![
         Schedule::Forward,
         Schedule::Reverse,
@@ -40,6 +41,19 @@ fn run(
     threads: u32,
     smem_floats: u32,
 ) -> Result<Vec<f32>, Error> {
+    run_grid(dev, kernel, input, out_len, 1, threads, smem_floats)
+}
+
+/// [`run`] over `blocks` blocks.
+fn run_grid(
+    dev: &Device,
+    kernel: &str,
+    input: &[f32],
+    out_len: usize,
+    blocks: u32,
+    threads: u32,
+    smem_floats: u32,
+) -> Result<Vec<f32>, Error> {
     let inp = dev.upload(input)?;
     let mut out = dev.alloc_poisoned::<f32>(out_len)?;
     let p = EmuTestParams {
@@ -48,7 +62,7 @@ fn run(
         n: smem_floats,
     };
     let cfg = LaunchConfig {
-        grid: (1, 1, 1),
+        grid: (blocks, 1, 1),
         block: (threads, 1, 1),
         shared_bytes: smem_floats * 4,
     };
@@ -77,69 +91,68 @@ fn expect_error(r: Result<Vec<f32>, Error>, needle: &str) {
     }
 }
 
-#[test]
-fn missing_syncthreads_is_caught_by_some_schedule() {
-    let n = 64;
-    let input = random(n);
-    let expected: Vec<f32> = (0..n).map(|t| input[(t + 1) % n]).collect();
-    let caught = schedules()
-        .into_iter()
-        .filter(|&s| {
-            run(
-                &emu(s),
-                "emu_test_missing_syncthreads",
-                &input,
-                n,
-                n as u32,
-                n as u32,
-            )
-            .unwrap()
-                != expected
-        })
-        .count();
-    assert!(caught > 0, "no schedule exposed the missing barrier");
-    // The correct twin passes under every schedule.
-    for s in schedules() {
-        assert_eq!(
-            run(
-                &emu(s),
-                "emu_test_with_syncthreads",
-                &input,
-                n,
-                n as u32,
-                n as u32
-            )
-            .unwrap(),
-            expected,
-            "{s:?}"
-        );
+/// A planted race (`buggy`) must give a wrong result under some schedule, and its correct
+/// twin (`fixed`, if any) the right one under every schedule.
+fn assert_race_caught(buggy: &str, fixed: Option<&str>, input: &[f32], expected: &[f32]) {
+    let n = input.len();
+    let launch = |kernel, s| run(&emu(s), kernel, input, n, n as u32, n as u32).unwrap();
+    let all = schedules();
+    assert!(
+        all.iter().any(|&s| launch(buggy, s) != expected),
+        "{buggy}: no schedule of {all:?} exposed the race"
+    );
+    if let Some(fixed) = fixed {
+        for &s in &all {
+            assert_eq!(launch(fixed, s), expected, "{fixed}, {s:?}");
+        }
     }
 }
 
 #[test]
-fn race_between_warps_is_caught_by_some_schedule() {
-    let n = 64;
-    let input = random(n);
-    let expected: Vec<f32> = (0..n).map(|t| input[(t + 32) % n]).collect();
-    let caught = schedules()
-        .into_iter()
-        .filter(|&s| {
-            run(
-                &emu(s),
-                "emu_test_cross_warp_race",
-                &input,
-                n,
-                n as u32,
-                n as u32,
-            )
-            .unwrap()
-                != expected
-        })
-        .count();
-    assert!(
-        caught > 0,
-        "no schedule let one warp run ahead of the other"
+fn missing_syncthreads_is_caught_by_some_schedule() {
+    let input = random(64);
+    let expected: Vec<f32> = (0..64).map(|t| input[(t + 1) % 64]).collect();
+    assert_race_caught(
+        "emu_test_missing_syncthreads",
+        Some("emu_test_with_syncthreads"),
+        &input,
+        &expected,
     );
+}
+
+#[test]
+fn race_between_warps_is_caught_by_some_schedule() {
+    let input = random(64);
+    let expected: Vec<f32> = (0..64).map(|t| input[(t + 32) % 64]).collect();
+    assert_race_caught("emu_test_cross_warp_race", None, &input, &expected);
+}
+
+/// Static shared memory (FK_SHARED) is poison when each block starts, also for blocks that
+/// follow another on the same OS thread (one thread, so every block after the first does).
+#[test]
+fn static_shared_memory_is_poison_in_every_block() {
+    for schedule in schedules() {
+        let dev = Device::emu(EmuOptions {
+            schedule,
+            threads: 1,
+            ..EmuOptions::default()
+        })
+        .unwrap();
+        let out = run_grid(
+            &dev,
+            "emu_test_static_shared_read_first",
+            &[0.0],
+            5 * 32,
+            5,
+            32,
+            0,
+        )
+        .unwrap();
+        assert!(
+            out.iter().all(|x| x.is_nan()),
+            "{schedule:?}: a block read {out:?}"
+        );
+    }
 }
 
 #[test]
@@ -204,7 +217,7 @@ fn cp_async_read_before_wait_sees_poison() {
             &emu(s),
             "emu_test_cp_async",
             &input,
-            4 * n,
+            8 * n,
             n as u32,
             4 * n as u32,
         )
@@ -212,7 +225,15 @@ fn cp_async_read_before_wait_sees_poison() {
         let expected: Vec<f32> = (0..4 * n)
             .map(|i| input[(4 * (i / 4 + 1) + i % 4) % (4 * n)])
             .collect();
-        assert_eq!(out, expected, "{s:?}");
+        assert_eq!(out[..4 * n], expected, "{s:?}");
+        // After wait_group 1: each thread's first group (2 floats) landed, its second not.
+        for (i, &x) in out[4 * n..].iter().enumerate() {
+            if i % 4 < 2 {
+                assert_eq!(x, input[i], "{s:?}: element {i} of the first group");
+            } else {
+                assert!(x.is_nan(), "{s:?}: element {i} of the pending group is {x}");
+            }
+        }
     }
 }
 

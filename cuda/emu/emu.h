@@ -22,7 +22,6 @@
 #define __noinline__
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
-#define __shared__ static thread_local
 #define __constant__ static const
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -80,6 +79,22 @@ uint64_t warp_collective(Site site, WarpOp op, unsigned mask, uint64_t value, in
 unsigned active_mask();
 [[noreturn]] void fail(Site site, const char* what);
 unsigned char* dyn_smem_base();
+// Changes with every block an OS thread starts (never 0).
+uint64_t block_generation();
+
+// The storage of one FK_SHARED declaration (Tag: a lambda's type, unique to it) on this OS
+// thread, filled with 0xFF (NaN in every float type) when a block first reaches it.
+template <typename T, typename Tag>
+T& block_shared(Tag) {
+  static_assert(std::is_trivially_default_constructible<T>::value, "shared memory holds plain data");
+  alignas(16) static thread_local T storage;
+  static thread_local uint64_t generation = 0;
+  if (generation != block_generation()) {
+    std::memset(static_cast<void*>(&storage), 0xFF, sizeof(T));
+    generation = block_generation();
+  }
+  return storage;
+}
 
 // Bit casts through memcpy (no aliasing games).
 template <typename To, typename From>

@@ -6,6 +6,13 @@
 //   FK_KERNEL(scatter_add_bf16_f32, ScatterAddParams) { ... use p ... }
 #pragma once
 
+// FK_SHARED(name, Type) declares static shared memory, `Type name` (an array as
+// `float[256]`), 16-byte aligned. Kernels use it instead of `__shared__` (which the emulator
+// does not define): there each declaration gets per-block storage, poisoned at the block's
+// first use, so a read before any write sees garbage as on a GPU, not the previous block's.
+template <typename T>
+using fk_type = T;
+
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,8 +30,10 @@ __device__ __forceinline__ T* dyn_smem() {
   extern __shared__ __align__(16) unsigned char fk_dyn_smem[];
   return reinterpret_cast<T*>(fk_dyn_smem);
 }
+#define FK_SHARED(name, ...) __shared__ __align__(16) fk_type<__VA_ARGS__> name
 #else
 #include "../emu/emu.h"
+#define FK_SHARED(name, ...) fk_type<__VA_ARGS__>& name = ::fk_emu::block_shared<fk_type<__VA_ARGS__>>([] {})
 #endif
 
 #define FK_DEVICE __device__ __forceinline__

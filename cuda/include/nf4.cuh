@@ -70,7 +70,7 @@ FK_DEVICE float nf4_absmax(const Nf4Weight& w, uint64_t b) {
 // The code table in shared memory (call from every thread of the block): lookups by
 // divergent indices would serialize on the constant cache.
 FK_DEVICE float* shared_code_table() {
-  __shared__ float table[16];
+  FK_SHARED(table, float[16]);
   if (threadIdx.x < 16) table[threadIdx.x] = kNf4Code[threadIdx.x];
   __syncthreads();
   return table;

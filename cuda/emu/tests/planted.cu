@@ -63,17 +63,21 @@ FK_KERNEL(emu_test_collectives, EmuTestParams) {
   o[7] = static_cast<float>(__syncthreads_or(v > 1.9f) + 2 * __syncthreads_and(v > -1.99f));
 }
 
-// Bug: reads the cp.async destination before waiting for it.
+// Bug: reads the cp.async destination before waiting for it (over values written before the
+// copy, so that only poisoning at the issue, not the block's fresh poison, hides them).
 FK_KERNEL(emu_test_cp_async_before_wait, EmuTestParams) {
   float* s = dyn_smem<float>();
   const unsigned t = threadIdx.x;
+  for (int i = 0; i < 4; ++i) s[4 * t + i] = 7.0f;
   cp_async<16>(s + 4 * t, p.in + 4 * t);
   cp_async_commit();
   for (int i = 0; i < 4; ++i) p.out[4 * t + i] = s[4 * t + i];
   cp_async_wait_all();
 }
 
-// Correct: two groups, waits, a barrier, then each thread reads its neighbour's data.
+// Correct: two groups; after wait_group 1 the first has landed and (on the emulator) the
+// second is still poison, which out[4n..8n) records; after wait_group 0 both have, and
+// after a barrier each thread reads its neighbour's data into out[0..4n).
 FK_KERNEL(emu_test_cp_async, EmuTestParams) {
   float* s = dyn_smem<float>();
   const unsigned t = threadIdx.x, n = blockDim.x;
@@ -82,6 +86,7 @@ FK_KERNEL(emu_test_cp_async, EmuTestParams) {
   cp_async<8>(s + 4 * t + 2, p.in + 4 * t + 2);
   cp_async_commit();
   cp_async_wait<1>();
+  for (int i = 0; i < 4; ++i) p.out[4 * n + 4 * t + i] = s[4 * t + i];
   cp_async_wait<0>();
   __syncthreads();
   const unsigned u = (t + 1) % n;
@@ -103,4 +108,13 @@ FK_KERNEL(emu_test_cross_warp_race, EmuTestParams) {
   s[t] = p.in[t];
   __syncwarp();
   p.out[t] = s[(t + 32) % n];
+}
+
+// Bug: reads static shared memory before the block wrote it. The emulator must show poison,
+// not what a block before it on the same OS thread left there.
+FK_KERNEL(emu_test_static_shared_read_first, EmuTestParams) {
+  FK_SHARED(cell, float[32]);
+  const unsigned t = threadIdx.x;
+  p.out[blockIdx.x * blockDim.x + t] = cell[t];
+  cell[t] = 1.0f;
 }
