@@ -240,7 +240,7 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
         for (int r = 0; r < R; ++r) {
           if (n0 + r >= N) continue;
           const uint64_t e = (n0 + r) * K + k;
-          const float wv = table[nf4_code(w.codes, e)] * nf4_absmax(w, e / w.blocksize);
+          const float wv = nf4_value(table, nf4_code(w.codes, e), nf4_absmax(w, e / w.blocksize));
 #pragma unroll
           for (int m = 0; m < M; ++m)
             if (m < static_cast<int>(p.m)) acc[m][r] = fmaf(to_f32(a[uint64_t(m) * K + k]), wv, acc[m][r]);

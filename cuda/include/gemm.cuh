@@ -15,10 +15,11 @@
 #include "compat.cuh"
 #include "dtype.cuh"
 #include "ptx.cuh"
+#include "../params/gemm.h"
 
 namespace gemm {
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kThreads = 256, kPad = 8;
+constexpr int kBM = FK_GEMM_TILE, kBN = FK_GEMM_TILE, kBK = 32, kThreads = FK_GEMM_THREADS, kPad = 8;
 
 // A stage of one operand. KContig: stored [Extent][kBK] (k contiguous), read with ldmatrix;
 // otherwise [kBK][Extent] (the other index contiguous), read with ldmatrix.trans.
@@ -168,7 +169,7 @@ struct DenseSource {
         const int row = c / (kCols / 8), col = (c % (kCols / 8)) * 8;
         const int mn = KContig ? row : col, k = KContig ? col : row;
         const uint32_t gm = mn0 + mn, gk = k0 + k;
-        const bool in = KContig ? (gm < extent && gk < k_len) : (gk < k_len && gm < extent);
+        const bool in = inside(gm, gk);
         const uint32_t valid = in ? (KContig ? min(8u, k_len - gk) : min(8u, extent - gm)) : 0;
         cp_async_zfill16(&tile.data[row][col], in ? ptr + offset(gm, gk) : ptr, int(valid) * 2);
       }

@@ -42,8 +42,8 @@ pub use crate::reference::lora::LoraConfig;
 use cudarc::cublas::{CudaBlas, Gemm};
 
 const MODULE: &str = "lora";
-const TILE: u32 = 128;
-const THREADS: u32 = 256;
+const TILE: u32 = params::FK_GEMM_TILE;
+const THREADS: u32 = params::FK_GEMM_THREADS;
 
 /// The frozen base weight `[out, in]` of a LoRA layer.
 pub enum LoraBase<T: FloatElem> {

@@ -29,7 +29,7 @@ const WARPS: u32 = THREADS / 32;
 const MAX_BLOCKS: u32 = 1 << 16;
 /// Rows of activations up to which the GEMV runs (it is instantiated for 1, 2, 4, 8, 16).
 pub const GEMV_MAX_ROWS: usize = 16;
-const GEMM_TILE: u32 = 128;
+const GEMM_TILE: u32 = params::FK_GEMM_TILE;
 
 /// The absmaxes on the device: plain, or double-quantized.
 enum DeviceAbsmax {
@@ -406,7 +406,7 @@ fn fused_launch(
     let n_out = if forward { rows } else { cols };
     let cfg = LaunchConfig {
         grid: (n_out.div_ceil(GEMM_TILE), m.div_ceil(GEMM_TILE), 1),
-        block: (THREADS, 1, 1),
+        block: (params::FK_GEMM_THREADS, 1, 1),
         shared_bytes: 0,
     };
     let name = if forward {
