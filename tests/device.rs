@@ -97,14 +97,13 @@ fn wrong_lengths_and_devices_are_typed_errors() {
         assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
         assert_eq!(b.to_host().unwrap(), [1, 2, 3], "nothing is lost");
     }
-    // A buffer from the GPU cannot be copied into one on the emulator.
-    if let (Some(gpu), Some(emu)) = (
-        devices.iter().find(|d| d.is_gpu()),
-        devices.iter().find(|d| !d.is_gpu()),
-    ) {
-        let src = gpu.upload(&[1u8; 4]).unwrap();
-        let mut dst = emu.zeros::<u8>(4).unwrap();
+    // A buffer cannot be copied into one on another device: the GPU's into the emulator's,
+    // or between two emulator devices (each its own device, as two GPUs would be).
+    for (a, b) in devices.iter().zip(devices.iter().skip(1)) {
+        let src = a.upload(&[1u8; 4]).unwrap();
+        let mut dst = b.zeros::<u8>(4).unwrap();
         let err = dst.copy_rows_from(&src, 1, 4, 4, 4).unwrap_err();
         assert!(matches!(err, Error::DeviceMismatch), "{err}");
+        assert_eq!(dst.to_host().unwrap(), [0; 4], "nothing is written");
     }
 }
