@@ -160,14 +160,28 @@ impl Error {
 
     /// Checks that two lengths agree.
     pub(crate) fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
-        if expected == got {
+        Error::check_shape(what, &[expected], got)
+    }
+
+    /// Checks that `len` elements fill the shape `dims`.
+    pub(crate) fn check_shape(what: &str, dims: &[usize], len: usize) -> Result<()> {
+        if dims.iter().product::<usize>() == len {
             Ok(())
         } else {
             Err(Error::ShapeMismatch {
                 what: what.to_string(),
-                expected: vec![expected],
-                got: vec![got],
+                expected: dims.to_vec(),
+                got: vec![len],
             })
+        }
+    }
+
+    /// A problem with `tensor` (empty: the file itself) of checkpoint `file`.
+    pub(crate) fn checkpoint(file: &str, tensor: &str, why: String) -> Error {
+        Error::Checkpoint {
+            file: file.to_string(),
+            tensor: tensor.to_string(),
+            why,
         }
     }
 }

@@ -116,14 +116,6 @@ pub struct MergeSummary {
     pub copied: usize,
 }
 
-fn bad(file: &str, tensor: &str, why: String) -> Error {
-    Error::Checkpoint {
-        file: file.to_string(),
-        tensor: tensor.to_string(),
-        why,
-    }
-}
-
 /// A JSON object's fields, read with errors naming the file and the field.
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
@@ -137,7 +129,7 @@ impl Fields<'_> {
     }
 
     fn bad(&self, key: &str, want: &str, got: &Value) -> Error {
-        bad(self.file, "", format!("{key} must be {want}, got {got}"))
+        Error::checkpoint(self.file, "", format!("{key} must be {want}, got {got}"))
     }
 
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -178,10 +170,10 @@ impl AdapterConfig {
     /// does not apply.
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text)
-            .map_err(|e| bad(file, "", format!("not valid JSON: {e}")))?;
+            .map_err(|e| Error::checkpoint(file, "", format!("not valid JSON: {e}")))?;
         let obj = value
             .as_object()
-            .ok_or_else(|| bad(file, "", format!("not a JSON object: {value}")))?;
+            .ok_or_else(|| Error::checkpoint(file, "", format!("not a JSON object: {value}")))?;
         let f = Fields { obj, file };
         let unsupported = |key: &str, v: &Value, what: &str| Error::Unsupported {
             op: "peft adapter",
@@ -190,7 +182,13 @@ impl AdapterConfig {
         match f.get("peft_type") {
             Some(Value::String(t)) if t == "LORA" => {}
             Some(v) => return Err(unsupported("peft_type", v, "a PEFT method other than LoRA")),
-            None => return Err(bad(file, "", "no peft_type (PEFT needs \"LORA\")".into())),
+            None => {
+                return Err(Error::checkpoint(
+                    file,
+                    "",
+                    "no peft_type (PEFT needs \"LORA\")".into(),
+                ))
+            }
         }
         for (key, what) in UNSUPPORTED {
             if let Some(v) = obj.get(key).filter(|v| !is_off(v)) {
@@ -216,7 +214,7 @@ impl AdapterConfig {
                     .filter(|&r| r > 0)
                     .ok_or_else(|| f.bad("r", "a positive integer", v))? as usize
             }
-            None => return Err(bad(file, "", "no r (the rank)".into())),
+            None => return Err(Error::checkpoint(file, "", "no r (the rank)".into())),
         };
         let target_modules = match f.get("target_modules") {
             None => None,
@@ -306,17 +304,15 @@ fn dtype_of(d: Dtype) -> Option<DType> {
 /// A 2-D float tensor's shape and values as f32.
 fn matrix(t: &RawTensor, file: &str, name: &str) -> Result<([usize; 2], Vec<f32>, DType)> {
     let dtype = dtype_of(t.dtype).ok_or_else(|| {
-        bad(
+        Error::checkpoint(
             file,
             name,
             format!("dtype {:?}: want F32, BF16 or F16", t.dtype),
         )
     })?;
-    let shape: [usize; 2] = t
-        .shape
-        .as_slice()
-        .try_into()
-        .map_err(|_| bad(file, name, format!("shape {:?}: want a matrix", t.shape)))?;
+    let shape: [usize; 2] = t.shape.as_slice().try_into().map_err(|_| {
+        Error::checkpoint(file, name, format!("shape {:?}: want a matrix", t.shape))
+    })?;
     let values = match dtype {
         DType::BF16 => t.values::<bf16>().into_iter().map(f32::from).collect(),
         DType::F16 => t.values::<f16>().into_iter().map(f32::from).collect(),
@@ -364,7 +360,7 @@ impl Adapter {
         let config_path = dir.join(CONFIG_FILE);
         let config_file = config_path.display().to_string();
         let text = String::from_utf8(read_file(&config_path)?)
-            .map_err(|e| bad(&config_file, "", format!("not UTF-8: {e}")))?;
+            .map_err(|e| Error::checkpoint(&config_file, "", format!("not UTF-8: {e}")))?;
         let config = AdapterConfig::from_json(&text, &config_file)?;
         config.lora(Some(0)).validate()?;
 
@@ -373,7 +369,11 @@ impl Adapter {
         let bytes = read_file(&weights_path)?;
         let ckpt = Checkpoint::parse(&bytes, &file)?;
         if let Some(name) = ckpt.nf4.keys().next() {
-            return Err(bad(&file, name, "an NF4 weight in an adapter".into()));
+            return Err(Error::checkpoint(
+                &file,
+                name,
+                "an NF4 weight in an adapter".into(),
+            ));
         }
         let mut pairs: BTreeMap<&str, [Option<&str>; 2]> = BTreeMap::new();
         for name in ckpt.tensors.keys() {
@@ -384,16 +384,16 @@ impl Adapter {
             ) {
                 (Some(m), _) => pairs.entry(m).or_default()[0] = Some(name),
                 (_, Some(m)) => pairs.entry(m).or_default()[1] = Some(name),
-                _ => return Err(bad(&file, name, stray_tensor(name))),
+                _ => return Err(Error::checkpoint(&file, name, stray_tensor(name))),
             }
         }
         if pairs.is_empty() {
-            return Err(bad(&file, "", "no LoRA tensors".into()));
+            return Err(Error::checkpoint(&file, "", "no LoRA tensors".into()));
         }
         let mut modules = BTreeMap::new();
         for (module, [a, b]) in pairs {
             let missing = |suffix| {
-                bad(
+                Error::checkpoint(
                     &file,
                     &format!("{KEY_PREFIX}{module}{suffix}"),
                     "missing".into(),
@@ -405,11 +405,11 @@ impl Adapter {
             let ([d_out, r_b], b, _) = matrix(&ckpt.tensors[b_name], &file, b_name)?;
             if r_b != r {
                 let why = format!("shape [{d_out}, {r_b}]: rank {r_b}, but lora_A has rank {r}");
-                return Err(bad(&file, b_name, why));
+                return Err(Error::checkpoint(&file, b_name, why));
             }
             if r != config.r {
                 let why = format!("rank {r}, but {CONFIG_FILE} says r = {}", config.r);
-                return Err(bad(&file, a_name, why));
+                return Err(Error::checkpoint(&file, a_name, why));
             }
             let factors = LoraFactors {
                 a,
@@ -507,7 +507,7 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
             });
         }
         let w = ckpt.tensors.get_mut(&key).ok_or_else(|| {
-            bad(
+            Error::checkpoint(
                 &file,
                 &key,
                 format!("missing, but the adapter adapts {module}"),
@@ -518,7 +518,7 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
                 "shape {:?}, but the adapter's B A is [{}, {}]",
                 w.shape, f.d_out, f.d_in
             );
-            return Err(bad(&file, &key, why));
+            return Err(Error::checkpoint(&file, &key, why));
         }
         let data = match dtype_of(w.dtype) {
             Some(DType::BF16) => merged_bytes::<bf16>(adapter, module, w)?,
@@ -526,7 +526,7 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
             Some(_) => merged_bytes::<f32>(adapter, module, w)?,
             None => {
                 let why = format!("dtype {:?}: only F32, BF16 and F16 weights merge", w.dtype);
-                return Err(bad(&file, &key, why));
+                return Err(Error::checkpoint(&file, &key, why));
             }
         };
         w.data = Cow::Owned(data);

@@ -154,19 +154,8 @@ impl<T: FloatElem> LoraLinear<T> {
                 why: format!("layer shape [{d_out}, {d_in}]"),
             });
         }
-        let shape = |what: &str, expected: Vec<usize>, got: usize| -> Result<()> {
-            if expected.iter().product::<usize>() == got {
-                Ok(())
-            } else {
-                Err(Error::ShapeMismatch {
-                    what: what.into(),
-                    expected,
-                    got: vec![got],
-                })
-            }
-        };
-        shape("lora A [rank, in]", vec![config.rank, d_in], a.len())?;
-        shape("lora B [out, rank]", vec![d_out, config.rank], b.len())?;
+        Error::check_shape("lora A [rank, in]", &[config.rank, d_in], a.len())?;
+        Error::check_shape("lora B [out, rank]", &[d_out, config.rank], b.len())?;
         let dev = a.device().clone();
         check_device(&dev, &b)?;
         match &base {
@@ -178,7 +167,7 @@ impl<T: FloatElem> LoraLinear<T> {
             }
         }
         if let Some(bias) = &bias {
-            shape("bias [out]", vec![d_out], bias.len())?;
+            Error::check_shape("bias [out]", &[d_out], bias.len())?;
             check_device(&dev, bias)?;
         }
         let path = if dev.has_cublas() {

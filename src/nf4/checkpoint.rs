@@ -122,7 +122,7 @@ impl<'a> Checkpoint<'a> {
                 let weight = &name[..at];
                 if !name.ends_with(QUANT_STATE_SUFFIX) {
                     let kind = &name[at + ANY_QUANT_STATE.len()..];
-                    return Err(bad(
+                    return Err(Error::checkpoint(
                         file,
                         name,
                         format!("quant_type {kind:?}: only nf4 is supported"),
@@ -138,7 +138,7 @@ impl<'a> Checkpoint<'a> {
             }
             if let Some(weight) = PARTS.iter().find_map(|p| name.strip_suffix(p)) {
                 if st.tensor(weight).is_ok_and(|w| w.dtype() == Dtype::U8) {
-                    return Err(bad(
+                    return Err(Error::checkpoint(
                         file,
                         name,
                         format!("an NF4 part without {weight}{QUANT_STATE_SUFFIX}"),
@@ -168,20 +168,12 @@ impl<'a> Checkpoint<'a> {
     }
 }
 
-fn bad(file: &str, tensor: &str, why: String) -> Error {
-    Error::Checkpoint {
-        file: file.to_string(),
-        tensor: tensor.to_string(),
-        why,
-    }
-}
-
 fn deserialize<'a>(
     bytes: &'a [u8],
     file: &str,
 ) -> Result<(SafeTensors<'a>, Option<HashMap<String, String>>)> {
     let not_safetensors = |e: safetensors::SafeTensorError| {
-        bad(file, "", format!("not a valid safetensors file: {e}"))
+        Error::checkpoint(file, "", format!("not a valid safetensors file: {e}"))
     };
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
     let st = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
@@ -215,9 +207,9 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
         let name = format!("{weight}{suffix}");
         let view = st
             .tensor(&name)
-            .map_err(|_| bad(file, &name, "missing".into()))?;
+            .map_err(|_| Error::checkpoint(file, &name, "missing".into()))?;
         if view.dtype() != dtype {
-            return Err(bad(
+            return Err(Error::checkpoint(
                 file,
                 &name,
                 format!("dtype {:?}, expected {dtype:?}", view.dtype()),
@@ -225,7 +217,7 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
         }
         let n: usize = view.shape().iter().product();
         if let Some(expected) = numel.filter(|&e| e != n) {
-            return Err(bad(
+            return Err(Error::checkpoint(
                 file,
                 &name,
                 format!(
@@ -237,13 +229,15 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
         Ok(RawTensor::from(view))
     };
     let state = get(QUANT_STATE_SUFFIX, Dtype::U8, None)?;
-    let state = QuantState::parse(&state.data).map_err(|why| bad(file, &state_name, why))?;
+    let state =
+        QuantState::parse(&state.data).map_err(|why| Error::checkpoint(file, &state_name, why))?;
     let numel = state
         .shape
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
         .filter(|&n| n > 0);
-    let numel = numel.ok_or_else(|| bad(file, &state_name, format!("shape {:?}", state.shape)))?;
+    let numel = numel
+        .ok_or_else(|| Error::checkpoint(file, &state_name, format!("shape {:?}", state.shape)))?;
     let blocks = numel.div_ceil(state.blocksize);
 
     let codes = get("", Dtype::U8, Some(numel.div_ceil(2)))?.values::<u8>();
@@ -253,7 +247,7 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
             "entry {i} is {}, not the NF4 table's {}",
             quant_map[i], NF4_CODE[i]
         );
-        return Err(bad(file, &format!("{weight}.quant_map"), why));
+        return Err(Error::checkpoint(file, &format!("{weight}.quant_map"), why));
     }
     let absmax = match state.nested {
         None => Absmax::Plain(get(".absmax", Dtype::F32, Some(blocks))?.values()),
@@ -280,7 +274,8 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
         codes,
         absmax,
     };
-    q.validate().map_err(|e| bad(file, weight, e.to_string()))?;
+    q.validate()
+        .map_err(|e| Error::checkpoint(file, weight, e.to_string()))?;
     Ok(q)
 }
 
@@ -560,7 +555,7 @@ pub fn quantize_file(
                 opts.double_quant,
             ),
         };
-        let q = q.map_err(|e| bad(&file, name, e.to_string()))?;
+        let q = q.map_err(|e| Error::checkpoint(&file, name, e.to_string()))?;
         out.extend(nf4_tensors(name, &q)?);
         quantized.push(name.to_string());
     }

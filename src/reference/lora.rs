@@ -198,28 +198,16 @@ impl Mat {
     }
 }
 
-fn check_shape(what: &str, dims: &[usize], len: usize) -> Result<()> {
-    if dims.iter().product::<usize>() == len {
-        Ok(())
-    } else {
-        Err(Error::ShapeMismatch {
-            what: what.to_string(),
-            expected: dims.to_vec(),
-            got: vec![len],
-        })
-    }
-}
-
 impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
     fn validate(&self) -> Result<()> {
         self.config.validate()?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);
-        check_shape("w [out, in]", &[o, i], self.w.len())?;
+        Error::check_shape("w [out, in]", &[o, i], self.w.len())?;
         if let Some(bias) = self.bias {
-            check_shape("bias [out]", &[o], bias.len())?;
+            Error::check_shape("bias [out]", &[o], bias.len())?;
         }
-        check_shape("lora A [r, in]", &[r, i], self.a.len())?;
-        check_shape("lora B [out, r]", &[o, r], self.b.len())
+        Error::check_shape("lora A [r, in]", &[r, i], self.a.len())?;
+        Error::check_shape("lora B [out, r]", &[o, r], self.b.len())
     }
 
     /// Per element of `x` `[m, in]`: `1 / (1 − p)` if kept, else 0.
@@ -254,7 +242,7 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
     /// `y` `[m, out]` and `u` `[m, r]` for `x` `[m, in]`.
     pub fn forward(&self, x: &[T], m: usize) -> Result<Forward<T>> {
         self.validate()?;
-        check_shape("x [m, in]", &[m, self.d_in], x.len())?;
+        Error::check_shape("x [m, in]", &[m, self.d_in], x.len())?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);
         let x = Mat::new(x, m, i);
         let u = self.dropped(&x).mul(&Mat::new(self.a, r, i).t());
@@ -279,9 +267,9 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
     pub fn backward(&self, x: &[T], u: &[f32], dy: &[T], m: usize) -> Result<Grads<T>> {
         self.validate()?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);
-        check_shape("x [m, in]", &[m, i], x.len())?;
-        check_shape("u [m, r]", &[m, r], u.len())?;
-        check_shape("dy [m, out]", &[m, o], dy.len())?;
+        Error::check_shape("x [m, in]", &[m, i], x.len())?;
+        Error::check_shape("u [m, r]", &[m, r], u.len())?;
+        Error::check_shape("dy [m, out]", &[m, o], dy.len())?;
         let (x, u, dy) = (Mat::new(x, m, i), Mat::new(u, m, r), Mat::new(dy, m, o));
         let a = Mat::new(self.a, r, i);
         // v = scale · dY B, held in T between its two uses (as PEFT's autograd holds it).
