@@ -465,7 +465,10 @@ impl<T: FloatElem> LoraLinear<T> {
         p.w_ld = ld as u64;
         let n = (self.d_out * (ld - self.d_in) + self.config.rank * ld) as u64;
         // SAFETY: p.w is the extended weight, [out + rank, ld]; A, B and bias were checked in
-        // new(). The kernel writes only the B, bias, padding and A parts.
+        // new(). The kernel writes only the B, bias, padding and A parts. It writes through
+        // &self: the extended path runs only on a CUDA device (with_path checks cuBLAS), so
+        // this is device memory, which no Rust reference covers, and the layer's launches are
+        // ordered on its device's one stream.
         unsafe {
             dev.launch(
                 &kernel(format!("lora_extend_weight_{}", T::DTYPE)),
