@@ -1,5 +1,5 @@
-//! Sparse-delta benchmarks for the GPU check: 1% of a 4096×11008 weight (DESIGN.md §8) and
-//! a small shape. Bytes count 32-byte sectors for the scattered accesses.
+//! Sparse-delta benchmarks for the GPU check: 1% of a 4096×11008 weight (DESIGN.md §8).
+//! Bytes count 32-byte sectors for the scattered accesses.
 
 use super::{Ceilings, GpuTimer, Row, REPS};
 use crate::device::Device;
@@ -123,17 +123,13 @@ fn adamw_row<W: FloatElem>(
     shape: &str,
 ) -> Result<Row> {
     let mut rng = StdRng::seed_from_u64(numel + 2);
-    let mut s = setup::<W>(dev, &mut rng, numel, k)?;
+    let Setup { mut w, idx, index } = setup::<W>(dev, &mut rng, numel, k)?;
     let grad = dev.upload(&random_vec::<W>(&mut rng, numel as usize, 0.1))?;
-    let mut opt = SparseAdamw::new(
-        &s.w,
-        SparseIndex::sorted(dev, &s.idx, numel)?,
-        AdamwConfig::default(),
-    )?;
+    let mut opt = SparseAdamw::new(&w, index, AdamwConfig::default())?;
     let we = std::mem::size_of::<W>() as u64;
     // idx + base read; delta, m, v read and written; grad sectors read; W sectors read+written.
-    let bytes = k as f64 * (4.0 + 4.0 + 3.0 * 8.0) + 32.0 * sectors(&s.idx, we) * 3.0;
-    let t = timer.time(3, REPS, || opt.step(&mut s.w, &grad))?;
+    let bytes = k as f64 * (4.0 + 4.0 + 3.0 * 8.0) + 32.0 * sectors(&idx, we) * 3.0;
+    let t = timer.time(3, REPS, || opt.step(&mut w, &grad))?;
     let name = format!("sparse_adamw_{}_{}", W::DTYPE, W::DTYPE);
     Row::new("sparse", &name, shape, &t, bytes, 0.0, c).with_copy_baseline(dev, timer)
 }

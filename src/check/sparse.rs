@@ -252,7 +252,8 @@ macro_rules! for_each_sparse_pair {
     }};
 }
 
-/// Every sparse kernel entry (each op, dtype pair and index width) once.
+/// Every sparse kernel entry once: each op and dtype pair, with u32 and (at the small
+/// scale) u64 indices.
 pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     // Realistic: 1% of a 4096×11008 weight (DESIGN.md §8). Small: odd sizes past one block.
     let (numel, n) = match scale {
