@@ -316,7 +316,8 @@ def write_checkpoints(out, device, g, meta, dequantize):
 
 
 def check_fk(path_in, path_out, device):
-    """bitsandbytes loads an `fk quantize` output, and it means the input."""
+    """bitsandbytes loads an `fk quantize` output, and it means the input; on CUDA, where
+    bitsandbytes' own quantization is the reference, its codes and absmaxes are the same."""
     inputs, ours = load_file(path_in), load_file(path_out)
     failures = 0
     quantized = [k[: -len(QS_SUFFIX)] for k in ours if k.endswith(QS_SUFFIX)]
@@ -327,9 +328,14 @@ def check_fk(path_in, path_out, device):
         w = inputs[name].to(device)
         deq = Dequantizer()(p.data, qs).float()
         rel = ((deq - w.float()).norm() / w.float().norm()).item()
-        q_bnb, _ = F.quantize_4bit(w, blocksize=qs.blocksize, compress_statistics=qs.nested, quant_type="nf4")
+        q_bnb, s_bnb = F.quantize_4bit(w, blocksize=qs.blocksize, compress_statistics=qs.nested, quant_type="nf4")
         same = (q_bnb.reshape(-1) == p.data.reshape(-1)).float().mean().item()
         ok = qs.shape == w.shape and qs.dtype == w.dtype and rel < 0.15
+        if device == "cuda":
+            # fk models bitsandbytes' CUDA quantization bit for bit: codes and absmaxes agree.
+            ok = ok and same == 1.0 and torch.equal(qs.absmax, s_bnb.absmax)
+            if qs.nested:
+                ok = ok and torch.equal(qs.state2.absmax, s_bnb.state2.absmax) and torch.equal(qs.offset, s_bnb.offset)
         failures += not ok
         print(f"{'ok ' if ok else 'BAD'} {name}: shape {list(qs.shape)} {qs.dtype} blocksize {qs.blocksize} "
               f"nested {qs.nested}; rel. error {rel:.4f}; bytes equal to bitsandbytes' {same:.6f}")
