@@ -91,5 +91,64 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             rows.push(row);
         }
     }
+    rows.extend(extended_parts(dev, timer, c, &x)?);
+    Ok(rows)
+}
+
+/// Where the extended layer's time goes (dense base, no dropout): the forward's work before
+/// its GEMM (refresh of the extended weight, lora_down writing u and x_ext), and each of the
+/// two cuBLAS GEMMs alone at its extended K. The layer rows minus these are the rest
+/// (allocations, dY's extension, the dA/dB kernels).
+fn extended_parts(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    x: &crate::Buffer<bf16>,
+) -> Result<Vec<Row>> {
+    let l = layer(dev, false, 0.0, LoraPath::Extended)?;
+    let ld = l.extended_ld();
+    let shape = format!("{M}x{D}→{D} r{RANK}");
+    let mut rows = Vec::new();
+    let t = timer.time(2, REPS, || l.extended_down_only(x, M))?;
+    let down_bytes = (2 * M * D + 2 * M * ld + 2 * 2 * D * RANK) as f64;
+    rows.push(
+        Row::new(
+            "lora",
+            "lora_extended forward: lora_down + x_ext",
+            &shape,
+            &t,
+            down_bytes,
+            (2 * M * D * RANK) as f64,
+            c,
+        )
+        .with_copy_baseline(dev, timer)?,
+    );
+    let gemms = [
+        (
+            "lora_extended forward: its cuBLAS GEMM",
+            ld,
+            WeightOp::Transposed,
+        ),
+        (
+            "lora_extended backward: its cuBLAS dX GEMM",
+            D + RANK,
+            WeightOp::Plain,
+        ),
+    ];
+    for (name, k, op) in gemms {
+        if let Some(t) = time_cublas(dev, timer, M, D, k, op)? {
+            let bytes = (2 * (M * k + D * k + M * D)) as f64;
+            let shape = format!("{M}x{k}→{D}");
+            rows.push(Row::new(
+                "lora",
+                name,
+                &shape,
+                &t,
+                bytes,
+                (2 * M * D * k) as f64,
+                c,
+            ));
+        }
+    }
     Ok(rows)
 }

@@ -284,10 +284,6 @@ impl<T: FloatElem> LoraLinear<T> {
 
     /// Row length of the extended weight and of `x_ext`: `[in | rank | bias | padding]`,
     /// a multiple of 8 elements (16-byte rows for cuBLAS).
-    fn extended_ld(&self) -> usize {
-        (self.d_in + self.config.rank + 1).div_ceil(8) * 8
-    }
-
     pub fn config(&self) -> &LoraConfig {
         &self.config
     }
@@ -396,13 +392,8 @@ impl<T: FloatElem> LoraLinear<T> {
             }
             LoraPath::Extended => {
                 let ld = self.extended_ld();
-                let scratch = self.extended_weight(&mut p)?;
+                let (scratch, x_ext) = self.extended_down(&mut p, m)?;
                 let w_ext = self.extended(&scratch);
-                let mut x_ext = dev.alloc_output::<T>(m * ld)?;
-                p.x_ext = x_ext.ptr_mut();
-                p.x_ld = ld as u64;
-                // x_ext holds m rows of ld.
-                self.rank_gemm("lora_down", &mut p, m, self.d_in, ld - self.d_in)?;
                 let blas = self.blas()?;
                 blas::matmul(
                     blas,
@@ -425,6 +416,40 @@ impl<T: FloatElem> LoraLinear<T> {
                 seed: saved_seed,
             },
         ))
+    }
+
+    /// The extended forward up to its GEMM: refreshes the extended weight, then lora_down
+    /// writes u and `x_ext = [x | scale·u | 1 | 0...]`. Returns the scratch weight (NF4
+    /// base) and x_ext.
+    fn extended_down(
+        &self,
+        p: &mut LoraParams,
+        m: usize,
+    ) -> Result<(Option<Buffer<T>>, Buffer<T>)> {
+        let ld = self.extended_ld();
+        let scratch = self.extended_weight(p)?;
+        let mut x_ext = self.device().alloc_output::<T>(m * ld)?;
+        p.x_ext = x_ext.ptr_mut();
+        p.x_ld = ld as u64;
+        // x_ext holds m rows of ld.
+        self.rank_gemm("lora_down", p, m, self.d_in, ld - self.d_in)?;
+        Ok((scratch, x_ext))
+    }
+
+    /// The extended forward without its GEMM, for the GPU check's breakdown of the layer's
+    /// time (`x` `[m, in]`; the layer must be on the extended path).
+    pub(crate) fn extended_down_only(&self, x: &Buffer<T>, m: usize) -> Result<()> {
+        self.check_rows("x", x, m, self.d_in)?;
+        let mut u = self.device().alloc_output::<T>(m * self.config.rank)?;
+        let mut p = self.params(m, self.config.seed);
+        p.x = x.ptr();
+        p.u = u.ptr_mut();
+        self.extended_down(&mut p, m).map(|_| ())
+    }
+
+    /// The extended weight's row length: `[W | B | bias | 0...]` rows, and x_ext's.
+    pub(crate) fn extended_ld(&self) -> usize {
+        (self.d_in + self.config.rank + 1).div_ceil(8) * 8
     }
 
     fn blas(&self) -> Result<&CudaBlas> {
