@@ -61,13 +61,7 @@ fn matmul_row(
     })?;
     let bytes = (q.bytes() + 2 * m * (k_in + n_out)) as f64;
     let flops = 2.0 * (m * q.rows() * q.cols()) as f64;
-    let kernel = match (path, forward) {
-        (MatmulPath::Gemv, _) => "nf4_gemv_bf16",
-        (MatmulPath::FusedGemm, true) => "nf4_gemm_bf16",
-        (MatmulPath::FusedGemm, false) => "nf4_gemm_dx_bf16",
-        (MatmulPath::DequantizeCublas, true) => "nf4_dequant+cublas_bf16",
-        (MatmulPath::DequantizeCublas, false) => "nf4_dequant+cublas_dx_bf16",
-    };
+    let kernel = path.label(forward, crate::DType::BF16);
     let shape = format!("{m}x{k_in}→{n_out}");
     let op = if forward {
         WeightOp::Transposed
@@ -77,7 +71,7 @@ fn matmul_row(
     with_cublas(
         dev,
         timer,
-        Row::new("nf4", kernel, &shape, &t, bytes, flops, c),
+        Row::new("nf4", &kernel, &shape, &t, bytes, flops, c),
         m,
         n_out,
         k_in,

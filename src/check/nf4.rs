@@ -185,15 +185,8 @@ where
         .collect();
     let err = rel_l2(&got_checked, &expected);
     let t = time_if(dev, c.timed, || run(&mut out))?;
-    let name = match (path, forward) {
-        (MatmulPath::Gemv, _) => format!("nf4_gemv_{}", T::DTYPE),
-        (MatmulPath::FusedGemm, true) => format!("nf4_gemm_{}", T::DTYPE),
-        (MatmulPath::FusedGemm, false) => format!("nf4_gemm_dx_{}", T::DTYPE),
-        (MatmulPath::DequantizeCublas, true) => format!("nf4_dequant_cublas_{}", T::DTYPE),
-        (MatmulPath::DequantizeCublas, false) => format!("nf4_dequant_cublas_dx_{}", T::DTYPE),
-    };
     Ok(row(
-        name,
+        path.label(forward, T::DTYPE),
         dev,
         &c,
         Measure::RelL2(matmul_bound(T::DTYPE, k_in)),

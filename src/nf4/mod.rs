@@ -353,6 +353,21 @@ pub enum MatmulPath {
     DequantizeCublas,
 }
 
+impl MatmulPath {
+    /// The name checks and benchmarks give this path's forward (or backward dX) with
+    /// `dtype` activations: its kernel's, e.g. `nf4_gemm_dx_bf16`.
+    pub fn label(self, forward: bool, dtype: DType) -> String {
+        let stem = match (self, forward) {
+            (MatmulPath::Gemv, _) => "nf4_gemv",
+            (MatmulPath::FusedGemm, true) => "nf4_gemm",
+            (MatmulPath::FusedGemm, false) => "nf4_gemm_dx",
+            (MatmulPath::DequantizeCublas, true) => "nf4_dequant_cublas",
+            (MatmulPath::DequantizeCublas, false) => "nf4_dequant_cublas_dx",
+        };
+        format!("{stem}_{dtype}")
+    }
+}
+
 /// Rows of activations up to which the forward takes the GEMV when cuBLAS is present (past
 /// them, and for every backward, dequantize + cuBLAS). Measured on an H200
 /// (bench/results/2026-11-26T0852-h200.md, 4096→11008 and 11008→4096, bf16): the GEMV took
