@@ -329,5 +329,16 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
             c,
         ));
     }
+    // What the timer reports for next to no work: the floor under every short row.
+    let t = time_copy(dev, timer, 4096)?;
+    rows.push(Row::new(
+        "baseline",
+        "d2d copy (timer floor)",
+        "4 KiB",
+        &t,
+        8192.0,
+        0.0,
+        c,
+    ));
     Ok(rows)
 }
