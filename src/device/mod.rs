@@ -53,6 +53,12 @@ impl LaunchConfig {
             shared_bytes: 0,
         }
     }
+
+    /// [`Self::grid_stride`] with a warp, not a thread, per item (kernels that loop with
+    /// `warp_start`/`warp_stride`).
+    pub fn warp_stride(n: u64, threads: u32, max_blocks: u32) -> Self {
+        Self::grid_stride(n.saturating_mul(32), threads, max_blocks)
+    }
 }
 
 /// A kernel entry point: the PTX module (one per `cuda/<module>.cu`) and the entry name.

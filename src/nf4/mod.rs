@@ -25,7 +25,6 @@ use crate::reference::nf4::{check_blocksize, dynamic_map, Absmax, NestedAbsmax, 
 
 const MODULE: &str = "nf4";
 const THREADS: u32 = 256;
-const WARPS: u32 = THREADS / 32;
 const MAX_BLOCKS: u32 = 1 << 16;
 /// Rows of activations up to which the GEMV runs (it is instantiated for 1, 2, 4, 8, 16).
 pub const GEMV_MAX_ROWS: usize = 16;
@@ -138,11 +137,7 @@ impl Nf4Weight {
             numel: numel as u64,
             blocksize: blocksize as u32,
         };
-        let cfg = LaunchConfig::grid_stride(blocks as u64, WARPS, MAX_BLOCKS);
-        let cfg = LaunchConfig {
-            block: (THREADS, 1, 1),
-            ..cfg
-        };
+        let cfg = LaunchConfig::warp_stride(blocks as u64, THREADS, MAX_BLOCKS);
         // SAFETY: w holds numel elements of T; codes, absmax and the flag are sized above.
         unsafe { dev.launch(&kernel(format!("nf4_quantize_{}", T::DTYPE)), cfg, &p)? };
         if nonfinite.to_host()?[0] != 0 {
@@ -322,10 +317,7 @@ fn nest(dev: &Device, absmax: &Buffer<f32>) -> Result<DeviceAbsmax> {
     };
     // SAFETY: every buffer is sized for `blocks` absmaxes above.
     unsafe { dev.launch(&kernel("nf4_absmax_mean".into()), one_block, &p)? };
-    let cfg = LaunchConfig {
-        block: (THREADS, 1, 1),
-        ..LaunchConfig::grid_stride(groups as u64, WARPS, MAX_BLOCKS)
-    };
+    let cfg = LaunchConfig::warp_stride(groups as u64, THREADS, MAX_BLOCKS);
     // SAFETY: as above; the offset was written by the previous launch on the same stream.
     unsafe { dev.launch(&kernel("nf4_quantize_nested".into()), cfg, &p)? };
     let offset = offset.to_host()?[0];
@@ -415,7 +407,7 @@ fn fused_launch(
         let warps = rows.div_ceil(rows_per_warp) as u64;
         return (
             kernel(format!("nf4_gemv_{act}_m{bucket}")),
-            LaunchConfig::grid_stride(warps * 32, THREADS, MAX_BLOCKS),
+            LaunchConfig::warp_stride(warps, THREADS, MAX_BLOCKS),
         );
     }
     let n_out = if forward { rows } else { cols };
