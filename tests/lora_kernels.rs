@@ -321,8 +321,9 @@ fn extended_layouts_are_what_cublas_reads() {
         // Unsplit, then split over K into more ranges than K has tiles (one is empty); m · d_in
         // is not a multiple of 4, so the fixup's last group of four is partial.
         let mut unsplit: Option<(Vec<bf16>, Vec<bf16>)> = None;
-        let ld = (d_in + rank + 1).div_ceil(8) * 8;
-        let dy_ld = (d_out + rank).div_ceil(8) * 8;
+        // Rows padded to 64 elements, as the layer pads them.
+        let ld = (d_in + rank + 1).div_ceil(64) * 64;
+        let dy_ld = (d_out + rank).div_ceil(64) * 64;
         let x: Vec<bf16> = random_vec(&mut rng, m * d_in, 1.0);
         let dy: Vec<bf16> = random_vec(&mut rng, m * d_out, 1.0);
         let a: Vec<bf16> = random_vec(&mut rng, rank * d_in, 0.3);

@@ -18,7 +18,7 @@
 //! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
 //!   bench/results): the layer keeps W inside an extended weight
-//!   `[W | B | bias | 0] over [A | 0]` (rows `ld = ⌈in + rank + 1⌉₈` apart), the
+//!   `[W | B | bias | 0] over [A | 0]` (rows `ld = ⌈in + rank + 1⌉₆₄` apart), the
 //!   down-projection also writes `x_ext = [x | u | 1 | 0]`, and `y = x_ext · Wextᵀ` is one
 //!   GEMM; backward writes `dy_ext = [dY | v | 0]` and `dX = dy_ext · [W ; A]`. Under dropout
 //!   the masked low-rank term of dX cannot ride along K: cuBLAS computes `dY W` and one more
@@ -109,6 +109,13 @@ fn kernel(name: String) -> Kernel {
         module: MODULE,
         name,
     }
+}
+
+/// The row length of an extended matrix of `cols` columns: a multiple of 64 elements, so
+/// every row starts on a 128-byte boundary, as cuBLAS's fastest (TMA) kernels and whole
+/// memory sectors want; the padding is zeros, and the forward GEMM runs K over it.
+fn padded_ld(cols: usize) -> usize {
+    cols.div_ceil(64) * 64
 }
 
 fn tiles(rows: usize, cols: usize, splits: u32) -> LaunchConfig {
@@ -282,8 +289,6 @@ impl<T: FloatElem> LoraLinear<T> {
         launched
     }
 
-    /// Row length of the extended weight and of `x_ext`: `[in | rank | bias | padding]`,
-    /// a multiple of 8 elements (16-byte rows for cuBLAS).
     pub fn config(&self) -> &LoraConfig {
         &self.config
     }
@@ -449,7 +454,7 @@ impl<T: FloatElem> LoraLinear<T> {
 
     /// The extended weight's row length: `[W | B | bias | 0...]` rows, and x_ext's.
     pub(crate) fn extended_ld(&self) -> usize {
-        (self.d_in + self.config.rank + 1).div_ceil(8) * 8
+        padded_ld(self.d_in + self.config.rank + 1)
     }
 
     fn blas(&self) -> Result<&CudaBlas> {
@@ -576,7 +581,7 @@ impl<T: FloatElem> LoraLinear<T> {
                     self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
                     None
                 } else {
-                    let dy_ld = (self.d_out + r).div_ceil(8) * 8;
+                    let dy_ld = padded_ld(self.d_out + r);
                     let mut dy_ext = dev.alloc_output::<T>(m * dy_ld)?;
                     p.dy_ext = dy_ext.ptr_mut();
                     p.dy_ld = dy_ld as u64;
