@@ -112,8 +112,9 @@ fn kernel(name: String) -> Kernel {
 }
 
 /// The row length of an extended matrix of `cols` columns: a multiple of 64 elements, so
-/// every row starts on a 128-byte boundary, as cuBLAS's fastest (TMA) kernels and whole
-/// memory sectors want; the padding is zeros, and the forward GEMM runs K over it.
+/// every row starts on a 128-byte cache line (TMA needs only 16-byte strides; unaligned rows
+/// split loads across lines, and K a multiple of 64 leaves cuBLAS no partial K tile). The
+/// padding is zeros, and the forward GEMM runs K over it.
 fn padded_ld(cols: usize) -> usize {
     cols.div_ceil(64) * 64
 }
