@@ -108,6 +108,16 @@ PY
     echo "skipped (dry run)" | tee -a "$log"
   fi
 
+  # The driver JIT-compiles the PTX itself: its registers and local memory are the real ones
+  # (the build checks' ptxas only predicts them).
+  step "kernel resources as the driver compiled them"
+  if [ -z "$dry" ]; then
+    timeout 120 "$bundle/fk" kernels --resources >"$work/resources.txt" 2>&1
+    tail -1 "$work/resources.txt" | tee -a "$log"
+  else
+    echo "skipped (dry run)" | tee "$work/resources.txt" | tee -a "$log"
+  fi
+
   # GPU tests (FK_BACKENDS=gpu: the emulated ones run in CI).
   run_tests() {
     local which=$1

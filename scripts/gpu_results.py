@@ -60,6 +60,7 @@ def main():
     stem = f"{when[:10]}T{when[11:13]}{when[14:16]}-{slug}" if len(when) >= 16 else f"{when}-{slug}"
     tests = {w: parse_tests(read(os.path.join(work, f"tests-{w}.txt"))) for w in ("committed", "rebuilt")}
     sanitizer = read(os.path.join(work, "sanitizer.txt")).strip()
+    resources = read(os.path.join(work, "resources.txt")).strip()
     check = read(os.path.join(work, "check.txt")).strip()
     bench = json.loads(read(os.path.join(work, "bench.json"), "[]") or "[]")
     bench_md = read(os.path.join(work, "bench.md")).strip()
@@ -76,6 +77,7 @@ def main():
         "sanitizer": sanitizer.splitlines(),
         "check": check.splitlines(),
         "regdump": regdump,
+        "resources": resources.splitlines(),
         "bench": bench,
         "torch": torch_rows,
     }
@@ -96,6 +98,7 @@ def main():
     md += ["## PTX rebuilt on the machine", "", "```", ptx, "```", ""]
     md += ["## compute-sanitizer (`fk check --small`)", "", "```", sanitizer, "```", ""]
     md += ["## Register dump", "", ", ".join(regdump) or "not recorded", ""]
+    md += ["## Kernel resources as the driver compiled them (`fk kernels --resources`)", "", "```", resources or "not run", "```", ""]
     md += ["## fk check (realistic shapes)", "", "```", check, "```", ""]
     md += ["## Benchmarks", "", bench_md or "not run", ""]
     if torch_rows:
@@ -120,6 +123,7 @@ def main():
             print("sanitizer " + line[:110])
     print(next((l for l in check.splitlines() if "checks," in l), "fk check: no summary"))
     print(f"register dump: {', '.join(regdump) or 'none'}")
+    print(next((l for l in resources.splitlines() if l.startswith("kernels with local memory")), "kernel resources: not run"))
     for r in bench:
         base = f" vs {r['baseline']} {r['baseline_us']:.1f}" if r.get("baseline") else ""
         print(f"{r['kernel']:<32} {r['shape']:<28} {r['time_us']:9.2f} us {100 * r['fraction_of_floor']:5.0f}% of floor{base}")

@@ -4,7 +4,8 @@
 //!   fk check [--small] [--seed N] every kernel against its reference; exit 0 only if all pass
 //!   fk regdump --out FILE [--rcp-table FILE]         record tensor-core register layouts on this GPU
 //!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
-//!   fk kernels                    every (module, kernel) the Rust side can launch
+//!   fk kernels [--resources]      every (module, kernel) the Rust side can launch; with
+//!                                 --resources, each as this GPU's driver compiled it
 //!   fk merge BASE ADAPTER_DIR OUT a PEFT LoRA adapter merged into a safetensors checkpoint
 //!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
 
@@ -17,7 +18,7 @@ use finetune_kernels::{regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,14 +32,11 @@ fn main() -> ExitCode {
         Some("bench") => run_bench(&args[1..]).map(|_| true),
         Some("quantize") => run_quantize(&args[1..]).map(|_| true),
         Some("merge") => run_merge(&args[1..]).map(|_| true),
+        Some("kernels") if args.get(1).is_some_and(|a| a == "--resources") => {
+            run_resources().map(|_| true)
+        }
         Some("kernels") => {
-            for k in finetune_kernels::sparse::kernels()
-                .into_iter()
-                .chain(finetune_kernels::nf4::kernels())
-                .chain(finetune_kernels::philox::kernels())
-                .chain(finetune_kernels::lora::kernels())
-                .chain(regdump::kernels())
-            {
+            for k in all_kernels() {
                 println!("{} {}", k.module, k.name);
             }
             Ok(true)
@@ -132,6 +130,49 @@ fn run_check(args: &[String]) -> Result<bool, String> {
     let failed = rows.iter().filter(|r| !r.pass()).count();
     println!("\n{} checks, {} failed", rows.len(), failed);
     Ok(failed == 0)
+}
+
+fn all_kernels() -> Vec<finetune_kernels::device::Kernel> {
+    finetune_kernels::sparse::kernels()
+        .into_iter()
+        .chain(finetune_kernels::nf4::kernels())
+        .chain(finetune_kernels::philox::kernels())
+        .chain(finetune_kernels::lora::kernels())
+        .chain(regdump::kernels())
+        .collect()
+}
+
+/// Every kernel as the driver's JIT compiled it: registers, local memory (spills the build
+/// checks' ptxas did not predict), static shared memory, and blocks per SM at 256 threads.
+fn run_resources() -> Result<(), String> {
+    let dev = Device::best().map_err(|e| e.to_string())?;
+    let Device::Cuda(cuda) = &dev else {
+        return Err("kernel resources are the driver's compile: they need a GPU".into());
+    };
+    println!(
+        "{:<40} {:>5} {:>6} {:>7} {:>8} {:>10}",
+        "kernel", "regs", "local", "smem", "threads", "blocks/SM"
+    );
+    let mut local = 0;
+    for k in all_kernels() {
+        match cuda.resources(&k, 256) {
+            Ok(r) => {
+                local += (r.local_bytes > 0) as usize;
+                println!(
+                    "{:<40} {:>5} {:>6} {:>7} {:>8} {:>10}",
+                    k.name,
+                    r.registers,
+                    r.local_bytes,
+                    r.static_smem_bytes,
+                    r.max_threads,
+                    r.blocks_per_sm
+                );
+            }
+            Err(e) => println!("{:<40} error: {e}", k.name),
+        }
+    }
+    println!("kernels with local memory: {local}");
+    Ok(())
 }
 
 fn run_regdump(args: &[String]) -> Result<(), String> {

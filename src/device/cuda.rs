@@ -58,6 +58,19 @@ unsafe impl Sync for Function {}
 
 /// One GPU: its primary context (shared with other frameworks in the process), a stream,
 /// and the modules loaded so far.
+/// A kernel as the driver compiled it (`CudaDevice::resources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelResources {
+    pub registers: u32,
+    /// Local memory per thread: spills or a stack frame the build checks did not see.
+    pub local_bytes: u32,
+    pub static_smem_bytes: u32,
+    /// The most threads a block of it may have (launch bounds, registers).
+    pub max_threads: u32,
+    /// Resident blocks per multiprocessor at the block size asked for.
+    pub blocks_per_sm: u32,
+}
+
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -340,6 +353,38 @@ impl CudaDevice {
             .map_err(|e| Error::driver("cuModuleGetFunction", e))?;
         functions.insert(kernel.name.clone(), Function(f));
         Ok(Function(f))
+    }
+
+    /// What the driver's JIT made of `kernel` (its own compile of the PTX, which the build
+    /// checks' pinned ptxas only predicts), and how many blocks of `block_threads` fit on a
+    /// multiprocessor (fewer threads if the kernel allows fewer).
+    pub fn resources(&self, kernel: &Kernel, block_threads: u32) -> Result<KernelResources> {
+        use sys::CUfunction_attribute as A;
+        let f = self.function(kernel)?;
+        // SAFETY: `f` is a live function handle of this context.
+        let get = |attr| unsafe { result::function::get_function_attribute(f.0, attr) };
+        let attr = |attr, name| get(attr).map_err(|e| Error::driver(name, e));
+        let max_threads = attr(
+            A::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+            "cuFuncGetAttribute",
+        )?;
+        Ok(KernelResources {
+            registers: attr(A::CU_FUNC_ATTRIBUTE_NUM_REGS, "cuFuncGetAttribute")? as u32,
+            local_bytes: attr(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, "cuFuncGetAttribute")? as u32,
+            static_smem_bytes: attr(A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, "cuFuncGetAttribute")?
+                as u32,
+            max_threads: max_threads as u32,
+            // SAFETY: as above.
+            blocks_per_sm: unsafe {
+                result::occupancy::max_active_block_per_multiprocessor(
+                    f.0,
+                    (block_threads as i32).min(max_threads),
+                    0,
+                )
+            }
+            .map_err(|e| Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?
+                as u32,
+        })
     }
 
     /// Launches `kernel` on `stream` with its params struct.

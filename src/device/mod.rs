@@ -10,7 +10,7 @@ mod cuda;
 pub mod emu;
 pub mod ptx;
 
-pub use cuda::{probe_driver, CudaDevice, DriverInfo};
+pub use cuda::{probe_driver, CudaDevice, DriverInfo, KernelResources};
 pub use emu::{EmuDevice, EmuOptions, Schedule};
 pub use ptx::Target;
 
