@@ -59,10 +59,10 @@ pub enum LoraPath {
 }
 
 /// Where the base weight lives: a dense W is kept compact (Fused) or inside the extended
-/// weight (Extended, rows `ld` apart, `[out + rank, ld]`); an NF4 weight stays NF4 and is
-/// dequantized into a scratch extended weight per call on the Extended path.
+/// weight (Extended, `[out + rank, extended_ld]`: see `LoraLinear::dense_ld`); an NF4 weight
+/// stays NF4 and is dequantized into a scratch extended weight per call on the Extended path.
 enum Base<T: FloatElem> {
-    Dense { w: Buffer<T>, ld: usize },
+    Dense(Buffer<T>),
     Nf4(Box<Nf4Weight>),
 }
 
@@ -184,7 +184,7 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraPath::Fused
         };
         let base = match base {
-            LoraBase::Dense(w) => Base::Dense { w, ld: d_in },
+            LoraBase::Dense(w) => Base::Dense(w),
             LoraBase::Nf4(q) => Base::Nf4(q),
         };
         let layer = LoraLinear {
@@ -213,20 +213,27 @@ impl<T: FloatElem> LoraLinear<T> {
                 why: "the extended path needs a GPU with cuBLAS".into(),
             });
         }
-        if let Base::Dense { w, ld } = &self.base {
-            let (rows, new_ld) = match path {
-                LoraPath::Extended => (self.d_out + self.config.rank, self.extended_ld()),
-                LoraPath::Fused => (self.d_out, self.d_in),
+        if let Base::Dense(w) = &self.base {
+            let (ld, new_ld) = (self.dense_ld(self.path), self.dense_ld(path));
+            let rows = match path {
+                LoraPath::Extended => self.d_out + self.config.rank,
+                LoraPath::Fused => self.d_out,
             };
             let mut moved = self.device().zeros::<T>(rows * new_ld)?;
-            moved.copy_rows_from(w, self.d_out, self.d_in, *ld, new_ld)?;
-            self.base = Base::Dense {
-                w: moved,
-                ld: new_ld,
-            };
+            moved.copy_rows_from(w, self.d_out, self.d_in, ld, new_ld)?;
+            self.base = Base::Dense(moved);
         }
         self.path = path;
         Ok(self)
+    }
+
+    /// The row stride of a dense base on `path`: compact on the fused path, the extended
+    /// weight's on the extended one.
+    fn dense_ld(&self, path: LoraPath) -> usize {
+        match path {
+            LoraPath::Fused => self.d_in,
+            LoraPath::Extended => self.extended_ld(),
+        }
     }
 
     pub fn path(&self) -> LoraPath {
@@ -314,7 +321,11 @@ impl<T: FloatElem> LoraLinear<T> {
     /// The params every kernel of the layer shares; the per-call buffers start null.
     fn params(&self, m: usize, seed: u64) -> LoraParams {
         let (w, w_ld, nf4) = match &self.base {
-            Base::Dense { w, ld } => (w.ptr(), *ld as u64, params::Nf4Weight::default()),
+            Base::Dense(w) => (
+                w.ptr(),
+                self.dense_ld(self.path) as u64,
+                params::Nf4Weight::default(),
+            ),
             Base::Nf4(q) => (std::ptr::null(), 0, q.params()),
         };
         LoraParams {
@@ -476,7 +487,7 @@ impl<T: FloatElem> LoraLinear<T> {
     fn extended<'a>(&'a self, scratch: &'a Option<Buffer<T>>) -> &'a Buffer<T> {
         match (&self.base, scratch) {
             (_, Some(w)) => w,
-            (Base::Dense { w, .. }, None) => w,
+            (Base::Dense(w), None) => w,
             (Base::Nf4(_), None) => unreachable!("an NF4 base's extended weight is a scratch one"),
         }
     }
@@ -644,7 +655,7 @@ impl<T: FloatElem> LoraLinear<T> {
 
     /// The merged dense weight `W + scale · B A` (`[out, in]`), for a dense base.
     pub fn merged(&self) -> Result<Buffer<T>> {
-        let Base::Dense { .. } = &self.base else {
+        let Base::Dense(_) = &self.base else {
             return Err(Error::Unsupported {
                 op: "lora merge",
                 why: "an NF4 base merges through merged_nf4".into(),
