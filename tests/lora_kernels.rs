@@ -49,6 +49,38 @@ proptest! {
     }
 }
 
+/// The largest rank a layer takes (two full 128-wide tiles of rank) and one short of it,
+/// with dropout and bias, dense and NF4 bases, on every path the device has.
+#[test]
+fn the_largest_rank() {
+    for dev in backends() {
+        for path in paths(&dev) {
+            for (rank, nf4) in [
+                (LoraConfig::MAX_RANK, false),
+                (LoraConfig::MAX_RANK - 1, true),
+            ] {
+                let c = Case {
+                    seed: rand::random(),
+                    m: 37,
+                    d_in: 72,
+                    d_out: 40,
+                    rank,
+                    rslora: true,
+                    dropout: 0.2,
+                    bias: true,
+                    nf4,
+                    timed: false,
+                    path: Some(path),
+                    k_splits: None,
+                };
+                assert_pass(check::forward::<bf16>(&dev, c));
+                assert_pass(check::backward::<bf16>(&dev, c));
+                assert!(check::merge::<f16>(&dev, c).unwrap().pass());
+            }
+        }
+    }
+}
+
 /// Aligned widths (the cp.async paths), ranks past one tile, several row splits, and u and
 /// v split over K (the default below 512 of K is one split).
 #[test]

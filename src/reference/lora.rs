@@ -43,7 +43,8 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    /// The largest rank the fused kernels are built for.
+    /// The largest rank a layer takes. The kernels tile any rank; this bounds the work and
+    /// memory a config can ask for, and the kernel tests run at it.
     pub const MAX_RANK: usize = 256;
 
     /// `alpha / r`, or `alpha / √r` with rsLoRA: computed in f64 as Python does, rounded to
