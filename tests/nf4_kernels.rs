@@ -61,6 +61,38 @@ proptest! {
     }
 }
 
+/// The matmuls at the blocksizes the matmul proptests leave out (256 to 4096): blocks that
+/// span several rows of the weight, and a last block cut short.
+#[test]
+fn matmuls_at_the_large_blocksizes() {
+    for dev in backends() {
+        for &blocksize in &BLOCKSIZES[3..] {
+            let c = Case {
+                seed: rand::random(),
+                rows: 45,
+                cols: 301,
+                m: 19,
+                blocksize,
+                double_quant: blocksize % 512 == 0,
+                timed: false,
+            };
+            for forward in [true, false] {
+                assert_pass(check::matmul::<bf16>(
+                    &dev,
+                    c,
+                    MatmulPath::FusedGemm,
+                    forward,
+                ));
+            }
+            // The GEMV's generic path (301 columns) and its fast one (320).
+            for cols in [301, 320] {
+                let c = Case { m: 3, cols, ..c };
+                assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::Gemv, true));
+            }
+        }
+    }
+}
+
 /// The fast paths (16- and 32-aligned widths, several k-tiles, more than one tile each
 /// way) as well as the generic ones.
 #[test]
