@@ -149,6 +149,20 @@ FK_DEVICE void down(const LoraParams& p) {
   if (p.x_ext) extend_rows(acc, static_cast<T*>(p.x_ext), p.x_ld, p.d_in, m0, n0, p.m, p.rank, factor, true);
 }
 
+// The base weight's segment, dense or NF4, into `acc`: forward (KContig) reads W [d_out ×
+// d_in] with K = d_in; backward dX reads it the other way, K = d_out.
+template <typename T, bool Nf4, bool KContig, class Act, class St>
+FK_DEVICE void base_segment(Accumulators& acc, St& st, Act& act, const LoraParams& p, uint32_t n0) {
+  const uint32_t k_len = KContig ? p.d_in : p.d_out, extent = KContig ? p.d_out : p.d_in;
+  if constexpr (Nf4) {
+    Nf4Source<T, KContig> w{p.nf4, shared_code_table(), n0};
+    run_segment<T>(acc, st, act, w, 0, k_len);
+  } else {
+    DenseSource<T, KContig, kBN> w{as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, n0, extent, k_len};
+    run_segment<T>(acc, st, act, w, 0, k_len);
+  }
+}
+
 template <typename T, bool Nf4>
 FK_DEVICE void forward(const LoraParams& p) {
   FK_SHARED(st, Stages<true, true>);
@@ -158,13 +172,7 @@ FK_DEVICE void forward(const LoraParams& p) {
   DenseSource<T, true, kBN> b{as<T>(p.b), p.rank, n0, p.d_out, p.rank};
   run_segment<T>(acc, st, u, b, 0, p.rank);
   DenseSource<T, true, kBM> x{as<T>(p.x), p.d_in, m0, p.m, p.d_in};
-  if constexpr (Nf4) {
-    Nf4Source<T, true> w{p.nf4, shared_code_table(), n0};
-    run_segment<T>(acc, st, x, w, 0, p.d_in);
-  } else {
-    DenseSource<T, true, kBN> w{as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, n0, p.d_out, p.d_in};
-    run_segment<T>(acc, st, x, w, 0, p.d_in);
-  }
+  base_segment<T, Nf4, true>(acc, st, x, p, n0);
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
 }
 
@@ -223,13 +231,7 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
     });
   }
   DenseSource<T, true, kBM> dy{as<T>(p.dy), p.d_out, m0, p.m, p.d_out};
-  if constexpr (Nf4) {
-    Nf4Source<T, false> w{p.nf4, shared_code_table(), n0};
-    run_segment<T>(acc, st, dy, w, 0, p.d_out);
-  } else {
-    DenseSource<T, false, kBN> w{as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, n0, p.d_in, p.d_out};  // W as [d_out × d_in]
-    run_segment<T>(acc, st, dy, w, 0, p.d_out);
-  }
+  base_segment<T, Nf4, false>(acc, st, dy, p, n0);
   store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in, 1.0f, static_cast<const T*>(nullptr));
 }
 

@@ -2,25 +2,14 @@
 //! backward and merge, bf16 and f16, dense and NF4 bases, with and without dropout, bias and
 //! rsLoRA, at odd shapes and ranks.
 
-use finetune_kernels::check::lora::{self as check, Case};
+use finetune_kernels::check::lora::{self as check, paths, Case};
 use finetune_kernels::check::CheckRow;
-use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
+use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear};
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
 use finetune_kernels::testing::{backends, random_vec, rel_l2};
-use finetune_kernels::Device;
 use finetune_kernels::{bf16, f16, Error};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
-
-/// The paths a device can run: the fused kernels everywhere, the cuBLAS-extended one on a
-/// GPU with cuBLAS.
-fn paths(dev: &Device) -> Vec<LoraPath> {
-    let mut p = vec![LoraPath::Fused];
-    if dev.has_cublas() {
-        p.push(LoraPath::Extended);
-    }
-    p
-}
 
 fn assert_pass(rows: finetune_kernels::Result<Vec<CheckRow>>) {
     for row in rows.unwrap() {
@@ -60,18 +49,12 @@ fn the_largest_rank() {
                 (LoraConfig::MAX_RANK - 1, true),
             ] {
                 let c = Case {
-                    seed: rand::random(),
-                    m: 37,
-                    d_in: 72,
-                    d_out: 40,
-                    rank,
                     rslora: true,
                     dropout: 0.2,
                     bias: true,
                     nf4,
-                    timed: false,
                     path: Some(path),
-                    k_splits: None,
+                    ..Case::new(rand::random(), 37, 72, 40, rank)
                 };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
@@ -95,18 +78,12 @@ fn aligned_shapes_large_ranks_and_many_splits() {
                     (0.3, false, Some(2)),
                 ] {
                     let c = Case {
-                        seed: rand::random(),
-                        m,
-                        d_in,
-                        d_out,
-                        rank,
-                        rslora: false,
                         dropout,
                         bias: true,
                         nf4,
-                        timed: false,
                         path: Some(path),
                         k_splits,
+                        ..Case::new(rand::random(), m, d_in, d_out, rank)
                     };
                     assert_pass(check::forward::<bf16>(&dev, c));
                     assert_pass(check::backward::<bf16>(&dev, c));
@@ -120,18 +97,8 @@ fn aligned_shapes_large_ranks_and_many_splits() {
 fn merge_matches_the_reference() {
     for dev in backends() {
         let c = Case {
-            seed: rand::random(),
-            m: 1,
-            d_in: 77,
-            d_out: 133,
-            rank: 9,
             rslora: true,
-            dropout: 0.0,
-            bias: false,
-            nf4: false,
-            timed: false,
-            path: None,
-            k_splits: None,
+            ..Case::new(rand::random(), 1, 77, 133, 9)
         };
         for path in paths(&dev) {
             let c = Case {

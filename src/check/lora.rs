@@ -31,6 +31,37 @@ pub struct Case {
     pub k_splits: Option<u32>,
 }
 
+impl Case {
+    /// A `[m, d_in] → [m, d_out]` layer of rank `rank` with a dense base and nothing else:
+    /// no dropout, bias or rsLoRA, untimed, on the path and K splits the layer picks.
+    pub fn new(seed: u64, m: usize, d_in: usize, d_out: usize, rank: usize) -> Case {
+        Case {
+            seed,
+            m,
+            d_in,
+            d_out,
+            rank,
+            rslora: false,
+            dropout: 0.0,
+            bias: false,
+            nf4: false,
+            timed: false,
+            path: None,
+            k_splits: None,
+        }
+    }
+}
+
+/// The paths `dev` runs: the fused kernels everywhere, the cuBLAS-extended layer where
+/// cuBLAS is.
+pub fn paths(dev: &Device) -> Vec<LoraPath> {
+    let mut p = vec![LoraPath::Fused];
+    if dev.has_cublas() {
+        p.push(LoraPath::Extended);
+    }
+    p
+}
+
 impl CheckCase for Case {
     fn seed(&self) -> u64 {
         self.seed
@@ -274,27 +305,9 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     } else {
         (37, 131, 45, 5)
     };
-    let base = Case {
-        seed,
-        m,
-        d_in,
-        d_out,
-        rank,
-        rslora: false,
-        dropout: 0.0,
-        bias: false,
-        nf4: false,
-        timed: false,
-        path: None,
-        k_splits: None,
-    };
+    let base = Case::new(seed, m, d_in, d_out, rank);
     let mut rows = Vec::new();
-    let paths: &[LoraPath] = if dev.has_cublas() {
-        &[LoraPath::Fused, LoraPath::Extended]
-    } else {
-        &[LoraPath::Fused]
-    };
-    for &path in paths {
+    for path in paths(dev) {
         for (dropout, bias, nf4, rslora) in [
             (0.0, false, false, false),
             (0.1, true, false, true),
