@@ -438,36 +438,32 @@ fn mma_bf16_follows_the_ptx_isa_formulas() {
     }
 }
 
-/// Writing past the dynamic shared memory is caught by AddressSanitizer; this test runs in
-/// the ASan CI step (`FK_EMU_ASAN=1`), where the emulator is built instrumented. The
-/// out-of-bounds write aborts the process, so the test re-runs itself as a child.
+/// Writing past dynamic or static (FK_SHARED) shared memory is caught by AddressSanitizer;
+/// this test runs in the ASan CI step (`FK_EMU_ASAN=1`), where the emulator is built
+/// instrumented. The out-of-bounds write aborts the process, so the test re-runs itself as
+/// a child, once per kernel.
 #[cfg(fk_emu_asan)]
 #[test]
 fn out_of_bounds_shared_write_is_caught_by_asan() {
-    if std::env::var("FK_EMU_OOB_CHILD").is_ok() {
-        let _ = run(
-            &emu(Schedule::Forward),
-            "emu_test_oob_shared",
-            &[0.0],
-            32,
-            32,
-            16,
-        );
+    if let Ok(kernel) = std::env::var("FK_EMU_OOB_CHILD") {
+        let _ = run(&emu(Schedule::Forward), &kernel, &[0.0], 32, 32, 16);
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "out_of_bounds_shared_write_is_caught_by_asan",
-            "--nocapture",
-        ])
-        .env("FK_EMU_OOB_CHILD", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("heap-buffer-overflow"),
-        "ASan did not report: {stderr}"
-    );
+    for kernel in ["emu_test_oob_shared", "emu_test_oob_static_shared"] {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "out_of_bounds_shared_write_is_caught_by_asan",
+                "--nocapture",
+            ])
+            .env("FK_EMU_OOB_CHILD", kernel)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("heap-buffer-overflow"),
+            "{kernel}: ASan did not report: {stderr}"
+        );
+    }
 }

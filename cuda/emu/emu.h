@@ -79,21 +79,17 @@ uint64_t warp_collective(Site site, WarpOp op, unsigned mask, uint64_t value, in
 unsigned active_mask();
 [[noreturn]] void fail(Site site, const char* what);
 unsigned char* dyn_smem_base();
-// Changes with every block an OS thread starts (never 0).
-uint64_t block_generation();
+// The running block's storage for the FK_SHARED declaration `key` names: `bytes` on the
+// heap, 16-byte aligned, filled with 0xFF (NaN in every float type) at the block's first
+// use and freed with the block, so AddressSanitizer sees accesses past its end.
+void* block_shared(const void* key, size_t bytes);
 
-// The storage of one FK_SHARED declaration (Tag: a lambda's type, unique to it) on this OS
-// thread, filled with 0xFF (NaN in every float type) when a block first reaches it.
+// One FK_SHARED declaration's storage (Tag: a lambda's type, unique to the declaration).
 template <typename T, typename Tag>
 T& block_shared(Tag) {
   static_assert(std::is_trivially_default_constructible<T>::value, "shared memory holds plain data");
-  alignas(16) static thread_local T storage;
-  static thread_local uint64_t generation = 0;
-  if (generation != block_generation()) {
-    std::memset(static_cast<void*>(&storage), 0xFF, sizeof(T));
-    generation = block_generation();
-  }
-  return storage;
+  static char key;  // its address names the declaration (not const: never merged)
+  return *static_cast<T*>(block_shared(&key, sizeof(T)));
 }
 
 // Bit casts through memcpy (no aliasing games).

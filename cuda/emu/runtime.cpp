@@ -103,10 +103,10 @@ struct Block {
   uint32_t schedule = FK_EMU_SCHEDULE_FORWARD;
   std::mt19937_64 rng;
   float (*rcp_approx_ftz)(float) = nullptr;
-  uint64_t generation = 0;  // unique to the block being run, across launches and threads
+  // FK_SHARED storage, by declaration: created at first use, dropped at the next block.
+  std::map<const void*, std::vector<unsigned char>> shared;
 };
 
-std::atomic<uint64_t> g_block_generations{0};
 thread_local Block* t_block = nullptr;
 thread_local Fiber* t_fiber = nullptr;
 
@@ -486,7 +486,11 @@ Fiber* current_fiber() { return t_fiber; }
 
 unsigned char* dyn_smem_base() { return t_block->smem.data(); }
 
-uint64_t block_generation() { return t_block->generation; }
+void* block_shared(const void* key, size_t bytes) {
+  std::vector<unsigned char>& s = t_block->shared[key];
+  if (s.empty()) s.assign(bytes, 0xFF);  // operator new: 16-byte aligned on x86-64
+  return s.data();
+}
 
 [[noreturn]] void fail(Site site, const char* what) {
   Block& b = *t_block;
@@ -593,7 +597,7 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
       for (unsigned t = 0; t < threads; ++t)
         b.fibers[t].tid = uint3{t % block[0], t / block[0] % block[1], t / block[0] / block[1]}, b.fibers[t].linear = t;
       b.smem.assign(dynamic_smem, 0xFF);  // poison: NaN in every float type
-      b.generation = ++g_block_generations;  // and FK_SHARED storage at its first use
+      b.shared.clear();                   // FK_SHARED storage: fresh poison at first use
       b.error.clear();
       b.rng.seed(splitmix(opt.seed ^ splitmix(id)));
       if (!run_block(b, stack_size)) {

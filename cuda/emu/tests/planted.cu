@@ -100,6 +100,13 @@ FK_KERNEL(emu_test_oob_shared, EmuTestParams) {
   p.out[threadIdx.x] = 0.0f;
 }
 
+// Bug: writes one element past a static shared array; ASan builds catch it.
+FK_KERNEL(emu_test_oob_static_shared, EmuTestParams) {
+  FK_SHARED(s, float[32]);
+  if (threadIdx.x == 0) s[16 + p.n] = 1.0f;  // the test passes n = 16
+  p.out[threadIdx.x] = s[threadIdx.x % 32];
+}
+
 // Bug: __syncwarp orders a warp, not the block: reading another warp's write needs
 // __syncthreads. Caught only when one warp can run ahead of another.
 FK_KERNEL(emu_test_cross_warp_race, EmuTestParams) {
