@@ -213,12 +213,9 @@ FK_DEVICE void rank_reduce(const LoraParams& p, void* out_, void* ext_, uint64_t
   }
 }
 
-template <typename T, bool Nf4>
-FK_DEVICE void backward_dx(const LoraParams& p) {
-  FK_SHARED(st, Stages<true, false>);
-  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  Accumulators acc = {};
-  // The LoRA part first, alone in the accumulators, so the mask applies to it only.
+// The LoRA part of this tile of dX, mask ⊙ (v A) / (1 - p), into the (empty) accumulators.
+template <typename T, class St>
+FK_DEVICE void masked_lora_dx(Accumulators& acc, St& st, const LoraParams& p, uint32_t m0, uint32_t n0) {
   DenseSource<T, true, kBM> v{as<T>(p.v), p.rank, m0, p.m, p.rank};
   DenseSource<T, false, kBN> a{as<T>(p.a), p.d_in, n0, p.d_in, p.rank};  // A as [rank × d_in]
   run_segment<T>(acc, st, v, a, 0, p.rank);
@@ -230,6 +227,15 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
       z = (m0 + r < p.m && n0 + c < p.d_in && mask.kept(e)) ? z * inv_keep : 0.0f;
     });
   }
+}
+
+template <typename T, bool Nf4>
+FK_DEVICE void backward_dx(const LoraParams& p) {
+  FK_SHARED(st, Stages<true, false>);
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  Accumulators acc = {};
+  // The LoRA part first, alone in the accumulators, so the mask applies to it only.
+  masked_lora_dx<T>(acc, st, p, m0, n0);
   DenseSource<T, true, kBM> dy{as<T>(p.dy), p.d_out, m0, p.m, p.d_out};
   base_segment<T, Nf4, false>(acc, st, dy, p, n0);
   store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in, 1.0f, static_cast<const T*>(nullptr));
@@ -320,25 +326,20 @@ FK_DEVICE void extend_weight(const LoraParams& p) {
 }
 
 // dX += mask ⊙ (v A) / (1 - p), when dX = dY W came from cuBLAS (the extended path under
-// dropout, where the masked low-rank term cannot ride along the GEMM's K).
+// dropout, where the masked low-rank term cannot ride along the GEMM's K): backward_dx's
+// LoRA segment, added to dX in the epilogue.
 template <typename T>
 FK_DEVICE void dx_fixup(const LoraParams& p) {
+  FK_SHARED(st, Stages<true, false>);
+  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  Accumulators acc = {};
+  masked_lora_dx<T>(acc, st, p, m0, n0);
   T* dx = static_cast<T*>(p.dx);
-  const T* v = as<T>(p.v);
-  const T* a = as<T>(p.a);
-  const float inv_keep = 1.0f / (1.0f - p.dropout);
-  const uint64_t n = uint64_t(p.m) * p.d_in;
-  // A thread per group of four elements: one Philox call gives their keep bits.
-  for (uint64_t g = grid_start(); g < (n + 3) / 4; g += grid_stride()) {
-    const unsigned keep = dropout_keep_bits(p.seed, g, p.dropout);
-    for (uint64_t e = 4 * g; e < 4 * g + 4 && e < n; ++e) {
-      if (!((keep >> (e % 4)) & 1u)) continue;
-      const uint64_t row = e / p.d_in, col = e % p.d_in;
-      float s = 0.0f;
-      for (uint32_t j = 0; j < p.rank; ++j) s = fmaf(to_f32(v[row * p.rank + j]), to_f32(a[uint64_t(j) * p.d_in + col]), s);
-      dx[e] = from_f32<T>(to_f32(dx[e]) + s * inv_keep);
-    }
-  }
+  for_each(acc, [&](int r, int c, float v) {
+    if (m0 + r >= p.m || n0 + c >= p.d_in) return;
+    T& out = dx[uint64_t(m0 + r) * p.d_in + n0 + c];
+    out = from_f32<T>(to_f32(out) + v);
+  });
 }
 
 }  // namespace
@@ -356,7 +357,7 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_BOUNDS(lora_grad_b_##t, LoraParams, kThreads) { grad_b<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_merge_##t, LoraParams, kThreads) { merge<T>(p); }                      \
   FK_KERNEL(lora_extend_weight_##t, LoraParams) { extend_weight<T>(p); }                         \
-  FK_KERNEL(lora_dx_fixup_##t, LoraParams) { dx_fixup<T>(p); }                                   \
+  FK_KERNEL_BOUNDS(lora_dx_fixup_##t, LoraParams, kThreads) { dx_fixup<T>(p); }                 \
   FK_KERNEL(lora_down_reduce_##t, LoraParams) {                                                  \
     rank_reduce<T>(p, p.u, p.x_ext, p.x_ld, p.d_in, p.scale / (1.0f - p.dropout), true);         \
   }                                                                                              \

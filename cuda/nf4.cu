@@ -4,9 +4,9 @@
 // the backward (dX = dY·Ŵ).
 // Reference: src/reference/nf4.rs. Wrapper: src/nf4/mod.rs. Tests: tests/nf4_kernels.rs.
 //
-// Ŵ is the weight dequantized to the activations' dtype (exactly what nf4_dequantize
-// writes), so every matmul here computes with the same operand values as "dequantize, then
-// a bf16 GEMM", without materializing Ŵ.
+// The GEMM uses Ŵ, the weight dequantized to the activations' dtype (exactly what
+// nf4_dequantize writes), so it computes with the same operand values as "dequantize, then
+// a bf16 GEMM", without materializing Ŵ; the GEMV keeps Ŵ in f32.
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
 #include "include/gemm.cuh"
@@ -56,8 +56,8 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
       store16(ld == cols ? out + e0 : at(e0), v);
     } else {
       const uint64_t end = e0 + 16 < numel ? e0 + 16 : numel;
-      for (uint64_t e = e0; e < end; ++e)
-        *at(e) = from_f32<O>(nf4_value(table, nf4_code(p.w.codes, e), nf4_absmax(p.w, e / p.w.blocksize)));
+      // 16 divides every blocksize: the run is inside one block, whose absmax is above.
+      for (uint64_t e = e0; e < end; ++e) *at(e) = from_f32<O>(nf4_value(table, nf4_code(p.w.codes, e), absmax));
     }
   }
 }

@@ -163,9 +163,10 @@ impl Error {
         Error::check_shape(what, &[expected], got)
     }
 
-    /// Checks that `len` elements fill the shape `dims`.
+    /// Checks that `len` elements fill the shape `dims` (a shape whose size overflows fills
+    /// nothing).
     pub(crate) fn check_shape(what: &str, dims: &[usize], len: usize) -> Result<()> {
-        if dims.iter().product::<usize>() == len {
+        if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) == Some(len) {
             Ok(())
         } else {
             Err(Error::ShapeMismatch {

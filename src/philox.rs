@@ -108,9 +108,6 @@ pub mod raw {
     /// `p.out` must be valid device memory of `dev`'s context for `4 * p.blocks` u32;
     /// `stream` must belong to that context.
     pub unsafe fn random_words(dev: &CudaDevice, stream: CUstream, p: &PhiloxParams) -> Result<()> {
-        if p.blocks == 0 {
-            return Ok(());
-        }
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch(&kernel("philox_u32"), config(p.blocks), stream, p) }
     }
@@ -123,9 +120,6 @@ pub mod raw {
         stream: CUstream,
         p: &DropoutMaskParams,
     ) -> Result<()> {
-        if p.n == 0 {
-            return Ok(());
-        }
         // SAFETY: forwarded from this function's contract.
         unsafe {
             dev.launch(

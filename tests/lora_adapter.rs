@@ -9,7 +9,7 @@ use finetune_kernels::lora::adapter::{
     WEIGHTS_FILE,
 };
 use finetune_kernels::nf4::checkpoint::{read_file, write_atomic, Checkpoint, RawTensor};
-use finetune_kernels::reference::lora::LoraLayer;
+use finetune_kernels::reference::lora::{LoraConfig, LoraLayer};
 use finetune_kernels::reference::nf4;
 use finetune_kernels::testing::{bit_mismatches, random_vec, rel_l2};
 use finetune_kernels::{bf16, Error};
@@ -190,6 +190,28 @@ fn adapters_round_trip() {
     let dir = scratch("ours");
     ours.save(&dir).unwrap();
     assert_eq!(Adapter::load(&dir).unwrap(), ours);
+
+    // A rank past what LoraLinear takes: adapters on disk take any rank, as PEFT does.
+    let r = LoraConfig::MAX_RANK + 44;
+    let wide = Adapter {
+        config: AdapterConfig {
+            r,
+            ..ours.config.clone()
+        },
+        modules: BTreeMap::from([(
+            "model.layers.0.mlp.up_proj".into(),
+            LoraFactors {
+                a: vec![0.5; r * 3],
+                b: vec![-0.25; 2 * r],
+                d_in: 3,
+                d_out: 2,
+                dtype: DType::F32,
+            },
+        )]),
+    };
+    let dir = scratch("wide");
+    wide.save(&dir).unwrap();
+    assert_eq!(Adapter::load(&dir).unwrap(), wide);
     let saved = tensors(&dir.join(WEIGHTS_FILE));
     let key = format!("{KEY_PREFIX}model.layers.0.self_attn.v_proj.lora_B.weight");
     assert_eq!(
@@ -387,6 +409,16 @@ fn bad_tensors_are_typed_errors_naming_the_tensor() {
             b.data = Cow::Owned(vec![0; 29 * 6 * 4]);
         }),
         &[UP_B, "rank 6", "rank 5"],
+    );
+    // B in bf16 against A in f32: a module has one dtype.
+    assert_checkpoint_error(
+        load_edited("mixed", unchanged, |t| {
+            let b = t.get_mut(UP_B).unwrap();
+            let n = b.shape.iter().product::<usize>();
+            b.dtype = Dtype::BF16;
+            b.data = Cow::Owned(vec![0; n * 2]);
+        }),
+        &[UP_B, "bf16", "f32"],
     );
     assert_checkpoint_error(
         load_edited("dora", unchanged, |t| {

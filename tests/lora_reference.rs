@@ -192,7 +192,8 @@ proptest! {
 
 #[test]
 fn odd_shapes_and_the_largest_rank() {
-    let shape = [3, 17, 5, LoraConfig::MAX_RANK];
+    // Past the kernels' limit: the reference (and adapters on disk) take any rank.
+    let shape = [3, 17, 5, LoraConfig::MAX_RANK + 44];
     check_gradients(Case::new(rand::random(), shape, 0.3, true, true));
 }
 
@@ -264,7 +265,6 @@ fn bad_config_and_shapes_are_typed_errors() {
     let case = Case::random(7, 0.0, true, false);
     let bad_configs = [
         (0, 8.0, 0.0),
-        (LoraConfig::MAX_RANK + 1, 8.0, 0.0),
         (4, f32::NAN, 0.0),
         (4, f32::INFINITY, 0.0),
         (4, 8.0, 1.0),

@@ -36,8 +36,9 @@ typedef struct LoraParams {
   const void* dy;    /* [m, d_out] */
   void* v;           /* [m, rank]: written by lora_backward_v, read by dx and grads */
   void* dx;          /* [m, d_in] */
-  float* partials;   /* [splits][rank·d_in + d_out·(rank + 1)], the split-row reductions */
-  uint32_t splits;   /* how many row ranges the weight gradients are split into */
+  float* partials;   /* the split-row reductions: [splits][rank·d_in] (dA), then
+                        [splits][d_out·(rank + 1)] (dB and dbias) */
+  uint32_t splits;   /* how many row ranges the weight gradients are split into, at least 1 */
   float* da;         /* [rank, d_in] */
   float* db;         /* [d_out, rank] */
   float* dbias;      /* [d_out], or NULL */

@@ -16,13 +16,21 @@ const M: usize = 8192;
 const D: usize = 4096;
 const RANK: usize = 16;
 
-fn layer(dev: &Device, nf4: bool, dropout: f32, path: LoraPath) -> Result<LoraLinear<bf16>> {
+/// The benchmarked layer and the bytes of its base weight (bf16, or NF4 with its absmaxes).
+fn layer(
+    dev: &Device,
+    nf4: bool,
+    dropout: f32,
+    path: LoraPath,
+) -> Result<(LoraLinear<bf16>, usize)> {
     let mut rng = StdRng::seed_from_u64(7);
     let w = dev.upload(&random_vec::<bf16>(&mut rng, D * D, 0.02))?;
-    let base = if nf4 {
-        LoraBase::Nf4(Box::new(Nf4Weight::quantize(&w, D, D, 64, true)?))
+    let (base, w_bytes) = if nf4 {
+        let q = Nf4Weight::quantize(&w, D, D, 64, true)?;
+        let bytes = q.bytes();
+        (LoraBase::Nf4(Box::new(q)), bytes)
     } else {
-        LoraBase::Dense(w)
+        (LoraBase::Dense(w), 2 * D * D)
     };
     let a = dev.upload(&random_vec::<bf16>(&mut rng, RANK * D, 0.02))?;
     let b = dev.upload(&random_vec::<bf16>(&mut rng, D * RANK, 0.02))?;
@@ -33,7 +41,10 @@ fn layer(dev: &Device, nf4: bool, dropout: f32, path: LoraPath) -> Result<LoraLi
         dropout,
         seed: 3,
     };
-    LoraLinear::new(base, None, a, b, config)?.with_path(path)
+    Ok((
+        LoraLinear::new(base, None, a, b, config)?.with_path(path)?,
+        w_bytes,
+    ))
 }
 
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
@@ -45,10 +56,14 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
     let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
     let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
-    let bytes = (2 * 2 * M * D + 2 * D * D) as f64;
     for path in [LoraPath::Extended, LoraPath::Fused] {
         for (nf4, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
-            let l = layer(dev, nf4, dropout, path)?;
+            let (l, w_bytes) = layer(dev, nf4, dropout, path)?;
+            // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
+            let (bytes_fwd, bytes_bwd) = (
+                (2 * 2 * M * D + w_bytes) as f64,
+                (3 * 2 * M * D + w_bytes) as f64,
+            );
             let name = format!(
                 "lora_{}{}{}",
                 if path == LoraPath::Extended {
@@ -66,7 +81,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 &format!("{name} forward"),
                 &shape,
                 &t,
-                bytes,
+                bytes_fwd,
                 flops_fwd,
                 c,
             );
@@ -81,7 +96,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 &format!("{name} backward"),
                 &shape,
                 &t,
-                bytes,
+                bytes_bwd,
                 flops_bwd,
                 c,
             );
@@ -105,7 +120,7 @@ fn extended_parts(
     c: &Ceilings,
     x: &crate::Buffer<bf16>,
 ) -> Result<Vec<Row>> {
-    let l = layer(dev, false, 0.0, LoraPath::Extended)?;
+    let (l, _) = layer(dev, false, 0.0, LoraPath::Extended)?;
     let ld = l.extended_ld();
     let shape = format!("{M}x{D}→{D} r{RANK}");
     let mut rows = Vec::new();

@@ -131,7 +131,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     rows.push(row);
     let (_, q_t) = weight(dev, 4096, 11008)?;
     for weight in [&q, &q_t] {
-        for m in [1, 4, 16] {
+        for m in [1, 4, 8, 16] {
             rows.push(matmul_row(
                 dev,
                 timer,
@@ -144,8 +144,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
     }
     let cublas_present = dev.has_cublas();
-    // 4 and 16 rows: where the forward leaves the GEMV (nf4::GEMV_ROWS_WITH_CUBLAS).
-    for m in [4, 16, 64, 8192] {
+    // 4 to 16 rows: where the forward leaves the GEMV (nf4::GEMV_ROWS_WITH_CUBLAS).
+    for m in [4, 8, 16, 64, 8192] {
         for forward in [true, false] {
             rows.push(matmul_row(
                 dev,

@@ -95,13 +95,20 @@ pub enum Scale {
 }
 
 /// Times `f` on a GPU (median of 5 after one warm-up); `None` elsewhere or when not asked.
+/// Outputs are not poisoned while timed (checks turn that on): production skips the fill.
 pub(crate) fn time_if(
     dev: &Device,
     timed: bool,
     f: impl FnMut() -> Result<()>,
 ) -> Result<Option<f64>> {
     match dev {
-        Device::Cuda(d) if timed => Ok(Some(GpuTimer::new(d)?.time(1, 5, f)?.median_us)),
+        Device::Cuda(d) if timed => {
+            let poisoning = d.poison_outputs();
+            d.set_poison_outputs(false);
+            let t = GpuTimer::new(d).and_then(|mut timer| timer.time(1, 5, f));
+            d.set_poison_outputs(poisoning);
+            Ok(Some(t?.median_us))
+        }
         _ => Ok(None),
     }
 }

@@ -35,7 +35,8 @@ pub fn handle(dev: &CudaDevice) -> Result<Option<&CudaBlas>> {
 
 /// Row-major `out[m, n] = a[m, k] · op(w)` with `w` stored `[n, k]` (Transposed) or
 /// `[k, n]` (Plain); f32 accumulation. Rows are `lda`, `ldw`, `ldo` elements apart (at
-/// least the row length), so operands may be column ranges of wider matrices.
+/// least the row length), so operands may be column ranges of wider matrices. Errors if a
+/// buffer cannot hold its rows or a size is past cuBLAS's i32.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: FloatElem>(
     blas: &CudaBlas,
@@ -51,6 +52,26 @@ pub fn matmul<T: FloatElem>(
 where
     CudaBlas: Gemm<T>,
 {
+    let (w_rows, w_cols) = match op {
+        WeightOp::Transposed => (n, k),
+        WeightOp::Plain => (k, n),
+    };
+    for (what, len, rows, cols, ld) in [
+        ("a", a.len(), m, k, lda),
+        ("w", w.len(), w_rows, w_cols, ldw),
+        ("out", out.len(), m, n, ldo),
+    ] {
+        let need = rows
+            .checked_sub(1)
+            .map_or(Some(0), |r| r.checked_mul(ld)?.checked_add(cols));
+        let fits = ld >= cols && need.is_some_and(|need| need <= len);
+        if !fits || [rows, cols, ld].iter().any(|&v| v > i32::MAX as usize) {
+            return Err(Error::Unsupported {
+                op: "cublas matmul",
+                why: format!("{what}: {rows} rows of {cols}, {ld} apart, in {len} elements"),
+            });
+        }
+    }
     // Column-major view: outᵀ[n, m] = op(w)ᵀ-as-stored · aᵀ.
     let transa = match op {
         WeightOp::Transposed => sys::cublasOperation_t::CUBLAS_OP_T,
@@ -68,8 +89,7 @@ where
         beta: T::from_f32(0.0),
         ldc: ldo as i32,
     };
-    // SAFETY: the callers size the buffers for m rows of lda, the weight's rows of ldw, and m
-    // rows of ldo, as cfg describes.
+    // SAFETY: each buffer holds the rows cfg describes (checked above), within i32.
     unsafe { blas.gemm(cfg, w, a, out) }.map_err(|e| Error::Driver {
         call: "cublasGemmEx",
         name: format!("{e:?}"),

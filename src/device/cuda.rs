@@ -56,8 +56,6 @@ struct Function(sys::CUfunction);
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
-/// One GPU: its primary context (shared with other frameworks in the process), a stream,
-/// and the modules loaded so far.
 /// A kernel as the driver compiled it (`CudaDevice::resources`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelResources {
@@ -71,6 +69,8 @@ pub struct KernelResources {
     pub blocks_per_sm: u32,
 }
 
+/// One GPU: its primary context (shared with other frameworks in the process), a stream,
+/// and the modules loaded so far.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -242,6 +242,11 @@ impl CudaDevice {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    pub(crate) fn poison_outputs(&self) -> bool {
+        self.poison_outputs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A buffer for a kernel to overwrite whole: poisoned when asked, otherwise left as the
     /// pool hands it out (no fill pass over outputs on the hot path).
     pub(crate) fn alloc_output<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
@@ -399,6 +404,9 @@ impl CudaDevice {
         stream: sys::CUstream,
         params: &P,
     ) -> Result<()> {
+        if cfg.is_empty() {
+            return Ok(());
+        }
         let f = self.function(kernel)?;
         if cfg.shared_bytes > 48 * 1024 {
             // SAFETY: `f` is a live function handle of this context.

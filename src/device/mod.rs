@@ -54,6 +54,22 @@ impl LaunchConfig {
         }
     }
 
+    /// A grid with no blocks: launches skip it (the driver would refuse it).
+    pub fn is_empty(&self) -> bool {
+        self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0
+    }
+
+    /// The grid of the tile GEMM (`cuda/include/gemm.cuh`): a block per
+    /// `FK_GEMM_TILE`-square tile of a `rows × cols` output, `z` deep (splits).
+    pub fn tiles(rows: usize, cols: usize, z: u32) -> Self {
+        let tile = crate::params::FK_GEMM_TILE as usize;
+        LaunchConfig {
+            grid: (cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, z),
+            block: (crate::params::FK_GEMM_THREADS, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
     /// [`Self::grid_stride`] with a warp, not a thread, per item (kernels that loop with
     /// `warp_start`/`warp_stride`).
     pub fn warp_stride(n: u64, threads: u32, max_blocks: u32) -> Self {
@@ -212,7 +228,9 @@ impl Device {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        if cfg.grid.0 == 0 || cfg.grid.1 == 0 || cfg.grid.2 == 0 {
+        // The emulator's empty grids stop here; CudaDevice::launch checks its own (raw
+        // entry points reach it directly).
+        if cfg.is_empty() {
             return Ok(());
         }
         match self {

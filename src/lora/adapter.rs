@@ -402,7 +402,12 @@ impl Adapter {
             let a_name = a.ok_or_else(|| missing(A_SUFFIX))?;
             let b_name = b.ok_or_else(|| missing(B_SUFFIX))?;
             let ([r, d_in], a, dtype) = matrix(&ckpt.tensors[a_name], &file, a_name)?;
-            let ([d_out, r_b], b, _) = matrix(&ckpt.tensors[b_name], &file, b_name)?;
+            let ([d_out, r_b], b, b_dtype) = matrix(&ckpt.tensors[b_name], &file, b_name)?;
+            if b_dtype != dtype {
+                // One dtype per module is what save writes back.
+                let why = format!("dtype {b_dtype}, but lora_A is {dtype}");
+                return Err(Error::checkpoint(&file, b_name, why));
+            }
             if r_b != r {
                 let why = format!("shape [{d_out}, {r_b}]: rank {r_b}, but lora_A has rank {r}");
                 return Err(Error::checkpoint(&file, b_name, why));

@@ -119,18 +119,6 @@ fn padded_ld(cols: usize) -> usize {
     cols.div_ceil(64) * 64
 }
 
-fn tiles(rows: usize, cols: usize, splits: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid: (
-            (cols as u32).div_ceil(TILE),
-            (rows as u32).div_ceil(TILE),
-            splits,
-        ),
-        block: (THREADS, 1, 1),
-        shared_bytes: 0,
-    }
-}
-
 impl<T: FloatElem> LoraLinear<T> {
     /// A layer from its parts; checks every shape, dtype and device against the config.
     pub fn new(
@@ -141,6 +129,16 @@ impl<T: FloatElem> LoraLinear<T> {
         config: LoraConfig,
     ) -> Result<Self> {
         config.validate()?;
+        if config.rank > LoraConfig::MAX_RANK {
+            return Err(Error::Unsupported {
+                op: "lora",
+                why: format!(
+                    "rank {} is over {}, the most the layer takes",
+                    config.rank,
+                    LoraConfig::MAX_RANK
+                ),
+            });
+        }
         if !matches!(T::DTYPE, DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype {
                 op: "lora",
@@ -280,17 +278,21 @@ impl<T: FloatElem> LoraLinear<T> {
         // SAFETY: the caller sized every buffer in p for m rows; the partials hold
         // splits · m · rank f32 when split.
         let launched = unsafe {
-            dev.launch(&kernel(format!("{name}_{t}")), tiles(m, r, splits), p)
-                .and_then(|()| {
-                    if splits == 1 {
-                        return Ok(());
-                    }
-                    dev.launch(
-                        &kernel(format!("{name}_reduce_{t}")),
-                        LaunchConfig::grid_stride((m * width) as u64, THREADS, 1 << 16),
-                        p,
-                    )
-                })
+            dev.launch(
+                &kernel(format!("{name}_{t}")),
+                LaunchConfig::tiles(m, r, splits),
+                p,
+            )
+            .and_then(|()| {
+                if splits == 1 {
+                    return Ok(());
+                }
+                dev.launch(
+                    &kernel(format!("{name}_reduce_{t}")),
+                    LaunchConfig::grid_stride((m * width) as u64, THREADS, 1 << 16),
+                    p,
+                )
+            })
         };
         p.rank_partials = std::ptr::null_mut();
         p.k_splits = 1;
@@ -318,8 +320,21 @@ impl<T: FloatElem> LoraLinear<T> {
         self.a.device()
     }
 
-    /// The params every kernel of the layer shares; the per-call buffers start null.
-    fn params(&self, m: usize, seed: u64) -> LoraParams {
+    /// The params every kernel of the layer shares; the per-call buffers start null. A and B
+    /// are public (an optimizer updates them in place), so their shapes and device are
+    /// checked again here, before any kernel reads them.
+    fn params(&self, m: usize, seed: u64) -> Result<LoraParams> {
+        let r = self.config.rank;
+        Error::check_shape("lora A [rank, in]", &[r, self.d_in], self.a.len())?;
+        Error::check_shape("lora B [out, rank]", &[self.d_out, r], self.b.len())?;
+        check_device(self.device(), &self.b)?;
+        let base_device = match &self.base {
+            Base::Dense(w) => w.device(),
+            Base::Nf4(q) => q.device(),
+        };
+        if !self.device().same(base_device) {
+            return Err(Error::DeviceMismatch);
+        }
         let (w, w_ld, nf4) = match &self.base {
             Base::Dense(w) => (
                 w.ptr(),
@@ -328,7 +343,7 @@ impl<T: FloatElem> LoraLinear<T> {
             ),
             Base::Nf4(q) => (std::ptr::null(), 0, q.params()),
         };
-        LoraParams {
+        Ok(LoraParams {
             m: m as u32,
             d_in: self.d_in as u32,
             d_out: self.d_out as u32,
@@ -345,17 +360,11 @@ impl<T: FloatElem> LoraLinear<T> {
             w_ld,
             k_splits: 1,
             ..LoraParams::default()
-        }
+        })
     }
 
     fn check_rows(&self, what: &str, buf: &Buffer<T>, m: usize, cols: usize) -> Result<()> {
-        if buf.len() != m.saturating_mul(cols) {
-            return Err(Error::ShapeMismatch {
-                what: what.into(),
-                expected: vec![m, cols],
-                got: vec![buf.len()],
-            });
-        }
+        Error::check_shape(what, &[m, cols], buf.len())?;
         check_device(self.device(), buf)
     }
 
@@ -390,7 +399,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 },
             ));
         }
-        let mut p = self.params(m, self.config.seed);
+        let mut p = self.params(m, self.config.seed)?;
         p.x = x.ptr();
         p.u = u.ptr_mut();
         p.y = y.ptr_mut();
@@ -398,11 +407,11 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraPath::Fused => {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
-                // the layer's own buffers were checked in new().
+                // the layer's own buffers were checked by params().
                 unsafe {
                     dev.launch(
                         &kernel(format!("lora_forward_{}", self.suffix())),
-                        tiles(m, self.d_out, 1),
+                        LaunchConfig::tiles(m, self.d_out, 1),
                         &p,
                     )?;
                 }
@@ -458,7 +467,7 @@ impl<T: FloatElem> LoraLinear<T> {
     pub(crate) fn extended_down_only(&self, x: &Buffer<T>, m: usize) -> Result<()> {
         self.check_rows("x", x, m, self.d_in)?;
         let mut u = self.device().alloc_output::<T>(m * self.config.rank)?;
-        let mut p = self.params(m, self.config.seed);
+        let mut p = self.params(m, self.config.seed)?;
         p.x = x.ptr();
         p.u = u.ptr_mut();
         self.extended_down(&mut p, m).map(|_| ())
@@ -506,8 +515,8 @@ impl<T: FloatElem> LoraLinear<T> {
         }
         p.w_ld = ld as u64;
         let n = (self.d_out * (ld - self.d_in) + self.config.rank * ld) as u64;
-        // SAFETY: p.w is the extended weight, [out + rank, ld]; A, B and bias were checked in
-        // new(). The kernel writes only the B, bias, padding and A parts. It writes through
+        // SAFETY: p.w is the extended weight, [out + rank, ld]; A and B were checked by
+        // params(), bias in new(). The kernel writes only the B, bias, padding and A parts. It writes through
         // &self: the extended path runs only on a CUDA device (with_path checks cuBLAS), so
         // this is device memory, which no Rust reference covers, and the layer's launches are
         // ordered on its device's one stream.
@@ -557,7 +566,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let splits = split_count(m);
         let mut partials =
             dev.alloc_output::<f32>(splits as usize * (r * self.d_in + self.d_out * (r + 1)))?;
-        let mut p = self.params(m, saved.seed);
+        let mut p = self.params(m, saved.seed)?;
         p.x = x.ptr();
         p.u = saved.u.ptr() as *mut std::ffi::c_void;
         p.dy = dy.ptr();
@@ -579,7 +588,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 unsafe {
                     dev.launch(
                         &kernel(format!("lora_backward_dx_{}", self.suffix())),
-                        tiles(m, self.d_in, 1),
+                        LaunchConfig::tiles(m, self.d_in, 1),
                         &p,
                     )?;
                 }
@@ -618,13 +627,11 @@ impl<T: FloatElem> LoraLinear<T> {
                     WeightOp::Plain,
                 )?;
                 if self.config.dropout > 0.0 {
-                    // A thread per group of four elements (one Philox call each).
-                    let n = (m * self.d_in).div_ceil(4) as u64;
                     // SAFETY: dx, v and A are sized as the kernel reads them.
                     unsafe {
                         dev.launch(
                             &kernel(format!("lora_dx_fixup_{t}")),
-                            LaunchConfig::grid_stride(n, THREADS, 1 << 16),
+                            LaunchConfig::tiles(m, self.d_in, 1),
                             &p,
                         )?
                     };
@@ -636,12 +643,12 @@ impl<T: FloatElem> LoraLinear<T> {
         unsafe {
             dev.launch(
                 &kernel(format!("lora_grad_a_{t}")),
-                tiles(r, self.d_in, splits),
+                LaunchConfig::tiles(r, self.d_in, splits),
                 &p,
             )?;
             dev.launch(
                 &kernel(format!("lora_grad_b_{t}")),
-                tiles(self.d_out, r + 1, splits),
+                LaunchConfig::tiles(self.d_out, r + 1, splits),
                 &p,
             )?;
             dev.launch(
@@ -661,19 +668,28 @@ impl<T: FloatElem> LoraLinear<T> {
                 why: "an NF4 base merges through merged_nf4".into(),
             });
         };
-        let dev = self.device().clone();
-        let mut out = dev.alloc_output::<T>(self.d_out * self.d_in)?;
-        let mut p = self.params(0, 0);
-        p.merged = out.ptr_mut();
-        // SAFETY: out is [out, in]; W (rows w_ld apart), A and B were checked in new().
-        unsafe {
-            dev.launch(
-                &kernel(format!("lora_merge_{}", T::DTYPE)),
-                tiles(self.d_out, self.d_in, 1),
-                &p,
-            )?
-        };
+        let mut out = self.device().alloc_output::<T>(self.d_out * self.d_in)?;
+        self.merge_into(&mut out, None)?;
         Ok(out)
+    }
+
+    /// `out = W + scale · B A` (`[out, in]`), W the dense base or, given, `w` `[out, in]`.
+    fn merge_into(&self, out: &mut Buffer<T>, w: Option<&Buffer<T>>) -> Result<()> {
+        let mut p = self.params(0, 0)?;
+        if let Some(w) = w {
+            p.w = w.ptr();
+            p.w_ld = self.d_in as u64;
+        }
+        p.merged = out.ptr_mut();
+        // SAFETY: out and a given w are [out, in], the dense base's rows w_ld apart; A and B
+        // were checked by params().
+        unsafe {
+            self.device().launch(
+                &kernel(format!("lora_merge_{}", T::DTYPE)),
+                LaunchConfig::tiles(self.d_out, self.d_in, 1),
+                &p,
+            )
+        }
     }
 
     /// For an NF4 base: dequantize, merge, requantize (same blocksize and double
@@ -690,18 +706,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let mut w = dev.alloc_output::<T>(self.d_out * self.d_in)?;
         q.dequantize(&mut w)?;
         let mut merged = dev.alloc_output::<T>(self.d_out * self.d_in)?;
-        let mut p = self.params(0, 0);
-        p.w = w.ptr();
-        p.w_ld = self.d_in as u64;
-        p.merged = merged.ptr_mut();
-        // SAFETY: w and merged are [out, in]; A and B were checked in new().
-        unsafe {
-            dev.launch(
-                &kernel(format!("lora_merge_{}", T::DTYPE)),
-                tiles(self.d_out, self.d_in, 1),
-                &p,
-            )?
-        };
+        self.merge_into(&mut merged, Some(&w))?;
         let requantized = Nf4Weight::quantize(
             &merged,
             self.d_out,

@@ -8,9 +8,11 @@
 //! numerics) and [`crate::reference::linear`] (the matmuls). Checkpoints: [`checkpoint`].
 //! Tests: `tests/nf4_kernels.rs`. Benchmarks: `src/bench/nf4.rs` (`fk bench`).
 //!
-//! `Ŵ` is the weight dequantized to the activations' dtype, exactly as [`Nf4Weight::dequantize`]
-//! writes it, so every path computes with the same operands as "dequantize, then a bf16
-//! matmul", and [`MatmulPath::DequantizeCublas`] is literally that.
+//! The GEMMs use `Ŵ`, the weight dequantized to the activations' dtype exactly as
+//! [`Nf4Weight::dequantize`] writes it, so they compute with the same operands as
+//! "dequantize, then a bf16 matmul", and [`MatmulPath::DequantizeCublas`] is literally that.
+//! The GEMV keeps `Ŵ` in f32 (code × absmax, never rounded to the dtype): its reference is
+//! the f32 weight.
 
 pub mod checkpoint;
 
@@ -28,7 +30,6 @@ const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 1 << 16;
 /// Rows of activations up to which the GEMV runs (it is instantiated for 1, 2, 4, 8, 16).
 pub const GEMV_MAX_ROWS: usize = 16;
-const GEMM_TILE: u32 = params::FK_GEMM_TILE;
 
 /// The absmaxes on the device: plain, or double-quantized.
 enum DeviceAbsmax {
@@ -411,11 +412,7 @@ fn fused_launch(
         );
     }
     let n_out = if forward { rows } else { cols };
-    let cfg = LaunchConfig {
-        grid: (n_out.div_ceil(GEMM_TILE), m.div_ceil(GEMM_TILE), 1),
-        block: (params::FK_GEMM_THREADS, 1, 1),
-        shared_bytes: 0,
-    };
+    let cfg = LaunchConfig::tiles(m as usize, n_out as usize, 1);
     let name = if forward {
         format!("nf4_gemm_{act}")
     } else {

@@ -43,8 +43,9 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    /// The largest rank a layer takes. The kernels tile any rank; this bounds the work and
-    /// memory a config can ask for, and the kernel tests run at it.
+    /// The largest rank [`crate::lora::LoraLinear`] takes. The kernels tile any rank; this
+    /// bounds the work and memory a layer can ask for, and the kernel tests run at it.
+    /// Adapters on disk and this reference take any rank (PEFT allows r = 512 and more).
     pub const MAX_RANK: usize = 256;
 
     /// `alpha / r`, or `alpha / √r` with rsLoRA: computed in f64 as Python does, rounded to
@@ -55,13 +56,13 @@ impl LoraConfig {
         (self.alpha as f64 / denominator) as f32
     }
 
-    /// Errors unless the rank is in `1..=MAX_RANK`, alpha and the scale are finite and the
-    /// dropout probability is in [0, 1).
+    /// Errors unless the rank is at least 1, alpha and the scale are finite and the dropout
+    /// probability is in [0, 1).
     pub fn validate(&self) -> Result<()> {
-        if !(1..=Self::MAX_RANK).contains(&self.rank) {
+        if self.rank == 0 {
             return Err(Error::Unsupported {
                 op: "lora",
-                why: format!("rank {} is not in 1..={}", self.rank, Self::MAX_RANK),
+                why: "rank 0".into(),
             });
         }
         if !self.alpha.is_finite() || !self.scale().is_finite() {
