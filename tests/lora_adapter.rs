@@ -209,9 +209,9 @@ fn adapters_round_trip() {
             },
         )]),
     };
-    let dir = scratch("wide");
-    wide.save(&dir).unwrap();
-    assert_eq!(Adapter::load(&dir).unwrap(), wide);
+    let wide_dir = scratch("wide");
+    wide.save(&wide_dir).unwrap();
+    assert_eq!(Adapter::load(&wide_dir).unwrap(), wide);
     let saved = tensors(&dir.join(WEIGHTS_FILE));
     let key = format!("{KEY_PREFIX}model.layers.0.self_attn.v_proj.lora_B.weight");
     assert_eq!(
