@@ -1,12 +1,13 @@
 // NF4 kernels: bitsandbytes-exact quantization (with double quantization), dequantization,
 // and matmuls through the frozen NF4 weight with the dequantization fused into the load:
-// a GEMV for decode-sized batches and a tensor-core GEMM for the forward (y = x·Ŵᵀ) and
-// the backward (dX = dY·Ŵ).
+// GEMVs for decode-sized batches (SIMT, and on tensor cores) and a tensor-core GEMM for the
+// forward (y = x·Ŵᵀ) and the backward (dX = dY·Ŵ).
 // Reference: src/reference/nf4.rs. Wrapper: src/nf4/mod.rs. Tests: tests/nf4_kernels.rs.
 //
 // The GEMM uses Ŵ, the weight dequantized to the activations' dtype (exactly what
 // nf4_dequantize writes), so it computes with the same operand values as "dequantize, then
-// a bf16 GEMM", without materializing Ŵ; the GEMV keeps Ŵ in f32.
+// a bf16 GEMM", without materializing Ŵ; the SIMT GEMV keeps Ŵ in f32, the tensor-core one
+// multiplies by the codes in the activations' dtype and scales by the f32 absmax.
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
 #include "include/gemm.cuh"
@@ -257,6 +258,154 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
   }
 }
 
+// ---- GEMV on tensor cores: out[m, rows] = a[m, cols] · Ŵᵀ for m <= 8·NT -------------------
+//
+// The same product as the GEMV above with far fewer instructions per weight element (about
+// two: a shift, a mask and a table lookup per byte of codes; the multiply-adds go to the
+// tensor cores), so that loading the 4-bit weight is what bounds it.
+//
+// A block computes FK_NF4_GEMV_MMA_ROWS (16) weight rows: the mma's A operand, with x as its
+// B operand (8 activation rows per n tile, zero past m). In each 32-element step of K a lane
+// loads one 4-byte word of codes for each of its two A rows (8 consecutive elements), and
+// each byte, looked up in a table of code pairs, is one A register. Which k slot of the mma
+// holds which element does not change the sum as long as A and B agree, so the lane's B
+// registers are x at the same 8 elements: one 16-byte load. A step lies inside one
+// quantization block (blocksize >= 32, K % 32 == 0): its two mmas' sum is scaled by the
+// block's f32 absmax into f32 accumulators. The codes enter the mma rounded to T (bf16: 8
+// significant bits), as bitsandbytes' GEMV rounds code × absmax to T; the absmax stays f32.
+// Each warp loads U steps before using any; the block's warps take interleaved groups of U
+// steps and sum their accumulators in shared memory in warp order (deterministic).
+// Other K (not a multiple of 32) take a scalar loop with the same rounding of the codes.
+
+constexpr int kGemvRows = FK_NF4_GEMV_MMA_ROWS, kGemvWarps = FK_NF4_GEMV_MMA_THREADS / 32;
+
+// pairs[byte · 32 + lane] = {T(code[byte >> 4]), T(code[byte & 15])}, element 2i (the high
+// nibble) in the low half as a fragment register holds k below k + 1; one copy per lane, so
+// that a warp's 32 lookups fall in 32 different banks.
+template <typename T>
+FK_DEVICE void fill_code_pairs(uint32_t (&pairs)[256 * 32]) {
+  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
+    const int byte = i / 32;  // warp-uniform: the constant-cache reads do not serialize
+    pairs[i] = uint32_t(bits16(from_f32<T>(kNf4Code[byte >> 4]))) |
+               uint32_t(bits16(from_f32<T>(kNf4Code[byte & 15]))) << 16;
+  }
+  __syncthreads();
+}
+
+template <typename T, int NT>
+FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
+  constexpr int U = 8;  // steps of 32 elements a warp loads before using them
+  FK_SHARED(pairs, uint32_t[256 * 32]);
+  FK_SHARED(partial, float[kGemvWarps][kGemvRows][8 * NT]);
+  fill_code_pairs<T>(pairs);
+  const Nf4Weight w = with_shared_map(p.w);
+  const T* a = static_cast<const T*>(p.a);
+  T* out = static_cast<T*>(p.out);
+  const uint32_t N = w.rows, K = w.cols, M = p.m, n0 = blockIdx.x * kGemvRows;
+  const int warp = threadIdx.x / 32, lane = lane_id(), g = lane / 4, t = lane % 4;
+  const uint32_t* lane_pairs = pairs + lane;
+  auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
+  if (K % 32 != 0) {
+    // Scalar: warp w takes rows 2w and 2w + 1 whole, 8 activation rows at a time, its
+    // lanes striding over K.
+    for (uint32_t i = 0; i < 2 * NT; ++i) {
+      const uint32_t r = n0 + 2 * warp + i % 2, m0 = 8 * (i / 2);
+      if (r >= N || m0 >= M) continue;
+      float sum[8] = {};
+      for (uint32_t k = lane; k < K; k += 32) {
+        const uint64_t e = uint64_t(r) * K + k;
+        const uint32_t code = pair(nf4_code(w.codes, e) << 4) & 0xFFFF;
+        const float wv = to_f32(from_bits16<T>(static_cast<unsigned short>(code))) * nf4_absmax(w, e / w.blocksize);
+#pragma unroll
+        for (uint32_t m = 0; m < 8; ++m)
+          if (m0 + m < M) sum[m] = fmaf(to_f32(a[uint64_t(m0 + m) * K + k]), wv, sum[m]);
+      }
+#pragma unroll
+      for (uint32_t m = 0; m < 8; ++m) {
+        const float s = warp_sum(sum[m]);
+        if (lane == 0 && m0 + m < M) out[uint64_t(m0 + m) * N + r] = from_f32<T>(s);
+      }
+    }
+    return;
+  }
+  // Rows of W past N and of x past M are read as the last real ones: their products land in
+  // mma rows and columns that are never stored, so no load needs a bounds check but K's.
+  const uint32_t steps = K / 32;
+  const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
+  // Row g's codes at this lane's 8 elements of step 0, and how far on row g + 8's are.
+  const uint8_t* code_row = w.codes + (uint64_t(min(n0 + g, N - 1)) * K + 8 * t) / 2;
+  const uint64_t row_gap = uint64_t(min(n0 + g + 8, N - 1) - min(n0 + g, N - 1)) * K / 2;
+  const T* x_row[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) x_row[j] = a + uint64_t(min(uint32_t(8 * j + g), M - 1)) * K + 8 * t;
+  // The lanes decode a group's 16 × U absmaxes between them: lane l those of row
+  // n0 + l % 16 at steps l / 16 + 2i, and passes each to the lanes of its row.
+  const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + 32 * (lane / 16);
+  float acc[NT][4] = {};
+  // A group of U steps from s0; only the last group of a warp (kTail) may pass K's end.
+  auto group = [&](uint32_t s0, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
+    auto live = [&](uint32_t s) { return !kTail || s < steps; };  // warp-uniform
+    uint32_t codes[U][2];
+    const uint8_t* group_codes[2] = {code_row + 16 * s0, code_row + 16 * s0 + row_gap};
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (live(s0 + u))
+#pragma unroll
+        for (int h = 0; h < 2; ++h) codes[u][h] = *reinterpret_cast<const uint32_t*>(group_codes[h] + 16 * u);
+    float scale[U / 2];
+#pragma unroll
+    for (int i = 0; i < U / 2; ++i)
+      scale[i] = live(s0 + lane / 16 + 2 * i) ? nf4_absmax(w, (absmax_e0 + 32ull * (s0 + 2 * i)) >> shift) : 0.0f;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!live(s0 + u)) break;
+      const float scale_lo = __shfl_sync(kFullMask, scale[u / 2], g + 16 * (u % 2));
+      const float scale_hi = __shfl_sync(kFullMask, scale[u / 2], g + 8 + 16 * (u % 2));
+      // mma h takes bytes 2h (its k slots 2t, 2t+1) and 2h+1 (2t+8, 2t+9) of each row's word.
+      uint32_t af[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          af[h][i] = pair(__byte_perm(codes[u][i % 2], 0, 0x4440 + 2 * h + i / 2));  // the byte, zero-extended
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint4 x = *reinterpret_cast<const uint4*>(x_row[j] + 32 * (s0 + u));
+        const uint32_t b0[2] = {x.x, x.y}, b1[2] = {x.z, x.w};
+        float part[4] = {};
+        gemm::mma<T>(part, af[0], b0);
+        gemm::mma<T>(part, af[1], b1);
+        acc[j][0] = fmaf(scale_lo, part[0], acc[j][0]);
+        acc[j][1] = fmaf(scale_lo, part[1], acc[j][1]);
+        acc[j][2] = fmaf(scale_hi, part[2], acc[j][2]);
+        acc[j][3] = fmaf(scale_hi, part[3], acc[j][3]);
+      }
+    }
+  };
+  for (uint32_t s0 = warp * U; s0 < steps; s0 += kGemvWarps * U) {
+    if (s0 + U <= steps) {
+      group(s0, std::false_type{});
+    } else {
+      group(s0, std::true_type{});
+    }
+  }
+  // acc[j] holds (row g, activation rows 8j + 2t, +1) and (row g + 8, the same).
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][g + 8 * (i / 2)][8 * j + 2 * t + i % 2] = acc[j][i];
+  __syncthreads();
+  for (int i = threadIdx.x; i < kGemvRows * 8 * NT; i += blockDim.x) {
+    const uint32_t m = i / kGemvRows, r = i % kGemvRows;
+    if (m < M && n0 + r < N) {
+      float s = 0.0f;
+      for (int v = 0; v < kGemvWarps; ++v) s += partial[v][r][m];
+      out[uint64_t(m) * N + n0 + r] = from_f32<T>(s);
+    }
+  }
+}
+
 // ---- GEMM on tensor cores (gemm.cuh) ------------------------------------------------------
 //
 // out[M, Nout] = a[M, Kr] · B[Kr, Nout] with B = Ŵᵀ (forward: Nout = rows, Kr = cols) or
@@ -301,6 +450,8 @@ FK_KERNEL(nf4_quantize_nested, Nf4NestedParams) { quantize_nested(p); }
   FK_KERNEL(nf4_gemv_##t##_m4, Nf4MatmulParams) { gemv<T, 4>(p); }                          \
   FK_KERNEL(nf4_gemv_##t##_m8, Nf4MatmulParams) { gemv<T, 8>(p); }                          \
   FK_KERNEL(nf4_gemv_##t##_m16, Nf4MatmulParams) { gemv<T, 16>(p); }                        \
+  FK_KERNEL_REGS(nf4_gemv_mma_##t##_m8, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 80) { gemv_mma<T, 1>(p); } \
+  FK_KERNEL_REGS(nf4_gemv_mma_##t##_m16, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 128) { gemv_mma<T, 2>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, false>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, true>(p); }
 

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
 
 const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+const GEMVS: [MatmulPath; 2] = [MatmulPath::GemvMma, MatmulPath::Gemv];
 
 fn assert_pass(row: finetune_kernels::Result<CheckRow>) {
     let row = row.unwrap();
@@ -36,14 +37,20 @@ proptest! {
         }
     }
 
+    /// Half the widths are multiples of 32 (the tensor-core GEMV's fast path, whose steps
+    /// of 32 change blocks every step at blocksize 32), half any width (the scalar paths).
     #[test]
     fn gemv_matches_the_reference(
-        seed in any::<u64>(), rows in 1usize..150, cols in 1usize..300, m in 1usize..=16, dq in any::<bool>()
+        seed in any::<u64>(), rows in 1usize..150,
+        cols in prop_oneof![1usize..300, (1usize..12).prop_map(|k| 32 * k)],
+        m in 1usize..=16, bs in 0usize..3, dq in any::<bool>()
     ) {
-        let c = Case { seed, rows, cols, m, blocksize: 64, double_quant: dq, timed: false };
+        let c = Case { seed, rows, cols, m, blocksize: BLOCKSIZES[bs], double_quant: dq, timed: false };
         for dev in backends() {
-            assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::Gemv, true));
-            assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::Gemv, true));
+            for gemv in GEMVS {
+                assert_pass(check::matmul::<bf16>(&dev, c, gemv, true));
+                assert_pass(check::matmul::<f16>(&dev, c, gemv, true));
+            }
         }
     }
 
@@ -84,10 +91,12 @@ fn matmuls_at_the_large_blocksizes() {
                     forward,
                 ));
             }
-            // The GEMV's generic path (301 columns) and its fast one (320).
+            // The GEMVs' generic paths (301 columns) and their fast ones (320).
             for cols in [301, 320] {
                 let c = Case { m: 3, cols, ..c };
-                assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::Gemv, true));
+                for gemv in GEMVS {
+                    assert_pass(check::matmul::<f16>(&dev, c, gemv, true));
+                }
             }
         }
     }
@@ -105,6 +114,8 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
             (64, 96, 16),
             (128, 96, 9),
             (300, 1024, 3),
+            // 130 steps of 32: the tensor-core GEMV's warps take several groups, the last short.
+            (40, 4160, 5),
         ] {
             let c = Case {
                 seed: rand::random(),
@@ -124,7 +135,9 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
                 ));
             }
             if m <= 16 {
-                assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::Gemv, true));
+                for gemv in GEMVS {
+                    assert_pass(check::matmul::<bf16>(&dev, c, gemv, true));
+                }
             }
         }
     }
@@ -142,10 +155,10 @@ fn dispatch_runs_every_path_it_can_choose() {
             double_quant: true,
             timed: false,
         };
-        assert_eq!(nf4::choose_path(&dev, 4, true), MatmulPath::Gemv);
+        assert_eq!(nf4::choose_path(&dev, 4, true), MatmulPath::GemvMma);
         assert_ne!(
             nf4::choose_path(&dev, 4, false),
-            MatmulPath::Gemv,
+            MatmulPath::GemvMma,
             "the GEMV is forward-only"
         );
         // Every (path, direction) the dispatch picks for some m, each run once at that m.
@@ -207,18 +220,20 @@ fn bad_input_is_a_typed_error() {
             .upload(&random_vec::<bf16>(&mut rng, 3 * 6, 1.0))
             .unwrap();
         let mut dx = dev.alloc_poisoned::<bf16>(3 * 10).unwrap();
-        assert!(matches!(
-            nf4::backward_dx_with(&q, &dy, 3, &mut dx, MatmulPath::Gemv),
-            Err(Error::Unsupported { .. })
-        ));
         let x17 = dev
             .upload(&random_vec::<bf16>(&mut rng, 17 * 10, 1.0))
             .unwrap();
         let mut y17 = dev.alloc_poisoned::<bf16>(17 * 6).unwrap();
-        assert!(matches!(
-            nf4::forward_with(&q, &x17, 17, &mut y17, MatmulPath::Gemv),
-            Err(Error::Unsupported { .. })
-        ));
+        for gemv in GEMVS {
+            assert!(matches!(
+                nf4::backward_dx_with(&q, &dy, 3, &mut dx, gemv),
+                Err(Error::Unsupported { .. })
+            ));
+            assert!(matches!(
+                nf4::forward_with(&q, &x17, 17, &mut y17, gemv),
+                Err(Error::Unsupported { .. })
+            ));
+        }
         let x32 = dev
             .upload(&random_vec::<f32>(&mut rng, 3 * 10, 1.0))
             .unwrap();

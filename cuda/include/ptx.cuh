@@ -215,6 +215,22 @@ FK_DEVICE float max_ftz(float a, float b) {
 #endif
 }
 
+// ---- ld.shared with the address formed in the shared window -------------------------------
+
+// base[index] for `base` in shared memory. nvcc turns a generic pointer into a shared address
+// at each load (an add per load); with the conversion of a loop-invariant base hoisted, a
+// table lookup is one multiply-add and the load.
+FK_DEVICE uint32_t ld_shared_u32(const uint32_t* base, uint32_t index) {
+#if FK_PTX
+  uint32_t r;
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(base)) + 4 * index;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(r) : "r"(a));
+  return r;
+#elif FK_EMU_PTX
+  return base[index];
+#endif
+}
+
 // ---- cp.async: global -> shared, completed by wait_group ----------------------------------
 
 template <int Bytes>

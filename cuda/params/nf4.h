@@ -12,6 +12,10 @@
 /* absmax_mean sums the absmaxes in chunks of this many, each chunk in f64 in index order,
  * then the chunk sums in index order: the reference does the same, so both agree bitwise. */
 #define FK_NF4_MEAN_CHUNK 1024
+/* The tensor-core GEMV (nf4_gemv_mma_*): a block of FK_NF4_GEMV_MMA_THREADS threads computes
+ * FK_NF4_GEMV_MMA_ROWS weight rows (one mma tile), its warps splitting K between them. */
+#define FK_NF4_GEMV_MMA_ROWS 16
+#define FK_NF4_GEMV_MMA_THREADS 256
 
 typedef struct Nf4Weight {
   const uint8_t* codes;         /* [ceil(rows * cols / 2)] */

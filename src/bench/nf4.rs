@@ -113,34 +113,21 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         c,
     ));
 
-    // The GEMV's fixed cost (a tiny weight) and what double quantization's dependent absmax
-    // loads cost it (the same weight without).
+    // Both GEMVs side by side (the tensor-core one replaced the SIMT one in the dispatch
+    // unmeasured), each with its fixed cost (a tiny weight) and what double quantization's
+    // dependent absmax loads cost it (the same weight without).
     let (_, q_small) = weight(dev, 256, 256)?;
-    rows.push(matmul_row(
-        dev,
-        timer,
-        c,
-        &q_small,
-        1,
-        MatmulPath::Gemv,
-        true,
-    )?);
     let q_plain = Nf4Weight::quantize(&w, 11008, 4096, 64, false)?;
-    let mut row = matmul_row(dev, timer, c, &q_plain, 1, MatmulPath::Gemv, true)?;
-    row.kernel += " (no double quant)";
-    rows.push(row);
     let (_, q_t) = weight(dev, 4096, 11008)?;
-    for weight in [&q, &q_t] {
-        for m in [1, 4, 8, 16] {
-            rows.push(matmul_row(
-                dev,
-                timer,
-                c,
-                weight,
-                m,
-                MatmulPath::Gemv,
-                true,
-            )?);
+    for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
+        rows.push(matmul_row(dev, timer, c, &q_small, 1, gemv, true)?);
+        let mut row = matmul_row(dev, timer, c, &q_plain, 1, gemv, true)?;
+        row.kernel += " (no double quant)";
+        rows.push(row);
+        for weight in [&q, &q_t] {
+            for m in [1, 4, 8, 16] {
+                rows.push(matmul_row(dev, timer, c, weight, m, gemv, true)?);
+            }
         }
     }
     let cublas_present = dev.has_cublas();

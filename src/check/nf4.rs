@@ -136,12 +136,15 @@ where
     let mut rng = StdRng::seed_from_u64(c.seed);
     let w: Vec<T> = random_weight(&mut rng, c.rows * c.cols);
     let q = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
-    // Ŵ as the path uses it: the GEMV keeps it in f32 (it never materializes it), the GEMMs
+    // Ŵ as the path uses it: the SIMT GEMV keeps it in f32 (it never materializes it), the
+    // tensor-core GEMV multiplies by the codes in T and scales by the f32 absmax, the GEMMs
     // dequantize it to T on the way into their tiles.
-    let what: Vec<f32> = if path == MatmulPath::Gemv {
-        q.dequantize::<f32>()
-    } else {
-        q.dequantize::<T>().iter().map(|v| v.to_f32()).collect()
+    let what: Vec<f32> = match path {
+        MatmulPath::Gemv => q.dequantize::<f32>(),
+        MatmulPath::GemvMma => q.dequantize_with_codes_in::<T>(),
+        MatmulPath::FusedGemm | MatmulPath::DequantizeCublas => {
+            q.dequantize::<T>().iter().map(|v| v.to_f32()).collect()
+        }
     };
     let (k_in, n_out) = if forward {
         (c.cols, c.rows)
@@ -238,8 +241,10 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
             seed: seed + m as u64,
             ..base
         };
-        rows_out.push(matmul::<bf16>(dev, c, MatmulPath::Gemv, true)?);
-        rows_out.push(matmul::<f16>(dev, c, MatmulPath::Gemv, true)?);
+        for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
+            rows_out.push(matmul::<bf16>(dev, c, gemv, true)?);
+            rows_out.push(matmul::<f16>(dev, c, gemv, true)?);
+        }
     }
     for path in paths {
         let c = Case { m: m_gemm, ..base };

@@ -1,8 +1,9 @@
 //! NF4 (QLoRA's 4-bit NormalFloat) on the device: bitsandbytes-exact quantization with
 //! double quantization, dequantization, and the matmuls through a frozen NF4 weight with
-//! the dequantization fused in: a GEMV for decode batches (1 to 16 rows), a tensor-core GEMM
-//! for the forward `y = x Ŵᵀ`, and the same for the backward `dX = dY Ŵ`; or dequantize +
-//! cuBLAS. [`choose_path`] picks by batch size, from measurements.
+//! the dequantization fused in: GEMVs for decode batches (1 to 16 rows; one on tensor cores,
+//! one SIMT), a tensor-core GEMM for the forward `y = x Ŵᵀ`, and the same for the backward
+//! `dX = dY Ŵ`; or dequantize + cuBLAS. [`choose_path`] picks by batch size, from
+//! measurements.
 //!
 //! Kernels: `cuda/nf4.cu`. Reference: [`crate::reference::nf4`] (bitsandbytes' format and
 //! numerics) and [`crate::reference::linear`] (the matmuls). Checkpoints: [`checkpoint`].
@@ -11,8 +12,10 @@
 //! The GEMMs use `Ŵ`, the weight dequantized to the activations' dtype exactly as
 //! [`Nf4Weight::dequantize`] writes it, so they compute with the same operands as
 //! "dequantize, then a bf16 matmul", and [`MatmulPath::DequantizeCublas`] is literally that.
-//! The GEMV keeps `Ŵ` in f32 (code × absmax, never rounded to the dtype): its reference is
-//! the f32 weight.
+//! The SIMT GEMV keeps `Ŵ` in f32 (code × absmax, never rounded to the dtype): its reference
+//! is the f32 weight. The tensor-core GEMV multiplies by the codes rounded to the dtype and
+//! scales each block's sum by the f32 absmax: its reference is
+//! [`Nf4Quantized::dequantize_with_codes_in`].
 
 pub mod checkpoint;
 
@@ -28,7 +31,8 @@ use crate::reference::nf4::{check_blocksize, dynamic_map, Absmax, NestedAbsmax, 
 const MODULE: &str = "nf4";
 const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 1 << 16;
-/// Rows of activations up to which the GEMV runs (it is instantiated for 1, 2, 4, 8, 16).
+/// Rows of activations up to which the GEMVs run (the SIMT one is instantiated for 1, 2, 4,
+/// 8 and 16, the tensor-core one for 8 and 16).
 pub const GEMV_MAX_ROWS: usize = 16;
 
 /// The absmaxes on the device: plain, or double-quantized.
@@ -333,8 +337,16 @@ fn nest(dev: &Device, absmax: &Buffer<f32>) -> Result<DeviceAbsmax> {
 /// How a matmul through an NF4 weight is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulPath {
-    /// The fused GEMV (forward only, up to [`GEMV_MAX_ROWS`] rows): memory-bound on the
-    /// 4-bit weight, which it reads once.
+    /// The fused GEMV on tensor cores (forward only, up to [`GEMV_MAX_ROWS`] rows): the
+    /// weight is `mma.sync`'s A operand, decoded from a table of code pairs a byte at a time,
+    /// so that about two instructions per weight element leave it bound by the 4-bit
+    /// weight's bytes. The codes enter the `mma` rounded to the activations' dtype (as
+    /// bitsandbytes' GEMV rounds code × absmax); each block's sum is scaled by its f32 absmax.
+    GemvMma,
+    /// The fused SIMT GEMV (forward only, up to [`GEMV_MAX_ROWS`] rows): `Ŵ` in f32, a table
+    /// lookup and a multiply-add per element. Measured at 19% of the memory floor on an H200
+    /// (about eight instructions per element); kept until a GPU run times it next to
+    /// [`MatmulPath::GemvMma`], which replaced it in [`choose_path`] unmeasured.
     Gemv,
     /// The fused tensor-core GEMM (`mma.sync`): the weight is dequantized on its way into
     /// shared memory and never materialized.
@@ -351,6 +363,7 @@ impl MatmulPath {
     /// `dtype` activations: its kernel's, e.g. `nf4_gemm_dx_bf16`.
     pub fn label(self, forward: bool, dtype: DType) -> String {
         let stem = match (self, forward) {
+            (MatmulPath::GemvMma, _) => "nf4_gemv_mma",
             (MatmulPath::Gemv, _) => "nf4_gemv",
             (MatmulPath::FusedGemm, true) => "nf4_gemm",
             (MatmulPath::FusedGemm, false) => "nf4_gemm_dx",
@@ -372,10 +385,12 @@ impl MatmulPath {
 /// GPUs without cuBLAS and the emulator.
 pub const GEMV_ROWS_WITH_CUBLAS: usize = 4;
 
-/// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`. With cuBLAS: the GEMV
-/// for a forward of up to [`GEMV_ROWS_WITH_CUBLAS`] rows, dequantize + cuBLAS for the rest.
-/// Without (the emulator, or cuBLAS not loadable): the GEMV for a forward of up to
-/// [`GEMV_MAX_ROWS`] rows, the fused GEMM for the rest.
+/// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`. With cuBLAS: the
+/// tensor-core GEMV for a forward of up to [`GEMV_ROWS_WITH_CUBLAS`] rows, dequantize +
+/// cuBLAS for the rest. Without (the emulator, or cuBLAS not loadable): the tensor-core GEMV
+/// for a forward of up to [`GEMV_MAX_ROWS`] rows, the fused GEMM for the rest. The crossover
+/// was measured with the SIMT GEMV; the tensor-core one's cost hardly grows up to 8 rows
+/// (they share one `mma`), so the next GPU run may move it up.
 pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
     let has_cublas = dev.has_cublas();
     let gemv_rows = if has_cublas {
@@ -384,7 +399,7 @@ pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
         GEMV_MAX_ROWS
     };
     if forward && m <= gemv_rows {
-        MatmulPath::Gemv
+        MatmulPath::GemvMma
     } else if has_cublas {
         MatmulPath::DequantizeCublas
     } else {
@@ -392,33 +407,50 @@ pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
     }
 }
 
-/// The fused kernel and launch for a forward (GEMV when `gemv`, else GEMM) or backward dX.
+/// The fused kernel and launch of `path` (a GEMV, or the GEMM) for a forward or backward dX.
 fn fused_launch(
     act: DType,
     rows: u32,
     cols: u32,
     m: u32,
     forward: bool,
-    gemv: bool,
+    path: MatmulPath,
 ) -> (Kernel, LaunchConfig) {
-    if gemv {
-        // One warp per 4 weight rows (2 for more than 4 activation rows: fewer registers).
-        let bucket = m.max(1).next_power_of_two();
-        let rows_per_warp = if bucket <= 4 { 4 } else { 2 };
-        let warps = rows.div_ceil(rows_per_warp) as u64;
-        return (
-            kernel(format!("nf4_gemv_{act}_m{bucket}")),
-            LaunchConfig::warp_stride(warps, THREADS, MAX_BLOCKS),
-        );
+    let bucket = m.max(1).next_power_of_two();
+    match path {
+        MatmulPath::GemvMma => {
+            let rows_per_block = params::FK_NF4_GEMV_MMA_ROWS;
+            let cfg = LaunchConfig {
+                grid: (rows.div_ceil(rows_per_block), 1, 1),
+                block: (params::FK_NF4_GEMV_MMA_THREADS, 1, 1),
+                shared_bytes: 0,
+            };
+            (
+                kernel(format!("nf4_gemv_mma_{act}_m{}", bucket.max(8))),
+                cfg,
+            )
+        }
+        MatmulPath::Gemv => {
+            // One warp per 4 weight rows (2 for more than 4 activation rows: fewer registers).
+            let rows_per_warp = if bucket <= 4 { 4 } else { 2 };
+            let warps = rows.div_ceil(rows_per_warp) as u64;
+            (
+                kernel(format!("nf4_gemv_{act}_m{bucket}")),
+                LaunchConfig::warp_stride(warps, THREADS, MAX_BLOCKS),
+            )
+        }
+        // (Dequantize + cuBLAS launches no fused kernel; its callers never ask.)
+        MatmulPath::FusedGemm | MatmulPath::DequantizeCublas => {
+            let n_out = if forward { rows } else { cols };
+            let cfg = LaunchConfig::tiles(m as usize, n_out as usize, 1);
+            let name = if forward {
+                format!("nf4_gemm_{act}")
+            } else {
+                format!("nf4_gemm_dx_{act}")
+            };
+            (kernel(name), cfg)
+        }
     }
-    let n_out = if forward { rows } else { cols };
-    let cfg = LaunchConfig::tiles(m as usize, n_out as usize, 1);
-    let name = if forward {
-        format!("nf4_gemm_{act}")
-    } else {
-        format!("nf4_gemm_dx_{act}")
-    };
-    (kernel(name), cfg)
 }
 
 fn check_matmul<T: FloatElem>(
@@ -546,8 +578,8 @@ where
         m: m as u32,
     };
     match path {
-        MatmulPath::Gemv | MatmulPath::FusedGemm => {
-            let gemv = path == MatmulPath::Gemv;
+        MatmulPath::GemvMma | MatmulPath::Gemv | MatmulPath::FusedGemm => {
+            let gemv = path != MatmulPath::FusedGemm;
             if gemv && (!forward || m > GEMV_MAX_ROWS) {
                 return Err(Error::Unsupported {
                     op: "nf4 gemv",
@@ -560,10 +592,11 @@ where
                 w.cols as u32,
                 m as u32,
                 forward,
-                gemv,
+                path,
             );
-            // SAFETY: shapes checked in check_matmul; the GEMV for a bucket of rows reads
-            // only the first m rows, the GEMM bounds-checks every tile edge.
+            // SAFETY: shapes checked in check_matmul; the GEMVs for a bucket of rows read
+            // only the first m rows (the tensor-core one reads rows past m and past the
+            // weight's last as the last real ones), the GEMM bounds-checks every tile edge.
             unsafe { dev.launch(&k, cfg, &p) }
         }
         MatmulPath::DequantizeCublas => {
@@ -627,6 +660,9 @@ pub fn kernels() -> Vec<Kernel> {
         for m in [1, 2, 4, 8, 16] {
             names.push(format!("nf4_gemv_{t}_m{m}"));
         }
+        for m in [8, 16] {
+            names.push(format!("nf4_gemv_mma_{t}_m{m}"));
+        }
         names.push(format!("nf4_gemm_{t}"));
         names.push(format!("nf4_gemm_dx_{t}"));
     }
@@ -680,7 +716,8 @@ pub mod raw {
         }
     }
 
-    /// The fused forward (`forward == true`, GEMV for m ≤ 16, else GEMM) or backward dX.
+    /// The fused forward (`forward == true`: the tensor-core GEMV for m ≤ 16, else the
+    /// GEMM) or backward dX (the GEMM).
     ///
     /// # Safety
     /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
@@ -696,8 +733,12 @@ pub mod raw {
         if p.m == 0 {
             return Ok(());
         }
-        let gemv = forward && p.m as usize <= GEMV_MAX_ROWS;
-        let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, gemv);
+        let path = if forward && p.m as usize <= GEMV_MAX_ROWS {
+            MatmulPath::GemvMma
+        } else {
+            MatmulPath::FusedGemm
+        };
+        let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, path);
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch(&k, cfg, stream, p) }
     }

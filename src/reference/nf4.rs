@@ -486,6 +486,19 @@ impl Nf4Quantized {
         }
     }
 
+    /// The weight the tensor-core GEMV multiplies by: `NF4_CODE[q]` rounded to `C` (the
+    /// activations' dtype, in which the codes enter `mma.sync`), times the f32 absmax, in
+    /// f32 (one rounding of a product the kernel never rounds: 2⁻²⁴ relative, far below any
+    /// matmul bound).
+    pub fn dequantize_with_codes_in<C: FloatElem>(&self) -> Vec<f32> {
+        let absmax = self.absmax_f32();
+        (0..self.numel())
+            .map(|i| {
+                C::from_f32(NF4_CODE[self.code(i) as usize]).to_f32() * absmax[i / self.blocksize]
+            })
+            .collect()
+    }
+
     /// The weight back in `O`, as bitsandbytes' `dequantize_4bit` computes it:
     /// `NF4_CODE[q] * absmax` in f32, rounded once to `O`. Panics if [`Self::validate`] fails.
     pub fn dequantize<O: FloatElem>(&self) -> Vec<O> {
