@@ -281,14 +281,15 @@ constexpr int kGemvRows = FK_NF4_GEMV_MMA_ROWS, kGemvWarps = FK_NF4_GEMV_MMA_THR
 
 // pairs[byte · 32 + lane] = {T(code[byte >> 4]), T(code[byte & 15])}, element 2i (the high
 // nibble) in the low half as a fragment register holds k below k + 1; one copy per lane, so
-// that a warp's 32 lookups fall in 32 different banks.
+// that a warp's 32 lookups fall in 32 different banks. Thread b makes byte b's pair and
+// writes its 32 copies, lane l starting at copy l so that each store is conflict-free.
 template <typename T>
 FK_DEVICE void fill_code_pairs(uint32_t (&pairs)[256 * 32]) {
-  for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
-    const int byte = i / 32;  // warp-uniform: the constant-cache reads do not serialize
-    pairs[i] = uint32_t(bits16(from_f32<T>(kNf4Code[byte >> 4]))) |
-               uint32_t(bits16(from_f32<T>(kNf4Code[byte & 15]))) << 16;
-  }
+  static_assert(FK_NF4_GEMV_MMA_THREADS == 256, "a thread per byte value");
+  const uint32_t byte = threadIdx.x, lane = lane_id();
+  const uint32_t pair = uint32_t(bits16(from_f32<T>(kNf4Code[byte >> 4]))) |
+                        uint32_t(bits16(from_f32<T>(kNf4Code[byte & 15]))) << 16;
+  for (uint32_t c = 0; c < 32; ++c) pairs[byte * 32 + ((c + lane) & 31)] = pair;
   __syncthreads();
 }
 

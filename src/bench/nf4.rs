@@ -3,7 +3,7 @@
 //! dequantize + cuBLAS) against cuBLAS's bf16 GEMM at several M (which sets the dispatch
 //! threshold), dequantization against a copy, quantization.
 
-use super::{time_cublas, Ceilings, GpuTimer, Row, REPS};
+use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row, REPS};
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
@@ -116,6 +116,20 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     // Both GEMVs side by side (the tensor-core one replaced the SIMT one in the dispatch
     // unmeasured), each with its fixed cost (a tiny weight) and what double quantization's
     // dependent absmax loads cost it (the same weight without).
+    // A copy moving the 1-row GEMV's bytes (half read, half written): the bandwidth a kernel
+    // of that size can reach under this timer (a copy of tens of MB stays well short of the
+    // 1 GiB copy the floor is measured with).
+    let gemv_bytes = q.bytes() + 2 * (q.rows() + q.cols());
+    let t = time_copy(dev, timer, gemv_bytes / 2)?;
+    rows.push(Row::new(
+        "baseline",
+        "d2d copy (the 1-row GEMV's bytes)",
+        &format!("{gemv_bytes} B"),
+        &t,
+        gemv_bytes as f64,
+        0.0,
+        c,
+    ));
     let (_, q_small) = weight(dev, 256, 256)?;
     let q_plain = Nf4Weight::quantize(&w, 11008, 4096, 64, false)?;
     let (_, q_t) = weight(dev, 4096, 11008)?;
