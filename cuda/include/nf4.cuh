@@ -67,6 +67,18 @@ FK_DEVICE float nf4_absmax(const Nf4Weight& w, uint64_t b) {
   return mul_ftz(w.nested_map[w.nested_codes[b]], w.nested_absmax[b / FK_NF4_NESTED_BLOCKSIZE]) + w.offset;
 }
 
+// The weight with its nested map in shared memory (absmax lookups by divergent index, no
+// dependent global load), when nested. Call from every thread of the block.
+FK_DEVICE Nf4Weight with_shared_map(Nf4Weight w) {
+  FK_SHARED(map, float[256]);
+  if (w.nested) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = w.nested_map[i];
+    __syncthreads();
+    w.nested_map = map;
+  }
+  return w;
+}
+
 // The code table in shared memory (call from every thread of the block): lookups by
 // divergent indices would serialize on the constant cache.
 FK_DEVICE float* shared_code_table() {

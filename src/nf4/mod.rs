@@ -283,17 +283,21 @@ impl Nf4Weight {
             out: out.ptr_mut(),
             out_ld: ld as u64,
         };
-        let groups = (self.rows * self.cols).div_ceil(16) as u64;
         // SAFETY: out holds rows of ld elements, checked above; the weight's buffers match
         // its shape.
         unsafe {
             self.device().launch(
                 &kernel(format!("nf4_dequantize_{}", O::DTYPE)),
-                LaunchConfig::grid_stride(groups, THREADS, MAX_BLOCKS),
+                dequantize_launch(self.rows as u64 * self.cols as u64),
                 &p,
             )
         }
     }
+}
+
+/// nf4_dequantize's grid: a thread per 32 elements (two groups of 16 per pass).
+fn dequantize_launch(numel: u64) -> LaunchConfig {
+    LaunchConfig::grid_stride(numel.div_ceil(32), THREADS, MAX_BLOCKS)
 }
 
 /// Double quantization of the absmaxes on the device (bitsandbytes' compress_statistics).
@@ -704,12 +708,11 @@ pub mod raw {
             out,
             &[DType::BF16, DType::F16, DType::F32],
         )?;
-        let groups = (p.w.rows as u64 * p.w.cols as u64).div_ceil(16);
         // SAFETY: forwarded from this function's contract.
         unsafe {
             dev.launch(
                 &kernel(format!("nf4_dequantize_{out}")),
-                LaunchConfig::grid_stride(groups, THREADS, MAX_BLOCKS),
+                dequantize_launch(p.w.rows as u64 * p.w.cols as u64),
                 stream,
                 p,
             )
