@@ -145,7 +145,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
     }
     let cublas_present = dev.has_cublas();
-    // 4 to 16 rows: where the forward leaves the GEMV (nf4::GEMV_ROWS_WITH_CUBLAS).
+    // 4 to 16 rows: against the GEMVs (nf4::choose_path's crossover).
     for m in [4, 8, 16, 64, 8192] {
         for forward in [true, false] {
             rows.push(matmul_row(

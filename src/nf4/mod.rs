@@ -378,33 +378,25 @@ impl MatmulPath {
     }
 }
 
-/// Rows of activations up to which the forward takes the GEMV when cuBLAS is present (past
-/// them, and for every backward, dequantize + cuBLAS). Measured on an H200
-/// (bench/results/2026-11-26T0852-h200.md, 4096→11008 and 11008→4096, bf16): the GEMV took
-/// 29 / 33 µs at 1 row, 50 / 68 µs at 4 and 205 / 284 µs at 16; dequantize + cuBLAS
-/// 97 / 102 µs at 64 rows, about a dequantize pass plus cuBLAS reading Ŵ at any small batch;
-/// the fused `mma.sync` GEMM 148 µs at 64 rows (its dX 515 µs) and 5978 µs at 8192, against
-/// 998 µs for dequantize + cuBLAS. So cuBLAS's `wgmma` wins from the GEMV's crossover (between
-/// 4 and 16 rows, about 8 by the per-row slope) up, in both directions; the fused GEMM serves
-/// GPUs without cuBLAS and the emulator.
-pub const GEMV_ROWS_WITH_CUBLAS: usize = 4;
-
-/// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`. With cuBLAS: the
-/// tensor-core GEMV for a forward of up to [`GEMV_ROWS_WITH_CUBLAS`] rows, dequantize +
-/// cuBLAS for the rest. Without (the emulator, or cuBLAS not loadable): the tensor-core GEMV
-/// for a forward of up to [`GEMV_MAX_ROWS`] rows, the fused GEMM for the rest. The crossover
-/// was measured with the SIMT GEMV; the tensor-core one's cost hardly grows up to 8 rows
-/// (they share one `mma`), so the next GPU run may move it up.
+/// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`: the tensor-core GEMV
+/// for a forward of up to [`GEMV_MAX_ROWS`] rows; past them, and for every backward,
+/// dequantize + cuBLAS where cuBLAS is present (the emulator, or cuBLAS not loadable: the
+/// fused GEMM).
+///
+/// Measured on an H200 (bench/results/2026-11-26T0852-h200.md, 4096→11008 and 11008→4096,
+/// bf16): dequantize + cuBLAS took 97 / 102 µs at 64 rows, about a dequantize pass plus
+/// cuBLAS reading Ŵ at any small batch; the fused `mma.sync` GEMM 148 µs at 64 rows (its dX
+/// 515 µs) and 5978 µs at 8192, against 998 µs for dequantize + cuBLAS, so cuBLAS's `wgmma`
+/// wins past the GEMV in both directions. The SIMT GEMV took 29 / 33 µs at 1 row, 50 / 68 at
+/// 4 and 205 / 284 at 16 (its crossover with dequantize + cuBLAS was about 8 rows). The
+/// tensor-core GEMV that replaced it has not run on a GPU yet: one `mma` serves 8 rows, so
+/// its cost should hardly grow with them, and the bound of its memory-bound 1-row time
+/// (≈ 10 µs predicted, bench/NOTES.md) is far under dequantize + cuBLAS's ~90 µs even at 16
+/// rows, hence all 16. The next GPU check times both at 1, 4, 8 and 16 rows.
 pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
-    let has_cublas = dev.has_cublas();
-    let gemv_rows = if has_cublas {
-        GEMV_ROWS_WITH_CUBLAS
-    } else {
-        GEMV_MAX_ROWS
-    };
-    if forward && m <= gemv_rows {
+    if forward && m <= GEMV_MAX_ROWS {
         MatmulPath::GemvMma
-    } else if has_cublas {
+    } else if dev.has_cublas() {
         MatmulPath::DequantizeCublas
     } else {
         MatmulPath::FusedGemm
