@@ -18,21 +18,7 @@
 
 namespace {
 
-// ---- dequantize: 16 elements per thread (one 8-byte load; 16 divides every blocksize) ----
-
-template <typename O>
-FK_DEVICE void store16(O* dst, const float (&v)[16]) {
-  if constexpr (sizeof(O) == 4) {
-    for (int i = 0; i < 16; i += 4)
-      *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
-  } else {
-    uint32_t packed[8];
-    for (int i = 0; i < 8; ++i)
-      packed[i] = uint32_t(bits16(from_f32<O>(v[2 * i]))) | (uint32_t(bits16(from_f32<O>(v[2 * i + 1]))) << 16);
-    *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    *reinterpret_cast<uint4*>(dst + 8) = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-  }
-}
+// ---- dequantize: 16 elements per group (one 8-byte load; 16 divides every blocksize) ------
 
 // A thread takes two groups of 16 (g and g + the grid's stride) per pass, and loads both
 // groups' codes before their absmaxes: four loads in flight, the codes' not queued behind
@@ -70,11 +56,7 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
       if (e0 >= numel) break;
       if (e0 + 16 <= numel && runs) {
         float v[16];
-        for (int j = 0; j < 8; ++j) {
-          const uint32_t byte = ((j < 4 ? bytes[i].x : bytes[i].y) >> (8 * (j % 4))) & 0xFF;
-          v[2 * j] = nf4_value(table, byte >> 4, absmax[i]);
-          v[2 * j + 1] = nf4_value(table, byte & 0xF, absmax[i]);
-        }
+        nf4_values16(table, bytes[i], absmax[i], v);
         store16(ld == cols ? out + e0 : at(e0), v);
       } else {
         const uint64_t end = e0 + 16 < numel ? e0 + 16 : numel;

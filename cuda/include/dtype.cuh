@@ -19,3 +19,18 @@ FK_DEVICE unsigned short bits16(__half x) { return __half_as_ushort(x); }
 template <typename T> FK_DEVICE T from_bits16(unsigned short b);
 template <> FK_DEVICE __nv_bfloat16 from_bits16<__nv_bfloat16>(unsigned short b) { return __ushort_as_bfloat16(b); }
 template <> FK_DEVICE __half from_bits16<__half>(unsigned short b) { return __ushort_as_half(b); }
+
+// Sixteen values rounded to O and stored with 16-byte stores (dst 16-byte aligned).
+template <typename O>
+FK_DEVICE void store16(O* dst, const float (&v)[16]) {
+  if constexpr (sizeof(O) == 4) {
+    for (int i = 0; i < 16; i += 4)
+      *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+  } else {
+    uint32_t packed[8];
+    for (int i = 0; i < 8; ++i)
+      packed[i] = uint32_t(bits16(from_f32<O>(v[2 * i]))) | (uint32_t(bits16(from_f32<O>(v[2 * i + 1]))) << 16);
+    *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    *reinterpret_cast<uint4*>(dst + 8) = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+  }
+}

@@ -97,6 +97,15 @@ FK_DEVICE uint32_t nf4_code(const uint8_t* codes, uint64_t e) {
   return (e & 1) ? (byte & 0xF) : (byte >> 4);
 }
 
+// The 16 values of 8 bytes of codes in one block (element 2i in byte i's high nibble).
+FK_DEVICE void nf4_values16(const float* table, uint2 codes, float absmax, float (&v)[16]) {
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t byte = ((i < 4 ? codes.x : codes.y) >> (8 * (i % 4))) & 0xFF;
+    v[2 * i] = nf4_value(table, byte >> 4, absmax);
+    v[2 * i + 1] = nf4_value(table, byte & 0xF, absmax);
+  }
+}
+
 // Ŵ of an NF4 weight as a GEMM operand (gemm.cuh): the forward's B (KContig: element
 // (n, k) = Ŵ[n][k], a [kBN][kBK] tile) or the backward's (element (k, n) = Ŵ[k][n], a
 // [kBK][kBN] tile). Either way the tile's stored rows are W rows and its columns W columns,
@@ -144,17 +153,9 @@ struct Nf4Source {
     if (fast()) {
       int tr, tc;
       run_of_thread(&tr, &tc);
-      uint32_t packed[8] = {};
-      if (valid) {
-        for (int i = 0; i < 8; ++i) {
-          const uint32_t byte = ((i < 4 ? codes.x : codes.y) >> (8 * (i % 4))) & 0xFF;
-          const unsigned short first = bits16(from_f32<T>(nf4_value(table, byte >> 4, absmax)));
-          const unsigned short second = bits16(from_f32<T>(nf4_value(table, byte & 0xF, absmax)));
-          packed[i] = uint32_t(first) | (uint32_t(second) << 16);
-        }
-      }
-      *reinterpret_cast<uint4*>(&tile.data[tr][tc]) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-      *reinterpret_cast<uint4*>(&tile.data[tr][tc + 8]) = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+      float v[16] = {};
+      if (valid) nf4_values16(table, codes, absmax, v);
+      store16(reinterpret_cast<T*>(&tile.data[tr][tc]), v);
       return;
     }
     for (int i = threadIdx.x; i < kRows * kCols; i += gemm::kThreads) {  // any shape
