@@ -10,16 +10,21 @@
 
 namespace {
 
-template <typename W, typename V, typename I>
-FK_DEVICE void scatter_add(const ScatterAddParams& p) {
-  W* w = static_cast<W*>(p.w);
+// Calls add(j, alpha · values[i]) for each support element i whose index j is in range.
+template <typename V, typename I, class Add>
+FK_DEVICE void for_each_delta(const ScatterAddParams& p, Add add) {
   const V* v = static_cast<const V*>(p.values);
   const I* idx = static_cast<const I*>(p.indices);
   for (uint64_t i = grid_start(); i < p.n; i += grid_stride()) {
     const uint64_t j = idx[i];
-    if (j >= p.numel) continue;
-    w[j] = from_f32<W>(to_f32(w[j]) + p.alpha * to_f32(v[i]));
+    if (j < p.numel) add(j, p.alpha * to_f32(v[i]));
   }
+}
+
+template <typename W, typename V, typename I>
+FK_DEVICE void scatter_add(const ScatterAddParams& p) {
+  W* w = static_cast<W*>(p.w);
+  for_each_delta<V, I>(p, [&](uint64_t j, float d) { w[j] = from_f32<W>(to_f32(w[j]) + d); });
 }
 
 template <typename W, typename V, typename I>
@@ -56,13 +61,7 @@ FK_DEVICE void atomic_add_rounded(W* w, float x) {
 template <typename W, typename V, typename I>
 FK_DEVICE void scatter_add_atomic(const ScatterAddParams& p) {
   W* w = static_cast<W*>(p.w);
-  const V* v = static_cast<const V*>(p.values);
-  const I* idx = static_cast<const I*>(p.indices);
-  for (uint64_t i = grid_start(); i < p.n; i += grid_stride()) {
-    const uint64_t j = idx[i];
-    if (j >= p.numel) continue;
-    atomic_add_rounded(w + j, p.alpha * to_f32(v[i]));
-  }
+  for_each_delta<V, I>(p, [&](uint64_t j, float d) { atomic_add_rounded(w + j, d); });
 }
 
 template <typename S, typename O, typename I>

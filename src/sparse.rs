@@ -139,14 +139,23 @@ impl Offsets {
     }
 }
 
-fn check_in_range(indices: &[u64], numel: u64) -> Result<()> {
-    match indices.iter().position(|&t| t >= numel) {
+/// The indices as u64 on the host, after checking that `width` holds them and each is below
+/// `numel` (`what` names the structure for the error).
+fn checked_indices<I: Copy + Into<u64>>(
+    what: &'static str,
+    indices: &[I],
+    numel: u64,
+    width: IndexWidth,
+) -> Result<Vec<u64>> {
+    width.check_fits(what, numel, indices.len())?;
+    let host: Vec<u64> = indices.iter().map(|&i| i.into()).collect();
+    match host.iter().position(|&t| t >= numel) {
         Some(position) => Err(Error::IndexOutOfRange {
             position,
-            index: indices[position],
+            index: host[position],
             numel,
         }),
-        None => Ok(()),
+        None => Ok(host),
     }
 }
 
@@ -176,9 +185,7 @@ impl SparseIndex {
         numel: u64,
         width: IndexWidth,
     ) -> Result<Self> {
-        width.check_fits("SparseIndex", numel, indices.len())?;
-        let host: Vec<u64> = indices.iter().map(|&i| i.into()).collect();
-        check_in_range(&host, numel)?;
+        let host = checked_indices("SparseIndex", indices, numel, width)?;
         let unsorted_at = host.windows(2).position(|w| w[0] >= w[1]).map(|p| p + 1);
         Ok(SparseIndex {
             offsets: Offsets::upload(dev, &host, width)?,
@@ -271,9 +278,7 @@ impl ScatterPlan {
         numel: u64,
         width: IndexWidth,
     ) -> Result<Self> {
-        width.check_fits("ScatterPlan", numel, indices.len())?;
-        let host: Vec<u64> = indices.iter().map(|&i| i.into()).collect();
-        check_in_range(&host, numel)?;
+        let host = checked_indices("ScatterPlan", indices, numel, width)?;
         let mut order: Vec<u64> = (0..host.len() as u64).collect();
         order.sort_by_key(|&i| host[i as usize]);
         let mut targets = Vec::new();

@@ -19,6 +19,18 @@ fn assert_pass(row: finetune_kernels::Result<CheckRow>) {
     assert!(row.pass(), "{row}");
 }
 
+/// The fused GEMM's forward and backward dX, bf16.
+fn assert_fused_gemm_both_ways(dev: &finetune_kernels::Device, c: Case) {
+    for forward in [true, false] {
+        assert_pass(check::matmul::<bf16>(
+            dev,
+            c,
+            MatmulPath::FusedGemm,
+            forward,
+        ));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
 
@@ -83,14 +95,7 @@ fn matmuls_at_the_large_blocksizes() {
                 double_quant: blocksize % 512 == 0,
                 timed: false,
             };
-            for forward in [true, false] {
-                assert_pass(check::matmul::<bf16>(
-                    &dev,
-                    c,
-                    MatmulPath::FusedGemm,
-                    forward,
-                ));
-            }
+            assert_fused_gemm_both_ways(&dev, c);
             // The GEMVs' generic paths (301 columns) and their fast ones (320).
             for cols in [301, 320] {
                 let c = Case { m: 3, cols, ..c };
@@ -126,14 +131,7 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
                 double_quant: true,
                 timed: false,
             };
-            for forward in [true, false] {
-                assert_pass(check::matmul::<bf16>(
-                    &dev,
-                    c,
-                    MatmulPath::FusedGemm,
-                    forward,
-                ));
-            }
+            assert_fused_gemm_both_ways(&dev, c);
             if m <= 16 {
                 for gemv in GEMVS {
                     assert_pass(check::matmul::<bf16>(&dev, c, gemv, true));
