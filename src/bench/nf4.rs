@@ -113,9 +113,6 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         c,
     ));
 
-    // Both GEMVs side by side (the tensor-core one replaced the SIMT one in the dispatch
-    // unmeasured), each with its fixed cost (a tiny weight) and what double quantization's
-    // dependent absmax loads cost it (the same weight without).
     // A copy moving the 1-row GEMV's bytes (half read, half written): the bandwidth a kernel
     // of that size can reach under this timer (a copy of tens of MB stays well short of the
     // 1 GiB copy the floor is measured with).
@@ -130,6 +127,9 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         0.0,
         c,
     ));
+    // Both GEMVs side by side (the tensor-core one replaced the SIMT one in the dispatch
+    // unmeasured), each with its fixed cost (a tiny weight) and what double quantization's
+    // dependent absmax loads cost it (the same weight without).
     let (_, q_small) = weight(dev, 256, 256)?;
     let q_plain = Nf4Weight::quantize(&w, 11008, 4096, 64, false)?;
     let (_, q_t) = weight(dev, 4096, 11008)?;
