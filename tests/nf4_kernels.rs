@@ -153,7 +153,9 @@ fn dispatch_runs_every_path_it_can_choose() {
             double_quant: true,
             timed: false,
         };
-        assert_eq!(nf4::choose_path(&dev, 4, true), MatmulPath::GemvMma);
+        assert_eq!(nf4::choose_path(&dev, 1, true), MatmulPath::GemvMma);
+        assert_eq!(nf4::choose_path(&dev, 16, true), MatmulPath::GemvMma);
+        assert_ne!(nf4::choose_path(&dev, 17, true), MatmulPath::GemvMma);
         assert_ne!(
             nf4::choose_path(&dev, 4, false),
             MatmulPath::GemvMma,

@@ -342,9 +342,9 @@ fn nest(dev: &Device, absmax: &Buffer<f32>) -> Result<DeviceAbsmax> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulPath {
     /// The fused GEMV on tensor cores (forward only, up to [`GEMV_MAX_ROWS`] rows): the
-    /// weight is `mma.sync`'s A operand, decoded from a table of code pairs a byte at a time,
-    /// so that about two instructions per weight element leave it bound by the 4-bit
-    /// weight's bytes. The codes enter the `mma` rounded to the activations' dtype (as
+    /// weight is `mma.sync`'s A operand, decoded from a table of code pairs a byte at a time
+    /// (about 3.5 instructions per weight element in its loop, against 8 for
+    /// [`MatmulPath::Gemv`]), so that the 4-bit weight's bytes should bound it. The codes enter the `mma` rounded to the activations' dtype (as
     /// bitsandbytes' GEMV rounds code × absmax); each block's sum is scaled by its f32 absmax.
     GemvMma,
     /// The fused SIMT GEMV (forward only, up to [`GEMV_MAX_ROWS`] rows): `Ŵ` in f32, a table
@@ -394,10 +394,18 @@ impl MatmulPath {
 /// (≈ 10 µs predicted, bench/NOTES.md) is far under dequantize + cuBLAS's ~90 µs even at 16
 /// rows, hence all 16. The next GPU check times both at 1, 4, 8 and 16 rows.
 pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
+    match fused_path(m, forward) {
+        MatmulPath::FusedGemm if dev.has_cublas() => MatmulPath::DequantizeCublas,
+        path => path,
+    }
+}
+
+/// The fused kernel for `m` rows: the tensor-core GEMV for a forward of up to
+/// [`GEMV_MAX_ROWS`] rows, else the GEMM (what [`choose_path`] and the raw entry point
+/// share).
+fn fused_path(m: usize, forward: bool) -> MatmulPath {
     if forward && m <= GEMV_MAX_ROWS {
         MatmulPath::GemvMma
-    } else if dev.has_cublas() {
-        MatmulPath::DequantizeCublas
     } else {
         MatmulPath::FusedGemm
     }
@@ -728,11 +736,7 @@ pub mod raw {
         if p.m == 0 {
             return Ok(());
         }
-        let path = if forward && p.m as usize <= GEMV_MAX_ROWS {
-            MatmulPath::GemvMma
-        } else {
-            MatmulPath::FusedGemm
-        };
+        let path = fused_path(p.m as usize, forward);
         let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, path);
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch(&k, cfg, stream, p) }
