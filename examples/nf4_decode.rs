@@ -7,7 +7,8 @@
 //! `cargo run --release --example nf4_decode` (a GPU if there is one, else the emulator).
 
 use finetune_kernels::nf4::{self, Nf4Weight};
-use finetune_kernels::testing::random_vec;
+use finetune_kernels::reference::linear::linear;
+use finetune_kernels::testing::{random_vec, rel_l2};
 use finetune_kernels::{bf16, DType, Device, Result};
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -31,24 +32,15 @@ fn main() -> Result<()> {
     let path = nf4::forward(&q, &x, m, &mut y)?;
     println!("{m} rows through {}", path.label(true, DType::BF16));
 
-    // The same product from the dequantized weight, in f64 on the host.
+    // The same product from the dequantized weight, in f64 on the host (the crate's
+    // reference matmul), one rounding to bf16.
     let mut w_hat = dev.alloc_poisoned::<bf16>(rows * cols)?;
     q.dequantize(&mut w_hat)?;
-    let (w_hat, y) = (w_hat.to_host()?, y.to_host()?);
-    let (mut err, mut norm) = (0.0f64, 0.0f64);
-    for t in 0..m {
-        for n in 0..rows {
-            let want: f64 = (0..cols)
-                .map(|k| x_host[t * cols + k].to_f64() * w_hat[n * cols + k].to_f64())
-                .sum();
-            err += (y[t * rows + n].to_f64() - want).powi(2);
-            norm += want * want;
-        }
-    }
+    let want = linear(&x_host, &w_hat.to_host()?, m, rows, cols);
     // Both sides round to bf16 (the output; the GEMV also its codes), about 1e-3 each.
     println!(
         "relative error against dequantize-then-multiply: {:.2e}",
-        (err / norm).sqrt()
+        rel_l2(&y.to_host()?, &want)
     );
     Ok(())
 }
