@@ -7,6 +7,7 @@
 //                                                        against the GPU: + lora_down_reduce)
 //   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
 //                                                        no pass over y but the one writing it
+//   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; dense base; sm_90a only)
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
 //                                                        registers, then the base segment
@@ -22,6 +23,7 @@
 #include "include/grid.cuh"
 #include "include/nf4.cuh"
 #include "include/philox.cuh"
+#include "include/wgmma.cuh"
 #include "params/lora.h"
 
 namespace {
@@ -174,6 +176,39 @@ FK_DEVICE void forward(const LoraParams& p) {
   DenseSource<T, true, kBM> x{as<T>(p.x), p.d_in, m0, p.m, p.d_in};
   base_segment<T, Nf4, true>(acc, st, x, p, n0);
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
+}
+
+// lora_forward's two segments through wgmma.cuh, for a dense base. y's pairs of columns are
+// stored as one 4-byte word where the row allows.
+template <typename T>
+FK_DEVICE void forward_wgmma(const LoraParams& p) {
+  const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
+  const uint64_t w_ld = p.w_ld ? p.w_ld : p.d_in;
+  const wgmma::Segment<T> segs[2] = {
+      {{as<T>(p.u), p.rank, m0, p.m, p.rank}, {as<T>(p.b), p.rank, n0, p.d_out, p.rank}},
+      {{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, {as<T>(p.w), w_ld, n0, p.d_out, p.d_in}}};
+  wgmma::Accumulators acc = {};
+  wgmma::run<T>(acc, dyn_smem<unsigned char>(), segs);
+  T* y = static_cast<T*>(p.y);
+  const T* bias = as<T>(p.bias);
+  const bool pairs = p.d_out % 2 == 0 && reinterpret_cast<uintptr_t>(y) % 4 == 0;
+  wgmma::for_each_pair(acc, [&](int r, int c, float v0, float v1) {
+    const uint32_t row = m0 + r, col = n0 + c;
+    if (row >= p.m || col >= p.d_out) return;
+    T* out = y + uint64_t(row) * p.d_out + col;
+    if (bias) v0 += to_f32(bias[col]);
+    if (col + 1 >= p.d_out) {
+      out[0] = from_f32<T>(v0);
+      return;
+    }
+    if (bias) v1 += to_f32(bias[col + 1]);
+    if (pairs) {
+      *reinterpret_cast<uint32_t*>(out) = bits16(from_f32<T>(v0)) | uint32_t(bits16(from_f32<T>(v1))) << 16;
+    } else {
+      out[0] = from_f32<T>(v0);
+      out[1] = from_f32<T>(v1);
+    }
+  });
 }
 
 template <typename T>
@@ -350,6 +385,7 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_REGS(lora_down_##t, LoraParams, kThreads, 176) { down<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
+  FK_KERNEL_BOUNDS(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T>(p); }  \
   FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \
   FK_KERNEL_BOUNDS(lora_backward_dx_##t, LoraParams, kThreads) { backward_dx<T, false>(p); }     \
   FK_KERNEL_BOUNDS(lora_backward_dx_nf4_##t, LoraParams, kThreads) { backward_dx<T, true>(p); }  \

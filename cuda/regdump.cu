@@ -1,7 +1,9 @@
-// Register-dump kernels: launched with one warp (32 threads, one block). The GPU check runs
-// them on real hardware and commits the dump; the emulator must reproduce it bit for bit.
+// Register-dump kernels: launched with one warp (32 threads, one block; wgmma's with one
+// warpgroup). The GPU check runs them on real hardware and commits the dump; the emulator
+// must reproduce it bit for bit.
 #include "include/compat.cuh"
 #include "include/ptx.cuh"
+#include "include/wgmma.cuh"
 #include "params/regdump.h"
 
 namespace {
@@ -29,6 +31,33 @@ FK_DEVICE void dump_mma(const RegdumpParams& p, Mma mma) {
   float d[4];
   mma(d, a, b, c);
   for (int i = 0; i < 4; ++i) p.out[lane * 4 + i] = __float_as_uint(d[i]);
+}
+
+// One warpgroup: A and B into a 1024-byte-aligned tile in the 128-byte swizzle (wgmma.cuh's
+// layout: B's 8 rows after A's 64), then four m64n8k16 along K (each a new descriptor start
+// address 32 bytes on) accumulate into C.
+template <class Mma>
+FK_DEVICE void dump_wgmma(const RegdumpParams& p, Mma mma) {
+  constexpr int kRows = 64 + 8;
+  FK_SHARED(smem, uint4[kRows * 8 + 64]);  // + 1 KB to align
+  uint4* tile = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(smem) + shared_align_1024(smem));
+  const int t = threadIdx.x;
+  for (int c = t; c < kRows * 8; c += FK_REGDUMP_WGMMA_THREADS) {
+    const uint32_t* w = p.in + c * 4;  // row c / 8, elements 8 (c % 8) ... + 7
+    tile[wgmma::swizzled(c / 8, c % 8)] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  fence_proxy_async_shared();
+  __syncthreads();
+  const uint32_t* c_in = p.in + kRows * 32 + t * 4;
+  float d[4] = {__uint_as_float(c_in[0]), __uint_as_float(c_in[1]), __uint_as_float(c_in[2]), __uint_as_float(c_in[3])};
+  wgmma_fence();
+  for (int k0 = 0; k0 < 64; k0 += 16) {
+    mma(d, reinterpret_cast<const char*>(tile) + 2 * k0, reinterpret_cast<const char*>(tile + 64 * 8) + 2 * k0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_hold(d);
+  for (int i = 0; i < 4; ++i) p.out[t * 4 + i] = __float_as_uint(d[i]);
 }
 
 }  // namespace
@@ -61,6 +90,8 @@ FK_KERNEL(regdump_mma_bf16, RegdumpParams) { dump_mma(p, mma_m16n8k16_bf16); }
 FK_KERNEL(regdump_mma_f16, RegdumpParams) { dump_mma(p, mma_m16n8k16_f16); }
 FK_KERNEL(regdump_mma_e4m3, RegdumpParams) { dump_mma(p, mma_m16n8k32_e4m3); }
 FK_KERNEL(regdump_mma_e5m2, RegdumpParams) { dump_mma(p, mma_m16n8k32_e5m2); }
+FK_KERNEL(regdump_wgmma_bf16, RegdumpParams) { dump_wgmma(p, wgmma_m64n8k16_bf16); }
+FK_KERNEL(regdump_wgmma_f16, RegdumpParams) { dump_wgmma(p, wgmma_m64n8k16_f16); }
 
 FK_KERNEL(regdump_cvt, RegdumpParams) {
   const int lane = threadIdx.x;

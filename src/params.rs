@@ -6,6 +6,11 @@
 
 pub const FK_GEMM_TILE: u32 = 128;
 pub const FK_GEMM_THREADS: u32 = 256;
+pub const FK_WGMMA_TILE_M: u32 = 128;
+pub const FK_WGMMA_TILE_N: u32 = 256;
+pub const FK_WGMMA_THREADS: u32 = 256;
+pub const FK_WGMMA_STAGES: u32 = 4;
+pub const FK_WGMMA_SMEM_BYTES: u32 = 197632;
 pub const FK_NF4_NESTED_BLOCKSIZE: u32 = 256;
 pub const FK_NF4_MEAN_CHUNK: u32 = 1024;
 pub const FK_NF4_GEMV_MMA_ROWS: u32 = 16;
@@ -16,6 +21,8 @@ pub const FK_REGDUMP_CVT_IN: u32 = 2;
 pub const FK_REGDUMP_CVT_OUT: u32 = 3;
 pub const FK_REGDUMP_RCP_WORDS: u32 = 262144;
 pub const FK_REGDUMP_RCP_SAMPLES: u32 = 1024;
+pub const FK_REGDUMP_WGMMA_THREADS: u32 = 128;
+pub const FK_REGDUMP_WGMMA_IN: u32 = 2816;
 pub const FK_EMU_SCHEDULE_FORWARD: u32 = 0;
 pub const FK_EMU_SCHEDULE_REVERSE: u32 = 1;
 pub const FK_EMU_SCHEDULE_RANDOM: u32 = 2;

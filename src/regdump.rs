@@ -2,14 +2,15 @@
 //!
 //! One warp records what every lane holds after each `ldmatrix` variant, each `mma.sync`
 //! variant (on two input sets: small integers, whose products are exact, and random
-//! values, which show the hardware's rounding) and the packed `cvt` instructions. The GPU
+//! values, which show the hardware's rounding) and the packed `cvt` instructions; on Hopper
+//! one warpgroup records `wgmma` (bf16, f16) on the same two sets. The GPU
 //! check writes the dump to `tests/data/regdump-<gpu>.txt`; the emulator must reproduce it.
 
 use crate::device::{Device, Kernel, LaunchConfig, Target};
 use crate::error::{Error, Result};
 use crate::params::{
     RegdumpParams, FK_REGDUMP_CVT_IN, FK_REGDUMP_LDMATRIX_VARIANTS, FK_REGDUMP_MMA_IN,
-    FK_REGDUMP_RCP_SAMPLES, FK_REGDUMP_RCP_WORDS,
+    FK_REGDUMP_RCP_SAMPLES, FK_REGDUMP_RCP_WORDS, FK_REGDUMP_WGMMA_IN, FK_REGDUMP_WGMMA_THREADS,
 };
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -150,6 +151,34 @@ pub fn mma_input(t: MmaInput, set: &str, seed: u64) -> Vec<u32> {
     words
 }
 
+/// Inputs for a wgmma kernel (`t` bf16 or f16): A `[64][64]` and B `[8][64]` row-major, two
+/// elements a word (the even one low), then each thread's four accumulators C (f32 bits).
+pub fn wgmma_input(t: MmaInput, set: &str, seed: u64) -> Vec<u32> {
+    assert!(!t.is_fp8(), "the wgmma dump is bf16 and f16");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let elements = (64 + 8) * 64;
+    let mut words = Vec::with_capacity(FK_REGDUMP_WGMMA_IN as usize);
+    for _ in 0..elements / 2 {
+        let mut elem = || match set {
+            "int" => t.encode(rng.random_range(-4i32..=4) as f32),
+            _ => t.random_bits(&mut rng),
+        };
+        words.push(pack(&[elem(), elem()], 16));
+    }
+    for _ in 0..FK_REGDUMP_WGMMA_THREADS * 4 {
+        let c = match set {
+            "int" => rng.random_range(-8i32..=8) as f32,
+            _ => rng.random_range(-4.0f32..4.0),
+        };
+        words.push(c.to_bits());
+    }
+    words
+}
+
+fn is_wgmma(kernel: &str) -> bool {
+    kernel.starts_with("regdump_wgmma")
+}
+
 /// Inputs for the cvt kernel: per lane a (hi, lo) pair. The first lanes hold edge cases
 /// (ties, saturation, NaN, infinities, signed zero, subnormals), the rest random values.
 pub fn cvt_input(seed: u64) -> Vec<u32> {
@@ -214,7 +243,8 @@ pub fn rcp_input(seed: u64) -> Vec<u32> {
     words
 }
 
-/// Every section the dump holds on `target`, with its inputs (FP8 needs sm_89+).
+/// Every section the dump holds on `target`, with its inputs (FP8 needs sm_89+, wgmma
+/// sm_90a).
 pub fn plan(target: Target) -> Vec<Section> {
     let mut sections = vec![Section {
         kernel: "regdump_ldmatrix".into(),
@@ -222,17 +252,35 @@ pub fn plan(target: Target) -> Vec<Section> {
         input: vec![],
         output: vec![],
     }];
-    for (i, t) in MmaInput::ALL.into_iter().enumerate() {
-        if t.is_fp8() && target == Target::Sm80 {
-            continue;
-        }
+    // Both input sets of one instruction's kernel, seeded by its place in the plan.
+    let mut both_sets = |kernel: String, seed: u64, input: &dyn Fn(&str, u64) -> Vec<u32>| {
         for (j, set) in ["int", "random"].into_iter().enumerate() {
             sections.push(Section {
-                kernel: format!("regdump_mma_{}", t.name()),
+                kernel: kernel.clone(),
                 set: set.into(),
-                input: mma_input(t, set, 1000 + 10 * i as u64 + j as u64),
+                input: input(set, seed + j as u64),
                 output: vec![],
             });
+        }
+    };
+    for (i, t) in MmaInput::ALL.into_iter().enumerate() {
+        if !(t.is_fp8() && target == Target::Sm80) {
+            let input = move |set: &str, seed| mma_input(t, set, seed);
+            both_sets(
+                format!("regdump_mma_{}", t.name()),
+                1000 + 10 * i as u64,
+                &input,
+            );
+        }
+    }
+    if target == Target::Sm90a {
+        for (i, t) in [MmaInput::BF16, MmaInput::F16].into_iter().enumerate() {
+            let input = move |set: &str, seed| wgmma_input(t, set, seed);
+            both_sets(
+                format!("regdump_wgmma_{}", t.name()),
+                2000 + 10 * i as u64,
+                &input,
+            );
         }
     }
     if target != Target::Sm80 {
@@ -254,7 +302,7 @@ pub fn plan(target: Target) -> Vec<Section> {
 
 /// Every kernel this module can launch (the build checks look each up in the PTX).
 pub fn kernels() -> Vec<Kernel> {
-    let mut names: Vec<String> = plan(Target::Sm89).into_iter().map(|s| s.kernel).collect();
+    let mut names: Vec<String> = plan(Target::Sm90a).into_iter().map(|s| s.kernel).collect();
     names.dedup();
     names.push("regdump_rcp_table".into());
     names
@@ -272,6 +320,7 @@ pub fn output_len(kernel: &str) -> usize {
         "regdump_ldmatrix" => FK_REGDUMP_LDMATRIX_VARIANTS as usize * LANES * 4,
         "regdump_cvt" => LANES * crate::params::FK_REGDUMP_CVT_OUT as usize,
         "regdump_rcp" => FK_REGDUMP_RCP_SAMPLES as usize,
+        k if is_wgmma(k) => FK_REGDUMP_WGMMA_THREADS as usize * 4,
         _ => LANES * 4,
     }
 }
@@ -288,9 +337,24 @@ pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
         out: out.ptr_mut() as *mut u32,
         in_: input.ptr() as *const u32,
     };
+    let threads = if is_wgmma(&s.kernel) {
+        if s.input.len() != FK_REGDUMP_WGMMA_IN as usize {
+            return Err(Error::InvalidArgument {
+                what: "register dump",
+                why: format!(
+                    "{}: {} input words, not {FK_REGDUMP_WGMMA_IN}",
+                    s.kernel,
+                    s.input.len()
+                ),
+            });
+        }
+        FK_REGDUMP_WGMMA_THREADS
+    } else {
+        LANES as u32
+    };
     let cfg = LaunchConfig {
         grid: (1, 1, 1),
-        block: (LANES as u32, 1, 1),
+        block: (threads, 1, 1),
         shared_bytes: 0,
     };
     let kernel = Kernel {
@@ -298,7 +362,8 @@ pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
         name: s.kernel.clone(),
     };
     // SAFETY: the kernel reads at most 32 lanes x FK_REGDUMP_MMA_IN words of `input` (the
-    // mma and cvt inputs are that long; ldmatrix reads none) and writes output_len words.
+    // mma and cvt inputs are that long; ldmatrix reads none), wgmma FK_REGDUMP_WGMMA_IN
+    // (checked above), and writes output_len words.
     unsafe { dev.launch(&kernel, cfg, &p)? };
     out.to_host()
 }
@@ -433,7 +498,7 @@ mod tests {
     fn text_round_trip() {
         let d = RegDump {
             recorded_on: "test device".into(),
-            sections: plan(Target::Sm89)
+            sections: plan(Target::Sm90a)
                 .into_iter()
                 .map(|mut s| {
                     s.output = (0..output_len(&s.kernel) as u32)

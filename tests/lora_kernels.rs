@@ -4,7 +4,7 @@
 
 use finetune_kernels::check::lora::{self as check, paths, Case};
 use finetune_kernels::check::CheckRow;
-use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear};
+use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
 use finetune_kernels::testing::{backends, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
@@ -27,7 +27,7 @@ proptest! {
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)],
     ) {
                 for dev in backends() {
-            for path in paths(&dev) {
+            for path in paths(&dev, nf4) {
                 let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, timed: false, path: Some(path), k_splits };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
@@ -43,11 +43,11 @@ proptest! {
 #[test]
 fn the_largest_rank() {
     for dev in backends() {
-        for path in paths(&dev) {
-            for (rank, nf4) in [
-                (LoraConfig::MAX_RANK, false),
-                (LoraConfig::MAX_RANK - 1, true),
-            ] {
+        for (rank, nf4) in [
+            (LoraConfig::MAX_RANK, false),
+            (LoraConfig::MAX_RANK - 1, true),
+        ] {
+            for path in paths(&dev, nf4) {
                 let c = Case {
                     rslora: true,
                     dropout: 0.2,
@@ -70,13 +70,13 @@ fn the_largest_rank() {
 fn aligned_shapes_large_ranks_and_many_splits() {
     for dev in backends() {
         for (m, d_in, d_out, rank) in [(130, 256, 64, 16), (600, 64, 128, 136), (1100, 32, 48, 8)] {
-            for path in paths(&dev) {
-                for (dropout, nf4, k_splits) in [
-                    (0.0, false, None),
-                    (0.2, true, Some(3)),
-                    (0.0, true, None),
-                    (0.3, false, Some(2)),
-                ] {
+            for (dropout, nf4, k_splits) in [
+                (0.0, false, None),
+                (0.2, true, Some(3)),
+                (0.0, true, None),
+                (0.3, false, Some(2)),
+            ] {
+                for path in paths(&dev, nf4) {
                     let c = Case {
                         dropout,
                         bias: true,
@@ -93,6 +93,29 @@ fn aligned_shapes_large_ranks_and_many_splits() {
     }
 }
 
+/// The wgmma forward past its pipeline's depth (K steps of 64 that reuse every stage several
+/// times), with partial row and column tiles, through cp.async (rows a multiple of 8
+/// elements) and through plain loads (odd widths and ranks).
+#[test]
+fn wgmma_forward_over_many_stages() {
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
+        for (m, d_in, d_out, rank, dropout, bias) in [
+            (140, 1000, 300, 16, 0.1, true),
+            (131, 777, 263, 13, 0.0, false),
+            (5, 2048, 256, 64, 0.0, true),
+        ] {
+            let c = Case {
+                dropout,
+                bias,
+                path: Some(LoraPath::FusedWgmma),
+                ..Case::new(rand::random(), m, d_in, d_out, rank)
+            };
+            assert_pass(check::forward::<bf16>(&dev, c));
+            assert_pass(check::forward::<f16>(&dev, c));
+        }
+    }
+}
+
 #[test]
 fn merge_matches_the_reference() {
     for dev in backends() {
@@ -100,7 +123,7 @@ fn merge_matches_the_reference() {
             rslora: true,
             ..Case::new(rand::random(), 1, 77, 133, 9)
         };
-        for path in paths(&dev) {
+        for path in paths(&dev, false) {
             let c = Case {
                 path: Some(path),
                 ..c
@@ -188,7 +211,7 @@ fn merge_into_nf4_matches_the_reference_requantization() {
 #[test]
 fn backward_uses_the_saved_seed_and_empty_batches_work() {
     for dev in backends() {
-        for path in paths(&dev) {
+        for path in paths(&dev, false) {
             let mut rng = StdRng::seed_from_u64(rand::random());
             let (m, d_in, d_out, rank) = (45, 52, 37, 6);
             let config = LoraConfig {
@@ -320,6 +343,21 @@ fn bad_input_is_a_typed_error() {
             matches!(&e, Error::ShapeMismatch { what, .. } if what.contains("lora B")),
             "{e}"
         );
+        // The wgmma path takes a dense base only, and a device that runs wgmma.
+        let q = finetune_kernels::nf4::Nf4Weight::quantize(&w(), d_out, d_in, 64, false).unwrap();
+        let nf4_layer = LoraLinear::new(
+            LoraBase::Nf4(Box::new(q)),
+            None,
+            a(rank * d_in),
+            a(d_out * rank),
+            config,
+        )
+        .unwrap();
+        let want = if dev.has_wgmma() { "NF4" } else { "sm_90a" };
+        match nf4_layer.with_path(LoraPath::FusedWgmma).map(|_| ()) {
+            Err(Error::Unsupported { why, .. }) => assert!(why.contains(want), "{why}"),
+            other => panic!("an NF4 base on the wgmma path: {:?}", other.err()),
+        }
         assert!(matches!(
             LoraLinear::new(
                 LoraBase::Dense(w()),

@@ -239,3 +239,7 @@ float fk_emu_rcp_approx_ftz(float x);
 inline float fk_emu_flush(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
 void fk_emu_cp_async_commit();
 void fk_emu_cp_async_wait(int pending);
+// wgmma (ptx.cuh): deferred to the wait that lets its group go, so the tiles are read then.
+void fk_emu_wgmma(float* d, int n, const void* a, const void* b, int type);
+void fk_emu_wgmma_commit();
+void fk_emu_wgmma_wait(int pending);

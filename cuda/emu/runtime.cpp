@@ -197,9 +197,8 @@ void yield(bool exiting = false) {
   resumed(*t_fiber, true);
   t_block->info->entry(t_block->params);
   Fiber* f = t_fiber;
-  if (!f->uncommitted.empty() || !f->groups.empty()) {
-    fail(Site{"thread exit", 0}, "the thread exited with cp.async copies it never waited for");
-  }
+  if (!f->copies.empty()) fail(Site{"thread exit", 0}, "the thread exited with cp.async copies it never waited for");
+  if (!f->mmas.empty()) fail(Site{"thread exit", 0}, "the thread exited with wgmmas it never waited for");
   f->state = State::exited;
   yield(true);
   __builtin_unreachable();

@@ -18,6 +18,37 @@ struct AsyncCopy {
   int src_bytes;  // read from the source; the rest of `bytes` is zero-filled
 };
 
+// Asynchronous operations of one thread: issued, committed in groups, and completed a
+// group at a time, oldest first, by a wait (cp.async's and wgmma's commit/wait_group).
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> uncommitted;
+  std::vector<std::vector<Op>> groups;
+
+  bool empty() const { return uncommitted.empty() && groups.empty(); }
+  void commit() {
+    groups.push_back(std::move(uncommitted));
+    uncommitted.clear();
+  }
+  // Completes groups until at most `pending` remain.
+  template <class Complete>
+  void wait(int pending, Complete complete) {
+    while (static_cast<int>(groups.size()) > pending) {
+      for (const Op& op : groups.front()) complete(op);
+      groups.erase(groups.begin());
+    }
+  }
+};
+
+// One thread's part of an issued wgmma (ptx.cuh): its accumulators and the two tiles.
+struct AsyncMma {
+  float* d;
+  int n;  // the mma's N
+  const void* a;
+  const void* b;
+  int type;
+};
+
 // One GPU thread.
 struct Fiber {
   void* sp = nullptr;   // saved stack pointer while switched out
@@ -40,9 +71,9 @@ struct Fiber {
   const void* address = nullptr;
   uint32_t regs_in[10] = {};
   uint32_t regs_out[4] = {};
-  // cp.async: issued but uncommitted copies, then committed groups, oldest first.
-  std::vector<AsyncCopy> uncommitted;
-  std::vector<std::vector<AsyncCopy>> groups;
+  // cp.async copies, made when a wait lets their group go; wgmmas likewise.
+  AsyncGroups<AsyncCopy> copies;
+  AsyncGroups<AsyncMma> mmas;
 };
 
 // The fiber running now on this OS thread.

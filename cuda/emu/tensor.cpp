@@ -168,22 +168,53 @@ void fk_emu_cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
     fail(Site{"cp.async", bytes}, "cp.async addresses must be aligned to the copy size");
   if (src_bytes < 0 || src_bytes > bytes) fail(Site{"cp.async", bytes}, "cp.async source size outside [0, copy size]");
   std::memset(smem, 0xFF, bytes);
-  f->uncommitted.push_back(AsyncCopy{smem, gmem, bytes, src_bytes});
+  f->copies.uncommitted.push_back(AsyncCopy{smem, gmem, bytes, src_bytes});
 }
 
-void fk_emu_cp_async_commit() {
-  Fiber* f = current_fiber();
-  f->groups.push_back(std::move(f->uncommitted));
-  f->uncommitted.clear();
-}
+void fk_emu_cp_async_commit() { current_fiber()->copies.commit(); }
 
 void fk_emu_cp_async_wait(int pending) {
+  current_fiber()->copies.wait(pending, [](const AsyncCopy& c) {
+    std::memcpy(c.dst, c.src, c.src_bytes);
+    std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+  });
+}
+
+// wgmma m64nNk16 with both operands K-major in the 128-byte swizzle (ptx.cuh): element
+// (row, k) of a tile whose k0 slice starts at `p` sits at the address p + 1024·(row/8) +
+// 128·(row%8) + 2k with address bits 4-6 XORed with bits 7-9, as the hardware applies the
+// swizzle to the address. This thread's accumulators follow ptx.cuh's layout; each k16 dot
+// product rounds as one HMMA does (hmma_dot: HGMMA's own rounding is not dumped yet).
+static uint16_t swizzled16(const void* p, int row, int k) {
+  const uintptr_t logical = reinterpret_cast<uintptr_t>(p) + 1024 * (row / 8) + 128 * (row % 8) + 2 * k;
+  return load16(reinterpret_cast<const void*>(logical ^ (((logical >> 7) & 7) << 4)), 0);
+}
+
+static void compute_wgmma(const Fiber& f, const AsyncMma& m) {
+  const int warp = (f.linear / 32) % 4, lane = f.linear % 32;
+  static const int ks[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  // This thread's two rows of A and N/4 columns of B (see ptx.cuh's accumulator layout).
+  float a[2][16], b[128][16];
+  for (int half = 0; half < 2; ++half)
+    for (int k = 0; k < 16; ++k) a[half][k] = widen(swizzled16(m.a, 16 * warp + lane / 4 + 8 * half, k), m.type);
+  for (int c = 0; c < m.n / 4; ++c)
+    for (int k = 0; k < 16; ++k) b[c][k] = widen(swizzled16(m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, k), m.type);
+  for (int j = 0; j < m.n / 2; ++j) m.d[j] = hmma_dot(a[(j % 4) / 2], b[2 * (j / 4) + j % 2], ks, 16, m.d[j]);
+}
+
+void fk_emu_wgmma(float* d, int n, const void* a, const void* b, int type) {
   Fiber* f = current_fiber();
-  while (static_cast<int>(f->groups.size()) > pending) {
-    for (const AsyncCopy& c : f->groups.front()) {
-      std::memcpy(c.dst, c.src, c.src_bytes);
-      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
-    }
-    f->groups.erase(f->groups.begin());
-  }
+  const Site site{"wgmma", n};
+  if (reinterpret_cast<uintptr_t>(a) % 16 || reinterpret_cast<uintptr_t>(b) % 16)
+    fail(site, "wgmma tile address is not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(a) % 1024 > 96 || reinterpret_cast<uintptr_t>(b) % 1024 > 96)
+    fail(site, "wgmma 128-byte-swizzled tile does not start on a 1024-byte boundary (plus 2·k0)");
+  f->mmas.uncommitted.push_back(AsyncMma{d, n, a, b, type});
+}
+
+void fk_emu_wgmma_commit() { current_fiber()->mmas.commit(); }
+
+void fk_emu_wgmma_wait(int pending) {
+  Fiber* f = current_fiber();
+  f->mmas.wait(pending, [f](const AsyncMma& m) { compute_wgmma(*f, m); });
 }

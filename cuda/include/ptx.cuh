@@ -286,3 +286,179 @@ FK_DEVICE void cp_async_wait_all() {
   fk_emu_cp_async_wait(0);
 #endif
 }
+
+// ---- wgmma (sm_90a): warpgroup MMA with both operands in shared memory -----------------
+//
+// A warpgroup (4 warps, 128 threads) computes D[64 × 256] += A[64 × 16] · B[16 × 256]ᵀ, f32
+// accumulators. Both operands are K-major tiles in the 128-byte swizzle (the only layout the
+// kernels use): rows of 64 16-bit elements, 128 bytes, whose 16-byte chunk c is stored at
+// chunk c ^ (row % 8); 8-row groups 1024 bytes apart; the tile 1024-byte aligned in the shared
+// window (the swizzle is a function of address bits 4-9). `a` and `b` point at row 0 of the
+// tile plus 2·k0 bytes for the 16 columns at k0 (0, 16, 32, 48).
+// Accumulator d[j] of a thread is D[16·warp + lane/4 + 8·((j%4)/2)][8·(j/4) + 2·(lane%4) + j%2]
+// with warp the thread's warp within its warpgroup (the m16n8 C fragment per 8 columns).
+// The mma is asynchronous: d and the tiles belong to it until wgmma_wait lets the group go.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FK_HAS_WGMMA 1
+#elif FK_EMU_PTX
+#define FK_HAS_WGMMA 1
+#endif
+
+#if FK_PTX && FK_HAS_WGMMA
+// The matrix descriptor: start address >> 4 (bits 0-13), leading byte offset (16-29: unused
+// with a 128-byte swizzle, 1 by convention), stride byte offset 1024 >> 4 (32-45: the next
+// 8-row group), base offset 0, swizzle mode 1 = 128 bytes (bits 62-63).
+FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  return uint64_t((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+#define FK_WGMMA_D_REGS \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
+  "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, " \
+  "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, " \
+  "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, " \
+  "%109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, " \
+  "%124, %125, %126, %127}"
+
+#define FK_WGMMA_D_OPERANDS(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
+  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
+  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
+  "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+  "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
+  "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+  "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), \
+  "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), \
+  "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), \
+  "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), \
+  "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), \
+  "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), \
+  "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), \
+  "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), \
+  "+f"(d[127])
+
+#define FK_WGMMA_M64N256K16(type)                                                                   \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS               \
+      ", %128, %129, p, 1, 1, 0, 0;\n}\n"                                                          \
+      : FK_WGMMA_D_OPERANDS(d)                                                                      \
+      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
+#endif
+
+// D += A·B (the `scale-d` predicate is always 1: callers zero d first).
+FK_DEVICE void wgmma_m64n256k16_bf16(float (&d)[128], const void* a, const void* b) {
+#if FK_PTX && FK_HAS_WGMMA
+  FK_WGMMA_M64N256K16("bf16");
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, 256, a, b, static_cast<int>(MmaType::bf16));
+#endif
+}
+
+FK_DEVICE void wgmma_m64n256k16_f16(float (&d)[128], const void* a, const void* b) {
+#if FK_PTX && FK_HAS_WGMMA
+  FK_WGMMA_M64N256K16("f16");
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, 256, a, b, static_cast<int>(MmaType::f16));
+#endif
+}
+
+// The same at N = 8 (4 accumulators a thread): the register dump's (cuda/regdump.cu), which
+// records the instruction's layout and rounding on hardware at a size a dump can hold.
+#if FK_PTX && FK_HAS_WGMMA
+#define FK_WGMMA_M64N8K16(type)                                                                     \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                    \
+      " {%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n}\n"                                             \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
+      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
+#endif
+
+FK_DEVICE void wgmma_m64n8k16_bf16(float (&d)[4], const void* a, const void* b) {
+#if FK_PTX && FK_HAS_WGMMA
+  FK_WGMMA_M64N8K16("bf16");
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, 8, a, b, static_cast<int>(MmaType::bf16));
+#endif
+}
+
+FK_DEVICE void wgmma_m64n8k16_f16(float (&d)[4], const void* a, const void* b) {
+#if FK_PTX && FK_HAS_WGMMA
+  FK_WGMMA_M64N8K16("f16");
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, 8, a, b, static_cast<int>(MmaType::f16));
+#endif
+}
+
+// Orders this thread's register accesses to the accumulators before the wgmmas that follow.
+FK_DEVICE void wgmma_fence() {
+#if FK_PTX && FK_HAS_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+FK_DEVICE void wgmma_commit() {
+#if FK_PTX && FK_HAS_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif FK_EMU_PTX
+  fk_emu_wgmma_commit();
+#endif
+}
+
+// Waits until at most `Pending` committed groups are in flight; their accumulators and
+// tiles are the caller's again.
+template <int Pending>
+FK_DEVICE void wgmma_wait() {
+#if FK_PTX && FK_HAS_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
+#elif FK_EMU_PTX
+  fk_emu_wgmma_wait(Pending);
+#endif
+}
+
+// Keeps the compiler from moving accesses to the accumulators across a wgmma_wait (which
+// does not name them): each register passes through an empty asm.
+template <int N>
+FK_DEVICE void wgmma_hold(float (&d)[N]) {
+#if FK_PTX && FK_HAS_WGMMA
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
+// Makes this thread's generic-proxy writes to shared memory (stores, cp.async that has
+// landed) visible to the async proxy that wgmma reads through; a barrier follows.
+FK_DEVICE void fence_proxy_async_shared() {
+#if FK_PTX && FK_HAS_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// The byte offset that brings `p` (shared memory) to the next 1024-byte boundary of the
+// shared window, where a swizzled wgmma tile must start.
+FK_DEVICE uint32_t shared_align_1024(const void* p) {
+#if FK_PTX
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#else
+  const uint32_t a = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p));
+#endif
+  return (1024 - (a & 1023)) & 1023;
+}

@@ -56,8 +56,17 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
     let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
     let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
-    for path in [LoraPath::Extended, LoraPath::Fused] {
+    let mut paths = vec![LoraPath::Extended, LoraPath::Fused];
+    if dev.has_wgmma() {
+        paths.push(LoraPath::FusedWgmma);
+    }
+    for path in paths {
         for (nf4, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
+            // The wgmma path takes a dense base, and its backward is the fused one.
+            let wgmma = path == LoraPath::FusedWgmma;
+            if wgmma && nf4 {
+                continue;
+            }
             let (l, w_bytes) = layer(dev, nf4, dropout, path)?;
             // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
             let (bytes_fwd, bytes_bwd) = (
@@ -66,10 +75,10 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             );
             let name = format!(
                 "lora_{}{}{}",
-                if path == LoraPath::Extended {
-                    "extended"
-                } else {
-                    "fused"
+                match path {
+                    LoraPath::Extended => "extended",
+                    LoraPath::Fused => "fused",
+                    LoraPath::FusedWgmma => "fused_wgmma",
                 },
                 if nf4 { "_nf4" } else { "" },
                 if dropout > 0.0 { "_dropout" } else { "" }
@@ -89,6 +98,9 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 row = row.with_baseline("cuBLAS base GEMM alone", b.median_us);
             }
             rows.push(row);
+            if wgmma {
+                continue;
+            }
             let (_, saved) = l.forward(&x, M)?;
             let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
             let mut row = Row::new(

@@ -52,10 +52,14 @@ impl Case {
     }
 }
 
-/// The paths `dev` runs: the fused kernels everywhere, the cuBLAS-extended layer where
-/// cuBLAS is.
-pub fn paths(dev: &Device) -> Vec<LoraPath> {
+/// The paths `dev` runs for a dense or an NF4 (`nf4`) base: the fused kernels everywhere, their
+/// wgmma forward where wgmma runs (Hopper, the emulator) over a dense base, the
+/// cuBLAS-extended layer where cuBLAS is.
+pub fn paths(dev: &Device, nf4: bool) -> Vec<LoraPath> {
     let mut p = vec![LoraPath::Fused];
+    if dev.has_wgmma() && !nf4 {
+        p.push(LoraPath::FusedWgmma);
+    }
     if dev.has_cublas() {
         p.push(LoraPath::Extended);
     }
@@ -178,7 +182,13 @@ fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
         ""
     };
     let nf4 = if c.nf4 { "_nf4" } else { "" };
-    format!("lora_{path}{op}{nf4}_{}", T::DTYPE)
+    // The wgmma path differs from the fused one in its forward kernel only.
+    let wgmma = if s.layer.path() == LoraPath::FusedWgmma && op == "forward" {
+        "_wgmma"
+    } else {
+        ""
+    };
+    format!("lora_{path}{op}{nf4}{wgmma}_{}", T::DTYPE)
 }
 
 /// Forward: `y` and the saved `u` (which the kernel keeps scaled by `scale`).
@@ -309,13 +319,13 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     };
     let base = Case::new(seed, m, d_in, d_out, rank);
     let mut rows = Vec::new();
-    for path in paths(dev) {
-        for (dropout, bias, nf4, rslora) in [
-            (0.0, false, false, false),
-            (0.1, true, false, true),
-            (0.0, false, true, false),
-            (0.05, true, true, false),
-        ] {
+    for (dropout, bias, nf4, rslora) in [
+        (0.0, false, false, false),
+        (0.1, true, false, true),
+        (0.0, false, true, false),
+        (0.05, true, true, false),
+    ] {
+        for path in paths(dev, nf4) {
             let c = Case {
                 dropout,
                 bias,
@@ -326,6 +336,10 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
                 ..base
             };
             rows.extend(forward::<bf16>(dev, c)?);
+            // The wgmma path's backward is the fused path's kernels: checked there at this size.
+            if realistic && path == LoraPath::FusedWgmma {
+                continue;
+            }
             rows.extend(backward::<bf16>(dev, c)?);
             if !realistic {
                 rows.extend(forward::<f16>(dev, c)?);

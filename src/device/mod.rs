@@ -136,6 +136,15 @@ impl Device {
         matches!(self, Device::Cuda(_))
     }
 
+    /// Whether the device runs `wgmma` kernels (`cuda/include/wgmma.cuh`): a GPU that loads the
+    /// sm_90a PTX (Hopper), or the emulator, which models the instruction.
+    pub fn has_wgmma(&self) -> bool {
+        match self {
+            Device::Cuda(d) => d.target() == crate::device::ptx::Target::Sm90a,
+            Device::Emu(_) => true,
+        }
+    }
+
     /// Whether cuBLAS serves this device: a GPU whose libcublas loads. The paths that hand
     /// GEMMs to cuBLAS (NF4 dequantize + cuBLAS, LoRA's extended layer) need it.
     pub fn has_cublas(&self) -> bool {

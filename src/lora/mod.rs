@@ -15,6 +15,10 @@
 //! - **Fused**: every product on this crate's tensor-core kernels (`mma.sync`): the base GEMM
 //!   runs extended along K by the low-rank term, `[u | x]·[B | W]ᵀ`, one accumulator, bias in
 //!   the epilogue. Runs everywhere (the emulator too).
+//! - **FusedWgmma** (Hopper, and the emulator): Fused with the forward's GEMM on `wgmma`
+//!   (`cuda/include/wgmma.cuh`), the same two K segments and epilogue at Hopper's tensor-core
+//!   rate, with no copy of x; dense base; backward as Fused. Not yet the default anywhere:
+//!   the GPU check times it against the other two (bench/NOTES.md).
 //! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
 //!   bench/results): the layer keeps W inside an extended weight
@@ -55,6 +59,7 @@ pub enum LoraBase<T: FloatElem> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraPath {
     Fused,
+    FusedWgmma,
     Extended,
 }
 
@@ -211,11 +216,28 @@ impl<T: FloatElem> LoraLinear<T> {
                 why: "the extended path needs a GPU with cuBLAS".into(),
             });
         }
+        if path == LoraPath::FusedWgmma {
+            if !self.device().has_wgmma() {
+                return Err(Error::Unsupported {
+                    op: "lora",
+                    why: format!(
+                        "the wgmma path needs Hopper (sm_90a); {}",
+                        self.device().describe()
+                    ),
+                });
+            }
+            if matches!(self.base, Base::Nf4(_)) {
+                return Err(Error::Unsupported {
+                    op: "lora",
+                    why: "the wgmma path takes a dense base, not NF4".into(),
+                });
+            }
+        }
         if let Base::Dense(w) = &self.base {
             let (ld, new_ld) = (self.dense_ld(self.path), self.dense_ld(path));
             let rows = match path {
                 LoraPath::Extended => self.d_out + self.config.rank,
-                LoraPath::Fused => self.d_out,
+                LoraPath::Fused | LoraPath::FusedWgmma => self.d_out,
             };
             let mut moved = self.device().zeros::<T>(rows * new_ld)?;
             moved.copy_rows_from(w, self.d_out, self.d_in, ld, new_ld)?;
@@ -229,7 +251,7 @@ impl<T: FloatElem> LoraLinear<T> {
     /// weight's on the extended one.
     fn dense_ld(&self, path: LoraPath) -> usize {
         match path {
-            LoraPath::Fused => self.d_in,
+            LoraPath::Fused | LoraPath::FusedWgmma => self.d_in,
             LoraPath::Extended => self.extended_ld(),
         }
     }
@@ -416,6 +438,23 @@ impl<T: FloatElem> LoraLinear<T> {
                     )?;
                 }
             }
+            LoraPath::FusedWgmma => {
+                self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
+                let cfg = LaunchConfig {
+                    grid: (
+                        self.d_out.div_ceil(params::FK_WGMMA_TILE_N as usize) as u32,
+                        m.div_ceil(params::FK_WGMMA_TILE_M as usize) as u32,
+                        1,
+                    ),
+                    block: (params::FK_WGMMA_THREADS, 1, 1),
+                    shared_bytes: params::FK_WGMMA_SMEM_BYTES,
+                };
+                // SAFETY: as on the fused path; the base is dense (with_path refused NF4) and
+                // the device runs sm_90a code (has_wgmma).
+                unsafe {
+                    dev.launch(&kernel(format!("lora_forward_wgmma_{}", T::DTYPE)), cfg, &p)?;
+                }
+            }
             LoraPath::Extended => {
                 let ld = self.extended_ld();
                 let (scratch, x_ext) = self.extended_down(&mut p, m)?;
@@ -581,7 +620,7 @@ impl<T: FloatElem> LoraLinear<T> {
             .map_or(std::ptr::null_mut(), |b| b.ptr_mut() as *mut f32);
         let t = T::DTYPE;
         match self.path {
-            LoraPath::Fused => {
+            LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
                 // SAFETY: every buffer in p was checked or sized above; the kernels only read
                 // u (passed through the mutable field of the shared params struct).
@@ -752,6 +791,7 @@ pub fn kernels() -> Vec<Kernel> {
             "down",
             "forward",
             "forward_nf4",
+            "forward_wgmma",
             "backward_v",
             "backward_dx",
             "backward_dx_nf4",
