@@ -8,6 +8,7 @@
 //   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
 //                                                        no pass over y but the one writing it
 //   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; dense base; sm_90a only)
+//   lora_backward_dx_wgmma  lora_backward_dx on wgmma, as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
 //                                                        registers, then the base segment
@@ -184,9 +185,9 @@ template <typename T>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
   const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
   const uint64_t w_ld = p.w_ld ? p.w_ld : p.d_in;
-  const wgmma::Segment<T> segs[2] = {
-      {{as<T>(p.u), p.rank, m0, p.m, p.rank}, {as<T>(p.b), p.rank, n0, p.d_out, p.rank}},
-      {{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, {as<T>(p.w), w_ld, n0, p.d_out, p.d_in}}};
+  const wgmma::Segment<T, wgmma::Rows> segs[2] = {
+      {{{as<T>(p.u), p.rank, m0, p.m, p.rank}}, {{as<T>(p.b), p.rank, n0, p.d_out, p.rank}}},
+      {{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}}, {{as<T>(p.w), w_ld, n0, p.d_out, p.d_in}}}};
   wgmma::Accumulators acc = {};
   wgmma::run<T>(acc, dyn_smem<unsigned char>(), segs);
   T* y = static_cast<T*>(p.y);
@@ -208,6 +209,65 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
       out[0] = from_f32<T>(v0);
       out[1] = from_f32<T>(v1);
     }
+  });
+}
+
+// mask ⊙ acc / (1 - p) for the dXᵀ tile of dX's columns n0.. and rows m0..: through shared
+// memory (free between wgmma.cuh's runs), a thread per row of x's tile walking it in order,
+// so each Philox group of 4 elements is drawn once rather than once per accumulator (which,
+// unrolled over 128 accumulators, spills).
+FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const LoraParams& p, uint32_t n0,
+                            uint32_t m0) {
+  constexpr int kLd = wgmma::kBM + 1;  // odd: a row per lane meets every bank once
+  float* tile = reinterpret_cast<float*>(smem);
+  wgmma::for_each_pair(acc, [&](int r, int c, float v0, float v1) {
+    tile[c * kLd + r] = v0;
+    tile[(c + 1) * kLd + r] = v1;
+  });
+  __syncthreads();
+  const float inv_keep = 1.0f / (1.0f - p.dropout);
+  for (int row = threadIdx.x; row < wgmma::kBN; row += wgmma::kThreads) {
+    DropoutMask mask{p.seed, p.dropout};
+    const uint64_t e = uint64_t(m0 + row) * p.d_in + n0;  // x's element at the row's start
+#pragma unroll 1
+    for (int j = 0; j < wgmma::kBM; ++j) {
+      float& z = tile[row * kLd + j];
+      z = m0 + row < p.m && n0 + j < p.d_in && mask.kept(e + j) ? z * inv_keep : 0.0f;
+    }
+  }
+  __syncthreads();
+  wgmma::for_each_pair(acc, [&](int r, int c, float& z0, float& z1) {
+    z0 = tile[c * kLd + r];
+    z1 = tile[(c + 1) * kLd + r];
+  });
+  __syncthreads();  // the next run's loads land here
+}
+
+// lora_backward_dx on wgmma, for a dense base: the output tile is dXᵀ (kBM columns of dX by
+// kBN rows), so that A [rank, d_in] and W [d_out, d_in] are wgmma.cuh's `Columns` operands as
+// they lie and v, dY its K-contiguous `Rows`. The LoRA segment first, masked in the
+// accumulators, then the base.
+template <typename T>
+FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
+  const uint32_t n0 = blockIdx.y * wgmma::kBM, m0 = blockIdx.x * wgmma::kBN;  // dX's columns, rows
+  unsigned char* smem = dyn_smem<unsigned char>();
+  wgmma::Accumulators acc = {};
+  const wgmma::Segment<T, wgmma::Columns> lora[1] = {
+      {{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank}}, {{as<T>(p.v), p.rank, m0, p.m, p.rank}}}};
+  wgmma::run<T>(acc, smem, lora);
+  if (p.dropout > 0.0f) mask_dx_tile(acc, smem, p, n0, m0);
+  const uint64_t w_ld = p.w_ld ? p.w_ld : p.d_in;
+  const wgmma::Segment<T, wgmma::Columns> base[1] = {
+      {{{as<T>(p.w), w_ld, n0, p.d_in, p.d_out}}, {{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}}}};
+  wgmma::run<T>(acc, smem, base);
+  // Straight from the accumulators: each store instruction writes 16 contiguous bytes of 4
+  // rows of dX. (Through shared memory into whole rows, ptxas serializes every wgmma of the
+  // kernel: C7514, "non wgmma instructions reading accumulator registers".)
+  T* dx = static_cast<T*>(p.dx);
+  wgmma::for_each_pair(acc, [&](int r, int c, float v0, float v1) {
+    if (n0 + r >= p.d_in) return;
+    if (m0 + c < p.m) dx[uint64_t(m0 + c) * p.d_in + n0 + r] = from_f32<T>(v0);
+    if (m0 + c + 1 < p.m) dx[uint64_t(m0 + c + 1) * p.d_in + n0 + r] = from_f32<T>(v1);
   });
 }
 
@@ -386,6 +446,7 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
   FK_KERNEL_BOUNDS(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T>(p); }  \
+  FK_KERNEL_BOUNDS(lora_backward_dx_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T>(p); } \
   FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \
   FK_KERNEL_BOUNDS(lora_backward_dx_##t, LoraParams, kThreads) { backward_dx<T, false>(p); }     \
   FK_KERNEL_BOUNDS(lora_backward_dx_nf4_##t, LoraParams, kThreads) { backward_dx<T, true>(p); }  \

@@ -35,9 +35,10 @@ FK_DEVICE void dump_mma(const RegdumpParams& p, Mma mma) {
 
 // One warpgroup: A and B into a 1024-byte-aligned tile in the 128-byte swizzle (wgmma.cuh's
 // layout: B's 8 rows after A's 64), then four m64n8k16 along K (each a new descriptor start
-// address 32 bytes on) accumulate into C.
-template <class Mma>
-FK_DEVICE void dump_wgmma(const RegdumpParams& p, Mma mma) {
+// address 32 bytes on) accumulate into C. kFromRegisters: A instead comes from registers,
+// each lane's fragments built from the input by ptx.cuh's RS layout.
+template <typename T, bool kFromRegisters>
+FK_DEVICE void dump_wgmma(const RegdumpParams& p) {
   constexpr int kRows = 64 + 8;
   FK_SHARED(smem, uint4[kRows * 8 + 64]);  // + 1 KB to align
   uint4* tile = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(smem) + shared_align_1024(smem));
@@ -46,13 +47,22 @@ FK_DEVICE void dump_wgmma(const RegdumpParams& p, Mma mma) {
     const uint32_t* w = p.in + c * 4;  // row c / 8, elements 8 (c % 8) ... + 7
     tile[wgmma::swizzled(c / 8, c % 8)] = make_uint4(w[0], w[1], w[2], w[3]);
   }
+  uint32_t af[4][4];  // [k16 slice][register]: rows g, g + 8 of this warp's 16; k 2q, 2q + 8
+  const int row = (t / 32) * 16 + (t % 32) / 4, q = t % 4;
+  for (int s = 0; s < 4; ++s)
+    for (int r = 0; r < 4; ++r) af[s][r] = p.in[((row + 8 * (r & 1)) * 64 + 16 * s + 2 * q + 8 * (r >> 1)) / 2];
   fence_proxy_async_shared();
   __syncthreads();
   const uint32_t* c_in = p.in + kRows * 32 + t * 4;
   float d[4] = {__uint_as_float(c_in[0]), __uint_as_float(c_in[1]), __uint_as_float(c_in[2]), __uint_as_float(c_in[3])};
   wgmma_fence();
-  for (int k0 = 0; k0 < 64; k0 += 16) {
-    mma(d, reinterpret_cast<const char*>(tile) + 2 * k0, reinterpret_cast<const char*>(tile + 64 * 8) + 2 * k0);
+  for (int s = 0; s < 4; ++s) {
+    const char* b = reinterpret_cast<const char*>(tile + 64 * 8) + 32 * s;
+    if constexpr (kFromRegisters) {
+      wgmma_m64n8k16_rs<T>(d, af[s], b);
+    } else {
+      wgmma_m64n8k16<T>(d, reinterpret_cast<const char*>(tile) + 32 * s, b);
+    }
   }
   wgmma_commit();
   wgmma_wait<0>();
@@ -90,8 +100,10 @@ FK_KERNEL(regdump_mma_bf16, RegdumpParams) { dump_mma(p, mma_m16n8k16_bf16); }
 FK_KERNEL(regdump_mma_f16, RegdumpParams) { dump_mma(p, mma_m16n8k16_f16); }
 FK_KERNEL(regdump_mma_e4m3, RegdumpParams) { dump_mma(p, mma_m16n8k32_e4m3); }
 FK_KERNEL(regdump_mma_e5m2, RegdumpParams) { dump_mma(p, mma_m16n8k32_e5m2); }
-FK_KERNEL(regdump_wgmma_bf16, RegdumpParams) { dump_wgmma(p, wgmma_m64n8k16_bf16); }
-FK_KERNEL(regdump_wgmma_f16, RegdumpParams) { dump_wgmma(p, wgmma_m64n8k16_f16); }
+FK_KERNEL(regdump_wgmma_bf16, RegdumpParams) { dump_wgmma<__nv_bfloat16, false>(p); }
+FK_KERNEL(regdump_wgmma_f16, RegdumpParams) { dump_wgmma<__half, false>(p); }
+FK_KERNEL(regdump_wgmma_rs_bf16, RegdumpParams) { dump_wgmma<__nv_bfloat16, true>(p); }
+FK_KERNEL(regdump_wgmma_rs_f16, RegdumpParams) { dump_wgmma<__half, true>(p); }
 
 FK_KERNEL(regdump_cvt, RegdumpParams) {
   const int lane = threadIdx.x;

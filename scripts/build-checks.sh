@@ -7,7 +7,8 @@
 #   2. src/params.rs is exactly what bindgen makes of cuda/params (scripts/gen-bindings.sh --check)
 #   3. every kernel the Rust side can launch (`fk kernels`) is an `.entry` in
 #      ptx/<target>/<module>.ptx for every target
-#   4. ptxas -v on every ptx/<target>/*.ptx: no spills, no stack frame (local memory),
+#   4. ptxas -v on every ptx/<target>/*.ptx: no spills, no stack frame (local memory), no
+#      "Potential Performance Loss" (ptxas serializing wgmma),
 #      registers and static shared memory within cuda/budgets.txt, every kernel budgeted,
 #      and the SASS (cuobjdump -sass of ptxas' cubin) matches the budget's opcode rules
 #   5. no inline assembly outside cuda/include/ptx.cuh in anything under cuda/, except the
@@ -167,6 +168,9 @@ for t, module, log, err, sass_text in results:
                 u["smem"] = int(s.group(1))
             if c := re.search(r"(\d+) bytes cmem\[0\]", line):
                 u["cmem"] = int(c.group(1))
+        elif "Potential Performance Loss" in line:
+            # e.g. C7513/C7514: ptxas serialized a kernel's wgmmas (each waits for the last)
+            fail(f"ptxas {t} {module}: {line.strip()}")
         elif "warning" in line.lower():
             print(f"   ptxas {t} {module}: {line.strip()}")
     if sass_text is None:

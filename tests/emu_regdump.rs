@@ -77,7 +77,8 @@ fn mufu_model_reproduces_the_hardware_reciprocals() {
 /// The emulated wgmma against the PTX ISA's accumulator layout, on small integers (exact
 /// products and sums): thread t's accumulator i is D[16·(t/32) + (t%32)/4 + 8·(i/2)]
 /// [2·(t%4) + i%2] of D = C + A·Bᵀ over all 64 of K (four m64n8k16 through the swizzled
-/// tile). Until a GPU run records the same sections, this is the check of the emulator's
+/// tile), with A from shared memory and from registers (the kernel builds each lane's
+/// fragments by the RS layout). Until a GPU run records the same sections, this is the check of the emulator's
 /// model; the dump then checks it against hardware.
 #[cfg(feature = "emu")]
 #[test]
@@ -97,30 +98,35 @@ fn emulated_wgmma_follows_the_isa_layout() {
                 _ => half::f16::from_bits(half).to_f32(),
             }
         };
-        let section = Section {
-            kernel: format!("regdump_wgmma_{name}"),
-            set: "int".into(),
-            input: input.clone(),
-            output: vec![],
-        };
-        for dev in &emulators {
-            let got = run_section(dev, &section).unwrap();
-            for thread in 0..128 {
-                let (warp, lane) = (thread / 32, thread % 32);
-                for i in 0..4 {
-                    let row = 16 * warp + lane / 4 + 8 * (i / 2);
-                    let col = 2 * (lane % 4) + i % 2;
-                    let c = f32::from_bits(input[(64 + 8) * 32 + thread * 4 + i]);
-                    let want = (0..64).fold(c, |acc, k| {
-                        acc + element(row * 64 + k) * element((64 + col) * 64 + k)
-                    });
-                    let got = f32::from_bits(got[thread * 4 + i]);
-                    assert_eq!(
-                        got,
-                        want,
-                        "{name} thread {thread} accumulator {i} on {}",
-                        dev.describe()
-                    );
+        for kernel in [
+            format!("regdump_wgmma_{name}"),
+            format!("regdump_wgmma_rs_{name}"),
+        ] {
+            let section = Section {
+                kernel: kernel.clone(),
+                set: "int".into(),
+                input: input.clone(),
+                output: vec![],
+            };
+            for dev in &emulators {
+                let got = run_section(dev, &section).unwrap();
+                for thread in 0..128 {
+                    let (warp, lane) = (thread / 32, thread % 32);
+                    for i in 0..4 {
+                        let row = 16 * warp + lane / 4 + 8 * (i / 2);
+                        let col = 2 * (lane % 4) + i % 2;
+                        let c = f32::from_bits(input[(64 + 8) * 32 + thread * 4 + i]);
+                        let want = (0..64).fold(c, |acc, k| {
+                            acc + element(row * 64 + k) * element((64 + col) * 64 + k)
+                        });
+                        let got = f32::from_bits(got[thread * 4 + i]);
+                        assert_eq!(
+                            got,
+                            want,
+                            "{kernel} thread {thread} accumulator {i} on {}",
+                            dev.describe()
+                        );
+                    }
                 }
             }
         }

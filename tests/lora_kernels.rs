@@ -93,16 +93,17 @@ fn aligned_shapes_large_ranks_and_many_splits() {
     }
 }
 
-/// The wgmma forward past its pipeline's depth (K steps of 64 that reuse every stage several
-/// times), with partial row and column tiles, through cp.async (rows a multiple of 8
-/// elements) and through plain loads (odd widths and ranks).
+/// The wgmma path's forward and dX past their pipeline's depth (K steps of 64 that reuse
+/// every stage several times), with partial row and column tiles, through cp.async (rows a
+/// multiple of 8 elements) and through plain loads (odd widths and ranks).
 #[test]
-fn wgmma_forward_over_many_stages() {
+fn wgmma_path_over_many_stages() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
         for (m, d_in, d_out, rank, dropout, bias) in [
             (140, 1000, 300, 16, 0.1, true),
             (131, 777, 263, 13, 0.0, false),
             (5, 2048, 256, 64, 0.0, true),
+            (300, 136, 1100, 8, 0.2, false),
         ] {
             let c = Case {
                 dropout,
@@ -112,6 +113,7 @@ fn wgmma_forward_over_many_stages() {
             };
             assert_pass(check::forward::<bf16>(&dev, c));
             assert_pass(check::forward::<f16>(&dev, c));
+            assert_pass(check::backward::<bf16>(&dev, c));
         }
     }
 }

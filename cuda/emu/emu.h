@@ -74,7 +74,7 @@ struct Registrar {
 // Barriers and collectives (runtime.cpp).
 enum class BarrierKind { plain, count, all, any };
 int block_barrier(Site site, BarrierKind kind, int pred);
-enum class WarpOp { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all, ldmatrix, mma };
+enum class WarpOp { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all, ldmatrix, mma, wgmma_a };
 uint64_t warp_collective(Site site, WarpOp op, unsigned mask, uint64_t value, int arg, int width);
 unsigned active_mask();
 [[noreturn]] void fail(Site site, const char* what);
@@ -240,6 +240,7 @@ inline float fk_emu_flush(float x) { return std::fpclassify(x) == FP_SUBNORMAL ?
 void fk_emu_cp_async_commit();
 void fk_emu_cp_async_wait(int pending);
 // wgmma (ptx.cuh): deferred to the wait that lets its group go, so the tiles are read then.
-void fk_emu_wgmma(float* d, int n, const void* a, const void* b, int type);
+// A from shared memory (`a`) or registers (`a_regs`, this warp's fragment; `a` null).
+void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type);
 void fk_emu_wgmma_commit();
 void fk_emu_wgmma_wait(int pending);

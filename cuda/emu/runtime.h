@@ -40,13 +40,19 @@ struct AsyncGroups {
   }
 };
 
-// One thread's part of an issued wgmma (ptx.cuh): its accumulators and the two tiles.
+// One thread's part of an issued wgmma (ptx.cuh): its accumulators, A's tile (or, from
+// registers, the two rows of A this thread's accumulators need) and B's tile.
 struct AsyncMma {
   float* d;
   int n;  // the mma's N
-  const void* a;
+  const void* a;  // null: A came from registers, in a_rows
+  float a_rows[2][16];
   const void* b;
   int type;
+  // A's registers where the kernel keeps them, and what they held at issue: they must not
+  // change before the wait (checked then).
+  const uint32_t* a_regs;
+  uint32_t a_bits[4];
 };
 
 // One GPU thread.
@@ -71,6 +77,8 @@ struct Fiber {
   const void* address = nullptr;
   uint32_t regs_in[10] = {};
   uint32_t regs_out[4] = {};
+  // wgmma with A from registers: the rows lane/4 and lane/4 + 8 of the warp's A, gathered.
+  float wgmma_a[2][16] = {};
   // cp.async copies, made when a wait lets their group go; wgmmas likewise.
   AsyncGroups<AsyncCopy> copies;
   AsyncGroups<AsyncMma> mmas;
@@ -83,5 +91,6 @@ Fiber* current_fiber();
 // `lanes[l]` is lane l's fiber.
 void compute_ldmatrix(Fiber* const* lanes, int count, bool trans);
 void compute_mma(Fiber* const* lanes, int type);
+void compute_wgmma_a(Fiber* const* lanes, int type);
 
 }  // namespace fk_emu

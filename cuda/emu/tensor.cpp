@@ -128,6 +128,21 @@ void compute_mma(Fiber* const* lanes, int type) {
   }
 }
 
+// A warp's 16 rows of a wgmma's A from registers (mma.sync's A fragment layout, as in
+// compute_mma): each lane gets the two rows its accumulators need, lane/4 and lane/4 + 8.
+void compute_wgmma_a(Fiber* const* lanes, int type) {
+  float A[16][16];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 2; ++i) A[g + 8 * (r & 1)][2 * t + 8 * (r >> 1) + i] = widen(element(lanes[l]->regs_in[r], i, 16), type);
+  }
+  for (int l = 0; l < 32; ++l) {
+    std::memcpy(lanes[l]->wgmma_a[0], A[l / 4], sizeof(A[0]));
+    std::memcpy(lanes[l]->wgmma_a[1], A[l / 4 + 8], sizeof(A[0]));
+  }
+}
+
 }  // namespace fk_emu
 
 using namespace fk_emu;
@@ -196,25 +211,35 @@ static void compute_wgmma(const Fiber& f, const AsyncMma& m) {
   // This thread's two rows of A and N/4 columns of B (see ptx.cuh's accumulator layout).
   float a[2][16], b[128][16];
   for (int half = 0; half < 2; ++half)
-    for (int k = 0; k < 16; ++k) a[half][k] = widen(swizzled16(m.a, 16 * warp + lane / 4 + 8 * half, k), m.type);
+    for (int k = 0; k < 16; ++k)
+      a[half][k] = m.a ? widen(swizzled16(m.a, 16 * warp + lane / 4 + 8 * half, k), m.type) : m.a_rows[half][k];
   for (int c = 0; c < m.n / 4; ++c)
     for (int k = 0; k < 16; ++k) b[c][k] = widen(swizzled16(m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, k), m.type);
   for (int j = 0; j < m.n / 2; ++j) m.d[j] = hmma_dot(a[(j % 4) / 2], b[2 * (j / 4) + j % 2], ks, 16, m.d[j]);
 }
 
-void fk_emu_wgmma(float* d, int n, const void* a, const void* b, int type) {
+void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type) {
   Fiber* f = current_fiber();
   const Site site{"wgmma", n};
-  if (reinterpret_cast<uintptr_t>(a) % 16 || reinterpret_cast<uintptr_t>(b) % 16)
-    fail(site, "wgmma tile address is not 16-byte aligned");
-  if (reinterpret_cast<uintptr_t>(a) % 1024 > 96 || reinterpret_cast<uintptr_t>(b) % 1024 > 96)
+  const auto misplaced = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 || reinterpret_cast<uintptr_t>(p) % 1024 > 96; };
+  if ((a && misplaced(a)) || misplaced(b))
     fail(site, "wgmma 128-byte-swizzled tile does not start on a 1024-byte boundary (plus 2·k0)");
-  f->mmas.uncommitted.push_back(AsyncMma{d, n, a, b, type});
+  AsyncMma m{d, n, a, {}, b, type, a_regs, {}};
+  if (!a) {
+    for (int r = 0; r < 4; ++r) f->regs_in[r] = m.a_bits[r] = a_regs[r];
+    warp_collective(site, WarpOp::wgmma_a, 0xffffffffu, 0, type, 32);
+    std::memcpy(m.a_rows, f->wgmma_a, sizeof(m.a_rows));
+  }
+  f->mmas.uncommitted.push_back(m);
 }
 
 void fk_emu_wgmma_commit() { current_fiber()->mmas.commit(); }
 
 void fk_emu_wgmma_wait(int pending) {
   Fiber* f = current_fiber();
-  f->mmas.wait(pending, [f](const AsyncMma& m) { compute_wgmma(*f, m); });
+  f->mmas.wait(pending, [f](const AsyncMma& m) {
+    if (!m.a && std::memcmp(m.a_regs, m.a_bits, sizeof(m.a_bits)) != 0)
+      fail(Site{"wgmma.wait_group", m.n}, "a wgmma's A registers changed before the wait that completes it");
+    compute_wgmma(*f, m);
+  });
 }

@@ -290,7 +290,8 @@ FK_DEVICE void cp_async_wait_all() {
 // ---- wgmma (sm_90a): warpgroup MMA with both operands in shared memory -----------------
 //
 // A warpgroup (4 warps, 128 threads) computes D[64 × 256] += A[64 × 16] · B[16 × 256]ᵀ, f32
-// accumulators. Both operands are K-major tiles in the 128-byte swizzle (the only layout the
+// accumulators. A comes from shared memory or registers (_rs). Shared operands are K-major
+// tiles in the 128-byte swizzle (the only layout the
 // kernels use): rows of 64 16-bit elements, 128 bytes, whose 16-byte chunk c is stored at
 // chunk c ^ (row % 8); 8-row groups 1024 bytes apart; the tile 1024-byte aligned in the shared
 // window (the swizzle is a function of address bits 4-9). `a` and `b` point at row 0 of the
@@ -344,6 +345,7 @@ FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), \
   "+f"(d[127])
 
+// Shared-memory A and B (SS): operands 128, 129 are the descriptors, 130 the scale-d flag.
 #define FK_WGMMA_M64N256K16(type)                                                                   \
   asm volatile(                                                                                     \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                \
@@ -351,32 +353,14 @@ FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
       ", %128, %129, p, 1, 1, 0, 0;\n}\n"                                                          \
       : FK_WGMMA_D_OPERANDS(d)                                                                      \
       : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
-#endif
-
-// D += A·B (the `scale-d` predicate is always 1: callers zero d first).
-FK_DEVICE void wgmma_m64n256k16_bf16(float (&d)[128], const void* a, const void* b) {
-#if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_M64N256K16("bf16");
-#elif FK_PTX
-  __trap();
-#elif FK_EMU_PTX
-  fk_emu_wgmma(d, 256, a, b, static_cast<int>(MmaType::bf16));
-#endif
-}
-
-FK_DEVICE void wgmma_m64n256k16_f16(float (&d)[128], const void* a, const void* b) {
-#if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_M64N256K16("f16");
-#elif FK_PTX
-  __trap();
-#elif FK_EMU_PTX
-  fk_emu_wgmma(d, 256, a, b, static_cast<int>(MmaType::f16));
-#endif
-}
-
-// The same at N = 8 (4 accumulators a thread): the register dump's (cuda/regdump.cu), which
-// records the instruction's layout and rounding on hardware at a size a dump can hold.
-#if FK_PTX && FK_HAS_WGMMA
+// A from registers (RS): operands 128-131 are A, 132 B's descriptor, 133 the scale-d flag.
+#define FK_WGMMA_M64N256K16_RS(type)                                                                \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS               \
+      ", {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                                         \
+      : FK_WGMMA_D_OPERANDS(d)                                                                      \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
 #define FK_WGMMA_M64N8K16(type)                                                                     \
   asm volatile(                                                                                     \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                                  \
@@ -384,25 +368,75 @@ FK_DEVICE void wgmma_m64n256k16_f16(float (&d)[128], const void* a, const void* 
       " {%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n}\n"                                             \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
       : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
+#define FK_WGMMA_M64N8K16_RS(type)                                                                  \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                    \
+      " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"                                  \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
+// One asm per element type (its name is part of the instruction).
+#define FK_WGMMA_TYPED(T, MACRO)    \
+  if constexpr (std::is_same<T, __half>::value) { \
+    MACRO("f16");                   \
+  } else {                          \
+    MACRO("bf16");                  \
+  }
 #endif
 
-FK_DEVICE void wgmma_m64n8k16_bf16(float (&d)[4], const void* a, const void* b) {
+template <typename T>
+constexpr int wgmma_type() {
+  return static_cast<int>(std::is_same<T, __half>::value ? MmaType::f16 : MmaType::bf16);
+}
+
+// D += A·B, T bf16 or f16 (the `scale-d` flag is always 1: callers zero d first). SS: both
+// operands are swizzled tiles.
+template <typename T>
+FK_DEVICE void wgmma_m64n256k16(float (&d)[128], const void* a, const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_M64N8K16("bf16");
+  FK_WGMMA_TYPED(T, FK_WGMMA_M64N256K16)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 8, a, b, static_cast<int>(MmaType::bf16));
+  fk_emu_wgmma(d, 256, a, nullptr, b, wgmma_type<T>());
 #endif
 }
 
-FK_DEVICE void wgmma_m64n8k16_f16(float (&d)[4], const void* a, const void* b) {
+// RS: A from registers, this warp's 16 rows of the warpgroup's 64 in mma.sync's A fragment
+// layout (ptx-fragments.md: a[0] rows g, k 2t..2t+1; a[1] rows g+8; a[2], a[3] the same at
+// k + 8); they belong to the mma until the wait, as the accumulators do.
+template <typename T>
+FK_DEVICE void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_M64N8K16("f16");
+  FK_WGMMA_TYPED(T, FK_WGMMA_M64N256K16_RS)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 8, a, b, static_cast<int>(MmaType::f16));
+  fk_emu_wgmma(d, 256, nullptr, a, b, wgmma_type<T>());
+#endif
+}
+
+// The same at N = 8 (4 accumulators a thread): the register dump's (cuda/regdump.cu), which
+// records the instruction's layout and rounding on hardware at a size a dump can hold.
+template <typename T>
+FK_DEVICE void wgmma_m64n8k16(float (&d)[4], const void* a, const void* b) {
+#if FK_PTX && FK_HAS_WGMMA
+  FK_WGMMA_TYPED(T, FK_WGMMA_M64N8K16)
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, 8, a, nullptr, b, wgmma_type<T>());
+#endif
+}
+
+template <typename T>
+FK_DEVICE void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4], const void* b) {
+#if FK_PTX && FK_HAS_WGMMA
+  FK_WGMMA_TYPED(T, FK_WGMMA_M64N8K16_RS)
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, 8, nullptr, a, b, wgmma_type<T>());
 #endif
 }
 

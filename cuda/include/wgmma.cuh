@@ -1,16 +1,23 @@
 // wgmma.cuh: the Hopper GEMM (sm_90a; the emulator runs it too) from small pieces:
 //   acc[kBM × kBN] += Σ over segments  A_s[kBM × K_s] · B_s[kBN × K_s]ᵀ
-// for one output tile per block, both operands row-major with K contiguous (a TN GEMM:
-// activations [rows, K] against weights [out, K]). A GEMM is one or more segments (K ranges
-// of different matrices) run into the same accumulators, as gemm.cuh's are; the epilogue is
-// the caller's, through for_each.
+// for one output tile per block. B is always a matrix of K-contiguous rows (`Rows`); A is
+// either the same (`Rows`: activations [rows, K] against weights [out, K], the forward) or a
+// matrix whose rows run along K with the tile's rows contiguous (`Columns`: Wᵀ for dXᵀ =
+// Wᵀ·dYᵀ, W [K, in] read as is). A GEMM is one or more segments (K ranges of different
+// matrices, one kind of A) run into the same accumulators, as gemm.cuh's are; the epilogue is
+// the caller's, through for_each_pair.
 //
 // Layout: two warpgroups, each 64 rows × kBN columns of the tile (128 f32 accumulators a
 // thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by
-// cp.async from every thread into ptx.cuh's 128-byte swizzle, kStages deep: at step kt the
-// block waits for stage kt, then refills the stage of step kt - 2 (whose wgmmas every thread
-// has waited out before the barrier: wgmma_wait<1> leaves only step kt - 1 in flight) with
-// step kt + kStages - 2, and issues step kt's wgmmas. One barrier per step.
+// cp.async from every thread, kStages deep: at step kt the block waits for stage kt, then
+// refills the stage of step kt - 2 (whose wgmmas every thread has waited out before the
+// barrier: wgmma_wait<1> leaves only step kt - 1 in flight) with step kt + kStages - 2, and
+// issues step kt's wgmmas. One barrier per step. `Rows` tiles are in ptx.cuh's 128-byte
+// swizzle, read by wgmma from shared memory; a `Columns` tile is plain ([K][rows + 8]), each
+// warp reading its 16 rows with ldmatrix.trans into registers for wgmma's A (the only way to
+// give wgmma a 16-bit A whose rows are contiguous without the transposed-layout descriptor,
+// which nothing here has checked on hardware); the fragments are redefined only once the
+// wgmmas reading them are done, so one step is in flight at a time (mma_step).
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"
@@ -22,14 +29,21 @@ namespace wgmma {
 constexpr int kBM = FK_WGMMA_TILE_M, kBN = FK_WGMMA_TILE_N, kBK = 64, kStages = FK_WGMMA_STAGES,
               kThreads = FK_WGMMA_THREADS;
 static_assert(kBM == 128 && kBN == 256 && kThreads == 256, "two warpgroups of m64n256");
+static_assert(kBK == 64, "mma_step spells out four k16 wgmmas");
 static_assert(kStages >= 3, "a stage in flight, one being refilled, one being read");
 
-// One stage: kBM rows of A, then kBN rows of B, each row 64 elements (128 bytes) as eight
-// 16-byte chunks in the 128-byte swizzle.
+// A plain tile of a `Columns` operand: K rows of the tile's kBM elements, padded so that
+// ldmatrix's eight row addresses fall in distinct banks.
+constexpr int kColumnsLd = kBM + 8;
+// One stage: A (kBM swizzled rows of 64, or a plain [64][kColumnsLd] tile: room for the
+// larger), then kBN swizzled rows of B, each row 64 elements (128 bytes) as eight 16-byte
+// chunks. Both sizes are multiples of 1024 bytes, so every tile stays 1024-byte aligned.
+constexpr int kAChunks = kBK * kColumnsLd * 2 / 16 > kBM * 8 ? kBK * kColumnsLd * 2 / 16 : kBM * 8;
 struct Stage {
-  uint4 a[kBM * 8];
+  uint4 a[kAChunks];
   uint4 b[kBN * 8];
 };
+static_assert(sizeof(Stage::a) % 1024 == 0 && sizeof(Stage) % 1024 == 0, "1024-byte aligned tiles");
 static_assert(FK_WGMMA_SMEM_BYTES == kStages * sizeof(Stage) + 1024, "params/gemm.h's size");
 
 using Accumulators = float[kBN / 2];
@@ -37,24 +51,32 @@ using Accumulators = float[kBN / 2];
 // Chunk `chunk` (8 elements along K) of row `row` in a swizzled tile.
 FK_DEVICE int swizzled(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
-// A row-major operand: rows [row0, row0 + kRows) of a matrix with `rows` rows, K-contiguous
-// rows `ld` apart, `k_len` long; zero outside.
+// An operand's matrix: the tile's rows [row0, row0 + tile rows) of `rows`, K `k_len` long, zero
+// outside; its lines (rows or columns, per the operand) `ld` elements apart.
 template <typename T>
-struct Operand {
+struct Matrix {
   const T* ptr;
   uint64_t ld;
   uint32_t row0;
   uint32_t rows;
   uint32_t k_len;
 
-  // 16-byte runs are whole: every chunk is in or out of the matrix together with its source.
+  // cp.async's 16-byte runs are whole: each is in or out of the matrix with its source.
   FK_DEVICE bool aligned() const { return ld % 8 == 0 && (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
+};
+
+// An operand of K-contiguous rows: element (row, k) at ptr[row · ld + k]. Loaded into the
+// 128-byte swizzle.
+template <typename T>
+struct Rows : Matrix<T> {
+  static constexpr bool kInRegisters = false;
 
   // Starts loading K [k0, k0 + 64) of the block's rows into `tile` (kRows rows). A thread
   // always takes the same chunk of rows 32 apart, rows whose swizzle is the same: one address
   // computation, then a stride per row.
   template <int kRows>
   FK_DEVICE void load(uint4* tile, uint32_t k0, bool is_aligned) const {
+    const auto& [ptr, ld, row0, rows, k_len] = static_cast<const Matrix<T>&>(*this);
     const int chunk = threadIdx.x % 8, row = threadIdx.x / 8;
     const uint32_t k = k0 + chunk * 8, valid = k < k_len ? min(8u, k_len - k) : 0u;
     uint4* dst = &tile[swizzled(row, chunk)];
@@ -79,29 +101,89 @@ struct Operand {
   }
 };
 
-// A K range: A's and B's rows share K, `k_len` long.
+// An A operand whose element (row, k) is ptr[k · ld + row]. Loaded plain ([K][kColumnsLd]) for
+// ldmatrix.
 template <typename T>
+struct Columns : Matrix<T> {
+  static constexpr bool kInRegisters = true;
+
+  // Starts loading K [k0, k0 + 64): a thread takes the same 8 rows of K rows 16 apart.
+  template <int kRows>
+  FK_DEVICE void load(uint4* tile, uint32_t k0, bool is_aligned) const {
+    static_assert(kRows == kBM, "Columns is an A operand");
+    const auto& [ptr, ld, row0, rows, k_len] = static_cast<const Matrix<T>&>(*this);
+    const int chunk = threadIdx.x % 16, kk = threadIdx.x / 16;
+    const uint32_t r = row0 + chunk * 8, valid = r < rows ? min(8u, rows - r) : 0u;
+    uint16_t* plain = reinterpret_cast<uint16_t*>(tile);
+#pragma unroll
+    for (int i = 0; i < kBK / 16; ++i) {
+      const uint32_t k = k0 + kk + 16 * i;
+      uint16_t* dst = plain + (kk + 16 * i) * kColumnsLd + chunk * 8;
+      const uint32_t n = k < k_len ? valid : 0u;
+      if (is_aligned) {
+        cp_async_zfill16(dst, n ? ptr + uint64_t(k) * ld + r : ptr, int(n) * 2);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dst[j] = j < int(n) ? bits16(ptr[uint64_t(k) * ld + r + j]) : uint16_t(0);
+      }
+    }
+  }
+};
+
+// A K range: A's and B's share K, `k_len` long (A: Rows or Columns; B: Rows).
+template <typename T, template <typename> class A>
 struct Segment {
-  Operand<T> a, b;
+  A<T> a;
+  Rows<T> b;
   FK_DEVICE int steps() const { return int((a.k_len + kBK - 1) / kBK); }
 };
 
-// acc += the 16 columns at k0 of tiles a (64 rows) and b (kBN rows).
-template <typename T>
-FK_DEVICE void mma(Accumulators& acc, const uint4* a, const uint4* b, int k0) {
-  const void* ak = reinterpret_cast<const char*>(a) + 2 * k0;
-  const void* bk = reinterpret_cast<const char*>(b) + 2 * k0;
-  if constexpr (std::is_same<T, __half>::value) {
-    wgmma_m64n256k16_f16(acc, ak, bk);
-  } else {
-    wgmma_m64n256k16_bf16(acc, ak, bk);
+// This warp's A fragments for the 64 of K of a plain `Columns` tile (ptx.cuh's RS layout:
+// 16 rows of the warpgroup's 64 per warp, 16 of K per fragment).
+using AFragments = uint32_t[kBK / 16][4];
+FK_DEVICE void load_fragments(AFragments& af, const uint4* tile) {
+  const uint16_t* plain = reinterpret_cast<const uint16_t*>(tile);
+  const int lane = threadIdx.x % 32, row0 = (threadIdx.x / 32) * 16;
+#pragma unroll
+  for (int s = 0; s < kBK / 16; ++s)
+    ldmatrix_x4_trans(af[s], plain + (16 * s + (lane / 16) * 8 + lane % 8) * kColumnsLd + row0 + ((lane / 8) % 2) * 8);
+}
+
+// Issues one step's four wgmmas from `st`. With A in registers, first waits out the previous
+// step's wgmmas (whose fragments these overwrite: ptxas serializes every wgmma otherwise),
+// then loads A's fragments; with A in shared memory, leaves this step's in flight and waits
+// out the previous one's after issuing.
+template <typename T, bool kInRegisters>
+FK_DEVICE void mma_step(Accumulators& acc, const Stage& st, AFragments& af) {
+  const int half = threadIdx.x / 128;  // this warpgroup's 64 rows of A
+  if constexpr (kInRegisters) {
+    wgmma_wait<0>();
+    load_fragments(af, st.a);
   }
+  wgmma_fence();
+  // Spelled out, not a loop: nvcc may keep a loop over four 128-operand asm statements, and
+  // the accumulators' copies between its iterations make ptxas serialize every wgmma.
+  const char* a = reinterpret_cast<const char*>(&st.a[half * 64 * 8]);
+  const char* b = reinterpret_cast<const char*>(st.b);
+  if constexpr (kInRegisters) {
+    wgmma_m64n256k16_rs<T>(acc, af[0], b);
+    wgmma_m64n256k16_rs<T>(acc, af[1], b + 32);
+    wgmma_m64n256k16_rs<T>(acc, af[2], b + 64);
+    wgmma_m64n256k16_rs<T>(acc, af[3], b + 96);
+  } else {
+    wgmma_m64n256k16<T>(acc, a, b);
+    wgmma_m64n256k16<T>(acc, a + 32, b + 32);
+    wgmma_m64n256k16<T>(acc, a + 64, b + 64);
+    wgmma_m64n256k16<T>(acc, a + 96, b + 96);
+  }
+  wgmma_commit();
+  if constexpr (!kInRegisters) wgmma_wait<1>();
 }
 
 // Starts loading step `kt` of all the segments' steps in order into its stage (a segment's
 // steps start at `first[s]`).
-template <typename T, int kSegments>
-FK_DEVICE void load_step(Stage* stages, const Segment<T> (&segs)[kSegments], const int (&first)[kSegments + 1],
+template <typename T, template <typename> class A, int kSegments>
+FK_DEVICE void load_step(Stage* stages, const Segment<T, A> (&segs)[kSegments], const int (&first)[kSegments + 1],
                          const bool (&aligned)[kSegments][2], int kt) {
   Stage& st = stages[kt % kStages];
 #pragma unroll
@@ -116,8 +198,9 @@ FK_DEVICE void load_step(Stage* stages, const Segment<T> (&segs)[kSegments], con
 
 // acc += the segments' products, in order. `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared
 // memory. Ends with every wgmma waited out and a barrier (smem is free again).
-template <typename T, int kSegments>
-FK_DEVICE void run(Accumulators& acc, unsigned char* smem, const Segment<T> (&segs)[kSegments]) {
+template <typename T, template <typename> class A, int kSegments>
+FK_DEVICE void run(Accumulators& acc, unsigned char* smem, const Segment<T, A> (&segs)[kSegments]) {
+  constexpr bool kInRegisters = A<T>::kInRegisters;
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
   bool aligned[kSegments][2];
   int first[kSegments + 1] = {0};
@@ -132,19 +215,14 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, const Segment<T> (&se
     if (kt < total) load_step(stages, segs, first, aligned, kt);
     cp_async_commit();
   }
-  const int half = threadIdx.x / 128;  // this warpgroup's 64 rows of A
+  AFragments af;
   for (int kt = 0; kt < total; ++kt) {
     cp_async_wait<kStages - 3>();  // this thread's copies for step kt have landed
     fence_proxy_async_shared();
     __syncthreads();               // everyone's have; step kt - 2's wgmmas are done
     if (kt + kStages - 2 < total) load_step(stages, segs, first, aligned, kt + kStages - 2);
     cp_async_commit();
-    const Stage& st = stages[kt % kStages];
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < kBK; k += 16) mma<T>(acc, &st.a[half * 64 * 8], &st.b[0], k);
-    wgmma_commit();
-    wgmma_wait<1>();
+    mma_step<T, kInRegisters>(acc, stages[kt % kStages], af);
   }
   wgmma_wait<0>();
   wgmma_hold(acc);
@@ -152,10 +230,10 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, const Segment<T> (&se
   __syncthreads();
 }
 
-// Calls f(row, col, v0, v1) for each pair of accumulators this thread holds: columns col
-// and col + 1 of row `row`, in tile coordinates (ptx.cuh's accumulator layout).
+// Calls f(row, col, v0, v1) for each pair of accumulators this thread holds (by reference):
+// columns col and col + 1 of row `row`, in tile coordinates (ptx.cuh's accumulator layout).
 template <class F>
-FK_DEVICE void for_each_pair(const Accumulators& acc, F f) {
+FK_DEVICE void for_each_pair(Accumulators& acc, F f) {
   const int lane = threadIdx.x % 32, row = (threadIdx.x / 32) * 16 + lane / 4;  // warps 0-7 in order
 #pragma unroll
   for (int j = 0; j < kBN / 2; j += 2) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4), acc[j], acc[j + 1]);

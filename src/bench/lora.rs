@@ -62,9 +62,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     }
     for path in paths {
         for (nf4, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
-            // The wgmma path takes a dense base, and its backward is the fused one.
-            let wgmma = path == LoraPath::FusedWgmma;
-            if wgmma && nf4 {
+            // The wgmma path takes a dense base.
+            if path == LoraPath::FusedWgmma && nf4 {
                 continue;
             }
             let (l, w_bytes) = layer(dev, nf4, dropout, path)?;
@@ -98,9 +97,6 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 row = row.with_baseline("cuBLAS base GEMM alone", b.median_us);
             }
             rows.push(row);
-            if wgmma {
-                continue;
-            }
             let (_, saved) = l.forward(&x, M)?;
             let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
             let mut row = Row::new(

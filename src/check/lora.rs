@@ -182,12 +182,13 @@ fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
         ""
     };
     let nf4 = if c.nf4 { "_nf4" } else { "" };
-    // The wgmma path differs from the fused one in its forward kernel only.
-    let wgmma = if s.layer.path() == LoraPath::FusedWgmma && op == "forward" {
-        "_wgmma"
-    } else {
-        ""
-    };
+    // The wgmma path differs from the fused one in its two big GEMMs only.
+    let wgmma =
+        if s.layer.path() == LoraPath::FusedWgmma && (op == "forward" || op == "backward_dx") {
+            "_wgmma"
+        } else {
+            ""
+        };
     format!("lora_{path}{op}{nf4}{wgmma}_{}", T::DTYPE)
 }
 
@@ -336,10 +337,6 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
                 ..base
             };
             rows.extend(forward::<bf16>(dev, c)?);
-            // The wgmma path's backward is the fused path's kernels: checked there at this size.
-            if realistic && path == LoraPath::FusedWgmma {
-                continue;
-            }
             rows.extend(backward::<bf16>(dev, c)?);
             if !realistic {
                 rows.extend(forward::<f16>(dev, c)?);

@@ -15,10 +15,11 @@
 //! - **Fused**: every product on this crate's tensor-core kernels (`mma.sync`): the base GEMM
 //!   runs extended along K by the low-rank term, `[u | x]·[B | W]ᵀ`, one accumulator, bias in
 //!   the epilogue. Runs everywhere (the emulator too).
-//! - **FusedWgmma** (Hopper, and the emulator): Fused with the forward's GEMM on `wgmma`
-//!   (`cuda/include/wgmma.cuh`), the same two K segments and epilogue at Hopper's tensor-core
-//!   rate, with no copy of x; dense base; backward as Fused. Not yet the default anywhere:
-//!   the GPU check times it against the other two (bench/NOTES.md).
+//! - **FusedWgmma** (Hopper, and the emulator): Fused with the two big GEMMs on `wgmma`
+//!   (`cuda/include/wgmma.cuh`), the same K segments and epilogues at Hopper's tensor-core
+//!   rate, with no copy of x or dY: the forward, and backward's dX (computed as dXᵀ so that A
+//!   and W are read as they lie); dense base; v, dA, dB as Fused. Not yet the default
+//!   anywhere: the GPU check times it against the other two (bench/NOTES.md).
 //! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
 //!   bench/results): the layer keeps W inside an extended weight
@@ -440,15 +441,7 @@ impl<T: FloatElem> LoraLinear<T> {
             }
             LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
-                let cfg = LaunchConfig {
-                    grid: (
-                        self.d_out.div_ceil(params::FK_WGMMA_TILE_N as usize) as u32,
-                        m.div_ceil(params::FK_WGMMA_TILE_M as usize) as u32,
-                        1,
-                    ),
-                    block: (params::FK_WGMMA_THREADS, 1, 1),
-                    shared_bytes: params::FK_WGMMA_SMEM_BYTES,
-                };
+                let cfg = wgmma_tiles(m, self.d_out);
                 // SAFETY: as on the fused path; the base is dense (with_path refused NF4) and
                 // the device runs sm_90a code (has_wgmma).
                 unsafe {
@@ -622,14 +615,23 @@ impl<T: FloatElem> LoraLinear<T> {
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
-                // SAFETY: every buffer in p was checked or sized above; the kernels only read
-                // u (passed through the mutable field of the shared params struct).
-                unsafe {
-                    dev.launch(
-                        &kernel(format!("lora_backward_dx_{}", self.suffix())),
+                // The wgmma path's tiles are of dXᵀ [in, m].
+                let (name, cfg) = if self.path == LoraPath::FusedWgmma {
+                    (
+                        format!("lora_backward_dx_wgmma_{t}"),
+                        wgmma_tiles(self.d_in, m),
+                    )
+                } else {
+                    (
+                        format!("lora_backward_dx_{}", self.suffix()),
                         LaunchConfig::tiles(m, self.d_in, 1),
-                        &p,
-                    )?;
+                    )
+                };
+                // SAFETY: every buffer in p was checked or sized above; the kernels only read
+                // u (passed through the mutable field of the shared params struct). The wgmma
+                // kernel runs only where has_wgmma (with_path) on a dense base.
+                unsafe {
+                    dev.launch(&kernel(name), cfg, &p)?;
                 }
             }
             LoraPath::Extended => {
@@ -760,6 +762,19 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 }
 
+/// The grid of `cuda/include/wgmma.cuh` over a `rows × cols` output: x over cols, y over rows.
+fn wgmma_tiles(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: (
+            cols.div_ceil(params::FK_WGMMA_TILE_N as usize) as u32,
+            rows.div_ceil(params::FK_WGMMA_TILE_M as usize) as u32,
+            1,
+        ),
+        block: (params::FK_WGMMA_THREADS, 1, 1),
+        shared_bytes: params::FK_WGMMA_SMEM_BYTES,
+    }
+}
+
 fn cuda_slice<T: FloatElem>(b: &Buffer<T>) -> &cudarc::driver::CudaSlice<T> {
     b.as_cuda_slice()
         .expect("the extended path runs on CUDA buffers")
@@ -793,6 +808,7 @@ pub fn kernels() -> Vec<Kernel> {
             "forward_nf4",
             "forward_wgmma",
             "backward_v",
+            "backward_dx_wgmma",
             "backward_dx",
             "backward_dx_nf4",
             "grad_a",
