@@ -244,6 +244,23 @@ pub fn rcp_input(seed: u64) -> Vec<u32> {
     words
 }
 
+/// Both input sets of one instruction's kernel, seeded by its place in the plan.
+fn both_sets(
+    sections: &mut Vec<Section>,
+    kernel: String,
+    seed: u64,
+    input: &dyn Fn(&str, u64) -> Vec<u32>,
+) {
+    for (j, set) in ["int", "random"].into_iter().enumerate() {
+        sections.push(Section {
+            kernel: kernel.clone(),
+            set: set.into(),
+            input: input(set, seed + j as u64),
+            output: vec![],
+        });
+    }
+}
+
 /// Every section the dump holds on `target`, with its inputs (FP8 needs sm_89+, wgmma
 /// sm_90a).
 pub fn plan(target: Target) -> Vec<Section> {
@@ -253,38 +270,13 @@ pub fn plan(target: Target) -> Vec<Section> {
         input: vec![],
         output: vec![],
     }];
-    // Both input sets of one instruction's kernel, seeded by its place in the plan.
-    let mut both_sets = |kernel: String, seed: u64, input: &dyn Fn(&str, u64) -> Vec<u32>| {
-        for (j, set) in ["int", "random"].into_iter().enumerate() {
-            sections.push(Section {
-                kernel: kernel.clone(),
-                set: set.into(),
-                input: input(set, seed + j as u64),
-                output: vec![],
-            });
-        }
-    };
     for (i, t) in MmaInput::ALL.into_iter().enumerate() {
         if !(t.is_fp8() && target == Target::Sm80) {
             let input = move |set: &str, seed| mma_input(t, set, seed);
             both_sets(
+                &mut sections,
                 format!("regdump_mma_{}", t.name()),
                 1000 + 10 * i as u64,
-                &input,
-            );
-        }
-    }
-    if target == Target::Sm90a {
-        for (i, t) in [MmaInput::BF16, MmaInput::F16].into_iter().enumerate() {
-            let input = move |set: &str, seed| wgmma_input(t, set, seed);
-            both_sets(
-                format!("regdump_wgmma_{}", t.name()),
-                2000 + 10 * i as u64,
-                &input,
-            );
-            both_sets(
-                format!("regdump_wgmma_rs_{}", t.name()),
-                2100 + 10 * i as u64,
                 &input,
             );
         }
@@ -303,6 +295,24 @@ pub fn plan(target: Target) -> Vec<Section> {
         input: rcp_input(11),
         output: vec![],
     });
+    // wgmma last: the newest kernels (see `record`).
+    if target == Target::Sm90a {
+        for (i, t) in [MmaInput::BF16, MmaInput::F16].into_iter().enumerate() {
+            let input = move |set: &str, seed| wgmma_input(t, set, seed);
+            both_sets(
+                &mut sections,
+                format!("regdump_wgmma_{}", t.name()),
+                2000 + 10 * i as u64,
+                &input,
+            );
+            both_sets(
+                &mut sections,
+                format!("regdump_wgmma_rs_{}", t.name()),
+                2100 + 10 * i as u64,
+                &input,
+            );
+        }
+    }
     sections
 }
 
@@ -398,16 +408,27 @@ pub fn record_rcp_table(dev: &Device) -> Result<Vec<u32>> {
     out.to_host()
 }
 
-/// Records the whole dump on `dev`.
-pub fn record(dev: &Device, target: Target) -> Result<RegDump> {
+/// Records the whole dump on `dev`, in the plan's order. A section that fails ends the
+/// recording (a GPU fault ends the CUDA context): the dump holds the sections before it, and
+/// the error comes with it.
+pub fn record(dev: &Device, target: Target) -> (RegDump, Option<Error>) {
     let mut sections = plan(target);
-    for s in &mut sections {
-        s.output = run_section(dev, s)?;
+    let mut error = None;
+    for (i, s) in sections.iter_mut().enumerate() {
+        match run_section(dev, s) {
+            Ok(out) => s.output = out,
+            Err(e) => {
+                error = Some(e);
+                sections.truncate(i);
+                break;
+            }
+        }
     }
-    Ok(RegDump {
+    let dump = RegDump {
         recorded_on: dev.describe(),
         sections,
-    })
+    };
+    (dump, error)
 }
 
 impl RegDump {

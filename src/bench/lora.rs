@@ -56,6 +56,9 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
     let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
     let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
+    // The extended layer's breakdown first, and the wgmma path (the newest kernels) last: a
+    // GPU fault ends the process's CUDA context, and with it every row after it.
+    rows.extend(extended_parts(dev, timer, c, &x)?);
     let mut paths = vec![LoraPath::Extended, LoraPath::Fused];
     if dev.has_wgmma() {
         paths.push(LoraPath::FusedWgmma);
@@ -114,7 +117,6 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             rows.push(row);
         }
     }
-    rows.extend(extended_parts(dev, timer, c, &x)?);
     Ok(rows)
 }
 

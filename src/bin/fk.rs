@@ -181,19 +181,26 @@ fn run_regdump(args: &[String]) -> Result<(), String> {
     let Device::Cuda(cuda) = &dev else {
         return Err("the register dump records real hardware: it needs a GPU".into());
     };
-    let dump = regdump::record(&dev, cuda.target()).map_err(|e| e.to_string())?;
-    std::fs::write(out, dump.to_text()).map_err(|e| format!("{out}: {e}"))?;
-    println!(
-        "regdump: {} sections from {} written to {out}",
-        dump.sections.len(),
-        dump.recorded_on
-    );
+    // The MUFU.RCP table first: the dump's newest sections could end the CUDA context.
     if let Some(table) = flag_value(args, "--rcp-table")? {
         let words = regdump::record_rcp_table(&dev).map_err(|e| e.to_string())?;
         let differ: u32 = words.iter().map(|w| w.count_ones()).sum();
         std::fs::write(table, bytemuck::cast_slice::<u32, u8>(&words))
             .map_err(|e| format!("{table}: {e}"))?;
         println!("regdump: MUFU.RCP differs from the correctly rounded 1/x on {differ} of 2^23 mantissas; table in {table}");
+    }
+    let (dump, error) = regdump::record(&dev, cuda.target());
+    std::fs::write(out, dump.to_text()).map_err(|e| format!("{out}: {e}"))?;
+    println!(
+        "regdump: {} sections from {} written to {out}",
+        dump.sections.len(),
+        dump.recorded_on
+    );
+    if let Some(e) = error {
+        return Err(format!(
+            "regdump: section {} of the plan failed, the dump stops before it: {e}",
+            dump.sections.len() + 1
+        ));
     }
     Ok(())
 }
