@@ -249,7 +249,8 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
 // accumulators, then the base.
 template <typename T>
 FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
-  const uint32_t n0 = blockIdx.y * wgmma::kBM, m0 = blockIdx.x * wgmma::kBN;  // dX's columns, rows
+  // Blocks along x sweep dX's columns, so those running together share dY's rows (in L2).
+  const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
   unsigned char* smem = dyn_smem<unsigned char>();
   wgmma::Accumulators acc = {};
   const wgmma::Segment<T, wgmma::Columns> lora[1] = {

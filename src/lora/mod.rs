@@ -441,7 +441,11 @@ impl<T: FloatElem> LoraLinear<T> {
             }
             LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
-                let cfg = wgmma_tiles(m, self.d_out);
+                // x over y's columns (TILE_N), y over its rows (TILE_M).
+                let cfg = wgmma_grid(
+                    self.d_out.div_ceil(params::FK_WGMMA_TILE_N as usize),
+                    m.div_ceil(params::FK_WGMMA_TILE_M as usize),
+                );
                 // SAFETY: as on the fused path; the base is dense (with_path refused NF4) and
                 // the device runs sm_90a code (has_wgmma).
                 unsafe {
@@ -617,10 +621,12 @@ impl<T: FloatElem> LoraLinear<T> {
                 self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
                 // The wgmma path's tiles are of dXᵀ [in, m].
                 let (name, cfg) = if self.path == LoraPath::FusedWgmma {
-                    (
-                        format!("lora_backward_dx_wgmma_{t}"),
-                        wgmma_tiles(self.d_in, m),
-                    )
+                    // x over dX's columns (TILE_M of dXᵀ's rows), y over its rows.
+                    let cfg = wgmma_grid(
+                        self.d_in.div_ceil(params::FK_WGMMA_TILE_M as usize),
+                        m.div_ceil(params::FK_WGMMA_TILE_N as usize),
+                    );
+                    (format!("lora_backward_dx_wgmma_{t}"), cfg)
                 } else {
                     (
                         format!("lora_backward_dx_{}", self.suffix()),
@@ -762,14 +768,10 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 }
 
-/// The grid of `cuda/include/wgmma.cuh` over a `rows × cols` output: x over cols, y over rows.
-fn wgmma_tiles(rows: usize, cols: usize) -> LaunchConfig {
+/// A launch of `cuda/include/wgmma.cuh` kernels: `x` by `y` blocks of its tiles.
+fn wgmma_grid(x: usize, y: usize) -> LaunchConfig {
     LaunchConfig {
-        grid: (
-            cols.div_ceil(params::FK_WGMMA_TILE_N as usize) as u32,
-            rows.div_ceil(params::FK_WGMMA_TILE_M as usize) as u32,
-            1,
-        ),
+        grid: (x as u32, y as u32, 1),
         block: (params::FK_WGMMA_THREADS, 1, 1),
         shared_bytes: params::FK_WGMMA_SMEM_BYTES,
     }
