@@ -59,8 +59,12 @@ pub enum LoraBase<T: FloatElem> {
 /// Which kernels compute the layer's base GEMMs (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraPath {
+    /// Every product on the crate's `mma.sync` kernels; runs everywhere.
     Fused,
+    /// Fused, with the forward GEMM and backward's dX on `wgmma` (Hopper, the emulator; a
+    /// dense base).
     FusedWgmma,
+    /// The base GEMMs on cuBLAS through a K-extended layout (a GPU with cuBLAS).
     Extended,
 }
 
