@@ -11,8 +11,8 @@
 // thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by
 // cp.async from every thread, kStages deep: at step kt the block waits for stage kt, then
 // refills the stage of step kt - 2 (whose wgmmas every thread has waited out before the
-// barrier: wgmma_wait<1> leaves only step kt - 1 in flight) with step kt + kStages - 2, and
-// issues step kt's wgmmas. One barrier per step. `Rows` tiles are in ptx.cuh's 128-byte
+// barrier: at most step kt - 1's are in flight) with step kt + kStages - 2, and issues step
+// kt's wgmmas. One barrier per step. `Rows` tiles are in ptx.cuh's 128-byte
 // swizzle, read by wgmma from shared memory; a `Columns` tile is plain ([K][rows + 8]), each
 // warp reading its 16 rows with ldmatrix.trans into registers for wgmma's A (the only way to
 // give wgmma a 16-bit A whose rows are contiguous without the transposed-layout descriptor,
