@@ -30,6 +30,9 @@
 namespace {
 
 using namespace gemm;
+// Both GEMMs' accumulator walks, one overload set (store() takes either).
+using gemm::for_each;
+using wgmma::for_each;
 
 // Activations as a GEMM operand: a dense source that can drop elements (x under dropout:
 // those whose flattened index into x, the source's own offset(mn, k), is dropped read as
@@ -89,9 +92,10 @@ FK_DEVICE const T* as(const void* p) {
   return static_cast<const T*>(p);
 }
 
-// Stores acc · factor (+ bias) into out[m0 + r][n0 + c] for r < rows, c < cols (row stride ld).
-template <typename T>
-FK_DEVICE void store(Accumulators& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols,
+// Stores acc · factor (+ bias) into out[m0 + r][n0 + c] for r < rows, c < cols (row stride ld);
+// acc is gemm.cuh's or wgmma.cuh's.
+template <typename T, class Acc>
+FK_DEVICE void store(Acc& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols,
                      float factor, const T* bias) {
   for_each(acc, [&](int r, int c, float v) {
     if (m0 + r >= rows || n0 + c >= cols) return;
@@ -179,8 +183,7 @@ FK_DEVICE void forward(const LoraParams& p) {
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
 }
 
-// lora_forward's two segments through wgmma.cuh, for a dense base. y's pairs of columns are
-// stored as one 4-byte word where the row allows.
+// lora_forward's two segments through wgmma.cuh, for a dense base.
 template <typename T>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
   const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
@@ -190,26 +193,7 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
       {{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}}, {{as<T>(p.w), w_ld, n0, p.d_out, p.d_in}}}};
   wgmma::Accumulators acc = {};
   wgmma::run<T>(acc, dyn_smem<unsigned char>(), segs);
-  T* y = static_cast<T*>(p.y);
-  const T* bias = as<T>(p.bias);
-  const bool pairs = p.d_out % 2 == 0 && reinterpret_cast<uintptr_t>(y) % 4 == 0;
-  wgmma::for_each_pair(acc, [&](int r, int c, float v0, float v1) {
-    const uint32_t row = m0 + r, col = n0 + c;
-    if (row >= p.m || col >= p.d_out) return;
-    T* out = y + uint64_t(row) * p.d_out + col;
-    if (bias) v0 += to_f32(bias[col]);
-    if (col + 1 >= p.d_out) {
-      out[0] = from_f32<T>(v0);
-      return;
-    }
-    if (bias) v1 += to_f32(bias[col + 1]);
-    if (pairs) {
-      *reinterpret_cast<uint32_t*>(out) = bits16(from_f32<T>(v0)) | uint32_t(bits16(from_f32<T>(v1))) << 16;
-    } else {
-      out[0] = from_f32<T>(v0);
-      out[1] = from_f32<T>(v1);
-    }
-  });
+  store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
 }
 
 // mask ⊙ acc / (1 - p) for the dXᵀ tile of dX's columns n0.. and rows m0..: through shared
@@ -220,10 +204,7 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
                             uint32_t m0) {
   constexpr int kLd = wgmma::kBM + 1;  // odd: a row per lane meets every bank once
   float* tile = reinterpret_cast<float*>(smem);
-  wgmma::for_each_pair(acc, [&](int r, int c, float v0, float v1) {
-    tile[c * kLd + r] = v0;
-    tile[(c + 1) * kLd + r] = v1;
-  });
+  wgmma::for_each(acc, [&](int r, int c, float v) { tile[c * kLd + r] = v; });
   __syncthreads();
   const float inv_keep = 1.0f / (1.0f - p.dropout);
   for (int row = threadIdx.x; row < wgmma::kBN; row += wgmma::kThreads) {
@@ -236,10 +217,7 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
     }
   }
   __syncthreads();
-  wgmma::for_each_pair(acc, [&](int r, int c, float& z0, float& z1) {
-    z0 = tile[c * kLd + r];
-    z1 = tile[(c + 1) * kLd + r];
-  });
+  wgmma::for_each(acc, [&](int r, int c, float& z) { z = tile[c * kLd + r]; });
   __syncthreads();  // the next run's loads land here
 }
 
@@ -265,10 +243,8 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   // rows of dX. (Through shared memory into whole rows, ptxas serializes every wgmma of the
   // kernel: C7514, "non wgmma instructions reading accumulator registers".)
   T* dx = static_cast<T*>(p.dx);
-  wgmma::for_each_pair(acc, [&](int r, int c, float v0, float v1) {
-    if (n0 + r >= p.d_in) return;
-    if (m0 + c < p.m) dx[uint64_t(m0 + c) * p.d_in + n0 + r] = from_f32<T>(v0);
-    if (m0 + c + 1 < p.m) dx[uint64_t(m0 + c + 1) * p.d_in + n0 + r] = from_f32<T>(v1);
+  wgmma::for_each(acc, [&](int r, int c, float v) {
+    if (n0 + r < p.d_in && m0 + c < p.m) dx[uint64_t(m0 + c) * p.d_in + n0 + r] = from_f32<T>(v);
   });
 }
 

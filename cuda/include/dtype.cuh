@@ -20,6 +20,10 @@ template <typename T> FK_DEVICE T from_bits16(unsigned short b);
 template <> FK_DEVICE __nv_bfloat16 from_bits16<__nv_bfloat16>(unsigned short b) { return __ushort_as_bfloat16(b); }
 template <> FK_DEVICE __half from_bits16<__half>(unsigned short b) { return __ushort_as_half(b); }
 
+// Whether a matrix of 16-bit elements whose lines are `ld` apart splits into whole 16-byte
+// runs (cp.async's copies), each in or out of every line together.
+FK_DEVICE bool runs_of_8(const void* ptr, uint64_t ld) { return ld % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 // Sixteen values rounded to O and stored with 16-byte stores (dst 16-byte aligned).
 template <typename O>
 FK_DEVICE void store16(O* dst, const float (&v)[16]) {

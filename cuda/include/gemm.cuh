@@ -157,7 +157,7 @@ struct DenseSource {
   uint32_t extent;   // valid mn: [0, extent)
   uint32_t k_len;    // valid k: [0, k_len)
 
-  FK_DEVICE bool aligned() const { return ld % 8 == 0 && (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
+  FK_DEVICE bool aligned() const { return runs_of_8(ptr, ld); }
   FK_DEVICE uint64_t offset(uint32_t mn, uint32_t k) const { return KContig ? mn * ld + k : uint64_t(k) * ld + mn; }
   FK_DEVICE bool inside(uint32_t mn, uint32_t k) const { return mn < extent && k < k_len; }
 

@@ -5,7 +5,7 @@
 // matrix whose rows run along K with the tile's rows contiguous (`Columns`: Wᵀ for dXᵀ =
 // Wᵀ·dYᵀ, W [K, in] read as is). A GEMM is one or more segments (K ranges of different
 // matrices, one kind of A) run into the same accumulators, as gemm.cuh's are; the epilogue is
-// the caller's, through for_each_pair.
+// the caller's, through for_each.
 //
 // Layout: two warpgroups, each 64 rows × kBN columns of the tile (128 f32 accumulators a
 // thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by
@@ -61,8 +61,7 @@ struct Matrix {
   uint32_t rows;
   uint32_t k_len;
 
-  // cp.async's 16-byte runs are whole: each is in or out of the matrix with its source.
-  FK_DEVICE bool aligned() const { return ld % 8 == 0 && (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; }
+  FK_DEVICE bool aligned() const { return runs_of_8(ptr, ld); }
 };
 
 // An operand of K-contiguous rows: element (row, k) at ptr[row · ld + k]. Loaded into the
@@ -230,13 +229,13 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, const Segment<T, A> (
   __syncthreads();
 }
 
-// Calls f(row, col, v0, v1) for each pair of accumulators this thread holds (by reference):
-// columns col and col + 1 of row `row`, in tile coordinates (ptx.cuh's accumulator layout).
+// Calls f(row, col, value) for each accumulator this thread holds (by reference), in tile
+// coordinates (ptx.cuh's accumulator layout).
 template <class F>
-FK_DEVICE void for_each_pair(Accumulators& acc, F f) {
+FK_DEVICE void for_each(Accumulators& acc, F f) {
   const int lane = threadIdx.x % 32, row = (threadIdx.x / 32) * 16 + lane / 4;  // warps 0-7 in order
 #pragma unroll
-  for (int j = 0; j < kBN / 2; j += 2) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4), acc[j], acc[j + 1]);
+  for (int j = 0; j < kBN / 2; ++j) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4) + j % 2, acc[j]);
 }
 
 }  // namespace wgmma

@@ -4,6 +4,7 @@
 
 use super::{time_cublas, Ceilings, GpuTimer, Row, REPS};
 use crate::bf16;
+use crate::check::lora::paths;
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
@@ -56,17 +57,12 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
     let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
     let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
-    // The extended layer's breakdown first, and the wgmma path (the newest kernels) last: a
-    // GPU fault ends the process's CUDA context, and with it every row after it.
+    // The extended layer's breakdown first, then the paths in check::lora::paths' order (the
+    // newest kernels last): a GPU fault ends the process's CUDA context, and every row after it.
     rows.extend(extended_parts(dev, timer, c, &x)?);
-    let mut paths = vec![LoraPath::Extended, LoraPath::Fused];
-    if dev.has_wgmma() {
-        paths.push(LoraPath::FusedWgmma);
-    }
-    for path in paths {
+    for path in paths(dev, false) {
         for (nf4, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
-            // The wgmma path takes a dense base.
-            if path == LoraPath::FusedWgmma && nf4 {
+            if !paths(dev, nf4).contains(&path) {
                 continue;
             }
             let (l, w_bytes) = layer(dev, nf4, dropout, path)?;

@@ -431,29 +431,26 @@ impl<T: FloatElem> LoraLinear<T> {
         p.u = u.ptr_mut();
         p.y = y.ptr_mut();
         match self.path {
-            LoraPath::Fused => {
+            LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
-                // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
-                // the layer's own buffers were checked by params().
-                unsafe {
-                    dev.launch(
-                        &kernel(format!("lora_forward_{}", self.suffix())),
+                let (name, cfg) = if self.path == LoraPath::FusedWgmma {
+                    // x over y's columns (TILE_N), y over its rows (TILE_M).
+                    let cfg = wgmma_grid(
+                        self.d_out.div_ceil(params::FK_WGMMA_TILE_N as usize),
+                        m.div_ceil(params::FK_WGMMA_TILE_M as usize),
+                    );
+                    (format!("lora_forward_wgmma_{}", T::DTYPE), cfg)
+                } else {
+                    (
+                        format!("lora_forward_{}", self.suffix()),
                         LaunchConfig::tiles(m, self.d_out, 1),
-                        &p,
-                    )?;
-                }
-            }
-            LoraPath::FusedWgmma => {
-                self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
-                // x over y's columns (TILE_N), y over its rows (TILE_M).
-                let cfg = wgmma_grid(
-                    self.d_out.div_ceil(params::FK_WGMMA_TILE_N as usize),
-                    m.div_ceil(params::FK_WGMMA_TILE_M as usize),
-                );
-                // SAFETY: as on the fused path; the base is dense (with_path refused NF4) and
-                // the device runs sm_90a code (has_wgmma).
+                    )
+                };
+                // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
+                // the layer's own buffers were checked by params(). The wgmma kernel runs only
+                // where has_wgmma (with_path) on a dense base.
                 unsafe {
-                    dev.launch(&kernel(format!("lora_forward_wgmma_{}", T::DTYPE)), cfg, &p)?;
+                    dev.launch(&kernel(name), cfg, &p)?;
                 }
             }
             LoraPath::Extended => {
