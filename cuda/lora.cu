@@ -7,7 +7,7 @@
 //                                                        against the GPU: + lora_down_reduce)
 //   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
 //                                                        no pass over y but the one writing it
-//   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; dense base; sm_90a only)
+//   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; sm_90a only)
 //   lora_backward_dx_wgmma  lora_backward_dx on wgmma, as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
@@ -183,16 +183,28 @@ FK_DEVICE void forward(const LoraParams& p) {
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
 }
 
-// lora_forward's two segments through wgmma.cuh, for a dense base.
-template <typename T>
+// The base weight as a wgmma.cuh operand, dense or NF4: the forward's B (kAlongK: W's rows
+// from n0, K = d_in) or dX's A (W's columns from n0, K = d_out).
+template <typename T, bool Nf4, bool kAlongK>
+FK_DEVICE auto wgmma_weight(const LoraParams& p, uint32_t n0) {
+  const uint32_t k_len = kAlongK ? p.d_in : p.d_out;
+  if constexpr (Nf4) {
+    return Nf4Operand<T, kAlongK>{with_shared_map(p.nf4), shared_code_table(), n0, k_len};
+  } else {
+    using Operand = std::conditional_t<kAlongK, wgmma::Rows<T>, wgmma::Columns<T>>;
+    return Operand{{as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, n0, kAlongK ? p.d_out : p.d_in, k_len}};
+  }
+}
+
+// lora_forward's two segments through wgmma.cuh.
+template <typename T, bool Nf4>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
   const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
-  const uint64_t w_ld = p.w_ld ? p.w_ld : p.d_in;
-  const wgmma::Segment<T, wgmma::Rows> segs[2] = {
-      {{{as<T>(p.u), p.rank, m0, p.m, p.rank}}, {{as<T>(p.b), p.rank, n0, p.d_out, p.rank}}},
-      {{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}}, {{as<T>(p.w), w_ld, n0, p.d_out, p.d_in}}}};
+  auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, m0, p.m, p.rank}},
+                             wgmma::Rows<T>{{as<T>(p.b), p.rank, n0, p.d_out, p.rank}});
+  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}}, wgmma_weight<T, Nf4, true>(p, n0));
   wgmma::Accumulators acc = {};
-  wgmma::run<T>(acc, dyn_smem<unsigned char>(), segs);
+  wgmma::run<T>(acc, dyn_smem<unsigned char>(), lora, base);
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
 }
 
@@ -221,31 +233,24 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
   __syncthreads();  // the next run's loads land here
 }
 
-// lora_backward_dx on wgmma, for a dense base: the output tile is dXᵀ (kBM columns of dX by
-// kBN rows), so that A [rank, d_in] and W [d_out, d_in] are wgmma.cuh's `Columns` operands as
+// lora_backward_dx on wgmma: the output tile is dXᵀ (kBM columns of dX by kBN rows), so that
+// A [rank, d_in] and W [d_out, d_in] (dense or NF4) are wgmma.cuh's `Columns`-kind operands as
 // they lie and v, dY its K-contiguous `Rows`. The LoRA segment first, masked in the
 // accumulators, then the base.
-template <typename T>
+template <typename T, bool Nf4>
 FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   // Blocks along x sweep dX's columns, so those running together share dY's rows (in L2).
   const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
   unsigned char* smem = dyn_smem<unsigned char>();
+  auto w = wgmma_weight<T, Nf4, false>(p, n0);  // before the runs: NF4's tables are filled by the whole block
   wgmma::Accumulators acc = {};
-  const wgmma::Segment<T, wgmma::Columns> lora[1] = {
-      {{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank}}, {{as<T>(p.v), p.rank, m0, p.m, p.rank}}}};
+  auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank}},
+                             wgmma::Rows<T>{{as<T>(p.v), p.rank, m0, p.m, p.rank}});
   wgmma::run<T>(acc, smem, lora);
   if (p.dropout > 0.0f) mask_dx_tile(acc, smem, p, n0, m0);
-  const uint64_t w_ld = p.w_ld ? p.w_ld : p.d_in;
-  const wgmma::Segment<T, wgmma::Columns> base[1] = {
-      {{{as<T>(p.w), w_ld, n0, p.d_in, p.d_out}}, {{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}}}};
+  auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}});
   wgmma::run<T>(acc, smem, base);
-  // Straight from the accumulators: each store instruction writes 16 contiguous bytes of 4
-  // rows of dX. (Through shared memory into whole rows, ptxas serializes every wgmma of the
-  // kernel: C7514, "non wgmma instructions reading accumulator registers".)
-  T* dx = static_cast<T*>(p.dx);
-  wgmma::for_each(acc, [&](int r, int c, float v) {
-    if (n0 + r < p.d_in && m0 + c < p.m) dx[uint64_t(m0 + c) * p.d_in + n0 + r] = from_f32<T>(v);
-  });
+  wgmma::store_transposed(acc, static_cast<T*>(p.dx), p.d_in, n0, m0, p.d_in, p.m);
 }
 
 template <typename T>
@@ -422,8 +427,10 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_REGS(lora_down_##t, LoraParams, kThreads, 176) { down<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
-  FK_KERNEL_BOUNDS(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T>(p); }  \
-  FK_KERNEL_BOUNDS(lora_backward_dx_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T>(p); } \
+  FK_KERNEL_BOUNDS(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, false>(p); } \
+  FK_KERNEL_BOUNDS(lora_forward_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, true>(p); } \
+  FK_KERNEL_BOUNDS(lora_backward_dx_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, false>(p); } \
+  FK_KERNEL_BOUNDS(lora_backward_dx_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, true>(p); } \
   FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \
   FK_KERNEL_BOUNDS(lora_backward_dx_##t, LoraParams, kThreads) { backward_dx<T, false>(p); }     \
   FK_KERNEL_BOUNDS(lora_backward_dx_nf4_##t, LoraParams, kThreads) { backward_dx<T, true>(p); }  \

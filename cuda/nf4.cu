@@ -1,7 +1,7 @@
 // NF4 kernels: bitsandbytes-exact quantization (with double quantization), dequantization,
 // and matmuls through the frozen NF4 weight with the dequantization fused into the load:
 // GEMVs for decode-sized batches (SIMT, and on tensor cores) and a tensor-core GEMM for the
-// forward (y = x·Ŵᵀ) and the backward (dX = dY·Ŵ).
+// forward (y = x·Ŵᵀ) and the backward (dX = dY·Ŵ), on mma.sync and on Hopper's wgmma.
 // Reference: src/reference/nf4.rs. Wrapper: src/nf4/mod.rs. Tests: tests/nf4_kernels.rs.
 //
 // The GEMM uses Ŵ, the weight dequantized to the activations' dtype (exactly what
@@ -406,6 +406,17 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
 // B = Ŵ (Dx, the backward: Nout = cols, Kr = rows): the weight is dequantized on its way
 // into shared memory (Nf4Source, nf4.cuh) and never materialized.
 
+using gemm::for_each;  // both GEMMs' accumulator walks, one overload set (store_tile takes either)
+using wgmma::for_each;
+
+// The output tile into out[M, Nout] (either GEMM's accumulators).
+template <typename T, class Acc>
+FK_DEVICE void store_tile(Acc& acc, T* out, uint32_t m0, uint32_t n0, uint32_t M, uint32_t Nout) {
+  for_each(acc, [&](int r, int c, float v) {
+    if (m0 + r < M && n0 + c < Nout) out[uint64_t(m0 + r) * Nout + n0 + c] = from_f32<T>(v);
+  });
+}
+
 template <typename T, bool Dx>
 FK_DEVICE void gemm_kernel(const Nf4MatmulParams& p) {
   using namespace gemm;
@@ -417,10 +428,34 @@ FK_DEVICE void gemm_kernel(const Nf4MatmulParams& p) {
   Nf4Source<T, !Dx> b{p.w, table, n0};
   Accumulators acc = {};
   run_segment<T>(acc, st, a, b, 0, Kr);
+  store_tile(acc, static_cast<T*>(p.out), m0, n0, M, Nout);
+}
+
+// ---- GEMM on wgmma (wgmma.cuh, Hopper) ----------------------------------------------------
+//
+// The same products with Ŵ an Nf4Operand (nf4.cuh), dequantized into each stage while an
+// earlier stage's wgmmas run: the forward's tile is y's (a's rows by W's), Ŵ wgmma's B; the
+// backward's is dXᵀ's (W's columns by dY's rows), so that W is read as it lies as wgmma's A.
+
+template <typename T, bool Dx>
+FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
+  const Nf4Weight w = with_shared_map(p.w);
+  const float* table = shared_code_table();
+  const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
-  for_each(acc, [&](int r, int c, float v) {
-    if (m0 + r < M && n0 + c < Nout) out[uint64_t(m0 + r) * Nout + n0 + c] = from_f32<T>(v);
-  });
+  const uint32_t M = p.m, Kr = Dx ? w.rows : w.cols;
+  wgmma::Accumulators acc = {};
+  if constexpr (Dx) {
+    const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
+    auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, n0, Kr}, wgmma::Rows<T>{{a, Kr, m0, M, Kr}});
+    wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
+    wgmma::store_transposed(acc, out, w.cols, n0, m0, w.cols, M);
+  } else {
+    const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
+    auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr}}, Nf4Operand<T, true>{w, table, n0, Kr});
+    wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
+    store_tile(acc, out, m0, n0, M, w.rows);
+  }
 }
 
 }  // namespace
@@ -447,7 +482,9 @@ FK_KERNEL(nf4_quantize_nested, Nf4NestedParams) { quantize_nested(p); }
   FK_KERNEL_REGS(nf4_gemv_mma_##t##_m8, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 80) { gemv_mma<T, 1>(p); } \
   FK_KERNEL_REGS(nf4_gemv_mma_##t##_m16, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 128) { gemv_mma<T, 2>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, false>(p); } \
-  FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, true>(p); }
+  FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, true>(p); } \
+  FK_KERNEL_BOUNDS(nf4_gemm_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, false>(p); } \
+  FK_KERNEL_BOUNDS(nf4_gemm_dx_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, true>(p); }
 
 FK_NF4_MATMUL_ENTRIES(__nv_bfloat16, bf16)
 FK_NF4_MATMUL_ENTRIES(__half, f16)

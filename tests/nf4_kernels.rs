@@ -19,15 +19,21 @@ fn assert_pass(row: finetune_kernels::Result<CheckRow>) {
     assert!(row.pass(), "{row}");
 }
 
-/// The fused GEMM's forward and backward dX, bf16.
+/// The fused GEMMs the device runs (mma.sync everywhere; wgmma on Hopper and the emulator).
+fn fused_gemms(dev: &finetune_kernels::Device) -> Vec<MatmulPath> {
+    let mut paths = vec![MatmulPath::FusedGemm];
+    if dev.has_wgmma() {
+        paths.push(MatmulPath::FusedGemmWgmma);
+    }
+    paths
+}
+
+/// The fused GEMMs' forward and backward dX, bf16.
 fn assert_fused_gemm_both_ways(dev: &finetune_kernels::Device, c: Case) {
-    for forward in [true, false] {
-        assert_pass(check::matmul::<bf16>(
-            dev,
-            c,
-            MatmulPath::FusedGemm,
-            forward,
-        ));
+    for path in fused_gemms(dev) {
+        for forward in [true, false] {
+            assert_pass(check::matmul::<bf16>(dev, c, path, forward));
+        }
     }
 }
 
@@ -66,15 +72,20 @@ proptest! {
         }
     }
 
+    /// Half the widths are multiples of 16 (the wgmma GEMM's fast decoder), half any width.
     #[test]
     fn fused_gemm_forward_and_dx_match_the_reference(
-        seed in any::<u64>(), rows in 1usize..200, cols in 1usize..200, m in 1usize..160, bs in 0usize..3
+        seed in any::<u64>(), rows in 1usize..300,
+        cols in prop_oneof![1usize..300, (1usize..19).prop_map(|k| 16 * k)],
+        m in 1usize..300, bs in 0usize..3
     ) {
         let c = Case { seed, rows, cols, m, blocksize: BLOCKSIZES[bs], double_quant: seed % 2 == 0, timed: false };
         for dev in backends() {
-            for forward in [true, false] {
-                assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::FusedGemm, forward));
-                assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::FusedGemm, forward));
+            for path in fused_gemms(&dev) {
+                for forward in [true, false] {
+                    assert_pass(check::matmul::<bf16>(&dev, c, path, forward));
+                    assert_pass(check::matmul::<f16>(&dev, c, path, forward));
+                }
             }
         }
     }
@@ -233,6 +244,17 @@ fn bad_input_is_a_typed_error() {
                 nf4::forward_with(&q, &x17, 17, &mut y17, gemv),
                 Err(Error::Unsupported { .. })
             ));
+        }
+        // The wgmma GEMM on a device that runs wgmma only.
+        match (
+            dev.has_wgmma(),
+            nf4::forward_with(&q, &x, 3, &mut y, MatmulPath::FusedGemmWgmma),
+        ) {
+            (true, Ok(())) => {}
+            (false, Err(Error::Unsupported { why, .. })) => {
+                assert!(why.contains("sm_90a"), "{why}")
+            }
+            (_, other) => panic!("the wgmma GEMM: {other:?}"),
         }
         let x32 = dev
             .upload(&random_vec::<f32>(&mut rng, 3 * 10, 1.0))

@@ -24,6 +24,14 @@ template <> FK_DEVICE __half from_bits16<__half>(unsigned short b) { return __us
 // runs (cp.async's copies), each in or out of every line together.
 FK_DEVICE bool runs_of_8(const void* ptr, uint64_t ld) { return ld % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Eight values rounded to a 16-bit O, packed as they lie in memory (the first lowest).
+template <typename O>
+FK_DEVICE uint4 pack8(const float* v) {
+  uint32_t w[4];
+  for (int i = 0; i < 4; ++i) w[i] = uint32_t(bits16(from_f32<O>(v[2 * i]))) | (uint32_t(bits16(from_f32<O>(v[2 * i + 1]))) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Sixteen values rounded to O and stored with 16-byte stores (dst 16-byte aligned).
 template <typename O>
 FK_DEVICE void store16(O* dst, const float (&v)[16]) {
@@ -31,10 +39,7 @@ FK_DEVICE void store16(O* dst, const float (&v)[16]) {
     for (int i = 0; i < 16; i += 4)
       *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
   } else {
-    uint32_t packed[8];
-    for (int i = 0; i < 8; ++i)
-      packed[i] = uint32_t(bits16(from_f32<O>(v[2 * i]))) | (uint32_t(bits16(from_f32<O>(v[2 * i + 1]))) << 16);
-    *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    *reinterpret_cast<uint4*>(dst + 8) = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+    *reinterpret_cast<uint4*>(dst) = pack8<O>(v);
+    *reinterpret_cast<uint4*>(dst + 8) = pack8<O>(v + 8);
   }
 }

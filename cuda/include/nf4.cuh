@@ -1,11 +1,13 @@
 // nf4.cuh: NF4 primitives shared by the NF4 kernels: the code table, bitsandbytes' code
-// choice (ties and NaN included), its 8-bit dynamic-map search, and per-block absmax.
+// choice (ties and NaN included), its 8-bit dynamic-map search, per-block absmax, and the
+// weight as an operand of gemm.cuh's and wgmma.cuh's GEMMs.
 // Reference: src/reference/nf4.rs.
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"
 #include "gemm.cuh"
 #include "ptx.cuh"
+#include "wgmma.cuh"
 #include "../params/nf4.h"
 
 // bitsandbytes' NF4 table (create_normal_map), as f32.
@@ -171,4 +173,87 @@ struct Nf4Source {
   }
 
   FK_DEVICE void post_wait(gemm::Tile<KContig, gemm::kBN>&, uint32_t) {}
+};
+
+// Ŵ of an NF4 weight as a wgmma.cuh operand, in the same two layouts as Nf4Source's:
+// `kAlongK` (the forward's B, as wgmma::Rows): element (row, k) = Ŵ[row][k], W rows are the
+// tile's rows, in the 128-byte swizzle; otherwise (dX's A, as wgmma::Columns): element
+// (row, k) = Ŵ[k][row], W rows are the plain tile's K lines. issue() loads this thread's codes
+// and absmaxes into registers; finish(), called once the step's wgmmas are issued,
+// dequantizes them into the tile, so the loads are in flight while the wgmmas are issued and
+// the dequantization overlaps the wgmmas. A thread takes runs of 16 elements of W rows
+// (kRuns of them), 4 (or 8) threads a row's 64 (or 128) elements in the tile.
+template <typename T, bool kAlongK>
+struct Nf4Operand {
+  static constexpr bool kInRegisters = !kAlongK;  // as wgmma::Columns
+  static constexpr int kWRows = kAlongK ? wgmma::kBN : wgmma::kBK, kWCols = kAlongK ? wgmma::kBK : wgmma::kBM;
+  static constexpr int kRuns = kWRows * kWCols / 16 / wgmma::kThreads;
+
+  Nf4Weight w;
+  const float* table;  // kNf4Code in shared memory
+  uint32_t row0;       // the tile's first row: a W row (kAlongK) or W column
+  uint32_t k_len;      // W's columns (kAlongK) or rows
+  bool fast = false;   // each run inside one quantization block, its codes 8-byte aligned
+  int shift = 0;       // log2(blocksize)
+  uint32_t valid = 0;  // bit j: run j is inside W
+  uint2 codes[kRuns] = {};
+  float absmax[kRuns] = {};
+
+  FK_DEVICE void prepare() {
+    fast = w.cols % 16 == 0;
+    shift = __ffs(static_cast<int>(w.blocksize)) - 1;
+  }
+  // The tile's W origin for K offset k0.
+  FK_DEVICE uint32_t w_row0(uint32_t k0) const { return kAlongK ? row0 : k0; }
+  FK_DEVICE uint32_t w_col0(uint32_t k0) const { return kAlongK ? k0 : row0; }
+  // Run j of this thread: its W row and column in the tile.
+  FK_DEVICE static int run_row(int j) { return (threadIdx.x + wgmma::kThreads * j) / (kWCols / 16); }
+  FK_DEVICE static int run_col(int j) { return (threadIdx.x + wgmma::kThreads * j) % (kWCols / 16) * 16; }
+  // The tile's 16-bit slot of W's element (row, col) in the tile (two chunks: 8 contiguous).
+  FK_DEVICE static int slot(int row, int col) {
+    return kAlongK ? wgmma::swizzled(row, col / 8) * 8 + col % 8 : row * wgmma::kColumnsLd + col;
+  }
+
+  template <int kRows>
+  FK_DEVICE void issue(uint4*, uint32_t k0) {
+    if (!fast) return;
+    valid = 0;
+#pragma unroll
+    for (int j = 0; j < kRuns; ++j) {
+      const uint32_t row = w_row0(k0) + run_row(j), col = w_col0(k0) + run_col(j);
+      if (row < w.rows && col < w.cols) {
+        const uint64_t e = uint64_t(row) * w.cols + col;
+        codes[j] = *reinterpret_cast<const uint2*>(w.codes + e / 2);
+        absmax[j] = nf4_absmax(w, e >> shift);
+        valid |= 1u << j;
+      }
+    }
+  }
+
+  template <int kRows>
+  FK_DEVICE void finish(uint4* tile, uint32_t k0) {
+    static_assert(kRows == (kAlongK ? wgmma::kBN : wgmma::kBM), "a B (kAlongK) or an A operand");
+    uint16_t* slots = reinterpret_cast<uint16_t*>(tile);
+    if (fast) {
+#pragma unroll
+      for (int j = 0; j < kRuns; ++j) {
+        float v[16] = {};
+        if ((valid >> j) & 1u) nf4_values16(table, codes[j], absmax[j], v);
+        const int row = run_row(j), col = run_col(j);
+        *reinterpret_cast<uint4*>(slots + slot(row, col)) = pack8<T>(v);
+        *reinterpret_cast<uint4*>(slots + slot(row, col + 8)) = pack8<T>(v + 8);
+      }
+      return;
+    }
+    for (int i = threadIdx.x; i < kWRows * kWCols; i += wgmma::kThreads) {  // any shape
+      const int r = i / kWCols, c = i % kWCols;
+      const uint32_t row = w_row0(k0) + r, col = w_col0(k0) + c;
+      uint16_t v = 0;
+      if (row < w.rows && col < w.cols) {
+        const uint64_t e = uint64_t(row) * w.cols + col;
+        v = bits16(from_f32<T>(nf4_value(table, nf4_code(w.codes, e), nf4_absmax(w, e >> shift))));
+      }
+      slots[slot(r, c)] = v;
+    }
+  }
 };

@@ -1,23 +1,26 @@
 // wgmma.cuh: the Hopper GEMM (sm_90a; the emulator runs it too) from small pieces:
 //   acc[kBM × kBN] += Σ over segments  A_s[kBM × K_s] · B_s[kBN × K_s]ᵀ
-// for one output tile per block. B is always a matrix of K-contiguous rows (`Rows`); A is
-// either the same (`Rows`: activations [rows, K] against weights [out, K], the forward) or a
-// matrix whose rows run along K with the tile's rows contiguous (`Columns`: Wᵀ for dXᵀ =
-// Wᵀ·dYᵀ, W [K, in] read as is). A GEMM is one or more segments (K ranges of different
-// matrices, one kind of A) run into the same accumulators, as gemm.cuh's are; the epilogue is
-// the caller's, through for_each.
+// for one output tile per block. B is always a matrix of K-contiguous rows (`Rows`, or
+// nf4.cuh's NF4 weight); A is either the same (`Rows`: activations [rows, K] against weights
+// [out, K], the forward) or a matrix whose rows run along K with the tile's rows contiguous
+// (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read as is; or the NF4 weight so). A GEMM is one
+// or more segments (K ranges of different matrices, one kind of A) run into the same
+// accumulators, as gemm.cuh's are; the epilogue is the caller's, through for_each.
 //
 // Layout: two warpgroups, each 64 rows × kBN columns of the tile (128 f32 accumulators a
-// thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by
-// cp.async from every thread, kStages deep: at step kt the block waits for stage kt, then
-// refills the stage of step kt - 2 (whose wgmmas every thread has waited out before the
-// barrier: at most step kt - 1's are in flight) with step kt + kStages - 2, and issues step
-// kt's wgmmas. One barrier per step. `Rows` tiles are in ptx.cuh's 128-byte
-// swizzle, read by wgmma from shared memory; a `Columns` tile is plain ([K][rows + 8]), each
-// warp reading its 16 rows with ldmatrix.trans into registers for wgmma's A (the only way to
-// give wgmma a 16-bit A whose rows are contiguous without the transposed-layout descriptor,
-// which nothing here has checked on hardware); the fragments are redefined only once the
-// wgmmas reading them are done, so one step is in flight at a time (mma_step).
+// thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by every
+// thread, kStages deep: at step kt the block waits for stage kt, then starts refilling the
+// stage of step kt - 2 (whose wgmmas every thread has waited out before the barrier: at most
+// step kt - 1's are in flight) with step kt + kStages - 2, issues step kt's wgmmas, and
+// finishes the refill. An operand fills its tile in those two calls: issue() starts its
+// loads (cp.async, or global loads into the operand's registers), finish() completes them
+// (the NF4 weight is dequantized into the tile there, while the wgmmas run). One barrier per
+// step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared memory; a
+// `Columns` tile is plain ([K][rows + 8]), each warp reading its 16 rows with ldmatrix.trans
+// into registers for wgmma's A (the only way to give wgmma a 16-bit A whose rows are
+// contiguous without the transposed-layout descriptor, which nothing here has checked on
+// hardware); the fragments are redefined only once the wgmmas reading them are done, so one
+// step is in flight at a time (mma_step).
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"
@@ -52,7 +55,8 @@ using Accumulators = float[kBN / 2];
 FK_DEVICE int swizzled(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
 // An operand's matrix: the tile's rows [row0, row0 + tile rows) of `rows`, K `k_len` long, zero
-// outside; its lines (rows or columns, per the operand) `ld` elements apart.
+// outside; its lines (rows or columns, per the operand) `ld` elements apart. Loaded by cp.async
+// in 16-byte runs when `fast` (prepare()), element by element otherwise.
 template <typename T>
 struct Matrix {
   const T* ptr;
@@ -60,8 +64,11 @@ struct Matrix {
   uint32_t row0;
   uint32_t rows;
   uint32_t k_len;
+  bool fast = false;
 
-  FK_DEVICE bool aligned() const { return runs_of_8(ptr, ld); }
+  FK_DEVICE void prepare() { fast = runs_of_8(ptr, ld); }
+  template <int kRows>
+  FK_DEVICE void finish(uint4*, uint32_t) {}
 };
 
 // An operand of K-contiguous rows: element (row, k) at ptr[row · ld + k]. Loaded into the
@@ -74,12 +81,12 @@ struct Rows : Matrix<T> {
   // always takes the same chunk of rows 32 apart, rows whose swizzle is the same: one address
   // computation, then a stride per row.
   template <int kRows>
-  FK_DEVICE void load(uint4* tile, uint32_t k0, bool is_aligned) const {
-    const auto& [ptr, ld, row0, rows, k_len] = static_cast<const Matrix<T>&>(*this);
+  FK_DEVICE void issue(uint4* tile, uint32_t k0) const {
+    const auto& [ptr, ld, row0, rows, k_len, fast] = static_cast<const Matrix<T>&>(*this);
     const int chunk = threadIdx.x % 8, row = threadIdx.x / 8;
     const uint32_t k = k0 + chunk * 8, valid = k < k_len ? min(8u, k_len - k) : 0u;
     uint4* dst = &tile[swizzled(row, chunk)];
-    if (is_aligned) {
+    if (fast) {
       const T* src = ptr + uint64_t(row0 + row) * ld + k;
 #pragma unroll
       for (int i = 0; i < kRows / 32; ++i) {
@@ -108,9 +115,9 @@ struct Columns : Matrix<T> {
 
   // Starts loading K [k0, k0 + 64): a thread takes the same 8 rows of K rows 16 apart.
   template <int kRows>
-  FK_DEVICE void load(uint4* tile, uint32_t k0, bool is_aligned) const {
+  FK_DEVICE void issue(uint4* tile, uint32_t k0) const {
     static_assert(kRows == kBM, "Columns is an A operand");
-    const auto& [ptr, ld, row0, rows, k_len] = static_cast<const Matrix<T>&>(*this);
+    const auto& [ptr, ld, row0, rows, k_len, fast] = static_cast<const Matrix<T>&>(*this);
     const int chunk = threadIdx.x % 16, kk = threadIdx.x / 16;
     const uint32_t r = row0 + chunk * 8, valid = r < rows ? min(8u, rows - r) : 0u;
     uint16_t* plain = reinterpret_cast<uint16_t*>(tile);
@@ -119,7 +126,7 @@ struct Columns : Matrix<T> {
       const uint32_t k = k0 + kk + 16 * i;
       uint16_t* dst = plain + (kk + 16 * i) * kColumnsLd + chunk * 8;
       const uint32_t n = k < k_len ? valid : 0u;
-      if (is_aligned) {
+      if (fast) {
         cp_async_zfill16(dst, n ? ptr + uint64_t(k) * ld + r : ptr, int(n) * 2);
       } else {
 #pragma unroll
@@ -129,13 +136,22 @@ struct Columns : Matrix<T> {
   }
 };
 
-// A K range: A's and B's share K, `k_len` long (A: Rows or Columns; B: Rows).
-template <typename T, template <typename> class A>
+// A K range: A's and B's share K, A's `k_len` long. A: Rows, Columns or another operand of
+// the same interface (prepare, issue, finish, k_len, kInRegisters); B: one that is K-contiguous
+// rows in the 128-byte swizzle (Rows, ...).
+template <class OperandA, class OperandB>
 struct Segment {
-  A<T> a;
-  Rows<T> b;
+  using A = OperandA;
+  using B = OperandB;
+  A a;
+  B b;
   FK_DEVICE int steps() const { return int((a.k_len + kBK - 1) / kBK); }
 };
+
+template <class A, class B>
+FK_DEVICE Segment<A, B> segment(const A& a, const B& b) {
+  return {a, b};
+}
 
 // This warp's A fragments for the 64 of K of a plain `Columns` tile (ptx.cuh's RS layout:
 // 16 rows of the warpgroup's 64 per warp, 16 of K per fragment).
@@ -179,49 +195,62 @@ FK_DEVICE void mma_step(Accumulators& acc, const Stage& st, AFragments& af) {
   if constexpr (!kInRegisters) wgmma_wait<1>();
 }
 
-// Starts loading step `kt` of all the segments' steps in order into its stage (a segment's
-// steps start at `first[s]`).
-template <typename T, template <typename> class A, int kSegments>
-FK_DEVICE void load_step(Stage* stages, const Segment<T, A> (&segs)[kSegments], const int (&first)[kSegments + 1],
-                         const bool (&aligned)[kSegments][2], int kt) {
-  Stage& st = stages[kt % kStages];
-#pragma unroll
-  for (int s = 0; s < kSegments; ++s) {
-    if (kt >= first[s] && kt < first[s + 1]) {
-      const uint32_t k0 = uint32_t(kt - first[s]) * kBK;
-      segs[s].a.template load<kBM>(st.a, k0, aligned[s][0]);
-      segs[s].b.template load<kBN>(st.b, k0, aligned[s][1]);
-    }
-  }
+// Calls f(segment, k0) for the segment step kt belongs to (a segment's steps start at
+// first[s]), k0 its K offset there.
+template <class F, class... Segs>
+FK_DEVICE void at_step(int kt, const int* first, F f, Segs&... segs) {
+  int s = 0;
+  ((kt >= first[s] && kt < first[s + 1] ? f(segs, uint32_t(kt - first[s]) * kBK) : void(), ++s), ...);
 }
 
-// acc += the segments' products, in order. `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared
-// memory. Ends with every wgmma waited out and a barrier (smem is free again).
-template <typename T, template <typename> class A, int kSegments>
-FK_DEVICE void run(Accumulators& acc, unsigned char* smem, const Segment<T, A> (&segs)[kSegments]) {
-  constexpr bool kInRegisters = A<T>::kInRegisters;
+// Starts (issue(), kFinish false) or finishes (finish()) filling `st` with step kt.
+template <bool kFinish, class... Segs>
+FK_DEVICE void fill(Stage& st, int kt, const int* first, Segs&... segs) {
+  at_step(kt, first, [&](auto& seg, uint32_t k0) {
+    if constexpr (kFinish) {
+      seg.a.template finish<kBM>(st.a, k0);
+      seg.b.template finish<kBN>(st.b, k0);
+    } else {
+      seg.a.template issue<kBM>(st.a, k0);
+      seg.b.template issue<kBN>(st.b, k0);
+    }
+  }, segs...);
+}
+
+// acc += the segments' products, in order (every segment's A of one kind: in registers or
+// not). `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared memory. Ends with every wgmma waited
+// out and a barrier (smem is free again).
+template <typename T, class... Segs>
+FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
+  constexpr bool kInRegisters = (Segs::A::kInRegisters && ...);
+  static_assert(((Segs::A::kInRegisters == kInRegisters) && ...), "one kind of A per run");
+  wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
-  bool aligned[kSegments][2];
-  int first[kSegments + 1] = {0};
-#pragma unroll
-  for (int s = 0; s < kSegments; ++s) {
-    aligned[s][0] = segs[s].a.aligned();
-    aligned[s][1] = segs[s].b.aligned();
-    first[s + 1] = first[s] + segs[s].steps();
+  int first[sizeof...(Segs) + 1] = {0};
+  {
+    int s = 0;
+    ((segs.a.prepare(), segs.b.prepare(), first[s + 1] = first[s] + segs.steps(), ++s), ...);
   }
-  const int total = first[kSegments];
+  const int total = first[sizeof...(Segs)];
+  auto issue = [&](int kt) { fill<false>(stages[kt % kStages], kt, first, segs...); };
+  auto finish = [&](int kt) { fill<true>(stages[kt % kStages], kt, first, segs...); };
   for (int kt = 0; kt < kStages - 2; ++kt) {
-    if (kt < total) load_step(stages, segs, first, aligned, kt);
+    if (kt < total) {
+      issue(kt);
+      finish(kt);
+    }
     cp_async_commit();
   }
   AFragments af;
   for (int kt = 0; kt < total; ++kt) {
     cp_async_wait<kStages - 3>();  // this thread's copies for step kt have landed
-    fence_proxy_async_shared();
+    fence_proxy_async_shared();    // and its stores into the stage are visible to wgmma
     __syncthreads();               // everyone's have; step kt - 2's wgmmas are done
-    if (kt + kStages - 2 < total) load_step(stages, segs, first, aligned, kt + kStages - 2);
+    const bool refill = kt + kStages - 2 < total;
+    if (refill) issue(kt + kStages - 2);
     cp_async_commit();
     mma_step<T, kInRegisters>(acc, stages[kt % kStages], af);
+    if (refill) finish(kt + kStages - 2);
   }
   wgmma_wait<0>();
   wgmma_hold(acc);
@@ -236,6 +265,19 @@ FK_DEVICE void for_each(Accumulators& acc, F f) {
   const int lane = threadIdx.x % 32, row = (threadIdx.x / 32) * 16 + lane / 4;  // warps 0-7 in order
 #pragma unroll
   for (int j = 0; j < kBN / 2; ++j) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4) + j % 2, acc[j]);
+}
+
+// Stores a tile computed transposed (dXᵀ for dX): out[(m0 + c) · ld + n0 + r] = acc(r, c)
+// for n0 + r < n_len, m0 + c < m_len. Straight from the accumulators: each store instruction
+// writes 16 contiguous bytes of 4 rows of out. (Through shared memory into whole rows, ptxas
+// serializes every wgmma of the kernel: C7514, "non wgmma instructions reading accumulator
+// registers".)
+template <typename T>
+FK_DEVICE void store_transposed(Accumulators& acc, T* out, uint64_t ld, uint32_t n0, uint32_t m0, uint32_t n_len,
+                                uint32_t m_len) {
+  for_each(acc, [&](int r, int c, float v) {
+    if (n0 + r < n_len && m0 + c < m_len) out[uint64_t(m0 + c) * ld + n0 + r] = from_f32<T>(v);
+  });
 }
 
 }  // namespace wgmma

@@ -60,11 +60,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     // The extended layer's breakdown first, then the paths in check::lora::paths' order (the
     // newest kernels last): a GPU fault ends the process's CUDA context, and every row after it.
     rows.extend(extended_parts(dev, timer, c, &x)?);
-    for path in paths(dev, false) {
+    for path in paths(dev) {
         for (nf4, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
-            if !paths(dev, nf4).contains(&path) {
-                continue;
-            }
             let (l, w_bytes) = layer(dev, nf4, dropout, path)?;
             // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
             let (bytes_fwd, bytes_bwd) = (

@@ -172,3 +172,27 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     }
     Ok(rows)
 }
+
+/// The fused wgmma GEMM (Hopper), forward and backward at 64 and 8192 rows, beside the rows
+/// above: run after every other benchmark (`fk bench`), the newest kernels last.
+pub fn wgmma_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    if !dev.has_wgmma() {
+        return Ok(rows);
+    }
+    let (_, q) = weight(dev, 11008, 4096)?;
+    for m in [64, 8192] {
+        for forward in [true, false] {
+            rows.push(matmul_row(
+                dev,
+                timer,
+                c,
+                &q,
+                m,
+                MatmulPath::FusedGemmWgmma,
+                forward,
+            )?);
+        }
+    }
+    Ok(rows)
+}

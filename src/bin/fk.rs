@@ -225,6 +225,7 @@ fn run_bench(args: &[String]) -> Result<(), String> {
         rows.extend(bench::sparse::rows(&dev, &mut timer, &c)?);
         rows.extend(bench::nf4::rows(&dev, &mut timer, &c)?);
         rows.extend(bench::lora::rows(&dev, &mut timer, &c)?);
+        rows.extend(bench::nf4::wgmma_rows(&dev, &mut timer, &c)?);
         Ok(rows)
     };
     let rows = go().map_err(|e| e.to_string())?;

@@ -52,16 +52,16 @@ impl Case {
     }
 }
 
-/// The paths `dev` runs for a dense or an NF4 (`nf4`) base: the fused kernels everywhere, the
+/// The paths `dev` runs, for either base: the fused kernels everywhere, the
 /// cuBLAS-extended layer where cuBLAS is, and the fused layer's wgmma GEMMs where wgmma runs
-/// (Hopper, the emulator) over a dense base, last: the newest kernels, so that a GPU fault in
+/// (Hopper, the emulator), last: the newest kernels, so that a GPU fault in
 /// them (which ends the process's CUDA context) leaves the other paths' results standing.
-pub fn paths(dev: &Device, nf4: bool) -> Vec<LoraPath> {
+pub fn paths(dev: &Device) -> Vec<LoraPath> {
     let mut p = vec![LoraPath::Fused];
     if dev.has_cublas() {
         p.push(LoraPath::Extended);
     }
-    if dev.has_wgmma() && !nf4 {
+    if dev.has_wgmma() {
         p.push(LoraPath::FusedWgmma);
     }
     p
@@ -117,7 +117,10 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     };
     let w0: Vec<T> = random_vec(rng, c.d_out * c.d_in, 0.05);
     let (base, w) = if c.nf4 {
-        let q = nf4_reference::quantize(&w0, &[c.d_out, c.d_in], 64, true)?;
+        // Blocksize and double quantization drawn with the rest of the case: the wgmma path
+        // decodes runs of 16 elements, each inside one block at every blocksize.
+        let blocksize = 32 << rng.random_range(0..4);
+        let q = nf4_reference::quantize(&w0, &[c.d_out, c.d_in], blocksize, rng.random())?;
         (
             LoraBase::Nf4(Box::new(Nf4Weight::upload(dev, &q)?)),
             q.dequantize::<T>(),
@@ -322,16 +325,13 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     let base = Case::new(seed, m, d_in, d_out, rank);
     let mut rows = vec![merge::<bf16>(dev, base)?, merge::<f16>(dev, base)?];
     // Path by path, in paths()'s order (the newest kernels last).
-    for path in paths(dev, false) {
+    for path in paths(dev) {
         for (dropout, bias, nf4, rslora) in [
             (0.0, false, false, false),
             (0.1, true, false, true),
             (0.0, false, true, false),
             (0.05, true, true, false),
         ] {
-            if !paths(dev, nf4).contains(&path) {
-                continue;
-            }
             let c = Case {
                 dropout,
                 bias,

@@ -118,6 +118,7 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     let mut rows = sparse::all(dev, scale, seed)?;
     rows.extend(nf4::all(dev, scale, seed)?);
     rows.extend(lora::all(dev, scale, seed)?);
+    rows.extend(nf4::wgmma(dev, scale, seed)?);
     Ok(rows)
 }
 

@@ -142,7 +142,7 @@ where
     let what: Vec<f32> = match path {
         MatmulPath::Gemv => q.dequantize::<f32>(),
         MatmulPath::GemvMma => q.dequantize_with_codes_in::<T>(),
-        MatmulPath::FusedGemm | MatmulPath::DequantizeCublas => {
+        MatmulPath::FusedGemm | MatmulPath::FusedGemmWgmma | MatmulPath::DequantizeCublas => {
             q.dequantize::<T>().iter().map(|v| v.to_f32()).collect()
         }
     };
@@ -198,17 +198,16 @@ where
     ))
 }
 
-/// Every NF4 kernel at `scale`: quantize/dequantize for each dtype, blocksize and double
-/// quantization; the matmuls for bf16 and f16 through each path the device has.
-pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+/// The weight every check at `scale` uses, and the rows of its GEMMs. Realistic: LLaMA-7B's
+/// MLP shapes (DESIGN.md §8). Small: odd sizes with tails everywhere.
+fn base_case(scale: Scale, seed: u64) -> (Case, usize) {
     let realistic = scale == Scale::Realistic;
-    // Realistic: LLaMA-7B's MLP shapes (DESIGN.md §8). Small: odd sizes with tails everywhere.
     let (rows, cols, m_gemm) = if realistic {
         (11008, 4096, 8192)
     } else {
         (45, 131, 37)
     };
-    let base = Case {
+    let c = Case {
         seed,
         rows,
         cols,
@@ -217,6 +216,13 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
         double_quant: true,
         timed: realistic,
     };
+    (c, m_gemm)
+}
+
+/// Every NF4 kernel at `scale`: quantize/dequantize for each dtype, blocksize and double
+/// quantization; the matmuls for bf16 and f16 through each path the device has.
+pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+    let (base, m_gemm) = base_case(scale, seed);
     let mut rows_out = Vec::new();
     for (blocksize, dq) in [(64, true), (64, false), (32, true), (4096, true)] {
         let c = Case {
@@ -254,4 +260,22 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
         }
     }
     Ok(rows_out)
+}
+
+/// The fused wgmma GEMM (Hopper, the emulator; nothing elsewhere) at `scale`, forward and dX,
+/// bf16 and f16: separate from [`all`] so that `fk check` runs it after every other family,
+/// the newest kernels last (a GPU fault ends the process's CUDA context, and every row after
+/// it).
+pub fn wgmma(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+    if !dev.has_wgmma() {
+        return Ok(Vec::new());
+    }
+    let (base, m_gemm) = base_case(scale, seed);
+    let c = Case { m: m_gemm, ..base };
+    let mut rows = Vec::new();
+    for forward in [true, false] {
+        rows.push(matmul::<bf16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
+        rows.push(matmul::<f16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
+    }
+    Ok(rows)
 }

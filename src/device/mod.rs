@@ -70,6 +70,16 @@ impl LaunchConfig {
         }
     }
 
+    /// The grid of the Hopper GEMM (`cuda/include/wgmma.cuh`): `x` by `y` blocks of its
+    /// tiles, with its dynamic shared memory.
+    pub fn wgmma_tiles(x: usize, y: usize) -> Self {
+        LaunchConfig {
+            grid: (x as u32, y as u32, 1),
+            block: (crate::params::FK_WGMMA_THREADS, 1, 1),
+            shared_bytes: crate::params::FK_WGMMA_SMEM_BYTES,
+        }
+    }
+
     /// [`Self::grid_stride`] with a warp, not a thread, per item (kernels that loop with
     /// `warp_start`/`warp_stride`).
     pub fn warp_stride(n: u64, threads: u32, max_blocks: u32) -> Self {

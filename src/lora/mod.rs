@@ -11,14 +11,16 @@
 //! `[out, in]`-sized. Backward's reductions over tokens are split by rows and summed in a
 //! fixed order: deterministic, no float atomics.
 //!
-//! Two paths ([`LoraPath`]), the same math:
+//! Three paths ([`LoraPath`]), the same math:
 //! - **Fused**: every product on this crate's tensor-core kernels (`mma.sync`): the base GEMM
 //!   runs extended along K by the low-rank term, `[u | x]·[B | W]ᵀ`, one accumulator, bias in
 //!   the epilogue. Runs everywhere (the emulator too).
 //! - **FusedWgmma** (Hopper, and the emulator): Fused with the two big GEMMs on `wgmma`
 //!   (`cuda/include/wgmma.cuh`), the same K segments and epilogues at Hopper's tensor-core
 //!   rate, with no copy of x or dY: the forward, and backward's dX (computed as dXᵀ so that A
-//!   and W are read as they lie); dense base; v, dA, dB as Fused. Not yet the default
+//!   and W are read as they lie); an NF4 base is dequantized on its way into the GEMM's
+//!   tiles, overlapping the `wgmma`s (`Nf4Operand`, `cuda/include/nf4.cuh`), never
+//!   materialized; v, dA, dB as Fused. Not yet the default
 //!   anywhere: the GPU check times it against the other two (bench/NOTES.md).
 //! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
@@ -61,8 +63,7 @@ pub enum LoraBase<T: FloatElem> {
 pub enum LoraPath {
     /// Every product on the crate's `mma.sync` kernels; runs everywhere.
     Fused,
-    /// Fused, with the forward GEMM and backward's dX on `wgmma` (Hopper, the emulator; a
-    /// dense base).
+    /// Fused, with the forward GEMM and backward's dX on `wgmma` (Hopper, the emulator).
     FusedWgmma,
     /// The base GEMMs on cuBLAS through a K-extended layout (a GPU with cuBLAS).
     Extended,
@@ -221,22 +222,14 @@ impl<T: FloatElem> LoraLinear<T> {
                 why: "the extended path needs a GPU with cuBLAS".into(),
             });
         }
-        if path == LoraPath::FusedWgmma {
-            if !self.device().has_wgmma() {
-                return Err(Error::Unsupported {
-                    op: "lora",
-                    why: format!(
-                        "the wgmma path needs Hopper (sm_90a); {}",
-                        self.device().describe()
-                    ),
-                });
-            }
-            if matches!(self.base, Base::Nf4(_)) {
-                return Err(Error::Unsupported {
-                    op: "lora",
-                    why: "the wgmma path takes a dense base, not NF4".into(),
-                });
-            }
+        if path == LoraPath::FusedWgmma && !self.device().has_wgmma() {
+            return Err(Error::Unsupported {
+                op: "lora",
+                why: format!(
+                    "the wgmma path needs Hopper (sm_90a); {}",
+                    self.device().describe()
+                ),
+            });
         }
         if let Base::Dense(w) = &self.base {
             let (ld, new_ld) = (self.dense_ld(self.path), self.dense_ld(path));
@@ -396,12 +389,19 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 
     fn suffix(&self) -> String {
-        let nf4 = if matches!(self.base, Base::Nf4(_)) {
-            "nf4_"
-        } else {
-            ""
-        };
-        format!("{nf4}{}", T::DTYPE)
+        format!("{}{}", self.nf4_prefix(), T::DTYPE)
+    }
+
+    /// The wgmma kernels' suffix: `[nf4_]wgmma_<dtype>`.
+    fn wgmma_suffix(&self) -> String {
+        format!("{}wgmma_{}", self.nf4_prefix(), T::DTYPE)
+    }
+
+    fn nf4_prefix(&self) -> &'static str {
+        match self.base {
+            Base::Nf4(_) => "nf4_",
+            Base::Dense(_) => "",
+        }
     }
 
     /// `y = x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ` for `x` `[m, in]`: returns `y`
@@ -435,11 +435,11 @@ impl<T: FloatElem> LoraLinear<T> {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
                 let (name, cfg) = if self.path == LoraPath::FusedWgmma {
                     // x over y's columns (TILE_N), y over its rows (TILE_M).
-                    let cfg = wgmma_grid(
+                    let cfg = LaunchConfig::wgmma_tiles(
                         self.d_out.div_ceil(params::FK_WGMMA_TILE_N as usize),
                         m.div_ceil(params::FK_WGMMA_TILE_M as usize),
                     );
-                    (format!("lora_forward_wgmma_{}", T::DTYPE), cfg)
+                    (format!("lora_forward_{}", self.wgmma_suffix()), cfg)
                 } else {
                     (
                         format!("lora_forward_{}", self.suffix()),
@@ -448,7 +448,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 };
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
                 // the layer's own buffers were checked by params(). The wgmma kernel runs only
-                // where has_wgmma (with_path) on a dense base.
+                // where has_wgmma (with_path).
                 unsafe {
                     dev.launch(&kernel(name), cfg, &p)?;
                 }
@@ -623,11 +623,11 @@ impl<T: FloatElem> LoraLinear<T> {
                 // The wgmma path's tiles are of dXᵀ [in, m].
                 let (name, cfg) = if self.path == LoraPath::FusedWgmma {
                     // x over dX's columns (TILE_M of dXᵀ's rows), y over its rows.
-                    let cfg = wgmma_grid(
+                    let cfg = LaunchConfig::wgmma_tiles(
                         self.d_in.div_ceil(params::FK_WGMMA_TILE_M as usize),
                         m.div_ceil(params::FK_WGMMA_TILE_N as usize),
                     );
-                    (format!("lora_backward_dx_wgmma_{t}"), cfg)
+                    (format!("lora_backward_dx_{}", self.wgmma_suffix()), cfg)
                 } else {
                     (
                         format!("lora_backward_dx_{}", self.suffix()),
@@ -636,7 +636,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 };
                 // SAFETY: every buffer in p was checked or sized above; the kernels only read
                 // u (passed through the mutable field of the shared params struct). The wgmma
-                // kernel runs only where has_wgmma (with_path) on a dense base.
+                // kernel runs only where has_wgmma (with_path).
                 unsafe {
                     dev.launch(&kernel(name), cfg, &p)?;
                 }
@@ -769,15 +769,6 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 }
 
-/// A launch of `cuda/include/wgmma.cuh` kernels: `x` by `y` blocks of its tiles.
-fn wgmma_grid(x: usize, y: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid: (x as u32, y as u32, 1),
-        block: (params::FK_WGMMA_THREADS, 1, 1),
-        shared_bytes: params::FK_WGMMA_SMEM_BYTES,
-    }
-}
-
 fn cuda_slice<T: FloatElem>(b: &Buffer<T>) -> &cudarc::driver::CudaSlice<T> {
     b.as_cuda_slice()
         .expect("the extended path runs on CUDA buffers")
@@ -810,8 +801,10 @@ pub fn kernels() -> Vec<Kernel> {
             "forward",
             "forward_nf4",
             "forward_wgmma",
+            "forward_nf4_wgmma",
             "backward_v",
             "backward_dx_wgmma",
+            "backward_dx_nf4_wgmma",
             "backward_dx",
             "backward_dx_nf4",
             "grad_a",

@@ -2,7 +2,7 @@
 //! double quantization, dequantization, and the matmuls through a frozen NF4 weight with
 //! the dequantization fused in: GEMVs for decode batches (1 to 16 rows; one on tensor cores,
 //! one SIMT), a tensor-core GEMM for the forward `y = x Ŵᵀ`, and the same for the backward
-//! `dX = dY Ŵ`; or dequantize + cuBLAS. [`choose_path`] picks by batch size, from
+//! `dX = dY Ŵ` (on `mma.sync`, and on Hopper's `wgmma`); or dequantize + cuBLAS. [`choose_path`] picks by batch size, from
 //! measurements.
 //!
 //! Kernels: `cuda/nf4.cu`. Reference: [`crate::reference::nf4`] (bitsandbytes' format and
@@ -355,6 +355,12 @@ pub enum MatmulPath {
     /// The fused tensor-core GEMM (`mma.sync`): the weight is dequantized on its way into
     /// shared memory and never materialized.
     FusedGemm,
+    /// The fused GEMM on Hopper's `wgmma` (`cuda/include/wgmma.cuh`; Hopper and the
+    /// emulator): the weight dequantized into each stage while an earlier stage's `wgmma`s
+    /// run (`Nf4Operand`, `cuda/include/nf4.cuh`), never materialized; the backward computes
+    /// `dXᵀ` so that W is read as it lies. Not chosen by [`choose_path`] until a GPU run has
+    /// timed it against [`MatmulPath::DequantizeCublas`] (bench/NOTES.md).
+    FusedGemmWgmma,
     /// Dequantize `Ŵ` into a scratch buffer, then cuBLAS. On Hopper cuBLAS runs `wgmma`,
     /// about twice the rate of the `mma.sync` the fused GEMM uses, so once there are enough
     /// rows the extra pass over the weight (2.5 bytes per element) costs less than the
@@ -371,6 +377,8 @@ impl MatmulPath {
             (MatmulPath::Gemv, _) => "nf4_gemv",
             (MatmulPath::FusedGemm, true) => "nf4_gemm",
             (MatmulPath::FusedGemm, false) => "nf4_gemm_dx",
+            (MatmulPath::FusedGemmWgmma, true) => "nf4_gemm_wgmma",
+            (MatmulPath::FusedGemmWgmma, false) => "nf4_gemm_dx_wgmma",
             (MatmulPath::DequantizeCublas, true) => "nf4_dequant_cublas",
             (MatmulPath::DequantizeCublas, false) => "nf4_dequant_cublas_dx",
         };
@@ -442,6 +450,26 @@ fn fused_launch(
                 kernel(format!("nf4_gemv_{act}_m{bucket}")),
                 LaunchConfig::warp_stride(warps, THREADS, MAX_BLOCKS),
             )
+        }
+        MatmulPath::FusedGemmWgmma => {
+            let (wgmma_m, wgmma_n) = (
+                params::FK_WGMMA_TILE_M as usize,
+                params::FK_WGMMA_TILE_N as usize,
+            );
+            // Forward: x over y's columns (W's rows), y over its rows; backward: tiles of
+            // dXᵀ, x over dX's columns (W's), y over its rows.
+            let cfg = if forward {
+                LaunchConfig::wgmma_tiles(
+                    (rows as usize).div_ceil(wgmma_n),
+                    (m as usize).div_ceil(wgmma_m),
+                )
+            } else {
+                LaunchConfig::wgmma_tiles(
+                    (cols as usize).div_ceil(wgmma_m),
+                    (m as usize).div_ceil(wgmma_n),
+                )
+            };
+            (kernel(path.label(forward, act)), cfg)
         }
         // (Dequantize + cuBLAS launches no fused kernel; its callers never ask.)
         MatmulPath::FusedGemm | MatmulPath::DequantizeCublas => {
@@ -582,12 +610,21 @@ where
         m: m as u32,
     };
     match path {
-        MatmulPath::GemvMma | MatmulPath::Gemv | MatmulPath::FusedGemm => {
-            let gemv = path != MatmulPath::FusedGemm;
+        MatmulPath::GemvMma
+        | MatmulPath::Gemv
+        | MatmulPath::FusedGemm
+        | MatmulPath::FusedGemmWgmma => {
+            let gemv = matches!(path, MatmulPath::GemvMma | MatmulPath::Gemv);
             if gemv && (!forward || m > GEMV_MAX_ROWS) {
                 return Err(Error::Unsupported {
                     op: "nf4 gemv",
                     why: format!("the GEMV is forward-only, 1..=16 rows; got {m}"),
+                });
+            }
+            if path == MatmulPath::FusedGemmWgmma && !dev.has_wgmma() {
+                return Err(Error::Unsupported {
+                    op: "nf4 matmul",
+                    why: format!("the wgmma GEMM needs Hopper (sm_90a); {}", dev.describe()),
                 });
             }
             let (k, cfg) = fused_launch(
@@ -600,7 +637,8 @@ where
             );
             // SAFETY: shapes checked in check_matmul; the GEMVs for a bucket of rows read
             // only the first m rows (the tensor-core one reads rows past m and past the
-            // weight's last as the last real ones), the GEMM bounds-checks every tile edge.
+            // weight's last as the last real ones), the GEMMs bounds-check every tile edge;
+            // the wgmma one runs only where has_wgmma.
             unsafe { dev.launch(&k, cfg, &p) }
         }
         MatmulPath::DequantizeCublas => {
@@ -669,6 +707,8 @@ pub fn kernels() -> Vec<Kernel> {
         }
         names.push(format!("nf4_gemm_{t}"));
         names.push(format!("nf4_gemm_dx_{t}"));
+        names.push(format!("nf4_gemm_wgmma_{t}"));
+        names.push(format!("nf4_gemm_dx_wgmma_{t}"));
     }
     names.into_iter().map(kernel).collect()
 }
