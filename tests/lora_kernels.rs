@@ -4,7 +4,7 @@
 
 use finetune_kernels::check::lora::{self as check, paths, Case};
 use finetune_kernels::check::CheckRow;
-use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
+use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode};
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
 use finetune_kernels::testing::{backends, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
@@ -24,11 +24,13 @@ proptest! {
     fn forward_and_backward_match_the_reference(
         seed in any::<u64>(), m in 1usize..150, d_in in 1usize..150, d_out in 1usize..150, rank in 1usize..40,
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
+        scratch in any::<bool>(),
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)],
     ) {
                 for dev in backends() {
             for path in paths(&dev) {
-                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, timed: false, path: Some(path), k_splits };
+                let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
+                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, nf4_decode, timed: false, path: Some(path), k_splits };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -120,6 +122,26 @@ fn wgmma_path_over_many_stages() {
             assert_pass(check::forward::<bf16>(&dev, c));
             assert_pass(check::forward::<f16>(&dev, c));
             assert_pass(check::backward::<bf16>(&dev, c));
+        }
+    }
+}
+
+/// An NF4 base through a scratch weight on the fused paths (the dense-base kernels over the
+/// dequantized Ŵ), several K steps each way.
+#[test]
+fn nf4_through_a_scratch_weight() {
+    for dev in backends() {
+        for path in paths(&dev) {
+            let c = Case {
+                dropout: 0.1,
+                bias: true,
+                nf4: true,
+                nf4_decode: Nf4Decode::Scratch,
+                path: Some(path),
+                ..Case::new(rand::random(), 70, 320, 200, 8)
+            };
+            assert_pass(check::forward::<bf16>(&dev, c));
+            assert_pass(check::backward::<f16>(&dev, c));
         }
     }
 }

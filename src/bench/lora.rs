@@ -8,7 +8,7 @@ use crate::check::lora::paths;
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath};
+use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode};
 use crate::nf4::Nf4Weight;
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
@@ -18,15 +18,16 @@ const D: usize = 4096;
 const RANK: usize = 16;
 
 /// The benchmarked layer and the bytes of its base weight (bf16, or NF4 with its absmaxes).
+/// The benchmarks' layer: a dense base, or (`nf4`) an NF4 one fed to the GEMMs as it says.
 fn layer(
     dev: &Device,
-    nf4: bool,
+    nf4: Option<Nf4Decode>,
     dropout: f32,
     path: LoraPath,
 ) -> Result<(LoraLinear<bf16>, usize)> {
     let mut rng = StdRng::seed_from_u64(7);
     let w = dev.upload(&random_vec::<bf16>(&mut rng, D * D, 0.02))?;
-    let (base, w_bytes) = if nf4 {
+    let (base, w_bytes) = if nf4.is_some() {
         let q = Nf4Weight::quantize(&w, D, D, 64, true)?;
         let bytes = q.bytes();
         (LoraBase::Nf4(Box::new(q)), bytes)
@@ -43,7 +44,9 @@ fn layer(
         seed: 3,
     };
     Ok((
-        LoraLinear::new(base, None, a, b, config)?.with_path(path)?,
+        LoraLinear::new(base, None, a, b, config)?
+            .with_path(path)?
+            .with_nf4_decode(nf4.unwrap_or_default()),
         w_bytes,
     ))
 }
@@ -61,7 +64,16 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     // newest kernels last): a GPU fault ends the process's CUDA context, and every row after it.
     rows.extend(extended_parts(dev, timer, c, &x)?);
     for path in paths(dev) {
-        for (nf4, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
+        // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch weight.
+        for (nf4, dropout) in [
+            (None, 0.0),
+            (None, 0.1),
+            (Some(Nf4Decode::InTile), 0.0),
+            (Some(Nf4Decode::Scratch), 0.0),
+        ] {
+            if nf4 == Some(Nf4Decode::Scratch) && path == LoraPath::Extended {
+                continue; // the Extended path always dequantizes
+            }
             let (l, w_bytes) = layer(dev, nf4, dropout, path)?;
             // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
             let (bytes_fwd, bytes_bwd) = (
@@ -75,7 +87,11 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     LoraPath::Fused => "fused",
                     LoraPath::FusedWgmma => "fused_wgmma",
                 },
-                if nf4 { "_nf4" } else { "" },
+                match nf4 {
+                    None => "",
+                    Some(Nf4Decode::InTile) => "_nf4",
+                    Some(Nf4Decode::Scratch) => "_nf4_scratch",
+                },
                 if dropout > 0.0 { "_dropout" } else { "" }
             );
             let shape = format!("{M}x{D}→{D} r{RANK}");
@@ -123,7 +139,7 @@ fn extended_parts(
     c: &Ceilings,
     x: &crate::Buffer<bf16>,
 ) -> Result<Vec<Row>> {
-    let (l, _) = layer(dev, false, 0.0, LoraPath::Extended)?;
+    let (l, _) = layer(dev, None, 0.0, LoraPath::Extended)?;
     let ld = l.extended_ld();
     let shape = format!("{M}x{D}→{D} r{RANK}");
     let mut rows = Vec::new();

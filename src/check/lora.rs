@@ -5,7 +5,7 @@ use crate::check::nf4::{matmul_bound, unit};
 use crate::device::Device;
 use crate::dtype::FloatElem;
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Saved};
+use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, Saved};
 use crate::nf4::Nf4Weight;
 use crate::reference::{lora as reference, nf4 as nf4_reference};
 use crate::testing::{random_vec, rel_l2};
@@ -24,6 +24,8 @@ pub struct Case {
     pub dropout: f32,
     pub bias: bool,
     pub nf4: bool,
+    /// How the fused paths feed the NF4 base to their GEMMs.
+    pub nf4_decode: Nf4Decode,
     pub timed: bool,
     /// The layer's path; `None` takes the one `LoraLinear::new` picks for the device.
     pub path: Option<LoraPath>,
@@ -45,6 +47,7 @@ impl Case {
             dropout: 0.0,
             bias: false,
             nf4: false,
+            nf4_decode: Nf4Decode::InTile,
             timed: false,
             path: None,
             k_splits: None,
@@ -88,6 +91,9 @@ impl CheckCase for Case {
         }
         if self.nf4 {
             s += " nf4";
+            if self.nf4_decode == Nf4Decode::Scratch {
+                s += " scratch";
+            }
         }
         if let Some(path) = self.path {
             s += &format!(" {path:?}");
@@ -142,7 +148,9 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     if let Some(path) = c.path {
         layer = layer.with_path(path)?;
     }
-    layer = layer.with_k_splits(c.k_splits)?;
+    layer = layer
+        .with_k_splits(c.k_splits)?
+        .with_nf4_decode(c.nf4_decode);
     Ok(Setup {
         layer,
         w,
@@ -177,15 +185,20 @@ fn unscaled_u<T: FloatElem>(s: &Setup<T>, saved: &Saved<T>) -> Result<Vec<f32>> 
         .collect())
 }
 
-/// The name a row of the layer's `op` goes by: the path, then the base (`_nf4`), then the
-/// dtype, e.g. `lora_extended_forward_nf4_bf16`.
+/// The name a row of the layer's `op` goes by: the path, then the base (`_nf4`, or
+/// `_nf4_scratch` through a scratch weight), then the dtype, e.g.
+/// `lora_extended_forward_nf4_bf16`.
 fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
     let path = if s.layer.path() == LoraPath::Extended {
         "extended_"
     } else {
         ""
     };
-    let nf4 = if c.nf4 { "_nf4" } else { "" };
+    let nf4 = match (c.nf4, s.layer.nf4_decode()) {
+        (false, _) => "",
+        (true, Nf4Decode::InTile) => "_nf4",
+        (true, Nf4Decode::Scratch) => "_nf4_scratch",
+    };
     // The wgmma path differs from the fused one in its two big GEMMs only.
     let wgmma =
         if s.layer.path() == LoraPath::FusedWgmma && (op == "forward" || op == "backward_dx") {
@@ -326,16 +339,21 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     let mut rows = vec![merge::<bf16>(dev, base)?, merge::<f16>(dev, base)?];
     // Path by path, in paths()'s order (the newest kernels last).
     for path in paths(dev) {
-        for (dropout, bias, nf4, rslora) in [
-            (0.0, false, false, false),
-            (0.1, true, false, true),
-            (0.0, false, true, false),
-            (0.05, true, true, false),
+        for (dropout, bias, nf4, rslora, nf4_decode) in [
+            (0.0, false, false, false, Nf4Decode::InTile),
+            (0.1, true, false, true, Nf4Decode::InTile),
+            (0.0, false, true, false, Nf4Decode::InTile),
+            (0.05, true, true, false, Nf4Decode::InTile),
+            (0.05, true, true, false, Nf4Decode::Scratch),
         ] {
+            if nf4_decode == Nf4Decode::Scratch && path == LoraPath::Extended {
+                continue; // the Extended path always dequantizes: the same rows again
+            }
             let c = Case {
                 dropout,
                 bias,
                 nf4,
+                nf4_decode,
                 rslora,
                 seed: seed ^ (dropout.to_bits() as u64),
                 path: Some(path),

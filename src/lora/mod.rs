@@ -18,9 +18,9 @@
 //! - **FusedWgmma** (Hopper, and the emulator): Fused with the two big GEMMs on `wgmma`
 //!   (`cuda/include/wgmma.cuh`), the same K segments and epilogues at Hopper's tensor-core
 //!   rate, with no copy of x or dY: the forward, and backward's dX (computed as dXᵀ so that A
-//!   and W are read as they lie); an NF4 base is dequantized on its way into the GEMM's
-//!   tiles, overlapping the `wgmma`s (`Nf4Operand`, `cuda/include/nf4.cuh`), never
-//!   materialized; v, dA, dB as Fused. Not yet the default
+//!   and W are read as they lie); an NF4 base's tiles are dequantized while the `wgmma`s of
+//!   earlier ones run (`Nf4Operand`, `cuda/include/nf4.cuh`); v, dA, dB as Fused. Not yet
+//!   the default
 //!   anywhere: the GPU check times it against the other two (bench/NOTES.md).
 //! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
@@ -31,6 +31,10 @@
 //!   the masked low-rank term of dX cannot ride along K: cuBLAS computes `dY W` and one more
 //!   pass over dX adds it. The small products (down-projection, `v`, dA, dB, dbias) stay
 //!   on the crate's kernels, which are memory-bound there.
+//!
+//! Over an NF4 base the fused paths decode `Ŵ` in their base GEMMs' tiles, never
+//! materializing it, or into a scratch weight each call ([`Nf4Decode`]), whichever a GPU run
+//! measures faster for the GEMM.
 //!
 //! The down-projection `u` and `v = scale · dY B` are GEMMs only `rank` wide: one block per
 //! 128 rows would leave most of a GPU idle, so they are split over K ([`k_split_count`],
@@ -69,6 +73,20 @@ pub enum LoraPath {
     Extended,
 }
 
+/// How the fused paths feed an NF4 base's `Ŵ` to their base GEMMs (the Extended path always
+/// dequantizes into its scratch extended weight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Nf4Decode {
+    /// Dequantized on its way into the GEMM's tiles, never materialized.
+    #[default]
+    InTile,
+    /// Dequantized into a scratch `[out, in]` weight each call (one more pass over the
+    /// weight, `out × in` elements of transient memory), then the dense-base kernels: for a
+    /// GEMM whose tile decoding costs more than that pass (bench/NOTES.md: the wgmma GEMM's
+    /// shared memory).
+    Scratch,
+}
+
 /// Where the base weight lives: a dense W is kept compact (Fused) or inside the extended
 /// weight (Extended, `[out + rank, extended_ld]`: see `LoraLinear::dense_ld`); an NF4 weight
 /// stays NF4 and is dequantized into a scratch extended weight per call on the Extended path.
@@ -91,6 +109,7 @@ pub struct LoraLinear<T: FloatElem> {
     path: LoraPath,
     /// Splits of K for u and v (`None`: [`k_split_count`]).
     k_splits: Option<u32>,
+    nf4_decode: Nf4Decode,
 }
 
 /// What forward keeps for backward (besides the caller's `x`).
@@ -206,6 +225,7 @@ impl<T: FloatElem> LoraLinear<T> {
             config,
             path: LoraPath::Fused,
             k_splits: None,
+            nf4_decode: Nf4Decode::default(),
         };
         layer.with_path(path)
     }
@@ -270,6 +290,40 @@ impl<T: FloatElem> LoraLinear<T> {
         }
         self.k_splits = splits;
         Ok(self)
+    }
+
+    /// The layer with an NF4 base's `Ŵ` fed to the fused paths' base GEMMs as `decode` says
+    /// (no effect on a dense base, or on the Extended path).
+    pub fn with_nf4_decode(mut self, decode: Nf4Decode) -> Self {
+        self.nf4_decode = decode;
+        self
+    }
+
+    pub fn nf4_decode(&self) -> Nf4Decode {
+        self.nf4_decode
+    }
+
+    /// Whether the fused paths' base GEMMs read a scratch dequantized `Ŵ` (an NF4 base,
+    /// [`Nf4Decode::Scratch`]).
+    fn decodes_to_scratch(&self) -> bool {
+        matches!(self.base, Base::Nf4(_)) && self.nf4_decode == Nf4Decode::Scratch
+    }
+
+    /// For the fused paths' base GEMM: with [`Nf4Decode::Scratch`], `Ŵ` dequantized into a
+    /// scratch weight that `p` now names as a dense base (keep it until the kernel has run:
+    /// its memory is freed in stream order).
+    fn scratch_base(&self, p: &mut LoraParams) -> Result<Option<Buffer<T>>> {
+        let Base::Nf4(q) = &self.base else {
+            return Ok(None);
+        };
+        if !self.decodes_to_scratch() {
+            return Ok(None);
+        }
+        let mut w = self.device().alloc_output::<T>(self.d_out * self.d_in)?;
+        q.dequantize(&mut w)?;
+        p.w = w.ptr();
+        p.w_ld = self.d_in as u64;
+        Ok(Some(w))
     }
 
     /// `u` (`lora_down`, K = in) or `v` (`lora_backward_v`, K = out) into the buffers `p`
@@ -397,10 +451,11 @@ impl<T: FloatElem> LoraLinear<T> {
         format!("{}wgmma_{}", self.nf4_prefix(), T::DTYPE)
     }
 
+    /// `nf4_` for the fused kernels that decode an NF4 base in their tiles.
     fn nf4_prefix(&self) -> &'static str {
         match self.base {
-            Base::Nf4(_) => "nf4_",
-            Base::Dense(_) => "",
+            Base::Nf4(_) if !self.decodes_to_scratch() => "nf4_",
+            _ => "",
         }
     }
 
@@ -433,6 +488,7 @@ impl<T: FloatElem> LoraLinear<T> {
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
+                let _scratch = self.scratch_base(&mut p)?;
                 let (name, cfg) = if self.path == LoraPath::FusedWgmma {
                     // x over y's columns (TILE_N), y over its rows (TILE_M).
                     let cfg = LaunchConfig::wgmma_tiles(
@@ -447,7 +503,8 @@ impl<T: FloatElem> LoraLinear<T> {
                     )
                 };
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
-                // the layer's own buffers were checked by params(). The wgmma kernel runs only
+                // the layer's own buffers were checked by params(), a scratch base is
+                // [out, in] and lives past the launch. The wgmma kernel runs only
                 // where has_wgmma (with_path).
                 unsafe {
                     dev.launch(&kernel(name), cfg, &p)?;
@@ -620,6 +677,7 @@ impl<T: FloatElem> LoraLinear<T> {
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
+                let _scratch = self.scratch_base(&mut p)?;
                 // The wgmma path's tiles are of dXᵀ [in, m].
                 let (name, cfg) = if self.path == LoraPath::FusedWgmma {
                     // x over dX's columns (TILE_M of dXᵀ's rows), y over its rows.
@@ -634,8 +692,8 @@ impl<T: FloatElem> LoraLinear<T> {
                         LaunchConfig::tiles(m, self.d_in, 1),
                     )
                 };
-                // SAFETY: every buffer in p was checked or sized above; the kernels only read
-                // u (passed through the mutable field of the shared params struct). The wgmma
+                // SAFETY: every buffer in p was checked or sized above (a scratch base is
+                // [out, in] and lives past the launch); the kernels only read u (passed through the mutable field of the shared params struct). The wgmma
                 // kernel runs only where has_wgmma (with_path).
                 unsafe {
                     dev.launch(&kernel(name), cfg, &p)?;
