@@ -44,7 +44,7 @@ def torch_equivalent(kernel):
     if m := re.fullmatch(r"gather_([a-z0-9]+)_([a-z0-9]+)", kernel):
         src, out = m.groups()
         return f"torch index_select {src}" if src == out else f"torch index_select {src}→{out}"
-    if re.fullmatch(r"lora_(?:extended|fused) forward", kernel):
+    if re.fullmatch(r"lora_(?:extended|fused|fused_wgmma) forward", kernel):
         return "peft LoRA forward"  # same layer: bf16 base, no dropout, no bias
     return None
 
@@ -84,6 +84,8 @@ def render(path, data):
         "|---|---|---:|---:|---|---:|---:|---:|---|---|",
     ]
     for r in data.get("bench", []):
+        if " ▸ " in r["kernel"]:
+            continue  # a part of a call (its launch-by-launch breakdown): in the full results only
         frac = r.get("fraction_of_floor")
         name = torch_equivalent(r["kernel"])
         t_us = torch.get((name, r["shape"])) if name else None

@@ -107,3 +107,35 @@ fn wrong_lengths_and_devices_are_typed_errors() {
         assert_eq!(dst.to_host().unwrap(), [0; 4], "nothing is written");
     }
 }
+
+/// A call's launch-by-launch breakdown (the benchmarks' `GpuTimer::breakdown`, CUDA only):
+/// each launch named after its kernel, in order, with a positive time.
+#[test]
+fn breakdown_names_each_launch_in_order() {
+    use finetune_kernels::bench::GpuTimer;
+    use finetune_kernels::nf4::Nf4Weight;
+    use finetune_kernels::Device;
+    for dev in backends() {
+        let Device::Cuda(cuda) = &dev else { continue };
+        let w = dev
+            .upload(&finetune_kernels::testing::random_vec::<
+                finetune_kernels::bf16,
+            >(&mut rng(), 64 * 256, 1.0))
+            .unwrap();
+        let q = Nf4Weight::quantize(&w, 64, 256, 64, false).unwrap();
+        let mut bf = dev
+            .alloc_poisoned::<finetune_kernels::bf16>(64 * 256)
+            .unwrap();
+        let mut f32s = dev.alloc_poisoned::<f32>(64 * 256).unwrap();
+        let mut timer = GpuTimer::new(cuda).unwrap();
+        let parts = timer
+            .breakdown(1, 3, || {
+                q.dequantize(&mut bf)?;
+                q.dequantize(&mut f32s)
+            })
+            .unwrap();
+        let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["nf4_dequantize_bf16", "nf4_dequantize_f32"]);
+        assert!(parts.iter().all(|(_, t)| t.median_us > 0.0), "{parts:?}");
+    }
+}

@@ -60,9 +60,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
     let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
     let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
-    // The extended layer's breakdown first, then the paths in check::lora::paths' order (the
-    // newest kernels last): a GPU fault ends the process's CUDA context, and every row after it.
-    rows.extend(extended_parts(dev, timer, c, &x)?);
+    // The paths in check::lora::paths' order (the newest kernels last): a GPU fault ends the
+    // process's CUDA context, and every row after it.
     for path in paths(dev) {
         // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch weight.
         for (nf4, dropout) in [
@@ -124,64 +123,21 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 row = row.with_baseline("cuBLAS dX GEMM alone", b.median_us);
             }
             rows.push(row);
-        }
-    }
-    Ok(rows)
-}
-
-/// Where the extended layer's time goes (dense base, no dropout): the forward's work before
-/// its GEMM (refresh of the extended weight, lora_down writing u and x_ext), and each of the
-/// two cuBLAS GEMMs alone at its extended K. The layer rows minus these are the rest
-/// (allocations, dY's extension, the dA/dB kernels).
-fn extended_parts(
-    dev: &Device,
-    timer: &mut GpuTimer,
-    c: &Ceilings,
-    x: &crate::Buffer<bf16>,
-) -> Result<Vec<Row>> {
-    let (l, _) = layer(dev, None, 0.0, LoraPath::Extended)?;
-    let ld = l.extended_ld();
-    let shape = format!("{M}x{D}→{D} r{RANK}");
-    let mut rows = Vec::new();
-    let t = timer.time(2, REPS, || l.extended_down_only(x, M))?;
-    let down_bytes = (2 * M * D + 2 * M * ld + 2 * 2 * D * RANK) as f64;
-    rows.push(
-        Row::new(
-            "lora",
-            "lora_extended forward: lora_down + x_ext",
-            &shape,
-            &t,
-            down_bytes,
-            (2 * M * D * RANK) as f64,
-            c,
-        )
-        .with_copy_baseline(dev, timer)?,
-    );
-    let gemms = [
-        (
-            "lora_extended forward: its cuBLAS GEMM",
-            ld,
-            WeightOp::Transposed,
-        ),
-        (
-            "lora_extended backward: its cuBLAS dX GEMM",
-            D + RANK,
-            WeightOp::Plain,
-        ),
-    ];
-    for (name, k, op) in gemms {
-        if let Some(t) = time_cublas(dev, timer, M, D, k, op)? {
-            let bytes = (2 * (M * k + D * k + M * D)) as f64;
-            let shape = format!("{M}x{k}→{D}");
-            rows.push(Row::new(
-                "lora",
-                name,
-                &shape,
-                &t,
-                bytes,
-                (2 * M * D * k) as f64,
-                c,
-            ));
+            // Where the time goes, launch by launch (each launch's kernel, or cuBLAS); an
+            // extra, so a failure to break a call down costs its rows only.
+            let forward = timer.breakdown(1, 5, || l.forward(&x, M).map(|_| ()));
+            let backward = timer.breakdown(1, 5, || l.backward(&x, &saved, &dy).map(|_| ()));
+            for (dir, parts) in [("forward", forward), ("backward", backward)] {
+                match parts {
+                    Ok(parts) => {
+                        for (kernel, t) in parts {
+                            let part = format!("{name} {dir} ▸ {kernel}");
+                            rows.push(Row::new("lora", &part, &shape, &t, 0.0, 0.0, c));
+                        }
+                    }
+                    Err(e) => eprintln!("bench: no breakdown of {name} {dir}: {e}"),
+                }
+            }
         }
     }
     Ok(rows)

@@ -7,7 +7,7 @@ pub mod nf4;
 pub mod sparse;
 
 use crate::device::blas::{self, WeightOp};
-use crate::device::{CudaDevice, Device};
+use crate::device::{breakdown, CudaDevice, Device};
 use crate::dtype::FloatElem;
 use crate::error::{Error, Result};
 use cudarc::driver::{result, sys, CudaSlice};
@@ -97,6 +97,59 @@ impl<'a> GpuTimer<'a> {
             median_us: us[us.len() / 2],
             reps,
         })
+    }
+
+    /// Where `f`'s time goes: `f` run `warmup` times, then `reps` times (L2 flushed before
+    /// each) with every launch and cuBLAS GEMM marked (`device::breakdown`); for each launch
+    /// in order, its name and median time to the next. `f` must launch the same kernels in
+    /// the same order every time.
+    pub fn breakdown(
+        &mut self,
+        warmup: usize,
+        reps: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<Vec<(String, Stats)>> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        self.dev
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
+        let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
+        for _ in 0..reps {
+            self.flush_l2()?;
+            breakdown::open()?;
+            let ran = f();
+            let marks = breakdown::close(self.dev.raw_stream())?;
+            ran?;
+            runs.push(marks);
+        }
+        let first = runs.first().cloned().unwrap_or_default();
+        first
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let mut us = runs
+                    .iter()
+                    .map(|r| match r.get(i) {
+                        Some((n, t)) if *n == name => Ok(*t),
+                        _ => Err(Error::InvalidArgument {
+                            what: "breakdown",
+                            why: "the runs launched different kernels".into(),
+                        }),
+                    })
+                    .collect::<Result<Vec<f64>>>()?;
+                us.sort_by(|a, b| a.total_cmp(b));
+                Ok((
+                    name,
+                    Stats {
+                        median_us: us[us.len() / 2],
+                        reps,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 
@@ -217,16 +270,25 @@ pub fn to_markdown(rows: &[Row]) -> String {
             ),
             None => ("—".into(), "—".into(), "—".into()),
         };
+        // A part of a call (GpuTimer::breakdown) has no floor of its own.
+        let (floor, of_floor) = if r.floor_us > 0.0 {
+            (
+                format!("{:.2}", r.floor_us),
+                format!("{:.0}%", 100.0 * r.fraction_of_floor()),
+            )
+        } else {
+            ("—".into(), "—".into())
+        };
         t += &format!(
-            "| {} | {} | {} | {:.2} | {:.3} | {:.1} | {:.2} | {:.0}% | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.2} | {:.3} | {:.1} | {} | {} | {} | {} | {} |\n",
             r.family,
             r.kernel,
             r.shape,
             r.time_us,
             r.tb_per_s(),
             r.tflop_per_s(),
-            r.floor_us,
-            100.0 * r.fraction_of_floor(),
+            floor,
+            of_floor,
             bn,
             bt,
             ratio

@@ -89,6 +89,7 @@ where
         beta: T::from_f32(0.0),
         ldc: ldo as i32,
     };
+    super::breakdown::mark(out.stream().cu_stream(), "cuBLAS GEMM")?;
     // SAFETY: each buffer holds the rows cfg describes (checked above), within i32.
     unsafe { blas.gemm(cfg, w, a, out) }.map_err(|e| Error::Driver {
         call: "cublasGemmEx",

@@ -422,6 +422,7 @@ impl CudaDevice {
         self.ctx
             .bind_to_thread()
             .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
+        super::breakdown::mark(stream, &kernel.name)?;
         let mut args = [params as *const P as *mut c_void];
         // SAFETY: one argument, the params struct, as every kernel here is declared;
         // the caller guarantees the pointers inside it.

@@ -6,6 +6,7 @@
 //! [`Device::launch`], which takes the kernel's one params struct by value.
 
 pub mod blas;
+pub(crate) mod breakdown;
 mod cuda;
 pub mod emu;
 pub mod ptx;

@@ -556,19 +556,8 @@ impl<T: FloatElem> LoraLinear<T> {
         Ok((scratch, x_ext))
     }
 
-    /// The extended forward without its GEMM, for the GPU check's breakdown of the layer's
-    /// time (`x` `[m, in]`; the layer must be on the extended path).
-    pub(crate) fn extended_down_only(&self, x: &Buffer<T>, m: usize) -> Result<()> {
-        self.check_rows("x", x, m, self.d_in)?;
-        let mut u = self.device().alloc_output::<T>(m * self.config.rank)?;
-        let mut p = self.params(m, self.config.seed)?;
-        p.x = x.ptr();
-        p.u = u.ptr_mut();
-        self.extended_down(&mut p, m).map(|_| ())
-    }
-
     /// The extended weight's row length: `[W | B | bias | 0...]` rows, and x_ext's.
-    pub(crate) fn extended_ld(&self) -> usize {
+    fn extended_ld(&self) -> usize {
         padded_ld(self.d_in + self.config.rank + 1)
     }
 
