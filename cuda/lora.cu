@@ -20,6 +20,7 @@
 //                    (params/lora.h; src/lora/mod.rs explains when and why)
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
+#include "include/epilogue.cuh"
 #include "include/gemm.cuh"
 #include "include/grid.cuh"
 #include "include/nf4.cuh"
@@ -30,9 +31,6 @@
 namespace {
 
 using namespace gemm;
-// Both GEMMs' accumulator walks, one overload set (store() takes either).
-using gemm::for_each;
-using wgmma::for_each;
 
 // Activations as a GEMM operand: a dense source that can drop elements (x under dropout:
 // those whose flattened index into x, the source's own offset(mn, k), is dropped read as
@@ -92,19 +90,6 @@ FK_DEVICE const T* as(const void* p) {
   return static_cast<const T*>(p);
 }
 
-// Stores acc · factor (+ bias) into out[m0 + r][n0 + c] for r < rows, c < cols (row stride ld);
-// acc is gemm.cuh's or wgmma.cuh's.
-template <typename T, class Acc>
-FK_DEVICE void store(Acc& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols,
-                     float factor, const T* bias) {
-  for_each(acc, [&](int r, int c, float v) {
-    if (m0 + r >= rows || n0 + c >= cols) return;
-    float y = v * factor;
-    if (bias) y += to_f32(bias[n0 + c]);
-    out[(m0 + r) * ld + n0 + c] = from_f32<T>(y);
-  });
-}
-
 // The tail of an extended row: [base | low-rank part (acc · factor) | 1 if `one` | 0...] from
 // column `base` on (the base part is copied by the operand source). Every block writes its
 // columns of the low-rank part; the first column of blocks writes the rest.
@@ -130,12 +115,6 @@ FK_DEVICE void split_range(uint32_t len, uint32_t splits, uint32_t* begin, uint3
   *end = min(len, (blockIdx.z + 1) * per * kBK);
 }
 
-FK_DEVICE void store_partial(Accumulators& acc, float* out, uint32_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols) {
-  for_each(acc, [&](int r, int c, float v) {
-    if (m0 + r < rows && n0 + c < cols) out[uint64_t(m0 + r) * ld + n0 + c] = v;
-  });
-}
-
 // This split's part of u or v, [m, rank] f32, in the split-K partials.
 FK_DEVICE float* rank_partial(const LoraParams& p) { return p.rank_partials + uint64_t(blockIdx.z) * p.m * p.rank; }
 
@@ -150,9 +129,9 @@ FK_DEVICE void down(const LoraParams& p) {
   uint32_t k_begin, k_end;
   split_range(p.d_in, max(p.k_splits, 1u), &k_begin, &k_end);
   run_segment<T>(acc, st, x, a, k_begin, k_end);
-  if (p.k_splits > 1) return store_partial(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
+  if (p.k_splits > 1) return store(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   const float factor = p.scale / (1.0f - p.dropout);
-  store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, factor, static_cast<const T*>(nullptr));
+  store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, factor);
   if (p.x_ext) extend_rows(acc, static_cast<T*>(p.x_ext), p.x_ld, p.d_in, m0, n0, p.m, p.rank, factor, true);
 }
 
@@ -264,8 +243,8 @@ FK_DEVICE void backward_v(const LoraParams& p) {
   uint32_t k_begin, k_end;
   split_range(p.d_out, max(p.k_splits, 1u), &k_begin, &k_end);
   run_segment<T>(acc, st, dy, b, k_begin, k_end);
-  if (p.k_splits > 1) return store_partial(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
-  store(acc, static_cast<T*>(p.v), p.rank, m0, n0, p.m, p.rank, p.scale, static_cast<const T*>(nullptr));
+  if (p.k_splits > 1) return store(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
+  store(acc, static_cast<T*>(p.v), p.rank, m0, n0, p.m, p.rank, p.scale);
   if (p.dy_ext) extend_rows(acc, static_cast<T*>(p.dy_ext), p.dy_ld, p.d_out, m0, n0, p.m, p.rank, p.scale, false);
 }
 
@@ -315,7 +294,7 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
   masked_lora_dx<T>(acc, st, p, m0, n0);
   DenseSource<T, true, kBM> dy{as<T>(p.dy), p.d_out, m0, p.m, p.d_out};
   base_segment<T, Nf4, false>(acc, st, dy, p, n0);
-  store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in, 1.0f, static_cast<const T*>(nullptr));
+  store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in);
 }
 
 template <typename T>
@@ -328,7 +307,7 @@ FK_DEVICE void grad_a(const LoraParams& p) {
   ActivationSource<T, false, kBN> x{{as<T>(p.x), p.d_in, n0, p.d_in, p.m}, p.seed, p.dropout};
   Accumulators acc = {};
   run_segment<T>(acc, st, vt, x, k_begin, k_end);
-  store_partial(acc, p.partials + uint64_t(blockIdx.z) * p.rank * p.d_in, p.d_in, m0, n0, p.rank, p.d_in);
+  store(acc, p.partials + uint64_t(blockIdx.z) * p.rank * p.d_in, p.d_in, m0, n0, p.rank, p.d_in);
 }
 
 template <typename T>
@@ -342,7 +321,7 @@ FK_DEVICE void grad_b(const LoraParams& p) {
   Accumulators acc = {};
   run_segment<T>(acc, st, dyt, u, k_begin, k_end);
   float* base = p.partials + uint64_t(p.splits) * p.rank * p.d_in;
-  store_partial(acc, base + uint64_t(blockIdx.z) * p.d_out * (p.rank + 1), p.rank + 1, m0, n0, p.d_out, p.rank + 1);
+  store(acc, base + uint64_t(blockIdx.z) * p.d_out * (p.rank + 1), p.rank + 1, m0, n0, p.d_out, p.rank + 1);
 }
 
 // One thread per gradient element, summing the splits in index order.

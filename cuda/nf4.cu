@@ -10,6 +10,7 @@
 // multiplies by the codes in the activations' dtype and scales by the f32 absmax.
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
+#include "include/epilogue.cuh"
 #include "include/gemm.cuh"
 #include "include/grid.cuh"
 #include "include/nf4.cuh"
@@ -406,17 +407,6 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
 // B = Ŵ (Dx, the backward: Nout = cols, Kr = rows): the weight is dequantized on its way
 // into shared memory (Nf4Source, nf4.cuh) and never materialized.
 
-using gemm::for_each;  // both GEMMs' accumulator walks, one overload set (store_tile takes either)
-using wgmma::for_each;
-
-// The output tile into out[M, Nout] (either GEMM's accumulators).
-template <typename T, class Acc>
-FK_DEVICE void store_tile(Acc& acc, T* out, uint32_t m0, uint32_t n0, uint32_t M, uint32_t Nout) {
-  for_each(acc, [&](int r, int c, float v) {
-    if (m0 + r < M && n0 + c < Nout) out[uint64_t(m0 + r) * Nout + n0 + c] = from_f32<T>(v);
-  });
-}
-
 template <typename T, bool Dx>
 FK_DEVICE void gemm_kernel(const Nf4MatmulParams& p) {
   using namespace gemm;
@@ -428,7 +418,7 @@ FK_DEVICE void gemm_kernel(const Nf4MatmulParams& p) {
   Nf4Source<T, !Dx> b{p.w, table, n0};
   Accumulators acc = {};
   run_segment<T>(acc, st, a, b, 0, Kr);
-  store_tile(acc, static_cast<T*>(p.out), m0, n0, M, Nout);
+  store(acc, static_cast<T*>(p.out), Nout, m0, n0, M, Nout);
 }
 
 // ---- GEMM on wgmma (wgmma.cuh, Hopper) ----------------------------------------------------
@@ -454,7 +444,7 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
     const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
     auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr}}, Nf4Operand<T, true>{w, table, n0, Kr});
     wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
-    store_tile(acc, out, m0, n0, M, w.rows);
+    store(acc, out, w.rows, m0, n0, M, w.rows);
   }
 }
 
