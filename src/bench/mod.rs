@@ -312,14 +312,22 @@ pub fn cuda(dev: &Device) -> Result<&CudaDevice> {
 /// Times a device-to-device copy of `bytes` bytes (the baseline for memory-bound work);
 /// the copy moves twice that (read plus write).
 pub fn time_copy(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Stats> {
+    time_copies(dev, timer, bytes, 1)
+}
+
+/// [`time_copy`] done `times` times back to back in each timed run.
+fn time_copies(dev: &Device, timer: &mut GpuTimer, bytes: usize, times: usize) -> Result<Stats> {
     let d = cuda(dev)?;
     let src = d.alloc_filled::<u8>(bytes, 0x3C)?;
     let dst = d.alloc_filled::<u8>(bytes, 0)?;
     let (s, t) = (d.addr(&src), d.addr(&dst));
     timer.time(2, REPS, || {
-        // SAFETY: both allocations hold `bytes` bytes.
-        unsafe { result::memcpy_dtod_async(t, s, bytes, d.raw_stream()) }
-            .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
+        for _ in 0..times {
+            // SAFETY: both allocations hold `bytes` bytes.
+            unsafe { result::memcpy_dtod_async(t, s, bytes, d.raw_stream()) }
+                .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))?;
+        }
+        Ok(())
     })
 }
 
@@ -412,6 +420,19 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
         "4 KiB",
         &t,
         8192.0,
+        0.0,
+        c,
+    ));
+    // What L2 moves: a copy small enough to stay in L2 (8 MiB each way), 16 times back to
+    // back, so all but the first read hit L2 (the wgmma GEMMs' likely limit, bench/NOTES.md).
+    let (bytes, times) = (8 << 20, 16);
+    let l2 = time_copies(dev, timer, bytes, times)?;
+    rows.push(Row::new(
+        "baseline",
+        "d2d copy, L2-resident (16 back to back)",
+        "8 MiB",
+        &l2,
+        (2 * bytes * times) as f64,
         0.0,
         c,
     ));
