@@ -9,6 +9,7 @@
 //                                                        no pass over y but the one writing it
 //   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; sm_90a only)
 //   lora_backward_dx_wgmma  lora_backward_dx on wgmma, as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ
+//   (_nf4 kernels: the same over an NF4 base, dequantized into the tiles: nf4.cuh)
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
 //                                                        registers, then the base segment
