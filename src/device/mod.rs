@@ -71,9 +71,21 @@ impl LaunchConfig {
         }
     }
 
-    /// The grid of the Hopper GEMM (`cuda/include/wgmma.cuh`): `x` by `y` blocks of its
-    /// tiles, with its dynamic shared memory.
-    pub fn wgmma_tiles(x: usize, y: usize) -> Self {
+    /// The grid of the Hopper GEMM (`cuda/include/wgmma.cuh`) for an `m × n` output, with
+    /// its dynamic shared memory: tiles of `FK_WGMMA_TILE_M` rows by `FK_WGMMA_TILE_N`
+    /// columns, x over the columns; or (`transposed`, a dX computed as dXᵀ `[n, m]`) tiles of
+    /// dXᵀ, x over dX's columns (`TILE_M` each), y over its rows (`TILE_N`), so that the blocks
+    /// running together share dY's rows.
+    pub fn wgmma(m: usize, n: usize, transposed: bool) -> Self {
+        let (tm, tn) = (
+            crate::params::FK_WGMMA_TILE_M as usize,
+            crate::params::FK_WGMMA_TILE_N as usize,
+        );
+        let (x, y) = if transposed {
+            (n.div_ceil(tm), m.div_ceil(tn))
+        } else {
+            (n.div_ceil(tn), m.div_ceil(tm))
+        };
         LaunchConfig {
             grid: (x as u32, y as u32, 1),
             block: (crate::params::FK_WGMMA_THREADS, 1, 1),

@@ -442,13 +442,23 @@ impl<T: FloatElem> LoraLinear<T> {
         check_device(self.device(), buf)
     }
 
-    fn suffix(&self) -> String {
-        format!("{}{}", self.nf4_prefix(), T::DTYPE)
-    }
-
-    /// The wgmma kernels' suffix: `[nf4_]wgmma_<dtype>`.
-    fn wgmma_suffix(&self) -> String {
-        format!("{}wgmma_{}", self.nf4_prefix(), T::DTYPE)
+    /// The fused paths' base GEMM `op` (`forward`, or `backward_dx`: computed as dXᵀ on
+    /// wgmma) for `m` rows and an `n`-wide output: its kernel and launch.
+    fn base_gemm(&self, op: &str, m: usize, n: usize) -> (Kernel, LaunchConfig) {
+        let nf4 = self.nf4_prefix();
+        let t = T::DTYPE;
+        if self.path == LoraPath::FusedWgmma {
+            let transposed = op == "backward_dx";
+            (
+                kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
+                LaunchConfig::wgmma(m, n, transposed),
+            )
+        } else {
+            (
+                kernel(format!("lora_{op}_{nf4}{t}")),
+                LaunchConfig::tiles(m, n, 1),
+            )
+        }
     }
 
     /// `nf4_` for the fused kernels that decode an NF4 base in their tiles.
@@ -489,25 +499,13 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
                 let _scratch = self.scratch_base(&mut p)?;
-                let (name, cfg) = if self.path == LoraPath::FusedWgmma {
-                    // x over y's columns (TILE_N), y over its rows (TILE_M).
-                    let cfg = LaunchConfig::wgmma_tiles(
-                        self.d_out.div_ceil(params::FK_WGMMA_TILE_N as usize),
-                        m.div_ceil(params::FK_WGMMA_TILE_M as usize),
-                    );
-                    (format!("lora_forward_{}", self.wgmma_suffix()), cfg)
-                } else {
-                    (
-                        format!("lora_forward_{}", self.suffix()),
-                        LaunchConfig::tiles(m, self.d_out, 1),
-                    )
-                };
+                let (name, cfg) = self.base_gemm("forward", m, self.d_out);
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
                 // the layer's own buffers were checked by params(), a scratch base is
                 // [out, in] and lives past the launch. The wgmma kernel runs only
                 // where has_wgmma (with_path).
                 unsafe {
-                    dev.launch(&kernel(name), cfg, &p)?;
+                    dev.launch(&name, cfg, &p)?;
                 }
             }
             LoraPath::Extended => {
@@ -667,25 +665,13 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
                 let _scratch = self.scratch_base(&mut p)?;
-                // The wgmma path's tiles are of dXᵀ [in, m].
-                let (name, cfg) = if self.path == LoraPath::FusedWgmma {
-                    // x over dX's columns (TILE_M of dXᵀ's rows), y over its rows.
-                    let cfg = LaunchConfig::wgmma_tiles(
-                        self.d_in.div_ceil(params::FK_WGMMA_TILE_M as usize),
-                        m.div_ceil(params::FK_WGMMA_TILE_N as usize),
-                    );
-                    (format!("lora_backward_dx_{}", self.wgmma_suffix()), cfg)
-                } else {
-                    (
-                        format!("lora_backward_dx_{}", self.suffix()),
-                        LaunchConfig::tiles(m, self.d_in, 1),
-                    )
-                };
+                let (name, cfg) = self.base_gemm("backward_dx", m, self.d_in);
                 // SAFETY: every buffer in p was checked or sized above (a scratch base is
-                // [out, in] and lives past the launch); the kernels only read u (passed through the mutable field of the shared params struct). The wgmma
-                // kernel runs only where has_wgmma (with_path).
+                // [out, in] and lives past the launch); the kernels only read u (passed
+                // through the mutable field of the shared params struct). The wgmma kernel
+                // runs only where has_wgmma (with_path).
                 unsafe {
-                    dev.launch(&kernel(name), cfg, &p)?;
+                    dev.launch(&name, cfg, &p)?;
                 }
             }
             LoraPath::Extended => {

@@ -452,23 +452,8 @@ fn fused_launch(
             )
         }
         MatmulPath::FusedGemmWgmma => {
-            let (wgmma_m, wgmma_n) = (
-                params::FK_WGMMA_TILE_M as usize,
-                params::FK_WGMMA_TILE_N as usize,
-            );
-            // Forward: x over y's columns (W's rows), y over its rows; backward: tiles of
-            // dXᵀ, x over dX's columns (W's), y over its rows.
-            let cfg = if forward {
-                LaunchConfig::wgmma_tiles(
-                    (rows as usize).div_ceil(wgmma_n),
-                    (m as usize).div_ceil(wgmma_m),
-                )
-            } else {
-                LaunchConfig::wgmma_tiles(
-                    (cols as usize).div_ceil(wgmma_m),
-                    (m as usize).div_ceil(wgmma_n),
-                )
-            };
+            let n_out = if forward { rows } else { cols };
+            let cfg = LaunchConfig::wgmma(m as usize, n_out as usize, !forward);
             (kernel(path.label(forward, act)), cfg)
         }
         // (Dequantize + cuBLAS launches no fused kernel; its callers never ask.)
