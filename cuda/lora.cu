@@ -163,16 +163,24 @@ FK_DEVICE void forward(const LoraParams& p) {
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
 }
 
+// The tensor map of operand `bit` (FK_LORA_TMA_*) where the host encoded one, for a TMA
+// load; null otherwise (cp.async). `p` is the kernel's __grid_constant__ params.
+FK_DEVICE const FkTensorMap* tma_map(const LoraParams& p, uint32_t bit, const FkTensorMap& map) {
+  return p.tma & bit ? &map : nullptr;
+}
+
 // The base weight as a wgmma.cuh operand, dense or NF4: the forward's B (kAlongK: W's rows
 // from n0, K = d_in) or dX's A (W's columns from n0, K = d_out).
 template <typename T, bool Nf4, bool kAlongK>
 FK_DEVICE auto wgmma_weight(const LoraParams& p, uint32_t n0) {
   const uint32_t k_len = kAlongK ? p.d_in : p.d_out;
+  const uint64_t ld = p.w_ld ? p.w_ld : p.d_in;
   if constexpr (Nf4) {
     return Nf4Operand<T, kAlongK>{with_shared_map(p.nf4), shared_code_table(), n0, k_len};
+  } else if constexpr (kAlongK) {
+    return wgmma::Rows<T>{{as<T>(p.w), ld, n0, p.d_out, k_len}, tma_map(p, FK_LORA_TMA_W, p.w_map)};
   } else {
-    using Operand = std::conditional_t<kAlongK, wgmma::Rows<T>, wgmma::Columns<T>>;
-    return Operand{{as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, n0, kAlongK ? p.d_out : p.d_in, k_len}};
+    return wgmma::Columns<T>{{as<T>(p.w), ld, n0, p.d_in, k_len}};
   }
 }
 
@@ -180,9 +188,10 @@ FK_DEVICE auto wgmma_weight(const LoraParams& p, uint32_t n0) {
 template <typename T, bool Nf4>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
   const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
-  auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, m0, p.m, p.rank}},
-                             wgmma::Rows<T>{{as<T>(p.b), p.rank, n0, p.d_out, p.rank}});
-  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}}, wgmma_weight<T, Nf4, true>(p, n0));
+  auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, m0, p.m, p.rank}, tma_map(p, FK_LORA_TMA_U, p.u_map)},
+                             wgmma::Rows<T>{{as<T>(p.b), p.rank, n0, p.d_out, p.rank}, tma_map(p, FK_LORA_TMA_B, p.b_map)});
+  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, tma_map(p, FK_LORA_TMA_X, p.x_map)},
+                             wgmma_weight<T, Nf4, true>(p, n0));
   wgmma::Accumulators acc = {};
   wgmma::run<T>(acc, dyn_smem<unsigned char>(), lora, base);
   store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
@@ -225,10 +234,10 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   auto w = wgmma_weight<T, Nf4, false>(p, n0);  // before the runs: NF4's tables are filled by the whole block
   wgmma::Accumulators acc = {};
   auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank}},
-                             wgmma::Rows<T>{{as<T>(p.v), p.rank, m0, p.m, p.rank}});
+                             wgmma::Rows<T>{{as<T>(p.v), p.rank, m0, p.m, p.rank}, tma_map(p, FK_LORA_TMA_V, p.v_map)});
   wgmma::run<T>(acc, smem, lora);
   if (p.dropout > 0.0f) mask_dx_tile(acc, smem, p, n0, m0);
-  auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}});
+  auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}, tma_map(p, FK_LORA_TMA_DY, p.dy_map)});
   wgmma::run<T>(acc, smem, base);
   wgmma::store_transposed(acc, static_cast<T*>(p.dx), p.d_in, n0, m0, p.d_in, p.m);
 }
@@ -407,10 +416,10 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_REGS(lora_down_##t, LoraParams, kThreads, 176) { down<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
-  FK_KERNEL_BOUNDS(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, false>(p); } \
-  FK_KERNEL_BOUNDS(lora_forward_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, true>(p); } \
-  FK_KERNEL_BOUNDS(lora_backward_dx_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, false>(p); } \
-  FK_KERNEL_BOUNDS(lora_backward_dx_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, true>(p); } \
+  FK_KERNEL_TMA(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, false>(p); } \
+  FK_KERNEL_TMA(lora_forward_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, true>(p); } \
+  FK_KERNEL_TMA(lora_backward_dx_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, false>(p); } \
+  FK_KERNEL_TMA(lora_backward_dx_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, true>(p); } \
   FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \
   FK_KERNEL_BOUNDS(lora_backward_dx_##t, LoraParams, kThreads) { backward_dx<T, false>(p); }     \
   FK_KERNEL_BOUNDS(lora_backward_dx_nf4_##t, LoraParams, kThreads) { backward_dx<T, true>(p); }  \

@@ -10,11 +10,17 @@ pub const FK_WGMMA_TILE_M: u32 = 128;
 pub const FK_WGMMA_TILE_N: u32 = 256;
 pub const FK_WGMMA_THREADS: u32 = 256;
 pub const FK_WGMMA_STAGES: u32 = 4;
-pub const FK_WGMMA_SMEM_BYTES: u32 = 201728;
+pub const FK_WGMMA_SMEM_BYTES: u32 = 201792;
 pub const FK_NF4_NESTED_BLOCKSIZE: u32 = 256;
 pub const FK_NF4_MEAN_CHUNK: u32 = 1024;
 pub const FK_NF4_GEMV_MMA_ROWS: u32 = 16;
 pub const FK_NF4_GEMV_MMA_THREADS: u32 = 256;
+pub const FK_LORA_TMA_X: u32 = 1;
+pub const FK_LORA_TMA_W: u32 = 2;
+pub const FK_LORA_TMA_U: u32 = 4;
+pub const FK_LORA_TMA_B: u32 = 8;
+pub const FK_LORA_TMA_DY: u32 = 16;
+pub const FK_LORA_TMA_V: u32 = 32;
 pub const FK_REGDUMP_LDMATRIX_VARIANTS: u32 = 6;
 pub const FK_REGDUMP_MMA_IN: u32 = 10;
 pub const FK_REGDUMP_CVT_IN: u32 = 2;
@@ -30,6 +36,7 @@ pub const FK_EMU_FORMAT_BF16: u32 = 0;
 pub const FK_EMU_FORMAT_F16: u32 = 1;
 pub const FK_EMU_FORMAT_E4M3: u32 = 2;
 pub const FK_EMU_FORMAT_E5M2: u32 = 3;
+pub const FK_EMU_TENSOR_MAP_MAGIC: u64 = 8097873943252397669;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4Weight {
@@ -202,6 +209,28 @@ impl Default for Nf4MatmulParams {
     }
 }
 #[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct FkTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FkTensorMap"][::core::mem::size_of::<FkTensorMap>() - 128usize];
+    ["Alignment of FkTensorMap"][::core::mem::align_of::<FkTensorMap>() - 64usize];
+    ["Offset of field: FkTensorMap::opaque"][::core::mem::offset_of!(FkTensorMap, opaque) - 0usize];
+};
+impl Default for FkTensorMap {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
 pub struct LoraParams {
     pub m: u32,
@@ -235,11 +264,19 @@ pub struct LoraParams {
     pub dy_ld: u64,
     pub rank_partials: *mut f32,
     pub k_splits: u32,
+    pub tma: u32,
+    pub __bindgen_padding_0: [u64; 5usize],
+    pub x_map: FkTensorMap,
+    pub w_map: FkTensorMap,
+    pub u_map: FkTensorMap,
+    pub b_map: FkTensorMap,
+    pub dy_map: FkTensorMap,
+    pub v_map: FkTensorMap,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 280usize];
-    ["Alignment of LoraParams"][::core::mem::align_of::<LoraParams>() - 8usize];
+    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 1088usize];
+    ["Alignment of LoraParams"][::core::mem::align_of::<LoraParams>() - 64usize];
     ["Offset of field: LoraParams::m"][::core::mem::offset_of!(LoraParams, m) - 0usize];
     ["Offset of field: LoraParams::d_in"][::core::mem::offset_of!(LoraParams, d_in) - 4usize];
     ["Offset of field: LoraParams::d_out"][::core::mem::offset_of!(LoraParams, d_out) - 8usize];
@@ -275,6 +312,13 @@ const _: () = {
         [::core::mem::offset_of!(LoraParams, rank_partials) - 264usize];
     ["Offset of field: LoraParams::k_splits"]
         [::core::mem::offset_of!(LoraParams, k_splits) - 272usize];
+    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 276usize];
+    ["Offset of field: LoraParams::x_map"][::core::mem::offset_of!(LoraParams, x_map) - 320usize];
+    ["Offset of field: LoraParams::w_map"][::core::mem::offset_of!(LoraParams, w_map) - 448usize];
+    ["Offset of field: LoraParams::u_map"][::core::mem::offset_of!(LoraParams, u_map) - 576usize];
+    ["Offset of field: LoraParams::b_map"][::core::mem::offset_of!(LoraParams, b_map) - 704usize];
+    ["Offset of field: LoraParams::dy_map"][::core::mem::offset_of!(LoraParams, dy_map) - 832usize];
+    ["Offset of field: LoraParams::v_map"][::core::mem::offset_of!(LoraParams, v_map) - 960usize];
 };
 impl Default for LoraParams {
     fn default() -> Self {
@@ -573,6 +617,36 @@ const _: () = {
         [::core::mem::offset_of!(FkEmuOptions, rcp_approx_ftz) - 24usize];
 };
 #[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct FkEmuTensorMap {
+    pub magic: u64,
+    pub base: u64,
+    pub dims: [u64; 2usize],
+    pub row_stride: u64,
+    pub box_: [u32; 2usize],
+    pub elem_bytes: u32,
+    pub swizzle_128b: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FkEmuTensorMap"][::core::mem::size_of::<FkEmuTensorMap>() - 56usize];
+    ["Alignment of FkEmuTensorMap"][::core::mem::align_of::<FkEmuTensorMap>() - 8usize];
+    ["Offset of field: FkEmuTensorMap::magic"]
+        [::core::mem::offset_of!(FkEmuTensorMap, magic) - 0usize];
+    ["Offset of field: FkEmuTensorMap::base"]
+        [::core::mem::offset_of!(FkEmuTensorMap, base) - 8usize];
+    ["Offset of field: FkEmuTensorMap::dims"]
+        [::core::mem::offset_of!(FkEmuTensorMap, dims) - 16usize];
+    ["Offset of field: FkEmuTensorMap::row_stride"]
+        [::core::mem::offset_of!(FkEmuTensorMap, row_stride) - 32usize];
+    ["Offset of field: FkEmuTensorMap::box_"]
+        [::core::mem::offset_of!(FkEmuTensorMap, box_) - 40usize];
+    ["Offset of field: FkEmuTensorMap::elem_bytes"]
+        [::core::mem::offset_of!(FkEmuTensorMap, elem_bytes) - 48usize];
+    ["Offset of field: FkEmuTensorMap::swizzle_128b"]
+        [::core::mem::offset_of!(FkEmuTensorMap, swizzle_128b) - 52usize];
+};
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct EmuTestParams {
     pub out: *mut f32,
@@ -588,6 +662,43 @@ const _: () = {
     ["Offset of field: EmuTestParams::n"][::core::mem::offset_of!(EmuTestParams, n) - 16usize];
 };
 impl Default for EmuTestParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct EmuTmaTestParams {
+    pub map: FkTensorMap,
+    pub out: *mut u16,
+    pub c0: i32,
+    pub c1: i32,
+    pub box_elems: u32,
+    pub boxes: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of EmuTmaTestParams"][::core::mem::size_of::<EmuTmaTestParams>() - 192usize];
+    ["Alignment of EmuTmaTestParams"][::core::mem::align_of::<EmuTmaTestParams>() - 64usize];
+    ["Offset of field: EmuTmaTestParams::map"]
+        [::core::mem::offset_of!(EmuTmaTestParams, map) - 0usize];
+    ["Offset of field: EmuTmaTestParams::out"]
+        [::core::mem::offset_of!(EmuTmaTestParams, out) - 128usize];
+    ["Offset of field: EmuTmaTestParams::c0"]
+        [::core::mem::offset_of!(EmuTmaTestParams, c0) - 136usize];
+    ["Offset of field: EmuTmaTestParams::c1"]
+        [::core::mem::offset_of!(EmuTmaTestParams, c1) - 140usize];
+    ["Offset of field: EmuTmaTestParams::box_elems"]
+        [::core::mem::offset_of!(EmuTmaTestParams, box_elems) - 144usize];
+    ["Offset of field: EmuTmaTestParams::boxes"]
+        [::core::mem::offset_of!(EmuTmaTestParams, boxes) - 148usize];
+};
+impl Default for EmuTmaTestParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

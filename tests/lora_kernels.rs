@@ -4,7 +4,7 @@
 
 use finetune_kernels::check::lora::{self as check, paths, Case};
 use finetune_kernels::check::CheckRow;
-use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode};
+use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads};
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
 use finetune_kernels::testing::{backends, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
@@ -24,13 +24,14 @@ proptest! {
     fn forward_and_backward_match_the_reference(
         seed in any::<u64>(), m in 1usize..150, d_in in 1usize..150, d_out in 1usize..150, rank in 1usize..40,
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
-        scratch in any::<bool>(),
+        scratch in any::<bool>(), cp_async in any::<bool>(),
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)],
     ) {
-                for dev in backends() {
+        for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, nf4_decode, timed: false, path: Some(path), k_splits };
+                let tile_loads = if cp_async { TileLoads::CpAsync } else { TileLoads::Tma };
+                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, nf4_decode, tile_loads, timed: false, path: Some(path), k_splits };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -96,26 +97,30 @@ fn aligned_shapes_large_ranks_and_many_splits() {
 }
 
 /// The wgmma path's forward and dX past their pipeline's depth (K steps of 64 that reuse
-/// every stage several times), with partial row and column tiles, through cp.async (rows a
-/// multiple of 8 elements) and through plain loads (odd widths and ranks); over an NF4 base,
-/// both its decoders (runs of 16 when `in` is a multiple of 16, any shape otherwise).
+/// every stage several times), with partial row and column tiles, through TMA (rows a
+/// multiple of 8 elements: the operands of the first, third and fourth shapes but dY of
+/// widths 300 and 1100), cp.async (the third shape again, with TMA off) and plain loads (odd
+/// widths and ranks); over an NF4 base, both its decoders (runs of 16 when `in` is a multiple
+/// of 16, any shape otherwise).
 #[test]
 fn wgmma_path_over_many_stages() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
-        for (m, d_in, d_out, rank, dropout, bias, nf4) in [
-            (140, 1000, 300, 16, 0.1, true, false),
-            (131, 777, 263, 13, 0.0, false, false),
-            (5, 2048, 256, 64, 0.0, true, false),
-            (300, 136, 1100, 8, 0.2, false, false),
-            (140, 1008, 300, 16, 0.1, true, true),
-            (131, 777, 263, 13, 0.0, false, true),
-            (5, 2048, 256, 64, 0.0, true, true),
-            (300, 144, 1100, 8, 0.2, false, true),
+        for (m, d_in, d_out, rank, dropout, bias, nf4, tile_loads) in [
+            (140, 1000, 300, 16, 0.1, true, false, TileLoads::Tma),
+            (131, 777, 263, 13, 0.0, false, false, TileLoads::Tma),
+            (5, 2048, 256, 64, 0.0, true, false, TileLoads::Tma),
+            (5, 2048, 256, 64, 0.0, true, false, TileLoads::CpAsync),
+            (300, 136, 1100, 8, 0.2, false, false, TileLoads::Tma),
+            (140, 1008, 300, 16, 0.1, true, true, TileLoads::Tma),
+            (131, 777, 263, 13, 0.0, false, true, TileLoads::Tma),
+            (5, 2048, 256, 64, 0.0, true, true, TileLoads::CpAsync),
+            (300, 144, 1100, 8, 0.2, false, true, TileLoads::Tma),
         ] {
             let c = Case {
                 dropout,
                 bias,
                 nf4,
+                tile_loads,
                 path: Some(LoraPath::FusedWgmma),
                 ..Case::new(rand::random(), m, d_in, d_out, rank)
             };
@@ -123,6 +128,58 @@ fn wgmma_path_over_many_stages() {
             assert_pass(check::forward::<f16>(&dev, c));
             assert_pass(check::backward::<bf16>(&dev, c));
         }
+    }
+}
+
+/// TMA and cp.async bring the same tiles: the wgmma path's outputs agree bit for bit with
+/// either (the same wgmmas in the same order over the same values), at a shape whose every
+/// operand TMA loads, with partial tiles in every direction. On a GPU this is what shows that
+/// the tensor maps mean to the driver what they mean to the emulator.
+#[test]
+fn tma_and_cp_async_load_the_same_tiles() {
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let (m, d_in, d_out, rank) = (136, 584, 264, 24);
+        let config = LoraConfig {
+            rank,
+            alpha: 16.0,
+            use_rslora: false,
+            dropout: 0.1,
+            seed: rand::random(),
+        };
+        let w = dev
+            .upload(&random_vec::<bf16>(&mut rng, d_out * d_in, 0.1))
+            .unwrap();
+        let a = random_vec::<bf16>(&mut rng, rank * d_in, 0.1);
+        let b = random_vec::<bf16>(&mut rng, d_out * rank, 0.1);
+        let x = dev
+            .upload(&random_vec::<bf16>(&mut rng, m * d_in, 1.0))
+            .unwrap();
+        let dy = dev
+            .upload(&random_vec::<bf16>(&mut rng, m * d_out, 1.0))
+            .unwrap();
+        let layer = LoraLinear::new(
+            LoraBase::Dense(w),
+            None,
+            dev.upload(&a).unwrap(),
+            dev.upload(&b).unwrap(),
+            config,
+        )
+        .unwrap()
+        .with_path(LoraPath::FusedWgmma)
+        .unwrap();
+        let run = |layer: &LoraLinear<bf16>| {
+            let (y, saved) = layer.forward(&x, m).unwrap();
+            let dx = layer.backward(&x, &saved, &dy).unwrap().dx;
+            (y.to_host().unwrap(), dx.to_host().unwrap())
+        };
+        let layer = layer.with_tile_loads(TileLoads::Tma);
+        let (y_tma, dx_tma) = run(&layer);
+        let (y_cp, dx_cp) = run(&layer.with_tile_loads(TileLoads::CpAsync));
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y_tma), bits(&y_cp), "forward on {dev:?}");
+        assert_eq!(bits(&dx_tma), bits(&dx_cp), "dX on {dev:?}");
+        assert!(y_tma.iter().all(|v| v.to_f32().is_finite()));
     }
 }
 

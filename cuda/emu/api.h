@@ -23,6 +23,22 @@ typedef struct FkEmuOptions {
   float (*rcp_approx_ftz)(float);
 } FkEmuOptions;
 
+/* A tensor map as the emulator's TMA reads it, in an FkTensorMap's 128 bytes (written by
+ * src/device/tma.rs, which checks what cuTensorMapEncodeTiled would): a 2-D matrix of
+ * `elem_bytes`-wide elements, dims[0] along a row (contiguous), dims[1] rows, rows
+ * `row_stride` bytes apart; a load copies a box[0] × box[1] tile, zeros outside the matrix,
+ * in the 128-byte swizzle when `swizzle_128b`. */
+#define FK_EMU_TENSOR_MAP_MAGIC 0x70616D726F736E65ull /* "ensormap" */
+typedef struct FkEmuTensorMap {
+  uint64_t magic; /* FK_EMU_TENSOR_MAP_MAGIC: encoded */
+  uint64_t base;  /* the matrix's address */
+  uint64_t dims[2];
+  uint64_t row_stride;
+  uint32_t box[2];
+  uint32_t elem_bytes;
+  uint32_t swizzle_128b;
+} FkEmuTensorMap;
+
 #ifdef __cplusplus
 extern "C" {
 #endif

@@ -120,6 +120,7 @@ inline T shfl(Site site, WarpOp op, unsigned mask, T var, int arg, int width = w
   static ::fk_emu::Registrar name##_fk_registrar(#name, &name##_fk_entry, sizeof(Params), threads); \
   static void name##_fk_body(const Params p)
 #define FK_KERNEL(name, Params) FK_KERNEL_BOUNDS(name, Params, 1024)
+#define FK_KERNEL_TMA(name, Params, threads) FK_KERNEL_BOUNDS(name, Params, threads)
 #define FK_KERNEL_REGS(name, Params, threads, regs) FK_KERNEL_BOUNDS(name, Params, threads)
 
 // ---- synchronization --------------------------------------------------------------------
@@ -244,3 +245,10 @@ void fk_emu_cp_async_wait(int pending);
 void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type);
 void fk_emu_wgmma_commit();
 void fk_emu_wgmma_wait(int pending);
+// mbarrier and TMA (tma.cpp): a TMA load lands when a wait on its barrier's phase finds no
+// thread left to run, so a read of its tile before that wait sees the poison put there at issue.
+void fk_emu_mbarrier_init(uint64_t* bar, uint32_t arrivals);
+void fk_emu_mbarrier_inval(uint64_t* bar);
+void fk_emu_mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes);
+void fk_emu_mbarrier_wait(uint64_t* bar, uint32_t parity);
+void fk_emu_tma_load_2d(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar);

@@ -105,6 +105,7 @@ struct Block {
   float (*rcp_approx_ftz)(float) = nullptr;
   // FK_SHARED storage, by declaration: created at first use, dropped at the next block.
   std::map<const void*, std::vector<unsigned char>> shared;
+  std::map<const void*, MBarrier> mbarriers;
 };
 
 thread_local Block* t_block = nullptr;
@@ -245,6 +246,14 @@ std::string describe(const Fiber& f) {
     case State::ready: o << "runnable"; break;
     case State::exited: o << "exited"; break;
     case State::block_wait: o << "waiting at __syncthreads " << f.site.file << ":" << f.site.line; break;
+    case State::mbarrier_wait: {
+      o << "waiting on the mbarrier at " << f.address << " for its phase of parity " << f.parity;
+      const auto it = t_block->mbarriers.find(f.address);
+      if (it == t_block->mbarriers.end()) o << " (not initialized)";
+      else o << " (" << it->second.phase << " phases done; " << it->second.pending << " arrivals and "
+             << it->second.tx << " bytes pending)";
+      break;
+    }
     case State::warp_wait:
       o << "waiting at " << op_name(f.op) << " " << f.site.file << ":" << f.site.line << " mask 0x" << std::hex << f.mask;
       break;
@@ -415,6 +424,17 @@ bool release_block_barrier(Block& b, bool* released) {
   return true;
 }
 
+// Releases every thread waiting on an mbarrier whose phase can complete, landing its TMA
+// loads: only now, when no thread can run, so that a tile read before its wait is poison.
+void release_mbarriers(Block& b, bool* released) {
+  for (Fiber& f : b.fibers) {
+    if (f.state != State::mbarrier_wait || !mbarrier_passed(f.address, f.parity, true)) continue;
+    f.state = State::ready;
+    b.ready.add(f.linear);
+    *released = true;
+  }
+}
+
 // Runs one block to completion. Returns false with b.error set on a kernel bug.
 bool run_block(Block& b, size_t stack_size) {
   std::vector<void*> stacks;
@@ -449,12 +469,18 @@ bool run_block(Block& b, size_t stack_size) {
       continue;
     }
     bool all_exited = std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::exited; });
-    if (all_exited) break;
+    if (all_exited) {
+      for (const auto& [bar, m] : b.mbarriers)
+        if (!m.loads.empty()) block_error(b, "the block ended with TMA loads no thread waited for");
+      ok = b.error.empty();
+      break;
+    }
     bool released = false;
     if (!release_warps(b, &released) || (!released && !release_block_barrier(b, &released))) {
       ok = false;
       break;
     }
+    if (!released) release_mbarriers(b, &released);
     if (!released) {
       block_error(b, "deadlock: no thread can run and no barrier can release");
       ok = false;
@@ -502,6 +528,27 @@ void* block_shared(const void* key, size_t bytes) {
   f.state = State::exited;
   yield(true);
   __builtin_unreachable();
+}
+
+std::map<const void*, MBarrier>& block_mbarriers() { return t_block->mbarriers; }
+
+bool in_block_shared(const void* p, size_t bytes) {
+  const auto inside = [&](const std::vector<unsigned char>& s) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    return c >= s.data() && c + bytes <= s.data() + s.size();
+  };
+  if (inside(t_block->smem)) return true;
+  for (const auto& [key, s] : t_block->shared)
+    if (inside(s)) return true;
+  return false;
+}
+
+void wait_for_mbarrier(const void* bar, uint32_t parity) {
+  Fiber* f = t_fiber;
+  f->state = State::mbarrier_wait;
+  f->address = bar;
+  f->parity = parity;
+  yield();
 }
 
 int block_barrier(Site site, BarrierKind kind, int pred) {
@@ -599,6 +646,7 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
         b.fibers[t].tid = uint3{t % block[0], t / block[0] % block[1], t / block[0] / block[1]}, b.fibers[t].linear = t;
       b.smem.assign(dynamic_smem, 0xFF);  // poison: NaN in every float type
       b.shared.clear();                   // FK_SHARED storage: fresh poison at first use
+      b.mbarriers.clear();
       b.error.clear();
       b.rng.seed(splitmix(opt.seed ^ splitmix(id)));
       if (!run_block(b, stack_size)) {

@@ -2,14 +2,16 @@
 // barriers) and tensor.cpp (ldmatrix, mma, cp.async). Not included by kernels.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "../include/compat.cuh"
+#include "api.h"
 
 namespace fk_emu {
 
-enum class State { ready, block_wait, warp_wait, exited };
+enum class State { ready, block_wait, warp_wait, mbarrier_wait, exited };
 
 struct AsyncCopy {
   void* dst;
@@ -55,6 +57,23 @@ struct AsyncMma {
   uint32_t a_bits[4];
 };
 
+// A TMA load issued on an mbarrier, made when the barrier's phase is released (tma.cpp).
+struct TmaLoad {
+  unsigned char* dst;
+  FkEmuTensorMap map;
+  int32_t c0, c1;
+};
+
+// An mbarrier's state (PTX ISA: phase, pending arrivals, tx-count), kept beside the 8 bytes
+// of shared memory that name it (which hold a pattern the emulator checks is not overwritten).
+struct MBarrier {
+  uint32_t expected = 0;  // arrivals per phase
+  uint32_t pending = 0;   // arrivals still to come in this phase
+  int64_t tx = 0;         // bytes announced and not yet landed
+  uint64_t phase = 0;     // completed phases
+  std::vector<TmaLoad> loads;  // issued in this phase, not landed yet
+};
+
 // One GPU thread.
 struct Fiber {
   void* sp = nullptr;   // saved stack pointer while switched out
@@ -79,6 +98,8 @@ struct Fiber {
   uint32_t regs_out[4] = {};
   // wgmma with A from registers: the rows lane/4 and lane/4 + 8 of the warp's A, gathered.
   float wgmma_a[2][16] = {};
+  // The mbarrier (in `address`) and parity it waits on, in State::mbarrier_wait.
+  uint32_t parity = 0;
   // cp.async copies, made when a wait lets their group go; wgmmas likewise.
   AsyncGroups<AsyncCopy> copies;
   AsyncGroups<AsyncMma> mmas;
@@ -86,6 +107,17 @@ struct Fiber {
 
 // The fiber running now on this OS thread.
 Fiber* current_fiber();
+
+// The running block's mbarriers by address, and whether [p, p + bytes) lies in its shared
+// memory (dynamic or FK_SHARED).
+std::map<const void*, MBarrier>& block_mbarriers();
+bool in_block_shared(const void* p, size_t bytes);
+// Blocks the running thread in State::mbarrier_wait until the scheduler releases it.
+void wait_for_mbarrier(const void* bar, uint32_t parity);
+// Whether the phase of parity `parity` of `bar` has completed; with `land`, first lands the
+// barrier's TMA loads and completes its phase if nothing else is pending (the scheduler,
+// once no thread can run). Fails the thread on a bug.
+bool mbarrier_passed(const void* bar, uint32_t parity, bool land);
 
 // Warp-wide computations the scheduler runs once every lane has arrived (tensor.cpp).
 // `lanes[l]` is lane l's fiber.

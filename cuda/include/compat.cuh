@@ -20,6 +20,12 @@ using fk_type = T;
 #define FK_KERNEL(name, Params) extern "C" __global__ void name(const Params p)
 #define FK_KERNEL_BOUNDS(name, Params, threads) \
   extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+// FK_KERNEL_BOUNDS for a kernel whose params hold TMA tensor maps: __grid_constant__, read in
+// place in parameter space, so a map's address is a parameter-space one, as TMA wants. (Not
+// on every kernel: a kernel that passes a params field by reference then reads it through a
+// generic pointer, which cost the NF4 GEMV a spill.)
+#define FK_KERNEL_TMA(name, Params, threads) \
+  extern "C" __global__ void __launch_bounds__(threads) name(const __grid_constant__ Params p)
 // A kernel with an explicit register budget instead (CUDA allows __maxnreg__ or
 // __launch_bounds__, not both): under __launch_bounds__(256) ptxas may squeeze a tile GEMM
 // into 128 registers for a second block per SM, spilling to get there.

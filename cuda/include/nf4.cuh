@@ -215,7 +215,10 @@ struct Nf4Operand {
   }
 
   template <int kRows>
-  FK_DEVICE void issue(uint4*, uint32_t k0) {
+  FK_DEVICE uint32_t tma_bytes() const { return 0; }
+
+  template <int kRows>
+  FK_DEVICE void issue(uint4*, uint32_t k0, uint64_t*) {
     if (!fast) return;
     valid = 0;
 #pragma unroll

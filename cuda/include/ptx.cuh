@@ -4,6 +4,7 @@
 // the PTX ISA fragment layouts (../shared/reference/ptx-fragments.md in the design notes).
 #pragma once
 #include "compat.cuh"
+#include "../params/tma.h"
 
 #if defined(__CUDA_ARCH__)
 #define FK_PTX 1
@@ -495,4 +496,86 @@ FK_DEVICE uint32_t shared_align_1024(const void* p) {
   const uint32_t a = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p));
 #endif
   return (1024 - (a & 1023)) & 1023;
+}
+
+// ---- mbarrier and TMA (sm_90): tiles copied by the tensor memory accelerator ------------
+//
+// An mbarrier (8 bytes of shared memory) completes a phase once its expected arrivals have
+// arrived and the bytes announced with them (expect_tx) have landed; a TMA load counts its
+// bytes off the barrier it names as they land. Phases are told apart by parity: waiting on
+// parity p returns once the phase of that parity has completed.
+
+FK_DEVICE void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+#if FK_PTX && FK_HAS_WGMMA
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(b), "r"(arrivals) : "memory");
+#elif FK_EMU_PTX
+  fk_emu_mbarrier_init(bar, arrivals);
+#endif
+}
+
+// Ends the barrier's life: required before its memory is initialized again.
+FK_DEVICE void mbarrier_inval(uint64_t* bar) {
+#if FK_PTX && FK_HAS_WGMMA
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(b) : "memory");
+#elif FK_EMU_PTX
+  fk_emu_mbarrier_inval(bar);
+#endif
+}
+
+// Makes initialized barriers visible to the async proxy (the TMA unit); a barrier follows.
+FK_DEVICE void fence_mbarrier_init() {
+#if FK_PTX && FK_HAS_WGMMA
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// One arrival, announcing `bytes` more to land in the current phase.
+FK_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if FK_PTX && FK_HAS_WGMMA
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(b), "r"(bytes) : "memory");
+#elif FK_EMU_PTX
+  fk_emu_mbarrier_arrive_expect_tx(bar, bytes);
+#endif
+}
+
+// Waits until the phase of parity `parity` has completed; what landed in it is visible after.
+// A phase that never completes (a byte count that does not match the loads) traps after
+// 2^32 cycles (seconds; a load takes microseconds) rather than hang the GPU.
+FK_DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#if FK_PTX && FK_HAS_WGMMA
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  const auto try_wait = [&] {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(b), "r"(parity) : "memory");
+    return done != 0;
+  };
+  if (try_wait()) return;
+  const long long start = clock64();
+  while (!try_wait())
+    if (clock64() - start > (1ll << 32)) __trap();
+#elif FK_EMU_PTX
+  fk_emu_mbarrier_wait(bar, parity);
+#endif
+}
+
+// Copies the box at coordinates (c0 along a row, c1 rows) of the matrix `map` describes
+// (zeros outside it) to `dst` (shared memory, 128-byte aligned; 1024 for a swizzled map),
+// counting its bytes off `bar`. `map` is in parameter space (a __grid_constant__ params
+// struct's field).
+FK_DEVICE void tma_load_2d(void* dst, const FkTensorMap* map, int32_t c0, int32_t c1, uint64_t* bar) {
+#if FK_PTX && FK_HAS_WGMMA
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(d),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(b)
+      : "memory");
+#elif FK_EMU_PTX
+  fk_emu_tma_load_2d(dst, map, c0, c1, bar);
+#endif
 }

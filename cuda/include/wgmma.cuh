@@ -13,9 +13,11 @@
 // stage of step kt - 2 (whose wgmmas every thread has waited out before the barrier: at most
 // step kt - 1's are in flight) with step kt + kStages - 2, issues step kt's wgmmas, and
 // finishes the refill. An operand fills its tile in those two calls: issue() starts its
-// loads (cp.async, or global loads into the operand's registers), finish() completes them
-// (the NF4 weight is dequantized into the tile there, while the wgmmas run). One barrier per
-// step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared memory; a
+// loads (a TMA load from thread 0, cp.async, or global loads into the operand's registers),
+// finish() completes them (the NF4 weight is dequantized into the tile there, while the
+// wgmmas run). Each stage has an mbarrier that thread 0 arrives on at every fill, announcing
+// the bytes of the fill's TMA loads; every thread waits on it before the step's barrier. One
+// barrier per step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared memory; a
 // `Columns` tile is plain ([K][rows + 8]), each warp reading its 16 rows with ldmatrix.trans
 // into registers for wgmma's A (the only way to give wgmma a 16-bit A whose rows are
 // contiguous without the transposed-layout descriptor, which nothing here has checked on
@@ -47,7 +49,9 @@ struct Stage {
   uint4 b[kBN * 8];
 };
 static_assert(sizeof(Stage::a) % 1024 == 0 && sizeof(Stage) % 1024 == 0, "1024-byte aligned tiles");
-static_assert(FK_WGMMA_SMEM_BYTES == kStages * sizeof(Stage) + 1024, "params/gemm.h's size");
+// After the stages, each stage's mbarrier.
+static_assert(FK_WGMMA_SMEM_BYTES == kStages * sizeof(Stage) + 64 + 1024, "params/gemm.h's size");
+static_assert(kStages * 8 <= 64, "the stages' mbarriers fit in 64 bytes");
 
 using Accumulators = float[kBN / 2];
 
@@ -69,20 +73,32 @@ struct Matrix {
   FK_DEVICE void prepare() { fast = runs_of_8(ptr, ld); }
   template <int kRows>
   FK_DEVICE void finish(uint4*, uint32_t) {}
+  // The bytes a fill's TMA loads bring (none: this operand loads through cp.async).
+  template <int kRows>
+  FK_DEVICE uint32_t tma_bytes() const { return 0; }
 };
 
 // An operand of K-contiguous rows: element (row, k) at ptr[row · ld + k]. Loaded into the
-// 128-byte swizzle.
+// 128-byte swizzle: by one TMA load of box 64 × kRows where the host encoded `map` (the same
+// matrix: K `k_len` by `rows`, rows `ld` apart, 128-byte swizzle), by cp.async otherwise.
 template <typename T>
 struct Rows : Matrix<T> {
   static constexpr bool kInRegisters = false;
+  const FkTensorMap* map = nullptr;
 
-  // Starts loading K [k0, k0 + 64) of the block's rows into `tile` (kRows rows). A thread
-  // always takes the same chunk of rows 32 apart, rows whose swizzle is the same: one address
-  // computation, then a stride per row.
   template <int kRows>
-  FK_DEVICE void issue(uint4* tile, uint32_t k0) const {
+  FK_DEVICE uint32_t tma_bytes() const { return map ? kRows * kBK * 2 : 0; }
+
+  // Starts loading K [k0, k0 + 64) of the block's rows into `tile` (kRows rows), counted off
+  // `bar` when by TMA. Through cp.async a thread always takes the same chunk of rows 32 apart,
+  // rows whose swizzle is the same: one address computation, then a stride per row.
+  template <int kRows>
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar) const {
     const auto& [ptr, ld, row0, rows, k_len, fast] = static_cast<const Matrix<T>&>(*this);
+    if (map) {
+      if (threadIdx.x == 0) tma_load_2d(tile, map, int32_t(k0), int32_t(row0), bar);
+      return;
+    }
     const int chunk = threadIdx.x % 8, row = threadIdx.x / 8;
     const uint32_t k = k0 + chunk * 8, valid = k < k_len ? min(8u, k_len - k) : 0u;
     uint4* dst = &tile[swizzled(row, chunk)];
@@ -115,7 +131,7 @@ struct Columns : Matrix<T> {
 
   // Starts loading K [k0, k0 + 64): a thread takes the same 8 rows of K rows 16 apart.
   template <int kRows>
-  FK_DEVICE void issue(uint4* tile, uint32_t k0) const {
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t*) const {
     static_assert(kRows == kBM, "Columns is an A operand");
     const auto& [ptr, ld, row0, rows, k_len, fast] = static_cast<const Matrix<T>&>(*this);
     const int chunk = threadIdx.x % 16, kk = threadIdx.x / 16;
@@ -137,7 +153,7 @@ struct Columns : Matrix<T> {
 };
 
 // A K range: A's and B's share K, A's `k_len` long. A: Rows, Columns or another operand of
-// the same interface (prepare, issue, finish, k_len, kInRegisters); B: one that is K-contiguous
+// the same interface (prepare, issue, finish, tma_bytes, k_len, kInRegisters); B: one that is K-contiguous
 // rows in the 128-byte swizzle (Rows, ...).
 template <class OperandA, class OperandB>
 struct Segment {
@@ -203,16 +219,18 @@ FK_DEVICE void at_step(int kt, const int* first, F f, Segs&... segs) {
   ((kt >= first[s] && kt < first[s + 1] ? f(segs, uint32_t(kt - first[s]) * kBK) : void(), ++s), ...);
 }
 
-// Starts (issue(), kFinish false) or finishes (finish()) filling `st` with step kt.
+// Starts (issue(), kFinish false) or finishes (finish()) filling `st` with step kt; starting,
+// thread 0 arrives on the stage's barrier `full` with the bytes its TMA loads will bring.
 template <bool kFinish, class... Segs>
-FK_DEVICE void fill(Stage& st, int kt, const int* first, Segs&... segs) {
+FK_DEVICE void fill(Stage& st, uint64_t* full, int kt, const int* first, Segs&... segs) {
   at_step(kt, first, [&](auto& seg, uint32_t k0) {
     if constexpr (kFinish) {
       seg.a.template finish<kBM>(st.a, k0);
       seg.b.template finish<kBN>(st.b, k0);
     } else {
-      seg.a.template issue<kBM>(st.a, k0);
-      seg.b.template issue<kBN>(st.b, k0);
+      if (threadIdx.x == 0) mbarrier_arrive_expect_tx(full, seg.a.template tma_bytes<kBM>() + seg.b.template tma_bytes<kBN>());
+      seg.a.template issue<kBM>(st.a, k0, full);
+      seg.b.template issue<kBN>(st.b, k0, full);
     }
   }, segs...);
 }
@@ -226,14 +244,20 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   static_assert(((Segs::A::kInRegisters == kInRegisters) && ...), "one kind of A per run");
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
+  uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);
+    fence_mbarrier_init();
+  }
   int first[sizeof...(Segs) + 1] = {0};
   {
     int s = 0;
     ((segs.a.prepare(), segs.b.prepare(), first[s + 1] = first[s] + segs.steps(), ++s), ...);
   }
   const int total = first[sizeof...(Segs)];
-  auto issue = [&](int kt) { fill<false>(stages[kt % kStages], kt, first, segs...); };
-  auto finish = [&](int kt) { fill<true>(stages[kt % kStages], kt, first, segs...); };
+  __syncthreads();  // the barriers are initialized
+  auto issue = [&](int kt) { fill<false>(stages[kt % kStages], &full[kt % kStages], kt, first, segs...); };
+  auto finish = [&](int kt) { fill<true>(stages[kt % kStages], &full[kt % kStages], kt, first, segs...); };
   for (int kt = 0; kt < kStages - 2; ++kt) {
     if (kt < total) {
       issue(kt);
@@ -243,9 +267,10 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   }
   AFragments af;
   for (int kt = 0; kt < total; ++kt) {
-    cp_async_wait<kStages - 3>();  // this thread's copies for step kt have landed
-    fence_proxy_async_shared();    // and its stores into the stage are visible to wgmma
-    __syncthreads();               // everyone's have; step kt - 2's wgmmas are done
+    cp_async_wait<kStages - 3>();                              // this thread's copies for step kt have landed,
+    mbarrier_wait(&full[kt % kStages], (kt / kStages) % 2);  // and the TMA loads
+    fence_proxy_async_shared();  // this thread's stores into the stage are visible to wgmma
+    __syncthreads();             // everyone's are; step kt - 2's wgmmas are done
     const bool refill = kt + kStages - 2 < total;
     if (refill) issue(kt + kStages - 2);
     cp_async_commit();
@@ -255,7 +280,9 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   wgmma_wait<0>();
   wgmma_hold(acc);
   cp_async_wait<0>();
-  __syncthreads();
+  __syncthreads();  // every wait on the barriers is done: they may go
+  if (threadIdx.x == 0)
+    for (int s = 0; s < kStages; ++s) mbarrier_inval(&full[s]);
 }
 
 // Calls f(row, col, value) for each accumulator this thread holds (by reference), in tile

@@ -8,7 +8,7 @@ use crate::check::lora::paths;
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode};
+use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads};
 use crate::nf4::Nf4Weight;
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
@@ -24,6 +24,7 @@ fn layer(
     nf4: Option<Nf4Decode>,
     dropout: f32,
     path: LoraPath,
+    loads: TileLoads,
 ) -> Result<(LoraLinear<bf16>, usize)> {
     let mut rng = StdRng::seed_from_u64(7);
     let w = dev.upload(&random_vec::<bf16>(&mut rng, D * D, 0.02))?;
@@ -46,7 +47,8 @@ fn layer(
     Ok((
         LoraLinear::new(base, None, a, b, config)?
             .with_path(path)?
-            .with_nf4_decode(nf4.unwrap_or_default()),
+            .with_nf4_decode(nf4.unwrap_or_default())
+            .with_tile_loads(loads),
         w_bytes,
     ))
 }
@@ -63,17 +65,22 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     // The paths in check::lora::paths' order (the newest kernels last): a GPU fault ends the
     // process's CUDA context, and every row after it.
     for path in paths(dev) {
-        // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch weight.
-        for (nf4, dropout) in [
-            (None, 0.0),
-            (None, 0.1),
-            (Some(Nf4Decode::InTile), 0.0),
-            (Some(Nf4Decode::Scratch), 0.0),
+        // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch
+        // weight; on wgmma, the dense layer once more with its tiles loaded by cp.async.
+        for (nf4, dropout, loads) in [
+            (None, 0.0, TileLoads::Tma),
+            (None, 0.1, TileLoads::Tma),
+            (Some(Nf4Decode::InTile), 0.0, TileLoads::Tma),
+            (Some(Nf4Decode::Scratch), 0.0, TileLoads::Tma),
+            (None, 0.0, TileLoads::CpAsync),
         ] {
             if nf4 == Some(Nf4Decode::Scratch) && path == LoraPath::Extended {
                 continue; // the Extended path always dequantizes
             }
-            let (l, w_bytes) = layer(dev, nf4, dropout, path)?;
+            if loads == TileLoads::CpAsync && path != LoraPath::FusedWgmma {
+                continue; // only the wgmma path loads by TMA
+            }
+            let (l, w_bytes) = layer(dev, nf4, dropout, path, loads)?;
             // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
             let (bytes_fwd, bytes_bwd) = (
                 (2 * 2 * M * D + w_bytes) as f64,
@@ -91,8 +98,12 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     Some(Nf4Decode::InTile) => "_nf4",
                     Some(Nf4Decode::Scratch) => "_nf4_scratch",
                 },
-                if dropout > 0.0 { "_dropout" } else { "" }
-            );
+                if dropout > 0.0 { "_dropout" } else { "" },
+            ) + if loads == TileLoads::CpAsync {
+                "_cp_async"
+            } else {
+                ""
+            };
             let shape = format!("{M}x{D}→{D} r{RANK}");
             let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
             let mut row = Row::new(

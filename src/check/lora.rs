@@ -5,7 +5,7 @@ use crate::check::nf4::{matmul_bound, unit};
 use crate::device::Device;
 use crate::dtype::FloatElem;
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, Saved};
+use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, Saved, TileLoads};
 use crate::nf4::Nf4Weight;
 use crate::reference::{lora as reference, nf4 as nf4_reference};
 use crate::testing::{random_vec, rel_l2};
@@ -26,6 +26,8 @@ pub struct Case {
     pub nf4: bool,
     /// How the fused paths feed the NF4 base to their GEMMs.
     pub nf4_decode: Nf4Decode,
+    /// How the FusedWgmma path loads its tiles.
+    pub tile_loads: TileLoads,
     pub timed: bool,
     /// The layer's path; `None` takes the one `LoraLinear::new` picks for the device.
     pub path: Option<LoraPath>,
@@ -48,6 +50,7 @@ impl Case {
             bias: false,
             nf4: false,
             nf4_decode: Nf4Decode::InTile,
+            tile_loads: TileLoads::Tma,
             timed: false,
             path: None,
             k_splits: None,
@@ -97,6 +100,9 @@ impl CheckCase for Case {
         }
         if let Some(path) = self.path {
             s += &format!(" {path:?}");
+            if path == LoraPath::FusedWgmma && self.tile_loads == TileLoads::CpAsync {
+                s += " cp.async";
+            }
         }
         s
     }
@@ -150,7 +156,8 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     }
     layer = layer
         .with_k_splits(c.k_splits)?
-        .with_nf4_decode(c.nf4_decode);
+        .with_nf4_decode(c.nf4_decode)
+        .with_tile_loads(c.tile_loads);
     Ok(Setup {
         layer,
         w,
@@ -365,6 +372,27 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
                 rows.extend(forward::<f16>(dev, c)?);
                 rows.extend(backward::<f16>(dev, c)?);
             }
+        }
+    }
+    if dev.has_wgmma() {
+        // The wgmma path at a shape whose every operand TMA can load (rows a multiple of 8
+        // elements; above, only the realistic shape's are), by TMA and by cp.async.
+        for tile_loads in [TileLoads::Tma, TileLoads::CpAsync] {
+            let c = Case {
+                dropout: 0.1,
+                bias: true,
+                tile_loads,
+                path: Some(LoraPath::FusedWgmma),
+                ..Case::new(
+                    seed,
+                    m,
+                    d_in.next_multiple_of(8),
+                    d_out.next_multiple_of(8),
+                    8,
+                )
+            };
+            rows.extend(forward::<bf16>(dev, c)?);
+            rows.extend(backward::<bf16>(dev, c)?);
         }
     }
     Ok(rows)

@@ -128,8 +128,12 @@ pub fn table(rows: &[CheckRow]) -> String {
     let mut devices: Vec<&str> = rows.iter().map(|r| r.device.as_str()).collect();
     devices.dedup();
     let mut t: String = devices.iter().map(|d| format!("on {d}\n")).collect();
+    let w = rows
+        .iter()
+        .map(|r| r.shape.chars().count())
+        .fold(28, usize::max);
     t += &format!(
-        "{:<34} {:<5} {:<28} {:>22} {:>10} {:>6}\n",
+        "{:<34} {:<5} {:<w$} {:>22} {:>10} {:>6}\n",
         "kernel", "on", "shape", "error", "time µs", "result"
     );
     for r in rows {
@@ -140,7 +144,7 @@ pub fn table(rows: &[CheckRow]) -> String {
         let time = r.time_us.map_or("—".to_string(), |t| format!("{t:.2}"));
         let verdict = if r.pass() { "pass" } else { "FAIL" };
         t += &format!(
-            "{:<34} {:<5} {:<28} {:>22} {:>10} {:>6}\n",
+            "{:<34} {:<5} {:<w$} {:>22} {:>10} {:>6}\n",
             r.kernel, r.backend, r.shape, err, time, verdict
         );
     }

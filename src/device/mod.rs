@@ -10,10 +10,12 @@ pub(crate) mod breakdown;
 mod cuda;
 pub mod emu;
 pub mod ptx;
+mod tma;
 
 pub use cuda::{probe_driver, CudaDevice, DriverInfo, KernelResources};
 pub use emu::{EmuDevice, EmuOptions, Schedule};
 pub use ptx::Target;
+pub use tma::TileMap;
 
 use crate::dtype::{Elem, POISON_BYTE};
 use crate::error::{Error, Result};

@@ -19,7 +19,9 @@
 //!   (`cuda/include/wgmma.cuh`), the same K segments and epilogues at Hopper's tensor-core
 //!   rate, with no copy of x or dY: the forward, and backward's dX (computed as dXᵀ so that A
 //!   and W are read as they lie); an NF4 base's tiles are dequantized while the `wgmma`s of
-//!   earlier ones run (`Nf4Operand`, `cuda/include/nf4.cuh`); v, dA, dB as Fused. Not yet
+//!   earlier ones run (`Nf4Operand`, `cuda/include/nf4.cuh`); the K-contiguous operands
+//!   (x, u, B, a dense W; dY, v) come in by TMA where they allow it ([`TileLoads`]); v, dA,
+//!   dB as Fused. Not yet
 //!   the default
 //!   anywhere: the GPU check times it against the other two (bench/NOTES.md).
 //! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
@@ -44,11 +46,11 @@
 pub mod adapter;
 
 use crate::device::blas::{self, WeightOp};
-use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig};
+use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig, TileMap};
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
 use crate::nf4::Nf4Weight;
-use crate::params::{self, LoraParams};
+use crate::params::{self, FkTensorMap, LoraParams};
 pub use crate::reference::lora::LoraConfig;
 use cudarc::cublas::{CudaBlas, Gemm};
 
@@ -87,6 +89,19 @@ pub enum Nf4Decode {
     Scratch,
 }
 
+/// How the FusedWgmma path brings its K-contiguous operands (x, u, B, a dense W; dY, v)
+/// into shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TileLoads {
+    /// By TMA, one thread issuing each stage's tensor-map copies, for every operand whose
+    /// address is 16-byte aligned and whose rows are a multiple of 16 bytes apart (in
+    /// elements: 8); the others by cp.async.
+    #[default]
+    Tma,
+    /// By cp.async from every thread (the path before TMA, kept to compare against).
+    CpAsync,
+}
+
 /// Where the base weight lives: a dense W is kept compact (Fused) or inside the extended
 /// weight (Extended, `[out + rank, extended_ld]`: see `LoraLinear::dense_ld`); an NF4 weight
 /// stays NF4 and is dequantized into a scratch extended weight per call on the Extended path.
@@ -110,6 +125,7 @@ pub struct LoraLinear<T: FloatElem> {
     /// Splits of K for u and v (`None`: [`k_split_count`]).
     k_splits: Option<u32>,
     nf4_decode: Nf4Decode,
+    tile_loads: TileLoads,
 }
 
 /// What forward keeps for backward (besides the caller's `x`).
@@ -138,6 +154,18 @@ fn kernel(name: String) -> Kernel {
     Kernel {
         module: MODULE,
         name,
+    }
+}
+
+/// The field of `p` holding the tensor map its `FK_LORA_TMA_*` bit flags.
+fn tma_slot(p: &mut LoraParams, bit: u32) -> &mut FkTensorMap {
+    match bit {
+        params::FK_LORA_TMA_X => &mut p.x_map,
+        params::FK_LORA_TMA_W => &mut p.w_map,
+        params::FK_LORA_TMA_U => &mut p.u_map,
+        params::FK_LORA_TMA_B => &mut p.b_map,
+        params::FK_LORA_TMA_DY => &mut p.dy_map,
+        _ => &mut p.v_map,
     }
 }
 
@@ -226,6 +254,7 @@ impl<T: FloatElem> LoraLinear<T> {
             path: LoraPath::Fused,
             k_splits: None,
             nf4_decode: Nf4Decode::default(),
+            tile_loads: TileLoads::default(),
         };
         layer.with_path(path)
     }
@@ -301,6 +330,17 @@ impl<T: FloatElem> LoraLinear<T> {
 
     pub fn nf4_decode(&self) -> Nf4Decode {
         self.nf4_decode
+    }
+
+    /// The layer with the FusedWgmma path's operands loaded as `loads` says (no effect on
+    /// the other paths).
+    pub fn with_tile_loads(mut self, loads: TileLoads) -> Self {
+        self.tile_loads = loads;
+        self
+    }
+
+    pub fn tile_loads(&self) -> TileLoads {
+        self.tile_loads
     }
 
     /// Whether the fused paths' base GEMMs read a scratch dequantized `Ŵ` (an NF4 base,
@@ -443,12 +483,22 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 
     /// The fused paths' base GEMM `op` (`forward`, or `backward_dx`: computed as dXᵀ on
-    /// wgmma) for `m` rows and an `n`-wide output: its kernel and launch.
-    fn base_gemm(&self, op: &str, m: usize, n: usize) -> (Kernel, LaunchConfig) {
+    /// wgmma) for `m` rows and an `n`-wide output: its kernel and launch, and on wgmma the
+    /// tensor maps of its TMA loads in `p` (whose buffers, a scratch base's included, are set).
+    fn base_gemm(
+        &self,
+        op: &str,
+        p: &mut LoraParams,
+        m: usize,
+        n: usize,
+    ) -> Result<(Kernel, LaunchConfig)> {
         let nf4 = self.nf4_prefix();
         let t = T::DTYPE;
-        if self.path == LoraPath::FusedWgmma {
+        Ok(if self.path == LoraPath::FusedWgmma {
             let transposed = op == "backward_dx";
+            if self.tile_loads == TileLoads::Tma {
+                self.tma_maps(p, transposed, m)?;
+            }
             (
                 kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
                 LaunchConfig::wgmma(m, n, transposed),
@@ -458,7 +508,45 @@ impl<T: FloatElem> LoraLinear<T> {
                 kernel(format!("lora_{op}_{nf4}{t}")),
                 LaunchConfig::tiles(m, n, 1),
             )
+        })
+    }
+
+    /// Encodes the tensor map of each K-contiguous operand of the wgmma base GEMM that TMA
+    /// can load, and flags it in `p.tma`: the forward's x and u (boxes of the tile's rows),
+    /// B and a dense W (the tile's columns); dX's dY and v (dXᵀ's columns: its B).
+    fn tma_maps(&self, p: &mut LoraParams, transposed: bool, m: usize) -> Result<()> {
+        let (rows_a, rows_b) = (params::FK_WGMMA_TILE_M, params::FK_WGMMA_TILE_N);
+        let (r, d_in, d_out) = (self.config.rank, self.d_in, self.d_out);
+        let tile = |ptr: *const std::ffi::c_void, cols, rows, ld, box_rows| TileMap {
+            ptr,
+            cols,
+            rows,
+            ld,
+            box_rows,
+        };
+        let mut operands = if transposed {
+            vec![
+                (params::FK_LORA_TMA_DY, tile(p.dy, d_out, m, d_out, rows_b)),
+                (params::FK_LORA_TMA_V, tile(p.v, r, m, r, rows_b)),
+            ]
+        } else {
+            vec![
+                (params::FK_LORA_TMA_X, tile(p.x, d_in, m, d_in, rows_a)),
+                (params::FK_LORA_TMA_U, tile(p.u, r, m, r, rows_a)),
+                (params::FK_LORA_TMA_B, tile(p.b, r, d_out, r, rows_b)),
+            ]
+        };
+        if !transposed && self.nf4_prefix().is_empty() {
+            let ld = if p.w_ld == 0 { d_in } else { p.w_ld as usize };
+            operands.push((params::FK_LORA_TMA_W, tile(p.w, d_in, d_out, ld, rows_b)));
         }
+        for (bit, operand) in operands {
+            if let Some(map) = self.device().tile_map::<T>(operand)? {
+                p.tma |= bit;
+                *tma_slot(p, bit) = map;
+            }
+        }
+        Ok(())
     }
 
     /// `nf4_` for the fused kernels that decode an NF4 base in their tiles.
@@ -499,7 +587,7 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
                 let _scratch = self.scratch_base(&mut p)?;
-                let (name, cfg) = self.base_gemm("forward", m, self.d_out);
+                let (name, cfg) = self.base_gemm("forward", &mut p, m, self.d_out)?;
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
                 // the layer's own buffers were checked by params(), a scratch base is
                 // [out, in] and lives past the launch. The wgmma kernel runs only
@@ -665,7 +753,7 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraPath::Fused | LoraPath::FusedWgmma => {
                 self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
                 let _scratch = self.scratch_base(&mut p)?;
-                let (name, cfg) = self.base_gemm("backward_dx", m, self.d_in);
+                let (name, cfg) = self.base_gemm("backward_dx", &mut p, m, self.d_in)?;
                 // SAFETY: every buffer in p was checked or sized above (a scratch base is
                 // [out, in] and lives past the launch); the kernels only read u (passed
                 // through the mutable field of the shared params struct). The wgmma kernel
