@@ -426,6 +426,7 @@ FK_DEVICE void gemm_kernel(const Nf4MatmulParams& p) {
 // The same products with Ŵ an Nf4Operand (nf4.cuh), dequantized into each stage while an
 // earlier stage's wgmmas run: the forward's tile is y's (a's rows by W's), Ŵ wgmma's B; the
 // backward's is dXᵀ's (W's columns by dY's rows), so that W is read as it lies as wgmma's A.
+// The activations come in by TMA where the host encoded their map.
 
 template <typename T, bool Dx>
 FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
@@ -434,15 +435,16 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
   const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
   const uint32_t M = p.m, Kr = Dx ? w.rows : w.cols;
+  const FkTensorMap* a_map = p.a_tma ? &p.a_map : nullptr;
   wgmma::Accumulators acc = {};
   if constexpr (Dx) {
     const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
-    auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, n0, Kr}, wgmma::Rows<T>{{a, Kr, m0, M, Kr}});
+    auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, n0, Kr}, wgmma::Rows<T>{{a, Kr, m0, M, Kr}, a_map});
     wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
     wgmma::store_transposed(acc, out, w.cols, n0, m0, w.cols, M);
   } else {
     const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
-    auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr}}, Nf4Operand<T, true>{w, table, n0, Kr});
+    auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr}, a_map}, Nf4Operand<T, true>{w, table, n0, Kr});
     wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
     store(acc, out, w.rows, m0, n0, M, w.rows);
   }
@@ -473,8 +475,8 @@ FK_KERNEL(nf4_quantize_nested, Nf4NestedParams) { quantize_nested(p); }
   FK_KERNEL_REGS(nf4_gemv_mma_##t##_m16, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 128) { gemv_mma<T, 2>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, false>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, true>(p); } \
-  FK_KERNEL_BOUNDS(nf4_gemm_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, false>(p); } \
-  FK_KERNEL_BOUNDS(nf4_gemm_dx_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, true>(p); }
+  FK_KERNEL_TMA(nf4_gemm_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, false>(p); } \
+  FK_KERNEL_TMA(nf4_gemm_dx_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, true>(p); }
 
 FK_NF4_MATMUL_ENTRIES(__nv_bfloat16, bf16)
 FK_NF4_MATMUL_ENTRIES(__half, f16)

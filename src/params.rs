@@ -38,6 +38,27 @@ pub const FK_EMU_FORMAT_E4M3: u32 = 2;
 pub const FK_EMU_FORMAT_E5M2: u32 = 3;
 pub const FK_EMU_TENSOR_MAP_MAGIC: u64 = 8097873943252397669;
 #[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct FkTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of FkTensorMap"][::core::mem::size_of::<FkTensorMap>() - 128usize];
+    ["Alignment of FkTensorMap"][::core::mem::align_of::<FkTensorMap>() - 64usize];
+    ["Offset of field: FkTensorMap::opaque"][::core::mem::offset_of!(FkTensorMap, opaque) - 0usize];
+};
+impl Default for FkTensorMap {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4Weight {
     pub codes: *const u8,
@@ -182,45 +203,32 @@ impl Default for Nf4NestedParams {
     }
 }
 #[repr(C)]
+#[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4MatmulParams {
     pub w: Nf4Weight,
     pub a: *const ::core::ffi::c_void,
     pub out: *mut ::core::ffi::c_void,
     pub m: u32,
+    pub a_tma: u32,
+    pub __bindgen_padding_0: [u64; 5usize],
+    pub a_map: FkTensorMap,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of Nf4MatmulParams"][::core::mem::size_of::<Nf4MatmulParams>() - 88usize];
-    ["Alignment of Nf4MatmulParams"][::core::mem::align_of::<Nf4MatmulParams>() - 8usize];
+    ["Size of Nf4MatmulParams"][::core::mem::size_of::<Nf4MatmulParams>() - 256usize];
+    ["Alignment of Nf4MatmulParams"][::core::mem::align_of::<Nf4MatmulParams>() - 64usize];
     ["Offset of field: Nf4MatmulParams::w"][::core::mem::offset_of!(Nf4MatmulParams, w) - 0usize];
     ["Offset of field: Nf4MatmulParams::a"][::core::mem::offset_of!(Nf4MatmulParams, a) - 64usize];
     ["Offset of field: Nf4MatmulParams::out"]
         [::core::mem::offset_of!(Nf4MatmulParams, out) - 72usize];
     ["Offset of field: Nf4MatmulParams::m"][::core::mem::offset_of!(Nf4MatmulParams, m) - 80usize];
+    ["Offset of field: Nf4MatmulParams::a_tma"]
+        [::core::mem::offset_of!(Nf4MatmulParams, a_tma) - 84usize];
+    ["Offset of field: Nf4MatmulParams::a_map"]
+        [::core::mem::offset_of!(Nf4MatmulParams, a_map) - 128usize];
 };
 impl Default for Nf4MatmulParams {
-    fn default() -> Self {
-        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
-        unsafe {
-            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
-            s.assume_init()
-        }
-    }
-}
-#[repr(C)]
-#[repr(align(64))]
-#[derive(Debug, Copy, Clone)]
-pub struct FkTensorMap {
-    pub opaque: [u64; 16usize],
-}
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of FkTensorMap"][::core::mem::size_of::<FkTensorMap>() - 128usize];
-    ["Alignment of FkTensorMap"][::core::mem::align_of::<FkTensorMap>() - 64usize];
-    ["Offset of field: FkTensorMap::opaque"][::core::mem::offset_of!(FkTensorMap, opaque) - 0usize];
-};
-impl Default for FkTensorMap {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -542,22 +542,17 @@ FK_DEVICE void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 }
 
 // Waits until the phase of parity `parity` has completed; what landed in it is visible after.
-// A phase that never completes (a byte count that does not match the loads) traps after
-// 2^32 cycles (seconds; a load takes microseconds) rather than hang the GPU.
+// (A timeout that traps, on clock64, made ptxas serialize the NF4 GEMMs' wgmmas: C7518. A
+// phase that never completes hangs the kernel; the GPU check's per-step timeouts end it.)
 FK_DEVICE void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #if FK_PTX && FK_HAS_WGMMA
   const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
-  const auto try_wait = [&] {
-    uint32_t done;
+  uint32_t done = 0;
+  while (!done) {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done) : "r"(b), "r"(parity) : "memory");
-    return done != 0;
-  };
-  if (try_wait()) return;
-  const long long start = clock64();
-  while (!try_wait())
-    if (clock64() - start > (1ll << 32)) __trap();
+  }
 #elif FK_EMU_PTX
   fk_emu_mbarrier_wait(bar, parity);
 #endif

@@ -8,6 +8,8 @@
 #define FK_PARAMS_NF4_H
 #include <stdint.h>
 
+#include "tma.h"
+
 #define FK_NF4_NESTED_BLOCKSIZE 256
 /* absmax_mean sums the absmaxes in chunks of this many, each chunk in f64 in index order,
  * then the chunk sums in index order: the reference does the same, so both agree bitwise. */
@@ -71,6 +73,10 @@ typedef struct Nf4MatmulParams {
   const void* a;
   void* out;
   uint32_t m;
+  /* The wgmma GEMMs (nf4_gemm*_wgmma_*): a's tensor map for TMA loads where the host
+   * encoded one (a_tma 1: a 16-byte aligned, rows a multiple of 16 bytes), else cp.async. */
+  uint32_t a_tma;
+  FkTensorMap a_map;
 } Nf4MatmulParams;
 
 #endif

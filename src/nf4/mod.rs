@@ -20,7 +20,7 @@
 pub mod checkpoint;
 
 use crate::device::blas::{self, WeightOp};
-use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig};
+use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig, TileMap};
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
 use crate::params::{
@@ -588,12 +588,33 @@ where
         return Ok(());
     }
     let dev = w.device().clone();
-    let p = Nf4MatmulParams {
+    let mut p = Nf4MatmulParams {
         w: w.params(),
         a: a.ptr(),
         out: out.ptr_mut(),
         m: m as u32,
+        ..Nf4MatmulParams::default()
     };
+    if path == MatmulPath::FusedGemmWgmma {
+        // The activations are the wgmma GEMM's K-contiguous operand: the forward's A (boxes
+        // of the tile's rows), dX's B (of its columns: dXᵀ's).
+        let (k, box_rows) = if forward {
+            (w.cols, crate::params::FK_WGMMA_TILE_M)
+        } else {
+            (w.rows, crate::params::FK_WGMMA_TILE_N)
+        };
+        let tile = TileMap {
+            ptr: a.ptr(),
+            cols: k,
+            rows: m,
+            ld: k,
+            box_rows,
+        };
+        if let Some(map) = w.device().tile_map::<T>(tile)? {
+            p.a_tma = 1;
+            p.a_map = map;
+        }
+    }
     match path {
         MatmulPath::GemvMma
         | MatmulPath::Gemv
