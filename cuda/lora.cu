@@ -178,9 +178,9 @@ FK_DEVICE auto wgmma_weight(const LoraParams& p, uint32_t n0) {
   if constexpr (Nf4) {
     return Nf4Operand<T, kAlongK>{with_shared_map(p.nf4), shared_code_table(), n0, k_len};
   } else if constexpr (kAlongK) {
-    return wgmma::Rows<T>{{as<T>(p.w), ld, n0, p.d_out, k_len}, tma_map(p, FK_LORA_TMA_W, p.w_map)};
+    return wgmma::Rows<T>{{as<T>(p.w), ld, n0, p.d_out, k_len, tma_map(p, FK_LORA_TMA_W, p.w_map)}};
   } else {
-    return wgmma::Columns<T>{{as<T>(p.w), ld, n0, p.d_in, k_len}};
+    return wgmma::Columns<T>{{as<T>(p.w), ld, n0, p.d_in, k_len, tma_map(p, FK_LORA_TMA_W, p.w_map)}};
   }
 }
 
@@ -188,9 +188,9 @@ FK_DEVICE auto wgmma_weight(const LoraParams& p, uint32_t n0) {
 template <typename T, bool Nf4>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
   const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
-  auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, m0, p.m, p.rank}, tma_map(p, FK_LORA_TMA_U, p.u_map)},
-                             wgmma::Rows<T>{{as<T>(p.b), p.rank, n0, p.d_out, p.rank}, tma_map(p, FK_LORA_TMA_B, p.b_map)});
-  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, tma_map(p, FK_LORA_TMA_X, p.x_map)},
+  auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, m0, p.m, p.rank, tma_map(p, FK_LORA_TMA_U, p.u_map)}},
+                             wgmma::Rows<T>{{as<T>(p.b), p.rank, n0, p.d_out, p.rank, tma_map(p, FK_LORA_TMA_B, p.b_map)}});
+  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, m0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
                              wgmma_weight<T, Nf4, true>(p, n0));
   wgmma::Accumulators acc = {};
   wgmma::run<T>(acc, dyn_smem<unsigned char>(), lora, base);
@@ -233,11 +233,11 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   unsigned char* smem = dyn_smem<unsigned char>();
   auto w = wgmma_weight<T, Nf4, false>(p, n0);  // before the runs: NF4's tables are filled by the whole block
   wgmma::Accumulators acc = {};
-  auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank}},
-                             wgmma::Rows<T>{{as<T>(p.v), p.rank, m0, p.m, p.rank}, tma_map(p, FK_LORA_TMA_V, p.v_map)});
+  auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
+                             wgmma::Rows<T>{{as<T>(p.v), p.rank, m0, p.m, p.rank, tma_map(p, FK_LORA_TMA_V, p.v_map)}});
   wgmma::run<T>(acc, smem, lora);
   if (p.dropout > 0.0f) mask_dx_tile(acc, smem, p, n0, m0);
-  auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}, tma_map(p, FK_LORA_TMA_DY, p.dy_map)});
+  auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
   wgmma::run<T>(acc, smem, base);
   wgmma::store_transposed(acc, static_cast<T*>(p.dx), p.d_in, n0, m0, p.d_in, p.m);
 }

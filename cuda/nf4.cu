@@ -439,12 +439,12 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
   wgmma::Accumulators acc = {};
   if constexpr (Dx) {
     const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
-    auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, n0, Kr}, wgmma::Rows<T>{{a, Kr, m0, M, Kr}, a_map});
+    auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, n0, Kr}, wgmma::Rows<T>{{a, Kr, m0, M, Kr, a_map}});
     wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
     wgmma::store_transposed(acc, out, w.cols, n0, m0, w.cols, M);
   } else {
     const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
-    auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr}, a_map}, Nf4Operand<T, true>{w, table, n0, Kr});
+    auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr, a_map}}, Nf4Operand<T, true>{w, table, n0, Kr});
     wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
     store(acc, out, w.rows, m0, n0, M, w.rows);
   }

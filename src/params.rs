@@ -10,7 +10,7 @@ pub const FK_WGMMA_TILE_M: u32 = 128;
 pub const FK_WGMMA_TILE_N: u32 = 256;
 pub const FK_WGMMA_THREADS: u32 = 256;
 pub const FK_WGMMA_STAGES: u32 = 4;
-pub const FK_WGMMA_SMEM_BYTES: u32 = 201792;
+pub const FK_WGMMA_SMEM_BYTES: u32 = 197696;
 pub const FK_NF4_NESTED_BLOCKSIZE: u32 = 256;
 pub const FK_NF4_MEAN_CHUNK: u32 = 1024;
 pub const FK_NF4_GEMV_MMA_ROWS: u32 = 16;
@@ -21,6 +21,7 @@ pub const FK_LORA_TMA_U: u32 = 4;
 pub const FK_LORA_TMA_B: u32 = 8;
 pub const FK_LORA_TMA_DY: u32 = 16;
 pub const FK_LORA_TMA_V: u32 = 32;
+pub const FK_LORA_TMA_A: u32 = 64;
 pub const FK_REGDUMP_LDMATRIX_VARIANTS: u32 = 6;
 pub const FK_REGDUMP_MMA_IN: u32 = 10;
 pub const FK_REGDUMP_CVT_IN: u32 = 2;
@@ -280,10 +281,11 @@ pub struct LoraParams {
     pub b_map: FkTensorMap,
     pub dy_map: FkTensorMap,
     pub v_map: FkTensorMap,
+    pub a_map: FkTensorMap,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 1088usize];
+    ["Size of LoraParams"][::core::mem::size_of::<LoraParams>() - 1216usize];
     ["Alignment of LoraParams"][::core::mem::align_of::<LoraParams>() - 64usize];
     ["Offset of field: LoraParams::m"][::core::mem::offset_of!(LoraParams, m) - 0usize];
     ["Offset of field: LoraParams::d_in"][::core::mem::offset_of!(LoraParams, d_in) - 4usize];
@@ -327,6 +329,7 @@ const _: () = {
     ["Offset of field: LoraParams::b_map"][::core::mem::offset_of!(LoraParams, b_map) - 704usize];
     ["Offset of field: LoraParams::dy_map"][::core::mem::offset_of!(LoraParams, dy_map) - 832usize];
     ["Offset of field: LoraParams::v_map"][::core::mem::offset_of!(LoraParams, v_map) - 960usize];
+    ["Offset of field: LoraParams::a_map"][::core::mem::offset_of!(LoraParams, a_map) - 1088usize];
 };
 impl Default for LoraParams {
     fn default() -> Self {

@@ -522,9 +522,11 @@ void* block_shared(const void* key, size_t bytes) {
 [[noreturn]] void fail(Site site, const char* what) {
   Block& b = *t_block;
   Fiber& f = *t_fiber;
-  std::ostringstream o;
-  o << "thread " << f.linear << " at " << site.file << ":" << site.line << ": " << what;
-  block_error(b, o.str());
+  {  // destroyed before the fiber leaves for good (its frames never unwind)
+    std::ostringstream o;
+    o << "thread " << f.linear << " at " << site.file << ":" << site.line << ": " << what;
+    block_error(b, o.str());
+  }
   f.state = State::exited;
   yield(true);
   __builtin_unreachable();

@@ -178,7 +178,7 @@ struct Nf4Source {
 // Ŵ of an NF4 weight as a wgmma.cuh operand, in the same two layouts as Nf4Source's:
 // `kAlongK` (the forward's B, as wgmma::Rows): element (row, k) = Ŵ[row][k], W rows are the
 // tile's rows, in the 128-byte swizzle; otherwise (dX's A, as wgmma::Columns): element
-// (row, k) = Ŵ[k][row], W rows are the plain tile's K lines. issue() loads this thread's codes
+// (row, k) = Ŵ[k][row], W rows are the `Columns` tile's K lines. issue() loads this thread's codes
 // and absmaxes into registers; finish(), called once the step's wgmmas are issued,
 // dequantizes them into the tile, so the loads are in flight while the wgmmas are issued and
 // the dequantization overlaps the wgmmas. A thread takes runs of 16 elements of W rows
@@ -211,7 +211,7 @@ struct Nf4Operand {
   FK_DEVICE static int run_col(int j) { return (threadIdx.x + wgmma::kThreads * j) % (kWCols / 16) * 16; }
   // The tile's 16-bit slot of W's element (row, col) in the tile (two chunks: 8 contiguous).
   FK_DEVICE static int slot(int row, int col) {
-    return kAlongK ? wgmma::swizzled(row, col / 8) * 8 + col % 8 : row * wgmma::kColumnsLd + col;
+    return kAlongK ? wgmma::swizzled(row, col / 8) * 8 + col % 8 : wgmma::columns_slot(row, col);
   }
 
   template <int kRows>

@@ -17,9 +17,9 @@
 // finish() completes them (the NF4 weight is dequantized into the tile there, while the
 // wgmmas run). Each stage has an mbarrier that thread 0 arrives on at every fill, announcing
 // the bytes of the fill's TMA loads; every thread waits on it before the step's barrier. One
-// barrier per step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared memory; a
-// `Columns` tile is plain ([K][rows + 8]), each warp reading its 16 rows with ldmatrix.trans
-// into registers for wgmma's A (the only way to give wgmma a 16-bit A whose rows are
+// barrier per step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared
+// memory; a `Columns` tile is its K lines in the same swizzle, in two halves of 64 rows
+// (columns_slot), each warp reading its 16 rows with ldmatrix.trans into registers for wgmma's A (the only way to give wgmma a 16-bit A whose rows are
 // contiguous without the transposed-layout descriptor, which nothing here has checked on
 // hardware); the fragments are redefined only once the wgmmas reading them are done, so one
 // step is in flight at a time (mma_step).
@@ -37,15 +37,13 @@ static_assert(kBM == 128 && kBN == 256 && kThreads == 256, "two warpgroups of m6
 static_assert(kBK == 64, "mma_step spells out four k16 wgmmas");
 static_assert(kStages >= 3, "a stage in flight, one being refilled, one being read");
 
-// A plain tile of a `Columns` operand: K rows of the tile's kBM elements, padded so that
-// ldmatrix's eight row addresses fall in distinct banks.
-constexpr int kColumnsLd = kBM + 8;
-// One stage: A (kBM swizzled rows of 64, or a plain [64][kColumnsLd] tile: room for the
-// larger), then kBN swizzled rows of B, each row 64 elements (128 bytes) as eight 16-byte
-// chunks. Both sizes are multiples of 1024 bytes, so every tile stays 1024-byte aligned.
-constexpr int kAChunks = kBK * kColumnsLd * 2 / 16 > kBM * 8 ? kBK * kColumnsLd * 2 / 16 : kBM * 8;
+// One stage: A's tile, then kBN swizzled rows of B, each row 64 elements (128 bytes) as eight
+// 16-byte chunks. A `Rows` A is kBM such rows; a `Columns` A is two halves of 64 of the
+// tile's rows, each 64 lines (one per K) of 128 bytes in the same swizzle (columns_slot):
+// the same 16 KB. Both tiles are multiples of 1024 bytes, so every tile stays 1024-byte
+// aligned.
 struct Stage {
-  uint4 a[kAChunks];
+  uint4 a[kBM * 8];
   uint4 b[kBN * 8];
 };
 static_assert(sizeof(Stage::a) % 1024 == 0 && sizeof(Stage) % 1024 == 0, "1024-byte aligned tiles");
@@ -58,9 +56,16 @@ using Accumulators = float[kBN / 2];
 // Chunk `chunk` (8 elements along K) of row `row` in a swizzled tile.
 FK_DEVICE int swizzled(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
+// The element slot of (K line k, tile row m) in a `Columns` tile: the half of m, then line k
+// of it, swizzled (a TMA box of 64 × 64 lands so). ldmatrix.trans's eight line addresses then
+// meet eight distinct bank groups.
+FK_DEVICE int columns_slot(int k, int m) { return swizzled(64 * (m / 64) + k, (m % 64) / 8) * 8 + m % 8; }
+
 // An operand's matrix: the tile's rows [row0, row0 + tile rows) of `rows`, K `k_len` long, zero
-// outside; its lines (rows or columns, per the operand) `ld` elements apart. Loaded by cp.async
-// in 16-byte runs when `fast` (prepare()), element by element otherwise.
+// outside; its lines (rows or columns, per the operand) `ld` elements apart. Loaded by TMA
+// where the host encoded `map` (the same matrix: its lines `rows` or `k_len` long, boxes of
+// 64 along them, 128-byte swizzle, zeros outside), else by cp.async in 16-byte runs when
+// `fast` (prepare()), element by element otherwise.
 template <typename T>
 struct Matrix {
   const T* ptr;
@@ -68,33 +73,29 @@ struct Matrix {
   uint32_t row0;
   uint32_t rows;
   uint32_t k_len;
+  const FkTensorMap* map = nullptr;
   bool fast = false;
 
   FK_DEVICE void prepare() { fast = runs_of_8(ptr, ld); }
   template <int kRows>
   FK_DEVICE void finish(uint4*, uint32_t) {}
-  // The bytes a fill's TMA loads bring (none: this operand loads through cp.async).
+  // The bytes a fill's TMA loads bring.
   template <int kRows>
-  FK_DEVICE uint32_t tma_bytes() const { return 0; }
+  FK_DEVICE uint32_t tma_bytes() const { return map ? kRows * kBK * 2 : 0; }
 };
 
 // An operand of K-contiguous rows: element (row, k) at ptr[row · ld + k]. Loaded into the
-// 128-byte swizzle: by one TMA load of box 64 × kRows where the host encoded `map` (the same
-// matrix: K `k_len` by `rows`, rows `ld` apart, 128-byte swizzle), by cp.async otherwise.
+// 128-byte swizzle, by TMA in one box of 64 × kRows.
 template <typename T>
 struct Rows : Matrix<T> {
   static constexpr bool kInRegisters = false;
-  const FkTensorMap* map = nullptr;
-
-  template <int kRows>
-  FK_DEVICE uint32_t tma_bytes() const { return map ? kRows * kBK * 2 : 0; }
 
   // Starts loading K [k0, k0 + 64) of the block's rows into `tile` (kRows rows), counted off
   // `bar` when by TMA. Through cp.async a thread always takes the same chunk of rows 32 apart,
   // rows whose swizzle is the same: one address computation, then a stride per row.
   template <int kRows>
   FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar) const {
-    const auto& [ptr, ld, row0, rows, k_len, fast] = static_cast<const Matrix<T>&>(*this);
+    const auto& [ptr, ld, row0, rows, k_len, map, fast] = static_cast<const Matrix<T>&>(*this);
     if (map) {
       if (threadIdx.x == 0) tma_load_2d(tile, map, int32_t(k0), int32_t(row0), bar);
       return;
@@ -123,24 +124,32 @@ struct Rows : Matrix<T> {
   }
 };
 
-// An A operand whose element (row, k) is ptr[k · ld + row]. Loaded plain ([K][kColumnsLd]) for
-// ldmatrix.
+// An A operand whose element (row, k) is ptr[k · ld + row]: its lines run along the tile's
+// rows. Loaded into the two halves of columns_slot, by TMA in two boxes of 64 × 64, for
+// ldmatrix.trans.
 template <typename T>
 struct Columns : Matrix<T> {
   static constexpr bool kInRegisters = true;
 
-  // Starts loading K [k0, k0 + 64): a thread takes the same 8 rows of K rows 16 apart.
+  // Starts loading K [k0, k0 + 64): through cp.async a thread takes the same 8 rows of K lines
+  // 16 apart.
   template <int kRows>
-  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t*) const {
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar) const {
     static_assert(kRows == kBM, "Columns is an A operand");
-    const auto& [ptr, ld, row0, rows, k_len, fast] = static_cast<const Matrix<T>&>(*this);
+    const auto& [ptr, ld, row0, rows, k_len, map, fast] = static_cast<const Matrix<T>&>(*this);
+    if (map) {
+      if (threadIdx.x == 0)
+        for (int half = 0; half < kBM / 64; ++half)
+          tma_load_2d(tile + half * 64 * 8, map, int32_t(row0) + 64 * half, int32_t(k0), bar);
+      return;
+    }
     const int chunk = threadIdx.x % 16, kk = threadIdx.x / 16;
     const uint32_t r = row0 + chunk * 8, valid = r < rows ? min(8u, rows - r) : 0u;
-    uint16_t* plain = reinterpret_cast<uint16_t*>(tile);
+    uint16_t* slots = reinterpret_cast<uint16_t*>(tile);
 #pragma unroll
     for (int i = 0; i < kBK / 16; ++i) {
       const uint32_t k = k0 + kk + 16 * i;
-      uint16_t* dst = plain + (kk + 16 * i) * kColumnsLd + chunk * 8;
+      uint16_t* dst = slots + columns_slot(kk + 16 * i, chunk * 8);
       const uint32_t n = k < k_len ? valid : 0u;
       if (fast) {
         cp_async_zfill16(dst, n ? ptr + uint64_t(k) * ld + r : ptr, int(n) * 2);
@@ -169,15 +178,15 @@ FK_DEVICE Segment<A, B> segment(const A& a, const B& b) {
   return {a, b};
 }
 
-// This warp's A fragments for the 64 of K of a plain `Columns` tile (ptx.cuh's RS layout:
-// 16 rows of the warpgroup's 64 per warp, 16 of K per fragment).
+// This warp's A fragments for the 64 of K of a `Columns` tile (ptx.cuh's RS layout: 16 rows
+// of the warpgroup's 64 per warp, 16 of K per fragment).
 using AFragments = uint32_t[kBK / 16][4];
 FK_DEVICE void load_fragments(AFragments& af, const uint4* tile) {
-  const uint16_t* plain = reinterpret_cast<const uint16_t*>(tile);
+  const uint16_t* slots = reinterpret_cast<const uint16_t*>(tile);
   const int lane = threadIdx.x % 32, row0 = (threadIdx.x / 32) * 16;
 #pragma unroll
   for (int s = 0; s < kBK / 16; ++s)
-    ldmatrix_x4_trans(af[s], plain + (16 * s + (lane / 16) * 8 + lane % 8) * kColumnsLd + row0 + ((lane / 8) % 2) * 8);
+    ldmatrix_x4_trans(af[s], slots + columns_slot(16 * s + (lane / 16) * 8 + lane % 8, row0 + ((lane / 8) % 2) * 8));
 }
 
 // Issues one step's four wgmmas from `st`. With A in registers, first waits out the previous

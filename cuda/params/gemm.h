@@ -14,9 +14,8 @@
 #define FK_WGMMA_TILE_N 256
 #define FK_WGMMA_THREADS 256
 #define FK_WGMMA_STAGES 4
-/* Per stage A's tile (64 rows of TILE_M + 8 elements, the larger of its two layouts) and B's
- * (TILE_N rows of 128 bytes), then 64 bytes for the stages' mbarriers, plus 1 KB to align
- * the first stage. */
-#define FK_WGMMA_SMEM_BYTES (FK_WGMMA_STAGES * (64 * (FK_WGMMA_TILE_M + 8) * 2 + FK_WGMMA_TILE_N * 128) + 64 + 1024)
+/* Per stage A's tile (TILE_M rows of 64 elements, 128 bytes) and B's (TILE_N rows), then 64
+ * bytes for the stages' mbarriers, plus 1 KB to align the first stage. */
+#define FK_WGMMA_SMEM_BYTES (FK_WGMMA_STAGES * (FK_WGMMA_TILE_M + FK_WGMMA_TILE_N) * 128 + 64 + 1024)
 
 #endif

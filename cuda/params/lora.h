@@ -62,12 +62,12 @@ typedef struct LoraParams {
    * the splits in order and write u or v (and the x_ext / dy_ext tail). 0 means 1. */
   float* rank_partials;
   uint32_t k_splits;
-  /* TMA loads (the wgmma kernels): the maps of the K-contiguous operands the host could
-   * encode (16-byte aligned, rows a multiple of 16 bytes apart), each flagged in `tma`;
-   * the kernel loads the others through cp.async. Forward: x, dense w, u, b (boxes of 64
-   * along K by the tile's rows); backward dX: dy, v. */
+  /* TMA loads (the wgmma kernels): the maps of the operands the host could encode (16-byte
+   * aligned, rows a multiple of 16 bytes apart), each flagged in `tma`; the kernel loads the
+   * others through cp.async. Forward: x, dense w, u, b (boxes of 64 along K by the tile's
+   * rows); backward dX: dy, v (the same), dense w and a (boxes of 64 × 64 K lines). */
   uint32_t tma; /* FK_LORA_TMA_* bits */
-  FkTensorMap x_map, w_map, u_map, b_map, dy_map, v_map;
+  FkTensorMap x_map, w_map, u_map, b_map, dy_map, v_map, a_map;
 } LoraParams;
 
 #define FK_LORA_TMA_X 1u
@@ -76,5 +76,6 @@ typedef struct LoraParams {
 #define FK_LORA_TMA_B 8u
 #define FK_LORA_TMA_DY 16u
 #define FK_LORA_TMA_V 32u
+#define FK_LORA_TMA_A 64u
 
 #endif

@@ -165,7 +165,8 @@ fn tma_slot(p: &mut LoraParams, bit: u32) -> &mut FkTensorMap {
         params::FK_LORA_TMA_U => &mut p.u_map,
         params::FK_LORA_TMA_B => &mut p.b_map,
         params::FK_LORA_TMA_DY => &mut p.dy_map,
-        _ => &mut p.v_map,
+        params::FK_LORA_TMA_V => &mut p.v_map,
+        _ => &mut p.a_map,
     }
 }
 
@@ -511,11 +512,12 @@ impl<T: FloatElem> LoraLinear<T> {
         })
     }
 
-    /// Encodes the tensor map of each K-contiguous operand of the wgmma base GEMM that TMA
-    /// can load, and flags it in `p.tma`: the forward's x and u (boxes of the tile's rows),
-    /// B and a dense W (the tile's columns); dX's dY and v (dXᵀ's columns: its B).
+    /// Encodes the tensor map of each operand of the wgmma base GEMM that TMA can load, and
+    /// flags it in `p.tma`: the forward's x and u (boxes of the tile's rows), B and a dense W
+    /// (the tile's columns); dX's dY and v (dXᵀ's columns: its B), and its A operands, A and
+    /// a dense W, read along their rows (boxes of 64 of them by 64 lines of K).
     fn tma_maps(&self, p: &mut LoraParams, transposed: bool, m: usize) -> Result<()> {
-        let (rows_a, rows_b) = (params::FK_WGMMA_TILE_M, params::FK_WGMMA_TILE_N);
+        let (rows_a, rows_b, lines) = (params::FK_WGMMA_TILE_M, params::FK_WGMMA_TILE_N, 64);
         let (r, d_in, d_out) = (self.config.rank, self.d_in, self.d_out);
         let tile = |ptr: *const std::ffi::c_void, cols, rows, ld, box_rows| TileMap {
             ptr,
@@ -524,10 +526,12 @@ impl<T: FloatElem> LoraLinear<T> {
             ld,
             box_rows,
         };
+        let w_ld = if p.w_ld == 0 { d_in } else { p.w_ld as usize };
         let mut operands = if transposed {
             vec![
                 (params::FK_LORA_TMA_DY, tile(p.dy, d_out, m, d_out, rows_b)),
                 (params::FK_LORA_TMA_V, tile(p.v, r, m, r, rows_b)),
+                (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, lines)),
             ]
         } else {
             vec![
@@ -536,9 +540,13 @@ impl<T: FloatElem> LoraLinear<T> {
                 (params::FK_LORA_TMA_B, tile(p.b, r, d_out, r, rows_b)),
             ]
         };
-        if !transposed && self.nf4_prefix().is_empty() {
-            let ld = if p.w_ld == 0 { d_in } else { p.w_ld as usize };
-            operands.push((params::FK_LORA_TMA_W, tile(p.w, d_in, d_out, ld, rows_b)));
+        if self.nf4_prefix().is_empty() {
+            let w = if transposed {
+                tile(p.w, d_in, d_out, w_ld, lines)
+            } else {
+                tile(p.w, d_in, d_out, w_ld, rows_b)
+            };
+            operands.push((params::FK_LORA_TMA_W, w));
         }
         for (bit, operand) in operands {
             if let Some(map) = self.device().tile_map::<T>(operand)? {
