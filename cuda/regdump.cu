@@ -72,6 +72,31 @@ FK_DEVICE void dump_wgmma(const RegdumpParams& p) {
 
 }  // namespace
 
+// What TMA writes, not dumped but checked against the PTX ISA's formula on every backend
+// (tests/device.rs): each box lands in a 1024-byte-aligned tile (the swizzle's unit), every
+// thread waits on the box's phase of the barrier, then the tile is copied out as it lies.
+FK_KERNEL_TMA(regdump_tma, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  unsigned char* smem = dyn_smem<unsigned char>();
+  uint16_t* tile = reinterpret_cast<uint16_t*>(smem + shared_align_1024(smem));
+  const uint32_t elems = 64 * p.box_rows;
+  uint64_t* bar = reinterpret_cast<uint64_t*>(tile + elems);
+  if (threadIdx.x == 0) {
+    mbarrier_init(bar, 1);
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+  for (uint32_t i = 0; i < p.boxes; ++i) {
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(bar, elems * 2);
+      tma_load_2d(tile, &p.map, p.c0 + 64 * int32_t(i), p.c1, bar);
+    }
+    mbarrier_wait(bar, i % 2);
+    for (uint32_t e = threadIdx.x; e < elems; e += blockDim.x) p.out[i * elems + e] = tile[e];
+    __syncthreads();  // every read of the tile is done before the next load
+  }
+  if (threadIdx.x == 0) mbarrier_inval(bar);
+}
+
 FK_KERNEL(regdump_ldmatrix, RegdumpParams) {
   FK_SHARED(tiles, uint16_t[32 * kRowStride]);
   const int lane = threadIdx.x;

@@ -30,6 +30,7 @@ pub const FK_REGDUMP_RCP_WORDS: u32 = 262144;
 pub const FK_REGDUMP_RCP_SAMPLES: u32 = 1024;
 pub const FK_REGDUMP_WGMMA_THREADS: u32 = 128;
 pub const FK_REGDUMP_WGMMA_IN: u32 = 2816;
+pub const FK_REGDUMP_TMA_THREADS: u32 = 128;
 pub const FK_EMU_SCHEDULE_FORWARD: u32 = 0;
 pub const FK_EMU_SCHEDULE_REVERSE: u32 = 1;
 pub const FK_EMU_SCHEDULE_RANDOM: u32 = 2;
@@ -427,6 +428,43 @@ impl Default for RegdumpParams {
     }
 }
 #[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct RegdumpTmaParams {
+    pub map: FkTensorMap,
+    pub out: *mut u16,
+    pub c0: i32,
+    pub c1: i32,
+    pub box_rows: u32,
+    pub boxes: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of RegdumpTmaParams"][::core::mem::size_of::<RegdumpTmaParams>() - 192usize];
+    ["Alignment of RegdumpTmaParams"][::core::mem::align_of::<RegdumpTmaParams>() - 64usize];
+    ["Offset of field: RegdumpTmaParams::map"]
+        [::core::mem::offset_of!(RegdumpTmaParams, map) - 0usize];
+    ["Offset of field: RegdumpTmaParams::out"]
+        [::core::mem::offset_of!(RegdumpTmaParams, out) - 128usize];
+    ["Offset of field: RegdumpTmaParams::c0"]
+        [::core::mem::offset_of!(RegdumpTmaParams, c0) - 136usize];
+    ["Offset of field: RegdumpTmaParams::c1"]
+        [::core::mem::offset_of!(RegdumpTmaParams, c1) - 140usize];
+    ["Offset of field: RegdumpTmaParams::box_rows"]
+        [::core::mem::offset_of!(RegdumpTmaParams, box_rows) - 144usize];
+    ["Offset of field: RegdumpTmaParams::boxes"]
+        [::core::mem::offset_of!(RegdumpTmaParams, boxes) - 148usize];
+};
+impl Default for RegdumpTmaParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct ScatterAddParams {
     pub w: *mut ::core::ffi::c_void,
@@ -673,43 +711,6 @@ const _: () = {
     ["Offset of field: EmuTestParams::n"][::core::mem::offset_of!(EmuTestParams, n) - 16usize];
 };
 impl Default for EmuTestParams {
-    fn default() -> Self {
-        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
-        unsafe {
-            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
-            s.assume_init()
-        }
-    }
-}
-#[repr(C)]
-#[repr(align(64))]
-#[derive(Debug, Copy, Clone)]
-pub struct EmuTmaTestParams {
-    pub map: FkTensorMap,
-    pub out: *mut u16,
-    pub c0: i32,
-    pub c1: i32,
-    pub box_elems: u32,
-    pub boxes: u32,
-}
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of EmuTmaTestParams"][::core::mem::size_of::<EmuTmaTestParams>() - 192usize];
-    ["Alignment of EmuTmaTestParams"][::core::mem::align_of::<EmuTmaTestParams>() - 64usize];
-    ["Offset of field: EmuTmaTestParams::map"]
-        [::core::mem::offset_of!(EmuTmaTestParams, map) - 0usize];
-    ["Offset of field: EmuTmaTestParams::out"]
-        [::core::mem::offset_of!(EmuTmaTestParams, out) - 128usize];
-    ["Offset of field: EmuTmaTestParams::c0"]
-        [::core::mem::offset_of!(EmuTmaTestParams, c0) - 136usize];
-    ["Offset of field: EmuTmaTestParams::c1"]
-        [::core::mem::offset_of!(EmuTmaTestParams, c1) - 140usize];
-    ["Offset of field: EmuTmaTestParams::box_elems"]
-        [::core::mem::offset_of!(EmuTmaTestParams, box_elems) - 144usize];
-    ["Offset of field: EmuTmaTestParams::boxes"]
-        [::core::mem::offset_of!(EmuTmaTestParams, boxes) - 148usize];
-};
-impl Default for EmuTmaTestParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -321,6 +321,7 @@ pub fn kernels() -> Vec<Kernel> {
     let mut names: Vec<String> = plan(Target::Sm90a).into_iter().map(|s| s.kernel).collect();
     names.dedup();
     names.push("regdump_rcp_table".into());
+    names.push("regdump_tma".into()); // tested against the PTX ISA's formula (tests/device.rs)
     names
         .into_iter()
         .map(|name| Kernel {

@@ -104,3 +104,36 @@ pub fn random_support(rng: &mut impl Rng, numel: u64, k: usize) -> Vec<u64> {
     picked.sort_unstable();
     picked.into_iter().map(|i| i as u64).collect()
 }
+
+/// Runs `kernel`, a kernel on [`crate::params::RegdumpTmaParams`] (`regdump_tma`, or an
+/// emulator test kernel), in one block over `boxes` TMA loads of `map`'s box of 64 ×
+/// `box_rows` at (`c0` + 64·i, `c1`); returns what each load left in shared memory (the
+/// output is poisoned beforehand), or the launch's error.
+pub fn tma_boxes(
+    dev: &Device,
+    kernel: &crate::device::Kernel,
+    map: crate::params::FkTensorMap,
+    (c0, c1): (i32, i32),
+    box_rows: u32,
+    boxes: u32,
+) -> crate::Result<Vec<u16>> {
+    let elems = 64 * box_rows;
+    let mut out = dev.alloc_poisoned::<crate::bf16>((elems * boxes) as usize)?;
+    let p = crate::params::RegdumpTmaParams {
+        map,
+        out: out.ptr_mut() as *mut u16,
+        c0,
+        c1,
+        box_rows,
+        boxes,
+    };
+    let cfg = crate::device::LaunchConfig {
+        grid: (1, 1, 1),
+        block: (crate::params::FK_REGDUMP_TMA_THREADS, 1, 1),
+        shared_bytes: elems * 2 + 1024 + 8,
+    };
+    // SAFETY: the kernels write at most elems · boxes elements of out and read global memory
+    // only through the map, which the caller encoded over a live buffer.
+    unsafe { dev.launch(kernel, cfg, &p)? };
+    Ok(out.to_host()?.iter().map(|x| x.to_bits()).collect())
+}

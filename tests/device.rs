@@ -1,8 +1,11 @@
 //! Buffers on every backend: round trips, empty buffers, strided row copies, and the typed
-//! errors for lengths and devices that do not match.
+//! errors for lengths and devices that do not match; TMA loads and their tensor maps on every
+//! backend that has them.
 
+use finetune_kernels::bf16;
+use finetune_kernels::device::{Kernel, TileMap};
 use finetune_kernels::error::Error;
-use finetune_kernels::testing::backends;
+use finetune_kernels::testing::{backends, tma_boxes};
 use rand::{Rng, SeedableRng};
 
 fn rng() -> rand::rngs::StdRng {
@@ -137,5 +140,113 @@ fn breakdown_names_each_launch_in_order() {
         let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["nf4_dequantize_bf16", "nf4_dequantize_f32"]);
         assert!(parts.iter().all(|(_, t)| t.median_us > 0.0), "{parts:?}");
+    }
+}
+
+fn tma_devices() -> Vec<finetune_kernels::Device> {
+    backends().into_iter().filter(|d| d.has_wgmma()).collect()
+}
+
+/// A TMA load lands the box as the PTX ISA says, on the emulator and on a GPU alike (there
+/// it shows that the driver-encoded map means what the emulator's does): element (r, e) of
+/// the box (matrix element (c1 + r, c0 + e), zero outside the matrix, negative coordinates
+/// included) at byte 2·(64r + e) of the tile with address bits 4-6 XORed with bits 7-9 (the
+/// 128-byte swizzle); consecutive phases of one barrier alternate parity. Against the
+/// formula, at random shapes and every corner of the matrix.
+#[test]
+fn tma_loads_follow_the_ptx_isa() {
+    let mut rng = rng();
+    for dev in tma_devices() {
+        let (rows, cols) = (rng.random_range(1..300usize), rng.random_range(1..200usize));
+        let ld = cols.next_multiple_of(8) + 8 * rng.random_range(0..3usize);
+        let host: Vec<bf16> = (0..rows * ld)
+            .map(|_| bf16::from_bits(rng.random_range(1..0x7F80u16)))
+            .collect();
+        let matrix = dev.upload(&host).unwrap();
+        let box_rows = [8u32, 64, 128, 256][rng.random_range(0..4usize)];
+        let map = dev
+            .tile_map::<bf16>(TileMap {
+                ptr: matrix.ptr(),
+                cols,
+                rows,
+                ld,
+                box_rows,
+            })
+            .unwrap()
+            .expect("an aligned matrix has a map");
+        let kernel = Kernel {
+            module: "regdump",
+            name: "regdump_tma".into(),
+        };
+        for (c0, c1) in [
+            (0, 0),
+            (-8, -5),
+            (cols as i32 - 30, rows as i32 - 7),
+            (
+                rng.random_range(-64..cols as i32),
+                rng.random_range(-300..rows as i32),
+            ),
+        ] {
+            let boxes = 3;
+            let out = tma_boxes(&dev, &kernel, map, (c0, c1), box_rows, boxes).unwrap();
+            let elems = 64 * box_rows as usize;
+            for i in 0..boxes as usize {
+                for r in 0..box_rows as usize {
+                    for e in 0..64 {
+                        let (y, x) = (c1 as i64 + r as i64, c0 as i64 + 64 * i as i64 + e as i64);
+                        let inside = (0..rows as i64).contains(&y) && (0..cols as i64).contains(&x);
+                        let want = if inside {
+                            host[y as usize * ld + x as usize].to_bits()
+                        } else {
+                            0
+                        };
+                        let logical = 2 * (64 * r + e);
+                        let physical = logical ^ (((logical >> 7) & 7) << 4);
+                        assert_eq!(
+                            out[i * elems + physical / 2],
+                            want,
+                            "{dev:?}: box {i} at ({c0}, {c1}) of {rows}x{cols} (ld {ld}), element ({r}, {e})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What TMA cannot take gets no map (the kernels load it through cp.async); a dtype TMA
+/// is not used for here is an error.
+#[test]
+fn tile_maps_only_for_what_tma_loads() {
+    for dev in tma_devices() {
+        let buf = dev.upload(&vec![bf16::ONE; 64 * 40]).unwrap();
+        let at = |offset: usize, cols, rows, ld, box_rows| TileMap {
+            ptr: (buf.ptr() as usize + 2 * offset) as *const std::ffi::c_void,
+            cols,
+            rows,
+            ld,
+            box_rows,
+        };
+        assert!(dev
+            .tile_map::<bf16>(at(0, 40, 60, 40, 128))
+            .unwrap()
+            .is_some());
+        assert!(dev
+            .tile_map::<bf16>(at(8, 40, 60, 40, 256))
+            .unwrap()
+            .is_some());
+        for (what, m) in [
+            ("address not 16-byte aligned", at(1, 40, 60, 40, 128)),
+            ("rows not 16 bytes apart", at(0, 36, 60, 36, 128)),
+            ("rows closer than a row", at(0, 48, 40, 40, 128)),
+            ("box over 256 rows", at(0, 40, 60, 40, 512)),
+            ("no rows", at(0, 40, 0, 40, 128)),
+        ] {
+            assert!(dev.tile_map::<bf16>(m).unwrap().is_none(), "{what}");
+        }
+        assert!(matches!(
+            dev.tile_map::<f32>(at(0, 40, 60, 40, 128)),
+            Err(Error::UnsupportedDtype { .. })
+        ));
     }
 }

@@ -5,8 +5,9 @@
 use finetune_kernels::device::{
     Device, EmuOptions, Kernel, LaunchConfig, Schedule, Target, TileMap,
 };
-use finetune_kernels::params::{EmuTestParams, EmuTmaTestParams, RegdumpParams};
+use finetune_kernels::params::{EmuTestParams, RegdumpParams};
 use finetune_kernels::regdump;
+use finetune_kernels::testing::tma_boxes;
 use finetune_kernels::Error;
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -470,143 +471,10 @@ fn out_of_bounds_shared_write_is_caught_by_asan() {
     }
 }
 
-/// The TMA kernels' launch: one block of 128 threads, `boxes` boxes of 64 × `box_rows` at
-/// (c0 + 64·i, c1) from `map`, each copied out as it landed in shared memory.
-fn run_tma(
-    dev: &Device,
-    kernel: &str,
-    map: finetune_kernels::params::FkTensorMap,
-    (c0, c1): (i32, i32),
-    box_rows: u32,
-    boxes: u32,
-) -> Result<Vec<u16>, Error> {
-    let box_elems = 64 * box_rows;
-    let mut out = dev.alloc_poisoned::<bf16>((box_elems * boxes) as usize)?;
-    let p = EmuTmaTestParams {
-        map,
-        out: out.ptr_mut() as *mut u16,
-        c0,
-        c1,
-        box_elems,
-        boxes,
-    };
-    let cfg = LaunchConfig {
-        grid: (1, 1, 1),
-        block: (128, 1, 1),
-        shared_bytes: box_elems * 2 + 1024 + 8,
-    };
-    let k = Kernel {
-        module: "emu_tests",
-        name: kernel.into(),
-    };
-    // SAFETY: the kernels write at most box_elems · boxes elements of out and read the
-    // matrix only through the map, which covers the caller's live buffer.
-    unsafe { dev.launch(&k, cfg, &p)? };
-    Ok(out.to_host()?.iter().map(|x| x.to_bits()).collect())
-}
-
-/// A TMA load lands the box as the PTX ISA says: element (r, e) of the box (matrix element
-/// (c1 + r, c0 + e), zero outside the matrix, negative coordinates included) at byte
-/// 2·(64r + e) of the tile with address bits 4-6 XORed with bits 7-9 (the 128-byte swizzle);
-/// consecutive phases of one barrier alternate parity. Against the formula, at random
-/// shapes and every corner of the matrix.
-#[test]
-fn tma_loads_follow_the_ptx_isa() {
-    let mut rng = StdRng::seed_from_u64(rand::random());
-    for s in schedules() {
-        let dev = emu(s);
-        let (rows, cols) = (rng.random_range(1..300usize), rng.random_range(1..200usize));
-        let ld = cols.next_multiple_of(8) + 8 * rng.random_range(0..3usize);
-        let host: Vec<bf16> = (0..rows * ld)
-            .map(|_| bf16::from_bits(rng.random_range(1..0x7F80u16)))
-            .collect();
-        let matrix = dev.upload(&host).unwrap();
-        let box_rows = [8u32, 64, 128, 256][rng.random_range(0..4usize)];
-        let map = dev
-            .tile_map::<bf16>(TileMap {
-                ptr: matrix.ptr(),
-                cols,
-                rows,
-                ld,
-                box_rows,
-            })
-            .unwrap()
-            .expect("an aligned matrix has a map");
-        for (c0, c1) in [
-            (0, 0),
-            (-8, -5),
-            (cols as i32 - 30, rows as i32 - 7),
-            (
-                rng.random_range(-64..cols as i32),
-                rng.random_range(-300..rows as i32),
-            ),
-        ] {
-            let boxes = 3;
-            let out = run_tma(&dev, "emu_test_tma", map, (c0, c1), box_rows, boxes).unwrap();
-            let box_elems = 64 * box_rows as usize;
-            for i in 0..boxes as usize {
-                for r in 0..box_rows as usize {
-                    for e in 0..64 {
-                        let (y, x) = (c1 as i64 + r as i64, c0 as i64 + 64 * i as i64 + e as i64);
-                        let inside = (0..rows as i64).contains(&y) && (0..cols as i64).contains(&x);
-                        let want = if inside {
-                            host[y as usize * ld + x as usize].to_bits()
-                        } else {
-                            0
-                        };
-                        let logical = 2 * (64 * r + e);
-                        let physical = logical ^ (((logical >> 7) & 7) << 4);
-                        assert_eq!(
-                            out[i * box_elems + physical / 2],
-                            want,
-                            "{s:?}: box {i} at ({c0}, {c1}) of {rows}x{cols} (ld {ld}), element ({r}, {e})"
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// What TMA cannot take gets no map (the kernels load it through cp.async); a dtype TMA
-/// is not used for here is an error.
-#[test]
-fn tile_maps_only_for_what_tma_loads() {
-    let dev = emu(Schedule::Forward);
-    let buf = dev.upload(&vec![bf16::ONE; 64 * 40]).unwrap();
-    let at = |offset: usize, cols, rows, ld, box_rows| TileMap {
-        ptr: (buf.ptr() as usize + 2 * offset) as *const std::ffi::c_void,
-        cols,
-        rows,
-        ld,
-        box_rows,
-    };
-    assert!(dev
-        .tile_map::<bf16>(at(0, 40, 60, 40, 128))
-        .unwrap()
-        .is_some());
-    assert!(dev
-        .tile_map::<bf16>(at(8, 40, 60, 40, 256))
-        .unwrap()
-        .is_some());
-    for (what, m) in [
-        ("address not 16-byte aligned", at(1, 40, 60, 40, 128)),
-        ("rows not 16 bytes apart", at(0, 36, 60, 36, 128)),
-        ("rows closer than a row", at(0, 48, 40, 40, 128)),
-        ("box over 256 rows", at(0, 40, 60, 40, 512)),
-        ("no rows", at(0, 40, 0, 40, 128)),
-    ] {
-        assert!(dev.tile_map::<bf16>(m).unwrap().is_none(), "{what}");
-    }
-    assert!(matches!(
-        dev.tile_map::<f32>(at(0, 40, 60, 40, 128)),
-        Err(Error::UnsupportedDtype { .. })
-    ));
-}
-
-/// Planted TMA and mbarrier bugs: a tile read before its barrier's wait sees poison (all
-/// ones: NaN); a wrong byte count deadlocks, reported with the bytes pending; a load nobody
-/// waits for, a barrier initialized twice or overwritten while live are errors.
+/// Planted TMA and mbarrier bugs (beside `regdump_tma`, tested in tests/device.rs): a tile
+/// read before its barrier's wait sees poison (all ones: NaN); a wrong byte count deadlocks,
+/// reported with the bytes pending; a load nobody waits for, a barrier initialized twice or
+/// overwritten while live are errors.
 #[test]
 fn tma_and_mbarrier_bugs_are_caught() {
     let dev = emu(Schedule::Forward);
@@ -622,24 +490,34 @@ fn tma_and_mbarrier_bugs_are_caught() {
         })
         .unwrap()
         .unwrap();
+    let run = |dev: &Device, name: &str| {
+        let k = Kernel {
+            module: "emu_tests",
+            name: name.into(),
+        };
+        tma_boxes(dev, &k, map, (0, 0), 64, 1)
+    };
     for s in schedules() {
-        let out = run_tma(&emu(s), "emu_test_tma_before_wait", map, (0, 0), 64, 1).unwrap();
+        let out = run(&emu(s), "emu_test_tma_before_wait").unwrap();
         assert!(
             out.iter().all(|&x| x == 0xFFFF),
             "{s:?}: a read before the wait saw data"
         );
     }
-    let expect = |kernel: &str, needle: &str| match run_tma(&dev, kernel, map, (0, 0), 64, 1) {
-        Err(Error::Emulator(msg)) => {
-            assert!(msg.contains(needle), "{kernel}: {msg:?} lacks {needle:?}")
+    for (kernel, needle) in [
+        ("emu_test_tma_short_expect", "-2 bytes pending"),
+        (
+            "emu_test_tma_never_waited",
+            "TMA loads no thread waited for",
+        ),
+        ("emu_test_mbarrier_reinit", "the mbarrier is live"),
+        ("emu_test_mbarrier_overwritten", "overwritten"),
+    ] {
+        match run(&dev, kernel) {
+            Err(Error::Emulator(msg)) => {
+                assert!(msg.contains(needle), "{kernel}: {msg:?} lacks {needle:?}")
+            }
+            other => panic!("{kernel}: expected an emulator error, got {other:?}"),
         }
-        other => panic!("{kernel}: expected an emulator error, got {other:?}"),
-    };
-    expect("emu_test_tma_short_expect", "-2 bytes pending");
-    expect(
-        "emu_test_tma_never_waited",
-        "TMA loads no thread waited for",
-    );
-    expect("emu_test_mbarrier_reinit", "the mbarrier is live");
-    expect("emu_test_mbarrier_overwritten", "overwritten");
+    }
 }

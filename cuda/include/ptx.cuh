@@ -572,5 +572,7 @@ FK_DEVICE void tma_load_2d(void* dst, const FkTensorMap* map, int32_t c0, int32_
       : "memory");
 #elif FK_EMU_PTX
   fk_emu_tma_load_2d(dst, map, c0, c1, bar);
+#elif FK_PTX
+  __trap();
 #endif
 }

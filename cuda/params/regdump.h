@@ -5,6 +5,8 @@
 #define FK_PARAMS_REGDUMP_H
 #include <stdint.h>
 
+#include "tma.h"
+
 #define FK_REGDUMP_LDMATRIX_VARIANTS 6 /* x1, x2, x4, then the same .trans */
 #define FK_REGDUMP_MMA_IN 10           /* per lane: A[4], B[2], C[4] (f32 bits) */
 #define FK_REGDUMP_CVT_IN 2            /* per lane: hi, lo (f32 bits) */
@@ -23,5 +25,19 @@ typedef struct RegdumpParams {
                          cvt: [lane][FK_REGDUMP_CVT_IN];
                          rcp: [FK_REGDUMP_RCP_SAMPLES] */
 } RegdumpParams;
+
+/* regdump_tma (sm_90a), one block of FK_REGDUMP_TMA_THREADS: `boxes` TMA loads of `map`'s
+ * box of 64 × box_rows 16-bit elements at (c0 + 64·i, c1), one phase of one mbarrier each,
+ * each tile copied out as it landed in shared memory (swizzled, when the map is) to
+ * out[i · 64 · box_rows ...]. The emulator's planted-bug kernels (cuda/emu/tests) take the
+ * same params. */
+#define FK_REGDUMP_TMA_THREADS 128
+typedef struct RegdumpTmaParams {
+  FkTensorMap map;
+  uint16_t* out;
+  int32_t c0, c1;
+  uint32_t box_rows;
+  uint32_t boxes;
+} RegdumpTmaParams;
 
 #endif

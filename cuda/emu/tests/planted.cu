@@ -3,6 +3,7 @@
 #include "include/compat.cuh"
 #include "include/ptx.cuh"
 #include "emu/tests/planted.h"
+#include "params/regdump.h"
 
 // Bug: a thread reads a neighbour's shared-memory write with no barrier in between.
 FK_KERNEL(emu_test_missing_syncthreads, EmuTestParams) {
@@ -126,86 +127,64 @@ FK_KERNEL(emu_test_static_shared_read_first, EmuTestParams) {
   cell[t] = 1.0f;
 }
 
-// ---- TMA and mbarriers --------------------------------------------------------------------
+// ---- TMA and mbarriers: bugs beside cuda/regdump.cu's regdump_tma, on its params --------
 
 // The tile (1024-byte aligned, for the swizzle) and its barrier after it.
 struct TmaTestSmem {
   uint16_t* tile;
   uint64_t* bar;
 };
-FK_DEVICE TmaTestSmem tma_test_smem(const EmuTmaTestParams& p) {
+FK_DEVICE TmaTestSmem tma_test_init(const RegdumpTmaParams& p) {
   unsigned char* smem = dyn_smem<unsigned char>();
   uint16_t* tile = reinterpret_cast<uint16_t*>(smem + shared_align_1024(smem));
-  return {tile, reinterpret_cast<uint64_t*>(tile + p.box_elems)};
-}
-
-FK_DEVICE void tma_test_init(uint64_t* bar) {
+  uint64_t* bar = reinterpret_cast<uint64_t*>(tile + 64 * p.box_rows);
   if (threadIdx.x == 0) {
     mbarrier_init(bar, 1);
     fence_mbarrier_init();
   }
   __syncthreads();
+  return {tile, bar};
 }
 
 // Thread 0 arrives announcing `bytes` and loads the box at (c0, c1).
-FK_DEVICE void tma_test_load(const EmuTmaTestParams& p, TmaTestSmem s, uint32_t bytes, int32_t c0) {
+FK_DEVICE void tma_test_load(const RegdumpTmaParams& p, TmaTestSmem s, uint32_t bytes) {
   if (threadIdx.x == 0) {
     mbarrier_arrive_expect_tx(s.bar, bytes);
-    tma_load_2d(s.tile, &p.map, c0, p.c1, s.bar);
+    tma_load_2d(s.tile, &p.map, p.c0, p.c1, s.bar);
   }
-}
-
-// Correct: `boxes` loads through one barrier, one phase each, every thread waiting on the
-// phase's parity before copying the tile out; the barrier is invalidated at the end.
-FK_KERNEL_TMA(emu_test_tma, EmuTmaTestParams, 128) {
-  const TmaTestSmem s = tma_test_smem(p);
-  tma_test_init(s.bar);
-  for (uint32_t i = 0; i < p.boxes; ++i) {
-    tma_test_load(p, s, p.box_elems * 2, p.c0 + 64 * int32_t(i));
-    mbarrier_wait(s.bar, i % 2);
-    for (uint32_t e = threadIdx.x; e < p.box_elems; e += blockDim.x) p.out[i * p.box_elems + e] = s.tile[e];
-    __syncthreads();  // every read of the tile is done before the next load
-  }
-  if (threadIdx.x == 0) mbarrier_inval(s.bar);
 }
 
 // Bug: reads the tile before waiting on the barrier.
-FK_KERNEL_TMA(emu_test_tma_before_wait, EmuTmaTestParams, 128) {
-  const TmaTestSmem s = tma_test_smem(p);
-  tma_test_init(s.bar);
-  tma_test_load(p, s, p.box_elems * 2, p.c0);
-  for (uint32_t e = threadIdx.x; e < p.box_elems; e += blockDim.x) p.out[e] = s.tile[e];
+FK_KERNEL_TMA(emu_test_tma_before_wait, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  const TmaTestSmem s = tma_test_init(p);
+  tma_test_load(p, s, 128 * p.box_rows);
+  for (uint32_t e = threadIdx.x; e < 64 * p.box_rows; e += blockDim.x) p.out[e] = s.tile[e];
   mbarrier_wait(s.bar, 0);
 }
 
 // Bug: announces two bytes fewer than the load brings; the phase never completes.
-FK_KERNEL_TMA(emu_test_tma_short_expect, EmuTmaTestParams, 128) {
-  const TmaTestSmem s = tma_test_smem(p);
-  tma_test_init(s.bar);
-  tma_test_load(p, s, p.box_elems * 2 - 2, p.c0);
+FK_KERNEL_TMA(emu_test_tma_short_expect, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  const TmaTestSmem s = tma_test_init(p);
+  tma_test_load(p, s, 128 * p.box_rows - 2);
   mbarrier_wait(s.bar, 0);
 }
 
 // Bug: no thread waits for the load before the block ends.
-FK_KERNEL_TMA(emu_test_tma_never_waited, EmuTmaTestParams, 128) {
-  const TmaTestSmem s = tma_test_smem(p);
-  tma_test_init(s.bar);
-  tma_test_load(p, s, p.box_elems * 2, p.c0);
+FK_KERNEL_TMA(emu_test_tma_never_waited, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  tma_test_load(p, tma_test_init(p), 128 * p.box_rows);
 }
 
 // Bug: initializes a live barrier again.
-FK_KERNEL_TMA(emu_test_mbarrier_reinit, EmuTmaTestParams, 128) {
-  uint64_t* bar = tma_test_smem(p).bar;
-  tma_test_init(bar);
-  if (threadIdx.x == 0) mbarrier_init(bar, 1);
+FK_KERNEL_TMA(emu_test_mbarrier_reinit, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  const TmaTestSmem s = tma_test_init(p);
+  if (threadIdx.x == 0) mbarrier_init(s.bar, 1);
 }
 
 // Bug: a store over a live barrier's shared memory.
-FK_KERNEL_TMA(emu_test_mbarrier_overwritten, EmuTmaTestParams, 128) {
-  const auto [tile, bar] = tma_test_smem(p);
-  tma_test_init(bar);
+FK_KERNEL_TMA(emu_test_mbarrier_overwritten, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  const TmaTestSmem s = tma_test_init(p);
   if (threadIdx.x == 0) {
-    tile[p.box_elems] = 0;  // the barrier's first bytes
-    mbarrier_arrive_expect_tx(bar, 0);
+    *reinterpret_cast<uint16_t*>(s.bar) = 0;
+    mbarrier_arrive_expect_tx(s.bar, 0);
   }
 }
