@@ -17,8 +17,11 @@ use std::ffi::c_void;
 /// Elements per box along K: one wgmma stage, 128 bytes (the swizzle's span).
 const BOX_K: u32 = 64;
 
-/// A matrix of `rows` rows of `cols` elements (along K), rows `ld` elements apart, loaded in
-/// boxes of `BOX_K × box_rows`.
+/// A matrix of `rows` rows of `cols` elements, rows `ld` elements apart, loaded in boxes of
+/// 64 elements along a row by `box_rows` rows. TMA takes it (the driver's and the PTX ISA's
+/// rules for a 2-D tiled map with the 128-byte swizzle) if the address is 16-byte aligned,
+/// rows are a multiple of 16 bytes apart (under 2^40 bytes) and no closer than a row's
+/// length, both dimensions are in [1, 2^32] and the box has at most 256 rows.
 #[derive(Debug, Clone, Copy)]
 pub struct TileMap {
     pub ptr: *const c_void,
@@ -29,10 +32,7 @@ pub struct TileMap {
 }
 
 impl TileMap {
-    /// Whether a TMA load takes this matrix (the driver's and the PTX ISA's rules for a 2-D
-    /// tiled map with the 128-byte swizzle): the address 16-byte aligned, rows a multiple of
-    /// 16 bytes apart (under 2^40 bytes) and no closer than a row's length, both dimensions
-    /// in [1, 2^32], the box at most 256 rows.
+    /// Whether a TMA load takes this matrix (the rules above).
     fn loadable(&self, elem_bytes: usize) -> bool {
         let stride = self.ld * elem_bytes;
         (self.ptr as usize) % 16 == 0
@@ -47,7 +47,7 @@ impl TileMap {
 
 impl Device {
     /// The tensor map of `m` for a kernel's TMA loads of `T` (bf16 or f16), or `None` where
-    /// TMA cannot take it (see [`TileMap::loadable`]) or the device has no TMA (a GPU
+    /// TMA cannot take it (see [`TileMap`]) or the device has no TMA (a GPU
     /// before sm_90); the kernel loads it through cp.async then.
     pub fn tile_map<T: Elem>(&self, m: TileMap) -> Result<Option<FkTensorMap>> {
         let elem_bytes = T::DTYPE.size();
