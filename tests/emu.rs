@@ -521,3 +521,19 @@ fn tma_and_mbarrier_bugs_are_caught() {
         }
     }
 }
+
+/// The async proxy: a wgmma reading a tile that cp.async filled is an error unless each
+/// copying thread fenced (fence.proxy.async) after its copies landed; with the fence, it runs.
+#[test]
+fn wgmma_after_cp_async_needs_the_proxy_fence() {
+    let input: Vec<f32> = (0..72 * 32).map(|i| (i % 7) as f32 * 0.25).collect();
+    for s in schedules() {
+        let dev = emu(s);
+        expect_error(
+            run(&dev, "emu_test_wgmma_unfenced", &input, 512, 128, 2560),
+            "no fence.proxy.async",
+        );
+        let out = run(&dev, "emu_test_wgmma_fenced", &input, 512, 128, 2560).unwrap();
+        assert!(out.iter().all(|x| x.is_finite()), "{s:?}");
+    }
+}

@@ -239,6 +239,7 @@ float fk_emu_rcp_approx_ftz(float x);
 // A subnormal becomes a zero of the same sign (.ftz).
 inline float fk_emu_flush(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
 void fk_emu_cp_async_commit();
+void fk_emu_fence_proxy_async();
 void fk_emu_cp_async_wait(int pending);
 // wgmma (ptx.cuh): deferred to the wait that lets its group go, so the tiles are read then.
 // A from shared memory (`a`) or registers (`a_regs`, this warp's fragment; `a` null).

@@ -106,6 +106,7 @@ struct Block {
   // FK_SHARED storage, by declaration: created at first use, dropped at the next block.
   std::map<const void*, std::vector<unsigned char>> shared;
   std::map<const void*, MBarrier> mbarriers;
+  std::vector<unsigned char> unfenced;  // per byte of smem: 1 while a cp.async write is unfenced
 };
 
 thread_local Block* t_block = nullptr;
@@ -545,6 +546,35 @@ bool in_block_shared(const void* p, size_t bytes) {
   return false;
 }
 
+// The byte offset of [p, p + bytes) in the dynamic shared memory, or -1 if it is not there.
+static ptrdiff_t smem_offset(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const std::vector<unsigned char>& s = t_block->smem;
+  return c >= s.data() && c + bytes <= s.data() + s.size() ? c - s.data() : -1;
+}
+
+void mark_unfenced(void* dst, size_t bytes) {
+  const ptrdiff_t at = smem_offset(dst, bytes);
+  if (at < 0) return;
+  std::memset(&t_block->unfenced[at], 1, bytes);
+  t_fiber->unfenced.emplace_back(static_cast<unsigned char*>(dst), bytes);
+}
+
+void mark_fenced(void* dst, size_t bytes) {
+  const ptrdiff_t at = smem_offset(dst, bytes);
+  if (at >= 0) std::memset(&t_block->unfenced[at], 0, bytes);
+}
+
+void fence_proxy_async() {
+  for (const auto& [dst, bytes] : t_fiber->unfenced) mark_fenced(dst, bytes);
+  t_fiber->unfenced.clear();
+}
+
+bool unfenced(const void* p) {
+  const ptrdiff_t at = smem_offset(p, 1);
+  return at >= 0 && t_block->unfenced[at];
+}
+
 void wait_for_mbarrier(const void* bar, uint32_t parity) {
   Fiber* f = t_fiber;
   f->state = State::mbarrier_wait;
@@ -649,6 +679,7 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
       b.smem.assign(dynamic_smem, 0xFF);  // poison: NaN in every float type
       b.shared.clear();                   // FK_SHARED storage: fresh poison at first use
       b.mbarriers.clear();
+      b.unfenced.assign(dynamic_smem, 0);
       b.error.clear();
       b.rng.seed(splitmix(opt.seed ^ splitmix(id)));
       if (!run_block(b, stack_size)) {

@@ -100,6 +100,8 @@ struct Fiber {
   float wgmma_a[2][16] = {};
   // The mbarrier (in `address`) and parity it waits on, in State::mbarrier_wait.
   uint32_t parity = 0;
+  // Where this thread's landed cp.async copies in dynamic shared memory are still unfenced.
+  std::vector<std::pair<unsigned char*, size_t>> unfenced;
   // cp.async copies, made when a wait lets their group go; wgmmas likewise.
   AsyncGroups<AsyncCopy> copies;
   AsyncGroups<AsyncMma> mmas;
@@ -112,6 +114,15 @@ Fiber* current_fiber();
 // memory (dynamic or FK_SHARED).
 std::map<const void*, MBarrier>& block_mbarriers();
 bool in_block_shared(const void* p, size_t bytes);
+// The async proxy (wgmma's reads) sees what a thread's cp.async wrote to dynamic shared
+// memory only after that thread's fence.proxy.async: a landed copy's bytes are marked
+// unfenced until the thread fences (a TMA load, itself in the async proxy, unmarks what it
+// writes). Stores are not tracked.
+void mark_unfenced(void* dst, size_t bytes);
+void mark_fenced(void* dst, size_t bytes);
+void fence_proxy_async();
+bool unfenced(const void* p);
+
 // Blocks the running thread in State::mbarrier_wait until the scheduler releases it.
 void wait_for_mbarrier(const void* bar, uint32_t parity);
 // Whether the phase of parity `parity` of `bar` has completed; with `land`, first lands the

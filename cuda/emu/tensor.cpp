@@ -192,17 +192,24 @@ void fk_emu_cp_async_wait(int pending) {
   current_fiber()->copies.wait(pending, [](const AsyncCopy& c) {
     std::memcpy(c.dst, c.src, c.src_bytes);
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+    mark_unfenced(c.dst, c.bytes);
   });
 }
+
+void fk_emu_fence_proxy_async() { fence_proxy_async(); }
 
 // wgmma m64nNk16 with both operands K-major in the 128-byte swizzle (ptx.cuh): element
 // (row, k) of a tile whose k0 slice starts at `p` sits at the address p + 1024·(row/8) +
 // 128·(row%8) + 2k with address bits 4-6 XORed with bits 7-9, as the hardware applies the
 // swizzle to the address. This thread's accumulators follow ptx.cuh's layout; each k16 dot
-// product rounds as one HMMA does (hmma_dot: HGMMA's own rounding is not dumped yet).
+// product rounds as one HMMA does (hmma_dot: HGMMA's own rounding is not dumped yet). A byte
+// a cp.async wrote that its thread has not fenced since is a bug (runtime.h: mark_unfenced).
 static uint16_t swizzled16(const void* p, int row, int k) {
   const uintptr_t logical = reinterpret_cast<uintptr_t>(p) + 1024 * (row / 8) + 128 * (row % 8) + 2 * k;
-  return load16(reinterpret_cast<const void*>(logical ^ (((logical >> 7) & 7) << 4)), 0);
+  const void* at = reinterpret_cast<const void*>(logical ^ (((logical >> 7) & 7) << 4));
+  if (unfenced(at))
+    fail(Site{"wgmma", 0}, "wgmma reads shared memory that a thread's cp.async wrote, with no fence.proxy.async after it");
+  return load16(at, 0);
 }
 
 static void compute_wgmma(const Fiber& f, const AsyncMma& m) {

@@ -62,6 +62,7 @@ bool mbarrier_passed(const void* bar, uint32_t parity, bool land_loads) {
   if (!land_loads) return false;
   for (const TmaLoad& t : m.loads) {
     land(t);
+    mark_fenced(t.dst, size_t(t.map.box[0]) * t.map.box[1] * t.map.elem_bytes);
     m.tx -= int64_t(t.map.box[0]) * t.map.box[1] * t.map.elem_bytes;
   }
   m.loads.clear();

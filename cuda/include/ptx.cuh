@@ -479,11 +479,14 @@ FK_DEVICE void wgmma_hold(float (&d)[N]) {
 #endif
 }
 
-// Makes this thread's generic-proxy writes to shared memory (stores, cp.async that has
-// landed) visible to the async proxy that wgmma reads through; a barrier follows.
+// Orders this thread's generic-proxy accesses to shared memory (stores, cp.async that has
+// landed, loads) before the async proxy's that follow: wgmma's reads, TMA's writes; a barrier
+// follows.
 FK_DEVICE void fence_proxy_async_shared() {
 #if FK_PTX && FK_HAS_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif FK_EMU_PTX
+  fk_emu_fence_proxy_async();
 #endif
 }
 

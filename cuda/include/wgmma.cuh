@@ -264,7 +264,8 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
     ((segs.a.prepare(), segs.b.prepare(), first[s + 1] = first[s] + segs.steps(), ++s), ...);
   }
   const int total = first[sizeof...(Segs)];
-  __syncthreads();  // the barriers are initialized
+  fence_proxy_async_shared();  // the caller's generic accesses to smem come before TMA's writes
+  __syncthreads();             // and the barriers are initialized
   auto issue = [&](int kt) { fill<false>(stages[kt % kStages], &full[kt % kStages], kt, first, segs...); };
   auto finish = [&](int kt) { fill<true>(stages[kt % kStages], &full[kt % kStages], kt, first, segs...); };
   for (int kt = 0; kt < kStages - 2; ++kt) {

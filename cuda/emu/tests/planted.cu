@@ -2,6 +2,7 @@
 // correct twin must pass under every schedule. Built into the emulator only, never to PTX.
 #include "include/compat.cuh"
 #include "include/ptx.cuh"
+#include "include/wgmma.cuh"
 #include "emu/tests/planted.h"
 #include "params/regdump.h"
 
@@ -188,3 +189,29 @@ FK_KERNEL_TMA(emu_test_mbarrier_overwritten, RegdumpTmaParams, FK_REGDUMP_TMA_TH
     mbarrier_arrive_expect_tx(s.bar, 0);
   }
 }
+
+// ---- the async proxy: wgmma sees a thread's cp.async writes only after its fence --------
+
+// One warpgroup: cp.async fills A (64 rows) and B (8 rows) of 128 bytes from p.in, in the
+// 128-byte swizzle, then one m64n8k16; kFence: with fence.proxy.async after the wait.
+template <bool kFence>
+FK_DEVICE void wgmma_after_cp_async(const EmuTestParams& p) {
+  unsigned char* smem = dyn_smem<unsigned char>();
+  uint4* tile = reinterpret_cast<uint4*>(smem + shared_align_1024(smem));
+  for (int c = threadIdx.x; c < 72 * 8; c += blockDim.x)
+    cp_async<16>(&tile[wgmma::swizzled(c / 8, c % 8)], p.in + 4 * c);
+  cp_async_wait_all();
+  if (kFence) fence_proxy_async_shared();
+  __syncthreads();
+  float d[4] = {};
+  wgmma_fence();
+  wgmma_m64n8k16<__nv_bfloat16>(d, reinterpret_cast<const char*>(tile), reinterpret_cast<const char*>(tile + 64 * 8));
+  wgmma_commit();
+  wgmma_wait<0>();
+  for (int i = 0; i < 4; ++i) p.out[4 * threadIdx.x + i] = d[i];
+}
+
+// Bug: no fence between the copies and the wgmma that reads them.
+FK_KERNEL(emu_test_wgmma_unfenced, EmuTestParams) { wgmma_after_cp_async<false>(p); }
+// Correct.
+FK_KERNEL(emu_test_wgmma_fenced, EmuTestParams) { wgmma_after_cp_async<true>(p); }
