@@ -19,10 +19,11 @@
 // the bytes of the fill's TMA loads; every thread waits on it before the step's barrier. One
 // barrier per step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared
 // memory; a `Columns` tile is its K lines in the same swizzle, in two halves of 64 rows
-// (columns_slot), each warp reading its 16 rows with ldmatrix.trans into registers for wgmma's A (the only way to give wgmma a 16-bit A whose rows are
-// contiguous without the transposed-layout descriptor, which nothing here has checked on
-// hardware); the fragments are redefined only once the wgmmas reading them are done, so one
-// step is in flight at a time (mma_step).
+// (columns_slot), each warp reading its 16 rows with ldmatrix.trans into registers for
+// wgmma's A (the only way to give wgmma a 16-bit A whose rows are contiguous without the
+// transposed-layout descriptor, which nothing here has checked on hardware); the fragments
+// are redefined only once the wgmmas reading them are done, so one step is in flight at a
+// time (mma_step).
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"

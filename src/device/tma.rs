@@ -1,8 +1,9 @@
-//! Tensor maps for the TMA loads of the Hopper GEMM (`cuda/include/wgmma.cuh`'s `Rows`
-//! operand; the params field is `cuda/params/tma.h`'s `FkTensorMap`).
+//! Tensor maps for the TMA loads of the Hopper GEMM (`cuda/include/wgmma.cuh`'s `Rows` and
+//! `Columns` operands; the params field is `cuda/params/tma.h`'s `FkTensorMap`).
 //!
-//! A map describes one K-contiguous matrix of 16-bit elements, loaded in boxes of 64
-//! elements along K by the tile's rows into the 128-byte swizzle, zeros outside the matrix.
+//! A map describes one matrix of 16-bit elements, loaded in boxes of 64 elements along its
+//! rows (K for `Rows`, the tile's rows for `Columns`) by some of its rows, into the 128-byte
+//! swizzle, zeros outside the matrix.
 //! On a GPU the driver encodes it (`cuTensorMapEncodeTiled`); on the emulator the same 128
 //! bytes hold an `FkEmuTensorMap` that `cuda/emu/tma.cpp` reads. What the driver would
 //! refuse is decided here, once, for both: such a matrix gets no map, and the kernel loads
@@ -14,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::params::{FkEmuTensorMap, FkTensorMap, FK_EMU_TENSOR_MAP_MAGIC};
 use std::ffi::c_void;
 
-/// Elements per box along K: one wgmma stage, 128 bytes (the swizzle's span).
+/// Elements per box along a row: 128 bytes, the swizzle's span (one wgmma stage of K).
 const BOX_K: u32 = 64;
 
 /// A matrix of `rows` rows of `cols` elements, rows `ld` elements apart, loaded in boxes of
@@ -47,8 +48,8 @@ impl TileMap {
 
 impl Device {
     /// The tensor map of `m` for a kernel's TMA loads of `T` (bf16 or f16), or `None` where
-    /// TMA cannot take it (see [`TileMap`]) or the device has no TMA (a GPU
-    /// before sm_90); the kernel loads it through cp.async then.
+    /// TMA cannot take it (see [`TileMap`]) or the device has no TMA (a GPU before sm_90);
+    /// the kernel loads it through cp.async then.
     pub fn tile_map<T: Elem>(&self, m: TileMap) -> Result<Option<FkTensorMap>> {
         let elem_bytes = T::DTYPE.size();
         if !matches!(T::DTYPE, DType::BF16 | DType::F16) {
