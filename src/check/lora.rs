@@ -376,8 +376,14 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     }
     if dev.has_wgmma() {
         // The wgmma path at a shape whose every operand TMA can load (rows a multiple of 8
-        // elements; above, only the realistic shape's are), by TMA and by cp.async.
-        for tile_loads in [TileLoads::Tma, TileLoads::CpAsync] {
+        // elements), by cp.async, and by TMA where the rows above did not already (the
+        // realistic shape's operands all take TMA).
+        let loads: &[TileLoads] = if realistic {
+            &[TileLoads::CpAsync]
+        } else {
+            &[TileLoads::Tma, TileLoads::CpAsync]
+        };
+        for &tile_loads in loads {
             let c = Case {
                 dropout: 0.1,
                 bias: true,

@@ -166,7 +166,8 @@ fn tma_slot(p: &mut LoraParams, bit: u32) -> &mut FkTensorMap {
         params::FK_LORA_TMA_B => &mut p.b_map,
         params::FK_LORA_TMA_DY => &mut p.dy_map,
         params::FK_LORA_TMA_V => &mut p.v_map,
-        _ => &mut p.a_map,
+        params::FK_LORA_TMA_A => &mut p.a_map,
+        _ => unreachable!("tma_maps names only FK_LORA_TMA_* bits"),
     }
 }
 
