@@ -97,6 +97,33 @@ FK_KERNEL_TMA(regdump_tma, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
   if (threadIdx.x == 0) mbarrier_inval(bar);
 }
 
+// regdump_tma in clusters of n blocks (params/regdump.h): block r of a cluster loads rows
+// [c1 + r·box_rows, c1 + (r + 1)·box_rows) into every block of it, so each block's tile holds
+// the n boxes stacked; block b copies its tile out to out[(b · boxes + i) · n · 64 · box_rows].
+FK_KERNEL_TMA(regdump_tma_multicast, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  unsigned char* smem = dyn_smem<unsigned char>();
+  uint16_t* tile = reinterpret_cast<uint16_t*>(smem + shared_align_1024(smem));
+  const uint32_t n = cluster_nctarank(), rank = cluster_ctarank(), part = 64 * p.box_rows, elems = n * part;
+  uint64_t* bar = reinterpret_cast<uint64_t*>(tile + elems);
+  if (threadIdx.x == 0) {
+    mbarrier_init(bar, 1);
+    fence_mbarrier_init();
+  }
+  cluster_sync();  // every block's barrier is initialized before any load names it
+  for (uint32_t i = 0; i < p.boxes; ++i) {
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(bar, elems * 2);
+      tma_load_2d_multicast(tile + rank * part, &p.map, p.c0 + 64 * int32_t(i), p.c1 + int32_t(rank * p.box_rows), bar,
+                            uint16_t((1u << n) - 1));
+    }
+    mbarrier_wait(bar, i % 2);
+    uint16_t* out = p.out + (uint64_t(blockIdx.x) * p.boxes + i) * elems;
+    for (uint32_t e = threadIdx.x; e < elems; e += blockDim.x) out[e] = tile[e];
+    cluster_sync();  // every block's reads are done before the next loads into it
+  }
+  if (threadIdx.x == 0) mbarrier_inval(bar);
+}
+
 FK_KERNEL(regdump_ldmatrix, RegdumpParams) {
   FK_SHARED(tiles, uint16_t[32 * kRowStride]);
   const int lane = threadIdx.x;

@@ -321,7 +321,9 @@ pub fn kernels() -> Vec<Kernel> {
     let mut names: Vec<String> = plan(Target::Sm90a).into_iter().map(|s| s.kernel).collect();
     names.dedup();
     names.push("regdump_rcp_table".into());
-    names.push("regdump_tma".into()); // tested against the PTX ISA's formula (tests/device.rs)
+    // Tested against the PTX ISA's formula (tests/device.rs).
+    names.push("regdump_tma".into());
+    names.push("regdump_tma_multicast".into());
     names
         .into_iter()
         .map(|name| Kernel {
@@ -373,6 +375,7 @@ pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
         grid: (1, 1, 1),
         block: (threads, 1, 1),
         shared_bytes: 0,
+        cluster: (1, 1, 1),
     };
     let kernel = Kernel {
         module: MODULE,

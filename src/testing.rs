@@ -105,9 +105,11 @@ pub fn random_support(rng: &mut impl Rng, numel: u64, k: usize) -> Vec<u64> {
     picked.into_iter().map(|i| i as u64).collect()
 }
 
-/// Runs `kernel`, a kernel on [`crate::params::RegdumpTmaParams`] (`regdump_tma`, or an
-/// emulator test kernel), in one block over `boxes` TMA loads of `map`'s box of 64 ×
-/// `box_rows` at (`c0` + 64·i, `c1`); returns what each load left in shared memory (the
+/// Runs `kernel`, a kernel on [`crate::params::RegdumpTmaParams`] (`regdump_tma`,
+/// `regdump_tma_multicast`, or an emulator test kernel), over `boxes` TMA loads of `map`'s
+/// box of 64 × `box_rows` at (`c0` + 64·i, `c1`), in one cluster of `cluster` blocks along x
+/// (1: one block, no cluster), each block's tile `cluster` boxes tall; returns what each load
+/// left in each block's shared memory (block b's i-th tile at (b · boxes + i) · tile; the
 /// output is poisoned beforehand), or the launch's error.
 pub fn tma_boxes(
     dev: &Device,
@@ -116,9 +118,10 @@ pub fn tma_boxes(
     (c0, c1): (i32, i32),
     box_rows: u32,
     boxes: u32,
+    cluster: u32,
 ) -> crate::Result<Vec<u16>> {
-    let elems = 64 * box_rows;
-    let mut out = dev.alloc_poisoned::<crate::bf16>((elems * boxes) as usize)?;
+    let tile = 64 * box_rows * cluster;
+    let mut out = dev.alloc_poisoned::<crate::bf16>((tile * boxes * cluster) as usize)?;
     let p = crate::params::RegdumpTmaParams {
         map,
         out: out.ptr_mut() as *mut u16,
@@ -128,12 +131,13 @@ pub fn tma_boxes(
         boxes,
     };
     let cfg = crate::device::LaunchConfig {
-        grid: (1, 1, 1),
+        grid: (cluster, 1, 1),
         block: (crate::params::FK_REGDUMP_TMA_THREADS, 1, 1),
-        shared_bytes: elems * 2 + 1024 + 8,
+        shared_bytes: tile * 2 + 1024 + 8,
+        cluster: (cluster, 1, 1),
     };
-    // SAFETY: the kernels write at most elems · boxes elements of out and read global memory
-    // only through the map, which the caller encoded over a live buffer.
+    // SAFETY: the kernels write at most tile · boxes elements of out per block and read
+    // global memory only through the map, which the caller encoded over a live buffer.
     unsafe { dev.launch(kernel, cfg, &p)? };
     Ok(out.to_host()?.iter().map(|x| x.to_bits()).collect())
 }

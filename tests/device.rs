@@ -151,7 +151,9 @@ fn tma_devices() -> Vec<finetune_kernels::Device> {
 /// it shows that the driver-encoded map means what the emulator's does): element (r, e) of
 /// the box (matrix element (c1 + r, c0 + e), zero outside the matrix, negative coordinates
 /// included) at byte 2·(64r + e) of the tile with address bits 4-6 XORed with bits 7-9 (the
-/// 128-byte swizzle); consecutive phases of one barrier alternate parity. Against the
+/// 128-byte swizzle); consecutive phases of one barrier alternate parity. Multicast to a
+/// cluster of 2 or 4 blocks, each loading its box below the previous rank's into all: every
+/// block's tile holds all the boxes, the rank-r box at row r · box_rows. Against the
 /// formula, at random shapes and every corner of the matrix.
 #[test]
 fn tma_loads_follow_the_ptx_isa() {
@@ -174,39 +176,51 @@ fn tma_loads_follow_the_ptx_isa() {
             })
             .unwrap()
             .expect("an aligned matrix has a map");
-        let kernel = Kernel {
-            module: "regdump",
-            name: "regdump_tma".into(),
-        };
-        for (c0, c1) in [
-            (0, 0),
-            (-8, -5),
-            (cols as i32 - 30, rows as i32 - 7),
-            (
-                rng.random_range(-64..cols as i32),
-                rng.random_range(-300..rows as i32),
-            ),
+        for (name, cluster) in [
+            ("regdump_tma", 1u32),
+            ("regdump_tma_multicast", 2),
+            ("regdump_tma_multicast", 4),
         ] {
-            let boxes = 3;
-            let out = tma_boxes(&dev, &kernel, map, (c0, c1), box_rows, boxes).unwrap();
-            let elems = 64 * box_rows as usize;
-            for i in 0..boxes as usize {
-                for r in 0..box_rows as usize {
-                    for e in 0..64 {
-                        let (y, x) = (c1 as i64 + r as i64, c0 as i64 + 64 * i as i64 + e as i64);
-                        let inside = (0..rows as i64).contains(&y) && (0..cols as i64).contains(&x);
-                        let want = if inside {
-                            host[y as usize * ld + x as usize].to_bits()
-                        } else {
-                            0
-                        };
-                        let logical = 2 * (64 * r + e);
-                        let physical = logical ^ (((logical >> 7) & 7) << 4);
-                        assert_eq!(
-                            out[i * elems + physical / 2],
-                            want,
-                            "{dev:?}: box {i} at ({c0}, {c1}) of {rows}x{cols} (ld {ld}), element ({r}, {e})"
-                        );
+            let kernel = Kernel {
+                module: "regdump",
+                name: name.into(),
+            };
+            for (c0, c1) in [
+                (0, 0),
+                (-8, -5),
+                (cols as i32 - 30, rows as i32 - 7),
+                (
+                    rng.random_range(-64..cols as i32),
+                    rng.random_range(-300..rows as i32),
+                ),
+            ] {
+                let boxes = 3;
+                let out =
+                    tma_boxes(&dev, &kernel, map, (c0, c1), box_rows, boxes, cluster).unwrap();
+                let tile_rows = (box_rows * cluster) as usize;
+                let tile = 64 * tile_rows;
+                for (b, i) in
+                    (0..cluster as usize).flat_map(|b| (0..boxes as usize).map(move |i| (b, i)))
+                {
+                    for r in 0..tile_rows {
+                        for e in 0..64 {
+                            let (y, x) =
+                                (c1 as i64 + r as i64, c0 as i64 + 64 * i as i64 + e as i64);
+                            let inside =
+                                (0..rows as i64).contains(&y) && (0..cols as i64).contains(&x);
+                            let want = if inside {
+                                host[y as usize * ld + x as usize].to_bits()
+                            } else {
+                                0
+                            };
+                            let logical = 2 * (64 * r + e);
+                            let physical = logical ^ (((logical >> 7) & 7) << 4);
+                            assert_eq!(
+                                out[(b * boxes as usize + i) * tile + physical / 2],
+                                want,
+                                "{dev:?} {name}: block {b}, box {i} at ({c0}, {c1}) of {rows}x{cols} (ld {ld}), element ({r}, {e})"
+                            );
+                        }
                     }
                 }
             }

@@ -68,6 +68,7 @@ fn run_grid(
         grid: (blocks, 1, 1),
         block: (threads, 1, 1),
         shared_bytes: smem_floats * 4,
+        cluster: (1, 1, 1),
     };
     let k = Kernel {
         module: "emu_tests",
@@ -84,7 +85,7 @@ fn random(n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
 }
 
-fn expect_error(r: Result<Vec<f32>, Error>, needle: &str) {
+fn expect_error<T: std::fmt::Debug>(r: Result<Vec<T>, Error>, needle: &str) {
     match r {
         Err(Error::Emulator(msg)) => assert!(
             msg.contains(needle),
@@ -320,6 +321,7 @@ fn launches_a_gpu_would_refuse_are_errors() {
         grid: (1, 1, 1),
         block: (1, 1, 1),
         shared_bytes: 4,
+        cluster: (1, 1, 1),
     };
     // SAFETY: refused before the kernel could read it.
     let r = unsafe { dev.launch(&k, cfg, &0u8) };
@@ -419,6 +421,7 @@ fn mma_bf16_follows_the_ptx_isa_formulas() {
             grid: (1, 1, 1),
             block: (32, 1, 1),
             shared_bytes: 0,
+            cluster: (1, 1, 1),
         };
         // SAFETY: the kernel reads 32 x 10 words and writes 32 x 4.
         unsafe { dev.launch(&k, cfg, &p).unwrap() };
@@ -495,7 +498,7 @@ fn tma_and_mbarrier_bugs_are_caught() {
             module: "emu_tests",
             name: name.into(),
         };
-        tma_boxes(dev, &k, map, (0, 0), 64, 1)
+        tma_boxes(dev, &k, map, (0, 0), 64, 1, 1)
     };
     for s in schedules() {
         let out = run(&emu(s), "emu_test_tma_before_wait").unwrap();
@@ -519,6 +522,71 @@ fn tma_and_mbarrier_bugs_are_caught() {
             }
             other => panic!("{kernel}: expected an emulator error, got {other:?}"),
         }
+    }
+}
+
+/// Planted cluster bugs (beside `regdump_tma_multicast`, tested in tests/device.rs). Under
+/// the forward and reverse schedules a block runs ahead of its peer as far as its own
+/// barriers let it: a block-wide barrier where the cluster's is needed shows, as a load
+/// naming a peer's barrier before the peer initialized it, or as a peer's next load
+/// overwriting a tile still being read (a wrong tile or a phase's bytes never adding up). A
+/// mask naming a block outside the cluster and a block exiting while its peers wait at the
+/// cluster barrier are errors under every schedule; the correct kernel passes under all.
+#[test]
+fn cluster_bugs_are_caught() {
+    let (rows, box_rows, boxes) = (32usize, 16u32, 3u32);
+    let host: Vec<bf16> = (0..rows * 256)
+        .map(|i| bf16::from_f32((i % 251) as f32))
+        .collect();
+    let dev = emu(Schedule::Forward);
+    let matrix = dev.upload(&host).unwrap();
+    let map = dev
+        .tile_map::<bf16>(TileMap {
+            ptr: matrix.ptr(),
+            cols: 256,
+            rows,
+            ld: 256,
+            box_rows,
+        })
+        .unwrap()
+        .unwrap();
+    let run = |dev: &Device, module: &'static str, name: &str| {
+        let k = Kernel {
+            module,
+            name: name.into(),
+        };
+        tma_boxes(dev, &k, map, (0, 0), box_rows, boxes, 2)
+    };
+    let good = run(&dev, "regdump", "regdump_tma_multicast").unwrap();
+    for s in schedules() {
+        assert_eq!(
+            run(&emu(s), "regdump", "regdump_tma_multicast").unwrap(),
+            good,
+            "{s:?}"
+        );
+    }
+    for s in [Schedule::Forward, Schedule::Reverse] {
+        expect_error(
+            run(&emu(s), "emu_tests", "emu_test_multicast_no_init_sync"),
+            "no mbarrier was initialized",
+        );
+        match run(&emu(s), "emu_tests", "emu_test_multicast_no_reuse_sync") {
+            Ok(out) => assert_ne!(
+                out, good,
+                "{s:?}: a tile overwritten while read went unseen"
+            ),
+            Err(e) => assert!(matches!(e, Error::Emulator(_)), "{s:?}: {e:?}"),
+        }
+    }
+    for s in schedules() {
+        expect_error(
+            run(&emu(s), "emu_tests", "emu_test_multicast_mask_outside"),
+            "names a block outside the cluster",
+        );
+        expect_error(
+            run(&emu(s), "emu_tests", "emu_test_cluster_exit_early"),
+            "exited while others wait at the cluster barrier",
+        );
     }
 }
 

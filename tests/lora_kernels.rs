@@ -24,13 +24,12 @@ proptest! {
     fn forward_and_backward_match_the_reference(
         seed in any::<u64>(), m in 1usize..150, d_in in 1usize..150, d_out in 1usize..150, rank in 1usize..40,
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
-        scratch in any::<bool>(), cp_async in any::<bool>(),
+        scratch in any::<bool>(), tile_loads in prop_oneof![Just(TileLoads::Tma), Just(TileLoads::TmaMulticast), Just(TileLoads::CpAsync)],
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)],
     ) {
         for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let tile_loads = if cp_async { TileLoads::CpAsync } else { TileLoads::Tma };
                 let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, nf4_decode, tile_loads, timed: false, path: Some(path), k_splits };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
@@ -99,9 +98,11 @@ fn aligned_shapes_large_ranks_and_many_splits() {
 /// The wgmma path's forward and dX past their pipeline's depth (K steps of 64 that reuse
 /// every stage several times), with partial row and column tiles, through TMA (rows a
 /// multiple of 8 elements: the operands of the first, third and fourth shapes but dY of
-/// widths 300 and 1100), cp.async (the third shape again, with TMA off) and plain loads (odd
-/// widths and ranks); over an NF4 base, both its decoders (runs of 16 when `in` is a multiple
-/// of 16, any shape otherwise).
+/// widths 300 and 1100), TMA with B shared by clusters of two (the fifth shape: three row
+/// tiles in the forward, so its last pair has a block past the rows; over NF4, unshared),
+/// cp.async (the third shape again, with TMA off) and plain loads (odd widths and ranks);
+/// over an NF4 base, both its decoders (runs of 16 when `in` is a multiple of 16, any shape
+/// otherwise).
 #[test]
 fn wgmma_path_over_many_stages() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
@@ -110,11 +111,20 @@ fn wgmma_path_over_many_stages() {
             (131, 777, 263, 13, 0.0, false, false, TileLoads::Tma),
             (5, 2048, 256, 64, 0.0, true, false, TileLoads::Tma),
             (5, 2048, 256, 64, 0.0, true, false, TileLoads::CpAsync),
-            (300, 136, 1100, 8, 0.2, false, false, TileLoads::Tma),
+            (
+                300,
+                136,
+                1100,
+                8,
+                0.2,
+                false,
+                false,
+                TileLoads::TmaMulticast,
+            ),
             (140, 1008, 300, 16, 0.1, true, true, TileLoads::Tma),
             (131, 777, 263, 13, 0.0, false, true, TileLoads::Tma),
             (5, 2048, 256, 64, 0.0, true, true, TileLoads::CpAsync),
-            (300, 144, 1100, 8, 0.2, false, true, TileLoads::Tma),
+            (300, 144, 1100, 8, 0.2, false, true, TileLoads::TmaMulticast),
         ] {
             let c = Case {
                 dropout,
@@ -131,12 +141,14 @@ fn wgmma_path_over_many_stages() {
     }
 }
 
-/// TMA and cp.async bring the same tiles: the wgmma path's outputs agree bit for bit with
-/// either (the same wgmmas in the same order over the same values), at a shape whose every
-/// operand TMA loads, with partial tiles in every direction. On a GPU this is what shows that
-/// the tensor maps mean to the driver what they mean to the emulator.
+/// TMA, TMA multicast to clusters of two and cp.async bring the same tiles: the wgmma path's
+/// outputs agree bit for bit with each (the same wgmmas in the same order over the same
+/// values), at a shape whose every operand TMA loads, with partial tiles in every direction
+/// (dX's five column tiles make three pairs, the last with a block past the columns). On a
+/// GPU this is what shows that the tensor maps and the clusters mean to the driver what they
+/// mean to the emulator.
 #[test]
-fn tma_and_cp_async_load_the_same_tiles() {
+fn tma_multicast_and_cp_async_load_the_same_tiles() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
         let mut rng = StdRng::seed_from_u64(rand::random());
         let (m, d_in, d_out, rank) = (136, 584, 264, 24);
@@ -175,10 +187,14 @@ fn tma_and_cp_async_load_the_same_tiles() {
         };
         let layer = layer.with_tile_loads(TileLoads::Tma);
         let (y_tma, dx_tma) = run(&layer);
+        let layer = layer.with_tile_loads(TileLoads::TmaMulticast);
+        let (y_mc, dx_mc) = run(&layer);
         let (y_cp, dx_cp) = run(&layer.with_tile_loads(TileLoads::CpAsync));
         let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&y_tma), bits(&y_cp), "forward on {dev:?}");
         assert_eq!(bits(&dx_tma), bits(&dx_cp), "dX on {dev:?}");
+        assert_eq!(bits(&y_mc), bits(&y_cp), "forward, multicast, on {dev:?}");
+        assert_eq!(bits(&dx_mc), bits(&dx_cp), "dX, multicast, on {dev:?}");
         assert!(y_tma.iter().all(|v| v.to_f32().is_finite()));
     }
 }

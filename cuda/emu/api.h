@@ -43,10 +43,12 @@ typedef struct FkEmuTensorMap {
 extern "C" {
 #endif
 
-/* Runs kernel `name` over the grid on the host. Returns 0, or 1 with a message in `err`
+/* Runs kernel `name` over the grid on the host, in clusters of `cluster` blocks ({1, 1, 1}:
+ * no clusters), the blocks of a cluster together. Returns 0, or 1 with a message in `err`
  * (a kernel bug the emulator caught, or a launch the GPU would refuse). */
-int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t dynamic_smem,
-                  const void* params, uint64_t params_size, const FkEmuOptions* options, char* err, uint64_t err_len);
+int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], const uint32_t cluster[3],
+                  uint32_t dynamic_smem, const void* params, uint64_t params_size, const FkEmuOptions* options, char* err,
+                  uint64_t err_len);
 
 /* The numeric conversions, as CUDA performs them, for the exhaustive tests. */
 uint32_t fk_emu_from_f32(uint32_t format, float x);

@@ -253,3 +253,9 @@ void fk_emu_mbarrier_inval(uint64_t* bar);
 void fk_emu_mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes);
 void fk_emu_mbarrier_wait(uint64_t* bar, uint32_t parity);
 void fk_emu_tma_load_2d(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar);
+// Clusters (runtime.cpp, tma.cpp): a multicast load lands at dst's offset in the shared memory
+// of every block of the cluster in `mask`, counted off the barrier at bar's offset in each.
+void fk_emu_tma_load_2d_multicast(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar, uint16_t mask);
+unsigned fk_emu_cluster_ctarank();
+unsigned fk_emu_cluster_nctarank();
+void fk_emu_cluster_sync();

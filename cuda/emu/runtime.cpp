@@ -1,11 +1,11 @@
 // runtime.cpp: kernel registry, launch, fibers and the block scheduler (DESIGN.md §5).
 //
-// A block runs on one OS thread: one fiber per GPU thread, switched by fk_emu_switch
-// (switch.S) on pooled mmap'd stacks with a guard page. Fibers run, in an order drawn from
-// the schedule, until each blocks at a barrier or collective or exits; when none can run,
-// the scheduler releases the barrier or collective whose participants have all arrived,
-// after checking they agree on call site and mask. Anything else is a kernel bug, reported
-// with every thread's state; nothing hangs.
+// A cluster of blocks (one block without a cluster launch) runs on one OS thread: one fiber
+// per GPU thread, switched by fk_emu_switch (switch.S) on pooled mmap'd stacks with a guard
+// page. Fibers run, in an order drawn from the schedule, until each blocks at a barrier or
+// collective or exits; when none can run, the scheduler releases the barrier or collective
+// whose participants have all arrived, after checking they agree on call site and mask.
+// Anything else is a kernel bug, reported with every thread's state; nothing hangs.
 #include "runtime.h"
 
 #include <sys/mman.h>
@@ -14,7 +14,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstring>
+#include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -91,14 +94,44 @@ struct ReadySet {
   }
 };
 
-// One block in flight on this OS thread. A failing fiber records its message in `error`.
+// A block's dynamic shared memory, 1024-byte aligned as on a GPU, where it starts at the same
+// address in every block: offsets that kernels align to 1024 bytes are then the same in every
+// block of a cluster, as multicast needs.
+class DynamicShared {
+ public:
+  // Fresh memory of `bytes`, every byte `fill`; exactly that long, so that AddressSanitizer
+  // sees an access past its end. False if the allocation fails.
+  bool assign(size_t bytes, unsigned char fill) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 1024, std::max<size_t>(bytes, 1)) != 0) return false;
+    data_.reset(static_cast<unsigned char*>(p));
+    size_ = bytes;
+    std::memset(p, fill, bytes);
+    return true;
+  }
+  unsigned char* data() { return data_.get(); }
+  const unsigned char* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  std::unique_ptr<unsigned char, Free> data_;
+  size_t size_ = 0;
+};
+
+// One block in flight on this OS thread (with the rest of its cluster). A failing fiber
+// records its message in `error`.
 struct Block {
+  uint3 idx{};        // its blockIdx
+  unsigned rank = 0;  // %cluster_ctarank
   const KernelInfo* info = nullptr;
   const void* params = nullptr;
   std::vector<Fiber> fibers;
   ReadySet ready;
   void* scheduler_sp = nullptr;
-  std::vector<unsigned char> smem;
+  DynamicShared smem;
   std::string error;
   uint32_t schedule = FK_EMU_SCHEDULE_FORWARD;
   std::mt19937_64 rng;
@@ -111,6 +144,7 @@ struct Block {
 
 thread_local Block* t_block = nullptr;
 thread_local Fiber* t_fiber = nullptr;
+thread_local std::vector<Block>* t_cluster = nullptr;  // t_block's cluster, in rank order
 
 // ---- stacks -------------------------------------------------------------------------------
 
@@ -241,16 +275,17 @@ const char* op_name(WarpOp op) {
   return "?";
 }
 
-std::string describe(const Fiber& f) {
+std::string describe(const Block& b, const Fiber& f) {
   std::ostringstream o;
   switch (f.state) {
     case State::ready: o << "runnable"; break;
     case State::exited: o << "exited"; break;
     case State::block_wait: o << "waiting at __syncthreads " << f.site.file << ":" << f.site.line; break;
+    case State::cluster_wait: o << "waiting at the cluster barrier " << f.site.file << ":" << f.site.line; break;
     case State::mbarrier_wait: {
       o << "waiting on the mbarrier at " << f.address << " for its phase of parity " << f.parity;
-      const auto it = t_block->mbarriers.find(f.address);
-      if (it == t_block->mbarriers.end()) o << " (not initialized)";
+      const auto it = b.mbarriers.find(f.address);
+      if (it == b.mbarriers.end()) o << " (not initialized)";
       else o << " (" << it->second.phase << " phases done; " << it->second.pending << " arrivals and "
              << it->second.tx << " bytes pending)";
       break;
@@ -267,9 +302,9 @@ std::string thread_table(const Block& b) {
   std::ostringstream o;
   size_t i = 0;
   while (i < b.fibers.size()) {
-    std::string what = describe(b.fibers[i]);
+    std::string what = describe(b, b.fibers[i]);
     size_t j = i;
-    while (j + 1 < b.fibers.size() && describe(b.fibers[j + 1]) == what) ++j;
+    while (j + 1 < b.fibers.size() && describe(b, b.fibers[j + 1]) == what) ++j;
     o << "\n    threads " << i << (j > i ? "-" + std::to_string(j) : "") << ": " << what;
     i = j + 1;
   }
@@ -337,7 +372,7 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released, bool eager
       if (eager) return true;
       std::ostringstream why;
       why << "lane " << lane << " of warp " << warp << " waits at " << op_name(f.op) << " " << f.site.file << ":"
-          << f.site.line << " for lane " << l << ", which is " << describe(o) << " (divergent or mismatched collective)";
+          << f.site.line << " for lane " << l << ", which is " << describe(b, o) << " (divergent or mismatched collective)";
       block_error(b, why.str());
       return false;
     }
@@ -425,6 +460,41 @@ bool release_block_barrier(Block& b, bool* released) {
   return true;
 }
 
+// Releases the cluster barrier once every live thread of every block of the cluster waits
+// there. False on a bug (recorded on the first block).
+bool release_cluster_barrier(std::vector<Block>& blocks, bool* released) {
+  const Fiber* first = nullptr;
+  size_t exited = 0, waiting = 0, threads = 0;
+  for (Block& b : blocks) {
+    threads += b.fibers.size();
+    for (const Fiber& f : b.fibers) {
+      if (f.state == State::exited) ++exited;
+      if (f.state != State::cluster_wait) continue;
+      ++waiting;
+      if (!first) first = &f;
+      if (!same_site(f.site, first->site)) {
+        block_error(b, "divergent cluster barrier: threads wait at different call sites");
+        return false;
+      }
+    }
+  }
+  if (!first) return true;
+  if (exited > 0) {
+    block_error(blocks[0], std::to_string(exited) + " thread(s) of the cluster exited while others wait at the cluster barrier " +
+                               first->site.file + ":" + std::to_string(first->site.line));
+    return false;
+  }
+  if (waiting < threads) return true;  // threads still on their way
+  for (Block& b : blocks) {
+    for (Fiber& f : b.fibers) {
+      f.state = State::ready;
+      b.ready.add(f.linear);
+    }
+  }
+  *released = true;
+  return true;
+}
+
 // Releases every thread waiting on an mbarrier whose phase can complete, landing its TMA
 // loads: only now, when no thread can run, so that a tile read before its wait is poison.
 void release_mbarriers(Block& b, bool* released) {
@@ -436,59 +506,123 @@ void release_mbarriers(Block& b, bool* released) {
   }
 }
 
-// Runs one block to completion. Returns false with b.error set on a kernel bug.
-bool run_block(Block& b, size_t stack_size) {
+// Makes `b` the running block (its fibers reach their block's state through t_block).
+void select(Block& b) {
+  t_block = &b;
+  blockIdx = b.idx;
+}
+
+// Releases what block b's threads wait on, once none of them can run: a warp collective,
+// else its __syncthreads, else its mbarriers (landing their loads). False on a bug.
+bool release_block(Block& b, bool* released) {
+  select(b);
+  if (!release_warps(b, released)) return false;
+  if (!*released && !release_block_barrier(b, released)) return false;
+  if (!*released) release_mbarriers(b, released);
+  return true;
+}
+
+// The next fiber to run per the schedule, its block selected; null if none can (or on a bug:
+// *ok false). Forward and reverse take the cluster's blocks in rank order (or reversed) and
+// release what a block's threads wait on as soon as none of them can run, before a later
+// block runs: a block runs ahead of its peers as far as it can, so that a missing cluster
+// barrier shows. Random draws among every thread that can run.
+Fiber* pick(std::vector<Block>& blocks, bool* ok) {
+  Block& first = blocks[0];
+  if (first.schedule == FK_EMU_SCHEDULE_RANDOM) {
+    int ready = 0;
+    for (const Block& b : blocks) ready += b.ready.count;
+    if (ready == 0) return nullptr;
+    int n = static_cast<int>(first.rng() % ready);
+    for (Block& b : blocks) {
+      if (n < b.ready.count) return select(b), &b.fibers[b.ready.nth(n)];
+      n -= b.ready.count;
+    }
+  }
+  const bool forward = first.schedule == FK_EMU_SCHEDULE_FORWARD;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    Block& b = blocks[forward ? i : blocks.size() - 1 - i];
+    bool released = false;
+    if (b.ready.count == 0 && !release_block(b, &released)) return *ok = false, nullptr;
+    if (b.ready.count > 0) return select(b), &b.fibers[forward ? b.ready.first() : b.ready.last()];
+  }
+  return nullptr;
+}
+
+// The first block with an error, or null.
+Block* failed_block(std::vector<Block>& blocks) {
+  for (Block& b : blocks)
+    if (!b.error.empty()) return &b;
+  return nullptr;
+}
+
+// Runs one cluster's blocks to completion. Returns false with the error set on a block on a
+// kernel bug.
+bool run_cluster(std::vector<Block>& blocks, size_t stack_size) {
+  size_t fibers = 0;
+  for (const Block& b : blocks) fibers += b.fibers.size();
   std::vector<void*> stacks;
-  if (!g_stacks.take(stack_size, b.fibers.size(), stacks)) {
+  if (!g_stacks.take(stack_size, fibers, stacks)) {
     g_stacks.give(stack_size, stacks);
-    b.error = "could not map the fiber stacks";
+    blocks[0].error = "could not map the fiber stacks";
     return false;
   }
-  for (size_t i = 0; i < b.fibers.size(); ++i) init_fiber(b.fibers[i], stacks[i], stack_size);
-  b.ready.reset(b.fibers.size());
-  for (Fiber& f : b.fibers) b.ready.add(f.linear);
+  size_t next_stack = 0;
+  for (Block& b : blocks) {
+    for (Fiber& f : b.fibers) init_fiber(f, stacks[next_stack++], stack_size);
+    b.ready.reset(b.fibers.size());
+    for (const Fiber& f : b.fibers) b.ready.add(f.linear);
+  }
+  t_cluster = &blocks;
   bool ok = true;
   for (;;) {
-    if (b.ready.count > 0) {
+    if (Fiber* f = pick(blocks, &ok)) {
       // A warp collective releases as soon as its lanes are in, so under a forward or
       // reverse schedule one warp runs far ahead of the others up to the next
       // __syncthreads: races between warps show, not only races within one.
-      const int next = b.schedule == FK_EMU_SCHEDULE_FORWARD   ? b.ready.first()
-                       : b.schedule == FK_EMU_SCHEDULE_REVERSE ? b.ready.last()
-                                                               : b.ready.nth(static_cast<int>(b.rng() % b.ready.count));
-      Fiber& f = b.fibers[next];
-      t_fiber = &f;
-      threadIdx = f.tid;
-      enter(b, f);
-      b.ready.remove(f.linear);  // it blocked or exited
+      Block& b = *t_block;
+      t_fiber = f;
+      threadIdx = f->tid;
+      enter(b, *f);
+      b.ready.remove(f->linear);  // it blocked or exited
       bool released = false;
-      if (b.error.empty() && f.state == State::warp_wait) release_warp_group(b, f, f.linear / 32, &released, true);
+      if (b.error.empty() && f->state == State::warp_wait) release_warp_group(b, *f, f->linear / 32, &released, true);
       if (!b.error.empty()) {
         ok = false;
         break;
       }
       continue;
     }
-    bool all_exited = std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::exited; });
+    if (!ok) break;
+    bool all_exited = true;
+    for (const Block& b : blocks)
+      for (const Fiber& f : b.fibers) all_exited = all_exited && f.state == State::exited;
     if (all_exited) {
-      for (const auto& [bar, m] : b.mbarriers)
-        if (!m.loads.empty()) block_error(b, "the block ended with TMA loads no thread waited for");
-      ok = b.error.empty();
+      for (Block& b : blocks)
+        for (const auto& [bar, m] : b.mbarriers)
+          if (!m.loads.empty()) block_error(b, "the block ended with TMA loads no thread waited for");
+      ok = !failed_block(blocks);
       break;
     }
     bool released = false;
-    if (!release_warps(b, &released) || (!released && !release_block_barrier(b, &released))) {
+    for (size_t r = 0; ok && !released && r < blocks.size(); ++r) ok = release_block(blocks[r], &released);
+    if (ok && !released) ok = release_cluster_barrier(blocks, &released);
+    if (ok && !released) {
+      const std::string what = "deadlock: no thread can run and no barrier can release";
+      if (blocks.size() == 1) {
+        block_error(blocks[0], what);
+      } else {
+        blocks[0].error = what;
+        for (const Block& b : blocks)
+          blocks[0].error += "\n  block (" + std::to_string(b.idx.x) + ", " + std::to_string(b.idx.y) + ", " +
+                             std::to_string(b.idx.z) + ") of the cluster:" + thread_table(b);
+      }
       ok = false;
-      break;
     }
-    if (!released) release_mbarriers(b, &released);
-    if (!released) {
-      block_error(b, "deadlock: no thread can run and no barrier can release");
-      ok = false;
-      break;
-    }
+    if (!ok) break;
   }
   t_fiber = nullptr;
+  t_cluster = nullptr;
   g_stacks.give(stack_size, stacks);
   return ok;
 }
@@ -536,7 +670,7 @@ void* block_shared(const void* key, size_t bytes) {
 std::map<const void*, MBarrier>& block_mbarriers() { return t_block->mbarriers; }
 
 bool in_block_shared(const void* p, size_t bytes) {
-  const auto inside = [&](const std::vector<unsigned char>& s) {
+  const auto inside = [&](const auto& s) {
     const auto* c = static_cast<const unsigned char*>(p);
     return c >= s.data() && c + bytes <= s.data() + s.size();
   };
@@ -549,7 +683,7 @@ bool in_block_shared(const void* p, size_t bytes) {
 // The byte offset of [p, p + bytes) in the dynamic shared memory, or -1 if it is not there.
 static ptrdiff_t smem_offset(const void* p, size_t bytes) {
   const auto* c = static_cast<const unsigned char*>(p);
-  const std::vector<unsigned char>& s = t_block->smem;
+  const DynamicShared& s = t_block->smem;
   return c >= s.data() && c + bytes <= s.data() + s.size() ? c - s.data() : -1;
 }
 
@@ -607,6 +741,29 @@ uint64_t warp_collective(Site site, WarpOp op, unsigned mask, uint64_t value, in
   return f->result;
 }
 
+void wait_at_cluster_barrier(Site site) {
+  Fiber* f = t_fiber;
+  f->state = State::cluster_wait;
+  f->site = site;
+  yield();
+}
+
+unsigned cluster_size() { return static_cast<unsigned>(t_cluster->size()); }
+unsigned cluster_rank() { return t_block->rank; }
+
+unsigned char* cluster_shared(const void* p, size_t bytes, unsigned rank) {
+  const ptrdiff_t at = smem_offset(p, bytes);
+  if (at < 0 || rank >= t_cluster->size()) return nullptr;
+  return (*t_cluster)[rank].smem.data() + at;
+}
+
+std::map<const void*, MBarrier>& cluster_mbarriers(unsigned rank) { return (*t_cluster)[rank].mbarriers; }
+
+bool cluster_block_exited(unsigned rank) {
+  const Block& b = (*t_cluster)[rank];
+  return std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::exited; });
+}
+
 unsigned active_mask() {
   const Block& b = *t_block;
   const unsigned warp = t_fiber->linear / 32;
@@ -623,9 +780,9 @@ using namespace fk_emu;
 // MUFU.RCP depends on a 1 MiB table recorded on a GPU; the model lives in Rust.
 float fk_emu_rcp_approx_ftz(float x) { return t_block->rcp_approx_ftz(x); }
 
-extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], uint32_t dynamic_smem,
-                             const void* params, uint64_t params_size, const FkEmuOptions* options, char* err,
-                             uint64_t err_len) {
+extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], const uint32_t cluster[3],
+                             uint32_t dynamic_smem, const void* params, uint64_t params_size, const FkEmuOptions* options,
+                             char* err, uint64_t err_len) {
   auto fail_launch = [&](const std::string& msg) {
     std::snprintf(err, err_len, "%s", msg.c_str());
     return 1;
@@ -644,6 +801,11 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
     bad << "block of " << threads << " threads exceeds the kernel's __launch_bounds__ of " << info.max_threads;
   else if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7FFFFFFFu || grid[1] > 65535 || grid[2] > 65535)
     bad << "grid (" << grid[0] << ", " << grid[1] << ", " << grid[2] << ") is outside the GPU's limits";
+  else if (cluster[0] == 0 || cluster[1] == 0 || cluster[2] == 0 || uint64_t(cluster[0]) * cluster[1] * cluster[2] > 8)
+    bad << "cluster (" << cluster[0] << ", " << cluster[1] << ", " << cluster[2] << ") is outside the portable limits (1 to 8 blocks)";
+  else if (grid[0] % cluster[0] || grid[1] % cluster[1] || grid[2] % cluster[2])
+    bad << "grid (" << grid[0] << ", " << grid[1] << ", " << grid[2] << ") is not a whole number of clusters (" << cluster[0]
+        << ", " << cluster[1] << ", " << cluster[2] << ")";
   else if (dynamic_smem > 227 * 1024)
     bad << "dynamic shared memory " << dynamic_smem << " bytes exceeds the 227 KiB a block can opt into";
   if (!bad.str().empty()) return fail_launch(std::string(name) + ": " + bad.str());
@@ -651,9 +813,11 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
 
   const FkEmuOptions opt = *options;
   const size_t stack_size = opt.stack_bytes ? (opt.stack_bytes + kPage - 1) / kPage * kPage : size_t(256) << 10;
-  const uint64_t blocks = uint64_t(grid[0]) * grid[1] * grid[2];
-  std::vector<uint64_t> order(blocks);
-  for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+  const uint32_t cluster_grid[3] = {grid[0] / cluster[0], grid[1] / cluster[1], grid[2] / cluster[2]};
+  const uint64_t clusters = uint64_t(cluster_grid[0]) * cluster_grid[1] * cluster_grid[2];
+  const uint32_t cluster_blocks = cluster[0] * cluster[1] * cluster[2];
+  std::vector<uint64_t> order(clusters);
+  for (uint64_t i = 0; i < clusters; ++i) order[i] = i;
   if (opt.schedule == FK_EMU_SCHEDULE_REVERSE) std::reverse(order.begin(), order.end());
   if (opt.schedule == FK_EMU_SCHEDULE_RANDOM) std::shuffle(order.begin(), order.end(), std::mt19937_64(opt.seed));
 
@@ -662,39 +826,51 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
   std::mutex error_lock;
   std::string first_error;
   auto worker = [&]() {
-    Block b;
-    b.info = &info;
-    b.params = params;
-    b.schedule = opt.schedule;
-    b.rcp_approx_ftz = opt.rcp_approx_ftz;
-    t_block = &b;
+    std::vector<Block> blocks(cluster_blocks);
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block[0], block[1], block[2]};
-    for (uint64_t k; !failed.load() && (k = next.fetch_add(1)) < blocks;) {
+    for (uint64_t k; !failed.load() && (k = next.fetch_add(1)) < clusters;) {
       const uint64_t id = order[k];
-      blockIdx = uint3{unsigned(id % grid[0]), unsigned(id / grid[0] % grid[1]), unsigned(id / grid[0] / grid[1])};
-      b.fibers.assign(threads, Fiber{});
-      for (unsigned t = 0; t < threads; ++t)
-        b.fibers[t].tid = uint3{t % block[0], t / block[0] % block[1], t / block[0] / block[1]}, b.fibers[t].linear = t;
-      b.smem.assign(dynamic_smem, 0xFF);  // poison: NaN in every float type
-      b.shared.clear();                   // FK_SHARED storage: fresh poison at first use
-      b.mbarriers.clear();
-      b.unfenced.assign(dynamic_smem, 0);
-      b.error.clear();
-      b.rng.seed(splitmix(opt.seed ^ splitmix(id)));
-      if (!run_block(b, stack_size)) {
+      const uint64_t cx = id % cluster_grid[0], cy = id / cluster_grid[0] % cluster_grid[1], cz = id / cluster_grid[0] / cluster_grid[1];
+      for (uint32_t r = 0; r < cluster_blocks; ++r) {  // %cluster_ctarank: x fastest
+        Block& b = blocks[r];
+        b.info = &info;
+        b.params = params;
+        b.schedule = opt.schedule;
+        b.rcp_approx_ftz = opt.rcp_approx_ftz;
+        b.rank = r;
+        b.idx = uint3{unsigned(cx * cluster[0] + r % cluster[0]), unsigned(cy * cluster[1] + r / cluster[0] % cluster[1]),
+                      unsigned(cz * cluster[2] + r / cluster[0] / cluster[1])};
+        b.fibers.assign(threads, Fiber{});
+        for (unsigned t = 0; t < threads; ++t)
+          b.fibers[t].tid = uint3{t % block[0], t / block[0] % block[1], t / block[0] / block[1]}, b.fibers[t].linear = t;
+        if (!b.smem.assign(dynamic_smem, 0xFF)) {  // poison: NaN in every float type
+          std::lock_guard<std::mutex> g(error_lock);
+          if (!failed.exchange(true)) first_error = std::string(name) + ": could not allocate the blocks' shared memory";
+          break;
+        }
+        b.shared.clear();  // FK_SHARED storage: fresh poison at first use
+        b.mbarriers.clear();
+        b.unfenced.assign(dynamic_smem, 0);
+        b.error.clear();
+        b.rng.seed(splitmix(opt.seed ^ splitmix(b.idx.x + uint64_t(grid[0]) * (b.idx.y + uint64_t(grid[1]) * b.idx.z))));
+      }
+      if (failed.load()) break;  // an allocation above failed
+      if (!run_cluster(blocks, stack_size)) {
         std::lock_guard<std::mutex> g(error_lock);
+        const Block* b = failed_block(blocks);
+        if (!b) b = &blocks[0];
         if (!failed.exchange(true)) {
           std::ostringstream o;
-          o << name << " block (" << blockIdx.x << ", " << blockIdx.y << ", " << blockIdx.z << "), schedule "
-            << schedule_name(opt.schedule) << " seed " << opt.seed << ": " << b.error;
+          o << name << " block (" << b->idx.x << ", " << b->idx.y << ", " << b->idx.z << "), schedule "
+            << schedule_name(opt.schedule) << " seed " << opt.seed << ": " << b->error;
           first_error = o.str();
         }
       }
     }
     t_block = nullptr;
   };
-  const unsigned workers = std::max(1u, std::min<unsigned>(opt.threads, static_cast<unsigned>(std::min<uint64_t>(blocks, 64))));
+  const unsigned workers = std::max(1u, std::min<unsigned>(opt.threads, static_cast<unsigned>(std::min<uint64_t>(clusters, 64))));
   if (workers == 1) {
     worker();
   } else {

@@ -11,7 +11,7 @@
 
 namespace fk_emu {
 
-enum class State { ready, block_wait, warp_wait, mbarrier_wait, exited };
+enum class State { ready, block_wait, cluster_wait, warp_wait, mbarrier_wait, exited };
 
 struct AsyncCopy {
   void* dst;
@@ -122,6 +122,18 @@ void mark_unfenced(void* dst, size_t bytes);
 void mark_fenced(void* dst, size_t bytes);
 void fence_proxy_async();
 bool unfenced(const void* p);
+
+// The running block's cluster (one block without a cluster launch): its size, the block's
+// rank (%cluster_ctarank), the address at `p`'s offset in the dynamic shared memory of the
+// block of rank `rank` (null if [p, p + bytes) is not in this block's dynamic shared memory
+// or there is no such rank), that block's mbarriers, and whether all its threads have exited.
+unsigned cluster_size();
+unsigned cluster_rank();
+unsigned char* cluster_shared(const void* p, size_t bytes, unsigned rank);
+std::map<const void*, MBarrier>& cluster_mbarriers(unsigned rank);
+bool cluster_block_exited(unsigned rank);
+// Blocks the running thread at the cluster barrier until every thread of the cluster is there.
+void wait_at_cluster_barrier(Site site);
 
 // Blocks the running thread in State::mbarrier_wait until the scheduler releases it.
 void wait_for_mbarrier(const void* bar, uint32_t parity);

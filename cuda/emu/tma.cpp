@@ -15,9 +15,9 @@ constexpr uint64_t kDead = ~uint64_t(0);           // invalidated: poison again
 
 Site site(const char* what) { return Site{what, 0}; }
 
-// The live barrier at `bar`, or the thread fails saying what was wrong.
-MBarrier& live(uint64_t* bar, const char* what) {
-  auto& bars = block_mbarriers();
+// The live barrier at `bar` (among `bars`: this block's or a cluster peer's), or the thread
+// fails saying what was wrong.
+MBarrier& live(uint64_t* bar, const char* what, std::map<const void*, MBarrier>& bars = block_mbarriers()) {
   const auto it = bars.find(bar);
   if (it == bars.end()) fail(site(what), "no mbarrier was initialized at this address (or it was invalidated)");
   if (*bar != kLive) fail(site(what), "the mbarrier's shared memory was overwritten while it was live");
@@ -31,6 +31,8 @@ void complete_if_done(MBarrier& m) {
     m.pending = m.expected;
   }
 }
+
+size_t box_bytes(const FkEmuTensorMap& m) { return size_t(m.box[0]) * m.box[1] * m.elem_bytes; }
 
 void land(const TmaLoad& t) {
   const FkEmuTensorMap& m = t.map;
@@ -62,8 +64,8 @@ bool mbarrier_passed(const void* bar, uint32_t parity, bool land_loads) {
   if (!land_loads) return false;
   for (const TmaLoad& t : m.loads) {
     land(t);
-    mark_fenced(t.dst, size_t(t.map.box[0]) * t.map.box[1] * t.map.elem_bytes);
-    m.tx -= int64_t(t.map.box[0]) * t.map.box[1] * t.map.elem_bytes;
+    mark_fenced(t.dst, box_bytes(t.map));
+    m.tx -= int64_t(box_bytes(t.map));
   }
   m.loads.clear();
   complete_if_done(m);
@@ -107,17 +109,51 @@ void fk_emu_mbarrier_wait(uint64_t* bar, uint32_t parity) {
   if (!mbarrier_passed(bar, parity, false)) wait_for_mbarrier(bar, parity);
 }
 
-void fk_emu_tma_load_2d(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar) {
-  const Site s = site("cp.async.bulk.tensor.2d");
+namespace {
+
+// The checks of a TMA load's map and destination, common to its forms; the map's copy.
+FkEmuTensorMap checked_map(void* dst, const void* map, const Site& s) {
   FkEmuTensorMap m;
   std::memcpy(&m, map, sizeof m);
   if (reinterpret_cast<uintptr_t>(map) % 64) fail(s, "the tensor map is not 64-byte aligned");
   if (m.magic != FK_EMU_TENSOR_MAP_MAGIC) fail(s, "the tensor map was not encoded");
   const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
-  const size_t bytes = size_t(m.box[0]) * m.box[1] * m.elem_bytes;
   if (d % (m.swizzle_128b ? 1024 : 128)) fail(s, "the destination is not 128-byte aligned (1024 for a swizzled map)");
-  if (!in_block_shared(dst, bytes)) fail(s, "the box does not fit in this block's shared memory");
-  MBarrier& b = live(bar, "cp.async.bulk.tensor.2d");
-  std::memset(dst, 0xFF, bytes);
+  if (!in_block_shared(dst, box_bytes(m))) fail(s, "the box does not fit in this block's shared memory");
+  return m;
+}
+
+// Poisons the box at `dst` and queues its load on barrier `b`, to land at the next release.
+void queue(MBarrier& b, void* dst, const FkEmuTensorMap& m, int32_t c0, int32_t c1) {
+  std::memset(dst, 0xFF, box_bytes(m));
   b.loads.push_back(TmaLoad{static_cast<unsigned char*>(dst), m, c0, c1});
 }
+
+}  // namespace
+
+void fk_emu_tma_load_2d(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar) {
+  const Site s = site("cp.async.bulk.tensor.2d");
+  const FkEmuTensorMap m = checked_map(dst, map, s);
+  queue(live(bar, "cp.async.bulk.tensor.2d"), dst, m, c0, c1);
+}
+
+void fk_emu_tma_load_2d_multicast(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar, uint16_t mask) {
+  const Site s = site("cp.async.bulk.tensor.2d.multicast::cluster");
+  const FkEmuTensorMap m = checked_map(dst, map, s);
+  live(bar, s.file);
+  if (mask == 0) fail(s, "the multicast mask names no block");
+  if (mask >> cluster_size()) fail(s, "the multicast mask names a block outside the cluster");
+  for (unsigned r = 0; r < cluster_size(); ++r) {
+    if (!((mask >> r) & 1u)) continue;
+    unsigned char* to = cluster_shared(dst, box_bytes(m), r);
+    uint64_t* peer_bar = reinterpret_cast<uint64_t*>(cluster_shared(bar, 8, r));
+    if (!to || !peer_bar) fail(s, "a multicast box and its mbarrier must be in dynamic shared memory");
+    if (cluster_block_exited(r)) fail(s, "the multicast writes to a block of the cluster that has exited");
+    queue(live(peer_bar, "cp.async.bulk.tensor.2d.multicast::cluster (the mbarrier of a block it writes to)", cluster_mbarriers(r)),
+          to, m, c0, c1);
+  }
+}
+
+unsigned fk_emu_cluster_ctarank() { return cluster_rank(); }
+unsigned fk_emu_cluster_nctarank() { return cluster_size(); }
+void fk_emu_cluster_sync() { wait_at_cluster_barrier(site("barrier.cluster")); }

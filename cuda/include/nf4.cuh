@@ -217,8 +217,9 @@ struct Nf4Operand {
   template <int kRows>
   FK_DEVICE uint32_t tma_bytes() const { return 0; }
 
+  // Each block decodes its tile whole, shared in a cluster or not.
   template <int kRows>
-  FK_DEVICE void issue(uint4*, uint32_t k0, uint64_t*) {
+  FK_DEVICE void issue(uint4*, uint32_t k0, uint64_t*, uint32_t) {
     if (!fast) return;
     valid = 0;
 #pragma unroll

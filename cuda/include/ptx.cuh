@@ -579,3 +579,63 @@ FK_DEVICE void tma_load_2d(void* dst, const FkTensorMap* map, int32_t c0, int32_
   __trap();
 #endif
 }
+
+// ---- clusters (sm_90): blocks launched together, on SMs of one GPC ----------------------
+//
+// A launch without clusters is a cluster of one block: rank 0 of 1.
+
+FK_DEVICE uint32_t cluster_ctarank() {
+#if FK_PTX && FK_HAS_WGMMA
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+#elif FK_EMU_PTX
+  return fk_emu_cluster_ctarank();
+#else
+  return 0;
+#endif
+}
+
+FK_DEVICE uint32_t cluster_nctarank() {
+#if FK_PTX && FK_HAS_WGMMA
+  uint32_t n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  return n;
+#elif FK_EMU_PTX
+  return fk_emu_cluster_nctarank();
+#else
+  return 1;
+#endif
+}
+
+// Every thread of every block of the cluster arrives (release) and waits (acquire): what each
+// did to shared memory before it, its own or (multicast) a peer's, is ordered before what any
+// does after.
+FK_DEVICE void cluster_sync() {
+#if FK_PTX && FK_HAS_WGMMA
+  asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+#elif FK_EMU_PTX
+  fk_emu_cluster_sync();
+#else
+  __syncthreads();
+#endif
+}
+
+// tma_load_2d into every block of the cluster in `mask`: the box lands at dst's offset in each
+// one's shared memory, counted off the mbarrier at bar's offset in each.
+FK_DEVICE void tma_load_2d_multicast(void* dst, const FkTensorMap* map, int32_t c0, int32_t c1, uint64_t* bar,
+                                     uint16_t mask) {
+#if FK_PTX && FK_HAS_WGMMA
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(d),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(b), "h"(mask)
+      : "memory");
+#elif FK_EMU_PTX
+  fk_emu_tma_load_2d_multicast(dst, map, c0, c1, bar, mask);
+#elif FK_PTX
+  __trap();
+#endif
+}

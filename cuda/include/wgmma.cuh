@@ -24,6 +24,12 @@
 // transposed-layout descriptor, which nothing here has checked on hardware); the fragments
 // are redefined only once the wgmmas reading them are done, so one step is in flight at a
 // time (mma_step).
+//
+// Launched in clusters (of 2), the blocks of a cluster share B's tiles: the host clusters
+// blocks whose B rows are the same, and each block loads its part of B's rows by TMA into
+// every block of the cluster (multicast), so that L2 serves each B tile once per cluster. The
+// step's barrier is then the cluster's: a block refills a stage in its peers only once they
+// are done reading it. A B without a tensor map is loaded by each block whole.
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"
@@ -86,19 +92,29 @@ struct Matrix {
 };
 
 // An operand of K-contiguous rows: element (row, k) at ptr[row · ld + k]. Loaded into the
-// 128-byte swizzle, by TMA in one box of 64 × kRows.
+// 128-byte swizzle, by TMA in one box of 64 × kRows, or (B shared by `sharers` blocks of a
+// cluster) in one box of 64 × kRows / sharers multicast to all of them.
 template <typename T>
 struct Rows : Matrix<T> {
   static constexpr bool kInRegisters = false;
 
   // Starts loading K [k0, k0 + 64) of the block's rows into `tile` (kRows rows), counted off
-  // `bar` when by TMA. Through cp.async a thread always takes the same chunk of rows 32 apart,
-  // rows whose swizzle is the same: one address computation, then a stride per row.
+  // `bar` when by TMA (this block's part of the rows, into all `sharers`, when shared). Through
+  // cp.async a thread always takes the same chunk of rows 32 apart, rows whose swizzle is the
+  // same: one address computation, then a stride per row.
   template <int kRows>
-  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar) const {
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar, uint32_t sharers) const {
     const auto& [ptr, ld, row0, rows, k_len, map, fast] = static_cast<const Matrix<T>&>(*this);
     if (map) {
-      if (threadIdx.x == 0) tma_load_2d(tile, map, int32_t(k0), int32_t(row0), bar);
+      if (threadIdx.x == 0) {
+        if (sharers == 1) {
+          tma_load_2d(tile, map, int32_t(k0), int32_t(row0), bar);
+        } else {
+          const uint32_t part = kRows / sharers, rank = cluster_ctarank();
+          tma_load_2d_multicast(tile + rank * part * 8, map, int32_t(k0), int32_t(row0 + rank * part), bar,
+                                uint16_t((1u << sharers) - 1));
+        }
+      }
       return;
     }
     const int chunk = threadIdx.x % 8, row = threadIdx.x / 8;
@@ -133,9 +149,9 @@ struct Columns : Matrix<T> {
   static constexpr bool kInRegisters = true;
 
   // Starts loading K [k0, k0 + 64): through cp.async a thread takes the same 8 rows of K lines
-  // 16 apart.
+  // 16 apart. An A operand: never shared.
   template <int kRows>
-  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar) const {
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar, uint32_t) const {
     static_assert(kRows == kBM, "Columns is an A operand");
     const auto& [ptr, ld, row0, rows, k_len, map, fast] = static_cast<const Matrix<T>&>(*this);
     if (map) {
@@ -163,8 +179,9 @@ struct Columns : Matrix<T> {
 };
 
 // A K range: A's and B's share K, A's `k_len` long. A: Rows, Columns or another operand of
-// the same interface (prepare, issue, finish, tma_bytes, k_len, kInRegisters); B: one that is K-contiguous
-// rows in the 128-byte swizzle (Rows, ...).
+// the same interface (prepare, issue, finish, tma_bytes, k_len, kInRegisters); B: one that is
+// K-contiguous rows in the 128-byte swizzle (Rows, ...). issue()'s `sharers`: the blocks of the
+// cluster that share the tile (1 for A), each loading a part for all where the operand can.
 template <class OperandA, class OperandB>
 struct Segment {
   using A = OperandA;
@@ -230,24 +247,25 @@ FK_DEVICE void at_step(int kt, const int* first, F f, Segs&... segs) {
 }
 
 // Starts (issue(), kFinish false) or finishes (finish()) filling `st` with step kt; starting,
-// thread 0 arrives on the stage's barrier `full` with the bytes its TMA loads will bring.
+// thread 0 arrives on the stage's barrier `full` with the bytes TMA will bring (B's whole
+// tile, when the cluster's `sharers` blocks each bring a part).
 template <bool kFinish, class... Segs>
-FK_DEVICE void fill(Stage& st, uint64_t* full, int kt, const int* first, Segs&... segs) {
+FK_DEVICE void fill(Stage& st, uint64_t* full, uint32_t sharers, int kt, const int* first, Segs&... segs) {
   at_step(kt, first, [&](auto& seg, uint32_t k0) {
     if constexpr (kFinish) {
       seg.a.template finish<kBM>(st.a, k0);
       seg.b.template finish<kBN>(st.b, k0);
     } else {
       if (threadIdx.x == 0) mbarrier_arrive_expect_tx(full, seg.a.template tma_bytes<kBM>() + seg.b.template tma_bytes<kBN>());
-      seg.a.template issue<kBM>(st.a, k0, full);
-      seg.b.template issue<kBN>(st.b, k0, full);
+      seg.a.template issue<kBM>(st.a, k0, full, 1);
+      seg.b.template issue<kBN>(st.b, k0, full, sharers);
     }
   }, segs...);
 }
 
 // acc += the segments' products, in order (every segment's A of one kind: in registers or
 // not). `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared memory. Ends with every wgmma waited
-// out and a barrier (smem is free again).
+// out and a barrier (smem is free again: every load into it, a peer's too, has landed).
 template <typename T, class... Segs>
 FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   constexpr bool kInRegisters = (Segs::A::kInRegisters && ...);
@@ -255,6 +273,8 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
   uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages);
+  const uint32_t sharers = cluster_nctarank();  // blocks sharing B's tiles
+  auto sync = [sharers] { sharers > 1 ? cluster_sync() : __syncthreads(); };
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);
     fence_mbarrier_init();
@@ -266,9 +286,9 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   }
   const int total = first[sizeof...(Segs)];
   fence_proxy_async_shared();  // the caller's generic accesses to smem come before TMA's writes
-  __syncthreads();             // and the barriers are initialized
-  auto issue = [&](int kt) { fill<false>(stages[kt % kStages], &full[kt % kStages], kt, first, segs...); };
-  auto finish = [&](int kt) { fill<true>(stages[kt % kStages], &full[kt % kStages], kt, first, segs...); };
+  sync();                      // and the barriers are initialized, in every block loads land in
+  auto issue = [&](int kt) { fill<false>(stages[kt % kStages], &full[kt % kStages], sharers, kt, first, segs...); };
+  auto finish = [&](int kt) { fill<true>(stages[kt % kStages], &full[kt % kStages], sharers, kt, first, segs...); };
   for (int kt = 0; kt < kStages - 2; ++kt) {
     if (kt < total) {
       issue(kt);
@@ -281,7 +301,7 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
     cp_async_wait<kStages - 3>();                              // this thread's copies for step kt have landed,
     mbarrier_wait(&full[kt % kStages], (kt / kStages) % 2);  // and the TMA loads
     fence_proxy_async_shared();  // this thread's stores into the stage are visible to wgmma
-    __syncthreads();             // everyone's are; step kt - 2's wgmmas are done
+    sync();                      // everyone's are; step kt - 2's wgmmas are done, in every block
     const bool refill = kt + kStages - 2 < total;
     if (refill) issue(kt + kStages - 2);
     cp_async_commit();

@@ -29,8 +29,9 @@ typedef struct RegdumpParams {
 /* regdump_tma (sm_90a), one block of FK_REGDUMP_TMA_THREADS: `boxes` TMA loads of `map`'s
  * box of 64 × box_rows 16-bit elements at (c0 + 64·i, c1), one phase of one mbarrier each,
  * each tile copied out as it landed in shared memory (swizzled, when the map is) to
- * out[i · 64 · box_rows ...]. The emulator's planted-bug kernels (cuda/emu/tests) take the
- * same params. */
+ * out[i · 64 · box_rows ...]. regdump_tma_multicast (clusters along x) the same, each
+ * block of a cluster loading its box rows below the previous one's into all of them. The
+ * emulator's planted-bug kernels (cuda/emu/tests) take the same params. */
 #define FK_REGDUMP_TMA_THREADS 128
 typedef struct RegdumpTmaParams {
   FkTensorMap map;

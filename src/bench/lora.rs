@@ -66,18 +66,20 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     // process's CUDA context, and every row after it.
     for path in paths(dev) {
         // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch
-        // weight; on wgmma, the dense layer once more with its tiles loaded by cp.async.
+        // weight; on wgmma, the dense layer once more with B shared by pairs of blocks (TMA
+        // multicast) and once with its tiles loaded by cp.async.
         for (nf4, dropout, loads) in [
             (None, 0.0, TileLoads::Tma),
             (None, 0.1, TileLoads::Tma),
             (Some(Nf4Decode::InTile), 0.0, TileLoads::Tma),
             (Some(Nf4Decode::Scratch), 0.0, TileLoads::Tma),
+            (None, 0.0, TileLoads::TmaMulticast),
             (None, 0.0, TileLoads::CpAsync),
         ] {
             if nf4 == Some(Nf4Decode::Scratch) && path == LoraPath::Extended {
                 continue; // the Extended path always dequantizes
             }
-            if loads == TileLoads::CpAsync && path != LoraPath::FusedWgmma {
+            if loads != TileLoads::Tma && path != LoraPath::FusedWgmma {
                 continue; // only the wgmma path loads by TMA
             }
             let (l, w_bytes) = layer(dev, nf4, dropout, path, loads)?;
@@ -99,10 +101,10 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     Some(Nf4Decode::Scratch) => "_nf4_scratch",
                 },
                 if dropout > 0.0 { "_dropout" } else { "" },
-            ) + if loads == TileLoads::CpAsync {
-                "_cp_async"
-            } else {
-                ""
+            ) + match loads {
+                TileLoads::Tma => "",
+                TileLoads::TmaMulticast => "_multicast",
+                TileLoads::CpAsync => "_cp_async",
             };
             let shape = format!("{M}x{D}→{D} r{RANK}");
             let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;

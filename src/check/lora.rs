@@ -100,8 +100,12 @@ impl CheckCase for Case {
         }
         if let Some(path) = self.path {
             s += &format!(" {path:?}");
-            if path == LoraPath::FusedWgmma && self.tile_loads == TileLoads::CpAsync {
-                s += " cp.async";
+            if path == LoraPath::FusedWgmma {
+                s += match self.tile_loads {
+                    TileLoads::Tma => "",
+                    TileLoads::TmaMulticast => " multicast",
+                    TileLoads::CpAsync => " cp.async",
+                };
             }
         }
         s
@@ -376,12 +380,12 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
     }
     if dev.has_wgmma() {
         // The wgmma path at a shape whose every operand TMA can load (rows a multiple of 8
-        // elements), by cp.async, and by TMA where the rows above did not already (the
-        // realistic shape's operands all take TMA).
+        // elements), by cp.async, by TMA multicast to pairs of blocks, and by plain TMA where
+        // the rows above did not already (the realistic shape's operands all take TMA).
         let loads: &[TileLoads] = if realistic {
-            &[TileLoads::CpAsync]
+            &[TileLoads::TmaMulticast, TileLoads::CpAsync]
         } else {
-            &[TileLoads::Tma, TileLoads::CpAsync]
+            &[TileLoads::Tma, TileLoads::TmaMulticast, TileLoads::CpAsync]
         };
         for &tile_loads in loads {
             let c = Case {

@@ -424,6 +424,9 @@ impl CudaDevice {
             .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
         super::breakdown::mark(stream, &kernel.name)?;
         let mut args = [params as *const P as *mut c_void];
+        if cfg.cluster != (1, 1, 1) {
+            return Self::launch_in_clusters(f.0, cfg, stream, &mut args);
+        }
         // SAFETY: one argument, the params struct, as every kernel here is declared;
         // the caller guarantees the pointers inside it.
         unsafe {
@@ -437,6 +440,44 @@ impl CudaDevice {
             )
         }
         .map_err(|e| Error::driver("cuLaunchKernel", e))
+    }
+
+    /// cuLaunchKernelEx with the cluster dimension attribute (cudarc wraps only
+    /// cuLaunchKernel).
+    ///
+    /// # Safety
+    /// As [`Self::launch`]: `args` holds the kernel's params struct, `f` and `stream` live.
+    unsafe fn launch_in_clusters(
+        f: sys::CUfunction,
+        cfg: LaunchConfig,
+        stream: sys::CUstream,
+        args: &mut [*mut c_void; 1],
+    ) -> Result<()> {
+        // SAFETY: an all-zero attribute is a valid value of this plain C union.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.clusterDim.x = cfg.cluster.0;
+        value.clusterDim.y = cfg.cluster.1;
+        value.clusterDim.z = cfg.cluster.2;
+        // SAFETY: as above, for the attribute struct (its padding included).
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr.value = value;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid.0,
+            gridDimY: cfg.grid.1,
+            gridDimZ: cfg.grid.2,
+            blockDimX: cfg.block.0,
+            blockDimY: cfg.block.1,
+            blockDimZ: cfg.block.2,
+            sharedMemBytes: cfg.shared_bytes,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `config` and `attr` outlive the call; the args are as for cuLaunchKernel.
+        unsafe { sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| Error::driver("cuLaunchKernelEx", e))
     }
 }
 

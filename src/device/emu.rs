@@ -1,7 +1,8 @@
 //! The host emulator backend: the same CUDA source, compiled for the host against the
-//! runtime in `cuda/emu/` (feature `emu`), run on host memory. Each block runs on one OS
-//! thread with a fiber per GPU thread; barriers and warp collectives are checked, and
-//! fibers run in an order drawn from a [`Schedule`], so races show up as wrong results.
+//! runtime in `cuda/emu/` (feature `emu`), run on host memory. Each block (each cluster of
+//! blocks, launched in clusters) runs on one OS thread with a fiber per GPU thread; barriers
+//! and warp collectives are checked, and fibers run in an order drawn from a [`Schedule`],
+//! so races show up as wrong results.
 
 use super::{Kernel, LaunchConfig};
 use crate::error::{NoDevice, Result};
@@ -11,7 +12,10 @@ use crate::params::FkEmuOptions;
 /// The order fibers run in between barriers (and blocks run in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
+    /// Lowest thread first; the blocks of a cluster in rank order, each running ahead of the
+    /// next as far as its own barriers let it (a missing cluster barrier shows).
     Forward,
+    /// As `Forward`, highest first.
     Reverse,
     /// A fresh random permutation at every barrier, drawn from the seed (printed in errors
     /// and in [`EmuDevice::describe`], so a failure replays).
@@ -57,6 +61,7 @@ extern "C" {
         name: *const std::ffi::c_char,
         grid: *const u32,
         block: *const u32,
+        cluster: *const u32,
         dynamic_smem: u32,
         params: *const std::ffi::c_void,
         params_size: u64,
@@ -133,6 +138,7 @@ impl EmuDevice {
                 std::ffi::CString::new(kernel.name.as_str()).expect("kernel names hold no NUL");
             let grid = [cfg.grid.0, cfg.grid.1, cfg.grid.2];
             let block = [cfg.block.0, cfg.block.1, cfg.block.2];
+            let cluster = [cfg.cluster.0, cfg.cluster.1, cfg.cluster.2];
             let opts = self.ffi_options();
             let mut err = vec![0u8; 16 << 10];
             // SAFETY: the arrays and the params struct outlive the call; the runtime writes
@@ -142,6 +148,7 @@ impl EmuDevice {
                     name.as_ptr(),
                     grid.as_ptr(),
                     block.as_ptr(),
+                    cluster.as_ptr(),
                     cfg.shared_bytes,
                     params as *const P as *const std::ffi::c_void,
                     std::mem::size_of::<P>() as u64,

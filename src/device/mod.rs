@@ -37,12 +37,15 @@ impl std::fmt::Debug for Device {
     }
 }
 
-/// Grid, block and dynamic shared memory of one launch.
+/// Grid, block, dynamic shared memory and clusters of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LaunchConfig {
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
     pub shared_bytes: u32,
+    /// Blocks per cluster along each grid dimension (sm_90; `(1, 1, 1)`: no clusters). The
+    /// grid must be a whole number of clusters, of at most 8 blocks.
+    pub cluster: (u32, u32, u32),
 }
 
 impl LaunchConfig {
@@ -54,12 +57,45 @@ impl LaunchConfig {
             grid: (blocks, 1, 1),
             block: (threads, 1, 1),
             shared_bytes: 0,
+            cluster: (1, 1, 1),
         }
     }
 
     /// A grid with no blocks: launches skip it (the driver would refuse it).
     pub fn is_empty(&self) -> bool {
         self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0
+    }
+
+    /// This launch in clusters of `cluster` blocks, the grid rounded up to whole clusters
+    /// (the kernel must leave the added blocks' outputs alone).
+    pub fn in_clusters(self, cluster: (u32, u32, u32)) -> Self {
+        let round = |n: u32, c: u32| n.div_ceil(c.max(1)) * c.max(1);
+        LaunchConfig {
+            grid: (
+                round(self.grid.0, cluster.0),
+                round(self.grid.1, cluster.1),
+                round(self.grid.2, cluster.2),
+            ),
+            cluster,
+            ..self
+        }
+    }
+
+    /// Errors unless the clusters are 1 to 8 blocks and the grid a whole number of them.
+    fn check_cluster(&self) -> Result<()> {
+        let (c, g) = (self.cluster, self.grid);
+        let blocks = c.0 as u64 * c.1 as u64 * c.2 as u64;
+        let why = if !(1..=8).contains(&blocks) {
+            format!("{c:?} is {blocks} blocks; a cluster is 1 to 8")
+        } else if g.0 % c.0 != 0 || g.1 % c.1 != 0 || g.2 % c.2 != 0 {
+            format!("grid {g:?} is not a whole number of clusters {c:?}")
+        } else {
+            return Ok(());
+        };
+        Err(crate::Error::InvalidArgument {
+            what: "LaunchConfig::cluster",
+            why,
+        })
     }
 
     /// The grid of the tile GEMM (`cuda/include/gemm.cuh`): a block per
@@ -70,6 +106,7 @@ impl LaunchConfig {
             grid: (cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, z),
             block: (crate::params::FK_GEMM_THREADS, 1, 1),
             shared_bytes: 0,
+            cluster: (1, 1, 1),
         }
     }
 
@@ -92,6 +129,7 @@ impl LaunchConfig {
             grid: (x as u32, y as u32, 1),
             block: (crate::params::FK_WGMMA_THREADS, 1, 1),
             shared_bytes: crate::params::FK_WGMMA_SMEM_BYTES,
+            cluster: (1, 1, 1),
         }
     }
 
@@ -267,6 +305,7 @@ impl Device {
         if cfg.is_empty() {
             return Ok(());
         }
+        cfg.check_cluster()?;
         match self {
             // SAFETY: forwarded from this function's contract.
             Device::Cuda(d) => unsafe { d.launch(kernel, cfg, d.raw_stream(), params) },

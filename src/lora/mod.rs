@@ -98,6 +98,11 @@ pub enum TileLoads {
     /// elements: 8); the others by cp.async.
     #[default]
     Tma,
+    /// As `Tma`, with the blocks in clusters of two that share their B tiles (the forward's
+    /// B and W, dX's v and dY): each block loads half of each B tile by TMA into both
+    /// (multicast), so that L2 serves B once per pair. Needs every B operand loadable by TMA
+    /// and a dense base (an NF4 weight is decoded by each block); otherwise as `Tma`.
+    TmaMulticast,
     /// By cp.async from every thread (the path before TMA, kept to compare against).
     CpAsync,
 }
@@ -498,12 +503,18 @@ impl<T: FloatElem> LoraLinear<T> {
         let t = T::DTYPE;
         Ok(if self.path == LoraPath::FusedWgmma {
             let transposed = op == "backward_dx";
-            if self.tile_loads == TileLoads::Tma {
-                self.tma_maps(p, transposed, m)?;
-            }
+            let shared =
+                self.tile_loads != TileLoads::CpAsync && self.tma_maps(p, transposed, m)?;
+            let launch = LaunchConfig::wgmma(m, n, transposed);
+            // A pair shares B: blocks along y (the forward's rows of x) or x (dX's columns).
+            let pairs = if transposed { (2, 1, 1) } else { (1, 2, 1) };
             (
                 kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
-                LaunchConfig::wgmma(m, n, transposed),
+                if shared {
+                    launch.in_clusters(pairs)
+                } else {
+                    launch
+                },
             )
         } else {
             (
@@ -516,8 +527,10 @@ impl<T: FloatElem> LoraLinear<T> {
     /// Encodes the tensor map of each operand of the wgmma base GEMM that TMA can load, and
     /// flags it in `p.tma`: the forward's x and u (boxes of the tile's rows), B and a dense W
     /// (the tile's columns); dX's dY and v (dXᵀ's columns: its B), and its A operands, A and
-    /// a dense W, read along their rows (boxes of 64 of them by 64 lines of K).
-    fn tma_maps(&self, p: &mut LoraParams, transposed: bool, m: usize) -> Result<()> {
+    /// a dense W, read along their rows (boxes of 64 of them by 64 lines of K). Returns
+    /// whether B is shared by pairs of blocks ([`TileLoads::TmaMulticast`]; its boxes are
+    /// then half the tile's columns).
+    fn tma_maps(&self, p: &mut LoraParams, transposed: bool, m: usize) -> Result<bool> {
         let (rows_a, rows_b, lines) = (params::FK_WGMMA_TILE_M, params::FK_WGMMA_TILE_N, 64);
         let (r, d_in, d_out) = (self.config.rank, self.d_in, self.d_out);
         let tile = |ptr: *const std::ffi::c_void, cols, rows, ld, box_rows| TileMap {
@@ -549,13 +562,34 @@ impl<T: FloatElem> LoraLinear<T> {
             };
             operands.push((params::FK_LORA_TMA_W, w));
         }
-        for (bit, operand) in operands {
-            if let Some(map) = self.device().tile_map::<T>(operand)? {
+        let b_bits = if transposed {
+            [params::FK_LORA_TMA_DY, params::FK_LORA_TMA_V]
+        } else {
+            [params::FK_LORA_TMA_B, params::FK_LORA_TMA_W]
+        };
+        let share = self.tile_loads == TileLoads::TmaMulticast && self.nf4_prefix().is_empty();
+        let mut maps = Vec::with_capacity(operands.len());
+        for (bit, mut operand) in operands {
+            if share && b_bits.contains(&bit) {
+                operand.box_rows /= 2;
+            }
+            maps.push((bit, operand, self.device().tile_map::<T>(operand)?));
+        }
+        let shared = share
+            && maps
+                .iter()
+                .all(|(bit, _, map)| !b_bits.contains(bit) || map.is_some());
+        for (bit, mut operand, mut map) in maps {
+            if share && !shared && b_bits.contains(&bit) {
+                operand.box_rows *= 2; // unshared after all: whole tiles
+                map = self.device().tile_map::<T>(operand)?;
+            }
+            if let Some(map) = map {
                 p.tma |= bit;
                 *tma_slot(p, bit) = map;
             }
         }
-        Ok(())
+        Ok(shared)
     }
 
     /// `nf4_` for the fused kernels that decode an NF4 base in their tiles.

@@ -323,6 +323,7 @@ fn nest(dev: &Device, absmax: &Buffer<f32>) -> Result<DeviceAbsmax> {
         grid: (1, 1, 1),
         block: (THREADS, 1, 1),
         shared_bytes: 0,
+        cluster: (1, 1, 1),
     };
     // SAFETY: every buffer is sized for `blocks` absmaxes above.
     unsafe { dev.launch(&kernel("nf4_absmax_mean".into()), one_block, &p)? };
@@ -436,6 +437,7 @@ fn fused_launch(
                 grid: (rows.div_ceil(rows_per_block), 1, 1),
                 block: (params::FK_NF4_GEMV_MMA_THREADS, 1, 1),
                 shared_bytes: 0,
+                cluster: (1, 1, 1),
             };
             (
                 kernel(format!("nf4_gemv_mma_{act}_m{}", bucket.max(8))),

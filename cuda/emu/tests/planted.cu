@@ -215,3 +215,51 @@ FK_DEVICE void wgmma_after_cp_async(const EmuTestParams& p) {
 FK_KERNEL(emu_test_wgmma_unfenced, EmuTestParams) { wgmma_after_cp_async<false>(p); }
 // Correct.
 FK_KERNEL(emu_test_wgmma_fenced, EmuTestParams) { wgmma_after_cp_async<true>(p); }
+
+// ---- clusters: regdump_tma_multicast (cuda/regdump.cu) with one bug each ------------------
+
+enum class ClusterBug { no_init_sync, no_reuse_sync, mask_outside, exit_early };
+
+// regdump_tma_multicast's loop, on its params, with `kBug` planted.
+template <ClusterBug kBug>
+FK_DEVICE void multicast_with(const RegdumpTmaParams& p) {
+  unsigned char* smem = dyn_smem<unsigned char>();
+  uint16_t* tile = reinterpret_cast<uint16_t*>(smem + shared_align_1024(smem));
+  const uint32_t n = cluster_nctarank(), rank = cluster_ctarank(), part = 64 * p.box_rows, elems = n * part;
+  uint64_t* bar = reinterpret_cast<uint64_t*>(tile + elems);
+  if (kBug == ClusterBug::exit_early && rank == 1) return;
+  if (threadIdx.x == 0) {
+    mbarrier_init(bar, 1);
+    fence_mbarrier_init();
+  }
+  kBug == ClusterBug::no_init_sync ? __syncthreads() : cluster_sync();
+  const uint16_t mask = kBug == ClusterBug::mask_outside ? uint16_t((1u << (n + 1)) - 1) : uint16_t((1u << n) - 1);
+  for (uint32_t i = 0; i < p.boxes; ++i) {
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(bar, elems * 2);
+      tma_load_2d_multicast(tile + rank * part, &p.map, p.c0 + 64 * int32_t(i), p.c1 + int32_t(rank * p.box_rows), bar, mask);
+    }
+    mbarrier_wait(bar, i % 2);
+    uint16_t* out = p.out + (uint64_t(blockIdx.x) * p.boxes + i) * elems;
+    for (uint32_t e = threadIdx.x; e < elems; e += blockDim.x) out[e] = tile[e];
+    kBug == ClusterBug::no_reuse_sync ? __syncthreads() : cluster_sync();
+  }
+  if (threadIdx.x == 0) mbarrier_inval(bar);
+}
+
+// Bug: a block-wide barrier after the mbarrier's init: a peer's load may name it before it is.
+FK_KERNEL_TMA(emu_test_multicast_no_init_sync, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  multicast_with<ClusterBug::no_init_sync>(p);
+}
+// Bug: a block-wide barrier between phases: a peer's next load may overwrite a tile being read.
+FK_KERNEL_TMA(emu_test_multicast_no_reuse_sync, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  multicast_with<ClusterBug::no_reuse_sync>(p);
+}
+// Bug: the multicast mask names a block past the cluster's last.
+FK_KERNEL_TMA(emu_test_multicast_mask_outside, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  multicast_with<ClusterBug::mask_outside>(p);
+}
+// Bug: a block of the cluster exits while the others wait for it at the cluster barrier.
+FK_KERNEL_TMA(emu_test_cluster_exit_early, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  multicast_with<ClusterBug::exit_early>(p);
+}
