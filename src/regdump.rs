@@ -3,8 +3,8 @@
 //! One warp records what every lane holds after each `ldmatrix` variant, each `mma.sync`
 //! variant (on two input sets: small integers, whose products are exact, and random
 //! values, which show the hardware's rounding) and the packed `cvt` instructions; on Hopper
-//! one warpgroup records `wgmma` (bf16, f16; A from shared memory and from registers) on the
-//! same two sets. The GPU
+//! one warpgroup records `wgmma` (bf16, f16; A from shared memory, K- and MN-major, and from
+//! registers) on the same two sets. The GPU
 //! check writes the dump to `tests/data/regdump-<gpu>.txt`; the emulator must reproduce it.
 
 use crate::device::{Device, Kernel, LaunchConfig, Target};
@@ -309,6 +309,12 @@ pub fn plan(target: Target) -> Vec<Section> {
                 &mut sections,
                 format!("regdump_wgmma_rs_{}", t.name()),
                 2100 + 10 * i as u64,
+                &input,
+            );
+            both_sets(
+                &mut sections,
+                format!("regdump_wgmma_mn_{}", t.name()),
+                2200 + 10 * i as u64,
                 &input,
             );
         }

@@ -3,7 +3,7 @@
 //! backend that has them.
 
 use finetune_kernels::bf16;
-use finetune_kernels::device::{Kernel, TileMap};
+use finetune_kernels::device::{Kernel, LaunchConfig, TileMap};
 use finetune_kernels::error::Error;
 use finetune_kernels::testing::{backends, tma_boxes};
 use rand::{Rng, SeedableRng};
@@ -262,5 +262,42 @@ fn tile_maps_only_for_what_tma_loads() {
             dev.tile_map::<f32>(at(0, 40, 60, 40, 128)),
             Err(Error::UnsupportedDtype { .. })
         ));
+    }
+}
+
+/// A cluster launch the GPU would refuse is a typed error naming the problem: a grid that is
+/// not a whole number of clusters, a cluster of more than 8 blocks or of none. `in_clusters`
+/// rounds the grid up to whole clusters.
+#[test]
+fn cluster_launches_are_checked() {
+    let one = LaunchConfig {
+        grid: (3, 5, 1),
+        block: (32, 1, 1),
+        shared_bytes: 0,
+        cluster: (1, 1, 1),
+    };
+    let pairs = one.in_clusters((2, 1, 1));
+    assert_eq!((pairs.grid, pairs.cluster), ((4, 5, 1), (2, 1, 1)));
+    assert_eq!(one.in_clusters((1, 2, 1)).grid, (3, 6, 1));
+    let kernel = Kernel {
+        module: "regdump",
+        name: "regdump_tma_multicast".into(),
+    };
+    for dev in tma_devices() {
+        for (cluster, needle) in [
+            ((2, 1, 1), "not a whole number of clusters"),
+            ((3, 3, 1), "a cluster is 1 to 8"),
+            ((0, 1, 1), "a cluster is 1 to 8"),
+        ] {
+            let cfg = LaunchConfig { cluster, ..one };
+            // SAFETY: refused before launch: nothing runs.
+            match unsafe { dev.launch(&kernel, cfg, &0u8) } {
+                Err(Error::InvalidArgument { what, why }) => {
+                    assert_eq!(what, "LaunchConfig::cluster");
+                    assert!(why.contains(needle), "{cluster:?}: {why}");
+                }
+                other => panic!("{cluster:?}: expected a typed error, got {other:?}"),
+            }
+        }
     }
 }

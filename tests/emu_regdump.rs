@@ -77,8 +77,8 @@ fn mufu_model_reproduces_the_hardware_reciprocals() {
 /// The emulated wgmma against the PTX ISA's accumulator layout, on small integers (exact
 /// products and sums): thread t's accumulator i is D[16·(t/32) + (t%32)/4 + 8·(i/2)]
 /// [2·(t%4) + i%2] of D = C + A·Bᵀ over all 64 of K (four m64n8k16 through the swizzled
-/// tile), with A from shared memory and from registers (the kernel builds each lane's
-/// fragments by the RS layout). Until a GPU run records the same sections, this is the check of the emulator's
+/// tile), with A from shared memory (K-major, and MN-major as wgmma.cuh's `Columns` tile)
+/// and from registers (the kernel builds each lane's fragments by the RS layout). Until a GPU run records the same sections, this is the check of the emulator's
 /// model; the dump then checks it against hardware.
 #[cfg(feature = "emu")]
 #[test]
@@ -101,6 +101,7 @@ fn emulated_wgmma_follows_the_isa_layout() {
         for kernel in [
             format!("regdump_wgmma_{name}"),
             format!("regdump_wgmma_rs_{name}"),
+            format!("regdump_wgmma_mn_{name}"),
         ] {
             let section = Section {
                 kernel: kernel.clone(),

@@ -48,6 +48,7 @@ struct AsyncMma {
   float* d;
   int n;  // the mma's N
   const void* a;  // null: A came from registers, in a_rows
+  bool a_mn_major;  // a: MN-major rather than K-major
   float a_rows[2][16];
   const void* b;
   int type;

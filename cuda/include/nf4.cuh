@@ -185,7 +185,7 @@ struct Nf4Source {
 // (kRuns of them), 4 (or 8) threads a row's 64 (or 128) elements in the tile.
 template <typename T, bool kAlongK>
 struct Nf4Operand {
-  static constexpr bool kInRegisters = !kAlongK;  // as wgmma::Columns
+  static constexpr bool kMnMajor = !kAlongK;  // as wgmma::Columns
   static constexpr int kWRows = kAlongK ? wgmma::kBN : wgmma::kBK, kWCols = kAlongK ? wgmma::kBK : wgmma::kBM;
   static constexpr int kRuns = kWRows * kWCols / 16 / wgmma::kThreads;
 

@@ -309,7 +309,11 @@ FK_DEVICE void cp_async_wait_all() {
 #if FK_PTX && FK_HAS_WGMMA
 // The matrix descriptor: start address >> 4 (bits 0-13), leading byte offset (16-29: unused
 // with a 128-byte swizzle, 1 by convention), stride byte offset 1024 >> 4 (32-45: the next
-// 8-row group), base offset 0, swizzle mode 1 = 128 bytes (bits 62-63).
+// 8-row group), base offset 0, swizzle mode 1 = 128 bytes (bits 62-63). The same fields
+// describe an MN-major A (the PTX ISA's canonical layout ((8,8,m),(8,k)):((1,8,LBO),(64,SBO))
+// in 16-bit elements, 128-byte swizzle): 64 rows of A along each 128-byte line, one line per
+// K, the next 8 lines (K + 8) SBO = 1024 bytes on; LBO, the stride to the next 64 rows, is
+// unused at M = 64.
 FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
   return uint64_t((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
@@ -346,42 +350,36 @@ FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), \
   "+f"(d[127])
 
-// Shared-memory A and B (SS): operands 128, 129 are the descriptors, 130 the scale-d flag.
-#define FK_WGMMA_M64N256K16(type)                                                                   \
+// Shared-memory A and B (SS): operands 128, 129 are the descriptors, 130 the scale-d flag;
+// `trans_a` the imm-trans-a operand (1: A MN-major).
+#define FK_WGMMA_M64N256K16(type, trans_a)                                                          \
   asm volatile(                                                                                     \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                \
       "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS               \
-      ", %128, %129, p, 1, 1, 0, 0;\n}\n"                                                          \
+      ", %128, %129, p, 1, 1, " trans_a ", 0;\n}\n"                                                \
       : FK_WGMMA_D_OPERANDS(d)                                                                      \
       : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
-// A from registers (RS): operands 128-131 are A, 132 B's descriptor, 133 the scale-d flag.
-#define FK_WGMMA_M64N256K16_RS(type)                                                                \
-  asm volatile(                                                                                     \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS               \
-      ", {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                                         \
-      : FK_WGMMA_D_OPERANDS(d)                                                                      \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
-#define FK_WGMMA_M64N8K16(type)                                                                     \
+#define FK_WGMMA_M64N8K16(type, trans_a)                                                            \
   asm volatile(                                                                                     \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                                  \
       "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                    \
-      " {%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n}\n"                                             \
+      " {%0, %1, %2, %3}, %4, %5, p, 1, 1, " trans_a ", 0;\n}\n"                                   \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
       : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
-#define FK_WGMMA_M64N8K16_RS(type)                                                                  \
+#define FK_WGMMA_M64N8K16_RS(type, no_trans_a)                                                      \
   asm volatile(                                                                                     \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                                  \
       "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                    \
       " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"                                  \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
-// One asm per element type (its name is part of the instruction).
-#define FK_WGMMA_TYPED(T, MACRO)    \
-  if constexpr (std::is_same<T, __half>::value) { \
-    MACRO("f16");                   \
-  } else {                          \
-    MACRO("bf16");                  \
+// One asm per element type (its name is part of the instruction) and A layout (imm-trans-a:
+// "1" for an MN-major A from shared memory; A from registers has none).
+#define FK_WGMMA_TYPED(T, kMnMajor, MACRO)                                 \
+  if constexpr (std::is_same<T, __half>::value) {                          \
+    if constexpr (kMnMajor) MACRO("f16", "1"); else MACRO("f16", "0");    \
+  } else {                                                                 \
+    if constexpr (kMnMajor) MACRO("bf16", "1"); else MACRO("bf16", "0");  \
   }
 #endif
 
@@ -391,53 +389,43 @@ constexpr int wgmma_type() {
 }
 
 // D += A·B, T bf16 or f16 (the `scale-d` flag is always 1: callers zero d first). SS: both
-// operands are swizzled tiles.
-template <typename T>
+// operands are swizzled tiles; `kMnMajor`: A's is MN-major (wgmma_descriptor), its k0 slice
+// at `a` + 128·k0 bytes rather than + 2·k0.
+template <typename T, bool kMnMajor = false>
 FK_DEVICE void wgmma_m64n256k16(float (&d)[128], const void* a, const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, FK_WGMMA_M64N256K16)
+  FK_WGMMA_TYPED(T, kMnMajor, FK_WGMMA_M64N256K16)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 256, a, nullptr, b, wgmma_type<T>());
-#endif
-}
-
-// RS: A from registers, this warp's 16 rows of the warpgroup's 64 in mma.sync's A fragment
-// layout (ptx-fragments.md: a[0] rows g, k 2t..2t+1; a[1] rows g+8; a[2], a[3] the same at
-// k + 8); they belong to the mma until the wait, as the accumulators do.
-template <typename T>
-FK_DEVICE void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], const void* b) {
-#if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, FK_WGMMA_M64N256K16_RS)
-#elif FK_PTX
-  __trap();
-#elif FK_EMU_PTX
-  fk_emu_wgmma(d, 256, nullptr, a, b, wgmma_type<T>());
+  fk_emu_wgmma(d, 256, a, nullptr, b, wgmma_type<T>(), kMnMajor);
 #endif
 }
 
 // The same at N = 8 (4 accumulators a thread): the register dump's (cuda/regdump.cu), which
 // records the instruction's layout and rounding on hardware at a size a dump can hold.
-template <typename T>
+template <typename T, bool kMnMajor = false>
 FK_DEVICE void wgmma_m64n8k16(float (&d)[4], const void* a, const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, FK_WGMMA_M64N8K16)
+  FK_WGMMA_TYPED(T, kMnMajor, FK_WGMMA_M64N8K16)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 8, a, nullptr, b, wgmma_type<T>());
+  fk_emu_wgmma(d, 8, a, nullptr, b, wgmma_type<T>(), kMnMajor);
 #endif
 }
 
+// RS: A from registers, this warp's 16 rows of the warpgroup's 64 in mma.sync's A fragment
+// layout (ptx-fragments.md: a[0] rows g, k 2t..2t+1; a[1] rows g+8; a[2], a[3] the same at
+// k + 8); they belong to the mma until the wait, as the accumulators do. The register dump's.
 template <typename T>
 FK_DEVICE void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4], const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, FK_WGMMA_M64N8K16_RS)
+  FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N8K16_RS)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 8, nullptr, a, b, wgmma_type<T>());
+  fk_emu_wgmma(d, 8, nullptr, a, b, wgmma_type<T>(), false);
 #endif
 }
 

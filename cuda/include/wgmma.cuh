@@ -4,7 +4,7 @@
 // nf4.cuh's NF4 weight); A is either the same (`Rows`: activations [rows, K] against weights
 // [out, K], the forward) or a matrix whose rows run along K with the tile's rows contiguous
 // (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read as is; or the NF4 weight so). A GEMM is one
-// or more segments (K ranges of different matrices, one kind of A) run into the same
+// or more segments (K ranges of different matrices, one layout of A) run into the same
 // accumulators, as gemm.cuh's are; the epilogue is the caller's, through for_each.
 //
 // Layout: two warpgroups, each 64 rows × kBN columns of the tile (128 f32 accumulators a
@@ -19,11 +19,7 @@
 // the bytes of the fill's TMA loads; every thread waits on it before the step's barrier. One
 // barrier per step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared
 // memory; a `Columns` tile is its K lines in the same swizzle, in two halves of 64 rows
-// (columns_slot), each warp reading its 16 rows with ldmatrix.trans into registers for
-// wgmma's A (the only way to give wgmma a 16-bit A whose rows are contiguous without the
-// transposed-layout descriptor, which nothing here has checked on hardware); the fragments
-// are redefined only once the wgmmas reading them are done, so one step is in flight at a
-// time (mma_step).
+// (columns_slot), which is wgmma's MN-major A (imm-trans-a), read from shared memory too.
 //
 // Launched in clusters (of 2), the blocks of a cluster share B's tiles: the host clusters
 // blocks whose B rows are the same, and each block loads its part of B's rows by TMA into
@@ -43,6 +39,7 @@ constexpr int kBM = FK_WGMMA_TILE_M, kBN = FK_WGMMA_TILE_N, kBK = 64, kStages = 
 static_assert(kBM == 128 && kBN == 256 && kThreads == 256, "two warpgroups of m64n256");
 static_assert(kBK == 64, "mma_step spells out four k16 wgmmas");
 static_assert(kStages >= 3, "a stage in flight, one being refilled, one being read");
+static_assert(kBM == 128, "a Columns tile is two halves of 64 rows, one per warpgroup");
 
 // One stage: A's tile, then kBN swizzled rows of B, each row 64 elements (128 bytes) as eight
 // 16-byte chunks. A `Rows` A is kBM such rows; a `Columns` A is two halves of 64 of the
@@ -64,8 +61,8 @@ using Accumulators = float[kBN / 2];
 FK_DEVICE int swizzled(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
 // The element slot of (K line k, tile row m) in a `Columns` tile: the half of m, then line k
-// of it, swizzled (a TMA box of 64 × 64 lands so). ldmatrix.trans's eight line addresses then
-// meet eight distinct bank groups.
+// of it, swizzled (a TMA box of 64 × 64 lands so): each half is the PTX ISA's canonical
+// MN-major layout with the 128-byte swizzle, 8 K lines an atom, atoms 1024 bytes apart.
 FK_DEVICE int columns_slot(int k, int m) { return swizzled(64 * (m / 64) + k, (m % 64) / 8) * 8 + m % 8; }
 
 // An operand's matrix: the tile's rows [row0, row0 + tile rows) of `rows`, K `k_len` long, zero
@@ -96,7 +93,7 @@ struct Matrix {
 // cluster) in one box of 64 × kRows / sharers multicast to all of them.
 template <typename T>
 struct Rows : Matrix<T> {
-  static constexpr bool kInRegisters = false;
+  static constexpr bool kMnMajor = false;
 
   // Starts loading K [k0, k0 + 64) of the block's rows into `tile` (kRows rows), counted off
   // `bar` when by TMA (this block's part of the rows, into all `sharers`, when shared). Through
@@ -142,11 +139,11 @@ struct Rows : Matrix<T> {
 };
 
 // An A operand whose element (row, k) is ptr[k · ld + row]: its lines run along the tile's
-// rows. Loaded into the two halves of columns_slot, by TMA in two boxes of 64 × 64, for
-// ldmatrix.trans.
+// rows. Loaded into the two halves of columns_slot, by TMA in two boxes of 64 × 64: wgmma's
+// MN-major A.
 template <typename T>
 struct Columns : Matrix<T> {
-  static constexpr bool kInRegisters = true;
+  static constexpr bool kMnMajor = true;
 
   // Starts loading K [k0, k0 + 64): through cp.async a thread takes the same 8 rows of K lines
   // 16 apart. An A operand: never shared.
@@ -179,7 +176,7 @@ struct Columns : Matrix<T> {
 };
 
 // A K range: A's and B's share K, A's `k_len` long. A: Rows, Columns or another operand of
-// the same interface (prepare, issue, finish, tma_bytes, k_len, kInRegisters); B: one that is
+// the same interface (prepare, issue, finish, tma_bytes, k_len, kMnMajor); B: one that is
 // K-contiguous rows in the 128-byte swizzle (Rows, ...). issue()'s `sharers`: the blocks of the
 // cluster that share the tile (1 for A), each loading a part for all where the operand can.
 template <class OperandA, class OperandB>
@@ -196,46 +193,24 @@ FK_DEVICE Segment<A, B> segment(const A& a, const B& b) {
   return {a, b};
 }
 
-// This warp's A fragments for the 64 of K of a `Columns` tile (ptx.cuh's RS layout: 16 rows
-// of the warpgroup's 64 per warp, 16 of K per fragment).
-using AFragments = uint32_t[kBK / 16][4];
-FK_DEVICE void load_fragments(AFragments& af, const uint4* tile) {
-  const uint16_t* slots = reinterpret_cast<const uint16_t*>(tile);
-  const int lane = threadIdx.x % 32, row0 = (threadIdx.x / 32) * 16;
-#pragma unroll
-  for (int s = 0; s < kBK / 16; ++s)
-    ldmatrix_x4_trans(af[s], slots + columns_slot(16 * s + (lane / 16) * 8 + lane % 8, row0 + ((lane / 8) % 2) * 8));
-}
-
-// Issues one step's four wgmmas from `st`. With A in registers, first waits out the previous
-// step's wgmmas (whose fragments these overwrite: ptxas serializes every wgmma otherwise),
-// then loads A's fragments; with A in shared memory, leaves this step's in flight and waits
-// out the previous one's after issuing.
-template <typename T, bool kInRegisters>
-FK_DEVICE void mma_step(Accumulators& acc, const Stage& st, AFragments& af) {
+// Issues one step's four wgmmas from `st`, leaves them in flight and waits out the previous
+// step's. A's k16 slices are 32 bytes apart along its rows (K-major) or 2 KB apart, two
+// 1024-byte atoms of 8 K lines (MN-major).
+template <typename T, bool kMnMajor>
+FK_DEVICE void mma_step(Accumulators& acc, const Stage& st) {
   const int half = threadIdx.x / 128;  // this warpgroup's 64 rows of A
-  if constexpr (kInRegisters) {
-    wgmma_wait<0>();
-    load_fragments(af, st.a);
-  }
+  constexpr int kSlice = kMnMajor ? 2048 : 32;
   wgmma_fence();
   // Spelled out, not a loop: nvcc may keep a loop over four 128-operand asm statements, and
   // the accumulators' copies between its iterations make ptxas serialize every wgmma.
   const char* a = reinterpret_cast<const char*>(&st.a[half * 64 * 8]);
   const char* b = reinterpret_cast<const char*>(st.b);
-  if constexpr (kInRegisters) {
-    wgmma_m64n256k16_rs<T>(acc, af[0], b);
-    wgmma_m64n256k16_rs<T>(acc, af[1], b + 32);
-    wgmma_m64n256k16_rs<T>(acc, af[2], b + 64);
-    wgmma_m64n256k16_rs<T>(acc, af[3], b + 96);
-  } else {
-    wgmma_m64n256k16<T>(acc, a, b);
-    wgmma_m64n256k16<T>(acc, a + 32, b + 32);
-    wgmma_m64n256k16<T>(acc, a + 64, b + 64);
-    wgmma_m64n256k16<T>(acc, a + 96, b + 96);
-  }
+  wgmma_m64n256k16<T, kMnMajor>(acc, a, b);
+  wgmma_m64n256k16<T, kMnMajor>(acc, a + kSlice, b + 32);
+  wgmma_m64n256k16<T, kMnMajor>(acc, a + 2 * kSlice, b + 64);
+  wgmma_m64n256k16<T, kMnMajor>(acc, a + 3 * kSlice, b + 96);
   wgmma_commit();
-  if constexpr (!kInRegisters) wgmma_wait<1>();
+  wgmma_wait<1>();
 }
 
 // Calls f(segment, k0) for the segment step kt belongs to (a segment's steps start at
@@ -263,13 +238,13 @@ FK_DEVICE void fill(Stage& st, uint64_t* full, uint32_t sharers, int kt, const i
   }, segs...);
 }
 
-// acc += the segments' products, in order (every segment's A of one kind: in registers or
-// not). `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared memory. Ends with every wgmma waited
+// acc += the segments' products, in order (every segment's A of one layout: K- or
+// MN-major). `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared memory. Ends with every wgmma waited
 // out and a barrier (smem is free again: every load into it, a peer's too, has landed).
 template <typename T, class... Segs>
 FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
-  constexpr bool kInRegisters = (Segs::A::kInRegisters && ...);
-  static_assert(((Segs::A::kInRegisters == kInRegisters) && ...), "one kind of A per run");
+  constexpr bool kMnMajor = (Segs::A::kMnMajor && ...);
+  static_assert(((Segs::A::kMnMajor == kMnMajor) && ...), "one layout of A per run");
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
   uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages);
@@ -296,7 +271,6 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
     }
     cp_async_commit();
   }
-  AFragments af;
   for (int kt = 0; kt < total; ++kt) {
     cp_async_wait<kStages - 3>();                              // this thread's copies for step kt have landed,
     mbarrier_wait(&full[kt % kStages], (kt / kStages) % 2);  // and the TMA loads
@@ -305,7 +279,7 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
     const bool refill = kt + kStages - 2 < total;
     if (refill) issue(kt + kStages - 2);
     cp_async_commit();
-    mma_step<T, kInRegisters>(acc, stages[kt % kStages], af);
+    mma_step<T, kMnMajor>(acc, stages[kt % kStages]);
     if (refill) finish(kt + kStages - 2);
   }
   wgmma_wait<0>();

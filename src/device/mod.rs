@@ -208,6 +208,15 @@ impl Device {
         }
     }
 
+    /// Whether the device launches blocks in clusters ([`LaunchConfig::cluster`]): a GPU of
+    /// compute capability 9.0 or later, or the emulator.
+    pub fn has_clusters(&self) -> bool {
+        match self {
+            Device::Cuda(d) => d.compute_capability().0 >= 9,
+            Device::Emu(_) => true,
+        }
+    }
+
     /// Whether cuBLAS serves this device: a GPU whose libcublas loads. The paths that hand
     /// GEMMs to cuBLAS (NF4 dequantize + cuBLAS, LoRA's extended layer) need it.
     pub fn has_cublas(&self) -> bool {
@@ -306,6 +315,12 @@ impl Device {
             return Ok(());
         }
         cfg.check_cluster()?;
+        if cfg.cluster != (1, 1, 1) && !self.has_clusters() {
+            return Err(Error::Unsupported {
+                op: "LaunchConfig::cluster",
+                why: format!("clusters need compute capability 9.0; {}", self.describe()),
+            });
+        }
         match self {
             // SAFETY: forwarded from this function's contract.
             Device::Cuda(d) => unsafe { d.launch(kernel, cfg, d.raw_stream(), params) },
