@@ -529,9 +529,10 @@ fn tma_and_mbarrier_bugs_are_caught() {
 /// the forward and reverse schedules a block runs ahead of its peer as far as its own
 /// barriers let it: a block-wide barrier where the cluster's is needed shows, as a load
 /// naming a peer's barrier before the peer initialized it, or as a peer's next load
-/// overwriting a tile still being read (a wrong tile or a phase's bytes never adding up). A
-/// mask naming a block outside the cluster and a block exiting while its peers wait at the
-/// cluster barrier are errors under every schedule; the correct kernel passes under all.
+/// overwriting a tile still being read (a wrong tile or a phase's bytes never adding up), or
+/// a load to a block that has exited. A mask naming a block outside the cluster and a block
+/// exiting while its peers wait at the cluster barrier are errors under every schedule; the
+/// correct kernel passes under all.
 #[test]
 fn cluster_bugs_are_caught() {
     let (rows, box_rows, boxes) = (32usize, 16u32, 3u32);
@@ -578,6 +579,15 @@ fn cluster_bugs_are_caught() {
             Err(e) => assert!(matches!(e, Error::Emulator(_)), "{s:?}: {e:?}"),
         }
     }
+    // Reverse runs the exiting block first, so the load finds it gone.
+    expect_error(
+        run(
+            &emu(Schedule::Reverse),
+            "emu_tests",
+            "emu_test_multicast_to_exited",
+        ),
+        "a block of the cluster that has exited",
+    );
     for s in schedules() {
         expect_error(
             run(&emu(s), "emu_tests", "emu_test_multicast_mask_outside"),

@@ -460,8 +460,9 @@ bool release_block_barrier(Block& b, bool* released) {
   return true;
 }
 
-// Releases the cluster barrier once every live thread of every block of the cluster waits
-// there. False on a bug (recorded on the first block).
+// Releases the cluster barrier once every thread of every block of the cluster waits there
+// (one that exited instead is a bug, as at __syncthreads). False on a bug, recorded on a
+// block.
 bool release_cluster_barrier(std::vector<Block>& blocks, bool* released) {
   const Fiber* first = nullptr;
   size_t exited = 0, waiting = 0, threads = 0;

@@ -218,7 +218,7 @@ FK_KERNEL(emu_test_wgmma_fenced, EmuTestParams) { wgmma_after_cp_async<true>(p);
 
 // ---- clusters: regdump_tma_multicast (cuda/regdump.cu) with one bug each ------------------
 
-enum class ClusterBug { no_init_sync, no_reuse_sync, mask_outside, exit_early };
+enum class ClusterBug { no_init_sync, no_reuse_sync, mask_outside, exit_early, load_to_exited };
 
 // regdump_tma_multicast's loop, on its params, with `kBug` planted.
 template <ClusterBug kBug>
@@ -227,12 +227,12 @@ FK_DEVICE void multicast_with(const RegdumpTmaParams& p) {
   uint16_t* tile = reinterpret_cast<uint16_t*>(smem + shared_align_1024(smem));
   const uint32_t n = cluster_nctarank(), rank = cluster_ctarank(), part = 64 * p.box_rows, elems = n * part;
   uint64_t* bar = reinterpret_cast<uint64_t*>(tile + elems);
-  if (kBug == ClusterBug::exit_early && rank == 1) return;
+  if ((kBug == ClusterBug::exit_early || kBug == ClusterBug::load_to_exited) && rank == 1) return;
   if (threadIdx.x == 0) {
     mbarrier_init(bar, 1);
     fence_mbarrier_init();
   }
-  kBug == ClusterBug::no_init_sync ? __syncthreads() : cluster_sync();
+  kBug == ClusterBug::no_init_sync || kBug == ClusterBug::load_to_exited ? __syncthreads() : cluster_sync();
   const uint16_t mask = kBug == ClusterBug::mask_outside ? uint16_t((1u << (n + 1)) - 1) : uint16_t((1u << n) - 1);
   for (uint32_t i = 0; i < p.boxes; ++i) {
     if (threadIdx.x == 0) {
@@ -262,4 +262,8 @@ FK_KERNEL_TMA(emu_test_multicast_mask_outside, RegdumpTmaParams, FK_REGDUMP_TMA_
 // Bug: a block of the cluster exits while the others wait for it at the cluster barrier.
 FK_KERNEL_TMA(emu_test_cluster_exit_early, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
   multicast_with<ClusterBug::exit_early>(p);
+}
+// Bug: a block of the cluster exits at once, and a peer's load writes to it.
+FK_KERNEL_TMA(emu_test_multicast_to_exited, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  multicast_with<ClusterBug::load_to_exited>(p);
 }
