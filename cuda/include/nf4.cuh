@@ -186,6 +186,7 @@ struct Nf4Source {
 template <typename T, bool kAlongK>
 struct Nf4Operand {
   static constexpr bool kMnMajor = !kAlongK;  // as wgmma::Columns
+  static constexpr bool kMulticasts = false;  // each block decodes its tile
   static constexpr int kWRows = kAlongK ? wgmma::kBN : wgmma::kBK, kWCols = kAlongK ? wgmma::kBK : wgmma::kBM;
   static constexpr int kRuns = kWRows * kWCols / 16 / wgmma::kThreads;
 

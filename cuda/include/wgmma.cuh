@@ -94,6 +94,7 @@ struct Matrix {
 template <typename T>
 struct Rows : Matrix<T> {
   static constexpr bool kMnMajor = false;
+  static constexpr bool kMulticasts = true;  // as B, shared by a cluster when it has a map
 
   // Starts loading K [k0, k0 + 64) of the block's rows into `tile` (kRows rows), counted off
   // `bar` when by TMA (this block's part of the rows, into all `sharers`, when shared). Through
@@ -144,6 +145,7 @@ struct Rows : Matrix<T> {
 template <typename T>
 struct Columns : Matrix<T> {
   static constexpr bool kMnMajor = true;
+  static constexpr bool kMulticasts = false;  // an A operand
 
   // Starts loading K [k0, k0 + 64): through cp.async a thread takes the same 8 rows of K lines
   // 16 apart. An A operand: never shared.
@@ -176,7 +178,7 @@ struct Columns : Matrix<T> {
 };
 
 // A K range: A's and B's share K, A's `k_len` long. A: Rows, Columns or another operand of
-// the same interface (prepare, issue, finish, tma_bytes, k_len, kMnMajor); B: one that is
+// the same interface (prepare, issue, finish, tma_bytes, k_len, kMnMajor, kMulticasts); B: one that is
 // K-contiguous rows in the 128-byte swizzle (Rows, ...). issue()'s `sharers`: the blocks of the
 // cluster that share the tile (1 for A), each loading a part for all where the operand can.
 template <class OperandA, class OperandB>
@@ -248,7 +250,10 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
   uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages);
-  const uint32_t sharers = cluster_nctarank();  // blocks sharing B's tiles
+  // Blocks sharing B's tiles: the cluster's, where every B can multicast (a GEMM with an NF4
+  // weight, decoded by each block, is never launched in clusters and carries no multicast).
+  constexpr bool kMulticasts = (Segs::B::kMulticasts && ...);
+  const uint32_t sharers = kMulticasts ? cluster_nctarank() : 1;
   auto sync = [sharers] { sharers > 1 ? cluster_sync() : __syncthreads(); };
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);

@@ -100,8 +100,9 @@ pub enum TileLoads {
     Tma,
     /// As `Tma`, with the blocks in clusters of two that share their B tiles (the forward's
     /// B and W, dX's v and dY): each block loads half of each B tile by TMA into both
-    /// (multicast), so that L2 serves B once per pair. Needs every B operand loadable by TMA
-    /// and a dense base (an NF4 weight is decoded by each block); otherwise as `Tma`.
+    /// (multicast), so that L2 serves B once per pair. Needs every B operand loadable by TMA;
+    /// otherwise, and for the forward over an NF4 base (whose B, Ŵ, each block decodes), as
+    /// `Tma`.
     TmaMulticast,
     /// By cp.async from every thread (the path before TMA, kept to compare against).
     CpAsync,
@@ -567,7 +568,9 @@ impl<T: FloatElem> LoraLinear<T> {
         } else {
             [params::FK_LORA_TMA_B, params::FK_LORA_TMA_W]
         };
-        let share = self.tile_loads == TileLoads::TmaMulticast && self.nf4_prefix().is_empty();
+        // Over an NF4 base the forward's B is Ŵ, decoded by each block: not shared.
+        let share = self.tile_loads == TileLoads::TmaMulticast
+            && (transposed || self.nf4_prefix().is_empty());
         let mut maps = Vec::with_capacity(operands.len());
         for (bit, mut operand) in operands {
             if share && b_bits.contains(&bit) {
