@@ -88,54 +88,43 @@ FK_DEVICE void dump_wgmma(const RegdumpParams& p) {
 // What TMA writes, not dumped but checked against the PTX ISA's formula on every backend
 // (tests/device.rs): each box lands in a 1024-byte-aligned tile (the swizzle's unit), every
 // thread waits on the box's phase of the barrier, then the tile is copied out as it lies.
-FK_KERNEL_TMA(regdump_tma, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
-  unsigned char* smem = dyn_smem<unsigned char>();
-  uint16_t* tile = reinterpret_cast<uint16_t*>(smem + shared_align_1024(smem));
-  const uint32_t elems = 64 * p.box_rows;
-  uint64_t* bar = reinterpret_cast<uint64_t*>(tile + elems);
-  if (threadIdx.x == 0) {
-    mbarrier_init(bar, 1);
-    fence_mbarrier_init();
-  }
-  __syncthreads();
-  for (uint32_t i = 0; i < p.boxes; ++i) {
-    if (threadIdx.x == 0) {
-      mbarrier_arrive_expect_tx(bar, elems * 2);
-      tma_load_2d(tile, &p.map, p.c0 + 64 * int32_t(i), p.c1, bar);
-    }
-    mbarrier_wait(bar, i % 2);
-    for (uint32_t e = threadIdx.x; e < elems; e += blockDim.x) p.out[i * elems + e] = tile[e];
-    __syncthreads();  // every read of the tile is done before the next load
-  }
-  if (threadIdx.x == 0) mbarrier_inval(bar);
-}
-
-// regdump_tma in clusters of n blocks (params/regdump.h): block r of a cluster loads rows
+// kMulticast, in clusters of n blocks (params/regdump.h): block r of a cluster loads rows
 // [c1 + r·box_rows, c1 + (r + 1)·box_rows) into every block of it, so each block's tile holds
 // the n boxes stacked; block b copies its tile out to out[(b · boxes + i) · n · 64 · box_rows].
-FK_KERNEL_TMA(regdump_tma_multicast, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+template <bool kMulticast>
+FK_DEVICE void dump_tma(const RegdumpTmaParams& p) {
   unsigned char* smem = dyn_smem<unsigned char>();
   uint16_t* tile = reinterpret_cast<uint16_t*>(smem + shared_align_1024(smem));
-  const uint32_t n = cluster_nctarank(), rank = cluster_ctarank(), part = 64 * p.box_rows, elems = n * part;
+  const uint32_t n = kMulticast ? cluster_nctarank() : 1, rank = kMulticast ? cluster_ctarank() : 0;
+  const uint32_t part = 64 * p.box_rows, elems = n * part;
   uint64_t* bar = reinterpret_cast<uint64_t*>(tile + elems);
+  // Every read of the tile is done (in every block it lands in) before the next load.
+  auto sync = [] { kMulticast ? cluster_sync() : __syncthreads(); };
   if (threadIdx.x == 0) {
     mbarrier_init(bar, 1);
     fence_mbarrier_init();
   }
-  cluster_sync();  // every block's barrier is initialized before any load names it
+  sync();  // every barrier is initialized before any load names it
   for (uint32_t i = 0; i < p.boxes; ++i) {
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(bar, elems * 2);
-      tma_load_2d_multicast(tile + rank * part, &p.map, p.c0 + 64 * int32_t(i), p.c1 + int32_t(rank * p.box_rows), bar,
-                            uint16_t((1u << n) - 1));
+      const int32_t c0 = p.c0 + 64 * int32_t(i), c1 = p.c1 + int32_t(rank * p.box_rows);
+      if constexpr (kMulticast) {
+        tma_load_2d_multicast(tile + rank * part, &p.map, c0, c1, bar, uint16_t((1u << n) - 1));
+      } else {
+        tma_load_2d(tile, &p.map, c0, c1, bar);
+      }
     }
     mbarrier_wait(bar, i % 2);
     uint16_t* out = p.out + (uint64_t(blockIdx.x) * p.boxes + i) * elems;
     for (uint32_t e = threadIdx.x; e < elems; e += blockDim.x) out[e] = tile[e];
-    cluster_sync();  // every block's reads are done before the next loads into it
+    sync();
   }
   if (threadIdx.x == 0) mbarrier_inval(bar);
 }
+
+FK_KERNEL_TMA(regdump_tma, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) { dump_tma<false>(p); }
+FK_KERNEL_TMA(regdump_tma_multicast, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) { dump_tma<true>(p); }
 
 FK_KERNEL(regdump_ldmatrix, RegdumpParams) {
   FK_SHARED(tiles, uint16_t[32 * kRowStride]);

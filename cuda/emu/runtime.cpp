@@ -507,6 +507,11 @@ void release_mbarriers(Block& b, bool* released) {
   }
 }
 
+// Whether every thread of `b` has exited.
+bool all_exited(const Block& b) {
+  return std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::exited; });
+}
+
 // Makes `b` the running block (its fibers reach their block's state through t_block).
 void select(Block& b) {
   t_block = &b;
@@ -595,10 +600,7 @@ bool run_cluster(std::vector<Block>& blocks, size_t stack_size) {
       continue;
     }
     if (!ok) break;
-    bool all_exited = true;
-    for (const Block& b : blocks)
-      for (const Fiber& f : b.fibers) all_exited = all_exited && f.state == State::exited;
-    if (all_exited) {
+    if (std::all_of(blocks.begin(), blocks.end(), all_exited)) {
       for (Block& b : blocks)
         for (const auto& [bar, m] : b.mbarriers)
           if (!m.loads.empty()) block_error(b, "the block ended with TMA loads no thread waited for");
@@ -609,15 +611,14 @@ bool run_cluster(std::vector<Block>& blocks, size_t stack_size) {
     for (size_t r = 0; ok && !released && r < blocks.size(); ++r) ok = release_block(blocks[r], &released);
     if (ok && !released) ok = release_cluster_barrier(blocks, &released);
     if (ok && !released) {
-      const std::string what = "deadlock: no thread can run and no barrier can release";
-      if (blocks.size() == 1) {
-        block_error(blocks[0], what);
-      } else {
-        blocks[0].error = what;
-        for (const Block& b : blocks)
-          blocks[0].error += "\n  block (" + std::to_string(b.idx.x) + ", " + std::to_string(b.idx.y) + ", " +
-                             std::to_string(b.idx.z) + ") of the cluster:" + thread_table(b);
+      std::string what = "deadlock: no thread can run and no barrier can release";
+      for (const Block& b : blocks) {
+        if (blocks.size() > 1)
+          what += "\n  block (" + std::to_string(b.idx.x) + ", " + std::to_string(b.idx.y) + ", " +
+                  std::to_string(b.idx.z) + ") of the cluster:";
+        what += thread_table(b);
       }
+      blocks[0].error = what;
       ok = false;
     }
     if (!ok) break;
@@ -760,10 +761,7 @@ unsigned char* cluster_shared(const void* p, size_t bytes, unsigned rank) {
 
 std::map<const void*, MBarrier>& cluster_mbarriers(unsigned rank) { return (*t_cluster)[rank].mbarriers; }
 
-bool cluster_block_exited(unsigned rank) {
-  const Block& b = (*t_cluster)[rank];
-  return std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::exited; });
-}
+bool cluster_block_exited(unsigned rank) { return all_exited((*t_cluster)[rank]); }
 
 unsigned active_mask() {
   const Block& b = *t_block;

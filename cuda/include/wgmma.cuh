@@ -39,7 +39,6 @@ constexpr int kBM = FK_WGMMA_TILE_M, kBN = FK_WGMMA_TILE_N, kBK = 64, kStages = 
 static_assert(kBM == 128 && kBN == 256 && kThreads == 256, "two warpgroups of m64n256");
 static_assert(kBK == 64, "mma_step spells out four k16 wgmmas");
 static_assert(kStages >= 3, "a stage in flight, one being refilled, one being read");
-static_assert(kBM == 128, "a Columns tile is two halves of 64 rows, one per warpgroup");
 
 // One stage: A's tile, then kBN swizzled rows of B, each row 64 elements (128 bytes) as eight
 // 16-byte chunks. A `Rows` A is kBM such rows; a `Columns` A is two halves of 64 of the

@@ -34,7 +34,7 @@ pub struct TileMap {
 
 impl TileMap {
     /// Whether a TMA load takes this matrix (the rules above).
-    fn loadable(&self, elem_bytes: usize) -> bool {
+    pub(crate) fn loadable(&self, elem_bytes: usize) -> bool {
         let stride = self.ld * elem_bytes;
         (self.ptr as usize) % 16 == 0
             && stride % 16 == 0

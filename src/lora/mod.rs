@@ -568,26 +568,19 @@ impl<T: FloatElem> LoraLinear<T> {
         } else {
             [params::FK_LORA_TMA_B, params::FK_LORA_TMA_W]
         };
-        // Over an NF4 base the forward's B is Ŵ, decoded by each block: not shared.
-        let share = self.tile_loads == TileLoads::TmaMulticast
-            && (transposed || self.nf4_prefix().is_empty());
-        let mut maps = Vec::with_capacity(operands.len());
+        // Shared when every B operand is one TMA takes (over an NF4 base the forward's B, Ŵ,
+        // is decoded by each block: it is not among the operands).
+        let shared = self.tile_loads == TileLoads::TmaMulticast
+            && b_bits.iter().all(|bit| {
+                operands
+                    .iter()
+                    .any(|(b, m)| b == bit && m.loadable(T::DTYPE.size()))
+            });
         for (bit, mut operand) in operands {
-            if share && b_bits.contains(&bit) {
+            if shared && b_bits.contains(&bit) {
                 operand.box_rows /= 2;
             }
-            maps.push((bit, operand, self.device().tile_map::<T>(operand)?));
-        }
-        let shared = share
-            && maps
-                .iter()
-                .all(|(bit, _, map)| !b_bits.contains(bit) || map.is_some());
-        for (bit, mut operand, mut map) in maps {
-            if share && !shared && b_bits.contains(&bit) {
-                operand.box_rows *= 2; // unshared after all: whole tiles
-                map = self.device().tile_map::<T>(operand)?;
-            }
-            if let Some(map) = map {
+            if let Some(map) = self.device().tile_map::<T>(operand)? {
                 p.tma |= bit;
                 *tma_slot(p, bit) = map;
             }
@@ -986,4 +979,81 @@ pub fn kernels() -> Vec<Kernel> {
         }
     }
     names.into_iter().map(kernel).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bf16;
+
+    /// `TileLoads::TmaMulticast` really launches pairs (the result tests cannot tell: a
+    /// layer that never clustered would compute the same): along y for the forward, along x
+    /// for dX, over an NF4 base for dX only, and not at all when a B operand is not TMA's.
+    #[test]
+    fn multicast_launches_pairs_where_b_can_be_shared() {
+        let Some(dev) = crate::testing::emulators().into_iter().next() else {
+            return; // the emulator is not built (feature emu off): nothing launches here
+        };
+        let (m, d_in, rank) = (200, 136, 8);
+        let upload = |n: usize| dev.upload(&vec![bf16::ONE; n]).unwrap();
+        let layer = |d_out: usize, nf4: bool| {
+            let w = upload(d_out * d_in);
+            let base = if nf4 {
+                LoraBase::Nf4(Box::new(
+                    Nf4Weight::quantize(&w, d_out, d_in, 64, true).unwrap(),
+                ))
+            } else {
+                LoraBase::Dense(w)
+            };
+            let config = LoraConfig {
+                rank,
+                alpha: 8.0,
+                use_rslora: false,
+                dropout: 0.0,
+                seed: 1,
+            };
+            LoraLinear::new(
+                base,
+                None,
+                upload(rank * d_in),
+                upload(d_out * rank),
+                config,
+            )
+            .unwrap()
+            .with_path(LoraPath::FusedWgmma)
+            .unwrap()
+            .with_tile_loads(TileLoads::TmaMulticast)
+        };
+        let clusters = |l: &LoraLinear<bf16>, op: &str, d_out: usize| {
+            let (x, mut u, dy, mut v) = (
+                upload(m * d_in),
+                upload(m * rank),
+                upload(m * d_out),
+                upload(m * rank),
+            );
+            let mut p = l.params(m, 1).unwrap();
+            (p.x, p.u, p.dy, p.v) = (x.ptr(), u.ptr_mut(), dy.ptr(), v.ptr_mut());
+            let n = if op == "forward" { d_out } else { d_in };
+            l.base_gemm(op, &mut p, m, n).unwrap().1.cluster
+        };
+        // Out of 263: the forward's B [263, 8] and W (rows of 136) are TMA's, dY (rows of 263
+        // elements, 526 bytes) is not.
+        for (d_out, nf4, forward, dx) in [
+            (264, false, (1, 2, 1), (2, 1, 1)),
+            (264, true, (1, 1, 1), (2, 1, 1)),
+            (263, false, (1, 2, 1), (1, 1, 1)),
+        ] {
+            let l = layer(d_out, nf4);
+            assert_eq!(
+                clusters(&l, "forward", d_out),
+                forward,
+                "forward {d_out} nf4 {nf4}"
+            );
+            assert_eq!(
+                clusters(&l, "backward_dx", d_out),
+                dx,
+                "dX {d_out} nf4 {nf4}"
+            );
+        }
+    }
 }
