@@ -193,8 +193,9 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
   auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, m0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
                              wgmma_weight<T, Nf4, true>(p, n0));
   wgmma::Accumulators acc = {};
-  wgmma::run<T>(acc, dyn_smem<unsigned char>(), lora, base);
-  store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
+  unsigned char* smem = dyn_smem<unsigned char>();
+  wgmma::run<T>(acc, smem, lora, base);
+  wgmma::store_tile<T, false>(acc, smem, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, as<T>(p.bias));
 }
 
 // mask ⊙ acc / (1 - p) for the dXᵀ tile of dX's columns n0.. and rows m0..: through shared
@@ -239,7 +240,7 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   if (p.dropout > 0.0f) mask_dx_tile(acc, smem, p, n0, m0);
   auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
   wgmma::run<T>(acc, smem, base);
-  wgmma::store_transposed(acc, static_cast<T*>(p.dx), p.d_in, n0, m0, p.d_in, p.m);
+  wgmma::store_tile<T, true>(acc, smem, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in);
 }
 
 template <typename T>

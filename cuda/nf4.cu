@@ -436,17 +436,18 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
   T* out = static_cast<T*>(p.out);
   const uint32_t M = p.m, Kr = Dx ? w.rows : w.cols;
   const FkTensorMap* a_map = p.a_tma ? &p.a_map : nullptr;
+  unsigned char* smem = dyn_smem<unsigned char>();
   wgmma::Accumulators acc = {};
   if constexpr (Dx) {
     const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
     auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, n0, Kr}, wgmma::Rows<T>{{a, Kr, m0, M, Kr, a_map}});
-    wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
-    wgmma::store_transposed(acc, out, w.cols, n0, m0, w.cols, M);
+    wgmma::run<T>(acc, smem, seg);
+    wgmma::store_tile<T, true>(acc, smem, out, w.cols, m0, n0, M, w.cols);
   } else {
     const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
     auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr, a_map}}, Nf4Operand<T, true>{w, table, n0, Kr});
-    wgmma::run<T>(acc, dyn_smem<unsigned char>(), seg);
-    store(acc, out, w.rows, m0, n0, M, w.rows);
+    wgmma::run<T>(acc, smem, seg);
+    wgmma::store_tile<T, false>(acc, smem, out, w.rows, m0, n0, M, w.rows);
   }
 }
 

@@ -1,13 +1,11 @@
-// epilogue.cuh: storing a GEMM's output tile from either GEMM's accumulators (gemm.cuh's
-// mma.sync tile or wgmma.cuh's), through one overload set of their accumulator walks.
+// epilogue.cuh: storing gemm.cuh's output tile (mma.sync) from its accumulators; wgmma.cuh's
+// tile has its own, staged through shared memory (wgmma::store_tile).
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"
 #include "gemm.cuh"
-#include "wgmma.cuh"
 
 using gemm::for_each;
-using wgmma::for_each;
 
 // Stores acc · factor (+ bias[column]) into out[m0 + r][n0 + c] for m0 + r < rows,
 // n0 + c < cols (rows `ld` elements apart), rounded to T.

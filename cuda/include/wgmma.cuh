@@ -5,7 +5,7 @@
 // [out, K], the forward) or a matrix whose rows run along K with the tile's rows contiguous
 // (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read as is; or the NF4 weight so). A GEMM is one
 // or more segments (K ranges of different matrices, one layout of A) run into the same
-// accumulators, as gemm.cuh's are; the epilogue is the caller's, through for_each.
+// accumulators, as gemm.cuh's are; the caller stores them (store_tile) or walks them (for_each).
 //
 // Layout: two warpgroups, each 64 rows × kBN columns of the tile (128 f32 accumulators a
 // thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by every
@@ -294,26 +294,77 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
     for (int s = 0; s < kStages; ++s) mbarrier_inval(&full[s]);
 }
 
-// Calls f(row, col, value) for each accumulator this thread holds (by reference), in tile
-// coordinates (ptx.cuh's accumulator layout).
+// Calls f(row, col, v0, v1) for each pair of accumulators this thread holds (by reference),
+// (row, col) and (row, col + 1) in tile coordinates (ptx.cuh's accumulator layout).
 template <class F>
-FK_DEVICE void for_each(Accumulators& acc, F f) {
+FK_DEVICE void for_each_pair(Accumulators& acc, F f) {
   const int lane = threadIdx.x % 32, row = (threadIdx.x / 32) * 16 + lane / 4;  // warps 0-7 in order
 #pragma unroll
-  for (int j = 0; j < kBN / 2; ++j) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4) + j % 2, acc[j]);
+  for (int j = 0; j < kBN / 2; j += 2) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4), acc[j], acc[j + 1]);
 }
 
-// Stores a tile computed transposed (dXᵀ for dX): out[(m0 + c) · ld + n0 + r] = acc(r, c)
-// for n0 + r < n_len, m0 + c < m_len. Straight from the accumulators: each store instruction
-// writes 16 contiguous bytes of 4 rows of out. (Through shared memory into whole rows, ptxas
-// serializes every wgmma of the kernel: C7514, "non wgmma instructions reading accumulator
-// registers".)
-template <typename T>
-FK_DEVICE void store_transposed(Accumulators& acc, T* out, uint64_t ld, uint32_t n0, uint32_t m0, uint32_t n_len,
-                                uint32_t m_len) {
-  for_each(acc, [&](int r, int c, float v) {
-    if (n0 + r < n_len && m0 + c < m_len) out[uint64_t(m0 + c) * ld + n0 + r] = from_f32<T>(v);
+// Calls f(row, col, value) for each accumulator this thread holds (by reference).
+template <class F>
+FK_DEVICE void for_each(Accumulators& acc, F f) {
+  for_each_pair(acc, [&](int r, int c, float& v0, float& v1) {
+    f(r, c, v0);
+    f(r, c + 1, v1);
   });
+}
+
+// The slot of element (row, col) of an output tile staged in shared memory, kCols to a row:
+// each run of 8 16-byte chunks (128 bytes) swizzled as the operand tiles are, so that a warp's
+// stores from the accumulators (8 rows at once; 4 of the transposed tile) and its 16-byte reads
+// along a row meet each bank once.
+template <int kCols>
+FK_DEVICE int staged_slot(int row, int col) {
+  const int chunk = col / 8;  // (rows split into their multiple of 8 and the rest: cheaper addresses)
+  return (row & ~7) * kCols + (row & 7) * kCols + ((chunk & ~7) | ((chunk ^ row) & 7)) * 8 + col % 8;
+}
+
+// Stores the tile (+ bias[column]), rounded to T, at out[row0 + i][col0 + j] for row0 + i < rows,
+// col0 + j < cols (out's rows `ld` elements apart); transposed (dXᵀ's tile for dX): acc(r, c)
+// at out[row0 + c][col0 + r]. Through shared memory (`smem`, free after run()), so that global
+// memory sees whole 16-byte runs of a row, a warp's a contiguous 512 bytes, where out allows
+// (runs_of_8; a run cut by `cols` is stored element by element). The accumulators' own
+// layout would store 2 bytes a thread, 8 rows (4 transposed) an instruction: 8 partly written
+// sectors per instruction, and a bias load before each element's store (bias may alias out).
+template <typename T, bool kTransposed>
+FK_DEVICE void store_tile(Accumulators& acc, unsigned char* smem, T* out, uint64_t ld, uint32_t row0, uint32_t col0,
+                          uint32_t rows, uint32_t cols, const T* bias = nullptr) {
+  constexpr int kRows = kTransposed ? kBN : kBM, kCols = kTransposed ? kBM : kBN;
+  static_assert(sizeof(T) == 2, "16-bit outputs: a pair of columns is one 32-bit store");
+  static_assert(kRows * kCols * sizeof(T) + kCols * sizeof(float) <= kStages * sizeof(Stage), "the tile fits the stages");
+  T* tile = reinterpret_cast<T*>(smem);
+  float* column_bias = reinterpret_cast<float*>(tile + kRows * kCols);
+  if (bias) {
+    for (int c = threadIdx.x; c < kCols; c += kThreads) column_bias[c] = col0 + c < cols ? to_f32(bias[col0 + c]) : 0.0f;
+    __syncthreads();
+  }
+  for_each_pair(acc, [&](int r, int c, float v0, float v1) {
+    if constexpr (kTransposed) {
+      if (bias) v0 += column_bias[r], v1 += column_bias[r];
+      tile[staged_slot<kCols>(c, r)] = from_f32<T>(v0);
+      tile[staged_slot<kCols>(c + 1, r)] = from_f32<T>(v1);
+    } else {
+      if (bias) v0 += column_bias[c], v1 += column_bias[c + 1];
+      *reinterpret_cast<uint32_t*>(tile + staged_slot<kCols>(r, c)) =
+          uint32_t(bits16(from_f32<T>(v0))) | uint32_t(bits16(from_f32<T>(v1))) << 16;
+    }
+  });
+  __syncthreads();
+  const bool whole_runs = runs_of_8(out, ld);
+  for (int i = threadIdx.x; i < kRows * kCols / 8; i += kThreads) {
+    const int row = i / (kCols / 8), col = i % (kCols / 8) * 8;
+    if (row0 + row >= rows || col0 + col >= cols) continue;
+    T* dst = out + uint64_t(row0 + row) * ld + col0 + col;
+    const T* src = tile + staged_slot<kCols>(row, col);
+    if (whole_runs && col0 + col + 8 <= cols) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (uint32_t e = 0; e < 8 && col0 + col + e < cols; ++e) dst[e] = src[e];
+    }
+  }
 }
 
 }  // namespace wgmma

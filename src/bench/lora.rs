@@ -18,11 +18,13 @@ const D: usize = 4096;
 const RANK: usize = 16;
 
 /// The benchmarked layer and the bytes of its base weight (bf16, or NF4 with its absmaxes).
-/// The benchmarks' layer: a dense base, or (`nf4`) an NF4 one fed to the GEMMs as it says.
+/// The benchmarks' layer: a dense base, or (`nf4`) an NF4 one fed to the GEMMs as it says;
+/// with a bias where `bias`.
 fn layer(
     dev: &Device,
     nf4: Option<Nf4Decode>,
     dropout: f32,
+    bias: bool,
     path: LoraPath,
     loads: TileLoads,
 ) -> Result<(LoraLinear<bf16>, usize)> {
@@ -37,6 +39,11 @@ fn layer(
     };
     let a = dev.upload(&random_vec::<bf16>(&mut rng, RANK * D, 0.02))?;
     let b = dev.upload(&random_vec::<bf16>(&mut rng, D * RANK, 0.02))?;
+    let bias = if bias {
+        Some(dev.upload(&random_vec::<bf16>(&mut rng, D, 0.1))?)
+    } else {
+        None
+    };
     let config = LoraConfig {
         rank: RANK,
         alpha: 32.0,
@@ -45,7 +52,7 @@ fn layer(
         seed: 3,
     };
     Ok((
-        LoraLinear::new(base, None, a, b, config)?
+        LoraLinear::new(base, bias, a, b, config)?
             .with_path(path)?
             .with_nf4_decode(nf4.unwrap_or_default())
             .with_tile_loads(loads),
@@ -67,22 +74,24 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     for path in paths(dev) {
         // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch
         // weight; on wgmma, the dense layer once more with B shared by pairs of blocks (TMA
-        // multicast) and once with its tiles loaded by cp.async.
-        for (nf4, dropout, loads) in [
-            (None, 0.0, TileLoads::Tma),
-            (None, 0.1, TileLoads::Tma),
-            (Some(Nf4Decode::InTile), 0.0, TileLoads::Tma),
-            (Some(Nf4Decode::Scratch), 0.0, TileLoads::Tma),
-            (None, 0.0, TileLoads::TmaMulticast),
-            (None, 0.0, TileLoads::CpAsync),
+        // multicast), once with its tiles loaded by cp.async, and once with a bias (its
+        // epilogue's cost).
+        for (nf4, dropout, bias, loads) in [
+            (None, 0.0, false, TileLoads::Tma),
+            (None, 0.1, false, TileLoads::Tma),
+            (Some(Nf4Decode::InTile), 0.0, false, TileLoads::Tma),
+            (Some(Nf4Decode::Scratch), 0.0, false, TileLoads::Tma),
+            (None, 0.0, false, TileLoads::TmaMulticast),
+            (None, 0.0, false, TileLoads::CpAsync),
+            (None, 0.0, true, TileLoads::Tma),
         ] {
             if nf4 == Some(Nf4Decode::Scratch) && path == LoraPath::Extended {
                 continue; // the Extended path always dequantizes
             }
-            if loads != TileLoads::Tma && path != LoraPath::FusedWgmma {
-                continue; // only the wgmma path loads by TMA
+            if (loads != TileLoads::Tma || bias) && path != LoraPath::FusedWgmma {
+                continue; // only the wgmma path loads by TMA; the bias row is the wgmma epilogue's
             }
-            let (l, w_bytes) = layer(dev, nf4, dropout, path, loads)?;
+            let (l, w_bytes) = layer(dev, nf4, dropout, bias, path, loads)?;
             // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
             let (bytes_fwd, bytes_bwd) = (
                 (2 * 2 * M * D + w_bytes) as f64,
@@ -101,11 +110,12 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     Some(Nf4Decode::Scratch) => "_nf4_scratch",
                 },
                 if dropout > 0.0 { "_dropout" } else { "" },
-            ) + match loads {
-                TileLoads::Tma => "",
-                TileLoads::TmaMulticast => "_multicast",
-                TileLoads::CpAsync => "_cp_async",
-            };
+            ) + if bias { "_bias" } else { "" }
+                + match loads {
+                    TileLoads::Tma => "",
+                    TileLoads::TmaMulticast => "_multicast",
+                    TileLoads::CpAsync => "_cp_async",
+                };
             let shape = format!("{M}x{D}→{D} r{RANK}");
             let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
             let mut row = Row::new(
