@@ -18,10 +18,11 @@ const D: usize = 4096;
 const RANK: usize = 16;
 
 /// The benchmarked layer and the bytes of its base weight (bf16, or NF4 with its absmaxes).
-/// The benchmarks' layer: a dense base, or (`nf4`) an NF4 one fed to the GEMMs as it says;
-/// with a bias where `bias`.
+/// The benchmarks' layer, `d_in`→`d_out`: a dense base, or (`nf4`) an NF4 one fed to the
+/// GEMMs as it says; with a bias where `bias`.
 fn layer(
     dev: &Device,
+    (d_in, d_out): (usize, usize),
     nf4: Option<Nf4Decode>,
     dropout: f32,
     bias: bool,
@@ -29,18 +30,18 @@ fn layer(
     loads: TileLoads,
 ) -> Result<(LoraLinear<bf16>, usize)> {
     let mut rng = StdRng::seed_from_u64(7);
-    let w = dev.upload(&random_vec::<bf16>(&mut rng, D * D, 0.02))?;
+    let w = dev.upload(&random_vec::<bf16>(&mut rng, d_out * d_in, 0.02))?;
     let (base, w_bytes) = if nf4.is_some() {
-        let q = Nf4Weight::quantize(&w, D, D, 64, true)?;
+        let q = Nf4Weight::quantize(&w, d_out, d_in, 64, true)?;
         let bytes = q.bytes();
         (LoraBase::Nf4(Box::new(q)), bytes)
     } else {
-        (LoraBase::Dense(w), 2 * D * D)
+        (LoraBase::Dense(w), 2 * d_out * d_in)
     };
-    let a = dev.upload(&random_vec::<bf16>(&mut rng, RANK * D, 0.02))?;
-    let b = dev.upload(&random_vec::<bf16>(&mut rng, D * RANK, 0.02))?;
+    let a = dev.upload(&random_vec::<bf16>(&mut rng, RANK * d_in, 0.02))?;
+    let b = dev.upload(&random_vec::<bf16>(&mut rng, d_out * RANK, 0.02))?;
     let bias = if bias {
-        Some(dev.upload(&random_vec::<bf16>(&mut rng, D, 0.1))?)
+        Some(dev.upload(&random_vec::<bf16>(&mut rng, d_out, 0.1))?)
     } else {
         None
     };
@@ -91,7 +92,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             if (loads != TileLoads::Tma || bias) && path != LoraPath::FusedWgmma {
                 continue; // only the wgmma path loads by TMA; the bias row is the wgmma epilogue's
             }
-            let (l, w_bytes) = layer(dev, nf4, dropout, bias, path, loads)?;
+            let (l, w_bytes) = layer(dev, (D, D), nf4, dropout, bias, path, loads)?;
             // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
             let (bytes_fwd, bytes_bwd) = (
                 (2 * 2 * M * D + w_bytes) as f64,
@@ -162,6 +163,113 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 }
             }
         }
+    }
+    if paths(dev).contains(&LoraPath::FusedWgmma) {
+        match wgmma_ladder(dev, timer, c) {
+            Ok(ladder) => rows.extend(ladder),
+            Err(e) => eprintln!("bench: no wgmma ladder: {e}"),
+        }
+    }
+    Ok(rows)
+}
+
+/// The K of each rung of the ladder, in steps of 64; the last two fit the step time.
+const LADDER_STEPS: [usize; 3] = [1, 16, 64];
+
+/// The wgmma kernels' time taken apart without a profiler: each kernel (the forward, and
+/// dX in backward) at one wave of tiles (a 128 × 256 tile per SM: no partial wave) and a K
+/// of 1, 16 and 64 steps of 64. A kernel's time is then ≈ t0 + steps · t_step: t_step the
+/// step's time across the GPU (its FLOPs against cuBLAS's rate give the main loop's
+/// efficiency; the two numbers say ≈ 1,110 cycles), t0 what a tile costs besides its steps
+/// (start, pipeline fill, the LoRA segment's step, epilogue). Rows (parts, ` ▸ `: in the full
+/// results, not the README): each rung's kernel time, then the two fitted.
+fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+    let tiles_m = dev.sm_count() / 2; // two tiles across: 128 × 256 each, one per SM
+    let mut rows = Vec::new();
+    let mut rng = StdRng::seed_from_u64(13);
+    for dx in [false, true] {
+        // The forward's tile is y's 128 rows by 256 columns; dX's is dXᵀ's: 128 columns of
+        // dX by 256 rows. K is d_in for the forward, d_out for dX.
+        let (m, across) = if dx {
+            (256 * tiles_m, 256)
+        } else {
+            (128 * tiles_m, 512)
+        };
+        let tiles = 2 * tiles_m;
+        let mut times = Vec::new();
+        for steps in LADDER_STEPS {
+            let k = 64 * steps;
+            let (d_in, d_out) = if dx { (across, k) } else { (k, across) };
+            let (l, _) = layer(
+                dev,
+                (d_in, d_out),
+                None,
+                0.0,
+                false,
+                LoraPath::FusedWgmma,
+                TileLoads::Tma,
+            )?;
+            let x = dev.upload(&random_vec::<bf16>(&mut rng, m * d_in, 1.0))?;
+            let dy = dev.upload(&random_vec::<bf16>(&mut rng, m * d_out, 1.0))?;
+            let (_, saved) = l.forward(&x, m)?;
+            let parts = if dx {
+                timer.breakdown(1, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?
+            } else {
+                timer.breakdown(1, REPS, || l.forward(&x, m).map(|_| ()))?
+            };
+            let kernel = if dx {
+                "lora_backward_dx_wgmma"
+            } else {
+                "lora_forward_wgmma"
+            };
+            let (name, t) = parts
+                .into_iter()
+                .find(|(n, _)| n.starts_with(kernel))
+                .ok_or_else(|| crate::Error::InvalidArgument {
+                    what: "wgmma ladder",
+                    why: format!("no {kernel} launch in the breakdown"),
+                })?;
+            let flops = 2.0 * (tiles * 128 * 256 * (k + RANK)) as f64;
+            let shape = format!("{m}x{d_in}→{d_out} r{RANK}, {tiles} tiles");
+            rows.push(Row::new(
+                "lora",
+                &format!("lora_fused_wgmma ladder ▸ {steps} steps ▸ {name}"),
+                &shape,
+                &t,
+                0.0,
+                flops,
+                c,
+            ));
+            times.push(t.median_us);
+        }
+        let (mid, last) = (LADDER_STEPS[1], LADDER_STEPS[2]);
+        let step = (times[2] - times[1]) / (last - mid) as f64;
+        let fixed = times[1] - mid as f64 * step;
+        let kernel = if dx { "dX" } else { "forward" };
+        let shape = format!("{tiles} tiles, one per SM");
+        let fit = |us: f64| super::Stats {
+            median_us: us,
+            reps: REPS,
+        };
+        let step_flops = 2.0 * (tiles * 128 * 256 * 64) as f64;
+        rows.push(Row::new(
+            "lora",
+            &format!("lora_fused_wgmma ladder ▸ {kernel}: one step (fit)"),
+            &shape,
+            &fit(step),
+            0.0,
+            step_flops,
+            c,
+        ));
+        rows.push(Row::new(
+            "lora",
+            &format!("lora_fused_wgmma ladder ▸ {kernel}: a tile besides its steps (fit)"),
+            &shape,
+            &fit(fixed),
+            0.0,
+            0.0,
+            c,
+        ));
     }
     Ok(rows)
 }
