@@ -225,8 +225,9 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
 
 // lora_backward_dx on wgmma: the output tile is dXᵀ (kBM columns of dX by kBN rows), so that
 // A [rank, d_in] and W [d_out, d_in] (dense or NF4) are wgmma.cuh's `Columns`-kind operands as
-// they lie and v, dY its K-contiguous `Rows`. The LoRA segment first, masked in the
-// accumulators, then the base.
+// they lie and v, dY its K-contiguous `Rows`. The LoRA segment first, then the base: with
+// dropout in two runs, the LoRA term masked in the accumulators between them; without, in one
+// (as the forward's), so that the base's loads follow the LoRA step's with no refill between.
 template <typename T, bool Nf4>
 FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   // Blocks along x sweep dX's columns, so those running together share dY's rows (in L2).
@@ -236,10 +237,14 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   wgmma::Accumulators acc = {};
   auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
                              wgmma::Rows<T>{{as<T>(p.v), p.rank, m0, p.m, p.rank, tma_map(p, FK_LORA_TMA_V, p.v_map)}});
-  wgmma::run<T>(acc, smem, lora);
-  if (p.dropout > 0.0f) mask_dx_tile(acc, smem, p, n0, m0);
   auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
-  wgmma::run<T>(acc, smem, base);
+  if (p.dropout > 0.0f) {
+    wgmma::run<T>(acc, smem, lora);
+    mask_dx_tile(acc, smem, p, n0, m0);
+    wgmma::run<T>(acc, smem, base);
+  } else {
+    wgmma::run<T>(acc, smem, lora, base);
+  }
   wgmma::store_tile<T, true>(acc, smem, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in);
 }
 

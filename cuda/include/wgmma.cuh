@@ -246,6 +246,12 @@ template <typename T, class... Segs>
 FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   constexpr bool kMnMajor = (Segs::A::kMnMajor && ...);
   static_assert(((Segs::A::kMnMajor == kMnMajor) && ...), "one layout of A per run");
+#if FK_PTX && !FK_HAS_WGMMA
+  // Below sm_90a the entries trap (Device::has_wgmma keeps them off those GPUs): no body to
+  // compile there, nor to spill.
+  __trap();
+  return;
+#endif
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
   uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages);
@@ -318,7 +324,9 @@ FK_DEVICE void for_each(Accumulators& acc, F f) {
 // along a row meet each bank once.
 template <int kCols>
 FK_DEVICE int staged_slot(int row, int col) {
-  const int chunk = col / 8;  // (rows split into their multiple of 8 and the rest: cheaper addresses)
+  const int chunk = col / 8;
+  // The row split at 8: what a walk adds to a row (multiples of 8) then folds into an
+  // address's immediate offset (as row * kCols, ptxas held one address per row: 255 registers).
   return (row & ~7) * kCols + (row & 7) * kCols + ((chunk & ~7) | ((chunk ^ row) & 7)) * 8 + col % 8;
 }
 
