@@ -165,7 +165,7 @@ PY
   cat "$work/sanitizer.txt" | tee -a "$log"
 
   step "fk check (realistic shapes)"
-  FK_REQUIRE_GPU=$require timeout 150 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
+  FK_REQUIRE_GPU=$require timeout 240 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
   echo "exit $?" >>"$work/check.txt"
   tail -5 "$work/check.txt" | tee -a "$log"
   results >/dev/null
