@@ -12,7 +12,8 @@
 #       PyTorch/PEFT baselines. Writes OUTDIR/<date>-<gpu>.md and .json (format:
 #       bench/results/README.md), the register dump and a log; prints a summary last.
 #       --dry-run runs the same steps without a GPU, marking the GPU-only ones skipped, so
-#       that the output format is tested here.
+#       that the output format is tested here. FK_CHECK_SECONDS (default 240) bounds
+#       `fk check`, for a lease with less time left.
 #
 # It never changes the GPU's clocks, power or mode.
 set -uo pipefail
@@ -165,7 +166,7 @@ PY
   cat "$work/sanitizer.txt" | tee -a "$log"
 
   step "fk check (realistic shapes)"
-  FK_REQUIRE_GPU=$require timeout 240 "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
+  FK_REQUIRE_GPU=$require timeout "${FK_CHECK_SECONDS:-240}" "$bundle/fk" check --seed "$(date +%s)" >"$work/check.txt" 2>&1
   echo "exit $?" >>"$work/check.txt"
   tail -5 "$work/check.txt" | tee -a "$log"
   results >/dev/null

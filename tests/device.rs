@@ -150,7 +150,7 @@ fn tma_devices() -> Vec<finetune_kernels::Device> {
 /// A TMA load lands the box as the PTX ISA says, on the emulator and on a GPU alike (there
 /// it shows that the driver-encoded map means what the emulator's does): element (r, e) of
 /// the box (matrix element (c1 + r, c0 + e), zero outside the matrix, negative coordinates
-/// included) at byte 2·(64r + e) of the tile with address bits 4-6 XORed with bits 7-9 (the
+/// included; c0 a multiple of 8) at byte 2·(64r + e) of the tile with address bits 4-6 XORed with bits 7-9 (the
 /// 128-byte swizzle); consecutive phases of one barrier alternate parity. Multicast to a
 /// cluster of 2 or 4 blocks, each loading its box below the previous rank's into all: every
 /// block's tile holds all the boxes, the rank-r box at row r · box_rows. Against the
@@ -185,12 +185,14 @@ fn tma_loads_follow_the_ptx_isa() {
                 module: "regdump",
                 name: name.into(),
             };
+            // A box starts at a 16-byte multiple along the row (8 elements): elsewhere an
+            // H200 faults, and the emulator refuses it (tests/emu.rs).
             for (c0, c1) in [
                 (0, 0),
                 (-8, -5),
-                (cols as i32 - 30, rows as i32 - 7),
+                ((cols as i32 - 30).div_euclid(8) * 8, rows as i32 - 7),
                 (
-                    rng.random_range(-64..cols as i32),
+                    8 * rng.random_range(-8..cols.div_ceil(8) as i32),
                     rng.random_range(-300..rows as i32),
                 ),
             ] {

@@ -477,7 +477,8 @@ fn out_of_bounds_shared_write_is_caught_by_asan() {
 /// Planted TMA and mbarrier bugs (beside `regdump_tma`, tested in tests/device.rs): a tile
 /// read before its barrier's wait sees poison (all ones: NaN); a wrong byte count deadlocks,
 /// reported with the bytes pending; a load nobody waits for, a barrier initialized twice or
-/// overwritten while live are errors.
+/// overwritten while live, a box whose first column is not a 16-byte multiple (a fault on
+/// an H200) are errors.
 #[test]
 fn tma_and_mbarrier_bugs_are_caught() {
     let dev = emu(Schedule::Forward);
@@ -493,13 +494,20 @@ fn tma_and_mbarrier_bugs_are_caught() {
         })
         .unwrap()
         .unwrap();
-    let run = |dev: &Device, name: &str| {
+    let run_at = |dev: &Device, module: &'static str, name: &str, c0: i32| {
         let k = Kernel {
-            module: "emu_tests",
+            module,
             name: name.into(),
         };
-        tma_boxes(dev, &k, map, (0, 0), 64, 1, 1)
+        tma_boxes(dev, &k, map, (c0, 0), 64, 1, 1)
     };
+    let run = |dev: &Device, name: &str| run_at(dev, "emu_tests", name, 0);
+    for c0 in [1, 4, -3, 60] {
+        expect_error(
+            run_at(&dev, "regdump", "regdump_tma", c0),
+            "not a 16-byte multiple",
+        );
+    }
     for s in schedules() {
         let out = run(&emu(s), "emu_test_tma_before_wait").unwrap();
         assert!(

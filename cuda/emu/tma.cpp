@@ -111,12 +111,16 @@ void fk_emu_mbarrier_wait(uint64_t* bar, uint32_t parity) {
 
 namespace {
 
-// The checks of a TMA load's map and destination, common to its forms; the map's copy.
-FkEmuTensorMap checked_map(void* dst, const void* map, const Site& s) {
+// The checks of a TMA load's map, box and destination, common to its forms; the map's copy.
+FkEmuTensorMap checked_map(void* dst, const void* map, int32_t c0, const Site& s) {
   FkEmuTensorMap m;
   std::memcpy(&m, map, sizeof m);
   if (reinterpret_cast<uintptr_t>(map) % 64) fail(s, "the tensor map is not 64-byte aligned");
   if (m.magic != FK_EMU_TENSOR_MAP_MAGIC) fail(s, "the tensor map was not encoded");
+  // Measured: an H200 faults (illegal instruction) on a box whose first column is not a
+  // 16-byte multiple along the row, at every box size, in or out of bounds, with multicast or
+  // without (bench/results/2026-11-27T0501-h200's test-device failure, probed case by case).
+  if ((int64_t(c0) * m.elem_bytes) % 16) fail(s, "the box's first column c0 is not a 16-byte multiple along the row");
   const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
   if (d % (m.swizzle_128b ? 1024 : 128)) fail(s, "the destination is not 128-byte aligned (1024 for a swizzled map)");
   if (!in_block_shared(dst, box_bytes(m))) fail(s, "the box does not fit in this block's shared memory");
@@ -133,13 +137,13 @@ void queue(MBarrier& b, void* dst, const FkEmuTensorMap& m, int32_t c0, int32_t 
 
 void fk_emu_tma_load_2d(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar) {
   const Site s = site("cp.async.bulk.tensor.2d");
-  const FkEmuTensorMap m = checked_map(dst, map, s);
+  const FkEmuTensorMap m = checked_map(dst, map, c0, s);
   queue(live(bar, "cp.async.bulk.tensor.2d"), dst, m, c0, c1);
 }
 
 void fk_emu_tma_load_2d_multicast(void* dst, const void* map, int32_t c0, int32_t c1, uint64_t* bar, uint16_t mask) {
   const Site s = site("cp.async.bulk.tensor.2d.multicast::cluster");
-  const FkEmuTensorMap m = checked_map(dst, map, s);
+  const FkEmuTensorMap m = checked_map(dst, map, c0, s);
   live(bar, s.file);
   if (mask == 0) fail(s, "the multicast mask names no block");
   if (mask >> cluster_size()) fail(s, "the multicast mask names a block outside the cluster");

@@ -124,9 +124,13 @@ fn run_check(args: &[String]) -> Result<bool, String> {
         Some(s) => s.parse().map_err(|e| format!("--seed {s}: {e}"))?,
         None => rand::random(),
     };
-    println!("check: {scale:?} shapes, seed {seed}\n");
-    let rows = check::all(&dev, scale, seed).map_err(|e| e.to_string())?;
-    print!("{}", check::table(&rows));
+    println!(
+        "check: {scale:?} shapes, seed {seed}\non {}\n",
+        dev.describe()
+    );
+    println!("{}", check::header());
+    let rows = check::all(&dev, scale, seed, &mut |r| println!("{}", check::line(r)))
+        .map_err(|e| e.to_string())?;
     let failed = rows.iter().filter(|r| !r.pass()).count();
     println!("\n{} checks, {} failed", rows.len(), failed);
     Ok(failed == 0)

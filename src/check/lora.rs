@@ -1,6 +1,6 @@
 //! Checks of the fused LoRA kernels against `reference::lora` (PEFT's layer, in f64).
 
-use super::{row, time_if, CheckCase, CheckRow, Measure, Scale};
+use super::{row, time_if, CheckCase, CheckRow, Measure, Report, Scale};
 use crate::check::nf4::{matmul_bound, unit};
 use crate::device::Device;
 use crate::dtype::FloatElem;
@@ -370,8 +370,9 @@ pub fn merge<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
     ))
 }
 
-/// Every LoRA kernel: bf16 and f16, dense and NF4 bases, with and without dropout and bias.
-pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+/// Every LoRA kernel: bf16 and f16, dense and NF4 bases, with and without dropout and bias,
+/// case by case into `report` (at the realistic scale each case's reference takes seconds).
+pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result<()> {
     let realistic = scale == Scale::Realistic;
     // Realistic: DESIGN.md §8's layer (4096→4096, r=16) at 64 tokens, whose f64 reference
     // takes seconds on a CPU (the 8192-token timings are `fk bench`'s). Small: odd sizes.
@@ -381,7 +382,7 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
         (37, 131, 45, 5)
     };
     let base = Case::new(seed, m, d_in, d_out, rank);
-    let mut rows = vec![merge::<bf16>(dev, base)?, merge::<f16>(dev, base)?];
+    report.extend([merge::<bf16>(dev, base)?, merge::<f16>(dev, base)?]);
     // Path by path, in paths()'s order (the newest kernels last).
     for path in paths(dev) {
         for (dropout, bias, nf4, rslora, nf4_decode) in [
@@ -404,11 +405,11 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
                 path: Some(path),
                 ..base
             };
-            rows.extend(forward::<bf16>(dev, c)?);
-            rows.extend(backward::<bf16>(dev, c)?);
+            report.extend(forward::<bf16>(dev, c)?);
+            report.extend(backward::<bf16>(dev, c)?);
             if !realistic {
-                rows.extend(forward::<f16>(dev, c)?);
-                rows.extend(backward::<f16>(dev, c)?);
+                report.extend(forward::<f16>(dev, c)?);
+                report.extend(backward::<f16>(dev, c)?);
             }
         }
     }
@@ -435,9 +436,9 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
                     8,
                 )
             };
-            rows.extend(forward::<bf16>(dev, c)?);
-            rows.extend(backward::<bf16>(dev, c)?);
+            report.extend(forward::<bf16>(dev, c)?);
+            report.extend(backward::<bf16>(dev, c)?);
         }
     }
-    Ok(rows)
+    Ok(())
 }

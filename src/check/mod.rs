@@ -113,40 +113,61 @@ pub(crate) fn time_if(
     }
 }
 
-/// Every family's checks at `scale`.
-pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
-    let mut rows = sparse::all(dev, scale, seed)?;
-    rows.extend(nf4::all(dev, scale, seed)?);
-    rows.extend(lora::all(dev, scale, seed)?);
-    rows.extend(nf4::wgmma(dev, scale, seed)?);
-    Ok(rows)
+/// Rows as the checks produce them, each handed to `on_row` as it comes: `fk check` prints
+/// it at once, so that a check cut short (a timeout, a GPU fault) still reports what ran.
+pub struct Report<'a> {
+    rows: Vec<CheckRow>,
+    on_row: &'a mut dyn FnMut(&CheckRow),
 }
 
-/// A plain-text table of rows, as `fk check` prints it: first the devices they ran on (an
-/// emulator's schedule and its seed replay a failure).
-pub fn table(rows: &[CheckRow]) -> String {
-    let mut devices: Vec<&str> = rows.iter().map(|r| r.device.as_str()).collect();
-    devices.dedup();
-    let mut t: String = devices.iter().map(|d| format!("on {d}\n")).collect();
-    let w = rows
-        .iter()
-        .map(|r| r.shape.chars().count())
-        .fold(28, usize::max);
-    t += &format!(
-        "{:<34} {:<5} {:<w$} {:>22} {:>10} {:>6}\n",
-        "kernel", "on", "shape", "error", "time µs", "result"
-    );
-    for r in rows {
-        let err = match r.measure {
-            Measure::Exact => format!("{} bits off", r.error),
-            Measure::RelL2(b) => format!("{:.1e} ≤ {b:.0e}", r.error),
-        };
-        let time = r.time_us.map_or("—".to_string(), |t| format!("{t:.2}"));
-        let verdict = if r.pass() { "pass" } else { "FAIL" };
-        t += &format!(
-            "{:<34} {:<5} {:<w$} {:>22} {:>10} {:>6}\n",
-            r.kernel, r.backend, r.shape, err, time, verdict
-        );
+impl Report<'_> {
+    pub fn extend(&mut self, rows: impl IntoIterator<Item = CheckRow>) {
+        for r in rows {
+            (self.on_row)(&r);
+            self.rows.push(r);
+        }
     }
-    t
+}
+
+/// Every family's checks at `scale`, each row handed to `on_row` as it is checked.
+pub fn all(
+    dev: &Device,
+    scale: Scale,
+    seed: u64,
+    on_row: &mut dyn FnMut(&CheckRow),
+) -> Result<Vec<CheckRow>> {
+    let mut report = Report {
+        rows: Vec::new(),
+        on_row,
+    };
+    report.extend(sparse::all(dev, scale, seed)?);
+    report.extend(nf4::all(dev, scale, seed)?);
+    lora::all(dev, scale, seed, &mut report)?;
+    report.extend(nf4::wgmma(dev, scale, seed)?);
+    Ok(report.rows)
+}
+
+/// The width of `fk check`'s shape column: the longest shape a check prints.
+const SHAPE_WIDTH: usize = 54;
+
+/// `fk check`'s column headings.
+pub fn header() -> String {
+    format!(
+        "{:<34} {:<5} {:<SHAPE_WIDTH$} {:>22} {:>10} {:>6}",
+        "kernel", "on", "shape", "error", "time µs", "result"
+    )
+}
+
+/// A row as `fk check` prints it, under [`header`].
+pub fn line(r: &CheckRow) -> String {
+    let err = match r.measure {
+        Measure::Exact => format!("{} bits off", r.error),
+        Measure::RelL2(b) => format!("{:.1e} ≤ {b:.0e}", r.error),
+    };
+    let time = r.time_us.map_or("—".to_string(), |t| format!("{t:.2}"));
+    let verdict = if r.pass() { "pass" } else { "FAIL" };
+    format!(
+        "{:<34} {:<5} {:<SHAPE_WIDTH$} {:>22} {:>10} {:>6}",
+        r.kernel, r.backend, r.shape, err, time, verdict
+    )
 }

@@ -3,6 +3,7 @@
 //! output dtype.
 
 use crate::dtype::FloatElem;
+use crate::reference::by_rows;
 
 /// `y[m, n] = Σ_k x[m, k] · w[n, k]` (y = x Wᵀ) for `x` `[rows, k]`, `w` `[n, k]`.
 pub fn linear<T: FloatElem, W: FloatElem>(
@@ -15,19 +16,17 @@ pub fn linear<T: FloatElem, W: FloatElem>(
     assert_eq!(x.len(), rows * k);
     assert_eq!(w.len(), n * k);
     let w: Vec<f64> = w.iter().map(|v| v.to_f32() as f64).collect();
-    let mut y = Vec::with_capacity(rows * n);
-    for r in 0..rows {
+    by_rows(rows, n, k, T::from_f32(0.0), |r, y| {
         let xr: Vec<f64> = x[r * k..(r + 1) * k]
             .iter()
             .map(|v| v.to_f32() as f64)
             .collect();
-        for j in 0..n {
+        for (j, out) in y.iter_mut().enumerate() {
             let wr = &w[j * k..(j + 1) * k];
             let s: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-            y.push(T::from_f32(s as f32));
+            *out = T::from_f32(s as f32);
         }
-    }
-    y
+    })
 }
 
 /// `dx[m, k] = Σ_n dy[m, n] · w[n, k]` (dX = dY W) for `dy` `[rows, n]`, `w` `[n, k]`.
@@ -40,19 +39,18 @@ pub fn linear_dx<T: FloatElem, W: FloatElem>(
 ) -> Vec<T> {
     assert_eq!(dy.len(), rows * n);
     assert_eq!(w.len(), n * k);
-    let mut dx = Vec::with_capacity(rows * k);
-    let mut acc = vec![0f64; k];
-    for r in 0..rows {
-        acc.iter_mut().for_each(|a| *a = 0.0);
+    by_rows(rows, k, n, T::from_f32(0.0), |r, dx| {
+        let mut acc = vec![0f64; k];
         for j in 0..n {
             let g = dy[r * n + j].to_f32() as f64;
             for (a, wv) in acc.iter_mut().zip(&w[j * k..(j + 1) * k]) {
                 *a += g * wv.to_f32() as f64;
             }
         }
-        dx.extend(acc.iter().map(|&a| T::from_f32(a as f32)));
-    }
-    dx
+        for (d, a) in dx.iter_mut().zip(&acc) {
+            *d = T::from_f32(*a as f32);
+        }
+    })
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 use crate::dtype::FloatElem;
 use crate::error::{Error, Result};
 use crate::philox::check_dropout_p;
+use crate::reference::by_rows;
 use crate::reference::philox::dropout_mask;
 
 /// The hyper-parameters of one LoRA layer, PEFT's `LoraConfig` fields `r`, `lora_alpha`,
@@ -157,18 +158,21 @@ impl Mat {
 
     /// `self · other` (`[rows, k] · [k, cols]`).
     fn mul(&self, other: &Mat) -> Mat {
-        assert_eq!(self.cols, other.rows);
-        let ot = other.t();
-        let mut data = Vec::with_capacity(self.rows * other.cols);
-        for i in 0..self.rows {
+        self.mul_t(&other.t())
+    }
+
+    /// `self · otherᵀ` (`[rows, k] · [cols, k]ᵀ`): row by row dot products.
+    fn mul_t(&self, other: &Mat) -> Mat {
+        assert_eq!(self.cols, other.cols);
+        let data = by_rows(self.rows, other.rows, self.cols, 0.0, |i, out| {
             let a = self.row(i);
-            data.extend(
-                (0..ot.rows).map(|j| a.iter().zip(ot.row(j)).map(|(x, y)| x * y).sum::<f64>()),
-            );
-        }
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = a.iter().zip(other.row(j)).map(|(x, y)| x * y).sum::<f64>();
+            }
+        });
         Mat {
             rows: self.rows,
-            cols: other.cols,
+            cols: other.rows,
             data,
         }
     }
@@ -247,10 +251,10 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
         Error::check_shape("x [m, in]", &[m, self.d_in], x.len())?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);
         let x = Mat::new(x, m, i);
-        let u = self.dropped(&x).mul(&Mat::new(self.a, r, i).t());
+        let u = self.dropped(&x).mul_t(&Mat::new(self.a, r, i));
         let mut y = x
-            .mul(&Mat::new(self.w, o, i).t())
-            .add_scaled(self.scale(), &u.mul(&Mat::new(self.b, o, r).t()));
+            .mul_t(&Mat::new(self.w, o, i))
+            .add_scaled(self.scale(), &u.mul_t(&Mat::new(self.b, o, r)));
         if let Some(bias) = self.bias {
             for row in y.data.chunks_mut(o) {
                 row.iter_mut()
