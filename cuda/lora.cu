@@ -3,8 +3,8 @@
 // what is saved are in cuda/params/lora.h. Reference: src/reference/lora.rs. Wrapper:
 // src/lora/mod.rs. Tests: tests/lora_kernels.rs.
 //
-//   lora_down        u  = scale/(1-p) · (mask ⊙ x) Aᵀ      (split over K when m is small
-//                                                        against the GPU: + lora_down_reduce)
+//   lora_down        u  = scale/(1-p) · (mask ⊙ x) Aᵀ      (narrow.cuh; split over K to fill
+//                                                        two blocks per SM: + lora_down_reduce)
 //   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
 //                                                        no pass over y but the one writing it
 //   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; sm_90a only)
@@ -24,6 +24,7 @@
 #include "include/epilogue.cuh"
 #include "include/gemm.cuh"
 #include "include/grid.cuh"
+#include "include/narrow.cuh"
 #include "include/nf4.cuh"
 #include "include/philox.cuh"
 #include "include/wgmma.cuh"
@@ -95,14 +96,14 @@ FK_DEVICE const T* as(const void* p) {
 // column `base` on (the base part is copied by the operand source). Every block writes its
 // columns of the low-rank part; the first column of blocks writes the rest.
 template <typename T>
-FK_DEVICE void extend_rows(Accumulators& acc, T* ext, uint64_t ld, uint32_t base, uint32_t m0, uint32_t n0, uint32_t rows,
+FK_DEVICE void extend_rows(narrow::Accumulators& acc, T* ext, uint64_t ld, uint32_t base, uint32_t m0, uint32_t n0, uint32_t rows,
                            uint32_t rank, float factor, bool one) {
   for_each(acc, [&](int r, int c, float v) {
     if (m0 + r < rows && n0 + c < rank) ext[(m0 + r) * ld + base + n0 + c] = from_f32<T>(v * factor);
   });
   if (blockIdx.x != 0) return;
   const uint32_t first = base + rank, width = uint32_t(ld) - first;
-  for (uint32_t i = threadIdx.x; i < kBM * width; i += kThreads) {
+  for (uint32_t i = threadIdx.x; i < narrow::kRows * width; i += kThreads) {
     const uint32_t r = i / width, c = first + i % width;
     if (m0 + r < rows) ext[(m0 + r) * ld + c] = from_f32<T>(one && c == first ? 1.0f : 0.0f);
   }
@@ -121,15 +122,15 @@ FK_DEVICE float* rank_partial(const LoraParams& p) { return p.rank_partials + ui
 
 template <typename T>
 FK_DEVICE void down(const LoraParams& p) {
-  FK_SHARED(st, Stages<true, true>);
-  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  ActivationSource<T, true, kBM> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
+  auto* st = dyn_smem<narrow::Stage<true, true>>();
+  const uint32_t m0 = blockIdx.y * narrow::kRows, n0 = blockIdx.x * narrow::kCols;
+  ActivationSource<T, true, narrow::kRows> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
   if (blockIdx.x == 0) x.copy = static_cast<T*>(p.x_ext), x.copy_ld = p.x_ld;  // one column of blocks copies
-  DenseSource<T, true, kBN> a{as<T>(p.a), p.d_in, n0, p.rank, p.d_in};
-  Accumulators acc = {};
+  DenseSource<T, true, narrow::kCols> a{as<T>(p.a), p.d_in, n0, p.rank, p.d_in};
+  narrow::Accumulators acc = {};
   uint32_t k_begin, k_end;
   split_range(p.d_in, max(p.k_splits, 1u), &k_begin, &k_end);
-  run_segment<T>(acc, st, x, a, k_begin, k_end);
+  narrow::run<T>(acc, st, x, a, k_begin, k_end, narrow::n_tiles(p.rank, n0));
   if (p.k_splits > 1) return store(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   const float factor = p.scale / (1.0f - p.dropout);
   store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, factor);
@@ -250,15 +251,15 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
 
 template <typename T>
 FK_DEVICE void backward_v(const LoraParams& p) {
-  FK_SHARED(st, Stages<true, false>);
-  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
-  ActivationSource<T, true, kBM> dy{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}};
+  auto* st = dyn_smem<narrow::Stage<true, false>>();
+  const uint32_t m0 = blockIdx.y * narrow::kRows, n0 = blockIdx.x * narrow::kCols;
+  ActivationSource<T, true, narrow::kRows> dy{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out}};
   if (blockIdx.x == 0) dy.copy = static_cast<T*>(p.dy_ext), dy.copy_ld = p.dy_ld;
-  DenseSource<T, false, kBN> b{as<T>(p.b), p.rank, n0, p.rank, p.d_out};  // B as [d_out × rank]
-  Accumulators acc = {};
+  DenseSource<T, false, narrow::kCols> b{as<T>(p.b), p.rank, n0, p.rank, p.d_out};  // B as [d_out × rank]
+  narrow::Accumulators acc = {};
   uint32_t k_begin, k_end;
   split_range(p.d_out, max(p.k_splits, 1u), &k_begin, &k_end);
-  run_segment<T>(acc, st, dy, b, k_begin, k_end);
+  narrow::run<T>(acc, st, dy, b, k_begin, k_end, narrow::n_tiles(p.rank, n0));
   if (p.k_splits > 1) return store(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   store(acc, static_cast<T*>(p.v), p.rank, m0, n0, p.m, p.rank, p.scale);
   if (p.dy_ext) extend_rows(acc, static_cast<T*>(p.dy_ext), p.dy_ld, p.d_out, m0, n0, p.m, p.rank, p.scale, false);
@@ -416,10 +417,8 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
 
 }  // namespace
 
-// lora_down names its register budget (cuda/budgets.txt): under launch bounds alone ptxas
-// fits it into 128 registers with a spill.
 #define FK_LORA_ENTRIES(T, t)                                                                    \
-  FK_KERNEL_REGS(lora_down_##t, LoraParams, kThreads, 176) { down<T>(p); }                      \
+  FK_KERNEL_BOUNDS(lora_down_##t, LoraParams, kThreads) { down<T>(p); }                          \
   FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
   FK_KERNEL_TMA(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, false>(p); } \

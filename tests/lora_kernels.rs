@@ -591,7 +591,6 @@ fn extended_layouts_are_what_cublas_reads() {
                 k_splits,
                 ..LoraParams::default()
             };
-            let tiles = |rows: usize, cols: usize| LaunchConfig::tiles(rows, cols, k_splits);
             let k = |name: &str| Kernel {
                 module: "lora",
                 name: name.into(),
@@ -610,14 +609,13 @@ fn extended_layouts_are_what_cublas_reads() {
                 .unwrap();
                 // Each reduce right after its GEMM: the two share the partials.
                 let rows = |width: usize| LaunchConfig::grid_stride((m * width) as u64, 256, 7);
-                dev.launch(&k("lora_down_bf16"), tiles(m, rank), &p)
-                    .unwrap();
+                let narrow = LaunchConfig::narrow(m, rank, k_splits);
+                dev.launch(&k("lora_down_bf16"), narrow, &p).unwrap();
                 if k_splits > 1 {
                     dev.launch(&k("lora_down_reduce_bf16"), rows(ld - d_in), &p)
                         .unwrap();
                 }
-                dev.launch(&k("lora_backward_v_bf16"), tiles(m, rank), &p)
-                    .unwrap();
+                dev.launch(&k("lora_backward_v_bf16"), narrow, &p).unwrap();
                 if k_splits > 1 {
                     dev.launch(&k("lora_backward_v_reduce_bf16"), rows(dy_ld - d_out), &p)
                         .unwrap();

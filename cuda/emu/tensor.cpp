@@ -182,6 +182,8 @@ void fk_emu_cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(smem) % bytes || reinterpret_cast<uintptr_t>(gmem) % bytes)
     fail(Site{"cp.async", bytes}, "cp.async addresses must be aligned to the copy size");
   if (src_bytes < 0 || src_bytes > bytes) fail(Site{"cp.async", bytes}, "cp.async source size outside [0, copy size]");
+  if (!in_block_shared(smem, bytes))
+    fail(Site{"cp.async", bytes}, "the destination is not this block's shared memory (launched with too little dynamic shared memory?)");
   std::memset(smem, 0xFF, bytes);
   f->copies.uncommitted.push_back(AsyncCopy{smem, gmem, bytes, src_bytes});
 }

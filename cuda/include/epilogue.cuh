@@ -1,11 +1,14 @@
-// epilogue.cuh: storing gemm.cuh's output tile (mma.sync) from its accumulators; wgmma.cuh's
-// tile has its own, staged through shared memory (wgmma::store_tile).
+// epilogue.cuh: storing gemm.cuh's and narrow.cuh's output tiles (mma.sync) from their
+// accumulators; wgmma.cuh's tile has its own, staged through shared memory
+// (wgmma::store_tile).
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"
 #include "gemm.cuh"
+#include "narrow.cuh"
 
 using gemm::for_each;
+using narrow::for_each;
 
 // Stores acc · factor (+ bias[column]) into out[m0 + r][n0 + c] for m0 + r < rows,
 // n0 + c < cols (rows `ld` elements apart), rounded to T.

@@ -18,4 +18,13 @@
  * bytes for the stages' mbarriers, plus 1 KB to align the first stage. */
 #define FK_WGMMA_SMEM_BYTES (FK_WGMMA_STAGES * (FK_WGMMA_TILE_M + FK_WGMMA_TILE_N) * 128 + 64 + 1024)
 
+/* The rank-wide GEMMs (cuda/include/narrow.cuh: u = x Aᵀ, v = dY B): a block of
+ * FK_GEMM_THREADS threads computes FK_NARROW_ROWS rows by FK_NARROW_COLS columns through
+ * FK_NARROW_STAGES stages of 32 along K (A's rows and B's, 40 elements each with the
+ * padding) in FK_NARROW_SMEM_BYTES of dynamic shared memory: two blocks per SM. */
+#define FK_NARROW_ROWS 128
+#define FK_NARROW_COLS 64
+#define FK_NARROW_STAGES 6
+#define FK_NARROW_SMEM_BYTES (FK_NARROW_STAGES * (FK_NARROW_ROWS + FK_NARROW_COLS) * 40 * 2)
+
 #endif

@@ -110,6 +110,21 @@ impl LaunchConfig {
         }
     }
 
+    /// The grid of the rank-wide GEMMs (`cuda/include/narrow.cuh`) for a `rows × cols`
+    /// output split `z` ways over K, with their dynamic shared memory.
+    pub fn narrow(rows: usize, cols: usize, z: u32) -> Self {
+        LaunchConfig {
+            grid: (
+                cols.div_ceil(crate::params::FK_NARROW_COLS as usize) as u32,
+                rows.div_ceil(crate::params::FK_NARROW_ROWS as usize) as u32,
+                z,
+            ),
+            block: (crate::params::FK_GEMM_THREADS, 1, 1),
+            shared_bytes: crate::params::FK_NARROW_SMEM_BYTES,
+            cluster: (1, 1, 1),
+        }
+    }
+
     /// The grid of the Hopper GEMM (`cuda/include/wgmma.cuh`) for an `m × n` output, with
     /// its dynamic shared memory: tiles of `FK_WGMMA_TILE_M` rows by `FK_WGMMA_TILE_N`
     /// columns, x over the columns; or (`transposed`, a dX computed as dXᵀ `[n, m]`) tiles of

@@ -21,10 +21,10 @@
 //!   and W are read as they lie); an NF4 base's tiles are dequantized while the `wgmma`s of
 //!   earlier ones run (`Nf4Operand`, `cuda/include/nf4.cuh`); the K-contiguous operands
 //!   (x, u, B, a dense W; dY, v) come in by TMA where they allow it ([`TileLoads`]); v, dA,
-//!   dB as Fused. Not yet
-//!   the default
-//!   anywhere: the GPU check times it against the other two (bench/NOTES.md).
-//! - **Extended** (a GPU with cuBLAS): the same K-extension laid out in memory, so the two
+//!   dB as Fused. The default on a Hopper GPU: at 8192 tokens, 4096→4096, r16 on an H200
+//!   (bench/results/2026-11-27T0501-h200) its forward and backward were 0.9% and 1.7% faster
+//!   than Extended's, before the rank-wide GEMMs they both use got faster.
+//! - **Extended** (the default on other GPUs with cuBLAS): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
 //!   bench/results): the layer keeps W inside an extended weight
 //!   `[W | B | bias | 0] over [A | 0]` (rows `ld = ⌈in + rank + 1⌉₆₄` apart), the
@@ -55,7 +55,6 @@ pub use crate::reference::lora::LoraConfig;
 use cudarc::cublas::{CudaBlas, Gemm};
 
 const MODULE: &str = "lora";
-const TILE: u32 = params::FK_GEMM_TILE;
 const THREADS: u32 = params::FK_GEMM_THREADS;
 
 /// The frozen base weight `[out, in]` of a LoRA layer.
@@ -79,13 +78,15 @@ pub enum LoraPath {
 /// dequantizes into its scratch extended weight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Nf4Decode {
-    /// Dequantized on its way into the GEMM's tiles, never materialized.
-    #[default]
+    /// Dequantized on its way into the GEMM's tiles, never materialized: no transient weight,
+    /// but slower on every path measured (bench/results/2026-11-27T0501-h200, H200: the
+    /// forward's kernel 3.6× the dense one on wgmma, 1.2× on mma.sync).
     InTile,
     /// Dequantized into a scratch `[out, in]` weight each call (one more pass over the
-    /// weight, `out × in` elements of transient memory), then the dense-base kernels: for a
-    /// GEMM whose tile decoding costs more than that pass (bench/NOTES.md: the wgmma GEMM's
-    /// shared memory).
+    /// weight, `out × in` elements of transient memory, freed in stream order as the
+    /// Extended path's is), then the dense-base kernels. The default: the QLoRA layer then
+    /// runs within 1.05× of the dense one (the same run).
+    #[default]
     Scratch,
 }
 
@@ -242,7 +243,11 @@ impl<T: FloatElem> LoraLinear<T> {
             Error::check_shape("bias [out]", &[d_out], bias.len())?;
             check_device(&dev, bias)?;
         }
-        let path = if dev.has_cublas() {
+        // By measurement (the module docs): wgmma's own path on a Hopper GPU, cuBLAS's on
+        // other GPUs, the mma.sync kernels where there is no GPU (the emulator).
+        let path = if dev.is_gpu() && dev.has_wgmma() {
+            LoraPath::FusedWgmma
+        } else if dev.has_cublas() {
             LoraPath::Extended
         } else {
             LoraPath::Fused
@@ -402,7 +407,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let launched = unsafe {
             dev.launch(
                 &kernel(format!("{name}_{t}")),
-                LaunchConfig::tiles(m, r, splits),
+                LaunchConfig::narrow(m, r, splits),
                 p,
             )
             .and_then(|()| {
@@ -938,12 +943,13 @@ fn cuda_slice<T: FloatElem>(b: &Buffer<T>) -> &cudarc::driver::CudaSlice<T> {
 pub const MAX_K_SPLITS: u32 = 64;
 
 /// Splits of K for the GEMMs only `rank` wide, for `m` rows on a GPU of `sms`
-/// multiprocessors: one block per 128 rows alone leaves most of a GPU idle (64 blocks for
-/// 8192 tokens on 132 SMs), and a block of these kernels needs a whole SM's registers
-/// (`cuda/budgets.txt`), so as many splits as still fit in one wave, each at least 512 of K.
+/// multiprocessors: their time is the read of the activations, which needs loads in flight
+/// on every SM, and one block per 128 rows alone leaves most of a GPU idle (64 blocks for
+/// 8192 tokens on 132 SMs); two blocks fit an SM (`cuda/include/narrow.cuh`), so as many
+/// splits as fill two per SM in one wave, each at least 512 of K.
 pub fn k_split_count(m: usize, k: usize, sms: usize) -> u32 {
-    let row_tiles = m.div_ceil(TILE as usize);
-    (sms / row_tiles).min(k.div_ceil(512)).clamp(1, 16) as u32
+    let row_tiles = m.div_ceil(crate::params::FK_NARROW_ROWS as usize);
+    (2 * sms / row_tiles).min(k.div_ceil(512)).clamp(1, 16) as u32
 }
 
 /// Row splits of the weight-gradient reductions: enough blocks to fill a GPU, each split at
@@ -1022,6 +1028,7 @@ mod tests {
             .unwrap()
             .with_path(LoraPath::FusedWgmma)
             .unwrap()
+            .with_nf4_decode(Nf4Decode::InTile) // Ŵ decoded by each block: no B to share
             .with_tile_loads(TileLoads::TmaMulticast)
         };
         let clusters = |l: &LoraLinear<bf16>, op: &str, d_out: usize| {

@@ -1,0 +1,94 @@
+// narrow.cuh: acc[kRows × kCols] (+)= A[kRows × K] · B[K × kCols] for GEMMs whose output is
+// only a few columns wide (u = x Aᵀ and v = dY B: `rank` columns), whose time is the read of
+// A [m × K], the activations. gemm.cuh's sources and tiles (so its tails, alignment fallback,
+// dropout and row copies), through kStages stages in dynamic shared memory with kStages - 1
+// loads in flight (cp.async.wait_group kStages - 2): gemm.cuh's two stages with one load in
+// flight left 8 KB of A in flight per SM, latency-bound at ≈ 0.8 TB/s on an H200
+// (bench/NOTES.md). Eight warps, each 16 rows × every column; columns past `cols` (the
+// rank's last 8) are neither loaded nor multiplied.
+#pragma once
+#include "gemm.cuh"
+
+namespace narrow {
+
+using gemm::kBK;
+using gemm::kThreads;
+constexpr int kRows = FK_NARROW_ROWS, kCols = FK_NARROW_COLS, kStages = FK_NARROW_STAGES;
+static_assert(kRows == 16 * (kThreads / 32), "a warp's 16 rows each");
+
+template <bool AKContig, bool BKContig>
+struct Stage {
+  gemm::Tile<AKContig, kRows> a;
+  gemm::Tile<BKContig, kCols> b;
+};
+static_assert(kStages * sizeof(Stage<true, true>) <= FK_NARROW_SMEM_BYTES &&
+                  kStages * sizeof(Stage<true, false>) <= FK_NARROW_SMEM_BYTES,
+              "the launch's dynamic shared memory holds the stages");
+
+using Accumulators = float[kCols / 8][4];  // [n tile of 8][fragment]
+
+// acc += A_stage · B_stage over the first n_tiles tiles of 8 columns.
+template <typename T, class StageT>
+FK_DEVICE void compute(Accumulators& acc, StageT& st, int n_tiles) {
+  const int row0 = (threadIdx.x / 32) * 16;
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 16) {
+    uint32_t af[4];
+    gemm::load_a(af, st.a, row0, kk);
+#pragma unroll
+    for (int np = 0; np < kCols / 16; ++np) {
+      if (2 * np >= n_tiles) break;
+      uint32_t bf[4];
+      gemm::load_b(bf, st.b, np * 16, kk);
+      gemm::mma<T>(acc[2 * np], af, &bf[0]);
+      if (2 * np + 1 < n_tiles) gemm::mma<T>(acc[2 * np + 1], af, &bf[2]);
+    }
+  }
+}
+
+// Runs the K range [k_begin, k_end) into acc through the stages at `st` (kStages of them).
+template <typename T, class StageT, class SrcA, class SrcB>
+FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_begin, uint32_t k_end, int n_tiles) {
+  if (k_begin >= k_end) return;
+  const int ktiles = (k_end - k_begin + kBK - 1) / kBK;
+  // Step kt's loads into stage kt % kStages; a group per step, empty past the end, so that
+  // wait_group counts steps.
+  auto issue = [&](int kt) {
+    if (kt < ktiles) {
+      StageT& s = st[kt % kStages];
+      const uint32_t k0 = k_begin + kt * kBK;
+      a.issue(s.a, k0);
+      b.issue(s.b, k0);
+      a.finish(s.a, k0);
+      b.finish(s.b, k0);
+    }
+    cp_async_commit();
+  };
+  for (int kt = 0; kt < kStages - 1; ++kt) issue(kt);
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // this thread's loads of step kt have landed
+    StageT& s = st[kt % kStages];
+    const uint32_t k0 = k_begin + kt * kBK;
+    a.post_wait(s.a, k0);
+    b.post_wait(s.b, k0);
+    __syncthreads();  // step kt landed for every thread; step kt - 1's stage is free
+    issue(kt + kStages - 1);
+    compute<T>(acc, s, n_tiles);
+  }
+  cp_async_wait<0>();  // only the empty groups past the end remain: none left behind
+}
+
+// Calls f(row, col, acc_ref) for each accumulator this thread holds, in tile coordinates.
+template <class F>
+FK_DEVICE void for_each(Accumulators& acc, F f) {
+  const int lane = threadIdx.x % 32, row = (threadIdx.x / 32) * 16 + lane / 4, col = 2 * (lane % 4);
+#pragma unroll
+  for (int nt = 0; nt < kCols / 8; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f(row + 8 * (i / 2), nt * 8 + col + (i % 2), acc[nt][i]);
+}
+
+// The tiles of 8 columns a block whose first column is n0 computes, of `cols`.
+FK_DEVICE int n_tiles(uint32_t cols, uint32_t n0) { return int(min(uint32_t(kCols), cols - n0) + 7) / 8; }
+
+}  // namespace narrow
