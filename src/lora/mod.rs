@@ -21,10 +21,11 @@
 //!   and W are read as they lie); an NF4 base's tiles are dequantized while the `wgmma`s of
 //!   earlier ones run (`Nf4Operand`, `cuda/include/nf4.cuh`); the K-contiguous operands
 //!   (x, u, B, a dense W; dY, v) come in by TMA where they allow it ([`TileLoads`]); v, dA,
-//!   dB as Fused. The default on a Hopper GPU: at 8192 tokens, 4096→4096, r16 on an H200
-//!   (bench/results/2026-11-27T0501-h200) its forward and backward were 0.9% and 1.7% faster
-//!   than Extended's, before the rank-wide GEMMs they both use got faster.
-//! - **Extended** (the default on other GPUs with cuBLAS): the same K-extension laid out in memory, so the two
+//!   dB as Fused. Not the default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and
+//!   1.7% faster than Extended (forward, backward; bench/results/2026-11-27T0501-h200), then
+//!   3.0% and 4.2% slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within
+//!   its own kernels' run-to-run spread (≈ 4%), and cuBLAS is the steadier.
+//! - **Extended** (the default on a GPU): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
 //!   bench/results): the layer keeps W inside an extended weight
 //!   `[W | B | bias | 0] over [A | 0]` (rows `ld = ⌈in + rank + 1⌉₆₄` apart), the
@@ -243,11 +244,9 @@ impl<T: FloatElem> LoraLinear<T> {
             Error::check_shape("bias [out]", &[d_out], bias.len())?;
             check_device(&dev, bias)?;
         }
-        // By measurement (the module docs): wgmma's own path on a Hopper GPU, cuBLAS's on
-        // other GPUs, the mma.sync kernels where there is no GPU (the emulator).
-        let path = if dev.is_gpu() && dev.has_wgmma() {
-            LoraPath::FusedWgmma
-        } else if dev.has_cublas() {
+        // By measurement (the module docs): cuBLAS's path on a GPU, Hopper included; the
+        // mma.sync kernels where there is no GPU (the emulator).
+        let path = if dev.has_cublas() {
             LoraPath::Extended
         } else {
             LoraPath::Fused
