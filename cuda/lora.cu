@@ -13,8 +13,8 @@
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
 //                                                        registers, then the base segment
-//   lora_grad_a      dA partials = vᵀ (mask ⊙ x)          split over rows, reduced in order
-//   lora_grad_b      [dB | dbias] partials = dYᵀ [u | 1]  (deterministic: no float atomics)
+//   lora_grad_a      dA partials = vᵀ (mask ⊙ x)          narrow.cuh, split over rows, reduced
+//   lora_grad_b      [dB | dbias] partials = dYᵀ [u | 1]  in order (no float atomics)
 //   lora_reduce      sums the partials into dA, dB, dbias
 //   lora_merge       W' = W + scale · B A
 //   lora_extend_weight, lora_dx_fixup: the extended path that hands the base GEMMs to cuBLAS
@@ -314,29 +314,36 @@ FK_DEVICE void backward_dx(const LoraParams& p) {
   store(acc, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in);
 }
 
+// The weight gradients stream x or dY (m × in or out) against the rank-wide v or u, as
+// lora_down does: narrow.cuh, K = the rows, split over blockIdx.z.
 template <typename T>
 FK_DEVICE void grad_a(const LoraParams& p) {
-  FK_SHARED(st, Stages<false, false>);
-  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [rank, d_in]
+  // dAᵀ [d_in × rank] = (mask ⊙ x)ᵀ v, stored transposed into dA's partials [rank × d_in].
+  auto* st = dyn_smem<narrow::Stage<false, false>>();
+  const uint32_t m0 = blockIdx.y * narrow::kRows, n0 = blockIdx.x * narrow::kCols;  // over [d_in, rank]
   uint32_t k_begin, k_end;
   split_range(p.m, p.splits, &k_begin, &k_end);
-  DenseSource<T, false, kBM> vt{as<T>(p.v), p.rank, m0, p.rank, p.m};  // vᵀ: (r, row) at v[row·rank + r]
-  ActivationSource<T, false, kBN> x{{as<T>(p.x), p.d_in, n0, p.d_in, p.m}, p.seed, p.dropout};
-  Accumulators acc = {};
-  run_segment<T>(acc, st, vt, x, k_begin, k_end);
-  store(acc, p.partials + uint64_t(blockIdx.z) * p.rank * p.d_in, p.d_in, m0, n0, p.rank, p.d_in);
+  ActivationSource<T, false, narrow::kRows> xt{{as<T>(p.x), p.d_in, m0, p.d_in, p.m}, p.seed, p.dropout};
+  DenseSource<T, false, narrow::kCols> v{as<T>(p.v), p.rank, n0, p.rank, p.m};
+  narrow::Accumulators acc = {};
+  narrow::run<T>(acc, st, xt, v, k_begin, k_end, narrow::n_tiles(p.rank, n0));
+  float* out = p.partials + uint64_t(blockIdx.z) * p.rank * p.d_in;
+  narrow::for_each(acc, [&](int r, int c, float a) {
+    if (m0 + r < p.d_in && n0 + c < p.rank) out[uint64_t(n0 + c) * p.d_in + m0 + r] = a;
+  });
 }
 
 template <typename T>
 FK_DEVICE void grad_b(const LoraParams& p) {
-  FK_SHARED(st, Stages<false, false>);
-  const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;  // over [d_out, rank + 1]
+  // [dB | dbias] [d_out × (rank + 1)] = dYᵀ [u | 1].
+  auto* st = dyn_smem<narrow::Stage<false, false>>();
+  const uint32_t m0 = blockIdx.y * narrow::kRows, n0 = blockIdx.x * narrow::kCols;  // over [d_out, rank + 1]
   uint32_t k_begin, k_end;
   split_range(p.m, p.splits, &k_begin, &k_end);
-  DenseSource<T, false, kBM> dyt{as<T>(p.dy), p.d_out, m0, p.d_out, p.m};  // dYᵀ
-  WithOnesColumn<T, kBN> u{{as<T>(p.u), p.rank, n0, p.rank, p.m}, p.rank};
-  Accumulators acc = {};
-  run_segment<T>(acc, st, dyt, u, k_begin, k_end);
+  DenseSource<T, false, narrow::kRows> dyt{as<T>(p.dy), p.d_out, m0, p.d_out, p.m};
+  WithOnesColumn<T, narrow::kCols> u{{as<T>(p.u), p.rank, n0, p.rank, p.m}, p.rank};
+  narrow::Accumulators acc = {};
+  narrow::run<T>(acc, st, dyt, u, k_begin, k_end, narrow::n_tiles(p.rank + 1, n0));
   float* base = p.partials + uint64_t(p.splits) * p.rank * p.d_in;
   store(acc, base + uint64_t(blockIdx.z) * p.d_out * (p.rank + 1), p.rank + 1, m0, n0, p.d_out, p.rank + 1);
 }

@@ -1,6 +1,7 @@
 // narrow.cuh: acc[kRows × kCols] (+)= A[kRows × K] · B[K × kCols] for GEMMs whose output is
-// only a few columns wide (u = x Aᵀ and v = dY B: `rank` columns), whose time is the read of
-// A [m × K], the activations. gemm.cuh's sources and tiles (so its tails, alignment fallback,
+// only a few columns wide (u = x Aᵀ and v = dY B: `rank` columns; the weight gradients dAᵀ =
+// xᵀ v and [dB | dbias] = dYᵀ [u | 1], K = the tokens), whose time is the read of A, the
+// activations. gemm.cuh's sources and tiles (so its tails, alignment fallback,
 // dropout and row copies), through kStages stages in dynamic shared memory with kStages - 1
 // loads in flight (cp.async.wait_group kStages - 2): gemm.cuh's two stages with one load in
 // flight left 8 KB of A in flight per SM, latency-bound at ≈ 0.8 TB/s on an H200
@@ -22,7 +23,8 @@ struct Stage {
   gemm::Tile<BKContig, kCols> b;
 };
 static_assert(kStages * sizeof(Stage<true, true>) <= FK_NARROW_SMEM_BYTES &&
-                  kStages * sizeof(Stage<true, false>) <= FK_NARROW_SMEM_BYTES,
+                  kStages * sizeof(Stage<true, false>) <= FK_NARROW_SMEM_BYTES &&
+                  kStages * sizeof(Stage<false, false>) <= FK_NARROW_SMEM_BYTES,
               "the launch's dynamic shared memory holds the stages");
 
 using Accumulators = float[kCols / 8][4];  // [n tile of 8][fragment]

@@ -775,7 +775,7 @@ impl<T: FloatElem> LoraLinear<T> {
             .map(|_| dev.alloc_output::<f32>(self.d_out))
             .transpose()?;
         let mut v = dev.alloc_output::<T>(m * r)?;
-        let splits = split_count(m);
+        let splits = split_count(m, self.d_in.max(self.d_out), dev.sm_count());
         let mut partials =
             dev.alloc_output::<f32>(splits as usize * (r * self.d_in + self.d_out * (r + 1)))?;
         let mut p = self.params(m, saved.seed)?;
@@ -855,12 +855,12 @@ impl<T: FloatElem> LoraLinear<T> {
         unsafe {
             dev.launch(
                 &kernel(format!("lora_grad_a_{t}")),
-                LaunchConfig::tiles(r, self.d_in, splits),
+                LaunchConfig::narrow(self.d_in, r, splits),
                 &p,
             )?;
             dev.launch(
                 &kernel(format!("lora_grad_b_{t}")),
-                LaunchConfig::tiles(self.d_out, r + 1, splits),
+                LaunchConfig::narrow(self.d_out, r + 1, splits),
                 &p,
             )?;
             dev.launch(
@@ -951,10 +951,12 @@ pub fn k_split_count(m: usize, k: usize, sms: usize) -> u32 {
     (2 * sms / row_tiles).min(k.div_ceil(512)).clamp(1, 16) as u32
 }
 
-/// Row splits of the weight-gradient reductions: enough blocks to fill a GPU, each split at
-/// least 512 rows.
-fn split_count(m: usize) -> u32 {
-    (m.div_ceil(512)).clamp(1, 16) as u32
+/// Row splits of the weight-gradient reductions over `m` tokens for a layer whose wider side
+/// is `width`, on `sms` multiprocessors: as many as fill two blocks per SM in one wave
+/// (`cuda/include/narrow.cuh`, blocks of 128 of the width), each split at least 512 rows.
+fn split_count(m: usize, width: usize, sms: usize) -> u32 {
+    let tiles = width.div_ceil(params::FK_NARROW_ROWS as usize);
+    (2 * sms / tiles).min(m.div_ceil(512)).clamp(1, 16) as u32
 }
 
 /// Every kernel this module can launch (the build checks look each up in the PTX).
