@@ -1,12 +1,12 @@
 // narrow.cuh: acc[kRows × kCols] (+)= A[kRows × K] · B[K × kCols] for GEMMs whose output is
-// only a few columns wide (u = x Aᵀ and v = dY B: `rank` columns; the weight gradients dAᵀ =
-// xᵀ v and [dB | dbias] = dYᵀ [u | 1], K = the tokens), whose time is the read of A, the
-// activations. gemm.cuh's sources and tiles (so its tails, alignment fallback,
-// dropout and row copies), through kStages stages in dynamic shared memory with kStages - 1
-// loads in flight (cp.async.wait_group kStages - 2): gemm.cuh's two stages with one load in
-// flight left 8 KB of A in flight per SM, latency-bound at ≈ 0.8 TB/s on an H200
-// (bench/NOTES.md). Eight warps, each 16 rows × every column; columns past `cols` (the
-// rank's last 8) are neither loaded nor multiplied.
+// only a few columns wide (u = x Aᵀ and v = dY B: `rank` columns; the weight gradients
+// dAᵀ = xᵀ v and [dB | dbias] = dYᵀ [u | 1], K = the tokens), whose time is the read of A,
+// the activations. gemm.cuh's sources and tiles (so its tails, alignment fallback, dropout
+// and row copies), through kStages stages in dynamic shared memory with kStages - 1 loads in
+// flight (cp.async.wait_group kStages - 2): gemm.cuh's two stages with one load in flight
+// left 8 KB of A in flight per SM, latency-bound at ≈ 0.8 TB/s on an H200 (bench/NOTES.md).
+// Eight warps, each 16 rows × every column; tiles of 8 columns wholly past the output's width
+// are zero-filled (no global reads) and not multiplied.
 #pragma once
 #include "gemm.cuh"
 
