@@ -6,7 +6,7 @@ use super::{time_cublas, Ceilings, GpuTimer, Row, REPS};
 use crate::bf16;
 use crate::check::lora::paths;
 use crate::device::blas::WeightOp;
-use crate::device::Device;
+use crate::device::{Buffer, Device};
 use crate::error::Result;
 use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads};
 use crate::nf4::Nf4Weight;
@@ -164,11 +164,59 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             }
         }
     }
+    match narrow_residency(dev, timer, c, &x) {
+        Ok(pair) => rows.extend(pair),
+        Err(e) => eprintln!("bench: no narrow residency rows: {e}"),
+    }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
         match wgmma_ladder(dev, timer, c) {
             Ok(ladder) => rows.extend(ladder),
             Err(e) => eprintln!("bench: no wgmma ladder: {e}"),
         }
+    }
+    Ok(rows)
+}
+
+/// Whether two narrow.cuh blocks (92 KB of shared memory each) run on one SM together:
+/// `lora_down` at the benchmark's shape with K split 2 ways (128 blocks, at most one per SM)
+/// and 4 ways (256 blocks, each reading half as much, two per SM if both fit). Together, the
+/// second takes about half the first's time; one at a time, about the same. Rows (parts):
+/// `lora_down residency ▸ k/N ▸ kernel`, bytes the read of x.
+fn narrow_residency(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    x: &Buffer<bf16>,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for splits in [2, 4] {
+        let (l, _) = layer(
+            dev,
+            (D, D),
+            None,
+            0.0,
+            false,
+            LoraPath::Fused,
+            TileLoads::Tma,
+        )?;
+        let l = l.with_k_splits(Some(splits))?;
+        let parts = timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?;
+        let (name, t) = parts
+            .into_iter()
+            .find(|(n, _)| n.starts_with("lora_down_") && !n.contains("reduce"))
+            .ok_or_else(|| crate::Error::InvalidArgument {
+                what: "narrow residency",
+                why: "no lora_down launch in the breakdown".into(),
+            })?;
+        rows.push(Row::new(
+            "lora",
+            &format!("lora_down residency ▸ k/{splits} ▸ {name}"),
+            &format!("{M}x{D}→{D} r{RANK}"),
+            &t,
+            (2 * M * D) as f64,
+            0.0,
+            c,
+        ));
     }
     Ok(rows)
 }

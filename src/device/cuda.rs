@@ -409,15 +409,24 @@ impl CudaDevice {
         }
         let f = self.function(kernel)?;
         if cfg.shared_bytes > 48 * 1024 {
-            // SAFETY: `f` is a live function handle of this context.
-            unsafe {
-                result::function::set_function_attribute(
-                    f.0,
+            // All of L1 as shared memory (carveout 100%): the kernels that ask for this much
+            // (the wgmma GEMMs, narrow.cuh's two blocks per SM) stream through shared memory
+            // and read global memory past L1; left unset, the carveout is the driver's
+            // choice, which need not leave room for narrow.cuh's second block.
+            for (attribute, value) in [
+                (
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     cfg.shared_bytes as i32,
-                )
+                ),
+                (
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                ),
+            ] {
+                // SAFETY: `f` is a live function handle of this context.
+                unsafe { result::function::set_function_attribute(f.0, attribute, value) }
+                    .map_err(|e| Error::driver("cuFuncSetAttribute", e))?;
             }
-            .map_err(|e| Error::driver("cuFuncSetAttribute", e))?;
         }
         self.ctx
             .bind_to_thread()
