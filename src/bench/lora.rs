@@ -201,13 +201,7 @@ fn narrow_residency(
         )?;
         let l = l.with_k_splits(Some(splits))?;
         let parts = timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?;
-        let (name, t) = parts
-            .into_iter()
-            .find(|(n, _)| n.starts_with("lora_down_") && !n.contains("reduce"))
-            .ok_or_else(|| crate::Error::InvalidArgument {
-                what: "narrow residency",
-                why: "no lora_down launch in the breakdown".into(),
-            })?;
+        let (name, t) = launch(parts, "lora_down_bf16")?;
         rows.push(Row::new(
             "lora",
             &format!("lora_down residency ▸ k/{splits} ▸ {name}"),
@@ -219,6 +213,17 @@ fn narrow_residency(
         ));
     }
     Ok(rows)
+}
+
+/// The launch of a breakdown whose kernel is `kernel` (a name, or its start).
+fn launch(parts: Vec<(String, super::Stats)>, kernel: &str) -> Result<(String, super::Stats)> {
+    parts
+        .into_iter()
+        .find(|(n, _)| n.starts_with(kernel))
+        .ok_or_else(|| crate::Error::InvalidArgument {
+            what: "bench breakdown",
+            why: format!("no {kernel} launch in it"),
+        })
 }
 
 /// The K of each rung of the ladder, in steps of 64; the last two fit the step time.
@@ -270,13 +275,7 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
             } else {
                 "lora_forward_wgmma"
             };
-            let (name, t) = parts
-                .into_iter()
-                .find(|(n, _)| n.starts_with(kernel))
-                .ok_or_else(|| crate::Error::InvalidArgument {
-                    what: "wgmma ladder",
-                    why: format!("no {kernel} launch in the breakdown"),
-                })?;
+            let (name, t) = launch(parts, kernel)?;
             let flops = 2.0 * (tiles * 128 * 256 * (k + RANK)) as f64;
             let shape = format!("{m}x{d_in}→{d_out} r{RANK}, {tiles} tiles");
             rows.push(Row::new(

@@ -944,19 +944,24 @@ pub const MAX_K_SPLITS: u32 = 64;
 /// Splits of K for the GEMMs only `rank` wide, for `m` rows on a GPU of `sms`
 /// multiprocessors: their time is the read of the activations, which needs loads in flight
 /// on every SM, and one block per 128 rows alone leaves most of a GPU idle (64 blocks for
-/// 8192 tokens on 132 SMs); two blocks fit an SM (`cuda/include/narrow.cuh`), so as many
-/// splits as fill two per SM in one wave, each at least 512 of K.
+/// 8192 tokens on 132 SMs), so as many splits as fill two blocks per SM (two fit one,
+/// `cuda/include/narrow.cuh`), each at least 512 of K, at most 16.
 pub fn k_split_count(m: usize, k: usize, sms: usize) -> u32 {
-    let row_tiles = m.div_ceil(crate::params::FK_NARROW_ROWS as usize);
-    (2 * sms / row_tiles).min(k.div_ceil(512)).clamp(1, 16) as u32
+    two_blocks_per_sm(m, k, sms)
 }
 
 /// Row splits of the weight-gradient reductions over `m` tokens for a layer whose wider side
-/// is `width`, on `sms` multiprocessors: as many as fill two blocks per SM in one wave
-/// (`cuda/include/narrow.cuh`, blocks of 128 of the width), each split at least 512 rows.
+/// is `width`: as for [`k_split_count`], the reduction being over the tokens.
 fn split_count(m: usize, width: usize, sms: usize) -> u32 {
-    let tiles = width.div_ceil(params::FK_NARROW_ROWS as usize);
-    (2 * sms / tiles).min(m.div_ceil(512)).clamp(1, 16) as u32
+    two_blocks_per_sm(width, m, sms)
+}
+
+/// Splits of a reduction `len` long for a narrow.cuh GEMM whose output is `rows` tall (blocks
+/// of `FK_NARROW_ROWS`): as many as fill two blocks per SM in one wave (two fit an SM), each
+/// at least 512 long, at most 16.
+fn two_blocks_per_sm(rows: usize, len: usize, sms: usize) -> u32 {
+    let tiles = rows.div_ceil(params::FK_NARROW_ROWS as usize);
+    (2 * sms / tiles).min(len.div_ceil(512)).clamp(1, 16) as u32
 }
 
 /// Every kernel this module can launch (the build checks look each up in the PTX).
