@@ -185,18 +185,20 @@ FK_DEVICE auto wgmma_weight(const LoraParams& p, uint32_t n0) {
   }
 }
 
-// lora_forward's two segments through wgmma.cuh.
+// lora_forward's two segments through wgmma.cuh, for each of the block's tiles (blocks along
+// y's columns first, so that those running together share x's rows).
 template <typename T, bool Nf4>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
-  const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
-  auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, m0, p.m, p.rank, tma_map(p, FK_LORA_TMA_U, p.u_map)}},
-                             wgmma::Rows<T>{{as<T>(p.b), p.rank, n0, p.d_out, p.rank, tma_map(p, FK_LORA_TMA_B, p.b_map)}});
-  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, m0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
-                             wgmma_weight<T, Nf4, true>(p, n0));
+  const wgmma::Schedule tiles(p.m, p.d_out, true);
+  auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_U, p.u_map)}},
+                             wgmma::Rows<T>{{as<T>(p.b), p.rank, 0, p.d_out, p.rank, tma_map(p, FK_LORA_TMA_B, p.b_map)}});
+  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, 0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
+                             wgmma_weight<T, Nf4, true>(p, 0));
   wgmma::Accumulators acc = {};
-  unsigned char* smem = dyn_smem<unsigned char>();
-  wgmma::run<T>(acc, smem, lora, base);
-  wgmma::store_tile<T, false>(acc, smem, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, as<T>(p.bias));
+  wgmma::run_tiles<T>(acc, dyn_smem<unsigned char>(), tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
+    const uint2 o = tiles.origin(i);  // (y's first row, first column)
+    wgmma::store_tile<T, false>(tile, st, static_cast<T*>(p.y), p.d_out, o.x, o.y, p.m, p.d_out, as<T>(p.bias));
+  }, lora, base);
 }
 
 // mask ⊙ acc / (1 - p) for the dXᵀ tile of dX's columns n0.. and rows m0..: through shared
@@ -226,27 +228,31 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
 
 // lora_backward_dx on wgmma: the output tile is dXᵀ (kBM columns of dX by kBN rows), so that
 // A [rank, d_in] and W [d_out, d_in] (dense or NF4) are wgmma.cuh's `Columns`-kind operands as
-// they lie and v, dY its K-contiguous `Rows`. The LoRA segment first, then the base: with
-// dropout in two runs, the LoRA term masked in the accumulators between them; without, in one
-// (as the forward's), so that the base's loads follow the LoRA step's with no refill between.
+// they lie and v, dY its K-contiguous `Rows`; for each of the block's tiles, blocks along dX's
+// columns first, so that those running together share dY's rows (in L2). The LoRA segment
+// first, then the base: without dropout in one run, as the forward's (the base's loads follow
+// the LoRA step's with no refill between); with dropout in two, the LoRA term masked in the
+// accumulators between them. A tile at a time (wgmma::each_tile), each run filling and
+// draining its pipeline.
 template <typename T, bool Nf4>
 FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
-  // Blocks along x sweep dX's columns, so those running together share dY's rows (in L2).
-  const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
+  const wgmma::Schedule tiles(p.d_in, p.m, false);
   unsigned char* smem = dyn_smem<unsigned char>();
-  auto w = wgmma_weight<T, Nf4, false>(p, n0);  // before the runs: NF4's tables are filled by the whole block
-  wgmma::Accumulators acc = {};
-  auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, n0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
-                             wgmma::Rows<T>{{as<T>(p.v), p.rank, m0, p.m, p.rank, tma_map(p, FK_LORA_TMA_V, p.v_map)}});
-  auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, m0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
-  if (p.dropout > 0.0f) {
-    wgmma::run<T>(acc, smem, lora);
-    mask_dx_tile(acc, smem, p, n0, m0);
-    wgmma::run<T>(acc, smem, base);
-  } else {
-    wgmma::run<T>(acc, smem, lora, base);
-  }
-  wgmma::store_tile<T, true>(acc, smem, static_cast<T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in);
+  auto w = wgmma_weight<T, Nf4, false>(p, 0);  // before the runs: NF4's tables are filled by the whole block
+  auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
+                             wgmma::Rows<T>{{as<T>(p.v), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_V, p.v_map)}});
+  auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, 0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
+  wgmma::Accumulators acc;
+  wgmma::each_tile(tiles, acc, [&](uint2 o) {  // o: (dX's first column, first row)
+    if (p.dropout > 0.0f) {
+      wgmma::run<T>(acc, smem, lora);
+      mask_dx_tile(acc, smem, p, o.x, o.y);
+      wgmma::run<T>(acc, smem, base);
+    } else {
+      wgmma::run<T>(acc, smem, lora, base);
+    }
+    wgmma::store_tile<T, true>(acc, wgmma::contiguous_staging(smem), static_cast<T*>(p.dx), p.d_in, o.y, o.x, p.m, p.d_in);
+  }, lora, base);
 }
 
 template <typename T>

@@ -19,48 +19,52 @@
 
 namespace {
 
-// ---- dequantize: 16 elements per group (one 8-byte load; 16 divides every blocksize) ------
+// ---- dequantize: runs of 16 bytes of output (8 elements of bf16 or f16, 4 of f32) --------
 
-// A thread takes two groups of 16 (g and g + the grid's stride) per pass, and loads both
-// groups' codes before their absmaxes: four loads in flight, the codes' not queued behind
-// the absmax's dependent chain (which left the kernel latency-bound at 77% of a copy).
+// A warp's lanes take consecutive runs, so that each store instruction writes 512 contiguous
+// bytes, whole sectors (runs of 16 elements wrote every other 16 bytes of 1 KB, each sector in
+// two halves, two instructions apart), and each load of codes 128 (f32: 64) contiguous bytes.
+// A thread takes kRuns runs per pass (r, r + the grid's stride, ...) and loads all their codes
+// before their absmaxes: the codes' loads in flight together, not queued behind the absmax's
+// dependent chain.
 template <typename O>
 FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
-  constexpr int G = 2;
+  constexpr int kRun = 16 / sizeof(O), kRuns = 4;
+  using Codes = std::conditional_t<kRun == 8, uint32_t, uint16_t>;  // a run's codes
   const float* table = shared_code_table();
   const Nf4Weight w = with_shared_map(p.w);
   const uint64_t cols = w.cols, numel = uint64_t(w.rows) * cols, ld = p.out_ld ? p.out_ld : cols;
-  const uint64_t groups = (numel + 15) / 16, stride = grid_stride();
+  const uint64_t runs = (numel + kRun - 1) / kRun, stride = grid_stride();
   const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
   O* out = static_cast<O*>(p.out);
-  // Sixteen elements stay in one row (and 16-byte aligned there) when rows are contiguous,
-  // or when both the row length and the stride allow it.
-  const bool runs = ld == cols || (cols % 16 == 0 && ld % 8 == 0);
+  // A run stays in one row (and 16-byte aligned there) when rows are contiguous, or when both
+  // the row length and the stride allow it.
+  const bool whole = ld == cols || (cols % kRun == 0 && ld % kRun == 0);
   auto at = [&](uint64_t e) { return out + (e / cols) * ld + e % cols; };
-  for (uint64_t g0 = grid_start(); g0 < groups; g0 += G * stride) {
-    uint2 bytes[G];
-    float absmax[G];
+  for (uint64_t r0 = grid_start(); r0 < runs; r0 += kRuns * stride) {
+    Codes codes[kRuns];
+    float absmax[kRuns];
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
-      const uint64_t e0 = (g0 + i * stride) * 16;
-      bytes[i] = e0 + 16 <= numel && runs ? *reinterpret_cast<const uint2*>(w.codes + e0 / 2) : make_uint2(0, 0);
+    for (int i = 0; i < kRuns; ++i) {
+      const uint64_t e0 = (r0 + i * stride) * kRun;
+      codes[i] = e0 + kRun <= numel && whole ? *reinterpret_cast<const Codes*>(w.codes + e0 / 2) : Codes(0);
     }
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
-      const uint64_t g = g0 + i * stride;
-      // 16 divides every blocksize: a group is inside one block.
-      absmax[i] = g < groups ? nf4_absmax(w, (g * 16) >> shift) : 0.0f;
+    for (int i = 0; i < kRuns; ++i) {
+      const uint64_t r = r0 + i * stride;
+      // kRun divides every blocksize: a run is inside one block.
+      absmax[i] = r < runs ? nf4_absmax(w, (r * kRun) >> shift) : 0.0f;
     }
 #pragma unroll
-    for (int i = 0; i < G; ++i) {
-      const uint64_t e0 = (g0 + i * stride) * 16;
+    for (int i = 0; i < kRuns; ++i) {
+      const uint64_t e0 = (r0 + i * stride) * kRun;
       if (e0 >= numel) break;
-      if (e0 + 16 <= numel && runs) {
-        float v[16];
-        nf4_values16(table, bytes[i], absmax[i], v);
-        store16(ld == cols ? out + e0 : at(e0), v);
+      if (e0 + kRun <= numel && whole) {
+        float v[kRun];
+        nf4_values<kRun>(table, codes[i], absmax[i], v);
+        store_16_bytes(ld == cols ? out + e0 : at(e0), v);
       } else {
-        const uint64_t end = e0 + 16 < numel ? e0 + 16 : numel;
+        const uint64_t end = e0 + kRun < numel ? e0 + kRun : numel;
         for (uint64_t e = e0; e < end; ++e) *at(e) = from_f32<O>(nf4_value(table, nf4_code(w.codes, e), absmax[i]));
       }
     }
@@ -439,15 +443,22 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
   unsigned char* smem = dyn_smem<unsigned char>();
   wgmma::Accumulators acc = {};
   if constexpr (Dx) {
-    const uint32_t n0 = blockIdx.x * wgmma::kBM, m0 = blockIdx.y * wgmma::kBN;  // dX's columns, rows
-    auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, n0, Kr}, wgmma::Rows<T>{{a, Kr, m0, M, Kr, a_map}});
-    wgmma::run<T>(acc, smem, seg);
-    wgmma::store_tile<T, true>(acc, smem, out, w.cols, m0, n0, M, w.cols);
+    // dXᵀ's tiles (W's columns by dY's rows), those along dX's columns first (sharing dY's
+    // rows), a tile at a time (wgmma::each_tile).
+    const wgmma::Schedule tiles(w.cols, M, false);
+    auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, 0, Kr}, wgmma::Rows<T>{{a, Kr, 0, M, Kr, a_map}});
+    wgmma::each_tile(tiles, acc, [&](uint2 o) {
+      wgmma::run<T>(acc, smem, seg);
+      wgmma::store_tile<T, true>(acc, wgmma::contiguous_staging(smem), out, w.cols, o.y, o.x, M, w.cols);
+    }, seg);
   } else {
-    const uint32_t m0 = blockIdx.y * wgmma::kBM, n0 = blockIdx.x * wgmma::kBN;
-    auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, m0, M, Kr, a_map}}, Nf4Operand<T, true>{w, table, n0, Kr});
-    wgmma::run<T>(acc, smem, seg);
-    wgmma::store_tile<T, false>(acc, smem, out, w.rows, m0, n0, M, w.rows);
+    // y's tiles (a's rows by W's), those along y's columns first (sharing a's rows).
+    const wgmma::Schedule tiles(M, w.rows, true);
+    auto seg = wgmma::segment(wgmma::Rows<T>{{a, Kr, 0, M, Kr, a_map}}, Nf4Operand<T, true>{w, table, 0, Kr});
+    wgmma::run_tiles<T>(acc, smem, tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
+      const uint2 o = tiles.origin(i);
+      wgmma::store_tile<T, false>(tile, st, out, w.rows, o.x, o.y, M, w.rows);
+    }, seg);
   }
 }
 

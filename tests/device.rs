@@ -268,8 +268,9 @@ fn tile_maps_only_for_what_tma_loads() {
 }
 
 /// A cluster launch the GPU would refuse is a typed error naming the problem: a grid that is
-/// not a whole number of clusters, a cluster of more than 8 blocks or of none. `in_clusters`
-/// rounds the grid up to whole clusters.
+/// not a whole number of clusters, a cluster of more than 8 blocks or of none. The wgmma
+/// GEMM's launch is always whole clusters: a block per tile (A's tiles rounded up to whole
+/// clusters) or as many as asked, rounded down to whole clusters.
 #[test]
 fn cluster_launches_are_checked() {
     let one = LaunchConfig {
@@ -278,9 +279,23 @@ fn cluster_launches_are_checked() {
         shared_bytes: 0,
         cluster: (1, 1, 1),
     };
-    let pairs = one.in_clusters((2, 1, 1));
-    assert_eq!((pairs.grid, pairs.cluster), ((4, 5, 1), (2, 1, 1)));
-    assert_eq!(one.in_clusters((1, 2, 1)).grid, (3, 6, 1));
+    // 300 × 700: 3 tiles of 128 rows (A) by 3 of 256 columns (B); transposed, 6 of 128 by 2
+    // of 256.
+    for (transposed, cluster, max_blocks, grid) in [
+        (false, 2, usize::MAX, 12),
+        (false, 2, 5, 4),
+        (false, 1, 132, 9),
+        (false, 1, 4, 4),
+        (true, 2, usize::MAX, 12),
+        (true, 1, 7, 7),
+    ] {
+        let cfg = LaunchConfig::wgmma(300, 700, transposed, cluster, max_blocks);
+        assert_eq!(
+            (cfg.grid, cfg.cluster),
+            ((grid, 1, 1), (cluster, 1, 1)),
+            "transposed {transposed}, cluster {cluster}, at most {max_blocks}"
+        );
+    }
     let kernel = Kernel {
         module: "regdump",
         name: "regdump_tma_multicast".into(),

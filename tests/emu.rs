@@ -230,6 +230,17 @@ fn cp_async_read_before_wait_sees_poison() {
             .map(|i| input[(4 * (i / 4 + 1) + i % 4) % (4 * n)])
             .collect();
         assert_eq!(out[..4 * n], expected, "{s:?}");
+        expect_error(
+            run(
+                &emu(s),
+                "emu_test_cp_async_written_before_wait",
+                &input,
+                4 * n,
+                n as u32,
+                4 * n as u32,
+            ),
+            "written before the copy landed",
+        );
         // After wait_group 1: each thread's first group (2 floats) landed, its second not.
         for (i, &x) in out[4 * n..].iter().enumerate() {
             if i % 4 < 2 {
@@ -477,8 +488,8 @@ fn out_of_bounds_shared_write_is_caught_by_asan() {
 /// Planted TMA and mbarrier bugs (beside `regdump_tma`, tested in tests/device.rs): a tile
 /// read before its barrier's wait sees poison (all ones: NaN); a wrong byte count deadlocks,
 /// reported with the bytes pending; a load nobody waits for, a barrier initialized twice or
-/// overwritten while live, a box whose first column is not a 16-byte multiple (a fault on
-/// an H200) are errors.
+/// overwritten while live, a tile written while its load is in flight, a box whose first
+/// column is not a 16-byte multiple (a fault on an H200) are errors.
 #[test]
 fn tma_and_mbarrier_bugs_are_caught() {
     let dev = emu(Schedule::Forward);
@@ -523,6 +534,10 @@ fn tma_and_mbarrier_bugs_are_caught() {
         ),
         ("emu_test_mbarrier_reinit", "the mbarrier is live"),
         ("emu_test_mbarrier_overwritten", "overwritten"),
+        (
+            "emu_test_tma_written_before_wait",
+            "written before the load landed",
+        ),
     ] {
         match run(&dev, kernel) {
             Err(Error::Emulator(msg)) => {

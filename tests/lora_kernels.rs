@@ -26,11 +26,12 @@ proptest! {
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
         scratch in any::<bool>(), tile_loads in prop_oneof![Just(TileLoads::Tma), Just(TileLoads::TmaMulticast), Just(TileLoads::CpAsync)],
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)],
+        wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)],
     ) {
         for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, nf4_decode, tile_loads, timed: false, path: Some(path), k_splits };
+                let c = Case { seed, m, d_in, d_out, rank, rslora, dropout, bias, nf4, nf4_decode, tile_loads, timed: false, path: Some(path), k_splits, wgmma_blocks };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -103,29 +104,23 @@ fn aligned_shapes_large_ranks_and_many_splits() {
 /// column tiles in dX; over NF4, dX only, and without dropout: dX's two segments in one run),
 /// cp.async (the third shape again, with TMA off) and plain loads (odd widths and ranks);
 /// over an NF4 base, both its decoders (runs of 16 when `in` is a multiple of 16, any shape
-/// otherwise).
+/// otherwise). Most shapes on fewer blocks than tiles (the last column: each block walks
+/// several tiles, the next one's loads in flight while it stores the last; with dropout, dX
+/// tile by tile), a cluster too.
 #[test]
 fn wgmma_path_over_many_stages() {
+    use TileLoads::{CpAsync, Tma, TmaMulticast};
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
-        for (m, d_in, d_out, rank, dropout, bias, nf4, tile_loads) in [
-            (140, 1000, 300, 16, 0.1, true, false, TileLoads::Tma),
-            (131, 777, 263, 13, 0.0, false, false, TileLoads::Tma),
-            (5, 2048, 256, 64, 0.0, true, false, TileLoads::Tma),
-            (5, 2048, 256, 64, 0.0, true, false, TileLoads::CpAsync),
-            (
-                300,
-                136,
-                1104,
-                8,
-                0.2,
-                false,
-                false,
-                TileLoads::TmaMulticast,
-            ),
-            (140, 1008, 300, 16, 0.1, true, true, TileLoads::Tma),
-            (131, 777, 263, 13, 0.0, false, true, TileLoads::Tma),
-            (5, 2048, 256, 64, 0.0, true, true, TileLoads::CpAsync),
-            (300, 144, 1104, 8, 0.0, false, true, TileLoads::TmaMulticast),
+        for (m, d_in, d_out, rank, dropout, bias, nf4, tile_loads, blocks) in [
+            (140, 1000, 300, 16, 0.1, true, false, Tma, Some(1)),
+            (131, 777, 263, 13, 0.0, false, false, Tma, Some(2)),
+            (5, 2048, 256, 64, 0.0, true, false, Tma, None),
+            (5, 2048, 256, 64, 0.0, true, false, CpAsync, None),
+            (300, 136, 1104, 8, 0.2, false, false, TmaMulticast, Some(2)),
+            (140, 1008, 300, 16, 0.1, true, true, Tma, Some(3)),
+            (131, 777, 263, 13, 0.0, false, true, Tma, Some(1)),
+            (5, 2048, 256, 64, 0.0, true, true, CpAsync, None),
+            (300, 144, 1104, 8, 0.0, false, true, TmaMulticast, Some(4)),
         ] {
             let c = Case {
                 dropout,
@@ -133,6 +128,7 @@ fn wgmma_path_over_many_stages() {
                 nf4,
                 tile_loads,
                 path: Some(LoraPath::FusedWgmma),
+                wgmma_blocks: blocks,
                 ..Case::new(rand::random(), m, d_in, d_out, rank)
             };
             assert_pass(check::forward::<bf16>(&dev, c));
@@ -145,8 +141,9 @@ fn wgmma_path_over_many_stages() {
 /// TMA, TMA multicast to clusters of two and cp.async bring the same tiles: the wgmma path's
 /// outputs agree bit for bit with each (the same wgmmas in the same order over the same
 /// values), at a shape whose every operand TMA loads, with partial tiles in every direction
-/// (dX's five column tiles make three pairs, the last with a block past the columns). On a
-/// GPU this is what shows that the tensor maps and the clusters mean to the driver what they
+/// (dX's five column tiles make three pairs, the last with a block past the columns), and
+/// with two blocks walking all the tiles (one cluster, multicast) as with a block per tile. On
+/// a GPU this is what shows that the tensor maps and the clusters mean to the driver what they
 /// mean to the emulator.
 #[test]
 fn tma_multicast_and_cp_async_load_the_same_tiles() {
@@ -190,12 +187,29 @@ fn tma_multicast_and_cp_async_load_the_same_tiles() {
         let (y_tma, dx_tma) = run(&layer);
         let layer = layer.with_tile_loads(TileLoads::TmaMulticast);
         let (y_mc, dx_mc) = run(&layer);
+        let layer = layer.with_wgmma_blocks(Some(2)).unwrap();
+        let (y_mc2, dx_mc2) = run(&layer);
+        let layer = layer.with_tile_loads(TileLoads::Tma);
+        let (y_tma2, dx_tma2) = run(&layer);
+        let layer = layer.with_wgmma_blocks(None).unwrap();
         let (y_cp, dx_cp) = run(&layer.with_tile_loads(TileLoads::CpAsync));
         let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&y_tma), bits(&y_cp), "forward on {dev:?}");
         assert_eq!(bits(&dx_tma), bits(&dx_cp), "dX on {dev:?}");
         assert_eq!(bits(&y_mc), bits(&y_cp), "forward, multicast, on {dev:?}");
         assert_eq!(bits(&dx_mc), bits(&dx_cp), "dX, multicast, on {dev:?}");
+        assert_eq!(bits(&y_tma2), bits(&y_cp), "forward, 2 blocks, on {dev:?}");
+        assert_eq!(bits(&dx_tma2), bits(&dx_cp), "dX, 2 blocks, on {dev:?}");
+        assert_eq!(
+            bits(&y_mc2),
+            bits(&y_cp),
+            "forward, multicast, 2 blocks, on {dev:?}"
+        );
+        assert_eq!(
+            bits(&dx_mc2),
+            bits(&dx_cp),
+            "dX, multicast, 2 blocks, on {dev:?}"
+        );
         assert!(y_tma.iter().all(|v| v.to_f32().is_finite()));
     }
 }
@@ -492,6 +506,18 @@ fn bad_input_is_a_typed_error() {
             let err = layer().with_k_splits(Some(bad)).map(|_| ()).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
         }
+        // At least one block for the wgmma GEMMs.
+        let err = layer().with_wgmma_blocks(Some(0)).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    what: "wgmma_blocks",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let layer = layer();
         let x = dev
             .upload(&random_vec::<f16>(&mut rng, 4 * d_in, 1.0))

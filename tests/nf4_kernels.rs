@@ -152,6 +152,32 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
     }
 }
 
+/// The wgmma GEMMs on more tiles than the GPU has SMs (the emulator's 132): a block walks
+/// two tiles, the second's loads in flight while it stores the first. The forward's tiles
+/// are y's (17 × 9 of 128 × 256), dX's dXᵀ's (16 × 9), each over one step of K.
+#[test]
+fn wgmma_gemms_walk_several_tiles_per_block() {
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
+        for (rows, cols, forward) in [(2050, 64, true), (64, 2000, false)] {
+            let c = Case {
+                seed: rand::random(),
+                rows,
+                cols,
+                m: 2100,
+                blocksize: 64,
+                double_quant: true,
+                timed: false,
+            };
+            assert_pass(check::matmul::<bf16>(
+                &dev,
+                c,
+                MatmulPath::FusedGemmWgmma,
+                forward,
+            ));
+        }
+    }
+}
+
 #[test]
 fn dispatch_runs_every_path_it_can_choose() {
     for dev in backends() {

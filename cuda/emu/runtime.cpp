@@ -498,13 +498,22 @@ bool release_cluster_barrier(std::vector<Block>& blocks, bool* released) {
 
 // Releases every thread waiting on an mbarrier whose phase can complete, landing its TMA
 // loads: only now, when no thread can run, so that a tile read before its wait is poison.
-void release_mbarriers(Block& b, bool* released) {
+// False on a bug (a load's destination written before it landed).
+bool release_mbarriers(Block& b, bool* released) {
   for (Fiber& f : b.fibers) {
-    if (f.state != State::mbarrier_wait || !mbarrier_passed(f.address, f.parity, true)) continue;
+    if (f.state != State::mbarrier_wait) continue;
+    std::string fault;
+    const bool passed = mbarrier_passed(f.address, f.parity, true, &fault);
+    if (!fault.empty()) {
+      block_error(b, "thread " + std::to_string(f.linear) + " waits on an mbarrier: " + fault);
+      return false;
+    }
+    if (!passed) continue;
     f.state = State::ready;
     b.ready.add(f.linear);
     *released = true;
   }
+  return true;
 }
 
 // Whether every thread of `b` has exited.
@@ -524,7 +533,7 @@ bool release_block(Block& b, bool* released) {
   select(b);
   if (!release_warps(b, released)) return false;
   if (!*released && !release_block_barrier(b, released)) return false;
-  if (!*released) release_mbarriers(b, released);
+  if (!*released) return release_mbarriers(b, released);
   return true;
 }
 

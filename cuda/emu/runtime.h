@@ -140,8 +140,13 @@ void wait_at_cluster_barrier(Site site);
 void wait_for_mbarrier(const void* bar, uint32_t parity);
 // Whether the phase of parity `parity` of `bar` has completed; with `land`, first lands the
 // barrier's TMA loads and completes its phase if nothing else is pending (the scheduler,
-// once no thread can run). Fails the thread on a bug.
-bool mbarrier_passed(const void* bar, uint32_t parity, bool land);
+// once no thread can run: a load whose destination was written since its issue is a bug,
+// said in `*fault`, and nothing lands).
+bool mbarrier_passed(const void* bar, uint32_t parity, bool land, std::string* fault = nullptr);
+
+// Whether `bytes` at `p` still hold the poison an asynchronous copy put there at issue (a
+// kernel that wrote them before the copy landed has a race a GPU would lose).
+bool still_poisoned(const void* p, size_t bytes);
 
 // Warp-wide computations the scheduler runs once every lane has arrived (tensor.cpp).
 // `lanes[l]` is lane l's fiber.

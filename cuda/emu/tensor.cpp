@@ -176,7 +176,8 @@ uint16_t fk_emu_cvt_fp8x2(float hi, float lo, int type) {
 }
 
 // cp.async: the destination is poisoned at issue and filled at the matching wait, so a read
-// before the wait (or before the barrier after it, from another thread) sees NaN.
+// before the wait (or before the barrier after it, from another thread) sees NaN, and a write
+// before the wait (the poison gone) fails.
 void fk_emu_cp_async(void* smem, const void* gmem, int bytes, int src_bytes) {
   Fiber* f = current_fiber();
   if (reinterpret_cast<uintptr_t>(smem) % bytes || reinterpret_cast<uintptr_t>(gmem) % bytes)
@@ -192,6 +193,9 @@ void fk_emu_cp_async_commit() { current_fiber()->copies.commit(); }
 
 void fk_emu_cp_async_wait(int pending) {
   current_fiber()->copies.wait(pending, [](const AsyncCopy& c) {
+    if (!still_poisoned(c.dst, c.bytes))
+      fail(Site{"cp.async.wait_group", c.bytes},
+           "a cp.async's destination in shared memory was written before the copy landed: a race with the copy");
     std::memcpy(c.dst, c.src, c.src_bytes);
     std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
     mark_unfenced(c.dst, c.bytes);

@@ -2,7 +2,9 @@
 // beside the block (runtime.cpp); its 8 bytes of shared memory hold a pattern checked at
 // every use, so a kernel that overwrites a live barrier fails. A TMA load poisons its
 // destination at issue and lands when the scheduler releases a wait on its barrier, once no
-// thread can run: a tile read before its wait sees NaN, as a race on a GPU would show.
+// thread can run: a tile read before its wait sees NaN, as a race on a GPU would show, and a
+// destination written before then (the poison gone) fails the launch.
+#include <algorithm>
 #include <cstring>
 
 #include "runtime.h"
@@ -55,13 +57,26 @@ void land(const TmaLoad& t) {
 
 }  // namespace
 
-bool mbarrier_passed(const void* bar, uint32_t parity, bool land_loads) {
+bool still_poisoned(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return std::all_of(c, c + bytes, [](unsigned char v) { return v == 0xFF; });
+}
+
+bool mbarrier_passed(const void* bar, uint32_t parity, bool land_loads, std::string* fault) {
   auto& bars = block_mbarriers();
   const auto it = bars.find(bar);
   if (it == bars.end()) return false;  // invalidated under a waiter: the deadlock report says so
   MBarrier& m = it->second;
   if ((m.phase & 1) != parity) return true;  // the phase of that parity is the last completed
   if (!land_loads) return false;
+  for (const TmaLoad& t : m.loads) {
+    if (!still_poisoned(t.dst, box_bytes(t.map))) {
+      if (fault)
+        *fault = "a TMA load's destination in shared memory was written before the load landed (the wait on its "
+                 "mbarrier): a race with the load";
+      return false;
+    }
+  }
   for (const TmaLoad& t : m.loads) {
     land(t);
     mark_fenced(t.dst, box_bytes(t.map));

@@ -32,14 +32,18 @@ FK_DEVICE uint4 pack8(const float* v) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// 16 / sizeof(O) values rounded to O, in one 16-byte store (dst 16-byte aligned).
+template <typename O>
+FK_DEVICE void store_16_bytes(O* dst, const float* v) {
+  if constexpr (sizeof(O) == 4) {
+    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    *reinterpret_cast<uint4*>(dst) = pack8<O>(v);
+  }
+}
+
 // Sixteen values rounded to O and stored with 16-byte stores (dst 16-byte aligned).
 template <typename O>
 FK_DEVICE void store16(O* dst, const float (&v)[16]) {
-  if constexpr (sizeof(O) == 4) {
-    for (int i = 0; i < 16; i += 4)
-      *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
-  } else {
-    *reinterpret_cast<uint4*>(dst) = pack8<O>(v);
-    *reinterpret_cast<uint4*>(dst + 8) = pack8<O>(v + 8);
-  }
+  for (int i = 0; i < 16; i += 16 / int(sizeof(O))) store_16_bytes(dst + i, v + i);
 }

@@ -99,13 +99,22 @@ FK_DEVICE uint32_t nf4_code(const uint8_t* codes, uint64_t e) {
   return (e & 1) ? (byte & 0xF) : (byte >> 4);
 }
 
-// The 16 values of 8 bytes of codes in one block (element 2i in byte i's high nibble).
-FK_DEVICE void nf4_values16(const float* table, uint2 codes, float absmax, float (&v)[16]) {
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t byte = ((i < 4 ? codes.x : codes.y) >> (8 * (i % 4))) & 0xFF;
+// The N values (N ≤ 8) of N / 2 bytes of codes in one block, as they lie in memory (the first
+// byte lowest; element 2i in byte i's high nibble).
+template <int N>
+FK_DEVICE void nf4_values(const float* table, uint32_t codes, float absmax, float* v) {
+  static_assert(N % 2 == 0 && N <= 8, "bytes of one 32-bit word");
+  for (int i = 0; i < N / 2; ++i) {
+    const uint32_t byte = (codes >> (8 * i)) & 0xFF;
     v[2 * i] = nf4_value(table, byte >> 4, absmax);
     v[2 * i + 1] = nf4_value(table, byte & 0xF, absmax);
   }
+}
+
+// The 16 values of 8 bytes of codes in one block.
+FK_DEVICE void nf4_values16(const float* table, uint2 codes, float absmax, float (&v)[16]) {
+  nf4_values<8>(table, codes.x, absmax, v);
+  nf4_values<8>(table, codes.y, absmax, v + 8);
 }
 
 // Ŵ of an NF4 weight as a GEMM operand (gemm.cuh): the forward's B (KContig: element

@@ -1,31 +1,35 @@
 // wgmma.cuh: the Hopper GEMM (sm_90a; the emulator runs it too) from small pieces:
 //   acc[kBM × kBN] += Σ over segments  A_s[kBM × K_s] · B_s[kBN × K_s]ᵀ
-// for one output tile per block. B is always a matrix of K-contiguous rows (`Rows`, or
-// nf4.cuh's NF4 weight); A is either the same (`Rows`: activations [rows, K] against weights
-// [out, K], the forward) or a matrix whose rows run along K with the tile's rows contiguous
-// (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read as is; or the NF4 weight so). A GEMM is one
-// or more segments (K ranges of different matrices, one layout of A) run into the same
-// accumulators, as gemm.cuh's are; the caller stores them (store_tile) or walks them (for_each).
+// for each output tile, a block walking its share of them (Schedule) with the next tile's
+// first loads in flight while it stores the last (run_tiles). B is always a matrix of
+// K-contiguous rows (`Rows`, or nf4.cuh's NF4 weight); A is either the same (`Rows`:
+// activations [rows, K] against weights [out, K], the forward) or a matrix whose rows run
+// along K with the tile's rows contiguous (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read as
+// is; or the NF4 weight so). A GEMM is one or more segments (K ranges of different matrices,
+// one layout of A) run into the same accumulators, as gemm.cuh's are; the caller stores them
+// (store_tile) or walks them (for_each).
 //
 // Layout: two warpgroups, each 64 rows × kBN columns of the tile (128 f32 accumulators a
 // thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by every
-// thread, kStages deep: at step kt the block waits for stage kt, then starts refilling the
-// stage of step kt - 2 (whose wgmmas every thread has waited out before the barrier: at most
-// step kt - 1's are in flight) with step kt + kStages - 2, issues step kt's wgmmas, and
-// finishes the refill. An operand fills its tile in those two calls: issue() starts its
-// loads (a TMA load from thread 0, cp.async, or global loads into the operand's registers),
-// finish() completes them (the NF4 weight is dequantized into the tile there, while the
-// wgmmas run). Each stage has an mbarrier that thread 0 arrives on at every fill, announcing
-// the bytes of the fill's TMA loads; every thread waits on it before the step's barrier. One
-// barrier per step. `Rows` tiles are in ptx.cuh's 128-byte swizzle, read by wgmma from shared
-// memory; a `Columns` tile is its K lines in the same swizzle, in two halves of 64 rows
-// (columns_slot), which is wgmma's MN-major A (imm-trans-a), read from shared memory too.
+// thread, kStages deep, the steps numbered across the block's tiles: at step kt the block
+// waits for stage kt, then starts refilling the stage of step kt - 2 (whose wgmmas every
+// thread has waited out before the barrier: at most step kt - 1's are in flight) with step
+// kt + kStages - 2, issues step kt's wgmmas, and finishes the refill; after a tile's last
+// step, it stores the tile through the two stages no load is filling. An operand fills its
+// tile in those two calls: issue() starts its loads (a TMA load from thread 0, cp.async, or
+// global loads into the operand's registers), finish() completes them (the NF4 weight is
+// dequantized into the tile there, while the wgmmas run). Each stage has an mbarrier that
+// thread 0 arrives on at every fill, announcing the bytes of the fill's TMA loads; every
+// thread waits on it before the step's barrier. One barrier per step. `Rows` tiles are in
+// ptx.cuh's 128-byte swizzle, read by wgmma from shared memory; a `Columns` tile is its K
+// lines in the same swizzle, in two halves of 64 rows (columns_slot), which is wgmma's
+// MN-major A (imm-trans-a), read from shared memory too.
 //
-// Launched in clusters (of 2), the blocks of a cluster share B's tiles: the host clusters
-// blocks whose B rows are the same, and each block loads its part of B's rows by TMA into
-// every block of the cluster (multicast), so that L2 serves each B tile once per cluster. The
-// step's barrier is then the cluster's: a block refills a stage in its peers only once they
-// are done reading it. A B without a tensor map is loaded by each block whole.
+// Launched in clusters (of 2), the blocks of a cluster share B's tiles: Schedule gives a
+// cluster's blocks tiles whose B rows are the same, and each block loads its part of B's rows
+// by TMA into every block of the cluster (multicast), so that L2 serves each B tile once per
+// cluster. The step's barrier is then the cluster's: a block refills a stage in its peers only
+// once they are done reading it. A B without a tensor map is loaded by each block whole.
 #pragma once
 #include "compat.cuh"
 #include "dtype.cuh"
@@ -239,11 +243,69 @@ FK_DEVICE void fill(Stage& st, uint64_t* full, uint32_t sharers, int kt, const i
   }, segs...);
 }
 
-// acc += the segments' products, in order (every segment's A of one layout: K- or
-// MN-major). `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared memory. Ends with every wgmma waited
-// out and a barrier (smem is free again: every load into it, a peer's too, has landed).
-template <typename T, class... Segs>
-FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
+// The output tiles of a persistent launch (a 1-D grid, in clusters of c blocks or not): a grid
+// of tile positions over A's `a_rows` (kBM a tile) and B's `b_rows` (kBN), walked B-fastest or
+// A-fastest as a 2-D launch would have ordered its blocks, dealt out in turn to the launch's
+// clusters; a cluster's c blocks take c neighbouring positions along A, so that they share B's
+// tile (and may multicast it). A launch of one cluster per unit gives every block one tile.
+struct Schedule {
+  uint32_t b_tiles, units_a, cluster, rank, first, stride, count;
+  bool b_fastest;
+
+  FK_DEVICE Schedule(uint32_t a_rows, uint32_t b_rows, bool b_fastest_)
+      : b_tiles((b_rows + kBN - 1) / kBN), cluster(cluster_nctarank()), b_fastest(b_fastest_) {
+    units_a = ((a_rows + kBM - 1) / kBM + cluster - 1) / cluster;
+    rank = blockIdx.x % cluster;  // a 1-D grid in clusters of (c, 1, 1): the block's rank in its cluster
+    first = blockIdx.x / cluster;
+    stride = gridDim.x / cluster;
+    const uint32_t units = units_a * b_tiles;
+    count = first < units ? (units - first + stride - 1) / stride : 0;
+  }
+  // The block's tile i: (A's first row, B's first row).
+  FK_DEVICE uint2 origin(int i) const {
+    const uint32_t u = first + uint32_t(i) * stride;
+    const uint32_t ua = b_fastest ? u / b_tiles : u % units_a, ub = b_fastest ? u % b_tiles : u / units_a;
+    return make_uint2((ua * cluster + rank) * kBM, ub * kBN);
+  }
+  // Points the segments' operands at tile i.
+  template <class... Segs>
+  FK_DEVICE void place(int i, Segs&... segs) const {
+    const uint2 o = origin(i);
+    ((segs.a.row0 = o.x, segs.b.row0 = o.y), ...);
+  }
+};
+
+// One tile, where the operands' row0s already point (a run of its own: `run`).
+struct OneTile {
+  uint32_t count = 1;
+  template <class... Segs>
+  FK_DEVICE void place(int, Segs&...) const {}
+};
+
+// Where an epilogue may stage the output tile in shared memory while the next tile's first
+// loads are in flight: the B parts (32 KB each: half a tile of 16-bit elements) of the two
+// stages that no load is filling after a tile's last step, and 16 KB (A's part of one) for a
+// table of kBN floats.
+struct Staging {
+  void* half[2];
+  float* table;
+};
+
+// The whole of a free `smem` as a Staging (after a run: every stage is free).
+FK_DEVICE Staging contiguous_staging(unsigned char* smem) {
+  Stage* st = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
+  return {{st[0].b, st[1].b}, reinterpret_cast<float*>(st[0].a)};
+}
+
+// For each of the block's tiles (`tiles`: count, place), acc += the segments' products, in
+// order (every segment's A of one layout: K- or MN-major), then done(i, acc, staging) with the
+// tile's wgmmas waited out. The pipeline runs on across tiles: the next tile's first loads
+// are in flight while `done` stores this one. acc starts tile 0 from its values in (zeros, a
+// previous run's), every later tile from zeros. `smem`: FK_WGMMA_SMEM_BYTES of dynamic shared
+// memory. Ends with every wgmma waited out and a barrier (smem is free again: every load into
+// it, a peer's too, has landed).
+template <typename T, class Tiles, class Done, class... Segs>
+FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& tiles, Done done, Segs&... segs) {
   constexpr bool kMnMajor = (Segs::A::kMnMajor && ...);
   static_assert(((Segs::A::kMnMajor == kMnMajor) && ...), "one layout of A per run");
 #if FK_PTX && !FK_HAS_WGMMA
@@ -269,28 +331,50 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
     int s = 0;
     ((segs.a.prepare(), segs.b.prepare(), first[s + 1] = first[s] + segs.steps(), ++s), ...);
   }
-  const int total = first[sizeof...(Segs)];
+  // Global step g is step g % steps of the block's tile g / steps.
+  const int steps = first[sizeof...(Segs)], total = int(tiles.count) * steps;
   fence_proxy_async_shared();  // the caller's generic accesses to smem come before TMA's writes
   sync();                      // and the barriers are initialized, in every block loads land in
-  auto issue = [&](int kt) { fill<false>(stages[kt % kStages], &full[kt % kStages], sharers, kt, first, segs...); };
-  auto finish = [&](int kt) { fill<true>(stages[kt % kStages], &full[kt % kStages], sharers, kt, first, segs...); };
-  for (int kt = 0; kt < kStages - 2; ++kt) {
-    if (kt < total) {
-      issue(kt);
-      finish(kt);
+  auto issue = [&](int g) {
+    tiles.place(g / steps, segs...);
+    fill<false>(stages[g % kStages], &full[g % kStages], sharers, g % steps, first, segs...);
+  };
+  auto finish = [&](int g) {
+    tiles.place(g / steps, segs...);
+    fill<true>(stages[g % kStages], &full[g % kStages], sharers, g % steps, first, segs...);
+  };
+  for (int g = 0; g < kStages - 2; ++g) {
+    if (g < total) {
+      issue(g);
+      finish(g);
     }
     cp_async_commit();
   }
-  for (int kt = 0; kt < total; ++kt) {
-    cp_async_wait<kStages - 3>();                              // this thread's copies for step kt have landed,
-    mbarrier_wait(&full[kt % kStages], (kt / kStages) % 2);  // and the TMA loads
+  for (int g = 0; g < total; ++g) {
+    cp_async_wait<kStages - 3>();                             // this thread's copies for step g have landed,
+    mbarrier_wait(&full[g % kStages], (g / kStages) % 2);  // and the TMA loads
     fence_proxy_async_shared();  // this thread's stores into the stage are visible to wgmma
-    sync();                      // everyone's are; step kt - 2's wgmmas are done, in every block
-    const bool refill = kt + kStages - 2 < total;
-    if (refill) issue(kt + kStages - 2);
+    sync();                      // everyone's are; step g - 2's wgmmas are done, in every block
+    const bool refill = g + kStages - 2 < total;
+    if (refill) issue(g + kStages - 2);
     cp_async_commit();
-    mma_step<T, kMnMajor>(acc, stages[kt % kStages]);
-    if (refill) finish(kt + kStages - 2);
+    mma_step<T, kMnMajor>(acc, stages[g % kStages]);
+    if (refill) finish(g + kStages - 2);
+    if (g % steps == steps - 1) {
+      wgmma_wait<0>();
+      wgmma_hold(acc);
+      __syncthreads();  // both warpgroups' wgmmas are done with stage g
+      // Steps g + 1 .. g + kStages - 2 are in flight; stages g and g - 1 are read out and
+      // refilled only after the next step's barrier, which every thread reaches done with them.
+      Stage& s0 = stages[g % kStages];
+      Stage& s1 = stages[(g + kStages - 1) % kStages];
+      done(g / steps, acc, Staging{{s0.b, s1.b}, reinterpret_cast<float*>(s0.a)});
+      if (g + 1 < total) {
+#pragma unroll
+        for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
+        wgmma_hold(acc);
+      }
+    }
   }
   wgmma_wait<0>();
   wgmma_hold(acc);
@@ -298,6 +382,26 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
   __syncthreads();  // every wait on the barriers is done: they may go
   if (threadIdx.x == 0)
     for (int s = 0; s < kStages; ++s) mbarrier_inval(&full[s]);
+}
+
+// acc += the segments' products for the one tile the operands point at (run_tiles' terms).
+template <typename T, class... Segs>
+FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
+  run_tiles<T>(acc, smem, OneTile{}, [](int, Accumulators&, const Staging&) {}, segs...);
+}
+
+// For each of the block's tiles: points the segments' operands at it, zeroes acc and calls
+// f(origin) to run it (its runs fill and drain the pipeline) and store it. For the
+// transposed (dX) tiles: stored inside run_tiles' loop, they make ptxas serialize every wgmma
+// of the kernel (C7514), so they go a tile at a time.
+template <class F, class... Segs>
+FK_DEVICE void each_tile(const Schedule& tiles, Accumulators& acc, F f, Segs&... segs) {
+  for (int i = 0; i < int(tiles.count); ++i) {
+    tiles.place(i, segs...);
+#pragma unroll
+    for (float& v : acc) v = 0.0f;
+    f(tiles.origin(i));
+  }
 }
 
 // Calls f(row, col, v0, v1) for each pair of accumulators this thread holds (by reference),
@@ -332,19 +436,26 @@ FK_DEVICE int staged_slot(int row, int col) {
 
 // Stores the tile (+ bias[column]), rounded to T, at out[row0 + i][col0 + j] for row0 + i < rows,
 // col0 + j < cols (out's rows `ld` elements apart); transposed (dXᵀ's tile for dX): acc(r, c)
-// at out[row0 + c][col0 + r]. Through shared memory (`smem`, free after run()), so that global
-// memory sees whole 16-byte runs of a row, a warp's a contiguous 512 bytes, where out allows
-// (runs_of_8; a run cut by `cols` is stored element by element). The accumulators' own
-// layout would store 2 bytes a thread, 8 rows (4 transposed) an instruction: 8 partly written
-// sectors per instruction, and a bias load before each element's store (bias may alias out).
+// at out[row0 + c][col0 + r]. Through shared memory (`staging`: the tile's first and second
+// half of its rows, the bias in its table), so that global memory sees whole 16-byte runs of a
+// row, a warp's a contiguous 512 bytes, where out allows (runs_of_8; a run cut by `cols` is
+// stored element by element). The accumulators' own layout would store 2 bytes a thread, 8
+// rows (4 transposed) an instruction: 8 partly written sectors per instruction, and a bias
+// load before each element's store (bias may alias out).
 template <typename T, bool kTransposed>
-FK_DEVICE void store_tile(Accumulators& acc, unsigned char* smem, T* out, uint64_t ld, uint32_t row0, uint32_t col0,
+FK_DEVICE void store_tile(Accumulators& acc, const Staging& staging, T* out, uint64_t ld, uint32_t row0, uint32_t col0,
                           uint32_t rows, uint32_t cols, const T* bias = nullptr) {
-  constexpr int kRows = kTransposed ? kBN : kBM, kCols = kTransposed ? kBM : kBN;
+  constexpr int kRows = kTransposed ? kBN : kBM, kCols = kTransposed ? kBM : kBN, kHalf = kRows / 2;
   static_assert(sizeof(T) == 2, "16-bit outputs: a pair of columns is one 32-bit store");
-  static_assert(kRows * kCols * sizeof(T) + kCols * sizeof(float) <= kStages * sizeof(Stage), "the tile fits the stages");
-  T* tile = reinterpret_cast<T*>(smem);
-  float* column_bias = reinterpret_cast<float*>(tile + kRows * kCols);
+  static_assert(kHalf * kCols * sizeof(T) == sizeof(Stage::b) && kCols * sizeof(float) <= sizeof(Stage::a),
+                "half the tile fills a stage's B part, the bias table fits its A part");
+  static_assert(kHalf % 8 == 0, "a half keeps each row's swizzle");
+  T* const first = static_cast<T*>(staging.half[0]);
+  T* const second = static_cast<T*>(staging.half[1]);
+  // Element (row, col)'s slot: the row's half (constant per accumulator, unrolled), then its
+  // place in it. (A select, not an array of the two: indexed at run time, that goes to the stack.)
+  auto slot = [&](int row, int col) -> T* { return (row < kHalf ? first : second) + staged_slot<kCols>(row % kHalf, col); };
+  float* column_bias = staging.table;
   if (bias) {
     for (int c = threadIdx.x; c < kCols; c += kThreads) column_bias[c] = col0 + c < cols ? to_f32(bias[col0 + c]) : 0.0f;
     __syncthreads();
@@ -352,11 +463,11 @@ FK_DEVICE void store_tile(Accumulators& acc, unsigned char* smem, T* out, uint64
   for_each_pair(acc, [&](int r, int c, float v0, float v1) {
     if constexpr (kTransposed) {
       if (bias) v0 += column_bias[r], v1 += column_bias[r];
-      tile[staged_slot<kCols>(c, r)] = from_f32<T>(v0);
-      tile[staged_slot<kCols>(c + 1, r)] = from_f32<T>(v1);
+      *slot(c, r) = from_f32<T>(v0);
+      *slot(c + 1, r) = from_f32<T>(v1);
     } else {
       if (bias) v0 += column_bias[c], v1 += column_bias[c + 1];
-      *reinterpret_cast<uint32_t*>(tile + staged_slot<kCols>(r, c)) =
+      *reinterpret_cast<uint32_t*>(slot(r, c)) =
           uint32_t(bits16(from_f32<T>(v0))) | uint32_t(bits16(from_f32<T>(v1))) << 16;
     }
   });
@@ -366,7 +477,7 @@ FK_DEVICE void store_tile(Accumulators& acc, unsigned char* smem, T* out, uint64
     const int row = i / (kCols / 8), col = i % (kCols / 8) * 8;
     if (row0 + row >= rows || col0 + col >= cols) continue;
     T* dst = out + uint64_t(row0 + row) * ld + col0 + col;
-    const T* src = tile + staged_slot<kCols>(row, col);
+    const T* src = slot(row, col);
     if (whole_runs && col0 + col + 8 <= cols) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
     } else {

@@ -8,8 +8,8 @@
 #define FK_GEMM_THREADS 256
 
 /* The Hopper GEMM (cuda/include/wgmma.cuh, sm_90a): a block of FK_WGMMA_THREADS threads (two
- * warpgroups) computes one FK_WGMMA_TILE_M x FK_WGMMA_TILE_N tile through FK_WGMMA_STAGES
- * stages of 64 along K in FK_WGMMA_SMEM_BYTES of dynamic shared memory. */
+ * warpgroups) computes FK_WGMMA_TILE_M x FK_WGMMA_TILE_N tiles, one after another, through
+ * FK_WGMMA_STAGES stages of 64 along K in FK_WGMMA_SMEM_BYTES of dynamic shared memory. */
 #define FK_WGMMA_TILE_M 128
 #define FK_WGMMA_TILE_N 256
 #define FK_WGMMA_THREADS 256

@@ -61,6 +61,11 @@ fn layer(
     ))
 }
 
+/// The benchmark's layer on `path`: a dense base, no dropout, no bias, tiles by TMA.
+fn plain_layer(dev: &Device, path: LoraPath) -> Result<LoraLinear<bf16>> {
+    Ok(layer(dev, (D, D), None, 0.0, false, path, TileLoads::Tma)?.0)
+}
+
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let mut rng = StdRng::seed_from_u64(11);
@@ -169,10 +174,52 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         Err(e) => eprintln!("bench: no narrow residency rows: {e}"),
     }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
+        match wgmma_block_per_tile(dev, timer, c, &x, &dy) {
+            Ok(pair) => rows.extend(pair),
+            Err(e) => eprintln!("bench: no block-per-tile rows: {e}"),
+        }
         match wgmma_ladder(dev, timer, c) {
             Ok(ladder) => rows.extend(ladder),
             Err(e) => eprintln!("bench: no wgmma ladder: {e}"),
         }
+    }
+    Ok(rows)
+}
+
+/// The persistent wgmma kernels (a block per SM, each walking its tiles, the next tile's
+/// loads in flight while it stores the last: the `lora_fused_wgmma` rows' breakdown) against
+/// the same kernels launched a block per tile, as they were before (each tile's fill and
+/// store alone on its SM). Rows (parts): `lora_fused_wgmma a block per tile ▸ {forward,
+/// backward} ▸ kernel`, FLOPs the base GEMM's.
+fn wgmma_block_per_tile(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    x: &Buffer<bf16>,
+    dy: &Buffer<bf16>,
+) -> Result<Vec<Row>> {
+    let l = plain_layer(dev, LoraPath::FusedWgmma)?.with_wgmma_blocks(Some(usize::MAX))?;
+    let (_, saved) = l.forward(x, M)?;
+    let mut rows = Vec::new();
+    for (dir, kernel) in [
+        ("forward", "lora_forward_wgmma"),
+        ("backward", "lora_backward_dx_wgmma"),
+    ] {
+        let parts = if dir == "forward" {
+            timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?
+        } else {
+            timer.breakdown(1, REPS, || l.backward(x, &saved, dy).map(|_| ()))?
+        };
+        let (name, t) = launch(parts, kernel)?;
+        rows.push(Row::new(
+            "lora",
+            &format!("lora_fused_wgmma a block per tile ▸ {dir} ▸ {name}"),
+            &format!("{M}x{D}→{D} r{RANK}"),
+            &t,
+            0.0,
+            2.0 * (M * D * (D + RANK)) as f64,
+            c,
+        ));
     }
     Ok(rows)
 }
@@ -190,16 +237,7 @@ fn narrow_residency(
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for splits in [2, 4] {
-        let (l, _) = layer(
-            dev,
-            (D, D),
-            None,
-            0.0,
-            false,
-            LoraPath::Fused,
-            TileLoads::Tma,
-        )?;
-        let l = l.with_k_splits(Some(splits))?;
+        let l = plain_layer(dev, LoraPath::Fused)?.with_k_splits(Some(splits))?;
         let parts = timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?;
         let (name, t) = launch(parts, "lora_down_bf16")?;
         rows.push(Row::new(

@@ -144,6 +144,10 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             }
         }
     }
+    match gemv_ladder(dev, timer, c) {
+        Ok(ladder) => rows.extend(ladder),
+        Err(e) => eprintln!("bench: no GEMV ladder: {e}"),
+    }
     let cublas_present = dev.has_cublas();
     // 4 to 16 rows: against the GEMVs (nf4::choose_path's crossover).
     for m in [4, 8, 16, 64, 8192] {
@@ -175,6 +179,36 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
 
 /// The fused wgmma GEMM (Hopper), forward and backward at 64 and 8192 rows, beside the rows
 /// above: run after every other benchmark (`fk bench`), the newest kernels last.
+/// The tensor-core GEMV taken apart without a profiler (it ran at 27 µs where a copy of its
+/// bytes takes 13): 1 row through weights of one wave of blocks (16 rows each, 3 per SM) at
+/// K = 1024, 4096 and 16384, and of two waves at 4096. Across K at one wave, t ≈ t0 + bytes /
+/// rate: t0 a block's fixed chain (code table, first loads, reduction), the rate its
+/// streaming; two waves against one, what a wave costs. Rows (parts): `nf4_gemv_mma ladder ▸
+/// rows×K`, bytes the weight's.
+fn gemv_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+    let wave = 16 * 3 * dev.sm_count();
+    let mut rows = Vec::new();
+    for (n, k) in [(wave, 1024), (wave, 4096), (wave, 16384), (2 * wave, 4096)] {
+        let (_, q) = weight(dev, n, k)?;
+        let mut rng = StdRng::seed_from_u64(k as u64);
+        let x = dev.upload(&random_vec::<bf16>(&mut rng, k, 1.0))?;
+        let mut y = dev.alloc_poisoned::<bf16>(n)?;
+        let t = timer.time(3, REPS, || {
+            nf4::forward_with(&q, &x, 1, &mut y, MatmulPath::GemvMma)
+        })?;
+        rows.push(Row::new(
+            "nf4",
+            &format!("nf4_gemv_mma ladder ▸ {n}x{k}"),
+            &format!("1x{k}→{n}"),
+            &t,
+            q.bytes() as f64,
+            2.0 * (n * k) as f64,
+            c,
+        ));
+    }
+    Ok(rows)
+}
+
 pub fn wgmma_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     if !dev.has_wgmma() {

@@ -33,6 +33,8 @@ pub struct Case {
     pub path: Option<LoraPath>,
     /// Splits of K for u and v (`LoraLinear::with_k_splits`); `None` picks by shape.
     pub k_splits: Option<u32>,
+    /// Most blocks of the wgmma GEMMs (`LoraLinear::with_wgmma_blocks`); `None`: one per SM.
+    pub wgmma_blocks: Option<usize>,
 }
 
 impl Case {
@@ -54,6 +56,7 @@ impl Case {
             timed: false,
             path: None,
             k_splits: None,
+            wgmma_blocks: None,
         }
     }
 }
@@ -85,6 +88,9 @@ impl CheckCase for Case {
         }
         if let Some(k) = self.k_splits {
             s += &format!(" k/{k}");
+        }
+        if let Some(b) = self.wgmma_blocks {
+            s += &format!(" {b} blocks");
         }
         if self.bias {
             s += " bias";
@@ -160,6 +166,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     }
     layer = layer
         .with_k_splits(c.k_splits)?
+        .with_wgmma_blocks(c.wgmma_blocks)?
         .with_nf4_decode(c.nf4_decode)
         .with_tile_loads(c.tile_loads);
     Ok(Setup {

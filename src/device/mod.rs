@@ -66,21 +66,6 @@ impl LaunchConfig {
         self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0
     }
 
-    /// This launch in clusters of `cluster` blocks, the grid rounded up to whole clusters
-    /// (the kernel must leave the added blocks' outputs alone).
-    pub fn in_clusters(self, cluster: (u32, u32, u32)) -> Self {
-        let round = |n: u32, c: u32| n.div_ceil(c.max(1)) * c.max(1);
-        LaunchConfig {
-            grid: (
-                round(self.grid.0, cluster.0),
-                round(self.grid.1, cluster.1),
-                round(self.grid.2, cluster.2),
-            ),
-            cluster,
-            ..self
-        }
-    }
-
     /// Errors unless the clusters are 1 to 8 blocks and the grid a whole number of them.
     fn check_cluster(&self) -> Result<()> {
         let (c, g) = (self.cluster, self.grid);
@@ -125,26 +110,34 @@ impl LaunchConfig {
         }
     }
 
-    /// The grid of the Hopper GEMM (`cuda/include/wgmma.cuh`) for an `m × n` output, with
-    /// its dynamic shared memory: tiles of `FK_WGMMA_TILE_M` rows by `FK_WGMMA_TILE_N`
-    /// columns, x over the columns; or (`transposed`, a dX computed as dXᵀ `[n, m]`) tiles of
-    /// dXᵀ, x over dX's columns (`TILE_M` each), y over its rows (`TILE_N`), so that the blocks
-    /// running together share dY's rows.
-    pub fn wgmma(m: usize, n: usize, transposed: bool) -> Self {
+    /// The persistent launch of the Hopper GEMM (`cuda/include/wgmma.cuh`) for an `m × n`
+    /// output, with its dynamic shared memory: tiles of `FK_WGMMA_TILE_M` rows by
+    /// `FK_WGMMA_TILE_N` columns (or, `transposed`, a dX computed as dXᵀ `[n, m]`: tiles of
+    /// `TILE_M` of dX's columns by `TILE_N` of its rows), dealt out by the kernel
+    /// (`wgmma::Schedule`) to a 1-D grid of at most `max_blocks` blocks, in clusters of
+    /// `cluster` blocks that take neighbouring tiles sharing B. Fewer blocks than tiles: each
+    /// block walks several, its next tile's loads in flight while it stores the last. With
+    /// `max_blocks` at least the tiles, a block per tile (a cluster of blocks must fit the GPU
+    /// at once, which the driver alone knows: the clustered launches take this form).
+    pub fn wgmma(m: usize, n: usize, transposed: bool, cluster: u32, max_blocks: usize) -> Self {
         let (tm, tn) = (
             crate::params::FK_WGMMA_TILE_M as usize,
             crate::params::FK_WGMMA_TILE_N as usize,
         );
-        let (x, y) = if transposed {
+        // A's tiles (the output tile's rows) and B's.
+        let (a_tiles, b_tiles) = if transposed {
             (n.div_ceil(tm), m.div_ceil(tn))
         } else {
-            (n.div_ceil(tn), m.div_ceil(tm))
+            (m.div_ceil(tm), n.div_ceil(tn))
         };
+        let c = cluster.max(1) as usize;
+        let units = a_tiles.div_ceil(c) * b_tiles;
+        let blocks = units.min((max_blocks / c).max(1)) * c;
         LaunchConfig {
-            grid: (x as u32, y as u32, 1),
+            grid: (blocks as u32, 1, 1),
             block: (crate::params::FK_WGMMA_THREADS, 1, 1),
             shared_bytes: crate::params::FK_WGMMA_SMEM_BYTES,
-            cluster: (1, 1, 1),
+            cluster: (c as u32, 1, 1),
         }
     }
 

@@ -20,11 +20,14 @@
 //!   rate, with no copy of x or dY: the forward, and backward's dX (computed as dXᵀ so that A
 //!   and W are read as they lie); an NF4 base's tiles are dequantized while the `wgmma`s of
 //!   earlier ones run (`Nf4Operand`, `cuda/include/nf4.cuh`); the K-contiguous operands
-//!   (x, u, B, a dense W; dY, v) come in by TMA where they allow it ([`TileLoads`]); v, dA,
-//!   dB as Fused. Not the default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and
+//!   (x, u, B, a dense W; dY, v) come in by TMA where they allow it ([`TileLoads`]); the
+//!   GEMMs are persistent, a block per SM walking its tiles with the next one's loads in
+//!   flight while it stores the last ([`LoraLinear::with_wgmma_blocks`]); v, dA, dB as
+//!   Fused. Not the default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and
 //!   1.7% faster than Extended (forward, backward; bench/results/2026-11-27T0501-h200), then
 //!   3.0% and 4.2% slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within
-//!   its own kernels' run-to-run spread (≈ 4%), and cuBLAS is the steadier.
+//!   its own kernels' run-to-run spread (≈ 4%), and cuBLAS is the steadier. (Both runs
+//!   predate the persistent GEMMs.)
 //! - **Extended** (the default on a GPU): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
 //!   bench/results): the layer keeps W inside an extended weight
@@ -134,6 +137,8 @@ pub struct LoraLinear<T: FloatElem> {
     k_splits: Option<u32>,
     nf4_decode: Nf4Decode,
     tile_loads: TileLoads,
+    /// Most blocks of the wgmma base GEMMs (`None`: one per SM).
+    wgmma_blocks: Option<usize>,
 }
 
 /// What forward keeps for backward (besides the caller's `x`).
@@ -267,6 +272,7 @@ impl<T: FloatElem> LoraLinear<T> {
             k_splits: None,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
+            wgmma_blocks: None,
         };
         layer.with_path(path)
     }
@@ -353,6 +359,22 @@ impl<T: FloatElem> LoraLinear<T> {
 
     pub fn tile_loads(&self) -> TileLoads {
         self.tile_loads
+    }
+
+    /// The layer with the FusedWgmma path's base GEMMs launched on at most `blocks` blocks,
+    /// each walking its share of the output tiles (`None`: one block per SM, the default;
+    /// fewer leave SMs to work on other streams; clustered launches,
+    /// [`TileLoads::TmaMulticast`], a block per tile unless told). A tuning and testing knob:
+    /// results do not depend on it.
+    pub fn with_wgmma_blocks(mut self, blocks: Option<usize>) -> Result<Self> {
+        if blocks == Some(0) {
+            return Err(Error::InvalidArgument {
+                what: "wgmma_blocks",
+                why: "0 blocks: at least 1".into(),
+            });
+        }
+        self.wgmma_blocks = blocks;
+        Ok(self)
     }
 
     /// Whether the fused paths' base GEMMs read a scratch dequantized `Ŵ` (an NF4 base,
@@ -510,16 +532,15 @@ impl<T: FloatElem> LoraLinear<T> {
             let transposed = op == "backward_dx";
             let shared =
                 self.tile_loads != TileLoads::CpAsync && self.tma_maps(p, transposed, m)?;
-            let launch = LaunchConfig::wgmma(m, n, transposed);
-            // A pair shares B: blocks along y (the forward's rows of x) or x (dX's columns).
-            let pairs = if transposed { (2, 1, 1) } else { (1, 2, 1) };
+            // A pair shares B; clustered, a block per tile unless told (LaunchConfig::wgmma).
+            let (cluster, max_blocks) = if shared {
+                (2, self.wgmma_blocks.unwrap_or(usize::MAX))
+            } else {
+                (1, self.wgmma_blocks.unwrap_or(self.device().sm_count()))
+            };
             (
                 kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
-                if shared {
-                    launch.in_clusters(pairs)
-                } else {
-                    launch
-                },
+                LaunchConfig::wgmma(m, n, transposed, cluster, max_blocks),
             )
         } else {
             (
@@ -999,8 +1020,8 @@ mod tests {
     use crate::bf16;
 
     /// `TileLoads::TmaMulticast` really launches pairs (the result tests cannot tell: a
-    /// layer that never clustered would compute the same): along y for the forward, along x
-    /// for dX, over an NF4 base for dX only, and not at all when a B operand is not TMA's.
+    /// layer that never clustered would compute the same): for the forward and dX, over an
+    /// NF4 base for dX only, and not at all when a B operand is not TMA's.
     #[test]
     fn multicast_launches_pairs_where_b_can_be_shared() {
         let Some(dev) = crate::testing::emulators().into_iter().next() else {
@@ -1052,9 +1073,9 @@ mod tests {
         // Out of 263: the forward's B [263, 8] and W (rows of 136) are TMA's, dY (rows of 263
         // elements, 526 bytes) is not.
         for (d_out, nf4, forward, dx) in [
-            (264, false, (1, 2, 1), (2, 1, 1)),
+            (264, false, (2, 1, 1), (2, 1, 1)),
             (264, true, (1, 1, 1), (2, 1, 1)),
-            (263, false, (1, 2, 1), (1, 1, 1)),
+            (263, false, (2, 1, 1), (1, 1, 1)),
         ] {
             let l = layer(d_out, nf4);
             assert_eq!(

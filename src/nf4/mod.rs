@@ -288,16 +288,18 @@ impl Nf4Weight {
         unsafe {
             self.device().launch(
                 &kernel(format!("nf4_dequantize_{}", O::DTYPE)),
-                dequantize_launch(self.rows as u64 * self.cols as u64),
+                dequantize_launch(self.rows as u64 * self.cols as u64, O::DTYPE),
                 &p,
             )
         }
     }
 }
 
-/// nf4_dequantize's grid: a thread per 32 elements (two groups of 16 per pass).
-fn dequantize_launch(numel: u64) -> LaunchConfig {
-    LaunchConfig::grid_stride(numel.div_ceil(32), THREADS, MAX_BLOCKS)
+/// nf4_dequantize's grid for an `out` output: a thread per pass of 4 runs of 16 bytes of
+/// output (32 elements of bf16 or f16, 16 of f32).
+fn dequantize_launch(numel: u64, out: DType) -> LaunchConfig {
+    let per_thread = 4 * 16 / out.size() as u64;
+    LaunchConfig::grid_stride(numel.div_ceil(per_thread), THREADS, MAX_BLOCKS)
 }
 
 /// Double quantization of the absmaxes on the device (bitsandbytes' compress_statistics).
@@ -420,7 +422,8 @@ fn fused_path(m: usize, forward: bool) -> MatmulPath {
     }
 }
 
-/// The fused kernel and launch of `path` (a GEMV, or the GEMM) for a forward or backward dX.
+/// The fused kernel and launch of `path` (a GEMV, or the GEMM) for a forward or backward dX,
+/// on a GPU of `sms` SMs (the wgmma GEMM's persistent blocks, one per SM).
 fn fused_launch(
     act: DType,
     rows: u32,
@@ -428,6 +431,7 @@ fn fused_launch(
     m: u32,
     forward: bool,
     path: MatmulPath,
+    sms: usize,
 ) -> (Kernel, LaunchConfig) {
     let bucket = m.max(1).next_power_of_two();
     match path {
@@ -455,7 +459,7 @@ fn fused_launch(
         }
         MatmulPath::FusedGemmWgmma => {
             let n_out = if forward { rows } else { cols };
-            let cfg = LaunchConfig::wgmma(m as usize, n_out as usize, !forward);
+            let cfg = LaunchConfig::wgmma(m as usize, n_out as usize, !forward, 1, sms);
             (kernel(path.label(forward, act)), cfg)
         }
         // (Dequantize + cuBLAS launches no fused kernel; its callers never ask.)
@@ -642,6 +646,7 @@ where
                 m as u32,
                 forward,
                 path,
+                dev.sm_count(),
             );
             // SAFETY: shapes checked in check_matmul; the GEMVs for a bucket of rows read
             // only the first m rows (the tensor-core one reads rows past m and past the
@@ -760,7 +765,7 @@ pub mod raw {
         unsafe {
             dev.launch(
                 &kernel(format!("nf4_dequantize_{out}")),
-                dequantize_launch(p.w.rows as u64 * p.w.cols as u64),
+                dequantize_launch(p.w.rows as u64 * p.w.cols as u64, out),
                 stream,
                 p,
             )
@@ -785,7 +790,7 @@ pub mod raw {
             return Ok(());
         }
         let path = fused_path(p.m as usize, forward);
-        let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, path);
+        let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, path, dev.sm_count());
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch(&k, cfg, stream, p) }
     }

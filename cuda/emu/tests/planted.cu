@@ -95,6 +95,18 @@ FK_KERNEL(emu_test_cp_async, EmuTestParams) {
   for (int i = 0; i < 4; ++i) p.out[4 * t + i] = s[4 * u + i];
 }
 
+// Bug: writes into its cp.async destination before waiting for the copy (on a GPU the copy
+// may land before or after the store).
+FK_KERNEL(emu_test_cp_async_written_before_wait, EmuTestParams) {
+  float* s = dyn_smem<float>();
+  const unsigned t = threadIdx.x;
+  cp_async<16>(s + 4 * t, p.in + 4 * t);
+  cp_async_commit();
+  s[4 * t + 1] = 7.0f;
+  cp_async_wait_all();
+  for (int i = 0; i < 4; ++i) p.out[4 * t + i] = s[4 * t + i];
+}
+
 // Bug: writes one element past the dynamic shared memory (n floats); ASan builds catch it.
 FK_KERNEL(emu_test_oob_shared, EmuTestParams) {
   float* s = dyn_smem<float>();
@@ -160,6 +172,15 @@ FK_KERNEL_TMA(emu_test_tma_before_wait, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS
   const TmaTestSmem s = tma_test_init(p);
   tma_test_load(p, s, 128 * p.box_rows);
   for (uint32_t e = threadIdx.x; e < 64 * p.box_rows; e += blockDim.x) p.out[e] = s.tile[e];
+  mbarrier_wait(s.bar, 0);
+}
+
+// Bug: a store into the tile while its load is in flight (staging something in a stage still
+// being filled).
+FK_KERNEL_TMA(emu_test_tma_written_before_wait, RegdumpTmaParams, FK_REGDUMP_TMA_THREADS) {
+  const TmaTestSmem s = tma_test_init(p);
+  tma_test_load(p, s, 128 * p.box_rows);
+  if (threadIdx.x == 1) s.tile[5] = 0;
   mbarrier_wait(s.bar, 0);
 }
 
