@@ -11,10 +11,10 @@
 
 use finetune_kernels::bench::{self, GpuTimer};
 use finetune_kernels::check::{self, Scale};
-use finetune_kernels::device::{probe_driver, ptx, Device};
+use finetune_kernels::device::{probe_driver, ptx, Device, Kernel};
 use finetune_kernels::lora::adapter::{merge_checkpoint, Adapter};
 use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions};
-use finetune_kernels::{regdump, Error};
+use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -136,7 +136,7 @@ fn run_check(args: &[String]) -> Result<bool, String> {
     Ok(failed == 0)
 }
 
-fn all_kernels() -> Vec<finetune_kernels::device::Kernel> {
+fn all_kernels() -> Vec<Kernel> {
     finetune_kernels::sparse::kernels()
         .into_iter()
         .chain(finetune_kernels::nf4::kernels())
@@ -146,28 +146,45 @@ fn all_kernels() -> Vec<finetune_kernels::device::Kernel> {
         .collect()
 }
 
+/// The dynamic shared memory `k`'s launches ask for: the Hopper GEMMs' stages
+/// (`LaunchConfig::wgmma`) and the rank-wide LoRA GEMMs' (`LaunchConfig::narrow`); the other
+/// kernels' shared memory is static.
+fn launch_smem(k: &Kernel) -> u32 {
+    let op = k.name.rsplit_once('_').map_or("", |(op, _dtype)| op);
+    if k.module != "regdump" && op.ends_with("wgmma") {
+        params::FK_WGMMA_SMEM_BYTES
+    } else if ["lora_down", "lora_backward_v", "lora_grad_a", "lora_grad_b"].contains(&op) {
+        params::FK_NARROW_SMEM_BYTES
+    } else {
+        0
+    }
+}
+
 /// Every kernel as the driver's JIT compiled it: registers, local memory (spills the build
-/// checks' ptxas did not predict), static shared memory, and blocks per SM at 256 threads.
+/// checks' ptxas did not predict), static and dynamic shared memory, and blocks per SM at 256
+/// threads with the dynamic shared memory its launches ask for.
 fn run_resources() -> Result<(), String> {
     let dev = Device::best().map_err(|e| e.to_string())?;
     let Device::Cuda(cuda) = &dev else {
         return Err("kernel resources are the driver's compile: they need a GPU".into());
     };
     println!(
-        "{:<40} {:>5} {:>6} {:>7} {:>8} {:>10}",
-        "kernel", "regs", "local", "smem", "threads", "blocks/SM"
+        "{:<40} {:>5} {:>6} {:>7} {:>8} {:>8} {:>10}",
+        "kernel", "regs", "local", "smem", "dynamic", "threads", "blocks/SM"
     );
     let mut local = 0;
     for k in all_kernels() {
-        match cuda.resources(&k, 256) {
+        let dynamic = launch_smem(&k);
+        match cuda.resources(&k, 256, dynamic) {
             Ok(r) => {
                 local += (r.local_bytes > 0) as usize;
                 println!(
-                    "{:<40} {:>5} {:>6} {:>7} {:>8} {:>10}",
+                    "{:<40} {:>5} {:>6} {:>7} {:>8} {:>8} {:>10}",
                     k.name,
                     r.registers,
                     r.local_bytes,
                     r.static_smem_bytes,
+                    dynamic,
                     r.max_threads,
                     r.blocks_per_sm
                 );
@@ -301,4 +318,34 @@ fn run_merge(args: &[String]) -> Result<(), String> {
         summary.copied
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dynamic shared memory `fk kernels --resources` counts per kernel: the wgmma and
+    /// narrow GEMMs' (the sizes their launches ask for), none for their reduces, the other
+    /// kernels and the register dumps (whose wgmma entries use static shared memory).
+    #[test]
+    fn resources_count_each_launchs_dynamic_shared_memory() {
+        let kernels = all_kernels();
+        for (name, bytes) in [
+            ("lora_forward_wgmma_bf16", params::FK_WGMMA_SMEM_BYTES),
+            (
+                "lora_backward_dx_nf4_wgmma_f16",
+                params::FK_WGMMA_SMEM_BYTES,
+            ),
+            ("nf4_gemm_dx_wgmma_bf16", params::FK_WGMMA_SMEM_BYTES),
+            ("lora_down_bf16", params::FK_NARROW_SMEM_BYTES),
+            ("lora_grad_b_f16", params::FK_NARROW_SMEM_BYTES),
+            ("lora_down_reduce_bf16", 0),
+            ("lora_backward_v_reduce_f16", 0),
+            ("regdump_wgmma_bf16", 0),
+            ("nf4_gemv_mma_bf16_m8", 0),
+        ] {
+            let k = kernels.iter().find(|k| k.name == name);
+            assert_eq!(k.map(launch_smem), Some(bytes), "{name}");
+        }
+    }
 }

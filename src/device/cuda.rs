@@ -82,6 +82,8 @@ pub struct CudaDevice {
     driver: DriverInfo,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
     functions: Mutex<HashMap<String, Function>>,
+    /// The dynamic shared memory each function has been allowed (`allow_shared`).
+    shared_allowed: Mutex<HashMap<String, u32>>,
     pub(super) blas: std::sync::OnceLock<Result<Option<cudarc::cublas::CudaBlas>>>,
     /// Whether kernel outputs are poisoned ([`super::Device::set_poison_outputs`]).
     poison_outputs: std::sync::atomic::AtomicBool,
@@ -170,6 +172,7 @@ impl CudaDevice {
             driver,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            shared_allowed: Mutex::new(HashMap::new()),
             blas: std::sync::OnceLock::new(),
             poison_outputs: std::sync::atomic::AtomicBool::new(false),
         })
@@ -362,10 +365,17 @@ impl CudaDevice {
 
     /// What the driver's JIT made of `kernel` (its own compile of the PTX, which the build
     /// checks' pinned ptxas only predicts), and how many blocks of `block_threads` fit on a
-    /// multiprocessor (fewer threads if the kernel allows fewer).
-    pub fn resources(&self, kernel: &Kernel, block_threads: u32) -> Result<KernelResources> {
+    /// multiprocessor (fewer threads if the kernel allows fewer) with `dynamic_smem` bytes of
+    /// dynamic shared memory each, the function set up as a launch of that size sets it.
+    pub fn resources(
+        &self,
+        kernel: &Kernel,
+        block_threads: u32,
+        dynamic_smem: u32,
+    ) -> Result<KernelResources> {
         use sys::CUfunction_attribute as A;
         let f = self.function(kernel)?;
+        self.allow_shared(kernel, f, dynamic_smem)?;
         // SAFETY: `f` is a live function handle of this context.
         let get = |attr| unsafe { result::function::get_function_attribute(f.0, attr) };
         let attr = |attr, name| get(attr).map_err(|e| Error::driver(name, e));
@@ -384,12 +394,48 @@ impl CudaDevice {
                 result::occupancy::max_active_block_per_multiprocessor(
                     f.0,
                     (block_threads as i32).min(max_threads),
-                    0,
+                    dynamic_smem as usize,
                 )
             }
             .map_err(|e| Error::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?
                 as u32,
         })
+    }
+
+    /// Lets `f` (`kernel`'s function) take `bytes` of dynamic shared memory, once per function
+    /// and size (the attributes persist; setting them every launch cost two driver calls per
+    /// launch of the large-tile kernels). Over 48 KB the driver needs the size, and the
+    /// carveout goes to all of L1 as shared memory (100%): the kernels that ask for this much
+    /// (the wgmma GEMMs, narrow.cuh's two blocks per SM) stream through shared memory and
+    /// read global memory past L1; left unset, the carveout is the driver's choice, which need
+    /// not leave room for narrow.cuh's second block.
+    fn allow_shared(&self, kernel: &Kernel, f: Function, bytes: u32) -> Result<()> {
+        if bytes <= 48 * 1024 {
+            return Ok(());
+        }
+        let mut allowed = self
+            .shared_allowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if allowed.get(&kernel.name).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
+        for (attribute, value) in [
+            (
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            ),
+            (
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            ),
+        ] {
+            // SAFETY: `f` is a live function handle of this context.
+            unsafe { result::function::set_function_attribute(f.0, attribute, value) }
+                .map_err(|e| Error::driver("cuFuncSetAttribute", e))?;
+        }
+        allowed.insert(kernel.name.clone(), bytes);
+        Ok(())
     }
 
     /// Launches `kernel` on `stream` with its params struct.
@@ -408,26 +454,7 @@ impl CudaDevice {
             return Ok(());
         }
         let f = self.function(kernel)?;
-        if cfg.shared_bytes > 48 * 1024 {
-            // All of L1 as shared memory (carveout 100%): the kernels that ask for this much
-            // (the wgmma GEMMs, narrow.cuh's two blocks per SM) stream through shared memory
-            // and read global memory past L1; left unset, the carveout is the driver's
-            // choice, which need not leave room for narrow.cuh's second block.
-            for (attribute, value) in [
-                (
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.shared_bytes as i32,
-                ),
-                (
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                    100,
-                ),
-            ] {
-                // SAFETY: `f` is a live function handle of this context.
-                unsafe { result::function::set_function_attribute(f.0, attribute, value) }
-                    .map_err(|e| Error::driver("cuFuncSetAttribute", e))?;
-            }
-        }
+        self.allow_shared(kernel, f, cfg.shared_bytes)?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
