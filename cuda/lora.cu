@@ -170,18 +170,18 @@ FK_DEVICE const FkTensorMap* tma_map(const LoraParams& p, uint32_t bit, const Fk
   return p.tma & bit ? &map : nullptr;
 }
 
-// The base weight as a wgmma.cuh operand, dense or NF4: the forward's B (kAlongK: W's rows
-// from n0, K = d_in) or dX's A (W's columns from n0, K = d_out).
+// The base weight as a wgmma.cuh operand, dense or NF4: the forward's B (kAlongK: W's rows,
+// K = d_in) or dX's A (W's columns, K = d_out); a Schedule points it at each tile.
 template <typename T, bool Nf4, bool kAlongK>
-FK_DEVICE auto wgmma_weight(const LoraParams& p, uint32_t n0) {
+FK_DEVICE auto wgmma_weight(const LoraParams& p) {
   const uint32_t k_len = kAlongK ? p.d_in : p.d_out;
   const uint64_t ld = p.w_ld ? p.w_ld : p.d_in;
   if constexpr (Nf4) {
-    return Nf4Operand<T, kAlongK>{with_shared_map(p.nf4), shared_code_table(), n0, k_len};
+    return Nf4Operand<T, kAlongK>{with_shared_map(p.nf4), shared_code_table(), 0, k_len};
   } else if constexpr (kAlongK) {
-    return wgmma::Rows<T>{{as<T>(p.w), ld, n0, p.d_out, k_len, tma_map(p, FK_LORA_TMA_W, p.w_map)}};
+    return wgmma::Rows<T>{{as<T>(p.w), ld, 0, p.d_out, k_len, tma_map(p, FK_LORA_TMA_W, p.w_map)}};
   } else {
-    return wgmma::Columns<T>{{as<T>(p.w), ld, n0, p.d_in, k_len, tma_map(p, FK_LORA_TMA_W, p.w_map)}};
+    return wgmma::Columns<T>{{as<T>(p.w), ld, 0, p.d_in, k_len, tma_map(p, FK_LORA_TMA_W, p.w_map)}};
   }
 }
 
@@ -193,7 +193,7 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
   auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_U, p.u_map)}},
                              wgmma::Rows<T>{{as<T>(p.b), p.rank, 0, p.d_out, p.rank, tma_map(p, FK_LORA_TMA_B, p.b_map)}});
   auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, 0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
-                             wgmma_weight<T, Nf4, true>(p, 0));
+                             wgmma_weight<T, Nf4, true>(p));
   wgmma::Accumulators acc = {};
   wgmma::run_tiles<T>(acc, dyn_smem<unsigned char>(), tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
     const uint2 o = tiles.origin(i);  // (y's first row, first column)
@@ -238,7 +238,7 @@ template <typename T, bool Nf4>
 FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   const wgmma::Schedule tiles(p.d_in, p.m, false);
   unsigned char* smem = dyn_smem<unsigned char>();
-  auto w = wgmma_weight<T, Nf4, false>(p, 0);  // before the runs: NF4's tables are filled by the whole block
+  auto w = wgmma_weight<T, Nf4, false>(p);  // before the runs: NF4's tables are filled by the whole block
   auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
                              wgmma::Rows<T>{{as<T>(p.v), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_V, p.v_map)}});
   auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, 0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
