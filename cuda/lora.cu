@@ -251,7 +251,7 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
     } else {
       wgmma::run<T>(acc, smem, lora, base);
     }
-    wgmma::store_tile<T, true>(acc, wgmma::contiguous_staging(smem), static_cast<T*>(p.dx), p.d_in, o.y, o.x, p.m, p.d_in);
+    wgmma::store_tile<T, true>(acc, wgmma::staging_after_run(smem), static_cast<T*>(p.dx), p.d_in, o.y, o.x, p.m, p.d_in);
   }, lora, base);
 }
 

@@ -449,7 +449,7 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
     auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, 0, Kr}, wgmma::Rows<T>{{a, Kr, 0, M, Kr, a_map}});
     wgmma::each_tile(tiles, acc, [&](uint2 o) {
       wgmma::run<T>(acc, smem, seg);
-      wgmma::store_tile<T, true>(acc, wgmma::contiguous_staging(smem), out, w.cols, o.y, o.x, M, w.cols);
+      wgmma::store_tile<T, true>(acc, wgmma::staging_after_run(smem), out, w.cols, o.y, o.x, M, w.cols);
     }, seg);
   } else {
     // y's tiles (a's rows by W's), those along y's columns first (sharing a's rows).

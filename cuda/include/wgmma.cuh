@@ -247,7 +247,7 @@ FK_DEVICE void fill(Stage& st, uint64_t* full, uint32_t sharers, int kt, const i
 // of tile positions over A's `a_rows` (kBM a tile) and B's `b_rows` (kBN), walked B-fastest or
 // A-fastest as a 2-D launch would have ordered its blocks, dealt out in turn to the launch's
 // clusters; a cluster's c blocks take c neighbouring positions along A, so that they share B's
-// tile (and may multicast it). A launch of one cluster per unit gives every block one tile.
+// tile (and may multicast it): a unit. A launch of a cluster per unit gives each block one tile.
 struct Schedule {
   uint32_t b_tiles, units_a, cluster, rank, first, stride, count;
   bool b_fastest;
@@ -291,8 +291,8 @@ struct Staging {
   float* table;
 };
 
-// The whole of a free `smem` as a Staging (after a run: every stage is free).
-FK_DEVICE Staging contiguous_staging(unsigned char* smem) {
+// A Staging in `smem` after a run, when every stage is free (the first two stages' parts).
+FK_DEVICE Staging staging_after_run(unsigned char* smem) {
   Stage* st = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
   return {{st[0].b, st[1].b}, reinterpret_cast<float*>(st[0].a)};
 }
