@@ -29,11 +29,9 @@ fn layer(
 ) -> Result<LoraLinear<bf16>> {
     let base = Nf4Weight::upload(dev, &base.to_host()?)?;
     let config = LoraConfig {
-        rank: RANK,
-        alpha: 16.0,
-        use_rslora: false,
         dropout,
         seed: 1,
+        ..LoraConfig::new(RANK, 16.0)
     };
     LoraLinear::new(
         LoraBase::Nf4(Box::new(base)),

@@ -239,13 +239,8 @@ fn merged_weight_gives_the_forward() {
 
 #[test]
 fn scale_is_peft_scaling() {
-    let c = LoraConfig {
-        rank: 16,
-        alpha: 32.0,
-        use_rslora: false,
-        dropout: 0.0,
-        seed: 0,
-    };
+    let c = LoraConfig::new(16, 32.0);
+    assert_eq!((c.use_rslora, c.dropout), (false, 0.0), "PEFT's defaults");
     assert_eq!(c.scale(), 2.0);
     let rs = LoraConfig {
         use_rslora: true,

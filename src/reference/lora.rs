@@ -44,6 +44,18 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// Rank `rank` and `lora_alpha` `alpha`, the rest as PEFT's `LoraConfig` defaults them:
+    /// no rsLoRA, no dropout (seed 0; set `dropout` and `seed` to draw a mask).
+    pub fn new(rank: usize, alpha: f32) -> Self {
+        LoraConfig {
+            rank,
+            alpha,
+            use_rslora: false,
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+
     /// The largest rank [`crate::lora::LoraLinear`] takes. The kernels tile any rank; this
     /// bounds the work and memory a layer can ask for, and the kernel tests run at it.
     /// Adapters on disk and this reference take any rank (PEFT allows r = 512 and more).
@@ -315,13 +327,7 @@ mod tests {
     use super::*;
 
     fn config(rank: usize) -> LoraConfig {
-        LoraConfig {
-            rank,
-            alpha: 8.0,
-            use_rslora: false,
-            dropout: 0.0,
-            seed: 0,
-        }
+        LoraConfig::new(rank, 8.0)
     }
 
     #[test]
