@@ -232,6 +232,17 @@ FK_DEVICE uint32_t ld_shared_u32(const uint32_t* base, uint32_t index) {
 #endif
 }
 
+// ---- a cache hint for global loads (no effect on the emulator) --------------------------
+
+// Brings the 128-byte line holding `p` into L1, writing no register (prefetch.global.L1).
+FK_DEVICE void prefetch_l1(const void* p) {
+#if FK_PTX
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
+#elif FK_EMU_PTX
+  (void)p;
+#endif
+}
+
 // ---- cp.async: global -> shared, completed by wait_group ----------------------------------
 
 template <int Bytes>
