@@ -276,9 +276,6 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
 // Other K (not a multiple of 32) take a scalar loop with the same rounding of the codes.
 
 constexpr int kGemvRows = FK_NF4_GEMV_MMA_ROWS, kGemvWarps = FK_NF4_GEMV_MMA_THREADS / 32;
-// The most bytes of x the GEMV prefetches into L1 (its 3 blocks per SM leave about 100 KB of
-// L1 beside their shared memory; they read the same x).
-constexpr uint64_t kGemvPrefetchBytes = 32 * 1024;
 
 // pairs[byte · 32 + lane] = {T(code[byte >> 4]), T(code[byte & 15])}, element 2i (the high
 // nibble) in the low half as a fragment register holds k below k + 1; one copy per lane, so
@@ -299,13 +296,6 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   constexpr int U = 8;  // steps of 32 elements a warp loads before using them
   FK_SHARED(pairs, uint32_t[256 * 32]);
   FK_SHARED(partial, float[kGemvWarps][kGemvRows][8 * NT]);
-  // x into L1 while the table fills, where it fits: each step reads a piece of x just before
-  // its mma, so a miss there is a round trip per step on the warp's critical path. (Streaming
-  // the codes past L1 as well, ld.global.cs, cost the m8 kernel a spill under its 80
-  // registers.)
-  if (uint64_t(p.m) * p.w.cols * sizeof(T) <= kGemvPrefetchBytes)
-    for (uint64_t at = threadIdx.x * 128; at < uint64_t(p.m) * p.w.cols * sizeof(T); at += blockDim.x * 128)
-      prefetch_l1(static_cast<const char*>(p.a) + at);
   fill_code_pairs<T>(pairs);
   const Nf4Weight w = with_shared_map(p.w);
   const T* a = static_cast<const T*>(p.a);
@@ -355,6 +345,13 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   auto group = [&](uint32_t s0, auto tail) {
     constexpr bool kTail = decltype(tail)::value;
     auto live = [&](uint32_t s) { return !kTail || s < steps; };  // warp-uniform
+    // The group's x (32·U elements of each x row: U / 2 lines of 128 bytes) into L1 with its
+    // codes: each step reads its piece just before its mma, and a miss there would be a
+    // round trip per step on the warp's critical path (x is new to each block).
+    for (uint32_t i = lane; i < 8 * NT * (U / 2); i += 32) {
+      const uint32_t k = 32 * s0 + 64 * (i % (U / 2));
+      if (k < K) prefetch_l1(a + uint64_t(min(i / (U / 2), M - 1)) * K + k);
+    }
     uint32_t codes[U][2];
     const uint8_t* group_codes[2] = {code_row + 16 * s0, code_row + 16 * s0 + row_gap};
 #pragma unroll
