@@ -29,7 +29,7 @@ namespace {
 // dependent chain.
 template <typename O>
 FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
-  constexpr int kRun = 16 / sizeof(O), kRuns = 4;
+  constexpr int kRun = 16 / sizeof(O), kRuns = FK_NF4_DEQUANTIZE_RUNS;
   using Codes = std::conditional_t<kRun == 8, uint32_t, uint16_t>;  // a run's codes
   const float* table = shared_code_table();
   const Nf4Weight w = with_shared_map(p.w);

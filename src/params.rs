@@ -19,6 +19,7 @@ pub const FK_NF4_NESTED_BLOCKSIZE: u32 = 256;
 pub const FK_NF4_MEAN_CHUNK: u32 = 1024;
 pub const FK_NF4_GEMV_MMA_ROWS: u32 = 16;
 pub const FK_NF4_GEMV_MMA_THREADS: u32 = 256;
+pub const FK_NF4_DEQUANTIZE_RUNS: u32 = 4;
 pub const FK_LORA_TMA_X: u32 = 1;
 pub const FK_LORA_TMA_W: u32 = 2;
 pub const FK_LORA_TMA_U: u32 = 4;

@@ -151,10 +151,10 @@ fn tma_devices() -> Vec<finetune_kernels::Device> {
 /// it shows that the driver-encoded map means what the emulator's does): element (r, e) of
 /// the box (matrix element (c1 + r, c0 + e), zero outside the matrix, negative coordinates
 /// included; c0 a multiple of 8) at byte 2·(64r + e) of the tile with address bits 4-6
-/// XORed with bits 7-9 (the 128-byte swizzle); consecutive phases of one barrier alternate parity. Multicast to a
-/// cluster of 2 or 4 blocks, each loading its box below the previous rank's into all: every
-/// block's tile holds all the boxes, the rank-r box at row r · box_rows. Against the
-/// formula, at random shapes and every corner of the matrix.
+/// XORed with bits 7-9 (the 128-byte swizzle); consecutive phases of one barrier alternate
+/// parity. Multicast to a cluster of 2 or 4 blocks, each loading its box below the previous
+/// rank's into all: every block's tile holds all the boxes, the rank-r box at row
+/// r · box_rows. Against the formula, at random shapes and every corner of the matrix.
 #[test]
 fn tma_loads_follow_the_ptx_isa() {
     let mut rng = rng();

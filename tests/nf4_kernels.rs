@@ -158,6 +158,8 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
 #[test]
 fn wgmma_gemms_walk_several_tiles_per_block() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
+        // Tiles, forward and dX: more than one block per SM takes.
+        assert!(17 * 9 > dev.sm_count() && 16 * 9 > dev.sm_count());
         for (rows, cols, forward) in [(2050, 64, true), (64, 2000, false)] {
             let c = Case {
                 seed: rand::random(),

@@ -335,12 +335,13 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   const int steps = first[sizeof...(Segs)], total = int(tiles.count) * steps;
   fence_proxy_async_shared();  // the caller's generic accesses to smem come before TMA's writes
   sync();                      // and the barriers are initialized, in every block loads land in
+  // Fills come in order of g, each issued then finished before the next is issued: the
+  // operands move to a tile at its first step's issue and stay there through its last fill.
   auto issue = [&](int g) {
-    tiles.place(g / steps, segs...);
+    if (g % steps == 0) tiles.place(g / steps, segs...);
     fill<false>(stages[g % kStages], &full[g % kStages], sharers, g % steps, first, segs...);
   };
   auto finish = [&](int g) {
-    tiles.place(g / steps, segs...);
     fill<true>(stages[g % kStages], &full[g % kStages], sharers, g % steps, first, segs...);
   };
   for (int g = 0; g < kStages - 2; ++g) {

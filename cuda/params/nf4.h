@@ -18,6 +18,9 @@
  * FK_NF4_GEMV_MMA_ROWS weight rows (one mma tile), its warps splitting K between them. */
 #define FK_NF4_GEMV_MMA_ROWS 16
 #define FK_NF4_GEMV_MMA_THREADS 256
+/* nf4_dequantize: a thread writes this many runs of 16 bytes of output per pass of its grid
+ * stride (the launch sizes the grid by it). */
+#define FK_NF4_DEQUANTIZE_RUNS 4
 
 typedef struct Nf4Weight {
   const uint8_t* codes;         /* [ceil(rows * cols / 2)] */

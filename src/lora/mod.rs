@@ -968,21 +968,15 @@ pub const MAX_K_SPLITS: u32 = 64;
 /// 8192 tokens on 132 SMs), so as many splits as fill two blocks per SM (two fit one,
 /// `cuda/include/narrow.cuh`), each at least 512 of K, at most 16.
 pub fn k_split_count(m: usize, k: usize, sms: usize) -> u32 {
-    two_blocks_per_sm(m, k, sms)
+    let tiles = m.div_ceil(params::FK_NARROW_ROWS as usize);
+    (2 * sms / tiles).min(k.div_ceil(512)).clamp(1, 16) as u32
 }
 
 /// Row splits of the weight-gradient reductions over `m` tokens for a layer whose wider side
-/// is `width`: as for [`k_split_count`], the reduction being over the tokens.
+/// is `width`: [`k_split_count`] with the roles swapped (the output `width` tall, the
+/// reduction over the tokens).
 fn split_count(m: usize, width: usize, sms: usize) -> u32 {
-    two_blocks_per_sm(width, m, sms)
-}
-
-/// Splits of a reduction `len` long for a narrow.cuh GEMM whose output is `rows` tall (blocks
-/// of `FK_NARROW_ROWS`): as many as fill two blocks per SM in one wave (two fit an SM), each
-/// at least 512 long, at most 16.
-fn two_blocks_per_sm(rows: usize, len: usize, sms: usize) -> u32 {
-    let tiles = rows.div_ceil(params::FK_NARROW_ROWS as usize);
-    (2 * sms / tiles).min(len.div_ceil(512)).clamp(1, 16) as u32
+    k_split_count(width, m, sms)
 }
 
 /// Every kernel this module can launch (the build checks look each up in the PTX).
