@@ -117,6 +117,9 @@ FK_DEVICE void split_range(uint32_t len, uint32_t splits, uint32_t* begin, uint3
   *end = min(len, (blockIdx.z + 1) * per * kBK);
 }
 
+// Where this block's walk along K starts (LoraParams::narrow_stagger).
+FK_DEVICE uint32_t stagger_start(const LoraParams& p) { return p.narrow_stagger ? blockIdx.y : 0; }
+
 // This split's part of u or v, [m, rank] f32, in the split-K partials.
 FK_DEVICE float* rank_partial(const LoraParams& p) { return p.rank_partials + uint64_t(blockIdx.z) * p.m * p.rank; }
 
@@ -130,7 +133,7 @@ FK_DEVICE void down(const LoraParams& p) {
   narrow::Accumulators acc = {};
   uint32_t k_begin, k_end;
   split_range(p.d_in, max(p.k_splits, 1u), &k_begin, &k_end);
-  narrow::run<T>(acc, st, x, a, k_begin, k_end, narrow::n_tiles(p.rank, n0));
+  narrow::run<T>(acc, st, x, a, k_begin, k_end, narrow::n_tiles(p.rank, n0), stagger_start(p));
   if (p.k_splits > 1) return store(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   const float factor = p.scale / (1.0f - p.dropout);
   store(acc, static_cast<T*>(p.u), p.rank, m0, n0, p.m, p.rank, factor);
@@ -265,7 +268,7 @@ FK_DEVICE void backward_v(const LoraParams& p) {
   narrow::Accumulators acc = {};
   uint32_t k_begin, k_end;
   split_range(p.d_out, max(p.k_splits, 1u), &k_begin, &k_end);
-  narrow::run<T>(acc, st, dy, b, k_begin, k_end, narrow::n_tiles(p.rank, n0));
+  narrow::run<T>(acc, st, dy, b, k_begin, k_end, narrow::n_tiles(p.rank, n0), stagger_start(p));
   if (p.k_splits > 1) return store(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   store(acc, static_cast<T*>(p.v), p.rank, m0, n0, p.m, p.rank, p.scale);
   if (p.dy_ext) extend_rows(acc, static_cast<T*>(p.dy_ext), p.dy_ld, p.d_out, m0, n0, p.m, p.rank, p.scale, false);
@@ -332,7 +335,7 @@ FK_DEVICE void grad_a(const LoraParams& p) {
   ActivationSource<T, false, narrow::kRows> xt{{as<T>(p.x), p.d_in, m0, p.d_in, p.m}, p.seed, p.dropout};
   DenseSource<T, false, narrow::kCols> v{as<T>(p.v), p.rank, n0, p.rank, p.m};
   narrow::Accumulators acc = {};
-  narrow::run<T>(acc, st, xt, v, k_begin, k_end, narrow::n_tiles(p.rank, n0));
+  narrow::run<T>(acc, st, xt, v, k_begin, k_end, narrow::n_tiles(p.rank, n0), stagger_start(p));
   float* out = p.partials + uint64_t(blockIdx.z) * p.rank * p.d_in;
   narrow::for_each(acc, [&](int r, int c, float a) {
     if (m0 + r < p.d_in && n0 + c < p.rank) out[uint64_t(n0 + c) * p.d_in + m0 + r] = a;
@@ -349,7 +352,7 @@ FK_DEVICE void grad_b(const LoraParams& p) {
   DenseSource<T, false, narrow::kRows> dyt{as<T>(p.dy), p.d_out, m0, p.d_out, p.m};
   WithOnesColumn<T, narrow::kCols> u{{as<T>(p.u), p.rank, n0, p.rank, p.m}, p.rank};
   narrow::Accumulators acc = {};
-  narrow::run<T>(acc, st, dyt, u, k_begin, k_end, narrow::n_tiles(p.rank + 1, n0));
+  narrow::run<T>(acc, st, dyt, u, k_begin, k_end, narrow::n_tiles(p.rank + 1, n0), stagger_start(p));
   float* base = p.partials + uint64_t(p.splits) * p.rank * p.d_in;
   store(acc, base + uint64_t(blockIdx.z) * p.d_out * (p.rank + 1), p.rank + 1, m0, n0, p.d_out, p.rank + 1);
 }

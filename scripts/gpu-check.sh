@@ -32,7 +32,10 @@ build() {
   export FK_PTX_EMBED=0 CARGO_TARGET_DIR=target/bundle
   cargo build --release --locked --bin fk
   cp target/bundle/release/fk "$bundle/fk"
-  # Test binaries: cargo prints their paths as JSON artifacts.
+  # Test binaries: cargo prints their paths as JSON artifacts. Those that never touch a GPU
+  # (the emulator's own tests, the CPU references) stay out: CI runs them, and on the GPU
+  # machine they would only spend the lease and the bundle's size.
+  local cpu_only=" emu emu_numeric emu_regdump lora_reference nf4_reference "
   cargo test --release --locked --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
@@ -40,7 +43,10 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] != ["bin"] and m["profile"]["test"]:
         print(m["target"]["name"], m["executable"])
-' | while read -r name exe; do cp "$exe" "$bundle/test-$name"; done
+' | while read -r name exe; do
+    case "$cpu_only" in *" $name "*) continue ;; esac
+    cp "$exe" "$bundle/test-$name"
+  done
   strip "$bundle"/* 2>/dev/null || true
   {
     echo "commit $(git rev-parse HEAD 2>/dev/null || echo none)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"

@@ -279,8 +279,9 @@ pub struct LoraParams {
     pub dy_ld: u64,
     pub rank_partials: *mut f32,
     pub k_splits: u32,
+    pub narrow_stagger: u32,
     pub tma: u32,
-    pub __bindgen_padding_0: [u64; 5usize],
+    pub __bindgen_padding_0: [u64; 4usize],
     pub x_map: FkTensorMap,
     pub w_map: FkTensorMap,
     pub u_map: FkTensorMap,
@@ -328,7 +329,9 @@ const _: () = {
         [::core::mem::offset_of!(LoraParams, rank_partials) - 264usize];
     ["Offset of field: LoraParams::k_splits"]
         [::core::mem::offset_of!(LoraParams, k_splits) - 272usize];
-    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 276usize];
+    ["Offset of field: LoraParams::narrow_stagger"]
+        [::core::mem::offset_of!(LoraParams, narrow_stagger) - 276usize];
+    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 280usize];
     ["Offset of field: LoraParams::x_map"][::core::mem::offset_of!(LoraParams, x_map) - 320usize];
     ["Offset of field: LoraParams::w_map"][::core::mem::offset_of!(LoraParams, w_map) - 448usize];
     ["Offset of field: LoraParams::u_map"][::core::mem::offset_of!(LoraParams, u_map) - 576usize];

@@ -48,17 +48,27 @@ FK_DEVICE void compute(Accumulators& acc, StageT& st, int n_tiles) {
   }
 }
 
-// Runs the K range [k_begin, k_end) into acc through the stages at `st` (kStages of them).
+// Runs the K range [k_begin, k_end) into acc through the stages at `st` (kStages of them),
+// starting at its step `first` (mod the steps) and wrapping around: blocks that start at
+// different steps read different columns of their rows at any one time (lora.cu's
+// stagger_start).
 template <typename T, class StageT, class SrcA, class SrcB>
-FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_begin, uint32_t k_end, int n_tiles) {
+FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_begin, uint32_t k_end, int n_tiles,
+                   uint32_t first = 0) {
   if (k_begin >= k_end) return;
   const int ktiles = (k_end - k_begin + kBK - 1) / kBK;
+  first %= uint32_t(ktiles);
+  // Where step kt reads along K.
+  auto k_at = [&](int kt) {
+    const uint32_t s = uint32_t(kt) + first;
+    return k_begin + (s < uint32_t(ktiles) ? s : s - ktiles) * kBK;
+  };
   // Step kt's loads into stage kt % kStages; a group per step, empty past the end, so that
   // wait_group counts steps.
   auto issue = [&](int kt) {
     if (kt < ktiles) {
       StageT& s = st[kt % kStages];
-      const uint32_t k0 = k_begin + kt * kBK;
+      const uint32_t k0 = k_at(kt);
       a.issue(s.a, k0);
       b.issue(s.b, k0);
       a.finish(s.a, k0);
@@ -70,7 +80,7 @@ FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_b
   for (int kt = 0; kt < ktiles; ++kt) {
     cp_async_wait<kStages - 2>();  // this thread's loads of step kt have landed
     StageT& s = st[kt % kStages];
-    const uint32_t k0 = k_begin + kt * kBK;
+    const uint32_t k0 = k_at(kt);
     a.post_wait(s.a, k0);
     b.post_wait(s.b, k0);
     __syncthreads();  // step kt landed for every thread; step kt - 1's stage is free

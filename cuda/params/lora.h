@@ -62,6 +62,11 @@ typedef struct LoraParams {
    * the splits in order and write u or v (and the x_ext / dy_ext tail). 0 means 1. */
   float* rank_partials;
   uint32_t k_splits;
+  /* The rank-wide GEMMs (lora_down, lora_backward_v, lora_grad_a, lora_grad_b): when
+   * nonzero, the block of row tile blockIdx.y starts its walk along K at step blockIdx.y (mod
+   * its steps) and wraps around, so that blocks at work together read different columns of
+   * their rows; 0 starts every block at its range's first step. Same sums, another order. */
+  uint32_t narrow_stagger;
   /* TMA loads (the wgmma kernels): the maps of the operands the host could encode (16-byte
    * aligned, rows a multiple of 16 bytes apart), each flagged in `tma`; the kernel loads the
    * others through cp.async. Forward: x, dense w, u, b (boxes of 64 along K by the tile's

@@ -173,8 +173,51 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         Ok(pair) => rows.extend(pair),
         Err(e) => eprintln!("bench: no narrow residency rows: {e}"),
     }
+    // The rank-wide GEMMs (each a read of x or dY, 64 MB here) with their blocks' walks along
+    // K staggered, against the same kernels unstaggered in the `lora_fused {forward,
+    // backward} ▸ kernel` rows above: if the blocks reading the same columns of their rows at
+    // once is what holds them at ≈ 1.5 TB/s (bench/NOTES.md), these are faster.
+    let staggered = plain_layer(dev, LoraPath::Fused).and_then(|l| {
+        layer_launch_rows(
+            &l.with_narrow_stagger(true),
+            timer,
+            c,
+            (&x, &dy),
+            "lora_fused staggered",
+            &[
+                ("forward", "lora_down_bf16"),
+                ("backward", "lora_backward_v_bf16"),
+                ("backward", "lora_grad_a_bf16"),
+                ("backward", "lora_grad_b_bf16"),
+            ],
+            ((2 * M * D) as f64, 0.0),
+        )
+    });
+    match staggered {
+        Ok(staggered) => rows.extend(staggered),
+        Err(e) => eprintln!("bench: no staggered rank-wide rows: {e}"),
+    }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
-        match wgmma_block_per_tile(dev, timer, c, &x, &dy) {
+        // The persistent wgmma kernels (a block per SM, each walking its tiles, the next
+        // tile's loads in flight while it stores the last) against the same kernels launched a
+        // block per tile, as they were before (each tile's fill and store alone on its SM).
+        let per_tile = plain_layer(dev, LoraPath::FusedWgmma)
+            .and_then(|l| l.with_wgmma_blocks(Some(usize::MAX)))
+            .and_then(|l| {
+                layer_launch_rows(
+                    &l,
+                    timer,
+                    c,
+                    (&x, &dy),
+                    "lora_fused_wgmma a block per tile",
+                    &[
+                        ("forward", "lora_forward_wgmma"),
+                        ("backward", "lora_backward_dx_wgmma"),
+                    ],
+                    (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+                )
+            });
+        match per_tile {
             Ok(pair) => rows.extend(pair),
             Err(e) => eprintln!("bench: no block-per-tile rows: {e}"),
         }
@@ -182,44 +225,6 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             Ok(ladder) => rows.extend(ladder),
             Err(e) => eprintln!("bench: no wgmma ladder: {e}"),
         }
-    }
-    Ok(rows)
-}
-
-/// The persistent wgmma kernels (a block per SM, each walking its tiles, the next tile's
-/// loads in flight while it stores the last: the `lora_fused_wgmma` rows' breakdown) against
-/// the same kernels launched a block per tile, as they were before (each tile's fill and
-/// store alone on its SM). Rows (parts): `lora_fused_wgmma a block per tile ▸ {forward,
-/// backward} ▸ kernel`, FLOPs the base GEMM's.
-fn wgmma_block_per_tile(
-    dev: &Device,
-    timer: &mut GpuTimer,
-    c: &Ceilings,
-    x: &Buffer<bf16>,
-    dy: &Buffer<bf16>,
-) -> Result<Vec<Row>> {
-    let l = plain_layer(dev, LoraPath::FusedWgmma)?.with_wgmma_blocks(Some(usize::MAX))?;
-    let (_, saved) = l.forward(x, M)?;
-    let mut rows = Vec::new();
-    for (dir, kernel) in [
-        ("forward", "lora_forward_wgmma"),
-        ("backward", "lora_backward_dx_wgmma"),
-    ] {
-        let parts = if dir == "forward" {
-            timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?
-        } else {
-            timer.breakdown(1, REPS, || l.backward(x, &saved, dy).map(|_| ()))?
-        };
-        let (name, t) = launch(parts, kernel)?;
-        rows.push(Row::new(
-            "lora",
-            &format!("lora_fused_wgmma a block per tile ▸ {dir} ▸ {name}"),
-            &format!("{M}x{D}→{D} r{RANK}"),
-            &t,
-            0.0,
-            2.0 * (M * D * (D + RANK)) as f64,
-            c,
-        ));
     }
     Ok(rows)
 }
@@ -239,29 +244,73 @@ fn narrow_residency(
     for splits in [2, 4] {
         let l = plain_layer(dev, LoraPath::Fused)?.with_k_splits(Some(splits))?;
         let parts = timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?;
-        let (name, t) = launch(parts, "lora_down_bf16")?;
-        rows.push(Row::new(
-            "lora",
-            &format!("lora_down residency ▸ k/{splits} ▸ {name}"),
+        rows.push(launch_row(
+            &parts,
+            "lora_down_bf16",
+            &format!("lora_down residency ▸ k/{splits}"),
             &format!("{M}x{D}→{D} r{RANK}"),
-            &t,
-            (2 * M * D) as f64,
-            0.0,
+            ((2 * M * D) as f64, 0.0),
             c,
-        ));
+        )?);
     }
     Ok(rows)
 }
 
-/// The launch of a breakdown whose kernel is `kernel` (a name, or its start).
-fn launch(parts: Vec<(String, super::Stats)>, kernel: &str) -> Result<(String, super::Stats)> {
-    parts
-        .into_iter()
+/// Rows `{label} ▸ {forward, backward} ▸ launch`: each (direction, kernel) of `kernels`
+/// from the layer's forward or backward broken down launch by launch, with the (bytes,
+/// FLOPs) its floor counts.
+fn layer_launch_rows(
+    l: &LoraLinear<bf16>,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    (x, dy): (&Buffer<bf16>, &Buffer<bf16>),
+    label: &str,
+    kernels: &[(&str, &str)],
+    work: (f64, f64),
+) -> Result<Vec<Row>> {
+    let (_, saved) = l.forward(x, M)?;
+    let forward = timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?;
+    let backward = timer.breakdown(1, REPS, || l.backward(x, &saved, dy).map(|_| ()))?;
+    kernels
+        .iter()
+        .map(|&(dir, kernel)| {
+            let parts = if dir == "forward" {
+                &forward
+            } else {
+                &backward
+            };
+            let shape = format!("{M}x{D}→{D} r{RANK}");
+            launch_row(parts, kernel, &format!("{label} ▸ {dir}"), &shape, work, c)
+        })
+        .collect()
+}
+
+/// The row `{label} ▸ {launch}` of the launch in a breakdown whose kernel is `kernel` (a name,
+/// or its start), with the (bytes, FLOPs) its floor counts.
+fn launch_row(
+    parts: &[(String, super::Stats)],
+    kernel: &str,
+    label: &str,
+    shape: &str,
+    (bytes, flops): (f64, f64),
+    c: &Ceilings,
+) -> Result<Row> {
+    let (name, t) = parts
+        .iter()
         .find(|(n, _)| n.starts_with(kernel))
         .ok_or_else(|| crate::Error::InvalidArgument {
             what: "bench breakdown",
             why: format!("no {kernel} launch in it"),
-        })
+        })?;
+    Ok(Row::new(
+        "lora",
+        &format!("{label} ▸ {name}"),
+        shape,
+        t,
+        bytes,
+        flops,
+        c,
+    ))
 }
 
 /// The K of each rung of the ladder, in steps of 64; the last two fit the step time.
@@ -313,19 +362,16 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
             } else {
                 "lora_forward_wgmma"
             };
-            let (name, t) = launch(parts, kernel)?;
-            let flops = 2.0 * (tiles * 128 * 256 * (k + RANK)) as f64;
-            let shape = format!("{m}x{d_in}→{d_out} r{RANK}, {tiles} tiles");
-            rows.push(Row::new(
-                "lora",
-                &format!("lora_fused_wgmma ladder ▸ {steps} steps ▸ {name}"),
-                &shape,
-                &t,
-                0.0,
-                flops,
+            let row = launch_row(
+                &parts,
+                kernel,
+                &format!("lora_fused_wgmma ladder ▸ {steps} steps"),
+                &format!("{m}x{d_in}→{d_out} r{RANK}, {tiles} tiles"),
+                (0.0, 2.0 * (tiles * 128 * 256 * (k + RANK)) as f64),
                 c,
-            ));
-            times.push(t.median_us);
+            )?;
+            times.push(row.time_us);
+            rows.push(row);
         }
         let (mid, last) = (LADDER_STEPS[1], LADDER_STEPS[2]);
         let step = (times[2] - times[1]) / (last - mid) as f64;

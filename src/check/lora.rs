@@ -33,6 +33,8 @@ pub struct Case {
     pub path: Option<LoraPath>,
     /// Splits of K for u and v (`LoraLinear::with_k_splits`); `None` picks by shape.
     pub k_splits: Option<u32>,
+    /// Staggered rank-wide GEMMs (`LoraLinear::with_narrow_stagger`).
+    pub narrow_stagger: bool,
     /// Most blocks of the wgmma GEMMs (`LoraLinear::with_wgmma_blocks`); `None`: one per SM.
     pub wgmma_blocks: Option<usize>,
 }
@@ -56,6 +58,7 @@ impl Case {
             timed: false,
             path: None,
             k_splits: None,
+            narrow_stagger: false,
             wgmma_blocks: None,
         }
     }
@@ -88,6 +91,9 @@ impl CheckCase for Case {
         }
         if let Some(k) = self.k_splits {
             s += &format!(" k/{k}");
+        }
+        if self.narrow_stagger {
+            s += " stagger";
         }
         if let Some(b) = self.wgmma_blocks {
             s += &format!(" {b} blocks");
@@ -166,6 +172,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     }
     layer = layer
         .with_k_splits(c.k_splits)?
+        .with_narrow_stagger(c.narrow_stagger)
         .with_wgmma_blocks(c.wgmma_blocks)?
         .with_nf4_decode(c.nf4_decode)
         .with_tile_loads(c.tile_loads);

@@ -135,6 +135,8 @@ pub struct LoraLinear<T: FloatElem> {
     path: LoraPath,
     /// Splits of K for u and v (`None`: [`k_split_count`]).
     k_splits: Option<u32>,
+    /// Whether the rank-wide GEMMs stagger their blocks' walks along K.
+    narrow_stagger: bool,
     nf4_decode: Nf4Decode,
     tile_loads: TileLoads,
     /// Most blocks of the wgmma base GEMMs (`None`: one per SM).
@@ -270,6 +272,7 @@ impl<T: FloatElem> LoraLinear<T> {
             config,
             path: LoraPath::Fused,
             k_splits: None,
+            narrow_stagger: false,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
             wgmma_blocks: None,
@@ -337,6 +340,17 @@ impl<T: FloatElem> LoraLinear<T> {
         }
         self.k_splits = splits;
         Ok(self)
+    }
+
+    /// The layer with the GEMMs only `rank` wide (`u`, `v`, and the weight gradients, each a
+    /// read of an activation against a narrow factor) staggered: the blocks start their walks
+    /// along K at different steps, so that the blocks at work together read different columns
+    /// of their rows rather than all the same few, in case the memory system serves that
+    /// pattern poorly (bench/NOTES.md, "the rank-wide GEMMs"). Off by default until a GPU
+    /// run says it pays. Results differ only by rounding (another order of the same sums).
+    pub fn with_narrow_stagger(mut self, stagger: bool) -> Self {
+        self.narrow_stagger = stagger;
+        self
     }
 
     /// The layer with an NF4 base's `Ŵ` fed to the fused paths' base GEMMs as `decode` says
@@ -507,6 +521,7 @@ impl<T: FloatElem> LoraLinear<T> {
             splits: 1,
             w_ld,
             k_splits: 1,
+            narrow_stagger: self.narrow_stagger.into(),
             ..LoraParams::default()
         })
     }
