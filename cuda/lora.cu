@@ -5,6 +5,8 @@
 //
 //   lora_down        u  = scale/(1-p) · (mask ⊙ x) Aᵀ      (narrow.cuh; split over K to fill
 //                                                        two blocks per SM: + lora_down_reduce)
+//   lora_down_k64    the same in steps of 64 along K, not 32: a variant the benchmarks set
+//                    against lora_down (bench/NOTES.md), picked by LoraLinear::with_wide_down
 //   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
 //                                                        no pass over y but the one writing it
 //   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; sm_90a only)
@@ -38,14 +40,15 @@ using namespace gemm;
 // those whose flattened index into x, the source's own offset(mn, k), is dropped read as
 // zero; 1/(1-p) is folded into the epilogue) and can copy what it loads, before masking, into
 // the rows of a wider matrix (x_ext or dy_ext, KContig sources only).
-template <typename T, bool KContig, int Extent>
-struct ActivationSource : DenseSource<T, KContig, Extent> {
+template <typename T, bool KContig, int Extent, int BK = kBK>
+struct ActivationSource : DenseSource<T, KContig, Extent, BK> {
+  using typename DenseSource<T, KContig, Extent, BK>::TileT;
   uint64_t seed = 0;
   float p = 0.0f;
   T* copy = nullptr;  // rows of copy_ld elements
   uint64_t copy_ld = 0;
 
-  FK_DEVICE void post_wait(Tile<KContig, Extent>& tile, uint32_t k0) {
+  FK_DEVICE void post_wait(TileT& tile, uint32_t k0) {
     if (!copy && p == 0.0f) return;
     this->for_each_loaded([&](int row, int col, int count) {
       if (KContig && copy) copy_run(tile, row, col, count, k0);
@@ -61,7 +64,7 @@ struct ActivationSource : DenseSource<T, KContig, Extent> {
 
   // Copies a loaded run of a row, unmasked, into the wider matrix: one 16-byte store when the
   // run is a whole aligned 8, element by element otherwise.
-  FK_DEVICE void copy_run(const Tile<KContig, Extent>& tile, int row, int col, int count, uint32_t k0) {
+  FK_DEVICE void copy_run(const TileT& tile, int row, int col, int count, uint32_t k0) {
     const uint32_t mn = this->mn0 + row, k = k0 + col;
     if (count == 8 && copy_ld % 8 == 0 && this->inside(mn, k + 7)) {
       *reinterpret_cast<uint4*>(copy + mn * copy_ld + k) = *reinterpret_cast<const uint4*>(&tile.data[row][col]);
@@ -79,7 +82,7 @@ template <typename T, int Extent>
 struct WithOnesColumn : DenseSource<T, false, Extent> {
   uint32_t ones;
 
-  FK_DEVICE void post_wait(Tile<false, Extent>& tile, uint32_t k0) {
+  FK_DEVICE void post_wait(typename DenseSource<T, false, Extent>::TileT& tile, uint32_t k0) {
     const int ones_col = int(ones) - int(this->mn0);
     this->for_each_loaded([&](int row, int col, int count) {
       if (ones_col >= col && ones_col < col + count && k0 + row < this->k_len) tile.data[row][ones_col] = bits16(from_f32<T>(1.0f));
@@ -109,12 +112,12 @@ FK_DEVICE void extend_rows(narrow::Accumulators& acc, T* ext, uint64_t ld, uint3
   }
 }
 
-// Split blockIdx.z's range of a reduction `len` long cut into `splits`, in whole k-tiles
-// (empty when there are more splits than tiles).
-FK_DEVICE void split_range(uint32_t len, uint32_t splits, uint32_t* begin, uint32_t* end) {
-  const uint32_t tiles = (len + kBK - 1) / kBK, per = (tiles + splits - 1) / splits;
-  *begin = min(len, blockIdx.z * per * kBK);
-  *end = min(len, (blockIdx.z + 1) * per * kBK);
+// Split blockIdx.z's range of a reduction `len` long cut into `splits`, in whole steps of
+// `step` (empty when there are more splits than steps).
+FK_DEVICE void split_range(uint32_t len, uint32_t splits, uint32_t* begin, uint32_t* end, uint32_t step = kBK) {
+  const uint32_t steps = (len + step - 1) / step, per = (steps + splits - 1) / splits;
+  *begin = min(len, blockIdx.z * per * step);
+  *end = min(len, (blockIdx.z + 1) * per * step);
 }
 
 // Where this block's walk along K starts (LoraParams::narrow_stagger).
@@ -123,16 +126,17 @@ FK_DEVICE uint32_t stagger_start(const LoraParams& p) { return p.narrow_stagger 
 // This split's part of u or v, [m, rank] f32, in the split-K partials.
 FK_DEVICE float* rank_partial(const LoraParams& p) { return p.rank_partials + uint64_t(blockIdx.z) * p.m * p.rank; }
 
-template <typename T>
+// BK: the stages' width along K (lora_down: 32; lora_down_k64, its variant: 64).
+template <typename T, int BK>
 FK_DEVICE void down(const LoraParams& p) {
-  auto* st = dyn_smem<narrow::Stage<true, true>>();
+  auto* st = dyn_smem<narrow::Stage<true, true, BK>>();
   const uint32_t m0 = blockIdx.y * narrow::kRows, n0 = blockIdx.x * narrow::kCols;
-  ActivationSource<T, true, narrow::kRows> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
+  ActivationSource<T, true, narrow::kRows, BK> x{{as<T>(p.x), p.d_in, m0, p.m, p.d_in}, p.seed, p.dropout};
   if (blockIdx.x == 0) x.copy = static_cast<T*>(p.x_ext), x.copy_ld = p.x_ld;  // one column of blocks copies
-  DenseSource<T, true, narrow::kCols> a{as<T>(p.a), p.d_in, n0, p.rank, p.d_in};
+  DenseSource<T, true, narrow::kCols, BK> a{as<T>(p.a), p.d_in, n0, p.rank, p.d_in};
   narrow::Accumulators acc = {};
   uint32_t k_begin, k_end;
-  split_range(p.d_in, max(p.k_splits, 1u), &k_begin, &k_end);
+  split_range(p.d_in, max(p.k_splits, 1u), &k_begin, &k_end, BK);
   narrow::run<T>(acc, st, x, a, k_begin, k_end, narrow::n_tiles(p.rank, n0), stagger_start(p));
   if (p.k_splits > 1) return store(acc, rank_partial(p), p.rank, m0, n0, p.m, p.rank);
   const float factor = p.scale / (1.0f - p.dropout);
@@ -434,7 +438,8 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
 }  // namespace
 
 #define FK_LORA_ENTRIES(T, t)                                                                    \
-  FK_KERNEL_BOUNDS(lora_down_##t, LoraParams, kThreads) { down<T>(p); }                          \
+  FK_KERNEL_BOUNDS(lora_down_##t, LoraParams, kThreads) { down<T, kBK>(p); }                     \
+  FK_KERNEL_BOUNDS(lora_down_k64_##t, LoraParams, kThreads) { down<T, narrow::kWideK>(p); }        \
   FK_KERNEL_BOUNDS(lora_forward_##t, LoraParams, kThreads) { forward<T, false>(p); }             \
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
   FK_KERNEL_TMA(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, false>(p); } \

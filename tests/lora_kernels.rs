@@ -25,13 +25,13 @@ proptest! {
         seed in any::<u64>(), m in 1usize..150, d_in in 1usize..150, d_out in 1usize..150, rank in 1usize..40,
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
         scratch in any::<bool>(), tile_loads in prop_oneof![Just(TileLoads::Tma), Just(TileLoads::TmaMulticast), Just(TileLoads::CpAsync)],
-        k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)], narrow_stagger in any::<bool>(),
+        k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)], narrow_stagger in any::<bool>(), wide_down in any::<bool>(),
         wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)],
     ) {
         for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wgmma_blocks, ..Case::new(seed, m, d_in, d_out, rank) };
+                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, ..Case::new(seed, m, d_in, d_out, rank) };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -69,16 +69,17 @@ fn the_largest_rank() {
 
 /// Aligned widths (the cp.async paths), ranks past one tile, several row splits, and u and
 /// v split over K (the default below 512 of K is one split), with and without the rank-wide
-/// GEMMs' staggered starts (several steps per block, so that the walks wrap around).
+/// GEMMs' staggered starts (several steps per block, so that the walks wrap around), and u
+/// from lora_down_k64 (whole, split and partial steps of 64).
 #[test]
 fn aligned_shapes_large_ranks_and_many_splits() {
     for dev in backends() {
         for (m, d_in, d_out, rank) in [(130, 256, 64, 16), (600, 64, 128, 136), (1100, 32, 48, 8)] {
-            for (dropout, nf4, k_splits, narrow_stagger) in [
-                (0.0, false, None, false),
-                (0.2, true, Some(3), true),
-                (0.0, true, None, true),
-                (0.3, false, Some(2), false),
+            for (dropout, nf4, k_splits, narrow_stagger, wide_down) in [
+                (0.0, false, None, false, false),
+                (0.2, true, Some(3), true, true),
+                (0.0, true, None, true, false),
+                (0.3, false, Some(2), false, true),
             ] {
                 for path in paths(&dev) {
                     let c = Case {
@@ -88,6 +89,7 @@ fn aligned_shapes_large_ranks_and_many_splits() {
                         path: Some(path),
                         k_splits,
                         narrow_stagger,
+                        wide_down,
                         ..Case::new(rand::random(), m, d_in, d_out, rank)
                     };
                     assert_pass(check::forward::<bf16>(&dev, c));

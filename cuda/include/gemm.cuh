@@ -21,12 +21,14 @@ namespace gemm {
 
 constexpr int kBM = FK_GEMM_TILE, kBN = FK_GEMM_TILE, kBK = 32, kThreads = FK_GEMM_THREADS, kPad = 8;
 
-// A stage of one operand. KContig: stored [Extent][kBK] (k contiguous), read with ldmatrix;
-// otherwise [kBK][Extent] (the other index contiguous), read with ldmatrix.trans.
-template <bool KContig, int Extent>
+// A stage of one operand, BK along K (kBK here; narrow.cuh's stages may be wider). KContig:
+// stored [Extent][BK] (k contiguous), read with ldmatrix; otherwise [BK][Extent] (the other
+// index contiguous), read with ldmatrix.trans.
+template <bool KContig, int Extent, int BK = kBK>
 struct Tile {
   static constexpr bool kKContig = KContig;
-  __align__(16) uint16_t data[KContig ? Extent : kBK][(KContig ? kBK : Extent) + kPad];
+  static constexpr int kK = BK;
+  __align__(16) uint16_t data[KContig ? Extent : BK][(KContig ? BK : Extent) + kPad];
   // The element at (mn, k) of the tile.
   FK_DEVICE uint16_t& at(int mn, int k) { return KContig ? data[mn][k] : data[k][mn]; }
   // The 16-byte run of 8 elements starting at (mn, k), along the contiguous index.
@@ -148,9 +150,11 @@ FK_DEVICE void for_each(Accumulators& acc, F f) {
 
 // A dense matrix of T, element (mn, k) at ptr[mn * mn_stride + k * k_stride] with one of the
 // strides 1; `extent` rows along mn, `k_len` along k; zero outside. The contiguous index of
-// the matrix must match the tile's (KContig with k_stride == 1).
-template <typename T, bool KContig, int Extent>
+// the matrix must match the tile's (KContig with k_stride == 1). It fills tiles BK along K.
+template <typename T, bool KContig, int Extent, int BK = kBK>
 struct DenseSource {
+  using TileT = Tile<KContig, Extent, BK>;
+
   const T* ptr;
   uint64_t ld;       // the stride of the non-contiguous index
   uint32_t mn0;      // the tile's origin along mn
@@ -161,8 +165,8 @@ struct DenseSource {
   FK_DEVICE uint64_t offset(uint32_t mn, uint32_t k) const { return KContig ? mn * ld + k : uint64_t(k) * ld + mn; }
   FK_DEVICE bool inside(uint32_t mn, uint32_t k) const { return mn < extent && k < k_len; }
 
-  FK_DEVICE void issue(Tile<KContig, Extent>& tile, uint32_t k0) {
-    constexpr int kRows = KContig ? Extent : kBK, kCols = KContig ? kBK : Extent;  // as stored
+  FK_DEVICE void issue(TileT& tile, uint32_t k0) {
+    constexpr int kRows = KContig ? Extent : BK, kCols = KContig ? BK : Extent;  // as stored
     if (aligned()) {
       // 16-byte runs along the contiguous index; a run is wholly inside or outside (ld % 8).
       for (int c = threadIdx.x; c < kRows * kCols / 8; c += kThreads) {
@@ -181,8 +185,8 @@ struct DenseSource {
       }
     }
   }
-  FK_DEVICE void finish(Tile<KContig, Extent>&, uint32_t) {}
-  FK_DEVICE void post_wait(Tile<KContig, Extent>&, uint32_t) {}
+  FK_DEVICE void finish(TileT&, uint32_t) {}
+  FK_DEVICE void post_wait(TileT&, uint32_t) {}
 
   // Calls f(row, col, count) for each run of `count` stored elements this thread loaded in
   // issue() (8 along the contiguous index, or single elements): the only elements a
@@ -190,7 +194,7 @@ struct DenseSource {
   // are known to have landed.
   template <class F>
   FK_DEVICE void for_each_loaded(F f) const {
-    constexpr int kRows = KContig ? Extent : kBK, kCols = KContig ? kBK : Extent;
+    constexpr int kRows = KContig ? Extent : BK, kCols = KContig ? BK : Extent;
     const int step = aligned() ? 8 : 1;
     for (int c = threadIdx.x; c < kRows * kCols / step; c += kThreads) f(c / (kCols / step), (c % (kCols / step)) * step, step);
   }

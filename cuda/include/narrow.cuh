@@ -6,7 +6,9 @@
 // flight (cp.async.wait_group kStages - 2): gemm.cuh's two stages with one load in flight
 // left 8 KB of A in flight per SM, latency-bound at ≈ 0.8 TB/s on an H200 (bench/NOTES.md).
 // Eight warps, each 16 rows × every column; tiles of 8 columns wholly past the output's width
-// are zero-filled (no global reads) and not multiplied.
+// are zero-filled (no global reads) and not multiplied. A stage is kBK (32) along K, or
+// kWideK (64: a whole 128-byte line of each bf16 row per step, lora_down_k64) in fewer,
+// larger stages.
 #pragma once
 #include "gemm.cuh"
 
@@ -14,18 +16,26 @@ namespace narrow {
 
 using gemm::kBK;
 using gemm::kThreads;
-constexpr int kRows = FK_NARROW_ROWS, kCols = FK_NARROW_COLS, kStages = FK_NARROW_STAGES;
+constexpr int kRows = FK_NARROW_ROWS, kCols = FK_NARROW_COLS, kWideK = FK_NARROW_WIDE_STEP;
 static_assert(kRows == 16 * (kThreads / 32), "a warp's 16 rows each");
+static_assert(FK_NARROW_STEP == kBK, "params/gemm.h's step is gemm.cuh's");
 
-template <bool AKContig, bool BKContig>
+// One stage, BK along K; kCount of them fill the launch's dynamic shared memory.
+template <bool AKContig, bool BKContig, int BK = kBK>
 struct Stage {
-  gemm::Tile<AKContig, kRows> a;
-  gemm::Tile<BKContig, kCols> b;
+  static_assert(BK == kBK || BK == kWideK, "a step width params/gemm.h sizes");
+  static constexpr int kK = BK, kCount = BK == kBK ? FK_NARROW_STAGES : FK_NARROW_WIDE_STAGES;
+  static constexpr uint32_t kSmemBytes = BK == kBK ? FK_NARROW_SMEM_BYTES : FK_NARROW_WIDE_SMEM_BYTES;
+  gemm::Tile<AKContig, kRows, BK> a;
+  gemm::Tile<BKContig, kCols, BK> b;
 };
-static_assert(kStages * sizeof(Stage<true, true>) <= FK_NARROW_SMEM_BYTES &&
-                  kStages * sizeof(Stage<true, false>) <= FK_NARROW_SMEM_BYTES &&
-                  kStages * sizeof(Stage<false, false>) <= FK_NARROW_SMEM_BYTES,
-              "the launch's dynamic shared memory holds the stages");
+template <int BK>
+constexpr bool fits() {
+  return Stage<true, true, BK>::kCount * sizeof(Stage<true, true, BK>) <= Stage<true, true, BK>::kSmemBytes &&
+         Stage<true, false, BK>::kCount * sizeof(Stage<true, false, BK>) <= Stage<true, false, BK>::kSmemBytes &&
+         Stage<false, false, BK>::kCount * sizeof(Stage<false, false, BK>) <= Stage<false, false, BK>::kSmemBytes;
+}
+static_assert(fits<kBK>() && fits<kWideK>(), "the launch's dynamic shared memory holds the stages");
 
 using Accumulators = float[kCols / 8][4];  // [n tile of 8][fragment]
 
@@ -34,7 +44,7 @@ template <typename T, class StageT>
 FK_DEVICE void compute(Accumulators& acc, StageT& st, int n_tiles) {
   const int row0 = (threadIdx.x / 32) * 16;
 #pragma unroll
-  for (int kk = 0; kk < kBK; kk += 16) {
+  for (int kk = 0; kk < StageT::kK; kk += 16) {
     uint32_t af[4];
     gemm::load_a(af, st.a, row0, kk);
 #pragma unroll
@@ -48,7 +58,7 @@ FK_DEVICE void compute(Accumulators& acc, StageT& st, int n_tiles) {
   }
 }
 
-// Runs the K range [k_begin, k_end) into acc through the stages at `st` (kStages of them),
+// Runs the K range [k_begin, k_end) into acc through the stages at `st` (kCount of them),
 // starting at its step `first` (mod the steps) and wrapping around: blocks that start at
 // different steps read different columns of their rows at any one time (lora.cu's
 // stagger_start).
@@ -56,12 +66,13 @@ template <typename T, class StageT, class SrcA, class SrcB>
 FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_begin, uint32_t k_end, int n_tiles,
                    uint32_t first = 0) {
   if (k_begin >= k_end) return;
-  const int ktiles = (k_end - k_begin + kBK - 1) / kBK;
+  constexpr int kStages = StageT::kCount, kStep = StageT::kK;
+  const int ktiles = (k_end - k_begin + kStep - 1) / kStep;
   first %= uint32_t(ktiles);
   // Where step kt reads along K.
   auto k_at = [&](int kt) {
     const uint32_t s = uint32_t(kt) + first;
-    return k_begin + (s < uint32_t(ktiles) ? s : s - ktiles) * kBK;
+    return k_begin + (s < uint32_t(ktiles) ? s : s - ktiles) * kStep;
   };
   // Step kt's loads into stage kt % kStages; a group per step, empty past the end, so that
   // wait_group counts steps.

@@ -20,11 +20,18 @@
 
 /* The rank-wide GEMMs (cuda/include/narrow.cuh: u = x Aᵀ, v = dY B): a block of
  * FK_GEMM_THREADS threads computes FK_NARROW_ROWS rows by FK_NARROW_COLS columns through
- * FK_NARROW_STAGES stages of 32 along K (A's rows and B's, 40 elements each with the
- * padding) in FK_NARROW_SMEM_BYTES of dynamic shared memory: two blocks per SM. */
+ * FK_NARROW_STAGES stages of FK_NARROW_STEP along K (A's rows and B's, 8 elements of padding
+ * each) in FK_NARROW_SMEM_BYTES of dynamic shared memory: two blocks per SM. The _WIDE_
+ * sizes are lora_down_k64's: FK_NARROW_WIDE_STAGES stages of FK_NARROW_WIDE_STEP, two blocks
+ * per SM still (2 × 108 KB of the 228). */
 #define FK_NARROW_ROWS 128
 #define FK_NARROW_COLS 64
+#define FK_NARROW_STEP 32
 #define FK_NARROW_STAGES 6
-#define FK_NARROW_SMEM_BYTES (FK_NARROW_STAGES * (FK_NARROW_ROWS + FK_NARROW_COLS) * 40 * 2)
+#define FK_NARROW_SMEM_BYTES (FK_NARROW_STAGES * (FK_NARROW_ROWS + FK_NARROW_COLS) * (FK_NARROW_STEP + 8) * 2)
+#define FK_NARROW_WIDE_STEP 64
+#define FK_NARROW_WIDE_STAGES 4
+#define FK_NARROW_WIDE_SMEM_BYTES \
+  (FK_NARROW_WIDE_STAGES * (FK_NARROW_ROWS + FK_NARROW_COLS) * (FK_NARROW_WIDE_STEP + 8) * 2)
 
 #endif

@@ -197,6 +197,29 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         Ok(staggered) => rows.extend(staggered),
         Err(e) => eprintln!("bench: no staggered rank-wide rows: {e}"),
     }
+    // u in steps of 64 along K (a whole 128-byte line of each row per step, not half), as is
+    // and staggered, against the `lora_down` rows above.
+    for stagger in [false, true] {
+        let wide = plain_layer(dev, LoraPath::Fused).and_then(|l| {
+            layer_launch_rows(
+                &l.with_wide_down(true).with_narrow_stagger(stagger),
+                timer,
+                c,
+                (&x, &dy),
+                if stagger {
+                    "lora_fused k64 staggered"
+                } else {
+                    "lora_fused k64"
+                },
+                &[("forward", "lora_down_k64_bf16")],
+                ((2 * M * D) as f64, 0.0),
+            )
+        });
+        match wide {
+            Ok(wide) => rows.extend(wide),
+            Err(e) => eprintln!("bench: no lora_down_k64 rows: {e}"),
+        }
+    }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
         // The persistent wgmma kernels (a block per SM, each walking its tiles, the next
         // tile's loads in flight while it stores the last) against the same kernels launched a

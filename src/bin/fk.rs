@@ -155,6 +155,8 @@ fn launch_smem(k: &Kernel) -> u32 {
         params::FK_WGMMA_SMEM_BYTES
     } else if ["lora_down", "lora_backward_v", "lora_grad_a", "lora_grad_b"].contains(&op) {
         params::FK_NARROW_SMEM_BYTES
+    } else if op == "lora_down_k64" {
+        params::FK_NARROW_WIDE_SMEM_BYTES
     } else {
         0
     }
@@ -338,6 +340,7 @@ mod tests {
             ),
             ("nf4_gemm_dx_wgmma_bf16", params::FK_WGMMA_SMEM_BYTES),
             ("lora_down_bf16", params::FK_NARROW_SMEM_BYTES),
+            ("lora_down_k64_f16", params::FK_NARROW_WIDE_SMEM_BYTES),
             ("lora_grad_b_f16", params::FK_NARROW_SMEM_BYTES),
             ("lora_down_reduce_bf16", 0),
             ("lora_backward_v_reduce_f16", 0),

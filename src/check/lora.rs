@@ -35,6 +35,8 @@ pub struct Case {
     pub k_splits: Option<u32>,
     /// Staggered rank-wide GEMMs (`LoraLinear::with_narrow_stagger`).
     pub narrow_stagger: bool,
+    /// `u` from `lora_down_k64` (`LoraLinear::with_wide_down`).
+    pub wide_down: bool,
     /// Most blocks of the wgmma GEMMs (`LoraLinear::with_wgmma_blocks`); `None`: one per SM.
     pub wgmma_blocks: Option<usize>,
 }
@@ -59,6 +61,7 @@ impl Case {
             path: None,
             k_splits: None,
             narrow_stagger: false,
+            wide_down: false,
             wgmma_blocks: None,
         }
     }
@@ -94,6 +97,9 @@ impl CheckCase for Case {
         }
         if self.narrow_stagger {
             s += " stagger";
+        }
+        if self.wide_down {
+            s += " k64";
         }
         if let Some(b) = self.wgmma_blocks {
             s += &format!(" {b} blocks");
@@ -173,6 +179,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     layer = layer
         .with_k_splits(c.k_splits)?
         .with_narrow_stagger(c.narrow_stagger)
+        .with_wide_down(c.wide_down)
         .with_wgmma_blocks(c.wgmma_blocks)?
         .with_nf4_decode(c.nf4_decode)
         .with_tile_loads(c.tile_loads);

@@ -137,6 +137,8 @@ pub struct LoraLinear<T: FloatElem> {
     k_splits: Option<u32>,
     /// Whether the rank-wide GEMMs stagger their blocks' walks along K.
     narrow_stagger: bool,
+    /// Whether `u` comes from `lora_down_k64` (steps of 64 along K) rather than `lora_down`.
+    wide_down: bool,
     nf4_decode: Nf4Decode,
     tile_loads: TileLoads,
     /// Most blocks of the wgmma base GEMMs (`None`: one per SM).
@@ -273,6 +275,7 @@ impl<T: FloatElem> LoraLinear<T> {
             path: LoraPath::Fused,
             k_splits: None,
             narrow_stagger: false,
+            wide_down: false,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
             wgmma_blocks: None,
@@ -350,6 +353,16 @@ impl<T: FloatElem> LoraLinear<T> {
     /// run says it pays. Results differ only by rounding (another order of the same sums).
     pub fn with_narrow_stagger(mut self, stagger: bool) -> Self {
         self.narrow_stagger = stagger;
+        self
+    }
+
+    /// The layer with `u = x Aᵀ` computed by `lora_down_k64`, whose steps along K are 64
+    /// wide, not 32: each step reads a whole 128-byte line of each bf16 row rather than half
+    /// of one, in 4 stages of 27 KB rather than 6 of 15 (two blocks per SM either way). A
+    /// variant the benchmarks set against `lora_down` (bench/NOTES.md), off by default until
+    /// a GPU run says which is faster. Results differ only by rounding.
+    pub fn with_wide_down(mut self, wide: bool) -> Self {
+        self.wide_down = wide;
         self
     }
 
@@ -437,24 +450,27 @@ impl<T: FloatElem> LoraLinear<T> {
         }
         p.k_splits = splits;
         let t = T::DTYPE;
+        let mut launch = LaunchConfig::narrow(m, r, splits);
+        let variant = if name == "lora_down" && self.wide_down {
+            launch.shared_bytes = params::FK_NARROW_WIDE_SMEM_BYTES;
+            "_k64"
+        } else {
+            ""
+        };
         // SAFETY: the caller sized every buffer in p for m rows; the partials hold
         // splits · m · rank f32 when split.
         let launched = unsafe {
-            dev.launch(
-                &kernel(format!("{name}_{t}")),
-                LaunchConfig::narrow(m, r, splits),
-                p,
-            )
-            .and_then(|()| {
-                if splits == 1 {
-                    return Ok(());
-                }
-                dev.launch(
-                    &kernel(format!("{name}_reduce_{t}")),
-                    LaunchConfig::grid_stride((m * width) as u64, THREADS, 1 << 16),
-                    p,
-                )
-            })
+            dev.launch(&kernel(format!("{name}{variant}_{t}")), launch, p)
+                .and_then(|()| {
+                    if splits == 1 {
+                        return Ok(());
+                    }
+                    dev.launch(
+                        &kernel(format!("{name}_reduce_{t}")),
+                        LaunchConfig::grid_stride((m * width) as u64, THREADS, 1 << 16),
+                        p,
+                    )
+                })
         };
         p.rank_partials = std::ptr::null_mut();
         p.k_splits = 1;
@@ -1000,6 +1016,7 @@ pub fn kernels() -> Vec<Kernel> {
     for t in ["bf16", "f16"] {
         for op in [
             "down",
+            "down_k64",
             "forward",
             "forward_nf4",
             "forward_wgmma",
