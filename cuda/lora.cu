@@ -208,6 +208,13 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
   }, lora, base);
 }
 
+// dX's element (row, col) of the LoRA part, z = (v A)(row, col), masked: mask ⊙ z / (1 - p),
+// and 0 outside dX. `mask` draws each Philox group once for elements visited in order.
+FK_DEVICE float masked_dx(const LoraParams& p, DropoutMask& mask, uint32_t row, uint32_t col, float z) {
+  const bool kept = row < p.m && col < p.d_in && mask.kept(uint64_t(row) * p.d_in + col);
+  return kept ? z * (1.0f / (1.0f - p.dropout)) : 0.0f;
+}
+
 // mask ⊙ acc / (1 - p) for the dXᵀ tile of dX's columns n0.. and rows m0..: through shared
 // memory (free between wgmma.cuh's runs), a thread per row of x's tile walking it in order,
 // so each Philox group of 4 elements is drawn once rather than once per accumulator (which,
@@ -218,15 +225,10 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
   float* tile = reinterpret_cast<float*>(smem);
   wgmma::for_each(acc, [&](int r, int c, float v) { tile[c * kLd + r] = v; });
   __syncthreads();
-  const float inv_keep = 1.0f / (1.0f - p.dropout);
   for (int row = threadIdx.x; row < wgmma::kBN; row += wgmma::kThreads) {
     DropoutMask mask{p.seed, p.dropout};
-    const uint64_t e = uint64_t(m0 + row) * p.d_in + n0;  // x's element at the row's start
 #pragma unroll 1
-    for (int j = 0; j < wgmma::kBM; ++j) {
-      float& z = tile[row * kLd + j];
-      z = m0 + row < p.m && n0 + j < p.d_in && mask.kept(e + j) ? z * inv_keep : 0.0f;
-    }
+    for (int j = 0; j < wgmma::kBM; ++j) tile[row * kLd + j] = masked_dx(p, mask, m0 + row, n0 + j, tile[row * kLd + j]);
   }
   __syncthreads();
   wgmma::for_each(acc, [&](int r, int c, float& z) { z = tile[c * kLd + r]; });
@@ -306,12 +308,8 @@ FK_DEVICE void masked_lora_dx(Accumulators& acc, St& st, const LoraParams& p, ui
   DenseSource<T, false, kBN> a{as<T>(p.a), p.d_in, n0, p.d_in, p.rank};  // A as [rank × d_in]
   run_segment<T>(acc, st, v, a, 0, p.rank);
   if (p.dropout > 0.0f) {
-    const float inv_keep = 1.0f / (1.0f - p.dropout);
     DropoutMask mask{p.seed, p.dropout};
-    for_each(acc, [&](int r, int c, float& z) {
-      const uint64_t e = uint64_t(m0 + r) * p.d_in + n0 + c;
-      z = (m0 + r < p.m && n0 + c < p.d_in && mask.kept(e)) ? z * inv_keep : 0.0f;
-    });
+    for_each(acc, [&](int r, int c, float& z) { z = masked_dx(p, mask, m0 + r, n0 + c, z); });
   }
 }
 

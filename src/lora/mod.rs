@@ -45,7 +45,10 @@
 //! The down-projection `u` and `v = scale · dY B` are GEMMs only `rank` wide: one block per
 //! 128 rows would leave most of a GPU idle, so they are split over K ([`k_split_count`],
 //! [`LoraLinear::with_k_splits`]) into f32 partials that one more kernel sums in a fixed
-//! order.
+//! order. Two variants of them wait on a GPU run to say whether they pay (bench/NOTES.md):
+//! blocks that start their walks along K at different steps
+//! ([`LoraLinear::with_narrow_stagger`]), and `u` in steps of 64 along K rather than 32
+//! ([`LoraLinear::with_wide_down`]).
 
 pub mod adapter;
 
