@@ -241,8 +241,9 @@ FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const
 // columns first, so that those running together share dY's rows (in L2). The LoRA segment
 // first, then the base: without dropout in one run, as the forward's (the base's loads follow
 // the LoRA step's with no refill between); with dropout in two, the LoRA term masked in the
-// accumulators between them. A tile at a time (wgmma::each_tile), each run filling and
-// draining its pipeline.
+// accumulators between them, a tile at a time (wgmma::each_tile: each run fills and drains
+// its pipeline); without, through run_tiles as the forward (the next tile's loads in flight
+// while the last is stored).
 template <typename T, bool Nf4>
 FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   const wgmma::Schedule tiles(p.d_in, p.m, false);
@@ -251,17 +252,22 @@ FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
                              wgmma::Rows<T>{{as<T>(p.v), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_V, p.v_map)}});
   auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, 0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
-  wgmma::Accumulators acc;
-  wgmma::each_tile(tiles, acc, [&](uint2 o) {  // o: (dX's first column, first row)
-    if (p.dropout > 0.0f) {
+  T* dx = static_cast<T*>(p.dx);
+  if (p.dropout > 0.0f) {
+    wgmma::Accumulators acc;
+    wgmma::each_tile(tiles, acc, [&](uint2 o) {  // o: (dX's first column, first row)
       wgmma::run<T>(acc, smem, lora);
       mask_dx_tile(acc, smem, p, o.x, o.y);
       wgmma::run<T>(acc, smem, base);
-    } else {
-      wgmma::run<T>(acc, smem, lora, base);
-    }
-    wgmma::store_tile<T, true>(acc, wgmma::staging_after_run(smem), static_cast<T*>(p.dx), p.d_in, o.y, o.x, p.m, p.d_in);
-  }, lora, base);
+      wgmma::store_tile<T, true>(acc, wgmma::staging_after_run(smem), dx, p.d_in, o.y, o.x, p.m, p.d_in);
+    }, lora, base);
+  } else {
+    wgmma::Accumulators acc = {};
+    wgmma::run_tiles<T>(acc, smem, tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
+      const uint2 o = tiles.origin(i);
+      wgmma::store_tile<T, true>(tile, st, dx, p.d_in, o.y, o.x, p.m, p.d_in);
+    }, lora, base);
+  }
 }
 
 template <typename T>

@@ -451,12 +451,12 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
   wgmma::Accumulators acc = {};
   if constexpr (Dx) {
     // dXᵀ's tiles (W's columns by dY's rows), those along dX's columns first (sharing dY's
-    // rows), a tile at a time (wgmma::each_tile).
+    // rows).
     const wgmma::Schedule tiles(w.cols, M, false);
     auto seg = wgmma::segment(Nf4Operand<T, false>{w, table, 0, Kr}, wgmma::Rows<T>{{a, Kr, 0, M, Kr, a_map}});
-    wgmma::each_tile(tiles, acc, [&](uint2 o) {
-      wgmma::run<T>(acc, smem, seg);
-      wgmma::store_tile<T, true>(acc, wgmma::staging_after_run(smem), out, w.cols, o.y, o.x, M, w.cols);
+    wgmma::run_tiles<T>(acc, smem, tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
+      const uint2 o = tiles.origin(i);
+      wgmma::store_tile<T, true>(tile, st, out, w.cols, o.y, o.x, M, w.cols);
     }, seg);
   } else {
     // y's tiles (a's rows by W's), those along y's columns first (sharing a's rows).

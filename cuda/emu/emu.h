@@ -74,7 +74,7 @@ struct Registrar {
 // Barriers and collectives (runtime.cpp).
 enum class BarrierKind { plain, count, all, any };
 int block_barrier(Site site, BarrierKind kind, int pred);
-enum class WarpOp { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all, ldmatrix, mma, wgmma_a };
+enum class WarpOp { sync, shfl_idx, shfl_up, shfl_down, shfl_xor, ballot, any, all, ldmatrix, stmatrix, mma, wgmma_a };
 uint64_t warp_collective(Site site, WarpOp op, unsigned mask, uint64_t value, int arg, int width);
 unsigned active_mask();
 [[noreturn]] void fail(Site site, const char* what);
@@ -231,6 +231,7 @@ inline T atomicMin(T* p, T v) {
 
 // ---- the instructions ptx.cuh wraps (tensor.cpp) ------------------------------------------
 void fk_emu_ldmatrix(uint32_t* regs, int count, bool trans, const void* row);
+void fk_emu_stmatrix(void* row, const uint32_t* regs, int count, bool trans);
 void fk_emu_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, int type);
 uint32_t fk_emu_cvt_bf16x2(float hi, float lo);
 uint16_t fk_emu_cvt_fp8x2(float hi, float lo, int type);

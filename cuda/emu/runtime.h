@@ -93,7 +93,7 @@ struct Fiber {
   int arg = 0;
   int width = 32;
   uint64_t result = 0;
-  // ldmatrix / mma operands and results.
+  // ldmatrix / stmatrix / mma operands and results.
   const void* address = nullptr;
   uint32_t regs_in[10] = {};
   uint32_t regs_out[4] = {};
@@ -151,6 +151,7 @@ bool still_poisoned(const void* p, size_t bytes);
 // Warp-wide computations the scheduler runs once every lane has arrived (tensor.cpp).
 // `lanes[l]` is lane l's fiber.
 void compute_ldmatrix(Fiber* const* lanes, int count, bool trans);
+void compute_stmatrix(Fiber* const* lanes, int count, bool trans);
 void compute_mma(Fiber* const* lanes, int type);
 void compute_wgmma_a(Fiber* const* lanes, int type);
 

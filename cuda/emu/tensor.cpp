@@ -17,6 +17,10 @@ uint16_t load16(const void* row, int col) {
   return v;
 }
 
+void store16(const void* row, int col, uint16_t v) {
+  std::memcpy(const_cast<unsigned char*>(static_cast<const unsigned char*>(row)) + 2 * col, &v, 2);
+}
+
 // Element i of a packed register, `bits` wide, lowest bits first.
 uint32_t element(uint32_t reg, int i, int bits) { return (reg >> (bits * i)) & ((1u << bits) - 1u); }
 
@@ -49,6 +53,26 @@ void compute_ldmatrix(Fiber* const* lanes, int count, bool trans) {
         hi = load16(lanes[8 * j + 2 * t + 1]->address, g);
       }
       lanes[l]->regs_out[j] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+  }
+}
+
+// ldmatrix's inverse, the same fragments: lane l's register j goes to M_j[l/4][2(l%4)] and
+// M_j[l/4][2(l%4)+1] (low half, high), or with .trans to M_j[2(l%4)][l/4] and
+// M_j[2(l%4)+1][l/4], where lanes 8j..8j+7 give the rows of matrix j.
+void compute_stmatrix(Fiber* const* lanes, int count, bool trans) {
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int j = 0; j < count; ++j) {
+      const uint32_t reg = lanes[l]->regs_in[j];
+      const auto lo = static_cast<uint16_t>(reg), hi = static_cast<uint16_t>(reg >> 16);
+      if (!trans) {
+        store16(lanes[8 * j + g]->address, 2 * t, lo);
+        store16(lanes[8 * j + g]->address, 2 * t + 1, hi);
+      } else {
+        store16(lanes[8 * j + 2 * t]->address, g, lo);
+        store16(lanes[8 * j + 2 * t + 1]->address, g, hi);
+      }
     }
   }
 }
@@ -154,6 +178,15 @@ void fk_emu_ldmatrix(uint32_t* regs, int count, bool trans, const void* row) {
   f->address = row;
   warp_collective(site, WarpOp::ldmatrix, 0xffffffffu, 0, count | (trans ? 16 : 0), 32);
   for (int j = 0; j < count; ++j) regs[j] = f->regs_out[j];
+}
+
+void fk_emu_stmatrix(void* row, const uint32_t* regs, int count, bool trans) {
+  Fiber* f = current_fiber();
+  const Site site{trans ? "stmatrix.trans" : "stmatrix", count};
+  if (reinterpret_cast<uintptr_t>(row) % 16) fail(site, "stmatrix row address is not 16-byte aligned");
+  f->address = row;
+  for (int j = 0; j < count; ++j) f->regs_in[j] = regs[j];
+  warp_collective(site, WarpOp::stmatrix, 0xffffffffu, 0, count | (trans ? 16 : 0), 32);
 }
 
 void fk_emu_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, int type) {

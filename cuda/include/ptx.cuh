@@ -317,6 +317,22 @@ FK_DEVICE void cp_async_wait_all() {
 #define FK_HAS_WGMMA 1
 #endif
 
+// Stores four 8×8 matrices of 16-bit elements, transposed: ldmatrix_x4_trans's inverse (the
+// same fragments; each lane gives the 16-byte row `row` of matrix lane / 8). sm_90, used
+// with the wgmma kernels (below sm_90a it traps, as they do).
+FK_DEVICE void stmatrix_x4_trans(void* row, const uint32_t (&r)[4]) {
+#if FK_PTX && FK_HAS_WGMMA
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_stmatrix(row, r, 4, true);
+#endif
+}
+
 #if FK_PTX && FK_HAS_WGMMA
 // The matrix descriptor: start address >> 4 (bits 0-13), leading byte offset (16-29: unused
 // with a 128-byte swizzle, 1 by convention), stride byte offset 1024 >> 4 (32-45: the next

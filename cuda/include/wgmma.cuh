@@ -392,9 +392,8 @@ FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
 }
 
 // For each of the block's tiles: points the segments' operands at it, zeroes acc and calls
-// f(origin) to run it (its runs fill and drain the pipeline) and store it. For the
-// transposed (dX) tiles: stored inside run_tiles' loop, they make ptxas serialize every wgmma
-// of the kernel (C7514), so they go a tile at a time.
+// f(origin) to run it (its runs fill and drain the pipeline) and store it: for tiles that
+// take more than one run (dX under dropout: the LoRA term masked between its runs).
 template <class F, class... Segs>
 FK_DEVICE void each_tile(const Schedule& tiles, Accumulators& acc, F f, Segs&... segs) {
   for (int i = 0; i < int(tiles.count); ++i) {
@@ -461,17 +460,33 @@ FK_DEVICE void store_tile(Accumulators& acc, const Staging& staging, T* out, uin
     for (int c = threadIdx.x; c < kCols; c += kThreads) column_bias[c] = col0 + c < cols ? to_f32(bias[col0 + c]) : 0.0f;
     __syncthreads();
   }
-  for_each_pair(acc, [&](int r, int c, float v0, float v1) {
-    if constexpr (kTransposed) {
-      if (bias) v0 += column_bias[r], v1 += column_bias[r];
-      *slot(c, r) = from_f32<T>(v0);
-      *slot(c + 1, r) = from_f32<T>(v1);
-    } else {
-      if (bias) v0 += column_bias[c], v1 += column_bias[c + 1];
-      *reinterpret_cast<uint32_t*>(slot(r, c)) =
-          uint32_t(bits16(from_f32<T>(v0))) | uint32_t(bits16(from_f32<T>(v1))) << 16;
+  auto pack = [](float v0, float v1) { return uint32_t(bits16(from_f32<T>(v0))) | uint32_t(bits16(from_f32<T>(v1))) << 16; };
+  if constexpr (kTransposed) {
+    // The warp's 8 × 8 blocks of acc, four at a time, transposed into the staged rows by
+    // stmatrix.trans: acc(r, c) lands at slot(c, r). A block starts at a multiple of 8 both
+    // ways, so each of its staged rows gets one 16-byte chunk, and the swizzle puts the
+    // block's 8 rows in 8 different banks. (Element by element, these reads of acc inside
+    // run_tiles' loop made ptxas serialize every wgmma of the kernel: C7514.)
+    const int lane = threadIdx.x % 32, warp_row = (threadIdx.x / 32) * 16, m = lane / 8;
+#pragma unroll
+    for (int j = 0; j < kBN / 2; j += 8) {
+      // acc[j + 2b], acc[j + 2b + 1]: block b's fragment (the C layout of for_each_pair), its
+      // rows the warp's half b % 2 and its columns the 8 of n tile j / 4 + b / 2.
+      uint32_t q[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float add = bias ? column_bias[warp_row + lane / 4 + 8 * (b % 2)] : 0.0f;
+        q[b] = pack(acc[j + 2 * b] + add, acc[j + 2 * b + 1] + add);
+      }
+      // This lane gives row lane % 8 of block m: the staged row of its column, at its rows.
+      stmatrix_x4_trans(slot(2 * j + 8 * (m / 2) + lane % 8, warp_row + 8 * (m % 2)), q);
     }
-  });
+  } else {
+    for_each_pair(acc, [&](int r, int c, float v0, float v1) {
+      if (bias) v0 += column_bias[c], v1 += column_bias[c + 1];
+      *reinterpret_cast<uint32_t*>(slot(r, c)) = pack(v0, v1);
+    });
+  }
   __syncthreads();
   const bool whole_runs = runs_of_8(out, ld);
   for (int i = threadIdx.x; i < kRows * kCols / 8; i += kThreads) {
