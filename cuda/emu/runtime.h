@@ -1,5 +1,5 @@
 // runtime.h: the emulator's internal state, shared by runtime.cpp (fibers, scheduler,
-// barriers) and tensor.cpp (ldmatrix, mma, cp.async). Not included by kernels.
+// barriers) and tensor.cpp (ldmatrix, stmatrix, mma, cp.async). Not included by kernels.
 #pragma once
 #include <cstdint>
 #include <map>
