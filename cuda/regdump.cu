@@ -150,6 +150,25 @@ FK_KERNEL(regdump_ldmatrix, RegdumpParams) {
   store_regs(p.out, 5, lane, r4);
 }
 
+// stmatrix.x4.trans (sm_90; it traps below): lane l's register j holds the ids
+// 0x4000 | j << 7 | l << 1 | half, stored to the rows ldmatrix reads (row_slot); then
+// out[(8m + r) · 4 + w] holds elements 2w and 2w + 1 of row r of matrix m.
+FK_KERNEL(regdump_stmatrix, RegdumpParams) {
+  FK_SHARED(tiles, uint16_t[32 * kRowStride]);
+  const int lane = threadIdx.x;
+  uint32_t regs[4];
+  for (uint32_t j = 0; j < 4; ++j) {
+    const uint32_t id = 0x4000u | (j << 7) | (uint32_t(lane) << 1);
+    regs[j] = id | (id | 1u) << 16;
+  }
+  stmatrix_x4_trans(tiles + row_slot(lane / 8, lane % 8) * kRowStride, regs);
+  __syncwarp();
+  for (int e = lane; e < 4 * 8 * 4; e += 32) {
+    const uint16_t* row = tiles + row_slot(e / 32, (e / 4) % 8) * kRowStride;
+    p.out[e] = uint32_t(row[2 * (e % 4)]) | uint32_t(row[2 * (e % 4) + 1]) << 16;
+  }
+}
+
 FK_KERNEL(regdump_mma_bf16, RegdumpParams) { dump_mma(p, mma_m16n8k16_bf16); }
 FK_KERNEL(regdump_mma_f16, RegdumpParams) { dump_mma(p, mma_m16n8k16_f16); }
 FK_KERNEL(regdump_mma_e4m3, RegdumpParams) { dump_mma(p, mma_m16n8k32_e4m3); }

@@ -295,8 +295,14 @@ pub fn plan(target: Target) -> Vec<Section> {
         input: rcp_input(11),
         output: vec![],
     });
-    // wgmma last: the newest kernels (see `record`).
+    // stmatrix, then wgmma last: the newest kernels (see `record`).
     if target == Target::Sm90a {
+        sections.push(Section {
+            kernel: "regdump_stmatrix".into(),
+            set: "none".into(),
+            input: vec![],
+            output: vec![],
+        });
         for (i, t) in [MmaInput::BF16, MmaInput::F16].into_iter().enumerate() {
             let input = move |set: &str, seed| wgmma_input(t, set, seed);
             both_sets(

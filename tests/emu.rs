@@ -339,20 +339,25 @@ fn launches_a_gpu_would_refuse_are_errors() {
     assert!(matches!(r, Err(Error::Emulator(m)) if m.contains("params struct is 1 bytes")));
 }
 
-/// stmatrix.trans as ldmatrix.trans's inverse (the PTX ISA gives both one fragment layout):
-/// the element at row r, column c of matrix m, whose rows lanes 8m.. give (here scattered
-/// through shared memory), comes from lane 4c + r/2, register m, half r % 2.
+/// stmatrix.trans as ldmatrix.trans's inverse (the PTX ISA gives both one fragment layout),
+/// on the register dump's stmatrix section: the element at row r, column c of matrix m,
+/// whose rows lanes 8m.. give (scattered through shared memory), comes from lane
+/// 4c + r/2, register m, half r % 2.
 #[test]
 fn stmatrix_trans_stores_ldmatrix_trans_fragments() {
+    let section = regdump::plan(Target::Sm90a)
+        .into_iter()
+        .find(|s| s.kernel == "regdump_stmatrix")
+        .unwrap();
     for s in schedules() {
-        let out = run(&emu(s), "emu_test_stmatrix_trans", &[0.0], 256, 32, 128).unwrap();
+        let out = regdump::run_section(&emu(s), &section).unwrap();
         for m in 0..4u32 {
             for r in 0..8u32 {
-                let row = 8 * m + (5 * r + m) % 8;
                 for c in 0..8u32 {
                     let want = 0x4000 | (m << 7) | ((4 * c + r / 2) << 1) | (r % 2);
-                    let got = out[(8 * row + c) as usize];
-                    assert_eq!(got, want as f32, "{s:?}: matrix {m} row {r} column {c}");
+                    let word = out[(4 * (8 * m + r) + c / 2) as usize];
+                    let got = (word >> (16 * (c % 2))) & 0xffff;
+                    assert_eq!(got, want, "{s:?}: matrix {m} row {r} column {c}");
                 }
             }
         }

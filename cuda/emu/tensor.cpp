@@ -59,8 +59,8 @@ void compute_ldmatrix(Fiber* const* lanes, int count, bool trans) {
 
 // ldmatrix's inverse, the same fragments: lane l's register j goes to M_j[l/4][2(l%4)] and
 // M_j[l/4][2(l%4)+1] (low half, high), or with .trans to M_j[2(l%4)][l/4] and
-// M_j[2(l%4)+1][l/4], where lanes 8j..8j+7 give the rows of matrix j. Not in the register
-// dump yet: the dX kernels' GPU tests (their transposed store) are its hardware check.
+// M_j[2(l%4)+1][l/4], where lanes 8j..8j+7 give the rows of matrix j. The register dump's
+// regdump_stmatrix section records it on hardware from the next GPU check on (none yet).
 void compute_stmatrix(Fiber* const* lanes, int count, bool trans) {
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;

@@ -95,22 +95,6 @@ FK_KERNEL(emu_test_cp_async, EmuTestParams) {
   for (int i = 0; i < 4; ++i) p.out[4 * t + i] = s[4 * u + i];
 }
 
-// Correct: one warp stores four 8×8 matrices with stmatrix.trans (lane l's register j holds
-// the ids 0x4000 | j << 7 | l << 1 | half) to rows scattered through shared memory, then
-// copies all 256 elements out as floats, for tests/emu.rs to check against the fragments.
-FK_KERNEL(emu_test_stmatrix_trans, EmuTestParams) {
-  uint16_t* s = dyn_smem<uint16_t>();
-  const unsigned lane = threadIdx.x, m = lane / 8, r = lane % 8;
-  uint32_t regs[4];
-  for (unsigned j = 0; j < 4; ++j) {
-    const uint32_t id = 0x4000u | (j << 7) | (lane << 1);
-    regs[j] = id | (id | 1u) << 16;
-  }
-  stmatrix_x4_trans(s + 8 * (8 * m + (5 * r + m) % 8), regs);
-  __syncwarp();
-  for (unsigned i = lane; i < 256; i += 32) p.out[i] = float(s[i]);
-}
-
 // Bug: writes into its cp.async destination before waiting for the copy (on a GPU the copy
 // may land before or after the store).
 FK_KERNEL(emu_test_cp_async_written_before_wait, EmuTestParams) {
