@@ -231,7 +231,7 @@ inline T atomicMin(T* p, T v) {
 
 // ---- the instructions ptx.cuh wraps (tensor.cpp) ------------------------------------------
 void fk_emu_ldmatrix(uint32_t* regs, int count, bool trans, const void* row);
-void fk_emu_stmatrix(void* row, const uint32_t* regs, int count, bool trans);
+void fk_emu_stmatrix_x4_trans(void* row, const uint32_t* regs);
 void fk_emu_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, int type);
 uint32_t fk_emu_cvt_bf16x2(float hi, float lo);
 uint16_t fk_emu_cvt_fp8x2(float hi, float lo, int type);

@@ -344,8 +344,7 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released, bool eager
   const int lanes_here = static_cast<int>(std::min<size_t>(32, b.fibers.size() - warp * 32));
   Fiber* lanes[32] = {};
   for (int l = 0; l < lanes_here; ++l) lanes[l] = &b.fibers[warp * 32 + l];
-  // Shuffles take a per-lane source or delta; ldmatrix, stmatrix and mma encode their shape
-  // in arg.
+  // Shuffles take a per-lane source or delta; ldmatrix and mma encode their shape in arg.
   const bool tensor =
       f.op == WarpOp::ldmatrix || f.op == WarpOp::stmatrix || f.op == WarpOp::mma || f.op == WarpOp::wgmma_a;
   if (tensor && lanes_here < 32) {
@@ -392,7 +391,7 @@ bool release_warp_group(Block& b, Fiber& f, int warp, bool* released, bool eager
     }
   }
   if (f.op == WarpOp::ldmatrix) compute_ldmatrix(lanes, f.arg & 7, (f.arg >> 4) & 1);
-  if (f.op == WarpOp::stmatrix) compute_stmatrix(lanes, f.arg & 7, (f.arg >> 4) & 1);
+  if (f.op == WarpOp::stmatrix) compute_stmatrix_x4_trans(lanes);
   if (f.op == WarpOp::mma) compute_mma(lanes, f.arg);
   if (f.op == WarpOp::wgmma_a) compute_wgmma_a(lanes, f.arg);
   uint64_t results[32];

@@ -151,7 +151,7 @@ bool still_poisoned(const void* p, size_t bytes);
 // Warp-wide computations the scheduler runs once every lane has arrived (tensor.cpp).
 // `lanes[l]` is lane l's fiber.
 void compute_ldmatrix(Fiber* const* lanes, int count, bool trans);
-void compute_stmatrix(Fiber* const* lanes, int count, bool trans);
+void compute_stmatrix_x4_trans(Fiber* const* lanes);
 void compute_mma(Fiber* const* lanes, int type);
 void compute_wgmma_a(Fiber* const* lanes, int type);
 

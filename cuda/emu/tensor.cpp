@@ -57,23 +57,17 @@ void compute_ldmatrix(Fiber* const* lanes, int count, bool trans) {
   }
 }
 
-// ldmatrix's inverse, the same fragments: lane l's register j goes to M_j[l/4][2(l%4)] and
-// M_j[l/4][2(l%4)+1] (low half, high), or with .trans to M_j[2(l%4)][l/4] and
-// M_j[2(l%4)+1][l/4], where lanes 8j..8j+7 give the rows of matrix j. The register dump's
+// stmatrix.x4.trans, ldmatrix.x4.trans's inverse (the same fragments; the one form ptx.cuh
+// wraps): lane l's register j goes to M_j[2(l%4)][l/4] (low half) and M_j[2(l%4)+1][l/4]
+// (high), where lanes 8j..8j+7 give the rows of matrix j. The register dump's
 // regdump_stmatrix section records it on hardware from the next GPU check on (none yet).
-void compute_stmatrix(Fiber* const* lanes, int count, bool trans) {
+void compute_stmatrix_x4_trans(Fiber* const* lanes) {
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
-    for (int j = 0; j < count; ++j) {
+    for (int j = 0; j < 4; ++j) {
       const uint32_t reg = lanes[l]->regs_in[j];
-      const auto lo = static_cast<uint16_t>(reg), hi = static_cast<uint16_t>(reg >> 16);
-      if (!trans) {
-        store16(lanes[8 * j + g]->address, 2 * t, lo);
-        store16(lanes[8 * j + g]->address, 2 * t + 1, hi);
-      } else {
-        store16(lanes[8 * j + 2 * t]->address, g, lo);
-        store16(lanes[8 * j + 2 * t + 1]->address, g, hi);
-      }
+      store16(lanes[8 * j + 2 * t]->address, g, static_cast<uint16_t>(reg));
+      store16(lanes[8 * j + 2 * t + 1]->address, g, static_cast<uint16_t>(reg >> 16));
     }
   }
 }
@@ -181,13 +175,13 @@ void fk_emu_ldmatrix(uint32_t* regs, int count, bool trans, const void* row) {
   for (int j = 0; j < count; ++j) regs[j] = f->regs_out[j];
 }
 
-void fk_emu_stmatrix(void* row, const uint32_t* regs, int count, bool trans) {
+void fk_emu_stmatrix_x4_trans(void* row, const uint32_t* regs) {
   Fiber* f = current_fiber();
-  const Site site{trans ? "stmatrix.trans" : "stmatrix", count};
+  const Site site{"stmatrix.x4.trans", 4};
   if (reinterpret_cast<uintptr_t>(row) % 16) fail(site, "stmatrix row address is not 16-byte aligned");
   f->address = row;
-  for (int j = 0; j < count; ++j) f->regs_in[j] = regs[j];
-  warp_collective(site, WarpOp::stmatrix, 0xffffffffu, 0, count | (trans ? 16 : 0), 32);
+  for (int j = 0; j < 4; ++j) f->regs_in[j] = regs[j];
+  warp_collective(site, WarpOp::stmatrix, 0xffffffffu, 0, 0, 32);
 }
 
 void fk_emu_mma(float* d, const uint32_t* a, const uint32_t* b, const float* c, int type) {

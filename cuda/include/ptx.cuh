@@ -329,7 +329,7 @@ FK_DEVICE void stmatrix_x4_trans(void* row, const uint32_t (&r)[4]) {
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_stmatrix(row, r, 4, true);
+  fk_emu_stmatrix_x4_trans(row, r);
 #endif
 }
 

@@ -435,8 +435,8 @@ FK_DEVICE int staged_slot(int row, int col) {
 }
 
 // Stores the tile (+ bias[column]), rounded to T, at out[row0 + i][col0 + j] for row0 + i < rows,
-// col0 + j < cols (out's rows `ld` elements apart); transposed (dXᵀ's tile for dX): acc(r, c)
-// at out[row0 + c][col0 + r]. Through shared memory (`staging`: the tile's first and second
+// col0 + j < cols (out's rows `ld` elements apart); transposed (dXᵀ's tile for dX, which has
+// no bias: `bias` is the untransposed tiles' only): acc(r, c) at out[row0 + c][col0 + r]. Through shared memory (`staging`: the tile's first and second
 // half of its rows, the bias in its table), so that global memory sees whole 16-byte runs of a
 // row, a warp's a contiguous 512 bytes, where out allows (runs_of_8; a run cut by `cols` is
 // stored element by element). The accumulators' own layout would store 2 bytes a thread, 8
@@ -456,7 +456,7 @@ FK_DEVICE void store_tile(Accumulators& acc, const Staging& staging, T* out, uin
   // place in it. (A select, not an array of the two: indexed at run time, that goes to the stack.)
   auto slot = [&](int row, int col) -> T* { return (row < kHalf ? first : second) + staged_slot<kCols>(row % kHalf, col); };
   float* column_bias = staging.table;
-  if (bias) {
+  if (!kTransposed && bias) {
     for (int c = threadIdx.x; c < kCols; c += kThreads) column_bias[c] = col0 + c < cols ? to_f32(bias[col0 + c]) : 0.0f;
     __syncthreads();
   }
@@ -474,10 +474,7 @@ FK_DEVICE void store_tile(Accumulators& acc, const Staging& staging, T* out, uin
       // rows the warp's half b % 2 and its columns the 8 of n tile j / 4 + b / 2.
       uint32_t q[4];
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const float add = bias ? column_bias[warp_row + lane / 4 + 8 * (b % 2)] : 0.0f;
-        q[b] = pack(acc[j + 2 * b] + add, acc[j + 2 * b + 1] + add);
-      }
+      for (int b = 0; b < 4; ++b) q[b] = pack(acc[j + 2 * b], acc[j + 2 * b + 1]);
       // This lane gives row lane % 8 of block m: the staged row of its column, at its rows.
       stmatrix_x4_trans(slot(2 * j + 8 * (m / 2) + lane % 8, warp_row + 8 * (m % 2)), q);
     }

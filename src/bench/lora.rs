@@ -291,9 +291,19 @@ fn layer_launch_rows(
     kernels: &[(&str, &str)],
     work: (f64, f64),
 ) -> Result<Vec<Row>> {
-    let (_, saved) = l.forward(x, M)?;
-    let forward = timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?;
-    let backward = timer.breakdown(1, REPS, || l.backward(x, &saved, dy).map(|_| ()))?;
+    // Each direction broken down once, and only if a kernel asks for it.
+    let wants = |dir: &str| kernels.iter().any(|&(d, _)| d == dir);
+    let forward = if wants("forward") {
+        timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?
+    } else {
+        Vec::new()
+    };
+    let backward = if wants("backward") {
+        let (_, saved) = l.forward(x, M)?;
+        timer.breakdown(1, REPS, || l.backward(x, &saved, dy).map(|_| ()))?
+    } else {
+        Vec::new()
+    };
     kernels
         .iter()
         .map(|&(dir, kernel)| {

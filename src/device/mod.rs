@@ -110,6 +110,15 @@ impl LaunchConfig {
         }
     }
 
+    /// The same launch for the variant in steps of 64 along K (`lora_down_k64`): its larger
+    /// stages' dynamic shared memory.
+    pub fn with_wide_steps(self) -> Self {
+        LaunchConfig {
+            shared_bytes: crate::params::FK_NARROW_WIDE_SMEM_BYTES,
+            ..self
+        }
+    }
+
     /// The persistent launch of the Hopper GEMM (`cuda/include/wgmma.cuh`) for an `m × n`
     /// output, with its dynamic shared memory: tiles of `FK_WGMMA_TILE_M` rows by
     /// `FK_WGMMA_TILE_N` columns (or, `transposed`, a dX computed as dXᵀ `[n, m]`: tiles of

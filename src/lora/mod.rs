@@ -431,11 +431,13 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 
     /// `u` (`lora_down`, K = in) or `v` (`lora_backward_v`, K = out) into the buffers `p`
-    /// names; `width` is how many columns of each row the reduce writes (rank, or the whole
-    /// tail of an extended row).
+    /// names, through the kernel's variant in steps of 64 (`{name}_k64`) where `wide`;
+    /// `width` is how many columns of each row the reduce writes (rank, or the whole tail of
+    /// an extended row).
     fn rank_gemm(
         &self,
         name: &str,
+        wide: bool,
         p: &mut LoraParams,
         m: usize,
         k: usize,
@@ -453,12 +455,10 @@ impl<T: FloatElem> LoraLinear<T> {
         }
         p.k_splits = splits;
         let t = T::DTYPE;
-        let mut launch = LaunchConfig::narrow(m, r, splits);
-        let variant = if name == "lora_down" && self.wide_down {
-            launch.shared_bytes = params::FK_NARROW_WIDE_SMEM_BYTES;
-            "_k64"
+        let (variant, launch) = if wide {
+            ("_k64", LaunchConfig::narrow(m, r, splits).with_wide_steps())
         } else {
-            ""
+            ("", LaunchConfig::narrow(m, r, splits))
         };
         // SAFETY: the caller sized every buffer in p for m rows; the partials hold
         // splits · m · rank f32 when split.
@@ -683,7 +683,14 @@ impl<T: FloatElem> LoraLinear<T> {
         p.y = y.ptr_mut();
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
-                self.rank_gemm("lora_down", &mut p, m, self.d_in, self.config.rank)?;
+                self.rank_gemm(
+                    "lora_down",
+                    self.wide_down,
+                    &mut p,
+                    m,
+                    self.d_in,
+                    self.config.rank,
+                )?;
                 let _scratch = self.scratch_base(&mut p)?;
                 let (name, cfg) = self.base_gemm("forward", &mut p, m, self.d_out)?;
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
@@ -736,7 +743,7 @@ impl<T: FloatElem> LoraLinear<T> {
         p.x_ext = x_ext.ptr_mut();
         p.x_ld = ld as u64;
         // x_ext holds m rows of ld.
-        self.rank_gemm("lora_down", p, m, self.d_in, ld - self.d_in)?;
+        self.rank_gemm("lora_down", self.wide_down, p, m, self.d_in, ld - self.d_in)?;
         Ok((scratch, x_ext))
     }
 
@@ -849,7 +856,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let t = T::DTYPE;
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
-                self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
+                self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out, r)?;
                 let _scratch = self.scratch_base(&mut p)?;
                 let (name, cfg) = self.base_gemm("backward_dx", &mut p, m, self.d_in)?;
                 // SAFETY: every buffer in p was checked or sized above (a scratch base is
@@ -866,7 +873,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 // Without dropout, dX = [dY | v] · [W ; A] in one GEMM over dy_ext; with it,
                 // dY W straight from dY, and the masked v A in one more pass.
                 let dy_ext = if self.config.dropout > 0.0 {
-                    self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, r)?;
+                    self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out, r)?;
                     None
                 } else {
                     let dy_ld = padded_ld(self.d_out + r);
@@ -874,7 +881,14 @@ impl<T: FloatElem> LoraLinear<T> {
                     p.dy_ext = dy_ext.ptr_mut();
                     p.dy_ld = dy_ld as u64;
                     // dy_ext holds m rows of dy_ld.
-                    self.rank_gemm("lora_backward_v", &mut p, m, self.d_out, dy_ld - self.d_out)?;
+                    self.rank_gemm(
+                        "lora_backward_v",
+                        false,
+                        &mut p,
+                        m,
+                        self.d_out,
+                        dy_ld - self.d_out,
+                    )?;
                     Some((dy_ext, dy_ld))
                 };
                 let (a, lda, k) = match &dy_ext {
