@@ -11,6 +11,7 @@
 //                                                        no pass over y but the one writing it
 //   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; sm_90a only)
 //   lora_backward_dx_wgmma  lora_backward_dx on wgmma, as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ
+//                    (under dropout Wᵀ · dYᵀ alone, then lora_dx_fixup)
 //   (_nf4 kernels: the same over an NF4 base, dequantized into the tiles: nf4.cuh)
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
@@ -19,8 +20,9 @@
 //   lora_grad_b      [dB | dbias] partials = dYᵀ [u | 1]  in order (no float atomics)
 //   lora_reduce      sums the partials into dA, dB, dbias
 //   lora_merge       W' = W + scale · B A
-//   lora_extend_weight, lora_dx_fixup: the extended path that hands the base GEMMs to cuBLAS
-//                    (params/lora.h; src/lora/mod.rs explains when and why)
+//   lora_extend_weight  the extended path that hands the base GEMMs to cuBLAS (params/lora.h;
+//                    src/lora/mod.rs explains when and why)
+//   lora_dx_fixup    dX += mask ⊙ (v A)/(1-p), after a dX GEMM that left it out under dropout
 #include "include/compat.cuh"
 #include "include/dtype.cuh"
 #include "include/epilogue.cuh"
@@ -208,66 +210,27 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
   }, lora, base);
 }
 
-// dX's element (row, col) of the LoRA part, z = (v A)(row, col), masked: mask ⊙ z / (1 - p),
-// and 0 outside dX. `mask` draws each Philox group once for elements visited in order.
-FK_DEVICE float masked_dx(const LoraParams& p, DropoutMask& mask, uint32_t row, uint32_t col, float z) {
-  const bool kept = row < p.m && col < p.d_in && mask.kept(uint64_t(row) * p.d_in + col);
-  return kept ? z * (1.0f / (1.0f - p.dropout)) : 0.0f;
-}
-
-// mask ⊙ acc / (1 - p) for the dXᵀ tile of dX's columns n0.. and rows m0..: through shared
-// memory (free between wgmma.cuh's runs), a thread per row of x's tile walking it in order,
-// so each Philox group of 4 elements is drawn once rather than once per accumulator (which,
-// unrolled over 128 accumulators, spills).
-FK_DEVICE void mask_dx_tile(wgmma::Accumulators& acc, unsigned char* smem, const LoraParams& p, uint32_t n0,
-                            uint32_t m0) {
-  constexpr int kLd = wgmma::kBM + 1;  // odd: a row per lane meets every bank once
-  float* tile = reinterpret_cast<float*>(smem);
-  wgmma::for_each(acc, [&](int r, int c, float v) { tile[c * kLd + r] = v; });
-  __syncthreads();
-  for (int row = threadIdx.x; row < wgmma::kBN; row += wgmma::kThreads) {
-    DropoutMask mask{p.seed, p.dropout};
-#pragma unroll 1
-    for (int j = 0; j < wgmma::kBM; ++j) tile[row * kLd + j] = masked_dx(p, mask, m0 + row, n0 + j, tile[row * kLd + j]);
-  }
-  __syncthreads();
-  wgmma::for_each(acc, [&](int r, int c, float& z) { z = tile[c * kLd + r]; });
-  __syncthreads();  // the next run's loads land here
-}
-
 // lora_backward_dx on wgmma: the output tile is dXᵀ (kBM columns of dX by kBN rows), so that
 // A [rank, d_in] and W [d_out, d_in] (dense or NF4) are wgmma.cuh's `Columns`-kind operands as
 // they lie and v, dY its K-contiguous `Rows`; for each of the block's tiles, blocks along dX's
 // columns first, so that those running together share dY's rows (in L2). The LoRA segment
-// first, then the base: without dropout in one run, as the forward's (the base's loads follow
-// the LoRA step's with no refill between); with dropout in two, the LoRA term masked in the
-// accumulators between them, a tile at a time (wgmma::each_tile: each run fills and drains
-// its pipeline); without, through run_tiles as the forward (the next tile's loads in flight
-// while the last is stored).
+// first, then the base, in one run as the forward's (the base's loads follow the LoRA step's
+// with no refill between, and the next tile's loads are in flight while the last is stored).
+// Under dropout the mask applies to the LoRA term alone: its segment is empty here, and
+// lora_dx_fixup adds the term masked afterwards, as after cuBLAS on the Extended path.
 template <typename T, bool Nf4>
 FK_DEVICE void backward_dx_wgmma(const LoraParams& p) {
   const wgmma::Schedule tiles(p.d_in, p.m, false);
-  unsigned char* smem = dyn_smem<unsigned char>();
-  auto w = wgmma_weight<T, Nf4, false>(p);  // before the runs: NF4's tables are filled by the whole block
-  auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
+  auto w = wgmma_weight<T, Nf4, false>(p);  // before the run: NF4's tables are filled by the whole block
+  const uint32_t lora_k = p.dropout > 0.0f ? 0u : p.rank;
+  auto lora = wgmma::segment(wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, lora_k, tma_map(p, FK_LORA_TMA_A, p.a_map)}},
                              wgmma::Rows<T>{{as<T>(p.v), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_V, p.v_map)}});
   auto base = wgmma::segment(w, wgmma::Rows<T>{{as<T>(p.dy), p.d_out, 0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}});
-  T* dx = static_cast<T*>(p.dx);
-  if (p.dropout > 0.0f) {
-    wgmma::Accumulators acc;
-    wgmma::each_tile(tiles, acc, [&](uint2 o) {  // o: (dX's first column, first row)
-      wgmma::run<T>(acc, smem, lora);
-      mask_dx_tile(acc, smem, p, o.x, o.y);
-      wgmma::run<T>(acc, smem, base);
-      wgmma::store_tile<T, true>(acc, wgmma::staging_after_run(smem), dx, p.d_in, o.y, o.x, p.m, p.d_in);
-    }, lora, base);
-  } else {
-    wgmma::Accumulators acc = {};
-    wgmma::run_tiles<T>(acc, smem, tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
-      const uint2 o = tiles.origin(i);
-      wgmma::store_tile<T, true>(tile, st, dx, p.d_in, o.y, o.x, p.m, p.d_in);
-    }, lora, base);
-  }
+  wgmma::Accumulators acc = {};
+  wgmma::run_tiles<T>(acc, dyn_smem<unsigned char>(), tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
+    const uint2 o = tiles.origin(i);  // (dX's first column, first row)
+    wgmma::store_tile<T, true>(tile, st, static_cast<T*>(p.dx), p.d_in, o.y, o.x, p.m, p.d_in);
+  }, lora, base);
 }
 
 template <typename T>
@@ -307,16 +270,48 @@ FK_DEVICE void rank_reduce(const LoraParams& p, void* out_, void* ext_, uint64_t
   }
 }
 
+// Keep bits of dX's (row, col .. col + 3), col a multiple of 4, bit j for col + j: x's dropout
+// mask, regenerated. One Philox call when dX's rows are whole groups of 4 (kAligned: d_in % 4
+// == 0), up to two otherwise.
+template <bool kAligned>
+FK_DEVICE uint32_t dx_keep_run4(const LoraParams& p, uint32_t row, uint32_t col) {
+  const uint64_t first = uint64_t(row) * p.d_in + col;
+  return kAligned ? dropout_keep_bits(p.seed, first / 4, p.dropout) : dropout_keep_run(p.seed, first, 4, p.dropout);
+}
+
 // The LoRA part of this tile of dX, mask ⊙ (v A) / (1 - p), into the (empty) accumulators.
+// The mask is drawn first, while the accumulators are empty, into one bit per accumulator (bit
+// 4i + k for fragment i's accumulator k). A fragment's 4 columns 4q .. 4q + 3 (its rows g and
+// g + 8) lie with lanes 2q and 2q + 1 of a group: the even lane draws row g's run, the odd row
+// g + 8's, and each takes the other's by a shuffle, so each run of 4 is drawn once.
 template <typename T, class St>
 FK_DEVICE void masked_lora_dx(Accumulators& acc, St& st, const LoraParams& p, uint32_t m0, uint32_t n0) {
+  static_assert(kFragments * 4 <= 64, "a keep bit per accumulator in 64 bits");
+  uint64_t keep = 0;
+  const auto draw = [&](auto aligned) {
+    const bool odd = threadIdx.x % 2;
+    for_each_fragment(acc, [&](int i, int r, int c, float (&)[4]) {
+      const uint32_t row = m0 + r + (odd ? 8 : 0), col = n0 + (c & ~3);
+      const uint32_t own = dx_keep_run4<decltype(aligned)::value>(p, row, col);
+      const uint32_t other = __shfl_xor_sync(kFullMask, own, 1);
+      const uint32_t top = odd ? other : own, bottom = odd ? own : other;
+      const int j = c % 4;  // 0 or 2
+      keep |= uint64_t((top >> j & 3u) | (bottom >> j & 3u) << 2) << (4 * i);
+    });
+  };
+  if (p.dropout > 0.0f) p.d_in % 4 == 0 ? draw(std::true_type{}) : draw(std::false_type{});
   DenseSource<T, true, kBM> v{as<T>(p.v), p.rank, m0, p.m, p.rank};
   DenseSource<T, false, kBN> a{as<T>(p.a), p.d_in, n0, p.d_in, p.rank};  // A as [rank × d_in]
   run_segment<T>(acc, st, v, a, 0, p.rank);
-  if (p.dropout > 0.0f) {
-    DropoutMask mask{p.seed, p.dropout};
-    for_each(acc, [&](int r, int c, float& z) { z = masked_dx(p, mask, m0 + r, n0 + c, z); });
-  }
+  if (p.dropout == 0.0f) return;
+  const float scale = 1.0f / (1.0f - p.dropout);
+  for_each_fragment(acc, [&](int i, int r, int c, float (&q)[4]) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool kept = (keep >> (4 * i + k)) & 1u && m0 + r + 8 * (k / 2) < p.m && n0 + c + k % 2 < p.d_in;
+      q[k] = kept ? q[k] * scale : 0.0f;
+    }
+  });
 }
 
 template <typename T, bool Nf4>
@@ -391,15 +386,7 @@ FK_DEVICE void merge(const LoraParams& p) {
   DenseSource<T, false, kBN> a{as<T>(p.a), p.d_in, n0, p.d_in, p.rank};
   Accumulators acc = {};
   run_segment<T>(acc, st, b, a, 0, p.rank);
-  const T* w = as<T>(p.w);
-  const uint64_t w_ld = p.w_ld ? p.w_ld : p.d_in;
-  T* out = static_cast<T*>(p.merged);
-  for_each(acc, [&](int r, int c, float v) {
-    const uint32_t row = m0 + r, col = n0 + c;
-    if (row < p.d_out && col < p.d_in) {
-      out[uint64_t(row) * p.d_in + col] = from_f32<T>(to_f32(w[row * w_ld + col]) + p.scale * v);
-    }
-  });
+  store_sum(acc, static_cast<T*>(p.merged), p.d_in, as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, m0, n0, p.d_out, p.d_in, p.scale);
 }
 
 // The parts of the extended weight that change as training goes: B, bias and A, from their
@@ -422,21 +409,17 @@ FK_DEVICE void extend_weight(const LoraParams& p) {
   }
 }
 
-// dX += mask ⊙ (v A) / (1 - p), when dX = dY W came from cuBLAS (the extended path under
-// dropout, where the masked low-rank term cannot ride along the GEMM's K): backward_dx's
-// LoRA segment, added to dX in the epilogue.
+// dX += mask ⊙ (v A) / (1 - p), when dX = dY W came from a GEMM that could not mask its
+// low-rank term (under dropout: cuBLAS on the extended path, whose K the mask cannot ride
+// along; the wgmma kernel, whose accumulators are not to be touched mid-pipeline):
+// backward_dx's LoRA segment, added to dX in the epilogue.
 template <typename T>
 FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_SHARED(st, Stages<true, false>);
   const uint32_t m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   Accumulators acc = {};
   masked_lora_dx<T>(acc, st, p, m0, n0);
-  T* dx = static_cast<T*>(p.dx);
-  for_each(acc, [&](int r, int c, float v) {
-    if (m0 + r >= p.m || n0 + c >= p.d_in) return;
-    T& out = dx[uint64_t(m0 + r) * p.d_in + n0 + c];
-    out = from_f32<T>(to_f32(out) + v);
-  });
+  store_sum(acc, static_cast<T*>(p.dx), p.d_in, static_cast<const T*>(p.dx), p.d_in, m0, n0, p.m, p.d_in, 1.0f);
 }
 
 }  // namespace

@@ -110,7 +110,7 @@ fn aligned_shapes_large_ranks_and_many_splits() {
 /// over an NF4 base, both its decoders (runs of 16 when `in` is a multiple of 16, any shape
 /// otherwise). Most shapes on fewer blocks than tiles (the last column: each block walks
 /// several tiles, the next one's loads in flight while it stores the last; with dropout, dX
-/// tile by tile), a cluster too.
+/// without its low-rank term, which `lora_dx_fixup` adds), a cluster too.
 #[test]
 fn wgmma_path_over_many_stages() {
     use TileLoads::{CpAsync, Tma, TmaMulticast};
@@ -241,17 +241,21 @@ fn nf4_through_a_scratch_weight() {
 #[test]
 fn merge_matches_the_reference() {
     for dev in backends() {
-        let c = Case {
-            rslora: true,
-            ..Case::new(rand::random(), 1, 77, 133, 9)
-        };
-        for path in paths(&dev) {
+        // An odd width (rows of pairs not 4-byte aligned: element by element) and an even one
+        // (a pair a word).
+        for d_in in [77, 64] {
             let c = Case {
-                path: Some(path),
-                ..c
+                rslora: true,
+                ..Case::new(rand::random(), 1, d_in, 133, 9)
             };
-            assert!(check::merge::<bf16>(&dev, c).unwrap().pass());
-            assert!(check::merge::<f16>(&dev, c).unwrap().pass());
+            for path in paths(&dev) {
+                let c = Case {
+                    path: Some(path),
+                    ..c
+                };
+                assert!(check::merge::<bf16>(&dev, c).unwrap().pass());
+                assert!(check::merge::<f16>(&dev, c).unwrap().pass());
+            }
         }
     }
 }
@@ -565,182 +569,186 @@ fn extended_layouts_are_what_cublas_reads() {
     use finetune_kernels::reference::philox::dropout_mask;
     for dev in backends() {
         let mut rng = StdRng::seed_from_u64(rand::random());
-        let (m, d_in, d_out, rank, p_drop) = (70usize, 41usize, 24usize, 5usize, 0.25f32);
-        // Unsplit, then split over K into more ranges than K has tiles (one is empty); m · d_in
-        // is not a multiple of 4, so the fixup's last group of four is partial.
-        let mut unsplit: Option<(Vec<bf16>, Vec<bf16>)> = None;
-        // Rows padded to 64 elements, as the layer pads them.
-        let ld = (d_in + rank + 1).div_ceil(64) * 64;
-        let dy_ld = (d_out + rank).div_ceil(64) * 64;
-        let x: Vec<bf16> = random_vec(&mut rng, m * d_in, 1.0);
-        let dy: Vec<bf16> = random_vec(&mut rng, m * d_out, 1.0);
-        let a: Vec<bf16> = random_vec(&mut rng, rank * d_in, 0.3);
-        let b: Vec<bf16> = random_vec(&mut rng, d_out * rank, 0.3);
-        let bias: Vec<bf16> = random_vec(&mut rng, d_out, 0.3);
-        let dx0: Vec<bf16> = random_vec(&mut rng, m * d_in, 1.0);
-        for k_splits in [1u32, 3] {
-            let (xd, dyd, ad, bd, biasd) = (
-                dev.upload(&x).unwrap(),
-                dev.upload(&dy).unwrap(),
-                dev.upload(&a).unwrap(),
-                dev.upload(&b).unwrap(),
-                dev.upload(&bias).unwrap(),
-            );
-            let mut u = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
-            let mut v = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
-            let mut x_ext = dev.alloc_poisoned::<bf16>(m * ld).unwrap();
-            let mut dy_ext = dev.alloc_poisoned::<bf16>(m * dy_ld).unwrap();
-            let mut w_ext = dev.alloc_poisoned::<bf16>((d_out + rank) * ld).unwrap();
-            let mut dx = dev.upload(&dx0).unwrap();
-            let mut partials = dev
-                .alloc_poisoned::<f32>(k_splits as usize * m * rank)
-                .unwrap();
-            let p = LoraParams {
-                m: m as u32,
-                d_in: d_in as u32,
-                d_out: d_out as u32,
-                rank: rank as u32,
-                w: w_ext.ptr_mut(),
-                bias: biasd.ptr(),
-                a: ad.ptr(),
-                b: bd.ptr(),
-                scale: 1.5,
-                dropout: p_drop,
-                seed: 99,
-                x: xd.ptr(),
-                u: u.ptr_mut(),
-                dy: dyd.ptr(),
-                v: v.ptr_mut(),
-                dx: dx.ptr_mut(),
-                w_ld: ld as u64,
-                x_ext: x_ext.ptr_mut(),
-                x_ld: ld as u64,
-                dy_ext: dy_ext.ptr_mut(),
-                dy_ld: dy_ld as u64,
-                rank_partials: partials.ptr_mut() as *mut f32,
-                k_splits,
-                ..LoraParams::default()
-            };
-            let k = |name: &str| Kernel {
-                module: "lora",
-                name: name.into(),
-            };
-            // SAFETY: every pointer above is sized for the shapes in p.
-            unsafe {
-                dev.launch(
-                    &k("lora_extend_weight_bf16"),
-                    LaunchConfig::grid_stride(
-                        (d_out * (ld - d_in) + rank * ld) as u64,
-                        256,
-                        1 << 16,
-                    ),
-                    &p,
-                )
-                .unwrap();
-                // Each reduce right after its GEMM: the two share the partials.
-                let rows = |width: usize| LaunchConfig::grid_stride((m * width) as u64, 256, 7);
-                let narrow = LaunchConfig::narrow(m, rank, k_splits);
-                dev.launch(&k("lora_down_bf16"), narrow, &p).unwrap();
-                if k_splits > 1 {
-                    dev.launch(&k("lora_down_reduce_bf16"), rows(ld - d_in), &p)
-                        .unwrap();
-                }
-                dev.launch(&k("lora_backward_v_bf16"), narrow, &p).unwrap();
-                if k_splits > 1 {
-                    dev.launch(&k("lora_backward_v_reduce_bf16"), rows(dy_ld - d_out), &p)
-                        .unwrap();
-                }
-                dev.launch(
-                    &k("lora_dx_fixup_bf16"),
-                    LaunchConfig::tiles(m, d_in, 1),
-                    &p,
-                )
-                .unwrap();
-            }
-            let (u, v) = (u.to_host().unwrap(), v.to_host().unwrap());
-            // Split or not, u and v differ by rounding only (the sums run in another order).
-            let (u0, v0) = unsplit.get_or_insert_with(|| (u.clone(), v.clone()));
-            for (name, got, want) in [("u", &u, &*u0), ("v", &v, &*v0)] {
-                for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                    let (g, w) = (g.to_f32(), w.to_f32());
-                    assert!(
-                        (g - w).abs() <= w.abs().max(1e-3) / 64.0,
-                        "{name}[{i}] split {k_splits}: {g} vs unsplit {w}"
-                    );
-                }
-            }
-            let (x_ext, dy_ext, w_ext) = (
-                x_ext.to_host().unwrap(),
-                dy_ext.to_host().unwrap(),
-                w_ext.to_host().unwrap(),
-            );
-            let bits = |z: bf16| z.to_bits();
-            // Row `row` of an extended matrix: [base | low-rank part | 1 if `one` | 0...].
-            let extended =
-                |base: &[bf16], width: usize, low: &[bf16], one: bool, row: usize, c: usize| {
-                    if c < width {
-                        base[row * width + c]
-                    } else if c < width + rank {
-                        low[row * rank + c - width]
-                    } else {
-                        bf16::from_f32(if one && c == width + rank { 1.0 } else { 0.0 })
-                    }
+        // d_in 41: rows that are not whole groups of four (the fixup's runs of four straddle
+        // groups, m · d_in is not a multiple of 4, so its last group is partial, and dX's pairs
+        // are not 4-byte aligned); 44: whole groups, one Philox call a run, paired accesses.
+        for (m, d_in) in [(70usize, 41usize), (53, 44)] {
+            let (d_out, rank, p_drop) = (24usize, 5usize, 0.25f32);
+            // Unsplit, then split over K into more ranges than K has tiles (one is empty).
+            let mut unsplit: Option<(Vec<bf16>, Vec<bf16>)> = None;
+            // Rows padded to 64 elements, as the layer pads them.
+            let ld = (d_in + rank + 1).div_ceil(64) * 64;
+            let dy_ld = (d_out + rank).div_ceil(64) * 64;
+            let x: Vec<bf16> = random_vec(&mut rng, m * d_in, 1.0);
+            let dy: Vec<bf16> = random_vec(&mut rng, m * d_out, 1.0);
+            let a: Vec<bf16> = random_vec(&mut rng, rank * d_in, 0.3);
+            let b: Vec<bf16> = random_vec(&mut rng, d_out * rank, 0.3);
+            let bias: Vec<bf16> = random_vec(&mut rng, d_out, 0.3);
+            let dx0: Vec<bf16> = random_vec(&mut rng, m * d_in, 1.0);
+            for k_splits in [1u32, 3] {
+                let (xd, dyd, ad, bd, biasd) = (
+                    dev.upload(&x).unwrap(),
+                    dev.upload(&dy).unwrap(),
+                    dev.upload(&a).unwrap(),
+                    dev.upload(&b).unwrap(),
+                    dev.upload(&bias).unwrap(),
+                );
+                let mut u = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
+                let mut v = dev.alloc_poisoned::<bf16>(m * rank).unwrap();
+                let mut x_ext = dev.alloc_poisoned::<bf16>(m * ld).unwrap();
+                let mut dy_ext = dev.alloc_poisoned::<bf16>(m * dy_ld).unwrap();
+                let mut w_ext = dev.alloc_poisoned::<bf16>((d_out + rank) * ld).unwrap();
+                let mut dx = dev.upload(&dx0).unwrap();
+                let mut partials = dev
+                    .alloc_poisoned::<f32>(k_splits as usize * m * rank)
+                    .unwrap();
+                let p = LoraParams {
+                    m: m as u32,
+                    d_in: d_in as u32,
+                    d_out: d_out as u32,
+                    rank: rank as u32,
+                    w: w_ext.ptr_mut(),
+                    bias: biasd.ptr(),
+                    a: ad.ptr(),
+                    b: bd.ptr(),
+                    scale: 1.5,
+                    dropout: p_drop,
+                    seed: 99,
+                    x: xd.ptr(),
+                    u: u.ptr_mut(),
+                    dy: dyd.ptr(),
+                    v: v.ptr_mut(),
+                    dx: dx.ptr_mut(),
+                    w_ld: ld as u64,
+                    x_ext: x_ext.ptr_mut(),
+                    x_ld: ld as u64,
+                    dy_ext: dy_ext.ptr_mut(),
+                    dy_ld: dy_ld as u64,
+                    rank_partials: partials.ptr_mut() as *mut f32,
+                    k_splits,
+                    ..LoraParams::default()
                 };
-            for row in 0..m {
-                for c in 0..ld {
-                    let want = extended(&x, d_in, &u, true, row, c);
-                    assert_eq!(bits(x_ext[row * ld + c]), bits(want), "x_ext[{row}][{c}]");
+                let k = |name: &str| Kernel {
+                    module: "lora",
+                    name: name.into(),
+                };
+                // SAFETY: every pointer above is sized for the shapes in p.
+                unsafe {
+                    dev.launch(
+                        &k("lora_extend_weight_bf16"),
+                        LaunchConfig::grid_stride(
+                            (d_out * (ld - d_in) + rank * ld) as u64,
+                            256,
+                            1 << 16,
+                        ),
+                        &p,
+                    )
+                    .unwrap();
+                    // Each reduce right after its GEMM: the two share the partials.
+                    let rows = |width: usize| LaunchConfig::grid_stride((m * width) as u64, 256, 7);
+                    let narrow = LaunchConfig::narrow(m, rank, k_splits);
+                    dev.launch(&k("lora_down_bf16"), narrow, &p).unwrap();
+                    if k_splits > 1 {
+                        dev.launch(&k("lora_down_reduce_bf16"), rows(ld - d_in), &p)
+                            .unwrap();
+                    }
+                    dev.launch(&k("lora_backward_v_bf16"), narrow, &p).unwrap();
+                    if k_splits > 1 {
+                        dev.launch(&k("lora_backward_v_reduce_bf16"), rows(dy_ld - d_out), &p)
+                            .unwrap();
+                    }
+                    dev.launch(
+                        &k("lora_dx_fixup_bf16"),
+                        LaunchConfig::tiles(m, d_in, 1),
+                        &p,
+                    )
+                    .unwrap();
                 }
-                for c in 0..dy_ld {
-                    let want = extended(&dy, d_out, &v, false, row, c);
-                    assert_eq!(
-                        bits(dy_ext[row * dy_ld + c]),
-                        bits(want),
-                        "dy_ext[{row}][{c}]"
-                    );
+                let (u, v) = (u.to_host().unwrap(), v.to_host().unwrap());
+                // Split or not, u and v differ by rounding only (the sums run in another order).
+                let (u0, v0) = unsplit.get_or_insert_with(|| (u.clone(), v.clone()));
+                for (name, got, want) in [("u", &u, &*u0), ("v", &v, &*v0)] {
+                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                        let (g, w) = (g.to_f32(), w.to_f32());
+                        assert!(
+                            (g - w).abs() <= w.abs().max(1e-3) / 64.0,
+                            "{name}[{i}] split {k_splits}: {g} vs unsplit {w}"
+                        );
+                    }
                 }
-            }
-            for row in 0..d_out + rank {
-                for c in d_in.min(if row < d_out { d_in } else { 0 })..ld {
-                    let want = if row < d_out {
-                        if c < d_in + rank {
-                            b[row * rank + c - d_in]
-                        } else if c == d_in + rank {
-                            bias[row]
+                let (x_ext, dy_ext, w_ext) = (
+                    x_ext.to_host().unwrap(),
+                    dy_ext.to_host().unwrap(),
+                    w_ext.to_host().unwrap(),
+                );
+                let bits = |z: bf16| z.to_bits();
+                // Row `row` of an extended matrix: [base | low-rank part | 1 if `one` | 0...].
+                let extended =
+                    |base: &[bf16], width: usize, low: &[bf16], one: bool, row: usize, c: usize| {
+                        if c < width {
+                            base[row * width + c]
+                        } else if c < width + rank {
+                            low[row * rank + c - width]
+                        } else {
+                            bf16::from_f32(if one && c == width + rank { 1.0 } else { 0.0 })
+                        }
+                    };
+                for row in 0..m {
+                    for c in 0..ld {
+                        let want = extended(&x, d_in, &u, true, row, c);
+                        assert_eq!(bits(x_ext[row * ld + c]), bits(want), "x_ext[{row}][{c}]");
+                    }
+                    for c in 0..dy_ld {
+                        let want = extended(&dy, d_out, &v, false, row, c);
+                        assert_eq!(
+                            bits(dy_ext[row * dy_ld + c]),
+                            bits(want),
+                            "dy_ext[{row}][{c}]"
+                        );
+                    }
+                }
+                for row in 0..d_out + rank {
+                    for c in d_in.min(if row < d_out { d_in } else { 0 })..ld {
+                        let want = if row < d_out {
+                            if c < d_in + rank {
+                                b[row * rank + c - d_in]
+                            } else if c == d_in + rank {
+                                bias[row]
+                            } else {
+                                bf16::ZERO
+                            }
+                        } else if c < d_in {
+                            a[(row - d_out) * d_in + c]
                         } else {
                             bf16::ZERO
-                        }
-                    } else if c < d_in {
-                        a[(row - d_out) * d_in + c]
+                        };
+                        assert_eq!(bits(w_ext[row * ld + c]), bits(want), "w_ext[{row}][{c}]");
+                    }
+                }
+                // dx_fixup: dx0 + keep ⊙ (v A) / (1 - p), against a host computation in f32: a
+                // dropped element is dx0 exactly, a kept one within a rounding of bf16 (the tensor
+                // cores sum v A in another order).
+                let keep = dropout_mask(99, p_drop, m * d_in);
+                let dx = dx.to_host().unwrap();
+                for e in 0..m * d_in {
+                    let (row, col) = (e / d_in, e % d_in);
+                    let mut s = 0.0f32;
+                    for j in 0..rank {
+                        s = v[row * rank + j]
+                            .to_f32()
+                            .mul_add(a[j * d_in + col].to_f32(), s);
+                    }
+                    if keep[e] == 1 {
+                        let want = dx0[e].to_f32() + s * (1.0 / (1.0 - p_drop));
+                        let tol = want.abs() * 2f32.powi(-8) + 1e-6;
+                        assert!(
+                            (dx[e].to_f32() - want).abs() <= tol,
+                            "dx[{e}]: {} vs {want}",
+                            dx[e]
+                        );
                     } else {
-                        bf16::ZERO
-                    };
-                    assert_eq!(bits(w_ext[row * ld + c]), bits(want), "w_ext[{row}][{c}]");
-                }
-            }
-            // dx_fixup: dx0 + keep ⊙ (v A) / (1 - p), against a host computation in f32: a
-            // dropped element is dx0 exactly, a kept one within a rounding of bf16 (the tensor
-            // cores sum v A in another order).
-            let keep = dropout_mask(99, p_drop, m * d_in);
-            let dx = dx.to_host().unwrap();
-            for e in 0..m * d_in {
-                let (row, col) = (e / d_in, e % d_in);
-                let mut s = 0.0f32;
-                for j in 0..rank {
-                    s = v[row * rank + j]
-                        .to_f32()
-                        .mul_add(a[j * d_in + col].to_f32(), s);
-                }
-                if keep[e] == 1 {
-                    let want = dx0[e].to_f32() + s * (1.0 / (1.0 - p_drop));
-                    let tol = want.abs() * 2f32.powi(-8) + 1e-6;
-                    assert!(
-                        (dx[e].to_f32() - want).abs() <= tol,
-                        "dx[{e}]: {} vs {want}",
-                        dx[e]
-                    );
-                } else {
-                    assert_eq!(bits(dx[e]), bits(dx0[e]), "dx[{e}] was dropped");
+                        assert_eq!(bits(dx[e]), bits(dx0[e]), "dx[{e}] was dropped");
+                    }
                 }
             }
         }

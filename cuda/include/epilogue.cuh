@@ -22,3 +22,56 @@ FK_DEVICE void store(Acc& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, ui
     out[(m0 + r) * ld + n0 + c] = from_f32<T>(y);
   });
 }
+
+// out[m0 + r][n0 + c] = in[m0 + r][n0 + c] + factor · acc for m0 + r < rows, n0 + c < cols
+// (rows in_ld and out_ld elements apart; in may be out), rounded to T, from gemm.cuh's
+// accumulators. A fragment's pairs of columns go as the 16-bit halves of a word, in one 4-byte
+// access each where both matrices keep pairs aligned, two 2-byte ones otherwise. Half the
+// fragments at a time, each half's loads before its stores: a load after a store to `out`
+// waits for it (the compiler cannot tell their addresses apart), a round trip to memory per
+// pair; all at once spills on sm_80.
+template <typename T>
+FK_DEVICE void store_sum(gemm::Accumulators& acc, T* out, uint64_t out_ld, const T* in, uint64_t in_ld, uint32_t m0,
+                         uint32_t n0, uint32_t rows, uint32_t cols, float factor) {
+  constexpr int kBatch = gemm::kFragments / 2;
+  const bool words = out_ld % 2 == 0 && in_ld % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(in) % 4 == 0;
+#pragma unroll
+  for (int batch = 0; batch < gemm::kFragments; batch += kBatch) {
+    uint32_t was[kBatch][2];  // fragment i's rows g and g + 8
+    gemm::for_each_fragment(acc, [&](int i, int r, int c, float (&)[4]) {
+      if (i < batch || i >= batch + kBatch) return;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t row = m0 + r + 8 * half, col = n0 + c;
+        const T* at = in + row * in_ld + col;
+        uint32_t& w = was[i - batch][half];
+        if (row >= rows || col >= cols) {
+          w = 0;
+        } else if (words) {
+          w = *reinterpret_cast<const uint32_t*>(at);
+        } else {
+          w = bits16(at[0]) | (col + 1 < cols ? uint32_t(bits16(at[1])) << 16 : 0u);
+        }
+      }
+    });
+    gemm::for_each_fragment(acc, [&](int i, int r, int c, float (&q)[4]) {
+      if (i < batch || i >= batch + kBatch) return;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t row = m0 + r + 8 * half, col = n0 + c;
+        if (row >= rows || col >= cols) continue;
+        const uint32_t w = was[i - batch][half];
+        const T lo = from_f32<T>(to_f32(from_bits16<T>(w & 0xffffu)) + factor * q[2 * half]);
+        const T hi = from_f32<T>(to_f32(from_bits16<T>(w >> 16)) + factor * q[2 * half + 1]);
+        T* at = out + row * out_ld + col;
+        if (words) {
+          *reinterpret_cast<uint32_t*>(at) = uint32_t(bits16(lo)) | uint32_t(bits16(hi)) << 16;
+        } else {
+          at[0] = lo;
+          if (col + 1 < cols) at[1] = hi;
+        }
+      }
+    });
+  }
+}

@@ -133,17 +133,29 @@ FK_DEVICE void run_segment(Accumulators& acc, Stage& st, SrcA& a, SrcB& b, uint3
   }
 }
 
-// Calls f(row, col, acc_ref) for each accumulator this thread holds, in tile coordinates
-// relative to the block's origin.
+constexpr int kFragments = sizeof(Accumulators) / sizeof(float[4]);
+
+// Calls f(index, row, col, fragment) for each m16n8 fragment this thread holds, index 0 to
+// kFragments - 1 (known at compile time: the loops unroll): fragment[i] is the accumulator at
+// (row + 8 * (i / 2), col + i % 2), in tile coordinates relative to the block's origin (row =
+// the lane's group, col = twice its index in the group, as mma.sync's).
 template <class F>
-FK_DEVICE void for_each(Accumulators& acc, F f) {
+FK_DEVICE void for_each_fragment(Accumulators& acc, F f) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, wm = warp_m(), wn = warp_n();
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < 4; ++nt) f(mt * 4 + nt, wm * 64 + mt * 16 + g, wn * 32 + nt * 8 + 2 * t, acc[mt][nt]);
+}
+
+// Calls f(row, col, acc_ref) for each accumulator this thread holds, in tile coordinates
+// relative to the block's origin.
+template <class F>
+FK_DEVICE void for_each(Accumulators& acc, F f) {
+  for_each_fragment(acc, [&](int, int row, int col, float (&q)[4]) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) f(wm * 64 + mt * 16 + g + 8 * (i / 2), wn * 32 + nt * 8 + 2 * t + (i % 2), acc[mt][nt][i]);
+    for (int i = 0; i < 4; ++i) f(row + 8 * (i / 2), col + i % 2, q[i]);
+  });
 }
 
 // ---- sources -------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 //
 // A fused kernel regenerates its dropout mask from (seed, element index) wherever it needs
 // it, forward or backward; nothing is stored. One Philox call gives the keep bits of four
-// consecutive elements, so kernels should ask per group of four (dropout_keep_bits).
+// consecutive elements, so kernels should ask per group of four (dropout_keep_bits), and
+// draw several groups before using any: a call is a chain of 10 dependent rounds.
 #pragma once
 #include "compat.cuh"
 
@@ -50,29 +51,15 @@ FK_DEVICE unsigned dropout_keep_bits(uint64_t seed, uint64_t group, float p) {
 }
 
 // Keep bits of `count` (1 to 8) consecutive elements from `first` on, bit j for element
-// first + j: one Philox call per group of four the run touches (two for an aligned 8).
+// first + j: one Philox call per group of four the run touches. An 8 from a multiple of 4
+// (the common case) makes its two calls side by side, in flight together.
 FK_DEVICE uint32_t dropout_keep_run(uint64_t seed, uint64_t first, int count, float p) {
+  if (count == 8 && first % 4 == 0) {
+    return dropout_keep_bits(seed, first / 4, p) | dropout_keep_bits(seed, first / 4 + 1, p) << 4;
+  }
   const uint64_t group = first / 4, groups = (first % 4 + count + 3) / 4;
   uint32_t bits = dropout_keep_bits(seed, group, p);
   if (groups > 1) bits |= dropout_keep_bits(seed, group + 1, p) << 4;
   if (groups > 2) bits |= dropout_keep_bits(seed, group + 2, p) << 8;
   return bits >> (first % 4);
 }
-
-// Keep bits looked up element by element, one Philox call per group of four: callers that
-// walk consecutive indices (a row of a tile, a pair of accumulators) pay a quarter.
-struct DropoutMask {
-  uint64_t seed;
-  float p;
-  uint64_t group = ~0ull;
-  unsigned bits = 0;
-
-  FK_DEVICE bool kept(uint64_t index) {
-    if (index / 4 != group) {
-      group = index / 4;
-      bits = dropout_keep_bits(seed, group, p);
-    }
-    return (bits >> (index % 4)) & 1u;
-  }
-};
-

@@ -275,13 +275,6 @@ struct Schedule {
   }
 };
 
-// One tile, where the operands' row0s already point (a run of its own: `run`).
-struct OneTile {
-  uint32_t count = 1;
-  template <class... Segs>
-  FK_DEVICE void place(int, Segs&...) const {}
-};
-
 // Where an epilogue may stage the output tile in shared memory while the next tile's first
 // loads are in flight: the B parts (32 KB each: half a tile of 16-bit elements) of the two
 // stages that no load is filling after a tile's last step, and 16 KB (A's part of one) for a
@@ -290,12 +283,6 @@ struct Staging {
   void* half[2];
   float* table;
 };
-
-// A Staging in `smem` after a run, when every stage is free (the first two stages' parts).
-FK_DEVICE Staging staging_after_run(unsigned char* smem) {
-  Stage* st = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
-  return {{st[0].b, st[1].b}, reinterpret_cast<float*>(st[0].a)};
-}
 
 // For each of the block's tiles (`tiles`: count, place), acc += the segments' products, in
 // order (every segment's A of one layout: K- or MN-major), then done(i, acc, staging) with the
@@ -383,25 +370,6 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   __syncthreads();  // every wait on the barriers is done: they may go
   if (threadIdx.x == 0)
     for (int s = 0; s < kStages; ++s) mbarrier_inval(&full[s]);
-}
-
-// acc += the segments' products for the one tile the operands point at (run_tiles' terms).
-template <typename T, class... Segs>
-FK_DEVICE void run(Accumulators& acc, unsigned char* smem, Segs&... segs) {
-  run_tiles<T>(acc, smem, OneTile{}, [](int, Accumulators&, const Staging&) {}, segs...);
-}
-
-// For each of the block's tiles: points the segments' operands at it, zeroes acc and calls
-// f(origin) to run it (its runs fill and drain the pipeline) and store it: for tiles that
-// take more than one run (dX under dropout: the LoRA term masked between its runs).
-template <class F, class... Segs>
-FK_DEVICE void each_tile(const Schedule& tiles, Accumulators& acc, F f, Segs&... segs) {
-  for (int i = 0; i < int(tiles.count); ++i) {
-    tiles.place(i, segs...);
-#pragma unroll
-    for (float& v : acc) v = 0.0f;
-    f(tiles.origin(i));
-  }
 }
 
 // Calls f(row, col, v0, v1) for each pair of accumulators this thread holds (by reference),

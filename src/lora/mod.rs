@@ -550,6 +550,20 @@ impl<T: FloatElem> LoraLinear<T> {
         check_device(self.device(), buf)
     }
 
+    /// dX += mask ⊙ (v A) / (1 - p) (`lora_dx_fixup`): the low-rank term under dropout, after
+    /// a dX GEMM that left it out (cuBLAS on the Extended path, the wgmma kernel on
+    /// FusedWgmma), since the mask applies to it alone.
+    fn add_masked_lora_dx(&self, p: &LoraParams, m: usize) -> Result<()> {
+        // SAFETY: backward sized p's dx [m, in] and v [m, rank], and A is the layer's [rank, in].
+        unsafe {
+            self.device().launch(
+                &kernel(format!("lora_dx_fixup_{}", T::DTYPE)),
+                LaunchConfig::tiles(m, self.d_in, 1),
+                p,
+            )
+        }
+    }
+
     /// The fused paths' base GEMM `op` (`forward`, or `backward_dx`: computed as dXᵀ on
     /// wgmma) for `m` rows and an `n`-wide output: its kernel and launch, and on wgmma the
     /// tensor maps of its TMA loads in `p` (whose buffers, a scratch base's included, are set).
@@ -866,6 +880,10 @@ impl<T: FloatElem> LoraLinear<T> {
                 unsafe {
                     dev.launch(&name, cfg, &p)?;
                 }
+                if self.path == LoraPath::FusedWgmma && self.config.dropout > 0.0 {
+                    // The wgmma kernel leaves the masked low-rank term out.
+                    self.add_masked_lora_dx(&p, m)?;
+                }
             }
             LoraPath::Extended => {
                 let scratch = self.extended_weight(&mut p)?;
@@ -908,14 +926,7 @@ impl<T: FloatElem> LoraLinear<T> {
                     WeightOp::Plain,
                 )?;
                 if self.config.dropout > 0.0 {
-                    // SAFETY: dx, v and A are sized as the kernel reads them.
-                    unsafe {
-                        dev.launch(
-                            &kernel(format!("lora_dx_fixup_{t}")),
-                            LaunchConfig::tiles(m, self.d_in, 1),
-                            &p,
-                        )?
-                    };
+                    self.add_masked_lora_dx(&p, m)?;
                 }
             }
         }
