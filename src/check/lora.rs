@@ -403,7 +403,8 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
         (37, 131, 45, 5)
     };
     let base = Case::new(seed, m, d_in, d_out, rank);
-    report.extend([merge::<bf16>(dev, base)?, merge::<f16>(dev, base)?]);
+    report.push(merge::<bf16>(dev, base)?);
+    report.push(merge::<f16>(dev, base)?);
     // Path by path, in paths()'s order (the newest kernels last).
     for path in paths(dev) {
         for (dropout, bias, nf4, rslora, nf4_decode) in [

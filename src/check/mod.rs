@@ -121,10 +121,14 @@ pub struct Report<'a> {
 }
 
 impl Report<'_> {
+    pub fn push(&mut self, row: CheckRow) {
+        (self.on_row)(&row);
+        self.rows.push(row);
+    }
+
     pub fn extend(&mut self, rows: impl IntoIterator<Item = CheckRow>) {
         for r in rows {
-            (self.on_row)(&r);
-            self.rows.push(r);
+            self.push(r);
         }
     }
 }
@@ -140,10 +144,10 @@ pub fn all(
         rows: Vec::new(),
         on_row,
     };
-    report.extend(sparse::all(dev, scale, seed)?);
-    report.extend(nf4::all(dev, scale, seed)?);
+    sparse::all(dev, scale, seed, &mut report)?;
+    nf4::all(dev, scale, seed, &mut report)?;
     lora::all(dev, scale, seed, &mut report)?;
-    report.extend(nf4::wgmma(dev, scale, seed)?);
+    nf4::wgmma(dev, scale, seed, &mut report)?;
     Ok(report.rows)
 }
 

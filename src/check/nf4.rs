@@ -1,7 +1,7 @@
 //! Checks of the NF4 kernels against `reference::nf4` (bitsandbytes' format and numerics)
 //! and `reference::linear` (the matmuls, in f64).
 
-use super::{row, time_if, CheckCase, CheckRow, Measure, Scale};
+use super::{row, time_if, CheckCase, CheckRow, Measure, Report, Scale};
 use crate::device::Device;
 use crate::dtype::{DType, FloatElem};
 use crate::error::Result;
@@ -220,22 +220,22 @@ fn base_case(scale: Scale, seed: u64) -> (Case, usize) {
 }
 
 /// Every NF4 kernel at `scale`: quantize/dequantize for each dtype, blocksize and double
-/// quantization; the matmuls for bf16 and f16 through each path the device has.
-pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+/// quantization; the matmuls for bf16 and f16 through each path the device has. Each row
+/// into `report` as it is checked.
+pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result<()> {
     let (base, m_gemm) = base_case(scale, seed);
-    let mut rows_out = Vec::new();
     for (blocksize, dq) in [(64, true), (64, false), (32, true), (4096, true)] {
         let c = Case {
             blocksize,
             double_quant: dq,
             ..base
         };
-        rows_out.push(quantize::<bf16>(dev, c)?);
-        rows_out.push(quantize::<f16>(dev, c)?);
-        rows_out.push(quantize::<f32>(dev, c)?);
-        rows_out.push(dequantize::<bf16>(dev, c)?);
-        rows_out.push(dequantize::<f16>(dev, c)?);
-        rows_out.push(dequantize::<f32>(dev, c)?);
+        report.push(quantize::<bf16>(dev, c)?);
+        report.push(quantize::<f16>(dev, c)?);
+        report.push(quantize::<f32>(dev, c)?);
+        report.push(dequantize::<bf16>(dev, c)?);
+        report.push(dequantize::<f16>(dev, c)?);
+        report.push(dequantize::<f32>(dev, c)?);
     }
     let mut paths = vec![MatmulPath::FusedGemm];
     if dev.has_cublas() {
@@ -248,34 +248,33 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
             ..base
         };
         for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
-            rows_out.push(matmul::<bf16>(dev, c, gemv, true)?);
-            rows_out.push(matmul::<f16>(dev, c, gemv, true)?);
+            report.push(matmul::<bf16>(dev, c, gemv, true)?);
+            report.push(matmul::<f16>(dev, c, gemv, true)?);
         }
     }
     for path in paths {
         let c = Case { m: m_gemm, ..base };
         for forward in [true, false] {
-            rows_out.push(matmul::<bf16>(dev, c, path, forward)?);
-            rows_out.push(matmul::<f16>(dev, c, path, forward)?);
+            report.push(matmul::<bf16>(dev, c, path, forward)?);
+            report.push(matmul::<f16>(dev, c, path, forward)?);
         }
     }
-    Ok(rows_out)
+    Ok(())
 }
 
 /// The fused wgmma GEMM (Hopper, the emulator; nothing elsewhere) at `scale`, forward and dX,
 /// bf16 and f16: separate from [`all`] so that `fk check` runs it after every other family,
 /// the newest kernels last (a GPU fault ends the process's CUDA context, and every row after
 /// it).
-pub fn wgmma(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+pub fn wgmma(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result<()> {
     if !dev.has_wgmma() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let (base, m_gemm) = base_case(scale, seed);
     let c = Case { m: m_gemm, ..base };
-    let mut rows = Vec::new();
     for forward in [true, false] {
-        rows.push(matmul::<bf16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
-        rows.push(matmul::<f16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
+        report.push(matmul::<bf16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
+        report.push(matmul::<f16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
     }
-    Ok(rows)
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! Checks of the sparse-delta kernels against `reference::sparse`.
 
-use super::{row, time_if, CheckCase, CheckRow, Measure, Scale};
+use super::{row, time_if, CheckCase, CheckRow, Measure, Report, Scale};
 use crate::device::Device;
 use crate::dtype::{DType, FloatElem};
 use crate::error::Result;
@@ -253,8 +253,8 @@ macro_rules! for_each_sparse_pair {
 }
 
 /// Every sparse kernel entry once: each op and dtype pair, with u32 and (at the small
-/// scale) u64 indices.
-pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
+/// scale) u64 indices; into `report`, an op's rows as they are checked.
+pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result<()> {
     // Realistic: 1% of a 4096×11008 weight (DESIGN.md §8). Small: odd sizes past one block.
     let (numel, n) = match scale {
         Scale::Realistic => (4096 * 11008, 4096 * 11008 / 100),
@@ -264,7 +264,6 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
         Scale::Realistic => vec![IndexWidth::U32],
         Scale::Small => vec![IndexWidth::U32, IndexWidth::U64],
     };
-    let mut rows = Vec::new();
     for width in widths {
         let c = Case {
             seed,
@@ -281,9 +280,9 @@ pub fn all(dev: &Device, scale: Scale, seed: u64) -> Result<Vec<CheckRow>> {
             for_each_sparse_pair!(adamw, dev, c),
         ] {
             for r in f {
-                rows.push(r?);
+                report.push(r?);
             }
         }
     }
-    Ok(rows)
+    Ok(())
 }
