@@ -44,11 +44,11 @@ FK_DEVICE void store_sum(gemm::Accumulators& acc, T* out, uint64_t out_ld, const
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const uint32_t row = m0 + r + 8 * half, col = n0 + c;
-        const T* at = in + row * in_ld + col;
         uint32_t& w = was[i - batch][half];
-        if (row >= rows || col >= cols) {
-          w = 0;
-        } else if (words) {
+        w = 0;
+        if (row >= rows || col >= cols) continue;
+        const T* at = in + row * in_ld + col;
+        if (words) {
           w = *reinterpret_cast<const uint32_t*>(at);
         } else {
           w = bits16(at[0]) | (col + 1 < cols ? uint32_t(bits16(at[1])) << 16 : 0u);
