@@ -50,17 +50,35 @@ struct ActivationSource : DenseSource<T, KContig, Extent, BK> {
   T* copy = nullptr;  // rows of copy_ld elements
   uint64_t copy_ld = 0;
 
+  uint32_t keep = 0;  // the keep bits of this thread's runs of the next step: pre_wait's
+
+  // The keep bits of this thread's runs of the step at k0, for_each_loaded's order, `count`
+  // bits a run (at most 32 a step). narrow::run draws them a step ahead, so that the Philox
+  // calls overlap the step before's multiplies rather than stand between this step's wait and
+  // its barrier, behind which the next loads wait.
+  FK_DEVICE void pre_wait(uint32_t k0) {
+    static_assert(Extent * BK / kThreads <= 32, "a step's keep bits in one word");
+    if (p == 0.0f) return;
+    keep = 0;
+    int bit = 0;
+    this->for_each_loaded([&](int row, int col, int count) {
+      // A run is consecutive elements of x along either layout's contiguous index.
+      const uint32_t mn = this->mn0 + (KContig ? row : col), k = k0 + (KContig ? col : row);
+      keep |= (dropout_keep_run(seed, this->offset(mn, k), count, p) & ((1u << count) - 1)) << bit;
+      bit += count;
+    });
+  }
+
   FK_DEVICE void post_wait(TileT& tile, uint32_t k0) {
     if (!copy && p == 0.0f) return;
+    int bit = 0;
     this->for_each_loaded([&](int row, int col, int count) {
       if (KContig && copy) copy_run(tile, row, col, count, k0);
       if (p == 0.0f) return;
-      // A run is consecutive elements of x along either layout's contiguous index.
-      const uint32_t mn = this->mn0 + (KContig ? row : col), k = k0 + (KContig ? col : row);
-      const uint32_t keep = dropout_keep_run(seed, this->offset(mn, k), count, p);
       for (int j = 0; j < count; ++j) {
-        if (!((keep >> j) & 1u)) tile.data[row][col + j] = 0;
+        if (!((keep >> (bit + j)) & 1u)) tile.data[row][col + j] = 0;
       }
+      bit += count;
     });
   }
 

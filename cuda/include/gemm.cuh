@@ -10,6 +10,8 @@
 //   issue(next)  starts loads (cp.async, or global loads into registers)
 //   compute(cur)
 //   finish(next) writes what issue held in registers (e.g. dequantized NF4)
+//   pre_wait(next) does the work for it that needs none of its data (e.g. a dropout mask's
+//                bits; narrow.cuh calls it a step ahead)
 //   cp.async wait; post_wait(next) fixes up the landed data (e.g. dropout); barrier
 #pragma once
 #include "compat.cuh"
@@ -106,6 +108,8 @@ FK_DEVICE void run_segment(Accumulators& acc, Stage& st, SrcA& a, SrcB& b, uint3
   a.finish(st.a[0], k_begin);
   b.finish(st.b[0], k_begin);
   cp_async_commit();
+  a.pre_wait(k_begin);
+  b.pre_wait(k_begin);
   cp_async_wait<0>();
   a.post_wait(st.a[0], k_begin);
   b.post_wait(st.b[0], k_begin);
@@ -123,6 +127,8 @@ FK_DEVICE void run_segment(Accumulators& acc, Stage& st, SrcA& a, SrcB& b, uint3
     if (more) {
       a.finish(st.a[nxt], k_next);
       b.finish(st.b[nxt], k_next);
+      a.pre_wait(k_next);
+      b.pre_wait(k_next);
     }
     cp_async_wait<0>();
     if (more) {
@@ -198,6 +204,7 @@ struct DenseSource {
     }
   }
   FK_DEVICE void finish(TileT&, uint32_t) {}
+  FK_DEVICE void pre_wait(uint32_t) {}
   FK_DEVICE void post_wait(TileT&, uint32_t) {}
 
   // Calls f(row, col, count) for each run of `count` stored elements this thread loaded in

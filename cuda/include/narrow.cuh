@@ -87,7 +87,13 @@ FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_b
     }
     cp_async_commit();
   };
+  // Step kt's work that needs none of its data (a dropout mask), done while step kt - 1
+  // multiplies.
+  auto pre_wait = [&](int kt) {
+    if (kt < ktiles) a.pre_wait(k_at(kt)), b.pre_wait(k_at(kt));
+  };
   for (int kt = 0; kt < kStages - 1; ++kt) issue(kt);
+  pre_wait(0);
   for (int kt = 0; kt < ktiles; ++kt) {
     cp_async_wait<kStages - 2>();  // this thread's loads of step kt have landed
     StageT& s = st[kt % kStages];
@@ -97,6 +103,7 @@ FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_b
     __syncthreads();  // step kt landed for every thread; step kt - 1's stage is free
     issue(kt + kStages - 1);
     compute<T>(acc, s, n_tiles);
+    pre_wait(kt + 1);
   }
   cp_async_wait<0>();  // only the empty groups past the end remain: none left behind
 }

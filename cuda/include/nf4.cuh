@@ -181,6 +181,7 @@ struct Nf4Source {
     }
   }
 
+  FK_DEVICE void pre_wait(uint32_t) {}
   FK_DEVICE void post_wait(gemm::Tile<KContig, gemm::kBN>&, uint32_t) {}
 };
 

@@ -51,12 +51,8 @@ FK_DEVICE unsigned dropout_keep_bits(uint64_t seed, uint64_t group, float p) {
 }
 
 // Keep bits of `count` (1 to 8) consecutive elements from `first` on, bit j for element
-// first + j: one Philox call per group of four the run touches. An 8 from a multiple of 4
-// (the common case) makes its two calls side by side, in flight together.
+// first + j: one Philox call per group of four the run touches (two for an aligned 8).
 FK_DEVICE uint32_t dropout_keep_run(uint64_t seed, uint64_t first, int count, float p) {
-  if (count == 8 && first % 4 == 0) {
-    return dropout_keep_bits(seed, first / 4, p) | dropout_keep_bits(seed, first / 4 + 1, p) << 4;
-  }
   const uint64_t group = first / 4, groups = (first % 4 + count + 3) / 4;
   uint32_t bits = dropout_keep_bits(seed, group, p);
   if (groups > 1) bits |= dropout_keep_bits(seed, group + 1, p) << 4;
