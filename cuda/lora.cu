@@ -188,7 +188,8 @@ FK_DEVICE void forward(const LoraParams& p) {
   run_segment<T>(acc, st, u, b, 0, p.rank);
   DenseSource<T, true, kBM> x{as<T>(p.x), p.d_in, m0, p.m, p.d_in};
   base_segment<T, Nf4, true>(acc, st, x, p, n0);
-  store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, as<T>(p.bias));
+  const float* bias = gemm_bias_table(reinterpret_cast<float*>(&st), as<T>(p.bias), n0, p.d_out);
+  store(acc, static_cast<T*>(p.y), p.d_out, m0, n0, p.m, p.d_out, 1.0f, bias);
 }
 
 // The tensor map of operand `bit` (FK_LORA_TMA_*) where the host encoded one, for a TMA

@@ -10,17 +10,30 @@
 using gemm::for_each;
 using narrow::for_each;
 
-// Stores acc · factor (+ bias[column]) into out[m0 + r][n0 + c] for m0 + r < rows,
-// n0 + c < cols (rows `ld` elements apart), rounded to T.
+// Stores acc · factor (+ column_bias[c]) into out[m0 + r][n0 + c] for m0 + r < rows,
+// n0 + c < cols (rows `ld` elements apart), rounded to T. column_bias is the tile's bias in
+// shared memory (gemm_bias_table): a load of bias from global memory after a store to out
+// would wait for it (the compiler cannot tell their addresses apart).
 template <typename T, class Acc>
 FK_DEVICE void store(Acc& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols,
-                     float factor = 1.0f, const T* bias = nullptr) {
+                     float factor = 1.0f, const float* column_bias = nullptr) {
   for_each(acc, [&](int r, int c, float v) {
     if (m0 + r >= rows || n0 + c >= cols) return;
     float y = v * factor;
-    if (bias) y += to_f32(bias[n0 + c]);
+    if (column_bias) y += column_bias[c];
     out[(m0 + r) * ld + n0 + c] = from_f32<T>(y);
   });
+}
+
+// bias[n0 .. n0 + kBN) (0 past cols) as f32 in `table`, shared memory of a gemm.cuh block that
+// its stages no longer need: after the block's last segment, behind a barrier, as other warps
+// may still be reading their last stage. Block-uniform: every thread calls it.
+template <typename T>
+FK_DEVICE const float* gemm_bias_table(float* table, const T* bias, uint32_t n0, uint32_t cols) {
+  __syncthreads();
+  for (int c = threadIdx.x; c < gemm::kBN; c += gemm::kThreads) table[c] = bias && n0 + c < cols ? to_f32(bias[n0 + c]) : 0.0f;
+  __syncthreads();
+  return table;
 }
 
 // out[m0 + r][n0 + c] = in[m0 + r][n0 + c] + factor · acc for m0 + r < rows, n0 + c < cols
