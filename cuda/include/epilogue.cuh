@@ -25,12 +25,11 @@ FK_DEVICE void store(Acc& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, ui
   });
 }
 
-// bias[n0 .. n0 + kBN) (0 past cols) as f32 in `table`, shared memory of a gemm.cuh block that
-// its stages no longer need: after the block's last segment, behind a barrier, as other warps
-// may still be reading their last stage. Block-uniform: every thread calls it.
+// bias[n0 .. n0 + kBN) (0 past cols; all 0 without a bias) as f32 in `table`, shared memory
+// of a gemm.cuh block that its stages no longer need: after the block's last run_segment,
+// which ends on a barrier with no copies in flight. Every thread of the block calls it.
 template <typename T>
 FK_DEVICE const float* gemm_bias_table(float* table, const T* bias, uint32_t n0, uint32_t cols) {
-  __syncthreads();
   for (int c = threadIdx.x; c < gemm::kBN; c += gemm::kThreads) table[c] = bias && n0 + c < cols ? to_f32(bias[n0 + c]) : 0.0f;
   __syncthreads();
   return table;
