@@ -21,6 +21,18 @@ namespace {
 
 // ---- dequantize: runs of 16 bytes of output (8 elements of bf16 or f16, 4 of f32) --------
 
+// The codes of the run of kRun / 2 bytes from element e0 (a multiple of kRun), as they lie in
+// memory: one load, or for the weight's last run, its bytes up to the last code's (elements
+// past numel 0).
+template <typename Codes>
+FK_DEVICE Codes run_codes(const uint8_t* codes, uint64_t e0, uint64_t numel) {
+  constexpr uint64_t kRun = 2 * sizeof(Codes);
+  if (e0 + kRun <= numel) return *reinterpret_cast<const Codes*>(codes + e0 / 2);
+  Codes c = 0;
+  for (uint64_t b = e0 / 2; b < (numel + 1) / 2; ++b) c |= Codes(codes[b]) << (8 * (b - e0 / 2));
+  return c;
+}
+
 // A warp's lanes take consecutive runs, so that each store instruction writes 512 contiguous
 // bytes, whole sectors (runs of 16 elements wrote every other 16 bytes of 1 KB, each sector in
 // two halves, two instructions apart), and each load of codes 128 (f32: 64) contiguous bytes.
@@ -45,10 +57,7 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
     Codes codes[kRuns];
     float absmax[kRuns];
 #pragma unroll
-    for (int i = 0; i < kRuns; ++i) {
-      const uint64_t e0 = (r0 + i * stride) * kRun;
-      codes[i] = e0 + kRun <= numel && whole ? *reinterpret_cast<const Codes*>(w.codes + e0 / 2) : Codes(0);
-    }
+    for (int i = 0; i < kRuns; ++i) codes[i] = run_codes<Codes>(w.codes, (r0 + i * stride) * kRun, numel);
 #pragma unroll
     for (int i = 0; i < kRuns; ++i) {
       const uint64_t r = r0 + i * stride;
@@ -59,13 +68,12 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
     for (int i = 0; i < kRuns; ++i) {
       const uint64_t e0 = (r0 + i * stride) * kRun;
       if (e0 >= numel) break;
+      float v[kRun];
+      nf4_values<kRun>(table, codes[i], absmax[i], v);
       if (e0 + kRun <= numel && whole) {
-        float v[kRun];
-        nf4_values<kRun>(table, codes[i], absmax[i], v);
         store_16_bytes(ld == cols ? out + e0 : at(e0), v);
       } else {
-        const uint64_t end = e0 + kRun < numel ? e0 + kRun : numel;
-        for (uint64_t e = e0; e < end; ++e) *at(e) = from_f32<O>(nf4_value(table, nf4_code(w.codes, e), absmax[i]));
+        for (int j = 0; j < kRun && e0 + j < numel; ++j) *at(e0 + j) = from_f32<O>(v[j]);
       }
     }
   }
