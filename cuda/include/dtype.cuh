@@ -24,12 +24,26 @@ template <> FK_DEVICE __half from_bits16<__half>(unsigned short b) { return __us
 // runs (cp.async's copies), each in or out of every line together.
 FK_DEVICE bool runs_of_8(const void* ptr, uint64_t ld) { return ld % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Two values rounded to a 16-bit O, packed as they lie in memory (the first lowest).
+template <typename O>
+FK_DEVICE uint32_t pack2(float a, float b) {
+  return uint32_t(bits16(from_f32<O>(a))) | uint32_t(bits16(from_f32<O>(b))) << 16;
+}
+
 // Eight values rounded to a 16-bit O, packed as they lie in memory (the first lowest).
 template <typename O>
 FK_DEVICE uint4 pack8(const float* v) {
-  uint32_t w[4];
-  for (int i = 0; i < 4; ++i) w[i] = uint32_t(bits16(from_f32<O>(v[2 * i]))) | (uint32_t(bits16(from_f32<O>(v[2 * i + 1]))) << 16);
-  return make_uint4(w[0], w[1], w[2], w[3]);
+  return make_uint4(pack2<O>(v[0], v[1]), pack2<O>(v[2], v[3]), pack2<O>(v[4], v[5]), pack2<O>(v[6], v[7]));
+}
+
+// Two values rounded to O in one store of 2 · sizeof(O) bytes (dst aligned to that).
+template <typename O>
+FK_DEVICE void store_pair(O* dst, float a, float b) {
+  if constexpr (sizeof(O) == 4) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = pack2<O>(a, b);
+  }
 }
 
 // 16 / sizeof(O) values rounded to O, in one 16-byte store (dst 16-byte aligned).

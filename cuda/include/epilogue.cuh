@@ -7,21 +7,31 @@
 #include "gemm.cuh"
 #include "narrow.cuh"
 
-using gemm::for_each;
+using gemm::for_each_pair;
 using narrow::for_each;
+using narrow::for_each_pair;
 
 // Stores acc · factor (+ column_bias[c]) into out[m0 + r][n0 + c] for m0 + r < rows,
-// n0 + c < cols (rows `ld` elements apart), rounded to T. column_bias is the tile's bias in
-// shared memory (gemm_bias_table): a load of bias from global memory after a store to out
-// would wait for it (the compiler cannot tell their addresses apart).
+// n0 + c < cols (rows `ld` elements apart), rounded to T. A pair of columns goes in one store
+// where the rows keep pairs aligned (n0 is even), element by element otherwise. column_bias is
+// the tile's bias in shared memory (gemm_bias_table): a load of bias from global memory after
+// a store to out would wait for it (the compiler cannot tell their addresses apart).
 template <typename T, class Acc>
 FK_DEVICE void store(Acc& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, uint32_t rows, uint32_t cols,
                      float factor = 1.0f, const float* column_bias = nullptr) {
-  for_each(acc, [&](int r, int c, float v) {
-    if (m0 + r >= rows || n0 + c >= cols) return;
-    float y = v * factor;
-    if (column_bias) y += column_bias[c];
-    out[(m0 + r) * ld + n0 + c] = from_f32<T>(y);
+  const bool pairs = ld % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * sizeof(T)) == 0;
+  for_each_pair(acc, [&](int r, int c, float a, float b) {
+    const uint32_t row = m0 + r, col = n0 + c;
+    if (row >= rows || col >= cols) return;
+    float y0 = a * factor, y1 = b * factor;
+    if (column_bias) y0 += column_bias[c], y1 += column_bias[c + 1];
+    T* at = out + row * ld + col;
+    if (pairs && col + 1 < cols) {
+      store_pair(at, y0, y1);
+    } else {
+      at[0] = from_f32<T>(y0);
+      if (col + 1 < cols) at[1] = from_f32<T>(y1);
+    }
   });
 }
 
@@ -74,14 +84,14 @@ FK_DEVICE void store_sum(gemm::Accumulators& acc, T* out, uint64_t out_ld, const
         const uint32_t row = m0 + r + 8 * half, col = n0 + c;
         if (row >= rows || col >= cols) continue;
         const uint32_t w = was[i - batch][half];
-        const T lo = from_f32<T>(to_f32(from_bits16<T>(w & 0xffffu)) + factor * q[2 * half]);
-        const T hi = from_f32<T>(to_f32(from_bits16<T>(w >> 16)) + factor * q[2 * half + 1]);
+        const float lo = to_f32(from_bits16<T>(w & 0xffffu)) + factor * q[2 * half];
+        const float hi = to_f32(from_bits16<T>(w >> 16)) + factor * q[2 * half + 1];
         T* at = out + row * out_ld + col;
         if (words) {
-          *reinterpret_cast<uint32_t*>(at) = uint32_t(bits16(lo)) | uint32_t(bits16(hi)) << 16;
+          store_pair(at, lo, hi);
         } else {
-          at[0] = lo;
-          if (col + 1 < cols) at[1] = hi;
+          at[0] = from_f32<T>(lo);
+          if (col + 1 < cols) at[1] = from_f32<T>(hi);
         }
       }
     });

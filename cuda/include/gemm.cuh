@@ -154,13 +154,14 @@ FK_DEVICE void for_each_fragment(Accumulators& acc, F f) {
     for (int nt = 0; nt < 4; ++nt) f(mt * 4 + nt, wm * 64 + mt * 16 + g, wn * 32 + nt * 8 + 2 * t, acc[mt][nt]);
 }
 
-// Calls f(row, col, acc_ref) for each accumulator this thread holds, in tile coordinates
-// relative to the block's origin.
+// Calls f(row, col, acc_ref, acc_ref) for each pair of accumulators this thread holds in
+// columns col and col + 1 (col even) of a row, in tile coordinates relative to the block's
+// origin.
 template <class F>
-FK_DEVICE void for_each(Accumulators& acc, F f) {
+FK_DEVICE void for_each_pair(Accumulators& acc, F f) {
   for_each_fragment(acc, [&](int, int row, int col, float (&q)[4]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f(row + 8 * (i / 2), col + i % 2, q[i]);
+    f(row, col, q[0], q[1]);
+    f(row + 8, col, q[2], q[3]);
   });
 }
 

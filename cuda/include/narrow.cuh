@@ -108,14 +108,25 @@ FK_DEVICE void run(Accumulators& acc, StageT* st, SrcA& a, SrcB& b, uint32_t k_b
   cp_async_wait<0>();  // only the empty groups past the end remain: none left behind
 }
 
-// Calls f(row, col, acc_ref) for each accumulator this thread holds, in tile coordinates.
+// Calls f(row, col, acc_ref, acc_ref) for each pair of accumulators this thread holds in
+// columns col and col + 1 (col even) of a row, in tile coordinates.
 template <class F>
-FK_DEVICE void for_each(Accumulators& acc, F f) {
+FK_DEVICE void for_each_pair(Accumulators& acc, F f) {
   const int lane = threadIdx.x % 32, row = (threadIdx.x / 32) * 16 + lane / 4, col = 2 * (lane % 4);
 #pragma unroll
-  for (int nt = 0; nt < kCols / 8; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f(row + 8 * (i / 2), nt * 8 + col + (i % 2), acc[nt][i]);
+  for (int nt = 0; nt < kCols / 8; ++nt) {
+    f(row, nt * 8 + col, acc[nt][0], acc[nt][1]);
+    f(row + 8, nt * 8 + col, acc[nt][2], acc[nt][3]);
+  }
+}
+
+// Calls f(row, col, acc_ref) for each accumulator this thread holds, as for_each_pair.
+template <class F>
+FK_DEVICE void for_each(Accumulators& acc, F f) {
+  for_each_pair(acc, [&](int row, int col, float& a, float& b) {
+    f(row, col, a);
+    f(row, col + 1, b);
+  });
 }
 
 // The tiles of 8 columns a block whose first column is n0 computes, of `cols`.
