@@ -48,10 +48,10 @@ FK_DEVICE const float* gemm_bias_table(float* table, const T* bias, uint32_t n0,
 // out[m0 + r][n0 + c] = in[m0 + r][n0 + c] + factor · acc for m0 + r < rows, n0 + c < cols
 // (rows in_ld and out_ld elements apart; in may be out), rounded to T, from gemm.cuh's
 // accumulators. A fragment's pairs of columns go as the 16-bit halves of a word, in one 4-byte
-// access each where both matrices keep pairs aligned, two 2-byte ones otherwise. Half the
-// fragments at a time, each half's loads before its stores: a load after a store to `out`
-// waits for it (the compiler cannot tell their addresses apart), a round trip to memory per
-// pair; all at once spills on sm_80.
+// access each where both matrices keep pairs aligned, 2-byte ones otherwise and for a last odd
+// column (nothing past `cols` is read or written). Half the fragments at a time, each half's
+// loads before its stores: a load after a store to `out` waits for it (the compiler cannot
+// tell their addresses apart), a round trip to memory per pair; all at once spills on sm_80.
 template <typename T>
 FK_DEVICE void store_sum(gemm::Accumulators& acc, T* out, uint64_t out_ld, const T* in, uint64_t in_ld, uint32_t m0,
                          uint32_t n0, uint32_t rows, uint32_t cols, float factor) {
@@ -70,7 +70,7 @@ FK_DEVICE void store_sum(gemm::Accumulators& acc, T* out, uint64_t out_ld, const
         w = 0;
         if (row >= rows || col >= cols) continue;
         const T* at = in + row * in_ld + col;
-        if (words) {
+        if (words && col + 1 < cols) {
           w = *reinterpret_cast<const uint32_t*>(at);
         } else {
           w = bits16(at[0]) | (col + 1 < cols ? uint32_t(bits16(at[1])) << 16 : 0u);
@@ -87,7 +87,7 @@ FK_DEVICE void store_sum(gemm::Accumulators& acc, T* out, uint64_t out_ld, const
         const float lo = to_f32(from_bits16<T>(w & 0xffffu)) + factor * q[2 * half];
         const float hi = to_f32(from_bits16<T>(w >> 16)) + factor * q[2 * half + 1];
         T* at = out + row * out_ld + col;
-        if (words) {
+        if (words && col + 1 < cols) {
           store_pair(at, lo, hi);
         } else {
           at[0] = from_f32<T>(lo);
