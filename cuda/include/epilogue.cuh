@@ -11,6 +11,15 @@ using gemm::for_each_pair;
 using narrow::for_each;
 using narrow::for_each_pair;
 
+// at[0] = a and, where the pair's second column is inside the matrix (`second`), at[1] = b,
+// rounded to T: in one store where the pair is aligned for it, element by element otherwise.
+template <typename T>
+FK_DEVICE void store_two(T* at, float a, float b, bool aligned, bool second) {
+  if (aligned && second) return store_pair(at, a, b);
+  at[0] = from_f32<T>(a);
+  if (second) at[1] = from_f32<T>(b);
+}
+
 // Stores acc · factor (+ column_bias[c]) into out[m0 + r][n0 + c] for m0 + r < rows,
 // n0 + c < cols (rows `ld` elements apart), rounded to T. A pair of columns goes in one store
 // where the rows keep pairs aligned (n0 is even), element by element otherwise. column_bias is
@@ -25,13 +34,7 @@ FK_DEVICE void store(Acc& acc, T* out, uint64_t ld, uint32_t m0, uint32_t n0, ui
     if (row >= rows || col >= cols) return;
     float y0 = a * factor, y1 = b * factor;
     if (column_bias) y0 += column_bias[c], y1 += column_bias[c + 1];
-    T* at = out + row * ld + col;
-    if (pairs && col + 1 < cols) {
-      store_pair(at, y0, y1);
-    } else {
-      at[0] = from_f32<T>(y0);
-      if (col + 1 < cols) at[1] = from_f32<T>(y1);
-    }
+    store_two(out + row * ld + col, y0, y1, pairs, col + 1 < cols);
   });
 }
 
@@ -86,13 +89,7 @@ FK_DEVICE void store_sum(gemm::Accumulators& acc, T* out, uint64_t out_ld, const
         const uint32_t w = was[i - batch][half];
         const float lo = to_f32(from_bits16<T>(w & 0xffffu)) + factor * q[2 * half];
         const float hi = to_f32(from_bits16<T>(w >> 16)) + factor * q[2 * half + 1];
-        T* at = out + row * out_ld + col;
-        if (words && col + 1 < cols) {
-          store_pair(at, lo, hi);
-        } else {
-          at[0] = from_f32<T>(lo);
-          if (col + 1 < cols) at[1] = from_f32<T>(hi);
-        }
+        store_two(out + row * out_ld + col, lo, hi, words, col + 1 < cols);
       }
     });
   }
