@@ -272,17 +272,18 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
             width,
             timed: scale == Scale::Realistic,
         };
-        for f in [
-            for_each_sparse_pair!(scatter_sorted, dev, c),
-            for_each_sparse_pair!(scatter_planned, dev, c),
-            for_each_sparse_pair!(scatter_atomic, dev, c),
-            for_each_sparse_pair!(gather, dev, c),
-            for_each_sparse_pair!(adamw, dev, c),
-        ] {
-            for r in f {
+        // One op at a time, its rows reported before the next op is checked.
+        let mut push = |rows: Vec<Result<CheckRow>>| -> Result<()> {
+            for r in rows {
                 report.push(r?);
             }
-        }
+            Ok(())
+        };
+        push(for_each_sparse_pair!(scatter_sorted, dev, c))?;
+        push(for_each_sparse_pair!(scatter_planned, dev, c))?;
+        push(for_each_sparse_pair!(scatter_atomic, dev, c))?;
+        push(for_each_sparse_pair!(gather, dev, c))?;
+        push(for_each_sparse_pair!(adamw, dev, c))?;
     }
     Ok(())
 }
