@@ -131,3 +131,39 @@ pub mod raw {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::with_grid_cap;
+    use crate::reference::philox as reference;
+    use crate::testing::backends;
+
+    /// Both kernels' grid-stride loops past their first pass (grids of one block and of
+    /// three), bit for bit against the reference: a real launch takes a second pass only
+    /// past 2¹⁶ blocks of 256 threads (64 M Philox blocks).
+    #[test]
+    fn grid_stride_loops_take_several_passes() {
+        for dev in backends() {
+            let seed = rand::random();
+            // 2,051 Philox blocks and 8,203 mask bytes: several passes of a block of 256
+            // threads, and a partial last one.
+            let (blocks, n, p) = (2051, 8203, 0.3);
+            for cap in [1, 3] {
+                let (words, keep) = with_grid_cap(cap, || {
+                    let words = random_words(&dev, seed, 7, [3, 5], blocks)?.to_host()?;
+                    let keep = dropout_mask(&dev, seed, p, n)?.to_host()?;
+                    Ok::<_, Error>((words, keep))
+                })
+                .unwrap();
+                let case = format!("seed {seed}, {cap} blocks, {dev:?}");
+                assert_eq!(
+                    words,
+                    reference::random_words(seed, 7, [3, 5], blocks),
+                    "{case}"
+                );
+                assert_eq!(keep, reference::dropout_mask(seed, p, n), "{case}");
+            }
+        }
+    }
+}

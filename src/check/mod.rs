@@ -175,3 +175,52 @@ pub fn line(r: &CheckRow) -> String {
         r.kernel, r.backend, r.shape, err, time, verdict
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bf16;
+    use crate::device::with_grid_cap;
+    use crate::testing::backends;
+
+    /// Every check at small shapes (sparse, NF4, LoRA: `fk check --small`) with each
+    /// grid-stride launch capped at one block and at three, so that every thread of those
+    /// loops takes several passes; and u and v split over K (the small checks' K takes one
+    /// split), whose reduces are grid-stride too (131 tokens × rank 9: 1,179 elements, five
+    /// passes of one block). Real launches take a second pass only past 2¹⁶ blocks, which no
+    /// other test reaches.
+    #[test]
+    fn every_check_passes_with_grid_stride_launches_capped() {
+        for dev in backends() {
+            for cap in [1, 3] {
+                let seed = rand::random();
+                let rows = with_grid_cap(cap, || {
+                    let mut rows = all(&dev, Scale::Small, seed, &mut |_| {})?;
+                    for path in lora::paths(&dev) {
+                        let c = lora::Case {
+                            dropout: 0.1,
+                            bias: true,
+                            k_splits: Some(3),
+                            path: Some(path),
+                            ..lora::Case::new(seed, 131, 131, 45, 9)
+                        };
+                        rows.extend(lora::forward::<bf16>(&dev, c)?);
+                        rows.extend(lora::backward::<bf16>(&dev, c)?);
+                    }
+                    Ok::<_, crate::Error>(rows)
+                })
+                .unwrap();
+                let failed: Vec<String> = rows
+                    .iter()
+                    .filter(|r| !r.pass())
+                    .map(|r| r.to_string())
+                    .collect();
+                assert!(
+                    failed.is_empty(),
+                    "with grids capped at {cap} blocks:\n{}",
+                    failed.join("\n")
+                );
+            }
+        }
+    }
+}

@@ -52,6 +52,8 @@ impl LaunchConfig {
     /// A 1-D grid of `threads`-wide blocks covering `n` items, one per thread, capped at
     /// `max_blocks` (kernels loop grid-stride past the cap). `n == 0` gives zero blocks.
     pub fn grid_stride(n: u64, threads: u32, max_blocks: u32) -> Self {
+        #[cfg(test)]
+        let max_blocks = max_blocks.min(GRID_CAP.get());
         let blocks = n.div_ceil(threads as u64).min(max_blocks as u64) as u32;
         LaunchConfig {
             grid: (blocks, 1, 1),
@@ -155,6 +157,24 @@ impl LaunchConfig {
     pub fn warp_stride(n: u64, threads: u32, max_blocks: u32) -> Self {
         Self::grid_stride(n.saturating_mul(32), threads, max_blocks)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The cap [`with_grid_cap`] puts on grid-stride grids built on this thread.
+    static GRID_CAP: std::cell::Cell<u32> = const { std::cell::Cell::new(u32::MAX) };
+}
+
+/// Runs `f` with every [`LaunchConfig::grid_stride`] (and `warp_stride`) grid built on this
+/// thread capped at `blocks` blocks. A real launch takes a second pass of its grid-stride
+/// loop only past 2¹⁶ blocks (tens to hundreds of millions of elements); under a cap of a
+/// block or three, unit tests reach the later passes at small shapes.
+#[cfg(test)]
+pub(crate) fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
+    let before = GRID_CAP.replace(blocks);
+    let result = f();
+    GRID_CAP.set(before);
+    result
 }
 
 /// A kernel entry point: the PTX module (one per `cuda/<module>.cu`) and the entry name.

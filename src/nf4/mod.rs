@@ -126,19 +126,6 @@ impl Nf4Weight {
         blocksize: usize,
         double_quant: bool,
     ) -> Result<Self> {
-        Self::quantize_in_blocks(w, rows, cols, blocksize, double_quant, MAX_BLOCKS)
-    }
-
-    /// [`Nf4Weight::quantize`] with grids of at most `max_blocks` blocks: past that, each
-    /// warp quantizes several blocks (tests use small caps to take that path).
-    fn quantize_in_blocks<T: FloatElem>(
-        w: &Buffer<T>,
-        rows: usize,
-        cols: usize,
-        blocksize: usize,
-        double_quant: bool,
-        max_blocks: u32,
-    ) -> Result<Self> {
         let numel = check_shape(rows, cols)?;
         check_blocksize("nf4 quantize", blocksize)?;
         Error::check_len("nf4 quantize input", numel, w.len())?;
@@ -155,7 +142,7 @@ impl Nf4Weight {
             numel: numel as u64,
             blocksize: blocksize as u32,
         };
-        let cfg = LaunchConfig::warp_stride(blocks as u64, THREADS, max_blocks);
+        let cfg = LaunchConfig::warp_stride(blocks as u64, THREADS, MAX_BLOCKS);
         // SAFETY: w holds numel elements of T; codes, absmax and the flag are sized above.
         unsafe { dev.launch(&kernel(format!("nf4_quantize_{}", T::DTYPE)), cfg, &p)? };
         if nonfinite.to_host()?[0] != 0 {
@@ -165,7 +152,7 @@ impl Nf4Weight {
             });
         }
         let absmax = if double_quant {
-            nest(&dev, &absmax, max_blocks)?
+            nest(&dev, &absmax)?
         } else {
             DeviceAbsmax::Plain(absmax)
         };
@@ -283,17 +270,6 @@ impl Nf4Weight {
     /// [`Nf4Weight::dequantize`] into the first `cols` columns of the rows of a wider matrix
     /// (`ld >= cols` elements per row; the other columns are left as they are).
     pub fn dequantize_strided<O: FloatElem>(&self, out: &mut Buffer<O>, ld: usize) -> Result<()> {
-        self.dequantize_in_blocks(out, ld, MAX_BLOCKS)
-    }
-
-    /// [`Nf4Weight::dequantize_strided`] with a grid of at most `max_blocks` blocks: past
-    /// that, each thread takes several passes (tests use small caps to take that path).
-    fn dequantize_in_blocks<O: FloatElem>(
-        &self,
-        out: &mut Buffer<O>,
-        ld: usize,
-        max_blocks: u32,
-    ) -> Result<()> {
         if ld < self.cols || out.len() < (self.rows - 1) * ld + self.cols {
             return Err(Error::ShapeMismatch {
                 what: "nf4 dequantize output (rows of ld)".into(),
@@ -312,7 +288,7 @@ impl Nf4Weight {
         unsafe {
             self.device().launch(
                 &kernel(format!("nf4_dequantize_{}", O::DTYPE)),
-                dequantize_launch(self.rows as u64 * self.cols as u64, O::DTYPE, max_blocks),
+                dequantize_launch(self.rows as u64 * self.cols as u64, O::DTYPE),
                 &p,
             )
         }
@@ -320,16 +296,14 @@ impl Nf4Weight {
 }
 
 /// nf4_dequantize's grid for an `out` output: a thread per pass of `FK_NF4_DEQUANTIZE_RUNS`
-/// runs of 16 bytes of output (8 elements of bf16 or f16 a run, 4 of f32), in at most
-/// `max_blocks` blocks.
-fn dequantize_launch(numel: u64, out: DType, max_blocks: u32) -> LaunchConfig {
+/// runs of 16 bytes of output (8 elements of bf16 or f16 a run, 4 of f32).
+fn dequantize_launch(numel: u64, out: DType) -> LaunchConfig {
     let per_thread = params::FK_NF4_DEQUANTIZE_RUNS as u64 * 16 / out.size() as u64;
-    LaunchConfig::grid_stride(numel.div_ceil(per_thread), THREADS, max_blocks)
+    LaunchConfig::grid_stride(numel.div_ceil(per_thread), THREADS, MAX_BLOCKS)
 }
 
 /// Double quantization of the absmaxes on the device (bitsandbytes' compress_statistics).
-/// (`max_blocks` caps the grid, as in [`Nf4Weight::quantize_in_blocks`].)
-fn nest(dev: &Device, absmax: &Buffer<f32>, max_blocks: u32) -> Result<DeviceAbsmax> {
+fn nest(dev: &Device, absmax: &Buffer<f32>) -> Result<DeviceAbsmax> {
     let blocks = absmax.len();
     let groups = blocks.div_ceil(params::FK_NF4_NESTED_BLOCKSIZE as usize);
     let map = dev.upload(&dynamic_map())?;
@@ -355,7 +329,7 @@ fn nest(dev: &Device, absmax: &Buffer<f32>, max_blocks: u32) -> Result<DeviceAbs
     };
     // SAFETY: every buffer is sized for `blocks` absmaxes above.
     unsafe { dev.launch(&kernel("nf4_absmax_mean".into()), one_block, &p)? };
-    let cfg = LaunchConfig::warp_stride(groups as u64, THREADS, max_blocks);
+    let cfg = LaunchConfig::warp_stride(groups as u64, THREADS, MAX_BLOCKS);
     // SAFETY: as above; the offset was written by the previous launch on the same stream.
     unsafe { dev.launch(&kernel("nf4_quantize_nested".into()), cfg, &p)? };
     let offset = offset.to_host()?[0];
@@ -791,7 +765,7 @@ pub mod raw {
         unsafe {
             dev.launch(
                 &kernel(format!("nf4_dequantize_{out}")),
-                dequantize_launch(p.w.rows as u64 * p.w.cols as u64, out, MAX_BLOCKS),
+                dequantize_launch(p.w.rows as u64 * p.w.cols as u64, out),
                 stream,
                 p,
             )
@@ -826,8 +800,9 @@ pub mod raw {
 mod tests {
     use super::*;
     use crate::bf16;
+    use crate::device::with_grid_cap;
     use crate::reference::nf4::quantize;
-    use crate::testing::{emulators, random_vec};
+    use crate::testing::{backends, random_vec};
     use rand::{rngs::StdRng, SeedableRng};
 
     /// The grid-stride loops past their first pass: quantize (a warp per block, several blocks
@@ -837,43 +812,37 @@ mod tests {
     /// 2¹⁶ blocks (dequantize: 536 M elements), which no other test reaches.
     #[test]
     fn grid_stride_loops_take_several_passes() {
-        let Some(dev) = emulators().into_iter().next() else {
-            return; // the emulator is not built (feature emu off): nothing launches here
-        };
-        let mut rng = StdRng::seed_from_u64(rand::random());
-        // 67 × 1031 at blocksize 32: 2,159 blocks in 9 nested groups, 8 passes of dequantize
-        // on one block; 29 × 300 at 64 plain, into rows of 307 (runs that straddle rows).
-        for (rows, cols, blocksize, double_quant, ld) in
-            [(67, 1031, 32, true, 1031), (29, 300, 64, false, 307)]
-        {
-            let w: Vec<bf16> = random_vec(&mut rng, rows * cols, 0.3);
-            let want = quantize(&w, &[rows, cols], blocksize, double_quant).unwrap();
-            let wd = dev.upload(&w).unwrap();
-            for max_blocks in [1, 3] {
-                let case = format!(
-                    "{rows}x{cols} bs {blocksize} dq {double_quant} in {max_blocks} blocks"
-                );
-                let q = Nf4Weight::quantize_in_blocks(
-                    &wd,
-                    rows,
-                    cols,
-                    blocksize,
-                    double_quant,
-                    max_blocks,
-                )
-                .unwrap();
-                assert_eq!(q.to_host().unwrap(), want, "quantize {case}");
-                let expect = want.dequantize::<f32>();
-                let mut out = dev.alloc_poisoned::<f32>((rows - 1) * ld + cols).unwrap();
-                q.dequantize_in_blocks(&mut out, ld, max_blocks).unwrap();
-                let got = out.to_host().unwrap();
-                for r in 0..rows {
-                    for c in 0..cols {
-                        assert_eq!(
-                            got[r * ld + c].to_bits(),
-                            expect[r * cols + c].to_bits(),
-                            "dequantize [{r}][{c}] {case}"
-                        );
+        for dev in backends() {
+            let mut rng = StdRng::seed_from_u64(rand::random());
+            // 67 × 1031 at blocksize 32: 2,159 blocks in 9 nested groups, 8 passes of dequantize
+            // on one block; 29 × 300 at 64 plain, into rows of 307 (runs that straddle rows).
+            for (rows, cols, blocksize, double_quant, ld) in
+                [(67, 1031, 32, true, 1031), (29, 300, 64, false, 307)]
+            {
+                let w: Vec<bf16> = random_vec(&mut rng, rows * cols, 0.3);
+                let want = quantize(&w, &[rows, cols], blocksize, double_quant).unwrap();
+                let wd = dev.upload(&w).unwrap();
+                for max_blocks in [1, 3] {
+                    let case = format!(
+                        "{rows}x{cols} bs {blocksize} dq {double_quant} in {max_blocks} blocks"
+                    );
+                    let (q, got) = with_grid_cap(max_blocks, || {
+                        let q = Nf4Weight::quantize(&wd, rows, cols, blocksize, double_quant)?;
+                        let mut out = dev.alloc_poisoned::<f32>((rows - 1) * ld + cols)?;
+                        q.dequantize_strided(&mut out, ld)?;
+                        Ok::<_, Error>((q, out.to_host()?))
+                    })
+                    .unwrap();
+                    assert_eq!(q.to_host().unwrap(), want, "quantize {case}");
+                    let expect = want.dequantize::<f32>();
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            assert_eq!(
+                                got[r * ld + c].to_bits(),
+                                expect[r * cols + c].to_bits(),
+                                "dequantize [{r}][{c}] {case}"
+                            );
+                        }
                     }
                 }
             }
