@@ -8,12 +8,13 @@
 #       On the GPU machine, from the repository root with .bundle/ present: environment,
 #       PTX rebuilt with that machine's nvcc, the GPU test suite (FK_REQUIRE_GPU=1) on the
 #       committed and on the rebuilt PTX, compute-sanitizer (memcheck, racecheck, initcheck,
-#       synccheck) on `fk check --small`, the register dump, `fk check`, `fk bench` and the
-#       PyTorch/PEFT baselines. Writes OUTDIR/<date>-<gpu>.md and .json (format:
+#       synccheck) on `fk check --small`, the register dump, `fk check`, `fk bench`, the
+#       PyTorch/PEFT baselines and Nsight Compute's counters for `fk profile`. Writes OUTDIR/<date>-<gpu>.md and .json (format:
 #       bench/results/README.md), the register dump and a log; prints a summary last.
 #       --dry-run runs the same steps without a GPU, marking the GPU-only ones skipped, so
 #       that the output format is tested here. FK_CHECK_SECONDS (default 240) bounds
-#       `fk check`, for a lease with less time left.
+#       `fk check`, for a lease with less time left; FK_PROFILE_SECONDS (default 90) each
+#       of the profile's two runs.
 #
 # It never changes the GPU's clocks, power or mode.
 set -uo pipefail
@@ -153,6 +154,28 @@ PY
     timeout 120 python3 scripts/torch_baselines.py --json "$work/torch.json" 2>&1 | tee -a "$log"
   else
     echo "skipped (dry run)" | tee -a "$log"
+  fi
+  results >/dev/null
+
+  # Nsight Compute's counters for `fk profile`'s launches (one of each kernel with an open
+  # question, bench/NOTES.md): throughput against the peaks, occupancy, where warps stall,
+  # cache hit rates. --clock-control none: the clocks stay as they are (METHOD.md).
+  step "hardware counters (ncu on fk profile)"
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
+  if [ -z "$dry" ] && [ -n "$ncu_bin" ]; then
+    # A family per run: ncu may write its report only when the program ends, so that a
+    # timeout costs one family's counters, not both.
+    for family in nf4 lora; do
+      timeout "${FK_PROFILE_SECONDS:-90}" "$ncu_bin" --clock-control none \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --csv --page raw --print-units base --log-file "$work/ncu-$family.csv" \
+        "$bundle/fk" profile "$family" >>"$work/profile.txt" 2>&1
+      echo "$family: exit $?" >>"$work/profile.txt"
+    done
+    grep -v "^profile case: " "$work/profile.txt" | tail -4 | tee -a "$log"
+  else
+    echo "skipped (dry run or no ncu)" | tee "$work/profile.txt" | tee -a "$log"
   fi
   results >/dev/null
 

@@ -5,6 +5,7 @@
 
 Writes OUTDIR/<date>-<gpu>.md and OUTDIR/<date>-<gpu>.json (format: bench/results/README.md)
 and prints the summary table last."""
+import csv
 import json
 import os
 import re
@@ -51,6 +52,53 @@ def parse_tests(text):
     return out
 
 
+# Nsight Compute's raw metric names for the profile table's columns (absent ones print "—").
+NCU_COLUMNS = [
+    ("µs", "gpu__time_duration.sum"),
+    ("DRAM %", "dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("mem %", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+    ("occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active"),
+    ("of theoretical %", "sm__maximum_warps_per_active_cycle_pct"),
+    ("regs", "launch__registers_per_thread"),
+    ("L1 hit %", "l1tex__t_sector_hit_rate.pct"),
+    ("L2 hit %", "lts__t_sector_hit_rate.pct"),
+]
+STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
+TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
+
+
+def parse_ncu(text):
+    """ncu --csv --page raw: a header of metric names, a row of units, a row per launch.
+    Returns [{"kernel", "grid", "block", "metrics": {column: value}, "stalls": [[reason,
+    cycles per issued instruction], ...] (the largest three)}], launches in order."""
+    rows = list(csv.reader(l for l in text.splitlines() if l.startswith('"')))
+    if len(rows) < 2 or "Kernel Name" not in rows[0]:
+        return []
+    names, units = rows[0], rows[1]
+    launches = []
+    for r in rows[2:]:
+        cell = dict(zip(names, r))
+        unit = dict(zip(names, units))
+
+        def number(metric):
+            try:
+                v = float(cell.get(metric, "").replace(",", ""))
+            except ValueError:
+                return None
+            return v * TO_US.get(unit.get(metric, ""), 1.0) if metric == "gpu__time_duration.sum" else v
+
+        stalls = sorted(((m.group(1), number(n)) for n in names if (m := STALL.match(n)) and number(n) is not None), key=lambda x: -x[1])
+        launches.append({
+            "kernel": cell.get("Kernel Name", "?"),
+            "grid": cell.get("Grid Size", ""),
+            "block": cell.get("Block Size", ""),
+            "metrics": {label: number(metric) for label, metric in NCU_COLUMNS},
+            "stalls": [[k, v] for k, v in stalls[:3]],
+        })
+    return launches
+
+
 def main():
     work, out, slug, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     env = parse_env(read(os.path.join(work, "env.txt")))
@@ -67,6 +115,17 @@ def main():
     torch_rows = json.loads(read(os.path.join(work, "torch.json"), "[]") or "[]")
     ptx = read(os.path.join(work, "ptx.txt")).strip()
     regdump = sorted(f for f in os.listdir(out) if f.startswith("regdump-"))
+    profile_log = read(os.path.join(work, "profile.txt")).strip()
+    try:
+        profile = {"launches": [l for f in ("nf4", "lora") for l in parse_ncu(read(os.path.join(work, f"ncu-{f}.csv")))], "error": None}
+        for family in ("nf4", "lora"):  # every metric, beside the results: <stem>-ncu-<family>.csv
+            if text := read(os.path.join(work, f"ncu-{family}.csv")):
+                with open(os.path.join(out, f"{stem}-ncu-{family}.csv"), "w") as f:
+                    f.write(text)
+    except Exception as e:  # an unexpected ncu format must not cost the rest of the results
+        profile = {"launches": [], "error": f"{type(e).__name__}: {e}"}
+    profile["cases"] = [l[len("profile case: "):] for l in profile_log.splitlines() if l.startswith("profile case: ")]
+    profile["log_tail"] = [l for l in profile_log.splitlines() if not l.startswith("profile case: ")][-5:]
 
     result = {
         "format": "finetune-kernels gpu-check v1",
@@ -80,6 +139,7 @@ def main():
         "resources": resources.splitlines(),
         "bench": bench,
         "torch": torch_rows,
+        "profile": profile,
     }
     with open(os.path.join(out, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -107,6 +167,19 @@ def main():
             t = "—" if r["time_us"] is None else f"{r['time_us']:.2f}"
             md.append(f"| {r['name']} | {r['shape']} | {t} | {r['note']} |")
         md.append("")
+    md += ["## Hardware counters (Nsight Compute on `fk profile`)", ""]
+    if profile["cases"]:
+        md += ["Cases, in launch order: " + "; ".join(profile["cases"]) + ".", ""]
+    if profile["launches"]:
+        fmt = lambda v: "—" if v is None else f"{v:.0f}" if v == int(v) or abs(v) >= 1e4 else f"{v:.1f}"
+        md += ["| # | kernel | grid | block | " + " | ".join(l for l, _ in NCU_COLUMNS) + " | top stalls (cycles per issued instruction) |",
+               "|---:|---|---|---|" + "---:|" * len(NCU_COLUMNS) + "---|"]
+        for i, k in enumerate(profile["launches"]):
+            stalls = ", ".join(f"{r} {v:.1f}" for r, v in k["stalls"]) or "—"
+            md.append(f"| {i} | `{k['kernel'][:60]}` | {k['grid']} | {k['block']} | "
+                      + " | ".join(fmt(k["metrics"][l]) for l, _ in NCU_COLUMNS) + f" | {stalls} |")
+        md.append("")
+    md += ["```", "\n".join(profile["log_tail"]) or "not run", profile["error"] or "", "```", ""]
     with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write("\n".join(md))
 
@@ -124,6 +197,7 @@ def main():
     print(next((l for l in check.splitlines() if "checks," in l), "fk check: no summary"))
     print(f"register dump: {', '.join(regdump) or 'none'}")
     print(next((l for l in resources.splitlines() if l.startswith("kernels with local memory")), "kernel resources: not run"))
+    print(f"profile: {len(profile['launches'])} launches with counters" + (f" ({profile['error']})" if profile["error"] else ""))
     for r in bench:
         base = f" vs {r['baseline']} {r['baseline_us']:.1f}" if r.get("baseline") else ""
         print(f"{r['kernel']:<32} {r['shape']:<28} {r['time_us']:9.2f} us {100 * r['fraction_of_floor']:5.0f}% of floor{base}")

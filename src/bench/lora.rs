@@ -13,14 +13,14 @@ use crate::nf4::Nf4Weight;
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
 
-const M: usize = 8192;
-const D: usize = 4096;
-const RANK: usize = 16;
+pub(super) const M: usize = 8192;
+pub(super) const D: usize = 4096;
+pub(super) const RANK: usize = 16;
 
-/// The benchmarked layer and the bytes of its base weight (bf16, or NF4 with its absmaxes).
-/// The benchmarks' layer, `d_in`→`d_out`: a dense base, or (`nf4`) an NF4 one fed to the
-/// GEMMs as it says; with a bias where `bias`.
-fn layer(
+/// The benchmarks' layer, `d_in`→`d_out`, and the bytes of its base weight: a dense base
+/// (bf16), or (`nf4`) an NF4 one (with its absmaxes) fed to the GEMMs as it says; with a bias
+/// where `bias`.
+pub(super) fn layer(
     dev: &Device,
     (d_in, d_out): (usize, usize),
     nf4: Option<Nf4Decode>,

@@ -4,6 +4,7 @@
 
 pub mod lora;
 pub mod nf4;
+pub mod profile;
 pub mod sparse;
 
 use crate::device::blas::{self, WeightOp};

@@ -12,7 +12,7 @@ use crate::testing::random_vec;
 use crate::{bf16, Buffer};
 use rand::{rngs::StdRng, SeedableRng};
 
-fn weight(dev: &Device, rows: usize, cols: usize) -> Result<(Buffer<bf16>, Nf4Weight)> {
+pub(super) fn weight(dev: &Device, rows: usize, cols: usize) -> Result<(Buffer<bf16>, Nf4Weight)> {
     let mut rng = StdRng::seed_from_u64((rows * cols) as u64);
     let w = dev.upload(&random_vec::<bf16>(&mut rng, rows * cols, 0.05))?;
     let q = Nf4Weight::quantize(&w, rows, cols, 64, true)?;

@@ -4,6 +4,7 @@
 //!   fk check [--small] [--seed N] every kernel against its reference; exit 0 only if all pass
 //!   fk regdump --out FILE [--rcp-table FILE]         record tensor-core register layouts on this GPU
 //!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
+//!   fk profile nf4|lora           one launch of each kernel with open questions, for ncu
 //!   fk kernels [--resources]      every (module, kernel) the Rust side can launch; with
 //!                                 --resources, each as this GPU's driver compiled it
 //!   fk merge BASE ADAPTER_DIR OUT a PEFT LoRA adapter merged into a safetensors checkpoint
@@ -18,7 +19,7 @@ use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         Some("check") => run_check(&args[1..]),
         Some("regdump") => run_regdump(&args[1..]).map(|_| true),
         Some("bench") => run_bench(&args[1..]).map(|_| true),
+        Some("profile") => run_profile(&args[1..]).map(|_| true),
         Some("quantize") => run_quantize(&args[1..]).map(|_| true),
         Some("merge") => run_merge(&args[1..]).map(|_| true),
         Some("kernels") if args.get(1).is_some_and(|a| a == "--resources") => {
@@ -257,6 +259,18 @@ fn run_bench(args: &[String]) -> Result<(), String> {
     std::fs::write(md, &table).map_err(|e| format!("{md}: {e}"))?;
     print!("{table}");
     Ok(())
+}
+
+/// `fk profile`: [`bench::profile::run`], each case's name printed before its launches (a
+/// profiler's report lists the launches in the same order).
+fn run_profile(args: &[String]) -> Result<(), String> {
+    let family = args.first().ok_or("profile needs a family: nf4 or lora")?;
+    let dev = Device::best().map_err(|e| e.to_string())?;
+    if !matches!(dev, Device::Cuda(_)) {
+        return Err("a profile reads a GPU's counters: it needs a GPU".into());
+    }
+    bench::profile::run(&dev, family, &mut |case| println!("profile case: {case}"))
+        .map_err(|e| e.to_string())
 }
 
 /// `fk quantize`: the 2-D linear weights of a bf16/f16/f32 safetensors checkpoint to NF4
