@@ -10,18 +10,44 @@ use super::nf4::weight;
 use crate::bf16;
 use crate::check::lora::paths;
 use crate::device::Device;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::lora::{LoraPath, TileLoads};
 use crate::nf4::{self, MatmulPath};
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
 
-/// Runs the cases of `family` (`nf4` or `lora`) on `dev`, calling `announce` with each
-/// case's name before its launches.
+/// The shapes a profile runs at: the benchmarks' ([`Shapes::BENCH`]), or small ones at which
+/// the emulator runs every case in a test.
+#[derive(Debug, Clone, Copy)]
+struct Shapes {
+    /// The NF4 weight `[rows, cols]` (the GEMVs also take it transposed).
+    nf4: (usize, usize),
+    /// Tokens (the NF4 GEMM's rows and the LoRA layer's).
+    tokens: usize,
+    /// The LoRA layer's `in` and `out`.
+    d: usize,
+}
+
+impl Shapes {
+    /// LLaMA-7B's MLP weight for NF4; DESIGN.md §8's layer for LoRA.
+    const BENCH: Shapes = Shapes {
+        nf4: (11008, 4096),
+        tokens: M,
+        d: D,
+    };
+}
+
+/// Runs the cases of `family` (`nf4` or `lora`) on `dev` at the benchmarks' shapes, calling
+/// `announce` with each case's name before its launches.
 pub fn run(dev: &Device, family: &str, announce: &mut dyn FnMut(&str)) -> Result<()> {
+    run_at(dev, family, Shapes::BENCH, announce)
+}
+
+fn run_at(dev: &Device, family: &str, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result<()> {
     match family {
-        "nf4" => nf4_cases(dev, announce)?,
-        "lora" => lora_cases(dev, announce)?,
+        "nf4" => nf4_cases(dev, at, announce)?,
+        "lora" => lora_cases(dev, at, announce)?,
         other => {
             return Err(Error::InvalidArgument {
                 what: "profile family",
@@ -33,11 +59,12 @@ pub fn run(dev: &Device, family: &str, announce: &mut dyn FnMut(&str)) -> Result
 }
 
 /// The tensor-core GEMV both ways and the SIMT one (1 row), dequantize, and on Hopper the
-/// fused wgmma GEMM that decodes in its tiles (8192 rows); at LLaMA-7B's MLP shapes.
-fn nf4_cases(dev: &Device, announce: &mut dyn FnMut(&str)) -> Result<()> {
+/// fused wgmma GEMM that decodes in its tiles.
+fn nf4_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(5);
-    let (_, wide) = weight(dev, 11008, 4096)?;
-    let (_, tall) = weight(dev, 4096, 11008)?;
+    let (rows, cols) = at.nf4;
+    let (_, wide) = weight(dev, rows, cols)?;
+    let (_, tall) = weight(dev, cols, rows)?;
     for (q, path) in [
         (&wide, MatmulPath::GemvMma),
         (&tall, MatmulPath::GemvMma),
@@ -45,7 +72,7 @@ fn nf4_cases(dev: &Device, announce: &mut dyn FnMut(&str)) -> Result<()> {
     ] {
         announce(&format!(
             "{} 1x{}→{}",
-            path.label(true, crate::DType::BF16),
+            path.label(true, DType::BF16),
             q.cols(),
             q.rows()
         ));
@@ -53,33 +80,63 @@ fn nf4_cases(dev: &Device, announce: &mut dyn FnMut(&str)) -> Result<()> {
         let mut y = dev.alloc_output::<bf16>(q.rows())?;
         nf4::forward_with(q, &x, 1, &mut y, path)?;
     }
-    announce("nf4_dequantize_bf16 4096x11008");
-    let mut w = dev.alloc_output::<bf16>(wide.rows() * wide.cols())?;
+    announce(&format!("nf4_dequantize_bf16 {cols}x{rows}"));
+    let mut w = dev.alloc_output::<bf16>(rows * cols)?;
     wide.dequantize(&mut w)?;
     if dev.has_wgmma() {
-        announce("nf4_gemm_wgmma_bf16 8192x4096→11008");
-        let x = dev.upload(&random_vec::<bf16>(&mut rng, M * wide.cols(), 1.0))?;
-        let mut y = dev.alloc_output::<bf16>(M * wide.rows())?;
-        nf4::forward_with(&wide, &x, M, &mut y, MatmulPath::FusedGemmWgmma)?;
+        let m = at.tokens;
+        announce(&format!("nf4_gemm_wgmma_bf16 {m}x{cols}→{rows}"));
+        let x = dev.upload(&random_vec::<bf16>(&mut rng, m * cols, 1.0))?;
+        let mut y = dev.alloc_output::<bf16>(m * rows)?;
+        nf4::forward_with(&wide, &x, m, &mut y, MatmulPath::FusedGemmWgmma)?;
     }
     Ok(())
 }
 
-/// LoRA at 8192 tokens, 4096→4096, r = 16: forward and backward on the Extended path
-/// (cuBLAS) and the wgmma one, without and with dropout (lora_dx_fixup).
-fn lora_cases(dev: &Device, announce: &mut dyn FnMut(&str)) -> Result<()> {
+/// LoRA, rank 16: forward and backward on the Extended path (cuBLAS) and the wgmma one,
+/// without and with dropout (lora_dx_fixup).
+fn lora_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(6);
-    let x = dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?;
-    let dy = dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?;
+    let (m, d) = (at.tokens, at.d);
+    let x = dev.upload(&random_vec::<bf16>(&mut rng, m * d, 1.0))?;
+    let dy = dev.upload(&random_vec::<bf16>(&mut rng, m * d, 1.0))?;
     // Not the mma.sync Fused path: its times are not among the open questions.
     let lora_paths = paths(dev).into_iter().filter(|&p| p != LoraPath::Fused);
     for (path, dropout) in lora_paths.flat_map(|p| [(p, 0.0), (p, 0.1)]) {
-        let (l, _) = layer(dev, (D, D), None, dropout, false, path, TileLoads::Tma)?;
-        let name = format!("lora {path:?} p {dropout} {M}x{D}→{D} r{RANK}");
+        let (l, _) = layer(dev, (d, d), None, dropout, false, path, TileLoads::Tma)?;
+        let name = format!("lora {path:?} p {dropout} {m}x{d}→{d} r{RANK}");
         announce(&format!("{name} forward"));
-        let (_, saved) = l.forward(&x, M)?;
+        let (_, saved) = l.forward(&x, m)?;
         announce(&format!("{name} backward"));
         l.backward(&x, &saved, &dy)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every case runs, at small shapes on the emulator (a GPU session is too scarce to find a
+    /// broken case there), and an unknown family is a typed error.
+    #[test]
+    fn every_case_runs() {
+        let Some(dev) = crate::testing::emulators().into_iter().next() else {
+            return; // the emulator is not built (feature emu off): nothing launches here
+        };
+        let small = Shapes {
+            nf4: (48, 96),
+            tokens: 40,
+            d: 72,
+        };
+        // The emulator has wgmma and no cuBLAS: the NF4 wgmma GEMM, and LoRA on its wgmma path
+        // only, forward and backward without and with dropout.
+        for (family, count) in [("nf4", 5), ("lora", 4)] {
+            let mut cases = Vec::new();
+            run_at(&dev, family, small, &mut |c| cases.push(c.to_string())).unwrap();
+            assert_eq!(cases.len(), count, "{family}: {cases:?}");
+        }
+        let err = run_at(&dev, "sparse", small, &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("not nf4 or lora"), "{err}");
+    }
 }
