@@ -163,12 +163,17 @@ PY
   step "hardware counters (ncu on fk profile)"
   ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
   if [ -z "$dry" ] && [ -n "$ncu_bin" ]; then
+    # The sections this ncu knows of those wanted (an unknown name would end the run).
+    known=$("$ncu_bin" --list-sections 2>/dev/null)
+    sections=()
+    for s in SpeedOfLight Occupancy LaunchStats WarpStateStats MemoryWorkloadAnalysis; do
+      if [ -z "$known" ] || grep -qw "$s" <<<"$known"; then sections+=(--section "$s"); fi
+    done
+    echo "ncu: $("$ncu_bin" --version 2>/dev/null | tail -1); ${sections[*]}" >>"$work/profile.txt"
     # A family per run: ncu may write its report only when the program ends, so that a
     # timeout costs one family's counters, not both.
     for family in nf4 lora; do
-      timeout "${FK_PROFILE_SECONDS:-90}" "$ncu_bin" --clock-control none \
-        --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section MemoryWorkloadAnalysis \
+      timeout "${FK_PROFILE_SECONDS:-90}" "$ncu_bin" --clock-control none "${sections[@]}" \
         --csv --page raw --print-units base --log-file "$work/ncu-$family.csv" \
         "$bundle/fk" profile "$family" >>"$work/profile.txt" 2>&1
       echo "$family: exit $?" >>"$work/profile.txt"

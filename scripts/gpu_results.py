@@ -126,6 +126,9 @@ def main():
         profile = {"launches": [], "error": f"{type(e).__name__}: {e}"}
     profile["cases"] = [l[len("profile case: "):] for l in profile_log.splitlines() if l.startswith("profile case: ")]
     profile["log_tail"] = [l for l in profile_log.splitlines() if not l.startswith("profile case: ")][-5:]
+    # ncu's own errors and warnings go to its log file, with the CSV.
+    profile["log_tail"] += [l for f in ("nf4", "lora") for l in read(os.path.join(work, f"ncu-{f}.csv")).splitlines()
+                            if l.startswith(("==ERROR==", "==WARNING=="))][:10]
 
     result = {
         "format": "finetune-kernels gpu-check v1",
