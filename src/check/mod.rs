@@ -188,10 +188,15 @@ mod tests {
     /// loops takes several passes; and u and v split over K (the small checks' K takes one
     /// split), whose reduces are grid-stride too (131 tokens × rank 9: 1,179 elements, five
     /// passes of one block). Real launches take a second pass only past 2¹⁶ blocks, which no
-    /// other test reaches.
+    /// other test reaches. On the GPU and one emulator schedule: the other tests run every
+    /// check under all three, and a block or three leave little for a schedule to reorder.
     #[test]
     fn every_check_passes_with_grid_stride_launches_capped() {
-        for dev in backends() {
+        let mut emulated = false;
+        let devices = backends()
+            .into_iter()
+            .filter(|d| d.is_gpu() || !std::mem::replace(&mut emulated, true));
+        for dev in devices {
             for cap in [1, 3] {
                 let seed = rand::random();
                 let rows = with_grid_cap(cap, || {
