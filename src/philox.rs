@@ -141,7 +141,7 @@ mod tests {
 
     /// Both kernels' grid-stride loops past their first pass (grids of one block and of
     /// three), bit for bit against the reference: a real launch takes a second pass only
-    /// past 2¹⁶ blocks of 256 threads (64 M Philox blocks).
+    /// past 2¹⁶ blocks of 256 threads (16 M Philox blocks, or a mask of 64 M elements).
     #[test]
     fn grid_stride_loops_take_several_passes() {
         for dev in backends() {

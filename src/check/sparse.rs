@@ -256,7 +256,7 @@ macro_rules! for_each_sparse_pair {
 /// scale) u64 indices; into `report`, an op's rows as they are checked.
 pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result<()> {
     // Realistic: 1% of a 4096×11008 weight (DESIGN.md §8). Small: odd sizes past three
-    // blocks of 256 threads, the planned path's 1,000 targets too (a grid-stride test caps
+    // blocks of 256 threads, the planned path's ≈ 1,000 targets too (a grid-stride test caps
     // the grids at one and three blocks).
     let (numel, n) = match scale {
         Scale::Realistic => (4096 * 11008, 4096 * 11008 / 100),
