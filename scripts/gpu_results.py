@@ -7,6 +7,7 @@ Writes OUTDIR/<date>-<gpu>.md and OUTDIR/<date>-<gpu>.json (format: bench/result
 and prints the summary table last."""
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -86,6 +87,8 @@ def parse_ncu(text):
                 v = float(cell.get(metric, "").replace(",", ""))
             except ValueError:
                 return None
+            if not math.isfinite(v):
+                return None
             return v * TO_US.get(unit.get(metric, ""), 1.0) if metric == "gpu__time_duration.sum" else v
 
         stalls = sorted(((m.group(1), number(n)) for n in names if (m := STALL.match(n)) and number(n) is not None), key=lambda x: -x[1])
@@ -116,19 +119,19 @@ def main():
     ptx = read(os.path.join(work, "ptx.txt")).strip()
     regdump = sorted(f for f in os.listdir(out) if f.startswith("regdump-"))
     profile_log = read(os.path.join(work, "profile.txt")).strip()
+    ncu = {family: read(os.path.join(work, f"ncu-{family}.csv")) for family in ("nf4", "lora")}
+    for family, text in ncu.items():  # every metric, beside the results
+        if text:
+            with open(os.path.join(out, f"{stem}-ncu-{family}.csv"), "w") as f:
+                f.write(text)
     try:
-        profile = {"launches": [l for f in ("nf4", "lora") for l in parse_ncu(read(os.path.join(work, f"ncu-{f}.csv")))], "error": None}
-        for family in ("nf4", "lora"):  # every metric, beside the results: <stem>-ncu-<family>.csv
-            if text := read(os.path.join(work, f"ncu-{family}.csv")):
-                with open(os.path.join(out, f"{stem}-ncu-{family}.csv"), "w") as f:
-                    f.write(text)
+        profile = {"launches": [l for text in ncu.values() for l in parse_ncu(text)], "error": None}
     except Exception as e:  # an unexpected ncu format must not cost the rest of the results
         profile = {"launches": [], "error": f"{type(e).__name__}: {e}"}
     profile["cases"] = [l[len("profile case: "):] for l in profile_log.splitlines() if l.startswith("profile case: ")]
     profile["log_tail"] = [l for l in profile_log.splitlines() if not l.startswith("profile case: ")][-5:]
     # ncu's own errors and warnings go to its log file, with the CSV.
-    profile["log_tail"] += [l for f in ("nf4", "lora") for l in read(os.path.join(work, f"ncu-{f}.csv")).splitlines()
-                            if l.startswith(("==ERROR==", "==WARNING=="))][:10]
+    profile["log_tail"] += [l for text in ncu.values() for l in text.splitlines() if l.startswith(("==ERROR==", "==WARNING=="))][:10]
 
     result = {
         "format": "finetune-kernels gpu-check v1",
