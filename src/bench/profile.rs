@@ -117,26 +117,32 @@ fn lora_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Resul
 mod tests {
     use super::*;
 
-    /// Every case runs, at small shapes on the emulator (a GPU session is too scarce to find a
-    /// broken case there), and an unknown family is a typed error.
+    /// Every case runs, at small shapes, on every backend (a GPU session is too scarce to
+    /// find a broken case in the profile step), and an unknown family is a typed error.
     #[test]
     fn every_case_runs() {
-        let Some(dev) = crate::testing::emulators().into_iter().next() else {
-            return; // the emulator is not built (feature emu off): nothing launches here
-        };
         let small = Shapes {
             nf4: (48, 96),
             tokens: 40,
             d: 72,
         };
-        // The emulator has wgmma and no cuBLAS: the NF4 wgmma GEMM, and LoRA on its wgmma path
-        // only, forward and backward without and with dropout.
-        for (family, count) in [("nf4", 5), ("lora", 4)] {
-            let mut cases = Vec::new();
-            run_at(&dev, family, small, &mut |c| cases.push(c.to_string())).unwrap();
-            assert_eq!(cases.len(), count, "{family}: {cases:?}");
+        for dev in crate::testing::backends() {
+            // Three GEMVs and dequantize, and the wgmma GEMM where there is wgmma; LoRA's
+            // forward and backward without and with dropout on each path but Fused.
+            let lora_paths = paths(&dev)
+                .iter()
+                .filter(|&&p| p != LoraPath::Fused)
+                .count();
+            for (family, count) in [
+                ("nf4", 4 + dev.has_wgmma() as usize),
+                ("lora", 4 * lora_paths),
+            ] {
+                let mut cases = Vec::new();
+                run_at(&dev, family, small, &mut |c| cases.push(c.to_string())).unwrap();
+                assert_eq!(cases.len(), count, "{family} on {dev:?}: {cases:?}");
+            }
+            let err = run_at(&dev, "sparse", small, &mut |_| {}).unwrap_err();
+            assert!(err.to_string().contains("not nf4 or lora"), "{err}");
         }
-        let err = run_at(&dev, "sparse", small, &mut |_| {}).unwrap_err();
-        assert!(err.to_string().contains("not nf4 or lora"), "{err}");
     }
 }
