@@ -8,24 +8,29 @@ use rand::Rng;
 /// Every backend that can run kernels here: the GPU if there is one, and the emulator
 /// (when built) under three schedules — forward, reverse and random (seed from
 /// `FK_EMU_SEED`, else fresh; it is in each device's description, so a failure replays).
-/// With `FK_REQUIRE_GPU=1` a missing GPU is a panic (the GPU check sets it); with
-/// `FK_BACKENDS=gpu` the emulator is left out.
+/// With `FK_REQUIRE_GPU=1` a missing GPU is a panic (the GPU check sets it).
+///
+/// `FK_BACKENDS`, a comma-separated list of `gpu`, `forward`, `reverse` and `random`, keeps
+/// only those: the GPU check sets `gpu` (CI runs the emulated tests already), CI's
+/// AddressSanitizer run `random` (an out-of-bounds index does not depend on the schedule;
+/// the races the schedules expose are the plain run's to find).
 pub fn backends() -> Vec<Device> {
     let mut devices = Vec::new();
-    match Device::cuda(0) {
-        Ok(d) => {
-            d.set_poison_outputs(true);
-            devices.push(d);
-        }
-        Err(e) => {
-            if std::env::var("FK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("FK_REQUIRE_GPU=1 but no GPU backend: {e}");
+    if selected_backends().is_none_or(|names| names.contains(&"gpu")) {
+        match Device::cuda(0) {
+            Ok(d) => {
+                d.set_poison_outputs(true);
+                devices.push(d);
             }
-            eprintln!("note: GPU backend skipped: {e}");
+            Err(e) => {
+                if std::env::var("FK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                    panic!("FK_REQUIRE_GPU=1 but no GPU backend: {e}");
+                }
+                eprintln!("note: GPU backend skipped: {e}");
+            }
         }
     }
-    // The GPU check sets FK_BACKENDS=gpu: CI runs the emulated tests already.
-    if !std::env::var("FK_BACKENDS").is_ok_and(|v| v == "gpu") {
+    if selected_backends().is_none_or(|names| names.iter().any(|n| *n != "gpu")) {
         devices.extend(emulators());
     }
     if devices.is_empty() {
@@ -36,12 +41,22 @@ pub fn backends() -> Vec<Device> {
     devices
 }
 
-/// The emulator under the forward, reverse and a random schedule (seed from `FK_EMU_SEED`,
-/// else fresh; each device's description carries it); none if the emulator is not built.
+/// The emulator under the schedules `FK_BACKENDS` names, or under all three — forward,
+/// reverse and a random one (seed from `FK_EMU_SEED`, else fresh; each device's description
+/// carries it) — if it names none; none if the emulator is not built.
 pub fn emulators() -> Vec<Device> {
     let random = EmuOptions::default();
+    let names = selected_backends().unwrap_or_default();
+    let any_named = names.iter().any(|n| *n != "gpu");
     let mut devices = Vec::new();
-    for schedule in [Schedule::Forward, Schedule::Reverse, random.schedule] {
+    for (name, schedule) in [
+        ("forward", Schedule::Forward),
+        ("reverse", Schedule::Reverse),
+        ("random", random.schedule),
+    ] {
+        if any_named && !names.contains(&name) {
+            continue;
+        }
         match Device::emu(EmuOptions { schedule, ..random }) {
             Ok(d) => devices.push(d),
             Err(e) => {
@@ -51,6 +66,28 @@ pub fn emulators() -> Vec<Device> {
         }
     }
     devices
+}
+
+/// The backends `FK_BACKENDS` names, if it is set.
+fn selected_backends() -> Option<Vec<&'static str>> {
+    std::env::var("FK_BACKENDS")
+        .ok()
+        .map(|list| parse_backends(&list))
+}
+
+/// A comma-separated list of backend names; a name it does not know is a panic (a misspelt
+/// filter must not quietly test nothing).
+fn parse_backends(list: &str) -> Vec<&'static str> {
+    const NAMES: [&str; 4] = ["gpu", "forward", "reverse", "random"];
+    list.split(',')
+        .map(|name| {
+            let name = name.trim();
+            *NAMES
+                .iter()
+                .find(|known| **known == name)
+                .unwrap_or_else(|| panic!("FK_BACKENDS={list:?}: {name:?} is not one of {NAMES:?}"))
+        })
+        .collect()
 }
 
 /// `‖out − ref‖₂ / ‖ref‖₂` in f64 (0 when both are zero; infinite if out has a NaN where
@@ -140,4 +177,17 @@ pub fn tma_boxes(
     // global memory only through the map, which the caller encoded over a live buffer.
     unsafe { dev.launch(kernel, cfg, &p)? };
     Ok(out.to_host()?.iter().map(|x| x.to_bits()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_backends;
+
+    #[test]
+    fn backend_lists_parse_and_a_misspelt_name_is_refused() {
+        assert_eq!(parse_backends("gpu"), ["gpu"]);
+        assert_eq!(parse_backends("random, forward"), ["random", "forward"]);
+        let misspelt = std::panic::catch_unwind(|| parse_backends("gpu,randon"));
+        assert!(misspelt.is_err());
+    }
 }
