@@ -71,7 +71,7 @@ pub fn random_words(
         stream1: stream[1],
     };
     // SAFETY: out holds 4 * blocks words on `dev`; the kernel writes exactly those.
-    unsafe { dev.launch(&kernel("philox_u32"), config(p.blocks), &p)? };
+    unsafe { raw::random_words(dev, None, &p)? };
     Ok(out)
 }
 
@@ -87,42 +87,41 @@ pub fn dropout_mask(dev: &Device, seed: u64, p: f32, n: usize) -> Result<Buffer<
         p,
     };
     // SAFETY: keep holds n bytes on `dev`; the kernel writes exactly those.
-    unsafe {
-        dev.launch(
-            &kernel("philox_dropout_mask"),
-            config(params.n.div_ceil(4)),
-            &params,
-        )?
-    };
+    unsafe { raw::dropout_mask(dev, None, &params)? };
     Ok(keep)
 }
 
 /// Raw entry points for framework authors: launch on memory and a stream your framework
-/// owns. Nothing is checked; an empty range launches nothing.
+/// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). Nothing is
+/// checked; an empty range launches nothing. The functions above are these after their
+/// checks.
 pub mod raw {
     use super::*;
-    use crate::device::CudaDevice;
     use cudarc::driver::sys::CUstream;
 
     /// # Safety
-    /// `p.out` must be valid device memory of `dev`'s context for `4 * p.blocks` u32;
-    /// `stream` must belong to that context.
-    pub unsafe fn random_words(dev: &CudaDevice, stream: CUstream, p: &PhiloxParams) -> Result<()> {
+    /// `p.out` must be valid memory of `dev` for `4 * p.blocks` u32; `stream` must belong
+    /// to `dev`'s context.
+    pub unsafe fn random_words(
+        dev: &Device,
+        stream: Option<CUstream>,
+        p: &PhiloxParams,
+    ) -> Result<()> {
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch(&kernel("philox_u32"), config(p.blocks), stream, p) }
+        unsafe { dev.launch_on(&kernel("philox_u32"), config(p.blocks), stream, p) }
     }
 
     /// # Safety
-    /// `p.keep` must be valid device memory of `dev`'s context for `p.n` bytes; `stream`
-    /// must belong to that context. `p.p` should be in [0, 1).
+    /// `p.keep` must be valid memory of `dev` for `p.n` bytes; `stream` must belong to
+    /// `dev`'s context. `p.p` should be in [0, 1).
     pub unsafe fn dropout_mask(
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &Device,
+        stream: Option<CUstream>,
         p: &DropoutMaskParams,
     ) -> Result<()> {
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            dev.launch(
+            dev.launch_on(
                 &kernel("philox_dropout_mask"),
                 config(p.n.div_ceil(4)),
                 stream,

@@ -337,7 +337,7 @@ pub fn scatter_add<W: FloatElem, V: FloatElem>(
     alpha: f32,
 ) -> Result<()> {
     index.require_sorted()?;
-    launch_scatter_add("scatter_add", w, index, values, alpha)
+    launch_scatter_add(false, w, index, values, alpha)
 }
 
 /// `w[idx[i]] += alpha * values[i]` for any indices, with atomics. Repeated indices add in
@@ -351,11 +351,11 @@ pub fn scatter_add_atomic<W: FloatElem, V: FloatElem>(
     values: &Buffer<V>,
     alpha: f32,
 ) -> Result<()> {
-    launch_scatter_add("scatter_add_atomic", w, index, values, alpha)
+    launch_scatter_add(true, w, index, values, alpha)
 }
 
 fn launch_scatter_add<W: FloatElem, V: FloatElem>(
-    op: &'static str,
+    atomic: bool,
     w: &mut Buffer<W>,
     index: &SparseIndex,
     values: &Buffer<V>,
@@ -365,7 +365,6 @@ fn launch_scatter_add<W: FloatElem, V: FloatElem>(
     Error::check_len("values", index.len(), values.len())?;
     check_device(w.device(), values)?;
     check_alpha(alpha)?;
-    let kernel = kernel(op, W::DTYPE, V::DTYPE, index.width())?;
     let p = ScatterAddParams {
         w: w.ptr_mut(),
         values: values.ptr(),
@@ -375,8 +374,9 @@ fn launch_scatter_add<W: FloatElem, V: FloatElem>(
         alpha,
     };
     let dev = w.device().clone();
-    // SAFETY: lengths and devices were checked above; every index is < numel == w.len().
-    unsafe { dev.launch(&kernel, config(p.n), &p) }
+    // SAFETY: lengths and devices were checked above; every index is < numel == w.len(),
+    // and strictly ascending where not atomic (scatter_add's require_sorted).
+    unsafe { raw::scatter_add(&dev, None, W::DTYPE, V::DTYPE, index.width(), atomic, &p) }
 }
 
 /// `w[t] += alpha * Σ values[i]` over the positions `i` the plan groups under each target
@@ -394,7 +394,6 @@ pub fn scatter_add_planned<W: FloatElem, V: FloatElem>(
         return Err(Error::DeviceMismatch);
     }
     check_alpha(alpha)?;
-    let kernel = kernel("segmented_scatter_add", W::DTYPE, V::DTYPE, plan.width)?;
     let p = SegmentedScatterAddParams {
         w: w.ptr_mut(),
         values: values.ptr(),
@@ -407,7 +406,7 @@ pub fn scatter_add_planned<W: FloatElem, V: FloatElem>(
     };
     let dev = w.device().clone();
     // SAFETY: the plan's arrays were built together and validated against numel == w.len().
-    unsafe { dev.launch(&kernel, config(p.segments), &p) }
+    unsafe { raw::segmented_scatter_add(&dev, None, W::DTYPE, V::DTYPE, plan.width, &p) }
 }
 
 /// `out[i] = src[idx[i]]`, converted to O (bf16 or f16 to f32, or the same dtype).
@@ -419,7 +418,6 @@ pub fn gather<S: FloatElem, O: FloatElem>(
     index.check(src, "src")?;
     Error::check_len("out", index.len(), out.len())?;
     check_device(src.device(), out)?;
-    let kernel = kernel("gather", S::DTYPE, O::DTYPE, index.width())?;
     let p = GatherParams {
         out: out.ptr_mut(),
         src: src.ptr(),
@@ -429,7 +427,7 @@ pub fn gather<S: FloatElem, O: FloatElem>(
     };
     let dev = src.device().clone();
     // SAFETY: checked above: out holds n elements, every index is < numel == src.len().
-    unsafe { dev.launch(&kernel, config(p.n), &p) }
+    unsafe { raw::gather(&dev, None, S::DTYPE, O::DTYPE, index.width(), &p) }
 }
 
 fn check_config(c: &AdamwConfig) -> Result<()> {
@@ -503,7 +501,6 @@ impl SparseAdamw {
     ) -> Result<()> {
         self.index.check(w, "w")?;
         self.index.check(grad, "grad")?;
-        let kernel = kernel("sparse_adamw", W::DTYPE, G::DTYPE, self.index.width())?;
         let s = AdamwStepScalars::new(&self.config, self.step + 1);
         let p = SparseAdamwParams {
             w: w.ptr_mut(),
@@ -527,7 +524,9 @@ impl SparseAdamw {
         let dev = w.device().clone();
         // SAFETY: W and grad hold numel elements (checked), the state buffers n, every
         // index is < numel and unique, so no two threads touch one element.
-        unsafe { dev.launch(&kernel, config(p.n), &p)? };
+        unsafe {
+            raw::sparse_adamw(&dev, None, W::DTYPE, G::DTYPE, self.index.width(), &p)?;
+        }
         self.step += 1;
         Ok(())
     }
@@ -561,23 +560,24 @@ impl SparseAdamw {
 }
 
 /// Raw entry points for framework authors: launch on memory and a stream your framework
-/// owns. You fill the params struct with device pointers; nothing is checked except the
-/// dtype pair. Kernels skip indices `>= numel` (gather writes NaN there) rather than touch
+/// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). You fill
+/// the params struct with device pointers; nothing is checked except the dtype pair. The
+/// safe functions above are these after their checks. Kernels skip indices `>= numel` (gather writes NaN there) rather than touch
 /// memory out of bounds.
 pub mod raw {
     use super::*;
-    use crate::device::CudaDevice;
     use cudarc::driver::sys::CUstream;
 
     /// Sorted-unique (`atomic == false`) or atomic scatter-add.
     ///
     /// # Safety
-    /// Every pointer in `p` must be valid device memory of `dev`'s context for the lengths
-    /// in `p`, in the dtypes named, with indices of `width`; `stream` must belong to that
-    /// context; for `atomic == false` the indices must be unique.
+    /// Every pointer in `p` must be valid memory of `dev` (device addresses on a GPU, host
+    /// addresses under the emulator) for the lengths in `p`, in the dtypes named, with
+    /// indices of `width`; `stream` must belong to `dev`'s context; for `atomic == false`
+    /// the indices must be unique.
     pub unsafe fn scatter_add(
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &Device,
+        stream: Option<CUstream>,
         w: DType,
         values: DType,
         width: IndexWidth,
@@ -590,14 +590,14 @@ pub mod raw {
             "scatter_add"
         };
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch(&kernel(op, w, values, width)?, config(p.n), stream, p) }
+        unsafe { dev.launch_on(&kernel(op, w, values, width)?, config(p.n), stream, p) }
     }
 
     /// # Safety
     /// As [`scatter_add`]; `targets` must be unique.
     pub unsafe fn segmented_scatter_add(
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &Device,
+        stream: Option<CUstream>,
         w: DType,
         values: DType,
         width: IndexWidth,
@@ -605,28 +605,28 @@ pub mod raw {
     ) -> Result<()> {
         let k = kernel("segmented_scatter_add", w, values, width)?;
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch(&k, config(p.segments), stream, p) }
+        unsafe { dev.launch_on(&k, config(p.segments), stream, p) }
     }
 
     /// # Safety
     /// As [`scatter_add`].
     pub unsafe fn gather(
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &Device,
+        stream: Option<CUstream>,
         src: DType,
         out: DType,
         width: IndexWidth,
         p: &GatherParams,
     ) -> Result<()> {
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch(&kernel("gather", src, out, width)?, config(p.n), stream, p) }
+        unsafe { dev.launch_on(&kernel("gather", src, out, width)?, config(p.n), stream, p) }
     }
 
     /// # Safety
     /// As [`scatter_add`]; indices unique; the scalars as [`AdamwStepScalars`] computes them.
     pub unsafe fn sparse_adamw(
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &Device,
+        stream: Option<CUstream>,
         w: DType,
         grad: DType,
         width: IndexWidth,
@@ -634,7 +634,7 @@ pub mod raw {
     ) -> Result<()> {
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            dev.launch(
+            dev.launch_on(
                 &kernel("sparse_adamw", w, grad, width)?,
                 config(p.n),
                 stream,

@@ -19,6 +19,7 @@ pub use tma::TileMap;
 
 use crate::dtype::{Elem, POISON_BYTE};
 use crate::error::{Error, Result};
+use cudarc::driver::sys::CUstream;
 use std::sync::Arc;
 
 /// Where kernels run.
@@ -332,9 +333,9 @@ impl Device {
         }
     }
 
-    /// Launches `kernel` with `params` (its one params struct, passed by value). A grid
-    /// with no blocks launches nothing. Public for users who test their own kernels on
-    /// both backends.
+    /// Launches `kernel` with `params` (its one params struct, passed by value) on the
+    /// device's own stream. A grid with no blocks launches nothing. Public for users who test
+    /// their own kernels on both backends.
     ///
     /// # Safety
     /// `params` must be the struct `kernel` is declared with, and every pointer in it must
@@ -346,8 +347,24 @@ impl Device {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
-        // The emulator's empty grids stop here; CudaDevice::launch checks its own (raw
-        // entry points reach it directly).
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.launch_on(kernel, cfg, None, params) }
+    }
+
+    /// [`Device::launch`] on `stream`: with `Some`, a stream of this device's context that
+    /// your framework owns (the raw entry points take one); with `None`, the device's own.
+    /// The emulator has no streams (a launch is done when it returns): it takes `None` only.
+    ///
+    /// # Safety
+    /// As [`Device::launch`]; a given stream must belong to this device's context, and the
+    /// memory in `params` must be ready on it.
+    pub unsafe fn launch_on<P: Copy>(
+        &self,
+        kernel: &Kernel,
+        cfg: LaunchConfig,
+        stream: Option<CUstream>,
+        params: &P,
+    ) -> Result<()> {
         if cfg.is_empty() {
             return Ok(());
         }
@@ -359,8 +376,15 @@ impl Device {
             });
         }
         match self {
-            // SAFETY: forwarded from this function's contract.
-            Device::Cuda(d) => unsafe { d.launch(kernel, cfg, d.raw_stream(), params) },
+            Device::Cuda(d) => {
+                let stream = stream.unwrap_or_else(|| d.raw_stream());
+                // SAFETY: forwarded from this function's contract.
+                unsafe { d.launch(kernel, cfg, stream, params) }
+            }
+            Device::Emu(_) if stream.is_some() => Err(Error::InvalidArgument {
+                what: "stream",
+                why: "the emulator has no streams: pass None".into(),
+            }),
             // SAFETY: forwarded from this function's contract.
             Device::Emu(e) => unsafe { e.launch(kernel, cfg, params) },
         }

@@ -38,6 +38,9 @@
 //!   pass over dX adds it. The small products (down-projection, `v`, dA, dB, dbias) stay
 //!   on the crate's kernels, which are memory-bound there.
 //!
+//! Framework authors who own their memory and stream run the fused paths' steps through
+//! [`raw`], filling [`LoraParams`] themselves.
+//!
 //! Over an NF4 base the fused paths decode `Ŵ` in their base GEMMs' tiles, never
 //! materializing it, or into a scratch weight each call ([`Nf4Decode`]), whichever a GPU run
 //! measures faster for the GEMM.
@@ -60,6 +63,7 @@ use crate::nf4::Nf4Weight;
 use crate::params::{self, FkTensorMap, LoraParams};
 pub use crate::reference::lora::LoraConfig;
 use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::sys::CUstream;
 
 const MODULE: &str = "lora";
 const THREADS: u32 = params::FK_GEMM_THREADS;
@@ -197,6 +201,117 @@ fn tma_slot(p: &mut LoraParams, bit: u32) -> &mut FkTensorMap {
 /// padding is zeros, and the forward GEMM runs K over it.
 fn padded_ld(cols: usize) -> usize {
     cols.div_ceil(64) * 64
+}
+
+/// `lora_down` (u, K = in) or `lora_backward_v` (v, K = out), `name`, for the buffers `p`
+/// names: its variant in steps of 64 (`{name}_k64`) where `wide`, split over K into
+/// `p.rank_partials` when `p.k_splits > 1` and then summed by `{name}_reduce`, which also
+/// writes the tail of x_ext's (dy_ext's) rows where `p` names one.
+///
+/// # Safety
+/// Every buffer `p` names must hold what cuda/params/lora.h says for its shapes.
+unsafe fn rank_launch(
+    dev: &Device,
+    stream: Option<CUstream>,
+    name: &str,
+    wide: bool,
+    t: DType,
+    p: &LoraParams,
+) -> Result<()> {
+    let (m, r, splits) = (p.m as usize, p.rank as usize, p.k_splits.max(1));
+    let width = match (name, p.x_ext.is_null(), p.dy_ext.is_null()) {
+        ("lora_down", false, _) => p.x_ld as usize - p.d_in as usize,
+        ("lora_backward_v", _, false) => p.dy_ld as usize - p.d_out as usize,
+        _ => r,
+    };
+    let (variant, launch) = if wide {
+        ("_k64", LaunchConfig::narrow(m, r, splits).with_wide_steps())
+    } else {
+        ("", LaunchConfig::narrow(m, r, splits))
+    };
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        dev.launch_on(&kernel(format!("{name}{variant}_{t}")), launch, stream, p)?;
+        if splits == 1 {
+            return Ok(());
+        }
+        dev.launch_on(
+            &kernel(format!("{name}_reduce_{t}")),
+            LaunchConfig::grid_stride((m * width) as u64, THREADS, 1 << 16),
+            stream,
+            p,
+        )
+    }
+}
+
+/// The fused paths' base GEMM `op` (`forward`, or `backward_dx`: computed as dXᵀ on wgmma)
+/// for `m` rows and an `n`-wide output, its base decoded from NF4 in its tiles where `nf4`
+/// is `"nf4_"`: on `mma.sync` (`wgmma` None), or on wgmma launched persistent in clusters of
+/// `cluster` on at most `max_blocks` blocks.
+fn fused_gemm_launch(
+    op: &str,
+    nf4: &str,
+    t: DType,
+    wgmma: Option<(u32, usize)>,
+    m: usize,
+    n: usize,
+) -> (Kernel, LaunchConfig) {
+    match wgmma {
+        Some((cluster, max_blocks)) => (
+            kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
+            LaunchConfig::wgmma(m, n, op == "backward_dx", cluster, max_blocks),
+        ),
+        None => (
+            kernel(format!("lora_{op}_{nf4}{t}")),
+            LaunchConfig::tiles(m, n, 1),
+        ),
+    }
+}
+
+/// dX by a fused base GEMM (`name`, `cfg`), then, where it is a wgmma one (`wgmma`) and
+/// there is dropout, the masked low-rank term that one leaves out.
+///
+/// # Safety
+/// As [`rank_launch`]; the wgmma kernels only where the device has wgmma.
+unsafe fn backward_dx_launch(
+    dev: &Device,
+    stream: Option<CUstream>,
+    t: DType,
+    (name, cfg): (&Kernel, LaunchConfig),
+    wgmma: bool,
+    p: &LoraParams,
+) -> Result<()> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        dev.launch_on(name, cfg, stream, p)?;
+        if wgmma && p.dropout > 0.0 {
+            masked_lora_dx(dev, stream, t, p)?;
+        }
+    }
+    Ok(())
+}
+
+/// dX += mask ⊙ (v A) / (1 - p) (`lora_dx_fixup`): the low-rank term under dropout, after a
+/// dX GEMM that left it out (cuBLAS on the Extended path, the wgmma kernel on FusedWgmma),
+/// since the mask applies to it alone.
+///
+/// # Safety
+/// As [`rank_launch`].
+unsafe fn masked_lora_dx(
+    dev: &Device,
+    stream: Option<CUstream>,
+    t: DType,
+    p: &LoraParams,
+) -> Result<()> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        dev.launch_on(
+            &kernel(format!("lora_dx_fixup_{t}")),
+            LaunchConfig::tiles(p.m as usize, p.d_in as usize, 1),
+            stream,
+            p,
+        )
+    }
 }
 
 impl<T: FloatElem> LoraLinear<T> {
@@ -431,9 +546,9 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 
     /// `u` (`lora_down`, K = in) or `v` (`lora_backward_v`, K = out) into the buffers `p`
-    /// names, through the kernel's variant in steps of 64 (`{name}_k64`) where `wide`;
-    /// `width` is how many columns of each row the reduce writes (rank, or the whole tail of
-    /// an extended row).
+    /// names (and the tail of x_ext's or dy_ext's rows where `p` names one), through the
+    /// kernel's variant in steps of 64 (`{name}_k64`) where `wide`, split over K as the layer
+    /// says.
     fn rank_gemm(
         &self,
         name: &str,
@@ -441,7 +556,6 @@ impl<T: FloatElem> LoraLinear<T> {
         p: &mut LoraParams,
         m: usize,
         k: usize,
-        width: usize,
     ) -> Result<()> {
         let dev = self.device();
         let r = self.config.rank;
@@ -454,27 +568,9 @@ impl<T: FloatElem> LoraLinear<T> {
             p.rank_partials = buf.ptr_mut() as *mut f32;
         }
         p.k_splits = splits;
-        let t = T::DTYPE;
-        let (variant, launch) = if wide {
-            ("_k64", LaunchConfig::narrow(m, r, splits).with_wide_steps())
-        } else {
-            ("", LaunchConfig::narrow(m, r, splits))
-        };
         // SAFETY: the caller sized every buffer in p for m rows; the partials hold
         // splits · m · rank f32 when split.
-        let launched = unsafe {
-            dev.launch(&kernel(format!("{name}{variant}_{t}")), launch, p)
-                .and_then(|()| {
-                    if splits == 1 {
-                        return Ok(());
-                    }
-                    dev.launch(
-                        &kernel(format!("{name}_reduce_{t}")),
-                        LaunchConfig::grid_stride((m * width) as u64, THREADS, 1 << 16),
-                        p,
-                    )
-                })
-        };
+        let launched = unsafe { rank_launch(dev, None, name, wide, T::DTYPE, p) };
         p.rank_partials = std::ptr::null_mut();
         p.k_splits = 1;
         launched
@@ -550,20 +646,6 @@ impl<T: FloatElem> LoraLinear<T> {
         check_device(self.device(), buf)
     }
 
-    /// dX += mask ⊙ (v A) / (1 - p) (`lora_dx_fixup`): the low-rank term under dropout, after
-    /// a dX GEMM that left it out (cuBLAS on the Extended path, the wgmma kernel on
-    /// FusedWgmma), since the mask applies to it alone.
-    fn add_masked_lora_dx(&self, p: &LoraParams, m: usize) -> Result<()> {
-        // SAFETY: backward sized p's dx [m, in] and v [m, rank], and A is the layer's [rank, in].
-        unsafe {
-            self.device().launch(
-                &kernel(format!("lora_dx_fixup_{}", T::DTYPE)),
-                LaunchConfig::tiles(m, self.d_in, 1),
-                p,
-            )
-        }
-    }
-
     /// The fused paths' base GEMM `op` (`forward`, or `backward_dx`: computed as dXᵀ on
     /// wgmma) for `m` rows and an `n`-wide output: its kernel and launch, and on wgmma the
     /// tensor maps of its TMA loads in `p` (whose buffers, a scratch base's included, are set).
@@ -586,15 +668,9 @@ impl<T: FloatElem> LoraLinear<T> {
             } else {
                 (1, self.wgmma_blocks.unwrap_or(self.device().sm_count()))
             };
-            (
-                kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
-                LaunchConfig::wgmma(m, n, transposed, cluster, max_blocks),
-            )
+            fused_gemm_launch(op, nf4, t, Some((cluster, max_blocks)), m, n)
         } else {
-            (
-                kernel(format!("lora_{op}_{nf4}{t}")),
-                LaunchConfig::tiles(m, n, 1),
-            )
+            fused_gemm_launch(op, nf4, t, None, m, n)
         })
     }
 
@@ -697,14 +773,7 @@ impl<T: FloatElem> LoraLinear<T> {
         p.y = y.ptr_mut();
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
-                self.rank_gemm(
-                    "lora_down",
-                    self.wide_down,
-                    &mut p,
-                    m,
-                    self.d_in,
-                    self.config.rank,
-                )?;
+                self.rank_gemm("lora_down", self.wide_down, &mut p, m, self.d_in)?;
                 let _scratch = self.scratch_base(&mut p)?;
                 let (name, cfg) = self.base_gemm("forward", &mut p, m, self.d_out)?;
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
@@ -757,7 +826,7 @@ impl<T: FloatElem> LoraLinear<T> {
         p.x_ext = x_ext.ptr_mut();
         p.x_ld = ld as u64;
         // x_ext holds m rows of ld.
-        self.rank_gemm("lora_down", self.wide_down, p, m, self.d_in, ld - self.d_in)?;
+        self.rank_gemm("lora_down", self.wide_down, p, m, self.d_in)?;
         Ok((scratch, x_ext))
     }
 
@@ -870,20 +939,15 @@ impl<T: FloatElem> LoraLinear<T> {
         let t = T::DTYPE;
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
-                self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out, r)?;
+                self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out)?;
                 let _scratch = self.scratch_base(&mut p)?;
                 let (name, cfg) = self.base_gemm("backward_dx", &mut p, m, self.d_in)?;
+                let wgmma = self.path == LoraPath::FusedWgmma;
                 // SAFETY: every buffer in p was checked or sized above (a scratch base is
                 // [out, in] and lives past the launch); the kernels only read u (passed
                 // through the mutable field of the shared params struct). The wgmma kernel
                 // runs only where has_wgmma (with_path).
-                unsafe {
-                    dev.launch(&name, cfg, &p)?;
-                }
-                if self.path == LoraPath::FusedWgmma && self.config.dropout > 0.0 {
-                    // The wgmma kernel leaves the masked low-rank term out.
-                    self.add_masked_lora_dx(&p, m)?;
-                }
+                unsafe { backward_dx_launch(&dev, None, t, (&name, cfg), wgmma, &p)? };
             }
             LoraPath::Extended => {
                 let scratch = self.extended_weight(&mut p)?;
@@ -891,7 +955,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 // Without dropout, dX = [dY | v] · [W ; A] in one GEMM over dy_ext; with it,
                 // dY W straight from dY, and the masked v A in one more pass.
                 let dy_ext = if self.config.dropout > 0.0 {
-                    self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out, r)?;
+                    self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out)?;
                     None
                 } else {
                     let dy_ld = padded_ld(self.d_out + r);
@@ -899,14 +963,7 @@ impl<T: FloatElem> LoraLinear<T> {
                     p.dy_ext = dy_ext.ptr_mut();
                     p.dy_ld = dy_ld as u64;
                     // dy_ext holds m rows of dy_ld.
-                    self.rank_gemm(
-                        "lora_backward_v",
-                        false,
-                        &mut p,
-                        m,
-                        self.d_out,
-                        dy_ld - self.d_out,
-                    )?;
+                    self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out)?;
                     Some((dy_ext, dy_ld))
                 };
                 let (a, lda, k) = match &dy_ext {
@@ -926,29 +983,13 @@ impl<T: FloatElem> LoraLinear<T> {
                     WeightOp::Plain,
                 )?;
                 if self.config.dropout > 0.0 {
-                    self.add_masked_lora_dx(&p, m)?;
+                    // SAFETY: dx [m, in] and v [m, rank] were sized above; A is checked.
+                    unsafe { masked_lora_dx(&dev, None, t, &p)? };
                 }
             }
         }
-        let reduce_len = (r * self.d_in + self.d_out * (r + 1)) as u64;
-        // SAFETY: as above.
-        unsafe {
-            dev.launch(
-                &kernel(format!("lora_grad_a_{t}")),
-                LaunchConfig::narrow(self.d_in, r, splits),
-                &p,
-            )?;
-            dev.launch(
-                &kernel(format!("lora_grad_b_{t}")),
-                LaunchConfig::narrow(self.d_out, r + 1, splits),
-                &p,
-            )?;
-            dev.launch(
-                &kernel("lora_reduce".into()),
-                LaunchConfig::grid_stride(reduce_len, THREADS, 1 << 16),
-                &p,
-            )?;
-        }
+        // SAFETY: as above; the partials hold splits · (r · in + out · (r + 1)) f32.
+        unsafe { raw::grads(&dev, None, t, &p)? };
         Ok(LoraGrads { dx, da, db, dbias })
     }
 
@@ -975,13 +1016,7 @@ impl<T: FloatElem> LoraLinear<T> {
         p.merged = out.ptr_mut();
         // SAFETY: out and a given w are [out, in], the dense base's rows w_ld apart; A and B
         // were checked by params().
-        unsafe {
-            self.device().launch(
-                &kernel(format!("lora_merge_{}", T::DTYPE)),
-                LaunchConfig::tiles(self.d_out, self.d_in, 1),
-                &p,
-            )
-        }
+        unsafe { raw::merge(self.device(), None, T::DTYPE, &p) }
     }
 
     /// For an NF4 base: dequantize, merge, requantize (same blocksize and double
@@ -1066,6 +1101,220 @@ pub fn kernels() -> Vec<Kernel> {
         }
     }
     names.into_iter().map(kernel).collect()
+}
+
+pub mod raw {
+    //! Raw entry points for framework authors: the layer's steps on memory and a stream your
+    //! framework owns (`Some(stream)`; `None` is the device's own, and all the emulator takes),
+    //! through the fused kernels. You fill one [`LoraParams`] with your pointers as
+    //! `cuda/params/lora.h` says (what each kernel reads, the saved `u`, the workspaces' layout),
+    //! `tma` left 0 (the wgmma kernels then load by cp.async); nothing is checked but the dtype
+    //! and that the device has wgmma where asked. A forward is [`down`] then [`forward`]; a
+    //! backward [`backward_v`], [`backward_dx`], then [`grads`]. [`LoraLinear`]'s fused paths
+    //! launch through the same code after their checks, with workspaces of their own
+    //! (`tests/raw.rs` holds the two to the same bits).
+
+    use super::*;
+
+    /// Which kernels compute the base GEMMs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum BaseGemm {
+        /// `mma.sync`: every device.
+        Mma,
+        /// `wgmma` (Hopper, and the emulator), persistent: a block per SM.
+        Wgmma,
+    }
+
+    /// f32 elements of `p.rank_partials` for [`down`] or [`backward_v`] split `k_splits` ways
+    /// over K (none when 1; [`k_split_count`] is what [`LoraLinear`] picks).
+    pub fn rank_partials_len(m: usize, rank: usize, k_splits: u32) -> usize {
+        if k_splits > 1 {
+            k_splits as usize * m * rank
+        } else {
+            0
+        }
+    }
+
+    /// The row splits of [`grads`]' reductions over `m` tokens that [`LoraLinear`] picks on
+    /// `dev`, and the f32 elements of `p.partials` they need.
+    pub fn grad_partials(
+        dev: &Device,
+        m: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+    ) -> (u32, usize) {
+        let splits = split_count(m, d_in.max(d_out), dev.sm_count());
+        (splits, splits as usize * (rank * d_in + d_out * (rank + 1)))
+    }
+
+    fn dtype(t: DType) -> Result<()> {
+        match t {
+            DType::BF16 | DType::F16 => Ok(()),
+            _ => Err(Error::UnsupportedDtype {
+                op: "lora",
+                dtypes: t.to_string(),
+            }),
+        }
+    }
+
+    fn gemm_launch(
+        dev: &Device,
+        op: &str,
+        t: DType,
+        gemm: BaseGemm,
+        p: &LoraParams,
+    ) -> Result<(Kernel, LaunchConfig)> {
+        dtype(t)?;
+        let nf4 = if p.w.is_null() { "nf4_" } else { "" };
+        let (m, n) = if op == "forward" {
+            (p.m, p.d_out)
+        } else {
+            (p.m, p.d_in)
+        };
+        let wgmma = match gemm {
+            BaseGemm::Mma => None,
+            BaseGemm::Wgmma if dev.has_wgmma() => Some((1, dev.sm_count())),
+            BaseGemm::Wgmma => {
+                return Err(Error::Unsupported {
+                    op: "lora raw wgmma",
+                    why: format!("wgmma needs Hopper (sm_90a); {}", dev.describe()),
+                })
+            }
+        };
+        Ok(fused_gemm_launch(op, nf4, t, wgmma, m as usize, n as usize))
+    }
+
+    /// `u = scale · dropout(x) Aᵀ` (`lora_down`), split over K into `p.rank_partials` when
+    /// `p.k_splits > 1`.
+    ///
+    /// # Safety
+    /// Every buffer `p` names must be valid memory of `dev` (device addresses on a GPU, host
+    /// addresses under the emulator) for its shape, as cuda/params/lora.h says; `stream`
+    /// must belong to `dev`'s context.
+    pub unsafe fn down(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        p: &LoraParams,
+    ) -> Result<()> {
+        dtype(t)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { rank_launch(dev, stream, "lora_down", false, t, p) }
+    }
+
+    /// `y = x Wᵀ + bias + u Bᵀ`, W dense (`p.w`), or NF4 decoded in the GEMM's tiles when
+    /// `p.w` is null (`p.nf4`).
+    ///
+    /// # Safety
+    /// As [`down`].
+    pub unsafe fn forward(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        gemm: BaseGemm,
+        p: &LoraParams,
+    ) -> Result<()> {
+        let (k, cfg) = gemm_launch(dev, "forward", t, gemm, p)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dev.launch_on(&k, cfg, stream, p) }
+    }
+
+    /// `v = scale · dY B` (`lora_backward_v`), split as [`down`].
+    ///
+    /// # Safety
+    /// As [`down`].
+    pub unsafe fn backward_v(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        p: &LoraParams,
+    ) -> Result<()> {
+        dtype(t)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { rank_launch(dev, stream, "lora_backward_v", false, t, p) }
+    }
+
+    /// `dX = dY W + mask ⊙ (v A) / (1 - p)`, the base as [`forward`]'s.
+    ///
+    /// # Safety
+    /// As [`down`].
+    pub unsafe fn backward_dx(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        gemm: BaseGemm,
+        p: &LoraParams,
+    ) -> Result<()> {
+        let (k, cfg) = gemm_launch(dev, "backward_dx", t, gemm, p)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { backward_dx_launch(dev, stream, t, (&k, cfg), gemm == BaseGemm::Wgmma, p) }
+    }
+
+    /// `dA = vᵀ (mask ⊙ x) / (1 - p)`, `dB = dYᵀ u` and `dbias` (where `p.dbias` is set), in f32,
+    /// reduced over `p.splits` row ranges through `p.partials` in a fixed order
+    /// ([`grad_partials`]).
+    ///
+    /// # Safety
+    /// As [`down`].
+    pub unsafe fn grads(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        p: &LoraParams,
+    ) -> Result<()> {
+        dtype(t)?;
+        let (r, d_in, d_out, splits) = (
+            p.rank as usize,
+            p.d_in as usize,
+            p.d_out as usize,
+            p.splits.max(1),
+        );
+        let reduce_len = (r * d_in + d_out * (r + 1)) as u64;
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            dev.launch_on(
+                &kernel(format!("lora_grad_a_{t}")),
+                LaunchConfig::narrow(d_in, r, splits),
+                stream,
+                p,
+            )?;
+            dev.launch_on(
+                &kernel(format!("lora_grad_b_{t}")),
+                LaunchConfig::narrow(d_out, r + 1, splits),
+                stream,
+                p,
+            )?;
+            dev.launch_on(
+                &kernel("lora_reduce".into()),
+                LaunchConfig::grid_stride(reduce_len, THREADS, 1 << 16),
+                stream,
+                p,
+            )
+        }
+    }
+
+    /// `merged = W + scale · B A` (`[out, in]`), W dense with rows `p.w_ld` apart (0: `in`).
+    ///
+    /// # Safety
+    /// As [`down`].
+    pub unsafe fn merge(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        p: &LoraParams,
+    ) -> Result<()> {
+        dtype(t)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            dev.launch_on(
+                &kernel(format!("lora_merge_{t}")),
+                LaunchConfig::tiles(p.d_out as usize, p.d_in as usize, 1),
+                stream,
+                p,
+            )
+        }
+    }
 }
 
 #[cfg(test)]

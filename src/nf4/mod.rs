@@ -285,13 +285,7 @@ impl Nf4Weight {
         };
         // SAFETY: out holds rows of ld elements, checked above; the weight's buffers match
         // its shape.
-        unsafe {
-            self.device().launch(
-                &kernel(format!("nf4_dequantize_{}", O::DTYPE)),
-                dequantize_launch(self.rows as u64 * self.cols as u64, O::DTYPE),
-                &p,
-            )
-        }
+        unsafe { raw::dequantize(self.device(), None, O::DTYPE, &p) }
     }
 }
 
@@ -727,11 +721,11 @@ pub fn kernels() -> Vec<Kernel> {
 }
 
 /// Raw entry points for framework authors: launch on memory and a stream your framework
-/// owns. Fill [`params::Nf4Weight`] with device pointers in bitsandbytes' layout (codes and
-/// activations 16-byte aligned). Nothing is checked beyond the dtype.
+/// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). Fill
+/// [`params::Nf4Weight`] with device pointers in bitsandbytes' layout (codes and activations
+/// 16-byte aligned). Nothing is checked beyond the dtype.
 pub mod raw {
     use super::*;
-    use crate::device::CudaDevice;
     use cudarc::driver::sys::CUstream;
 
     fn float_dtype(op: &'static str, t: DType, allowed: &[DType]) -> Result<()> {
@@ -748,11 +742,12 @@ pub mod raw {
     /// `out = Ŵ` in `out`'s dtype (bf16, f16, f32).
     ///
     /// # Safety
-    /// The pointers in `p` must be valid device memory of `dev`'s context for the weight's
-    /// shape; `stream` must belong to that context.
+    /// The pointers in `p` must be valid memory of `dev` (device addresses on a GPU, host
+    /// addresses under the emulator) for the weight's shape, `out` for its rows `out_ld`
+    /// apart (0: `cols`); `stream` must belong to `dev`'s context.
     pub unsafe fn dequantize(
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &Device,
+        stream: Option<CUstream>,
         out: DType,
         p: &Nf4DequantizeParams,
     ) -> Result<()> {
@@ -763,7 +758,7 @@ pub mod raw {
         )?;
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            dev.launch(
+            dev.launch_on(
                 &kernel(format!("nf4_dequantize_{out}")),
                 dequantize_launch(p.w.rows as u64 * p.w.cols as u64, out),
                 stream,
@@ -779,8 +774,8 @@ pub mod raw {
     /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
     /// `[m, rows]`/`[m, cols]` (backward).
     pub unsafe fn matmul(
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &Device,
+        stream: Option<CUstream>,
         act: DType,
         forward: bool,
         p: &Nf4MatmulParams,
@@ -792,7 +787,7 @@ pub mod raw {
         let path = fused_path(p.m as usize, forward);
         let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, path, dev.sm_count());
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch(&k, cfg, stream, p) }
+        unsafe { dev.launch_on(&k, cfg, stream, p) }
     }
 }
 

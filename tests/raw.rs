@@ -1,0 +1,473 @@
+//! The raw entry points (framework authors' launches on memory and a stream they own, with
+//! params structs they fill) against the safe API on every backend, bit for bit: the same
+//! kernels on the same inputs must give the same outputs, so a wrong field, launch shape or
+//! workspace layout in a raw path shows as a mismatch. Outputs start poisoned. On a GPU the
+//! raw calls take the device's stream as a framework's own (`Some`); the emulator takes
+//! `None` only, and refuses a stream.
+
+use cudarc::driver::sys::CUstream;
+use finetune_kernels::device::Device;
+use finetune_kernels::lora::raw::BaseGemm;
+use finetune_kernels::lora::{
+    self, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads,
+};
+use finetune_kernels::nf4::{self, MatmulPath, Nf4Weight};
+use finetune_kernels::params::{
+    DropoutMaskParams, GatherParams, LoraParams, Nf4DequantizeParams, Nf4MatmulParams,
+    PhiloxParams, ScatterAddParams, SegmentedScatterAddParams,
+};
+use finetune_kernels::sparse::{self, IndexWidth, ScatterPlan, SparseIndex};
+use finetune_kernels::testing::{backends, random_vec};
+use finetune_kernels::{bf16, philox, Buffer, DType, Error, Result};
+use rand::seq::index::sample;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// The stream a framework would pass: a GPU's own stream as a raw handle; none on the emulator.
+fn stream(dev: &Device) -> Option<CUstream> {
+    match dev {
+        Device::Cuda(c) => Some(c.stream().cu_stream()),
+        _ => None,
+    }
+}
+
+fn same_bits<T: finetune_kernels::Elem>(
+    what: &str,
+    dev: &Device,
+    raw: &Buffer<T>,
+    safe: &Buffer<T>,
+) {
+    let (raw, safe) = (raw.to_host().unwrap(), safe.to_host().unwrap());
+    let bad = raw
+        .iter()
+        .zip(&safe)
+        .filter(|(r, s)| bytemuck::bytes_of(*r) != bytemuck::bytes_of(*s))
+        .count();
+    assert!(
+        bad == 0 && raw.len() == safe.len(),
+        "{what} on {}: {bad} of {} elements differ",
+        dev.describe(),
+        safe.len()
+    );
+}
+
+fn copy<T: finetune_kernels::Elem>(dev: &Device, b: &Buffer<T>) -> Buffer<T> {
+    dev.upload(&b.to_host().unwrap()).unwrap()
+}
+
+#[test]
+fn philox_raw_matches_the_safe_calls() {
+    for dev in backends() {
+        let seed = rand::random();
+        let (blocks, n, p) = (1001usize, 3001usize, 0.3f32);
+        let safe_words = philox::random_words(&dev, seed, 77, [5, 9], blocks).unwrap();
+        let mut words = dev.alloc_poisoned::<u32>(4 * blocks).unwrap();
+        let params = PhiloxParams {
+            out: words.ptr_mut() as *mut u32,
+            blocks: blocks as u64,
+            seed,
+            counter: 77,
+            stream0: 5,
+            stream1: 9,
+        };
+        // SAFETY: words holds 4 · blocks u32 on dev.
+        unsafe { philox::raw::random_words(&dev, stream(&dev), &params).unwrap() };
+        same_bits("philox words", &dev, &words, &safe_words);
+
+        let safe_mask = philox::dropout_mask(&dev, seed, p, n).unwrap();
+        let mut mask = dev.alloc_poisoned::<u8>(n).unwrap();
+        let params = DropoutMaskParams {
+            keep: mask.ptr_mut() as *mut u8,
+            n: n as u64,
+            seed,
+            p,
+        };
+        // SAFETY: mask holds n bytes on dev.
+        unsafe { philox::raw::dropout_mask(&dev, stream(&dev), &params).unwrap() };
+        same_bits("dropout mask", &dev, &mask, &safe_mask);
+    }
+}
+
+#[test]
+fn sparse_raw_matches_the_safe_calls() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let (numel, n) = (5003usize, 1777usize);
+        let mut sorted: Vec<u32> = sample(&mut rng, numel, n)
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        sorted.sort_unstable();
+        let w0 = dev
+            .upload(&random_vec::<bf16>(&mut rng, numel, 1.0))
+            .unwrap();
+        let values = dev.upload(&random_vec::<f32>(&mut rng, n, 1.0)).unwrap();
+        let index = SparseIndex::with_width(&dev, &sorted, numel as u64, IndexWidth::U32).unwrap();
+        let indices = dev.upload(&sorted).unwrap();
+        for atomic in [false, true] {
+            let mut safe = copy(&dev, &w0);
+            if atomic {
+                sparse::scatter_add_atomic(&mut safe, &index, &values, 0.7).unwrap();
+            } else {
+                sparse::scatter_add(&mut safe, &index, &values, 0.7).unwrap();
+            }
+            let mut raw = copy(&dev, &w0);
+            let p = ScatterAddParams {
+                w: raw.ptr_mut(),
+                values: values.ptr(),
+                indices: indices.ptr(),
+                n: n as u64,
+                numel: numel as u64,
+                alpha: 0.7,
+            };
+            // SAFETY: the indices are sorted, unique and < numel; raw and values are sized.
+            unsafe {
+                sparse::raw::scatter_add(
+                    &dev,
+                    stream(&dev),
+                    DType::BF16,
+                    DType::F32,
+                    IndexWidth::U32,
+                    atomic,
+                    &p,
+                )
+                .unwrap()
+            };
+            same_bits(&format!("scatter_add (atomic {atomic})"), &dev, &raw, &safe);
+        }
+
+        let mut safe = dev.alloc_poisoned::<f32>(n).unwrap();
+        sparse::gather(&w0, &index, &mut safe).unwrap();
+        let mut raw = dev.alloc_poisoned::<f32>(n).unwrap();
+        let p = GatherParams {
+            out: raw.ptr_mut(),
+            src: w0.ptr(),
+            indices: indices.ptr(),
+            n: n as u64,
+            numel: numel as u64,
+        };
+        // SAFETY: as above.
+        unsafe {
+            sparse::raw::gather(
+                &dev,
+                stream(&dev),
+                DType::BF16,
+                DType::F32,
+                IndexWidth::U32,
+                &p,
+            )
+            .unwrap()
+        };
+        same_bits("gather", &dev, &raw, &safe);
+
+        // Repeated, unsorted indices through a plan the caller builds (cuda/params/sparse.h):
+        // positions grouped by target, each group in position order.
+        let repeated: Vec<u32> = (0..n).map(|_| rng.random_range(0..300)).collect();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by_key(|&i| (repeated[i as usize], i));
+        let starts: Vec<u32> = (0..n)
+            .filter(|&k| k == 0 || repeated[order[k] as usize] != repeated[order[k - 1] as usize])
+            .chain([n])
+            .map(|k| k as u32)
+            .collect();
+        let targets: Vec<u32> = starts[..starts.len() - 1]
+            .iter()
+            .map(|&k| repeated[order[k as usize] as usize])
+            .collect();
+        let plan = ScatterPlan::with_width(&dev, &repeated, numel as u64, IndexWidth::U32).unwrap();
+        let mut safe = copy(&dev, &w0);
+        sparse::scatter_add_planned(&mut safe, &plan, &values, -1.3).unwrap();
+        let mut raw = copy(&dev, &w0);
+        let (targets_d, starts_d, order_d) = (
+            dev.upload(&targets).unwrap(),
+            dev.upload(&starts).unwrap(),
+            dev.upload(&order).unwrap(),
+        );
+        let p = SegmentedScatterAddParams {
+            w: raw.ptr_mut(),
+            values: values.ptr(),
+            targets: targets_d.ptr(),
+            starts: starts_d.ptr(),
+            order: order_d.ptr(),
+            segments: targets.len() as u64,
+            numel: numel as u64,
+            alpha: -1.3,
+        };
+        // SAFETY: the plan's arrays are consistent, targets unique and < numel.
+        unsafe {
+            sparse::raw::segmented_scatter_add(
+                &dev,
+                stream(&dev),
+                DType::BF16,
+                DType::F32,
+                IndexWidth::U32,
+                &p,
+            )
+            .unwrap()
+        };
+        same_bits("segmented scatter_add", &dev, &raw, &safe);
+    }
+}
+
+#[test]
+fn nf4_raw_matches_the_safe_calls() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let (rows, cols) = (136usize, 96usize);
+        let w = dev
+            .upload(&random_vec::<bf16>(&mut rng, rows * cols, 0.5))
+            .unwrap();
+        let q = Nf4Weight::quantize(&w, rows, cols, 64, true).unwrap();
+        let mut safe = dev.alloc_poisoned::<f32>(rows * cols).unwrap();
+        q.dequantize(&mut safe).unwrap();
+        let mut raw = dev.alloc_poisoned::<f32>(rows * cols).unwrap();
+        let p = Nf4DequantizeParams {
+            w: q.params(),
+            out: raw.ptr_mut(),
+            out_ld: 0,
+        };
+        // SAFETY: raw holds rows · cols f32; q's buffers match its shape.
+        unsafe { nf4::raw::dequantize(&dev, stream(&dev), DType::F32, &p).unwrap() };
+        same_bits("nf4 dequantize", &dev, &raw, &safe);
+
+        // The GEMV (3 rows) and the GEMM (45), forward; the GEMM backward.
+        for (m, forward, path) in [
+            (3, true, MatmulPath::GemvMma),
+            (45, true, MatmulPath::FusedGemm),
+            (45, false, MatmulPath::FusedGemm),
+        ] {
+            let (k, n) = if forward { (cols, rows) } else { (rows, cols) };
+            let a = dev
+                .upload(&random_vec::<bf16>(&mut rng, m * k, 1.0))
+                .unwrap();
+            let mut safe = dev.alloc_poisoned::<bf16>(m * n).unwrap();
+            if forward {
+                nf4::forward_with(&q, &a, m, &mut safe, path).unwrap();
+            } else {
+                nf4::backward_dx_with(&q, &a, m, &mut safe, path).unwrap();
+            }
+            let mut raw = dev.alloc_poisoned::<bf16>(m * n).unwrap();
+            let p = Nf4MatmulParams {
+                w: q.params(),
+                a: a.ptr(),
+                out: raw.ptr_mut(),
+                m: m as u32,
+                ..Nf4MatmulParams::default()
+            };
+            // SAFETY: a is [m, k] and raw [m, n] for this direction.
+            unsafe { nf4::raw::matmul(&dev, stream(&dev), DType::BF16, forward, &p).unwrap() };
+            same_bits(
+                &format!("nf4 matmul m {m} forward {forward}"),
+                &dev,
+                &raw,
+                &safe,
+            );
+        }
+    }
+}
+
+/// One layer through LoraLinear and through the raw steps with params filled by hand,
+/// workspaces the caller's.
+fn lora_case(dev: &Device, gemm: BaseGemm, nf4_base: bool, dropout: f32, bias: bool) -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let (m, d_in, d_out, rank) = (77usize, 136usize, 72usize, 9usize);
+    let case = format!(
+        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} on {}",
+        dev.describe()
+    );
+    let up = |rng: &mut StdRng, n: usize, s: f32| dev.upload(&random_vec::<bf16>(rng, n, s));
+    let w = up(&mut rng, d_out * d_in, 0.5)?;
+    let q = Nf4Weight::quantize(&w, d_out, d_in, 64, false)?;
+    let (a, b) = (
+        up(&mut rng, rank * d_in, 0.5)?,
+        up(&mut rng, d_out * rank, 0.5)?,
+    );
+    let bias_buf = if bias {
+        Some(up(&mut rng, d_out, 1.0)?)
+    } else {
+        None
+    };
+    let (x, dy) = (up(&mut rng, m * d_in, 1.0)?, up(&mut rng, m * d_out, 1.0)?);
+    let config = LoraConfig {
+        dropout,
+        seed: rand::random(),
+        ..LoraConfig::new(rank, 13.0)
+    };
+    let base = if nf4_base {
+        LoraBase::Nf4(Box::new(Nf4Weight::quantize(&w, d_out, d_in, 64, false)?))
+    } else {
+        LoraBase::Dense(copy(dev, &w))
+    };
+    let path = match gemm {
+        BaseGemm::Mma => LoraPath::Fused,
+        BaseGemm::Wgmma => LoraPath::FusedWgmma,
+    };
+    let layer = LoraLinear::new(
+        base,
+        bias_buf.as_ref().map(|b| copy(dev, b)),
+        copy(dev, &a),
+        copy(dev, &b),
+        config,
+    )?
+    .with_path(path)?
+    .with_tile_loads(TileLoads::CpAsync)
+    .with_nf4_decode(Nf4Decode::InTile);
+    let (y, saved) = layer.forward(&x, m)?;
+    let grads = layer.backward(&x, &saved, &dy)?;
+
+    let sms = dev.sm_count();
+    let poisoned_f32 = |n: usize| dev.alloc_poisoned::<f32>(n.max(1));
+    let (mut u, mut y_raw) = (
+        dev.alloc_poisoned::<bf16>(m * rank)?,
+        dev.alloc_poisoned::<bf16>(m * d_out)?,
+    );
+    let down_splits = lora::k_split_count(m, d_in, sms);
+    let mut down_partials = poisoned_f32(lora::raw::rank_partials_len(m, rank, down_splits))?;
+    let layer_params = LoraParams {
+        m: m as u32,
+        d_in: d_in as u32,
+        d_out: d_out as u32,
+        rank: rank as u32,
+        w: if nf4_base { std::ptr::null() } else { w.ptr() },
+        nf4: if nf4_base {
+            q.params()
+        } else {
+            Default::default()
+        },
+        bias: bias_buf.as_ref().map_or(std::ptr::null(), |b| b.ptr()),
+        a: a.ptr(),
+        b: b.ptr(),
+        scale: config.scale(),
+        dropout,
+        seed: config.seed,
+        ..LoraParams::default()
+    };
+    let forward = LoraParams {
+        x: x.ptr(),
+        u: u.ptr_mut(),
+        y: y_raw.ptr_mut(),
+        rank_partials: down_partials.ptr_mut() as *mut f32,
+        k_splits: down_splits,
+        ..layer_params
+    };
+    let s = stream(dev);
+    // SAFETY: every buffer named is on dev and sized for the layer's shapes and m rows; the
+    // partials as rank_partials_len says.
+    unsafe {
+        lora::raw::down(dev, s, DType::BF16, &forward)?;
+        lora::raw::forward(dev, s, DType::BF16, gemm, &forward)?;
+    }
+    same_bits(&format!("{case}: u"), dev, &u, &saved.u);
+    same_bits(&format!("{case}: y"), dev, &y_raw, &y);
+
+    let (mut v, mut dx) = (
+        dev.alloc_poisoned::<bf16>(m * rank)?,
+        dev.alloc_poisoned::<bf16>(m * d_in)?,
+    );
+    let (mut da, mut db) = (poisoned_f32(rank * d_in)?, poisoned_f32(d_out * rank)?);
+    let mut dbias = poisoned_f32(d_out)?;
+    let v_splits = lora::k_split_count(m, d_out, sms);
+    let mut v_partials = poisoned_f32(lora::raw::rank_partials_len(m, rank, v_splits))?;
+    let (splits, partials_len) = lora::raw::grad_partials(dev, m, d_in, d_out, rank);
+    let mut partials = poisoned_f32(partials_len)?;
+    let backward = LoraParams {
+        x: x.ptr(),
+        u: u.ptr_mut(),
+        dy: dy.ptr(),
+        v: v.ptr_mut(),
+        dx: dx.ptr_mut(),
+        rank_partials: v_partials.ptr_mut() as *mut f32,
+        k_splits: v_splits,
+        partials: partials.ptr_mut() as *mut f32,
+        splits,
+        da: da.ptr_mut() as *mut f32,
+        db: db.ptr_mut() as *mut f32,
+        dbias: if bias {
+            dbias.ptr_mut() as *mut f32
+        } else {
+            std::ptr::null_mut()
+        },
+        ..layer_params
+    };
+    // SAFETY: as above.
+    unsafe {
+        lora::raw::backward_v(dev, s, DType::BF16, &backward)?;
+        lora::raw::backward_dx(dev, s, DType::BF16, gemm, &backward)?;
+        lora::raw::grads(dev, s, DType::BF16, &backward)?;
+    }
+    same_bits(&format!("{case}: dx"), dev, &dx, &grads.dx);
+    same_bits(&format!("{case}: da"), dev, &da, &grads.da);
+    same_bits(&format!("{case}: db"), dev, &db, &grads.db);
+    if let Some(safe) = &grads.dbias {
+        same_bits(&format!("{case}: dbias"), dev, &dbias, safe);
+    }
+
+    if !nf4_base {
+        let safe = layer.merged()?;
+        let mut merged = dev.alloc_poisoned::<bf16>(d_out * d_in)?;
+        let p = LoraParams {
+            merged: merged.ptr_mut(),
+            ..layer_params
+        };
+        // SAFETY: merged is [out, in]; W, A and B are the layer's shapes.
+        unsafe { lora::raw::merge(dev, s, DType::BF16, &p)? };
+        same_bits(&format!("{case}: merged"), dev, &merged, &safe);
+    }
+    Ok(())
+}
+
+#[test]
+fn lora_raw_steps_match_the_layer() {
+    for dev in backends() {
+        let mut gemms = vec![BaseGemm::Mma];
+        if dev.has_wgmma() {
+            gemms.push(BaseGemm::Wgmma);
+        }
+        for gemm in gemms {
+            for (nf4_base, dropout, bias) in [
+                (false, 0.0, true),
+                (false, 0.25, false),
+                (true, 0.0, false),
+                (true, 0.25, true),
+            ] {
+                lora_case(&dev, gemm, nf4_base, dropout, bias).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn raw_entry_points_refuse_what_they_cannot_run() {
+    for dev in backends() {
+        let p = LoraParams {
+            m: 4,
+            ..LoraParams::default()
+        };
+        // SAFETY: each call is refused before any launch.
+        unsafe {
+            let err = lora::raw::down(&dev, None, DType::F32, &p).unwrap_err();
+            assert!(matches!(err, Error::UnsupportedDtype { .. }), "{err}");
+            if !dev.has_wgmma() {
+                let err =
+                    lora::raw::forward(&dev, None, DType::BF16, BaseGemm::Wgmma, &p).unwrap_err();
+                assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            }
+        }
+        if let Device::Emu(_) = dev {
+            let mut out = dev.alloc_poisoned::<u8>(16).unwrap();
+            let params = DropoutMaskParams {
+                keep: out.ptr_mut() as *mut u8,
+                n: 16,
+                seed: 1,
+                p: 0.5,
+            };
+            // SAFETY: refused before any launch: the emulator has no streams.
+            let err =
+                unsafe { philox::raw::dropout_mask(&dev, Some(std::ptr::null_mut()), &params) }
+                    .unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { what: "stream", .. }),
+                "{err}"
+            );
+        }
+    }
+}
