@@ -14,9 +14,12 @@ use finetune_kernels::lora::{
 use finetune_kernels::nf4::{self, MatmulPath, Nf4Weight};
 use finetune_kernels::params::{
     DropoutMaskParams, GatherParams, LoraParams, Nf4DequantizeParams, Nf4MatmulParams,
-    PhiloxParams, ScatterAddParams, SegmentedScatterAddParams,
+    PhiloxParams, ScatterAddParams, SegmentedScatterAddParams, SparseAdamwParams,
 };
-use finetune_kernels::sparse::{self, IndexWidth, ScatterPlan, SparseIndex};
+use finetune_kernels::reference::sparse::AdamwStepScalars;
+use finetune_kernels::sparse::{
+    self, AdamwConfig, IndexWidth, ScatterPlan, SparseAdamw, SparseIndex,
+};
 use finetune_kernels::testing::{backends, random_vec};
 use finetune_kernels::{bf16, philox, Buffer, DType, Error, Result};
 use rand::seq::index::sample;
@@ -205,6 +208,102 @@ fn sparse_raw_matches_the_safe_calls() {
             .unwrap()
         };
         same_bits("segmented scatter_add", &dev, &raw, &safe);
+    }
+}
+
+/// Two AdamW steps over a sparse support: the optimizer's state in buffers the caller owns,
+/// the step's scalars from `AdamwStepScalars`, against `SparseAdamw`.
+#[test]
+fn sparse_adamw_raw_matches_the_optimizer() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let (numel, n) = (4099usize, 1031usize);
+        let mut support: Vec<u32> = sample(&mut rng, numel, n)
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        support.sort_unstable();
+        let w0 = dev
+            .upload(&random_vec::<bf16>(&mut rng, numel, 1.0))
+            .unwrap();
+        let grads = [0, 1].map(|_| {
+            dev.upload(&random_vec::<f32>(&mut rng, numel, 1.0))
+                .unwrap()
+        });
+        let config = AdamwConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..AdamwConfig::default()
+        };
+        let index = SparseIndex::with_width(&dev, &support, numel as u64, IndexWidth::U32).unwrap();
+        let mut safe_w = copy(&dev, &w0);
+        let mut opt = SparseAdamw::new(&safe_w, index, config).unwrap();
+        for g in &grads {
+            opt.step(&mut safe_w, g).unwrap();
+        }
+        let safe = opt.state_to_host().unwrap();
+
+        let mut w = copy(&dev, &w0);
+        let indices = dev.upload(&support).unwrap();
+        let w0_host = w0.to_host().unwrap();
+        let base = dev
+            .upload(
+                &support
+                    .iter()
+                    .map(|&i| w0_host[i as usize].to_f32())
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let [mut delta, mut exp_avg, mut exp_avg_sq] =
+            [0, 1, 2].map(|_| dev.zeros::<f32>(n).unwrap());
+        for (step, g) in grads.iter().enumerate() {
+            let s = AdamwStepScalars::new(&config, step as u64 + 1);
+            let p = SparseAdamwParams {
+                w: w.ptr_mut(),
+                grad: g.ptr(),
+                indices: indices.ptr(),
+                base: base.ptr() as *const f32,
+                delta: delta.ptr_mut() as *mut f32,
+                exp_avg: exp_avg.ptr_mut() as *mut f32,
+                exp_avg_sq: exp_avg_sq.ptr_mut() as *mut f32,
+                n: n as u64,
+                numel: numel as u64,
+                beta1: s.beta1,
+                beta2: s.beta2,
+                one_minus_beta1: s.one_minus_beta1,
+                one_minus_beta2: s.one_minus_beta2,
+                eps: s.eps,
+                decay: s.decay,
+                step_size: s.step_size,
+                sqrt_bc2: s.sqrt_bc2,
+            };
+            // SAFETY: the support is sorted, unique and < numel; every buffer is sized.
+            unsafe {
+                sparse::raw::sparse_adamw(
+                    &dev,
+                    stream(&dev),
+                    DType::BF16,
+                    DType::F32,
+                    IndexWidth::U32,
+                    &p,
+                )
+                .unwrap()
+            };
+        }
+        same_bits("adamw w", &dev, &w, &safe_w);
+        for (what, raw, safe) in [
+            ("base", &base, &safe.base),
+            ("delta", &delta, &safe.delta),
+            ("exp_avg", &exp_avg, &safe.exp_avg),
+            ("exp_avg_sq", &exp_avg_sq, &safe.exp_avg_sq),
+        ] {
+            same_bits(
+                &format!("adamw {what}"),
+                &dev,
+                raw,
+                &dev.upload(safe).unwrap(),
+            );
+        }
     }
 }
 
