@@ -328,21 +328,37 @@ fn nf4_raw_matches_the_safe_calls() {
         unsafe { nf4::raw::dequantize(&dev, stream(&dev), DType::F32, &p).unwrap() };
         same_bits("nf4 dequantize", &dev, &raw, &safe);
 
-        // The GEMV (3 rows) and the GEMM (45), forward; the GEMM backward.
-        for (m, forward, path) in [
-            (3, true, MatmulPath::GemvMma),
-            (45, true, MatmulPath::FusedGemm),
-            (45, false, MatmulPath::FusedGemm),
-        ] {
+        // The default choice (None: `matmul`) and every fused path (`matmul_with`): the
+        // GEMVs at 3 rows, the GEMMs at 45, forward and backward.
+        let mut cases = vec![
+            (3, true, None),
+            (45, true, None),
+            (45, false, None),
+            (3, true, Some(MatmulPath::GemvMma)),
+            (3, true, Some(MatmulPath::Gemv)),
+            (45, true, Some(MatmulPath::FusedGemm)),
+            (45, false, Some(MatmulPath::FusedGemm)),
+        ];
+        if dev.has_wgmma() {
+            cases.push((45, true, Some(MatmulPath::FusedGemmWgmma)));
+            cases.push((45, false, Some(MatmulPath::FusedGemmWgmma)));
+        }
+        for (m, forward, path) in cases {
             let (k, n) = if forward { (cols, rows) } else { (rows, cols) };
             let a = dev
                 .upload(&random_vec::<bf16>(&mut rng, m * k, 1.0))
                 .unwrap();
+            // `matmul` takes the GEMV up to 16 rows, else the mma.sync GEMM.
+            let safe_path = path.unwrap_or(if m <= 16 {
+                MatmulPath::GemvMma
+            } else {
+                MatmulPath::FusedGemm
+            });
             let mut safe = dev.alloc_poisoned::<bf16>(m * n).unwrap();
             if forward {
-                nf4::forward_with(&q, &a, m, &mut safe, path).unwrap();
+                nf4::forward_with(&q, &a, m, &mut safe, safe_path).unwrap();
             } else {
-                nf4::backward_dx_with(&q, &a, m, &mut safe, path).unwrap();
+                nf4::backward_dx_with(&q, &a, m, &mut safe, safe_path).unwrap();
             }
             let mut raw = dev.alloc_poisoned::<bf16>(m * n).unwrap();
             let p = Nf4MatmulParams {
@@ -352,14 +368,37 @@ fn nf4_raw_matches_the_safe_calls() {
                 m: m as u32,
                 ..Nf4MatmulParams::default()
             };
+            let s = stream(&dev);
             // SAFETY: a is [m, k] and raw [m, n] for this direction.
-            unsafe { nf4::raw::matmul(&dev, stream(&dev), DType::BF16, forward, &p).unwrap() };
+            unsafe {
+                match path {
+                    None => nf4::raw::matmul(&dev, s, DType::BF16, forward, &p).unwrap(),
+                    Some(path) => {
+                        nf4::raw::matmul_with(&dev, s, DType::BF16, forward, path, &p).unwrap()
+                    }
+                }
+            };
             same_bits(
-                &format!("nf4 matmul m {m} forward {forward}"),
+                &format!("nf4 matmul m {m} forward {forward} {path:?}"),
                 &dev,
                 &raw,
                 &safe,
             );
+        }
+        // Refused before any launch: a GEMV backward, dequantize + cuBLAS.
+        let p = Nf4MatmulParams {
+            w: q.params(),
+            m: 3,
+            ..Nf4MatmulParams::default()
+        };
+        for (forward, path) in [
+            (false, MatmulPath::GemvMma),
+            (true, MatmulPath::DequantizeCublas),
+        ] {
+            // SAFETY: refused before any launch.
+            let err = unsafe { nf4::raw::matmul_with(&dev, None, DType::BF16, forward, path, &p) }
+                .unwrap_err();
+            assert!(matches!(err, Error::Unsupported { .. }), "{path:?}: {err}");
         }
     }
 }

@@ -620,33 +620,10 @@ where
         | MatmulPath::Gemv
         | MatmulPath::FusedGemm
         | MatmulPath::FusedGemmWgmma => {
-            let gemv = matches!(path, MatmulPath::GemvMma | MatmulPath::Gemv);
-            if gemv && (!forward || m > GEMV_MAX_ROWS) {
-                return Err(Error::Unsupported {
-                    op: "nf4 gemv",
-                    why: format!("the GEMV is forward-only, 1..=16 rows; got {m}"),
-                });
-            }
-            if path == MatmulPath::FusedGemmWgmma && !dev.has_wgmma() {
-                return Err(Error::Unsupported {
-                    op: "nf4 matmul",
-                    why: format!("the wgmma GEMM needs Hopper (sm_90a); {}", dev.describe()),
-                });
-            }
-            let (k, cfg) = fused_launch(
-                T::DTYPE,
-                w.rows as u32,
-                w.cols as u32,
-                m as u32,
-                forward,
-                path,
-                dev.sm_count(),
-            );
             // SAFETY: shapes checked in check_matmul; the GEMVs for a bucket of rows read
             // only the first m rows (the tensor-core one reads rows past m and past the
-            // weight's last as the last real ones), the GEMMs bounds-check every tile edge;
-            // the wgmma one runs only where has_wgmma.
-            unsafe { dev.launch(&k, cfg, &p) }
+            // weight's last as the last real ones), the GEMMs bounds-check every tile edge.
+            unsafe { raw::matmul_with(&dev, None, T::DTYPE, forward, path, &p) }
         }
         MatmulPath::DequantizeCublas => {
             let Device::Cuda(cuda) = &dev else {
@@ -768,7 +745,7 @@ pub mod raw {
     }
 
     /// The fused forward (`forward == true`: the tensor-core GEMV for m ≤ 16, else the
-    /// GEMM) or backward dX (the GEMM).
+    /// `mma.sync` GEMM) or backward dX (the GEMM).
     ///
     /// # Safety
     /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
@@ -780,11 +757,53 @@ pub mod raw {
         forward: bool,
         p: &Nf4MatmulParams,
     ) -> Result<()> {
+        let path = fused_path(p.m as usize, forward);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { matmul_with(dev, stream, act, forward, path, p) }
+    }
+
+    /// [`matmul`] through a fused `path` of your choice: a GEMV (forward, 1 to
+    /// [`GEMV_MAX_ROWS`] rows), the `mma.sync` GEMM, or the wgmma one (Hopper; its
+    /// activations by TMA where `p.a_tma` flags a map you encoded, else cp.async). For
+    /// [`MatmulPath::DequantizeCublas`] dequantize into your scratch ([`dequantize`]) and call
+    /// your cuBLAS: it is refused here.
+    ///
+    /// # Safety
+    /// As [`matmul`].
+    pub unsafe fn matmul_with(
+        dev: &Device,
+        stream: Option<CUstream>,
+        act: DType,
+        forward: bool,
+        path: MatmulPath,
+        p: &Nf4MatmulParams,
+    ) -> Result<()> {
         float_dtype("nf4 matmul", act, &[DType::BF16, DType::F16])?;
-        if p.m == 0 {
+        let m = p.m as usize;
+        match path {
+            MatmulPath::GemvMma | MatmulPath::Gemv if !forward || m > GEMV_MAX_ROWS => {
+                return Err(Error::Unsupported {
+                    op: "nf4 gemv",
+                    why: format!("the GEMV is forward-only, 1..=16 rows; got {m}"),
+                });
+            }
+            MatmulPath::FusedGemmWgmma if !dev.has_wgmma() => {
+                return Err(Error::Unsupported {
+                    op: "nf4 matmul",
+                    why: format!("the wgmma GEMM needs Hopper (sm_90a); {}", dev.describe()),
+                });
+            }
+            MatmulPath::DequantizeCublas => {
+                return Err(Error::Unsupported {
+                    op: "nf4 raw matmul",
+                    why: "dequantize + cuBLAS is yours to call: dequantize, then your GEMM".into(),
+                });
+            }
+            _ => {}
+        }
+        if m == 0 {
             return Ok(());
         }
-        let path = fused_path(p.m as usize, forward);
         let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, path, dev.sm_count());
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch_on(&k, cfg, stream, p) }
