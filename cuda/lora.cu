@@ -217,7 +217,7 @@ FK_DEVICE auto wgmma_weight(const LoraParams& p) {
 // y's columns first, so that those running together share x's rows).
 template <typename T, bool Nf4>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
-  const wgmma::Schedule tiles(p.m, p.d_out, true);
+  const wgmma::Schedule tiles(p.m, p.d_out, true, p.column_runs != 0);
   auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_U, p.u_map)}},
                              wgmma::Rows<T>{{as<T>(p.b), p.rank, 0, p.d_out, p.rank, tma_map(p, FK_LORA_TMA_B, p.b_map)}});
   auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, 0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},

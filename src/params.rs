@@ -284,6 +284,7 @@ pub struct LoraParams {
     pub rank_partials: *mut f32,
     pub k_splits: u32,
     pub narrow_stagger: u32,
+    pub column_runs: u32,
     pub tma: u32,
     pub __bindgen_padding_0: [u64; 4usize],
     pub x_map: FkTensorMap,
@@ -335,7 +336,9 @@ const _: () = {
         [::core::mem::offset_of!(LoraParams, k_splits) - 272usize];
     ["Offset of field: LoraParams::narrow_stagger"]
         [::core::mem::offset_of!(LoraParams, narrow_stagger) - 276usize];
-    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 280usize];
+    ["Offset of field: LoraParams::column_runs"]
+        [::core::mem::offset_of!(LoraParams, column_runs) - 280usize];
+    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 284usize];
     ["Offset of field: LoraParams::x_map"][::core::mem::offset_of!(LoraParams, x_map) - 320usize];
     ["Offset of field: LoraParams::w_map"][::core::mem::offset_of!(LoraParams, w_map) - 448usize];
     ["Offset of field: LoraParams::u_map"][::core::mem::offset_of!(LoraParams, u_map) - 576usize];

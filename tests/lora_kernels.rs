@@ -26,12 +26,12 @@ proptest! {
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
         scratch in any::<bool>(), tile_loads in prop_oneof![Just(TileLoads::Tma), Just(TileLoads::TmaMulticast), Just(TileLoads::CpAsync)],
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)], narrow_stagger in any::<bool>(), wide_down in any::<bool>(),
-        wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)],
+        wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)], column_runs in any::<bool>(),
     ) {
         for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, ..Case::new(seed, m, d_in, d_out, rank) };
+                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, column_runs, ..Case::new(seed, m, d_in, d_out, rank) };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -215,6 +215,83 @@ fn tma_multicast_and_cp_async_load_the_same_tiles() {
             "dX, multicast, 2 blocks, on {dev:?}"
         );
         assert!(y_tma.iter().all(|v| v.to_f32().is_finite()));
+    }
+}
+
+/// The wgmma forward with its blocks walking runs of column tiles (`with_column_runs`)
+/// computes what the window order does, bit for bit, and passes the reference: 2 and 3 row
+/// tiles by 5 column tiles (the last partial) on one block (two runs of 5 in turn), on 4 and
+/// 7 blocks (runs of 3 and 2; one block idle), in clusters of two sharing B, and over an NF4
+/// base decoded in the tiles. (The proptest's outputs are one column tile wide: a run is a
+/// tile there.)
+#[test]
+fn column_runs_compute_the_window_orders_forward() {
+    use TileLoads::{CpAsync, Tma, TmaMulticast};
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
+        for (m, nf4, tile_loads, blocks) in [
+            (200, false, Tma, Some(1)),
+            (200, false, CpAsync, Some(4)),
+            (300, false, Tma, Some(7)),
+            (300, false, TmaMulticast, Some(4)),
+            (300, true, Tma, Some(4)),
+        ] {
+            let c = Case {
+                bias: true,
+                nf4,
+                tile_loads,
+                path: Some(LoraPath::FusedWgmma),
+                wgmma_blocks: blocks,
+                column_runs: true,
+                ..Case::new(rand::random(), m, 72, 1100, 9)
+            };
+            assert_pass(check::forward::<bf16>(&dev, c));
+            let mut rng = StdRng::seed_from_u64(c.seed);
+            let base = if nf4 {
+                let w = dev
+                    .upload(&random_vec::<bf16>(&mut rng, 1100 * 72, 0.1))
+                    .unwrap();
+                LoraBase::Nf4(Box::new(
+                    finetune_kernels::nf4::Nf4Weight::quantize(&w, 1100, 72, 64, true).unwrap(),
+                ))
+            } else {
+                LoraBase::Dense(
+                    dev.upload(&random_vec::<bf16>(&mut rng, 1100 * 72, 0.1))
+                        .unwrap(),
+                )
+            };
+            let layer = LoraLinear::new(
+                base,
+                Some(
+                    dev.upload(&random_vec::<bf16>(&mut rng, 1100, 1.0))
+                        .unwrap(),
+                ),
+                dev.upload(&random_vec::<bf16>(&mut rng, 9 * 72, 0.1))
+                    .unwrap(),
+                dev.upload(&random_vec::<bf16>(&mut rng, 1100 * 9, 0.1))
+                    .unwrap(),
+                LoraConfig::new(9, 16.0),
+            )
+            .unwrap()
+            .with_path(LoraPath::FusedWgmma)
+            .unwrap()
+            .with_nf4_decode(Nf4Decode::InTile)
+            .with_tile_loads(tile_loads)
+            .with_wgmma_blocks(blocks)
+            .unwrap();
+            let x = dev
+                .upload(&random_vec::<bf16>(&mut rng, m * 72, 1.0))
+                .unwrap();
+            let y = |layer: &LoraLinear<bf16>| {
+                let y = layer.forward(&x, m).unwrap().0.to_host().unwrap();
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let window = y(&layer);
+            let runs = y(&layer.with_column_runs(true));
+            assert_eq!(
+                runs, window,
+                "{m} rows, nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, on {dev:?}"
+            );
+        }
     }
 }
 

@@ -248,23 +248,48 @@ FK_DEVICE void fill(Stage& st, uint64_t* full, uint32_t sharers, int kt, const i
 // A-fastest as a 2-D launch would have ordered its blocks, dealt out in turn to the launch's
 // clusters; a cluster's c blocks take c neighbouring positions along A, so that they share B's
 // tile (and may multicast it): a unit. A launch of a cluster per unit gives each block one tile.
+// With `column_runs` (B-fastest only), what is dealt out is a run: the consecutive B tiles of
+// one A position, split into as many runs as the launch has clusters for each A position (at
+// least one), so that a block walks its run's tiles one after another and could keep what they
+// share (bench/NOTES.md, the forward's u inside its GEMM).
 struct Schedule {
-  uint32_t b_tiles, units_a, cluster, rank, first, stride, count;
+  uint32_t b_tiles, units_a, cluster, rank, first, stride, count, run, runs_per_a;
   bool b_fastest;
 
-  FK_DEVICE Schedule(uint32_t a_rows, uint32_t b_rows, bool b_fastest_)
+  FK_DEVICE Schedule(uint32_t a_rows, uint32_t b_rows, bool b_fastest_, bool column_runs = false)
       : b_tiles((b_rows + kBN - 1) / kBN), cluster(cluster_nctarank()), b_fastest(b_fastest_) {
     units_a = ((a_rows + kBM - 1) / kBM + cluster - 1) / cluster;
     rank = blockIdx.x % cluster;  // a 1-D grid in clusters of (c, 1, 1): the block's rank in its cluster
     first = blockIdx.x / cluster;
     stride = gridDim.x / cluster;
-    const uint32_t units = units_a * b_tiles;
-    count = first < units ? (units - first + stride - 1) / stride : 0;
+    if (column_runs && b_fastest) {
+      const uint32_t split = max(1u, min(b_tiles, stride / max(units_a, 1u)));
+      run = (b_tiles + split - 1) / split;
+      runs_per_a = (b_tiles + run - 1) / run;
+      count = 0;
+      for (uint32_t r = first; r < units_a * runs_per_a; r += stride) count += run_length(r);
+    } else {
+      run = 1;
+      runs_per_a = b_tiles;
+      const uint32_t units = units_a * b_tiles;
+      count = first < units ? (units - first + stride - 1) / stride : 0;
+    }
   }
+  // The B tiles of run r (the last of an A position's runs may be short).
+  FK_DEVICE uint32_t run_length(uint32_t r) const { return min(run, b_tiles - (r % runs_per_a) * run); }
   // The block's tile i: (A's first row, B's first row).
   FK_DEVICE uint2 origin(int i) const {
-    const uint32_t u = first + uint32_t(i) * stride;
-    const uint32_t ua = b_fastest ? u / b_tiles : u % units_a, ub = b_fastest ? u % b_tiles : u / units_a;
+    uint32_t ua, ub;
+    if (run > 1) {
+      uint32_t r = first, k = uint32_t(i);
+      while (k >= run_length(r)) k -= run_length(r), r += stride;
+      ua = r / runs_per_a;
+      ub = (r % runs_per_a) * run + k;
+    } else {
+      const uint32_t u = first + uint32_t(i) * stride;
+      ua = b_fastest ? u / b_tiles : u % units_a;
+      ub = b_fastest ? u % b_tiles : u / units_a;
+    }
     return make_uint2((ua * cluster + rank) * kBM, ub * kBN);
   }
   // Points the segments' operands at tile i.

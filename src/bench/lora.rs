@@ -244,6 +244,24 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             Ok(pair) => rows.extend(pair),
             Err(e) => eprintln!("bench: no block-per-tile rows: {e}"),
         }
+        // The forward kernel with each block walking runs of consecutive column tiles of one
+        // row tile (8 here), the order u-inside-the-GEMM needs (bench/NOTES.md): what the order
+        // alone costs in DRAM and L2, against `lora_fused_wgmma forward ▸ lora_forward_wgmma`.
+        let runs = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
+            layer_launch_rows(
+                &l.with_column_runs(true),
+                timer,
+                c,
+                (&x, &dy),
+                "lora_fused_wgmma column runs",
+                &[("forward", "lora_forward_wgmma")],
+                (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+            )
+        });
+        match runs {
+            Ok(row) => rows.extend(row),
+            Err(e) => eprintln!("bench: no column-run rows: {e}"),
+        }
         match wgmma_ladder(dev, timer, c) {
             Ok(ladder) => rows.extend(ladder),
             Err(e) => eprintln!("bench: no wgmma ladder: {e}"),

@@ -39,6 +39,8 @@ pub struct Case {
     pub wide_down: bool,
     /// Most blocks of the wgmma GEMMs (`LoraLinear::with_wgmma_blocks`); `None`: one per SM.
     pub wgmma_blocks: Option<usize>,
+    /// The wgmma forward's blocks walking runs of column tiles (`LoraLinear::with_column_runs`).
+    pub column_runs: bool,
 }
 
 impl Case {
@@ -63,6 +65,7 @@ impl Case {
             narrow_stagger: false,
             wide_down: false,
             wgmma_blocks: None,
+            column_runs: false,
         }
     }
 }
@@ -103,6 +106,9 @@ impl CheckCase for Case {
         }
         if let Some(b) = self.wgmma_blocks {
             s += &format!(" {b} blocks");
+        }
+        if self.column_runs {
+            s += " column runs";
         }
         if self.bias {
             s += " bias";
@@ -181,6 +187,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
         .with_narrow_stagger(c.narrow_stagger)
         .with_wide_down(c.wide_down)
         .with_wgmma_blocks(c.wgmma_blocks)?
+        .with_column_runs(c.column_runs)
         .with_nf4_decode(c.nf4_decode)
         .with_tile_loads(c.tile_loads);
     Ok(Setup {

@@ -144,6 +144,7 @@ pub struct LoraLinear<T: FloatElem> {
     k_splits: Option<u32>,
     /// Whether the rank-wide GEMMs stagger their blocks' walks along K.
     narrow_stagger: bool,
+    column_runs: bool,
     /// Whether `u` comes from `lora_down_k64` (steps of 64 along K) rather than `lora_down`.
     wide_down: bool,
     nf4_decode: Nf4Decode,
@@ -393,6 +394,7 @@ impl<T: FloatElem> LoraLinear<T> {
             path: LoraPath::Fused,
             k_splits: None,
             narrow_stagger: false,
+            column_runs: false,
             wide_down: false,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
@@ -471,6 +473,17 @@ impl<T: FloatElem> LoraLinear<T> {
     /// run says it pays. Results differ only by rounding (another order of the same sums).
     pub fn with_narrow_stagger(mut self, stagger: bool) -> Self {
         self.narrow_stagger = stagger;
+        self
+    }
+
+    /// The layer with the FusedWgmma forward's persistent blocks each walking runs of
+    /// consecutive column tiles of one row tile (8 at 8192 × 4096 → 4096 on 132 SMs) rather
+    /// than the tiles b, b + 132, …: the order a block would need to compute u once and keep
+    /// it for the run's tiles (bench/NOTES.md, "the forward's u inside its GEMM"), timed
+    /// alone first for what it costs in DRAM and L2. Off by default; the same results, bit for
+    /// bit (each tile is computed alike in either order).
+    pub fn with_column_runs(mut self, runs: bool) -> Self {
+        self.column_runs = runs;
         self
     }
 
@@ -637,6 +650,7 @@ impl<T: FloatElem> LoraLinear<T> {
             w_ld,
             k_splits: 1,
             narrow_stagger: self.narrow_stagger.into(),
+            column_runs: self.column_runs.into(),
             ..LoraParams::default()
         })
     }
