@@ -221,8 +221,8 @@ unsafe fn rank_launch(
 ) -> Result<()> {
     let (m, r, splits) = (p.m as usize, p.rank as usize, p.k_splits.max(1));
     let width = match (name, p.x_ext.is_null(), p.dy_ext.is_null()) {
-        ("lora_down", false, _) => p.x_ld as usize - p.d_in as usize,
-        ("lora_backward_v", _, false) => p.dy_ld as usize - p.d_out as usize,
+        ("lora_down", false, _) => p.x_ld.saturating_sub(p.d_in.into()) as usize,
+        ("lora_backward_v", _, false) => p.dy_ld.saturating_sub(p.d_out.into()) as usize,
         _ => r,
     };
     let (variant, launch) = if wide {
@@ -481,7 +481,9 @@ impl<T: FloatElem> LoraLinear<T> {
     /// than the tiles b, b + 132, …: the order a block would need to compute u once and keep
     /// it for the run's tiles (bench/NOTES.md, "the forward's u inside its GEMM"), timed
     /// alone first for what it costs in DRAM and L2. Off by default; the same results, bit for
-    /// bit (each tile is computed alike in either order).
+    /// bit (each tile is computed alike in either order). A launch with a block per tile
+    /// (clusters, unless [`LoraLinear::with_wgmma_blocks`] says otherwise) makes every run a
+    /// single tile.
     pub fn with_column_runs(mut self, runs: bool) -> Self {
         self.column_runs = runs;
         self
