@@ -2,6 +2,7 @@
 """Assembles the GPU check's results file from the pieces gpu-check.sh collected.
 
   gpu_results.py WORKDIR OUTDIR GPU_SLUG SECONDS
+  gpu_results.py --self-test     (parses a sample of Nsight Compute's CSV; CI runs it)
 
 Writes OUTDIR/<date>-<gpu>.md and OUTDIR/<date>-<gpu>.json (format: bench/results/README.md)
 and prints the summary table last."""
@@ -209,5 +210,37 @@ def main():
         print(f"{r['kernel']:<32} {r['shape']:<28} {r['time_us']:9.2f} us {100 * r['fraction_of_floor']:5.0f}% of floor{base}")
 
 
+# A raw-page CSV as ncu writes it with --log-file (its progress lines, a header of metric
+# names, a row of units, a row per launch; numbers with thousands separators; "n/a" where a
+# metric has no value), shaped after published ones: `--self-test` parses it (CI runs it, as
+# no GPU run has yet produced one here).
+NCU_SAMPLE = """==PROF== Connected to process 4242 (/bundle/fk)
+==PROF== Profiling "nf4_gemv_mma_bf16_m8" - 0: 0%....50%....100% - 38 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum","launch__registers_per_thread","lts__t_sector_hit_rate.pct","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio"
+"","","","","","","","","","","","%","nsecond","register/thread","%","","","",""
+"0","4242","fk","127.0.0.1","nf4_gemv_mma_bf16_m8","1","7","(256, 1, 1)","(688, 1, 1)","0","9.0","41.25","24,130","80","12.5","0.85","9.31","1.02","n/a"
+"1","4242","fk","127.0.0.1","void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(T1::Params)","1","7","(128, 1, 1)","(1,024, 1, 1)","0","9.0","n/a","1,234,567","168","88","0.1","0.2","3.5","7.25"
+==PROF== Disconnected from process 4242
+"""
+
+
+def self_test():
+    launches = parse_ncu(NCU_SAMPLE)
+    assert len(launches) == 2, launches
+    gemv, gemm = launches
+    assert gemv["kernel"] == "nf4_gemv_mma_bf16_m8" and gemm["kernel"].startswith("void cutlass::Kernel2<"), launches
+    assert gemv["grid"] == "(688, 1, 1)" and gemm["grid"] == "(1,024, 1, 1)", launches
+    assert math.isclose(gemv["metrics"]["µs"], 24.13) and math.isclose(gemm["metrics"]["µs"], 1234.567), launches
+    assert gemv["metrics"]["DRAM %"] == 41.25 and gemm["metrics"]["DRAM %"] is None, launches
+    assert gemv["metrics"]["regs"] == 80 and gemv["metrics"]["SM %"] is None, launches
+    assert gemv["stalls"] == [["long_scoreboard", 9.31], ["wait", 1.02], ["barrier", 0.85]], gemv["stalls"]
+    assert [s[0] for s in gemm["stalls"]] == ["math_pipe_throttle", "wait", "long_scoreboard"], gemm["stalls"]
+    assert parse_ncu("==ERROR== the profiler failed\n") == []
+    print("gpu_results self-test: parse_ncu ok")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--self-test"]:
+        self_test()
+    else:
+        main()
