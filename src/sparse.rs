@@ -562,8 +562,8 @@ impl SparseAdamw {
 /// Raw entry points for framework authors: launch on memory and a stream your framework
 /// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). You fill
 /// the params struct with device pointers; nothing is checked except the dtype pair. The
-/// safe functions above are these after their checks. Kernels skip indices `>= numel` (gather writes NaN there) rather than touch
-/// memory out of bounds.
+/// safe functions above are these after their checks. Kernels skip indices `>= numel`
+/// (gather writes NaN there) rather than touch memory out of bounds.
 pub mod raw {
     use super::*;
     use cudarc::driver::sys::CUstream;
