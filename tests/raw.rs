@@ -20,9 +20,8 @@ use finetune_kernels::reference::sparse::AdamwStepScalars;
 use finetune_kernels::sparse::{
     self, AdamwConfig, IndexWidth, ScatterPlan, SparseAdamw, SparseIndex,
 };
-use finetune_kernels::testing::{backends, random_vec};
+use finetune_kernels::testing::{backends, bit_mismatches, random_support, random_vec};
 use finetune_kernels::{bf16, philox, Buffer, DType, Error, Result};
-use rand::seq::index::sample;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// The stream a framework would pass: a GPU's own stream as a raw handle; none on the emulator.
@@ -40,13 +39,10 @@ fn same_bits<T: finetune_kernels::Elem>(
     safe: &Buffer<T>,
 ) {
     let (raw, safe) = (raw.to_host().unwrap(), safe.to_host().unwrap());
-    let bad = raw
-        .iter()
-        .zip(&safe)
-        .filter(|(r, s)| bytemuck::bytes_of(*r) != bytemuck::bytes_of(*s))
-        .count();
+    assert_eq!(raw.len(), safe.len(), "{what}: lengths");
+    let bad = bit_mismatches(&raw, &safe).len();
     assert!(
-        bad == 0 && raw.len() == safe.len(),
+        bad == 0,
         "{what} on {}: {bad} of {} elements differ",
         dev.describe(),
         safe.len()
@@ -90,19 +86,29 @@ fn philox_raw_matches_the_safe_calls() {
     }
 }
 
+/// `n` sorted unique u32 indices below `numel`, and a random bf16 weight of `numel` on `dev`.
+fn support_and_weight(
+    dev: &Device,
+    rng: &mut StdRng,
+    numel: usize,
+    n: usize,
+) -> (Vec<u32>, Buffer<bf16>) {
+    let support = random_support(rng, numel as u64, n)
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    (
+        support,
+        dev.upload(&random_vec::<bf16>(rng, numel, 1.0)).unwrap(),
+    )
+}
+
 #[test]
 fn sparse_raw_matches_the_safe_calls() {
     for dev in backends() {
         let mut rng = StdRng::seed_from_u64(rand::random());
         let (numel, n) = (5003usize, 1777usize);
-        let mut sorted: Vec<u32> = sample(&mut rng, numel, n)
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        sorted.sort_unstable();
-        let w0 = dev
-            .upload(&random_vec::<bf16>(&mut rng, numel, 1.0))
-            .unwrap();
+        let (sorted, w0) = support_and_weight(&dev, &mut rng, numel, n);
         let values = dev.upload(&random_vec::<f32>(&mut rng, n, 1.0)).unwrap();
         let index = SparseIndex::with_width(&dev, &sorted, numel as u64, IndexWidth::U32).unwrap();
         let indices = dev.upload(&sorted).unwrap();
@@ -218,14 +224,7 @@ fn sparse_adamw_raw_matches_the_optimizer() {
     for dev in backends() {
         let mut rng = StdRng::seed_from_u64(rand::random());
         let (numel, n) = (4099usize, 1031usize);
-        let mut support: Vec<u32> = sample(&mut rng, numel, n)
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        support.sort_unstable();
-        let w0 = dev
-            .upload(&random_vec::<bf16>(&mut rng, numel, 1.0))
-            .unwrap();
+        let (support, w0) = support_and_weight(&dev, &mut rng, numel, n);
         let grads = [0, 1].map(|_| {
             dev.upload(&random_vec::<f32>(&mut rng, numel, 1.0))
                 .unwrap()
