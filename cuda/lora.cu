@@ -10,6 +10,8 @@
 //   lora_forward     y  = [u | x] · [B | W]ᵀ + bias      two K segments, one accumulator:
 //                                                        no pass over y but the one writing it
 //   lora_forward_wgmma  the same on Hopper's wgmma (wgmma.cuh; sm_90a only)
+//   lora_forward_down{16,32}_wgmma  lora_down and lora_forward_wgmma in one kernel, u made
+//                    beside y in the same sweep of x (rank ≤ 16 or 32, no dropout)
 //   lora_backward_dx_wgmma  lora_backward_dx on wgmma, as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ
 //                    (under dropout Wᵀ · dYᵀ alone, then lora_dx_fixup)
 //   (_nf4 kernels: the same over an NF4 base, dequantized into the tiles: nf4.cuh)
@@ -227,6 +229,40 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
     const uint2 o = tiles.origin(i);  // (y's first row, first column)
     wgmma::store_tile<T, false>(tile, st, static_cast<T*>(p.y), p.d_out, o.x, o.y, p.m, p.d_out, as<T>(p.bias));
   }, lora, base);
+}
+
+// lora_forward_wgmma with u made in the same sweep of x (no lora_down; rank ≤ kN, no dropout:
+// bench/NOTES.md, the forward's u inside its GEMM): the base segment carries a side product,
+// x's tile times A's rows, into kN / 2 accumulators a thread; the LoRA segment comes last,
+// scale·u rounded to T straight from those registers times B's rows. Every column tile of a
+// row tile computes u again (kN / kBN more tensor work, the price of no pass of its own over
+// x); the row's first column tile writes it, saved for backward, the bits y used.
+template <typename T, bool Nf4, int kN>
+FK_DEVICE void forward_down_wgmma(const LoraParams& p) {
+  const wgmma::Schedule tiles(p.m, p.d_out, true, p.column_runs != 0);
+  float u[kN / 2] = {};
+  const wgmma::Rows<T> a{{as<T>(p.a), p.d_in, 0, p.rank, p.d_in, tma_map(p, FK_LORA_TMA_A, p.a_map)}};
+  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, 0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
+                             wgmma_weight<T, Nf4, true>(p), wgmma::Side<wgmma::Rows<T>, kN>{a, u});
+  auto lora = wgmma::segment(wgmma::FromRegisters<T, kN>{{}, u, p.scale, p.rank},
+                             wgmma::Rows<T>{{as<T>(p.b), p.rank, 0, p.d_out, p.rank, tma_map(p, FK_LORA_TMA_B, p.b_map)}});
+  wgmma::Accumulators acc = {};
+  wgmma::run_tiles<T>(acc, dyn_smem<unsigned char>(), tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
+    const uint2 o = tiles.origin(i);  // (y's first row, first column)
+    wgmma_hold(u);
+    if (o.y == 0) {
+      wgmma::for_each_pair(u, [&](int r, int c, float v0, float v1) {
+        if (o.x + r >= p.m) return;
+        T* row = static_cast<T*>(p.u) + uint64_t(o.x + r) * p.rank;
+        if (c < int(p.rank)) row[c] = from_f32<T>(p.scale * v0);
+        if (c + 1 < int(p.rank)) row[c + 1] = from_f32<T>(p.scale * v1);
+      });
+    }
+#pragma unroll
+    for (int j = 0; j < kN / 2; ++j) u[j] = 0.0f;
+    wgmma_hold(u);
+    wgmma::store_tile<T, false>(tile, st, static_cast<T*>(p.y), p.d_out, o.x, o.y, p.m, p.d_out, as<T>(p.bias));
+  }, base, lora);
 }
 
 // lora_backward_dx on wgmma: the output tile is dXᵀ (kBM columns of dX by kBN rows), so that
@@ -450,6 +486,10 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_BOUNDS(lora_forward_nf4_##t, LoraParams, kThreads) { forward<T, true>(p); }          \
   FK_KERNEL_TMA(lora_forward_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, false>(p); } \
   FK_KERNEL_TMA(lora_forward_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { forward_wgmma<T, true>(p); } \
+  FK_KERNEL_TMA(lora_forward_down16_wgmma_##t, LoraParams, wgmma::kThreads) { forward_down_wgmma<T, false, 16>(p); } \
+  FK_KERNEL_TMA(lora_forward_down32_wgmma_##t, LoraParams, wgmma::kThreads) { forward_down_wgmma<T, false, 32>(p); } \
+  FK_KERNEL_TMA(lora_forward_down16_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { forward_down_wgmma<T, true, 16>(p); } \
+  FK_KERNEL_TMA(lora_forward_down32_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { forward_down_wgmma<T, true, 32>(p); } \
   FK_KERNEL_TMA(lora_backward_dx_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, false>(p); } \
   FK_KERNEL_TMA(lora_backward_dx_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, true>(p); } \
   FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \

@@ -26,12 +26,12 @@ proptest! {
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
         scratch in any::<bool>(), tile_loads in prop_oneof![Just(TileLoads::Tma), Just(TileLoads::TmaMulticast), Just(TileLoads::CpAsync)],
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)], narrow_stagger in any::<bool>(), wide_down in any::<bool>(),
-        wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)],
+        wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)], fused_down in any::<bool>(),
     ) {
         for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, ..Case::new(seed, m, d_in, d_out, rank) };
+                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, fused_down, ..Case::new(seed, m, d_in, d_out, rank) };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -291,6 +291,153 @@ fn column_runs_compute_the_window_orders_forward() {
                 runs, window,
                 "{m} rows, nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, on {dev:?}"
             );
+        }
+    }
+}
+
+/// A layer at `c`'s shape from `c.seed` (dense or NF4 base, a bias where `c.bias`), on the wgmma
+/// path with `c`'s tile loads and blocks, and an input x.
+fn wgmma_layer(
+    dev: &finetune_kernels::Device,
+    c: &Case,
+) -> (LoraLinear<bf16>, finetune_kernels::Buffer<bf16>) {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let w = dev
+        .upload(&random_vec::<bf16>(&mut rng, c.d_out * c.d_in, 0.1))
+        .unwrap();
+    let base = if c.nf4 {
+        LoraBase::Nf4(Box::new(
+            finetune_kernels::nf4::Nf4Weight::quantize(&w, c.d_out, c.d_in, 64, true).unwrap(),
+        ))
+    } else {
+        LoraBase::Dense(w)
+    };
+    let upload =
+        |rng: &mut StdRng, n, scale| dev.upload(&random_vec::<bf16>(rng, n, scale)).unwrap();
+    let bias = c.bias.then(|| upload(&mut rng, c.d_out, 1.0));
+    let a = upload(&mut rng, c.rank * c.d_in, 0.1);
+    let b = upload(&mut rng, c.d_out * c.rank, 0.1);
+    let mut config = LoraConfig::new(c.rank, 16.0);
+    config.dropout = c.dropout;
+    let layer = LoraLinear::new(base, bias, a, b, config)
+        .unwrap()
+        .with_path(LoraPath::FusedWgmma)
+        .unwrap()
+        .with_nf4_decode(Nf4Decode::InTile)
+        .with_tile_loads(c.tile_loads)
+        .with_wgmma_blocks(c.wgmma_blocks)
+        .unwrap()
+        .with_column_runs(c.column_runs)
+        .with_fused_down(c.fused_down);
+    let x = upload(&mut rng, c.m * c.d_in, 1.0);
+    (layer, x)
+}
+
+/// The wgmma forward that makes u inside its GEMM (`LoraLinear::fused_down`: x's tiles times
+/// A's rows beside W's, `wgmma` N = 16 or 32, then scale·u from those registers times B)
+/// passes the reference, forward and backward (which takes the u it saved), at ranks 1, 9,
+/// 16 (N = 16), 17 and 32 (N = 32), dense and NF4 bases decoded in the tiles, with partial
+/// row, column and K tiles, on one block (every tile in turn: u made and zeroed per tile),
+/// several, and a block per tile, through TMA, TMA multicast to pairs and cp.async (A's
+/// side tile by TMA or cp.async too), in the window order and in column runs. Its y and u
+/// are the same bits whichever way the tiles come (the same wgmmas in the same order), and
+/// within rounding of lora_down + the GEMM's. Where it does not apply (dropout, rank 33,
+/// turned off) the layer says so and runs lora_down.
+#[test]
+fn fused_down_makes_u_in_the_forward_gemm() {
+    use TileLoads::{CpAsync, Tma, TmaMulticast};
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
+        for (m, d_in, d_out, rank, nf4, bias) in [
+            (200, 200, 300, 1, false, true),
+            (131, 777, 263, 16, true, false),
+            (200, 136, 520, 17, false, true),
+            (70, 328, 264, 32, true, true),
+            (300, 72, 300, 9, false, false),
+        ] {
+            let mut bits: Option<(Vec<u16>, Vec<u16>)> = None;
+            for (tile_loads, blocks, column_runs) in [
+                (Tma, Some(1), false),
+                (TmaMulticast, Some(2), false),
+                (CpAsync, Some(3), true),
+                (Tma, None, false),
+            ] {
+                let c = Case {
+                    bias,
+                    nf4,
+                    tile_loads,
+                    path: Some(LoraPath::FusedWgmma),
+                    wgmma_blocks: blocks,
+                    column_runs,
+                    ..Case::new(rand::random(), m, d_in, d_out, rank)
+                };
+                for row in check::forward::<bf16>(&dev, c).unwrap() {
+                    assert!(
+                        row.kernel.contains("down"),
+                        "{row}: not the fused-down kernel"
+                    );
+                    assert!(row.pass(), "{row}");
+                }
+                assert_pass(check::backward::<bf16>(&dev, c));
+                // The same layer and x whatever the tile loads: the seed is fixed for the shape.
+                let c = Case {
+                    seed: (m * 7 + rank) as u64,
+                    ..c
+                };
+                let (layer, x) = wgmma_layer(&dev, &c);
+                assert_eq!(layer.fused_down(), Some(if rank <= 16 { 16 } else { 32 }));
+                let (y, saved) = layer.forward(&x, m).unwrap();
+                let to_bits = |v: Vec<bf16>| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let got = (
+                    to_bits(y.to_host().unwrap()),
+                    to_bits(saved.u.to_host().unwrap()),
+                );
+                let what = format!("{m}x{d_in}→{d_out} r{rank} nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, on {dev:?}");
+                match &bits {
+                    None => {
+                        // Against lora_down + the GEMM: the same values up to rounding.
+                        let separate = layer.with_fused_down(false);
+                        assert_eq!(separate.fused_down(), None);
+                        let (y2, saved2) = separate.forward(&x, m).unwrap();
+                        let f = |v: &[u16]| {
+                            v.iter()
+                                .map(|&b| bf16::from_bits(b).to_f32())
+                                .collect::<Vec<_>>()
+                        };
+                        let (y2, u2) = (y2.to_host().unwrap(), saved2.u.to_host().unwrap());
+                        let y_err = rel_l2(&f(&got.0), &y2);
+                        let u_err = rel_l2(&f(&got.1), &u2);
+                        assert!(
+                            y_err < 1e-2 && u_err < 1e-2,
+                            "{what}: y {y_err:e}, u {u_err:e} from lora_down's"
+                        );
+                        bits = Some(got);
+                    }
+                    Some(first) => assert!(
+                        first == &got,
+                        "{what}: y or u differs from the first loads' bits"
+                    ),
+                }
+            }
+        }
+        // Where u cannot come from the GEMM, the layer says so, and runs lora_down.
+        for (rank, dropout) in [(33, 0.0), (16, 0.1)] {
+            let c = Case {
+                dropout,
+                path: Some(LoraPath::FusedWgmma),
+                ..Case::new(rand::random(), 40, 72, 40, rank)
+            };
+            assert_eq!(
+                wgmma_layer(&dev, &c).0.fused_down(),
+                None,
+                "rank {rank}, p {dropout}"
+            );
+            for row in check::forward::<bf16>(&dev, c).unwrap() {
+                assert!(
+                    !row.kernel.contains("down16") && !row.kernel.contains("down32"),
+                    "{row}"
+                );
+                assert!(row.pass(), "{row}");
+            }
         }
     }
 }

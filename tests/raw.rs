@@ -403,12 +403,20 @@ fn nf4_raw_matches_the_safe_calls() {
 }
 
 /// One layer through LoraLinear and through the raw steps with params filled by hand,
-/// workspaces the caller's.
-fn lora_case(dev: &Device, gemm: BaseGemm, nf4_base: bool, dropout: f32, bias: bool) -> Result<()> {
+/// workspaces the caller's; on wgmma without dropout the forward in one kernel
+/// (`forward_fused_down`) where `fused_down`, as the layer does, else `down` then `forward`.
+fn lora_case(
+    dev: &Device,
+    gemm: BaseGemm,
+    nf4_base: bool,
+    dropout: f32,
+    bias: bool,
+    fused_down: bool,
+) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(rand::random());
     let (m, d_in, d_out, rank) = (77usize, 136usize, 72usize, 9usize);
     let case = format!(
-        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} on {}",
+        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} fused down {fused_down} on {}",
         dev.describe()
     );
     let up = |rng: &mut StdRng, n: usize, s: f32| dev.upload(&random_vec::<bf16>(rng, n, s));
@@ -447,7 +455,8 @@ fn lora_case(dev: &Device, gemm: BaseGemm, nf4_base: bool, dropout: f32, bias: b
     )?
     .with_path(path)?
     .with_tile_loads(TileLoads::CpAsync)
-    .with_nf4_decode(Nf4Decode::InTile);
+    .with_nf4_decode(Nf4Decode::InTile)
+    .with_fused_down(fused_down);
     let (y, saved) = layer.forward(&x, m)?;
     let grads = layer.backward(&x, &saved, &dy)?;
 
@@ -490,8 +499,12 @@ fn lora_case(dev: &Device, gemm: BaseGemm, nf4_base: bool, dropout: f32, bias: b
     // SAFETY: every buffer named is on dev and sized for the layer's shapes and m rows; the
     // partials as rank_partials_len says.
     unsafe {
-        lora::raw::down(dev, s, DType::BF16, &forward)?;
-        lora::raw::forward(dev, s, DType::BF16, gemm, &forward)?;
+        if layer.fused_down().is_some() {
+            lora::raw::forward_fused_down(dev, s, DType::BF16, &forward)?;
+        } else {
+            lora::raw::down(dev, s, DType::BF16, &forward)?;
+            lora::raw::forward(dev, s, DType::BF16, gemm, &forward)?;
+        }
     }
     same_bits(&format!("{case}: u"), dev, &u, &saved.u);
     same_bits(&format!("{case}: y"), dev, &y_raw, &y);
@@ -566,7 +579,10 @@ fn lora_raw_steps_match_the_layer() {
                 (true, 0.0, false),
                 (true, 0.25, true),
             ] {
-                lora_case(&dev, gemm, nf4_base, dropout, bias).unwrap();
+                lora_case(&dev, gemm, nf4_base, dropout, bias, true).unwrap();
+                if gemm == BaseGemm::Wgmma && dropout == 0.0 {
+                    lora_case(&dev, gemm, nf4_base, dropout, bias, false).unwrap();
+                }
             }
         }
     }
@@ -586,6 +602,22 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
             if !dev.has_wgmma() {
                 let err =
                     lora::raw::forward(&dev, None, DType::BF16, BaseGemm::Wgmma, &p).unwrap_err();
+                assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            }
+            // u in the GEMM: no dropout, ranks 1 to 32, and wgmma.
+            for (rank, dropout) in [(16, 0.1), (33, 0.0), (0, 0.0)] {
+                let p = LoraParams { rank, dropout, ..p };
+                let err = lora::raw::forward_fused_down(&dev, None, DType::BF16, &p).unwrap_err();
+                assert!(
+                    matches!(err, Error::InvalidArgument { .. }),
+                    "rank {rank}, p {dropout}: {err}"
+                );
+            }
+            let p = LoraParams { rank: 16, ..p };
+            let err = lora::raw::forward_fused_down(&dev, None, DType::F32, &p).unwrap_err();
+            assert!(matches!(err, Error::UnsupportedDtype { .. }), "{err}");
+            if !dev.has_wgmma() {
+                let err = lora::raw::forward_fused_down(&dev, None, DType::BF16, &p).unwrap_err();
                 assert!(matches!(err, Error::Unsupported { .. }), "{err}");
             }
         }

@@ -400,6 +400,34 @@ FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
       " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"                                  \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
+// The side products' shapes, N = 16 and 32 (8 and 16 accumulators): operands after d are the
+// descriptors, then the scale-d flag.
+#define FK_WGMMA_M64N16K16(type, trans_a)                                                           \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." type "." type                                   \
+      " {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, " trans_a ", 0;\n}\n"                    \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
+#define FK_WGMMA_M64N32K16(type, trans_a)                                                           \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." type "." type                                   \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, " \
+      trans_a ", 0;\n}\n"                                                                           \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),   \
+        "+f"(d[15])                                                                                 \
+      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
+// A from registers at N = 256: operands 128-131 are A's fragment, 132 B's descriptor, 133 the
+// scale-d flag.
+#define FK_WGMMA_M64N256K16_RS(type, no_trans_a)                                                    \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS               \
+      ", {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                                          \
+      : FK_WGMMA_D_OPERANDS(d)                                                                      \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
 // One asm per element type (its name is part of the instruction) and A layout (imm-trans-a:
 // "1" for an MN-major A from shared memory; A from registers has none).
 #define FK_WGMMA_TYPED(T, kMnMajor, MACRO)                                 \
@@ -453,6 +481,38 @@ FK_DEVICE void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4], const vo
   __trap();
 #elif FK_EMU_PTX
   fk_emu_wgmma(d, 8, nullptr, a, b, wgmma_type<T>(), false);
+#endif
+}
+
+// The same at N = 16 or 32 (N / 2 accumulators a thread), A K-major: a side product beside
+// the m64n256 ones from the same A tile (wgmma.cuh's Side: the LoRA forward's u = x Aᵀ).
+template <typename T, int N>
+FK_DEVICE void wgmma_m64nNk16(float (&d)[N / 2], const void* a, const void* b) {
+  static_assert(N == 16 || N == 32, "the side products' widths");
+#if FK_PTX && FK_HAS_WGMMA
+  if constexpr (N == 16) {
+    FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N16K16)
+  } else {
+    FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N32K16)
+  }
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, N, a, nullptr, b, wgmma_type<T>(), false);
+#endif
+}
+
+// RS at N = 256: A from registers as wgmma_m64n8k16_rs's (this warp's 16 rows, mma.sync's A
+// fragment layout), B a swizzled tile. `a` belongs to the mma until the wait that lets its
+// group go.
+template <typename T>
+FK_DEVICE void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], const void* b) {
+#if FK_PTX && FK_HAS_WGMMA
+  FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N256K16_RS)
+#elif FK_PTX
+  __trap();
+#elif FK_EMU_PTX
+  fk_emu_wgmma(d, 256, nullptr, a, b, wgmma_type<T>(), false);
 #endif
 }
 

@@ -54,11 +54,19 @@ struct Stage {
   uint4 b[kBN * 8];
 };
 static_assert(sizeof(Stage::a) % 1024 == 0 && sizeof(Stage) % 1024 == 0, "1024-byte aligned tiles");
-// After the stages, each stage's mbarrier.
+// After the stages (and a side product's tiles, Side), each stage's mbarrier.
 static_assert(FK_WGMMA_SMEM_BYTES == kStages * sizeof(Stage) + 64 + 1024, "params/gemm.h's size");
+static_assert(FK_WGMMA_SIDE_SMEM_BYTES == FK_WGMMA_SMEM_BYTES + kStages * FK_WGMMA_SIDE_ROWS * 128, "params/gemm.h's size");
 static_assert(kStages * 8 <= 64, "the stages' mbarriers fit in 64 bytes");
 
 using Accumulators = float[kBN / 2];
+
+// The largest of its arguments, at compile time.
+template <class... I>
+__host__ __device__ constexpr int largest(int first, I... rest) {
+  ((first = rest > first ? rest : first), ...);
+  return first;
+}
 
 // Chunk `chunk` (8 elements along K) of row `row` in a swizzled tile.
 FK_DEVICE int swizzled(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
@@ -118,20 +126,23 @@ struct Rows : Matrix<T> {
       }
       return;
     }
+    // A tile of fewer than 32 rows (a side tile, Side) takes the threads of its rows only.
+    constexpr int kPasses = (kRows + 31) / 32;
     const int chunk = threadIdx.x % 8, row = threadIdx.x / 8;
+    if (kRows < 32 && row >= kRows) return;
     const uint32_t k = k0 + chunk * 8, valid = k < k_len ? min(8u, k_len - k) : 0u;
     uint4* dst = &tile[swizzled(row, chunk)];
     if (fast) {
       const T* src = ptr + uint64_t(row0 + row) * ld + k;
 #pragma unroll
-      for (int i = 0; i < kRows / 32; ++i) {
+      for (int i = 0; i < kPasses; ++i) {
         const bool in = valid && row0 + row + 32 * i < rows;
         cp_async_zfill16(dst + 32 * 8 * i, in ? src + 32 * i * ld : ptr, in ? int(valid) * 2 : 0);
       }
       return;
     }
 #pragma unroll 1
-    for (int i = 0; i < kRows / 32; ++i) {
+    for (int i = 0; i < kPasses; ++i) {
       const uint32_t r = row0 + row + 32 * i;
       uint16_t v[8];
 #pragma unroll
@@ -180,29 +191,82 @@ struct Columns : Matrix<T> {
   }
 };
 
+// A segment with no side product.
+struct NoSide {
+  static constexpr int kRows = 0;
+  FK_DEVICE void prepare() {}
+  FK_DEVICE void issue(uint4*, uint32_t, uint64_t*) const {}
+  FK_DEVICE void finish(uint4*, uint32_t) {}
+  FK_DEVICE uint32_t tma_bytes() const { return 0; }
+};
+
+// A segment's side product: beside each step's four wgmmas, A's (K-major) slices times the
+// stage's side tile, kN K-contiguous rows of `b` (kN ≤ FK_WGMMA_SIDE_ROWS), into `acc`, kN / 2
+// accumulators a thread in ptx.cuh's layout at N = kN. The caller owns acc: zeroes it before a
+// tile's first step and reads it once the tile's wgmmas are waited out. `b` stays where the
+// caller put it (row0): every tile multiplies the same rows. The LoRA forward's u = x Aᵀ
+// from the sweep of x that y's GEMM makes (lora.cu; bench/NOTES.md).
+template <class OperandB, int kN>
+struct Side {
+  static constexpr int kRows = kN;
+  OperandB b;
+  float (&acc)[kN / 2];
+
+  FK_DEVICE void prepare() { b.prepare(); }
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar) const { b.template issue<kN>(tile, k0, bar, 1); }
+  FK_DEVICE void finish(uint4* tile, uint32_t k0) { b.template finish<kN>(tile, k0); }
+  FK_DEVICE uint32_t tma_bytes() const { return b.template tma_bytes<kN>(); }
+  // A's k16 slice j at a + j · kSlice, the side tile's at + 32 bytes each.
+  template <typename T>
+  FK_DEVICE void mma(const char* a, int slice, const uint4* tile) {
+    const char* b = reinterpret_cast<const char*>(tile);
+    wgmma_m64nNk16<T, kN>(acc, a, b);
+    wgmma_m64nNk16<T, kN>(acc, a + slice, b + 32);
+    wgmma_m64nNk16<T, kN>(acc, a + 2 * slice, b + 64);
+    wgmma_m64nNk16<T, kN>(acc, a + 3 * slice, b + 96);
+  }
+};
+
+// An A operand in registers (the tag of FromRegisters).
+struct RegisterOperand {};
+
 // A K range: A's and B's share K, A's `k_len` long. A: Rows, Columns or another operand of
-// the same interface (prepare, issue, finish, tma_bytes, k_len, kMnMajor, kMulticasts); B: one that is
-// K-contiguous rows in the 128-byte swizzle (Rows, ...). issue()'s `sharers`: the blocks of the
-// cluster that share the tile (1 for A), each loading a part for all where the operand can.
-template <class OperandA, class OperandB>
+// the same interface (prepare, issue, finish, tma_bytes, k_len, kMnMajor, kMulticasts), or
+// FromRegisters; B: one that is K-contiguous rows in the 128-byte swizzle (Rows, ...), and
+// optionally a side product of A (Side). issue()'s `sharers`: the blocks of the cluster that
+// share the tile (1 for A and a side's tile), each loading a part for all where the operand can.
+template <class OperandA, class OperandB, class SideProduct = NoSide>
 struct Segment {
   using A = OperandA;
   using B = OperandB;
+  using S = SideProduct;
+  static constexpr bool kPlain = std::is_same<S, NoSide>::value && !std::is_base_of<RegisterOperand, A>::value;
   A a;
   B b;
+  S side;
   FK_DEVICE int steps() const { return int((a.k_len + kBK - 1) / kBK); }
+  // Step `st`'s wgmmas (run_tiles, where a segment is not plain): mma_step's, with the side
+  // product's beside them, or A's own step from registers.
+  template <typename T, bool kMnMajor>
+  FK_DEVICE void mma(Accumulators& acc, const Stage& st, const uint4* side_tile);
 };
 
 template <class A, class B>
 FK_DEVICE Segment<A, B> segment(const A& a, const B& b) {
-  return {a, b};
+  return {a, b, {}};
 }
 
-// Issues one step's four wgmmas from `st`, leaves them in flight and waits out the previous
+template <class A, class B, class S>
+FK_DEVICE Segment<A, B, S> segment(const A& a, const B& b, const S& side) {
+  return {a, b, side};
+}
+
+// Issues one step's four wgmmas from `st` (and `side`'s beside them: side(a, slice) with A's
+// first slice and the slices' stride), leaves them in flight and waits out the previous
 // step's. A's k16 slices are 32 bytes apart along its rows (K-major) or 2 KB apart, two
 // 1024-byte atoms of 8 K lines (MN-major).
-template <typename T, bool kMnMajor>
-FK_DEVICE void mma_step(Accumulators& acc, const Stage& st) {
+template <typename T, bool kMnMajor, class SideMma>
+FK_DEVICE void mma_step(Accumulators& acc, const Stage& st, SideMma side) {
   const int half = threadIdx.x / 128;  // this warpgroup's 64 rows of A
   constexpr int kSlice = kMnMajor ? 2048 : 32;
   wgmma_fence();
@@ -214,8 +278,64 @@ FK_DEVICE void mma_step(Accumulators& acc, const Stage& st) {
   wgmma_m64n256k16<T, kMnMajor>(acc, a + kSlice, b + 32);
   wgmma_m64n256k16<T, kMnMajor>(acc, a + 2 * kSlice, b + 64);
   wgmma_m64n256k16<T, kMnMajor>(acc, a + 3 * kSlice, b + 96);
+  side(a, kSlice);
   wgmma_commit();
   wgmma_wait<1>();
+}
+
+// A segment's A: `scale` · acc rounded to T, the caller's accumulators of a side product
+// (kN / 2 a thread: this warp's 16 rows of the warpgroup's 64 by kN columns, ptx.cuh's
+// layout), K = kN, zeros past `k_len`: one step, whose B is the segment's tile of kN columns
+// and more (zero past k_len). The step waits out every wgmma in flight first, so it comes
+// after the side product's last (the LoRA forward's step y += scale·u · Bᵀ, with u just made
+// by the base segment's side product and never in memory). The accumulator layout at N = kN
+// is, k16 slice by slice, the A fragment layout of an RS wgmma: slice j's fragment is
+// acc[8j .. 8j + 8) paired in order. `frag` keeps the fragments until the step's wait.
+template <typename T, int kN>
+struct FromRegisters : RegisterOperand {
+  static constexpr bool kMnMajor = false;
+  static constexpr bool kMulticasts = false;  // an A operand
+  float (&acc)[kN / 2];
+  float scale;
+  uint32_t k_len;
+  uint32_t row0 = 0;  // set by Schedule::place; the registers are the tile's rows already
+  uint32_t frag[kN / 16][4] = {};
+
+  FK_DEVICE void prepare() {}
+  template <int kRows>
+  FK_DEVICE void issue(uint4*, uint32_t, uint64_t*, uint32_t) const {}
+  template <int kRows>
+  FK_DEVICE void finish(uint4*, uint32_t) {}
+  template <int kRows>
+  FK_DEVICE uint32_t tma_bytes() const { return 0; }
+
+  FK_DEVICE void mma(Accumulators& d, const Stage& st) {
+    wgmma_wait<0>();
+    wgmma_hold(acc);
+#pragma unroll
+    for (int j = 0; j < kN / 16; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) frag[j][i] = pack2<T>(scale * acc[8 * j + 2 * i], scale * acc[8 * j + 2 * i + 1]);
+    wgmma_fence();
+    const char* b = reinterpret_cast<const char*>(st.b);
+#pragma unroll
+    for (int j = 0; j < kN / 16; ++j) wgmma_m64n256k16_rs<T>(d, frag[j], b + 32 * j);
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+};
+
+template <class A, class B, class S>
+template <typename T, bool kMnMajor>
+FK_DEVICE void Segment<A, B, S>::mma(Accumulators& acc, const Stage& st, const uint4* side_tile) {
+  if constexpr (std::is_base_of<RegisterOperand, A>::value) {
+    a.mma(acc, st);
+  } else if constexpr (std::is_same<S, NoSide>::value) {
+    mma_step<T, kMnMajor>(acc, st, [](const char*, int) {});
+  } else {
+    static_assert(!kMnMajor, "a side product of a K-major A");
+    mma_step<T, kMnMajor>(acc, st, [&](const char* a_slice, int slice) { side.template mma<T>(a_slice, slice, side_tile); });
+  }
 }
 
 // Calls f(segment, k0) for the segment step kt belongs to (a segment's steps start at
@@ -226,19 +346,24 @@ FK_DEVICE void at_step(int kt, const int* first, F f, Segs&... segs) {
   ((kt >= first[s] && kt < first[s + 1] ? f(segs, uint32_t(kt - first[s]) * kBK) : void(), ++s), ...);
 }
 
-// Starts (issue(), kFinish false) or finishes (finish()) filling `st` with step kt; starting,
-// thread 0 arrives on the stage's barrier `full` with the bytes TMA will bring (B's whole
-// tile, when the cluster's `sharers` blocks each bring a part).
+// Starts (issue(), kFinish false) or finishes (finish()) filling `st` (and `side_tile`, for a
+// segment's side product) with step kt; starting, thread 0 arrives on the stage's barrier
+// `full` with the bytes TMA will bring (B's whole tile, when the cluster's `sharers` blocks
+// each bring a part).
 template <bool kFinish, class... Segs>
-FK_DEVICE void fill(Stage& st, uint64_t* full, uint32_t sharers, int kt, const int* first, Segs&... segs) {
+FK_DEVICE void fill(Stage& st, uint4* side_tile, uint64_t* full, uint32_t sharers, int kt, const int* first,
+                    Segs&... segs) {
   at_step(kt, first, [&](auto& seg, uint32_t k0) {
     if constexpr (kFinish) {
       seg.a.template finish<kBM>(st.a, k0);
       seg.b.template finish<kBN>(st.b, k0);
+      seg.side.finish(side_tile, k0);
     } else {
-      if (threadIdx.x == 0) mbarrier_arrive_expect_tx(full, seg.a.template tma_bytes<kBM>() + seg.b.template tma_bytes<kBN>());
+      if (threadIdx.x == 0)
+        mbarrier_arrive_expect_tx(full, seg.a.template tma_bytes<kBM>() + seg.b.template tma_bytes<kBN>() + seg.side.tma_bytes());
       seg.a.template issue<kBM>(st.a, k0, full, 1);
       seg.b.template issue<kBN>(st.b, k0, full, sharers);
+      seg.side.issue(side_tile, k0, full);
     }
   }, segs...);
 }
@@ -320,6 +445,11 @@ template <typename T, class Tiles, class Done, class... Segs>
 FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& tiles, Done done, Segs&... segs) {
   constexpr bool kMnMajor = (Segs::A::kMnMajor && ...);
   static_assert(((Segs::A::kMnMajor == kMnMajor) && ...), "one layout of A per run");
+  // Segments with a side product or an A in registers take their own steps (Segment::mma).
+  constexpr bool kPlain = (Segs::kPlain && ...);
+  // The side products' tiles, a stage's each, after the stages (FK_WGMMA_SIDE_SMEM_BYTES).
+  constexpr int kSideRows = largest(0, Segs::S::kRows...);
+  static_assert(kSideRows <= FK_WGMMA_SIDE_ROWS && kSideRows % 8 == 0, "side tiles of whole 1024-byte groups");
 #if FK_PTX && !FK_HAS_WGMMA
   // Below sm_90a the entries trap (Device::has_wgmma keeps them off those GPUs): no body to
   // compile there, nor to spill.
@@ -328,7 +458,8 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
 #endif
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
-  uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages);
+  uint4* side_tiles = reinterpret_cast<uint4*>(stages + kStages);  // kSideRows rows of 8 chunks a stage
+  uint64_t* full = reinterpret_cast<uint64_t*>(side_tiles + kStages * kSideRows * 8);
   // Blocks sharing B's tiles: the cluster's, where every B can multicast (a GEMM with an NF4
   // weight, decoded by each block, is never launched in clusters and carries no multicast).
   constexpr bool kMulticasts = (Segs::B::kMulticasts && ...);
@@ -341,7 +472,7 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   int first[sizeof...(Segs) + 1] = {0};
   {
     int s = 0;
-    ((segs.a.prepare(), segs.b.prepare(), first[s + 1] = first[s] + segs.steps(), ++s), ...);
+    ((segs.a.prepare(), segs.b.prepare(), segs.side.prepare(), first[s + 1] = first[s] + segs.steps(), ++s), ...);
   }
   // Global step g is step g % steps of the block's tile g / steps.
   const int steps = first[sizeof...(Segs)], total = int(tiles.count) * steps;
@@ -349,12 +480,13 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   sync();                      // and the barriers are initialized, in every block loads land in
   // Fills come in order of g, each issued then finished before the next is issued: the
   // operands move to a tile at its first step's issue and stay there through its last fill.
+  auto side_tile = [&](int g) { return side_tiles + (g % kStages) * kSideRows * 8; };
   auto issue = [&](int g) {
     if (g % steps == 0) tiles.place(g / steps, segs...);
-    fill<false>(stages[g % kStages], &full[g % kStages], sharers, g % steps, first, segs...);
+    fill<false>(stages[g % kStages], side_tile(g), &full[g % kStages], sharers, g % steps, first, segs...);
   };
   auto finish = [&](int g) {
-    fill<true>(stages[g % kStages], &full[g % kStages], sharers, g % steps, first, segs...);
+    fill<true>(stages[g % kStages], side_tile(g), &full[g % kStages], sharers, g % steps, first, segs...);
   };
   for (int g = 0; g < kStages - 2; ++g) {
     if (g < total) {
@@ -371,7 +503,12 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
     const bool refill = g + kStages - 2 < total;
     if (refill) issue(g + kStages - 2);
     cp_async_commit();
-    mma_step<T, kMnMajor>(acc, stages[g % kStages]);
+    if constexpr (kPlain) {
+      mma_step<T, kMnMajor>(acc, stages[g % kStages], [](const char*, int) {});
+    } else {
+      at_step(g % steps, first, [&](auto& seg, uint32_t) { seg.template mma<T, kMnMajor>(acc, stages[g % kStages], side_tile(g)); },
+              segs...);
+    }
     if (refill) finish(g + kStages - 2);
     if (g % steps == steps - 1) {
       wgmma_wait<0>();
@@ -399,11 +536,11 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
 
 // Calls f(row, col, v0, v1) for each pair of accumulators this thread holds (by reference),
 // (row, col) and (row, col + 1) in tile coordinates (ptx.cuh's accumulator layout).
-template <class F>
-FK_DEVICE void for_each_pair(Accumulators& acc, F f) {
+template <int N, class F>
+FK_DEVICE void for_each_pair(float (&acc)[N], F f) {
   const int lane = threadIdx.x % 32, row = (threadIdx.x / 32) * 16 + lane / 4;  // warps 0-7 in order
 #pragma unroll
-  for (int j = 0; j < kBN / 2; j += 2) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4), acc[j], acc[j + 1]);
+  for (int j = 0; j < N; j += 2) f(row + 8 * ((j % 4) / 2), 8 * (j / 4) + 2 * (lane % 4), acc[j], acc[j + 1]);
 }
 
 // Calls f(row, col, value) for each accumulator this thread holds (by reference).

@@ -17,6 +17,10 @@
 /* Per stage A's tile (TILE_M rows of 64 elements, 128 bytes) and B's (TILE_N rows), then 64
  * bytes for the stages' mbarriers, plus 1 KB to align the first stage. */
 #define FK_WGMMA_SMEM_BYTES (FK_WGMMA_STAGES * (FK_WGMMA_TILE_M + FK_WGMMA_TILE_N) * 128 + 64 + 1024)
+/* A GEMM with a side product (wgmma.cuh's Side: the LoRA forward's u = x Aᵀ beside y's GEMM)
+ * has, after the stages, a side tile per stage of up to FK_WGMMA_SIDE_ROWS rows of 128 bytes. */
+#define FK_WGMMA_SIDE_ROWS 32
+#define FK_WGMMA_SIDE_SMEM_BYTES (FK_WGMMA_SMEM_BYTES + FK_WGMMA_STAGES * FK_WGMMA_SIDE_ROWS * 128)
 
 /* The rank-wide GEMMs (cuda/include/narrow.cuh: u = x Aᵀ, v = dY B): a block of
  * FK_GEMM_THREADS threads computes FK_NARROW_ROWS rows by FK_NARROW_COLS columns through

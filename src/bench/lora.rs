@@ -221,10 +221,48 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
     }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
+        // The wgmma forward as it was before it made u itself (`lora_fused_wgmma forward`, a
+        // row above, runs lora_forward_down16_wgmma alone): lora_down, then the GEMM. The
+        // whole forward against cuBLAS, and its two launches; the rows below compare variants
+        // of that GEMM against this one.
+        match plain_layer(dev, LoraPath::FusedWgmma)
+            .map(|l| l.with_fused_down(false))
+            .and_then(|l| {
+                let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
+                let shape = format!("{M}x{D}→{D} r{RANK}");
+                let bytes = (2 * 2 * M * D + 2 * D * D) as f64;
+                let mut row = Row::new(
+                    "lora",
+                    "lora_fused_wgmma lora_down forward",
+                    &shape,
+                    &t,
+                    bytes,
+                    flops_fwd,
+                    c,
+                );
+                if let Some(b) = &fwd_base {
+                    row = row.with_baseline("cuBLAS base GEMM alone", b.median_us);
+                }
+                let mut rows = vec![row];
+                rows.extend(layer_launch_rows(
+                    &l,
+                    timer,
+                    c,
+                    (&x, &dy),
+                    "lora_fused_wgmma lora_down",
+                    &[("forward", "lora_forward_wgmma")],
+                    (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+                )?);
+                Ok(rows)
+            }) {
+            Ok(separate) => rows.extend(separate),
+            Err(e) => eprintln!("bench: no lora_down + wgmma forward rows: {e}"),
+        }
         // The persistent wgmma kernels (a block per SM, each walking its tiles, the next
         // tile's loads in flight while it stores the last) against the same kernels launched a
         // block per tile, as they were before (each tile's fill and store alone on its SM).
         let per_tile = plain_layer(dev, LoraPath::FusedWgmma)
+            .map(|l| l.with_fused_down(false))
             .and_then(|l| l.with_wgmma_blocks(Some(usize::MAX)))
             .and_then(|l| {
                 layer_launch_rows(
@@ -246,10 +284,11 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
         // The forward kernel with each block walking runs of consecutive column tiles of one
         // row tile (8 here), the order u-inside-the-GEMM needs (bench/NOTES.md): what the order
-        // alone costs in DRAM and L2, against `lora_fused_wgmma forward ▸ lora_forward_wgmma`.
+        // alone costs in DRAM and L2, against `lora_fused_wgmma lora_down ▸ forward ▸
+        // lora_forward_wgmma`.
         let runs = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
             layer_launch_rows(
-                &l.with_column_runs(true),
+                &l.with_column_runs(true).with_fused_down(false),
                 timer,
                 c,
                 (&x, &dy),

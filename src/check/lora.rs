@@ -41,6 +41,9 @@ pub struct Case {
     pub wgmma_blocks: Option<usize>,
     /// The wgmma forward's blocks walking runs of column tiles (`LoraLinear::with_column_runs`).
     pub column_runs: bool,
+    /// The wgmma forward computing `u` in its GEMM where it can (`LoraLinear::with_fused_down`,
+    /// on by default); `false`: `lora_down` first, as elsewhere.
+    pub fused_down: bool,
 }
 
 impl Case {
@@ -66,6 +69,7 @@ impl Case {
             wide_down: false,
             wgmma_blocks: None,
             column_runs: false,
+            fused_down: true,
         }
     }
 }
@@ -109,6 +113,9 @@ impl CheckCase for Case {
         }
         if self.column_runs {
             s += " column runs";
+        }
+        if !self.fused_down {
+            s += " lora_down";
         }
         if self.bias {
             s += " bias";
@@ -188,6 +195,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
         .with_wide_down(c.wide_down)
         .with_wgmma_blocks(c.wgmma_blocks)?
         .with_column_runs(c.column_runs)
+        .with_fused_down(c.fused_down)
         .with_nf4_decode(c.nf4_decode)
         .with_tile_loads(c.tile_loads);
     Ok(Setup {
@@ -263,13 +271,18 @@ fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
         (true, Nf4Decode::InTile) => "_nf4",
         (true, Nf4Decode::Scratch) => "_nf4_scratch",
     };
-    // The wgmma path differs from the fused one in its two big GEMMs only.
+    // The wgmma path differs from the fused one in its two big GEMMs only; its forward may
+    // compute u too (`lora_forward_down16_wgmma_bf16`).
     let wgmma =
         if s.layer.path() == LoraPath::FusedWgmma && (op == "forward" || op == "backward_dx") {
             "_wgmma"
         } else {
             ""
         };
+    let op = match s.layer.fused_down() {
+        Some(side) if op == "forward" => format!("forward_down{side}"),
+        _ => op.to_string(),
+    };
     format!("lora_{path}{op}{nf4}{wgmma}_{}", T::DTYPE)
 }
 
@@ -295,6 +308,11 @@ where
     } else {
         0.0
     };
+    // u from lora_down, or from the forward's own kernel.
+    let u_name = match s.layer.fused_down() {
+        Some(_) => format!("{name} ▸ u"),
+        None => format!("lora_down_{}", T::DTYPE),
+    };
     Ok(vec![
         row(
             name,
@@ -305,7 +323,7 @@ where
             t,
         ),
         row(
-            format!("lora_down_{}", T::DTYPE),
+            u_name,
             dev,
             &c,
             Measure::RelL2(matmul_bound(T::DTYPE, c.d_in)),

@@ -153,6 +153,15 @@ impl LaunchConfig {
         }
     }
 
+    /// The same launch for a GEMM with a side product (`wgmma::Side`): its side tiles'
+    /// dynamic shared memory after the stages.
+    pub fn with_side_tiles(self) -> Self {
+        LaunchConfig {
+            shared_bytes: crate::params::FK_WGMMA_SIDE_SMEM_BYTES,
+            ..self
+        }
+    }
+
     /// [`Self::grid_stride`] with a warp, not a thread, per item (kernels that loop with
     /// `warp_start`/`warp_stride`).
     pub fn warp_stride(n: u64, threads: u32, max_blocks: u32) -> Self {

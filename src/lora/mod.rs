@@ -22,8 +22,9 @@
 //!   earlier ones run (`Nf4Operand`, `cuda/include/nf4.cuh`); the K-contiguous operands
 //!   (x, u, B, a dense W; dY, v) come in by TMA where they allow it ([`TileLoads`]); the
 //!   GEMMs are persistent, a block per SM walking its tiles with the next one's loads in
-//!   flight while it stores the last ([`LoraLinear::with_wgmma_blocks`]); v, dA, dB as
-//!   Fused. Not the default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and
+//!   flight while it stores the last ([`LoraLinear::with_wgmma_blocks`]); without dropout at
+//!   ranks up to 32 the forward GEMM makes u itself, from its own tiles of x, so that no
+//!   pass over x precedes it ([`LoraLinear::fused_down`]); v, dA, dB as Fused. Not the default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and
 //!   1.7% faster than Extended (forward, backward; bench/results/2026-11-27T0501-h200), then
 //!   3.0% and 4.2% slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within
 //!   its own kernels' run-to-run spread (≈ 4%), and cuBLAS is the steadier. (Both runs
@@ -145,6 +146,8 @@ pub struct LoraLinear<T: FloatElem> {
     /// Whether the rank-wide GEMMs stagger their blocks' walks along K.
     narrow_stagger: bool,
     column_runs: bool,
+    /// Whether the FusedWgmma forward computes `u` in its GEMM where it can ([`Self::fused_down`]).
+    fused_down: bool,
     /// Whether `u` comes from `lora_down_k64` (steps of 64 along K) rather than `lora_down`.
     wide_down: bool,
     nf4_decode: Nf4Decode,
@@ -245,10 +248,11 @@ unsafe fn rank_launch(
     }
 }
 
-/// The fused paths' base GEMM `op` (`forward`, or `backward_dx`: computed as dXᵀ on wgmma)
-/// for `m` rows and an `n`-wide output, its base decoded from NF4 in its tiles where `nf4`
-/// is `"nf4_"`: on `mma.sync` (`wgmma` None), or on wgmma launched persistent in clusters of
-/// `cluster` on at most `max_blocks` blocks.
+/// The fused paths' base GEMM `op` (`forward`; `forward_down16` or `forward_down32`, which
+/// compute u too, on wgmma only; or `backward_dx`: computed as dXᵀ on wgmma) for `m` rows and
+/// an `n`-wide output, its base decoded from NF4 in its tiles where `nf4` is `"nf4_"`: on
+/// `mma.sync` (`wgmma` None), or on wgmma launched persistent in clusters of `cluster` on at
+/// most `max_blocks` blocks.
 fn fused_gemm_launch(
     op: &str,
     nf4: &str,
@@ -258,10 +262,17 @@ fn fused_gemm_launch(
     n: usize,
 ) -> (Kernel, LaunchConfig) {
     match wgmma {
-        Some((cluster, max_blocks)) => (
-            kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
-            LaunchConfig::wgmma(m, n, op == "backward_dx", cluster, max_blocks),
-        ),
+        Some((cluster, max_blocks)) => {
+            let launch = LaunchConfig::wgmma(m, n, op == "backward_dx", cluster, max_blocks);
+            (
+                kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
+                if op.starts_with("forward_down") {
+                    launch.with_side_tiles()
+                } else {
+                    launch
+                },
+            )
+        }
         None => (
             kernel(format!("lora_{op}_{nf4}{t}")),
             LaunchConfig::tiles(m, n, 1),
@@ -395,6 +406,7 @@ impl<T: FloatElem> LoraLinear<T> {
             k_splits: None,
             narrow_stagger: false,
             column_runs: false,
+            fused_down: true,
             wide_down: false,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
@@ -487,6 +499,33 @@ impl<T: FloatElem> LoraLinear<T> {
     pub fn with_column_runs(mut self, runs: bool) -> Self {
         self.column_runs = runs;
         self
+    }
+
+    /// The layer with the FusedWgmma forward computing `u` inside its base GEMM where it can
+    /// (the default; `false`: `lora_down`, then the GEMM, as the other cases run):
+    /// [`Self::fused_down`] says where.
+    pub fn with_fused_down(mut self, fused: bool) -> Self {
+        self.fused_down = fused;
+        self
+    }
+
+    /// The width of the side product (16 or 32) when the forward computes `u` inside its
+    /// GEMM: on the FusedWgmma path, without dropout, at ranks up to 32, unless
+    /// [`Self::with_fused_down`] turned it off; `None` otherwise. The kernel
+    /// (`lora_forward_down{16,32}_wgmma`) multiplies each tile of x by A's rows beside W's
+    /// (`wgmma.m64n16k16` or `m64n32k16`, 16 or 32 columns beside the tile's 256: 6.25% or
+    /// 12.5% more tensor work), then adds `scale · u Bᵀ` from those registers: no pass of
+    /// its own over x for `u` (`lora_down`: 4.6% of the base GEMM's time at the copy rate,
+    /// 8192 × 4096 → 4096, bench/NOTES.md). Every column tile computes u; the row's first
+    /// writes it. Under dropout `u` needs the masked x, which the tiles do not hold; larger
+    /// ranks' tiles would not fit beside the stages.
+    pub fn fused_down(&self) -> Option<u32> {
+        let r = self.config.rank;
+        let eligible = self.fused_down
+            && self.path == LoraPath::FusedWgmma
+            && self.config.dropout == 0.0
+            && r <= params::FK_WGMMA_SIDE_ROWS as usize;
+        eligible.then_some(if r <= 16 { 16 } else { 32 })
     }
 
     /// The layer with `u = x Aᵀ` computed by `lora_down_k64`, whose steps along K are 64
@@ -676,8 +715,8 @@ impl<T: FloatElem> LoraLinear<T> {
         let t = T::DTYPE;
         Ok(if self.path == LoraPath::FusedWgmma {
             let transposed = op == "backward_dx";
-            let shared =
-                self.tile_loads != TileLoads::CpAsync && self.tma_maps(p, transposed, m)?;
+            let shared = self.tile_loads != TileLoads::CpAsync
+                && self.tma_maps(p, transposed, self.fused_down(), m)?;
             // A pair shares B; clustered, a block per tile unless told (LaunchConfig::wgmma).
             let (cluster, max_blocks) = if shared {
                 (2, self.wgmma_blocks.unwrap_or(usize::MAX))
@@ -692,11 +731,18 @@ impl<T: FloatElem> LoraLinear<T> {
 
     /// Encodes the tensor map of each operand of the wgmma base GEMM that TMA can load, and
     /// flags it in `p.tma`: the forward's x and u (boxes of the tile's rows), B and a dense W
-    /// (the tile's columns); dX's dY and v (dXᵀ's columns: its B), and its A operands, A and
-    /// a dense W, read along their rows (boxes of 64 of them by 64 lines of K). Returns
-    /// whether B is shared by pairs of blocks ([`TileLoads::TmaMulticast`]; its boxes are
-    /// then half the tile's columns).
-    fn tma_maps(&self, p: &mut LoraParams, transposed: bool, m: usize) -> Result<bool> {
+    /// (the tile's columns), and A where the forward computes u (`side_rows`: its side tile's
+    /// rows); dX's dY and v (dXᵀ's columns: its B), and its A operands, A and a dense W, read
+    /// along their rows (boxes of 64 of them by 64 lines of K). Returns whether B is shared
+    /// by pairs of blocks ([`TileLoads::TmaMulticast`]; its boxes are then half the tile's
+    /// columns).
+    fn tma_maps(
+        &self,
+        p: &mut LoraParams,
+        transposed: bool,
+        side_rows: Option<u32>,
+        m: usize,
+    ) -> Result<bool> {
         let (rows_a, rows_b, lines) = (params::FK_WGMMA_TILE_M, params::FK_WGMMA_TILE_N, 64);
         let (r, d_in, d_out) = (self.config.rank, self.d_in, self.d_out);
         let tile = |ptr: *const std::ffi::c_void, cols, rows, ld, box_rows| TileMap {
@@ -714,9 +760,14 @@ impl<T: FloatElem> LoraLinear<T> {
                 (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, lines)),
             ]
         } else {
+            // u is read where lora_down made it; A where the GEMM makes u (its side tile).
+            let down = match side_rows {
+                None => (params::FK_LORA_TMA_U, tile(p.u, r, m, r, rows_a)),
+                Some(rows) => (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, rows)),
+            };
             vec![
                 (params::FK_LORA_TMA_X, tile(p.x, d_in, m, d_in, rows_a)),
-                (params::FK_LORA_TMA_U, tile(p.u, r, m, r, rows_a)),
+                down,
                 (params::FK_LORA_TMA_B, tile(p.b, r, d_out, r, rows_b)),
             ]
         };
@@ -763,7 +814,8 @@ impl<T: FloatElem> LoraLinear<T> {
 
     /// `y = x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ` for `x` `[m, in]`: returns `y`
     /// `[m, out]` and what backward needs. The down-projection, then the base GEMM extended
-    /// along K by the low-rank term (bias in its epilogue, or in the extended weight).
+    /// along K by the low-rank term (bias in its epilogue, or in the extended weight); or
+    /// the two in one GEMM ([`Self::fused_down`]).
     pub fn forward(&self, x: &Buffer<T>, m: usize) -> Result<(Buffer<T>, Saved<T>)>
     where
         CudaBlas: Gemm<T>,
@@ -789,9 +841,15 @@ impl<T: FloatElem> LoraLinear<T> {
         p.y = y.ptr_mut();
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
-                self.rank_gemm("lora_down", self.wide_down, &mut p, m, self.d_in)?;
+                let op = match self.fused_down() {
+                    Some(side) => format!("forward_down{side}"),
+                    None => {
+                        self.rank_gemm("lora_down", self.wide_down, &mut p, m, self.d_in)?;
+                        "forward".to_string()
+                    }
+                };
                 let _scratch = self.scratch_base(&mut p)?;
-                let (name, cfg) = self.base_gemm("forward", &mut p, m, self.d_out)?;
+                let (name, cfg) = self.base_gemm(&op, &mut p, m, self.d_out)?;
                 // SAFETY: x [m, in], u [m, rank] and y [m, out] were checked or sized above;
                 // the layer's own buffers were checked by params(), a scratch base is
                 // [out, in] and lives past the launch. The wgmma kernel runs only
@@ -1100,6 +1158,10 @@ pub fn kernels() -> Vec<Kernel> {
             "forward_nf4",
             "forward_wgmma",
             "forward_nf4_wgmma",
+            "forward_down16_wgmma",
+            "forward_down32_wgmma",
+            "forward_down16_nf4_wgmma",
+            "forward_down32_nf4_wgmma",
             "backward_v",
             "backward_dx_wgmma",
             "backward_dx_nf4_wgmma",
@@ -1124,11 +1186,12 @@ pub mod raw {
     //! framework owns (`Some(stream)`; `None` is the device's own, and all the emulator takes),
     //! through the fused kernels. You fill one [`LoraParams`] with your pointers as
     //! `cuda/params/lora.h` says (what each kernel reads, the saved `u`, the workspaces' layout),
-    //! `tma` left 0 (the wgmma kernels then load by cp.async); nothing is checked but the dtype
-    //! and that the device has wgmma where asked. A forward is [`down`] then [`forward`]; a
-    //! backward [`backward_v`], [`backward_dx`], then [`grads`]. [`LoraLinear`]'s fused paths
-    //! launch through the same code after their checks, with workspaces of their own
-    //! (`tests/raw.rs` holds the two to the same bits).
+    //! `tma` left 0 (the wgmma kernels then load by cp.async); nothing is checked but the dtype,
+    //! that the device has wgmma where asked, and [`forward_fused_down`]'s rank and dropout. A
+    //! forward is [`down`] then [`forward`] (or, on wgmma without dropout at ranks up to 32,
+    //! [`forward_fused_down`] alone); a backward [`backward_v`], [`backward_dx`], then
+    //! [`grads`]. [`LoraLinear`]'s fused paths launch through the same code after their
+    //! checks, with workspaces of their own (`tests/raw.rs` holds the two to the same bits).
 
     use super::*;
 
@@ -1183,7 +1246,7 @@ pub mod raw {
     ) -> Result<(Kernel, LaunchConfig)> {
         dtype(t)?;
         let nf4 = if p.w.is_null() { "nf4_" } else { "" };
-        let (m, n) = if op == "forward" {
+        let (m, n) = if op.starts_with("forward") {
             (p.m, p.d_out)
         } else {
             (p.m, p.d_in)
@@ -1232,6 +1295,36 @@ pub mod raw {
         p: &LoraParams,
     ) -> Result<()> {
         let (k, cfg) = gemm_launch(dev, "forward", t, gemm, p)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dev.launch_on(&k, cfg, stream, p) }
+    }
+
+    /// [`down`] and [`forward`] in one kernel on wgmma, `u` made in the base GEMM's sweep of
+    /// x ([`LoraLinear::fused_down`]): `p.u` written, `y` as [`forward`]'s, the base dense or
+    /// NF4 alike. Refused (typed errors) under dropout, at ranks past 32, and where the device
+    /// has no wgmma.
+    ///
+    /// # Safety
+    /// As [`down`].
+    pub unsafe fn forward_fused_down(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        p: &LoraParams,
+    ) -> Result<()> {
+        let side = params::FK_WGMMA_SIDE_ROWS;
+        if p.dropout != 0.0 || p.rank == 0 || p.rank > side {
+            return Err(Error::InvalidArgument {
+                what: "lora raw forward_fused_down",
+                why: format!(
+                    "u in the GEMM needs no dropout (p = {}) and a rank of 1 to {side} ({}); \
+                     use down, then forward",
+                    p.dropout, p.rank
+                ),
+            });
+        }
+        let op = format!("forward_down{}", if p.rank <= 16 { 16 } else { 32 });
+        let (k, cfg) = gemm_launch(dev, &op, t, BaseGemm::Wgmma, p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch_on(&k, cfg, stream, p) }
     }
