@@ -234,9 +234,11 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
 // lora_forward_wgmma with u made in the same sweep of x (no lora_down; rank ≤ kN, no dropout:
 // bench/NOTES.md, the forward's u inside its GEMM): the base segment carries a side product,
 // x's tile times A's rows, into kN / 2 accumulators a thread; the LoRA segment comes last,
-// scale·u rounded to T straight from those registers times B's rows. Every column tile of a
-// row tile computes u again (kN / kBN more tensor work, the price of no pass of its own over
-// x); the row's first column tile writes it, saved for backward, the bits y used.
+// scale·u rounded to T straight from those registers times B's rows. A tile computes u
+// again (kN / kBN more tensor work, the price of no pass of its own over x) unless it follows
+// a tile of the same rows on its block (column runs, LoraParams::column_runs: then once a
+// run), whose u it keeps; the row's first column tile writes u, saved for backward, the bits
+// y used.
 template <typename T, bool Nf4, int kN>
 FK_DEVICE void forward_down_wgmma(const LoraParams& p) {
   const wgmma::Schedule tiles(p.m, p.d_out, true, p.column_runs != 0);
@@ -258,8 +260,10 @@ FK_DEVICE void forward_down_wgmma(const LoraParams& p) {
         if (c + 1 < int(p.rank)) row[c + 1] = from_f32<T>(p.scale * v1);
       });
     }
+    if (i + 1 == int(tiles.count) || !tiles.same_a(i + 1)) {  // the next tile makes its own u
 #pragma unroll
-    for (int j = 0; j < kN / 2; ++j) u[j] = 0.0f;
+      for (int j = 0; j < kN / 2; ++j) u[j] = 0.0f;
+    }
     wgmma_hold(u);
     wgmma::store_tile<T, false>(tile, st, static_cast<T*>(p.y), p.d_out, o.x, o.y, p.m, p.d_out, as<T>(p.bias));
   }, base, lora);

@@ -7,7 +7,10 @@
 // along K with the tile's rows contiguous (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read as
 // is; or the NF4 weight so). A GEMM is one or more segments (K ranges of different matrices,
 // one layout of A) run into the same accumulators, as gemm.cuh's are; the caller stores them
-// (store_tile) or walks them (for_each).
+// (store_tile) or walks them (for_each). A segment may carry a side product (Side: its A
+// tiles times a few rows of another matrix, into accumulators of the caller's) and a
+// segment's A may be such accumulators (FromRegisters: an RS wgmma's A fragments): the LoRA
+// forward makes u = x Aᵀ beside y = x Wᵀ and adds u Bᵀ from registers.
 //
 // Layout: two warpgroups, each 64 rows × kBN columns of the tile (128 f32 accumulators a
 // thread), `wgmma.m64n256k16` four times per stage of 64 along K. Stages are filled by every
@@ -195,17 +198,21 @@ struct Columns : Matrix<T> {
 struct NoSide {
   static constexpr int kRows = 0;
   FK_DEVICE void prepare() {}
-  FK_DEVICE void issue(uint4*, uint32_t, uint64_t*) const {}
-  FK_DEVICE void finish(uint4*, uint32_t) {}
-  FK_DEVICE uint32_t tma_bytes() const { return 0; }
+  FK_DEVICE void issue(uint4*, uint32_t, uint64_t*, bool) const {}
+  FK_DEVICE void finish(uint4*, uint32_t, bool) {}
+  FK_DEVICE uint32_t tma_bytes(bool) const { return 0; }
 };
 
 // A segment's side product: beside each step's four wgmmas, A's (K-major) slices times the
 // stage's side tile, kN K-contiguous rows of `b` (kN ≤ FK_WGMMA_SIDE_ROWS), into `acc`, kN / 2
-// accumulators a thread in ptx.cuh's layout at N = kN. The caller owns acc: zeroes it before a
-// tile's first step and reads it once the tile's wgmmas are waited out. `b` stays where the
-// caller put it (row0): every tile multiplies the same rows. The LoRA forward's u = x Aᵀ
-// from the sweep of x that y's GEMM makes (lora.cu; bench/NOTES.md).
+// accumulators a thread in ptx.cuh's layout at N = kN. `b` stays where the caller put it
+// (row0): every tile multiplies the same rows, so the product depends on A's rows alone, and a
+// tile whose A rows are those of the block's tile before it (Schedule::same_a: the next
+// column tile of a run, or of a grid smaller than a row of tiles) keeps the product that
+// tile made: `fresh` false, its side loads and wgmmas are skipped. The caller owns acc:
+// zeroes it before a fresh tile's first step, leaves it as it is before a kept one, and reads
+// it once a tile's wgmmas are waited out. The LoRA forward's u = x Aᵀ from the sweep of x
+// that y's GEMM makes (lora.cu; bench/NOTES.md).
 template <class OperandB, int kN>
 struct Side {
   static constexpr int kRows = kN;
@@ -213,12 +220,17 @@ struct Side {
   float (&acc)[kN / 2];
 
   FK_DEVICE void prepare() { b.prepare(); }
-  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar) const { b.template issue<kN>(tile, k0, bar, 1); }
-  FK_DEVICE void finish(uint4* tile, uint32_t k0) { b.template finish<kN>(tile, k0); }
-  FK_DEVICE uint32_t tma_bytes() const { return b.template tma_bytes<kN>(); }
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar, bool fresh) const {
+    if (fresh) b.template issue<kN>(tile, k0, bar, 1);
+  }
+  FK_DEVICE void finish(uint4* tile, uint32_t k0, bool fresh) {
+    if (fresh) b.template finish<kN>(tile, k0);
+  }
+  FK_DEVICE uint32_t tma_bytes(bool fresh) const { return fresh ? b.template tma_bytes<kN>() : 0u; }
   // A's k16 slice j at a + j · kSlice, the side tile's at + 32 bytes each.
   template <typename T>
-  FK_DEVICE void mma(const char* a, int slice, const uint4* tile) {
+  FK_DEVICE void mma(const char* a, int slice, const uint4* tile, bool fresh) {
+    if (!fresh) return;
     const char* b = reinterpret_cast<const char*>(tile);
     wgmma_m64nNk16<T, kN>(acc, a, b);
     wgmma_m64nNk16<T, kN>(acc, a + slice, b + 32);
@@ -246,9 +258,9 @@ struct Segment {
   S side;
   FK_DEVICE int steps() const { return int((a.k_len + kBK - 1) / kBK); }
   // Step `st`'s wgmmas (run_tiles, where a segment is not plain): mma_step's, with the side
-  // product's beside them, or A's own step from registers.
+  // product's beside them where `fresh`, or A's own step from registers.
   template <typename T, bool kMnMajor>
-  FK_DEVICE void mma(Accumulators& acc, const Stage& st, const uint4* side_tile);
+  FK_DEVICE void mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh);
 };
 
 template <class A, class B>
@@ -327,14 +339,14 @@ struct FromRegisters : RegisterOperand {
 
 template <class A, class B, class S>
 template <typename T, bool kMnMajor>
-FK_DEVICE void Segment<A, B, S>::mma(Accumulators& acc, const Stage& st, const uint4* side_tile) {
+FK_DEVICE void Segment<A, B, S>::mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh) {
   if constexpr (std::is_base_of<RegisterOperand, A>::value) {
     a.mma(acc, st);
   } else if constexpr (std::is_same<S, NoSide>::value) {
     mma_step<T, kMnMajor>(acc, st, [](const char*, int) {});
   } else {
     static_assert(!kMnMajor, "a side product of a K-major A");
-    mma_step<T, kMnMajor>(acc, st, [&](const char* a_slice, int slice) { side.template mma<T>(a_slice, slice, side_tile); });
+    mma_step<T, kMnMajor>(acc, st, [&](const char* a_slice, int slice) { side.template mma<T>(a_slice, slice, side_tile, fresh); });
   }
 }
 
@@ -347,23 +359,23 @@ FK_DEVICE void at_step(int kt, const int* first, F f, Segs&... segs) {
 }
 
 // Starts (issue(), kFinish false) or finishes (finish()) filling `st` (and `side_tile`, for a
-// segment's side product) with step kt; starting, thread 0 arrives on the stage's barrier
-// `full` with the bytes TMA will bring (B's whole tile, when the cluster's `sharers` blocks
-// each bring a part).
+// segment's side product where the tile is `fresh`) with step kt; starting, thread 0 arrives
+// on the stage's barrier `full` with the bytes TMA will bring (B's whole tile, when the
+// cluster's `sharers` blocks each bring a part).
 template <bool kFinish, class... Segs>
-FK_DEVICE void fill(Stage& st, uint4* side_tile, uint64_t* full, uint32_t sharers, int kt, const int* first,
+FK_DEVICE void fill(Stage& st, uint4* side_tile, bool fresh, uint64_t* full, uint32_t sharers, int kt, const int* first,
                     Segs&... segs) {
   at_step(kt, first, [&](auto& seg, uint32_t k0) {
     if constexpr (kFinish) {
       seg.a.template finish<kBM>(st.a, k0);
       seg.b.template finish<kBN>(st.b, k0);
-      seg.side.finish(side_tile, k0);
+      seg.side.finish(side_tile, k0, fresh);
     } else {
       if (threadIdx.x == 0)
-        mbarrier_arrive_expect_tx(full, seg.a.template tma_bytes<kBM>() + seg.b.template tma_bytes<kBN>() + seg.side.tma_bytes());
+        mbarrier_arrive_expect_tx(full, seg.a.template tma_bytes<kBM>() + seg.b.template tma_bytes<kBN>() + seg.side.tma_bytes(fresh));
       seg.a.template issue<kBM>(st.a, k0, full, 1);
       seg.b.template issue<kBN>(st.b, k0, full, sharers);
-      seg.side.issue(side_tile, k0, full);
+      seg.side.issue(side_tile, k0, full, fresh);
     }
   }, segs...);
 }
@@ -402,6 +414,8 @@ struct Schedule {
   }
   // The B tiles of run r (the last of an A position's runs may be short).
   FK_DEVICE uint32_t run_length(uint32_t r) const { return min(run, b_tiles - (r % runs_per_a) * run); }
+  // Whether the block's tile i has the A rows of its tile i - 1 (a side product of them kept).
+  FK_DEVICE bool same_a(int i) const { return i > 0 && origin(i).x == origin(i - 1).x; }
   // The block's tile i: (A's first row, B's first row).
   FK_DEVICE uint2 origin(int i) const {
     uint32_t ua, ub;
@@ -481,12 +495,17 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   // Fills come in order of g, each issued then finished before the next is issued: the
   // operands move to a tile at its first step's issue and stay there through its last fill.
   auto side_tile = [&](int g) { return side_tiles + (g % kStages) * kSideRows * 8; };
+  // Whether step g's tile makes its side products anew (Side: not where it keeps its last tile's).
+  auto fresh = [&](int g) {
+    if constexpr (kSideRows == 0) return true;
+    return !tiles.same_a(g / steps);
+  };
   auto issue = [&](int g) {
     if (g % steps == 0) tiles.place(g / steps, segs...);
-    fill<false>(stages[g % kStages], side_tile(g), &full[g % kStages], sharers, g % steps, first, segs...);
+    fill<false>(stages[g % kStages], side_tile(g), fresh(g), &full[g % kStages], sharers, g % steps, first, segs...);
   };
   auto finish = [&](int g) {
-    fill<true>(stages[g % kStages], side_tile(g), &full[g % kStages], sharers, g % steps, first, segs...);
+    fill<true>(stages[g % kStages], side_tile(g), fresh(g), &full[g % kStages], sharers, g % steps, first, segs...);
   };
   for (int g = 0; g < kStages - 2; ++g) {
     if (g < total) {
@@ -506,7 +525,9 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
     if constexpr (kPlain) {
       mma_step<T, kMnMajor>(acc, stages[g % kStages], [](const char*, int) {});
     } else {
-      at_step(g % steps, first, [&](auto& seg, uint32_t) { seg.template mma<T, kMnMajor>(acc, stages[g % kStages], side_tile(g)); },
+      const bool side_fresh = fresh(g);
+      at_step(g % steps, first,
+              [&](auto& seg, uint32_t) { seg.template mma<T, kMnMajor>(acc, stages[g % kStages], side_tile(g), side_fresh); },
               segs...);
     }
     if (refill) finish(g + kStages - 2);

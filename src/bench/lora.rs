@@ -301,6 +301,24 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             Ok(row) => rows.extend(row),
             Err(e) => eprintln!("bench: no column-run rows: {e}"),
         }
+        // The whole design: u made in the GEMM once a run and kept in registers across the
+        // run's tiles (the side product 1 tile in 8 here), against `lora_fused_wgmma forward ▸
+        // lora_forward_down16_wgmma` (once a tile) and the lora_down rows above.
+        let kept = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
+            layer_launch_rows(
+                &l.with_column_runs(true),
+                timer,
+                c,
+                (&x, &dy),
+                "lora_fused_wgmma column runs, u kept",
+                &[("forward", "lora_forward_down16_wgmma")],
+                (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+            )
+        });
+        match kept {
+            Ok(row) => rows.extend(row),
+            Err(e) => eprintln!("bench: no column-run rows with u kept: {e}"),
+        }
         match wgmma_ladder(dev, timer, c) {
             Ok(ladder) => rows.extend(ladder),
             Err(e) => eprintln!("bench: no wgmma ladder: {e}"),

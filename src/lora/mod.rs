@@ -490,12 +490,13 @@ impl<T: FloatElem> LoraLinear<T> {
 
     /// The layer with the FusedWgmma forward's persistent blocks each walking runs of
     /// consecutive column tiles of one row tile (8 at 8192 × 4096 → 4096 on 132 SMs) rather
-    /// than the tiles b, b + 132, …: the order a block would need to compute u once and keep
-    /// it for the run's tiles (bench/NOTES.md, "the forward's u inside its GEMM"), timed
-    /// alone first for what it costs in DRAM and L2. Off by default; the same results, bit for
-    /// bit (each tile is computed alike in either order). A launch with a block per tile
-    /// (clusters, unless [`LoraLinear::with_wgmma_blocks`] says otherwise) makes every run a
-    /// single tile.
+    /// than the tiles b, b + 132, …: the order in which a forward that makes u in its GEMM
+    /// ([`Self::fused_down`]) makes it once a run and keeps it for the run's tiles
+    /// (bench/NOTES.md, "the forward's u inside its GEMM"), and which may cost DRAM and L2
+    /// traffic (every round of tiles reads all of x): the benchmarks time it both ways. Off
+    /// by default until a GPU run says; the same results, bit for bit (each tile is computed
+    /// alike in either order). A launch with a block per tile (clusters, unless
+    /// [`LoraLinear::with_wgmma_blocks`] says otherwise) makes every run a single tile.
     pub fn with_column_runs(mut self, runs: bool) -> Self {
         self.column_runs = runs;
         self
@@ -516,9 +517,11 @@ impl<T: FloatElem> LoraLinear<T> {
     /// (`wgmma.m64n16k16` or `m64n32k16`, 16 or 32 columns beside the tile's 256: 6.25% or
     /// 12.5% more tensor work), then adds `scale · u Bᵀ` from those registers: no pass of
     /// its own over x for `u` (`lora_down`: 4.6% of the base GEMM's time at the copy rate,
-    /// 8192 × 4096 → 4096, bench/NOTES.md). Every column tile computes u; the row's first
-    /// writes it. Under dropout `u` needs the masked x, which the tiles do not hold; larger
-    /// ranks' tiles would not fit beside the stages.
+    /// 8192 × 4096 → 4096, bench/NOTES.md). Each tile computes u, unless it follows a tile of
+    /// the same rows on its block, whose u it keeps in registers (in
+    /// [`Self::with_column_runs`]' order: once a run of column tiles); the row's first column
+    /// tile writes it. Under dropout `u` needs the masked x, which the tiles do not hold;
+    /// larger ranks' tiles would not fit beside the stages.
     pub fn fused_down(&self) -> Option<u32> {
         let r = self.config.rank;
         let eligible = self.fused_down
