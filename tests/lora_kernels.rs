@@ -264,7 +264,8 @@ fn column_runs_compute_the_window_orders_forward() {
                 let runs = y(&window.with_column_runs(true));
                 assert_eq!(
                     runs, in_order,
-                    "{m} rows, nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, fused down {fused_down}, on {dev:?}"
+                    "{m} rows, nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, \
+                     fused down {fused_down}, on {dev:?}"
                 );
             }
         }
@@ -370,7 +371,10 @@ fn fused_down_makes_u_in_the_forward_gemm() {
                     to_bits(y.to_host().unwrap()),
                     to_bits(saved.u.to_host().unwrap()),
                 );
-                let what = format!("{m}x{d_in}→{d_out} r{rank} nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, on {dev:?}");
+                let what = format!(
+                    "{m}x{d_in}→{d_out} r{rank} nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, \
+                     on {dev:?}"
+                );
                 match &bits {
                     None => {
                         // Against lora_down + the GEMM: the same values up to rounding.

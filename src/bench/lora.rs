@@ -75,6 +75,10 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
     let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
     let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
+    let fwd_vs = fwd_base.as_ref().map(|b| ("cuBLAS base GEMM alone", b));
+    let dx_vs = dx_base.as_ref().map(|b| ("cuBLAS dX GEMM alone", b));
+    // The forward GEMM's work (the wgmma kernel's rows): the base and the rank-wide K segment.
+    let gemm_work = (0.0, 2.0 * (M * D * (D + RANK)) as f64);
     // The paths in check::lora::paths' order (the newest kernels last): a GPU fault ends the
     // process's CUDA context, and every row after it.
     for path in paths(dev) {
@@ -124,34 +128,22 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 };
             let shape = format!("{M}x{D}→{D} r{RANK}");
             let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
-            let mut row = Row::new(
-                "lora",
+            rows.push(layer_row(
                 &format!("{name} forward"),
-                &shape,
                 &t,
-                bytes_fwd,
-                flops_fwd,
+                (bytes_fwd, flops_fwd),
+                fwd_vs,
                 c,
-            );
-            if let Some(b) = &fwd_base {
-                row = row.with_baseline("cuBLAS base GEMM alone", b.median_us);
-            }
-            rows.push(row);
+            ));
             let (_, saved) = l.forward(&x, M)?;
             let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
-            let mut row = Row::new(
-                "lora",
+            rows.push(layer_row(
                 &format!("{name} backward"),
-                &shape,
                 &t,
-                bytes_bwd,
-                flops_bwd,
+                (bytes_bwd, flops_bwd),
+                dx_vs,
                 c,
-            );
-            if let Some(b) = &dx_base {
-                row = row.with_baseline("cuBLAS dX GEMM alone", b.median_us);
-            }
-            rows.push(row);
+            ));
             // Where the time goes, launch by launch (each launch's kernel, or cuBLAS); an
             // extra, so a failure to break a call down costs its rows only.
             let forward = timer.breakdown(1, 5, || l.forward(&x, M).map(|_| ()));
@@ -229,21 +221,15 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             .map(|l| l.with_fused_down(false))
             .and_then(|l| {
                 let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
-                let shape = format!("{M}x{D}→{D} r{RANK}");
+                // x and y, and W: the main loop's forward bytes for a dense base.
                 let bytes = (2 * 2 * M * D + 2 * D * D) as f64;
-                let mut row = Row::new(
-                    "lora",
+                let mut rows = vec![layer_row(
                     "lora_fused_wgmma lora_down forward",
-                    &shape,
                     &t,
-                    bytes,
-                    flops_fwd,
+                    (bytes, flops_fwd),
+                    fwd_vs,
                     c,
-                );
-                if let Some(b) = &fwd_base {
-                    row = row.with_baseline("cuBLAS base GEMM alone", b.median_us);
-                }
-                let mut rows = vec![row];
+                )];
                 rows.extend(layer_launch_rows(
                     &l,
                     timer,
@@ -251,7 +237,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     (&x, &dy),
                     "lora_fused_wgmma lora_down",
                     &[("forward", "lora_forward_wgmma")],
-                    (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+                    gemm_work,
                 )?);
                 Ok(rows)
             }) {
@@ -275,7 +261,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                         ("forward", "lora_forward_wgmma"),
                         ("backward", "lora_backward_dx_wgmma"),
                     ],
-                    (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+                    gemm_work,
                 )
             });
         match per_tile {
@@ -294,7 +280,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 (&x, &dy),
                 "lora_fused_wgmma column runs",
                 &[("forward", "lora_forward_wgmma")],
-                (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+                gemm_work,
             )
         });
         match runs {
@@ -312,7 +298,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 (&x, &dy),
                 "lora_fused_wgmma column runs, u kept",
                 &[("forward", "lora_forward_down16_wgmma")],
-                (0.0, 2.0 * (M * D * (D + RANK)) as f64),
+                gemm_work,
             )
         });
         match kept {
@@ -325,6 +311,30 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
     }
     Ok(rows)
+}
+
+/// The row `label` of a whole layer call that took `t`, its floor from `work` (bytes, FLOPs),
+/// against a cuBLAS GEMM alone (`vs`: its name and time) where the run has one.
+fn layer_row(
+    label: &str,
+    t: &super::Stats,
+    (bytes, flops): (f64, f64),
+    vs: Option<(&str, &super::Stats)>,
+    c: &Ceilings,
+) -> Row {
+    let row = Row::new(
+        "lora",
+        label,
+        &format!("{M}x{D}→{D} r{RANK}"),
+        t,
+        bytes,
+        flops,
+        c,
+    );
+    match vs {
+        Some((name, b)) => row.with_baseline(name, b.median_us),
+        None => row,
+    }
 }
 
 /// Whether two narrow.cuh blocks (92 KB of shared memory each) run on one SM together:

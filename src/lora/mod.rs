@@ -24,11 +24,12 @@
 //!   GEMMs are persistent, a block per SM walking its tiles with the next one's loads in
 //!   flight while it stores the last ([`LoraLinear::with_wgmma_blocks`]); without dropout at
 //!   ranks up to 32 the forward GEMM makes u itself, from its own tiles of x, so that no
-//!   pass over x precedes it ([`LoraLinear::fused_down`]); v, dA, dB as Fused. Not the default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and
-//!   1.7% faster than Extended (forward, backward; bench/results/2026-11-27T0501-h200), then
-//!   3.0% and 4.2% slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within
-//!   its own kernels' run-to-run spread (≈ 4%), and cuBLAS is the steadier. (Both runs
-//!   predate the persistent GEMMs.)
+//!   pass over x precedes it ([`LoraLinear::fused_down`]); v, dA, dB as Fused. Not the
+//!   default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and 1.7% faster than
+//!   Extended (forward, backward; bench/results/2026-11-27T0501-h200), then 3.0% and 4.2%
+//!   slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within its own kernels'
+//!   run-to-run spread (≈ 4%), and cuBLAS is the steadier. (Both runs predate the persistent
+//!   GEMMs and u inside the forward GEMM.)
 //! - **Extended** (the default on a GPU): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
 //!   bench/results): the layer keeps W inside an extended weight
@@ -145,6 +146,8 @@ pub struct LoraLinear<T: FloatElem> {
     k_splits: Option<u32>,
     /// Whether the rank-wide GEMMs stagger their blocks' walks along K.
     narrow_stagger: bool,
+    /// Whether the FusedWgmma forward's blocks walk runs of column tiles
+    /// ([`Self::with_column_runs`]).
     column_runs: bool,
     /// Whether the FusedWgmma forward computes `u` in its GEMM where it can ([`Self::fused_down`]).
     fused_down: bool,
@@ -246,6 +249,15 @@ unsafe fn rank_launch(
             p,
         )
     }
+}
+
+/// The width of the side product (16 or 32) with which the wgmma forward makes u of `rank`
+/// inside its GEMM (`lora_forward_down{16,32}_wgmma`), or `None` where it cannot: under
+/// dropout (u needs the masked x) or past `FK_WGMMA_SIDE_ROWS` (the side tiles would not fit
+/// beside the stages).
+fn side_width(rank: u32, dropout: f32) -> Option<u32> {
+    let fits = dropout == 0.0 && (1..=params::FK_WGMMA_SIDE_ROWS).contains(&rank);
+    fits.then_some(if rank <= 16 { 16 } else { 32 })
 }
 
 /// The fused paths' base GEMM `op` (`forward`; `forward_down16` or `forward_down32`, which
@@ -523,12 +535,9 @@ impl<T: FloatElem> LoraLinear<T> {
     /// tile writes it. Under dropout `u` needs the masked x, which the tiles do not hold;
     /// larger ranks' tiles would not fit beside the stages.
     pub fn fused_down(&self) -> Option<u32> {
-        let r = self.config.rank;
-        let eligible = self.fused_down
-            && self.path == LoraPath::FusedWgmma
-            && self.config.dropout == 0.0
-            && r <= params::FK_WGMMA_SIDE_ROWS as usize;
-        eligible.then_some(if r <= 16 { 16 } else { 32 })
+        let on = self.fused_down && self.path == LoraPath::FusedWgmma;
+        on.then(|| side_width(self.config.rank as u32, self.config.dropout))
+            .flatten()
     }
 
     /// The layer with `u = x Aᵀ` computed by `lora_down_k64`, whose steps along K are 64
@@ -1315,18 +1324,19 @@ pub mod raw {
         t: DType,
         p: &LoraParams,
     ) -> Result<()> {
-        let side = params::FK_WGMMA_SIDE_ROWS;
-        if p.dropout != 0.0 || p.rank == 0 || p.rank > side {
+        let Some(width) = side_width(p.rank, p.dropout) else {
             return Err(Error::InvalidArgument {
                 what: "lora raw forward_fused_down",
                 why: format!(
-                    "u in the GEMM needs no dropout (p = {}) and a rank of 1 to {side} ({}); \
+                    "u in the GEMM needs no dropout (p = {}) and a rank of 1 to {} ({}); \
                      use down, then forward",
-                    p.dropout, p.rank
+                    p.dropout,
+                    params::FK_WGMMA_SIDE_ROWS,
+                    p.rank
                 ),
             });
-        }
-        let op = format!("forward_down{}", if p.rank <= 16 { 16 } else { 32 });
+        };
+        let op = format!("forward_down{width}");
         let (k, cfg) = gemm_launch(dev, &op, t, BaseGemm::Wgmma, p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch_on(&k, cfg, stream, p) }
