@@ -14,6 +14,9 @@
 //                    beside y in the same sweep of x (rank ≤ 16 or 32, no dropout)
 //   lora_backward_dx_wgmma  lora_backward_dx on wgmma, as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ
 //                    (under dropout Wᵀ · dYᵀ alone, then lora_dx_fixup)
+//   lora_backward_dx_v{16,32}_wgmma  lora_backward_v and lora_backward_dx_wgmma in one kernel,
+//                    as dX = [dY | v] · [W ; A], v made beside dX in the same sweep of dY
+//                    (rank ≤ 16 or 32; under dropout dY W and v, then lora_dx_fixup)
 //   (_nf4 kernels: the same over an NF4 base, dequantized into the tiles: nf4.cuh)
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
@@ -201,13 +204,14 @@ FK_DEVICE const FkTensorMap* tma_map(const LoraParams& p, uint32_t bit, const Fk
 }
 
 // The base weight as a wgmma.cuh operand, dense or NF4: the forward's B (kAlongK: W's rows,
-// K = d_in) or dX's A (W's columns, K = d_out); a Schedule points it at each tile.
-template <typename T, bool Nf4, bool kAlongK>
+// K = d_in), or W's columns (K = d_out) as dXᵀ's A or dX's B (kTile: the tile's rows, kBM or
+// kBN); a Schedule points it at each tile.
+template <typename T, bool Nf4, bool kAlongK, int kTile = kAlongK ? wgmma::kBN : wgmma::kBM>
 FK_DEVICE auto wgmma_weight(const LoraParams& p) {
   const uint32_t k_len = kAlongK ? p.d_in : p.d_out;
   const uint64_t ld = p.w_ld ? p.w_ld : p.d_in;
   if constexpr (Nf4) {
-    return Nf4Operand<T, kAlongK>{with_shared_map(p.nf4), shared_code_table(), 0, k_len};
+    return Nf4Operand<T, kAlongK, kTile>{with_shared_map(p.nf4), shared_code_table(), 0, k_len};
   } else if constexpr (kAlongK) {
     return wgmma::Rows<T>{{as<T>(p.w), ld, 0, p.d_out, k_len, tma_map(p, FK_LORA_TMA_W, p.w_map)}};
   } else {
@@ -231,6 +235,28 @@ FK_DEVICE void forward_wgmma(const LoraParams& p) {
   }, lora, base);
 }
 
+// After tile i, a side product's accumulators (u or v, [m, rank], before the scale): the row's
+// first column tile writes scale · acc to `out`, the bits its LoRA step used; they are zeroed
+// unless the block's next tile has the same rows, which keeps them.
+template <typename T, int kHalfN>
+FK_DEVICE void side_done(float (&acc)[kHalfN], const wgmma::Schedule& tiles, int i, const LoraParams& p, T* out) {
+  const uint2 o = tiles.origin(i);
+  wgmma_hold(acc);
+  if (o.y == 0) {
+    wgmma::for_each_pair(acc, [&](int r, int c, float v0, float v1) {
+      if (o.x + r >= p.m) return;
+      T* row = out + uint64_t(o.x + r) * p.rank;
+      if (c < int(p.rank)) row[c] = from_f32<T>(p.scale * v0);
+      if (c + 1 < int(p.rank)) row[c + 1] = from_f32<T>(p.scale * v1);
+    });
+  }
+  if (i + 1 == int(tiles.count) || !tiles.same_a(i + 1)) {  // the next tile makes its own
+#pragma unroll
+    for (int j = 0; j < kHalfN; ++j) acc[j] = 0.0f;
+  }
+  wgmma_hold(acc);
+}
+
 // lora_forward_wgmma with u made in the same sweep of x (no lora_down; rank ≤ kN, no dropout:
 // bench/NOTES.md, the forward's u inside its GEMM): the base segment carries a side product,
 // x's tile times A's rows, into kN / 2 accumulators a thread; the LoRA segment comes last,
@@ -251,21 +277,36 @@ FK_DEVICE void forward_down_wgmma(const LoraParams& p) {
   wgmma::Accumulators acc = {};
   wgmma::run_tiles<T>(acc, dyn_smem<unsigned char>(), tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
     const uint2 o = tiles.origin(i);  // (y's first row, first column)
-    wgmma_hold(u);
-    if (o.y == 0) {
-      wgmma::for_each_pair(u, [&](int r, int c, float v0, float v1) {
-        if (o.x + r >= p.m) return;
-        T* row = static_cast<T*>(p.u) + uint64_t(o.x + r) * p.rank;
-        if (c < int(p.rank)) row[c] = from_f32<T>(p.scale * v0);
-        if (c + 1 < int(p.rank)) row[c + 1] = from_f32<T>(p.scale * v1);
-      });
-    }
-    if (i + 1 == int(tiles.count) || !tiles.same_a(i + 1)) {  // the next tile makes its own u
-#pragma unroll
-      for (int j = 0; j < kN / 2; ++j) u[j] = 0.0f;
-    }
-    wgmma_hold(u);
+    side_done<T>(u, tiles, i, p, static_cast<T*>(p.u));
     wgmma::store_tile<T, false>(tile, st, static_cast<T*>(p.y), p.d_out, o.x, o.y, p.m, p.d_out, as<T>(p.bias));
+  }, base, lora);
+}
+
+// lora_backward_dx_v's dX = dY · W + scale·v · A in the output's own layout, not dXᵀ: dY
+// is A (K-contiguous rows), W [d_out, d_in] and A [rank, d_in] the MN-major B (`Columns`, read
+// as they lie). v = scale · dY B is made in the same sweep of dY, as the forward's u is of x
+// (forward_down_wgmma): the base segment's side product, dY's tile times B's rows [K = d_out,
+// rank] (an MN-major side tile), kN / 2 accumulators a thread; the LoRA segment last, scale·v
+// rounded to T from those registers times A's tile. Under dropout the mask applies to the
+// LoRA term alone: that segment is empty here, and lora_dx_fixup adds the masked term from
+// the v this kernel writes. Tiles of the same rows keep v (column runs), the row's first
+// column tile writes it, for lora_grad_a (and the fixup).
+template <typename T, bool Nf4, int kN>
+FK_DEVICE void backward_dx_v_wgmma(const LoraParams& p) {
+  const wgmma::Schedule tiles(p.m, p.d_in, true, p.column_runs != 0);
+  float v[kN / 2] = {};
+  auto w = wgmma_weight<T, Nf4, false, wgmma::kBN>(p);  // before the run: NF4's tables are filled by the whole block
+  const wgmma::Columns<T> b{{as<T>(p.b), p.rank, 0, p.rank, p.d_out, tma_map(p, FK_LORA_TMA_B, p.b_map)}};
+  auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.dy), p.d_out, 0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}}, w,
+                             wgmma::Side<wgmma::Columns<T>, kN>{b, v});
+  const uint32_t lora_k = p.dropout > 0.0f ? 0u : p.rank;
+  auto lora = wgmma::segment(wgmma::FromRegisters<T, kN>{{}, v, p.scale, lora_k},
+                             wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}});
+  wgmma::Accumulators acc = {};
+  wgmma::run_tiles<T>(acc, dyn_smem<unsigned char>(), tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
+    const uint2 o = tiles.origin(i);  // (dX's first row, first column)
+    side_done<T>(v, tiles, i, p, static_cast<T*>(p.v));
+    wgmma::store_tile<T, false>(tile, st, static_cast<T*>(p.dx), p.d_in, o.x, o.y, p.m, p.d_in);
   }, base, lora);
 }
 
@@ -496,6 +537,10 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_TMA(lora_forward_down32_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { forward_down_wgmma<T, true, 32>(p); } \
   FK_KERNEL_TMA(lora_backward_dx_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, false>(p); } \
   FK_KERNEL_TMA(lora_backward_dx_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_wgmma<T, true>(p); } \
+  FK_KERNEL_TMA(lora_backward_dx_v16_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_v_wgmma<T, false, 16>(p); } \
+  FK_KERNEL_TMA(lora_backward_dx_v32_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_v_wgmma<T, false, 32>(p); } \
+  FK_KERNEL_TMA(lora_backward_dx_v16_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_v_wgmma<T, true, 16>(p); } \
+  FK_KERNEL_TMA(lora_backward_dx_v32_nf4_wgmma_##t, LoraParams, wgmma::kThreads) { backward_dx_v_wgmma<T, true, 32>(p); } \
   FK_KERNEL_BOUNDS(lora_backward_v_##t, LoraParams, kThreads) { backward_v<T>(p); }              \
   FK_KERNEL_BOUNDS(lora_backward_dx_##t, LoraParams, kThreads) { backward_dx<T, false>(p); }     \
   FK_KERNEL_BOUNDS(lora_backward_dx_nf4_##t, LoraParams, kThreads) { backward_dx<T, true>(p); }  \

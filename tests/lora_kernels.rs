@@ -26,12 +26,12 @@ proptest! {
         dropout in prop_oneof![Just(0.0f32), 0.0f32..0.6], bias in any::<bool>(), rslora in any::<bool>(), nf4 in any::<bool>(),
         scratch in any::<bool>(), tile_loads in prop_oneof![Just(TileLoads::Tma), Just(TileLoads::TmaMulticast), Just(TileLoads::CpAsync)],
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)], narrow_stagger in any::<bool>(), wide_down in any::<bool>(),
-        wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)], fused_down in any::<bool>(),
+        wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)], fused_down in any::<bool>(), fused_v in any::<bool>(),
     ) {
         for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, fused_down, ..Case::new(seed, m, d_in, d_out, rank) };
+                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, fused_down, fused_v, ..Case::new(seed, m, d_in, d_out, rank) };
                 assert_pass(check::forward::<bf16>(&dev, c));
                 assert_pass(check::backward::<bf16>(&dev, c));
                 assert_pass(check::forward::<f16>(&dev, c));
@@ -305,10 +305,20 @@ fn wgmma_layer(
         .with_wgmma_blocks(c.wgmma_blocks)
         .unwrap()
         .with_column_runs(c.column_runs)
-        .with_fused_down(c.fused_down);
+        .with_fused_down(c.fused_down)
+        .with_fused_v(c.fused_v);
     let x = upload(&mut rng, c.m * c.d_in, 1.0);
     (layer, x)
 }
+
+/// The launches the side-product tests (u in the forward's GEMM, v in dX's) run each shape
+/// under, all to the same bits: tile loads, most blocks, column runs.
+const SIDE_PRODUCT_RUNS: [(TileLoads, Option<usize>, bool); 4] = [
+    (TileLoads::Tma, Some(1), false),
+    (TileLoads::TmaMulticast, Some(2), false),
+    (TileLoads::CpAsync, Some(3), true),
+    (TileLoads::Tma, None, false),
+];
 
 /// The wgmma forward that makes u inside its GEMM (`LoraLinear::fused_down`: x's tiles times
 /// A's rows beside W's, `wgmma` N = 16 or 32, then scale·u from those registers times B)
@@ -322,7 +332,6 @@ fn wgmma_layer(
 /// does not apply (dropout, rank 33, turned off) the layer says so and runs lora_down.
 #[test]
 fn fused_down_makes_u_in_the_forward_gemm() {
-    use TileLoads::{CpAsync, Tma, TmaMulticast};
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
         for (m, d_in, d_out, rank, nf4, bias) in [
             (200, 200, 300, 1, false, true),
@@ -332,12 +341,7 @@ fn fused_down_makes_u_in_the_forward_gemm() {
             (300, 72, 300, 9, false, false),
         ] {
             let mut bits: Option<(Vec<u16>, Vec<u16>)> = None;
-            for (tile_loads, blocks, column_runs) in [
-                (Tma, Some(1), false),
-                (TmaMulticast, Some(2), false),
-                (CpAsync, Some(3), true),
-                (Tma, None, false),
-            ] {
+            for (tile_loads, blocks, column_runs) in SIDE_PRODUCT_RUNS {
                 let c = Case {
                     bias,
                     nf4,
@@ -421,6 +425,112 @@ fn fused_down_makes_u_in_the_forward_gemm() {
                 );
                 assert!(row.pass(), "{row}");
             }
+        }
+    }
+}
+
+/// The wgmma backward that makes v inside its dX GEMM (`LoraLinear::fused_v`: dX = dY W +
+/// scale·v A in dX's own layout, W and A as wgmma's MN-major B, v = scale·dY B from dY's tiles
+/// beside it): ranks 1 to 32 over dense and NF4 bases, with and without dropout (then
+/// lora_dx_fixup adds the masked term from the v the kernel wrote), partial row, column and K
+/// tiles, TMA, multicast and cp.async loads, 1, 2 and 3 blocks, a block per SM, and column runs
+/// (v made once a run). Each against the reference (dX, and dA, which reads the v the kernel
+/// wrote); dX and the gradients bit-equal across the loads, block counts and orders; within
+/// rounding of lora_backward_v + the dXᵀ kernel.
+#[test]
+fn fused_v_makes_v_in_the_dx_gemm() {
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
+        for (m, d_in, d_out, rank, nf4, dropout) in [
+            (200, 300, 200, 1, false, 0.0),
+            (131, 263, 777, 16, true, 0.0),
+            (200, 520, 136, 17, false, 0.1),
+            (70, 264, 328, 32, true, 0.05),
+            (300, 300, 72, 9, false, 0.0),
+        ] {
+            let mut bits: Option<Vec<Vec<u32>>> = None;
+            for (tile_loads, blocks, column_runs) in SIDE_PRODUCT_RUNS {
+                let c = Case {
+                    nf4,
+                    dropout,
+                    bias: true,
+                    tile_loads,
+                    path: Some(LoraPath::FusedWgmma),
+                    wgmma_blocks: blocks,
+                    column_runs,
+                    ..Case::new(rand::random(), m, d_in, d_out, rank)
+                };
+                let rows = check::backward::<bf16>(&dev, c).unwrap();
+                assert!(
+                    rows[0].kernel.contains("dx_v"),
+                    "{}: not the fused-v kernel",
+                    rows[0]
+                );
+                for row in rows {
+                    assert!(row.pass(), "{row}");
+                }
+                // The same layer, x and dY whatever the loads: the seed is fixed for the shape.
+                let c = Case {
+                    seed: (m * 7 + rank) as u64,
+                    ..c
+                };
+                let (layer, x) = wgmma_layer(&dev, &c);
+                assert_eq!(layer.fused_v(), Some(if rank <= 16 { 16 } else { 32 }));
+                let dy = dev
+                    .upload(&random_vec::<bf16>(
+                        &mut StdRng::seed_from_u64(c.seed),
+                        m * d_out,
+                        1.0,
+                    ))
+                    .unwrap();
+                let grads = |layer: &LoraLinear<bf16>| {
+                    let (_, saved) = layer.forward(&x, m).unwrap();
+                    let g = layer.backward(&x, &saved, &dy).unwrap();
+                    let dx = g.dx.to_host().unwrap();
+                    let (da, db) = (g.da.to_host().unwrap(), g.db.to_host().unwrap());
+                    let dbias = g.dbias.unwrap().to_host().unwrap();
+                    (dx, da, db, dbias)
+                };
+                let (dx, da, db, dbias) = grads(&layer);
+                let got = vec![
+                    dx.iter().map(|v| u32::from(v.to_bits())).collect(),
+                    da.iter().map(|v| v.to_bits()).collect(),
+                    db.iter().map(|v| v.to_bits()).collect(),
+                    dbias.iter().map(|v| v.to_bits()).collect(),
+                ];
+                let what = format!(
+                    "{m}x{d_in}→{d_out} r{rank} nf4 {nf4} p {dropout}, {tile_loads:?}, \
+                     {blocks:?} blocks, column runs {column_runs}, on {dev:?}"
+                );
+                match &bits {
+                    None => {
+                        // Against lora_backward_v + the dXᵀ kernel: the same up to rounding.
+                        let separate = layer.with_fused_v(false);
+                        assert_eq!(separate.fused_v(), None);
+                        let (dx2, da2, _, _) = grads(&separate);
+                        let dx_err = rel_l2(&dx, &dx2);
+                        let da_err = rel_l2(&da, &da2);
+                        assert!(
+                            dx_err < 1e-2 && da_err < 1e-2,
+                            "{what}: dX {dx_err:e}, dA {da_err:e} from lora_backward_v's"
+                        );
+                        bits = Some(got);
+                    }
+                    Some(first) => assert!(
+                        first == &got,
+                        "{what}: dX or a gradient differs from the first loads' bits"
+                    ),
+                }
+            }
+        }
+        // Where v cannot come from the GEMM, the layer says so, and runs lora_backward_v.
+        let c = Case {
+            path: Some(LoraPath::FusedWgmma),
+            ..Case::new(rand::random(), 40, 72, 40, 33)
+        };
+        assert_eq!(wgmma_layer(&dev, &c).0.fused_v(), None);
+        for row in check::backward::<bf16>(&dev, c).unwrap() {
+            assert!(!row.kernel.contains("dx_v"), "{row}");
+            assert!(row.pass(), "{row}");
         }
     }
 }

@@ -403,20 +403,21 @@ fn nf4_raw_matches_the_safe_calls() {
 }
 
 /// One layer through LoraLinear and through the raw steps with params filled by hand,
-/// workspaces the caller's; on wgmma without dropout the forward in one kernel
-/// (`forward_fused_down`) where `fused_down`, as the layer does, else `down` then `forward`.
+/// workspaces the caller's; on wgmma, where `fused`, as the layer does: without dropout the
+/// forward in one kernel (`forward_fused_down`), else `down` then `forward`; the backward's v
+/// and dX in one (`backward_dx_fused_v`), else `backward_v` then `backward_dx`.
 fn lora_case(
     dev: &Device,
     gemm: BaseGemm,
     nf4_base: bool,
     dropout: f32,
     bias: bool,
-    fused_down: bool,
+    fused: bool,
 ) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(rand::random());
     let (m, d_in, d_out, rank) = (77usize, 136usize, 72usize, 9usize);
     let case = format!(
-        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} fused down {fused_down} on {}",
+        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} fused {fused} on {}",
         dev.describe()
     );
     let up = |rng: &mut StdRng, n: usize, s: f32| dev.upload(&random_vec::<bf16>(rng, n, s));
@@ -456,7 +457,8 @@ fn lora_case(
     .with_path(path)?
     .with_tile_loads(TileLoads::CpAsync)
     .with_nf4_decode(Nf4Decode::InTile)
-    .with_fused_down(fused_down);
+    .with_fused_down(fused)
+    .with_fused_v(fused);
     let (y, saved) = layer.forward(&x, m)?;
     let grads = layer.backward(&x, &saved, &dy)?;
 
@@ -540,8 +542,12 @@ fn lora_case(
     };
     // SAFETY: as above.
     unsafe {
-        lora::raw::backward_v(dev, s, DType::BF16, &backward)?;
-        lora::raw::backward_dx(dev, s, DType::BF16, gemm, &backward)?;
+        if layer.fused_v().is_some() {
+            lora::raw::backward_dx_fused_v(dev, s, DType::BF16, &backward)?;
+        } else {
+            lora::raw::backward_v(dev, s, DType::BF16, &backward)?;
+            lora::raw::backward_dx(dev, s, DType::BF16, gemm, &backward)?;
+        }
         lora::raw::grads(dev, s, DType::BF16, &backward)?;
     }
     same_bits(&format!("{case}: dx"), dev, &dx, &grads.dx);
@@ -580,7 +586,7 @@ fn lora_raw_steps_match_the_layer() {
                 (true, 0.25, true),
             ] {
                 lora_case(&dev, gemm, nf4_base, dropout, bias, true).unwrap();
-                if gemm == BaseGemm::Wgmma && dropout == 0.0 {
+                if gemm == BaseGemm::Wgmma {
                     lora_case(&dev, gemm, nf4_base, dropout, bias, false).unwrap();
                 }
             }
@@ -618,6 +624,21 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
             assert!(matches!(err, Error::UnsupportedDtype { .. }), "{err}");
             if !dev.has_wgmma() {
                 let err = lora::raw::forward_fused_down(&dev, None, DType::BF16, &p).unwrap_err();
+                assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            }
+            // v in the dX GEMM: ranks 1 to 32 (dropout or not), and wgmma.
+            for rank in [33, 0] {
+                let p = LoraParams { rank, ..p };
+                let err = lora::raw::backward_dx_fused_v(&dev, None, DType::BF16, &p).unwrap_err();
+                assert!(
+                    matches!(err, Error::InvalidArgument { .. }),
+                    "rank {rank}: {err}"
+                );
+            }
+            let err = lora::raw::backward_dx_fused_v(&dev, None, DType::F32, &p).unwrap_err();
+            assert!(matches!(err, Error::UnsupportedDtype { .. }), "{err}");
+            if !dev.has_wgmma() {
+                let err = lora::raw::backward_dx_fused_v(&dev, None, DType::BF16, &p).unwrap_err();
                 assert!(matches!(err, Error::Unsupported { .. }), "{err}");
             }
         }

@@ -244,8 +244,9 @@ void fk_emu_fence_proxy_async();
 void fk_emu_cp_async_wait(int pending);
 // wgmma (ptx.cuh): deferred to the wait that lets its group go, so the tiles are read then.
 // A from shared memory (`a`, K-major or `a_mn_major`) or registers (`a_regs`, this warp's
-// fragment; `a` null).
-void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type, bool a_mn_major);
+// fragment; `a` null); B from shared memory, K-major or `b_mn_major`.
+void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type, bool a_mn_major,
+                  bool b_mn_major);
 void fk_emu_wgmma_commit();
 void fk_emu_wgmma_wait(int pending);
 // mbarrier and TMA (tma.cpp): a TMA load lands when a wait on its barrier's phase finds no

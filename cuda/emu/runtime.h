@@ -51,6 +51,7 @@ struct AsyncMma {
   bool a_mn_major;  // a: MN-major rather than K-major
   float a_rows[2][16];
   const void* b;
+  bool b_mn_major;  // b: MN-major rather than K-major
   int type;
   // A's registers where the kernel keeps them, and what they held at issue: they must not
   // change before the wait (checked then).

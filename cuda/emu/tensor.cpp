@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "runtime.h"
+#include "../params/gemm.h"
 
 namespace fk_emu {
 namespace {
@@ -234,14 +235,17 @@ void fk_emu_fence_proxy_async() { fence_proxy_async(); }
 
 // wgmma m64nNk16 with operands in the 128-byte swizzle (ptx.cuh): element (row, k) of a
 // K-major tile whose k0 slice starts at `p` sits at the address p + 1024·(row/8) +
-// 128·(row%8) + 2k, of an MN-major A at p + 128·k + 2·row (a 128-byte line per k, the next
-// 8 lines 1024 bytes on), with address bits 4-6 XORed with bits 7-9, as the hardware applies
-// the swizzle to the address. This thread's accumulators follow ptx.cuh's layout; each k16 dot
-// product rounds as one HMMA does (hmma_dot: HGMMA's own rounding is not dumped yet). A byte
-// a cp.async wrote that its thread has not fenced since is a bug (runtime.h: mark_unfenced).
+// 128·(row%8) + 2k, of an MN-major one at p + FK_WGMMA_MN_CHUNK_BYTES·(row/64) + 128·k +
+// 2·(row%64) (a 128-byte line per k, the next 8 lines 1024 bytes on, the next 64 rows or
+// columns of B a chunk on: the descriptor's LBO), with address bits 4-6 XORed with bits 7-9,
+// as the hardware applies the swizzle to the address. This thread's accumulators follow
+// ptx.cuh's layout; each k16 dot product rounds as one HMMA does (hmma_dot: HGMMA's own
+// rounding is not dumped yet). A byte a cp.async wrote that its thread has not fenced since is
+// a bug (runtime.h: mark_unfenced).
 static uint16_t swizzled16(const void* p, int row, int k, bool mn_major = false) {
   const uintptr_t logical =
-      reinterpret_cast<uintptr_t>(p) + (mn_major ? 128 * k + 2 * row : 1024 * (row / 8) + 128 * (row % 8) + 2 * k);
+      reinterpret_cast<uintptr_t>(p) +
+      (mn_major ? FK_WGMMA_MN_CHUNK_BYTES * (row / 64) + 128 * k + 2 * (row % 64) : 1024 * (row / 8) + 128 * (row % 8) + 2 * k);
   const void* at = reinterpret_cast<const void*>(logical ^ (((logical >> 7) & 7) << 4));
   if (unfenced(at))
     fail(Site{"wgmma", 0}, "wgmma reads shared memory that a thread's cp.async wrote, with no fence.proxy.async after it");
@@ -257,17 +261,18 @@ static void compute_wgmma(const Fiber& f, const AsyncMma& m) {
     for (int k = 0; k < 16; ++k)
       a[half][k] = m.a ? widen(swizzled16(m.a, 16 * warp + lane / 4 + 8 * half, k, m.a_mn_major), m.type) : m.a_rows[half][k];
   for (int c = 0; c < m.n / 4; ++c)
-    for (int k = 0; k < 16; ++k) b[c][k] = widen(swizzled16(m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, k), m.type);
+    for (int k = 0; k < 16; ++k) b[c][k] = widen(swizzled16(m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, k, m.b_mn_major), m.type);
   for (int j = 0; j < m.n / 2; ++j) m.d[j] = hmma_dot(a[(j % 4) / 2], b[2 * (j / 4) + j % 2], ks, 16, m.d[j]);
 }
 
-void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type, bool a_mn_major) {
+void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type, bool a_mn_major,
+                  bool b_mn_major) {
   Fiber* f = current_fiber();
   const Site site{"wgmma", n};
   const auto misplaced = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 || reinterpret_cast<uintptr_t>(p) % 1024 > 96; };
   if ((a && misplaced(a)) || misplaced(b))
     fail(site, "wgmma 128-byte-swizzled tile does not start on a 1024-byte boundary (plus 2·k0)");
-  AsyncMma m{d, n, a, a_mn_major, {}, b, type, a_regs, {}};
+  AsyncMma m{d, n, a, a_mn_major, {}, b, b_mn_major, type, a_regs, {}};
   if (!a) {
     for (int r = 0; r < 4; ++r) f->regs_in[r] = m.a_bits[r] = a_regs[r];
     warp_collective(site, WarpOp::wgmma_a, 0xffffffffu, 0, type, 32);

@@ -187,17 +187,17 @@ struct Nf4Source {
 
 // Ŵ of an NF4 weight as a wgmma.cuh operand, in the same two layouts as Nf4Source's:
 // `kAlongK` (the forward's B, as wgmma::Rows): element (row, k) = Ŵ[row][k], W rows are the
-// tile's rows, in the 128-byte swizzle; otherwise (dX's A, as wgmma::Columns): element
-// (row, k) = Ŵ[k][row], W rows are the `Columns` tile's K lines. issue() loads this thread's codes
-// and absmaxes into registers; finish(), called once the step's wgmmas are issued,
-// dequantizes them into the tile, so the loads are in flight while the wgmmas are issued and
-// the dequantization overlaps the wgmmas. A thread takes runs of 16 elements of W rows
-// (kRuns of them), 4 (or 8) threads a row's 64 (or 128) elements in the tile.
-template <typename T, bool kAlongK>
+// tile's rows, in the 128-byte swizzle; otherwise (as wgmma::Columns: dXᵀ's A, or dX's B of
+// kTile = kBN rows): element (row, k) = Ŵ[k][row], W rows are the `Columns` tile's K lines.
+// issue() loads this thread's codes and absmaxes into registers; finish(), called once the
+// step's wgmmas are issued, dequantizes them into the tile, so the loads are in flight while
+// the wgmmas are issued and the dequantization overlaps the wgmmas. A thread takes runs of 16
+// elements of W rows (kRuns of them), 4 (or 8) threads a row's 64 (or 128, or 256) elements.
+template <typename T, bool kAlongK, int kTile = kAlongK ? wgmma::kBN : wgmma::kBM>
 struct Nf4Operand {
   static constexpr bool kMnMajor = !kAlongK;  // as wgmma::Columns
   static constexpr bool kMulticasts = false;  // each block decodes its tile
-  static constexpr int kWRows = kAlongK ? wgmma::kBN : wgmma::kBK, kWCols = kAlongK ? wgmma::kBK : wgmma::kBM;
+  static constexpr int kWRows = kAlongK ? kTile : wgmma::kBK, kWCols = kAlongK ? wgmma::kBK : kTile;
   static constexpr int kRuns = kWRows * kWCols / 16 / wgmma::kThreads;
 
   Nf4Weight w;
@@ -247,7 +247,7 @@ struct Nf4Operand {
 
   template <int kRows>
   FK_DEVICE void finish(uint4* tile, uint32_t k0) {
-    static_assert(kRows == (kAlongK ? wgmma::kBN : wgmma::kBM), "a B (kAlongK) or an A operand");
+    static_assert(kRows == kTile, "the tile's rows");
     uint16_t* slots = reinterpret_cast<uint16_t*>(tile);
     if (fast) {
 #pragma unroll

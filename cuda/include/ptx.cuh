@@ -4,6 +4,7 @@
 // the PTX ISA fragment layouts (../shared/reference/ptx-fragments.md in the design notes).
 #pragma once
 #include "compat.cuh"
+#include "../params/gemm.h"
 #include "../params/tma.h"
 
 #if defined(__CUDA_ARCH__)
@@ -334,108 +335,124 @@ FK_DEVICE void stmatrix_x4_trans(void* row, const uint32_t (&r)[4]) {
 }
 
 #if FK_PTX && FK_HAS_WGMMA
-// The matrix descriptor: start address >> 4 (bits 0-13), leading byte offset (16-29: unused
-// with a 128-byte swizzle, 1 by convention), stride byte offset 1024 >> 4 (32-45: the next
-// 8-row group), base offset 0, swizzle mode 1 = 128 bytes (bits 62-63). The same fields
-// describe an MN-major A (the PTX ISA's canonical layout ((8,8,m),(8,k)):((1,8,LBO),(64,SBO))
-// in 16-bit elements, 128-byte swizzle): 64 rows of A along each 128-byte line, one line per
-// K, the next 8 lines (K + 8) SBO = 1024 bytes on; LBO, the stride to the next 64 rows, is
-// unused at M = 64.
+// The matrix descriptor: start address >> 4 (bits 0-13), leading byte offset (16-29), stride
+// byte offset 1024 >> 4 (32-45: the next 8 rows, or 8 K lines), base offset 0, swizzle mode 1 =
+// 128 bytes (bits 62-63). A K-major tile leaves LBO unused (1 by convention). The same fields
+// describe an MN-major operand (the PTX ISA's canonical layout ((8,8,m),(8,k)):((1,8,LBO),
+// (64,SBO)) in 16-bit elements, 128-byte swizzle): 64 rows (A) or columns (B) along each
+// 128-byte line, one line per K, the next 8 lines (K + 8) SBO = 1024 bytes on, the next 64
+// rows or columns LBO = FK_WGMMA_MN_CHUNK_BYTES on (params/gemm.h; unused at M = 64 and at
+// N <= 64).
+template <bool kMnMajor = false>
 FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
-  return uint64_t((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+  constexpr uint64_t lbo = kMnMajor ? FK_WGMMA_MN_CHUNK_BYTES >> 4 : 1;
+  return uint64_t((a & 0x3FFFF) >> 4) | (lbo << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
-#define FK_WGMMA_D_REGS \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, " \
-  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, " \
-  "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, " \
-  "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, " \
+#define FK_WGMMA_D_REGS                                                                            \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "    \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "     \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "     \
+  "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "     \
+  "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "     \
   "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, " \
-  "%109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, " \
+  "%109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, "     \
   "%124, %125, %126, %127}"
 
-#define FK_WGMMA_D_OPERANDS(d) \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), \
-  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), \
-  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), \
-  "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
-  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
-  "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), \
-  "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
-  "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
-  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), \
-  "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), \
-  "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), \
-  "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), \
-  "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), \
+#define FK_WGMMA_D_OPERANDS(d)                                                                     \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
+  "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
+  "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
+  "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),       \
+  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),       \
+  "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),       \
+  "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),       \
+  "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),       \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]),       \
+  "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),       \
+  "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]),       \
+  "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]),       \
+  "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]),       \
   "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), \
   "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), \
   "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), \
   "+f"(d[127])
 
-// Shared-memory A and B (SS): operands 128, 129 are the descriptors, 130 the scale-d flag;
-// `trans_a` the imm-trans-a operand (1: A MN-major).
-#define FK_WGMMA_M64N256K16(type, trans_a)                                                          \
-  asm volatile(                                                                                     \
+// Shared-memory A and B (SS): operands 128, 129 are the descriptors (`da`, `db` where the
+// macro is used), 130 the scale-d flag; `trans_a`, `trans_b` the imm-trans operands (1:
+// MN-major). With A from registers (RS) only B's.
+#define FK_WGMMA_M64N256K16(type, trans_a, trans_b)                                                \
+  asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS               \
-      ", %128, %129, p, 1, 1, " trans_a ", 0;\n}\n"                                                \
-      : FK_WGMMA_D_OPERANDS(d)                                                                      \
-      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
-#define FK_WGMMA_M64N8K16(type, trans_a)                                                            \
-  asm volatile(                                                                                     \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS             \
+      ", %128, %129, p, 1, 1, " trans_a ", " trans_b ";\n}\n"                                      \
+      : FK_WGMMA_D_OPERANDS(d)                                                                     \
+      : "l"(da), "l"(db), "r"(1))
+#define FK_WGMMA_M64N8K16(type, trans_a, trans_b)                                                  \
+  asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                                  \
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                    \
-      " {%0, %1, %2, %3}, %4, %5, p, 1, 1, " trans_a ", 0;\n}\n"                                   \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
-      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
-#define FK_WGMMA_M64N8K16_RS(type, no_trans_a)                                                      \
-  asm volatile(                                                                                     \
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                   \
+      " {%0, %1, %2, %3}, %4, %5, p, 1, 1, " trans_a ", " trans_b ";\n}\n"                         \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                             \
+      : "l"(da), "l"(db), "r"(1))
+#define FK_WGMMA_M64N8K16_RS(type, no_trans_a, trans_b)                                            \
+  asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"                                                  \
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                    \
-      " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"                                  \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32." type "." type                                   \
+      " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, " trans_b ";\n}\n"                        \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                             \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
 // The side products' shapes, N = 16 and 32 (8 and 16 accumulators): operands after d are the
 // descriptors, then the scale-d flag.
-#define FK_WGMMA_M64N16K16(type, trans_a)                                                           \
-  asm volatile(                                                                                     \
+#define FK_WGMMA_M64N16K16(type, trans_a, trans_b)                                                 \
+  asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                                 \
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32." type "." type                                   \
-      " {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, " trans_a ", 0;\n}\n"                    \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." type "." type                                  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, " trans_a ", " trans_b ";\n}\n"         \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
-#define FK_WGMMA_M64N32K16(type, trans_a)                                                           \
-  asm volatile(                                                                                     \
+      : "l"(da), "l"(db), "r"(1))
+#define FK_WGMMA_M64N32K16(type, trans_a, trans_b)                                                 \
+  asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                 \
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32." type "." type                                   \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." type "." type                                  \
       " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, " \
-      trans_a ", 0;\n}\n"                                                                           \
+      trans_a ", " trans_b ";\n}\n"                                                                \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),   \
-        "+f"(d[15])                                                                                 \
-      : "l"(wgmma_descriptor(a)), "l"(wgmma_descriptor(b)), "r"(1))
+        "+f"(d[15])                                                                                \
+      : "l"(da), "l"(db), "r"(1))
 // A from registers at N = 256: operands 128-131 are A's fragment, 132 B's descriptor, 133 the
 // scale-d flag.
-#define FK_WGMMA_M64N256K16_RS(type, no_trans_a)                                                    \
-  asm volatile(                                                                                     \
+#define FK_WGMMA_M64N256K16_RS(type, no_trans_a, trans_b)                                          \
+  asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"                                                \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS               \
-      ", {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"                                          \
-      : FK_WGMMA_D_OPERANDS(d)                                                                      \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(wgmma_descriptor(b)), "r"(1))
-// One asm per element type (its name is part of the instruction) and A layout (imm-trans-a:
-// "1" for an MN-major A from shared memory; A from registers has none).
-#define FK_WGMMA_TYPED(T, kMnMajor, MACRO)                                 \
-  if constexpr (std::is_same<T, __half>::value) {                          \
-    if constexpr (kMnMajor) MACRO("f16", "1"); else MACRO("f16", "0");    \
-  } else {                                                                 \
-    if constexpr (kMnMajor) MACRO("bf16", "1"); else MACRO("bf16", "0");  \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " " FK_WGMMA_D_REGS             \
+      ", {%128, %129, %130, %131}, %132, p, 1, 1, " trans_b ";\n}\n"                               \
+      : FK_WGMMA_D_OPERANDS(d)                                                                     \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+// One asm per element type (its name is part of the instruction) and operand layouts (the
+// imm-trans operands: "1" for an MN-major operand from shared memory), with the descriptors
+// `da` (unused by RS) and `db` of `a` and `b` in those layouts.
+#define FK_WGMMA_LAYOUTS(kMnA, kMnB, MACRO, type)                                                  \
+  if constexpr (kMnA && kMnB) MACRO(type, "1", "1");                                               \
+  else if constexpr (kMnA) MACRO(type, "1", "0");                                                  \
+  else if constexpr (kMnB) MACRO(type, "0", "1");                                                  \
+  else MACRO(type, "0", "0");
+#define FK_WGMMA_TYPED(kMnA, kMnB, MACRO)                                                          \
+  if constexpr (std::is_same<T, __half>::value) {                                                  \
+    FK_WGMMA_LAYOUTS(kMnA, kMnB, MACRO, "f16")                                                     \
+  } else {                                                                                         \
+    FK_WGMMA_LAYOUTS(kMnA, kMnB, MACRO, "bf16")                                                    \
   }
+#define FK_WGMMA_SS(kMnA, kMnB, MACRO)                                                             \
+  const uint64_t da = wgmma_descriptor<kMnA>(a), db = wgmma_descriptor<kMnB>(b);                   \
+  FK_WGMMA_TYPED(kMnA, kMnB, MACRO)
+#define FK_WGMMA_RS(kMnB, MACRO)                                                                   \
+  const uint64_t db = wgmma_descriptor<kMnB>(b);                                                   \
+  FK_WGMMA_TYPED(false, kMnB, MACRO)
 #endif
 
 template <typename T>
@@ -444,16 +461,16 @@ constexpr int wgmma_type() {
 }
 
 // D += A·B, T bf16 or f16 (the `scale-d` flag is always 1: callers zero d first). SS: both
-// operands are swizzled tiles; `kMnMajor`: A's is MN-major (wgmma_descriptor), its k0 slice
-// at `a` + 128·k0 bytes rather than + 2·k0.
-template <typename T, bool kMnMajor = false>
+// operands are swizzled tiles; `kMnMajorA`, `kMnMajorB`: that operand is MN-major
+// (wgmma_descriptor), its k0 slice at + 128·k0 bytes rather than + 2·k0.
+template <typename T, bool kMnMajorA = false, bool kMnMajorB = false>
 FK_DEVICE void wgmma_m64n256k16(float (&d)[128], const void* a, const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, kMnMajor, FK_WGMMA_M64N256K16)
+  FK_WGMMA_SS(kMnMajorA, kMnMajorB, FK_WGMMA_M64N256K16)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 256, a, nullptr, b, wgmma_type<T>(), kMnMajor);
+  fk_emu_wgmma(d, 256, a, nullptr, b, wgmma_type<T>(), kMnMajorA, kMnMajorB);
 #endif
 }
 
@@ -462,11 +479,11 @@ FK_DEVICE void wgmma_m64n256k16(float (&d)[128], const void* a, const void* b) {
 template <typename T, bool kMnMajor = false>
 FK_DEVICE void wgmma_m64n8k16(float (&d)[4], const void* a, const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, kMnMajor, FK_WGMMA_M64N8K16)
+  FK_WGMMA_SS(kMnMajor, false, FK_WGMMA_M64N8K16)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 8, a, nullptr, b, wgmma_type<T>(), kMnMajor);
+  fk_emu_wgmma(d, 8, a, nullptr, b, wgmma_type<T>(), kMnMajor, false);
 #endif
 }
 
@@ -476,43 +493,44 @@ FK_DEVICE void wgmma_m64n8k16(float (&d)[4], const void* a, const void* b) {
 template <typename T>
 FK_DEVICE void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4], const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N8K16_RS)
+  FK_WGMMA_RS(false, FK_WGMMA_M64N8K16_RS)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 8, nullptr, a, b, wgmma_type<T>(), false);
+  fk_emu_wgmma(d, 8, nullptr, a, b, wgmma_type<T>(), false, false);
 #endif
 }
 
 // The same at N = 16 or 32 (N / 2 accumulators a thread), A K-major: a side product beside
-// the m64n256 ones from the same A tile (wgmma.cuh's Side: the LoRA forward's u = x Aᵀ).
-template <typename T, int N>
+// the m64n256 ones from the same A tile (wgmma.cuh's Side: the LoRA forward's u = x Aᵀ, the
+// backward's v = dY B from an MN-major B).
+template <typename T, int N, bool kMnMajorB = false>
 FK_DEVICE void wgmma_m64nNk16(float (&d)[N / 2], const void* a, const void* b) {
   static_assert(N == 16 || N == 32, "the side products' widths");
 #if FK_PTX && FK_HAS_WGMMA
   if constexpr (N == 16) {
-    FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N16K16)
+    FK_WGMMA_SS(false, kMnMajorB, FK_WGMMA_M64N16K16)
   } else {
-    FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N32K16)
+    FK_WGMMA_SS(false, kMnMajorB, FK_WGMMA_M64N32K16)
   }
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, N, a, nullptr, b, wgmma_type<T>(), false);
+  fk_emu_wgmma(d, N, a, nullptr, b, wgmma_type<T>(), false, kMnMajorB);
 #endif
 }
 
 // RS at N = 256: A from registers as wgmma_m64n8k16_rs's (this warp's 16 rows, mma.sync's A
-// fragment layout), B a swizzled tile. `a` belongs to the mma until the wait that lets its
-// group go.
-template <typename T>
+// fragment layout), B a swizzled tile (MN-major: `kMnMajorB`). `a` belongs to the mma until
+// the wait that lets its group go.
+template <typename T, bool kMnMajorB = false>
 FK_DEVICE void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4], const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_TYPED(T, false, FK_WGMMA_M64N256K16_RS)
+  FK_WGMMA_RS(kMnMajorB, FK_WGMMA_M64N256K16_RS)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 256, nullptr, a, b, wgmma_type<T>(), false);
+  fk_emu_wgmma(d, 256, nullptr, a, b, wgmma_type<T>(), false, kMnMajorB);
 #endif
 }
 

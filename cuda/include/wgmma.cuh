@@ -71,12 +71,18 @@ __host__ __device__ constexpr int largest(int first, I... rest) {
   return first;
 }
 
+// The distance between an operand's k16 slices in a stage: 32 bytes along a K-major row, two
+// 1024-byte atoms of 8 K lines in an MN-major chunk.
+template <bool kMnMajor>
+constexpr int kSliceBytes = kMnMajor ? 2048 : 32;
+
 // Chunk `chunk` (8 elements along K) of row `row` in a swizzled tile.
 FK_DEVICE int swizzled(int row, int chunk) { return row * 8 + (chunk ^ (row & 7)); }
 
-// The element slot of (K line k, tile row m) in a `Columns` tile: the half of m, then line k
-// of it, swizzled (a TMA box of 64 × 64 lands so): each half is the PTX ISA's canonical
-// MN-major layout with the 128-byte swizzle, 8 K lines an atom, atoms 1024 bytes apart.
+// The element slot of (K line k, tile row m) in a `Columns` tile: the chunk of 64 rows m is in,
+// then line k of it, swizzled (a TMA box of 64 × 64 lands so): each chunk is the PTX ISA's
+// canonical MN-major layout with the 128-byte swizzle, 8 K lines an atom, atoms 1024 bytes
+// apart, chunks FK_WGMMA_MN_CHUNK_BYTES (the descriptor's LBO).
 FK_DEVICE int columns_slot(int k, int m) { return swizzled(64 * (m / 64) + k, (m % 64) / 8) * 8 + m % 8; }
 
 // An operand's matrix: the tile's rows [row0, row0 + tile rows) of `rows`, K `k_len` long, zero
@@ -156,47 +162,61 @@ struct Rows : Matrix<T> {
   }
 };
 
-// An A operand whose element (row, k) is ptr[k · ld + row]: its lines run along the tile's
-// rows. Loaded into the two halves of columns_slot, by TMA in two boxes of 64 × 64: wgmma's
-// MN-major A.
+// An operand whose element (row, k) is ptr[k · ld + row]: its lines run along the tile's rows
+// (A's rows, B's columns). Loaded into chunks of 64 of the tile's rows (columns_slot), by TMA
+// in a box of 64 × 64 a chunk: wgmma's MN-major A or B (imm-trans). A tile of fewer than 64
+// rows (a side tile, Side) fills the first of one chunk's 64 (TMA fills the rest with zeros).
 template <typename T>
 struct Columns : Matrix<T> {
   static constexpr bool kMnMajor = true;
-  static constexpr bool kMulticasts = false;  // an A operand
+  static constexpr bool kMulticasts = false;  // as B, each block loads its own
 
-  // Starts loading K [k0, k0 + 64): through cp.async a thread takes the same 8 rows of K lines
-  // 16 apart. An A operand: never shared.
+  template <int kRows>
+  static constexpr int kChunks = (kRows + 63) / 64;
+  template <int kRows>
+  FK_DEVICE uint32_t tma_bytes() const { return this->map ? kChunks<kRows> * FK_WGMMA_MN_CHUNK_BYTES : 0; }
+
+  // Starts loading K [k0, k0 + 64): through cp.async the threads take runs of 8 rows of K
+  // lines, as many lines at a time (kLines, a multiple of 8: the same swizzle) as the tile's
+  // runs leave threads for: one address computation, then a stride per pass. Never shared.
   template <int kRows>
   FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar, uint32_t) const {
-    static_assert(kRows == kBM, "Columns is an A operand");
+    static_assert(kRows % 8 == 0 && (kRows <= 64 || kRows % 64 == 0), "runs of 8 rows, whole chunks past one");
     const auto& [ptr, ld, row0, rows, k_len, map, fast] = static_cast<const Matrix<T>&>(*this);
     if (map) {
       if (threadIdx.x == 0)
-        for (int half = 0; half < kBM / 64; ++half)
-          tma_load_2d(tile + half * 64 * 8, map, int32_t(row0) + 64 * half, int32_t(k0), bar);
+        for (int c = 0; c < kChunks<kRows>; ++c)
+          tma_load_2d(tile + c * 64 * 8, map, int32_t(row0) + 64 * c, int32_t(k0), bar);
       return;
     }
-    const int chunk = threadIdx.x % 16, kk = threadIdx.x / 16;
-    const uint32_t r = row0 + chunk * 8, valid = r < rows ? min(8u, rows - r) : 0u;
-    uint16_t* slots = reinterpret_cast<uint16_t*>(tile);
+    constexpr int kRuns = kRows / 8, kLines = kThreads / kRuns, kPasses = (kBK + kLines - 1) / kLines;
+    static_assert(kLines % 8 == 0, "passes kLines apart keep each line's swizzle");
+    const int run = threadIdx.x % kRuns, kk = threadIdx.x / kRuns;
+    if (kLines > kBK && kk >= kBK) return;
+    const uint32_t r = row0 + run * 8, valid = r < rows ? min(8u, rows - r) : 0u;
+    uint16_t* const first = reinterpret_cast<uint16_t*>(tile) + columns_slot(kk, run * 8);
+    const T* const src = ptr + uint64_t(k0 + kk) * ld + r;
+    if (fast) {
 #pragma unroll
-    for (int i = 0; i < kBK / 16; ++i) {
-      const uint32_t k = k0 + kk + 16 * i;
-      uint16_t* dst = slots + columns_slot(kk + 16 * i, chunk * 8);
-      const uint32_t n = k < k_len ? valid : 0u;
-      if (fast) {
-        cp_async_zfill16(dst, n ? ptr + uint64_t(k) * ld + r : ptr, int(n) * 2);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) dst[j] = j < int(n) ? bits16(ptr[uint64_t(k) * ld + r + j]) : uint16_t(0);
+      for (int i = 0; i < kPasses; ++i) {
+        const uint32_t n = k0 + kk + kLines * i < k_len ? valid : 0u;
+        cp_async_zfill16(first + kLines * 64 * i, n ? src + uint64_t(kLines) * i * ld : ptr, int(n) * 2);
       }
+      return;
+    }
+#pragma unroll 1
+    for (int i = 0; i < kPasses; ++i) {
+      const uint32_t k = k0 + kk + kLines * i, n = k < k_len ? valid : 0u;
+      uint16_t* dst = first + kLines * 64 * i;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dst[j] = j < int(n) ? bits16(ptr[uint64_t(k) * ld + r + j]) : uint16_t(0);
     }
   }
 };
 
 // A segment with no side product.
 struct NoSide {
-  static constexpr int kRows = 0;
+  static constexpr int kLines = 0;
   FK_DEVICE void prepare() {}
   FK_DEVICE void issue(uint4*, uint32_t, uint64_t*, bool) const {}
   FK_DEVICE void finish(uint4*, uint32_t, bool) {}
@@ -215,7 +235,8 @@ struct NoSide {
 // that y's GEMM makes (lora.cu; bench/NOTES.md).
 template <class OperandB, int kN>
 struct Side {
-  static constexpr int kRows = kN;
+  // A stage's side tile: kN rows of 128 bytes (K-major), or a chunk of 64 lines (MN-major).
+  static constexpr int kLines = OperandB::kMnMajor ? 64 : kN;
   OperandB b;
   float (&acc)[kN / 2];
 
@@ -227,15 +248,17 @@ struct Side {
     if (fresh) b.template finish<kN>(tile, k0);
   }
   FK_DEVICE uint32_t tma_bytes(bool fresh) const { return fresh ? b.template tma_bytes<kN>() : 0u; }
-  // A's k16 slice j at a + j · kSlice, the side tile's at + 32 bytes each.
+  // A's k16 slice j at a + j · slice, the side tile's at + kSliceBytes<...> each.
   template <typename T>
   FK_DEVICE void mma(const char* a, int slice, const uint4* tile, bool fresh) {
     if (!fresh) return;
+    constexpr bool kMn = OperandB::kMnMajor;
+    constexpr int kB = kSliceBytes<kMn>;
     const char* b = reinterpret_cast<const char*>(tile);
-    wgmma_m64nNk16<T, kN>(acc, a, b);
-    wgmma_m64nNk16<T, kN>(acc, a + slice, b + 32);
-    wgmma_m64nNk16<T, kN>(acc, a + 2 * slice, b + 64);
-    wgmma_m64nNk16<T, kN>(acc, a + 3 * slice, b + 96);
+    wgmma_m64nNk16<T, kN, kMn>(acc, a, b);
+    wgmma_m64nNk16<T, kN, kMn>(acc, a + slice, b + kB);
+    wgmma_m64nNk16<T, kN, kMn>(acc, a + 2 * slice, b + 2 * kB);
+    wgmma_m64nNk16<T, kN, kMn>(acc, a + 3 * slice, b + 3 * kB);
   }
 };
 
@@ -244,9 +267,9 @@ struct RegisterOperand {};
 
 // A K range: A's and B's share K, A's `k_len` long. A: Rows, Columns or another operand of
 // the same interface (prepare, issue, finish, tma_bytes, k_len, kMnMajor, kMulticasts), or
-// FromRegisters; B: one that is K-contiguous rows in the 128-byte swizzle (Rows, ...), and
-// optionally a side product of A (Side). issue()'s `sharers`: the blocks of the cluster that
-// share the tile (1 for A and a side's tile), each loading a part for all where the operand can.
+// FromRegisters; B: Rows, Columns or the like, and optionally a side product of A (Side).
+// issue()'s `sharers`: the blocks of the cluster that share the tile (1 for A and a side's
+// tile), each loading a part for all where the operand can.
 template <class OperandA, class OperandB, class SideProduct = NoSide>
 struct Segment {
   using A = OperandA;
@@ -259,7 +282,7 @@ struct Segment {
   FK_DEVICE int steps() const { return int((a.k_len + kBK - 1) / kBK); }
   // Step `st`'s wgmmas (run_tiles, where a segment is not plain): mma_step's, with the side
   // product's beside them where `fresh`, or A's own step from registers.
-  template <typename T, bool kMnMajor>
+  template <typename T, bool kMnMajorA, bool kMnMajorB>
   FK_DEVICE void mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh);
 };
 
@@ -275,22 +298,22 @@ FK_DEVICE Segment<A, B, S> segment(const A& a, const B& b, const S& side) {
 
 // Issues one step's four wgmmas from `st` (and `side`'s beside them: side(a, slice) with A's
 // first slice and the slices' stride), leaves them in flight and waits out the previous
-// step's. A's k16 slices are 32 bytes apart along its rows (K-major) or 2 KB apart, two
-// 1024-byte atoms of 8 K lines (MN-major).
-template <typename T, bool kMnMajor, class SideMma>
+// step's. An operand's k16 slices (kSliceBytes) are 32 bytes apart along its rows (K-major)
+// or 2 KB apart, two 1024-byte atoms of 8 K lines (MN-major).
+template <typename T, bool kMnMajorA, bool kMnMajorB, class SideMma>
 FK_DEVICE void mma_step(Accumulators& acc, const Stage& st, SideMma side) {
   const int half = threadIdx.x / 128;  // this warpgroup's 64 rows of A
-  constexpr int kSlice = kMnMajor ? 2048 : 32;
+  constexpr int kA = kSliceBytes<kMnMajorA>, kB = kSliceBytes<kMnMajorB>;
   wgmma_fence();
   // Spelled out, not a loop: nvcc may keep a loop over four 128-operand asm statements, and
   // the accumulators' copies between its iterations make ptxas serialize every wgmma.
   const char* a = reinterpret_cast<const char*>(&st.a[half * 64 * 8]);
   const char* b = reinterpret_cast<const char*>(st.b);
-  wgmma_m64n256k16<T, kMnMajor>(acc, a, b);
-  wgmma_m64n256k16<T, kMnMajor>(acc, a + kSlice, b + 32);
-  wgmma_m64n256k16<T, kMnMajor>(acc, a + 2 * kSlice, b + 64);
-  wgmma_m64n256k16<T, kMnMajor>(acc, a + 3 * kSlice, b + 96);
-  side(a, kSlice);
+  wgmma_m64n256k16<T, kMnMajorA, kMnMajorB>(acc, a, b);
+  wgmma_m64n256k16<T, kMnMajorA, kMnMajorB>(acc, a + kA, b + kB);
+  wgmma_m64n256k16<T, kMnMajorA, kMnMajorB>(acc, a + 2 * kA, b + 2 * kB);
+  wgmma_m64n256k16<T, kMnMajorA, kMnMajorB>(acc, a + 3 * kA, b + 3 * kB);
+  side(a, kA);
   wgmma_commit();
   wgmma_wait<1>();
 }
@@ -302,7 +325,8 @@ FK_DEVICE void mma_step(Accumulators& acc, const Stage& st, SideMma side) {
 // after the side product's last (the LoRA forward's step y += scale·u · Bᵀ, with u just made
 // by the base segment's side product and never in memory). The accumulator layout at N = kN
 // is, k16 slice by slice, the A fragment layout of an RS wgmma: slice j's fragment is
-// acc[8j .. 8j + 8) paired in order. `frag` keeps the fragments until the step's wait.
+// acc[8j .. 8j + 8) paired in order. `frag` keeps the fragments until the step's wait. (The
+// LoRA backward's dX += scale·v · A likewise, v made beside dY W, A an MN-major B.)
 template <typename T, int kN>
 struct FromRegisters : RegisterOperand {
   static constexpr bool kMnMajor = false;
@@ -321,6 +345,7 @@ struct FromRegisters : RegisterOperand {
   template <int kRows>
   FK_DEVICE uint32_t tma_bytes() const { return 0; }
 
+  template <bool kMnMajorB>
   FK_DEVICE void mma(Accumulators& d, const Stage& st) {
     wgmma_wait<0>();
     wgmma_hold(acc);
@@ -331,22 +356,24 @@ struct FromRegisters : RegisterOperand {
     wgmma_fence();
     const char* b = reinterpret_cast<const char*>(st.b);
 #pragma unroll
-    for (int j = 0; j < kN / 16; ++j) wgmma_m64n256k16_rs<T>(d, frag[j], b + 32 * j);
+    for (int j = 0; j < kN / 16; ++j) wgmma_m64n256k16_rs<T, kMnMajorB>(d, frag[j], b + kSliceBytes<kMnMajorB> * j);
     wgmma_commit();
     wgmma_wait<1>();
   }
 };
 
 template <class A, class B, class S>
-template <typename T, bool kMnMajor>
+template <typename T, bool kMnMajorA, bool kMnMajorB>
 FK_DEVICE void Segment<A, B, S>::mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh) {
   if constexpr (std::is_base_of<RegisterOperand, A>::value) {
-    a.mma(acc, st);
+    a.template mma<kMnMajorB>(acc, st);
   } else if constexpr (std::is_same<S, NoSide>::value) {
-    mma_step<T, kMnMajor>(acc, st, [](const char*, int) {});
+    mma_step<T, kMnMajorA, kMnMajorB>(acc, st, [](const char*, int) {});
   } else {
-    static_assert(!kMnMajor, "a side product of a K-major A");
-    mma_step<T, kMnMajor>(acc, st, [&](const char* a_slice, int slice) { side.template mma<T>(a_slice, slice, side_tile, fresh); });
+    static_assert(!kMnMajorA, "a side product of a K-major A");
+    mma_step<T, kMnMajorA, kMnMajorB>(acc, st, [&](const char* a_slice, int slice) {
+      side.template mma<T>(a_slice, slice, side_tile, fresh);
+    });
   }
 }
 
@@ -457,13 +484,15 @@ struct Staging {
 // it, a peer's too, has landed).
 template <typename T, class Tiles, class Done, class... Segs>
 FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& tiles, Done done, Segs&... segs) {
-  constexpr bool kMnMajor = (Segs::A::kMnMajor && ...);
-  static_assert(((Segs::A::kMnMajor == kMnMajor) && ...), "one layout of A per run");
+  constexpr bool kMnMajorA = (Segs::A::kMnMajor && ...), kMnMajorB = (Segs::B::kMnMajor && ...);
+  static_assert(((Segs::A::kMnMajor == kMnMajorA) && ...), "one layout of A per run");
+  static_assert(((Segs::B::kMnMajor == kMnMajorB) && ...), "one layout of B per run");
   // Segments with a side product or an A in registers take their own steps (Segment::mma).
   constexpr bool kPlain = (Segs::kPlain && ...);
-  // The side products' tiles, a stage's each, after the stages (FK_WGMMA_SIDE_SMEM_BYTES).
-  constexpr int kSideRows = largest(0, Segs::S::kRows...);
-  static_assert(kSideRows <= FK_WGMMA_SIDE_ROWS && kSideRows % 8 == 0, "side tiles of whole 1024-byte groups");
+  // The side products' tiles, a stage's each, after the stages (FK_WGMMA_SIDE_SMEM_BYTES, or
+  // FK_WGMMA_SIDE_MN_SMEM_BYTES for an MN-major one's chunk).
+  constexpr int kSideLines = largest(0, Segs::S::kLines...);
+  static_assert(kSideLines * 128 <= FK_WGMMA_MN_CHUNK_BYTES && kSideLines % 8 == 0, "side tiles of whole 1024-byte groups");
 #if FK_PTX && !FK_HAS_WGMMA
   // Below sm_90a the entries trap (Device::has_wgmma keeps them off those GPUs): no body to
   // compile there, nor to spill.
@@ -472,8 +501,8 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
 #endif
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
-  uint4* side_tiles = reinterpret_cast<uint4*>(stages + kStages);  // kSideRows rows of 8 chunks a stage
-  uint64_t* full = reinterpret_cast<uint64_t*>(side_tiles + kStages * kSideRows * 8);
+  uint4* side_tiles = reinterpret_cast<uint4*>(stages + kStages);  // kSideLines lines of 8 chunks a stage
+  uint64_t* full = reinterpret_cast<uint64_t*>(side_tiles + kStages * kSideLines * 8);
   // Blocks sharing B's tiles: the cluster's, where every B can multicast (a GEMM with an NF4
   // weight, decoded by each block, is never launched in clusters and carries no multicast).
   constexpr bool kMulticasts = (Segs::B::kMulticasts && ...);
@@ -494,10 +523,10 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   sync();                      // and the barriers are initialized, in every block loads land in
   // Fills come in order of g, each issued then finished before the next is issued: the
   // operands move to a tile at its first step's issue and stay there through its last fill.
-  auto side_tile = [&](int g) { return side_tiles + (g % kStages) * kSideRows * 8; };
+  auto side_tile = [&](int g) { return side_tiles + (g % kStages) * kSideLines * 8; };
   // Whether step g's tile makes its side products anew (Side: not where it keeps its last tile's).
   auto fresh = [&](int g) {
-    if constexpr (kSideRows == 0) return true;
+    if constexpr (kSideLines == 0) return true;
     return !tiles.same_a(g / steps);
   };
   auto issue = [&](int g) {
@@ -523,11 +552,11 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
     if (refill) issue(g + kStages - 2);
     cp_async_commit();
     if constexpr (kPlain) {
-      mma_step<T, kMnMajor>(acc, stages[g % kStages], [](const char*, int) {});
+      mma_step<T, kMnMajorA, kMnMajorB>(acc, stages[g % kStages], [](const char*, int) {});
     } else {
       const bool side_fresh = fresh(g);
       at_step(g % steps, first,
-              [&](auto& seg, uint32_t) { seg.template mma<T, kMnMajor>(acc, stages[g % kStages], side_tile(g), side_fresh); },
+              [&](auto& seg, uint32_t) { seg.template mma<T, kMnMajorA, kMnMajorB>(acc, stages[g % kStages], side_tile(g), side_fresh); },
               segs...);
     }
     if (refill) finish(g + kStages - 2);
@@ -582,7 +611,9 @@ FK_DEVICE int staged_slot(int row, int col) {
   const int chunk = col / 8;
   // The row split at 8: what a walk adds to a row (multiples of 8) then folds into an
   // address's immediate offset (as row * kCols, ptxas held one address per row: 255 registers).
-  return (row & ~7) * kCols + (row & 7) * kCols + ((chunk & ~7) | ((chunk ^ row) & 7)) * 8 + col % 8;
+  // The chunk's multiple of 8 added, not ORed, likewise: written with `|`, ptxas took 255
+  // registers in the kernels whose store has no bias (the dX kernels that make v, NF4's GEMM).
+  return (row & ~7) * kCols + (row & 7) * kCols + (chunk & ~7) * 8 + ((chunk ^ row) & 7) * 8 + col % 8;
 }
 
 // Stores the tile (+ bias[column]), rounded to T, at out[row0 + i][col0 + j] for row0 + i < rows,

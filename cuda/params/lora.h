@@ -32,10 +32,12 @@ typedef struct LoraParams {
   float dropout;     /* p in [0, 1) */
   uint64_t seed;
   const void* x;     /* [m, d_in] */
-  void* u;           /* [m, rank]: written by lora_down, read by forward and grads */
+  void* u;           /* [m, rank]: written by lora_down (or lora_forward_down*_wgmma),
+                        read by forward and grads */
   void* y;           /* [m, d_out] */
   const void* dy;    /* [m, d_out] */
-  void* v;           /* [m, rank]: written by lora_backward_v, read by dx and grads */
+  void* v;           /* [m, rank]: written by lora_backward_v (or
+                        lora_backward_dx_v*_wgmma), read by dx, lora_dx_fixup and grads */
   void* dx;          /* [m, d_in] */
   float* partials;   /* the split-row reductions: [splits][rank·d_in] (dA), then
                         [splits][d_out·(rank + 1)] (dB and dbias) */

@@ -213,42 +213,57 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
     }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
-        // The wgmma forward as it was before it made u itself (`lora_fused_wgmma forward`, a
-        // row above, runs lora_forward_down16_wgmma alone): lora_down, then the GEMM. The
-        // whole forward against cuBLAS, and its two launches; the rows below compare variants
-        // of that GEMM against this one.
-        match plain_layer(dev, LoraPath::FusedWgmma)
-            .map(|l| l.with_fused_down(false))
-            .and_then(|l| {
-                let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
-                // x and y, and W: the main loop's forward bytes for a dense base.
-                let bytes = (2 * 2 * M * D + 2 * D * D) as f64;
-                let mut rows = vec![layer_row(
-                    "lora_fused_wgmma lora_down forward",
-                    &t,
-                    (bytes, flops_fwd),
-                    fwd_vs,
-                    c,
-                )];
-                rows.extend(layer_launch_rows(
-                    &l,
-                    timer,
-                    c,
-                    (&x, &dy),
-                    "lora_fused_wgmma lora_down",
-                    &[("forward", "lora_forward_wgmma")],
-                    gemm_work,
-                )?);
-                Ok(rows)
-            }) {
-            Ok(separate) => rows.extend(separate),
-            Err(e) => eprintln!("bench: no lora_down + wgmma forward rows: {e}"),
+        // The wgmma layer as it was before its GEMMs made u and v themselves (`lora_fused_wgmma
+        // forward` and `backward`, above, run lora_forward_down16_wgmma and
+        // lora_backward_dx_v16_wgmma alone): lora_down, then the GEMM; lora_backward_v, then
+        // dXᵀ's. Each whole against cuBLAS, and its GEMM's launch; the rows below compare
+        // variants of those GEMMs against these.
+        for (label, dir, kernel) in [
+            (
+                "lora_fused_wgmma lora_down",
+                "forward",
+                "lora_forward_wgmma",
+            ),
+            (
+                "lora_fused_wgmma lora_backward_v",
+                "backward",
+                "lora_backward_dx_wgmma",
+            ),
+        ] {
+            let separate = plain_layer(dev, LoraPath::FusedWgmma)
+                .map(|l| l.with_fused_down(false).with_fused_v(false))
+                .and_then(|l| {
+                    let (_, saved) = l.forward(&x, M)?;
+                    let (t, work, vs) = if dir == "forward" {
+                        let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
+                        // x and y, and W: the main loop's forward bytes for a dense base.
+                        (t, ((2 * 2 * M * D + 2 * D * D) as f64, flops_fwd), fwd_vs)
+                    } else {
+                        let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
+                        (t, ((3 * 2 * M * D + 2 * D * D) as f64, flops_bwd), dx_vs)
+                    };
+                    let mut rows = vec![layer_row(&format!("{label} {dir}"), &t, work, vs, c)];
+                    rows.extend(layer_launch_rows(
+                        &l,
+                        timer,
+                        c,
+                        (&x, &dy),
+                        label,
+                        &[(dir, kernel)],
+                        gemm_work,
+                    )?);
+                    Ok(rows)
+                });
+            match separate {
+                Ok(separate) => rows.extend(separate),
+                Err(e) => eprintln!("bench: no {label} {dir} rows: {e}"),
+            }
         }
         // The persistent wgmma kernels (a block per SM, each walking its tiles, the next
         // tile's loads in flight while it stores the last) against the same kernels launched a
         // block per tile, as they were before (each tile's fill and store alone on its SM).
         let per_tile = plain_layer(dev, LoraPath::FusedWgmma)
-            .map(|l| l.with_fused_down(false))
+            .map(|l| l.with_fused_down(false).with_fused_v(false))
             .and_then(|l| l.with_wgmma_blocks(Some(usize::MAX)))
             .and_then(|l| {
                 layer_launch_rows(
@@ -289,21 +304,36 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         }
         // The whole design: u made in the GEMM once a run and kept in registers across the
         // run's tiles (the side product 1 tile in 8 here), against `lora_fused_wgmma forward ▸
-        // lora_forward_down16_wgmma` (once a tile) and the lora_down rows above.
-        let kept = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
-            layer_launch_rows(
-                &l.with_column_runs(true),
-                timer,
-                c,
-                (&x, &dy),
+        // lora_forward_down16_wgmma` (once a tile) and the lora_down rows above; v in dX's GEMM
+        // likewise, against `lora_fused_wgmma backward ▸ lora_backward_dx_v16_wgmma` and the
+        // lora_backward_v rows.
+        for (label, dir, kernel) in [
+            (
                 "lora_fused_wgmma column runs, u kept",
-                &[("forward", "lora_forward_down16_wgmma")],
-                gemm_work,
-            )
-        });
-        match kept {
-            Ok(row) => rows.extend(row),
-            Err(e) => eprintln!("bench: no column-run rows with u kept: {e}"),
+                "forward",
+                "lora_forward_down16_wgmma",
+            ),
+            (
+                "lora_fused_wgmma column runs, v kept",
+                "backward",
+                "lora_backward_dx_v16_wgmma",
+            ),
+        ] {
+            let kept = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
+                layer_launch_rows(
+                    &l.with_column_runs(true),
+                    timer,
+                    c,
+                    (&x, &dy),
+                    label,
+                    &[(dir, kernel)],
+                    gemm_work,
+                )
+            });
+            match kept {
+                Ok(row) => rows.extend(row),
+                Err(e) => eprintln!("bench: no {label} rows: {e}"),
+            }
         }
         match wgmma_ladder(dev, timer, c) {
             Ok(ladder) => rows.extend(ladder),
@@ -467,6 +497,9 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
                 LoraPath::FusedWgmma,
                 TileLoads::Tma,
             )?;
+            // The plain GEMM kernels, as the ladder measured them at 0501 (their u and v from
+            // lora_down and lora_backward_v).
+            let l = l.with_fused_down(false).with_fused_v(false);
             let x = dev.upload(&random_vec::<bf16>(&mut rng, m * d_in, 1.0))?;
             let dy = dev.upload(&random_vec::<bf16>(&mut rng, m * d_out, 1.0))?;
             let (_, saved) = l.forward(&x, m)?;

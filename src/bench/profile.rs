@@ -95,7 +95,9 @@ fn nf4_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result
 
 /// LoRA, rank 16: forward and backward on the Extended path (cuBLAS) and the wgmma one,
 /// without and with dropout (lora_dx_fixup); the wgmma forward as lora_down and its GEMM (the
-/// default makes u in the GEMM), that GEMM in column runs, and u made in column runs.
+/// default makes u in the GEMM), that GEMM in column runs, and u made in column runs; the
+/// wgmma backward as lora_backward_v and dXᵀ's GEMM (the default makes v in dX's), and v
+/// made in column runs.
 fn lora_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(6);
     let (m, d) = (at.tokens, at.d);
@@ -110,19 +112,25 @@ fn lora_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Resul
         let (_, saved) = l.forward(&x, m)?;
         announce(&format!("{name} backward"));
         l.backward(&x, &saved, &dy)?;
-        // The wgmma forward with u made in the GEMM once a run of column tiles; its GEMM
-        // without u (after lora_down) in column runs and in the window order: the second's
-        // DRAM % and L2 hit rate against the third's are what the order costs (bench/NOTES.md,
-        // u inside the GEMM).
+        // The wgmma forward with u made in the GEMM once a run of column tiles, and the
+        // backward with v so; the forward's GEMM without u (after lora_down) in column runs and
+        // in the window order: the second's DRAM % and L2 hit rate against the third's are
+        // what the order costs (bench/NOTES.md, u inside the GEMM); the backward after
+        // lora_backward_v.
         if path == LoraPath::FusedWgmma && dropout == 0.0 {
             let l = l.with_column_runs(true);
             announce(&format!("{name} column runs, u kept, forward"));
-            l.forward(&x, m)?;
-            let l = l.with_fused_down(false);
+            let (_, saved) = l.forward(&x, m)?;
+            announce(&format!("{name} column runs, v kept, backward"));
+            l.backward(&x, &saved, &dy)?;
+            let l = l.with_fused_down(false).with_fused_v(false);
             announce(&format!("{name} column runs forward"));
             l.forward(&x, m)?;
+            let l = l.with_column_runs(false);
             announce(&format!("{name} lora_down forward"));
-            l.with_column_runs(false).forward(&x, m)?;
+            let (_, saved) = l.forward(&x, m)?;
+            announce(&format!("{name} lora_backward_v backward"));
+            l.backward(&x, &saved, &dy)?;
         }
     }
     Ok(())
@@ -143,15 +151,16 @@ mod tests {
         };
         for dev in crate::testing::backends() {
             // Three GEMVs and dequantize, and the wgmma GEMM where there is wgmma; LoRA's
-            // forward and backward without and with dropout on each path but Fused, and the
-            // wgmma forward after lora_down, in both orders, and with u made in column runs.
+            // forward and backward without and with dropout on each path but Fused, the wgmma
+            // forward after lora_down, in both orders, and with u made in column runs; the
+            // wgmma backward after lora_backward_v, and with v made in column runs.
             let lora_paths = paths(&dev)
                 .iter()
                 .filter(|&&p| p != LoraPath::Fused)
                 .count();
             for (family, count) in [
                 ("nf4", 4 + dev.has_wgmma() as usize),
-                ("lora", 4 * lora_paths + 3 * dev.has_wgmma() as usize),
+                ("lora", 4 * lora_paths + 5 * dev.has_wgmma() as usize),
             ] {
                 let mut cases = Vec::new();
                 run_at(&dev, family, small, &mut |c| cases.push(c.to_string())).unwrap();

@@ -149,12 +149,15 @@ fn all_kernels() -> Vec<Kernel> {
 }
 
 /// The dynamic shared memory `k`'s launches ask for: the Hopper GEMMs' stages
-/// (`LaunchConfig::wgmma`, and their side tiles where the forward computes u) and the
-/// rank-wide LoRA GEMMs' (`LaunchConfig::narrow`); the other kernels' shared memory is static.
+/// (`LaunchConfig::wgmma`, and their side tiles where the forward computes u or dX computes
+/// v) and the rank-wide LoRA GEMMs' (`LaunchConfig::narrow`); the other kernels' shared
+/// memory is static.
 fn launch_smem(k: &Kernel) -> u32 {
     let op = k.name.rsplit_once('_').map_or("", |(op, _dtype)| op);
     if op.starts_with("lora_forward_down") {
         params::FK_WGMMA_SIDE_SMEM_BYTES
+    } else if op.starts_with("lora_backward_dx_v") {
+        params::FK_WGMMA_SIDE_MN_SMEM_BYTES
     } else if k.module != "regdump" && op.ends_with("wgmma") {
         params::FK_WGMMA_SMEM_BYTES
     } else if ["lora_down", "lora_backward_v", "lora_grad_a", "lora_grad_b"].contains(&op) {
@@ -361,6 +364,10 @@ mod tests {
             (
                 "lora_backward_dx_nf4_wgmma_f16",
                 params::FK_WGMMA_SMEM_BYTES,
+            ),
+            (
+                "lora_backward_dx_v32_nf4_wgmma_bf16",
+                params::FK_WGMMA_SIDE_MN_SMEM_BYTES,
             ),
             ("nf4_gemm_dx_wgmma_bf16", params::FK_WGMMA_SMEM_BYTES),
             ("lora_down_bf16", params::FK_NARROW_SMEM_BYTES),

@@ -44,6 +44,9 @@ pub struct Case {
     /// The wgmma forward computing `u` in its GEMM where it can (`LoraLinear::with_fused_down`,
     /// on by default); `false`: `lora_down` first, as elsewhere.
     pub fused_down: bool,
+    /// The wgmma backward computing `v` in its dX GEMM where it can (`LoraLinear::with_fused_v`,
+    /// on by default); `false`: `lora_backward_v` first, as elsewhere.
+    pub fused_v: bool,
 }
 
 impl Case {
@@ -70,6 +73,7 @@ impl Case {
             wgmma_blocks: None,
             column_runs: false,
             fused_down: true,
+            fused_v: true,
         }
     }
 }
@@ -116,6 +120,9 @@ impl CheckCase for Case {
         }
         if !self.fused_down {
             s += " lora_down";
+        }
+        if !self.fused_v {
+            s += " lora_backward_v";
         }
         if self.bias {
             s += " bias";
@@ -196,6 +203,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
         .with_wgmma_blocks(c.wgmma_blocks)?
         .with_column_runs(c.column_runs)
         .with_fused_down(c.fused_down)
+        .with_fused_v(c.fused_v)
         .with_nf4_decode(c.nf4_decode)
         .with_tile_loads(c.tile_loads);
     Ok(Setup {
@@ -272,15 +280,16 @@ fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
         (true, Nf4Decode::Scratch) => "_nf4_scratch",
     };
     // The wgmma path differs from the fused one in its two big GEMMs only; its forward may
-    // compute u too (`lora_forward_down16_wgmma_bf16`).
+    // compute u too (`lora_forward_down16_wgmma_bf16`), its dX v (`lora_backward_dx_v16_…`).
     let wgmma =
         if s.layer.path() == LoraPath::FusedWgmma && (op == "forward" || op == "backward_dx") {
             "_wgmma"
         } else {
             ""
         };
-    let op = match s.layer.fused_down() {
-        Some(side) if op == "forward" => format!("forward_down{side}"),
+    let op = match (s.layer.fused_down(), s.layer.fused_v()) {
+        (Some(side), _) if op == "forward" => format!("forward_down{side}"),
+        (_, Some(side)) if op == "backward_dx" => format!("backward_dx_v{side}"),
         _ => op.to_string(),
     };
     format!("lora_{path}{op}{nf4}{wgmma}_{}", T::DTYPE)

@@ -153,11 +153,12 @@ impl LaunchConfig {
         }
     }
 
-    /// The same launch for a GEMM with a side product (`wgmma::Side`): its side tiles'
-    /// dynamic shared memory after the stages.
-    pub fn with_side_tiles(self) -> Self {
+    /// The same launch for a GEMM with a side product (`wgmma::Side`): `shared_bytes` of
+    /// dynamic shared memory, its side tiles' after the stages (`FK_WGMMA_SIDE_SMEM_BYTES`,
+    /// or `FK_WGMMA_SIDE_MN_SMEM_BYTES` for MN-major side tiles).
+    pub fn with_side_tiles(self, shared_bytes: u32) -> Self {
         LaunchConfig {
-            shared_bytes: crate::params::FK_WGMMA_SIDE_SMEM_BYTES,
+            shared_bytes,
             ..self
         }
     }

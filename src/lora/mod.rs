@@ -151,6 +151,9 @@ pub struct LoraLinear<T: FloatElem> {
     column_runs: bool,
     /// Whether the FusedWgmma forward computes `u` in its GEMM where it can ([`Self::fused_down`]).
     fused_down: bool,
+    /// Whether the FusedWgmma backward computes `v` in its dX GEMM where it can
+    /// ([`Self::fused_v`]).
+    fused_v: bool,
     /// Whether `u` comes from `lora_down_k64` (steps of 64 along K) rather than `lora_down`.
     wide_down: bool,
     nf4_decode: Nf4Decode,
@@ -251,20 +254,37 @@ unsafe fn rank_launch(
     }
 }
 
-/// The width of the side product (16 or 32) with which the wgmma forward makes u of `rank`
-/// inside its GEMM (`lora_forward_down{16,32}_wgmma`), or `None` where it cannot: under
-/// dropout (u needs the masked x) or past `FK_WGMMA_SIDE_ROWS` (the side tiles would not fit
-/// beside the stages).
-fn side_width(rank: u32, dropout: f32) -> Option<u32> {
-    let fits = dropout == 0.0 && (1..=params::FK_WGMMA_SIDE_ROWS).contains(&rank);
+/// The width of the side product (16 or 32) with which a wgmma GEMM makes u or v of `rank`
+/// beside its own product (`lora_forward_down{16,32}_wgmma`, `lora_backward_dx_v{16,32}_wgmma`),
+/// or `None` past `FK_WGMMA_SIDE_ROWS` (the side tiles would not fit beside the stages).
+fn side_width(rank: u32) -> Option<u32> {
+    let fits = (1..=params::FK_WGMMA_SIDE_ROWS).contains(&rank);
     fits.then_some(if rank <= 16 { 16 } else { 32 })
 }
 
+/// [`side_width`] for u, which the forward's GEMM can make only without dropout (u needs the
+/// masked x, which its tiles do not hold).
+fn down_width(rank: u32, dropout: f32) -> Option<u32> {
+    (dropout == 0.0).then(|| side_width(rank)).flatten()
+}
+
+/// Which wgmma base GEMM [`LoraLinear::tma_maps`] encodes the operands of.
+#[derive(Clone, Copy)]
+enum WgmmaGemm {
+    /// The forward: u read (`None`) or made beside y from a side tile of that many rows.
+    Forward(Option<u32>),
+    /// dX as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ (`backward_dx`).
+    DxTransposed,
+    /// dX = [dY | v] · [W ; A], v made beside it (`backward_dx_v16`, `backward_dx_v32`).
+    DxWithV,
+}
+
 /// The fused paths' base GEMM `op` (`forward`; `forward_down16` or `forward_down32`, which
-/// compute u too, on wgmma only; or `backward_dx`: computed as dXᵀ on wgmma) for `m` rows and
-/// an `n`-wide output, its base decoded from NF4 in its tiles where `nf4` is `"nf4_"`: on
-/// `mma.sync` (`wgmma` None), or on wgmma launched persistent in clusters of `cluster` on at
-/// most `max_blocks` blocks.
+/// compute u too, on wgmma only; `backward_dx`: computed as dXᵀ on wgmma; or `backward_dx_v16`
+/// or `backward_dx_v32`, dX computing v too, on wgmma only) for `m` rows and an `n`-wide
+/// output, its base decoded from NF4 in its tiles where `nf4` is `"nf4_"`: on `mma.sync`
+/// (`wgmma` None), or on wgmma launched persistent in clusters of `cluster` on at most
+/// `max_blocks` blocks.
 fn fused_gemm_launch(
     op: &str,
     nf4: &str,
@@ -276,14 +296,14 @@ fn fused_gemm_launch(
     match wgmma {
         Some((cluster, max_blocks)) => {
             let launch = LaunchConfig::wgmma(m, n, op == "backward_dx", cluster, max_blocks);
-            (
-                kernel(format!("lora_{op}_{nf4}wgmma_{t}")),
-                if op.starts_with("forward_down") {
-                    launch.with_side_tiles()
-                } else {
-                    launch
-                },
-            )
+            let launch = if op.starts_with("forward_down") {
+                launch.with_side_tiles(params::FK_WGMMA_SIDE_SMEM_BYTES)
+            } else if op.starts_with("backward_dx_v") {
+                launch.with_side_tiles(params::FK_WGMMA_SIDE_MN_SMEM_BYTES)
+            } else {
+                launch
+            };
+            (kernel(format!("lora_{op}_{nf4}wgmma_{t}")), launch)
         }
         None => (
             kernel(format!("lora_{op}_{nf4}{t}")),
@@ -419,6 +439,7 @@ impl<T: FloatElem> LoraLinear<T> {
             narrow_stagger: false,
             column_runs: false,
             fused_down: true,
+            fused_v: true,
             wide_down: false,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
@@ -536,8 +557,31 @@ impl<T: FloatElem> LoraLinear<T> {
     /// larger ranks' tiles would not fit beside the stages.
     pub fn fused_down(&self) -> Option<u32> {
         let on = self.fused_down && self.path == LoraPath::FusedWgmma;
-        on.then(|| side_width(self.config.rank as u32, self.config.dropout))
+        on.then(|| down_width(self.config.rank as u32, self.config.dropout))
             .flatten()
+    }
+
+    /// The layer with the FusedWgmma backward computing `v` inside its dX GEMM where it can
+    /// (the default; `false`: `lora_backward_v`, then the dX GEMM, as the other cases run):
+    /// [`Self::fused_v`] says where.
+    pub fn with_fused_v(mut self, fused: bool) -> Self {
+        self.fused_v = fused;
+        self
+    }
+
+    /// The width of the side product (16 or 32) when the backward computes `v = scale · dY B`
+    /// inside its dX GEMM: on the FusedWgmma path at ranks up to 32, with dropout or without,
+    /// unless [`Self::with_fused_v`] turned it off; `None` otherwise. The kernel
+    /// (`lora_backward_dx_v{16,32}_wgmma`) computes dX = dY W + scale · v A in dX's own
+    /// layout (dY the K-major A, W and A read as they lie as wgmma's MN-major B) and makes v
+    /// beside it from the same tiles of dY, as [`Self::fused_down`]'s forward makes u from x:
+    /// no pass of its own over dY for `v` (`lora_backward_v`). Kept across tiles of the same
+    /// rows ([`Self::with_column_runs`]), written by the row's first column tile for dA.
+    /// Under dropout the kernel leaves the masked term out and `lora_dx_fixup` adds it, as
+    /// on the other wgmma path.
+    pub fn fused_v(&self) -> Option<u32> {
+        let on = self.fused_v && self.path == LoraPath::FusedWgmma;
+        on.then(|| side_width(self.config.rank as u32)).flatten()
     }
 
     /// The layer with `u = x Aᵀ` computed by `lora_down_k64`, whose steps along K are 64
@@ -713,9 +757,9 @@ impl<T: FloatElem> LoraLinear<T> {
         check_device(self.device(), buf)
     }
 
-    /// The fused paths' base GEMM `op` (`forward`, or `backward_dx`: computed as dXᵀ on
-    /// wgmma) for `m` rows and an `n`-wide output: its kernel and launch, and on wgmma the
-    /// tensor maps of its TMA loads in `p` (whose buffers, a scratch base's included, are set).
+    /// The fused paths' base GEMM `op` (as [`fused_gemm_launch`]'s) for `m` rows and an
+    /// `n`-wide output: its kernel and launch, and on wgmma the tensor maps of its TMA loads
+    /// in `p` (whose buffers, a scratch base's included, are set).
     fn base_gemm(
         &self,
         op: &str,
@@ -726,9 +770,14 @@ impl<T: FloatElem> LoraLinear<T> {
         let nf4 = self.nf4_prefix();
         let t = T::DTYPE;
         Ok(if self.path == LoraPath::FusedWgmma {
-            let transposed = op == "backward_dx";
-            let shared = self.tile_loads != TileLoads::CpAsync
-                && self.tma_maps(p, transposed, self.fused_down(), m)?;
+            let gemm = if op == "backward_dx" {
+                WgmmaGemm::DxTransposed
+            } else if op.starts_with("backward_dx_v") {
+                WgmmaGemm::DxWithV
+            } else {
+                WgmmaGemm::Forward(self.fused_down())
+            };
+            let shared = self.tile_loads != TileLoads::CpAsync && self.tma_maps(p, gemm, m)?;
             // A pair shares B; clustered, a block per tile unless told (LaunchConfig::wgmma).
             let (cluster, max_blocks) = if shared {
                 (2, self.wgmma_blocks.unwrap_or(usize::MAX))
@@ -741,20 +790,16 @@ impl<T: FloatElem> LoraLinear<T> {
         })
     }
 
-    /// Encodes the tensor map of each operand of the wgmma base GEMM that TMA can load, and
-    /// flags it in `p.tma`: the forward's x and u (boxes of the tile's rows), B and a dense W
-    /// (the tile's columns), and A where the forward computes u (`side_rows`: its side tile's
-    /// rows); dX's dY and v (dXᵀ's columns: its B), and its A operands, A and a dense W, read
-    /// along their rows (boxes of 64 of them by 64 lines of K). Returns whether B is shared
-    /// by pairs of blocks ([`TileLoads::TmaMulticast`]; its boxes are then half the tile's
-    /// columns).
-    fn tma_maps(
-        &self,
-        p: &mut LoraParams,
-        transposed: bool,
-        side_rows: Option<u32>,
-        m: usize,
-    ) -> Result<bool> {
+    /// Encodes the tensor map of each operand of the wgmma base GEMM `gemm` that TMA can
+    /// load, and flags it in `p.tma`: the forward's x and u (boxes of the tile's rows), B and
+    /// a dense W (the tile's columns), and A where the forward computes u (its side tile's
+    /// rows); dXᵀ's dY and v (its B: boxes of dXᵀ's columns), and its A operands, A and a
+    /// dense W, read along their rows (boxes of 64 of them by 64 lines of K); dX's dY (boxes
+    /// of the tile's rows) and, where it makes v, its MN-major B and side tile, W, A and B,
+    /// read along their rows likewise. Returns whether B is shared by pairs of blocks
+    /// ([`TileLoads::TmaMulticast`]; its boxes are then half the tile's columns): never where
+    /// B is MN-major.
+    fn tma_maps(&self, p: &mut LoraParams, gemm: WgmmaGemm, m: usize) -> Result<bool> {
         let (rows_a, rows_b, lines) = (params::FK_WGMMA_TILE_M, params::FK_WGMMA_TILE_N, 64);
         let (r, d_in, d_out) = (self.config.rank, self.d_in, self.d_out);
         let tile = |ptr: *const std::ffi::c_void, cols, rows, ld, box_rows| TileMap {
@@ -765,40 +810,49 @@ impl<T: FloatElem> LoraLinear<T> {
             box_rows,
         };
         let w_ld = if p.w_ld == 0 { d_in } else { p.w_ld as usize };
-        let mut operands = if transposed {
-            vec![
-                (params::FK_LORA_TMA_DY, tile(p.dy, d_out, m, d_out, rows_b)),
-                (params::FK_LORA_TMA_V, tile(p.v, r, m, r, rows_b)),
-                (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, lines)),
-            ]
-        } else {
-            // u is read where lora_down made it; A where the GEMM makes u (its side tile).
-            let down = match side_rows {
-                None => (params::FK_LORA_TMA_U, tile(p.u, r, m, r, rows_a)),
-                Some(rows) => (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, rows)),
-            };
-            vec![
-                (params::FK_LORA_TMA_X, tile(p.x, d_in, m, d_in, rows_a)),
-                down,
-                (params::FK_LORA_TMA_B, tile(p.b, r, d_out, r, rows_b)),
-            ]
+        let (mut operands, w_box, b_bits) = match gemm {
+            WgmmaGemm::DxTransposed => (
+                vec![
+                    (params::FK_LORA_TMA_DY, tile(p.dy, d_out, m, d_out, rows_b)),
+                    (params::FK_LORA_TMA_V, tile(p.v, r, m, r, rows_b)),
+                    (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, lines)),
+                ],
+                lines,
+                vec![params::FK_LORA_TMA_DY, params::FK_LORA_TMA_V],
+            ),
+            WgmmaGemm::DxWithV => (
+                vec![
+                    (params::FK_LORA_TMA_DY, tile(p.dy, d_out, m, d_out, rows_a)),
+                    (params::FK_LORA_TMA_B, tile(p.b, r, d_out, r, lines)),
+                    (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, lines)),
+                ],
+                lines,
+                vec![],
+            ),
+            WgmmaGemm::Forward(side_rows) => {
+                // u is read where lora_down made it; A where the GEMM makes u (its side tile).
+                let down = match side_rows {
+                    None => (params::FK_LORA_TMA_U, tile(p.u, r, m, r, rows_a)),
+                    Some(rows) => (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, rows)),
+                };
+                (
+                    vec![
+                        (params::FK_LORA_TMA_X, tile(p.x, d_in, m, d_in, rows_a)),
+                        down,
+                        (params::FK_LORA_TMA_B, tile(p.b, r, d_out, r, rows_b)),
+                    ],
+                    rows_b,
+                    vec![params::FK_LORA_TMA_B, params::FK_LORA_TMA_W],
+                )
+            }
         };
         if self.nf4_prefix().is_empty() {
-            let w = if transposed {
-                tile(p.w, d_in, d_out, w_ld, lines)
-            } else {
-                tile(p.w, d_in, d_out, w_ld, rows_b)
-            };
-            operands.push((params::FK_LORA_TMA_W, w));
+            operands.push((params::FK_LORA_TMA_W, tile(p.w, d_in, d_out, w_ld, w_box)));
         }
-        let b_bits = if transposed {
-            [params::FK_LORA_TMA_DY, params::FK_LORA_TMA_V]
-        } else {
-            [params::FK_LORA_TMA_B, params::FK_LORA_TMA_W]
-        };
         // Shared when every B operand is one TMA takes (over an NF4 base the forward's B, Ŵ,
         // is decoded by each block: it is not among the operands).
         let shared = self.tile_loads == TileLoads::TmaMulticast
+            && !b_bits.is_empty()
             && b_bits.iter().all(|bit| {
                 operands
                     .iter()
@@ -1025,9 +1079,15 @@ impl<T: FloatElem> LoraLinear<T> {
         let t = T::DTYPE;
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
-                self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out)?;
+                let op = match self.fused_v() {
+                    Some(side) => format!("backward_dx_v{side}"),
+                    None => {
+                        self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out)?;
+                        "backward_dx".to_string()
+                    }
+                };
                 let _scratch = self.scratch_base(&mut p)?;
-                let (name, cfg) = self.base_gemm("backward_dx", &mut p, m, self.d_in)?;
+                let (name, cfg) = self.base_gemm(&op, &mut p, m, self.d_in)?;
                 let wgmma = self.path == LoraPath::FusedWgmma;
                 // SAFETY: every buffer in p was checked or sized above (a scratch base is
                 // [out, in] and lives past the launch); the kernels only read u (passed
@@ -1177,6 +1237,10 @@ pub fn kernels() -> Vec<Kernel> {
             "backward_v",
             "backward_dx_wgmma",
             "backward_dx_nf4_wgmma",
+            "backward_dx_v16_wgmma",
+            "backward_dx_v32_wgmma",
+            "backward_dx_v16_nf4_wgmma",
+            "backward_dx_v32_nf4_wgmma",
             "backward_dx",
             "backward_dx_nf4",
             "grad_a",
@@ -1199,11 +1263,13 @@ pub mod raw {
     //! through the fused kernels. You fill one [`LoraParams`] with your pointers as
     //! `cuda/params/lora.h` says (what each kernel reads, the saved `u`, the workspaces' layout),
     //! `tma` left 0 (the wgmma kernels then load by cp.async); nothing is checked but the dtype,
-    //! that the device has wgmma where asked, and [`forward_fused_down`]'s rank and dropout. A
-    //! forward is [`down`] then [`forward`] (or, on wgmma without dropout at ranks up to 32,
-    //! [`forward_fused_down`] alone); a backward [`backward_v`], [`backward_dx`], then
-    //! [`grads`]. [`LoraLinear`]'s fused paths launch through the same code after their
-    //! checks, with workspaces of their own (`tests/raw.rs` holds the two to the same bits).
+    //! that the device has wgmma where asked, and [`forward_fused_down`]'s rank and dropout
+    //! ([`backward_dx_fused_v`]'s rank). A forward is [`down`] then [`forward`] (or, on wgmma
+    //! without dropout at ranks up to 32, [`forward_fused_down`] alone); a backward
+    //! [`backward_v`], [`backward_dx`] (or, on wgmma at ranks up to 32,
+    //! [`backward_dx_fused_v`] alone), then [`grads`]. [`LoraLinear`]'s fused paths launch
+    //! through the same code after their checks, with workspaces of their own (`tests/raw.rs`
+    //! holds the two to the same bits).
 
     use super::*;
 
@@ -1324,7 +1390,7 @@ pub mod raw {
         t: DType,
         p: &LoraParams,
     ) -> Result<()> {
-        let Some(width) = side_width(p.rank, p.dropout) else {
+        let Some(width) = down_width(p.rank, p.dropout) else {
             return Err(Error::InvalidArgument {
                 what: "lora raw forward_fused_down",
                 why: format!(
@@ -1371,6 +1437,37 @@ pub mod raw {
         let (k, cfg) = gemm_launch(dev, "backward_dx", t, gemm, p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { backward_dx_launch(dev, stream, t, (&k, cfg), gemm == BaseGemm::Wgmma, p) }
+    }
+
+    /// [`backward_v`] and [`backward_dx`] in one kernel on wgmma, `v` made in the dX GEMM's
+    /// sweep of dY ([`LoraLinear::fused_v`]): `p.v` written, `dx` as [`backward_dx`]'s (under
+    /// dropout its masked low-rank term added afterwards from that `v`, as [`backward_dx`]
+    /// does on wgmma), the base dense or NF4 alike. Refused (typed errors) at ranks past 32
+    /// and where the device has no wgmma.
+    ///
+    /// # Safety
+    /// As [`down`].
+    pub unsafe fn backward_dx_fused_v(
+        dev: &Device,
+        stream: Option<CUstream>,
+        t: DType,
+        p: &LoraParams,
+    ) -> Result<()> {
+        let Some(width) = side_width(p.rank) else {
+            return Err(Error::InvalidArgument {
+                what: "lora raw backward_dx_fused_v",
+                why: format!(
+                    "v in the dX GEMM needs a rank of 1 to {} ({}); use backward_v, then \
+                     backward_dx",
+                    params::FK_WGMMA_SIDE_ROWS,
+                    p.rank
+                ),
+            });
+        };
+        let op = format!("backward_dx_v{width}");
+        let (k, cfg) = gemm_launch(dev, &op, t, BaseGemm::Wgmma, p)?;
+        // SAFETY: forwarded from this function's contract.
+        unsafe { backward_dx_launch(dev, stream, t, (&k, cfg), true, p) }
     }
 
     /// `dA = vᵀ (mask ⊙ x) / (1 - p)`, `dB = dYᵀ u` and `dbias` (where `p.dbias` is set), in f32,
