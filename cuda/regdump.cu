@@ -33,29 +33,33 @@ FK_DEVICE void dump_mma(const RegdumpParams& p, Mma mma) {
   for (int i = 0; i < 4; ++i) p.out[lane * 4 + i] = __float_as_uint(d[i]);
 }
 
-// Where the dumped wgmma takes A from.
-enum class WgmmaA { shared, registers, shared_mn_major };
+// Where the dumped wgmma takes its operands from.
+enum class WgmmaA { shared, registers, shared_mn_major, b_mn_major };
 
 // One warpgroup: A and B into a 1024-byte-aligned tile in the 128-byte swizzle (wgmma.cuh's
 // layout: B's 8 rows after A's 64), then four m64n8k16 along K (each a new descriptor start
 // address 32 bytes on) accumulate into C. WgmmaA::registers: A instead comes from registers,
 // each lane's fragments built from the input by ptx.cuh's RS layout; shared_mn_major: A's 64
 // rows are stored MN-major (wgmma.cuh's `Columns` tile: a swizzled 128-byte line per k), each
-// k16 slice 2 KB on.
+// k16 slice 2 KB on; b_mn_major: B's 8 columns so (the first 8 of a chunk's 64, after A's
+// 64 rows), A K-major.
 template <typename T, WgmmaA kA>
 FK_DEVICE void dump_wgmma(const RegdumpParams& p) {
   constexpr int kRows = 64 + 8;
-  FK_SHARED(smem, uint4[kRows * 8 + 64]);  // + 1 KB to align
+  constexpr bool kMnA = kA == WgmmaA::shared_mn_major, kMnB = kA == WgmmaA::b_mn_major;
+  FK_SHARED(smem, uint4[(kMnB ? 128 : kRows) * 8 + 64]);  // + 1 KB to align
   uint4* tile = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(smem) + shared_align_1024(smem));
   const int t = threadIdx.x;
   for (int c = t; c < kRows * 8; c += FK_REGDUMP_WGMMA_THREADS) {
     const uint32_t* w = p.in + c * 4;  // row c / 8, elements 8 (c % 8) ... + 7
-    if (kA != WgmmaA::shared_mn_major || c >= 64 * 8) {
-      tile[wgmma::swizzled(c / 8, c % 8)] = make_uint4(w[0], w[1], w[2], w[3]);
-    } else {
+    const bool b = c >= 64 * 8;
+    if ((kMnA && !b) || (kMnB && b)) {
       const uint16_t* e = reinterpret_cast<const uint16_t*>(w);
-      uint16_t* slots = reinterpret_cast<uint16_t*>(tile);
-      for (int j = 0; j < 8; ++j) slots[wgmma::columns_slot(8 * (c % 8) + j, c / 8)] = e[j];  // A (row, k) at line k
+      uint16_t* slots = reinterpret_cast<uint16_t*>(tile + (b ? 64 * 8 : 0));
+      const int row = c / 8 - (b ? 64 : 0);
+      for (int j = 0; j < 8; ++j) slots[wgmma::columns_slot(8 * (c % 8) + j, row)] = e[j];  // (row, k) at line k
+    } else {
+      tile[wgmma::swizzled(c / 8, c % 8)] = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
   uint32_t af[4][4];  // [k16 slice][register]: rows g, g + 8 of this warp's 16; k 2q, 2q + 8
@@ -68,13 +72,15 @@ FK_DEVICE void dump_wgmma(const RegdumpParams& p) {
   float d[4] = {__uint_as_float(c_in[0]), __uint_as_float(c_in[1]), __uint_as_float(c_in[2]), __uint_as_float(c_in[3])};
   wgmma_fence();
   for (int s = 0; s < 4; ++s) {
-    const char* a = reinterpret_cast<const char*>(tile), *b = reinterpret_cast<const char*>(tile + 64 * 8) + 32 * s;
+    const char* a = reinterpret_cast<const char*>(tile), *b = reinterpret_cast<const char*>(tile + 64 * 8);
     if constexpr (kA == WgmmaA::registers) {
-      wgmma_m64n8k16_rs<T>(d, af[s], b);
-    } else if constexpr (kA == WgmmaA::shared_mn_major) {
-      wgmma_m64n8k16<T, true>(d, a + 2048 * s, b);
+      wgmma_m64n8k16_rs<T>(d, af[s], b + 32 * s);
+    } else if constexpr (kMnA) {
+      wgmma_m64n8k16<T, true>(d, a + 2048 * s, b + 32 * s);
+    } else if constexpr (kMnB) {
+      wgmma_m64n8k16<T, false, true>(d, a + 32 * s, b + 2048 * s);
     } else {
-      wgmma_m64n8k16<T>(d, a + 32 * s, b);
+      wgmma_m64n8k16<T>(d, a + 32 * s, b + 32 * s);
     }
   }
   wgmma_commit();
@@ -179,6 +185,8 @@ FK_KERNEL(regdump_wgmma_rs_bf16, RegdumpParams) { dump_wgmma<__nv_bfloat16, Wgmm
 FK_KERNEL(regdump_wgmma_rs_f16, RegdumpParams) { dump_wgmma<__half, WgmmaA::registers>(p); }
 FK_KERNEL(regdump_wgmma_mn_bf16, RegdumpParams) { dump_wgmma<__nv_bfloat16, WgmmaA::shared_mn_major>(p); }
 FK_KERNEL(regdump_wgmma_mn_f16, RegdumpParams) { dump_wgmma<__half, WgmmaA::shared_mn_major>(p); }
+FK_KERNEL(regdump_wgmma_mn_b_bf16, RegdumpParams) { dump_wgmma<__nv_bfloat16, WgmmaA::b_mn_major>(p); }
+FK_KERNEL(regdump_wgmma_mn_b_f16, RegdumpParams) { dump_wgmma<__half, WgmmaA::b_mn_major>(p); }
 
 FK_KERNEL(regdump_cvt, RegdumpParams) {
   const int lane = threadIdx.x;

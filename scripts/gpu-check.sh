@@ -13,8 +13,9 @@
 #       bench/results/README.md), the register dump and a log; prints a summary last.
 #       --dry-run runs the same steps without a GPU, marking the GPU-only ones skipped, so
 #       that the output format is tested here. FK_CHECK_SECONDS (default 240) bounds
-#       `fk check`, for a lease with less time left; FK_PROFILE_SECONDS (default 60) each
-#       of the profile's two runs.
+#       `fk check`, for a lease with less time left; FK_PROFILE_SECONDS (default 120) each
+#       of the profile's two runs (ncu writes a family's counters only when its run ends: a
+#       run cut short loses them all; LoRA's has ≈ 55 launches, each replayed per section).
 #
 # It never changes the GPU's clocks, power or mode.
 set -uo pipefail
@@ -173,7 +174,7 @@ PY
     # A family per run: ncu may write its report only when the program ends, so that a
     # timeout costs one family's counters, not both.
     for family in nf4 lora; do
-      timeout "${FK_PROFILE_SECONDS:-60}" "$ncu_bin" --clock-control none "${sections[@]}" \
+      timeout "${FK_PROFILE_SECONDS:-120}" "$ncu_bin" --clock-control none "${sections[@]}" \
         --csv --page raw --print-units base --log-file "$work/ncu-$family.csv" \
         "$bundle/fk" profile "$family" >>"$work/profile.txt" 2>&1
       echo "$family: exit $?" >>"$work/profile.txt"

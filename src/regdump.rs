@@ -4,8 +4,8 @@
 //! variant (on two input sets: small integers, whose products are exact, and random
 //! values, which show the hardware's rounding) and the packed `cvt` instructions; on Hopper
 //! one warpgroup records `wgmma` (bf16, f16; A from shared memory, K- and MN-major, and from
-//! registers) on the same two sets. The GPU
-//! check writes the dump to `tests/data/regdump-<gpu>.txt`; the emulator must reproduce it.
+//! registers; B K- and MN-major) on the same two sets. The GPU check writes the dump to
+//! `tests/data/regdump-<gpu>.txt`; the emulator must reproduce it.
 
 use crate::device::{Device, Kernel, LaunchConfig, Target};
 use crate::error::{Error, Result};
@@ -321,6 +321,12 @@ pub fn plan(target: Target) -> Vec<Section> {
                 &mut sections,
                 format!("regdump_wgmma_mn_{}", t.name()),
                 2200 + 10 * i as u64,
+                &input,
+            );
+            both_sets(
+                &mut sections,
+                format!("regdump_wgmma_mn_b_{}", t.name()),
+                2300 + 10 * i as u64,
                 &input,
             );
         }

@@ -78,8 +78,10 @@ fn mufu_model_reproduces_the_hardware_reciprocals() {
 /// products and sums): thread t's accumulator i is D[16·(t/32) + (t%32)/4 + 8·(i/2)]
 /// [2·(t%4) + i%2] of D = C + A·Bᵀ over all 64 of K (four m64n8k16 through the swizzled
 /// tile), with A from shared memory (K-major, and MN-major as wgmma.cuh's `Columns` tile)
-/// and from registers (the kernel builds each lane's fragments by the RS layout). Until a GPU run records the same sections, this is the check of the emulator's
-/// model; the dump then checks it against hardware.
+/// and from registers (the kernel builds each lane's fragments by the RS layout), and with B
+/// MN-major (the first 8 columns of a `Columns` chunk). Until a GPU run records the same
+/// sections, this is the check of the emulator's model; the dump then checks it against
+/// hardware.
 #[cfg(feature = "emu")]
 #[test]
 fn emulated_wgmma_follows_the_isa_layout() {
@@ -102,6 +104,7 @@ fn emulated_wgmma_follows_the_isa_layout() {
             format!("regdump_wgmma_{name}"),
             format!("regdump_wgmma_rs_{name}"),
             format!("regdump_wgmma_mn_{name}"),
+            format!("regdump_wgmma_mn_b_{name}"),
         ] {
             let section = Section {
                 kernel: kernel.clone(),

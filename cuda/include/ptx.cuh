@@ -476,14 +476,14 @@ FK_DEVICE void wgmma_m64n256k16(float (&d)[128], const void* a, const void* b) {
 
 // The same at N = 8 (4 accumulators a thread): the register dump's (cuda/regdump.cu), which
 // records the instruction's layout and rounding on hardware at a size a dump can hold.
-template <typename T, bool kMnMajor = false>
+template <typename T, bool kMnMajorA = false, bool kMnMajorB = false>
 FK_DEVICE void wgmma_m64n8k16(float (&d)[4], const void* a, const void* b) {
 #if FK_PTX && FK_HAS_WGMMA
-  FK_WGMMA_SS(kMnMajor, false, FK_WGMMA_M64N8K16)
+  FK_WGMMA_SS(kMnMajorA, kMnMajorB, FK_WGMMA_M64N8K16)
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, 8, a, nullptr, b, wgmma_type<T>(), kMnMajor, false);
+  fk_emu_wgmma(d, 8, a, nullptr, b, wgmma_type<T>(), kMnMajorA, kMnMajorB);
 #endif
 }
 

@@ -464,21 +464,26 @@ fn launch_row(
 /// The K of each rung of the ladder, in steps of 64; the last two fit the step time.
 const LADDER_STEPS: [usize; 3] = [1, 16, 64];
 
-/// The wgmma kernels' time taken apart without a profiler: each kernel (the forward, and
-/// dX in backward) at one wave of tiles (a 128 × 256 tile per SM: no partial wave) and a K
-/// of 1, 16 and 64 steps of 64. A kernel's time is then ≈ t0 + steps · t_step: t_step the
-/// step's time across the GPU (its FLOPs against cuBLAS's rate give the main loop's
-/// efficiency; the two numbers say ≈ 1,110 cycles), t0 what a tile costs besides its steps
-/// (start, pipeline fill, the LoRA segment's step, epilogue). Rows (parts, ` ▸ `: in the full
-/// results, not the README): each rung's kernel time, then the two fitted.
+/// The wgmma kernels' time taken apart without a profiler: each kernel (the forward, dXᵀ's
+/// in backward, and dX's that makes v) at one wave of tiles (a 128 × 256 tile per SM: no
+/// partial wave) and a K of 1, 16 and 64 steps of 64. A kernel's time is then ≈ t0 + steps ·
+/// t_step: t_step the step's time across the GPU (its FLOPs against cuBLAS's rate give the
+/// main loop's efficiency; the two numbers say ≈ 1,110 cycles), t0 what a tile costs besides
+/// its steps (start, pipeline fill, the LoRA segment's step, epilogue). Rows (parts, ` ▸ `:
+/// in the full results, not the README): each rung's kernel time, then the two fitted.
 fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
     let tiles_m = dev.sm_count() / 2; // two tiles across: 128 × 256 each, one per SM
     let mut rows = Vec::new();
     let mut rng = StdRng::seed_from_u64(13);
-    for dx in [false, true] {
-        // The forward's tile is y's 128 rows by 256 columns; dX's is dXᵀ's: 128 columns of
-        // dX by 256 rows. K is d_in for the forward, d_out for dX.
-        let (m, across) = if dx {
+    for (kind, dx, fused_v, kernel) in [
+        ("forward", false, false, "lora_forward_wgmma"),
+        ("dX", true, false, "lora_backward_dx_wgmma"),
+        ("dX making v", true, true, "lora_backward_dx_v16_wgmma"),
+    ] {
+        // The forward's tile is y's 128 rows by 256 columns, and dX's that makes v dX's; the
+        // other dX's is dXᵀ's: 128 columns of dX by 256 rows. K is d_in for the forward,
+        // d_out for dX.
+        let (m, across) = if dx && !fused_v {
             (256 * tiles_m, 256)
         } else {
             (128 * tiles_m, 512)
@@ -498,8 +503,8 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
                 TileLoads::Tma,
             )?;
             // The plain GEMM kernels, as the ladder measured them at 0501 (their u and v from
-            // lora_down and lora_backward_v).
-            let l = l.with_fused_down(false).with_fused_v(false);
+            // lora_down and lora_backward_v), and dX's that makes v.
+            let l = l.with_fused_down(false).with_fused_v(fused_v);
             let x = dev.upload(&random_vec::<bf16>(&mut rng, m * d_in, 1.0))?;
             let dy = dev.upload(&random_vec::<bf16>(&mut rng, m * d_out, 1.0))?;
             let (_, saved) = l.forward(&x, m)?;
@@ -507,11 +512,6 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
                 timer.breakdown(1, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?
             } else {
                 timer.breakdown(1, REPS, || l.forward(&x, m).map(|_| ()))?
-            };
-            let kernel = if dx {
-                "lora_backward_dx_wgmma"
-            } else {
-                "lora_forward_wgmma"
             };
             let row = launch_row(
                 &parts,
@@ -527,7 +527,6 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
         let (mid, last) = (LADDER_STEPS[1], LADDER_STEPS[2]);
         let step = (times[2] - times[1]) / (last - mid) as f64;
         let fixed = times[1] - mid as f64 * step;
-        let kernel = if dx { "dX" } else { "forward" };
         let shape = format!("{tiles} tiles, one per SM");
         let fit = |us: f64| super::Stats {
             median_us: us,
@@ -536,7 +535,7 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
         let step_flops = 2.0 * (tiles * 128 * 256 * 64) as f64;
         rows.push(Row::new(
             "lora",
-            &format!("lora_fused_wgmma ladder ▸ {kernel}: one step (fit)"),
+            &format!("lora_fused_wgmma ladder ▸ {kind}: one step (fit)"),
             &shape,
             &fit(step),
             0.0,
@@ -545,7 +544,7 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
         ));
         rows.push(Row::new(
             "lora",
-            &format!("lora_fused_wgmma ladder ▸ {kernel}: a tile besides its steps (fit)"),
+            &format!("lora_fused_wgmma ladder ▸ {kind}: a tile besides its steps (fit)"),
             &shape,
             &fit(fixed),
             0.0,
