@@ -129,14 +129,26 @@ PY
 
   # GPU tests (FK_BACKENDS=gpu: the emulated ones run in CI).
   run_tests() {
-    local which=$1
+    local which=$1 rc
     for t in "$bundle"/test-*; do
       echo "## $(basename "$t") ($which PTX)" >>"$work/tests-$which.txt"
-      FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout 120 "$t" --test-threads=4 >>"$work/tests-$which.txt" 2>&1
-      echo "exit $?" >>"$work/tests-$which.txt"
+      FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout 120 "$t" --test-threads=4 >"$work/binary.txt" 2>&1
+      rc=$?
+      cat "$work/binary.txt" >>"$work/tests-$which.txt"
+      echo "exit $rc" >>"$work/tests-$which.txt"
+      # A GPU fault ends the process's CUDA context and fails every test still running in it:
+      # each failed test (the first 4, 20 s each at most: the lease is short) again in a
+      # process of its own says which one faulted.
+      [ "$rc" -eq 0 ] && continue
+      sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$work/binary.txt" | head -4 | while read -r name; do
+        echo "### $name alone" >>"$work/tests-$which.txt"
+        FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout 20 "$t" --exact "$name" --test-threads=1 \
+          >>"$work/tests-$which.txt" 2>&1
+        echo "exit $?" >>"$work/tests-$which.txt"
+      done
     done
     cp "$work/tests-$which.txt" "$out/tests-$which.txt"
-    grep -E "^test .* \.\.\. |^exit |^## " "$work/tests-$which.txt" >>"$log"
+    grep -E "^test .* \.\.\. |^exit |^##" "$work/tests-$which.txt" >>"$log"
   }
   step "tests on committed PTX"
   run_tests committed

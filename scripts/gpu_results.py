@@ -32,14 +32,25 @@ def parse_env(text):
 
 
 def parse_tests(text):
-    """{binary: {"passed": n, "failed": [names], "ignored": n, "exit": code}}"""
-    out, cur = {}, None
+    """{binary: {"passed": n, "failed": [names], "ignored": n, "exit": code, "alone": {name:
+    "ok" / "FAILED" / "exit N"}}}: "alone", each failed test run again in a process of its own
+    (gpu-check.sh: after a GPU fault, which ends the process's context, the tests that ran
+    beside it fail too)."""
+    out, cur, alone = {}, None, None
     for line in text.splitlines():
-        if line.startswith("## "):
-            cur = line[3:].split(" (")[0]
-            out[cur] = {"passed": 0, "failed": [], "ignored": 0, "exit": None, "notes": []}
+        if line.startswith("### ") and cur is not None:
+            alone = line[4:-len(" alone")] if line.endswith(" alone") else line[4:]
+            out[cur]["alone"][alone] = "not run"
+        elif line.startswith("## "):
+            cur, alone = line[3:].split(" (")[0], None
+            out[cur] = {"passed": 0, "failed": [], "ignored": 0, "exit": None, "notes": [], "alone": {}}
         elif cur is None:
             continue
+        elif alone is not None:
+            if m := re.match(r"^test (.*) \.\.\. (ok|FAILED|ignored)", line):
+                out[cur]["alone"][alone] = m.group(2)
+            elif (m := re.match(r"^exit (\d+)", line)) and out[cur]["alone"][alone] == "not run":
+                out[cur]["alone"][alone] = f"exit {m.group(1)}"
         elif m := re.match(r"^test (.*) \.\.\. (ok|FAILED|ignored)", line):
             if m.group(2) == "ok":
                 out[cur]["passed"] += 1
@@ -154,7 +165,8 @@ def main():
     def test_lines(which):
         rows = []
         for binary, r in tests[which].items():
-            failed = ", ".join(r["failed"]) or ("crashed: no failing test, exit not 0" if r["exit"] not in (0, None) else "—")
+            failed = ", ".join(f + (f" (alone: {r['alone'][f]})" if f in r["alone"] else "") for f in r["failed"])
+            failed = failed or ("crashed: no failing test, exit not 0" if r["exit"] not in (0, None) else "—")
             rows.append(f"| {binary} | {r['passed']} | {len(r['failed'])} | {r['ignored']} | {r['exit']} | {failed} |")
         return "\n".join(rows) or "| (not run) | | | | | |"
 
@@ -224,6 +236,22 @@ NCU_SAMPLE = """==PROF== Connected to process 4242 (/bundle/fk)
 """
 
 
+# A binary whose tests b and c failed beside each other (a fault), then each alone.
+TESTS_SAMPLE = """## test-lora_kernels (committed PTX)
+test a ... ok
+test b ... FAILED
+test c ... FAILED
+test result: FAILED. 1 passed; 2 failed
+exit 101
+### b alone
+test b ... FAILED
+exit 101
+### c alone
+test c ... ok
+exit 0
+"""
+
+
 def self_test():
     launches = parse_ncu(NCU_SAMPLE)
     assert len(launches) == 2, launches
@@ -236,7 +264,10 @@ def self_test():
     assert gemv["stalls"] == [["long_scoreboard", 9.31], ["wait", 1.02], ["barrier", 0.85]], gemv["stalls"]
     assert [s[0] for s in gemm["stalls"]] == ["math_pipe_throttle", "wait", "long_scoreboard"], gemm["stalls"]
     assert parse_ncu("==ERROR== the profiler failed\n") == []
-    print("gpu_results self-test: parse_ncu ok")
+    tests = parse_tests(TESTS_SAMPLE)["test-lora_kernels"]
+    assert tests["passed"] == 1 and tests["failed"] == ["b", "c"] and tests["exit"] == 101, tests
+    assert tests["alone"] == {"b": "FAILED", "c": "ok"}, tests["alone"]
+    print("gpu_results self-test: parse_ncu, parse_tests ok")
 
 
 if __name__ == "__main__":
