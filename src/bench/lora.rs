@@ -233,12 +233,12 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             let separate = plain_layer(dev, LoraPath::FusedWgmma)
                 .map(|l| l.with_fused_down(false).with_fused_v(false))
                 .and_then(|l| {
-                    let (_, saved) = l.forward(&x, M)?;
                     let (t, work, vs) = if dir == "forward" {
                         let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
                         // x and y, and W: the main loop's forward bytes for a dense base.
                         (t, ((2 * 2 * M * D + 2 * D * D) as f64, flops_fwd), fwd_vs)
                     } else {
+                        let (_, saved) = l.forward(&x, M)?;
                         let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
                         (t, ((3 * 2 * M * D + 2 * D * D) as f64, flops_bwd), dx_vs)
                     };

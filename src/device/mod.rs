@@ -153,10 +153,10 @@ impl LaunchConfig {
         }
     }
 
-    /// The same launch for a GEMM with a side product (`wgmma::Side`): `shared_bytes` of
-    /// dynamic shared memory, its side tiles' after the stages (`FK_WGMMA_SIDE_SMEM_BYTES`,
+    /// The same launch with `shared_bytes` of dynamic shared memory: a wgmma GEMM with a side
+    /// product (`wgmma::Side`) has its side tiles after the stages (`FK_WGMMA_SIDE_SMEM_BYTES`,
     /// or `FK_WGMMA_SIDE_MN_SMEM_BYTES` for MN-major side tiles).
-    pub fn with_side_tiles(self, shared_bytes: u32) -> Self {
+    pub fn with_shared_bytes(self, shared_bytes: u32) -> Self {
         LaunchConfig {
             shared_bytes,
             ..self

@@ -268,15 +268,39 @@ fn down_width(rank: u32, dropout: f32) -> Option<u32> {
     (dropout == 0.0).then(|| side_width(rank)).flatten()
 }
 
-/// Which wgmma base GEMM [`LoraLinear::tma_maps`] encodes the operands of.
+/// Which wgmma base GEMM a fused op is (its launch's shared memory, [`LoraLinear::tma_maps`]'
+/// operands).
 #[derive(Clone, Copy)]
 enum WgmmaGemm {
-    /// The forward: u read (`None`) or made beside y from a side tile of that many rows.
+    /// The forward: u read (`None`: `forward`) or made beside y from a side tile of that many
+    /// rows (`forward_down16`, `forward_down32`).
     Forward(Option<u32>),
     /// dX as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ (`backward_dx`).
     DxTransposed,
     /// dX = [dY | v] · [W ; A], v made beside it (`backward_dx_v16`, `backward_dx_v32`).
     DxWithV,
+}
+
+impl WgmmaGemm {
+    /// The GEMM of fused op `op` (as [`fused_gemm_launch`] names them).
+    fn of(op: &str) -> Self {
+        if op == "backward_dx" {
+            WgmmaGemm::DxTransposed
+        } else if op.starts_with("backward_dx_v") {
+            WgmmaGemm::DxWithV
+        } else {
+            WgmmaGemm::Forward(op.strip_prefix("forward_down").and_then(|w| w.parse().ok()))
+        }
+    }
+
+    /// Its launch's dynamic shared memory: the stages, and the side tiles where it has any.
+    fn shared_bytes(self) -> u32 {
+        match self {
+            WgmmaGemm::Forward(Some(_)) => params::FK_WGMMA_SIDE_SMEM_BYTES,
+            WgmmaGemm::DxWithV => params::FK_WGMMA_SIDE_MN_SMEM_BYTES,
+            _ => params::FK_WGMMA_SMEM_BYTES,
+        }
+    }
 }
 
 /// The fused paths' base GEMM `op` (`forward`; `forward_down16` or `forward_down32`, which
@@ -295,14 +319,10 @@ fn fused_gemm_launch(
 ) -> (Kernel, LaunchConfig) {
     match wgmma {
         Some((cluster, max_blocks)) => {
-            let launch = LaunchConfig::wgmma(m, n, op == "backward_dx", cluster, max_blocks);
-            let launch = if op.starts_with("forward_down") {
-                launch.with_side_tiles(params::FK_WGMMA_SIDE_SMEM_BYTES)
-            } else if op.starts_with("backward_dx_v") {
-                launch.with_side_tiles(params::FK_WGMMA_SIDE_MN_SMEM_BYTES)
-            } else {
-                launch
-            };
+            let gemm = WgmmaGemm::of(op);
+            let transposed = matches!(gemm, WgmmaGemm::DxTransposed);
+            let launch = LaunchConfig::wgmma(m, n, transposed, cluster, max_blocks)
+                .with_shared_bytes(gemm.shared_bytes());
             (kernel(format!("lora_{op}_{nf4}wgmma_{t}")), launch)
         }
         None => (
@@ -770,13 +790,7 @@ impl<T: FloatElem> LoraLinear<T> {
         let nf4 = self.nf4_prefix();
         let t = T::DTYPE;
         Ok(if self.path == LoraPath::FusedWgmma {
-            let gemm = if op == "backward_dx" {
-                WgmmaGemm::DxTransposed
-            } else if op.starts_with("backward_dx_v") {
-                WgmmaGemm::DxWithV
-            } else {
-                WgmmaGemm::Forward(self.fused_down())
-            };
+            let gemm = WgmmaGemm::of(op);
             let shared = self.tile_loads != TileLoads::CpAsync && self.tma_maps(p, gemm, m)?;
             // A pair shares B; clustered, a block per tile unless told (LaunchConfig::wgmma).
             let (cluster, max_blocks) = if shared {
