@@ -13,7 +13,8 @@
 #       bench/results/README.md), the register dump and a log; prints a summary last.
 #       --dry-run runs the same steps without a GPU, marking the GPU-only ones skipped, so
 #       that the output format is tested here. FK_CHECK_SECONDS (default 240) bounds
-#       `fk check`, for a lease with less time left; FK_PROFILE_SECONDS (default 120) each
+#       `fk check`, for a lease with less time left; FK_BENCH_SECONDS (default 100) each of
+#       `fk bench`'s families (each a process of its own); FK_PROFILE_SECONDS (default 120) each
 #       of the profile's two runs (ncu writes a family's counters only when its run ends: a
 #       run cut short loses them all; LoRA's has ≈ 55 launches, each replayed per section).
 #
@@ -156,7 +157,10 @@ PY
 
   step "fk bench"
   if [ -z "$dry" ]; then
-    timeout 240 "$bundle/fk" bench --json "$work/bench.json" --md "$work/bench.md" >>"$log" 2>&1 || echo "fk bench failed" | tee -a "$log"
+    # Each family in a process of its own, at most FK_BENCH_SECONDS (default 100) each: a GPU
+    # fault or a kernel that never returns costs that family's later rows, not the others'.
+    timeout 420 "$bundle/fk" bench --seconds "${FK_BENCH_SECONDS:-100}" --json "$work/bench.json" \
+      --md "$work/bench.md" >>"$log" 2>&1 || echo "fk bench: a family failed (bench.md says which)" | tee -a "$log"
   else
     echo "skipped (dry run)" | tee -a "$log"
   fi

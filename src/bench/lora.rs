@@ -2,7 +2,7 @@
 //! forward and backward on each path, dense and NF4 bases, against cuBLAS's base GEMM and
 //! dX GEMM alone in the same run (PEFT's layer is timed by scripts/torch_baselines.py).
 
-use super::{time_cublas, Ceilings, GpuTimer, Row, REPS};
+use super::{time_cublas, Ceilings, GpuTimer, Row, Rows, Stats, REPS};
 use crate::bf16;
 use crate::check::lora::paths;
 use crate::device::blas::WeightOp;
@@ -66,105 +66,156 @@ fn plain_layer(dev: &Device, path: LoraPath) -> Result<LoraLinear<bf16>> {
     Ok(layer(dev, (D, D), None, 0.0, false, path, TileLoads::Tma)?.0)
 }
 
-pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    let mut rng = StdRng::seed_from_u64(11);
-    let x = dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?;
-    let dy = dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?;
-    let fwd_base = time_cublas(dev, timer, M, D, D, WeightOp::Transposed)?;
-    let dx_base = time_cublas(dev, timer, M, D, D, WeightOp::Plain)?;
-    let flops_fwd = 2.0 * (M * D * D + 2 * M * D * RANK) as f64;
-    let flops_bwd = 2.0 * (M * D * D + 4 * M * D * RANK) as f64;
-    let fwd_vs = fwd_base.as_ref().map(|b| ("cuBLAS base GEMM alone", b));
-    let dx_vs = dx_base.as_ref().map(|b| ("cuBLAS dX GEMM alone", b));
-    // The forward GEMM's work (the wgmma kernel's rows): the base and the rank-wide K segment.
-    let gemm_work = (0.0, 2.0 * (M * D * (D + RANK)) as f64);
-    // The paths in check::lora::paths' order (the newest kernels last): a GPU fault ends the
-    // process's CUDA context, and every row after it.
-    for path in paths(dev) {
-        // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch
-        // weight; on wgmma, the dense layer once more with B shared by pairs of blocks (TMA
-        // multicast), once with its tiles loaded by cp.async, and once with a bias (its
-        // epilogue's cost).
-        for (nf4, dropout, bias, loads) in [
-            (None, 0.0, false, TileLoads::Tma),
-            (None, 0.1, false, TileLoads::Tma),
-            (Some(Nf4Decode::InTile), 0.0, false, TileLoads::Tma),
-            (Some(Nf4Decode::Scratch), 0.0, false, TileLoads::Tma),
-            (None, 0.0, false, TileLoads::TmaMulticast),
-            (None, 0.0, false, TileLoads::CpAsync),
-            (None, 0.0, true, TileLoads::Tma),
-        ] {
-            if nf4 == Some(Nf4Decode::Scratch) && path == LoraPath::Extended {
-                continue; // the Extended path always dequantizes
-            }
-            if (loads != TileLoads::Tma || bias) && path != LoraPath::FusedWgmma {
-                continue; // only the wgmma path loads by TMA; the bias row is the wgmma epilogue's
-            }
-            let (l, w_bytes) = layer(dev, (D, D), nf4, dropout, bias, path, loads)?;
-            // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
-            let (bytes_fwd, bytes_bwd) = (
-                (2 * 2 * M * D + w_bytes) as f64,
-                (3 * 2 * M * D + w_bytes) as f64,
-            );
-            let name = format!(
-                "lora_{}{}{}",
-                match path {
-                    LoraPath::Extended => "extended",
-                    LoraPath::Fused => "fused",
-                    LoraPath::FusedWgmma => "fused_wgmma",
-                },
-                match nf4 {
-                    None => "",
-                    Some(Nf4Decode::InTile) => "_nf4",
-                    Some(Nf4Decode::Scratch) => "_nf4_scratch",
-                },
-                if dropout > 0.0 { "_dropout" } else { "" },
-            ) + if bias { "_bias" } else { "" }
-                + match loads {
-                    TileLoads::Tma => "",
-                    TileLoads::TmaMulticast => "_multicast",
-                    TileLoads::CpAsync => "_cp_async",
-                };
-            let shape = format!("{M}x{D}→{D} r{RANK}");
-            let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
-            rows.push(layer_row(
-                &format!("{name} forward"),
-                &t,
-                (bytes_fwd, flops_fwd),
-                fwd_vs,
-                c,
-            ));
-            let (_, saved) = l.forward(&x, M)?;
-            let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
-            rows.push(layer_row(
-                &format!("{name} backward"),
-                &t,
-                (bytes_bwd, flops_bwd),
-                dx_vs,
-                c,
-            ));
-            // Where the time goes, launch by launch (each launch's kernel, or cuBLAS); an
-            // extra, so a failure to break a call down costs its rows only.
-            let forward = timer.breakdown(1, 5, || l.forward(&x, M).map(|_| ()));
-            let backward = timer.breakdown(1, 5, || l.backward(&x, &saved, &dy).map(|_| ()));
-            for (dir, parts) in [("forward", forward), ("backward", backward)] {
-                match parts {
-                    Ok(parts) => {
-                        for (kernel, t) in parts {
-                            let part = format!("{name} {dir} ▸ {kernel}");
-                            rows.push(Row::new("lora", &part, &shape, &t, 0.0, 0.0, c));
-                        }
+/// What every LoRA row is measured on and against: x and dY at the benchmark's shape, and
+/// cuBLAS's base GEMM and its dX GEMM alone, timed in the same process.
+struct Inputs {
+    x: Buffer<bf16>,
+    dy: Buffer<bf16>,
+    fwd_base: Option<Stats>,
+    dx_base: Option<Stats>,
+}
+
+impl Inputs {
+    fn new(dev: &Device, timer: &mut GpuTimer) -> Result<Inputs> {
+        let mut rng = StdRng::seed_from_u64(11);
+        Ok(Inputs {
+            x: dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?,
+            dy: dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?,
+            fwd_base: time_cublas(dev, timer, M, D, D, WeightOp::Transposed)?,
+            dx_base: time_cublas(dev, timer, M, D, D, WeightOp::Plain)?,
+        })
+    }
+
+    /// The baseline of a forward (`backward` false) or a backward row, where the run has one.
+    fn baseline(&self, backward: bool) -> Option<(&'static str, &Stats)> {
+        if backward {
+            self.dx_base.as_ref().map(|b| ("cuBLAS dX GEMM alone", b))
+        } else {
+            self.fwd_base
+                .as_ref()
+                .map(|b| ("cuBLAS base GEMM alone", b))
+        }
+    }
+}
+
+/// A whole layer's FLOPs, forward or backward: the base GEMM and the rank-wide ones.
+fn layer_flops(backward: bool) -> f64 {
+    let rank_gemms = if backward { 4 } else { 2 };
+    2.0 * (M * D * D + rank_gemms * M * D * RANK) as f64
+}
+
+/// The forward GEMM's work (the wgmma kernel's rows): the base and the rank-wide K segment.
+const GEMM_WORK: (f64, f64) = (0.0, 2.0 * (M * D * (D + RANK)) as f64);
+
+/// The layer on `path` forward and backward, whole and launch by launch, over each base and
+/// option that path has (`fk bench`'s families `lora_extended`, `lora_fused` and
+/// `lora_fused_wgmma`; none on a GPU without the path).
+pub fn path_rows(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    path: LoraPath,
+    out: &mut Rows,
+) -> Result<()> {
+    if !paths(dev).contains(&path) {
+        return Ok(());
+    }
+    let inputs = Inputs::new(dev, timer)?;
+    let (x, dy) = (&inputs.x, &inputs.dy);
+    // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch
+    // weight; on wgmma, the dense layer once more with B shared by pairs of blocks (TMA
+    // multicast), once with its tiles loaded by cp.async, and once with a bias (its
+    // epilogue's cost).
+    for (nf4, dropout, bias, loads) in [
+        (None, 0.0, false, TileLoads::Tma),
+        (None, 0.1, false, TileLoads::Tma),
+        (Some(Nf4Decode::InTile), 0.0, false, TileLoads::Tma),
+        (Some(Nf4Decode::Scratch), 0.0, false, TileLoads::Tma),
+        (None, 0.0, false, TileLoads::TmaMulticast),
+        (None, 0.0, false, TileLoads::CpAsync),
+        (None, 0.0, true, TileLoads::Tma),
+    ] {
+        if nf4 == Some(Nf4Decode::Scratch) && path == LoraPath::Extended {
+            continue; // the Extended path always dequantizes
+        }
+        if (loads != TileLoads::Tma || bias) && path != LoraPath::FusedWgmma {
+            continue; // only the wgmma path loads by TMA; the bias row is the wgmma epilogue's
+        }
+        let (l, w_bytes) = layer(dev, (D, D), nf4, dropout, bias, path, loads)?;
+        // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
+        let (bytes_fwd, bytes_bwd) = (
+            (2 * 2 * M * D + w_bytes) as f64,
+            (3 * 2 * M * D + w_bytes) as f64,
+        );
+        let name = format!(
+            "lora_{}{}{}",
+            match path {
+                LoraPath::Extended => "extended",
+                LoraPath::Fused => "fused",
+                LoraPath::FusedWgmma => "fused_wgmma",
+            },
+            match nf4 {
+                None => "",
+                Some(Nf4Decode::InTile) => "_nf4",
+                Some(Nf4Decode::Scratch) => "_nf4_scratch",
+            },
+            if dropout > 0.0 { "_dropout" } else { "" },
+        ) + if bias { "_bias" } else { "" }
+            + match loads {
+                TileLoads::Tma => "",
+                TileLoads::TmaMulticast => "_multicast",
+                TileLoads::CpAsync => "_cp_async",
+            };
+        let shape = format!("{M}x{D}→{D} r{RANK}");
+        let t = timer.time(2, REPS, || l.forward(x, M).map(|_| ()))?;
+        out.push(layer_row(
+            &format!("{name} forward"),
+            &t,
+            (bytes_fwd, layer_flops(false)),
+            inputs.baseline(false),
+            c,
+        ))?;
+        let (_, saved) = l.forward(x, M)?;
+        let t = timer.time(2, REPS, || l.backward(x, &saved, dy).map(|_| ()))?;
+        out.push(layer_row(
+            &format!("{name} backward"),
+            &t,
+            (bytes_bwd, layer_flops(true)),
+            inputs.baseline(true),
+            c,
+        ))?;
+        // Where the time goes, launch by launch (each launch's kernel, or cuBLAS); an
+        // extra, so a failure to break a call down costs its rows only.
+        let forward = timer.breakdown(1, 5, || l.forward(x, M).map(|_| ()));
+        let backward = timer.breakdown(1, 5, || l.backward(x, &saved, dy).map(|_| ()));
+        for (dir, parts) in [("forward", forward), ("backward", backward)] {
+            match parts {
+                Ok(parts) => {
+                    for (kernel, t) in parts {
+                        let part = format!("{name} {dir} ▸ {kernel}");
+                        out.push(Row::new("lora", &part, &shape, &t, 0.0, 0.0, c))?;
                     }
-                    Err(e) => eprintln!("bench: no breakdown of {name} {dir}: {e}"),
                 }
+                Err(e) => eprintln!("bench: no breakdown of {name} {dir}: {e}"),
             }
         }
     }
-    match narrow_residency(dev, timer, c, &x) {
-        Ok(pair) => rows.extend(pair),
-        Err(e) => eprintln!("bench: no narrow residency rows: {e}"),
-    }
+    Ok(())
+}
+
+/// The variants the open predictions compare (bench/NOTES.md), each a launch of one kernel or
+/// a whole layer: `lora_down` resident two blocks an SM, the rank-wide GEMMs staggered and in
+/// steps of 64, and on wgmma the GEMMs before they made u and v, a block per tile, in column
+/// runs, and the ladder (`fk bench`'s family `lora_variants`).
+pub fn variant_rows(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    out: &mut Rows,
+) -> Result<()> {
+    let inputs = Inputs::new(dev, timer)?;
+    let (x, dy) = (&inputs.x, &inputs.dy);
+    out.extend_extra(narrow_residency(dev, timer, c, x), "narrow residency")?;
     // The rank-wide GEMMs (each a read of x or dY, 64 MB here) with their blocks' walks along
     // K staggered, against the same kernels unstaggered in the `lora_fused {forward,
     // backward} ▸ kernel` rows above: if the blocks reading the same columns of their rows at
@@ -174,7 +225,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             &l.with_narrow_stagger(true),
             timer,
             c,
-            (&x, &dy),
+            (x, dy),
             "lora_fused staggered",
             &[
                 ("forward", "lora_down_bf16"),
@@ -185,10 +236,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             ((2 * M * D) as f64, 0.0),
         )
     });
-    match staggered {
-        Ok(staggered) => rows.extend(staggered),
-        Err(e) => eprintln!("bench: no staggered rank-wide rows: {e}"),
-    }
+    out.extend_extra(staggered, "staggered rank-wide")?;
     // u in steps of 64 along K (a whole 128-byte line of each row per step, not half), as is
     // and staggered, against the `lora_down` rows above.
     for stagger in [false, true] {
@@ -197,7 +245,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 &l.with_wide_down(true).with_narrow_stagger(stagger),
                 timer,
                 c,
-                (&x, &dy),
+                (x, dy),
                 if stagger {
                     "lora_fused k64 staggered"
                 } else {
@@ -207,10 +255,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 ((2 * M * D) as f64, 0.0),
             )
         });
-        match wide {
-            Ok(wide) => rows.extend(wide),
-            Err(e) => eprintln!("bench: no lora_down_k64 rows: {e}"),
-        }
+        out.extend_extra(wide, "lora_down_k64")?;
     }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
         // The wgmma layer as it was before its GEMMs made u and v themselves (`lora_fused_wgmma
@@ -233,31 +278,29 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             let separate = plain_layer(dev, LoraPath::FusedWgmma)
                 .map(|l| l.with_fused_down(false).with_fused_v(false))
                 .and_then(|l| {
-                    let (t, work, vs) = if dir == "forward" {
-                        let t = timer.time(2, REPS, || l.forward(&x, M).map(|_| ()))?;
+                    let (t, work) = if dir == "forward" {
+                        let t = timer.time(2, REPS, || l.forward(x, M).map(|_| ()))?;
                         // x and y, and W: the main loop's forward bytes for a dense base.
-                        (t, ((2 * 2 * M * D + 2 * D * D) as f64, flops_fwd), fwd_vs)
+                        (t, ((2 * 2 * M * D + 2 * D * D) as f64, layer_flops(false)))
                     } else {
-                        let (_, saved) = l.forward(&x, M)?;
-                        let t = timer.time(2, REPS, || l.backward(&x, &saved, &dy).map(|_| ()))?;
-                        (t, ((3 * 2 * M * D + 2 * D * D) as f64, flops_bwd), dx_vs)
+                        let (_, saved) = l.forward(x, M)?;
+                        let t = timer.time(2, REPS, || l.backward(x, &saved, dy).map(|_| ()))?;
+                        (t, ((3 * 2 * M * D + 2 * D * D) as f64, layer_flops(true)))
                     };
+                    let vs = inputs.baseline(dir == "backward");
                     let mut rows = vec![layer_row(&format!("{label} {dir}"), &t, work, vs, c)];
                     rows.extend(layer_launch_rows(
                         &l,
                         timer,
                         c,
-                        (&x, &dy),
+                        (x, dy),
                         label,
                         &[(dir, kernel)],
-                        gemm_work,
+                        GEMM_WORK,
                     )?);
                     Ok(rows)
                 });
-            match separate {
-                Ok(separate) => rows.extend(separate),
-                Err(e) => eprintln!("bench: no {label} {dir} rows: {e}"),
-            }
+            out.extend_extra(separate, &format!("{label} {dir}"))?;
         }
         // The persistent wgmma kernels (a block per SM, each walking its tiles, the next
         // tile's loads in flight while it stores the last) against the same kernels launched a
@@ -270,19 +313,16 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     &l,
                     timer,
                     c,
-                    (&x, &dy),
+                    (x, dy),
                     "lora_fused_wgmma a block per tile",
                     &[
                         ("forward", "lora_forward_wgmma"),
                         ("backward", "lora_backward_dx_wgmma"),
                     ],
-                    gemm_work,
+                    GEMM_WORK,
                 )
             });
-        match per_tile {
-            Ok(pair) => rows.extend(pair),
-            Err(e) => eprintln!("bench: no block-per-tile rows: {e}"),
-        }
+        out.extend_extra(per_tile, "block-per-tile")?;
         // The forward kernel with each block walking runs of consecutive column tiles of one
         // row tile (8 here), the order u-inside-the-GEMM needs (bench/NOTES.md): what the order
         // alone costs in DRAM and L2, against `lora_fused_wgmma lora_down ▸ forward ▸
@@ -292,16 +332,13 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 &l.with_column_runs(true).with_fused_down(false),
                 timer,
                 c,
-                (&x, &dy),
+                (x, dy),
                 "lora_fused_wgmma column runs",
                 &[("forward", "lora_forward_wgmma")],
-                gemm_work,
+                GEMM_WORK,
             )
         });
-        match runs {
-            Ok(row) => rows.extend(row),
-            Err(e) => eprintln!("bench: no column-run rows: {e}"),
-        }
+        out.extend_extra(runs, "column-run")?;
         // The whole design: u made in the GEMM once a run and kept in registers across the
         // run's tiles (the side product 1 tile in 8 here), against `lora_fused_wgmma forward ▸
         // lora_forward_down16_wgmma` (once a tile) and the lora_down rows above; v in dX's GEMM
@@ -324,23 +361,17 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     &l.with_column_runs(true),
                     timer,
                     c,
-                    (&x, &dy),
+                    (x, dy),
                     label,
                     &[(dir, kernel)],
-                    gemm_work,
+                    GEMM_WORK,
                 )
             });
-            match kept {
-                Ok(row) => rows.extend(row),
-                Err(e) => eprintln!("bench: no {label} rows: {e}"),
-            }
+            out.extend_extra(kept, label)?;
         }
-        match wgmma_ladder(dev, timer, c) {
-            Ok(ladder) => rows.extend(ladder),
-            Err(e) => eprintln!("bench: no wgmma ladder: {e}"),
-        }
+        out.extend_extra(wgmma_ladder(dev, timer, c), "wgmma ladder")?;
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// The row `label` of a whole layer call that took `t`, its floor from `work` (bytes, FLOPs),

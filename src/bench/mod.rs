@@ -2,6 +2,7 @@
 //! repetitions, median reported. And the rows the GPU check writes (DESIGN.md §8): time,
 //! TB/s, TFLOP/s, the floor and the fraction of it, and the baseline from the same run.
 
+pub mod families;
 pub mod lora;
 pub mod nf4;
 pub mod profile;
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 use cudarc::driver::{result, sys, CudaSlice};
 use half::bf16;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 /// Repetition times of one measured region.
 #[derive(Debug, Clone)]
@@ -155,12 +157,32 @@ impl<'a> GpuTimer<'a> {
 }
 
 /// The two ceilings every floor is computed from, measured in the same run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ceilings {
     /// Device-to-device copy, bytes read plus written per second.
     pub copy_bytes_per_s: f64,
     /// cuBLAS bf16 GEMM at 8192³, FLOP/s (None when cuBLAS is not loadable).
     pub bf16_flops_per_s: Option<f64>,
+}
+
+impl Ceilings {
+    /// As JSON, for the families `fk bench` runs after the first (one set of floors a run).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "copy_bytes_per_s": self.copy_bytes_per_s,
+            "bf16_flops_per_s": self.bf16_flops_per_s,
+        })
+        .to_string()
+    }
+
+    /// Reads [`Ceilings::to_json`]'s output; None if it is not that.
+    pub fn from_json(text: &str) -> Option<Ceilings> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        Some(Ceilings {
+            copy_bytes_per_s: v["copy_bytes_per_s"].as_f64()?,
+            bf16_flops_per_s: v["bf16_flops_per_s"].as_f64(),
+        })
+    }
 }
 
 /// One benchmark result.
@@ -228,6 +250,91 @@ impl Row {
     pub fn fraction_of_floor(&self) -> f64 {
         self.floor_us / self.time_us
     }
+
+    /// The row [`to_json`] wrote as `v`; None if `v` is not such a row.
+    pub fn from_json(v: &serde_json::Value) -> Option<Row> {
+        let text = |key: &str| v[key].as_str().map(String::from);
+        let baseline = match (text("baseline"), v["baseline_us"].as_f64()) {
+            (Some(name), Some(us)) => Some((name, us)),
+            _ => None,
+        };
+        Some(Row {
+            family: text("family")?,
+            kernel: text("kernel")?,
+            shape: text("shape")?,
+            time_us: v["time_us"].as_f64()?,
+            reps: v["reps"].as_u64()? as usize,
+            bytes: v["bytes"].as_f64()?,
+            flops: v["flops"].as_f64()?,
+            floor_us: v["floor_us"].as_f64()?,
+            baseline,
+        })
+    }
+}
+
+/// A family's rows, kept as they are measured and (`writing_to`) written out after each as
+/// [`to_json`], so that a family cut short by a GPU fault or its time limit keeps what it
+/// had measured (`fk bench` runs each family in a process of its own: [`families`]).
+#[derive(Debug, Default)]
+pub struct Rows {
+    rows: Vec<Row>,
+    json: Option<PathBuf>,
+}
+
+impl Rows {
+    /// Rows kept in memory only.
+    pub fn new() -> Rows {
+        Rows::default()
+    }
+
+    /// Rows rewritten to `json` (whole, by a rename: never half written) after each row.
+    pub fn writing_to(json: &Path) -> Rows {
+        Rows {
+            rows: Vec::new(),
+            json: Some(json.to_path_buf()),
+        }
+    }
+
+    pub fn push(&mut self, row: Row) -> Result<()> {
+        self.extend([row])
+    }
+
+    pub fn extend(&mut self, rows: impl IntoIterator<Item = Row>) -> Result<()> {
+        self.rows.extend(rows);
+        match &self.json {
+            Some(path) => write_whole(path, &to_json(&self.rows)),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Rows::extend`] by rows that are an extra, whose failure costs only them: on an
+    /// error, says on stderr that there are no `what` rows, and why.
+    pub fn extend_extra(&mut self, rows: Result<Vec<Row>>, what: &str) -> Result<()> {
+        match rows {
+            Ok(rows) => self.extend(rows),
+            Err(e) => {
+                eprintln!("bench: no {what} rows: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    pub fn rows(&self) -> &[Row] {
+        &self.rows
+    }
+}
+
+/// Writes `text` to `path` through a file beside it and a rename, so that a reader (or a
+/// process killed meanwhile) never sees it half written.
+pub fn write_whole(path: &Path, text: &str) -> Result<()> {
+    let io = |e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    std::fs::write(&part, text).map_err(io)?;
+    std::fs::rename(&part, path).map_err(io)
 }
 
 /// The rows as a JSON array (one object per row, every figure included; a figure that is
@@ -388,8 +495,7 @@ pub fn measure_ceilings(dev: &Device, timer: &mut GpuTimer) -> Result<Ceilings> 
 
 /// cuBLAS bf16 at the linear-layer shapes later families compare against (DESIGN.md §8):
 /// recorded now so every kernel's baseline has a history.
-pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
+pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
     for (m, n, k, what) in [
         (8192, 8192, 8192, "square"),
         (8192, 4096, 4096, "LoRA base fwd"),
@@ -403,7 +509,7 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
         };
         let bytes = 2.0 * (m * k + n * k + m * n) as f64;
         let flops = 2.0 * (m * n * k) as f64;
-        rows.push(Row::new(
+        out.push(Row::new(
             "baseline",
             "cublas_gemm_bf16",
             &format!("{m}x{k}→{n} ({what})"),
@@ -411,11 +517,11 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
             bytes,
             flops,
             c,
-        ));
+        ))?;
     }
     // What the timer reports for next to no work: the floor under every short row.
     let t = time_copy(dev, timer, 4096)?;
-    rows.push(Row::new(
+    out.push(Row::new(
         "baseline",
         "d2d copy (timer floor)",
         "4 KiB",
@@ -423,12 +529,12 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
         8192.0,
         0.0,
         c,
-    ));
+    ))?;
     // What L2 moves: a copy small enough to stay in L2 (8 MiB each way), 16 times back to
     // back, so all but the first read hit L2 (the wgmma GEMMs' likely limit, bench/NOTES.md).
     let (bytes, times) = (8 << 20, 16);
     let l2 = time_copies(dev, timer, bytes, times)?;
-    rows.push(Row::new(
+    out.push(Row::new(
         "baseline",
         "d2d copy, L2-resident (16 back to back)",
         "8 MiB",
@@ -436,6 +542,6 @@ pub fn cublas_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<V
         (2 * bytes * times) as f64,
         0.0,
         c,
-    ));
-    Ok(rows)
+    ))?;
+    Ok(())
 }

@@ -3,7 +3,7 @@
 //! dequantize + cuBLAS) against cuBLAS's bf16 GEMM at several M (which sets the dispatch
 //! threshold), dequantization against a copy, quantization.
 
-use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row, REPS};
+use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row, Rows, REPS};
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
@@ -79,15 +79,14 @@ fn matmul_row(
     )
 }
 
-pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
+pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
     let (w, q) = weight(dev, 11008, 4096)?;
     let numel = q.rows() * q.cols();
 
-    let mut out = dev.alloc_poisoned::<bf16>(numel)?;
-    let t = timer.time(3, REPS, || q.dequantize(&mut out))?;
+    let mut dequantized = dev.alloc_poisoned::<bf16>(numel)?;
+    let t = timer.time(3, REPS, || q.dequantize(&mut dequantized))?;
     let bytes = (q.bytes() + 2 * numel) as f64;
-    rows.push(
+    out.push(
         Row::new(
             "nf4",
             "nf4_dequantize_bf16",
@@ -98,12 +97,12 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
             c,
         )
         .with_copy_baseline(dev, timer)?,
-    );
+    )?;
 
     let t = timer.time(1, REPS, || {
         Nf4Weight::quantize(&w, 11008, 4096, 64, true).map(|_| ())
     })?;
-    rows.push(Row::new(
+    out.push(Row::new(
         "nf4",
         "nf4_quantize_bf16 (double quant)",
         "4096x11008",
@@ -111,14 +110,14 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         (2 * numel + numel / 2) as f64,
         0.0,
         c,
-    ));
+    ))?;
 
     // A copy moving the 1-row GEMV's bytes (half read, half written): the bandwidth a kernel
     // of that size can reach under this timer (a copy of tens of MB stays well short of the
     // 1 GiB copy the floor is measured with).
     let gemv_bytes = q.bytes() + 2 * (q.rows() + q.cols());
     let t = time_copy(dev, timer, gemv_bytes / 2)?;
-    rows.push(Row::new(
+    out.push(Row::new(
         "baseline",
         "d2d copy (the 1-row GEMV's bytes)",
         &format!("{gemv_bytes} B"),
@@ -126,7 +125,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
         gemv_bytes as f64,
         0.0,
         c,
-    ));
+    ))?;
     // Both GEMVs side by side (the tensor-core one replaced the SIMT one in the dispatch
     // unmeasured), each with its fixed cost (a tiny weight) and what double quantization's
     // dependent absmax loads cost it (the same weight without).
@@ -134,25 +133,22 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
     let q_plain = Nf4Weight::quantize(&w, 11008, 4096, 64, false)?;
     let (_, q_t) = weight(dev, 4096, 11008)?;
     for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
-        rows.push(matmul_row(dev, timer, c, &q_small, 1, gemv, true)?);
+        out.push(matmul_row(dev, timer, c, &q_small, 1, gemv, true)?)?;
         let mut row = matmul_row(dev, timer, c, &q_plain, 1, gemv, true)?;
         row.kernel += " (no double quant)";
-        rows.push(row);
+        out.push(row)?;
         for weight in [&q, &q_t] {
             for m in [1, 4, 8, 16] {
-                rows.push(matmul_row(dev, timer, c, weight, m, gemv, true)?);
+                out.push(matmul_row(dev, timer, c, weight, m, gemv, true)?)?;
             }
         }
     }
-    match gemv_ladder(dev, timer, c) {
-        Ok(ladder) => rows.extend(ladder),
-        Err(e) => eprintln!("bench: no GEMV ladder: {e}"),
-    }
+    out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;
     let cublas_present = dev.has_cublas();
     // 4 to 16 rows: against the GEMVs (nf4::choose_path's crossover).
     for m in [4, 8, 16, 64, 8192] {
         for forward in [true, false] {
-            rows.push(matmul_row(
+            out.push(matmul_row(
                 dev,
                 timer,
                 c,
@@ -160,9 +156,9 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                 m,
                 MatmulPath::FusedGemm,
                 forward,
-            )?);
+            )?)?;
             if cublas_present {
-                rows.push(matmul_row(
+                out.push(matmul_row(
                     dev,
                     timer,
                     c,
@@ -170,15 +166,13 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>
                     m,
                     MatmulPath::DequantizeCublas,
                     forward,
-                )?);
+                )?)?;
             }
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
-/// The fused wgmma GEMM (Hopper), forward and backward at 64 and 8192 rows, beside the rows
-/// above: run after every other benchmark (`fk bench`), the newest kernels last.
 /// The tensor-core GEMV taken apart without a profiler (it ran at 27 µs where a copy of its
 /// bytes takes 13): 1 row through weights of one wave of blocks (16 rows each, 3 per SM) at
 /// K = 1024, 4096 and 16384, and of two waves at 4096. Across K at one wave, t ≈ t0 + bytes /
@@ -209,15 +203,16 @@ fn gemv_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<R
     Ok(rows)
 }
 
-pub fn wgmma_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
-    let mut rows = Vec::new();
+/// The fused wgmma GEMM (Hopper), forward and backward at 64 and 8192 rows, against cuBLAS
+/// at the same shapes.
+pub fn wgmma_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
     if !dev.has_wgmma() {
-        return Ok(rows);
+        return Ok(());
     }
     let (_, q) = weight(dev, 11008, 4096)?;
     for m in [64, 8192] {
         for forward in [true, false] {
-            rows.push(matmul_row(
+            out.push(matmul_row(
                 dev,
                 timer,
                 c,
@@ -225,8 +220,8 @@ pub fn wgmma_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Ve
                 m,
                 MatmulPath::FusedGemmWgmma,
                 forward,
-            )?);
+            )?)?;
         }
     }
-    Ok(rows)
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Sparse-delta benchmarks for the GPU check: 1% of a 4096×11008 weight (DESIGN.md §8).
 //! Bytes count 32-byte sectors for the scattered accesses.
 
-use super::{Ceilings, GpuTimer, Row, REPS};
+use super::{Ceilings, GpuTimer, Row, Rows, REPS};
 use crate::device::Device;
 use crate::dtype::FloatElem;
 use crate::error::Result;
@@ -135,15 +135,13 @@ fn adamw_row<W: FloatElem>(
 }
 
 /// All sparse rows at the DESIGN.md shape (1% of 4096×11008).
-pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
+pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
     let (numel, shape) = (4096u64 * 11008, "1% of 4096x11008");
     let k = (numel / 100) as usize;
-    let mut rows = Vec::new();
-    rows.extend(scatter_rows::<bf16, bf16>(dev, timer, c, numel, k, shape)?);
-    rows.extend(scatter_rows::<bf16, f32>(dev, timer, c, numel, k, shape)?);
-    rows.extend(scatter_rows::<f32, f32>(dev, timer, c, numel, k, shape)?);
-    rows.push(gather_row(dev, timer, c, numel, k, shape)?);
-    rows.push(adamw_row::<bf16>(dev, timer, c, numel, k, shape)?);
-    rows.push(adamw_row::<f32>(dev, timer, c, numel, k, shape)?);
-    Ok(rows)
+    out.extend(scatter_rows::<bf16, bf16>(dev, timer, c, numel, k, shape)?)?;
+    out.extend(scatter_rows::<bf16, f32>(dev, timer, c, numel, k, shape)?)?;
+    out.extend(scatter_rows::<f32, f32>(dev, timer, c, numel, k, shape)?)?;
+    out.push(gather_row(dev, timer, c, numel, k, shape)?)?;
+    out.push(adamw_row::<bf16>(dev, timer, c, numel, k, shape)?)?;
+    out.push(adamw_row::<f32>(dev, timer, c, numel, k, shape)?)
 }

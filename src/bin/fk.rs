@@ -3,14 +3,15 @@
 //!   fk info                       the device, driver, PTX target, and why kernels cannot run
 //!   fk check [--small] [--seed N] every kernel against its reference; exit 0 only if all pass
 //!   fk regdump --out FILE [--rcp-table FILE]         record tensor-core register layouts on this GPU
-//!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines
+//!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines, each
+//!                                 family in a process of its own ([--family NAME]: one here)
 //!   fk profile nf4|lora           one launch of each kernel with open questions, for ncu
 //!   fk kernels [--resources]      every (module, kernel) the Rust side can launch; with
 //!                                 --resources, each as this GPU's driver compiled it
 //!   fk merge BASE ADAPTER_DIR OUT a PEFT LoRA adapter merged into a safetensors checkpoint
 //!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
 
-use finetune_kernels::bench::{self, GpuTimer};
+use finetune_kernels::bench;
 use finetune_kernels::check::{self, Scale};
 use finetune_kernels::device::{probe_driver, ptx, Device, Kernel};
 use finetune_kernels::lora::adapter::{merge_checkpoint, Adapter};
@@ -19,7 +20,7 @@ use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
         }
         Some("check") => run_check(&args[1..]),
         Some("regdump") => run_regdump(&args[1..]).map(|_| true),
-        Some("bench") => run_bench(&args[1..]).map(|_| true),
+        Some("bench") => run_bench(&args[1..]),
         Some("profile") => run_profile(&args[1..]).map(|_| true),
         Some("quantize") => run_quantize(&args[1..]).map(|_| true),
         Some("merge") => run_merge(&args[1..]).map(|_| true),
@@ -235,35 +236,73 @@ fn run_regdump(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn run_bench(args: &[String]) -> Result<(), String> {
+/// `fk bench`: every family of [`bench::families`], each in a process of its own (this
+/// program again, with `--family`), at most `--seconds` (default 120) each; the rows of all,
+/// and how each family's process ended, to `--json` and `--md`. With `--family NAME`, that
+/// family here, its rows written to `--json` after each row (and at the end to `--md`, if
+/// given); `--ceilings FILE` reuses the floors' ceilings an earlier family measured.
+fn run_bench(args: &[String]) -> Result<bool, String> {
     let json = flag_value(args, "--json")?.ok_or("bench needs --json FILE")?;
-    let md = flag_value(args, "--md")?.ok_or("bench needs --md FILE")?;
-    let dev = Device::best().map_err(|e| e.to_string())?;
-    let go = || -> Result<Vec<bench::Row>, Error> {
-        let mut timer = GpuTimer::new(bench::cuda(&dev)?)?;
-        let c = bench::measure_ceilings(&dev, &mut timer)?;
-        println!(
-            "ceilings: copy {:.3} TB/s (read+write), cuBLAS bf16 {}",
-            c.copy_bytes_per_s * 1e-12,
-            c.bf16_flops_per_s
-                .map_or("unavailable".to_string(), |r| format!(
-                    "{:.1} TFLOP/s",
-                    r * 1e-12
-                ))
-        );
-        let mut rows = bench::cublas_rows(&dev, &mut timer, &c)?;
-        rows.extend(bench::sparse::rows(&dev, &mut timer, &c)?);
-        rows.extend(bench::nf4::rows(&dev, &mut timer, &c)?);
-        rows.extend(bench::lora::rows(&dev, &mut timer, &c)?);
-        rows.extend(bench::nf4::wgmma_rows(&dev, &mut timer, &c)?);
-        Ok(rows)
+    let md = flag_value(args, "--md")?;
+    if let Some(family) = flag_value(args, "--family")? {
+        bench::families::find(family).map_err(|e| e.to_string())?;
+        let dev = Device::best().map_err(|e| e.to_string())?;
+        let mut out = bench::Rows::writing_to(Path::new(json));
+        let ceilings = flag_value(args, "--ceilings")?.map(Path::new);
+        let ran = bench::families::run(&dev, family, ceilings, &mut out);
+        if let Some(md) = md {
+            let table = bench::to_markdown(out.rows());
+            std::fs::write(md, table).map_err(|e| format!("{md}: {e}"))?;
+        }
+        ran.map_err(|e| e.to_string())?;
+        return Ok(true);
+    }
+    let md = md.ok_or("bench needs --md FILE")?;
+    // No family could run without a GPU: one error for all.
+    probe_driver().map_err(|e| format!("benchmarks time GPU kernels: {e}"))?;
+    let seconds = match flag_value(args, "--seconds")? {
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| format!("--seconds needs a whole number, not {s:?}"))?,
+        None => 120,
     };
-    let rows = go().map_err(|e| e.to_string())?;
-    std::fs::write(json, bench::to_json(&rows)).map_err(|e| format!("{json}: {e}"))?;
-    let table = bench::to_markdown(&rows);
-    std::fs::write(md, &table).map_err(|e| format!("{md}: {e}"))?;
-    print!("{table}");
-    Ok(())
+    let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    // Each family's rows and stderr beside the results (kept: a failed family's stderr is
+    // what says why); the ceilings the first family measures, for the others.
+    let dir = std::path::PathBuf::from(format!("{json}.families"));
+    let ceilings = dir.join("ceilings.json");
+    let _ = std::fs::remove_file(&ceilings);
+    // The results so far after each family: a kill of this process keeps them.
+    let write = |outcomes: &[bench::families::Outcome]| -> Result<String, Error> {
+        let rows: Vec<bench::Row> = outcomes.iter().flat_map(|o| o.rows.clone()).collect();
+        bench::write_whole(Path::new(json), &bench::to_json(&rows))?;
+        let mut table = bench::to_markdown(&rows);
+        table += &format!("\nFamilies, each in a process of its own (at most {seconds} s):\n\n");
+        for o in outcomes {
+            table += &(o.note() + "\n");
+        }
+        bench::write_whole(Path::new(md), &table)?;
+        Ok(table)
+    };
+    let outcomes = bench::families::run_isolated(
+        &bench::families::names(),
+        std::time::Duration::from_secs(seconds),
+        &dir,
+        &|family, rows| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["bench", "--family", family, "--json"])
+                .arg(rows)
+                .arg("--ceilings")
+                .arg(&ceilings);
+            cmd
+        },
+        &mut |so_far| write(so_far).map(|_| ()),
+    )
+    .map_err(|e| e.to_string())?;
+    print!("{}", write(&outcomes).map_err(|e| e.to_string())?);
+    Ok(outcomes
+        .iter()
+        .all(|o| o.ending == bench::families::Ending::Done))
 }
 
 /// `fk profile`: [`bench::profile::run`], each case's name printed before its launches (a

@@ -1,0 +1,354 @@
+//! `fk bench`'s families, each run in a process of its own with a time limit. A GPU fault
+//! ends its process's CUDA context, and with it every later launch of that process; a kernel
+//! that never returns holds its process until it is killed. Either way the other families
+//! still run, and the family itself keeps the rows it had measured ([`Rows::writing_to`]):
+//! a GPU check, rare and short, loses at most one family's tail to one bad kernel.
+
+use super::{cublas_rows, cuda, lora, measure_ceilings, nf4, sparse, write_whole};
+use super::{Ceilings, GpuTimer, Row, Rows};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::lora::LoraPath;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A family's benchmarks: its rows into the last argument as they are measured.
+type Family = fn(&Device, &mut GpuTimer, &Ceilings, &mut Rows) -> Result<()>;
+
+/// The families, in the order `fk bench` runs them: the baselines first (the first family
+/// measures the ceilings every floor is computed from), the LoRA paths oldest first.
+pub const FAMILIES: [(&str, Family); 8] = [
+    ("baseline", cublas_rows),
+    ("nf4", nf4::rows),
+    ("nf4_wgmma", nf4::wgmma_rows),
+    ("lora_extended", |d, t, c, o| {
+        lora::path_rows(d, t, c, LoraPath::Extended, o)
+    }),
+    ("lora_fused", |d, t, c, o| {
+        lora::path_rows(d, t, c, LoraPath::Fused, o)
+    }),
+    ("lora_fused_wgmma", |d, t, c, o| {
+        lora::path_rows(d, t, c, LoraPath::FusedWgmma, o)
+    }),
+    ("lora_variants", lora::variant_rows),
+    ("sparse", sparse::rows),
+];
+
+/// The family named `name`, or an error naming those there are.
+pub fn find(name: &str) -> Result<Family> {
+    FAMILIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, f)| f)
+        .ok_or_else(|| Error::InvalidArgument {
+            what: "bench family",
+            why: format!("{name:?} is none of {}", names().join(", ")),
+        })
+}
+
+/// The families' names, in [`FAMILIES`]' order.
+pub fn names() -> Vec<&'static str> {
+    FAMILIES.iter().map(|&(n, _)| n).collect()
+}
+
+/// Runs `family` in this process, its rows into `out` as they are measured. Its floors come
+/// from the ceilings in `ceilings` where that file holds them; otherwise they are measured,
+/// and written there for the families after it.
+pub fn run(dev: &Device, family: &str, ceilings: Option<&Path>, out: &mut Rows) -> Result<()> {
+    let family = find(family)?;
+    let mut timer = GpuTimer::new(cuda(dev)?)?;
+    let known = ceilings
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| Ceilings::from_json(&text));
+    let c = match known {
+        Some(c) => c,
+        None => {
+            let c = measure_ceilings(dev, &mut timer)?;
+            if let Some(path) = ceilings {
+                write_whole(path, &c.to_json())?;
+            }
+            c
+        }
+    };
+    println!(
+        "ceilings: copy {:.3} TB/s (read+write), cuBLAS bf16 {}",
+        c.copy_bytes_per_s * 1e-12,
+        c.bf16_flops_per_s
+            .map_or("unavailable".to_string(), |r| format!(
+                "{:.1} TFLOP/s",
+                r * 1e-12
+            ))
+    );
+    family(dev, &mut timer, &c, out)
+}
+
+/// How one family's process ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ending {
+    /// It exited with status 0.
+    Done,
+    /// It exited otherwise (None: ended by a signal); its last line on stderr.
+    Failed(Option<i32>, String),
+    /// It was still running at the time limit, and was killed.
+    Killed,
+}
+
+/// One family's rows and how its process ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub family: String,
+    pub rows: Vec<Row>,
+    pub ending: Ending,
+    pub seconds: f64,
+}
+
+impl Outcome {
+    /// A line for the results: the family, its rows, its time and how it ended.
+    pub fn note(&self) -> String {
+        let ended = match &self.ending {
+            Ending::Done => "done".to_string(),
+            Ending::Failed(code, last) => format!(
+                "**failed** ({}): {last}",
+                code.map_or("killed by a signal".to_string(), |c| format!("exit {c}"))
+            ),
+            Ending::Killed => "**killed at its time limit**".to_string(),
+        };
+        format!(
+            "- {}: {} rows in {:.0} s, {ended}",
+            self.family,
+            self.rows.len(),
+            self.seconds
+        )
+    }
+}
+
+/// Runs each of `families` in a process of its own, one after another: `child(family, json)`
+/// makes the command that runs it and writes its rows to `json` as [`Rows::writing_to`] does.
+/// A process still running after `limit` is killed. Its stderr is kept in `dir` (with its
+/// rows) and passed on to this process's. The families' rows come back whatever their
+/// processes did, those of a process that failed or was killed included; `each` sees the
+/// outcomes so far after every family (to write them out, in case this process is killed).
+pub fn run_isolated(
+    families: &[&str],
+    limit: Duration,
+    dir: &Path,
+    child: &dyn Fn(&str, &Path) -> Command,
+    each: &mut dyn FnMut(&[Outcome]) -> Result<()>,
+) -> Result<Vec<Outcome>> {
+    let io = |path: &Path, e: std::io::Error| Error::Io {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let mut outcomes = Vec::new();
+    for &family in families {
+        let json = dir.join(format!("{family}.json"));
+        let err = dir.join(format!("{family}.stderr"));
+        // A file left by an earlier run must not pass for this one's rows.
+        let _ = std::fs::remove_file(&json);
+        let start = Instant::now();
+        let stderr = std::fs::File::create(&err).map_err(|e| io(&err, e))?;
+        let mut proc = child(family, &json)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| io(Path::new(family), e))?;
+        let status = loop {
+            if let Some(status) = proc.try_wait().map_err(|e| io(&json, e))? {
+                break Some(status);
+            }
+            if start.elapsed() >= limit {
+                let _ = proc.kill();
+                let _ = proc.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let said = std::fs::read_to_string(&err).unwrap_or_default();
+        eprint!("{said}");
+        let last = said.lines().rev().find(|l| !l.trim().is_empty());
+        let ending = match status {
+            None => Ending::Killed,
+            Some(s) if s.success() => Ending::Done,
+            Some(s) => Ending::Failed(s.code(), last.unwrap_or("(nothing)").to_string()),
+        };
+        let rows = std::fs::read_to_string(&json)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Vec<serde_json::Value>>(&text).ok())
+            .map(|rows| rows.iter().filter_map(Row::from_json).collect())
+            .unwrap_or_default();
+        outcomes.push(Outcome {
+            family: family.to_string(),
+            rows,
+            ending,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+        each(&outcomes)?;
+    }
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{to_json, Stats};
+    use rand::Rng;
+
+    /// A fresh directory for one test's files.
+    fn scratch(test: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "fk-bench-{test}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// `n` rows of `family` with random figures, some against a baseline; the ceilings
+    /// without a cuBLAS rate or with one.
+    fn random_rows(family: &str, n: usize) -> Vec<Row> {
+        let mut rng = rand::rng();
+        let c = Ceilings {
+            copy_bytes_per_s: rng.random_range(1e12..5e12),
+            bf16_flops_per_s: rng.random_bool(0.5).then(|| rng.random_range(1e14..1e15)),
+        };
+        (0..n)
+            .map(|i| {
+                let t = Stats {
+                    median_us: rng.random_range(1.0..900.0),
+                    reps: 50,
+                };
+                let row = Row::new(
+                    family,
+                    &format!("{family}_kernel_{i} ▸ part"),
+                    "8192x4096→4096 r16",
+                    &t,
+                    rng.random_range(0.0..1e9),
+                    rng.random_range(0.0..1e12),
+                    &c,
+                );
+                if rng.random_bool(0.5) {
+                    row.with_baseline("cuBLAS bf16, same shape", rng.random_range(1.0..900.0))
+                } else {
+                    row
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_and_ceilings_read_back_as_written() {
+        let rows = random_rows("lora", 9);
+        let text = to_json(&rows);
+        let values: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let back: Vec<Row> = values.iter().filter_map(Row::from_json).collect();
+        assert_eq!(to_json(&back), text);
+        assert!(Row::from_json(&serde_json::json!({"family": "lora"})).is_none());
+        for flops in [None, Some(6.7e14)] {
+            let c = Ceilings {
+                copy_bytes_per_s: 4.18e12,
+                bf16_flops_per_s: flops,
+            };
+            assert_eq!(Ceilings::from_json(&c.to_json()), Some(c));
+        }
+        assert_eq!(Ceilings::from_json("{\"copy\": 1}"), None);
+    }
+
+    /// Each row written out as it comes: the file holds every row pushed so far, whole.
+    #[test]
+    fn rows_are_written_after_each_row() {
+        let dir = scratch("rows");
+        let path = dir.join("rows.json");
+        let rows = random_rows("nf4", 5);
+        let mut out = Rows::writing_to(&path);
+        for (i, row) in rows.iter().enumerate() {
+            out.push(row.clone()).unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(text, to_json(&rows[..=i]));
+        }
+        let err = out
+            .extend_extra(Err(Error::Emulator("a planted failure".into())), "planted")
+            .map(|_| out.rows().len());
+        assert_eq!(
+            err.unwrap(),
+            rows.len(),
+            "an extra's failure costs only its rows"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Families in processes of their own: one that finishes, one that fails, one that never
+    /// ends (killed at the limit, not waited for), one that writes nothing (a file left by an
+    /// earlier run must not pass for its rows). Every row each wrote comes back, in order,
+    /// each family's ending told apart.
+    #[test]
+    fn a_family_that_fails_or_hangs_keeps_its_rows_and_the_others_run() {
+        let dir = scratch("isolated");
+        let families = ["done", "failed", "hangs", "silent"];
+        let mut written = Vec::new();
+        for (family, n) in families.iter().zip([3, 2, 1, 0]) {
+            let rows = random_rows(family, n);
+            std::fs::write(dir.join(format!("{family}.rows")), to_json(&rows)).unwrap();
+            written.push(rows);
+        }
+        let stale = random_rows("stale", 2);
+        std::fs::write(dir.join("silent.json"), to_json(&stale)).unwrap();
+        let scripts = dir.clone();
+        let child = move |family: &str, json: &Path| {
+            let script = match family {
+                "done" => "cp \"$1\" \"$2\"",
+                "failed" => "cp \"$1\" \"$2\"; echo a warning >&2; echo 'a GPU fault' >&2; exit 3",
+                "hangs" => "cp \"$1\" \"$2\"; exec sleep 60",
+                _ => "exit 0",
+            };
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", script, "sh"])
+                .arg(scripts.join(format!("{family}.rows")))
+                .arg(json);
+            cmd
+        };
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        let mut each = |so_far: &[Outcome]| {
+            seen.push(so_far.len());
+            Ok(())
+        };
+        let limit = Duration::from_secs(2);
+        let outcomes = run_isolated(&families, limit, &dir, &child, &mut each).unwrap();
+        assert_eq!(seen, [1, 2, 3, 4]);
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the hung family was waited for"
+        );
+        let endings: Vec<Ending> = outcomes.iter().map(|o| o.ending.clone()).collect();
+        assert_eq!(
+            endings,
+            [
+                Ending::Done,
+                Ending::Failed(Some(3), "a GPU fault".into()),
+                Ending::Killed,
+                Ending::Done
+            ]
+        );
+        for ((o, family), rows) in outcomes.iter().zip(families).zip(&written) {
+            assert_eq!(o.family, family);
+            assert_eq!(to_json(&o.rows), to_json(rows), "{family}'s rows");
+        }
+        assert!(outcomes[1]
+            .note()
+            .contains("**failed** (exit 3): a GPU fault"));
+        assert!(outcomes[2].note().contains("killed at its time limit"));
+        assert!(outcomes[2].seconds >= 2.0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_family_is_a_typed_error() {
+        let err = find("gemv").map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("none of baseline, nf4"), "{err}");
+        for name in names() {
+            assert!(find(name).is_ok());
+        }
+    }
+}
