@@ -14,7 +14,8 @@
 #       --dry-run runs the same steps without a GPU, marking the GPU-only ones skipped, so
 #       that the output format is tested here. FK_CHECK_SECONDS (default 240) bounds
 #       `fk check`, for a lease with less time left; FK_BENCH_SECONDS (default 100) each of
-#       `fk bench`'s families (each a process of its own); FK_PROFILE_SECONDS (default 120) each
+#       `fk bench`'s families (each a process of its own); FK_TEST_SECONDS (default 120) each
+#       test binary; FK_PROFILE_SECONDS (default 120) each
 #       of the profile's two runs (ncu writes a family's counters only when its run ends: a
 #       run cut short loses them all; LoRA's has ≈ 55 launches, each replayed per section).
 #
@@ -133,16 +134,25 @@ PY
     local which=$1 rc
     for t in "$bundle"/test-*; do
       echo "## $(basename "$t") ($which PTX)" >>"$work/tests-$which.txt"
-      FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout 120 "$t" --test-threads=4 >"$work/binary.txt" 2>&1
+      FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout "${FK_TEST_SECONDS:-120}" "$t" --test-threads=4 \
+        >"$work/binary.txt" 2>&1
       rc=$?
       cat "$work/binary.txt" >>"$work/tests-$which.txt"
       echo "exit $rc" >>"$work/tests-$which.txt"
-      # A GPU fault ends the process's CUDA context and fails every test still running in it:
-      # each failed test (the first 4, 20 s each at most: the lease is short) again in a
-      # process of its own says which one faulted.
+      # A GPU fault ends the process's CUDA context and fails every test still running in it;
+      # a kernel that never returns holds its test until the binary's timeout (exit 124), and
+      # the tests beside it never report. Either way each such test (the first 4, 20 s each at
+      # most: the lease is short) again in a process of its own says which one it was.
       [ "$rc" -eq 0 ] && continue
-      sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$work/binary.txt" | head -4 | while read -r name; do
-        echo "### $name alone" >>"$work/tests-$which.txt"
+      {
+        sed -n 's/^test \(.*\) \.\.\. FAILED$/\1 alone/p' "$work/binary.txt"
+        if [ "$rc" -eq 124 ]; then
+          "$t" --list --format terse 2>/dev/null | sed -n 's/: test$//p' | while read -r name; do
+            grep -qF "test $name ... " "$work/binary.txt" || echo "$name alone (unfinished)"
+          done
+        fi
+      } | head -4 | while read -r name how; do
+        echo "### $name $how" >>"$work/tests-$which.txt"
         FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout 20 "$t" --exact "$name" --test-threads=1 \
           >>"$work/tests-$which.txt" 2>&1
         echo "exit $?" >>"$work/tests-$which.txt"

@@ -32,18 +32,21 @@ def parse_env(text):
 
 
 def parse_tests(text):
-    """{binary: {"passed": n, "failed": [names], "ignored": n, "exit": code, "alone": {name:
-    "ok" / "FAILED" / "exit N"}}}: "alone", each failed test run again in a process of its own
-    (gpu-check.sh: after a GPU fault, which ends the process's context, the tests that ran
-    beside it fail too)."""
+    """{binary: {"passed": n, "failed": [names], "unfinished": [names], "ignored": n, "exit":
+    code, "alone": {name: "ok" / "FAILED" / "exit N"}}}: "alone", each failed test run again in a
+    process of its own (gpu-check.sh: after a GPU fault, which ends the process's context, the
+    tests that ran beside it fail too); "unfinished", the tests that had not reported when the
+    binary was killed at its timeout, run again alone likewise (the first 4)."""
     out, cur, alone = {}, None, None
     for line in text.splitlines():
-        if line.startswith("### ") and cur is not None:
-            alone = line[4:-len(" alone")] if line.endswith(" alone") else line[4:]
+        if (m := re.match(r"^### (.*) alone( \(unfinished\))?$", line)) and cur is not None:
+            alone = m.group(1)
             out[cur]["alone"][alone] = "not run"
+            if m.group(2):
+                out[cur]["unfinished"].append(alone)
         elif line.startswith("## "):
             cur, alone = line[3:].split(" (")[0], None
-            out[cur] = {"passed": 0, "failed": [], "ignored": 0, "exit": None, "notes": [], "alone": {}}
+            out[cur] = {"passed": 0, "failed": [], "unfinished": [], "ignored": 0, "exit": None, "notes": [], "alone": {}}
         elif cur is None:
             continue
         elif alone is not None:
@@ -165,7 +168,11 @@ def main():
     def test_lines(which):
         rows = []
         for binary, r in tests[which].items():
-            failed = ", ".join(f + (f" (alone: {r['alone'][f]})" if f in r["alone"] else "") for f in r["failed"])
+            alone = lambda f: f" (alone: {r['alone'][f]})" if f in r["alone"] else ""
+            failed = ", ".join(f + alone(f) for f in r["failed"])
+            if r["unfinished"]:
+                hung = "unfinished at the timeout: " + ", ".join(f + alone(f) for f in r["unfinished"])
+                failed = f"{failed}; {hung}" if failed else hung
             failed = failed or ("crashed: no failing test, exit not 0" if r["exit"] not in (0, None) else "—")
             rows.append(f"| {binary} | {r['passed']} | {len(r['failed'])} | {r['ignored']} | {r['exit']} | {failed} |")
         return "\n".join(rows) or "| (not run) | | | | | |"
@@ -236,7 +243,8 @@ NCU_SAMPLE = """==PROF== Connected to process 4242 (/bundle/fk)
 """
 
 
-# A binary whose tests b and c failed beside each other (a fault), then each alone.
+# A binary whose tests b and c failed beside each other (a fault), then each alone; and one
+# killed at its timeout with test e unreported, which hangs alone too.
 TESTS_SAMPLE = """## test-lora_kernels (committed PTX)
 test a ... ok
 test b ... FAILED
@@ -249,6 +257,11 @@ exit 101
 ### c alone
 test c ... ok
 exit 0
+## test-nf4_kernels (committed PTX)
+test d ... ok
+exit 124
+### e alone (unfinished)
+exit 124
 """
 
 
@@ -266,7 +279,10 @@ def self_test():
     assert parse_ncu("==ERROR== the profiler failed\n") == []
     tests = parse_tests(TESTS_SAMPLE)["test-lora_kernels"]
     assert tests["passed"] == 1 and tests["failed"] == ["b", "c"] and tests["exit"] == 101, tests
-    assert tests["alone"] == {"b": "FAILED", "c": "ok"}, tests["alone"]
+    assert tests["alone"] == {"b": "FAILED", "c": "ok"} and tests["unfinished"] == [], tests
+    hung = parse_tests(TESTS_SAMPLE)["test-nf4_kernels"]
+    assert hung["passed"] == 1 and hung["failed"] == [] and hung["exit"] == 124, hung
+    assert hung["unfinished"] == ["e"] and hung["alone"] == {"e": "exit 124"}, hung
     print("gpu_results self-test: parse_ncu, parse_tests ok")
 
 
