@@ -14,7 +14,10 @@
 use finetune_kernels::bench;
 use finetune_kernels::check::{self, Scale};
 use finetune_kernels::device::{probe_driver, ptx, Device, Kernel};
-use finetune_kernels::lora::adapter::{merge_checkpoint, Adapter};
+use finetune_kernels::lora::{
+    self,
+    adapter::{merge_checkpoint, Adapter},
+};
 use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions};
 use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
@@ -149,24 +152,14 @@ fn all_kernels() -> Vec<Kernel> {
         .collect()
 }
 
-/// The dynamic shared memory `k`'s launches ask for: the Hopper GEMMs' stages
-/// (`LaunchConfig::wgmma`, and their side tiles where the forward computes u or dX computes
-/// v) and the rank-wide LoRA GEMMs' (`LaunchConfig::narrow`); the other kernels' shared
-/// memory is static.
+/// The dynamic shared memory `k`'s launches ask for: LoRA's as [`lora::launch_shared_bytes`]
+/// says, the NF4 wgmma GEMMs' stages (`LaunchConfig::wgmma`); the other kernels' shared memory
+/// is static.
 fn launch_smem(k: &Kernel) -> u32 {
-    let op = k.name.rsplit_once('_').map_or("", |(op, _dtype)| op);
-    if op.starts_with("lora_forward_down") {
-        params::FK_WGMMA_SIDE_SMEM_BYTES
-    } else if op.starts_with("lora_backward_dx_v") {
-        params::FK_WGMMA_SIDE_MN_SMEM_BYTES
-    } else if k.module != "regdump" && op.ends_with("wgmma") {
-        params::FK_WGMMA_SMEM_BYTES
-    } else if ["lora_down", "lora_backward_v", "lora_grad_a", "lora_grad_b"].contains(&op) {
-        params::FK_NARROW_SMEM_BYTES
-    } else if op == "lora_down_k64" {
-        params::FK_NARROW_WIDE_SMEM_BYTES
-    } else {
-        0
+    match k.module {
+        "lora" => lora::launch_shared_bytes(&k.name),
+        "nf4" if k.name.contains("_wgmma_") => params::FK_WGMMA_SMEM_BYTES,
+        _ => 0,
     }
 }
 

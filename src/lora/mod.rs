@@ -303,6 +303,24 @@ impl WgmmaGemm {
     }
 }
 
+/// The dynamic shared memory the launches of LoRA kernel `name` (one of [`kernels`]) ask for:
+/// a wgmma GEMM's stages and side tiles ([`WgmmaGemm::shared_bytes`]) and the rank-wide GEMMs'
+/// tiles (`LaunchConfig::narrow`); 0 for the others, whose shared memory is static.
+pub fn launch_shared_bytes(name: &str) -> u32 {
+    let op = name
+        .strip_prefix("lora_")
+        .and_then(|n| n.rsplit_once('_'))
+        .map_or("", |(op, _dtype)| op);
+    if let Some(gemm) = op.strip_suffix("_wgmma") {
+        return WgmmaGemm::of(gemm.strip_suffix("_nf4").unwrap_or(gemm)).shared_bytes();
+    }
+    match op {
+        "down" | "backward_v" | "grad_a" | "grad_b" => params::FK_NARROW_SMEM_BYTES,
+        "down_k64" => params::FK_NARROW_WIDE_SMEM_BYTES,
+        _ => 0,
+    }
+}
+
 /// The fused paths' base GEMM `op` (`forward`; `forward_down16` or `forward_down32`, which
 /// compute u too, on wgmma only; `backward_dx`: computed as dXᵀ on wgmma; or `backward_dx_v16`
 /// or `backward_dx_v32`, dX computing v too, on wgmma only) for `m` rows and an `n`-wide
@@ -1554,6 +1572,35 @@ pub mod raw {
 mod tests {
     use super::*;
     use crate::bf16;
+
+    /// What `fk kernels --resources` says each wgmma GEMM's launch asks for is what its
+    /// launch asks for, for every op, base and dtype.
+    #[test]
+    fn launch_shared_bytes_names_each_wgmma_launch() {
+        let ops = [
+            "forward",
+            "forward_down16",
+            "forward_down32",
+            "backward_dx",
+            "backward_dx_v16",
+            "backward_dx_v32",
+        ];
+        let names: Vec<String> = kernels().into_iter().map(|k| k.name).collect();
+        for op in ops {
+            for nf4 in ["", "nf4_"] {
+                for t in [DType::BF16, DType::F16] {
+                    let (k, cfg) = fused_gemm_launch(op, nf4, t, Some((1, 132)), 1000, 300);
+                    assert!(names.contains(&k.name), "{} not in kernels()", k.name);
+                    assert_eq!(launch_shared_bytes(&k.name), cfg.shared_bytes, "{}", k.name);
+                }
+            }
+        }
+        assert_eq!(
+            launch_shared_bytes("lora_down_k64_bf16"),
+            params::FK_NARROW_WIDE_SMEM_BYTES
+        );
+        assert_eq!(launch_shared_bytes("lora_merge_f16"), 0);
+    }
 
     /// `TileLoads::TmaMulticast` really launches pairs (the result tests cannot tell: a
     /// layer that never clustered would compute the same): for the forward and dX, over an
