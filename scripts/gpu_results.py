@@ -117,6 +117,74 @@ def parse_ncu(text):
     return launches
 
 
+PREDICTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "predictions.json")
+
+
+def resolve(sel, bench, torch_rows):
+    """A selector of bench/predictions.json against a run's rows: (µs, label, bench row or
+    None), or None when a row it needs is absent."""
+    if "kernel" in sel:
+        for r in bench:
+            if r["kernel"] == sel["kernel"] and sel.get("shape", r["shape"]) == r["shape"] and r["time_us"]:
+                return r["time_us"], r["kernel"] + (f" {sel['shape']}" if "shape" in sel else ""), r
+        return None
+    if "torch" in sel:
+        for r in torch_rows:
+            if r["name"] == sel["torch"] and r["time_us"]:
+                return r["time_us"], r["name"], None
+        return None
+    found = [x for x in (resolve(s, bench, torch_rows) for s in sel.get("any", sel.get("sum", []))) if x]
+    if "any" in sel:
+        return min(found, key=lambda x: x[0]) if found else None
+    if len(found) != len(sel["sum"]):
+        return None
+    return sum(x[0] for x in found), " + ".join(x[1] for x in found), None
+
+
+def judge(spec, bench, torch_rows):
+    """Each target and prediction of `spec` against a run's rows: {kind, what, row, measured
+    (µs, or a ratio where it compares), expected, verdict}."""
+    out = []
+    for kind in ("targets", "predictions"):
+        for e in spec.get(kind, []):
+            got, vs, measured, verdict = resolve(e["row"], bench, torch_rows), e.get("vs"), None, "no row"
+            label = got[1] if got else ""
+            if got and vs is not None:
+                if vs == "baseline":
+                    base = (got[2]["baseline_us"], got[2]["baseline"]) if got[2] and got[2].get("baseline_us") else None
+                else:
+                    b = resolve(vs, bench, torch_rows)
+                    base = (b[0], b[1]) if b else None
+                if base:
+                    measured, label = got[0] / base[0], f"{label} / {base[1]}"
+                else:
+                    label += " / (no row)"
+            elif got:
+                measured = got[0]
+            if kind == "targets":
+                expected = f"≤ {e['at_most']}"
+                if measured is not None:
+                    verdict = "met" if measured <= e["at_most"] else "MISSED"
+            else:
+                lo, hi = e["range"]
+                expected = f"{lo}-{hi}"
+                if measured is not None:
+                    verdict = "in range" if lo <= measured <= hi else "below" if measured < lo else "above"
+            where = f"issue {e['issue']}" if kind == "targets" else f"session {e.get('session', '?')}"
+            out.append({"kind": kind[:-1], "where": where, "what": e["what"], "row": label,
+                        "measured": measured, "expected": expected, "verdict": verdict})
+    return out
+
+
+def judged_lines(judged):
+    """The Markdown table of [`judge`]'s output."""
+    md = ["| | what | measured | expected | verdict | rows |", "|---|---|---:|---|---|---|"]
+    for j in judged:
+        m = "—" if j["measured"] is None else f"{j['measured']:.3f}" if j["measured"] < 10 else f"{j['measured']:.1f}"
+        md.append(f"| {j['kind']}, {j['where']} | {j['what']} | {m} | {j['expected']} | {j['verdict']} | {j['row'] or '—'} |")
+    return md
+
+
 def main():
     work, out, slug, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     env = parse_env(read(os.path.join(work, "env.txt")))
@@ -131,6 +199,7 @@ def main():
     bench = json.loads(read(os.path.join(work, "bench.json"), "[]") or "[]")
     bench_md = read(os.path.join(work, "bench.md")).strip()
     torch_rows = json.loads(read(os.path.join(work, "torch.json"), "[]") or "[]")
+    judged = judge(json.loads(read(PREDICTIONS, "{}") or "{}"), bench, torch_rows)
     ptx = read(os.path.join(work, "ptx.txt")).strip()
     regdump = sorted(f for f in os.listdir(out) if f.startswith("regdump-"))
     profile_log = read(os.path.join(work, "profile.txt")).strip()
@@ -159,6 +228,7 @@ def main():
         "regdump": regdump,
         "resources": resources.splitlines(),
         "bench": bench,
+        "judged": judged,
         "torch": torch_rows,
         "profile": profile,
     }
@@ -193,6 +263,8 @@ def main():
             t = "—" if r["time_us"] is None else f"{r['time_us']:.2f}"
             md.append(f"| {r['name']} | {r['shape']} | {t} | {r['note']} |")
         md.append("")
+    md += ["## Targets and predictions (`bench/predictions.json`, judged on the rows above)", ""]
+    md += judged_lines(judged) + [""]
     md += ["## Hardware counters (Nsight Compute on `fk profile`)", ""]
     if profile["cases"]:
         md += ["Cases, in launch order: " + "; ".join(profile["cases"]) + ".", ""]
@@ -224,9 +296,11 @@ def main():
     print(f"register dump: {', '.join(regdump) or 'none'}")
     print(next((l for l in resources.splitlines() if l.startswith("kernels with local memory")), "kernel resources: not run"))
     print(f"profile: {len(profile['launches'])} launches with counters" + (f" ({profile['error']})" if profile["error"] else ""))
-    for r in bench:
-        base = f" vs {r['baseline']} {r['baseline_us']:.1f}" if r.get("baseline") else ""
-        print(f"{r['kernel']:<32} {r['shape']:<28} {r['time_us']:9.2f} us {100 * r['fraction_of_floor']:5.0f}% of floor{base}")
+    # Every row is in the results file; here (the end of what a device call shows) the verdicts.
+    print(f"bench: {len(bench)} rows; targets and predictions (bench/predictions.json):")
+    for j in judged:
+        m = "—" if j["measured"] is None else f"{j['measured']:.3f}"
+        print(f"  {j['verdict']:<8} {m:>9} (expected {j['expected']}) {j['what'][:80]}")
 
 
 # A raw-page CSV as ncu writes it with --log-file (its progress lines, a header of metric
@@ -283,11 +357,46 @@ def self_test():
     hung = parse_tests(TESTS_SAMPLE)["test-nf4_kernels"]
     assert hung["passed"] == 1 and hung["failed"] == [] and hung["exit"] == 124, hung
     assert hung["unfinished"] == ["e"] and hung["alone"] == {"e": "exit 124"}, hung
-    print("gpu_results self-test: parse_ncu, parse_tests ok")
+    # A target against its row's baseline, one through the fastest of several rows against
+    # another row, a sum against a PyTorch row; predictions in, under and over their ranges,
+    # and one whose row the run lacks.
+    row = lambda k, t, shape="s", base=None: {"kernel": k, "shape": shape, "time_us": t,
+                                              "baseline": base and "cuBLAS", "baseline_us": base}
+    bench = [row("gemv", 12.0, "1x4", 40.0), row("gemv", 30.0, "1x8", 40.0), row("fwd a", 500.0),
+             row("fwd b", 400.0), row("bwd", 600.0), row("copy", 10.0)]
+    torch_rows = [{"name": "peft", "shape": "s", "time_us": 1250.0, "note": ""}]
+    spec = {"targets": [
+        {"issue": 5, "what": "t1", "row": {"kernel": "gemv", "shape": "1x4"}, "vs": "baseline", "at_most": 0.3},
+        {"issue": 5, "what": "t2", "row": {"kernel": "gemv", "shape": "1x8"}, "vs": "baseline", "at_most": 0.3},
+        {"issue": 6, "what": "t3", "row": {"any": [{"kernel": "fwd a"}, {"kernel": "fwd b"}, {"kernel": "gone"}]},
+         "vs": {"kernel": "copy"}, "at_most": 35},
+        {"issue": 6, "what": "t4", "row": {"sum": [{"kernel": "fwd b"}, {"kernel": "bwd"}]},
+         "vs": {"torch": "peft"}, "at_most": 0.8}],
+        "predictions": [
+        {"session": 1, "what": "p1", "row": {"kernel": "bwd"}, "range": [550, 650]},
+        {"session": 1, "what": "p2", "row": {"kernel": "fwd a"}, "vs": {"kernel": "fwd b"}, "range": [1.3, 1.4]},
+        {"session": 1, "what": "p3", "row": {"kernel": "copy"}, "range": [5, 8]},
+        {"session": 1, "what": "p4", "row": {"kernel": "gone"}, "range": [1, 2]}]}
+    judged = judge(spec, bench, torch_rows)
+    verdicts = [j["verdict"] for j in judged]
+    assert verdicts == ["met", "MISSED", "MISSED", "met", "in range", "below", "above", "no row"], verdicts
+    assert math.isclose(judged[0]["measured"], 0.3) and math.isclose(judged[2]["measured"], 40.0), judged
+    assert judged[2]["row"] == "fwd b / copy" and math.isclose(judged[3]["measured"], 0.8), judged
+    assert len(judged_lines(judged)) == 2 + len(judged)
+    spec = json.loads(read(PREDICTIONS))
+    assert spec["targets"] and spec["predictions"], "bench/predictions.json"
+    for e in spec["targets"] + spec["predictions"]:
+        assert ("at_most" in e) != ("range" in e) and "row" in e and "what" in e, e
+    print("gpu_results self-test: parse_ncu, parse_tests, judge ok")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--self-test"]:
         self_test()
+    elif sys.argv[1:2] == ["--judge"] and len(sys.argv) == 3:
+        # An earlier results file against today's bench/predictions.json.
+        with open(sys.argv[2]) as f:
+            run = json.load(f)
+        print("\n".join(judged_lines(judge(json.loads(read(PREDICTIONS)), run["bench"], run.get("torch", [])))))
     else:
         main()
