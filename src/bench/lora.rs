@@ -1,8 +1,9 @@
-//! LoRA benchmarks for the GPU check (DESIGN.md §8: 8192 tokens, 4096→4096, r=16, bf16):
+//! LoRA benchmarks for the GPU check (DESIGN.md §8: 8192 tokens, 4096→4096, r=16, bf16; the
+//! emulator's tests run them at [`Scale::SMALL`]):
 //! forward and backward on each path, dense and NF4 bases, against cuBLAS's base GEMM and
 //! dX GEMM alone in the same run (PEFT's layer is timed by scripts/torch_baselines.py).
 
-use super::{time_cublas, Ceilings, GpuTimer, Row, Rows, Stats, REPS};
+use super::{time_cublas, Ceilings, GpuTimer, Row, Rows, Scale, Stats, REPS};
 use crate::bf16;
 use crate::check::lora::paths;
 use crate::device::blas::WeightOp;
@@ -13,11 +14,8 @@ use crate::nf4::Nf4Weight;
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
 
-pub(super) const M: usize = 8192;
-pub(super) const D: usize = 4096;
-pub(super) const RANK: usize = 16;
-
-/// The benchmarks' layer, `d_in`→`d_out`, and the bytes of its base weight: a dense base
+/// The benchmarks' layer, `d_in`→`d_out` (rank [`Scale::of`]'s), and the bytes of its base
+/// weight: a dense base
 /// (bf16), or (`nf4`) an NF4 one (with its absmaxes) fed to the GEMMs as it says; with a bias
 /// where `bias`.
 pub(super) fn layer(
@@ -29,6 +27,7 @@ pub(super) fn layer(
     path: LoraPath,
     loads: TileLoads,
 ) -> Result<(LoraLinear<bf16>, usize)> {
+    let rank = Scale::of(dev).lora.2;
     let mut rng = StdRng::seed_from_u64(7);
     let w = dev.upload(&random_vec::<bf16>(&mut rng, d_out * d_in, 0.02))?;
     let (base, w_bytes) = if nf4.is_some() {
@@ -38,15 +37,15 @@ pub(super) fn layer(
     } else {
         (LoraBase::Dense(w), 2 * d_out * d_in)
     };
-    let a = dev.upload(&random_vec::<bf16>(&mut rng, RANK * d_in, 0.02))?;
-    let b = dev.upload(&random_vec::<bf16>(&mut rng, d_out * RANK, 0.02))?;
+    let a = dev.upload(&random_vec::<bf16>(&mut rng, rank * d_in, 0.02))?;
+    let b = dev.upload(&random_vec::<bf16>(&mut rng, d_out * rank, 0.02))?;
     let bias = if bias {
         Some(dev.upload(&random_vec::<bf16>(&mut rng, d_out, 0.1))?)
     } else {
         None
     };
     let config = LoraConfig {
-        rank: RANK,
+        rank,
         alpha: 32.0,
         use_rslora: false,
         dropout,
@@ -63,12 +62,16 @@ pub(super) fn layer(
 
 /// The benchmark's layer on `path`: a dense base, no dropout, no bias, tiles by TMA.
 fn plain_layer(dev: &Device, path: LoraPath) -> Result<LoraLinear<bf16>> {
-    Ok(layer(dev, (D, D), None, 0.0, false, path, TileLoads::Tma)?.0)
+    let d = Scale::of(dev).lora.1;
+    Ok(layer(dev, (d, d), None, 0.0, false, path, TileLoads::Tma)?.0)
 }
 
-/// What every LoRA row is measured on and against: x and dY at the benchmark's shape, and
-/// cuBLAS's base GEMM and its dX GEMM alone, timed in the same process.
+/// What every LoRA row is measured on and against: the layer's shape ([`Scale::of`]), x and
+/// dY, and cuBLAS's base GEMM and its dX GEMM alone, timed in the same process.
 struct Inputs {
+    m: usize,
+    d: usize,
+    rank: usize,
     x: Buffer<bf16>,
     dy: Buffer<bf16>,
     fwd_base: Option<Stats>,
@@ -77,12 +80,16 @@ struct Inputs {
 
 impl Inputs {
     fn new(dev: &Device, timer: &mut GpuTimer) -> Result<Inputs> {
+        let (m, d, rank) = Scale::of(dev).lora;
         let mut rng = StdRng::seed_from_u64(11);
         Ok(Inputs {
-            x: dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?,
-            dy: dev.upload(&random_vec::<bf16>(&mut rng, M * D, 1.0))?,
-            fwd_base: time_cublas(dev, timer, M, D, D, WeightOp::Transposed)?,
-            dx_base: time_cublas(dev, timer, M, D, D, WeightOp::Plain)?,
+            m,
+            d,
+            rank,
+            x: dev.upload(&random_vec::<bf16>(&mut rng, m * d, 1.0))?,
+            dy: dev.upload(&random_vec::<bf16>(&mut rng, m * d, 1.0))?,
+            fwd_base: time_cublas(dev, timer, m, d, d, WeightOp::Transposed)?,
+            dx_base: time_cublas(dev, timer, m, d, d, WeightOp::Plain)?,
         })
     }
 
@@ -96,16 +103,32 @@ impl Inputs {
                 .map(|b| ("cuBLAS base GEMM alone", b))
         }
     }
-}
 
-/// A whole layer's FLOPs, forward or backward: the base GEMM and the rank-wide ones.
-fn layer_flops(backward: bool) -> f64 {
-    let rank_gemms = if backward { 4 } else { 2 };
-    2.0 * (M * D * D + rank_gemms * M * D * RANK) as f64
-}
+    /// The rows' shape column.
+    fn shape(&self) -> String {
+        format!("{}x{}→{} r{}", self.m, self.d, self.d, self.rank)
+    }
 
-/// The forward GEMM's work (the wgmma kernel's rows): the base and the rank-wide K segment.
-const GEMM_WORK: (f64, f64) = (0.0, 2.0 * (M * D * (D + RANK)) as f64);
+    /// A whole layer's FLOPs, forward or backward: the base GEMM and the rank-wide ones.
+    fn layer_flops(&self, backward: bool) -> f64 {
+        let rank_gemms = if backward { 4 } else { 2 };
+        let (m, d) = (self.m, self.d);
+        2.0 * (m * d * d + rank_gemms * m * d * self.rank) as f64
+    }
+
+    /// The forward GEMM's work (the wgmma kernel's rows): the base and the rank-wide K
+    /// segment.
+    fn gemm_work(&self) -> (f64, f64) {
+        (0.0, 2.0 * (self.m * self.d * (self.d + self.rank)) as f64)
+    }
+
+    /// The bytes a layer call must move: x (or dY) read and y (or dX) written, and dY too
+    /// backward, and the base weight's `w_bytes`.
+    fn layer_bytes(&self, backward: bool, w_bytes: usize) -> f64 {
+        let activations = if backward { 3 } else { 2 };
+        (activations * 2 * self.m * self.d + w_bytes) as f64
+    }
+}
 
 /// The layer on `path` forward and backward, whole and launch by launch, over each base and
 /// option that path has (`fk bench`'s families `lora_extended`, `lora_fused` and
@@ -121,7 +144,7 @@ pub fn path_rows(
         return Ok(());
     }
     let inputs = Inputs::new(dev, timer)?;
-    let (x, dy) = (&inputs.x, &inputs.dy);
+    let (x, dy, m, d) = (&inputs.x, &inputs.dy, inputs.m, inputs.d);
     // The NF4 base decoded in the GEMM's tiles, and (fused paths) through a scratch
     // weight; on wgmma, the dense layer once more with B shared by pairs of blocks (TMA
     // multicast), once with its tiles loaded by cp.async, and once with a bias (its
@@ -141,12 +164,7 @@ pub fn path_rows(
         if (loads != TileLoads::Tma || bias) && path != LoraPath::FusedWgmma {
             continue; // only the wgmma path loads by TMA; the bias row is the wgmma epilogue's
         }
-        let (l, w_bytes) = layer(dev, (D, D), nf4, dropout, bias, path, loads)?;
-        // Forward reads x and W and writes y; backward reads dY, x and W and writes dX.
-        let (bytes_fwd, bytes_bwd) = (
-            (2 * 2 * M * D + w_bytes) as f64,
-            (3 * 2 * M * D + w_bytes) as f64,
-        );
+        let (l, w_bytes) = layer(dev, (d, d), nf4, dropout, bias, path, loads)?;
         let name = format!(
             "lora_{}{}{}",
             match path {
@@ -166,27 +184,32 @@ pub fn path_rows(
                 TileLoads::TmaMulticast => "_multicast",
                 TileLoads::CpAsync => "_cp_async",
             };
-        let shape = format!("{M}x{D}→{D} r{RANK}");
-        let t = timer.time(2, REPS, || l.forward(x, M).map(|_| ()))?;
+        let shape = inputs.shape();
+        let t = timer.time(2, REPS, || l.forward(x, m).map(|_| ()))?;
         out.push(layer_row(
             &format!("{name} forward"),
             &t,
-            (bytes_fwd, layer_flops(false)),
+            (
+                inputs.layer_bytes(false, w_bytes),
+                inputs.layer_flops(false),
+            ),
             inputs.baseline(false),
+            &inputs,
             c,
         ))?;
-        let (_, saved) = l.forward(x, M)?;
+        let (_, saved) = l.forward(x, m)?;
         let t = timer.time(2, REPS, || l.backward(x, &saved, dy).map(|_| ()))?;
         out.push(layer_row(
             &format!("{name} backward"),
             &t,
-            (bytes_bwd, layer_flops(true)),
+            (inputs.layer_bytes(true, w_bytes), inputs.layer_flops(true)),
             inputs.baseline(true),
+            &inputs,
             c,
         ))?;
         // Where the time goes, launch by launch (each launch's kernel, or cuBLAS); an
         // extra, so a failure to break a call down costs its rows only.
-        let forward = timer.breakdown(1, 5, || l.forward(x, M).map(|_| ()));
+        let forward = timer.breakdown(1, 5, || l.forward(x, m).map(|_| ()));
         let backward = timer.breakdown(1, 5, || l.backward(x, &saved, dy).map(|_| ()));
         for (dir, parts) in [("forward", forward), ("backward", backward)] {
             match parts {
@@ -214,8 +237,10 @@ pub fn variant_rows(
     out: &mut Rows,
 ) -> Result<()> {
     let inputs = Inputs::new(dev, timer)?;
-    let (x, dy) = (&inputs.x, &inputs.dy);
-    out.extend_extra(narrow_residency(dev, timer, c, x), "narrow residency")?;
+    let (x, m) = (&inputs.x, inputs.m);
+    // The rank-wide GEMMs' bytes (a read of x or dY), and a dense base weight's.
+    let (read, dense_w) = (((2 * m * inputs.d) as f64, 0.0), 2 * inputs.d * inputs.d);
+    out.extend_extra(narrow_residency(dev, timer, c, &inputs), "narrow residency")?;
     // The rank-wide GEMMs (each a read of x or dY, 64 MB here) with their blocks' walks along
     // K staggered, against the same kernels unstaggered in the `lora_fused {forward,
     // backward} ▸ kernel` rows above: if the blocks reading the same columns of their rows at
@@ -225,7 +250,7 @@ pub fn variant_rows(
             &l.with_narrow_stagger(true),
             timer,
             c,
-            (x, dy),
+            &inputs,
             "lora_fused staggered",
             &[
                 ("forward", "lora_down_bf16"),
@@ -233,7 +258,7 @@ pub fn variant_rows(
                 ("backward", "lora_grad_a_bf16"),
                 ("backward", "lora_grad_b_bf16"),
             ],
-            ((2 * M * D) as f64, 0.0),
+            read,
         )
     });
     out.extend_extra(staggered, "staggered rank-wide")?;
@@ -245,14 +270,14 @@ pub fn variant_rows(
                 &l.with_wide_down(true).with_narrow_stagger(stagger),
                 timer,
                 c,
-                (x, dy),
+                &inputs,
                 if stagger {
                     "lora_fused k64 staggered"
                 } else {
                     "lora_fused k64"
                 },
                 &[("forward", "lora_down_k64_bf16")],
-                ((2 * M * D) as f64, 0.0),
+                read,
             )
         });
         out.extend_extra(wide, "lora_down_k64")?;
@@ -279,24 +304,41 @@ pub fn variant_rows(
                 .map(|l| l.with_fused_down(false).with_fused_v(false))
                 .and_then(|l| {
                     let (t, work) = if dir == "forward" {
-                        let t = timer.time(2, REPS, || l.forward(x, M).map(|_| ()))?;
+                        let t = timer.time(2, REPS, || l.forward(x, m).map(|_| ()))?;
                         // x and y, and W: the main loop's forward bytes for a dense base.
-                        (t, ((2 * 2 * M * D + 2 * D * D) as f64, layer_flops(false)))
+                        (
+                            t,
+                            (
+                                inputs.layer_bytes(false, dense_w),
+                                inputs.layer_flops(false),
+                            ),
+                        )
                     } else {
-                        let (_, saved) = l.forward(x, M)?;
-                        let t = timer.time(2, REPS, || l.backward(x, &saved, dy).map(|_| ()))?;
-                        (t, ((3 * 2 * M * D + 2 * D * D) as f64, layer_flops(true)))
+                        let (_, saved) = l.forward(x, m)?;
+                        let t = timer
+                            .time(2, REPS, || l.backward(x, &saved, &inputs.dy).map(|_| ()))?;
+                        (
+                            t,
+                            (inputs.layer_bytes(true, dense_w), inputs.layer_flops(true)),
+                        )
                     };
                     let vs = inputs.baseline(dir == "backward");
-                    let mut rows = vec![layer_row(&format!("{label} {dir}"), &t, work, vs, c)];
+                    let mut rows = vec![layer_row(
+                        &format!("{label} {dir}"),
+                        &t,
+                        work,
+                        vs,
+                        &inputs,
+                        c,
+                    )];
                     rows.extend(layer_launch_rows(
                         &l,
                         timer,
                         c,
-                        (x, dy),
+                        &inputs,
                         label,
                         &[(dir, kernel)],
-                        GEMM_WORK,
+                        inputs.gemm_work(),
                     )?);
                     Ok(rows)
                 });
@@ -313,13 +355,13 @@ pub fn variant_rows(
                     &l,
                     timer,
                     c,
-                    (x, dy),
+                    &inputs,
                     "lora_fused_wgmma a block per tile",
                     &[
                         ("forward", "lora_forward_wgmma"),
                         ("backward", "lora_backward_dx_wgmma"),
                     ],
-                    GEMM_WORK,
+                    inputs.gemm_work(),
                 )
             });
         out.extend_extra(per_tile, "block-per-tile")?;
@@ -332,10 +374,10 @@ pub fn variant_rows(
                 &l.with_column_runs(true).with_fused_down(false),
                 timer,
                 c,
-                (x, dy),
+                &inputs,
                 "lora_fused_wgmma column runs",
                 &[("forward", "lora_forward_wgmma")],
-                GEMM_WORK,
+                inputs.gemm_work(),
             )
         });
         out.extend_extra(runs, "column-run")?;
@@ -361,10 +403,10 @@ pub fn variant_rows(
                     &l.with_column_runs(true),
                     timer,
                     c,
-                    (x, dy),
+                    &inputs,
                     label,
                     &[(dir, kernel)],
-                    GEMM_WORK,
+                    inputs.gemm_work(),
                 )
             });
             out.extend_extra(kept, label)?;
@@ -378,20 +420,13 @@ pub fn variant_rows(
 /// against a cuBLAS GEMM alone (`vs`: its name and time) where the run has one.
 fn layer_row(
     label: &str,
-    t: &super::Stats,
+    t: &Stats,
     (bytes, flops): (f64, f64),
-    vs: Option<(&str, &super::Stats)>,
+    vs: Option<(&str, &Stats)>,
+    inputs: &Inputs,
     c: &Ceilings,
 ) -> Row {
-    let row = Row::new(
-        "lora",
-        label,
-        &format!("{M}x{D}→{D} r{RANK}"),
-        t,
-        bytes,
-        flops,
-        c,
-    );
+    let row = Row::new("lora", label, &inputs.shape(), t, bytes, flops, c);
     match vs {
         Some((name, b)) => row.with_baseline(name, b.median_us),
         None => row,
@@ -407,18 +442,18 @@ fn narrow_residency(
     dev: &Device,
     timer: &mut GpuTimer,
     c: &Ceilings,
-    x: &Buffer<bf16>,
+    inputs: &Inputs,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for splits in [2, 4] {
         let l = plain_layer(dev, LoraPath::Fused)?.with_k_splits(Some(splits))?;
-        let parts = timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?;
+        let parts = timer.breakdown(1, REPS, || l.forward(&inputs.x, inputs.m).map(|_| ()))?;
         rows.push(launch_row(
             &parts,
             "lora_down_bf16",
             &format!("lora_down residency ▸ k/{splits}"),
-            &format!("{M}x{D}→{D} r{RANK}"),
-            ((2 * M * D) as f64, 0.0),
+            &inputs.shape(),
+            ((2 * inputs.m * inputs.d) as f64, 0.0),
             c,
         )?);
     }
@@ -432,20 +467,21 @@ fn layer_launch_rows(
     l: &LoraLinear<bf16>,
     timer: &mut GpuTimer,
     c: &Ceilings,
-    (x, dy): (&Buffer<bf16>, &Buffer<bf16>),
+    inputs: &Inputs,
     label: &str,
     kernels: &[(&str, &str)],
     work: (f64, f64),
 ) -> Result<Vec<Row>> {
+    let (x, dy, m) = (&inputs.x, &inputs.dy, inputs.m);
     // Each direction broken down once, and only if a kernel asks for it.
     let wants = |dir: &str| kernels.iter().any(|&(d, _)| d == dir);
     let forward = if wants("forward") {
-        timer.breakdown(1, REPS, || l.forward(x, M).map(|_| ()))?
+        timer.breakdown(1, REPS, || l.forward(x, m).map(|_| ()))?
     } else {
         Vec::new()
     };
     let backward = if wants("backward") {
-        let (_, saved) = l.forward(x, M)?;
+        let (_, saved) = l.forward(x, m)?;
         timer.breakdown(1, REPS, || l.backward(x, &saved, dy).map(|_| ()))?
     } else {
         Vec::new()
@@ -458,8 +494,8 @@ fn layer_launch_rows(
             } else {
                 &backward
             };
-            let shape = format!("{M}x{D}→{D} r{RANK}");
-            launch_row(parts, kernel, &format!("{label} ▸ {dir}"), &shape, work, c)
+            let label = format!("{label} ▸ {dir}");
+            launch_row(parts, kernel, &label, &inputs.shape(), work, c)
         })
         .collect()
 }
@@ -467,7 +503,7 @@ fn layer_launch_rows(
 /// The row `{label} ▸ {launch}` of the launch in a breakdown whose kernel is `kernel` (a name,
 /// or its start), with the (bytes, FLOPs) its floor counts.
 fn launch_row(
-    parts: &[(String, super::Stats)],
+    parts: &[(String, Stats)],
     kernel: &str,
     label: &str,
     shape: &str,
@@ -492,18 +528,18 @@ fn launch_row(
     ))
 }
 
-/// The K of each rung of the ladder, in steps of 64; the last two fit the step time.
-const LADDER_STEPS: [usize; 3] = [1, 16, 64];
-
 /// The wgmma kernels' time taken apart without a profiler: each kernel (the forward, dXᵀ's
 /// in backward, and dX's that makes v) at one wave of tiles (a 128 × 256 tile per SM: no
-/// partial wave) and a K of 1, 16 and 64 steps of 64. A kernel's time is then ≈ t0 + steps ·
-/// t_step: t_step the step's time across the GPU (its FLOPs against cuBLAS's rate give the
-/// main loop's efficiency; the two numbers say ≈ 1,110 cycles), t0 what a tile costs besides
-/// its steps (start, pipeline fill, the LoRA segment's step, epilogue). Rows (parts, ` ▸ `:
-/// in the full results, not the README): each rung's kernel time, then the two fitted.
+/// partial wave) and a K of 1, 16 and 64 steps of 64 ([`Scale::ladder_steps`]). A kernel's
+/// time is then ≈ t0 + steps · t_step: t_step the step's time across the GPU (its FLOPs
+/// against cuBLAS's rate give the main loop's efficiency; the two numbers say ≈ 1,110
+/// cycles), t0 what a tile costs besides its steps (start, pipeline fill, the LoRA segment's
+/// step, epilogue). Rows (parts, ` ▸ `: in the full results, not the README): each rung's
+/// kernel time, then the two fitted.
 fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
-    let tiles_m = dev.sm_count() / 2; // two tiles across: 128 × 256 each, one per SM
+    let at = Scale::of(dev);
+    let (rank, ladder) = (at.lora.2, at.ladder_steps);
+    let tiles_m = at.sms / 2; // two tiles across: 128 × 256 each, one per SM
     let mut rows = Vec::new();
     let mut rng = StdRng::seed_from_u64(13);
     for (kind, dx, fused_v, kernel) in [
@@ -521,7 +557,7 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
         };
         let tiles = 2 * tiles_m;
         let mut times = Vec::new();
-        for steps in LADDER_STEPS {
+        for steps in ladder {
             let k = 64 * steps;
             let (d_in, d_out) = if dx { (across, k) } else { (k, across) };
             let (l, _) = layer(
@@ -548,14 +584,14 @@ fn wgmma_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<
                 &parts,
                 kernel,
                 &format!("lora_fused_wgmma ladder ▸ {steps} steps"),
-                &format!("{m}x{d_in}→{d_out} r{RANK}, {tiles} tiles"),
-                (0.0, 2.0 * (tiles * 128 * 256 * (k + RANK)) as f64),
+                &format!("{m}x{d_in}→{d_out} r{rank}, {tiles} tiles"),
+                (0.0, 2.0 * (tiles * 128 * 256 * (k + rank)) as f64),
                 c,
             )?;
             times.push(row.time_us);
             rows.push(row);
         }
-        let (mid, last) = (LADDER_STEPS[1], LADDER_STEPS[2]);
+        let (mid, last) = (ladder[1], ladder[2]);
         let step = (times[2] - times[1]) / (last - mid) as f64;
         let fixed = times[1] - mid as f64 * step;
         let shape = format!("{tiles} tiles, one per SM");

@@ -28,33 +28,40 @@ pub struct Stats {
 pub const REPS: usize = 50;
 
 /// Times regions on one CUDA device with events; flushes L2 between repetitions by writing
-/// a buffer twice the L2's size.
+/// a buffer twice the L2's size. On the emulator (which runs the benchmarks only in tests, at
+/// [`Scale::SMALL`], for their launches and rows) a region runs once, by the wall clock.
 pub struct GpuTimer<'a> {
-    dev: &'a CudaDevice,
-    flush: CudaSlice<u8>,
+    /// The GPU and its L2 flush buffer; None on the emulator.
+    gpu: Option<(&'a CudaDevice, CudaSlice<u8>)>,
     /// cuBLAS bf16 GEMM times by (m, n, k, transposed): rows of several paths share a
     /// baseline, timed once per run (GPU time is scarce).
     cublas: HashMap<(usize, usize, usize, bool), Stats>,
 }
 
 impl<'a> GpuTimer<'a> {
-    pub fn new(dev: &'a CudaDevice) -> Result<Self> {
-        let l2 = dev
-            .context()
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-            .map_err(|e| Error::driver("cuDeviceGetAttribute", e))?;
-        let flush = dev.alloc_filled::<u8>(2 * l2.max(1 << 20) as usize, 0)?;
+    pub fn new(dev: &'a Device) -> Result<Self> {
+        let gpu = match dev {
+            Device::Cuda(d) => {
+                let l2 = d
+                    .context()
+                    .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+                    .map_err(|e| Error::driver("cuDeviceGetAttribute", e))?;
+                let flush = d.alloc_filled::<u8>(2 * l2.max(1 << 20) as usize, 0)?;
+                Some((&**d, flush))
+            }
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
         Ok(GpuTimer {
-            dev,
-            flush,
+            gpu,
             cublas: HashMap::new(),
         })
     }
 
-    fn flush_l2(&mut self) -> Result<()> {
-        let addr = self.dev.addr(&self.flush);
+    fn flush_l2(dev: &CudaDevice, flush: &CudaSlice<u8>) -> Result<()> {
+        let addr = dev.addr(flush);
         // SAFETY: writes exactly the flush buffer's bytes.
-        unsafe { result::memset_d8_async(addr, 0x5A, self.flush.len(), self.dev.raw_stream()) }
+        unsafe { result::memset_d8_async(addr, 0x5A, flush.len(), dev.raw_stream()) }
             .map_err(|e| Error::driver("cuMemsetD8Async", e))
     }
 
@@ -66,11 +73,19 @@ impl<'a> GpuTimer<'a> {
         reps: usize,
         mut f: impl FnMut() -> Result<()>,
     ) -> Result<Stats> {
+        let Some((dev, flush)) = &self.gpu else {
+            let start = std::time::Instant::now();
+            f()?;
+            return Ok(Stats {
+                median_us: start.elapsed().as_secs_f64() * 1e6,
+                reps: 1,
+            });
+        };
         for _ in 0..warmup {
             f()?;
         }
-        let ctx = self.dev.context().clone();
-        let stream = self.dev.stream().clone();
+        let ctx = dev.context().clone();
+        let stream = dev.stream().clone();
         let ev = |_| {
             ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| Error::driver("cuEventCreate", e))
@@ -78,14 +93,14 @@ impl<'a> GpuTimer<'a> {
         let starts = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
         let ends = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
         for (s, e) in starts.iter().zip(&ends) {
-            self.flush_l2()?;
+            Self::flush_l2(dev, flush)?;
             s.record(&stream)
                 .map_err(|e| Error::driver("cuEventRecord", e))?;
             f()?;
             e.record(&stream)
                 .map_err(|e| Error::driver("cuEventRecord", e))?;
         }
-        self.dev.synchronize()?;
+        dev.synchronize()?;
         let mut us = starts
             .iter()
             .zip(&ends)
@@ -112,19 +127,29 @@ impl<'a> GpuTimer<'a> {
         reps: usize,
         mut f: impl FnMut() -> Result<()>,
     ) -> Result<Vec<(String, Stats)>> {
+        let Some((dev, flush)) = &self.gpu else {
+            breakdown::open_wall();
+            let ran = f();
+            let marks = breakdown::close_wall();
+            ran?;
+            let stats = |us| Stats {
+                median_us: us,
+                reps: 1,
+            };
+            return Ok(marks.into_iter().map(|(n, us)| (n, stats(us))).collect());
+        };
         for _ in 0..warmup {
             f()?;
         }
-        self.dev
-            .context()
+        dev.context()
             .bind_to_thread()
             .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
         let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
         for _ in 0..reps {
-            self.flush_l2()?;
+            Self::flush_l2(dev, flush)?;
             breakdown::open()?;
             let ran = f();
-            let marks = breakdown::close(self.dev.raw_stream())?;
+            let marks = breakdown::close(dev.raw_stream())?;
             ran?;
             runs.push(marks);
         }
@@ -153,6 +178,62 @@ impl<'a> GpuTimer<'a> {
                 ))
             })
             .collect()
+    }
+}
+
+/// The shapes the benchmarks run at: the GPU check's ([`Scale::BENCH`], DESIGN.md §8), or
+/// small ones ([`Scale::SMALL`]) at which the emulator runs every family in a test, so that
+/// each family's launches, errors and row names are known before a GPU run times them.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// The LoRA layer: tokens, `in` = `out`, rank.
+    pub lora: (usize, usize, usize),
+    /// The NF4 weight `[rows, cols]` (the GEMVs also take it transposed), and the most rows
+    /// its GEMMs run at.
+    pub nf4: (usize, usize),
+    pub nf4_tokens: usize,
+    /// The SMs a ladder's wave fills.
+    pub sms: usize,
+    /// The wgmma ladder's rungs (steps of 64 along K; the last two fit the step time) and
+    /// the GEMV ladder's K.
+    pub ladder_steps: [usize; 3],
+    pub gemv_ladder_k: [usize; 3],
+    /// The sparse rows' weight `[rows, cols]` (1% of it touched).
+    pub sparse: (usize, usize),
+}
+
+impl Scale {
+    /// LLaMA-7B's MLP weight for NF4 and sparse deltas, DESIGN.md §8's layer for LoRA.
+    pub const BENCH: Scale = Scale {
+        lora: (8192, 4096, 16),
+        nf4: (11008, 4096),
+        nf4_tokens: 8192,
+        sms: 132,
+        ladder_steps: [1, 16, 64],
+        gemv_ladder_k: [1024, 4096, 16384],
+        sparse: (4096, 11008),
+    };
+
+    /// A partial tile or two of every kernel, and ladders of two SMs.
+    pub const SMALL: Scale = Scale {
+        lora: (40, 72, 16),
+        nf4: (48, 96),
+        nf4_tokens: 40,
+        sms: 2,
+        ladder_steps: [1, 2, 3],
+        gemv_ladder_k: [64, 128, 256],
+        sparse: (64, 96),
+    };
+
+    /// The shapes for `dev`: the GPU check's with its SM count, or (the emulator) small.
+    pub fn of(dev: &Device) -> Scale {
+        match dev {
+            Device::Cuda(_) => Scale {
+                sms: dev.sm_count(),
+                ..Scale::BENCH
+            },
+            Device::Emu(_) => Scale::SMALL,
+        }
     }
 }
 
@@ -279,6 +360,8 @@ impl Row {
 pub struct Rows {
     rows: Vec<Row>,
     json: Option<PathBuf>,
+    /// Why each extra that failed has no rows ([`Rows::extend_extra`]).
+    failed_extras: Vec<String>,
 }
 
 impl Rows {
@@ -290,8 +373,8 @@ impl Rows {
     /// Rows rewritten to `json` (whole, by a rename: never half written) after each row.
     pub fn writing_to(json: &Path) -> Rows {
         Rows {
-            rows: Vec::new(),
             json: Some(json.to_path_buf()),
+            ..Rows::default()
         }
     }
 
@@ -313,7 +396,9 @@ impl Rows {
         match rows {
             Ok(rows) => self.extend(rows),
             Err(e) => {
-                eprintln!("bench: no {what} rows: {e}");
+                let why = format!("no {what} rows: {e}");
+                eprintln!("bench: {why}");
+                self.failed_extras.push(why);
                 Ok(())
             }
         }
@@ -321,6 +406,11 @@ impl Rows {
 
     pub fn rows(&self) -> &[Row] {
         &self.rows
+    }
+
+    /// Why each extra that failed has no rows.
+    pub fn failed_extras(&self) -> &[String] {
+        &self.failed_extras
     }
 }
 
@@ -405,27 +495,32 @@ pub fn to_markdown(rows: &[Row]) -> String {
     t
 }
 
-/// The CUDA device behind `dev`, or an error saying benchmarks need one.
-pub fn cuda(dev: &Device) -> Result<&CudaDevice> {
-    match dev {
-        Device::Cuda(d) => Ok(d),
-        #[allow(unreachable_patterns)]
-        _ => Err(Error::Unsupported {
-            op: "benchmark",
-            why: "benchmarks time GPU kernels; this device is not a GPU".into(),
-        }),
-    }
-}
-
 /// Times a device-to-device copy of `bytes` bytes (the baseline for memory-bound work);
 /// the copy moves twice that (read plus write).
 pub fn time_copy(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Stats> {
     time_copies(dev, timer, bytes, 1)
 }
 
+/// Times a device memset of `bytes` bytes: what writing alone reaches, the bound of kernels
+/// that write far more than they read (dequantization: 4 bytes out a byte in).
+pub fn time_memset(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Stats> {
+    let Device::Cuda(d) = dev else {
+        return timer.time(0, 1, || Ok(())); // the emulator's tests: no memset to time
+    };
+    let dst = d.alloc_filled::<u8>(bytes, 0)?;
+    let t = d.addr(&dst);
+    timer.time(2, REPS, || {
+        // SAFETY: the allocation holds `bytes` bytes.
+        unsafe { result::memset_d8_async(t, 0x3C, bytes, d.raw_stream()) }
+            .map_err(|e| Error::driver("cuMemsetD8Async", e))
+    })
+}
+
 /// [`time_copy`] done `times` times back to back in each timed run.
 fn time_copies(dev: &Device, timer: &mut GpuTimer, bytes: usize, times: usize) -> Result<Stats> {
-    let d = cuda(dev)?;
+    let Device::Cuda(d) = dev else {
+        return timer.time(0, 1, || Ok(())); // the emulator's tests: no copy to time
+    };
     let src = d.alloc_filled::<u8>(bytes, 0x3C)?;
     let dst = d.alloc_filled::<u8>(bytes, 0)?;
     let (s, t) = (d.addr(&src), d.addr(&dst));
@@ -456,7 +551,10 @@ pub fn time_cublas(
     k: usize,
     op: WeightOp,
 ) -> Result<Option<Stats>> {
-    let Some(blas) = blas::handle(cuda(dev)?)? else {
+    let Device::Cuda(d) = dev else {
+        return Ok(None); // no cuBLAS on the emulator
+    };
+    let Some(blas) = blas::handle(d)? else {
         return Ok(None);
     };
     let key = (m, n, k, op == WeightOp::Transposed);
@@ -481,6 +579,13 @@ pub fn time_cublas(
 
 /// Measures the copy bandwidth (1 GiB moved) and the cuBLAS bf16 rate at 8192³.
 pub fn measure_ceilings(dev: &Device, timer: &mut GpuTimer) -> Result<Ceilings> {
+    if !matches!(dev, Device::Cuda(_)) {
+        // The emulator runs the benchmarks only in tests, for their rows: nominal ceilings.
+        return Ok(Ceilings {
+            copy_bytes_per_s: 1e12,
+            bf16_flops_per_s: None,
+        });
+    }
     let half_gib = 1 << 29;
     let copy = time_copy(dev, timer, half_gib)?;
     let copy_bytes_per_s = 2.0 * half_gib as f64 / (copy.median_us * 1e-6);

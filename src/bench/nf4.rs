@@ -3,7 +3,7 @@
 //! dequantize + cuBLAS) against cuBLAS's bf16 GEMM at several M (which sets the dispatch
 //! threshold), dequantization against a copy, quantization.
 
-use super::{time_copy, time_cublas, Ceilings, GpuTimer, Row, Rows, REPS};
+use super::{time_copy, time_cublas, time_memset, Ceilings, GpuTimer, Row, Rows, Scale, REPS};
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::error::Result;
@@ -80,32 +80,40 @@ fn matmul_row(
 }
 
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
-    let (w, q) = weight(dev, 11008, 4096)?;
-    let numel = q.rows() * q.cols();
+    let at = Scale::of(dev);
+    let (rows, cols) = at.nf4;
+    let (w, q) = weight(dev, rows, cols)?;
+    let numel = rows * cols;
+    let shape = format!("{cols}x{rows}");
 
     let mut dequantized = dev.alloc_poisoned::<bf16>(numel)?;
     let t = timer.time(3, REPS, || q.dequantize(&mut dequantized))?;
     let bytes = (q.bytes() + 2 * numel) as f64;
     out.push(
-        Row::new(
-            "nf4",
-            "nf4_dequantize_bf16",
-            "4096x11008",
-            &t,
-            bytes,
-            0.0,
-            c,
-        )
-        .with_copy_baseline(dev, timer)?,
+        Row::new("nf4", "nf4_dequantize_bf16", &shape, &t, bytes, 0.0, c)
+            .with_copy_baseline(dev, timer)?,
     )?;
+    // Writing alone: dequantization writes four bytes for each it reads, so a memset of its
+    // output says how near the copy-relative target a write-bound kernel can come here.
+    let written = 2 * numel;
+    let t = time_memset(dev, timer, written)?;
+    out.push(Row::new(
+        "baseline",
+        "d2d memset (the dequantized weight's bytes)",
+        &format!("{written} B"),
+        &t,
+        written as f64,
+        0.0,
+        c,
+    ))?;
 
     let t = timer.time(1, REPS, || {
-        Nf4Weight::quantize(&w, 11008, 4096, 64, true).map(|_| ())
+        Nf4Weight::quantize(&w, rows, cols, 64, true).map(|_| ())
     })?;
     out.push(Row::new(
         "nf4",
         "nf4_quantize_bf16 (double quant)",
-        "4096x11008",
+        &shape,
         &t,
         (2 * numel + numel / 2) as f64,
         0.0,
@@ -130,8 +138,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     // unmeasured), each with its fixed cost (a tiny weight) and what double quantization's
     // dependent absmax loads cost it (the same weight without).
     let (_, q_small) = weight(dev, 256, 256)?;
-    let q_plain = Nf4Weight::quantize(&w, 11008, 4096, 64, false)?;
-    let (_, q_t) = weight(dev, 4096, 11008)?;
+    let q_plain = Nf4Weight::quantize(&w, rows, cols, 64, false)?;
+    let (_, q_t) = weight(dev, cols, rows)?;
     for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
         out.push(matmul_row(dev, timer, c, &q_small, 1, gemv, true)?)?;
         let mut row = matmul_row(dev, timer, c, &q_plain, 1, gemv, true)?;
@@ -146,7 +154,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;
     let cublas_present = dev.has_cublas();
     // 4 to 16 rows: against the GEMVs (nf4::choose_path's crossover).
-    for m in [4, 8, 16, 64, 8192] {
+    for m in [4, 8, 16, 64, at.nf4_tokens] {
         for forward in [true, false] {
             out.push(matmul_row(
                 dev,
@@ -180,9 +188,16 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
 /// streaming; two waves against one, what a wave costs. Rows (parts): `nf4_gemv_mma ladder ▸
 /// rows×K`, bytes the weight's.
 fn gemv_ladder(dev: &Device, timer: &mut GpuTimer, c: &Ceilings) -> Result<Vec<Row>> {
-    let wave = 16 * 3 * dev.sm_count();
+    let at = Scale::of(dev);
+    let wave = 16 * 3 * at.sms;
+    let [k_low, k_mid, k_high] = at.gemv_ladder_k;
     let mut rows = Vec::new();
-    for (n, k) in [(wave, 1024), (wave, 4096), (wave, 16384), (2 * wave, 4096)] {
+    for (n, k) in [
+        (wave, k_low),
+        (wave, k_mid),
+        (wave, k_high),
+        (2 * wave, k_mid),
+    ] {
         let (_, q) = weight(dev, n, k)?;
         let mut rng = StdRng::seed_from_u64(k as u64);
         let x = dev.upload(&random_vec::<bf16>(&mut rng, k, 1.0))?;
@@ -209,8 +224,9 @@ pub fn wgmma_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Ro
     if !dev.has_wgmma() {
         return Ok(());
     }
-    let (_, q) = weight(dev, 11008, 4096)?;
-    for m in [64, 8192] {
+    let at = Scale::of(dev);
+    let (_, q) = weight(dev, at.nf4.0, at.nf4.1)?;
+    for m in [64, at.nf4_tokens] {
         for forward in [true, false] {
             out.push(matmul_row(
                 dev,

@@ -5,8 +5,9 @@
 //! then LoRA's); each case is announced before its launches, and cuBLAS's own GEMMs run among
 //! them (the Extended path), the rate to compare with.
 
-use super::lora::{layer, D, M, RANK};
+use super::lora::layer;
 use super::nf4::weight;
+use super::Scale;
 use crate::bf16;
 use crate::check::lora::paths;
 use crate::device::Device;
@@ -17,34 +18,13 @@ use crate::nf4::{self, MatmulPath};
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
 
-/// The shapes a profile runs at: the benchmarks' ([`Shapes::BENCH`]), or small ones at which
-/// the emulator runs every case in a test.
-#[derive(Debug, Clone, Copy)]
-struct Shapes {
-    /// The NF4 weight `[rows, cols]` (the GEMVs also take it transposed).
-    nf4: (usize, usize),
-    /// Tokens (the NF4 GEMM's rows and the LoRA layer's).
-    tokens: usize,
-    /// The LoRA layer's `in` and `out`.
-    d: usize,
-}
-
-impl Shapes {
-    /// LLaMA-7B's MLP weight for NF4; DESIGN.md §8's layer for LoRA.
-    const BENCH: Shapes = Shapes {
-        nf4: (11008, 4096),
-        tokens: M,
-        d: D,
-    };
-}
-
-/// Runs the cases of `family` (`nf4` or `lora`) on `dev` at the benchmarks' shapes, calling
-/// `announce` with each case's name before its launches.
+/// Runs the cases of `family` (`nf4` or `lora`) on `dev` at the benchmarks' shapes
+/// ([`Scale::of`]), calling `announce` with each case's name before its launches.
 pub fn run(dev: &Device, family: &str, announce: &mut dyn FnMut(&str)) -> Result<()> {
-    run_at(dev, family, Shapes::BENCH, announce)
+    run_at(dev, family, Scale::of(dev), announce)
 }
 
-fn run_at(dev: &Device, family: &str, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result<()> {
+fn run_at(dev: &Device, family: &str, at: Scale, announce: &mut dyn FnMut(&str)) -> Result<()> {
     match family {
         "nf4" => nf4_cases(dev, at, announce)?,
         "lora" => lora_cases(dev, at, announce)?,
@@ -60,7 +40,7 @@ fn run_at(dev: &Device, family: &str, at: Shapes, announce: &mut dyn FnMut(&str)
 
 /// The tensor-core GEMV both ways and the SIMT one (1 row), dequantize, and on Hopper the
 /// fused wgmma GEMM that decodes in its tiles.
-fn nf4_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result<()> {
+fn nf4_cases(dev: &Device, at: Scale, announce: &mut dyn FnMut(&str)) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(5);
     let (rows, cols) = at.nf4;
     let (_, wide) = weight(dev, rows, cols)?;
@@ -84,7 +64,7 @@ fn nf4_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result
     let mut w = dev.alloc_output::<bf16>(rows * cols)?;
     wide.dequantize(&mut w)?;
     if dev.has_wgmma() {
-        let m = at.tokens;
+        let m = at.nf4_tokens;
         announce(&format!("nf4_gemm_wgmma_bf16 {m}x{cols}→{rows}"));
         let x = dev.upload(&random_vec::<bf16>(&mut rng, m * cols, 1.0))?;
         let mut y = dev.alloc_output::<bf16>(m * rows)?;
@@ -98,16 +78,16 @@ fn nf4_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result
 /// default makes u in the GEMM), that GEMM in column runs, and u made in column runs; the
 /// wgmma backward as lora_backward_v and dXᵀ's GEMM (the default makes v in dX's), and v
 /// made in column runs.
-fn lora_cases(dev: &Device, at: Shapes, announce: &mut dyn FnMut(&str)) -> Result<()> {
+fn lora_cases(dev: &Device, at: Scale, announce: &mut dyn FnMut(&str)) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(6);
-    let (m, d) = (at.tokens, at.d);
+    let (m, d, rank) = at.lora;
     let x = dev.upload(&random_vec::<bf16>(&mut rng, m * d, 1.0))?;
     let dy = dev.upload(&random_vec::<bf16>(&mut rng, m * d, 1.0))?;
     // Not the mma.sync Fused path: its times are not among the open questions.
     let lora_paths = paths(dev).into_iter().filter(|&p| p != LoraPath::Fused);
     for (path, dropout) in lora_paths.flat_map(|p| [(p, 0.0), (p, 0.1)]) {
         let (l, _) = layer(dev, (d, d), None, dropout, false, path, TileLoads::Tma)?;
-        let name = format!("lora {path:?} p {dropout} {m}x{d}→{d} r{RANK}");
+        let name = format!("lora {path:?} p {dropout} {m}x{d}→{d} r{rank}");
         announce(&format!("{name} forward"));
         let (_, saved) = l.forward(&x, m)?;
         announce(&format!("{name} backward"));
@@ -144,11 +124,7 @@ mod tests {
     /// find a broken case in the profile step), and an unknown family is a typed error.
     #[test]
     fn every_case_runs() {
-        let small = Shapes {
-            nf4: (48, 96),
-            tokens: 40,
-            d: 72,
-        };
+        let small = Scale::SMALL;
         for dev in crate::testing::backends() {
             // Three GEMVs and dequantize, and the wgmma GEMM where there is wgmma; LoRA's
             // forward and backward without and with dropout on each path but Fused, the wgmma

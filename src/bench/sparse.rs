@@ -136,7 +136,8 @@ fn adamw_row<W: FloatElem>(
 
 /// All sparse rows at the DESIGN.md shape (1% of 4096×11008).
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
-    let (numel, shape) = (4096u64 * 11008, "1% of 4096x11008");
+    let (rows, cols) = super::Scale::of(dev).sparse;
+    let (numel, shape) = ((rows * cols) as u64, &format!("1% of {rows}x{cols}"));
     let k = (numel / 100) as usize;
     out.extend(scatter_rows::<bf16, bf16>(dev, timer, c, numel, k, shape)?)?;
     out.extend(scatter_rows::<bf16, f32>(dev, timer, c, numel, k, shape)?)?;

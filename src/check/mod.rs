@@ -105,7 +105,7 @@ pub(crate) fn time_if(
         Device::Cuda(d) if timed => {
             let poisoning = d.poison_outputs();
             d.set_poison_outputs(false);
-            let t = GpuTimer::new(d).and_then(|mut timer| timer.time(1, 5, f));
+            let t = GpuTimer::new(dev).and_then(|mut timer| timer.time(1, 5, f));
             d.set_poison_outputs(poisoning);
             Ok(Some(t?.median_us))
         }

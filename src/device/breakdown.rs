@@ -89,3 +89,35 @@ fn destroy(list: Vec<Mark>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The emulator's breakdowns (tests of the benchmarks): each launch's name and the wall clock
+/// at its start, while one is open.
+static WALL: Mutex<Option<Vec<(String, std::time::Instant)>>> = Mutex::new(None);
+
+fn wall() -> std::sync::MutexGuard<'static, Option<Vec<(String, std::time::Instant)>>> {
+    WALL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts recording the emulator's launches (discarding any left open).
+pub(crate) fn open_wall() {
+    *wall() = Some(Vec::new());
+}
+
+/// Records an emulated launch of `name` if a breakdown is open.
+pub(crate) fn mark_wall(name: &str) {
+    if let Some(list) = wall().as_mut() {
+        list.push((name.to_string(), std::time::Instant::now()));
+    }
+}
+
+/// Closes the emulator's breakdown: each launch's name and its microseconds to the next, in
+/// launch order.
+pub(crate) fn close_wall() -> Vec<(String, f64)> {
+    let list = wall().take().unwrap_or_default();
+    let now = std::time::Instant::now();
+    let ends = list.iter().skip(1).map(|&(_, t)| t).chain([now]);
+    list.iter()
+        .zip(ends)
+        .map(|((name, start), end)| (name.clone(), (end - *start).as_secs_f64() * 1e6))
+        .collect()
+}

@@ -395,8 +395,11 @@ impl Device {
                 what: "stream",
                 why: "the emulator has no streams: pass None".into(),
             }),
-            // SAFETY: forwarded from this function's contract.
-            Device::Emu(e) => unsafe { e.launch(kernel, cfg, params) },
+            Device::Emu(e) => {
+                breakdown::mark_wall(&kernel.name);
+                // SAFETY: forwarded from this function's contract.
+                unsafe { e.launch(kernel, cfg, params) }
+            }
         }
     }
 

@@ -304,7 +304,7 @@ impl WgmmaGemm {
 }
 
 /// The dynamic shared memory the launches of LoRA kernel `name` (one of [`kernels`]) ask for:
-/// a wgmma GEMM's stages and side tiles ([`WgmmaGemm::shared_bytes`]) and the rank-wide GEMMs'
+/// a wgmma GEMM's stages and side tiles (`WgmmaGemm::shared_bytes`) and the rank-wide GEMMs'
 /// tiles (`LaunchConfig::narrow`); 0 for the others, whose shared memory is static.
 pub fn launch_shared_bytes(name: &str) -> u32 {
     let op = name
