@@ -173,6 +173,17 @@ def judge(spec, bench, torch_rows):
             where = f"issue {e['issue']}" if kind == "targets" else f"session {e.get('session', '?')}"
             out.append({"kind": kind[:-1], "where": where, "what": e["what"], "row": label,
                         "measured": measured, "expected": expected, "verdict": verdict})
+    # A decision: its options by time, the fastest first; measured, the next one's time over
+    # the fastest's (how much the choice matters).
+    for d in spec.get("decisions", []):
+        timed = sorted((got[0], o["name"]) for o in d["options"] if (got := resolve(o["row"], bench, torch_rows)))
+        missing = [o["name"] for o in d["options"] if o["name"] not in {n for _, n in timed}]
+        measured = timed[1][0] / timed[0][0] if len(timed) > 1 else None
+        verdict = ("no row" if not timed else f"only {timed[0][1]}" if len(timed) == 1
+                   else f"{timed[0][1]} fastest, then {timed[1][1]}")
+        row = ", ".join(f"{n} {t:.1f} µs" for t, n in timed) + (f"; no row: {', '.join(missing)}" if missing else "")
+        out.append({"kind": "decision", "where": d["where"], "what": d["what"], "row": row,
+                    "measured": measured, "expected": "the fastest", "verdict": verdict})
     return out
 
 
@@ -372,6 +383,10 @@ def self_test():
          "vs": {"kernel": "copy"}, "at_most": 35},
         {"issue": 6, "what": "t4", "row": {"sum": [{"kernel": "fwd b"}, {"kernel": "bwd"}]},
          "vs": {"torch": "peft"}, "at_most": 0.8}],
+        "decisions": [
+        {"what": "d1", "where": "x.rs", "options": [{"name": "a", "row": {"kernel": "fwd a"}},
+                                                   {"name": "b", "row": {"kernel": "fwd b"}},
+                                                   {"name": "gone", "row": {"kernel": "gone"}}]}],
         "predictions": [
         {"session": 1, "what": "p1", "row": {"kernel": "bwd"}, "range": [550, 650]},
         {"session": 1, "what": "p2", "row": {"kernel": "fwd a"}, "vs": {"kernel": "fwd b"}, "range": [1.3, 1.4]},
@@ -379,7 +394,9 @@ def self_test():
         {"session": 1, "what": "p4", "row": {"kernel": "gone"}, "range": [1, 2]}]}
     judged = judge(spec, bench, torch_rows)
     verdicts = [j["verdict"] for j in judged]
-    assert verdicts == ["met", "MISSED", "MISSED", "met", "in range", "below", "above", "no row"], verdicts
+    assert verdicts == ["met", "MISSED", "MISSED", "met", "in range", "below", "above", "no row",
+                        "b fastest, then a"], verdicts
+    assert math.isclose(judged[-1]["measured"], 1.25) and judged[-1]["row"] == "b 400.0 µs, a 500.0 µs; no row: gone", judged[-1]
     assert math.isclose(judged[0]["measured"], 0.3) and math.isclose(judged[2]["measured"], 40.0), judged
     assert judged[2]["row"] == "fwd b / copy" and math.isclose(judged[3]["measured"], 0.8), judged
     assert len(judged_lines(judged)) == 2 + len(judged)
@@ -387,6 +404,7 @@ def self_test():
     assert spec["targets"] and spec["predictions"], "bench/predictions.json"
     for e in spec["targets"] + spec["predictions"]:
         assert ("at_most" in e) != ("range" in e) and "row" in e and "what" in e, e
+    assert all(len(d["options"]) > 1 and d["where"] for d in spec["decisions"]), spec["decisions"]
     print("gpu_results self-test: parse_ncu, parse_tests, judge ok")
 
 

@@ -113,7 +113,7 @@ fn wrong_lengths_and_devices_are_typed_errors() {
 
 /// A call's launch-by-launch breakdown (the benchmarks' `GpuTimer::breakdown`; on the
 /// emulator by the wall clock): each launch named after its kernel, in order, with a positive
-/// time.
+/// time, and none of another thread's launches meanwhile.
 #[test]
 fn breakdown_names_each_launch_in_order() {
     use finetune_kernels::bench::GpuTimer;
@@ -130,12 +130,30 @@ fn breakdown_names_each_launch_in_order() {
             .unwrap();
         let mut f32s = dev.alloc_poisoned::<f32>(64 * 256).unwrap();
         let mut timer = GpuTimer::new(&dev).unwrap();
-        let parts = timer
-            .breakdown(1, 3, || {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (done, launched) = (AtomicBool::new(false), AtomicUsize::new(0));
+        let parts = std::thread::scope(|s| {
+            let q = &q;
+            let beside = s.spawn(|| {
+                let mut f16s = dev
+                    .alloc_poisoned::<finetune_kernels::f16>(64 * 256)
+                    .unwrap();
+                while !done.load(Ordering::Relaxed) {
+                    q.dequantize(&mut f16s).unwrap();
+                    launched.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            while launched.load(Ordering::Relaxed) == 0 {
+                std::thread::yield_now();
+            }
+            let parts = timer.breakdown(1, 3, || {
                 q.dequantize(&mut bf)?;
                 q.dequantize(&mut f32s)
-            })
-            .unwrap();
+            });
+            done.store(true, Ordering::Relaxed);
+            beside.join().unwrap();
+            parts.unwrap()
+        });
         let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["nf4_dequantize_bf16", "nf4_dequantize_f32"]);
         assert!(parts.iter().all(|(_, t)| t.median_us > 0.0), "{parts:?}");

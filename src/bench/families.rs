@@ -371,22 +371,23 @@ mod tests {
     }
 
     /// Every family runs on the emulator at `Scale::SMALL` (a GPU session is too scarce to
-    /// find a broken family in), and makes the rows of every target and prediction of
-    /// bench/predictions.json: a renamed row, or a breakdown without the launch a row looks
-    /// for, fails here. (The Extended path needs cuBLAS, which the emulator has not: its rows
-    /// are excused.)
+    /// find a broken family in), and makes the rows of every target, prediction and decision
+    /// of bench/predictions.json: a renamed row, or a breakdown without the launch a row looks
+    /// for, fails here. (Rows through cuBLAS, which the emulator has not, are excused: the
+    /// Extended path's and dequantize + cuBLAS's. Shapes are the emulator's: only kernels are
+    /// compared.)
     #[test]
     fn every_family_runs_and_makes_the_rows_predictions_name() {
         let Some(dev) = crate::testing::emulators().into_iter().next() else {
             eprintln!("note: no emulator selected: the benchmarks' families are not run");
             return;
         };
-        let extended = crate::check::lora::paths(&dev).contains(&LoraPath::Extended);
+        let cublas = dev.has_cublas();
         let mut made = HashSet::new();
         for family in names() {
             let mut out = Rows::new();
             run(&dev, family, None, &mut out).unwrap_or_else(|e| panic!("{family}: {e}"));
-            let none_expected = family == "lora_extended" && !extended;
+            let none_expected = family == "lora_extended" && !cublas;
             assert!(
                 !out.rows().is_empty() || none_expected,
                 "{family} made no rows"
@@ -398,7 +399,8 @@ mod tests {
             );
             made.extend(out.rows().iter().map(|r| r.kernel.clone()));
         }
-        let excused = |k: &str| k.starts_with("lora_extended") && !extended;
+        // Rows through cuBLAS: the Extended path's, and dequantize + cuBLAS.
+        let excused = |k: &str| (k.starts_with("lora_extended") || k.contains("cublas")) && !cublas;
         let spec: serde_json::Value =
             serde_json::from_str(include_str!("../../bench/predictions.json")).unwrap();
         let entries = ["targets", "predictions"].map(|k| spec[k].as_array().unwrap().clone());
@@ -407,6 +409,14 @@ mod tests {
             let rows = selects(&e["row"], &made, &excused);
             let vs = e.get("vs").is_none_or(|vs| selects(vs, &made, &excused));
             assert!(rows && vs, "no family makes the rows of {e}");
+        }
+        for d in spec["decisions"].as_array().unwrap() {
+            for o in d["options"].as_array().unwrap() {
+                assert!(
+                    selects(&o["row"], &made, &excused),
+                    "no family makes the rows of {o}"
+                );
+            }
         }
     }
 

@@ -1,12 +1,14 @@
 //! Where a call's GPU time goes, launch by launch (for benchmarks: `GpuTimer::breakdown`).
-//! While a breakdown is open, every kernel launch and cuBLAS GEMM first records an event on
-//! its stream, named after it; closing records one more, and each name's time runs from its
-//! event to the next one (work that is not a launch, such as a memset, counts towards the
-//! launch before it). Process-wide: one breakdown at a time, on one stream.
+//! While a breakdown is open, every kernel launch and cuBLAS GEMM of the thread that opened
+//! it first records an event on its stream, named after it (launches of other threads, such
+//! as tests running beside it, are not its call's); closing records one more, and each name's
+//! time runs from its event to the next one (work that is not a launch, such as a memset,
+//! counts towards the launch before it). Process-wide: one breakdown at a time, on one stream.
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result, sys};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+use std::thread::ThreadId;
 
 struct Mark {
     name: String,
@@ -16,23 +18,33 @@ struct Mark {
 // SAFETY: a CUevent is a driver handle, usable from any thread of its context.
 unsafe impl Send for Mark {}
 
-static OPEN: Mutex<Option<Vec<Mark>>> = Mutex::new(None);
+/// The open breakdown: the thread whose launches it records, and its marks.
+type Open<M> = Mutex<Option<(ThreadId, Vec<M>)>>;
 
-fn marks() -> std::sync::MutexGuard<'static, Option<Vec<Mark>>> {
-    OPEN.lock().unwrap_or_else(|p| p.into_inner())
+static OPEN: Open<Mark> = Mutex::new(None);
+
+fn lock<M>(open: &'static Open<M>) -> MutexGuard<'static, Option<(ThreadId, Vec<M>)>> {
+    open.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Starts recording marks (discarding any left open).
+/// The marks of the breakdown open on this thread, if one is.
+fn this_threads<M>(open: &mut Option<(ThreadId, Vec<M>)>) -> Option<&mut Vec<M>> {
+    open.as_mut()
+        .filter(|(t, _)| *t == std::thread::current().id())
+        .map(|(_, list)| list)
+}
+
+/// Starts recording this thread's marks (discarding any breakdown left open).
 pub(crate) fn open() -> Result<()> {
-    let left = marks().replace(Vec::new());
-    destroy(left.unwrap_or_default())
+    let left = lock(&OPEN).replace((std::thread::current().id(), Vec::new()));
+    destroy(left.map(|(_, list)| list).unwrap_or_default())
 }
 
-/// Records a mark named `name` on `stream` if a breakdown is open (the stream's context
-/// current).
+/// Records a mark named `name` on `stream` if a breakdown is open on this thread (the
+/// stream's context current).
 pub(crate) fn mark(stream: sys::CUstream, name: &str) -> Result<()> {
-    let mut open = marks();
-    let Some(list) = open.as_mut() else {
+    let mut open = lock(&OPEN);
+    let Some(list) = this_threads(&mut open) else {
         return Ok(());
     };
     let event = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
@@ -48,7 +60,7 @@ pub(crate) fn mark(stream: sys::CUstream, name: &str) -> Result<()> {
 /// Closes the breakdown on `stream`: each mark's name and its microseconds to the next, in
 /// launch order.
 pub(crate) fn close(stream: sys::CUstream) -> Result<Vec<(String, f64)>> {
-    let list = marks().take().unwrap_or_default();
+    let list = lock(&OPEN).take().map(|(_, list)| list).unwrap_or_default();
     let times = elapsed(&list, stream);
     destroy(list)?;
     times
@@ -91,21 +103,17 @@ fn destroy(list: Vec<Mark>) -> Result<()> {
 }
 
 /// The emulator's breakdowns (tests of the benchmarks): each launch's name and the wall clock
-/// at its start, while one is open.
-static WALL: Mutex<Option<Vec<(String, std::time::Instant)>>> = Mutex::new(None);
+/// at its start (an emulated launch runs on the thread that makes it).
+static WALL: Open<(String, std::time::Instant)> = Mutex::new(None);
 
-fn wall() -> std::sync::MutexGuard<'static, Option<Vec<(String, std::time::Instant)>>> {
-    WALL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Starts recording the emulator's launches (discarding any left open).
+/// Starts recording this thread's emulated launches (discarding any breakdown left open).
 pub(crate) fn open_wall() {
-    *wall() = Some(Vec::new());
+    *lock(&WALL) = Some((std::thread::current().id(), Vec::new()));
 }
 
-/// Records an emulated launch of `name` if a breakdown is open.
+/// Records an emulated launch of `name` if a breakdown is open on this thread.
 pub(crate) fn mark_wall(name: &str) {
-    if let Some(list) = wall().as_mut() {
+    if let Some(list) = this_threads(&mut lock(&WALL)) {
         list.push((name.to_string(), std::time::Instant::now()));
     }
 }
@@ -113,7 +121,7 @@ pub(crate) fn mark_wall(name: &str) {
 /// Closes the emulator's breakdown: each launch's name and its microseconds to the next, in
 /// launch order.
 pub(crate) fn close_wall() -> Vec<(String, f64)> {
-    let list = wall().take().unwrap_or_default();
+    let list = lock(&WALL).take().map(|(_, list)| list).unwrap_or_default();
     let now = std::time::Instant::now();
     let ends = list.iter().skip(1).map(|&(_, t)| t).chain([now]);
     list.iter()
