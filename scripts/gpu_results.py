@@ -31,6 +31,14 @@ def parse_env(text):
     return env
 
 
+def parse_steps(log, seconds):
+    """[[step, seconds it took]] from gpu-check.sh's log ("== NAME (Ns)" as each step starts),
+    the last one up to the check's wall time so far: what to size a shorter lease by."""
+    starts = [(m.group(1), int(m.group(2))) for m in re.finditer(r"^== (.*) \((\d+)s\)$", log, re.M)]
+    ends = [t for _, t in starts[1:]] + [seconds]
+    return [[name, end - start] for (name, start), end in zip(starts, ends)]
+
+
 def parse_tests(text):
     """{binary: {"passed": n, "failed": [names], "unfinished": [names], "ignored": n, "exit":
     code, "alone": {name: "ok" / "FAILED" / "exit N"}}}: "alone", each failed test run again in a
@@ -214,6 +222,7 @@ def main():
     ptx = read(os.path.join(work, "ptx.txt")).strip()
     regdump = sorted(f for f in os.listdir(out) if f.startswith("regdump-"))
     profile_log = read(os.path.join(work, "profile.txt")).strip()
+    steps = parse_steps(read(os.path.join(out, "gpu-check.log")), seconds)
     ncu = {family: read(os.path.join(work, f"ncu-{family}.csv")) for family in ("nf4", "lora")}
     for family, text in ncu.items():  # every metric, beside the results
         if text:
@@ -232,6 +241,7 @@ def main():
         "format": "finetune-kernels gpu-check v1",
         "environment": env,
         "seconds": seconds,
+        "steps": steps,
         "ptx_rebuilt": ptx.splitlines(),
         "tests": tests,
         "sanitizer": sanitizer.splitlines(),
@@ -259,7 +269,8 @@ def main():
         return "\n".join(rows) or "| (not run) | | | | | |"
 
     md = [f"# GPU check {date}: {env.get('gpu', '?')}", ""]
-    md += ["## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [f"- wall time of the check: {seconds} s", ""]
+    md += ["## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [f"- wall time of the check: {seconds} s"]
+    md += ["- steps (s): " + ", ".join(f"{name} {t}" for name, t in steps), ""]
     for which in ("committed", "rebuilt"):
         md += [f"## Tests ({which} PTX)", "", "| binary | passed | failed | ignored | exit | failures |", "|---|---:|---:|---:|---:|---|", test_lines(which), ""]
     md += ["## PTX rebuilt on the machine", "", "```", ptx, "```", ""]
@@ -362,6 +373,8 @@ def self_test():
     assert gemv["stalls"] == [["long_scoreboard", 9.31], ["wait", 1.02], ["barrier", 0.85]], gemv["stalls"]
     assert [s[0] for s in gemm["stalls"]] == ["math_pipe_throttle", "wait", "long_scoreboard"], gemm["stalls"]
     assert parse_ncu("==ERROR== the profiler failed\n") == []
+    log = "== environment (0s)\ndate: x\n== register dump (3s)\n== tests on committed PTX (10s)\nexit 0\n"
+    assert parse_steps(log, 70) == [["environment", 3], ["register dump", 7], ["tests on committed PTX", 60]]
     tests = parse_tests(TESTS_SAMPLE)["test-lora_kernels"]
     assert tests["passed"] == 1 and tests["failed"] == ["b", "c"] and tests["exit"] == 101, tests
     assert tests["alone"] == {"b": "FAILED", "c": "ok"} and tests["unfinished"] == [], tests
@@ -405,7 +418,7 @@ def self_test():
     for e in spec["targets"] + spec["predictions"]:
         assert ("at_most" in e) != ("range" in e) and "row" in e and "what" in e, e
     assert all(len(d["options"]) > 1 and d["where"] for d in spec["decisions"]), spec["decisions"]
-    print("gpu_results self-test: parse_ncu, parse_tests, judge ok")
+    print("gpu_results self-test: parse_ncu, parse_steps, parse_tests, judge ok")
 
 
 if __name__ == "__main__":

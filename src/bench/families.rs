@@ -152,7 +152,10 @@ pub fn run_isolated(
         let mut proc = child(family, &json)
             .stderr(stderr)
             .spawn()
-            .map_err(|e| io(Path::new(family), e))?;
+            .map_err(|e| Error::Io {
+                path: format!("the process of bench family {family}"),
+                why: e.to_string(),
+            })?;
         let status = loop {
             if let Some(status) = proc.try_wait().map_err(|e| io(&json, e))? {
                 break Some(status);

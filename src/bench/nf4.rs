@@ -5,9 +5,11 @@
 
 use super::{time_copy, time_cublas, time_memset, Ceilings, GpuTimer, Row, Rows, Scale, REPS};
 use crate::device::blas::WeightOp;
-use crate::device::Device;
+use crate::device::{Device, Kernel};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::nf4::{self, MatmulPath, Nf4Weight};
+use crate::params::Nf4DequantizeParams;
 use crate::testing::random_vec;
 use crate::{bf16, Buffer};
 use rand::{rngs::StdRng, SeedableRng};
@@ -32,6 +34,32 @@ fn with_cublas(
         Some(t) => row.with_baseline("cuBLAS bf16, same shape", t.median_us),
         None => row,
     })
+}
+
+/// `nf4_dequantize_bf16` launched as one wave of blocks, each looping over passes (as many
+/// blocks as fit on the GPU at once), where `Nf4Weight::dequantize` launches a thread a pass
+/// (8.3 waves at 4096×11008): whether loading the nested map once a block rather than once a
+/// pass, and no partial last wave, are worth changing the launch for (bench/NOTES.md).
+fn dequantize_one_wave(dev: &Device, q: &Nf4Weight, out: &mut Buffer<bf16>) -> Result<()> {
+    let k = Kernel {
+        module: "nf4",
+        name: "nf4_dequantize_bf16".into(),
+    };
+    let per_sm = match dev {
+        Device::Cuda(d) => d.resources(&k, 256, 0)?.blocks_per_sm as usize,
+        Device::Emu(_) => 1,
+    };
+    let mut cfg = nf4::dequantize_launch((q.rows() * q.cols()) as u64, DType::BF16);
+    cfg.grid.0 = cfg.grid.0.min((dev.sm_count() * per_sm) as u32);
+    crate::device::check_device(dev, out)?;
+    crate::Error::check_len("dequantize output", q.rows() * q.cols(), out.len())?;
+    let p = Nf4DequantizeParams {
+        w: q.params(),
+        out: out.ptr_mut(),
+        out_ld: q.cols() as u64,
+    };
+    // SAFETY: `p` names q's buffers and `out`, on `dev`, holding its rows × cols elements.
+    unsafe { dev.launch_on(&k, cfg, None, &p) }
 }
 
 /// The matmul through `path` for `m` rows: forward `[m, cols] → [m, rows]` or backward.
@@ -92,6 +120,19 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     out.push(
         Row::new("nf4", "nf4_dequantize_bf16", &shape, &t, bytes, 0.0, c)
             .with_copy_baseline(dev, timer)?,
+    )?;
+    let t = timer.time(3, REPS, || dequantize_one_wave(dev, &q, &mut dequantized))?;
+    out.push(
+        Row::new(
+            "nf4",
+            "nf4_dequantize_bf16, one wave looping",
+            &shape,
+            &t,
+            bytes,
+            0.0,
+            c,
+        )
+        .with_copy_baseline(dev, timer)?,
     )?;
     // Writing alone: dequantization writes four bytes for each it reads, so a memset of its
     // output says how near the copy-relative target a write-bound kernel can come here.

@@ -291,7 +291,7 @@ impl Nf4Weight {
 
 /// nf4_dequantize's grid for an `out` output: a thread per pass of `FK_NF4_DEQUANTIZE_RUNS`
 /// runs of 16 bytes of output (8 elements of bf16 or f16 a run, 4 of f32).
-fn dequantize_launch(numel: u64, out: DType) -> LaunchConfig {
+pub(crate) fn dequantize_launch(numel: u64, out: DType) -> LaunchConfig {
     let per_thread = params::FK_NF4_DEQUANTIZE_RUNS as u64 * 16 / out.size() as u64;
     LaunchConfig::grid_stride(numel.div_ceil(per_thread), THREADS, MAX_BLOCKS)
 }
