@@ -12,12 +12,12 @@
 #       PyTorch/PEFT baselines and Nsight Compute's counters for `fk profile`. Writes OUTDIR/<date>-<gpu>.md and .json (format:
 #       bench/results/README.md), the register dump and a log; prints a summary last.
 #       --dry-run runs the same steps without a GPU, marking the GPU-only ones skipped, so
-#       that the output format is tested here. FK_CHECK_SECONDS (default 240) bounds
-#       `fk check`, for a lease with less time left; FK_BENCH_SECONDS (default 100) each of
-#       `fk bench`'s families (each a process of its own); FK_TEST_SECONDS (default 120) each
-#       test binary; FK_PROFILE_SECONDS (default 120) each
-#       of the profile's two runs (ncu writes a family's counters only when its run ends: a
-#       run cut short loses them all; LoRA's has ≈ 55 launches, each replayed per section).
+#       that the output format is tested here. For a lease with less time left:
+#       FK_CHECK_SECONDS (default 240) bounds `fk check`; FK_BENCH_SECONDS (default 100)
+#       each of `fk bench`'s families (each a process of its own); FK_TEST_SECONDS (default
+#       120) each test binary; FK_PROFILE_SECONDS (default 120) each of the profile's two runs
+#       (ncu writes a family's counters only when its run ends: a run cut short loses them
+#       all; LoRA's has ≈ 55 launches, each replayed per section).
 #
 # It never changes the GPU's clocks, power or mode.
 set -uo pipefail

@@ -150,8 +150,8 @@ def resolve(sel, bench, torch_rows):
 
 
 def judge(spec, bench, torch_rows):
-    """Each target and prediction of `spec` against a run's rows: {kind, what, row, measured
-    (µs, or a ratio where it compares), expected, verdict}."""
+    """Each target, prediction and decision of `spec` against a run's rows: {kind, where,
+    what, row, measured (µs, or a ratio where it compares), expected, verdict}."""
     out = []
     for kind in ("targets", "predictions"):
         for e in spec.get(kind, []):

@@ -49,8 +49,7 @@ impl<'a> GpuTimer<'a> {
                 let flush = d.alloc_filled::<u8>(2 * l2.max(1 << 20) as usize, 0)?;
                 Some((&**d, flush))
             }
-            #[allow(unreachable_patterns)]
-            _ => None,
+            Device::Emu(_) => None,
         };
         Ok(GpuTimer {
             gpu,
@@ -59,10 +58,7 @@ impl<'a> GpuTimer<'a> {
     }
 
     fn flush_l2(dev: &CudaDevice, flush: &CudaSlice<u8>) -> Result<()> {
-        let addr = dev.addr(flush);
-        // SAFETY: writes exactly the flush buffer's bytes.
-        unsafe { result::memset_d8_async(addr, 0x5A, flush.len(), dev.raw_stream()) }
-            .map_err(|e| Error::driver("cuMemsetD8Async", e))
+        memset(dev, flush, 0x5A)
     }
 
     /// Runs `f` `warmup` times untimed, then `reps` times, each between two events, with
@@ -508,12 +504,14 @@ pub fn time_memset(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<S
         return timer.time(0, 1, || Ok(())); // the emulator's tests: no memset to time
     };
     let dst = d.alloc_filled::<u8>(bytes, 0)?;
-    let t = d.addr(&dst);
-    timer.time(2, REPS, || {
-        // SAFETY: the allocation holds `bytes` bytes.
-        unsafe { result::memset_d8_async(t, 0x3C, bytes, d.raw_stream()) }
-            .map_err(|e| Error::driver("cuMemsetD8Async", e))
-    })
+    timer.time(2, REPS, || memset(d, &dst, 0x3C))
+}
+
+/// Sets every byte of `buf` to `byte`, on `dev`'s stream.
+fn memset(dev: &CudaDevice, buf: &CudaSlice<u8>, byte: u8) -> Result<()> {
+    // SAFETY: writes exactly the buffer's bytes.
+    unsafe { result::memset_d8_async(dev.addr(buf), byte, buf.len(), dev.raw_stream()) }
+        .map_err(|e| Error::driver("cuMemsetD8Async", e))
 }
 
 /// [`time_copy`] done `times` times back to back in each timed run.

@@ -5,11 +5,10 @@
 
 use super::{time_copy, time_cublas, time_memset, Ceilings, GpuTimer, Row, Rows, Scale, REPS};
 use crate::device::blas::WeightOp;
-use crate::device::{Device, Kernel};
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::nf4::{self, MatmulPath, Nf4Weight};
-use crate::params::Nf4DequantizeParams;
 use crate::testing::random_vec;
 use crate::{bf16, Buffer};
 use rand::{rngs::StdRng, SeedableRng};
@@ -36,30 +35,19 @@ fn with_cublas(
     })
 }
 
-/// `nf4_dequantize_bf16` launched as one wave of blocks, each looping over passes (as many
-/// blocks as fit on the GPU at once), where `Nf4Weight::dequantize` launches a thread a pass
-/// (8.3 waves at 4096×11008): whether loading the nested map once a block rather than once a
-/// pass, and no partial last wave, are worth changing the launch for (bench/NOTES.md).
-fn dequantize_one_wave(dev: &Device, q: &Nf4Weight, out: &mut Buffer<bf16>) -> Result<()> {
-    let k = Kernel {
-        module: "nf4",
-        name: "nf4_dequantize_bf16".into(),
-    };
+/// How many blocks of `nf4_dequantize_bf16` fit on the GPU at once: its one-wave launch,
+/// where `Nf4Weight::dequantize` launches a thread a pass (8.3 waves at 4096×11008). Whether
+/// loading the nested map once a block rather than once a pass, and no partial last wave, are
+/// worth changing the launch for (bench/NOTES.md).
+fn dequantize_wave(dev: &Device) -> Result<u32> {
     let per_sm = match dev {
-        Device::Cuda(d) => d.resources(&k, 256, 0)?.blocks_per_sm as usize,
+        Device::Cuda(d) => {
+            let k = nf4::dequantize_kernel(DType::BF16);
+            d.resources(&k, nf4::THREADS, 0)?.blocks_per_sm
+        }
         Device::Emu(_) => 1,
     };
-    let mut cfg = nf4::dequantize_launch((q.rows() * q.cols()) as u64, DType::BF16);
-    cfg.grid.0 = cfg.grid.0.min((dev.sm_count() * per_sm) as u32);
-    crate::device::check_device(dev, out)?;
-    crate::Error::check_len("dequantize output", q.rows() * q.cols(), out.len())?;
-    let p = Nf4DequantizeParams {
-        w: q.params(),
-        out: out.ptr_mut(),
-        out_ld: q.cols() as u64,
-    };
-    // SAFETY: `p` names q's buffers and `out`, on `dev`, holding its rows × cols elements.
-    unsafe { dev.launch_on(&k, cfg, None, &p) }
+    Ok(dev.sm_count() as u32 * per_sm)
 }
 
 /// The matmul through `path` for `m` rows: forward `[m, cols] → [m, rows]` or backward.
@@ -121,7 +109,10 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
         Row::new("nf4", "nf4_dequantize_bf16", &shape, &t, bytes, 0.0, c)
             .with_copy_baseline(dev, timer)?,
     )?;
-    let t = timer.time(3, REPS, || dequantize_one_wave(dev, &q, &mut dequantized))?;
+    let wave = Some(dequantize_wave(dev)?);
+    let t = timer.time(3, REPS, || {
+        q.dequantize_in_blocks(&mut dequantized, cols, wave)
+    })?;
     out.push(
         Row::new(
             "nf4",

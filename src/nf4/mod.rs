@@ -29,7 +29,7 @@ use crate::params::{
 use crate::reference::nf4::{check_blocksize, dynamic_map, Absmax, NestedAbsmax, Nf4Quantized};
 
 const MODULE: &str = "nf4";
-const THREADS: u32 = 256;
+pub(crate) const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 1 << 16;
 /// Rows of activations up to which the GEMVs run (the SIMT one is instantiated for 1, 2, 4,
 /// 8 and 16, the tensor-core one for 8 and 16).
@@ -270,6 +270,17 @@ impl Nf4Weight {
     /// [`Nf4Weight::dequantize`] into the first `cols` columns of the rows of a wider matrix
     /// (`ld >= cols` elements per row; the other columns are left as they are).
     pub fn dequantize_strided<O: FloatElem>(&self, out: &mut Buffer<O>, ld: usize) -> Result<()> {
+        self.dequantize_in_blocks(out, ld, None)
+    }
+
+    /// [`Nf4Weight::dequantize_strided`] on at most `max_blocks` blocks, each then looping
+    /// over passes (the benchmarks' one-wave launch); `None`: a thread a pass.
+    pub(crate) fn dequantize_in_blocks<O: FloatElem>(
+        &self,
+        out: &mut Buffer<O>,
+        ld: usize,
+        max_blocks: Option<u32>,
+    ) -> Result<()> {
         if ld < self.cols || out.len() < (self.rows - 1) * ld + self.cols {
             return Err(Error::ShapeMismatch {
                 what: "nf4 dequantize output (rows of ld)".into(),
@@ -283,15 +294,24 @@ impl Nf4Weight {
             out: out.ptr_mut(),
             out_ld: ld as u64,
         };
+        let mut cfg = dequantize_launch(p.w.rows as u64 * p.w.cols as u64, O::DTYPE);
+        if let Some(blocks) = max_blocks {
+            cfg.grid.0 = cfg.grid.0.min(blocks.max(1));
+        }
         // SAFETY: out holds rows of ld elements, checked above; the weight's buffers match
         // its shape.
-        unsafe { raw::dequantize(self.device(), None, O::DTYPE, &p) }
+        unsafe { raw::dequantize_on(self.device(), None, O::DTYPE, &p, cfg) }
     }
+}
+
+/// The dequantize kernel writing `out`.
+pub(crate) fn dequantize_kernel(out: DType) -> Kernel {
+    kernel(format!("nf4_dequantize_{out}"))
 }
 
 /// nf4_dequantize's grid for an `out` output: a thread per pass of `FK_NF4_DEQUANTIZE_RUNS`
 /// runs of 16 bytes of output (8 elements of bf16 or f16 a run, 4 of f32).
-pub(crate) fn dequantize_launch(numel: u64, out: DType) -> LaunchConfig {
+fn dequantize_launch(numel: u64, out: DType) -> LaunchConfig {
     let per_thread = params::FK_NF4_DEQUANTIZE_RUNS as u64 * 16 / out.size() as u64;
     LaunchConfig::grid_stride(numel.div_ceil(per_thread), THREADS, MAX_BLOCKS)
 }
@@ -728,20 +748,30 @@ pub mod raw {
         out: DType,
         p: &Nf4DequantizeParams,
     ) -> Result<()> {
+        let cfg = dequantize_launch(p.w.rows as u64 * p.w.cols as u64, out);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { dequantize_on(dev, stream, out, p, cfg) }
+    }
+
+    /// [`dequantize`] on the grid `cfg` (any number of blocks of the kernel's threads: its
+    /// blocks loop over passes).
+    ///
+    /// # Safety
+    /// As [`dequantize`].
+    pub(crate) unsafe fn dequantize_on(
+        dev: &Device,
+        stream: Option<CUstream>,
+        out: DType,
+        p: &Nf4DequantizeParams,
+        cfg: LaunchConfig,
+    ) -> Result<()> {
         float_dtype(
             "nf4 dequantize",
             out,
             &[DType::BF16, DType::F16, DType::F32],
         )?;
         // SAFETY: forwarded from this function's contract.
-        unsafe {
-            dev.launch_on(
-                &kernel(format!("nf4_dequantize_{out}")),
-                dequantize_launch(p.w.rows as u64 * p.w.cols as u64, out),
-                stream,
-                p,
-            )
-        }
+        unsafe { dev.launch_on(&dequantize_kernel(out), cfg, stream, p) }
     }
 
     /// The fused forward (`forward == true`: the tensor-core GEMV for m ≤ 16, else the
@@ -822,8 +852,9 @@ mod tests {
     /// The grid-stride loops past their first pass: quantize (a warp per block, several blocks
     /// each), its nested absmaxes (a warp per group of 256, several each) and dequantize
     /// (passes of FK_NF4_DEQUANTIZE_RUNS runs a thread, several each), on grids of 1 and 3
-    /// blocks, bit-exact against the reference. A real launch takes a second pass only past
-    /// 2¹⁶ blocks (dequantize: 536 M elements), which no other test reaches.
+    /// blocks, bit-exact against the reference, and dequantize's launch capped likewise by
+    /// its caller (the benchmarks' one wave). A real launch takes a second pass only past 2¹⁶
+    /// blocks (dequantize: 536 M elements), which no other test reaches.
     #[test]
     fn grid_stride_loops_take_several_passes() {
         for dev in backends() {
@@ -848,6 +879,12 @@ mod tests {
                     })
                     .unwrap();
                     assert_eq!(q.to_host().unwrap(), want, "quantize {case}");
+                    // The benchmarks' one-wave launch: the same bits, the gaps left alone.
+                    let mut wave = dev.alloc_poisoned::<f32>(got.len()).unwrap();
+                    q.dequantize_in_blocks(&mut wave, ld, Some(max_blocks))
+                        .unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&wave.to_host().unwrap()), bits(&got), "{case}");
                     let expect = want.dequantize::<f32>();
                     for r in 0..rows {
                         for c in 0..cols {
