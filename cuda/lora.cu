@@ -16,7 +16,9 @@
 //                    (under dropout Wᵀ · dYᵀ alone, then lora_dx_fixup)
 //   lora_backward_dx_v{16,32}_wgmma  lora_backward_v and lora_backward_dx_wgmma in one kernel,
 //                    as dX = [dY | v] · [W ; A], v made beside dX in the same sweep of dY
-//                    (rank ≤ 16 or 32; under dropout dY W and v, then lora_dx_fixup)
+//                    (rank ≤ 16 or 32; under dropout dY W and v, then lora_dx_fixup), and
+//                    lora_grad_b's partials too where asked: no other pass over dY
+//   lora_transpose_b Bᵀ, which lora_backward_dx_v*_wgmma reads
 //   (_nf4 kernels: the same over an NF4 base, dequantized into the tiles: nf4.cuh)
 //   lora_backward_v  v  = scale · dY B                  (split over K likewise)
 //   lora_backward_dx dX = mask ⊙ (v A)/(1-p) + dY W       the LoRA segment first, masked in
@@ -282,11 +284,125 @@ FK_DEVICE void forward_down_wgmma(const LoraParams& p) {
   }, base, lora);
 }
 
+// dX's side products in backward_dx_v_wgmma, beside the base segment's steps over dY's tile:
+// v = dY B (wgmma::Side over B's columns as K-contiguous rows: Bᵀ [rank, d_out], which
+// lora_transpose_b writes) and, where p.b_splits is set, the [dB | dbias] partials dYᵀ [u | 1]
+// of the tile's rows, so that no pass over dY of its own (lora_grad_b) is left. Step kt (64
+// lines of d_out) of a row tile's dY is made by the column tile c with kt ≡ c modulo the row's
+// column tiles, once among them: one warpgroup reads the stage's dY tile across its 128 rows
+// (wgmma's MN-major A: M = the step's 64 lines, K = the rows) times the tile's [u | 1] (an
+// MN-major B of kNB columns, loaded at the tile's start), into kNB / 2 accumulators that it
+// stores after the next step's wait, as the step's lines of partial (row tile) of p.partials'
+// dB part; lora_reduce adds the partials in order. The warpgroups take such steps in turn, so
+// that one's accumulators are stored while the other's fill.
+template <typename T, int kN>
+struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
+  using V = wgmma::Side<wgmma::Rows<T>, kN>;
+  static constexpr int kNB = kN + 8;  // [u | 1]: rank + 1 ≤ kN + 1 columns, in 8s
+  static constexpr int kExtraBytes = wgmma::kBM * 128;  // a 128-byte line per row of the tile
+  static constexpr uint32_t kNone = ~0u;
+  const LoraParams& p;
+  float db[kNB / 2] = {};  // then each step's first wgmma overwrites them
+  uint4* u_tile = nullptr;
+  uint32_t m0 = 0, column = 0, columns = 1, issued = kNone, pending = kNone;
+
+  FK_DEVICE DxSides(const wgmma::Rows<T>& bt, float (&v)[kN / 2], const LoraParams& p_) : V{bt, v}, p(p_) {}
+
+  FK_DEVICE bool makes_db() const { return p.b_splits != 0; }
+  // Whether this thread's warpgroup makes (and stores) the partial of step kt. Its index is
+  // taken from lane 0, so that ptxas sees a warp-uniform branch around the wgmmas (one it
+  // thinks divergent, it serializes every wgmma of the kernel: C7520).
+  FK_DEVICE bool mine(uint32_t kt) const {
+    return __shfl_sync(kFullMask, threadIdx.x / 128, 0) == (kt / columns) % 2;
+  }
+
+  FK_DEVICE void prepare(unsigned char* extra) {
+    V::prepare(extra);
+    u_tile = reinterpret_cast<uint4*>(extra);
+    columns = (p.d_in + wgmma::kBN - 1) / wgmma::kBN;
+  }
+  // The tile's [u | 1], rows m0 .. m0 + 127 (zeros past m): row i's 16-byte chunk c (columns
+  // 8c .. 8c + 7) in the 128-byte swizzle. Loaded for all chunks before any is stored, so that
+  // the loads' round trips overlap.
+  FK_DEVICE void start(uint2 o) {
+    m0 = o.x;
+    column = o.y / wgmma::kBN;
+    if (!makes_db()) return;
+    constexpr int kChunks = kNB / 8, kPasses = (wgmma::kBM * kChunks + wgmma::kThreads - 1) / wgmma::kThreads;
+    const T* u = as<T>(p.u);
+    const bool whole = p.rank % 8 == 0 && runs_of_8(u, p.rank);
+    uint4 chunk[kPasses];
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int at = threadIdx.x + i * wgmma::kThreads, row = at / kChunks, col = at % kChunks * 8;
+      const uint32_t token = m0 + row;
+      chunk[i] = make_uint4(0, 0, 0, 0);
+      if (row >= wgmma::kBM || token >= p.m) continue;
+      const T* src = u + uint64_t(token) * p.rank + col;
+      if (whole && col + 8 <= int(p.rank)) {
+        chunk[i] = *reinterpret_cast<const uint4*>(src);
+        continue;
+      }
+      uint16_t e[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        e[j] = col + j < int(p.rank) ? bits16(src[j]) : col + j == int(p.rank) ? bits16(from_f32<T>(1.0f)) : uint16_t(0);
+      chunk[i] = make_uint4(e[0] | uint32_t(e[1]) << 16, e[2] | uint32_t(e[3]) << 16, e[4] | uint32_t(e[5]) << 16,
+                            e[6] | uint32_t(e[7]) << 16);
+    }
+#pragma unroll
+    for (int i = 0; i < kPasses; ++i) {
+      const int at = threadIdx.x + i * wgmma::kThreads;
+      if (at < wgmma::kBM * kChunks) u_tile[wgmma::swizzled(at / kChunks, at % kChunks)] = chunk[i];
+    }
+  }
+  template <typename U>
+  FK_DEVICE void mma(const wgmma::Stage& st, const char* a, int slice, const uint4* tile, bool fresh, uint32_t k0) {
+    V::template mma<U>(st, a, slice, tile, fresh, k0);
+    const uint32_t kt = k0 / wgmma::kBK;
+    if (!makes_db() || kt % columns != column) return;
+    issued = k0;
+    if (!mine(kt)) return;
+    const char* dy = reinterpret_cast<const char*>(st.a);
+    const char* ut = reinterpret_cast<const char*>(u_tile);
+    // k16 slice j: rows 16j .. 16j + 15 of both, two 1024-byte atoms of 8 lines each. The
+    // first overwrites the accumulators (scale-d 0): zeroing them between steps, with a
+    // group of wgmmas in flight, would make ptxas serialize every wgmma (C7515).
+#pragma unroll
+    for (int j = 0; j < wgmma::kBM / 16; ++j) wgmma_m64nNk16<U, kNB, true, true>(db, dy + 2048 * j, ut + 2048 * j, j > 0);
+  }
+  // After a step's wait: the step before's partial is done.
+  FK_DEVICE void waited() {
+    if (pending != kNone) store(pending);
+    pending = issued;
+    issued = kNone;
+  }
+  FK_DEVICE void flush() {
+    if (pending != kNone) store(pending);
+    pending = kNone;
+  }
+  // Lines k0 .. k0 + 63 of this tile's partial, [d_out, rank + 1], from its warpgroup's
+  // accumulators. Only read here: a write to them (wgmma_hold's too) with the next step's
+  // group in flight would make ptxas serialize every wgmma (C7515).
+  FK_DEVICE void store(uint32_t k0) {
+    if (!mine(k0 / wgmma::kBK)) return;
+    const uint32_t width = p.rank + 1;
+    float* out = p.partials + uint64_t(p.splits) * p.rank * p.d_in + uint64_t(m0 / wgmma::kBM) * p.d_out * width;
+    wgmma::for_each_pair(db, [&](int r, int c, float v0, float v1) {
+      const uint32_t line = k0 + r % 64;
+      if (line >= p.d_out) return;
+      float* row = out + uint64_t(line) * width;
+      if (uint32_t(c) < width) row[c] = v0;
+      if (uint32_t(c) + 1 < width) row[c + 1] = v1;
+    });
+  }
+};
+
 // lora_backward_dx_v's dX = dY · W + scale·v · A in the output's own layout, not dXᵀ: dY
 // is A (K-contiguous rows), W [d_out, d_in] and A [rank, d_in] the MN-major B (`Columns`, read
 // as they lie). v = scale · dY B is made in the same sweep of dY, as the forward's u is of x
-// (forward_down_wgmma): the base segment's side product, dY's tile times B's rows [K = d_out,
-// rank] (an MN-major side tile), kN / 2 accumulators a thread; the LoRA segment last, scale·v
+// (forward_down_wgmma), and with it the dB partials where p.b_splits asks (DxSides): the base
+// segment's side products, kN / 2 accumulators a thread for v; the LoRA segment last, scale·v
 // rounded to T from those registers times A's tile. Under dropout the mask applies to the
 // LoRA term alone: that segment is empty here, and lora_dx_fixup adds the masked term from
 // the v this kernel writes. Tiles of the same rows keep v (column runs), the row's first
@@ -296,9 +412,9 @@ FK_DEVICE void backward_dx_v_wgmma(const LoraParams& p) {
   const wgmma::Schedule tiles(p.m, p.d_in, true, p.column_runs != 0);
   float v[kN / 2] = {};
   auto w = wgmma_weight<T, Nf4, false, wgmma::kBN>(p);  // before the run: NF4's tables are filled by the whole block
-  const wgmma::Columns<T> b{{as<T>(p.b), p.rank, 0, p.rank, p.d_out, tma_map(p, FK_LORA_TMA_B, p.b_map)}};
+  const wgmma::Rows<T> bt{{as<T>(p.bt), p.d_out, 0, p.rank, p.d_out, tma_map(p, FK_LORA_TMA_B, p.b_map)}};
   auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.dy), p.d_out, 0, p.m, p.d_out, tma_map(p, FK_LORA_TMA_DY, p.dy_map)}}, w,
-                             wgmma::Side<wgmma::Columns<T>, kN>{b, v});
+                             DxSides<T, kN>{bt, v, p});
   const uint32_t lora_k = p.dropout > 0.0f ? 0u : p.rank;
   auto lora = wgmma::segment(wgmma::FromRegisters<T, kN>{{}, v, p.scale, lora_k},
                              wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}});
@@ -464,6 +580,7 @@ FK_DEVICE void grad_b(const LoraParams& p) {
 FK_DEVICE void reduce(const LoraParams& p) {
   const uint64_t na = uint64_t(p.rank) * p.d_in, nb = uint64_t(p.d_out) * (p.rank + 1);
   const float* pb = p.partials + uint64_t(p.splits) * na;
+  const uint32_t b_splits = p.b_splits ? p.b_splits : p.splits;
   for (uint64_t i = grid_start(); i < na + nb; i += grid_stride()) {
     float s = 0.0f;
     if (i < na) {
@@ -471,7 +588,7 @@ FK_DEVICE void reduce(const LoraParams& p) {
       p.da[i] = s * (1.0f / (1.0f - p.dropout));
     } else {
       const uint64_t j = i - na, row = j / (p.rank + 1), col = j % (p.rank + 1);
-      for (uint32_t z = 0; z < p.splits; ++z) s += pb[z * nb + j];
+      for (uint32_t z = 0; z < b_splits; ++z) s += pb[z * nb + j];
       if (col < p.rank) p.db[row * p.rank + col] = s;
       else if (p.dbias) p.dbias[row] = s;
     }
@@ -487,6 +604,15 @@ FK_DEVICE void merge(const LoraParams& p) {
   Accumulators acc = {};
   run_segment<T>(acc, st, b, a, 0, p.rank);
   store_sum(acc, static_cast<T*>(p.merged), p.d_in, as<T>(p.w), p.w_ld ? p.w_ld : p.d_in, m0, n0, p.d_out, p.d_in, p.scale);
+}
+
+// Bᵀ [rank, d_out] from B [d_out, rank]: the side tile of the dX kernels that make v takes
+// rows of B's columns (DxSides).
+template <typename T>
+FK_DEVICE void transpose_b(const LoraParams& p) {
+  const uint64_t n = uint64_t(p.rank) * p.d_out;
+  for (uint64_t i = grid_start(); i < n; i += grid_stride())
+    static_cast<T*>(p.bt)[i] = as<T>(p.b)[(i % p.d_out) * p.rank + i / p.d_out];
 }
 
 // The parts of the extended weight that change as training goes: B, bias and A, from their
@@ -548,6 +674,7 @@ FK_DEVICE void dx_fixup(const LoraParams& p) {
   FK_KERNEL_BOUNDS(lora_grad_b_##t, LoraParams, kThreads) { grad_b<T>(p); }                      \
   FK_KERNEL_BOUNDS(lora_merge_##t, LoraParams, kThreads) { merge<T>(p); }                      \
   FK_KERNEL(lora_extend_weight_##t, LoraParams) { extend_weight<T>(p); }                         \
+  FK_KERNEL(lora_transpose_b_##t, LoraParams) { transpose_b<T>(p); }                             \
   FK_KERNEL_BOUNDS(lora_dx_fixup_##t, LoraParams, kThreads) { dx_fixup<T>(p); }                 \
   FK_KERNEL(lora_down_reduce_##t, LoraParams) {                                                  \
     rank_reduce<T>(p, p.u, p.x_ext, p.x_ld, p.d_in, p.scale / (1.0f - p.dropout), true);         \

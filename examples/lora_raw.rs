@@ -77,8 +77,9 @@ fn main() -> Result<()> {
     let rank_partials_len =
         raw::rank_partials_len(M, RANK, down_splits).max(raw::rank_partials_len(M, RANK, v_splits));
     let mut rank_partials = dev.alloc_output::<f32>(rank_partials_len.max(1))?;
-    let (splits, partials_len) = raw::grad_partials(&dev, M, D_IN, D_OUT, RANK);
-    let mut partials = dev.alloc_output::<f32>(partials_len)?;
+    // lora_grad_b makes the dB partials here (backward_v, then backward_dx).
+    let sizes = raw::grad_partials(&dev, M, D_IN, D_OUT, RANK, false);
+    let mut partials = dev.alloc_output::<f32>(sizes.len)?;
 
     let layer = LoraParams {
         m: M as u32,
@@ -108,7 +109,7 @@ fn main() -> Result<()> {
         dx: dx.ptr_mut(),
         k_splits: v_splits,
         partials: partials.ptr_mut() as *mut f32,
-        splits,
+        splits: sizes.splits,
         da: da.ptr_mut() as *mut f32,
         db: db.ptr_mut() as *mut f32,
         dbias: dbias.ptr_mut() as *mut f32,

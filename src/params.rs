@@ -14,7 +14,7 @@ pub const FK_WGMMA_SMEM_BYTES: u32 = 197696;
 pub const FK_WGMMA_MN_CHUNK_BYTES: u32 = 8192;
 pub const FK_WGMMA_SIDE_ROWS: u32 = 32;
 pub const FK_WGMMA_SIDE_SMEM_BYTES: u32 = 214080;
-pub const FK_WGMMA_SIDE_MN_SMEM_BYTES: u32 = 230464;
+pub const FK_WGMMA_SIDE_ACROSS_SMEM_BYTES: u32 = 230464;
 pub const FK_NARROW_ROWS: u32 = 128;
 pub const FK_NARROW_COLS: u32 = 64;
 pub const FK_NARROW_STEP: u32 = 32;
@@ -276,6 +276,8 @@ pub struct LoraParams {
     pub dx: *mut ::core::ffi::c_void,
     pub partials: *mut f32,
     pub splits: u32,
+    pub b_splits: u32,
+    pub bt: *mut ::core::ffi::c_void,
     pub da: *mut f32,
     pub db: *mut f32,
     pub dbias: *mut f32,
@@ -290,7 +292,7 @@ pub struct LoraParams {
     pub narrow_stagger: u32,
     pub column_runs: u32,
     pub tma: u32,
-    pub __bindgen_padding_0: [u64; 4usize],
+    pub __bindgen_padding_0: [u64; 3usize],
     pub x_map: FkTensorMap,
     pub w_map: FkTensorMap,
     pub u_map: FkTensorMap,
@@ -325,24 +327,27 @@ const _: () = {
     ["Offset of field: LoraParams::partials"]
         [::core::mem::offset_of!(LoraParams, partials) - 176usize];
     ["Offset of field: LoraParams::splits"][::core::mem::offset_of!(LoraParams, splits) - 184usize];
-    ["Offset of field: LoraParams::da"][::core::mem::offset_of!(LoraParams, da) - 192usize];
-    ["Offset of field: LoraParams::db"][::core::mem::offset_of!(LoraParams, db) - 200usize];
-    ["Offset of field: LoraParams::dbias"][::core::mem::offset_of!(LoraParams, dbias) - 208usize];
-    ["Offset of field: LoraParams::merged"][::core::mem::offset_of!(LoraParams, merged) - 216usize];
-    ["Offset of field: LoraParams::w_ld"][::core::mem::offset_of!(LoraParams, w_ld) - 224usize];
-    ["Offset of field: LoraParams::x_ext"][::core::mem::offset_of!(LoraParams, x_ext) - 232usize];
-    ["Offset of field: LoraParams::x_ld"][::core::mem::offset_of!(LoraParams, x_ld) - 240usize];
-    ["Offset of field: LoraParams::dy_ext"][::core::mem::offset_of!(LoraParams, dy_ext) - 248usize];
-    ["Offset of field: LoraParams::dy_ld"][::core::mem::offset_of!(LoraParams, dy_ld) - 256usize];
+    ["Offset of field: LoraParams::b_splits"]
+        [::core::mem::offset_of!(LoraParams, b_splits) - 188usize];
+    ["Offset of field: LoraParams::bt"][::core::mem::offset_of!(LoraParams, bt) - 192usize];
+    ["Offset of field: LoraParams::da"][::core::mem::offset_of!(LoraParams, da) - 200usize];
+    ["Offset of field: LoraParams::db"][::core::mem::offset_of!(LoraParams, db) - 208usize];
+    ["Offset of field: LoraParams::dbias"][::core::mem::offset_of!(LoraParams, dbias) - 216usize];
+    ["Offset of field: LoraParams::merged"][::core::mem::offset_of!(LoraParams, merged) - 224usize];
+    ["Offset of field: LoraParams::w_ld"][::core::mem::offset_of!(LoraParams, w_ld) - 232usize];
+    ["Offset of field: LoraParams::x_ext"][::core::mem::offset_of!(LoraParams, x_ext) - 240usize];
+    ["Offset of field: LoraParams::x_ld"][::core::mem::offset_of!(LoraParams, x_ld) - 248usize];
+    ["Offset of field: LoraParams::dy_ext"][::core::mem::offset_of!(LoraParams, dy_ext) - 256usize];
+    ["Offset of field: LoraParams::dy_ld"][::core::mem::offset_of!(LoraParams, dy_ld) - 264usize];
     ["Offset of field: LoraParams::rank_partials"]
-        [::core::mem::offset_of!(LoraParams, rank_partials) - 264usize];
+        [::core::mem::offset_of!(LoraParams, rank_partials) - 272usize];
     ["Offset of field: LoraParams::k_splits"]
-        [::core::mem::offset_of!(LoraParams, k_splits) - 272usize];
+        [::core::mem::offset_of!(LoraParams, k_splits) - 280usize];
     ["Offset of field: LoraParams::narrow_stagger"]
-        [::core::mem::offset_of!(LoraParams, narrow_stagger) - 276usize];
+        [::core::mem::offset_of!(LoraParams, narrow_stagger) - 284usize];
     ["Offset of field: LoraParams::column_runs"]
-        [::core::mem::offset_of!(LoraParams, column_runs) - 280usize];
-    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 284usize];
+        [::core::mem::offset_of!(LoraParams, column_runs) - 288usize];
+    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 292usize];
     ["Offset of field: LoraParams::x_map"][::core::mem::offset_of!(LoraParams, x_map) - 320usize];
     ["Offset of field: LoraParams::w_map"][::core::mem::offset_of!(LoraParams, w_map) - 448usize];
     ["Offset of field: LoraParams::u_map"][::core::mem::offset_of!(LoraParams, u_map) - 576usize];

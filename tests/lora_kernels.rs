@@ -433,10 +433,12 @@ fn fused_down_makes_u_in_the_forward_gemm() {
 /// scale·v A in dX's own layout, W and A as wgmma's MN-major B, v = scale·dY B from dY's tiles
 /// beside it): ranks 1 to 32 over dense and NF4 bases, with and without dropout (then
 /// lora_dx_fixup adds the masked term from the v the kernel wrote), partial row, column and K
-/// tiles, TMA, multicast and cp.async loads, 1, 2 and 3 blocks, a block per SM, and column runs
-/// (v made once a run). Each against the reference (dX, and dA, which reads the v the kernel
-/// wrote); dX and the gradients bit-equal across the loads, block counts and orders; within
-/// rounding of lora_backward_v + the dXᵀ kernel.
+/// tiles (one column tile: every step makes a dB partial), TMA, multicast and cp.async loads,
+/// 1, 2 and 3 blocks, a block per SM, and column runs (v made once a run). Each against the
+/// reference (dX; dA, which reads the v the kernel wrote; dB and dbias from the partials it
+/// made beside them, `LoraLinear::fused_db`); dX and the gradients bit-equal across the loads,
+/// block counts and orders; dB and dbias within rounding of lora_grad_b's, dX and dA of
+/// lora_backward_v + the dXᵀ kernel's.
 #[test]
 fn fused_v_makes_v_in_the_dx_gemm() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
@@ -446,6 +448,8 @@ fn fused_v_makes_v_in_the_dx_gemm() {
             (200, 520, 136, 17, false, 0.1),
             (70, 264, 328, 32, true, 0.05),
             (300, 300, 72, 9, false, 0.0),
+            // One column tile: every step of dY makes a dB partial, the warpgroups in turn.
+            (150, 200, 300, 8, false, 0.0),
         ] {
             let mut bits: Option<Vec<Vec<u32>>> = None;
             for (tile_loads, blocks, column_runs) in SIDE_PRODUCT_RUNS {
@@ -475,6 +479,7 @@ fn fused_v_makes_v_in_the_dx_gemm() {
                 };
                 let (layer, x) = wgmma_layer(&dev, &c);
                 assert_eq!(layer.fused_v(), Some(if rank <= 16 { 16 } else { 32 }));
+                assert!(layer.fused_db());
                 let dy = dev
                     .upload(&random_vec::<bf16>(
                         &mut StdRng::seed_from_u64(c.seed),
@@ -503,9 +508,20 @@ fn fused_v_makes_v_in_the_dx_gemm() {
                 );
                 match &bits {
                     None => {
+                        // dB and dbias by lora_grad_b instead: the same up to rounding.
+                        let layer = layer.with_fused_db(false);
+                        assert!(!layer.fused_db());
+                        let (_, _, db2, dbias2) = grads(&layer);
+                        let db_err = rel_l2(&db, &db2);
+                        let dbias_err = rel_l2(&dbias, &dbias2);
+                        assert!(
+                            db_err < 1e-5 && dbias_err < 1e-5,
+                            "{what}: dB {db_err:e}, dbias {dbias_err:e} from lora_grad_b's"
+                        );
                         // Against lora_backward_v + the dXᵀ kernel: the same up to rounding.
-                        let separate = layer.with_fused_v(false);
+                        let separate = layer.with_fused_v(false).with_fused_db(true);
                         assert_eq!(separate.fused_v(), None);
+                        assert!(!separate.fused_db());
                         let (dx2, da2, _, _) = grads(&separate);
                         let dx_err = rel_l2(&dx, &dx2);
                         let da_err = rel_l2(&da, &da2);

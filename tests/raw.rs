@@ -405,19 +405,20 @@ fn nf4_raw_matches_the_safe_calls() {
 /// One layer through LoraLinear and through the raw steps with params filled by hand,
 /// workspaces the caller's; on wgmma, where `fused`, as the layer does: without dropout the
 /// forward in one kernel (`forward_fused_down`), else `down` then `forward`; the backward's v
-/// and dX in one (`backward_dx_fused_v`), else `backward_v` then `backward_dx`.
+/// and dX in one (`backward_dx_fused_v`), and with them the dB partials where `fused_db`,
+/// else `backward_v` then `backward_dx`.
 fn lora_case(
     dev: &Device,
     gemm: BaseGemm,
     nf4_base: bool,
     dropout: f32,
     bias: bool,
-    fused: bool,
+    (fused, fused_db): (bool, bool),
 ) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(rand::random());
     let (m, d_in, d_out, rank) = (77usize, 136usize, 72usize, 9usize);
     let case = format!(
-        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} fused {fused} on {}",
+        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} fused {fused} dB {fused_db} on {}",
         dev.describe()
     );
     let up = |rng: &mut StdRng, n: usize, s: f32| dev.upload(&random_vec::<bf16>(rng, n, s));
@@ -458,7 +459,8 @@ fn lora_case(
     .with_tile_loads(TileLoads::CpAsync)
     .with_nf4_decode(Nf4Decode::InTile)
     .with_fused_down(fused)
-    .with_fused_v(fused);
+    .with_fused_v(fused)
+    .with_fused_db(fused_db);
     let (y, saved) = layer.forward(&x, m)?;
     let grads = layer.backward(&x, &saved, &dy)?;
 
@@ -519,8 +521,9 @@ fn lora_case(
     let mut dbias = poisoned_f32(d_out)?;
     let v_splits = lora::k_split_count(m, d_out, sms);
     let mut v_partials = poisoned_f32(lora::raw::rank_partials_len(m, rank, v_splits))?;
-    let (splits, partials_len) = lora::raw::grad_partials(dev, m, d_in, d_out, rank);
-    let mut partials = poisoned_f32(partials_len)?;
+    let sizes = lora::raw::grad_partials(dev, m, d_in, d_out, rank, layer.fused_db());
+    let mut partials = poisoned_f32(sizes.len)?;
+    let mut bt = dev.alloc_poisoned::<bf16>(rank * d_out)?;
     let backward = LoraParams {
         x: x.ptr(),
         u: u.ptr_mut(),
@@ -530,7 +533,9 @@ fn lora_case(
         rank_partials: v_partials.ptr_mut() as *mut f32,
         k_splits: v_splits,
         partials: partials.ptr_mut() as *mut f32,
-        splits,
+        splits: sizes.splits,
+        b_splits: sizes.b_splits,
+        bt: bt.ptr_mut(),
         da: da.ptr_mut() as *mut f32,
         db: db.ptr_mut() as *mut f32,
         dbias: if bias {
@@ -585,9 +590,10 @@ fn lora_raw_steps_match_the_layer() {
                 (true, 0.0, false),
                 (true, 0.25, true),
             ] {
-                lora_case(&dev, gemm, nf4_base, dropout, bias, true).unwrap();
+                lora_case(&dev, gemm, nf4_base, dropout, bias, (true, true)).unwrap();
                 if gemm == BaseGemm::Wgmma {
-                    lora_case(&dev, gemm, nf4_base, dropout, bias, false).unwrap();
+                    lora_case(&dev, gemm, nf4_base, dropout, bias, (true, false)).unwrap();
+                    lora_case(&dev, gemm, nf4_base, dropout, bias, (false, false)).unwrap();
                 }
             }
         }
@@ -640,6 +646,18 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
             if !dev.has_wgmma() {
                 let err = lora::raw::backward_dx_fused_v(&dev, None, DType::BF16, &p).unwrap_err();
                 assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            } else {
+                // dB partials other than one per 128 rows (4 rows: one), and no Bᵀ workspace.
+                let mut bt = dev.alloc_poisoned::<bf16>(16).unwrap();
+                for (b_splits, bt) in [(2, bt.ptr_mut()), (1, std::ptr::null_mut())] {
+                    let p = LoraParams { b_splits, bt, ..p };
+                    let err =
+                        lora::raw::backward_dx_fused_v(&dev, None, DType::BF16, &p).unwrap_err();
+                    assert!(
+                        matches!(err, Error::InvalidArgument { .. }),
+                        "b_splits {b_splits}: {err}"
+                    );
+                }
             }
         }
         if let Device::Emu(_) = dev {

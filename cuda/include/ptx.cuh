@@ -406,14 +406,14 @@ FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                             \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
 // The side products' shapes, N = 16 and 32 (8 and 16 accumulators): operands after d are the
-// descriptors, then the scale-d flag.
+// descriptors, then the scale-d flag (`scale_d`: 0 makes D = A·B, overwriting d).
 #define FK_WGMMA_M64N16K16(type, trans_a, trans_b)                                                 \
   asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                                 \
       "wgmma.mma_async.sync.aligned.m64n16k16.f32." type "." type                                  \
       " {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, " trans_a ", " trans_b ";\n}\n"         \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
-      : "l"(da), "l"(db), "r"(1))
+      : "l"(da), "l"(db), "r"(scale_d))
 #define FK_WGMMA_M64N32K16(type, trans_a, trans_b)                                                 \
   asm volatile(                                                                                    \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                 \
@@ -423,7 +423,28 @@ FK_DEVICE uint64_t wgmma_descriptor(const void* tile) {
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),   \
         "+f"(d[15])                                                                                \
-      : "l"(da), "l"(db), "r"(1))
+      : "l"(da), "l"(db), "r"(scale_d))
+// The LoRA backward's [dB | dbias] beside dX's GEMM (lora.cu, DxSides), [u | 1] one column
+// wider than a side product: N = 24 and 40 (12 and 20 accumulators).
+#define FK_WGMMA_M64N24K16(type, trans_a, trans_b)                                                 \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %14, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n24k16.f32." type "." type                                  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, %12, %13, p, 1, 1, " trans_a ", "       \
+      trans_b ";\n}\n"                                                                             \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11])                                           \
+      : "l"(da), "l"(db), "r"(scale_d))
+#define FK_WGMMA_M64N40K16(type, trans_a, trans_b)                                                 \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %22, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n40k16.f32." type "." type                                  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19}, " \
+      "%20, %21, p, 1, 1, " trans_a ", " trans_b ";\n}\n"                                          \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),   \
+        "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19])                            \
+      : "l"(da), "l"(db), "r"(scale_d))
 // A from registers at N = 256: operands 128-131 are A's fragment, 132 B's descriptor, 133 the
 // scale-d flag.
 #define FK_WGMMA_M64N256K16_RS(type, no_trans_a, trans_b)                                          \
@@ -501,22 +522,31 @@ FK_DEVICE void wgmma_m64n8k16_rs(float (&d)[4], const uint32_t (&a)[4], const vo
 #endif
 }
 
-// The same at N = 16 or 32 (N / 2 accumulators a thread), A K-major: a side product beside
+// The same at N = 16 or 32 (N / 2 accumulators a thread), both K-major: a side product beside
 // the m64n256 ones from the same A tile (wgmma.cuh's Side: the LoRA forward's u = x Aᵀ, the
-// backward's v = dY B from an MN-major B).
-template <typename T, int N, bool kMnMajorB = false>
-FK_DEVICE void wgmma_m64nNk16(float (&d)[N / 2], const void* a, const void* b) {
-  static_assert(N == 16 || N == 32, "the side products' widths");
+// backward's v = dY B); at N = 24 or 40 both MN-major, the same A tile read across its rows
+// (the LoRA backward's [dB | dbias] = dYᵀ [u | 1], lora.cu's DxSides). `accumulate` false: D =
+// A·B, d's values not read (its first k16 slice of a product, with no zeroing of d between).
+template <typename T, int N, bool kMnMajorA = false, bool kMnMajorB = false>
+FK_DEVICE void wgmma_m64nNk16(float (&d)[N / 2], const void* a, const void* b, bool accumulate = true) {
+  static_assert(N == 16 || N == 24 || N == 32 || N == 40, "the side products' widths");
 #if FK_PTX && FK_HAS_WGMMA
+  const uint32_t scale_d = accumulate;
   if constexpr (N == 16) {
-    FK_WGMMA_SS(false, kMnMajorB, FK_WGMMA_M64N16K16)
+    FK_WGMMA_SS(kMnMajorA, kMnMajorB, FK_WGMMA_M64N16K16)
+  } else if constexpr (N == 24) {
+    FK_WGMMA_SS(kMnMajorA, kMnMajorB, FK_WGMMA_M64N24K16)
+  } else if constexpr (N == 32) {
+    FK_WGMMA_SS(kMnMajorA, kMnMajorB, FK_WGMMA_M64N32K16)
   } else {
-    FK_WGMMA_SS(false, kMnMajorB, FK_WGMMA_M64N32K16)
+    FK_WGMMA_SS(kMnMajorA, kMnMajorB, FK_WGMMA_M64N40K16)
   }
 #elif FK_PTX
   __trap();
 #elif FK_EMU_PTX
-  fk_emu_wgmma(d, N, a, nullptr, b, wgmma_type<T>(), false, kMnMajorB);
+  if (!accumulate)
+    for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;  // what scale-d 0 reads of d, at the wait
+  fk_emu_wgmma(d, N, a, nullptr, b, wgmma_type<T>(), kMnMajorA, kMnMajorB);
 #endif
 }
 

@@ -164,15 +164,14 @@ struct Rows : Matrix<T> {
 
 // An operand whose element (row, k) is ptr[k · ld + row]: its lines run along the tile's rows
 // (A's rows, B's columns). Loaded into chunks of 64 of the tile's rows (columns_slot), by TMA
-// in a box of 64 × 64 a chunk: wgmma's MN-major A or B (imm-trans). A tile of fewer than 64
-// rows (a side tile, Side) fills the first of one chunk's 64 (TMA fills the rest with zeros).
+// in a box of 64 × 64 a chunk: wgmma's MN-major A or B (imm-trans).
 template <typename T>
 struct Columns : Matrix<T> {
   static constexpr bool kMnMajor = true;
   static constexpr bool kMulticasts = false;  // as B, each block loads its own
 
   template <int kRows>
-  static constexpr int kChunks = (kRows + 63) / 64;
+  static constexpr int kChunks = kRows / 64;
   template <int kRows>
   FK_DEVICE uint32_t tma_bytes() const { return this->map ? kChunks<kRows> * FK_WGMMA_MN_CHUNK_BYTES : 0; }
 
@@ -181,7 +180,7 @@ struct Columns : Matrix<T> {
   // runs leave threads for: one address computation, then a stride per pass. Never shared.
   template <int kRows>
   FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar, uint32_t) const {
-    static_assert(kRows % 8 == 0 && (kRows <= 64 || kRows % 64 == 0), "runs of 8 rows, whole chunks past one");
+    static_assert(kRows % 64 == 0, "whole chunks of 64 rows");
     const auto& [ptr, ld, row0, rows, k_len, map, fast] = static_cast<const Matrix<T>&>(*this);
     if (map) {
       if (threadIdx.x == 0)
@@ -192,7 +191,6 @@ struct Columns : Matrix<T> {
     constexpr int kRuns = kRows / 8, kLines = kThreads / kRuns, kPasses = (kBK + kLines - 1) / kLines;
     static_assert(kLines % 8 == 0, "passes kLines apart keep each line's swizzle");
     const int run = threadIdx.x % kRuns, kk = threadIdx.x / kRuns;
-    if (kLines > kBK && kk >= kBK) return;
     const uint32_t r = row0 + run * 8, valid = r < rows ? min(8u, rows - r) : 0u;
     uint16_t* const first = reinterpret_cast<uint16_t*>(tile) + columns_slot(kk, run * 8);
     const T* const src = ptr + uint64_t(k0 + kk) * ld + r;
@@ -214,33 +212,47 @@ struct Columns : Matrix<T> {
   }
 };
 
-// A segment with no side product.
+// A segment with no side product. The interface a side product offers run_tiles: a stage's
+// side tile of kLines lines (filled as an operand's: issue, finish, tma_bytes), kExtraBytes
+// of shared memory of its own past the side tiles (prepare), start(origin) before each tile's
+// first step with no wgmma in flight, mma() beside each step's wgmmas, waited() once the
+// step's wait has let the previous step's go, flush() with the tile's wgmmas waited out
+// (before run_tiles' `done`).
 struct NoSide {
   static constexpr int kLines = 0;
-  FK_DEVICE void prepare() {}
+  static constexpr int kExtraBytes = 0;
+  FK_DEVICE void prepare(unsigned char*) {}
   FK_DEVICE void issue(uint4*, uint32_t, uint64_t*, bool) const {}
   FK_DEVICE void finish(uint4*, uint32_t, bool) {}
   FK_DEVICE uint32_t tma_bytes(bool) const { return 0; }
+  FK_DEVICE void start(uint2) {}
+  FK_DEVICE void waited() {}
+  FK_DEVICE void flush() {}
 };
 
 // A segment's side product: beside each step's four wgmmas, A's (K-major) slices times the
-// stage's side tile, kN K-contiguous rows of `b` (kN ≤ FK_WGMMA_SIDE_ROWS), into `acc`, kN / 2
-// accumulators a thread in ptx.cuh's layout at N = kN. `b` stays where the caller put it
+// stage's side tile, kN K-contiguous rows of `b` (`Rows`, kN ≤ FK_WGMMA_SIDE_ROWS), into `acc`,
+// kN / 2 accumulators a thread in ptx.cuh's layout at N = kN. `b` stays where the caller put it
 // (row0): every tile multiplies the same rows, so the product depends on A's rows alone, and a
 // tile whose A rows are those of the block's tile before it (Schedule::same_a: the next
 // column tile of a run, or of a grid smaller than a row of tiles) keeps the product that
 // tile made: `fresh` false, its side loads and wgmmas are skipped. The caller owns acc:
 // zeroes it before a fresh tile's first step, leaves it as it is before a kept one, and reads
 // it once a tile's wgmmas are waited out. The LoRA forward's u = x Aᵀ from the sweep of x
-// that y's GEMM makes (lora.cu; bench/NOTES.md).
+// that y's GEMM makes, and the backward's v = dY B from dX's sweep of dY (lora.cu;
+// bench/NOTES.md).
 template <class OperandB, int kN>
 struct Side {
-  // A stage's side tile: kN rows of 128 bytes (K-major), or a chunk of 64 lines (MN-major).
-  static constexpr int kLines = OperandB::kMnMajor ? 64 : kN;
+  static_assert(!OperandB::kMnMajor, "a side tile of K-contiguous rows");
+  static constexpr int kLines = kN;
+  static constexpr int kExtraBytes = 0;
   OperandB b;
   float (&acc)[kN / 2];
 
-  FK_DEVICE void prepare() { b.prepare(); }
+  FK_DEVICE void prepare(unsigned char*) { b.prepare(); }
+  FK_DEVICE void start(uint2) {}
+  FK_DEVICE void waited() {}
+  FK_DEVICE void flush() {}
   FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar, bool fresh) const {
     if (fresh) b.template issue<kN>(tile, k0, bar, 1);
   }
@@ -248,17 +260,16 @@ struct Side {
     if (fresh) b.template finish<kN>(tile, k0);
   }
   FK_DEVICE uint32_t tma_bytes(bool fresh) const { return fresh ? b.template tma_bytes<kN>() : 0u; }
-  // A's k16 slice j at a + j · slice, the side tile's at + kSliceBytes<...> each.
+  // A's k16 slice j at a + j · slice (this warpgroup's rows of the stage `st`, whose step is
+  // at k0), the side tile's 32 bytes apart.
   template <typename T>
-  FK_DEVICE void mma(const char* a, int slice, const uint4* tile, bool fresh) {
+  FK_DEVICE void mma(const Stage&, const char* a, int slice, const uint4* tile, bool fresh, uint32_t) {
     if (!fresh) return;
-    constexpr bool kMn = OperandB::kMnMajor;
-    constexpr int kB = kSliceBytes<kMn>;
     const char* b = reinterpret_cast<const char*>(tile);
-    wgmma_m64nNk16<T, kN, kMn>(acc, a, b);
-    wgmma_m64nNk16<T, kN, kMn>(acc, a + slice, b + kB);
-    wgmma_m64nNk16<T, kN, kMn>(acc, a + 2 * slice, b + 2 * kB);
-    wgmma_m64nNk16<T, kN, kMn>(acc, a + 3 * slice, b + 3 * kB);
+    wgmma_m64nNk16<T, kN>(acc, a, b);
+    wgmma_m64nNk16<T, kN>(acc, a + slice, b + 32);
+    wgmma_m64nNk16<T, kN>(acc, a + 2 * slice, b + 64);
+    wgmma_m64nNk16<T, kN>(acc, a + 3 * slice, b + 96);
   }
 };
 
@@ -280,10 +291,11 @@ struct Segment {
   B b;
   S side;
   FK_DEVICE int steps() const { return int((a.k_len + kBK - 1) / kBK); }
-  // Step `st`'s wgmmas (run_tiles, where a segment is not plain): mma_step's, with the side
-  // product's beside them where `fresh`, or A's own step from registers.
+  // Step `st`'s wgmmas (run_tiles, where a segment is not plain; the step at k0 of the
+  // segment): mma_step's, with the side product's beside them where `fresh`, or A's own step
+  // from registers.
   template <typename T, bool kMnMajorA, bool kMnMajorB>
-  FK_DEVICE void mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh);
+  FK_DEVICE void mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh, uint32_t k0);
 };
 
 template <class A, class B>
@@ -364,7 +376,7 @@ struct FromRegisters : RegisterOperand {
 
 template <class A, class B, class S>
 template <typename T, bool kMnMajorA, bool kMnMajorB>
-FK_DEVICE void Segment<A, B, S>::mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh) {
+FK_DEVICE void Segment<A, B, S>::mma(Accumulators& acc, const Stage& st, const uint4* side_tile, bool fresh, uint32_t k0) {
   if constexpr (std::is_base_of<RegisterOperand, A>::value) {
     a.template mma<kMnMajorB>(acc, st);
   } else if constexpr (std::is_same<S, NoSide>::value) {
@@ -372,8 +384,9 @@ FK_DEVICE void Segment<A, B, S>::mma(Accumulators& acc, const Stage& st, const u
   } else {
     static_assert(!kMnMajorA, "a side product of a K-major A");
     mma_step<T, kMnMajorA, kMnMajorB>(acc, st, [&](const char* a_slice, int slice) {
-      side.template mma<T>(a_slice, slice, side_tile, fresh);
+      side.template mma<T>(st, a_slice, slice, side_tile, fresh, k0);
     });
+    side.waited();
   }
 }
 
@@ -489,10 +502,12 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   static_assert(((Segs::B::kMnMajor == kMnMajorB) && ...), "one layout of B per run");
   // Segments with a side product or an A in registers take their own steps (Segment::mma).
   constexpr bool kPlain = (Segs::kPlain && ...);
-  // The side products' tiles, a stage's each, after the stages (FK_WGMMA_SIDE_SMEM_BYTES, or
-  // FK_WGMMA_SIDE_MN_SMEM_BYTES for an MN-major one's chunk).
-  constexpr int kSideLines = largest(0, Segs::S::kLines...);
-  static_assert(kSideLines * 128 <= FK_WGMMA_MN_CHUNK_BYTES && kSideLines % 8 == 0, "side tiles of whole 1024-byte groups");
+  // The side products' tiles, a stage's each, after the stages (FK_WGMMA_SIDE_SMEM_BYTES), then
+  // their own shared memory (kExtraBytes: FK_WGMMA_SIDE_ACROSS_SMEM_BYTES in all, lora.cu's
+  // DxSides).
+  constexpr int kSideLines = largest(0, Segs::S::kLines...), kExtraBytes = largest(0, Segs::S::kExtraBytes...);
+  static_assert(kSideLines <= FK_WGMMA_SIDE_ROWS && kSideLines % 8 == 0, "side tiles of whole 1024-byte groups");
+  static_assert(kExtraBytes % 1024 == 0, "the side's own shared memory stays 1024-byte aligned");
 #if FK_PTX && !FK_HAS_WGMMA
   // Below sm_90a the entries trap (Device::has_wgmma keeps them off those GPUs): no body to
   // compile there, nor to spill.
@@ -502,7 +517,8 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   wgmma_hold(acc);  // the accumulators' values in (zeros, a previous run's) set before any wgmma
   Stage* stages = reinterpret_cast<Stage*>(smem + shared_align_1024(smem));
   uint4* side_tiles = reinterpret_cast<uint4*>(stages + kStages);  // kSideLines lines of 8 chunks a stage
-  uint64_t* full = reinterpret_cast<uint64_t*>(side_tiles + kStages * kSideLines * 8);
+  unsigned char* extra = reinterpret_cast<unsigned char*>(side_tiles + kStages * kSideLines * 8);
+  uint64_t* full = reinterpret_cast<uint64_t*>(extra + kExtraBytes);
   // Blocks sharing B's tiles: the cluster's, where every B can multicast (a GEMM with an NF4
   // weight, decoded by each block, is never launched in clusters and carries no multicast).
   constexpr bool kMulticasts = (Segs::B::kMulticasts && ...);
@@ -515,8 +531,9 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   int first[sizeof...(Segs) + 1] = {0};
   {
     int s = 0;
-    ((segs.a.prepare(), segs.b.prepare(), segs.side.prepare(), first[s + 1] = first[s] + segs.steps(), ++s), ...);
+    ((segs.a.prepare(), segs.b.prepare(), segs.side.prepare(extra), first[s + 1] = first[s] + segs.steps(), ++s), ...);
   }
+  if (tiles.count > 0) (segs.side.start(tiles.origin(0)), ...);
   // Global step g is step g % steps of the block's tile g / steps.
   const int steps = first[sizeof...(Segs)], total = int(tiles.count) * steps;
   fence_proxy_async_shared();  // the caller's generic accesses to smem come before TMA's writes
@@ -556,13 +573,16 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
     } else {
       const bool side_fresh = fresh(g);
       at_step(g % steps, first,
-              [&](auto& seg, uint32_t) { seg.template mma<T, kMnMajorA, kMnMajorB>(acc, stages[g % kStages], side_tile(g), side_fresh); },
+              [&](auto& seg, uint32_t k0) {
+                seg.template mma<T, kMnMajorA, kMnMajorB>(acc, stages[g % kStages], side_tile(g), side_fresh, k0);
+              },
               segs...);
     }
     if (refill) finish(g + kStages - 2);
     if (g % steps == steps - 1) {
       wgmma_wait<0>();
       wgmma_hold(acc);
+      (segs.side.flush(), ...);
       __syncthreads();  // both warpgroups' wgmmas are done with stage g
       // Steps g + 1 .. g + kStages - 2 are in flight; stages g and g - 1 are read out and
       // refilled only after the next step's barrier, which every thread reaches done with them.
@@ -573,6 +593,7 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
 #pragma unroll
         for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
         wgmma_hold(acc);
+        (segs.side.start(tiles.origin(g / steps + 1)), ...);  // no wgmma in flight: all waited out above
       }
     }
   }

@@ -20,13 +20,14 @@
 /* An MN-major tile (wgmma.cuh's Columns) lies in chunks of 64 rows (A) or columns (B), each a
  * stage's 64 lines of K of 128 bytes: FK_WGMMA_MN_CHUNK_BYTES apart. */
 #define FK_WGMMA_MN_CHUNK_BYTES (64 * 128)
-/* A GEMM with a side product (wgmma.cuh's Side: the LoRA forward's u = x Aᵀ beside y's GEMM)
- * has, after the stages, a side tile per stage of up to FK_WGMMA_SIDE_ROWS rows of 128 bytes;
- * one whose side tile is MN-major (the LoRA backward's v = dY B beside dX's GEMM, up to
- * FK_WGMMA_SIDE_ROWS columns) a chunk per stage: FK_WGMMA_SIDE_MN_SMEM_BYTES in all. */
+/* A GEMM with a side product (wgmma.cuh's Side: the LoRA forward's u = x Aᵀ beside y's GEMM,
+ * the backward's v = dY B beside dX's) has, after the stages, a side tile per stage of up to
+ * FK_WGMMA_SIDE_ROWS rows of 128 bytes: FK_WGMMA_SIDE_SMEM_BYTES in all. The dX GEMM that
+ * also makes [dB | dbias] (cuda/lora.cu's DxSides) then holds its tile's [u | 1] as an
+ * MN-major tile of FK_WGMMA_TILE_M lines of 128 bytes: FK_WGMMA_SIDE_ACROSS_SMEM_BYTES. */
 #define FK_WGMMA_SIDE_ROWS 32
 #define FK_WGMMA_SIDE_SMEM_BYTES (FK_WGMMA_SMEM_BYTES + FK_WGMMA_STAGES * FK_WGMMA_SIDE_ROWS * 128)
-#define FK_WGMMA_SIDE_MN_SMEM_BYTES (FK_WGMMA_SMEM_BYTES + FK_WGMMA_STAGES * FK_WGMMA_MN_CHUNK_BYTES)
+#define FK_WGMMA_SIDE_ACROSS_SMEM_BYTES (FK_WGMMA_SIDE_SMEM_BYTES + FK_WGMMA_TILE_M * 128)
 
 /* The rank-wide GEMMs (cuda/include/narrow.cuh: u = x Aᵀ, v = dY B): a block of
  * FK_GEMM_THREADS threads computes FK_NARROW_ROWS rows by FK_NARROW_COLS columns through

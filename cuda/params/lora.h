@@ -40,8 +40,13 @@ typedef struct LoraParams {
                         lora_backward_dx_v*_wgmma), read by dx, lora_dx_fixup and grads */
   void* dx;          /* [m, d_in] */
   float* partials;   /* the split-row reductions: [splits][rank·d_in] (dA), then
-                        [splits][d_out·(rank + 1)] (dB and dbias) */
+                        [b_splits or splits][d_out·(rank + 1)] (dB and dbias) */
   uint32_t splits;   /* how many row ranges the weight gradients are split into, at least 1 */
+  uint32_t b_splits; /* nonzero: the dB partials are lora_backward_dx_v*_wgmma's, one per 128
+                        rows (ceil(m / 128) of them), and lora_grad_b is not launched; 0:
+                        lora_grad_b makes `splits` of them */
+  void* bt;          /* [rank, d_out]: Bᵀ, written by lora_transpose_b for
+                        lora_backward_dx_v*_wgmma (its v side tile: rows of B's columns) */
   float* da;         /* [rank, d_in] */
   float* db;         /* [d_out, rank] */
   float* dbias;      /* [d_out], or NULL */
@@ -76,7 +81,8 @@ typedef struct LoraParams {
   /* TMA loads (the wgmma kernels): the maps of the operands the host could encode (16-byte
    * aligned, rows a multiple of 16 bytes apart), each flagged in `tma`; the kernel loads the
    * others through cp.async. Forward: x, dense w, u, b (boxes of 64 along K by the tile's
-   * rows); backward dX: dy, v (the same), dense w and a (boxes of 64 × 64 K lines). */
+   * rows); backward dX: dy, v (the same), dense w and a (boxes of 64 × 64 K lines); the dX
+   * kernels that make v: b_map is bt's (boxes of 64 along d_out by the side tile's rows). */
   uint32_t tma; /* FK_LORA_TMA_* bits */
   FkTensorMap x_map, w_map, u_map, b_map, dy_map, v_map, a_map;
 } LoraParams;

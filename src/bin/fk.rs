@@ -399,7 +399,7 @@ mod tests {
             ),
             (
                 "lora_backward_dx_v32_nf4_wgmma_bf16",
-                params::FK_WGMMA_SIDE_MN_SMEM_BYTES,
+                params::FK_WGMMA_SIDE_ACROSS_SMEM_BYTES,
             ),
             ("nf4_gemm_dx_wgmma_bf16", params::FK_WGMMA_SMEM_BYTES),
             ("lora_down_bf16", params::FK_NARROW_SMEM_BYTES),

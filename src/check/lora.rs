@@ -368,6 +368,12 @@ where
     let da_bound = sum_bound + unit(T::DTYPE);
     let dx_bound = matmul_bound(T::DTYPE, c.d_out + c.rank) + unit(T::DTYPE);
     let dx_name = layer_kernel(&s, &c, "backward_dx");
+    // dB's partials: the dX kernel's where it makes them beside dX, else lora_grad_b's.
+    let db_name = if s.layer.fused_db() {
+        format!("{dx_name} dB")
+    } else {
+        format!("lora_grad_b_{}", T::DTYPE)
+    };
     let mut rows = vec![
         row(
             dx_name,
@@ -386,7 +392,7 @@ where
             None,
         ),
         row(
-            format!("lora_grad_b_{}", T::DTYPE),
+            db_name.clone(),
             dev,
             &c,
             Measure::RelL2(sum_bound),
@@ -396,7 +402,7 @@ where
     ];
     if let (Some(got), Some(want)) = (&g.dbias, &expected.dbias) {
         rows.push(row(
-            "lora_dbias".into(),
+            format!("{db_name} dbias"),
             dev,
             &c,
             Measure::RelL2(sum_bound),

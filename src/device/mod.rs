@@ -155,7 +155,7 @@ impl LaunchConfig {
 
     /// The same launch with `shared_bytes` of dynamic shared memory: a wgmma GEMM with a side
     /// product (`wgmma::Side`) has its side tiles after the stages (`FK_WGMMA_SIDE_SMEM_BYTES`,
-    /// or `FK_WGMMA_SIDE_MN_SMEM_BYTES` for MN-major side tiles).
+    /// `FK_WGMMA_SIDE_ACROSS_SMEM_BYTES` for the LoRA dX GEMM that makes dB's partials too).
     pub fn with_shared_bytes(self, shared_bytes: u32) -> Self {
         LaunchConfig {
             shared_bytes,

@@ -24,7 +24,9 @@
 //!   GEMMs are persistent, a block per SM walking its tiles with the next one's loads in
 //!   flight while it stores the last ([`LoraLinear::with_wgmma_blocks`]); without dropout at
 //!   ranks up to 32 the forward GEMM makes u itself, from its own tiles of x, so that no
-//!   pass over x precedes it ([`LoraLinear::fused_down`]); v, dA, dB as Fused. Not the
+//!   pass over x precedes it ([`LoraLinear::fused_down`]), and backward's dX GEMM (then in
+//!   dX's own layout) makes v and dB's partials from its tiles of dY, so that dY is read
+//!   once ([`LoraLinear::fused_v`], [`LoraLinear::fused_db`]); dA as Fused. Not the
 //!   default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and 1.7% faster than
 //!   Extended (forward, backward; bench/results/2026-11-27T0501-h200), then 3.0% and 4.2%
 //!   slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within its own kernels'
@@ -154,6 +156,8 @@ pub struct LoraLinear<T: FloatElem> {
     /// Whether the FusedWgmma backward computes `v` in its dX GEMM where it can
     /// ([`Self::fused_v`]).
     fused_v: bool,
+    /// Whether that dX GEMM makes the dB partials too ([`Self::fused_db`]).
+    fused_db: bool,
     /// Whether `u` comes from `lora_down_k64` (steps of 64 along K) rather than `lora_down`.
     wide_down: bool,
     nf4_decode: Nf4Decode,
@@ -277,8 +281,9 @@ enum WgmmaGemm {
     Forward(Option<u32>),
     /// dX as dXᵀ = [A ; W]ᵀ · [v | dY]ᵀ (`backward_dx`).
     DxTransposed,
-    /// dX = [dY | v] · [W ; A], v made beside it (`backward_dx_v16`, `backward_dx_v32`).
-    DxWithV,
+    /// dX = [dY | v] · [W ; A], v (and the dB partials, where asked) made beside it from a
+    /// side tile of that many rows of Bᵀ (`backward_dx_v16`, `backward_dx_v32`).
+    DxWithV(u32),
 }
 
 impl WgmmaGemm {
@@ -286,18 +291,19 @@ impl WgmmaGemm {
     fn of(op: &str) -> Self {
         if op == "backward_dx" {
             WgmmaGemm::DxTransposed
-        } else if op.starts_with("backward_dx_v") {
-            WgmmaGemm::DxWithV
+        } else if let Some(rows) = op.strip_prefix("backward_dx_v") {
+            WgmmaGemm::DxWithV(rows.parse().unwrap_or(params::FK_WGMMA_SIDE_ROWS))
         } else {
             WgmmaGemm::Forward(op.strip_prefix("forward_down").and_then(|w| w.parse().ok()))
         }
     }
 
-    /// Its launch's dynamic shared memory: the stages, and the side tiles where it has any.
+    /// Its launch's dynamic shared memory: the stages, and the side tiles where it has any
+    /// (and dX's tile of `[u | 1]` for the dB partials).
     fn shared_bytes(self) -> u32 {
         match self {
             WgmmaGemm::Forward(Some(_)) => params::FK_WGMMA_SIDE_SMEM_BYTES,
-            WgmmaGemm::DxWithV => params::FK_WGMMA_SIDE_MN_SMEM_BYTES,
+            WgmmaGemm::DxWithV(_) => params::FK_WGMMA_SIDE_ACROSS_SMEM_BYTES,
             _ => params::FK_WGMMA_SMEM_BYTES,
         }
     }
@@ -371,6 +377,32 @@ unsafe fn backward_dx_launch(
         }
     }
     Ok(())
+}
+
+/// dX with v made beside it (`lora_backward_dx_v{16,32}[_nf4]_wgmma`, `name`, `cfg`): Bᵀ into
+/// `p.bt` first (`lora_transpose_b`: the kernel's side tile takes rows of it), then as
+/// [`backward_dx_launch`] on wgmma.
+///
+/// # Safety
+/// As [`rank_launch`], `p.bt` holding `[rank, out]`; only where the device has wgmma.
+unsafe fn backward_dx_v_launch(
+    dev: &Device,
+    stream: Option<CUstream>,
+    t: DType,
+    (name, cfg): (&Kernel, LaunchConfig),
+    p: &LoraParams,
+) -> Result<()> {
+    let n = u64::from(p.rank) * u64::from(p.d_out);
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        dev.launch_on(
+            &kernel(format!("lora_transpose_b_{t}")),
+            LaunchConfig::grid_stride(n, THREADS, 1 << 16),
+            stream,
+            p,
+        )?;
+        backward_dx_launch(dev, stream, t, (name, cfg), true, p)
+    }
 }
 
 /// dX += mask ⊙ (v A) / (1 - p) (`lora_dx_fixup`): the low-rank term under dropout, after a
@@ -478,6 +510,7 @@ impl<T: FloatElem> LoraLinear<T> {
             column_runs: false,
             fused_down: true,
             fused_v: true,
+            fused_db: true,
             wide_down: false,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
@@ -620,6 +653,25 @@ impl<T: FloatElem> LoraLinear<T> {
     pub fn fused_v(&self) -> Option<u32> {
         let on = self.fused_v && self.path == LoraPath::FusedWgmma;
         on.then(|| side_width(self.config.rank as u32)).flatten()
+    }
+
+    /// The layer with the dX GEMM that makes `v` making the partials of `dB` and `dbias` too
+    /// (the default; `false`: `lora_grad_b` makes them, as the other cases do):
+    /// [`Self::fused_db`] says where.
+    pub fn with_fused_db(mut self, fused: bool) -> Self {
+        self.fused_db = fused;
+        self
+    }
+
+    /// Whether the backward's dX GEMM makes the partials of `dB = dYᵀ u` and `dbias` (as
+    /// `[dB | dbias] = dYᵀ [u | 1]`, one per 128 rows) beside dX and `v`: wherever
+    /// [`Self::fused_v`] is on, unless [`Self::with_fused_db`] turned it off. Each of the
+    /// GEMM's steps over dY's tile (64 columns of dY) is multiplied once more, by one of the
+    /// column tiles of its rows in turn, read across its rows times the tile's `[u | 1]`: no
+    /// pass of its own over dY for `dB` (`lora_grad_b`), whose partials `lora_reduce` adds as
+    /// before, in a fixed order.
+    pub fn fused_db(&self) -> bool {
+        self.fused_db && self.fused_v().is_some()
     }
 
     /// The layer with `u = x Aᵀ` computed by `lora_down_k64`, whose steps along K are 64
@@ -827,10 +879,10 @@ impl<T: FloatElem> LoraLinear<T> {
     /// a dense W (the tile's columns), and A where the forward computes u (its side tile's
     /// rows); dXᵀ's dY and v (its B: boxes of dXᵀ's columns), and its A operands, A and a
     /// dense W, read along their rows (boxes of 64 of them by 64 lines of K); dX's dY (boxes
-    /// of the tile's rows) and, where it makes v, its MN-major B and side tile, W, A and B,
-    /// read along their rows likewise. Returns whether B is shared by pairs of blocks
-    /// ([`TileLoads::TmaMulticast`]; its boxes are then half the tile's columns): never where
-    /// B is MN-major.
+    /// of the tile's rows) and, where it makes v, its MN-major B, W and A, read along their
+    /// rows likewise, and its side tile's Bᵀ (`p.bt`: boxes of its rows). Returns whether B
+    /// is shared by pairs of blocks ([`TileLoads::TmaMulticast`]; its boxes are then half
+    /// the tile's columns): never where B is MN-major.
     fn tma_maps(&self, p: &mut LoraParams, gemm: WgmmaGemm, m: usize) -> Result<bool> {
         let (rows_a, rows_b, lines) = (params::FK_WGMMA_TILE_M, params::FK_WGMMA_TILE_N, 64);
         let (r, d_in, d_out) = (self.config.rank, self.d_in, self.d_out);
@@ -852,10 +904,13 @@ impl<T: FloatElem> LoraLinear<T> {
                 lines,
                 vec![params::FK_LORA_TMA_DY, params::FK_LORA_TMA_V],
             ),
-            WgmmaGemm::DxWithV => (
+            WgmmaGemm::DxWithV(side_rows) => (
                 vec![
                     (params::FK_LORA_TMA_DY, tile(p.dy, d_out, m, d_out, rows_a)),
-                    (params::FK_LORA_TMA_B, tile(p.b, r, d_out, r, lines)),
+                    (
+                        params::FK_LORA_TMA_B,
+                        tile(p.bt.cast_const(), d_out, r, d_out, side_rows),
+                    ),
                     (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, lines)),
                 ],
                 lines,
@@ -1092,9 +1147,9 @@ impl<T: FloatElem> LoraLinear<T> {
             .map(|_| dev.alloc_output::<f32>(self.d_out))
             .transpose()?;
         let mut v = dev.alloc_output::<T>(m * r)?;
-        let splits = split_count(m, self.d_in.max(self.d_out), dev.sm_count());
-        let mut partials =
-            dev.alloc_output::<f32>(splits as usize * (r * self.d_in + self.d_out * (r + 1)))?;
+        let fused_db = self.fused_db();
+        let sizes = raw::grad_partials(&dev, m, self.d_in, self.d_out, r, fused_db);
+        let mut partials = dev.alloc_output::<f32>(sizes.len)?;
         let mut p = self.params(m, saved.seed)?;
         p.x = x.ptr();
         p.u = saved.u.ptr() as *mut std::ffi::c_void;
@@ -1102,7 +1157,8 @@ impl<T: FloatElem> LoraLinear<T> {
         p.v = v.ptr_mut();
         p.dx = dx.ptr_mut();
         p.partials = partials.ptr_mut() as *mut f32;
-        p.splits = splits;
+        p.splits = sizes.splits;
+        p.b_splits = sizes.b_splits;
         p.da = da.ptr_mut() as *mut f32;
         p.db = db.ptr_mut() as *mut f32;
         p.dbias = dbias
@@ -1111,21 +1167,36 @@ impl<T: FloatElem> LoraLinear<T> {
         let t = T::DTYPE;
         match self.path {
             LoraPath::Fused | LoraPath::FusedWgmma => {
-                let op = match self.fused_v() {
+                let fused_v = self.fused_v();
+                let op = match fused_v {
                     Some(side) => format!("backward_dx_v{side}"),
                     None => {
                         self.rank_gemm("lora_backward_v", false, &mut p, m, self.d_out)?;
                         "backward_dx".to_string()
                     }
                 };
+                // Bᵀ, for the side tile of the kernel that makes v (before its tensor maps).
+                let mut bt = fused_v
+                    .map(|_| dev.alloc_output::<T>(r * self.d_out))
+                    .transpose()?;
+                if let Some(bt) = &mut bt {
+                    p.bt = bt.ptr_mut();
+                }
                 let _scratch = self.scratch_base(&mut p)?;
                 let (name, cfg) = self.base_gemm(&op, &mut p, m, self.d_in)?;
                 let wgmma = self.path == LoraPath::FusedWgmma;
                 // SAFETY: every buffer in p was checked or sized above (a scratch base is
-                // [out, in] and lives past the launch); the kernels only read u (passed
-                // through the mutable field of the shared params struct). The wgmma kernel
-                // runs only where has_wgmma (with_path).
-                unsafe { backward_dx_launch(&dev, None, t, (&name, cfg), wgmma, &p)? };
+                // [out, in] and lives past the launch; bt is [rank, out]; the partials hold
+                // the dB partials the kernel makes where b_splits asks); the kernels only
+                // read u (passed through the mutable field of the shared params struct). The
+                // wgmma kernels run only where has_wgmma (with_path).
+                unsafe {
+                    if fused_v.is_some() {
+                        backward_dx_v_launch(&dev, None, t, (&name, cfg), &p)?;
+                    } else {
+                        backward_dx_launch(&dev, None, t, (&name, cfg), wgmma, &p)?;
+                    }
+                }
             }
             LoraPath::Extended => {
                 let scratch = self.extended_weight(&mut p)?;
@@ -1166,7 +1237,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 }
             }
         }
-        // SAFETY: as above; the partials hold splits · (r · in + out · (r + 1)) f32.
+        // SAFETY: as above; the partials are as grad_partials sized them.
         unsafe { raw::grads(&dev, None, t, &p)? };
         Ok(LoraGrads { dx, da, db, dbias })
     }
@@ -1279,6 +1350,7 @@ pub fn kernels() -> Vec<Kernel> {
             "grad_b",
             "merge",
             "extend_weight",
+            "transpose_b",
             "dx_fixup",
             "down_reduce",
             "backward_v_reduce",
@@ -1324,17 +1396,42 @@ pub mod raw {
         }
     }
 
-    /// The row splits of [`grads`]' reductions over `m` tokens that [`LoraLinear`] picks on
-    /// `dev`, and the f32 elements of `p.partials` they need.
+    /// How [`grads`]' reductions over tokens are split: `p.splits`, `p.b_splits` and the f32
+    /// elements of `p.partials` (the dA partials, then the dB ones).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct GradPartials {
+        /// Row ranges of the dA partials (and of the dB ones `lora_grad_b` makes).
+        pub splits: u32,
+        /// The dB partials [`backward_dx_fused_v`] makes, one per 128 rows; 0 where
+        /// `lora_grad_b` makes them.
+        pub b_splits: u32,
+        /// f32 elements of `p.partials`.
+        pub len: usize,
+    }
+
+    /// The splits that [`LoraLinear`] picks on `dev` for `m` tokens, the dB partials made by
+    /// [`backward_dx_fused_v`] where `fused_db` ([`LoraLinear::fused_db`]), else by
+    /// [`grads`].
     pub fn grad_partials(
         dev: &Device,
         m: usize,
         d_in: usize,
         d_out: usize,
         rank: usize,
-    ) -> (u32, usize) {
+        fused_db: bool,
+    ) -> GradPartials {
         let splits = split_count(m, d_in.max(d_out), dev.sm_count());
-        (splits, splits as usize * (rank * d_in + d_out * (rank + 1)))
+        let b_splits = if fused_db {
+            m.div_ceil(params::FK_WGMMA_TILE_M as usize) as u32
+        } else {
+            0
+        };
+        let b_parts = if fused_db { b_splits } else { splits } as usize;
+        GradPartials {
+            splits,
+            b_splits,
+            len: splits as usize * rank * d_in + b_parts * d_out * (rank + 1),
+        }
     }
 
     fn dtype(t: DType) -> Result<()> {
@@ -1474,8 +1571,12 @@ pub mod raw {
     /// [`backward_v`] and [`backward_dx`] in one kernel on wgmma, `v` made in the dX GEMM's
     /// sweep of dY ([`LoraLinear::fused_v`]): `p.v` written, `dx` as [`backward_dx`]'s (under
     /// dropout its masked low-rank term added afterwards from that `v`, as [`backward_dx`]
-    /// does on wgmma), the base dense or NF4 alike. Refused (typed errors) at ranks past 32
-    /// and where the device has no wgmma.
+    /// does on wgmma), the base dense or NF4 alike; where `p.b_splits` is set (to
+    /// [`grad_partials`]' with `fused_db`), the dB and dbias partials too, into `p.partials`
+    /// after the dA ones ([`LoraLinear::fused_db`]), which [`grads`] then leaves alone.
+    /// `p.bt` is a workspace of `[rank, out]` elements that it fills with Bᵀ first. Refused
+    /// (typed errors) at ranks past 32, without `p.bt`, with another `p.b_splits`, and where
+    /// the device has no wgmma.
     ///
     /// # Safety
     /// As [`down`].
@@ -1485,9 +1586,10 @@ pub mod raw {
         t: DType,
         p: &LoraParams,
     ) -> Result<()> {
+        let what = "lora raw backward_dx_fused_v";
         let Some(width) = side_width(p.rank) else {
             return Err(Error::InvalidArgument {
-                what: "lora raw backward_dx_fused_v",
+                what,
                 why: format!(
                     "v in the dX GEMM needs a rank of 1 to {} ({}); use backward_v, then \
                      backward_dx",
@@ -1498,13 +1600,33 @@ pub mod raw {
         };
         let op = format!("backward_dx_v{width}");
         let (k, cfg) = gemm_launch(dev, &op, t, BaseGemm::Wgmma, p)?;
+        let row_tiles = p.m.div_ceil(params::FK_WGMMA_TILE_M);
+        if p.b_splits != 0 && p.b_splits != row_tiles {
+            return Err(Error::InvalidArgument {
+                what,
+                why: format!(
+                    "b_splits is {}: the dB partials are one per {} rows, {row_tiles} for {} \
+                     rows (0: lora_grad_b makes them)",
+                    p.b_splits,
+                    params::FK_WGMMA_TILE_M,
+                    p.m
+                ),
+            });
+        }
+        if p.bt.is_null() {
+            return Err(Error::InvalidArgument {
+                what,
+                why: "bt, the [rank, out] workspace for Bᵀ, is null".into(),
+            });
+        }
         // SAFETY: forwarded from this function's contract.
-        unsafe { backward_dx_launch(dev, stream, t, (&k, cfg), true, p) }
+        unsafe { backward_dx_v_launch(dev, stream, t, (&k, cfg), p) }
     }
 
     /// `dA = vᵀ (mask ⊙ x) / (1 - p)`, `dB = dYᵀ u` and `dbias` (where `p.dbias` is set), in f32,
     /// reduced over `p.splits` row ranges through `p.partials` in a fixed order
-    /// ([`grad_partials`]).
+    /// ([`grad_partials`]); the dB and dbias partials made here (`lora_grad_b`) unless
+    /// `p.b_splits` says [`backward_dx_fused_v`] made them.
     ///
     /// # Safety
     /// As [`down`].
@@ -1530,12 +1652,14 @@ pub mod raw {
                 stream,
                 p,
             )?;
-            dev.launch_on(
-                &kernel(format!("lora_grad_b_{t}")),
-                LaunchConfig::narrow(d_out, r + 1, splits),
-                stream,
-                p,
-            )?;
+            if p.b_splits == 0 {
+                dev.launch_on(
+                    &kernel(format!("lora_grad_b_{t}")),
+                    LaunchConfig::narrow(d_out, r + 1, splits),
+                    stream,
+                    p,
+                )?;
+            }
             dev.launch_on(
                 &kernel("lora_reduce".into()),
                 LaunchConfig::grid_stride(reduce_len, THREADS, 1 << 16),
