@@ -305,6 +305,7 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   float db[kNB / 2] = {};  // then each step's first wgmma overwrites them
   uint4* u_tile = nullptr;
   uint32_t m0 = 0, column = 0, columns = 1, issued = kNone, pending = kNone;
+  bool loaded = false;  // u_tile holds row tile m0's [u | 1]
 
   FK_DEVICE DxSides(const wgmma::Rows<T>& bt, float (&v)[kN / 2], const LoraParams& p_) : V{bt, v}, p(p_) {}
 
@@ -322,12 +323,14 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
     columns = (p.d_in + wgmma::kBN - 1) / wgmma::kBN;
   }
   // The tile's [u | 1], rows m0 .. m0 + 127 (zeros past m): row i's 16-byte chunk c (columns
-  // 8c .. 8c + 7) in the 128-byte swizzle. Loaded for all chunks before any is stored, so that
-  // the loads' round trips overlap.
+  // 8c .. 8c + 7) in the 128-byte swizzle; kept from the block's tile before where its rows are
+  // the same (column runs). Loaded for all chunks before any is stored, so that the loads'
+  // round trips overlap.
   FK_DEVICE void start(uint2 o) {
-    m0 = o.x;
     column = o.y / wgmma::kBN;
-    if (!makes_db()) return;
+    if (!makes_db() || (loaded && o.x == m0)) return;
+    m0 = o.x;
+    loaded = true;
     constexpr int kChunks = kNB / 8, kPasses = (wgmma::kBM * kChunks + wgmma::kThreads - 1) / wgmma::kThreads;
     const T* u = as<T>(p.u);
     const bool whole = p.rank % 8 == 0 && runs_of_8(u, p.rank);
@@ -368,8 +371,9 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
     // k16 slice j: rows 16j .. 16j + 15 of both, two 1024-byte atoms of 8 lines each. The
     // first overwrites the accumulators (scale-d 0): zeroing them between steps, with a
     // group of wgmmas in flight, would make ptxas serialize every wgmma (C7515).
+    constexpr int kSlice = wgmma::kSliceBytes<true>;
 #pragma unroll
-    for (int j = 0; j < wgmma::kBM / 16; ++j) wgmma_m64nNk16<U, kNB, true, true>(db, dy + 2048 * j, ut + 2048 * j, j > 0);
+    for (int j = 0; j < wgmma::kBM / 16; ++j) wgmma_m64nNk16<U, kNB, true, true>(db, dy + kSlice * j, ut + kSlice * j, j > 0);
   }
   // After a step's wait: the step before's partial is done.
   FK_DEVICE void waited() {

@@ -1371,7 +1371,8 @@ pub mod raw {
     //! ([`backward_dx_fused_v`]'s rank). A forward is [`down`] then [`forward`] (or, on wgmma
     //! without dropout at ranks up to 32, [`forward_fused_down`] alone); a backward
     //! [`backward_v`], [`backward_dx`] (or, on wgmma at ranks up to 32,
-    //! [`backward_dx_fused_v`] alone), then [`grads`]. [`LoraLinear`]'s fused paths launch
+    //! [`backward_dx_fused_v`] alone, which makes dB's partials too where `p.b_splits` asks),
+    //! then [`grads`]. [`LoraLinear`]'s fused paths launch
     //! through the same code after their checks, with workspaces of their own (`tests/raw.rs`
     //! holds the two to the same bits).
 
