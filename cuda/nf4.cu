@@ -38,15 +38,25 @@ FK_DEVICE Codes run_codes(const uint8_t* codes, uint64_t e0, uint64_t numel) {
 // two halves, two instructions apart), and each load of codes 128 (f32: 64) contiguous bytes.
 // A thread takes kRuns runs per pass (r, r + the grid's stride, ...) and loads all their codes
 // before their absmaxes: the codes' loads in flight together, not queued behind the absmax's
-// dependent chain.
+// dependent chain. The first pass's codes go out before the block fills its code table and
+// nested map in shared memory, so that those fills and their barriers overlap the codes'
+// round trip (most launches give a thread one pass, and the block's life is that chain).
+// Capped at 48 registers (the entry point), 5 blocks of 256 per SM: left alone, ptxas takes
+// 50 for the codes held across the fills, and 4 blocks.
 template <typename O>
 FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
   constexpr int kRun = 16 / sizeof(O), kRuns = FK_NF4_DEQUANTIZE_RUNS;
   using Codes = std::conditional_t<kRun == 8, uint32_t, uint16_t>;  // a run's codes
+  const uint64_t cols = p.w.cols, numel = uint64_t(p.w.rows) * cols, ld = p.out_ld ? p.out_ld : cols;
+  const uint64_t runs = (numel + kRun - 1) / kRun, stride = grid_stride();
+  Codes codes[kRuns];
+  auto load_codes = [&](uint64_t r0) {
+#pragma unroll
+    for (int i = 0; i < kRuns; ++i) codes[i] = run_codes<Codes>(p.w.codes, (r0 + i * stride) * kRun, numel);
+  };
+  load_codes(grid_start());
   const float* table = shared_code_table();
   const Nf4Weight w = with_shared_map(p.w);
-  const uint64_t cols = w.cols, numel = uint64_t(w.rows) * cols, ld = p.out_ld ? p.out_ld : cols;
-  const uint64_t runs = (numel + kRun - 1) / kRun, stride = grid_stride();
   const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
   O* out = static_cast<O*>(p.out);
   // A run stays in one row (and 16-byte aligned there) when rows are contiguous, or when both
@@ -54,10 +64,8 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
   const bool whole = ld == cols || (cols % kRun == 0 && ld % kRun == 0);
   auto at = [&](uint64_t e) { return out + (e / cols) * ld + e % cols; };
   for (uint64_t r0 = grid_start(); r0 < runs; r0 += kRuns * stride) {
-    Codes codes[kRuns];
+    if (r0 != grid_start()) load_codes(r0);
     float absmax[kRuns];
-#pragma unroll
-    for (int i = 0; i < kRuns; ++i) codes[i] = run_codes<Codes>(w.codes, (r0 + i * stride) * kRun, numel);
 #pragma unroll
     for (int i = 0; i < kRuns; ++i) {
       const uint64_t r = r0 + i * stride;
@@ -482,7 +490,7 @@ FK_DEVICE void gemm_wgmma(const Nf4MatmulParams& p) {
 // ---- entry points: <op>_<dtype> -----------------------------------------------------------
 
 #define FK_NF4_DTYPE_ENTRIES(T, t)                                                          \
-  FK_KERNEL(nf4_dequantize_##t, Nf4DequantizeParams) { dequantize<T>(p); }                  \
+  FK_KERNEL_REGS(nf4_dequantize_##t, Nf4DequantizeParams, 256, 48) { dequantize<T>(p); }     \
   FK_KERNEL(nf4_quantize_##t, Nf4QuantizeParams) { quantize<T>(p); }
 
 FK_NF4_DTYPE_ENTRIES(__nv_bfloat16, bf16)
