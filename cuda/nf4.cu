@@ -312,15 +312,15 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   constexpr int U = 8;  // steps of 32 elements a warp loads before using them
   FK_SHARED(pairs, uint32_t[256 * 32]);
   FK_SHARED(partial, float[kGemvWarps][kGemvRows][8 * NT]);
-  fill_code_pairs<T>(pairs);
-  const Nf4Weight w = with_shared_map(p.w);
   const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
-  const uint32_t N = w.rows, K = w.cols, M = p.m, n0 = blockIdx.x * kGemvRows;
+  const uint32_t N = p.w.rows, K = p.w.cols, M = p.m, n0 = blockIdx.x * kGemvRows;
   const int warp = threadIdx.x / 32, lane = lane_id(), g = lane / 4, t = lane % 4;
-  const uint32_t* lane_pairs = pairs + lane;
-  auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
   if (K % 32 != 0) {
+    fill_code_pairs<T>(pairs);
+    const Nf4Weight w = with_shared_map(p.w);
+    const uint32_t* lane_pairs = pairs + lane;
+    auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
     // Scalar: warp w takes rows 2w and 2w + 1 whole, 8 activation rows at a time, its
     // lanes striding over K.
     for (uint32_t i = 0; i < 2 * NT; ++i) {
@@ -346,10 +346,34 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   // Rows of W past N and of x past M are read as the last real ones: their products land in
   // mma rows and columns that are never stored, so no load needs a bounds check but K's.
   const uint32_t steps = K / 32;
-  const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
   // Row g's codes at this lane's 8 elements of step 0, and how far on row g + 8's are.
-  const uint8_t* code_row = w.codes + (uint64_t(min(n0 + g, N - 1)) * K + 8 * t) / 2;
+  const uint8_t* code_row = p.w.codes + (uint64_t(min(n0 + g, N - 1)) * K + 8 * t) / 2;
   const uint64_t row_gap = uint64_t(min(n0 + g + 8, N - 1) - min(n0 + g, N - 1)) * K / 2;
+  // A group of U steps from s0 (its steps past K's end skipped): its codes, and its x (32·U
+  // elements of each x row: U / 2 lines of 128 bytes) into L1 with them: each step reads its
+  // piece just before its mma, and a miss there would be a round trip per step on the warp's
+  // critical path (x is new to each block).
+  uint32_t codes[U][2];
+  auto load = [&](uint32_t s0) {
+    for (uint32_t i = lane; i < 8 * NT * (U / 2); i += 32) {
+      const uint32_t k = 32 * s0 + 64 * (i % (U / 2));
+      if (k < K) prefetch_l1(a + uint64_t(min(i / (U / 2), M - 1)) * K + k);
+    }
+    const uint8_t* group_codes[2] = {code_row + 16 * s0, code_row + 16 * s0 + row_gap};
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (s0 + u < steps)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) codes[u][h] = *reinterpret_cast<const uint32_t*>(group_codes[h] + 16 * u);
+  };
+  // The warp's first group goes out before the block fills its code-pair table and nested map
+  // in shared memory, so that those fills and their barriers overlap the loads' round trip.
+  load(warp * U);
+  fill_code_pairs<T>(pairs);
+  const Nf4Weight w = with_shared_map(p.w);
+  const uint32_t* lane_pairs = pairs + lane;
+  auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
+  const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
   const T* x_row[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) x_row[j] = a + uint64_t(min(uint32_t(8 * j + g), M - 1)) * K + 8 * t;
@@ -357,24 +381,10 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   // n0 + l % 16 at steps l / 16 + 2i, and passes each to the lanes of its row.
   const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + 32 * (lane / 16);
   float acc[NT][4] = {};
-  // A group of U steps from s0; only the last group of a warp (kTail) may pass K's end.
+  // The group at s0, its codes loaded; only the last group of a warp (kTail) may pass K's end.
   auto group = [&](uint32_t s0, auto tail) {
     constexpr bool kTail = decltype(tail)::value;
     auto live = [&](uint32_t s) { return !kTail || s < steps; };  // warp-uniform
-    // The group's x (32·U elements of each x row: U / 2 lines of 128 bytes) into L1 with its
-    // codes: each step reads its piece just before its mma, and a miss there would be a
-    // round trip per step on the warp's critical path (x is new to each block).
-    for (uint32_t i = lane; i < 8 * NT * (U / 2); i += 32) {
-      const uint32_t k = 32 * s0 + 64 * (i % (U / 2));
-      if (k < K) prefetch_l1(a + uint64_t(min(i / (U / 2), M - 1)) * K + k);
-    }
-    uint32_t codes[U][2];
-    const uint8_t* group_codes[2] = {code_row + 16 * s0, code_row + 16 * s0 + row_gap};
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (live(s0 + u))
-#pragma unroll
-        for (int h = 0; h < 2; ++h) codes[u][h] = *reinterpret_cast<const uint32_t*>(group_codes[h] + 16 * u);
     float scale[U / 2];
 #pragma unroll
     for (int i = 0; i < U / 2; ++i)
@@ -406,6 +416,7 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
     }
   };
   for (uint32_t s0 = warp * U; s0 < steps; s0 += kGemvWarps * U) {
+    if (s0 != uint32_t(warp * U)) load(s0);
     if (s0 + U <= steps) {
       group(s0, std::false_type{});
     } else {
