@@ -349,12 +349,13 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   // Row g's codes at this lane's 8 elements of step 0, and how far on row g + 8's are.
   const uint8_t* code_row = p.w.codes + (uint64_t(min(n0 + g, N - 1)) * K + 8 * t) / 2;
   const uint64_t row_gap = uint64_t(min(n0 + g + 8, N - 1) - min(n0 + g, N - 1)) * K / 2;
-  // A group of U steps from s0 (its steps past K's end skipped): its codes, and its x (32·U
-  // elements of each x row: U / 2 lines of 128 bytes) into L1 with them: each step reads its
-  // piece just before its mma, and a miss there would be a round trip per step on the warp's
-  // critical path (x is new to each block).
+  // A group of U steps from s0: its codes, and its x (32·U elements of each x row: U / 2 lines
+  // of 128 bytes) into L1 with them: each step reads its piece just before its mma, and a miss
+  // there would be a round trip per step on the warp's critical path (x is new to each block).
+  // Only the last group of a warp (kTail) may pass K's end.
   uint32_t codes[U][2];
-  auto load = [&](uint32_t s0) {
+  auto load_group = [&](uint32_t s0, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
     for (uint32_t i = lane; i < 8 * NT * (U / 2); i += 32) {
       const uint32_t k = 32 * s0 + 64 * (i % (U / 2));
       if (k < K) prefetch_l1(a + uint64_t(min(i / (U / 2), M - 1)) * K + k);
@@ -362,9 +363,16 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
     const uint8_t* group_codes[2] = {code_row + 16 * s0, code_row + 16 * s0 + row_gap};
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      if (s0 + u < steps)
+      if (!kTail || s0 + u < steps)
 #pragma unroll
         for (int h = 0; h < 2; ++h) codes[u][h] = *reinterpret_cast<const uint32_t*>(group_codes[h] + 16 * u);
+  };
+  auto load = [&](uint32_t s0) {
+    if (s0 + U <= steps) {
+      load_group(s0, std::false_type{});
+    } else {
+      load_group(s0, std::true_type{});
+    }
   };
   // The warp's first group goes out before the block fills its code-pair table and nested map
   // in shared memory, so that those fills and their barriers overlap the loads' round trip.

@@ -1410,6 +1410,11 @@ pub mod raw {
         pub len: usize,
     }
 
+    /// The row tiles of the dX kernel over `m` tokens: one dB partial each where it makes them.
+    fn dx_row_tiles(m: u32) -> u32 {
+        m.div_ceil(params::FK_WGMMA_TILE_M)
+    }
+
     /// The splits that [`LoraLinear`] picks on `dev` for `m` tokens, the dB partials made by
     /// [`backward_dx_fused_v`] where `fused_db` ([`LoraLinear::fused_db`]), else by
     /// [`grads`].
@@ -1422,11 +1427,7 @@ pub mod raw {
         fused_db: bool,
     ) -> GradPartials {
         let splits = split_count(m, d_in.max(d_out), dev.sm_count());
-        let b_splits = if fused_db {
-            m.div_ceil(params::FK_WGMMA_TILE_M as usize) as u32
-        } else {
-            0
-        };
+        let b_splits = if fused_db { dx_row_tiles(m as u32) } else { 0 };
         let b_parts = if fused_db { b_splits } else { splits } as usize;
         GradPartials {
             splits,
@@ -1601,7 +1602,7 @@ pub mod raw {
         };
         let op = format!("backward_dx_v{width}");
         let (k, cfg) = gemm_launch(dev, &op, t, BaseGemm::Wgmma, p)?;
-        let row_tiles = p.m.div_ceil(params::FK_WGMMA_TILE_M);
+        let row_tiles = dx_row_tiles(p.m);
         if p.b_splits != 0 && p.b_splits != row_tiles {
             return Err(Error::InvalidArgument {
                 what,
