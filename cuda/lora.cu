@@ -225,7 +225,7 @@ FK_DEVICE auto wgmma_weight(const LoraParams& p) {
 // y's columns first, so that those running together share x's rows).
 template <typename T, bool Nf4>
 FK_DEVICE void forward_wgmma(const LoraParams& p) {
-  const wgmma::Schedule tiles(p.m, p.d_out, true, p.column_runs != 0);
+  const wgmma::Schedule tiles(p.m, p.d_out, true, p.longest_column_run);
   auto lora = wgmma::segment(wgmma::Rows<T>{{as<T>(p.u), p.rank, 0, p.m, p.rank, tma_map(p, FK_LORA_TMA_U, p.u_map)}},
                              wgmma::Rows<T>{{as<T>(p.b), p.rank, 0, p.d_out, p.rank, tma_map(p, FK_LORA_TMA_B, p.b_map)}});
   auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, 0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
@@ -264,12 +264,12 @@ FK_DEVICE void side_done(float (&acc)[kHalfN], const wgmma::Schedule& tiles, int
 // x's tile times A's rows, into kN / 2 accumulators a thread; the LoRA segment comes last,
 // scale·u rounded to T straight from those registers times B's rows. A tile computes u
 // again (kN / kBN more tensor work, the price of no pass of its own over x) unless it follows
-// a tile of the same rows on its block (column runs, LoraParams::column_runs: then once a
-// run), whose u it keeps; the row's first column tile writes u, saved for backward, the bits
+// a tile of the same rows on its block (column runs, LoraParams::longest_column_run: then once
+// a run), whose u it keeps; the row's first column tile writes u, saved for backward, the bits
 // y used.
 template <typename T, bool Nf4, int kN>
 FK_DEVICE void forward_down_wgmma(const LoraParams& p) {
-  const wgmma::Schedule tiles(p.m, p.d_out, true, p.column_runs != 0);
+  const wgmma::Schedule tiles(p.m, p.d_out, true, p.longest_column_run);
   float u[kN / 2] = {};
   const wgmma::Rows<T> a{{as<T>(p.a), p.d_in, 0, p.rank, p.d_in, tma_map(p, FK_LORA_TMA_A, p.a_map)}};
   auto base = wgmma::segment(wgmma::Rows<T>{{as<T>(p.x), p.d_in, 0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}},
@@ -413,7 +413,7 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
 // column tile writes it, for lora_grad_a (and the fixup).
 template <typename T, bool Nf4, int kN>
 FK_DEVICE void backward_dx_v_wgmma(const LoraParams& p) {
-  const wgmma::Schedule tiles(p.m, p.d_in, true, p.column_runs != 0);
+  const wgmma::Schedule tiles(p.m, p.d_in, true, p.longest_column_run);
   float v[kN / 2] = {};
   auto w = wgmma_weight<T, Nf4, false, wgmma::kBN>(p);  // before the run: NF4's tables are filled by the whole block
   const wgmma::Rows<T> bt{{as<T>(p.bt), p.d_out, 0, p.rank, p.d_out, tma_map(p, FK_LORA_TMA_B, p.b_map)}};

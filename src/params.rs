@@ -290,7 +290,7 @@ pub struct LoraParams {
     pub rank_partials: *mut f32,
     pub k_splits: u32,
     pub narrow_stagger: u32,
-    pub column_runs: u32,
+    pub longest_column_run: u32,
     pub tma: u32,
     pub __bindgen_padding_0: [u64; 3usize],
     pub x_map: FkTensorMap,
@@ -345,8 +345,8 @@ const _: () = {
         [::core::mem::offset_of!(LoraParams, k_splits) - 280usize];
     ["Offset of field: LoraParams::narrow_stagger"]
         [::core::mem::offset_of!(LoraParams, narrow_stagger) - 284usize];
-    ["Offset of field: LoraParams::column_runs"]
-        [::core::mem::offset_of!(LoraParams, column_runs) - 288usize];
+    ["Offset of field: LoraParams::longest_column_run"]
+        [::core::mem::offset_of!(LoraParams, longest_column_run) - 288usize];
     ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 292usize];
     ["Offset of field: LoraParams::x_map"][::core::mem::offset_of!(LoraParams, x_map) - 320usize];
     ["Offset of field: LoraParams::w_map"][::core::mem::offset_of!(LoraParams, w_map) - 448usize];

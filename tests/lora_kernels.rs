@@ -4,7 +4,9 @@
 
 use finetune_kernels::check::lora::{self as check, paths, Case};
 use finetune_kernels::check::CheckRow;
-use finetune_kernels::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads};
+use finetune_kernels::lora::{
+    ColumnRuns, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads,
+};
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
 use finetune_kernels::testing::{backends, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
@@ -223,9 +225,10 @@ fn tma_multicast_and_cp_async_load_the_same_tiles() {
 /// tiles by 5 column tiles (the last partial) on one block (two runs of 5 in turn), on 4 and
 /// 7 blocks (runs of 3 and 2; one block idle), in clusters of two sharing B, and over an NF4
 /// base decoded in the tiles; after lora_down, and with u made in the GEMM (`fused_down`:
-/// once a run, kept in registers across its tiles, against once a tile in the window order).
-/// (The proptest does not draw it: its outputs are one column tile wide, where every run is a
-/// single tile and the order cannot differ.)
+/// once a run, kept in registers across its tiles, against once a tile in the window order);
+/// in the longest runs and in runs of at most 2 (then 3 runs a row, dealt to the blocks in
+/// turn, the last a single tile). (The proptest does not draw it: its outputs are one column
+/// tile wide, where every run is a single tile and the order cannot differ.)
 #[test]
 fn column_runs_compute_the_window_orders_forward() {
     use TileLoads::{CpAsync, Tma, TmaMulticast};
@@ -244,7 +247,7 @@ fn column_runs_compute_the_window_orders_forward() {
                     tile_loads,
                     path: Some(LoraPath::FusedWgmma),
                     wgmma_blocks: blocks,
-                    column_runs: true,
+                    column_runs: ColumnRuns::Longest,
                     fused_down,
                     ..Case::new(rand::random(), m, 72, 1100, 9)
                 };
@@ -252,7 +255,7 @@ fn column_runs_compute_the_window_orders_forward() {
                 let (window, x) = wgmma_layer(
                     &dev,
                     &Case {
-                        column_runs: false,
+                        column_runs: ColumnRuns::Off,
                         ..c
                     },
                 );
@@ -261,12 +264,16 @@ fn column_runs_compute_the_window_orders_forward() {
                     y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 };
                 let in_order = y(&window);
-                let runs = y(&window.with_column_runs(true));
-                assert_eq!(
-                    runs, in_order,
-                    "{m} rows, nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, \
-                     fused down {fused_down}, on {dev:?}"
-                );
+                let mut layer = window;
+                for runs in [ColumnRuns::Longest, ColumnRuns::AtMost(2)] {
+                    layer = layer.with_column_runs(runs);
+                    assert_eq!(
+                        y(&layer),
+                        in_order,
+                        "{m} rows, nf4 {nf4}, {tile_loads:?}, {blocks:?} blocks, \
+                         fused down {fused_down}, {runs:?}, on {dev:?}"
+                    );
+                }
             }
         }
     }
@@ -313,11 +320,11 @@ fn wgmma_layer(
 
 /// The launches the side-product tests (u in the forward's GEMM, v in dX's) run each shape
 /// under, all to the same bits: tile loads, most blocks, column runs.
-const SIDE_PRODUCT_RUNS: [(TileLoads, Option<usize>, bool); 4] = [
-    (TileLoads::Tma, Some(1), false),
-    (TileLoads::TmaMulticast, Some(2), false),
-    (TileLoads::CpAsync, Some(3), true),
-    (TileLoads::Tma, None, false),
+const SIDE_PRODUCT_RUNS: [(TileLoads, Option<usize>, ColumnRuns); 4] = [
+    (TileLoads::Tma, Some(1), ColumnRuns::Off),
+    (TileLoads::TmaMulticast, Some(2), ColumnRuns::Longest),
+    (TileLoads::CpAsync, Some(3), ColumnRuns::AtMost(2)),
+    (TileLoads::Tma, None, ColumnRuns::Off),
 ];
 
 /// The wgmma forward that makes u inside its GEMM (`LoraLinear::fused_down`: x's tiles times
@@ -504,7 +511,7 @@ fn fused_v_makes_v_in_the_dx_gemm() {
                 ];
                 let what = format!(
                     "{m}x{d_in}→{d_out} r{rank} nf4 {nf4} p {dropout}, {tile_loads:?}, \
-                     {blocks:?} blocks, column runs {column_runs}, on {dev:?}"
+                     {blocks:?} blocks, column runs {column_runs:?}, on {dev:?}"
                 );
                 match &bits {
                     None => {

@@ -425,23 +425,26 @@ FK_DEVICE void fill(Stage& st, uint4* side_tile, bool fresh, uint64_t* full, uin
 // A-fastest as a 2-D launch would have ordered its blocks, dealt out in turn to the launch's
 // clusters; a cluster's c blocks take c neighbouring positions along A, so that they share B's
 // tile (and may multicast it): a unit. A launch of a cluster per unit gives each block one tile.
-// With `column_runs` (B-fastest only), what is dealt out is a run: the consecutive B tiles of
-// one A position, split into as many runs as the launch has clusters for each A position (at
-// least one), so that a block walks its run's tiles one after another and could keep what they
-// share (bench/NOTES.md, the forward's u inside its GEMM).
+// With runs (`longest_run` > 1, B-fastest only), what is dealt out is a run: consecutive B
+// tiles of one A position, at most `longest_run` of them, and no more than split the A
+// position's tiles among as many runs as the launch has clusters for each (at least one), so
+// that a block walks its run's tiles one after another and may keep what they share
+// (bench/NOTES.md, the forward's u inside its GEMM). Runs are dealt out in turn as units are:
+// short runs keep the clusters at work together on few A positions (L2 shares their A tiles),
+// long ones share more along a run.
 struct Schedule {
   uint32_t b_tiles, units_a, cluster, rank, first, stride, count, run, runs_per_a;
   bool b_fastest;
 
-  FK_DEVICE Schedule(uint32_t a_rows, uint32_t b_rows, bool b_fastest_, bool column_runs = false)
+  FK_DEVICE Schedule(uint32_t a_rows, uint32_t b_rows, bool b_fastest_, uint32_t longest_run = 1)
       : b_tiles((b_rows + kBN - 1) / kBN), cluster(cluster_nctarank()), b_fastest(b_fastest_) {
     units_a = ((a_rows + kBM - 1) / kBM + cluster - 1) / cluster;
     rank = blockIdx.x % cluster;  // a 1-D grid in clusters of (c, 1, 1): the block's rank in its cluster
     first = blockIdx.x / cluster;
     stride = gridDim.x / cluster;
-    if (column_runs && b_fastest) {
+    if (longest_run > 1 && b_fastest) {
       const uint32_t split = max(1u, min(b_tiles, stride / max(units_a, 1u)));
-      run = (b_tiles + split - 1) / split;
+      run = min(longest_run, (b_tiles + split - 1) / split);
       runs_per_a = (b_tiles + run - 1) / run;
       count = 0;
       for (uint32_t r = first; r < units_a * runs_per_a; r += stride) count += run_length(r);

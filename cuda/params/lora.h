@@ -74,10 +74,11 @@ typedef struct LoraParams {
    * its steps) and wraps around, so that blocks at work together read different columns of
    * their rows; 0 starts every block at its range's first step. Same sums, another order. */
   uint32_t narrow_stagger;
-  /* The forward's wgmma kernel: when nonzero, each persistent block walks runs of consecutive
-   * column tiles of one row tile (wgmma.cuh's Schedule, column_runs) instead of the tiles
-   * b, b + grid, ...; the same tiles, another order. */
-  uint32_t column_runs;
+  /* The wgmma kernels' tile order (wgmma.cuh's Schedule): above 1, each persistent block
+   * walks runs of at most this many consecutive column tiles of one row tile (UINT32_MAX: as
+   * long as the launch allows) instead of the tiles b, b + grid, ...; the same tiles, another
+   * order. */
+  uint32_t longest_column_run;
   /* TMA loads (the wgmma kernels): the maps of the operands the host could encode (16-byte
    * aligned, rows a multiple of 16 bytes apart), each flagged in `tma`; the kernel loads the
    * others through cp.async. Forward: x, dense w, u, b (boxes of 64 along K by the tile's

@@ -9,7 +9,7 @@ use crate::check::lora::paths;
 use crate::device::blas::WeightOp;
 use crate::device::{Buffer, Device};
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads};
+use crate::lora::{ColumnRuns, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads};
 use crate::nf4::Nf4Weight;
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
@@ -384,7 +384,8 @@ pub fn variant_rows(
         // lora_forward_wgmma`.
         let runs = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
             layer_launch_rows(
-                &l.with_column_runs(true).with_fused_down(false),
+                &l.with_column_runs(ColumnRuns::Longest)
+                    .with_fused_down(false),
                 timer,
                 c,
                 &inputs,
@@ -395,34 +396,34 @@ pub fn variant_rows(
         });
         out.extend_extra(runs, "column-run")?;
         // The whole design: u made in the GEMM once a run and kept in registers across the
-        // run's tiles (the side product 1 tile in 8 here), against `lora_fused_wgmma forward ▸
-        // lora_forward_down16_wgmma` (once a tile) and the lora_down rows above; v in dX's GEMM
-        // likewise, against `lora_fused_wgmma backward ▸ lora_backward_dx_v16_wgmma` and the
-        // lora_backward_v rows.
-        for (label, dir, kernel) in [
-            (
-                "lora_fused_wgmma column runs, u kept",
-                "forward",
-                "lora_forward_down16_wgmma",
-            ),
-            (
-                "lora_fused_wgmma column runs, v kept",
-                "backward",
-                "lora_backward_dx_v16_wgmma",
-            ),
+        // run's tiles (the side product 1 tile in 8 here in the longest runs, 1 in 4 or 2 in
+        // shorter ones, whose rounds read fewer rows of x), against `lora_fused_wgmma forward
+        // ▸ lora_forward_down16_wgmma` (once a tile) and the lora_down rows above; v in dX's
+        // GEMM likewise, against `lora_fused_wgmma backward ▸ lora_backward_dx_v16_wgmma` and
+        // the lora_backward_v rows.
+        for (runs, of) in [
+            (ColumnRuns::Longest, ""),
+            (ColumnRuns::AtMost(4), " of 4"),
+            (ColumnRuns::AtMost(2), " of 2"),
         ] {
-            let kept = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
-                layer_launch_rows(
-                    &l.with_column_runs(true),
-                    timer,
-                    c,
-                    &inputs,
-                    label,
-                    &[(dir, kernel)],
-                    inputs.gemm_work(),
-                )
-            });
-            out.extend_extra(kept, label)?;
+            for (kept, dir, kernel) in [
+                ("u", "forward", "lora_forward_down16_wgmma"),
+                ("v", "backward", "lora_backward_dx_v16_wgmma"),
+            ] {
+                let label = format!("lora_fused_wgmma column runs{of}, {kept} kept");
+                let rows = plain_layer(dev, LoraPath::FusedWgmma).and_then(|l| {
+                    layer_launch_rows(
+                        &l.with_column_runs(runs),
+                        timer,
+                        c,
+                        &inputs,
+                        &label,
+                        &[(dir, kernel)],
+                        inputs.gemm_work(),
+                    )
+                });
+                out.extend_extra(rows, &label)?;
+            }
         }
         out.extend_extra(wgmma_ladder(dev, timer, c), "wgmma ladder")?;
     }

@@ -13,7 +13,7 @@ use crate::check::lora::paths;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::lora::{LoraPath, TileLoads};
+use crate::lora::{ColumnRuns, LoraPath, TileLoads};
 use crate::nf4::{self, MatmulPath};
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
@@ -98,7 +98,7 @@ fn lora_cases(dev: &Device, at: Scale, announce: &mut dyn FnMut(&str)) -> Result
         // what the order costs (bench/NOTES.md, u inside the GEMM); the backward after
         // lora_backward_v.
         if path == LoraPath::FusedWgmma && dropout == 0.0 {
-            let l = l.with_column_runs(true);
+            let l = l.with_column_runs(ColumnRuns::Longest);
             announce(&format!("{name} column runs, u kept, forward"));
             let (_, saved) = l.forward(&x, m)?;
             announce(&format!("{name} column runs, v kept, backward"));
@@ -106,7 +106,7 @@ fn lora_cases(dev: &Device, at: Scale, announce: &mut dyn FnMut(&str)) -> Result
             let l = l.with_fused_down(false).with_fused_v(false);
             announce(&format!("{name} column runs forward"));
             l.forward(&x, m)?;
-            let l = l.with_column_runs(false);
+            let l = l.with_column_runs(ColumnRuns::Off);
             announce(&format!("{name} lora_down forward"));
             let (_, saved) = l.forward(&x, m)?;
             announce(&format!("{name} lora_backward_v backward"));

@@ -5,7 +5,9 @@ use crate::check::nf4::{matmul_bound, unit};
 use crate::device::Device;
 use crate::dtype::FloatElem;
 use crate::error::Result;
-use crate::lora::{LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, Saved, TileLoads};
+use crate::lora::{
+    ColumnRuns, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, Saved, TileLoads,
+};
 use crate::nf4::Nf4Weight;
 use crate::reference::{lora as reference, nf4 as nf4_reference};
 use crate::testing::{random_vec, rel_l2};
@@ -39,8 +41,8 @@ pub struct Case {
     pub wide_down: bool,
     /// Most blocks of the wgmma GEMMs (`LoraLinear::with_wgmma_blocks`); `None`: one per SM.
     pub wgmma_blocks: Option<usize>,
-    /// The wgmma forward's blocks walking runs of column tiles (`LoraLinear::with_column_runs`).
-    pub column_runs: bool,
+    /// The wgmma GEMMs' tile order (`LoraLinear::with_column_runs`).
+    pub column_runs: ColumnRuns,
     /// The wgmma forward computing `u` in its GEMM where it can (`LoraLinear::with_fused_down`,
     /// on by default); `false`: `lora_down` first, as elsewhere.
     pub fused_down: bool,
@@ -71,7 +73,7 @@ impl Case {
             narrow_stagger: false,
             wide_down: false,
             wgmma_blocks: None,
-            column_runs: false,
+            column_runs: ColumnRuns::Off,
             fused_down: true,
             fused_v: true,
         }
@@ -115,8 +117,10 @@ impl CheckCase for Case {
         if let Some(b) = self.wgmma_blocks {
             s += &format!(" {b} blocks");
         }
-        if self.column_runs {
-            s += " column runs";
+        match self.column_runs {
+            ColumnRuns::Off => {}
+            ColumnRuns::AtMost(n) => s += &format!(" column runs ≤ {n}"),
+            ColumnRuns::Longest => s += " column runs",
         }
         if !self.fused_down {
             s += " lora_down";

@@ -124,6 +124,36 @@ pub enum TileLoads {
     CpAsync,
 }
 
+/// The order in which the FusedWgmma GEMMs' persistent blocks walk their output tiles
+/// ([`LoraLinear::with_column_runs`]). Every order computes each tile alike: the same
+/// results, bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ColumnRuns {
+    /// Block b takes the tiles b, b + blocks, …: the blocks at work together hold a window of
+    /// consecutive tiles, a few row tiles' columns.
+    #[default]
+    Off,
+    /// Runs of at most this many consecutive column tiles of one row tile, dealt out to the
+    /// blocks in turn (0 and 1: [`ColumnRuns::Off`]): a side product of the rows (u, v) is
+    /// made once a run, and the blocks at work together hold about `blocks × n` tiles' rows.
+    AtMost(u32),
+    /// Runs as long as the launch allows: each row tile's column tiles split into ⌊blocks /
+    /// row tiles⌋ runs, at least one (8 tiles a run at 8192 × 4096 → 4096 on 132 SMs).
+    /// The fewest side products, but every round of tiles reads all of the rows (x, dY).
+    Longest,
+}
+
+impl ColumnRuns {
+    /// `LoraParams::longest_column_run`.
+    fn longest(self) -> u32 {
+        match self {
+            ColumnRuns::Off => 0,
+            ColumnRuns::AtMost(n) => n,
+            ColumnRuns::Longest => u32::MAX,
+        }
+    }
+}
+
 /// Where the base weight lives: a dense W is kept compact (Fused) or inside the extended
 /// weight (Extended, `[out + rank, extended_ld]`: see `LoraLinear::dense_ld`); an NF4 weight
 /// stays NF4 and is dequantized into a scratch extended weight per call on the Extended path.
@@ -148,9 +178,8 @@ pub struct LoraLinear<T: FloatElem> {
     k_splits: Option<u32>,
     /// Whether the rank-wide GEMMs stagger their blocks' walks along K.
     narrow_stagger: bool,
-    /// Whether the FusedWgmma forward's blocks walk runs of column tiles
-    /// ([`Self::with_column_runs`]).
-    column_runs: bool,
+    /// The FusedWgmma GEMMs' tile order ([`Self::with_column_runs`]).
+    column_runs: ColumnRuns,
     /// Whether the FusedWgmma forward computes `u` in its GEMM where it can ([`Self::fused_down`]).
     fused_down: bool,
     /// Whether the FusedWgmma backward computes `v` in its dX GEMM where it can
@@ -507,7 +536,7 @@ impl<T: FloatElem> LoraLinear<T> {
             path: LoraPath::Fused,
             k_splits: None,
             narrow_stagger: false,
-            column_runs: false,
+            column_runs: ColumnRuns::Off,
             fused_down: true,
             fused_v: true,
             fused_db: true,
@@ -592,16 +621,17 @@ impl<T: FloatElem> LoraLinear<T> {
         self
     }
 
-    /// The layer with the FusedWgmma forward's persistent blocks each walking runs of
-    /// consecutive column tiles of one row tile (8 at 8192 × 4096 → 4096 on 132 SMs) rather
-    /// than the tiles b, b + 132, …: the order in which a forward that makes u in its GEMM
-    /// ([`Self::fused_down`]) makes it once a run and keeps it for the run's tiles
-    /// (bench/NOTES.md, "the forward's u inside its GEMM"), and which may cost DRAM and L2
-    /// traffic (every round of tiles reads all of x): the benchmarks time it both ways. Off
-    /// by default until a GPU run says; the same results, bit for bit (each tile is computed
-    /// alike in either order). A launch with a block per tile (clusters, unless
-    /// [`LoraLinear::with_wgmma_blocks`] says otherwise) makes every run a single tile.
-    pub fn with_column_runs(mut self, runs: bool) -> Self {
+    /// The layer with the FusedWgmma GEMMs' persistent blocks each walking runs of
+    /// consecutive column tiles of one row tile ([`ColumnRuns`]) rather than the tiles b,
+    /// b + 132, …: the order in which a forward that makes u in its GEMM
+    /// ([`Self::fused_down`]), or a dX that makes v ([`Self::fused_v`]), makes it once a run
+    /// and keeps it for the run's tiles (bench/NOTES.md, "the forward's u inside its GEMM"),
+    /// and which may cost DRAM and L2 traffic (the longer the runs, the more rows each round
+    /// of tiles reads): the benchmarks time runs of 2, 4 and the longest against the window
+    /// order. Off by default until a GPU run says; the same results, bit for bit. A launch
+    /// with a block per tile (clusters, unless [`LoraLinear::with_wgmma_blocks`] says
+    /// otherwise) makes every run a single tile.
+    pub fn with_column_runs(mut self, runs: ColumnRuns) -> Self {
         self.column_runs = runs;
         self
     }
@@ -837,7 +867,7 @@ impl<T: FloatElem> LoraLinear<T> {
             w_ld,
             k_splits: 1,
             narrow_stagger: self.narrow_stagger.into(),
-            column_runs: self.column_runs.into(),
+            longest_column_run: self.column_runs.longest(),
             ..LoraParams::default()
         })
     }
