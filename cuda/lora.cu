@@ -324,39 +324,44 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   }
   // The tile's [u | 1], rows m0 .. m0 + 127 (zeros past m): row i's 16-byte chunk c (columns
   // 8c .. 8c + 7) in the 128-byte swizzle; kept from the block's tile before where its rows are
-  // the same (column runs). Loaded for all chunks before any is stored, so that the loads'
-  // round trips overlap.
-  FK_DEVICE void start(uint2 o) {
-    column = o.y / wgmma::kBN;
-    if (!makes_db() || (loaded && o.x == m0)) return;
-    m0 = o.x;
-    loaded = true;
-    constexpr int kChunks = kNB / 8, kPasses = (wgmma::kBM * kChunks + wgmma::kThreads - 1) / wgmma::kThreads;
+  // the same (column runs). ahead() loads the next tile's chunks into registers before the
+  // tile before is stored, all before any is used, so that the loads' round trips overlap
+  // each other and that store; start() puts them in shared memory.
+  static constexpr int kChunks = kNB / 8, kPasses = (wgmma::kBM * kChunks + wgmma::kThreads - 1) / wgmma::kThreads;
+  uint4 next_u[kPasses];
+  FK_DEVICE bool keeps(uint2 o) const { return loaded && o.x == m0; }
+  FK_DEVICE void ahead(uint2 o) {
+    if (!makes_db() || keeps(o)) return;
     const T* u = as<T>(p.u);
     const bool whole = p.rank % 8 == 0 && runs_of_8(u, p.rank);
-    uint4 chunk[kPasses];
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int at = threadIdx.x + i * wgmma::kThreads, row = at / kChunks, col = at % kChunks * 8;
-      const uint32_t token = m0 + row;
-      chunk[i] = make_uint4(0, 0, 0, 0);
+      const uint32_t token = o.x + row;
+      next_u[i] = make_uint4(0, 0, 0, 0);
       if (row >= wgmma::kBM || token >= p.m) continue;
       const T* src = u + uint64_t(token) * p.rank + col;
       if (whole && col + 8 <= int(p.rank)) {
-        chunk[i] = *reinterpret_cast<const uint4*>(src);
+        next_u[i] = ld_global_early(reinterpret_cast<const uint4*>(src));
         continue;
       }
       uint16_t e[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         e[j] = col + j < int(p.rank) ? bits16(src[j]) : col + j == int(p.rank) ? bits16(from_f32<T>(1.0f)) : uint16_t(0);
-      chunk[i] = make_uint4(e[0] | uint32_t(e[1]) << 16, e[2] | uint32_t(e[3]) << 16, e[4] | uint32_t(e[5]) << 16,
-                            e[6] | uint32_t(e[7]) << 16);
+      next_u[i] = make_uint4(e[0] | uint32_t(e[1]) << 16, e[2] | uint32_t(e[3]) << 16, e[4] | uint32_t(e[5]) << 16,
+                             e[6] | uint32_t(e[7]) << 16);
     }
+  }
+  FK_DEVICE void start(uint2 o) {
+    column = o.y / wgmma::kBN;
+    if (!makes_db() || keeps(o)) return;
+    m0 = o.x;
+    loaded = true;
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const int at = threadIdx.x + i * wgmma::kThreads;
-      if (at < wgmma::kBM * kChunks) u_tile[wgmma::swizzled(at / kChunks, at % kChunks)] = chunk[i];
+      if (at < wgmma::kBM * kChunks) u_tile[wgmma::swizzled(at / kChunks, at % kChunks)] = next_u[i];
     }
   }
   template <typename U>

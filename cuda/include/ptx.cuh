@@ -233,6 +233,21 @@ FK_DEVICE uint32_t ld_shared_u32(const uint32_t* base, uint32_t index) {
 #endif
 }
 
+// ---- a global load issued where it is written -----------------------------------------
+
+// *p, 16 bytes from global memory, issued here: nvcc otherwise sinks a load to its first use,
+// and one whose round trip should overlap a stretch of stores (a tile's epilogue) then waits
+// after them. Its value is used only later, so the load issues and the code runs on.
+FK_DEVICE uint4 ld_global_early(const uint4* p) {
+#if FK_PTX
+  uint4 r;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p) : "memory");
+  return r;
+#elif FK_EMU_PTX
+  return *p;
+#endif
+}
+
 // ---- a cache hint for global loads (no effect on the emulator) --------------------------
 
 // Brings the 128-byte line holding `p` into L1, writing no register (prefetch.global.L1).

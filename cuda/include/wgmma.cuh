@@ -214,10 +214,12 @@ struct Columns : Matrix<T> {
 
 // A segment with no side product. The interface a side product offers run_tiles: a stage's
 // side tile of kLines lines (filled as an operand's: issue, finish, tma_bytes), kExtraBytes
-// of shared memory of its own past the side tiles (prepare), start(origin) before each tile's
-// first step with no wgmma in flight, mma() beside each step's wgmmas, waited() once the
-// step's wait has let the previous step's go, flush() with the tile's wgmmas waited out
-// (before run_tiles' `done`).
+// of shared memory of its own past the side tiles (prepare), ahead(origin) then start(origin)
+// before each tile's first step (ahead, for loads into registers, before the tile before is
+// stored, so that their round trip overlaps the store; start with no wgmma in flight and
+// that store done), mma() beside each step's wgmmas, waited() once the step's wait has let
+// the previous step's go, flush() with the tile's wgmmas waited out (before run_tiles'
+// `done`).
 struct NoSide {
   static constexpr int kLines = 0;
   static constexpr int kExtraBytes = 0;
@@ -225,6 +227,7 @@ struct NoSide {
   FK_DEVICE void issue(uint4*, uint32_t, uint64_t*, bool) const {}
   FK_DEVICE void finish(uint4*, uint32_t, bool) {}
   FK_DEVICE uint32_t tma_bytes(bool) const { return 0; }
+  FK_DEVICE void ahead(uint2) {}
   FK_DEVICE void start(uint2) {}
   FK_DEVICE void waited() {}
   FK_DEVICE void flush() {}
@@ -250,6 +253,7 @@ struct Side {
   float (&acc)[kN / 2];
 
   FK_DEVICE void prepare(unsigned char*) { b.prepare(); }
+  FK_DEVICE void ahead(uint2) {}
   FK_DEVICE void start(uint2) {}
   FK_DEVICE void waited() {}
   FK_DEVICE void flush() {}
@@ -536,7 +540,10 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
     int s = 0;
     ((segs.a.prepare(), segs.b.prepare(), segs.side.prepare(extra), first[s + 1] = first[s] + segs.steps(), ++s), ...);
   }
-  if (tiles.count > 0) (segs.side.start(tiles.origin(0)), ...);
+  if (tiles.count > 0) {
+    const uint2 o = tiles.origin(0);
+    ((segs.side.ahead(o), segs.side.start(o)), ...);
+  }
   // Global step g is step g % steps of the block's tile g / steps.
   const int steps = first[sizeof...(Segs)], total = int(tiles.count) * steps;
   fence_proxy_async_shared();  // the caller's generic accesses to smem come before TMA's writes
@@ -586,17 +593,20 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
       wgmma_wait<0>();
       wgmma_hold(acc);
       (segs.side.flush(), ...);
+      const bool more = g + 1 < total;
+      const uint2 next = more ? tiles.origin(g / steps + 1) : make_uint2(0, 0);
+      if (more) (segs.side.ahead(next), ...);
       __syncthreads();  // both warpgroups' wgmmas are done with stage g
       // Steps g + 1 .. g + kStages - 2 are in flight; stages g and g - 1 are read out and
       // refilled only after the next step's barrier, which every thread reaches done with them.
       Stage& s0 = stages[g % kStages];
       Stage& s1 = stages[(g + kStages - 1) % kStages];
       done(g / steps, acc, Staging{{s0.b, s1.b}, reinterpret_cast<float*>(s0.a)});
-      if (g + 1 < total) {
+      if (more) {
 #pragma unroll
         for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
         wgmma_hold(acc);
-        (segs.side.start(tiles.origin(g / steps + 1)), ...);  // no wgmma in flight: all waited out above
+        (segs.side.start(next), ...);  // no wgmma in flight: all waited out above
       }
     }
   }
