@@ -287,8 +287,9 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
 // quantization block (blocksize >= 32, K % 32 == 0): its two mmas' sum is scaled by the
 // block's f32 absmax into f32 accumulators. The codes enter the mma rounded to T (bf16: 8
 // significant bits), as bitsandbytes' GEMV rounds code × absmax to T; the absmax stays f32.
-// Each warp loads U steps before using any; the block's warps take interleaved groups of U
-// steps and sum their accumulators in shared memory in warp order (deterministic).
+// The block's warps take interleaved groups of U steps, each warp a group's codes in registers
+// while it loads the next group's into the slots they free, and sum their accumulators in
+// shared memory in warp order (deterministic).
 // Other K (not a multiple of 32) take a scalar loop with the same rounding of the codes.
 
 constexpr int kGemvRows = FK_NF4_GEMV_MMA_ROWS, kGemvWarps = FK_NF4_GEMV_MMA_THREADS / 32;
@@ -345,38 +346,34 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   }
   // Rows of W past N and of x past M are read as the last real ones: their products land in
   // mma rows and columns that are never stored, so no load needs a bounds check but K's.
-  const uint32_t steps = K / 32;
+  const uint32_t steps = K / 32, stride = kGemvWarps * U;
   // Row g's codes at this lane's 8 elements of step 0, and how far on row g + 8's are.
   const uint8_t* code_row = p.w.codes + (uint64_t(min(n0 + g, N - 1)) * K + 8 * t) / 2;
   const uint64_t row_gap = uint64_t(min(n0 + g + 8, N - 1) - min(n0 + g, N - 1)) * K / 2;
-  // A group of U steps from s0: its codes, and its x (32·U elements of each x row: U / 2 lines
-  // of 128 bytes) into L1 with them: each step reads its piece just before its mma, and a miss
-  // there would be a round trip per step on the warp's critical path (x is new to each block).
-  // Only the last group of a warp (kTail) may pass K's end.
+  // The codes of step s into slot u, for both of this lane's rows.
   uint32_t codes[U][2];
-  auto load_group = [&](uint32_t s0, auto tail) {
-    constexpr bool kTail = decltype(tail)::value;
+  auto load_step = [&](uint32_t s, int u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) codes[u][h] = *reinterpret_cast<const uint32_t*>(code_row + 16 * s + h * row_gap);
+  };
+  // A group of U steps from s0 into L1 ahead of its use: its x (32·U elements of each x row:
+  // U / 2 lines of 128 bytes), which each step reads just before its mma (a miss there would
+  // be a round trip per step on the warp's critical path: x is new to each block).
+  auto prefetch_x = [&](uint32_t s0) {
     for (uint32_t i = lane; i < 8 * NT * (U / 2); i += 32) {
       const uint32_t k = 32 * s0 + 64 * (i % (U / 2));
       if (k < K) prefetch_l1(a + uint64_t(min(i / (U / 2), M - 1)) * K + k);
     }
-    const uint8_t* group_codes[2] = {code_row + 16 * s0, code_row + 16 * s0 + row_gap};
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (!kTail || s0 + u < steps)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) codes[u][h] = *reinterpret_cast<const uint32_t*>(group_codes[h] + 16 * u);
-  };
-  auto load = [&](uint32_t s0) {
-    if (s0 + U <= steps) {
-      load_group(s0, std::false_type{});
-    } else {
-      load_group(s0, std::true_type{});
-    }
   };
   // The warp's first group goes out before the block fills its code-pair table and nested map
   // in shared memory, so that those fills and their barriers overlap the loads' round trip.
-  load(warp * U);
+  // Each later group's codes are loaded a group ahead, slot by slot as the group before frees
+  // them (group()), so that a warp always has a group's loads in flight while it computes.
+  const uint32_t first = warp * U;
+  prefetch_x(first);
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (first + u < steps) load_step(first + u, u);
   fill_code_pairs<T>(pairs);
   const Nf4Weight w = with_shared_map(p.w);
   const uint32_t* lane_pairs = pairs + lane;
@@ -388,15 +385,34 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   // The lanes decode a group's 16 × U absmaxes between them: lane l those of row
   // n0 + l % 16 at steps l / 16 + 2i, and passes each to the lanes of its row.
   const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + 32 * (lane / 16);
+  auto absmax_block = [&](uint32_t s0, int i) { return (absmax_e0 + 32ull * (s0 + 2 * i)) >> shift; };
+  // The absmaxes' bytes of the group at s0 into L1 (their first and last: a run of a few
+  // bytes, or floats), so that its decode at the group's start finds them there.
+  auto prefetch_absmax = [&](uint32_t s0) {
+    const int ends[2] = {0, U / 2 - 1};
+    for (const int i : ends) {
+      const uint64_t b = absmax_block(s0, i);
+      if (w.nested) {
+        prefetch_l1(w.nested_codes + b);
+        prefetch_l1(w.nested_absmax + b / FK_NF4_NESTED_BLOCKSIZE);
+      } else {
+        prefetch_l1(w.absmax + b);
+      }
+    }
+  };
   float acc[NT][4] = {};
-  // The group at s0, its codes loaded; only the last group of a warp (kTail) may pass K's end.
-  auto group = [&](uint32_t s0, auto tail) {
+  // The group at s0, its codes in `codes`; only the last group of a warp (kTail) may pass K's
+  // end. Each slot, once read, takes the same step of the group at `next`.
+  auto group = [&](uint32_t s0, uint32_t next, auto tail) {
     constexpr bool kTail = decltype(tail)::value;
     auto live = [&](uint32_t s) { return !kTail || s < steps; };  // warp-uniform
     float scale[U / 2];
 #pragma unroll
-    for (int i = 0; i < U / 2; ++i)
-      scale[i] = live(s0 + lane / 16 + 2 * i) ? nf4_absmax(w, (absmax_e0 + 32ull * (s0 + 2 * i)) >> shift) : 0.0f;
+    for (int i = 0; i < U / 2; ++i) scale[i] = live(s0 + lane / 16 + 2 * i) ? nf4_absmax(w, absmax_block(s0, i)) : 0.0f;
+    if (next < steps) {
+      prefetch_x(next);
+      prefetch_absmax(next);
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (!live(s0 + u)) break;
@@ -409,6 +425,11 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           af[h][i] = pair(__byte_perm(codes[u][i % 2], 0, 0x4440 + 2 * h + i / 2));  // the byte, zero-extended
+      if (next + u < steps) load_step(next + u, u);
+      // A fence for ptxas's scheduler: it would otherwise put these loads, whose values only
+      // the next group reads, after all of this group's mmas, and their round trip back on
+      // the warp's path (it costs a NOP; the SASS has each step's loads before its mmas).
+      __syncwarp();
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint4 x = *reinterpret_cast<const uint4*>(x_row[j] + 32 * (s0 + u));
@@ -423,12 +444,11 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
       }
     }
   };
-  for (uint32_t s0 = warp * U; s0 < steps; s0 += kGemvWarps * U) {
-    if (s0 != uint32_t(warp * U)) load(s0);
+  for (uint32_t s0 = first; s0 < steps; s0 += stride) {
     if (s0 + U <= steps) {
-      group(s0, std::false_type{});
+      group(s0, s0 + stride, std::false_type{});
     } else {
-      group(s0, std::true_type{});
+      group(s0, s0 + stride, std::true_type{});
     }
   }
   // acc[j] holds (row g, activation rows 8j + 2t, +1) and (row g + 8, the same).

@@ -152,6 +152,34 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
     }
 }
 
+/// The tensor-core GEMV where each warp takes several groups of 8 steps of 32 (K past 2,048:
+/// 8 warps × 8 steps a round), each group's codes loaded while the group before is computed:
+/// 81 steps (the warps' second groups of 8, 8 and 1 step) and 200 (a fourth round of 8), at
+/// 1, 9 and 16 activation rows, blocksizes 32 to 256, with and without double quantization.
+#[test]
+fn gemv_mma_over_several_groups_per_warp() {
+    for dev in backends() {
+        for (cols, m, blocksize, double_quant) in [
+            (32 * 81, 1, 64, true),
+            (32 * 81, 16, 32, false),
+            (32 * 200, 9, 256, true),
+            (32 * 200, 1, 128, false),
+        ] {
+            let c = Case {
+                seed: rand::random(),
+                rows: 21,
+                cols,
+                m,
+                blocksize,
+                double_quant,
+                timed: false,
+            };
+            assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::GemvMma, true));
+            assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::GemvMma, true));
+        }
+    }
+}
+
 /// The wgmma GEMMs on more tiles than the GPU has SMs (the emulator's 132): a block walks
 /// two tiles, the second's loads in flight while it stores the first. The forward's tiles
 /// are y's (17 × 9 of 128 × 256), dX's dXᵀ's (16 × 9), each over one step of K.
