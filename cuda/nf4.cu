@@ -365,25 +365,9 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
       if (k < K) prefetch_l1(a + uint64_t(min(i / (U / 2), M - 1)) * K + k);
     }
   };
-  // The warp's first group goes out before the block fills its code-pair table and nested map
-  // in shared memory, so that those fills and their barriers overlap the loads' round trip.
-  // Each later group's codes are loaded a group ahead, slot by slot as the group before frees
-  // them (group()), so that a warp always has a group's loads in flight while it computes.
-  const uint32_t first = warp * U;
-  prefetch_x(first);
-#pragma unroll
-  for (int u = 0; u < U; ++u)
-    if (first + u < steps) load_step(first + u, u);
-  fill_code_pairs<T>(pairs);
-  const Nf4Weight w = with_shared_map(p.w);
-  const uint32_t* lane_pairs = pairs + lane;
-  auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
-  const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
-  const T* x_row[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) x_row[j] = a + uint64_t(min(uint32_t(8 * j + g), M - 1)) * K + 8 * t;
   // The lanes decode a group's 16 × U absmaxes between them: lane l those of row
   // n0 + l % 16 at steps l / 16 + 2i, and passes each to the lanes of its row.
+  const int shift = __ffs(static_cast<int>(p.w.blocksize)) - 1;
   const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + 32 * (lane / 16);
   auto absmax_block = [&](uint32_t s0, int i) { return (absmax_e0 + 32ull * (s0 + 2 * i)) >> shift; };
   // The absmaxes' bytes of the group at s0 into L1 (their first and last: a run of a few
@@ -392,14 +376,32 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
     const int ends[2] = {0, U / 2 - 1};
     for (const int i : ends) {
       const uint64_t b = absmax_block(s0, i);
-      if (w.nested) {
-        prefetch_l1(w.nested_codes + b);
-        prefetch_l1(w.nested_absmax + b / FK_NF4_NESTED_BLOCKSIZE);
+      if (p.w.nested) {
+        prefetch_l1(p.w.nested_codes + b);
+        prefetch_l1(p.w.nested_absmax + b / FK_NF4_NESTED_BLOCKSIZE);
       } else {
-        prefetch_l1(w.absmax + b);
+        prefetch_l1(p.w.absmax + b);
       }
     }
   };
+  // The warp's first group goes out (its codes, and its x and absmaxes into L1) before the
+  // block fills its code-pair table and nested map in shared memory, so that those fills and
+  // their barriers overlap the loads' round trip.
+  // Each later group's codes are loaded a group ahead, slot by slot as the group before frees
+  // them (group()), so that a warp always has a group's loads in flight while it computes.
+  const uint32_t first = warp * U;
+  prefetch_x(first);
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (first + u < steps) load_step(first + u, u);
+  if (first < steps) prefetch_absmax(first);
+  fill_code_pairs<T>(pairs);
+  const Nf4Weight w = with_shared_map(p.w);
+  const uint32_t* lane_pairs = pairs + lane;
+  auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
+  const T* x_row[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) x_row[j] = a + uint64_t(min(uint32_t(8 * j + g), M - 1)) * K + 8 * t;
   float acc[NT][4] = {};
   // The group at s0, its codes in `codes`; only the last group of a warp (kTail) may pass K's
   // end. Each slot, once read, takes the same step of the group at `next`.
