@@ -38,9 +38,10 @@ FK_DEVICE Codes run_codes(const uint8_t* codes, uint64_t e0, uint64_t numel) {
 // two halves, two instructions apart), and each load of codes 128 (f32: 64) contiguous bytes.
 // A thread takes kRuns runs per pass (r, r + the grid's stride, ...) and loads all their codes
 // before their absmaxes: the codes' loads in flight together, not queued behind the absmax's
-// dependent chain. The first pass's codes go out before the block fills its code table and
-// nested map in shared memory, so that those fills and their barriers overlap the codes'
-// round trip (most launches give a thread one pass, and the block's life is that chain).
+// dependent chain. The first pass's codes (and its absmaxes' bytes, into L1) go out before
+// the block fills its code table and nested map in shared memory, so that those fills and
+// their barriers overlap the codes' round trip (most launches give a thread one pass, and the
+// block's life is that chain).
 // Capped at 48 registers (the entry point), 5 blocks of 256 per SM: left alone, ptxas takes
 // 50 for the codes held across the fills, and 4 blocks.
 template <typename O>
@@ -54,10 +55,24 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
 #pragma unroll
     for (int i = 0; i < kRuns; ++i) codes[i] = run_codes<Codes>(p.w.codes, (r0 + i * stride) * kRun, numel);
   };
+  const int shift = __ffs(static_cast<int>(p.w.blocksize)) - 1;
   load_codes(grid_start());
+  // The first pass's absmax bytes into L1 with its codes: their decode, after the fills,
+  // finds them there rather than waiting a round trip of its own.
+#pragma unroll
+  for (int i = 0; i < kRuns; ++i) {
+    const uint64_t r = grid_start() + i * stride;
+    if (r >= runs) break;
+    const uint64_t b = (r * kRun) >> shift;
+    if (p.w.nested) {
+      prefetch_l1(p.w.nested_codes + b);
+      prefetch_l1(p.w.nested_absmax + b / FK_NF4_NESTED_BLOCKSIZE);
+    } else {
+      prefetch_l1(p.w.absmax + b);
+    }
+  }
   const float* table = shared_code_table();
   const Nf4Weight w = with_shared_map(p.w);
-  const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
   O* out = static_cast<O*>(p.out);
   // A run stays in one row (and 16-byte aligned there) when rows are contiguous, or when both
   // the row length and the stride allow it.
