@@ -430,12 +430,12 @@ FK_DEVICE void fill(Stage& st, uint4* side_tile, bool fresh, uint64_t* full, uin
 // clusters; a cluster's c blocks take c neighbouring positions along A, so that they share B's
 // tile (and may multicast it): a unit. A launch of a cluster per unit gives each block one tile.
 // With runs (`longest_run` > 1, B-fastest only), what is dealt out is a run: consecutive B
-// tiles of one A position, at most `longest_run` of them, and no more than split the A
-// position's tiles among as many runs as the launch has clusters for each (at least one), so
-// that a block walks its run's tiles one after another and may keep what they share
-// (bench/NOTES.md, the forward's u inside its GEMM). Runs are dealt out in turn as units are:
-// short runs keep the clusters at work together on few A positions (L2 shares their A tiles),
-// long ones share more along a run.
+// tiles of one A position, at most `longest_run` and at most an even share of the position's
+// B tiles among the launch's clusters per A position (all of them if it has fewer clusters
+// than A positions), so that a block walks its run's tiles one after another and may keep
+// what they share (bench/NOTES.md, the forward's u inside its GEMM). Runs are dealt out in
+// turn as units are: short runs keep the clusters at work together on few A positions (L2
+// shares their A tiles), long ones share more along a run.
 struct Schedule {
   uint32_t b_tiles, units_a, cluster, rank, first, stride, count, run, runs_per_a;
   bool b_fastest;
