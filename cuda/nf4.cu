@@ -63,13 +63,7 @@ FK_DEVICE void dequantize(const Nf4DequantizeParams& p) {
   for (int i = 0; i < kRuns; ++i) {
     const uint64_t r = grid_start() + i * stride;
     if (r >= runs) break;
-    const uint64_t b = (r * kRun) >> shift;
-    if (p.w.nested) {
-      prefetch_l1(p.w.nested_codes + b);
-      prefetch_l1(p.w.nested_absmax + b / FK_NF4_NESTED_BLOCKSIZE);
-    } else {
-      prefetch_l1(p.w.absmax + b);
-    }
+    nf4_prefetch_absmax(p.w, (r * kRun) >> shift);
   }
   const float* table = shared_code_table();
   const Nf4Weight w = with_shared_map(p.w);
@@ -325,7 +319,7 @@ FK_DEVICE void fill_code_pairs(uint32_t (&pairs)[256 * 32]) {
 
 template <typename T, int NT>
 FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
-  constexpr int U = 8;  // steps of 32 elements a warp loads before using them
+  constexpr int U = 8;  // steps of 32 elements in a warp's group (the next group's loading)
   FK_SHARED(pairs, uint32_t[256 * 32]);
   FK_SHARED(partial, float[kGemvWarps][kGemvRows][8 * NT]);
   const T* a = static_cast<const T*>(p.a);
@@ -388,16 +382,8 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   // The absmaxes' bytes of the group at s0 into L1 (their first and last: a run of a few
   // bytes, or floats), so that its decode at the group's start finds them there.
   auto prefetch_absmax = [&](uint32_t s0) {
-    const int ends[2] = {0, U / 2 - 1};
-    for (const int i : ends) {
-      const uint64_t b = absmax_block(s0, i);
-      if (p.w.nested) {
-        prefetch_l1(p.w.nested_codes + b);
-        prefetch_l1(p.w.nested_absmax + b / FK_NF4_NESTED_BLOCKSIZE);
-      } else {
-        prefetch_l1(p.w.absmax + b);
-      }
-    }
+    nf4_prefetch_absmax(p.w, absmax_block(s0, 0));
+    nf4_prefetch_absmax(p.w, absmax_block(s0, U / 2 - 1));
   };
   // The warp's first group goes out (its codes, and its x and absmaxes into L1) before the
   // block fills its code-pair table and nested map in shared memory, so that those fills and

@@ -69,6 +69,17 @@ FK_DEVICE float nf4_absmax(const Nf4Weight& w, uint64_t b) {
   return mul_ftz(w.nested_map[w.nested_codes[b]], w.nested_absmax[b / FK_NF4_NESTED_BLOCKSIZE]) + w.offset;
 }
 
+// Brings into L1 the global bytes nf4_absmax(w, b) reads (the nested map aside, which a
+// kernel keeps in shared memory), so that a decode after other work finds them there.
+FK_DEVICE void nf4_prefetch_absmax(const Nf4Weight& w, uint64_t b) {
+  if (w.nested) {
+    prefetch_l1(w.nested_codes + b);
+    prefetch_l1(w.nested_absmax + b / FK_NF4_NESTED_BLOCKSIZE);
+  } else {
+    prefetch_l1(w.absmax + b);
+  }
+}
+
 // The weight with its nested map in shared memory (absmax lookups by divergent index, no
 // dependent global load), when nested. Call from every thread of the block.
 FK_DEVICE Nf4Weight with_shared_map(Nf4Weight w) {
