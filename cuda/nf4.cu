@@ -288,7 +288,9 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
 // the 4-bit weight is what bounds it.
 //
 // A block computes FK_NF4_GEMV_MMA_ROWS (16) weight rows: the mma's A operand, with x as its
-// B operand (8 activation rows per n tile; rows past m are never stored). In each 32-element step of K a lane
+// B operand (NT n tiles of 8 activation rows, up to 64; rows past m are never stored). The
+// weight is read once whatever m; x, all of it, by every block (from L2: x is a few hundred
+// KB), which is what grows with m. In each 32-element step of K a lane
 // loads one 4-byte word of codes for each of its two A rows (8 consecutive elements), and
 // each byte, looked up in a table of code pairs, is one A register. Which k slot of the mma
 // holds which element does not change the sum as long as A and B agree, so the lane's B
@@ -321,7 +323,6 @@ template <typename T, int NT>
 FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   constexpr int U = 8;  // steps of 32 elements in a warp's group (the next group's loading)
   FK_SHARED(pairs, uint32_t[256 * 32]);
-  FK_SHARED(partial, float[kGemvWarps][kGemvRows][8 * NT]);
   const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
   const uint32_t N = p.w.rows, K = p.w.cols, M = p.m, n0 = blockIdx.x * kGemvRows;
@@ -454,6 +455,12 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
       group(s0, s0 + stride, std::true_type{});
     }
   }
+  // The warps' sums go where the pair table was, once every warp is done with it (static
+  // shared memory stays under 48 KB with 64 activation rows).
+  using Partials = float[kGemvWarps][kGemvRows][8 * NT];
+  static_assert(sizeof(Partials) <= sizeof(pairs), "the partial sums fit in the pair table");
+  Partials& partial = *reinterpret_cast<Partials*>(&pairs);
+  __syncthreads();
   // acc[j] holds (row g, activation rows 8j + 2t, +1) and (row g + 8, the same).
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -550,6 +557,8 @@ FK_KERNEL(nf4_quantize_nested, Nf4NestedParams) { quantize_nested(p); }
   FK_KERNEL(nf4_gemv_##t##_m16, Nf4MatmulParams) { gemv<T, 16>(p); }                        \
   FK_KERNEL_REGS(nf4_gemv_mma_##t##_m8, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 80) { gemv_mma<T, 1>(p); } \
   FK_KERNEL_REGS(nf4_gemv_mma_##t##_m16, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 128) { gemv_mma<T, 2>(p); } \
+  FK_KERNEL_BOUNDS(nf4_gemv_mma_##t##_m32, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS) { gemv_mma<T, 4>(p); } \
+  FK_KERNEL_BOUNDS(nf4_gemv_mma_##t##_m64, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS) { gemv_mma<T, 8>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, false>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, true>(p); } \
   FK_KERNEL_TMA(nf4_gemm_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, false>(p); } \

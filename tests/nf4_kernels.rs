@@ -56,16 +56,17 @@ proptest! {
     }
 
     /// Half the widths are multiples of 32 (the tensor-core GEMV's fast path, whose steps
-    /// of 32 change blocks every step at blocksize 32), half any width (the scalar paths).
+    /// of 32 change blocks every step at blocksize 32), half any width (the scalar paths);
+    /// every row count each GEMV takes (the tensor-core one's n tiles of 8, 1 to 8 of them).
     #[test]
     fn gemv_matches_the_reference(
         seed in any::<u64>(), rows in 1usize..150,
         cols in prop_oneof![1usize..300, (1usize..12).prop_map(|k| 32 * k)],
-        m in 1usize..=16, bs in 0usize..3, dq in any::<bool>()
+        m in 1usize..=nf4::GEMV_MAX_ROWS, bs in 0usize..3, dq in any::<bool>()
     ) {
         let c = Case { seed, rows, cols, m, blocksize: BLOCKSIZES[bs], double_quant: dq, timed: false };
         for dev in backends() {
-            for gemv in GEMVS {
+            for gemv in GEMVS.into_iter().filter(|g| m <= g.max_rows()) {
                 assert_pass(check::matmul::<bf16>(&dev, c, gemv, true));
                 assert_pass(check::matmul::<f16>(&dev, c, gemv, true));
             }
@@ -128,6 +129,7 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
             (130, 64, 129),
             (64, 96, 17),
             (64, 96, 16),
+            (48, 128, 64),
             (128, 96, 9),
             (300, 1024, 3),
             // 130 steps of 32: the tensor-core GEMV's warps take several groups, the last short.
@@ -143,10 +145,8 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
                 timed: false,
             };
             assert_fused_gemm_both_ways(&dev, c);
-            if m <= 16 {
-                for gemv in GEMVS {
-                    assert_pass(check::matmul::<bf16>(&dev, c, gemv, true));
-                }
+            for gemv in GEMVS.into_iter().filter(|g| m <= g.max_rows()) {
+                assert_pass(check::matmul::<bf16>(&dev, c, gemv, true));
             }
         }
     }
@@ -155,15 +155,18 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
 /// The tensor-core GEMV where each warp takes several groups of 8 steps of 32 (K past 2,048:
 /// 8 warps × 8 steps a round), each group's codes loaded while the group before is computed:
 /// 81 steps (the warps' second groups of 8, 8 and 1 step) and 200 (a fourth round of 8), at
-/// 1, 9 and 16 activation rows, blocksizes 32 to 256, with and without double quantization.
+/// 1, 9, 16, 33 and 64 activation rows (1, 2, 2, 5 and 8 n tiles), blocksizes 32 to 256,
+/// with and without double quantization.
 #[test]
 fn gemv_mma_over_several_groups_per_warp() {
     for dev in backends() {
         for (cols, m, blocksize, double_quant) in [
             (32 * 81, 1, 64, true),
             (32 * 81, 16, 32, false),
+            (32 * 81, 64, 64, true),
             (32 * 200, 9, 256, true),
             (32 * 200, 1, 128, false),
+            (32 * 200, 33, 32, false),
         ] {
             let c = Case {
                 seed: rand::random(),
@@ -222,7 +225,8 @@ fn dispatch_runs_every_path_it_can_choose() {
         };
         assert_eq!(nf4::choose_path(&dev, 1, true), MatmulPath::GemvMma);
         assert_eq!(nf4::choose_path(&dev, 16, true), MatmulPath::GemvMma);
-        assert_ne!(nf4::choose_path(&dev, 17, true), MatmulPath::GemvMma);
+        assert_eq!(nf4::choose_path(&dev, 64, true), MatmulPath::GemvMma);
+        assert_ne!(nf4::choose_path(&dev, 65, true), MatmulPath::GemvMma);
         assert_ne!(
             nf4::choose_path(&dev, 4, false),
             MatmulPath::GemvMma,
@@ -230,7 +234,7 @@ fn dispatch_runs_every_path_it_can_choose() {
         );
         // Every (path, direction) the dispatch picks for some m, each run once at that m.
         let mut chosen = Vec::new();
-        for m in [1, 4, 5, 16, 17, 40, 100_000] {
+        for m in [1, 4, 5, 16, 17, 40, 64, 65, 100_000] {
             for forward in [true, false] {
                 let path = nf4::choose_path(&dev, m, forward);
                 if !chosen.iter().any(|&(p, f, _)| (p, f) == (path, forward)) {
@@ -281,23 +285,24 @@ fn bad_input_is_a_typed_error() {
             nf4::forward(&q, &x, 4, &mut y),
             Err(Error::ShapeMismatch { .. })
         ));
-        // Shapes that fit a backward ([3, out] in, [3, in] out) on the forward-only GEMV,
-        // and a forward of more rows than it takes.
+        // Shapes that fit a backward ([3, out] in, [3, in] out) on the forward-only GEMVs,
+        // and a forward of one row more than each takes.
         let dy = dev
             .upload(&random_vec::<bf16>(&mut rng, 3 * 6, 1.0))
             .unwrap();
         let mut dx = dev.alloc_poisoned::<bf16>(3 * 10).unwrap();
-        let x17 = dev
-            .upload(&random_vec::<bf16>(&mut rng, 17 * 10, 1.0))
-            .unwrap();
-        let mut y17 = dev.alloc_poisoned::<bf16>(17 * 6).unwrap();
         for gemv in GEMVS {
             assert!(matches!(
                 nf4::backward_dx_with(&q, &dy, 3, &mut dx, gemv),
                 Err(Error::Unsupported { .. })
             ));
+            let m = gemv.max_rows() + 1;
+            let x = dev
+                .upload(&random_vec::<bf16>(&mut rng, m * 10, 1.0))
+                .unwrap();
+            let mut y = dev.alloc_poisoned::<bf16>(m * 6).unwrap();
             assert!(matches!(
-                nf4::forward_with(&q, &x17, 17, &mut y17, gemv),
+                nf4::forward_with(&q, &x, m, &mut y, gemv),
                 Err(Error::Unsupported { .. })
             ));
         }

@@ -328,12 +328,15 @@ fn nf4_raw_matches_the_safe_calls() {
         same_bits("nf4 dequantize", &dev, &raw, &safe);
 
         // The default choice (None: `matmul`) and every fused path (`matmul_with`): the
-        // GEMVs at 3 rows, the GEMMs at 45, forward and backward.
+        // GEMVs at 3 rows (the tensor-core one at 45 too), the GEMMs at 45, forward and
+        // backward.
         let mut cases = vec![
             (3, true, None),
             (45, true, None),
+            (70, true, None),
             (45, false, None),
             (3, true, Some(MatmulPath::GemvMma)),
+            (45, true, Some(MatmulPath::GemvMma)),
             (3, true, Some(MatmulPath::Gemv)),
             (45, true, Some(MatmulPath::FusedGemm)),
             (45, false, Some(MatmulPath::FusedGemm)),
@@ -347,8 +350,8 @@ fn nf4_raw_matches_the_safe_calls() {
             let a = dev
                 .upload(&random_vec::<bf16>(&mut rng, m * k, 1.0))
                 .unwrap();
-            // `matmul` takes the GEMV up to 16 rows, else the mma.sync GEMM.
-            let safe_path = path.unwrap_or(if m <= 16 {
+            // `matmul` takes the GEMV forward up to its rows, else the mma.sync GEMM.
+            let safe_path = path.unwrap_or(if forward && m <= nf4::GEMV_MAX_ROWS {
                 MatmulPath::GemvMma
             } else {
                 MatmulPath::FusedGemm

@@ -178,15 +178,17 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
         row.kernel += " (no double quant)";
         out.push(row)?;
         for weight in [&q, &q_t] {
-            for m in [1, 4, 8, 16] {
-                out.push(matmul_row(dev, timer, c, weight, m, gemv, true)?)?;
+            for m in [1, 4, 8, 16, 32, 64] {
+                if m <= gemv.max_rows() {
+                    out.push(matmul_row(dev, timer, c, weight, m, gemv, true)?)?;
+                }
             }
         }
     }
     out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;
     let cublas_present = dev.has_cublas();
-    // 4 to 16 rows: against the GEMVs (nf4::choose_path's crossover).
-    for m in [4, 8, 16, 64, at.nf4_tokens] {
+    // 4 to 64 rows: against the GEMVs (nf4::choose_path's crossover).
+    for m in [4, 8, 16, 32, 64, at.nf4_tokens] {
         for forward in [true, false] {
             out.push(matmul_row(
                 dev,

@@ -241,13 +241,16 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
     if dev.has_cublas() {
         paths.push(MatmulPath::DequantizeCublas);
     }
-    for m in [1, 3, 16] {
+    for m in [1, 3, 16, 64] {
         let c = Case {
             m,
             seed: seed + m as u64,
             ..base
         };
         for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
+            if m > gemv.max_rows() {
+                continue;
+            }
             report.push(matmul::<bf16>(dev, c, gemv, true)?);
             report.push(matmul::<f16>(dev, c, gemv, true)?);
         }

@@ -1,9 +1,9 @@
 //! NF4 (QLoRA's 4-bit NormalFloat) on the device: bitsandbytes-exact quantization with
 //! double quantization, dequantization, and the matmuls through a frozen NF4 weight with
-//! the dequantization fused in: GEMVs for decode batches (1 to 16 rows; one on tensor cores,
-//! one SIMT), a tensor-core GEMM for the forward `y = x Ŵᵀ`, and the same for the backward
-//! `dX = dY Ŵ` (on `mma.sync`, and on Hopper's `wgmma`); or dequantize + cuBLAS. [`choose_path`] picks by batch size, from
-//! measurements.
+//! the dequantization fused in: GEMVs for decode and small batches (1 to 64 rows on tensor
+//! cores, 1 to 16 SIMT), a tensor-core GEMM for the forward `y = x Ŵᵀ`, and the same for the
+//! backward `dX = dY Ŵ` (on `mma.sync`, and on Hopper's `wgmma`); or dequantize + cuBLAS.
+//! [`choose_path`] picks by batch size, from measurements.
 //!
 //! Kernels: `cuda/nf4.cu`. Reference: [`crate::reference::nf4`] (bitsandbytes' format and
 //! numerics) and [`crate::reference::linear`] (the matmuls). Checkpoints: [`checkpoint`].
@@ -31,9 +31,13 @@ use crate::reference::nf4::{check_blocksize, dynamic_map, Absmax, NestedAbsmax, 
 const MODULE: &str = "nf4";
 pub(crate) const THREADS: u32 = 256;
 const MAX_BLOCKS: u32 = 1 << 16;
-/// Rows of activations up to which the GEMVs run (the SIMT one is instantiated for 1, 2, 4,
-/// 8 and 16, the tensor-core one for 8 and 16).
-pub const GEMV_MAX_ROWS: usize = 16;
+/// Rows of activations up to which the tensor-core GEMV runs (instantiated for 8, 16, 32 and
+/// 64: one `mma` n-tile of 8 rows each, the weight read once for all of them), and with it
+/// the dispatch's forward ([`choose_path`]).
+pub const GEMV_MAX_ROWS: usize = 64;
+/// Rows up to which the SIMT GEMV runs (instantiated for 1, 2, 4, 8 and 16: a register
+/// accumulator per row and weight row).
+pub const SIMT_GEMV_MAX_ROWS: usize = 16;
 
 /// The absmaxes on the device: plain, or double-quantized.
 enum DeviceAbsmax {
@@ -364,7 +368,7 @@ pub enum MatmulPath {
     /// [`MatmulPath::Gemv`]), so that the 4-bit weight's bytes should bound it. The codes enter the `mma` rounded to the activations' dtype (as
     /// bitsandbytes' GEMV rounds code × absmax); each block's sum is scaled by its f32 absmax.
     GemvMma,
-    /// The fused SIMT GEMV (forward only, up to [`GEMV_MAX_ROWS`] rows): `Ŵ` in f32, a table
+    /// The fused SIMT GEMV (forward only, up to [`SIMT_GEMV_MAX_ROWS`] rows): `Ŵ` in f32, a table
     /// lookup and a multiply-add per element. Measured at 19% of the memory floor on an H200
     /// (about eight instructions per element); kept until a GPU run times it next to
     /// [`MatmulPath::GemvMma`], which replaced it in [`choose_path`] unmeasured.
@@ -386,6 +390,15 @@ pub enum MatmulPath {
 }
 
 impl MatmulPath {
+    /// The most activation rows the path takes (the GEMMs: any number).
+    pub fn max_rows(self) -> usize {
+        match self {
+            MatmulPath::GemvMma => GEMV_MAX_ROWS,
+            MatmulPath::Gemv => SIMT_GEMV_MAX_ROWS,
+            _ => usize::MAX,
+        }
+    }
+
     /// The name checks and benchmarks give this path's forward (or backward dX) with
     /// `dtype` activations: its kernel's, e.g. `nf4_gemm_dx_bf16`.
     pub fn label(self, forward: bool, dtype: DType) -> String {
@@ -408,16 +421,17 @@ impl MatmulPath {
 /// dequantize + cuBLAS where cuBLAS is present (the emulator, or cuBLAS not loadable: the
 /// fused GEMM).
 ///
-/// Measured on an H200 (bench/results/2026-11-26T0852-h200.md, 4096→11008 and 11008→4096,
-/// bf16): dequantize + cuBLAS took 97 / 102 µs at 64 rows, about a dequantize pass plus
-/// cuBLAS reading Ŵ at any small batch; the fused `mma.sync` GEMM 148 µs at 64 rows (its dX
-/// 515 µs) and 5978 µs at 8192, against 998 µs for dequantize + cuBLAS, so cuBLAS's `wgmma`
-/// wins past the GEMV in both directions. The SIMT GEMV took 29 / 33 µs at 1 row, 50 / 68 at
-/// 4 and 205 / 284 at 16 (its crossover with dequantize + cuBLAS was about 8 rows). The
-/// tensor-core GEMV that replaced it has not run on a GPU yet: one `mma` serves 8 rows, so
-/// its cost should hardly grow with them, and the bound of its memory-bound 1-row time
-/// (≈ 10 µs predicted, bench/NOTES.md) is far under dequantize + cuBLAS's ~90 µs even at 16
-/// rows, hence all 16. The next GPU check times both at 1, 4, 8 and 16 rows.
+/// Measured on an H200 (bench/results/2026-11-27T0544-h200.md, 4096→11008 and 11008→4096,
+/// bf16): dequantize + cuBLAS took 76-82 µs at 4 to 64 rows, a dequantize pass plus cuBLAS
+/// reading Ŵ at any small batch, and 961 / 942 µs at 8192 rows, within 5% of cuBLAS on a bf16
+/// weight; the fused `mma.sync` GEMM 150-154 µs at 4 to 64 rows (its dX 533-538) and 4306 at
+/// 8192, so cuBLAS's `wgmma` wins past the GEMV in both directions. The tensor-core GEMV took
+/// 27.1 / 27.4 µs at 1 row and 35.4 / 29.5 at 16 (the SIMT one 29.1 / 33.3 and 158.5 / 171.6).
+/// Past 16 rows it had no instantiation then. Each block of it reads all of x (its 16 weight
+/// rows' share of K from every activation row) from L2, so 16 more rows cost it ≈ 8 µs at
+/// 4096→11008 there: ≈ 45 µs at 32 rows and ≈ 60 at 64 from those figures, under dequantize +
+/// cuBLAS, hence all 64. The next GPU check times both at 32 and 64 rows
+/// (bench/predictions.json's decision).
 pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
     match fused_path(m, forward) {
         MatmulPath::FusedGemm if dev.has_cublas() => MatmulPath::DequantizeCublas,
@@ -706,7 +720,7 @@ pub fn kernels() -> Vec<Kernel> {
         for m in [1, 2, 4, 8, 16] {
             names.push(format!("nf4_gemv_{t}_m{m}"));
         }
-        for m in [8, 16] {
+        for m in [8, 16, 32, 64] {
             names.push(format!("nf4_gemv_mma_{t}_m{m}"));
         }
         names.push(format!("nf4_gemm_{t}"));
@@ -793,7 +807,7 @@ pub mod raw {
     }
 
     /// [`matmul`] through a fused `path` of your choice: a GEMV (forward, 1 to
-    /// [`GEMV_MAX_ROWS`] rows), the `mma.sync` GEMM, or the wgmma one (Hopper; its
+    /// [`GEMV_MAX_ROWS`] rows, [`SIMT_GEMV_MAX_ROWS`] for the SIMT one), the `mma.sync` GEMM, or the wgmma one (Hopper; its
     /// activations by TMA where `p.a_tma` flags a map you encoded, else cp.async). For
     /// [`MatmulPath::DequantizeCublas`] dequantize into your scratch ([`dequantize`]) and call
     /// your cuBLAS: it is refused here.
@@ -811,10 +825,14 @@ pub mod raw {
         float_dtype("nf4 matmul", act, &[DType::BF16, DType::F16])?;
         let m = p.m as usize;
         match path {
-            MatmulPath::GemvMma | MatmulPath::Gemv if !forward || m > GEMV_MAX_ROWS => {
+            MatmulPath::GemvMma | MatmulPath::Gemv if !forward || m > path.max_rows() => {
                 return Err(Error::Unsupported {
                     op: "nf4 gemv",
-                    why: format!("the GEMV is forward-only, 1..=16 rows; got {m}"),
+                    why: format!(
+                        "the {path:?} GEMV is forward-only, 1..={} rows; got {m} rows {}",
+                        path.max_rows(),
+                        if forward { "forward" } else { "backward" }
+                    ),
                 });
             }
             MatmulPath::FusedGemmWgmma if !dev.has_wgmma() => {
