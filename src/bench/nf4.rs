@@ -95,6 +95,36 @@ fn matmul_row(
     )
 }
 
+/// The tensor-core GEMV's `m` rows as two launches of `m / 2` (`nf4_gemv_mma_bf16, two
+/// launches of half the rows`): the weight read twice, the second time mostly from L2 (23 MB
+/// of the H200's 50), where one launch of 64 rows runs a block per SM (150 registers) and one
+/// of 32 two. Against the one-launch row of the same shape: bench/predictions.json's decision.
+fn gemv_in_halves(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    q: &Nf4Weight,
+    m: usize,
+) -> Result<Row> {
+    let (k_in, n_out, half) = (q.cols(), q.rows(), m / 2);
+    let mut rng = StdRng::seed_from_u64(m as u64);
+    let a = [(); 2].map(|_| random_vec::<bf16>(&mut rng, half * k_in, 1.0));
+    let [a0, a1] = [dev.upload(&a[0])?, dev.upload(&a[1])?];
+    let [mut y0, mut y1] = [
+        dev.alloc_poisoned::<bf16>(half * n_out)?,
+        dev.alloc_poisoned::<bf16>(half * n_out)?,
+    ];
+    let t = timer.time(3, REPS, || {
+        nf4::forward_with(q, &a0, half, &mut y0, MatmulPath::GemvMma)?;
+        nf4::forward_with(q, &a1, half, &mut y1, MatmulPath::GemvMma)
+    })?;
+    let bytes = (q.bytes() + 2 * m * (k_in + n_out)) as f64;
+    let flops = 2.0 * (m * q.rows() * q.cols()) as f64;
+    let kernel = "nf4_gemv_mma_bf16, two launches of half the rows";
+    let shape = format!("{m}x{k_in}→{n_out}");
+    Ok(Row::new("nf4", kernel, &shape, &t, bytes, flops, c))
+}
+
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
     let at = Scale::of(dev);
     let (rows, cols) = at.nf4;
@@ -166,8 +196,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
         0.0,
         c,
     ))?;
-    // Both GEMVs side by side (the tensor-core one replaced the SIMT one in the dispatch
-    // unmeasured), each with its fixed cost (a tiny weight) and what double quantization's
+    // Both GEMVs side by side (bench/predictions.json's decision between them), each with
+    // its fixed cost (a tiny weight) and what double quantization's
     // dependent absmax loads cost it (the same weight without).
     let (_, q_small) = weight(dev, 256, 256)?;
     let q_plain = Nf4Weight::quantize(&w, rows, cols, 64, false)?;
@@ -184,6 +214,9 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
                 }
             }
         }
+    }
+    for weight in [&q, &q_t] {
+        out.push(gemv_in_halves(dev, timer, c, weight, 64)?)?;
     }
     out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;
     let cublas_present = dev.has_cublas();

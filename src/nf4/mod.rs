@@ -365,13 +365,15 @@ pub enum MatmulPath {
     /// The fused GEMV on tensor cores (forward only, up to [`GEMV_MAX_ROWS`] rows): the
     /// weight is `mma.sync`'s A operand, decoded from a table of code pairs a byte at a time
     /// (about 3.5 instructions per weight element in its loop, against 8 for
-    /// [`MatmulPath::Gemv`]), so that the 4-bit weight's bytes should bound it. The codes enter the `mma` rounded to the activations' dtype (as
-    /// bitsandbytes' GEMV rounds code × absmax); each block's sum is scaled by its f32 absmax.
+    /// [`MatmulPath::Gemv`]), so that the 4-bit weight's bytes should bound it. The codes
+    /// enter the `mma` rounded to the activations' dtype (as bitsandbytes' GEMV rounds
+    /// code × absmax); each block's sum is scaled by its f32 absmax.
     GemvMma,
-    /// The fused SIMT GEMV (forward only, up to [`SIMT_GEMV_MAX_ROWS`] rows): `Ŵ` in f32, a table
-    /// lookup and a multiply-add per element. Measured at 19% of the memory floor on an H200
-    /// (about eight instructions per element); kept until a GPU run times it next to
-    /// [`MatmulPath::GemvMma`], which replaced it in [`choose_path`] unmeasured.
+    /// The fused SIMT GEMV (forward only, up to [`SIMT_GEMV_MAX_ROWS`] rows): `Ŵ` in f32, a
+    /// table lookup and a multiply-add per element (about eight instructions per element).
+    /// On an H200 (2026-11-27T0544) 1.07× / 1.22× [`MatmulPath::GemvMma`]'s time at 1 row
+    /// and 4.5× / 5.8× at 16 (4096→11008 / 11008→4096); kept beside it until a GPU run times
+    /// the tensor-core GEMV's later versions (bench/predictions.json's decision).
     Gemv,
     /// The fused tensor-core GEMM (`mma.sync`): the weight is dequantized on its way into
     /// shared memory and never materialized.
@@ -379,8 +381,9 @@ pub enum MatmulPath {
     /// The fused GEMM on Hopper's `wgmma` (`cuda/include/wgmma.cuh`; Hopper and the
     /// emulator): the weight dequantized into each stage while an earlier stage's `wgmma`s
     /// run (`Nf4Operand`, `cuda/include/nf4.cuh`), never materialized; the backward computes
-    /// `dXᵀ` so that W is read as it lies. Not chosen by [`choose_path`] until a GPU run has
-    /// timed it against [`MatmulPath::DequantizeCublas`] (bench/NOTES.md).
+    /// `dXᵀ` so that W is read as it lies. Not chosen by [`choose_path`]: on an H200
+    /// (2026-11-27T0544) it took 3.8× / 3.2× [`MatmulPath::DequantizeCublas`]'s time at 8192
+    /// rows, forward / dX (bench/NOTES.md).
     FusedGemmWgmma,
     /// Dequantize `Ŵ` into a scratch buffer, then cuBLAS. On Hopper cuBLAS runs `wgmma`,
     /// about twice the rate of the `mma.sync` the fused GEMM uses, so once there are enough
