@@ -4,8 +4,8 @@
 // first loads in flight while it stores the last (run_tiles). B is always a matrix of
 // K-contiguous rows (`Rows`, or nf4.cuh's NF4 weight); A is either the same (`Rows`:
 // activations [rows, K] against weights [out, K], the forward) or a matrix whose rows run
-// along K with the tile's rows contiguous (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read as
-// is; or the NF4 weight so). A GEMM is one or more segments (K ranges of different matrices,
+// along K with the tile's rows contiguous (`Columns`: Wᵀ for dXᵀ = Wᵀ·dYᵀ, W [K, in] read
+// as is; or the NF4 weight so). A GEMM is one or more segments (K ranges of different matrices,
 // one layout of A) run into the same accumulators, as gemm.cuh's are; the caller stores them
 // (store_tile) or walks them (for_each). A segment may carry a side product (Side: its A
 // tiles times a few rows of another matrix, into accumulators of the caller's) and a
@@ -652,9 +652,10 @@ FK_DEVICE int staged_slot(int row, int col) {
 
 // Stores the tile (+ bias[column]), rounded to T, at out[row0 + i][col0 + j] for row0 + i < rows,
 // col0 + j < cols (out's rows `ld` elements apart); transposed (dXᵀ's tile for dX, which has
-// no bias: `bias` is the untransposed tiles' only): acc(r, c) at out[row0 + c][col0 + r]. Through shared memory (`staging`: the tile's first and second
-// half of its rows, the bias in its table), so that global memory sees whole 16-byte runs of a
-// row, a warp's a contiguous 512 bytes, where out allows (runs_of_8; a run cut by `cols` is
+// no bias: `bias` is the untransposed tiles' only): acc(r, c) at out[row0 + c][col0 + r].
+// Through shared memory (`staging`: the tile's first and second half of its rows, the bias in
+// its table), so that global memory sees whole 16-byte runs of a row, a warp's a contiguous
+// 512 bytes, where out allows (runs_of_8; a run cut by `cols` is
 // stored element by element). The accumulators' own layout would store 2 bytes a thread, 8
 // rows (4 transposed) an instruction: 8 partly written sectors per instruction, and a bias
 // load before each element's store (bias may alias out).
