@@ -38,27 +38,29 @@ fn run_at(dev: &Device, family: &str, at: Scale, announce: &mut dyn FnMut(&str))
     dev.synchronize()
 }
 
-/// The tensor-core GEMV both ways and the SIMT one (1 row), dequantize, and on Hopper the
-/// fused wgmma GEMM that decodes in its tiles.
+/// The tensor-core GEMV both ways and the SIMT one (1 row), the tensor-core one at 64 rows
+/// (is it x's traffic from L2 that binds it, or its one block per SM: bench/NOTES.md),
+/// dequantize, and on Hopper the fused wgmma GEMM that decodes in its tiles.
 fn nf4_cases(dev: &Device, at: Scale, announce: &mut dyn FnMut(&str)) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(5);
     let (rows, cols) = at.nf4;
     let (_, wide) = weight(dev, rows, cols)?;
     let (_, tall) = weight(dev, cols, rows)?;
-    for (q, path) in [
-        (&wide, MatmulPath::GemvMma),
-        (&tall, MatmulPath::GemvMma),
-        (&wide, MatmulPath::Gemv),
+    for (q, path, m) in [
+        (&wide, MatmulPath::GemvMma, 1),
+        (&tall, MatmulPath::GemvMma, 1),
+        (&wide, MatmulPath::Gemv, 1),
+        (&wide, MatmulPath::GemvMma, 64),
     ] {
         announce(&format!(
-            "{} 1x{}→{}",
+            "{} {m}x{}→{}",
             path.label(true, DType::BF16),
             q.cols(),
             q.rows()
         ));
-        let x = dev.upload(&random_vec::<bf16>(&mut rng, q.cols(), 1.0))?;
-        let mut y = dev.alloc_output::<bf16>(q.rows())?;
-        nf4::forward_with(q, &x, 1, &mut y, path)?;
+        let x = dev.upload(&random_vec::<bf16>(&mut rng, m * q.cols(), 1.0))?;
+        let mut y = dev.alloc_output::<bf16>(m * q.rows())?;
+        nf4::forward_with(q, &x, m, &mut y, path)?;
     }
     announce(&format!("nf4_dequantize_bf16 {cols}x{rows}"));
     let mut w = dev.alloc_output::<bf16>(rows * cols)?;
@@ -126,7 +128,7 @@ mod tests {
     fn every_case_runs() {
         let small = Scale::SMALL;
         for dev in crate::testing::backends() {
-            // Three GEMVs and dequantize, and the wgmma GEMM where there is wgmma; LoRA's
+            // Four GEMVs and dequantize, and the wgmma GEMM where there is wgmma; LoRA's
             // forward and backward without and with dropout on each path but Fused, the wgmma
             // forward after lora_down, in both orders, and with u made in column runs; the
             // wgmma backward after lora_backward_v, and with v made in column runs.
@@ -135,7 +137,7 @@ mod tests {
                 .filter(|&&p| p != LoraPath::Fused)
                 .count();
             for (family, count) in [
-                ("nf4", 4 + dev.has_wgmma() as usize),
+                ("nf4", 5 + dev.has_wgmma() as usize),
                 ("lora", 4 * lora_paths + 5 * dev.has_wgmma() as usize),
             ] {
                 let mut cases = Vec::new();
