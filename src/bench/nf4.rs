@@ -197,8 +197,8 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
         c,
     ))?;
     // Both GEMVs side by side (bench/predictions.json's decision between them), each with
-    // its fixed cost (a tiny weight) and what double quantization's
-    // dependent absmax loads cost it (the same weight without).
+    // its fixed cost (a tiny weight) and what double quantization's dependent absmax loads
+    // cost it (the same weight without).
     let (_, q_small) = weight(dev, 256, 256)?;
     let q_plain = Nf4Weight::quantize(&w, rows, cols, 64, false)?;
     let (_, q_t) = weight(dev, cols, rows)?;

@@ -810,10 +810,10 @@ pub mod raw {
     }
 
     /// [`matmul`] through a fused `path` of your choice: a GEMV (forward, 1 to
-    /// [`GEMV_MAX_ROWS`] rows, [`SIMT_GEMV_MAX_ROWS`] for the SIMT one), the `mma.sync` GEMM, or the wgmma one (Hopper; its
-    /// activations by TMA where `p.a_tma` flags a map you encoded, else cp.async). For
-    /// [`MatmulPath::DequantizeCublas`] dequantize into your scratch ([`dequantize`]) and call
-    /// your cuBLAS: it is refused here.
+    /// [`GEMV_MAX_ROWS`] rows, [`SIMT_GEMV_MAX_ROWS`] for the SIMT one), the `mma.sync` GEMM,
+    /// or the wgmma one (Hopper; its activations by TMA where `p.a_tma` flags a map you
+    /// encoded, else cp.async). For [`MatmulPath::DequantizeCublas`] dequantize into your
+    /// scratch ([`dequantize`]) and call your cuBLAS: it is refused here.
     ///
     /// # Safety
     /// As [`matmul`].
