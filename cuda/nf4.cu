@@ -455,9 +455,9 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
       group(s0, s0 + stride, std::true_type{});
     }
   }
-  // The warps' sums go where the pair table was, once every warp is done with it (static
-  // shared memory stays under 48 KB with 64 activation rows).
-  using Partials = float[kGemvWarps][kGemvRows][8 * NT];
+  // The warps' sums go where the pair table was, as its words' bits, once every warp is done
+  // with it (static shared memory stays under 48 KB with 64 activation rows).
+  using Partials = uint32_t[kGemvWarps][kGemvRows][8 * NT];
   static_assert(sizeof(Partials) <= sizeof(pairs), "the partial sums fit in the pair table");
   Partials& partial = *reinterpret_cast<Partials*>(&pairs);
   __syncthreads();
@@ -465,13 +465,13 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][g + 8 * (i / 2)][8 * j + 2 * t + i % 2] = acc[j][i];
+    for (int i = 0; i < 4; ++i) partial[warp][g + 8 * (i / 2)][8 * j + 2 * t + i % 2] = __float_as_uint(acc[j][i]);
   __syncthreads();
   for (int i = threadIdx.x; i < kGemvRows * 8 * NT; i += blockDim.x) {
     const uint32_t m = i / kGemvRows, r = i % kGemvRows;
     if (m < M && n0 + r < N) {
       float s = 0.0f;
-      for (int v = 0; v < kGemvWarps; ++v) s += partial[v][r][m];
+      for (int v = 0; v < kGemvWarps; ++v) s += __uint_as_float(partial[v][r][m]);
       out[uint64_t(m) * N + n0 + r] = from_f32<T>(s);
     }
   }

@@ -97,7 +97,7 @@ fn matmul_row(
 
 /// The tensor-core GEMV's `m` rows as two launches of `m / 2` (`nf4_gemv_mma_bf16, two
 /// launches of half the rows`): the weight read twice, the second time mostly from L2 (23 MB
-/// of the H200's 50), where one launch of 64 rows runs a block per SM (150 registers) and one
+/// of the H200's 50), where one launch of 64 rows runs a block per SM (156 registers) and one
 /// of 32 two. Against the one-launch row of the same shape: bench/predictions.json's decision.
 fn gemv_in_halves(
     dev: &Device,
