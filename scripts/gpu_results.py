@@ -129,17 +129,20 @@ PREDICTIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "be
 
 
 def resolve(sel, bench, torch_rows):
-    """A selector of bench/predictions.json against a run's rows: (µs, label, bench row or
-    None), or None when a row it needs is absent."""
+    """A selector of bench/predictions.json against a run's rows: (µs, or the row's `field`
+    where the selector names one, e.g. "saved_bytes"; label; bench row or None), or None when
+    a row it needs, or that figure of it, is absent."""
+    field = sel.get("field", "time_us")
     if "kernel" in sel:
         for r in bench:
-            if r["kernel"] == sel["kernel"] and sel.get("shape", r["shape"]) == r["shape"] and r["time_us"]:
-                return r["time_us"], r["kernel"] + (f" {sel['shape']}" if "shape" in sel else ""), r
+            if r["kernel"] == sel["kernel"] and sel.get("shape", r["shape"]) == r["shape"] and r.get(field):
+                label = r["kernel"] + (f" {sel['shape']}" if "shape" in sel else "") + ("" if field == "time_us" else f" ({field})")
+                return r[field], label, r
         return None
     if "torch" in sel:
         for r in torch_rows:
-            if r["name"] == sel["torch"] and r["time_us"]:
-                return r["time_us"], r["name"], None
+            if r["name"] == sel["torch"] and r.get(field):
+                return r[field], r["name"], None
         return None
     found = [x for x in (resolve(s, bench, torch_rows) for s in sel.get("any", sel.get("sum", []))) if x]
     if "any" in sel:
@@ -388,14 +391,19 @@ def self_test():
                                               "baseline": base and "cuBLAS", "baseline_us": base}
     bench = [row("gemv", 12.0, "1x4", 40.0), row("gemv", 30.0, "1x8", 40.0), row("fwd a", 500.0),
              row("fwd b", 400.0), row("bwd", 600.0), row("copy", 10.0)]
-    torch_rows = [{"name": "peft", "shape": "s", "time_us": 1250.0, "note": ""}]
+    bench[3]["saved_bytes"] = 100
+    torch_rows = [{"name": "peft", "shape": "s", "time_us": 1250.0, "note": ""},
+                  {"name": "peft saved", "shape": "s", "time_us": None, "bytes": 400, "note": "400 bytes"}]
     spec = {"targets": [
         {"issue": 5, "what": "t1", "row": {"kernel": "gemv", "shape": "1x4"}, "vs": "baseline", "at_most": 0.3},
         {"issue": 5, "what": "t2", "row": {"kernel": "gemv", "shape": "1x8"}, "vs": "baseline", "at_most": 0.3},
         {"issue": 6, "what": "t3", "row": {"any": [{"kernel": "fwd a"}, {"kernel": "fwd b"}, {"kernel": "gone"}]},
          "vs": {"kernel": "copy"}, "at_most": 35},
         {"issue": 6, "what": "t4", "row": {"sum": [{"kernel": "fwd b"}, {"kernel": "bwd"}]},
-         "vs": {"torch": "peft"}, "at_most": 0.8}],
+         "vs": {"torch": "peft"}, "at_most": 0.8},
+        {"issue": 6, "what": "t5", "row": {"any": [{"kernel": "fwd a", "field": "saved_bytes"},
+                                                   {"kernel": "fwd b", "field": "saved_bytes"}]},
+         "vs": {"torch": "peft saved", "field": "bytes"}, "at_most": 1.0}],
         "decisions": [
         {"what": "d1", "where": "x.rs", "options": [{"name": "a", "row": {"kernel": "fwd a"}},
                                                    {"name": "b", "row": {"kernel": "fwd b"}},
@@ -407,8 +415,9 @@ def self_test():
         {"session": 1, "what": "p4", "row": {"kernel": "gone"}, "range": [1, 2]}]}
     judged = judge(spec, bench, torch_rows)
     verdicts = [j["verdict"] for j in judged]
-    assert verdicts == ["met", "MISSED", "MISSED", "met", "in range", "below", "above", "no row",
+    assert verdicts == ["met", "MISSED", "MISSED", "met", "met", "in range", "below", "above", "no row",
                         "b fastest, then a"], verdicts
+    assert math.isclose(judged[4]["measured"], 0.25) and judged[4]["row"] == "fwd b (saved_bytes) / peft saved", judged[4]
     assert math.isclose(judged[-1]["measured"], 1.25) and judged[-1]["row"] == "b 400.0 µs, a 500.0 µs; no row: gone", judged[-1]
     assert math.isclose(judged[0]["measured"], 0.3) and math.isclose(judged[2]["measured"], 40.0), judged
     assert judged[2]["row"] == "fwd b / copy" and math.isclose(judged[3]["measured"], 0.8), judged

@@ -92,7 +92,7 @@ def main():
         y = model(x)
         saved = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
         rows.append({"name": "peft LoRA memory saved for backward", "shape": "8192x4096→4096 r16",
-                     "time_us": None, "note": f"{saved} bytes"})
+                     "time_us": None, "bytes": saved, "note": f"{saved} bytes"})
         print(f"peft LoRA saves {saved / 2**20:.1f} MiB for backward (beyond y)")
         del y
     except Exception as e:  # noqa: BLE001 - a missing or changed PEFT must not stop the check

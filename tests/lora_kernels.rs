@@ -711,6 +711,8 @@ fn backward_uses_the_saved_seed_and_empty_batches_work() {
             let (_, saved) = fixed.forward(&x, m).unwrap();
             let want = fixed.backward(&x, &saved, &dy).unwrap();
             let (_, saved) = reseeded.forward(&x, m).unwrap();
+            // All the device memory kept for backward: u, [m, rank] bf16.
+            assert_eq!(saved.device_bytes(), m * rank * 2, "{path:?}");
             reseeded.set_seed(config.seed ^ 0x5EED);
             let got = reseeded.backward(&x, &saved, &dy).unwrap();
             assert_eq!(
@@ -726,7 +728,7 @@ fn backward_uses_the_saved_seed_and_empty_batches_work() {
 
             let none = dev.upload::<bf16>(&[]).unwrap();
             let (y, saved) = fixed.forward(&none, 0).unwrap();
-            assert_eq!((y.len(), saved.u.len()), (0, 0));
+            assert_eq!((y.len(), saved.u.len(), saved.device_bytes()), (0, 0, 0));
             let g = fixed.backward(&none, &saved, &none).unwrap();
             assert_eq!(g.dx.len(), 0);
             assert!(g.da.to_host().unwrap().iter().all(|&v| v == 0.0));

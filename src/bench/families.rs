@@ -351,26 +351,39 @@ mod tests {
     }
 
     /// Whether `names` holds the rows selector `sel` of bench/predictions.json reads (a
-    /// PyTorch row counts as there; `excused` rows too).
+    /// PyTorch row counts as there; `excused` rows too, but an `any` needs one of its rows
+    /// made unless all are excused), and, where it reads a `field` other than the time, a row
+    /// with that figure ([`field_key`]).
     fn selects(
         sel: &serde_json::Value,
         names: &HashSet<String>,
         excused: &dyn Fn(&str) -> bool,
     ) -> bool {
-        let all = |key: &str| {
-            sel[key]
-                .as_array()
-                .map(|a| a.iter().map(|s| selects(s, names, excused)))
+        let all = |key: &str, excused: &dyn Fn(&str) -> bool| {
+            sel[key].as_array().map(|a| {
+                a.iter()
+                    .map(|s| selects(s, names, excused))
+                    .collect::<Vec<_>>()
+            })
         };
         if let Some(k) = sel["kernel"].as_str() {
-            names.contains(k) || excused(k)
-        } else if let Some(mut any) = all("any") {
-            any.any(|b| b)
-        } else if let Some(mut sum) = all("sum") {
-            sum.all(|b| b)
+            let key = match sel["field"].as_str() {
+                Some(field) => field_key(k, field),
+                None => k.to_string(),
+            };
+            names.contains(&key) || excused(k)
+        } else if let Some(made) = all("any", &|_| false) {
+            made.contains(&true) || all("any", excused).is_some_and(|e| !e.contains(&false))
+        } else if let Some(sum) = all("sum", excused) {
+            !sum.contains(&false)
         } else {
             sel["torch"].is_string() || sel == "baseline"
         }
+    }
+
+    /// A row of `kernel` that carries `field` (not just its time), as [`selects`] looks it up.
+    fn field_key(kernel: &str, field: &str) -> String {
+        format!("{kernel} ({field})")
     }
 
     /// Every family runs on the emulator at `Scale::SMALL` (a GPU session is too scarce to
@@ -401,6 +414,12 @@ mod tests {
                 out.failed_extras()
             );
             made.extend(out.rows().iter().map(|r| r.kernel.clone()));
+            made.extend(
+                out.rows()
+                    .iter()
+                    .filter(|r| r.saved_bytes.is_some())
+                    .map(|r| field_key(&r.kernel, "saved_bytes")),
+            );
         }
         // Rows through cuBLAS: the Extended path's, and dequantize + cuBLAS.
         let excused = |k: &str| (k.starts_with("lora_extended") || k.contains("cublas")) && !cublas;

@@ -186,18 +186,22 @@ pub fn path_rows(
             };
         let shape = inputs.shape();
         let t = timer.time(2, REPS, || l.forward(x, m).map(|_| ()))?;
-        out.push(layer_row(
-            &format!("{name} forward"),
-            &t,
-            (
-                inputs.layer_bytes(false, w_bytes),
-                inputs.layer_flops(false),
-            ),
-            inputs.baseline(false),
-            &inputs,
-            c,
-        ))?;
+        // What the forward leaves for backward, beside the time (issue 6: less than PEFT).
         let (_, saved) = l.forward(x, m)?;
+        out.push(
+            layer_row(
+                &format!("{name} forward"),
+                &t,
+                (
+                    inputs.layer_bytes(false, w_bytes),
+                    inputs.layer_flops(false),
+                ),
+                inputs.baseline(false),
+                &inputs,
+                c,
+            )
+            .with_saved_bytes(saved.device_bytes()),
+        )?;
         let t = timer.time(2, REPS, || l.backward(x, &saved, dy).map(|_| ()))?;
         out.push(layer_row(
             &format!("{name} backward"),

@@ -277,6 +277,8 @@ pub struct Row {
     pub floor_us: f64,
     /// Name and median time of the baseline measured in the same run.
     pub baseline: Option<(String, f64)>,
+    /// Device memory a layer's forward leaves for its backward (a LoRA forward's row).
+    pub saved_bytes: Option<usize>,
 }
 
 impl Row {
@@ -301,7 +303,13 @@ impl Row {
             flops,
             floor_us: mem_us.max(math_us),
             baseline: None,
+            saved_bytes: None,
         }
+    }
+
+    pub fn with_saved_bytes(mut self, bytes: usize) -> Row {
+        self.saved_bytes = Some(bytes);
+        self
     }
 
     pub fn with_baseline(mut self, name: &str, time_us: f64) -> Row {
@@ -345,6 +353,7 @@ impl Row {
             flops: v["flops"].as_f64()?,
             floor_us: v["floor_us"].as_f64()?,
             baseline,
+            saved_bytes: v["saved_bytes"].as_u64().map(|b| b as usize),
         })
     }
 }
@@ -443,6 +452,7 @@ pub fn to_json(rows: &[Row]) -> String {
                 "fraction_of_floor": r.fraction_of_floor(),
                 "baseline": r.baseline.as_ref().map(|b| &b.0),
                 "baseline_us": r.baseline.as_ref().map(|b| b.1),
+                "saved_bytes": r.saved_bytes,
             })
         })
         .collect();

@@ -204,6 +204,15 @@ pub struct Saved<T: FloatElem> {
     pub seed: u64,
 }
 
+impl<T: FloatElem> Saved<T> {
+    /// The device memory this holds for backward: `u`'s bytes (the seed and `m` live on the
+    /// host). The layer keeps nothing else between a forward and its backward: workspaces are
+    /// freed with the call that made them.
+    pub fn device_bytes(&self) -> usize {
+        self.u.len() * std::mem::size_of::<T>()
+    }
+}
+
 /// The gradients of one backward pass. Parameter gradients are f32 (for f32 optimizer
 /// state), `dx` is in the activations' dtype.
 pub struct LoraGrads<T: FloatElem> {
