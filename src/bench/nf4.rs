@@ -220,6 +220,14 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     }
     out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;
     let cublas_present = dev.has_cublas();
+    // Dequantize + cuBLAS forward on the other shape too (below: 4096→11008's, and dX's), at
+    // the rows where the dispatch chooses between it and the GEMV.
+    if cublas_present {
+        for m in [32, 64] {
+            let path = MatmulPath::DequantizeCublas;
+            out.push(matmul_row(dev, timer, c, &q_t, m, path, true)?)?;
+        }
+    }
     // 4 to 64 rows: against the GEMVs (nf4::choose_path's crossover).
     for m in [4, 8, 16, 32, 64, at.nf4_tokens] {
         for forward in [true, false] {
