@@ -194,7 +194,7 @@ pub fn run_isolated(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{to_json, Stats};
+    use crate::bench::{to_json, Scale, Stats};
     use rand::Rng;
     use std::collections::HashSet;
 
@@ -352,7 +352,8 @@ mod tests {
 
     /// Whether `names` holds the rows selector `sel` of bench/predictions.json reads (a
     /// PyTorch row counts as there; `excused` rows too, but an `any` needs one of its rows
-    /// made unless all are excused), and, where it reads a `field` other than the time, a row
+    /// made unless all are excused): where it names a shape, a row of that shape at the GPU
+    /// check's scale ([`shape_key`]), and where it reads a `field` other than the time, a row
     /// with that figure ([`field_key`]).
     fn selects(
         sel: &serde_json::Value,
@@ -371,7 +372,10 @@ mod tests {
                 Some(field) => field_key(k, field),
                 None => k.to_string(),
             };
-            names.contains(&key) || excused(k)
+            let shaped = sel["shape"]
+                .as_str()
+                .is_none_or(|shape| names.contains(&shape_key(k, shape)));
+            (names.contains(&key) && shaped) || excused(k)
         } else if let Some(made) = all("any", &|_| false) {
             made.contains(&true) || all("any", excused).is_some_and(|e| !e.contains(&false))
         } else if let Some(sum) = all("sum", excused) {
@@ -386,12 +390,35 @@ mod tests {
         format!("{kernel} ({field})")
     }
 
+    /// A row of `kernel` and `shape` (at the GPU check's scale), as [`selects`] looks it up.
+    fn shape_key(kernel: &str, shape: &str) -> String {
+        format!("{kernel} @ {shape}")
+    }
+
+    /// A shape the emulator's benchmarks wrote at [`Scale::SMALL`] as the GPU check writes it
+    /// at [`Scale::BENCH`]: the LoRA layer's, the NF4 weight's both ways, and the GEMMs' most
+    /// rows.
+    fn at_bench_scale(shape: &str) -> String {
+        let (s, b) = (Scale::SMALL, Scale::BENCH);
+        let lora = |at: &Scale| format!("{}x{}→{}", at.lora.0, at.lora.1, at.lora.1);
+        let wide = |at: &Scale| format!("{}→{}", at.nf4.1, at.nf4.0);
+        let tall = |at: &Scale| format!("{}→{}", at.nf4.0, at.nf4.1);
+        let shape = shape.replace(&lora(&s), &lora(&b));
+        let shape = shape
+            .replace(&wide(&s), &wide(&b))
+            .replace(&tall(&s), &tall(&b));
+        match shape.strip_prefix(&format!("{}x", s.nf4_tokens)) {
+            Some(rest) => format!("{}x{rest}", b.nf4_tokens),
+            None => shape,
+        }
+    }
+
     /// Every family runs on the emulator at `Scale::SMALL` (a GPU session is too scarce to
     /// find a broken family in), and makes the rows of every target, prediction and decision
     /// of bench/predictions.json: a renamed row, or a breakdown without the launch a row looks
-    /// for, fails here. (Rows through cuBLAS, which the emulator has not, are excused: the
-    /// Extended path's and dequantize + cuBLAS's. Shapes are the emulator's: only kernels are
-    /// compared.)
+    /// for, fails here, and so does a shape the GPU check would not write (the emulator's
+    /// shapes taken to the GPU check's scale). (Rows through cuBLAS, which the emulator has
+    /// not, are excused: the Extended path's and dequantize + cuBLAS's.)
     #[test]
     fn every_family_runs_and_makes_the_rows_predictions_name() {
         let Some(dev) = crate::testing::emulators().into_iter().next() else {
@@ -419,6 +446,11 @@ mod tests {
                     .iter()
                     .filter(|r| r.saved_bytes.is_some())
                     .map(|r| field_key(&r.kernel, "saved_bytes")),
+            );
+            made.extend(
+                out.rows()
+                    .iter()
+                    .map(|r| shape_key(&r.kernel, &at_bench_scale(&r.shape))),
             );
         }
         // Rows through cuBLAS: the Extended path's, and dequantize + cuBLAS.
