@@ -425,8 +425,8 @@ impl MatmulPath {
 /// fused GEMM).
 ///
 /// Measured on an H200 (bench/results/2026-11-27T0544-h200.md, 4096→11008 and 11008→4096,
-/// bf16): dequantize + cuBLAS took 76-82 µs at 4 to 64 rows, a dequantize pass plus cuBLAS
-/// reading Ŵ at any small batch, and 961 / 942 µs at 8192 rows, within 5% of cuBLAS on a bf16
+/// bf16): dequantize + cuBLAS took 76-82 µs at 4 to 64 rows (forward and dX), a dequantize
+/// pass plus cuBLAS reading Ŵ at any small batch, and 961 / 942 µs at 8192 rows, within 5% of cuBLAS on a bf16
 /// weight; the fused `mma.sync` GEMM 150-154 µs at 4 to 64 rows (its dX 533-538) and 4306 at
 /// 8192, so cuBLAS's `wgmma` wins past the GEMV in both directions. The tensor-core GEMV took
 /// 27.1 / 27.4 µs at 1 row and 35.4 / 29.5 at 16 (the SIMT one 29.1 / 33.3 and 158.5 / 171.6).
