@@ -456,8 +456,10 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
     }
   }
   // The warps' sums go where the pair table was, as its words' bits, once every warp is done
-  // with it (static shared memory stays under 48 KB with 64 activation rows).
-  using Partials = uint32_t[kGemvWarps][kGemvRows][8 * NT];
+  // with it (static shared memory stays under 48 KB with 64 activation rows). A warp's sums
+  // lie activation row by activation row, its 16 weight rows' together, so that the reads
+  // below (a thread per output, weight rows fastest) take 32 banks.
+  using Partials = uint32_t[kGemvWarps][8 * NT][kGemvRows];
   static_assert(sizeof(Partials) <= sizeof(pairs), "the partial sums fit in the pair table");
   Partials& partial = *reinterpret_cast<Partials*>(&pairs);
   __syncthreads();
@@ -465,13 +467,13 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][g + 8 * (i / 2)][8 * j + 2 * t + i % 2] = __float_as_uint(acc[j][i]);
+    for (int i = 0; i < 4; ++i) partial[warp][8 * j + 2 * t + i % 2][g + 8 * (i / 2)] = __float_as_uint(acc[j][i]);
   __syncthreads();
   for (int i = threadIdx.x; i < kGemvRows * 8 * NT; i += blockDim.x) {
     const uint32_t m = i / kGemvRows, r = i % kGemvRows;
     if (m < M && n0 + r < N) {
       float s = 0.0f;
-      for (int v = 0; v < kGemvWarps; ++v) s += __uint_as_float(partial[v][r][m]);
+      for (int v = 0; v < kGemvWarps; ++v) s += __uint_as_float(partial[v][m][r]);
       out[uint64_t(m) * N + n0 + r] = from_f32<T>(s);
     }
   }

@@ -655,10 +655,10 @@ FK_DEVICE int staged_slot(int row, int col) {
 // no bias: `bias` is the untransposed tiles' only): acc(r, c) at out[row0 + c][col0 + r].
 // Through shared memory (`staging`: the tile's first and second half of its rows, the bias in
 // its table), so that global memory sees whole 16-byte runs of a row, a warp's a contiguous
-// 512 bytes, where out allows (runs_of_8; a run cut by `cols` is
-// stored element by element). The accumulators' own layout would store 2 bytes a thread, 8
-// rows (4 transposed) an instruction: 8 partly written sectors per instruction, and a bias
-// load before each element's store (bias may alias out).
+// 512 bytes, where out allows (runs_of_8; a run cut by `cols` is stored element by element).
+// The accumulators' own layout would store 2 bytes a thread, 8 rows (4 transposed) an
+// instruction: 8 partly written sectors per instruction, and a bias load before each
+// element's store (bias may alias out).
 template <typename T, bool kTransposed>
 FK_DEVICE void store_tile(Accumulators& acc, const Staging& staging, T* out, uint64_t ld, uint32_t row0, uint32_t col0,
                           uint32_t rows, uint32_t cols, const T* bias = nullptr) {

@@ -3,7 +3,9 @@
 //! dequantize + cuBLAS) against cuBLAS's bf16 GEMM at several M (which sets the dispatch
 //! threshold), dequantization against a copy, quantization.
 
-use super::{time_copy, time_cublas, time_memset, Ceilings, GpuTimer, Row, Rows, Scale, REPS};
+use super::{
+    time_copy, time_cublas, time_memset, Ceilings, GpuTimer, Row, Rows, Scale, Stats, REPS,
+};
 use crate::device::blas::WeightOp;
 use crate::device::Device;
 use crate::dtype::DType;
@@ -75,29 +77,19 @@ fn matmul_row(
             nf4::backward_dx_with(q, &a, m, &mut out, path)
         }
     })?;
-    let bytes = (q.bytes() + 2 * m * (k_in + n_out)) as f64;
-    let flops = 2.0 * (m * q.rows() * q.cols()) as f64;
     let kernel = path.label(forward, crate::DType::BF16);
-    let shape = format!("{m}x{k_in}→{n_out}");
+    let row = matmul_work_row(&kernel, &t, q, m, (k_in, n_out), c);
     let op = if forward {
         WeightOp::Transposed
     } else {
         WeightOp::Plain
     };
-    with_cublas(
-        dev,
-        timer,
-        Row::new("nf4", &kernel, &shape, &t, bytes, flops, c),
-        m,
-        n_out,
-        k_in,
-        op,
-    )
+    with_cublas(dev, timer, row, m, n_out, k_in, op)
 }
 
 /// The tensor-core GEMV's `m` rows as two launches of `m / 2` (`nf4_gemv_mma_bf16, two
 /// launches of half the rows`): the weight read twice, the second time mostly from L2 (23 MB
-/// of the H200's 50), where one launch of 64 rows runs a block per SM (156 registers) and one
+/// of the H200's 50), where one launch of 64 rows runs a block per SM (151 registers) and one
 /// of 32 two. Against the one-launch row of the same shape: bench/predictions.json's decision.
 fn gemv_in_halves(
     dev: &Device,
@@ -118,11 +110,24 @@ fn gemv_in_halves(
         nf4::forward_with(q, &a0, half, &mut y0, MatmulPath::GemvMma)?;
         nf4::forward_with(q, &a1, half, &mut y1, MatmulPath::GemvMma)
     })?;
+    let kernel = "nf4_gemv_mma_bf16, two launches of half the rows";
+    Ok(matmul_work_row(kernel, &t, q, m, (k_in, n_out), c))
+}
+
+/// The row of a matmul through `q` with `m` rows of `k_in` in and `n_out` out that took `t`:
+/// its bytes (the weight once, the activations in and out) and FLOPs.
+fn matmul_work_row(
+    kernel: &str,
+    t: &Stats,
+    q: &Nf4Weight,
+    m: usize,
+    (k_in, n_out): (usize, usize),
+    c: &Ceilings,
+) -> Row {
     let bytes = (q.bytes() + 2 * m * (k_in + n_out)) as f64;
     let flops = 2.0 * (m * q.rows() * q.cols()) as f64;
-    let kernel = "nf4_gemv_mma_bf16, two launches of half the rows";
     let shape = format!("{m}x{k_in}→{n_out}");
-    Ok(Row::new("nf4", kernel, &shape, &t, bytes, flops, c))
+    Row::new("nf4", kernel, &shape, t, bytes, flops, c)
 }
 
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
