@@ -153,6 +153,9 @@ FK_DEVICE uint32_t stagger_start(const LoraParams& p) { return p.narrow_stagger 
 // This split's part of u or v, [m, rank] f32, in the split-K partials.
 FK_DEVICE float* rank_partial(const LoraParams& p) { return p.rank_partials + uint64_t(blockIdx.z) * p.m * p.rank; }
 
+// The dA partials in p.partials, where the dB ones start: the dX kernel's where it makes them.
+FK_DEVICE uint32_t da_parts(const LoraParams& p) { return p.a_splits ? p.a_splits : p.splits; }
+
 // BK: the stages' width along K (lora_down: 32; lora_down_k64, its variant: 64).
 template <typename T, int BK>
 FK_DEVICE void down(const LoraParams& p) {
@@ -396,13 +399,101 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   FK_DEVICE void store(uint32_t k0) {
     if (!mine(k0 / wgmma::kBK)) return;
     const uint32_t width = p.rank + 1;
-    float* out = p.partials + uint64_t(p.splits) * p.rank * p.d_in + uint64_t(m0 / wgmma::kBM) * p.d_out * width;
+    float* out = p.partials + uint64_t(da_parts(p)) * p.rank * p.d_in + uint64_t(m0 / wgmma::kBM) * p.d_out * width;
     wgmma::for_each_pair(db, [&](int r, int c, float v0, float v1) {
       const uint32_t line = k0 + r % 64;
       if (line >= p.d_out) return;
       float* row = out + uint64_t(line) * width;
       if (uint32_t(c) < width) row[c] = v0;
       if (uint32_t(c) + 1 < width) row[c + 1] = v1;
+    });
+  }
+};
+
+// Columns [col0 + 2·k0, + 64) of x, the tile's rows: a stage part of DaSteps' step at k0
+// (its A operand's at col0, its B operand's 64 columns on), 128 rows whichever part it
+// fills, loaded as a `Rows` operand whose K is x's columns (by TMA through the forward's map
+// of x). kMnMajor is the run's tag for the part (run_tiles wants one layout of A and one of B
+// per run); DaSteps reads the tiles its own way.
+template <typename T, bool kTag>
+struct XColumns : wgmma::Rows<T> {
+  static constexpr bool kMnMajor = kTag;
+  static constexpr bool kMulticasts = false;
+  uint32_t col0 = 0;
+
+  template <int>
+  FK_DEVICE void issue(uint4* tile, uint32_t k0, uint64_t* bar, uint32_t) const {
+    wgmma::Rows<T>::template issue<wgmma::kBM>(tile, col0 + 2 * k0, bar, 1);
+  }
+  template <int>
+  FK_DEVICE uint32_t tma_bytes() const {
+    return wgmma::Rows<T>::template tma_bytes<wgmma::kBM>();
+  }
+};
+
+// dA's partials beside dX, where p.a_splits asks (no dropout): xᵀ · scale·v over the tile's
+// 128 rows, for the tile's columns of x, as partial (row tile) of p.partials' dA part [rank,
+// d_in], which lora_reduce adds in order: no pass over x of its own (lora_grad_a). Two steps
+// after the tile's others (run_tiles takes this as a segment), each bringing 128 of the
+// tile's columns of x into the stage's A part and the first half of its B part (XColumns).
+// v, whole once the tile's sweep of dY is done (DxSides), goes into the B part's second half
+// as scale·v rounded to T (the bits p.v gets): kN K-major lines of the 128 rows, in two
+// 64-row blocks. Warpgroup w reads part w across its rows (MN-major A: M = its 64 columns,
+// K = the rows) times those lines, into kN / 2 accumulators that it stores at once: two
+// short steps a tile (bench/NOTES.md, dA inside dX's GEMM).
+template <typename T, int kN>
+struct DaSteps {
+  using A = XColumns<T, false>;
+  using B = XColumns<T, true>;
+  using S = wgmma::NoSide;
+  static constexpr bool kPlain = false;
+  static_assert(!A::kMulticasts && !B::kMulticasts, "x's tiles are the block's own");
+  A a;
+  B b;
+  S side;
+  const LoraParams& p;
+  const wgmma::Schedule& tiles;
+  float (&v)[kN / 2];
+  int tile = -1;  // the block's tile whose steps mma() takes (place() runs ahead, with the loads)
+
+  FK_DEVICE int steps() const { return p.a_splits ? wgmma::kBN / 128 : 0; }
+  FK_DEVICE void place(uint2 o) {
+    a.row0 = b.row0 = o.x;
+    a.col0 = o.y;
+    b.col0 = o.y + 64;
+  }
+  template <typename U, bool, bool>
+  FK_DEVICE void mma(wgmma::Accumulators&, wgmma::Stage& st, const uint4*, bool, uint32_t k0) {
+    if (k0 == 0) ++tile;
+    wgmma_wait<0>();  // v's last wgmmas, and the LoRA step's
+    wgmma_hold(v);
+    T* lines = reinterpret_cast<T*>(st.b + wgmma::kBM * 8);
+    wgmma::for_each_pair(v, [&](int r, int c, float v0, float v1) {
+      T* block = lines + (r / 64) * kN * 64;
+      block[wgmma::swizzled(c, r % 64 / 8) * 8 + r % 8] = from_f32<T>(p.scale * v0);
+      block[wgmma::swizzled(c + 1, r % 64 / 8) * 8 + r % 8] = from_f32<T>(p.scale * v1);
+    });
+    fence_proxy_async_shared();  // the lines are visible to wgmma
+    __syncthreads();             // both warpgroups' rows
+    const char* part = threadIdx.x < 128 ? reinterpret_cast<const char*>(st.a) : reinterpret_cast<const char*>(st.b);
+    const char* vt = reinterpret_cast<const char*>(lines);
+    constexpr int kSlice = wgmma::kSliceBytes<true>;
+    float da[kN / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < wgmma::kBM / 16; ++j)
+      wgmma_m64nNk16<U, kN, true, false>(da, part + kSlice * j, vt + (j / 4) * kN * 128 + 32 * (j % 4), j > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_hold(da);
+    const uint2 o = tiles.origin(tile);
+    const uint32_t first = o.y + 2 * k0;  // the columns of for_each_pair's rows: part w's 64 are w·64 on
+    float* out = p.partials + uint64_t(o.x / wgmma::kBM) * p.rank * p.d_in;
+    wgmma::for_each_pair(da, [&](int r, int c, float d0, float d1) {
+      const uint32_t col = first + r;
+      if (col >= p.d_in) return;
+      if (uint32_t(c) < p.rank) out[uint64_t(c) * p.d_in + col] = d0;
+      if (uint32_t(c) + 1 < p.rank) out[uint64_t(c + 1) * p.d_in + col] = d1;
     });
   }
 };
@@ -427,12 +518,14 @@ FK_DEVICE void backward_dx_v_wgmma(const LoraParams& p) {
   const uint32_t lora_k = p.dropout > 0.0f ? 0u : p.rank;
   auto lora = wgmma::segment(wgmma::FromRegisters<T, kN>{{}, v, p.scale, lora_k},
                              wgmma::Columns<T>{{as<T>(p.a), p.d_in, 0, p.d_in, p.rank, tma_map(p, FK_LORA_TMA_A, p.a_map)}});
+  const wgmma::Rows<T> x{{as<T>(p.x), p.d_in, 0, p.m, p.d_in, tma_map(p, FK_LORA_TMA_X, p.x_map)}};
+  DaSteps<T, kN> da{{x}, {x}, {}, p, tiles, v};
   wgmma::Accumulators acc = {};
   wgmma::run_tiles<T>(acc, dyn_smem<unsigned char>(), tiles, [&](int i, wgmma::Accumulators& tile, const wgmma::Staging& st) {
     const uint2 o = tiles.origin(i);  // (dX's first row, first column)
     side_done<T>(v, tiles, i, p, static_cast<T*>(p.v));
     wgmma::store_tile<T, false>(tile, st, static_cast<T*>(p.dx), p.d_in, o.x, o.y, p.m, p.d_in);
-  }, base, lora);
+  }, base, lora, da);
 }
 
 // lora_backward_dx on wgmma: the output tile is dXᵀ (kBM columns of dX by kBN rows), so that
@@ -581,19 +674,19 @@ FK_DEVICE void grad_b(const LoraParams& p) {
   WithOnesColumn<T, narrow::kCols> u{{as<T>(p.u), p.rank, n0, p.rank, p.m}, p.rank};
   narrow::Accumulators acc = {};
   narrow::run<T>(acc, st, dyt, u, k_begin, k_end, narrow::n_tiles(p.rank + 1, n0), stagger_start(p));
-  float* base = p.partials + uint64_t(p.splits) * p.rank * p.d_in;
+  float* base = p.partials + uint64_t(da_parts(p)) * p.rank * p.d_in;
   store(acc, base + uint64_t(blockIdx.z) * p.d_out * (p.rank + 1), p.rank + 1, m0, n0, p.d_out, p.rank + 1);
 }
 
 // One thread per gradient element, summing the splits in index order.
 FK_DEVICE void reduce(const LoraParams& p) {
   const uint64_t na = uint64_t(p.rank) * p.d_in, nb = uint64_t(p.d_out) * (p.rank + 1);
-  const float* pb = p.partials + uint64_t(p.splits) * na;
-  const uint32_t b_splits = p.b_splits ? p.b_splits : p.splits;
+  const uint32_t a_splits = da_parts(p), b_splits = p.b_splits ? p.b_splits : p.splits;
+  const float* pb = p.partials + uint64_t(a_splits) * na;
   for (uint64_t i = grid_start(); i < na + nb; i += grid_stride()) {
     float s = 0.0f;
     if (i < na) {
-      for (uint32_t z = 0; z < p.splits; ++z) s += p.partials[z * na + i];
+      for (uint32_t z = 0; z < a_splits; ++z) s += p.partials[z * na + i];
       p.da[i] = s * (1.0f / (1.0f - p.dropout));
     } else {
       const uint64_t j = i - na, row = j / (p.rank + 1), col = j % (p.rank + 1);

@@ -77,8 +77,8 @@ fn main() -> Result<()> {
     let rank_partials_len =
         raw::rank_partials_len(M, RANK, down_splits).max(raw::rank_partials_len(M, RANK, v_splits));
     let mut rank_partials = dev.alloc_output::<f32>(rank_partials_len.max(1))?;
-    // lora_grad_b makes the dB partials here (backward_v, then backward_dx).
-    let sizes = raw::grad_partials(&dev, M, D_IN, D_OUT, RANK, false);
+    // lora_grad_a and lora_grad_b make the partials here (backward_v, then backward_dx).
+    let sizes = raw::grad_partials(&dev, M, D_IN, D_OUT, RANK, false, false);
     let mut partials = dev.alloc_output::<f32>(sizes.len)?;
 
     let layer = LoraParams {

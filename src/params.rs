@@ -277,6 +277,7 @@ pub struct LoraParams {
     pub partials: *mut f32,
     pub splits: u32,
     pub b_splits: u32,
+    pub a_splits: u32,
     pub bt: *mut ::core::ffi::c_void,
     pub da: *mut f32,
     pub db: *mut f32,
@@ -292,7 +293,7 @@ pub struct LoraParams {
     pub narrow_stagger: u32,
     pub longest_column_run: u32,
     pub tma: u32,
-    pub __bindgen_padding_0: [u64; 3usize],
+    pub __bindgen_padding_0: [u64; 2usize],
     pub x_map: FkTensorMap,
     pub w_map: FkTensorMap,
     pub u_map: FkTensorMap,
@@ -329,25 +330,27 @@ const _: () = {
     ["Offset of field: LoraParams::splits"][::core::mem::offset_of!(LoraParams, splits) - 184usize];
     ["Offset of field: LoraParams::b_splits"]
         [::core::mem::offset_of!(LoraParams, b_splits) - 188usize];
-    ["Offset of field: LoraParams::bt"][::core::mem::offset_of!(LoraParams, bt) - 192usize];
-    ["Offset of field: LoraParams::da"][::core::mem::offset_of!(LoraParams, da) - 200usize];
-    ["Offset of field: LoraParams::db"][::core::mem::offset_of!(LoraParams, db) - 208usize];
-    ["Offset of field: LoraParams::dbias"][::core::mem::offset_of!(LoraParams, dbias) - 216usize];
-    ["Offset of field: LoraParams::merged"][::core::mem::offset_of!(LoraParams, merged) - 224usize];
-    ["Offset of field: LoraParams::w_ld"][::core::mem::offset_of!(LoraParams, w_ld) - 232usize];
-    ["Offset of field: LoraParams::x_ext"][::core::mem::offset_of!(LoraParams, x_ext) - 240usize];
-    ["Offset of field: LoraParams::x_ld"][::core::mem::offset_of!(LoraParams, x_ld) - 248usize];
-    ["Offset of field: LoraParams::dy_ext"][::core::mem::offset_of!(LoraParams, dy_ext) - 256usize];
-    ["Offset of field: LoraParams::dy_ld"][::core::mem::offset_of!(LoraParams, dy_ld) - 264usize];
+    ["Offset of field: LoraParams::a_splits"]
+        [::core::mem::offset_of!(LoraParams, a_splits) - 192usize];
+    ["Offset of field: LoraParams::bt"][::core::mem::offset_of!(LoraParams, bt) - 200usize];
+    ["Offset of field: LoraParams::da"][::core::mem::offset_of!(LoraParams, da) - 208usize];
+    ["Offset of field: LoraParams::db"][::core::mem::offset_of!(LoraParams, db) - 216usize];
+    ["Offset of field: LoraParams::dbias"][::core::mem::offset_of!(LoraParams, dbias) - 224usize];
+    ["Offset of field: LoraParams::merged"][::core::mem::offset_of!(LoraParams, merged) - 232usize];
+    ["Offset of field: LoraParams::w_ld"][::core::mem::offset_of!(LoraParams, w_ld) - 240usize];
+    ["Offset of field: LoraParams::x_ext"][::core::mem::offset_of!(LoraParams, x_ext) - 248usize];
+    ["Offset of field: LoraParams::x_ld"][::core::mem::offset_of!(LoraParams, x_ld) - 256usize];
+    ["Offset of field: LoraParams::dy_ext"][::core::mem::offset_of!(LoraParams, dy_ext) - 264usize];
+    ["Offset of field: LoraParams::dy_ld"][::core::mem::offset_of!(LoraParams, dy_ld) - 272usize];
     ["Offset of field: LoraParams::rank_partials"]
-        [::core::mem::offset_of!(LoraParams, rank_partials) - 272usize];
+        [::core::mem::offset_of!(LoraParams, rank_partials) - 280usize];
     ["Offset of field: LoraParams::k_splits"]
-        [::core::mem::offset_of!(LoraParams, k_splits) - 280usize];
+        [::core::mem::offset_of!(LoraParams, k_splits) - 288usize];
     ["Offset of field: LoraParams::narrow_stagger"]
-        [::core::mem::offset_of!(LoraParams, narrow_stagger) - 284usize];
+        [::core::mem::offset_of!(LoraParams, narrow_stagger) - 292usize];
     ["Offset of field: LoraParams::longest_column_run"]
-        [::core::mem::offset_of!(LoraParams, longest_column_run) - 288usize];
-    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 292usize];
+        [::core::mem::offset_of!(LoraParams, longest_column_run) - 296usize];
+    ["Offset of field: LoraParams::tma"][::core::mem::offset_of!(LoraParams, tma) - 300usize];
     ["Offset of field: LoraParams::x_map"][::core::mem::offset_of!(LoraParams, x_map) - 320usize];
     ["Offset of field: LoraParams::w_map"][::core::mem::offset_of!(LoraParams, w_map) - 448usize];
     ["Offset of field: LoraParams::u_map"][::core::mem::offset_of!(LoraParams, u_map) - 576usize];

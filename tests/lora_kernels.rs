@@ -442,10 +442,12 @@ fn fused_down_makes_u_in_the_forward_gemm() {
 /// lora_dx_fixup adds the masked term from the v the kernel wrote), partial row, column and K
 /// tiles (one column tile: every step makes a dB partial), TMA, multicast and cp.async loads,
 /// 1, 2 and 3 blocks, a block per SM, and column runs (v made once a run). Each against the
-/// reference (dX; dA, which reads the v the kernel wrote; dB and dbias from the partials it
-/// made beside them, `LoraLinear::fused_db`); dX and the gradients bit-equal across the loads,
-/// block counts and orders; dB and dbias within rounding of lora_grad_b's, dX and dA of
-/// lora_backward_v + the dXᵀ kernel's.
+/// reference (dX; dB and dbias from the partials it made beside them, `LoraLinear::fused_db`;
+/// dA without dropout from the partials it made from the tiles of x it brings after each
+/// tile's sweep, `LoraLinear::fused_da`, under dropout by lora_grad_a from the v it wrote); dX
+/// and the gradients bit-equal across the loads, block counts and orders; dB and dbias within
+/// rounding of lora_grad_b's, dA of lora_grad_a's, dX and dA of lora_backward_v + the dXᵀ
+/// kernel's.
 #[test]
 fn fused_v_makes_v_in_the_dx_gemm() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
@@ -487,6 +489,7 @@ fn fused_v_makes_v_in_the_dx_gemm() {
                 let (layer, x) = wgmma_layer(&dev, &c);
                 assert_eq!(layer.fused_v(), Some(if rank <= 16 { 16 } else { 32 }));
                 assert!(layer.fused_db());
+                assert_eq!(layer.fused_da(), dropout == 0.0);
                 let dy = dev
                     .upload(&random_vec::<bf16>(
                         &mut StdRng::seed_from_u64(c.seed),
@@ -525,10 +528,17 @@ fn fused_v_makes_v_in_the_dx_gemm() {
                             db_err < 1e-5 && dbias_err < 1e-5,
                             "{what}: dB {db_err:e}, dbias {dbias_err:e} from lora_grad_b's"
                         );
+                        // dA by lora_grad_a from the v the kernel wrote: the same up to rounding.
+                        let layer = layer.with_fused_db(true).with_fused_da(false);
+                        assert!(layer.fused_db() && !layer.fused_da());
+                        let (dx3, da3, _, _) = grads(&layer);
+                        assert!(dx3 == dx, "{what}: dX changed with lora_grad_a");
+                        let da_err = rel_l2(&da, &da3);
+                        assert!(da_err < 1e-5, "{what}: dA {da_err:e} from lora_grad_a's");
                         // Against lora_backward_v + the dXᵀ kernel: the same up to rounding.
-                        let separate = layer.with_fused_v(false).with_fused_db(true);
+                        let separate = layer.with_fused_v(false).with_fused_da(true);
                         assert_eq!(separate.fused_v(), None);
-                        assert!(!separate.fused_db());
+                        assert!(!separate.fused_db() && !separate.fused_da());
                         let (dx2, da2, _, _) = grads(&separate);
                         let dx_err = rel_l2(&dx, &dx2);
                         let da_err = rel_l2(&da, &da2);

@@ -416,12 +416,13 @@ fn lora_case(
     nf4_base: bool,
     dropout: f32,
     bias: bool,
-    (fused, fused_db): (bool, bool),
+    (fused, fused_db, fused_da): (bool, bool, bool),
 ) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(rand::random());
     let (m, d_in, d_out, rank) = (77usize, 136usize, 72usize, 9usize);
     let case = format!(
-        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} fused {fused} dB {fused_db} on {}",
+        "lora {gemm:?} nf4 {nf4_base} dropout {dropout} bias {bias} fused {fused} dB {fused_db} \
+         dA {fused_da} on {}",
         dev.describe()
     );
     let up = |rng: &mut StdRng, n: usize, s: f32| dev.upload(&random_vec::<bf16>(rng, n, s));
@@ -463,7 +464,8 @@ fn lora_case(
     .with_nf4_decode(Nf4Decode::InTile)
     .with_fused_down(fused)
     .with_fused_v(fused)
-    .with_fused_db(fused_db);
+    .with_fused_db(fused_db)
+    .with_fused_da(fused_da);
     let (y, saved) = layer.forward(&x, m)?;
     let grads = layer.backward(&x, &saved, &dy)?;
 
@@ -524,7 +526,8 @@ fn lora_case(
     let mut dbias = poisoned_f32(d_out)?;
     let v_splits = lora::k_split_count(m, d_out, sms);
     let mut v_partials = poisoned_f32(lora::raw::rank_partials_len(m, rank, v_splits))?;
-    let sizes = lora::raw::grad_partials(dev, m, d_in, d_out, rank, layer.fused_db());
+    let (fused_da, fused_db) = (layer.fused_da(), layer.fused_db());
+    let sizes = lora::raw::grad_partials(dev, m, d_in, d_out, rank, fused_da, fused_db);
     let mut partials = poisoned_f32(sizes.len)?;
     let mut bt = dev.alloc_poisoned::<bf16>(rank * d_out)?;
     let backward = LoraParams {
@@ -537,6 +540,7 @@ fn lora_case(
         k_splits: v_splits,
         partials: partials.ptr_mut() as *mut f32,
         splits: sizes.splits,
+        a_splits: sizes.a_splits,
         b_splits: sizes.b_splits,
         bt: bt.ptr_mut(),
         da: da.ptr_mut() as *mut f32,
@@ -593,10 +597,14 @@ fn lora_raw_steps_match_the_layer() {
                 (true, 0.0, false),
                 (true, 0.25, true),
             ] {
-                lora_case(&dev, gemm, nf4_base, dropout, bias, (true, true)).unwrap();
+                lora_case(&dev, gemm, nf4_base, dropout, bias, (true, true, true)).unwrap();
                 if gemm == BaseGemm::Wgmma {
-                    lora_case(&dev, gemm, nf4_base, dropout, bias, (true, false)).unwrap();
-                    lora_case(&dev, gemm, nf4_base, dropout, bias, (false, false)).unwrap();
+                    // dA's and dB's partials each by the dX kernel or by the grads' kernels.
+                    for fused_grads in [(false, true), (true, false), (false, false)] {
+                        let (db, da) = fused_grads;
+                        lora_case(&dev, gemm, nf4_base, dropout, bias, (true, db, da)).unwrap();
+                    }
+                    lora_case(&dev, gemm, nf4_base, dropout, bias, (false, false, false)).unwrap();
                 }
             }
         }
@@ -650,15 +658,48 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
                 let err = lora::raw::backward_dx_fused_v(&dev, None, DType::BF16, &p).unwrap_err();
                 assert!(matches!(err, Error::Unsupported { .. }), "{err}");
             } else {
-                // dB partials other than one per 128 rows (4 rows: one), and no Bᵀ workspace.
+                // dB or dA partials other than one per 128 rows (4 rows: one), no Bᵀ
+                // workspace, dA's partials under dropout or without x.
                 let mut bt = dev.alloc_poisoned::<bf16>(16).unwrap();
-                for (b_splits, bt) in [(2, bt.ptr_mut()), (1, std::ptr::null_mut())] {
-                    let p = LoraParams { b_splits, bt, ..p };
+                let x = dev.alloc_poisoned::<bf16>(16).unwrap();
+                let p = LoraParams {
+                    bt: bt.ptr_mut(),
+                    x: x.ptr(),
+                    ..p
+                };
+                for (case, p) in [
+                    ("b_splits 2", LoraParams { b_splits: 2, ..p }),
+                    ("a_splits 2", LoraParams { a_splits: 2, ..p }),
+                    (
+                        "no bt",
+                        LoraParams {
+                            b_splits: 1,
+                            bt: std::ptr::null_mut(),
+                            ..p
+                        },
+                    ),
+                    (
+                        "dA under dropout",
+                        LoraParams {
+                            a_splits: 1,
+                            dropout: 0.1,
+                            ..p
+                        },
+                    ),
+                    (
+                        "dA without x",
+                        LoraParams {
+                            a_splits: 1,
+                            x: std::ptr::null(),
+                            ..p
+                        },
+                    ),
+                ] {
                     let err =
                         lora::raw::backward_dx_fused_v(&dev, None, DType::BF16, &p).unwrap_err();
                     assert!(
                         matches!(err, Error::InvalidArgument { .. }),
-                        "b_splits {b_splits}: {err}"
+                        "{case}: {err}"
                     );
                 }
             }

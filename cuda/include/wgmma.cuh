@@ -284,7 +284,8 @@ struct RegisterOperand {};
 // the same interface (prepare, issue, finish, tma_bytes, k_len, kMnMajor, kMulticasts), or
 // FromRegisters; B: Rows, Columns or the like, and optionally a side product of A (Side).
 // issue()'s `sharers`: the blocks of the cluster that share the tile (1 for A and a side's
-// tile), each loading a part for all where the operand can.
+// tile), each loading a part for all where the operand can. run_tiles takes any struct with
+// Segment's members as a segment (lora.cu's DaSteps: steps of its own after a tile's others).
 template <class OperandA, class OperandB, class SideProduct = NoSide>
 struct Segment {
   using A = OperandA;
@@ -295,6 +296,8 @@ struct Segment {
   B b;
   S side;
   FK_DEVICE int steps() const { return int((a.k_len + kBK - 1) / kBK); }
+  // At the tile at origin o (A's first row, B's first row).
+  FK_DEVICE void place(uint2 o) { a.row0 = o.x, b.row0 = o.y; }
   // Step `st`'s wgmmas (run_tiles, where a segment is not plain; the step at k0 of the
   // segment): mma_step's, with the side product's beside them where `fresh`, or A's own step
   // from registers.
@@ -482,7 +485,7 @@ struct Schedule {
   template <class... Segs>
   FK_DEVICE void place(int i, Segs&... segs) const {
     const uint2 o = origin(i);
-    ((segs.a.row0 = o.x, segs.b.row0 = o.y), ...);
+    (segs.place(o), ...);
   }
 };
 

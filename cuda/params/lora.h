@@ -39,12 +39,14 @@ typedef struct LoraParams {
   void* v;           /* [m, rank]: written by lora_backward_v (or
                         lora_backward_dx_v*_wgmma), read by dx, lora_dx_fixup and grads */
   void* dx;          /* [m, d_in] */
-  float* partials;   /* the split-row reductions: [splits][rank·d_in] (dA), then
+  float* partials;   /* the split-row reductions: [a_splits or splits][rank·d_in] (dA), then
                         [b_splits or splits][d_out·(rank + 1)] (dB and dbias) */
   uint32_t splits;   /* how many row ranges the weight gradients are split into, at least 1 */
   uint32_t b_splits; /* nonzero: the dB partials are lora_backward_dx_v*_wgmma's, one per 128
                         rows (ceil(m / 128) of them), and lora_grad_b is not launched; 0:
                         lora_grad_b makes `splits` of them */
+  uint32_t a_splits; /* the same for the dA partials (no dropout only: the kernel reads x
+                        unmasked), lora_grad_a not launched where nonzero */
   void* bt;          /* [rank, d_out]: Bᵀ, written by lora_transpose_b for
                         lora_backward_dx_v*_wgmma (its v side tile: rows of B's columns) */
   float* da;         /* [rank, d_in] */
@@ -83,7 +85,8 @@ typedef struct LoraParams {
    * aligned, rows a multiple of 16 bytes apart), each flagged in `tma`; the kernel loads the
    * others through cp.async. Forward: x, dense w, u, b (boxes of 64 along K by the tile's
    * rows); backward dX: dy, v (the same), dense w and a (boxes of 64 × 64 K lines); the dX
-   * kernels that make v: b_map is bt's (boxes of 64 along d_out by the side tile's rows). */
+   * kernels that make v: b_map is bt's (boxes of 64 along d_out by the side tile's rows),
+   * and x_map x's as the forward's, where they make the dA partials (a_splits). */
   uint32_t tma; /* FK_LORA_TMA_* bits */
   FkTensorMap x_map, w_map, u_map, b_map, dy_map, v_map, a_map;
 } LoraParams;

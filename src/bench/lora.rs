@@ -287,38 +287,43 @@ pub fn variant_rows(
         out.extend_extra(wide, "lora_down_k64")?;
     }
     if paths(dev).contains(&LoraPath::FusedWgmma) {
-        // The wgmma layer as it was before its GEMMs made u, v and dB's partials themselves
-        // (`lora_fused_wgmma forward` and `backward`, above, run lora_forward_down16_wgmma and
-        // lora_backward_dx_v16_wgmma alone, then dA): lora_down, then the GEMM; lora_backward_v,
-        // then dXᵀ's; and dX making v but not dB (lora_grad_b after it). Each whole against
-        // cuBLAS, and its GEMM's launch; the rows below compare variants of those GEMMs
-        // against these.
-        for (label, dir, kernel, fused_v) in [
+        // The wgmma layer as it was before its GEMMs made u, v and the partials of dB and dA
+        // themselves (`lora_fused_wgmma forward` and `backward`, above, run
+        // lora_forward_down16_wgmma and lora_backward_dx_v16_wgmma alone, then lora_reduce):
+        // lora_down, then the GEMM; lora_backward_v, then dXᵀ's; dX making v and dA's partials
+        // but not dB's (lora_grad_b after it); dX making v and dB's but not dA's (lora_grad_a
+        // after it). Each whole against cuBLAS, and its GEMM's launch; the rows below compare
+        // variants of those GEMMs against these.
+        type Configure = fn(LoraLinear<bf16>) -> LoraLinear<bf16>;
+        let variants: [(&str, &str, &str, Configure); 4] = [
             (
                 "lora_fused_wgmma lora_down",
                 "forward",
                 "lora_forward_wgmma",
-                false,
+                |l| l.with_fused_down(false),
             ),
             (
                 "lora_fused_wgmma lora_backward_v",
                 "backward",
                 "lora_backward_dx_wgmma",
-                false,
+                |l| l.with_fused_v(false),
             ),
             (
                 "lora_fused_wgmma lora_grad_b",
                 "backward",
                 "lora_backward_dx_v16_wgmma",
-                true,
+                |l| l.with_fused_db(false),
             ),
-        ] {
+            (
+                "lora_fused_wgmma lora_grad_a",
+                "backward",
+                "lora_backward_dx_v16_wgmma",
+                |l| l.with_fused_da(false),
+            ),
+        ];
+        for (label, dir, kernel, configure) in variants {
             let separate = plain_layer(dev, LoraPath::FusedWgmma)
-                .map(|l| {
-                    l.with_fused_down(false)
-                        .with_fused_v(fused_v)
-                        .with_fused_db(false)
-                })
+                .map(configure)
                 .and_then(|l| {
                     let (t, work) = if dir == "forward" {
                         let t = timer.time(2, REPS, || l.forward(x, m).map(|_| ()))?;

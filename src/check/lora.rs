@@ -378,6 +378,12 @@ where
     } else {
         format!("lora_grad_b_{}", T::DTYPE)
     };
+    // dA's likewise, lora_grad_a's otherwise.
+    let da_name = if s.layer.fused_da() {
+        format!("{dx_name} dA")
+    } else {
+        format!("lora_grad_a_{}", T::DTYPE)
+    };
     let mut rows = vec![
         row(
             dx_name,
@@ -388,7 +394,7 @@ where
             t,
         ),
         row(
-            format!("lora_grad_a_{}", T::DTYPE),
+            da_name,
             dev,
             &c,
             Measure::RelL2(da_bound),

@@ -26,7 +26,9 @@
 //!   ranks up to 32 the forward GEMM makes u itself, from its own tiles of x, so that no
 //!   pass over x precedes it ([`LoraLinear::fused_down`]), and backward's dX GEMM (then in
 //!   dX's own layout) makes v and dB's partials from its tiles of dY, so that dY is read
-//!   once ([`LoraLinear::fused_v`], [`LoraLinear::fused_db`]); dA as Fused. Not the
+//!   once ([`LoraLinear::fused_v`], [`LoraLinear::fused_db`]), and without dropout dA's
+//!   partials from the tiles of x it brings after each tile's sweep, so that no pass over x
+//!   is left ([`LoraLinear::fused_da`]); otherwise dA as Fused. Not the
 //!   default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and 1.7% faster than
 //!   Extended (forward, backward; bench/results/2026-11-27T0501-h200), then 3.0% and 4.2%
 //!   slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within its own kernels'
@@ -187,6 +189,8 @@ pub struct LoraLinear<T: FloatElem> {
     fused_v: bool,
     /// Whether that dX GEMM makes the dB partials too ([`Self::fused_db`]).
     fused_db: bool,
+    /// Whether it makes the dA partials too ([`Self::fused_da`]).
+    fused_da: bool,
     /// Whether `u` comes from `lora_down_k64` (steps of 64 along K) rather than `lora_down`.
     wide_down: bool,
     nf4_decode: Nf4Decode,
@@ -549,6 +553,7 @@ impl<T: FloatElem> LoraLinear<T> {
             fused_down: true,
             fused_v: true,
             fused_db: true,
+            fused_da: true,
             wide_down: false,
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
@@ -711,6 +716,26 @@ impl<T: FloatElem> LoraLinear<T> {
     /// before, in a fixed order.
     pub fn fused_db(&self) -> bool {
         self.fused_db && self.fused_v().is_some()
+    }
+
+    /// The layer with the dX GEMM that makes `v` making the partials of `dA` too where it
+    /// can (the default; `false`: `lora_grad_a` makes them, as the other cases do):
+    /// [`Self::fused_da`] says where.
+    pub fn with_fused_da(mut self, fused: bool) -> Self {
+        self.fused_da = fused;
+        self
+    }
+
+    /// Whether the backward's dX GEMM makes the partials of `dA = vᵀ x` (one per 128 rows)
+    /// beside dX and `v`: wherever [`Self::fused_v`] is on without dropout, unless
+    /// [`Self::with_fused_da`] turned it off. After each tile's sweep of dY, when its `v` is
+    /// whole, two more steps bring the tile's x (the tile has x's shape: 128 rows by 256 of
+    /// its columns) and multiply it, read across its rows, by `scale · v` (`wgmma.m64n16k16`
+    /// or `m64n32k16`, a few per step): no pass of its own over x for `dA` (`lora_grad_a`,
+    /// the last one the backward had), whose partials `lora_reduce` adds as before, in a
+    /// fixed order. Under dropout `dA` needs the masked x, which the tiles do not hold.
+    pub fn fused_da(&self) -> bool {
+        self.fused_da && self.config.dropout == 0.0 && self.fused_v().is_some()
     }
 
     /// The layer with `u = x Aᵀ` computed by `lora_down_k64`, whose steps along K are 64
@@ -919,7 +944,8 @@ impl<T: FloatElem> LoraLinear<T> {
     /// rows); dXᵀ's dY and v (its B: boxes of dXᵀ's columns), and its A operands, A and a
     /// dense W, read along their rows (boxes of 64 of them by 64 lines of K); dX's dY (boxes
     /// of the tile's rows) and, where it makes v, its MN-major B, W and A, read along their
-    /// rows likewise, and its side tile's Bᵀ (`p.bt`: boxes of its rows). Returns whether B
+    /// rows likewise, its side tile's Bᵀ (`p.bt`: boxes of its rows), and x as the forward's
+    /// where it makes dA's partials (`p.a_splits`). Returns whether B
     /// is shared by pairs of blocks ([`TileLoads::TmaMulticast`]; its boxes are then half
     /// the tile's columns): never where B is MN-major.
     fn tma_maps(&self, p: &mut LoraParams, gemm: WgmmaGemm, m: usize) -> Result<bool> {
@@ -943,18 +969,21 @@ impl<T: FloatElem> LoraLinear<T> {
                 lines,
                 vec![params::FK_LORA_TMA_DY, params::FK_LORA_TMA_V],
             ),
-            WgmmaGemm::DxWithV(side_rows) => (
-                vec![
+            WgmmaGemm::DxWithV(side_rows) => {
+                let mut operands = vec![
                     (params::FK_LORA_TMA_DY, tile(p.dy, d_out, m, d_out, rows_a)),
                     (
                         params::FK_LORA_TMA_B,
                         tile(p.bt.cast_const(), d_out, r, d_out, side_rows),
                     ),
                     (params::FK_LORA_TMA_A, tile(p.a, d_in, r, d_in, lines)),
-                ],
-                lines,
-                vec![],
-            ),
+                ];
+                if p.a_splits != 0 {
+                    // x's tile, for dA's partials: the forward's boxes.
+                    operands.push((params::FK_LORA_TMA_X, tile(p.x, d_in, m, d_in, rows_a)));
+                }
+                (operands, lines, vec![])
+            }
             WgmmaGemm::Forward(side_rows) => {
                 // u is read where lora_down made it; A where the GEMM makes u (its side tile).
                 let down = match side_rows {
@@ -1186,8 +1215,8 @@ impl<T: FloatElem> LoraLinear<T> {
             .map(|_| dev.alloc_output::<f32>(self.d_out))
             .transpose()?;
         let mut v = dev.alloc_output::<T>(m * r)?;
-        let fused_db = self.fused_db();
-        let sizes = raw::grad_partials(&dev, m, self.d_in, self.d_out, r, fused_db);
+        let (fused_da, fused_db) = (self.fused_da(), self.fused_db());
+        let sizes = raw::grad_partials(&dev, m, self.d_in, self.d_out, r, fused_da, fused_db);
         let mut partials = dev.alloc_output::<f32>(sizes.len)?;
         let mut p = self.params(m, saved.seed)?;
         p.x = x.ptr();
@@ -1198,6 +1227,7 @@ impl<T: FloatElem> LoraLinear<T> {
         p.partials = partials.ptr_mut() as *mut f32;
         p.splits = sizes.splits;
         p.b_splits = sizes.b_splits;
+        p.a_splits = sizes.a_splits;
         p.da = da.ptr_mut() as *mut f32;
         p.db = db.ptr_mut() as *mut f32;
         p.dbias = dbias
@@ -1410,7 +1440,8 @@ pub mod raw {
     //! ([`backward_dx_fused_v`]'s rank). A forward is [`down`] then [`forward`] (or, on wgmma
     //! without dropout at ranks up to 32, [`forward_fused_down`] alone); a backward
     //! [`backward_v`], [`backward_dx`] (or, on wgmma at ranks up to 32,
-    //! [`backward_dx_fused_v`] alone, which makes dB's partials too where `p.b_splits` asks),
+    //! [`backward_dx_fused_v`] alone, which makes dA's and dB's partials too where
+    //! `p.a_splits` and `p.b_splits` ask),
     //! then [`grads`]. [`LoraLinear`]'s fused paths launch
     //! through the same code after their checks, with workspaces of their own (`tests/raw.rs`
     //! holds the two to the same bits).
@@ -1436,12 +1467,15 @@ pub mod raw {
         }
     }
 
-    /// How [`grads`]' reductions over tokens are split: `p.splits`, `p.b_splits` and the f32
-    /// elements of `p.partials` (the dA partials, then the dB ones).
+    /// How [`grads`]' reductions over tokens are split: `p.splits`, `p.a_splits`,
+    /// `p.b_splits` and the f32 elements of `p.partials` (the dA partials, then the dB ones).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct GradPartials {
-        /// Row ranges of the dA partials (and of the dB ones `lora_grad_b` makes).
+        /// Row ranges of the partials `lora_grad_a` and `lora_grad_b` make.
         pub splits: u32,
+        /// The dA partials [`backward_dx_fused_v`] makes, one per 128 rows; 0 where
+        /// `lora_grad_a` makes them.
+        pub a_splits: u32,
         /// The dB partials [`backward_dx_fused_v`] makes, one per 128 rows; 0 where
         /// `lora_grad_b` makes them.
         pub b_splits: u32,
@@ -1454,24 +1488,27 @@ pub mod raw {
         m.div_ceil(params::FK_WGMMA_TILE_M)
     }
 
-    /// The splits that [`LoraLinear`] picks on `dev` for `m` tokens, the dB partials made by
-    /// [`backward_dx_fused_v`] where `fused_db` ([`LoraLinear::fused_db`]), else by
-    /// [`grads`].
+    /// The splits that [`LoraLinear`] picks on `dev` for `m` tokens, the dA partials made by
+    /// [`backward_dx_fused_v`] where `fused_da` ([`LoraLinear::fused_da`]) and the dB ones
+    /// where `fused_db` ([`LoraLinear::fused_db`]), else by [`grads`].
     pub fn grad_partials(
         dev: &Device,
         m: usize,
         d_in: usize,
         d_out: usize,
         rank: usize,
+        fused_da: bool,
         fused_db: bool,
     ) -> GradPartials {
         let splits = split_count(m, d_in.max(d_out), dev.sm_count());
-        let b_splits = if fused_db { dx_row_tiles(m as u32) } else { 0 };
-        let b_parts = if fused_db { b_splits } else { splits } as usize;
+        let fused = |on: bool| if on { dx_row_tiles(m as u32) } else { 0 };
+        let (a_splits, b_splits) = (fused(fused_da), fused(fused_db));
+        let parts = |fused: u32| if fused != 0 { fused } else { splits } as usize;
         GradPartials {
             splits,
+            a_splits,
             b_splits,
-            len: splits as usize * rank * d_in + b_parts * d_out * (rank + 1),
+            len: parts(a_splits) * rank * d_in + parts(b_splits) * d_out * (rank + 1),
         }
     }
 
@@ -1614,10 +1651,12 @@ pub mod raw {
     /// dropout its masked low-rank term added afterwards from that `v`, as [`backward_dx`]
     /// does on wgmma), the base dense or NF4 alike; where `p.b_splits` is set (to
     /// [`grad_partials`]' with `fused_db`), the dB and dbias partials too, into `p.partials`
-    /// after the dA ones ([`LoraLinear::fused_db`]), which [`grads`] then leaves alone.
-    /// `p.bt` is a workspace of `[rank, out]` elements that it fills with Bᵀ first. Refused
-    /// (typed errors) at ranks past 32, without `p.bt`, with another `p.b_splits`, and where
-    /// the device has no wgmma.
+    /// after the dA ones ([`LoraLinear::fused_db`]), and where `p.a_splits` is (`fused_da`,
+    /// without dropout), the dA partials, reading `p.x` ([`LoraLinear::fused_da`]); [`grads`]
+    /// then leaves those alone. `p.bt` is a workspace of `[rank, out]` elements that it fills
+    /// with Bᵀ first. Refused (typed errors) at ranks past 32, without `p.bt`, with another
+    /// `p.a_splits` or `p.b_splits`, with `p.a_splits` under dropout or without `p.x`, and
+    /// where the device has no wgmma.
     ///
     /// # Safety
     /// As [`down`].
@@ -1642,15 +1681,28 @@ pub mod raw {
         let op = format!("backward_dx_v{width}");
         let (k, cfg) = gemm_launch(dev, &op, t, BaseGemm::Wgmma, p)?;
         let row_tiles = dx_row_tiles(p.m);
-        if p.b_splits != 0 && p.b_splits != row_tiles {
+        for (name, splits) in [("a", p.a_splits), ("b", p.b_splits)] {
+            if splits != 0 && splits != row_tiles {
+                return Err(Error::InvalidArgument {
+                    what,
+                    why: format!(
+                        "{name}_splits is {splits}: the d{} partials are one per {} rows, \
+                         {row_tiles} for {} rows (0: lora_grad_{name} makes them)",
+                        name.to_uppercase(),
+                        params::FK_WGMMA_TILE_M,
+                        p.m
+                    ),
+                });
+            }
+        }
+        if p.a_splits != 0 && (p.dropout != 0.0 || p.x.is_null()) {
             return Err(Error::InvalidArgument {
                 what,
                 why: format!(
-                    "b_splits is {}: the dB partials are one per {} rows, {row_tiles} for {} \
-                     rows (0: lora_grad_b makes them)",
-                    p.b_splits,
-                    params::FK_WGMMA_TILE_M,
-                    p.m
+                    "a_splits asks for dA's partials, which need x unmasked: no dropout (p = \
+                     {}) and x set ({})",
+                    p.dropout,
+                    if p.x.is_null() { "null" } else { "set" }
                 ),
             });
         }
@@ -1666,8 +1718,9 @@ pub mod raw {
 
     /// `dA = vᵀ (mask ⊙ x) / (1 - p)`, `dB = dYᵀ u` and `dbias` (where `p.dbias` is set), in f32,
     /// reduced over `p.splits` row ranges through `p.partials` in a fixed order
-    /// ([`grad_partials`]); the dB and dbias partials made here (`lora_grad_b`) unless
-    /// `p.b_splits` says [`backward_dx_fused_v`] made them.
+    /// ([`grad_partials`]); the dA partials made here (`lora_grad_a`) unless `p.a_splits`
+    /// says [`backward_dx_fused_v`] made them, and the dB and dbias ones (`lora_grad_b`)
+    /// unless `p.b_splits` does.
     ///
     /// # Safety
     /// As [`down`].
@@ -1687,12 +1740,14 @@ pub mod raw {
         let reduce_len = (r * d_in + d_out * (r + 1)) as u64;
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            dev.launch_on(
-                &kernel(format!("lora_grad_a_{t}")),
-                LaunchConfig::narrow(d_in, r, splits),
-                stream,
-                p,
-            )?;
+            if p.a_splits == 0 {
+                dev.launch_on(
+                    &kernel(format!("lora_grad_a_{t}")),
+                    LaunchConfig::narrow(d_in, r, splits),
+                    stream,
+                    p,
+                )?;
+            }
             if p.b_splits == 0 {
                 dev.launch_on(
                     &kernel(format!("lora_grad_b_{t}")),
