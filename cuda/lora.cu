@@ -410,6 +410,15 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   }
 };
 
+// Keep bits of dX's (and x's) (row, col .. col + 3), col a multiple of 4, bit j for col + j: x's dropout
+// mask, regenerated. One Philox call when dX's rows are whole groups of 4 (kAligned: d_in % 4
+// == 0), up to two otherwise.
+template <bool kAligned>
+FK_DEVICE uint32_t dx_keep_run4(const LoraParams& p, uint32_t row, uint32_t col) {
+  const uint64_t first = uint64_t(row) * p.d_in + col;
+  return kAligned ? dropout_keep_bits(p.seed, first / 4, p.dropout) : dropout_keep_run(p.seed, first, 4, p.dropout);
+}
+
 // Columns [col0 + 2·k0, + 64) of x, the tile's rows: a stage part of DaSteps' step at k0
 // (its A operand's at col0, its B operand's 64 columns on), 128 rows whichever part it
 // fills, loaded as a `Rows` operand whose K is x's columns (by TMA through the forward's map
@@ -431,11 +440,12 @@ struct XColumns : wgmma::Rows<T> {
   }
 };
 
-// dA's partials beside dX, where p.a_splits asks (no dropout): xᵀ · scale·v over the tile's
-// 128 rows, for the tile's columns of x, as partial (row tile) of p.partials' dA part [rank,
-// d_in], which lora_reduce adds in order: no pass over x of its own (lora_grad_a). Two steps
-// after the tile's others (run_tiles takes this as a segment), each bringing 128 of the
-// tile's columns of x into the stage's A part and the first half of its B part (XColumns).
+// dA's partials beside dX, where p.a_splits asks: (mask ⊙ x)ᵀ · scale·v over the tile's 128
+// rows, for the tile's columns of x, as partial (row tile) of p.partials' dA part [rank,
+// d_in], which lora_reduce adds in order (and scales by 1/(1-p)): no pass over x of its own
+// (lora_grad_a). Two steps after the tile's others (run_tiles takes this as a segment), each
+// bringing 128 of the tile's columns of x into the stage's A part and the first half of its
+// B part (XColumns); under dropout the threads zero the dropped elements there (drop).
 // v, whole once the tile's sweep of dY is done (DxSides), goes into the B part's second half
 // as scale·v rounded to T (the bits p.v gets): kN K-major lines of the 128 rows, in two
 // 64-row blocks. Warpgroup w reads part w across its rows (MN-major A: M = its 64 columns,
@@ -465,6 +475,8 @@ struct DaSteps {
   template <typename U, bool, bool>
   FK_DEVICE void mma(wgmma::Accumulators&, wgmma::Stage& st, const uint4*, bool, uint32_t k0) {
     if (k0 == 0) ++tile;
+    const uint2 o = tiles.origin(tile);
+    if (p.dropout > 0.0f) p.d_in % 4 == 0 ? drop(st, o, k0, std::true_type{}) : drop(st, o, k0, std::false_type{});
     wgmma_wait<0>();  // v's last wgmmas, and the LoRA step's
     wgmma_hold(v);
     T* lines = reinterpret_cast<T*>(st.b + wgmma::kBM * 8);
@@ -473,7 +485,7 @@ struct DaSteps {
       block[wgmma::swizzled(c, r % 64 / 8) * 8 + r % 8] = from_f32<T>(p.scale * v0);
       block[wgmma::swizzled(c + 1, r % 64 / 8) * 8 + r % 8] = from_f32<T>(p.scale * v1);
     });
-    fence_proxy_async_shared();  // the lines are visible to wgmma
+    fence_proxy_async_shared();  // the lines (and the dropped elements' zeros) are visible to wgmma
     __syncthreads();             // both warpgroups' rows
     const char* part = threadIdx.x < 128 ? reinterpret_cast<const char*>(st.a) : reinterpret_cast<const char*>(st.b);
     const char* vt = reinterpret_cast<const char*>(lines);
@@ -486,7 +498,6 @@ struct DaSteps {
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_hold(da);
-    const uint2 o = tiles.origin(tile);
     const uint32_t first = o.y + 2 * k0;  // the columns of for_each_pair's rows: part w's 64 are w·64 on
     float* out = p.partials + uint64_t(o.x / wgmma::kBM) * p.rank * p.d_in;
     wgmma::for_each_pair(da, [&](int r, int c, float d0, float d1) {
@@ -495,6 +506,34 @@ struct DaSteps {
       if (uint32_t(c) < p.rank) out[uint64_t(c) * p.d_in + col] = d0;
       if (uint32_t(c) + 1 < p.rank) out[uint64_t(c + 1) * p.d_in + col] = d1;
     });
+  }
+  // Zeroes the elements of the step's two parts of x (tile at o, step at k0) that dropout
+  // drops: runs of 4 columns, kRuns a thread, drawn kBatch at a time before any of them is
+  // applied (each draw is a chain of Philox rounds; more at once spill beside the tile's
+  // accumulators). The parts hold zeros past m and d_in already.
+  template <class Aligned>
+  FK_DEVICE void drop(wgmma::Stage& st, uint2 o, uint32_t k0, Aligned) {
+    constexpr int kRunsPerRow = 64 / 4, kRuns = 2 * wgmma::kBM * kRunsPerRow / wgmma::kThreads, kBatch = 4;
+#pragma unroll 1
+    for (int j0 = 0; j0 < kRuns; j0 += kBatch) {
+      uint32_t keep[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int i = threadIdx.x + (j0 + j) * wgmma::kThreads, part = i / (wgmma::kBM * kRunsPerRow);
+        const uint32_t row = o.x + i / kRunsPerRow % wgmma::kBM, col = o.y + 2 * k0 + 64 * part + 4 * (i % kRunsPerRow);
+        keep[j] = row < p.m && col < p.d_in ? dx_keep_run4<Aligned::value>(p, row, col) : 0xFu;
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if ((keep[j] & 0xFu) == 0xFu) continue;
+        const int i = threadIdx.x + (j0 + j) * wgmma::kThreads, part = i / (wgmma::kBM * kRunsPerRow);
+        const int row = i / kRunsPerRow % wgmma::kBM, run = i % kRunsPerRow;
+        uint16_t* e = reinterpret_cast<uint16_t*>(part ? st.b : st.a) + wgmma::swizzled(row, run / 2) * 8 + run % 2 * 4;
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+          if (!(keep[j] >> b & 1u)) e[b] = 0;
+      }
+    }
   }
 };
 
@@ -586,15 +625,6 @@ FK_DEVICE void rank_reduce(const LoraParams& p, void* out_, void* ext_, uint64_t
     }
     if (ext) ext[row * ld + base + c] = from_f32<T>(y);
   }
-}
-
-// Keep bits of dX's (row, col .. col + 3), col a multiple of 4, bit j for col + j: x's dropout
-// mask, regenerated. One Philox call when dX's rows are whole groups of 4 (kAligned: d_in % 4
-// == 0), up to two otherwise.
-template <bool kAligned>
-FK_DEVICE uint32_t dx_keep_run4(const LoraParams& p, uint32_t row, uint32_t col) {
-  const uint64_t first = uint64_t(row) * p.d_in + col;
-  return kAligned ? dropout_keep_bits(p.seed, first / 4, p.dropout) : dropout_keep_run(p.seed, first, 4, p.dropout);
 }
 
 // The LoRA part of this tile of dX, mask ⊙ (v A) / (1 - p), into the (empty) accumulators.

@@ -443,9 +443,8 @@ fn fused_down_makes_u_in_the_forward_gemm() {
 /// tiles (one column tile: every step makes a dB partial), TMA, multicast and cp.async loads,
 /// 1, 2 and 3 blocks, a block per SM, and column runs (v made once a run). Each against the
 /// reference (dX; dB and dbias from the partials it made beside them, `LoraLinear::fused_db`;
-/// dA without dropout from the partials it made from the tiles of x it brings after each
-/// tile's sweep, `LoraLinear::fused_da`, under dropout by lora_grad_a from the v it wrote); dX
-/// and the gradients bit-equal across the loads, block counts and orders; dB and dbias within
+/// dA from the partials it made from the tiles of x it brings after each tile's sweep, their
+/// dropped elements zeroed there under dropout, `LoraLinear::fused_da`); dX and the gradients bit-equal across the loads, block counts and orders; dB and dbias within
 /// rounding of lora_grad_b's, dA of lora_grad_a's, dX and dA of lora_backward_v + the dXᵀ
 /// kernel's.
 #[test]
@@ -489,7 +488,7 @@ fn fused_v_makes_v_in_the_dx_gemm() {
                 let (layer, x) = wgmma_layer(&dev, &c);
                 assert_eq!(layer.fused_v(), Some(if rank <= 16 { 16 } else { 32 }));
                 assert!(layer.fused_db());
-                assert_eq!(layer.fused_da(), dropout == 0.0);
+                assert!(layer.fused_da());
                 let dy = dev
                     .upload(&random_vec::<bf16>(
                         &mut StdRng::seed_from_u64(c.seed),

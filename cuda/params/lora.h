@@ -45,8 +45,8 @@ typedef struct LoraParams {
   uint32_t b_splits; /* nonzero: the dB partials are lora_backward_dx_v*_wgmma's, one per 128
                         rows (ceil(m / 128) of them), and lora_grad_b is not launched; 0:
                         lora_grad_b makes `splits` of them */
-  uint32_t a_splits; /* the same for the dA partials (no dropout only: the kernel reads x
-                        unmasked), lora_grad_a not launched where nonzero */
+  uint32_t a_splits; /* the same for the dA partials (the kernel reads x), lora_grad_a not
+                        launched where nonzero */
   void* bt;          /* [rank, d_out]: Bᵀ, written by lora_transpose_b for
                         lora_backward_dx_v*_wgmma (its v side tile: rows of B's columns) */
   float* da;         /* [rank, d_in] */

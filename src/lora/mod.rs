@@ -26,9 +26,9 @@
 //!   ranks up to 32 the forward GEMM makes u itself, from its own tiles of x, so that no
 //!   pass over x precedes it ([`LoraLinear::fused_down`]), and backward's dX GEMM (then in
 //!   dX's own layout) makes v and dB's partials from its tiles of dY, so that dY is read
-//!   once ([`LoraLinear::fused_v`], [`LoraLinear::fused_db`]), and without dropout dA's
-//!   partials from the tiles of x it brings after each tile's sweep, so that no pass over x
-//!   is left ([`LoraLinear::fused_da`]); otherwise dA as Fused. Not the
+//!   once ([`LoraLinear::fused_v`], [`LoraLinear::fused_db`]), and dA's partials from the
+//!   tiles of x it brings after each tile's sweep, so that no pass over x is left
+//!   ([`LoraLinear::fused_da`]). Not the
 //!   default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and 1.7% faster than
 //!   Extended (forward, backward; bench/results/2026-11-27T0501-h200), then 3.0% and 4.2%
 //!   slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within its own kernels'
@@ -726,16 +726,16 @@ impl<T: FloatElem> LoraLinear<T> {
         self
     }
 
-    /// Whether the backward's dX GEMM makes the partials of `dA = vᵀ x` (one per 128 rows)
-    /// beside dX and `v`: wherever [`Self::fused_v`] is on without dropout, unless
+    /// Whether the backward's dX GEMM makes the partials of `dA = vᵀ dropout(x)` (one per
+    /// 128 rows) beside dX and `v`: wherever [`Self::fused_v`] is on, unless
     /// [`Self::with_fused_da`] turned it off. After each tile's sweep of dY, when its `v` is
     /// whole, two more steps bring the tile's x (the tile has x's shape: 128 rows by 256 of
-    /// its columns) and multiply it, read across its rows, by `scale · v` (`wgmma.m64n16k16`
-    /// or `m64n32k16`, a few per step): no pass of its own over x for `dA` (`lora_grad_a`,
-    /// the last one the backward had), whose partials `lora_reduce` adds as before, in a
-    /// fixed order. Under dropout `dA` needs the masked x, which the tiles do not hold.
+    /// its columns), zero what dropout drops (the mask regenerated, as everywhere), and
+    /// multiply it, read across its rows, by `scale · v` (`wgmma.m64n16k16` or `m64n32k16`, a
+    /// few per step): no pass of its own over x for `dA` (`lora_grad_a`, the last one the
+    /// backward had), whose partials `lora_reduce` adds as before, in a fixed order.
     pub fn fused_da(&self) -> bool {
-        self.fused_da && self.config.dropout == 0.0 && self.fused_v().is_some()
+        self.fused_da && self.fused_v().is_some()
     }
 
     /// The layer with `u = x Aᵀ` computed by `lora_down_k64`, whose steps along K are 64
@@ -1651,12 +1651,11 @@ pub mod raw {
     /// dropout its masked low-rank term added afterwards from that `v`, as [`backward_dx`]
     /// does on wgmma), the base dense or NF4 alike; where `p.b_splits` is set (to
     /// [`grad_partials`]' with `fused_db`), the dB and dbias partials too, into `p.partials`
-    /// after the dA ones ([`LoraLinear::fused_db`]), and where `p.a_splits` is (`fused_da`,
-    /// without dropout), the dA partials, reading `p.x` ([`LoraLinear::fused_da`]); [`grads`]
-    /// then leaves those alone. `p.bt` is a workspace of `[rank, out]` elements that it fills
-    /// with Bᵀ first. Refused (typed errors) at ranks past 32, without `p.bt`, with another
-    /// `p.a_splits` or `p.b_splits`, with `p.a_splits` under dropout or without `p.x`, and
-    /// where the device has no wgmma.
+    /// after the dA ones ([`LoraLinear::fused_db`]), and where `p.a_splits` is (`fused_da`),
+    /// the dA partials, reading `p.x` ([`LoraLinear::fused_da`]); [`grads`] then leaves those
+    /// alone. `p.bt` is a workspace of `[rank, out]` elements that it fills with Bᵀ first.
+    /// Refused (typed errors) at ranks past 32, without `p.bt`, with another `p.a_splits` or
+    /// `p.b_splits`, with `p.a_splits` but no `p.x`, and where the device has no wgmma.
     ///
     /// # Safety
     /// As [`down`].
@@ -1695,15 +1694,10 @@ pub mod raw {
                 });
             }
         }
-        if p.a_splits != 0 && (p.dropout != 0.0 || p.x.is_null()) {
+        if p.a_splits != 0 && p.x.is_null() {
             return Err(Error::InvalidArgument {
                 what,
-                why: format!(
-                    "a_splits asks for dA's partials, which need x unmasked: no dropout (p = \
-                     {}) and x set ({})",
-                    p.dropout,
-                    if p.x.is_null() { "null" } else { "set" }
-                ),
+                why: "a_splits asks for dA's partials, which read x: x is null".into(),
             });
         }
         if p.bt.is_null() {
