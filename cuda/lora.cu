@@ -307,7 +307,7 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   const LoraParams& p;
   float db[kNB / 2] = {};  // then each step's first wgmma overwrites them
   uint4* u_tile = nullptr;
-  uint32_t m0 = 0, column = 0, columns = 1, issued = kNone, pending = kNone;
+  uint32_t m0 = 0, column = 0, columns = 1, issued = kNone, pending = kNone, rows = 0;
   bool loaded = false;  // u_tile holds row tile m0's [u | 1]
 
   FK_DEVICE DxSides(const wgmma::Rows<T>& bt, float (&v)[kN / 2], const LoraParams& p_) : V{bt, v}, p(p_) {}
@@ -358,6 +358,7 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   }
   FK_DEVICE void start(uint2 o) {
     column = o.y / wgmma::kBN;
+    rows = o.x;
     if (!makes_db() || keeps(o)) return;
     m0 = o.x;
     loaded = true;
@@ -367,10 +368,24 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
       if (at < wgmma::kBM * kChunks) u_tile[wgmma::swizzled(at / kChunks, at % kChunks)] = next_u[i];
     }
   }
+  // Where dA's steps follow the sweep (DaSteps), the tile's x into L2 kXAhead steps before
+  // they read it (each x tile is read once, from DRAM): two 128-byte lines a thread, rather
+  // than every block's 64 KB in a burst when the blocks, in step, reach those steps together.
+  static constexpr uint32_t kXAhead = 8;
+  FK_DEVICE void prefetch_x(uint32_t kt) const {
+    const uint32_t steps = (p.d_out + wgmma::kBK - 1) / wgmma::kBK;
+    if (p.a_splits == 0 || kt != (steps > kXAhead ? steps - kXAhead : 0u)) return;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t i = threadIdx.x + j * wgmma::kThreads, row = rows + i / 4, col = column * wgmma::kBN + 64 * (i % 4);
+      if (row < p.m && col < p.d_in) prefetch_l2(as<T>(p.x) + uint64_t(row) * p.d_in + col);
+    }
+  }
   template <typename U>
   FK_DEVICE void mma(const wgmma::Stage& st, const char* a, int slice, const uint4* tile, bool fresh, uint32_t k0) {
     V::template mma<U>(st, a, slice, tile, fresh, k0);
     const uint32_t kt = k0 / wgmma::kBK;
+    prefetch_x(kt);
     if (!makes_db() || kt % columns != column) return;
     issued = k0;
     if (!mine(kt)) return;
@@ -410,9 +425,9 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   }
 };
 
-// Keep bits of dX's (and x's) (row, col .. col + 3), col a multiple of 4, bit j for col + j: x's dropout
-// mask, regenerated. One Philox call when dX's rows are whole groups of 4 (kAligned: d_in % 4
-// == 0), up to two otherwise.
+// Keep bits of dX's (and x's) (row, col .. col + 3), col a multiple of 4, bit j for col + j:
+// x's dropout mask, regenerated. One Philox call when dX's rows are whole groups of 4
+// (kAligned: d_in % 4 == 0), up to two otherwise.
 template <bool kAligned>
 FK_DEVICE uint32_t dx_keep_run4(const LoraParams& p, uint32_t row, uint32_t col) {
   const uint64_t first = uint64_t(row) * p.d_in + col;
@@ -476,6 +491,7 @@ struct DaSteps {
   FK_DEVICE void mma(wgmma::Accumulators&, wgmma::Stage& st, const uint4*, bool, uint32_t k0) {
     if (k0 == 0) ++tile;
     const uint2 o = tiles.origin(tile);
+    // The mask's draws first, while the sweep's last wgmmas run (at the first of the steps).
     if (p.dropout > 0.0f) p.d_in % 4 == 0 ? drop(st, o, k0, std::true_type{}) : drop(st, o, k0, std::false_type{});
     wgmma_wait<0>();  // v's last wgmmas, and the LoRA step's
     wgmma_hold(v);
@@ -498,7 +514,7 @@ struct DaSteps {
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_hold(da);
-    const uint32_t first = o.y + 2 * k0;  // the columns of for_each_pair's rows: part w's 64 are w·64 on
+    const uint32_t first = o.y + 2 * k0;  // for_each_pair's row r is column first + r
     float* out = p.partials + uint64_t(o.x / wgmma::kBM) * p.rank * p.d_in;
     wgmma::for_each_pair(da, [&](int r, int c, float d0, float d1) {
       const uint32_t col = first + r;

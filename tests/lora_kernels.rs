@@ -444,9 +444,9 @@ fn fused_down_makes_u_in_the_forward_gemm() {
 /// 1, 2 and 3 blocks, a block per SM, and column runs (v made once a run). Each against the
 /// reference (dX; dB and dbias from the partials it made beside them, `LoraLinear::fused_db`;
 /// dA from the partials it made from the tiles of x it brings after each tile's sweep, their
-/// dropped elements zeroed there under dropout, `LoraLinear::fused_da`); dX and the gradients bit-equal across the loads, block counts and orders; dB and dbias within
-/// rounding of lora_grad_b's, dA of lora_grad_a's, dX and dA of lora_backward_v + the dXᵀ
-/// kernel's.
+/// dropped elements zeroed there under dropout, `LoraLinear::fused_da`); dX and the gradients
+/// bit-equal across the loads, block counts and orders; dB and dbias within rounding of
+/// lora_grad_b's, dA of lora_grad_a's, dX and dA of lora_backward_v + the dXᵀ kernel's.
 #[test]
 fn fused_v_makes_v_in_the_dx_gemm() {
     for dev in backends().into_iter().filter(|d| d.has_wgmma()) {

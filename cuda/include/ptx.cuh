@@ -248,12 +248,21 @@ FK_DEVICE uint4 ld_global_early(const uint4* p) {
 #endif
 }
 
-// ---- a cache hint for global loads (no effect on the emulator) --------------------------
+// ---- cache hints for global loads (no effect on the emulator) ----------------------------
 
 // Brings the 128-byte line holding `p` into L1, writing no register (prefetch.global.L1).
 FK_DEVICE void prefetch_l1(const void* p) {
 #if FK_PTX
   asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
+#elif FK_EMU_PTX
+  (void)p;
+#endif
+}
+
+// Brings the line holding `p` into L2 (prefetch.global.L2).
+FK_DEVICE void prefetch_l2(const void* p) {
+#if FK_PTX
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 #elif FK_EMU_PTX
   (void)p;
 #endif
