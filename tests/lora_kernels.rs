@@ -444,7 +444,8 @@ fn fused_down_makes_u_in_the_forward_gemm() {
 /// 1, 2 and 3 blocks, a block per SM, and column runs (v made once a run). Each against the
 /// reference (dX; dB and dbias from the partials it made beside them, `LoraLinear::fused_db`;
 /// dA from the partials it made from the tiles of x it brings after each tile's sweep, their
-/// dropped elements zeroed there under dropout, `LoraLinear::fused_da`); dX and the gradients
+/// dropped elements zeroed there under dropout, rows of x whole groups of 4 or not,
+/// `LoraLinear::fused_da`); dX and the gradients
 /// bit-equal across the loads, block counts and orders; dB and dbias within rounding of
 /// lora_grad_b's, dA of lora_grad_a's, dX and dA of lora_backward_v + the dXᵀ kernel's.
 #[test]
@@ -454,6 +455,8 @@ fn fused_v_makes_v_in_the_dx_gemm() {
             (200, 300, 200, 1, false, 0.0),
             (131, 263, 777, 16, true, 0.0),
             (200, 520, 136, 17, false, 0.1),
+            // Rows of x not whole groups of 4: the mask of dA's steps drawn run by run.
+            (200, 263, 136, 9, false, 0.1),
             (70, 264, 328, 32, true, 0.05),
             (300, 300, 72, 9, false, 0.0),
             // One column tile: every step of dY makes a dB partial, the warpgroups in turn.

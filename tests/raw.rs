@@ -643,6 +643,20 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
                 let err = lora::raw::forward_fused_down(&dev, None, DType::BF16, &p).unwrap_err();
                 assert!(matches!(err, Error::Unsupported { .. }), "{err}");
             }
+            // dX alone makes no partials: grads must not be told to skip their kernels.
+            for (a_splits, b_splits) in [(1, 0), (0, 1)] {
+                let p = LoraParams {
+                    a_splits,
+                    b_splits,
+                    ..p
+                };
+                let err =
+                    lora::raw::backward_dx(&dev, None, DType::BF16, BaseGemm::Mma, &p).unwrap_err();
+                assert!(
+                    matches!(err, Error::InvalidArgument { .. }),
+                    "a_splits {a_splits}, b_splits {b_splits}: {err}"
+                );
+            }
             // v in the dX GEMM: ranks 1 to 32 (dropout or not), and wgmma.
             for rank in [33, 0] {
                 let p = LoraParams { rank, ..p };

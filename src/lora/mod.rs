@@ -1630,7 +1630,9 @@ pub mod raw {
         unsafe { rank_launch(dev, stream, "lora_backward_v", false, t, p) }
     }
 
-    /// `dX = dY W + mask ⊙ (v A) / (1 - p)`, the base as [`forward`]'s.
+    /// `dX = dY W + mask ⊙ (v A) / (1 - p)`, the base as [`forward`]'s. It makes no
+    /// gradient partials, so it refuses (a typed error) a `p.a_splits` or `p.b_splits` that
+    /// would have [`grads`] skip the kernels that make them.
     ///
     /// # Safety
     /// As [`down`].
@@ -1641,6 +1643,16 @@ pub mod raw {
         gemm: BaseGemm,
         p: &LoraParams,
     ) -> Result<()> {
+        if p.a_splits != 0 || p.b_splits != 0 {
+            return Err(Error::InvalidArgument {
+                what: "lora raw backward_dx",
+                why: format!(
+                    "a_splits {} and b_splits {}: only backward_dx_fused_v makes the dA and \
+                     dB partials; set both to 0 (grads then makes them)",
+                    p.a_splits, p.b_splits
+                ),
+            });
+        }
         let (k, cfg) = gemm_launch(dev, "backward_dx", t, gemm, p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { backward_dx_launch(dev, stream, t, (&k, cfg), gemm == BaseGemm::Wgmma, p) }
