@@ -307,7 +307,8 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   const LoraParams& p;
   float db[kNB / 2] = {};  // then each step's first wgmma overwrites them
   uint4* u_tile = nullptr;
-  uint32_t m0 = 0, column = 0, columns = 1, issued = kNone, pending = kNone, rows = 0;
+  // m0, column: the tile's first row and its column tile (start()).
+  uint32_t m0 = 0, column = 0, columns = 1, issued = kNone, pending = kNone;
   bool loaded = false;  // u_tile holds row tile m0's [u | 1]
 
   FK_DEVICE DxSides(const wgmma::Rows<T>& bt, float (&v)[kN / 2], const LoraParams& p_) : V{bt, v}, p(p_) {}
@@ -358,9 +359,9 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
   }
   FK_DEVICE void start(uint2 o) {
     column = o.y / wgmma::kBN;
-    rows = o.x;
-    if (!makes_db() || keeps(o)) return;
+    const bool kept = keeps(o);
     m0 = o.x;
+    if (!makes_db() || kept) return;
     loaded = true;
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
@@ -377,7 +378,7 @@ struct DxSides : wgmma::Side<wgmma::Rows<T>, kN> {
     if (p.a_splits == 0 || kt != (steps > kXAhead ? steps - kXAhead : 0u)) return;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const uint32_t i = threadIdx.x + j * wgmma::kThreads, row = rows + i / 4, col = column * wgmma::kBN + 64 * (i % 4);
+      const uint32_t i = threadIdx.x + j * wgmma::kThreads, row = m0 + i / 4, col = column * wgmma::kBN + 64 * (i % 4);
       if (row < p.m && col < p.d_in) prefetch_l2(as<T>(p.x) + uint64_t(row) * p.d_in + col);
     }
   }
