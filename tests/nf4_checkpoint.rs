@@ -254,6 +254,7 @@ fn include_and_exclude_patterns() {
         exclude: vec![],
         blocksize: 128,
         double_quant: false,
+        transpose: vec![],
     };
     let s = quantize_file(&input, &out, &everything).unwrap();
     assert_eq!(s.quantized.len(), LINEARS.len() + 2);
@@ -354,14 +355,24 @@ fn bad_checkpoints_are_errors_that_name_the_tensor() {
             "35 elements",
         ),
         (
-            "codes as f32",
+            "codes as f32, a word short",
             Box::new(|t| {
                 let c = t.get_mut(W).unwrap();
                 c.dtype = Dtype::F32;
-                c.shape = vec![c.data.len() / 4];
+                c.shape = vec![c.data.len() / 4 - 1];
+                c.data = Cow::Owned(c.data[4..].to_vec());
             }),
             W.to_string(),
-            "dtype",
+            "expected 1152 for 2304 packed 4-bit codes",
+        ),
+        (
+            "nested parts, a plain quant state",
+            Box::new(move |t| {
+                let plain = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [48, 48]}"#;
+                drop(t.insert(format!("{W}{QUANT_STATE_SUFFIX}"), blob(plain)))
+            }),
+            format!("{W}{QUANT_STATE_SUFFIX}"),
+            "no nested_offset",
         ),
         (
             "another quant_map",
@@ -409,7 +420,7 @@ fn bad_checkpoints_are_errors_that_name_the_tensor() {
                 ))
             }),
             W.to_string(),
-            "elements",
+            "expected 1176 for 2352 packed 4-bit codes",
         ),
         (
             "blocksize 48",
@@ -539,4 +550,158 @@ fn nf4_weights_in_the_input_are_copied_not_requantized() {
     let bnb_bytes = read_file(&dir.join("checkpoint_dq.safetensors")).unwrap();
     let b = Checkpoint::parse(&bnb_bytes, "in").unwrap();
     assert_eq!(a.nf4, b.nf4);
+}
+
+/// bitsandbytes packs the codes into elements of `bnb_4bit_quant_storage` (bf16 or f32 under
+/// FSDP): the same bytes in a tensor of another dtype, read as the u8 ones.
+#[test]
+fn codes_in_another_storage_dtype_read_the_same() {
+    let plain = read_file(&data_dirs()[0].join("checkpoint_dq.safetensors")).unwrap();
+    let expected = Checkpoint::parse(&plain, "u8").unwrap().nf4[W].clone();
+    for dtype in [Dtype::BF16, Dtype::F32] {
+        let bytes = edited(move |t| {
+            let c = t.get_mut(W).unwrap();
+            c.dtype = dtype;
+            c.shape = vec![c.data.len() * 8 / dtype.bitsize(), 1];
+        });
+        let ck = Checkpoint::parse(&bytes, "storage").unwrap();
+        assert_eq!(ck.nf4[W], expected, "{dtype:?}");
+    }
+}
+
+/// A 2-D bf16 tensor of random values.
+fn matrix(rng: &mut StdRng, rows: usize, cols: usize) -> RawTensor<'static> {
+    let v: Vec<bf16> = random_vec(rng, rows * cols, 1.0);
+    RawTensor {
+        dtype: Dtype::BF16,
+        shape: vec![rows, cols],
+        data: Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
+    }
+}
+
+/// Other model families' names: GPT-2's and T5's embeddings, nested and renamed heads stay
+/// as they are by default, and are listed; GPT-2's Conv1D weights (stored [in, out], as their
+/// biases show) are refused unless `transpose` names them, and then quantized as their
+/// transpose, the [out, in] weight transformers quantizes.
+#[test]
+fn other_families_embeddings_heads_and_conv1d() {
+    let dir = scratch("families");
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let mut tensors = BTreeMap::new();
+    for (name, rows, cols) in [
+        ("transformer.wte.weight", 50, 16),
+        ("transformer.wpe.weight", 20, 16),
+        ("shared.weight", 30, 16),
+        (
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            32,
+            4,
+        ),
+        ("language_model.lm_head.weight", 50, 16),
+        ("transformer.output_layer.weight", 50, 16),
+        ("score.weight", 3, 16),
+        ("transformer.h.0.attn.c_attn.weight", 16, 48),
+        ("transformer.h.0.attn.c_proj.weight", 16, 16),
+        ("transformer.h.0.mlp.c_fc.weight", 16, 64),
+    ] {
+        tensors.insert(name.to_string(), matrix(&mut rng, rows, cols));
+        if let Some(module) = name.strip_suffix(".weight").filter(|m| m.contains(".c_")) {
+            let bias = RawTensor {
+                shape: vec![cols],
+                ..matrix(&mut rng, 1, cols)
+            };
+            tensors.insert(format!("{module}.bias"), bias);
+        }
+    }
+    let input = dir.join("in.safetensors");
+    write_atomic(&input, tensors.clone(), None).unwrap();
+    let output = dir.join("out.safetensors");
+    match quantize_file(&input, &output, &QuantizeOptions::default()) {
+        Err(Error::Checkpoint { tensor, why, .. }) => assert!(
+            tensor.ends_with("c_attn.weight") || tensor.ends_with("c_fc.weight"),
+            "{tensor}: {why}"
+        ),
+        other => panic!("a Conv1D weight quantized as it lies: {other:?}"),
+    }
+    assert!(!output.exists());
+    let conv1d = QuantizeOptions {
+        transpose: vec!["transformer.h.*.c_*.weight".into()],
+        ..QuantizeOptions::default()
+    };
+    let s = quantize_file(&input, &output, &conv1d).unwrap();
+    let conv = [
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.mlp.c_fc.weight",
+    ];
+    assert_eq!(s.quantized, conv);
+    assert_eq!(s.left_alone.len(), 7, "{:?}", s.left_alone);
+    assert!(s.left_alone.iter().all(|n| !n.contains(".c_")));
+    let bytes = read_file(&output).unwrap();
+    let ck = Checkpoint::parse(&bytes, "out").unwrap();
+    for name in conv {
+        let raw = &tensors[name];
+        let (rows, cols) = (raw.shape[0], raw.shape[1]);
+        let v = raw.values::<bf16>();
+        let t: Vec<bf16> = (0..rows * cols)
+            .map(|i| v[i % rows * cols + i / rows])
+            .collect();
+        let expected = nf4::quantize(&t, &[cols, rows], 64, true).unwrap();
+        assert_eq!(ck.nf4[name], expected, "{name}");
+    }
+    // A Linear weight ([out, in], as its bias shows) named by `transpose` is refused too.
+    let linear = QuantizeOptions {
+        transpose: vec!["*".into()],
+        include: vec!["*.c_attn.weight".into()],
+        ..QuantizeOptions::default()
+    };
+    let mut tensors = BTreeMap::new();
+    tensors.insert("h.c_attn.weight".to_string(), matrix(&mut rng, 48, 16));
+    let bias = RawTensor {
+        shape: vec![48],
+        ..matrix(&mut rng, 1, 48)
+    };
+    tensors.insert("h.c_attn.bias".to_string(), bias);
+    write_atomic(&input, tensors, None).unwrap();
+    match quantize_file(&input, &output, &linear) {
+        Err(Error::Checkpoint { tensor, why, .. }) => assert!(
+            tensor == "h.c_attn.weight" && why.contains("needs no transpose"),
+            "{tensor}: {why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An input whose names would collide with an NF4 weight's parts: an error naming the
+/// tensor, no output (safetensors would write one of the two, or panic).
+#[test]
+fn names_that_collide_with_nf4_parts_are_refused() {
+    let dir = scratch("collide");
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let input = dir.join("in.safetensors");
+    for part in [".absmax", ".quant_map", QUANT_STATE_SUFFIX] {
+        let clash = format!("a.weight{part}");
+        let tensors = [
+            ("a.weight".to_string(), matrix(&mut rng, 4, 64)),
+            (
+                clash.clone(),
+                RawTensor {
+                    shape: vec![1, 16],
+                    ..matrix(&mut rng, 1, 16)
+                },
+            ),
+        ];
+        write_atomic(&input, tensors, None).unwrap();
+        let output = dir.join("out.safetensors");
+        match quantize_file(&input, &output, &QuantizeOptions::default()) {
+            Err(Error::Checkpoint { tensor, why, .. }) => {
+                assert!(
+                    tensor == clash && why.contains("two tensors"),
+                    "{tensor}: {why}"
+                )
+            }
+            other => panic!("{part}: {other:?}"),
+        }
+        assert!(!output.exists());
+    }
 }

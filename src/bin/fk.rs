@@ -18,12 +18,12 @@ use finetune_kernels::lora::{
     self,
     adapter::{merge_checkpoint, Adapter},
 };
-use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions};
+use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions, DEFAULT_EXCLUDE};
 use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -312,10 +312,12 @@ fn run_profile(args: &[String]) -> Result<(), String> {
 
 /// `fk quantize`: the 2-D linear weights of a bf16/f16/f32 safetensors checkpoint to NF4
 /// (bitsandbytes' layout, loadable by transformers), every other tensor copied. `--include`
-/// and `--exclude` replace the default patterns (`*.weight`; `*embed*`, `*norm*`, `lm_head*`).
+/// replaces the default pattern (`*.weight`); `--exclude` adds to the default ones
+/// (`checkpoint::DEFAULT_EXCLUDE`: embeddings, norms, heads), which `--no-default-excludes`
+/// drops; `--transpose` names weights stored `[in, out]` (GPT-2's `Conv1D`).
 fn run_quantize(args: &[String]) -> Result<(), String> {
     let mut opts = QuantizeOptions::default();
-    let (mut include, mut exclude, mut paths) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut include, mut paths) = (Vec::new(), Vec::new());
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{arg} needs a value"));
@@ -326,7 +328,9 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
             }
             "--no-double-quant" => opts.double_quant = false,
             "--include" => include.push(value()?),
-            "--exclude" => exclude.push(value()?),
+            "--exclude" => opts.exclude.push(value()?),
+            "--no-default-excludes" => opts.exclude.retain(|p| !DEFAULT_EXCLUDE.contains(&&**p)),
+            "--transpose" => opts.transpose.push(value()?),
             flag if flag.starts_with("--") => return Err(format!("unknown flag {flag}\n{USAGE}")),
             path => paths.push(path),
         }
@@ -336,9 +340,6 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
     };
     if !include.is_empty() {
         opts.include = include;
-    }
-    if !exclude.is_empty() {
-        opts.exclude = exclude;
     }
     let s = quantize_file(Path::new(input), Path::new(output), &opts).map_err(|e| e.to_string())?;
     for name in &s.quantized {
@@ -353,6 +354,20 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
         s.bytes_before as f64 / 1e6,
         s.bytes_after as f64 / 1e6
     );
+    if !s.left_alone.is_empty() {
+        // transformers quantizes every linear module unless its config says otherwise.
+        let modules: Vec<String> = s
+            .left_alone
+            .iter()
+            .map(|n| format!("{:?}", n.strip_suffix(".weight").unwrap_or(n)))
+            .collect();
+        println!(
+            "left as they were, {} 2-D weights: to load this file, transformers' \
+             BitsAndBytesConfig needs llm_int8_skip_modules=[{}]",
+            modules.len(),
+            modules.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -240,7 +240,7 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
         .ok_or_else(|| Error::checkpoint(file, &state_name, format!("shape {:?}", state.shape)))?;
     let blocks = numel.div_ceil(state.blocksize);
 
-    let codes = get("", Dtype::U8, Some(numel.div_ceil(2)))?.values::<u8>();
+    let codes = packed_codes(st, weight, numel, file)?;
     let quant_map = get(".quant_map", Dtype::F32, Some(16))?.values::<f32>();
     if let Some(i) = (0..16).find(|&i| quant_map[i].to_bits() != NF4_CODE[i].to_bits()) {
         let why = format!(
@@ -250,6 +250,10 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
         return Err(Error::checkpoint(file, &format!("{weight}.quant_map"), why));
     }
     let absmax = match state.nested {
+        None if st.tensor(&format!("{weight}.nested_absmax")).is_ok() => {
+            let why = "a .nested_absmax, but no nested_offset: not double-quantized".into();
+            return Err(Error::checkpoint(file, &state_name, why));
+        }
         None => Absmax::Plain(get(".absmax", Dtype::F32, Some(blocks))?.values()),
         Some((blocksize, offset)) => {
             let map = get(".nested_quant_map", Dtype::F32, Some(256))?.values::<f32>();
@@ -277,6 +281,27 @@ pub fn read_nf4(st: &SafeTensors, weight: &str, file: &str) -> Result<Nf4Quantiz
     q.validate()
         .map_err(|e| Error::checkpoint(file, weight, e.to_string()))?;
     Ok(q)
+}
+
+/// The packed codes of the NF4 weight `weight` of `numel` elements: bytes in a tensor of
+/// any dtype (`bnb_4bit_quant_storage`: u8 by default, bf16 or f32 for FSDP), as bitsandbytes
+/// packs them into `ceil(numel / (2 · size))` elements of `size` bytes, the last padded.
+fn packed_codes(st: &SafeTensors, weight: &str, numel: usize, file: &str) -> Result<Vec<u8>> {
+    let view = st
+        .tensor(weight)
+        .map_err(|_| Error::checkpoint(file, weight, "missing".into()))?;
+    let size = view.dtype().bitsize() / 8;
+    let expected = numel.div_ceil(2 * size.max(1)) * size;
+    if view.dtype().bitsize() % 8 != 0 || view.data().len() != expected {
+        let why = format!(
+            "{} bytes ({:?} {:?}), expected {expected} for {numel} packed 4-bit codes",
+            view.data().len(),
+            view.dtype(),
+            view.shape()
+        );
+        return Err(Error::checkpoint(file, weight, why));
+    }
+    Ok(view.data()[..numel.div_ceil(2)].to_vec())
 }
 
 /// The JSON blob of `<w>.quant_state.bitsandbytes__nf4`, checked.
@@ -436,9 +461,28 @@ pub fn write_atomic<'a>(
         .file_name()
         .ok_or_else(|| io(&"not a file name"))?
         .to_string_lossy();
+    // safetensors would keep one of two tensors of a name, or panic, and write a header
+    // that does not describe its data.
+    let tensors: Vec<(String, RawTensor)> = tensors.into_iter().collect();
+    let mut names = std::collections::HashSet::new();
+    if let Some((name, _)) = tensors.iter().find(|(n, _)| !names.insert(n.as_str())) {
+        let why = "two tensors of this name would be written (an NF4 weight's part and a \
+                   tensor of the input of the same name?)";
+        return Err(Error::checkpoint(
+            &path.display().to_string(),
+            name,
+            why.into(),
+        ));
+    }
     let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    // On disk (fsync) before the rename, so that a crash leaves the old file or the new one.
     let written = safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
         .map_err(|e| io(&e))
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io(&e))
+        })
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| io(&e)));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -455,17 +499,38 @@ pub struct QuantizeOptions {
     /// quantized if its name matches one of `include` and none of `exclude`.
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+    /// Weights stored `[in, out]` (GPT-2's `Conv1D`), by glob: quantized as their transpose
+    /// `[out, in]`, as transformers quantizes them (and reads them back untransposed).
+    pub transpose: Vec<String>,
 }
+
+/// The default `exclude`: by name, the 2-D weights transformers leaves unquantized in the
+/// usual model families (it replaces only `nn.Linear` and `Conv1D`, and not the output
+/// head): token and position embeddings (`*embed*`; GPT-2's `wte`, `wpe`; T5's `shared` and
+/// relative attention bias), norms, LM heads wherever they sit (`lm_head`, ChatGLM's
+/// `output_layer`) and the sequence-classification head (`score`).
+pub const DEFAULT_EXCLUDE: [&str; 9] = [
+    "*embed*",
+    "*norm*",
+    "*lm_head*",
+    "*wte.weight",
+    "*wpe.weight",
+    "shared.weight",
+    "*relative_attention_bias*",
+    "*output_layer*",
+    "score.weight",
+];
 
 impl Default for QuantizeOptions {
     /// QLoRA's usual setting: blocksize 64, double quantization, the linear weights only
-    /// (embeddings, norms and the LM head stay as they are, as transformers leaves them).
+    /// ([`DEFAULT_EXCLUDE`] stay as they are, as transformers leaves them).
     fn default() -> Self {
         QuantizeOptions {
             blocksize: 64,
             double_quant: true,
             include: vec!["*.weight".into()],
-            exclude: vec!["*embed*".into(), "*norm*".into(), "lm_head*".into()],
+            exclude: DEFAULT_EXCLUDE.map(String::from).to_vec(),
+            transpose: Vec::new(),
         }
     }
 }
@@ -473,11 +538,64 @@ impl Default for QuantizeOptions {
 impl QuantizeOptions {
     /// Whether the tensor `name` of this dtype and shape gets quantized.
     pub fn selects(&self, name: &str, dtype: Dtype, shape: &[usize]) -> bool {
-        shape.len() == 2
-            && matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+        is_float_matrix(dtype, shape)
             && self.include.iter().any(|p| glob_match(p, name))
             && !self.exclude.iter().any(|p| glob_match(p, name))
     }
+}
+
+fn is_float_matrix(dtype: Dtype, shape: &[usize]) -> bool {
+    shape.len() == 2 && matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+}
+
+/// Which way the 2-D weight `name` is stored, where its module's bias says: `nn.Linear`'s
+/// `[out, in]` has as many rows as the bias has elements, `Conv1D`'s `[in, out]` as many
+/// columns. A square weight, or one without a bias, cannot tell (it is taken as `transpose`
+/// says). An error where the bias contradicts `transpose`.
+fn check_orientation(
+    st: &SafeTensors,
+    name: &str,
+    shape: &[usize],
+    transpose: bool,
+) -> std::result::Result<(), String> {
+    let Some(bias) = name.strip_suffix(".weight").map(|m| format!("{m}.bias")) else {
+        return Ok(());
+    };
+    let Some(&[len]) = st.tensor(&bias).ok().as_ref().map(|b| b.shape()) else {
+        return Ok(());
+    };
+    let (rows, cols) = (shape[0], shape[1]);
+    if !transpose && len == cols && len != rows {
+        Err(format!(
+            "stored [in, out] = [{rows}, {cols}] ({bias} has {len} elements), as GPT-2's \
+             Conv1D: transformers quantizes it transposed, so pass --transpose for it (or \
+             --exclude it)"
+        ))
+    } else if transpose && len == rows && len != cols {
+        Err(format!(
+            "matched by --transpose, but stored [out, in] = [{rows}, {cols}] ({bias} has \
+             {len} elements), as nn.Linear: it needs no transpose"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// `values` `[rows, cols]` quantized as they lie, or (`transpose`) as their transpose.
+fn quantize_matrix<T: crate::dtype::FloatElem>(
+    values: Vec<T>,
+    shape: &[usize],
+    transpose: bool,
+    opts: &QuantizeOptions,
+) -> Result<Nf4Quantized> {
+    let (rows, cols) = (shape[0], shape[1]);
+    let (values, shape) = if transpose {
+        let t = (0..rows * cols).map(|i| values[i % rows * cols + i / rows]);
+        (t.collect(), vec![cols, rows])
+    } else {
+        (values, shape.to_vec())
+    };
+    nf4::quantize(&values, &shape, opts.blocksize, opts.double_quant)
 }
 
 /// `*` matches any run of characters (dots included), `?` any one character.
@@ -511,6 +629,10 @@ pub struct QuantizeSummary {
     pub quantized: Vec<String>,
     /// How many tensors were copied unchanged.
     pub copied: usize,
+    /// The 2-D bf16/f16/f32 tensors among those, by name: transformers loads a checkpoint
+    /// with such weights left as they are only if their modules are in the quantization
+    /// config's `llm_int8_skip_modules`.
+    pub left_alone: Vec<String>,
     pub bytes_before: u64,
     pub bytes_after: u64,
 }
@@ -528,32 +650,23 @@ pub fn quantize_file(
     let bytes = read_file(input)?;
     let (st, metadata) = deserialize(&bytes, &file)?;
     let mut out = Vec::new();
-    let mut quantized = Vec::new();
+    let (mut quantized, mut left_alone) = (Vec::new(), Vec::new());
     for (name, view) in st.iter() {
         let raw = RawTensor::from(view);
         if !opts.selects(name, raw.dtype, &raw.shape) {
+            if is_float_matrix(raw.dtype, &raw.shape) {
+                left_alone.push(name.to_string());
+            }
             out.push((name.to_string(), raw));
             continue;
         }
+        let transpose = opts.transpose.iter().any(|p| glob_match(p, name));
+        check_orientation(&st, name, &raw.shape, transpose)
+            .map_err(|why| Error::checkpoint(&file, name, why))?;
         let q = match raw.dtype {
-            Dtype::BF16 => nf4::quantize(
-                &raw.values::<bf16>(),
-                &raw.shape,
-                opts.blocksize,
-                opts.double_quant,
-            ),
-            Dtype::F16 => nf4::quantize(
-                &raw.values::<f16>(),
-                &raw.shape,
-                opts.blocksize,
-                opts.double_quant,
-            ),
-            _ => nf4::quantize(
-                &raw.values::<f32>(),
-                &raw.shape,
-                opts.blocksize,
-                opts.double_quant,
-            ),
+            Dtype::BF16 => quantize_matrix(raw.values::<bf16>(), &raw.shape, transpose, opts),
+            Dtype::F16 => quantize_matrix(raw.values::<f16>(), &raw.shape, transpose, opts),
+            _ => quantize_matrix(raw.values::<f32>(), &raw.shape, transpose, opts),
         };
         let q = q.map_err(|e| Error::checkpoint(&file, name, e.to_string()))?;
         out.extend(nf4_tensors(name, &q)?);
@@ -563,9 +676,11 @@ pub fn quantize_file(
     write_atomic(output, out, metadata)?;
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     quantized.sort();
+    left_alone.sort();
     Ok(QuantizeSummary {
         quantized,
         copied,
+        left_alone,
         bytes_before: bytes.len() as u64,
         bytes_after: size(output),
     })
