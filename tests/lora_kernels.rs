@@ -888,6 +888,11 @@ fn bad_input_is_a_typed_error() {
             layer.forward(&x, 5),
             Err(Error::ShapeMismatch { .. })
         ));
+        // More rows than the kernels' u32 counts (refused before the buffer's length).
+        assert!(matches!(
+            layer.forward(&x, 1 << 32),
+            Err(Error::Unsupported { .. })
+        ));
         let (_, saved) = layer.forward(&x, 4).unwrap();
         let short_dy = dev
             .upload(&random_vec::<f16>(&mut rng, 4 * d_out - 1, 1.0))

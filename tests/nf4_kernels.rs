@@ -433,6 +433,16 @@ fn dequantize_into_wider_rows() {
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             );
             assert!(wd.dequantize_strided(&mut out, cols - 1).is_err());
+            // A row stride whose (rows - 1) · ld wraps past usize::MAX to a small number.
+            let wraps = (usize::MAX / (rows - 1)).wrapping_add(1);
+            assert!(matches!(
+                wd.dequantize_strided(&mut out, wraps),
+                Err(Error::ShapeMismatch { .. })
+            ));
+            assert!(matches!(
+                dense.copy_rows_from(&out, rows, cols, wraps, cols),
+                Err(Error::ShapeMismatch { .. })
+            ));
         }
     }
 }

@@ -13,7 +13,7 @@ use finetune_kernels::lora::{
 };
 use finetune_kernels::nf4::{self, MatmulPath, Nf4Weight};
 use finetune_kernels::params::{
-    DropoutMaskParams, GatherParams, LoraParams, Nf4DequantizeParams, Nf4MatmulParams,
+    self, DropoutMaskParams, GatherParams, LoraParams, Nf4DequantizeParams, Nf4MatmulParams,
     PhiloxParams, ScatterAddParams, SegmentedScatterAddParams, SparseAdamwParams,
 };
 use finetune_kernels::reference::sparse::AdamwStepScalars;
@@ -402,6 +402,88 @@ fn nf4_raw_matches_the_safe_calls() {
                 .unwrap_err();
             assert!(matches!(err, Error::Unsupported { .. }), "{path:?}: {err}");
         }
+        // A weight's params the kernels cannot read: refused before any launch.
+        let good = q.params();
+        let mut out = dev.alloc_poisoned::<f32>(rows * cols).unwrap();
+        for (case, w) in [
+            (
+                "blocksize 48",
+                params::Nf4Weight {
+                    blocksize: 48,
+                    ..good
+                },
+            ),
+            ("no rows", params::Nf4Weight { rows: 0, ..good }),
+            ("nested 2", params::Nf4Weight { nested: 2, ..good }),
+            (
+                "nested, no map",
+                params::Nf4Weight {
+                    nested_map: std::ptr::null(),
+                    ..good
+                },
+            ),
+            ("plain, no absmax", params::Nf4Weight { nested: 0, ..good }),
+        ] {
+            let p = Nf4DequantizeParams {
+                w,
+                out: out.ptr_mut(),
+                out_ld: 0,
+            };
+            // SAFETY: refused before any launch.
+            let err = unsafe { nf4::raw::dequantize(&dev, None, DType::F32, &p) }.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Unsupported { .. } | Error::InvalidArgument { .. }
+                ),
+                "{case}: {err}"
+            );
+            let p = Nf4MatmulParams {
+                w,
+                m: 3,
+                ..Nf4MatmulParams::default()
+            };
+            // SAFETY: refused before any launch.
+            let err = unsafe { nf4::raw::matmul(&dev, None, DType::BF16, true, &p) }.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Unsupported { .. } | Error::InvalidArgument { .. }
+                ),
+                "{case}: {err}"
+            );
+            // The LoRA layer's NF4 base alike, and one of another shape than the layer's.
+            let lp = LoraParams {
+                m: 3,
+                rank: 4,
+                d_in: cols as u32,
+                d_out: rows as u32,
+                nf4: w,
+                ..LoraParams::default()
+            };
+            // SAFETY: refused before any launch.
+            let err = unsafe { lora::raw::forward(&dev, None, DType::BF16, BaseGemm::Mma, &lp) }
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Unsupported { .. } | Error::InvalidArgument { .. }
+                ),
+                "lora, {case}: {err}"
+            );
+        }
+        let lp = LoraParams {
+            m: 3,
+            rank: 4,
+            d_in: cols as u32,
+            d_out: rows as u32 + 1,
+            nf4: good,
+            ..LoraParams::default()
+        };
+        // SAFETY: refused before any launch.
+        let err =
+            unsafe { lora::raw::forward(&dev, None, DType::BF16, BaseGemm::Mma, &lp) }.unwrap_err();
+        assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
     }
 }
 
@@ -679,6 +761,7 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
                 let p = LoraParams {
                     bt: bt.ptr_mut(),
                     x: x.ptr(),
+                    w: x.ptr(), // a dense base: the NF4 one's checks come first
                     ..p
                 };
                 for (case, p) in [
@@ -710,6 +793,35 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
                 }
             }
         }
+        // grads over no row ranges; x_ext's rows shorter than x's, the rank's and the ones
+        // column; split counts for an empty layer (no division by zero).
+        let mut ext = dev.alloc_poisoned::<bf16>(64).unwrap();
+        let p = LoraParams {
+            m: 4,
+            rank: 4,
+            d_in: 8,
+            d_out: 8,
+            ..LoraParams::default()
+        };
+        // SAFETY: each call is refused before any launch.
+        unsafe {
+            let err = lora::raw::grads(&dev, None, DType::BF16, &p).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+            for x_ld in [12, 1 << 33] {
+                let p = LoraParams {
+                    x_ext: ext.ptr_mut(),
+                    x_ld,
+                    ..p
+                };
+                let err = lora::raw::down(&dev, None, DType::BF16, &p).unwrap_err();
+                assert!(
+                    matches!(err, Error::InvalidArgument { .. }),
+                    "x_ld {x_ld}: {err}"
+                );
+            }
+        }
+        assert!(lora::k_split_count(0, 4096, dev.sm_count()) >= 1);
+        let _ = lora::raw::grad_partials(&dev, 0, 0, 0, 4, false, false);
         if let Device::Emu(_) = dev {
             let mut out = dev.alloc_poisoned::<u8>(16).unwrap();
             let params = DropoutMaskParams {

@@ -275,9 +275,21 @@ unsafe fn rank_launch(
     p: &LoraParams,
 ) -> Result<()> {
     let (m, r, splits) = (p.m as usize, p.rank as usize, p.k_splits.max(1));
+    // An extended row's tail past `base`: the rank's columns, then `ones` (x_ext's column of
+    // ones) and zeros to `ld`; the kernel walks it in 32-bit indices.
+    let tail = |ld: u64, base: u32, ones: u64| -> Result<usize> {
+        let least = u64::from(base) + u64::from(p.rank) + ones;
+        if ld < least || ld > u64::from(u32::MAX) {
+            return Err(Error::InvalidArgument {
+                what: "lora extended rows",
+                why: format!("row stride {ld}: from {least} to {} elements", u32::MAX),
+            });
+        }
+        Ok((ld - u64::from(base)) as usize)
+    };
     let width = match (name, p.x_ext.is_null(), p.dy_ext.is_null()) {
-        ("lora_down", false, _) => p.x_ld.saturating_sub(p.d_in.into()) as usize,
-        ("lora_backward_v", _, false) => p.dy_ld.saturating_sub(p.d_out.into()) as usize,
+        ("lora_down", false, _) => tail(p.x_ld, p.d_in, 1)?,
+        ("lora_backward_v", _, false) => tail(p.dy_ld, p.d_out, 0)?,
         _ => r,
     };
     let (variant, launch) = if wide {
@@ -500,7 +512,7 @@ impl<T: FloatElem> LoraLinear<T> {
             LoraBase::Dense(w) => {
                 let d_in = a.len() / config.rank;
                 let d_out = b.len() / config.rank;
-                Error::check_len("lora base weight [out, in]", d_out * d_in, w.len())?;
+                Error::check_shape("lora base weight [out, in]", &[d_out, d_in], w.len())?;
                 (d_out, d_in)
             }
             LoraBase::Nf4(w) => (w.rows(), w.cols()),
@@ -907,6 +919,13 @@ impl<T: FloatElem> LoraLinear<T> {
     }
 
     fn check_rows(&self, what: &str, buf: &Buffer<T>, m: usize, cols: usize) -> Result<()> {
+        if m > u32::MAX as usize {
+            // The kernels' params hold the rows as u32.
+            return Err(Error::Unsupported {
+                op: "lora",
+                why: format!("{m} rows of {what}: at most {} a call", u32::MAX),
+            });
+        }
         Error::check_shape(what, &[m, cols], buf.len())?;
         check_device(self.device(), buf)
     }
@@ -1380,7 +1399,7 @@ pub const MAX_K_SPLITS: u32 = 64;
 /// 8192 tokens on 132 SMs), so as many splits as fill two blocks per SM (two fit one,
 /// `cuda/include/narrow.cuh`), each at least 512 of K, at most 16.
 pub fn k_split_count(m: usize, k: usize, sms: usize) -> u32 {
-    let tiles = m.div_ceil(params::FK_NARROW_ROWS as usize);
+    let tiles = m.div_ceil(params::FK_NARROW_ROWS as usize).max(1);
     (2 * sms / tiles).min(k.div_ceil(512)).clamp(1, 16) as u32
 }
 
@@ -1546,16 +1565,30 @@ pub mod raw {
                 })
             }
         };
+        if p.w.is_null() {
+            crate::nf4::raw::check_weight(&p.nf4)?;
+            if (p.nf4.rows, p.nf4.cols) != (p.d_out, p.d_in) {
+                return Err(Error::ShapeMismatch {
+                    what: "lora raw NF4 base [out, in]".into(),
+                    expected: vec![p.d_out as usize, p.d_in as usize],
+                    got: vec![p.nf4.rows as usize, p.nf4.cols as usize],
+                });
+            }
+        }
         Ok(fused_gemm_launch(op, nf4, t, wgmma, m as usize, n as usize))
     }
 
     /// `u = scale · dropout(x) Aᵀ` (`lora_down`), split over K into `p.rank_partials` when
-    /// `p.k_splits > 1`.
+    /// `p.k_splits > 1`. With `p.x_ext` set (the Extended path), also the rows of x_ext
+    /// past x's columns: `p.x_ld` from `d_in + rank + 1` to `u32::MAX` elements (refused
+    /// otherwise).
     ///
     /// # Safety
     /// Every buffer `p` names must be valid memory of `dev` (device addresses on a GPU, host
     /// addresses under the emulator) for its shape, as cuda/params/lora.h says; `stream`
-    /// must belong to `dev`'s context.
+    /// must belong to `dev`'s context. Outputs must not overlap inputs. An NF4 base
+    /// (`p.nf4`) must be `d_out × d_in` (its rows and columns) with a blocksize of 32 to
+    /// 4096, a power of two, as [`crate::nf4::Nf4Weight`] checks.
     pub unsafe fn down(
         dev: &Device,
         stream: Option<CUstream>,
@@ -1615,7 +1648,8 @@ pub mod raw {
         unsafe { dev.launch_on(&k, cfg, stream, p) }
     }
 
-    /// `v = scale · dY B` (`lora_backward_v`), split as [`down`].
+    /// `v = scale · dY B` (`lora_backward_v`), split as [`down`]; with `p.dy_ext` set, its
+    /// rows past dY's columns too (`p.dy_ld` from `d_out + rank` to `u32::MAX`).
     ///
     /// # Safety
     /// As [`down`].
@@ -1737,12 +1771,16 @@ pub mod raw {
         p: &LoraParams,
     ) -> Result<()> {
         dtype(t)?;
-        let (r, d_in, d_out, splits) = (
-            p.rank as usize,
-            p.d_in as usize,
-            p.d_out as usize,
-            p.splits.max(1),
-        );
+        if p.splits == 0 && (p.a_splits == 0 || p.b_splits == 0) {
+            return Err(Error::InvalidArgument {
+                what: "lora raw grads",
+                why: "splits 0: lora_grad_a and lora_grad_b reduce over at least one range of \
+                      rows (grad_partials gives the count)"
+                    .into(),
+            });
+        }
+        let (r, d_in, d_out, splits) =
+            (p.rank as usize, p.d_in as usize, p.d_out as usize, p.splits);
         let reduce_len = (r * d_in + d_out * (r + 1)) as u64;
         // SAFETY: forwarded from this function's contract.
         unsafe {

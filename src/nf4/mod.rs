@@ -285,7 +285,10 @@ impl Nf4Weight {
         ld: usize,
         max_blocks: Option<u32>,
     ) -> Result<()> {
-        if ld < self.cols || out.len() < (self.rows - 1) * ld + self.cols {
+        let need = (self.rows - 1)
+            .checked_mul(ld)
+            .and_then(|n| n.checked_add(self.cols));
+        if ld < self.cols || need.is_none_or(|n| out.len() < n) {
             return Err(Error::ShapeMismatch {
                 what: "nf4 dequantize output (rows of ld)".into(),
                 expected: vec![self.rows, ld],
@@ -753,6 +756,44 @@ pub mod raw {
         }
     }
 
+    /// What the kernels assume of a weight's params, checked: a blocksize bitsandbytes
+    /// allows (the kernels shift by its log2), at least one row and column, and the pointers
+    /// its absmax kind reads. (That they point at memory of the weight's size is the
+    /// caller's promise.)
+    pub fn check_weight(w: &params::Nf4Weight) -> Result<()> {
+        check_blocksize("nf4 raw weight", w.blocksize as usize)?;
+        let nested = match w.nested {
+            0 => false,
+            1 => true,
+            n => {
+                return Err(Error::InvalidArgument {
+                    what: "nf4 raw weight",
+                    why: format!("nested {n}: 0 (f32 absmax) or 1 (double quantized)"),
+                })
+            }
+        };
+        let missing = if w.rows == 0 || w.cols == 0 {
+            Some(format!("a {} × {} weight", w.rows, w.cols))
+        } else if w.codes.is_null() {
+            Some("codes are null".into())
+        } else if !nested && w.absmax.is_null() {
+            Some("absmax is null".into())
+        } else if nested
+            && (w.nested_codes.is_null() || w.nested_absmax.is_null() || w.nested_map.is_null())
+        {
+            Some("double quantized, with a null nested_codes, nested_absmax or nested_map".into())
+        } else {
+            None
+        };
+        match missing {
+            Some(why) => Err(Error::InvalidArgument {
+                what: "nf4 raw weight",
+                why,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// `out = Ŵ` in `out`'s dtype (bf16, f16, f32).
     ///
     /// # Safety
@@ -787,12 +828,13 @@ pub mod raw {
             out,
             &[DType::BF16, DType::F16, DType::F32],
         )?;
+        check_weight(&p.w)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch_on(&dequantize_kernel(out), cfg, stream, p) }
     }
 
-    /// The fused forward (`forward == true`: the tensor-core GEMV for m ≤ 16, else the
-    /// `mma.sync` GEMM) or backward dX (the GEMM).
+    /// The fused forward (`forward == true`: the tensor-core GEMV for m ≤
+    /// [`GEMV_MAX_ROWS`], else the `mma.sync` GEMM) or backward dX (the GEMM).
     ///
     /// # Safety
     /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
@@ -826,6 +868,7 @@ pub mod raw {
         p: &Nf4MatmulParams,
     ) -> Result<()> {
         float_dtype("nf4 matmul", act, &[DType::BF16, DType::F16])?;
+        check_weight(&p.w)?;
         let m = p.m as usize;
         match path {
             MatmulPath::GemvMma | MatmulPath::Gemv if !forward || m > path.max_rows() => {
