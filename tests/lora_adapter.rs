@@ -540,3 +540,85 @@ fn fk_merge_writes_the_library_merge() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains(CONFIG_FILE));
 }
+
+/// What PEFT would load differently is refused, or written so that it does not: a `null`
+/// target_modules goes out as the saved modules' names (PEFT would pick modules by
+/// architecture and drop the others' factors), names that miss a saved module, no modules,
+/// a dtype safetensors factors are not saved in. The config goes last: a save whose weights
+/// fail leaves the old config.
+#[test]
+fn save_writes_what_peft_loads_the_same() {
+    let peft = Adapter::load(&data("plain")).unwrap();
+    let modules: Vec<String> = peft.modules.keys().cloned().collect();
+    let untargeted = Adapter {
+        config: AdapterConfig {
+            target_modules: None,
+            ..peft.config.clone()
+        },
+        ..peft.clone()
+    };
+    let dir = scratch("untargeted");
+    untargeted.save(&dir).unwrap();
+    let back = Adapter::load(&dir).unwrap();
+    assert_eq!(
+        back.config.target_modules,
+        Some(TargetModules::Names(modules.clone()))
+    );
+    assert_eq!(back.modules, peft.modules);
+
+    let missed = Adapter {
+        config: AdapterConfig {
+            target_modules: Some(TargetModules::Names(vec!["k_proj".into()])),
+            ..peft.config.clone()
+        },
+        ..peft.clone()
+    };
+    let empty = Adapter {
+        modules: BTreeMap::new(),
+        ..peft.clone()
+    };
+    for (case, adapter) in [("names miss", &missed), ("no modules", &empty)] {
+        let err = adapter.save(&scratch("refused")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    what: "adapter save",
+                    ..
+                }
+            ),
+            "{case}: {err}"
+        );
+    }
+    let mut f64s = peft.clone();
+    f64s.modules.values_mut().next().unwrap().dtype = DType::F64;
+    assert!(matches!(
+        f64s.save(&scratch("f64")),
+        Err(Error::UnsupportedDtype { .. })
+    ));
+
+    // The weights' file cannot be replaced (a directory of its name): no new config either.
+    let dir = scratch("half");
+    peft.save(&dir).unwrap();
+    let config = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+    std::fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+    std::fs::create_dir(dir.join(WEIGHTS_FILE)).unwrap();
+    std::fs::write(dir.join(WEIGHTS_FILE).join("x"), b"x").unwrap();
+    let other = Adapter {
+        config: AdapterConfig {
+            lora_alpha: peft.config.lora_alpha * 2.0,
+            ..peft.config.clone()
+        },
+        ..peft.clone()
+    };
+    assert!(other.save(&dir).is_err());
+    assert_eq!(
+        std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap(),
+        config
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}

@@ -405,6 +405,13 @@ fn nf4_raw_matches_the_safe_calls() {
         // A weight's params the kernels cannot read: refused before any launch.
         let good = q.params();
         let mut out = dev.alloc_poisoned::<f32>(rows * cols).unwrap();
+        let refused = |what: &str, err: Error| {
+            let typed = matches!(
+                err,
+                Error::Unsupported { .. } | Error::InvalidArgument { .. }
+            );
+            assert!(typed, "{what}: {err}");
+        };
         for (case, w) in [
             (
                 "blocksize 48",
@@ -431,13 +438,7 @@ fn nf4_raw_matches_the_safe_calls() {
             };
             // SAFETY: refused before any launch.
             let err = unsafe { nf4::raw::dequantize(&dev, None, DType::F32, &p) }.unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    Error::Unsupported { .. } | Error::InvalidArgument { .. }
-                ),
-                "{case}: {err}"
-            );
+            refused(case, err);
             let p = Nf4MatmulParams {
                 w,
                 m: 3,
@@ -445,13 +446,7 @@ fn nf4_raw_matches_the_safe_calls() {
             };
             // SAFETY: refused before any launch.
             let err = unsafe { nf4::raw::matmul(&dev, None, DType::BF16, true, &p) }.unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    Error::Unsupported { .. } | Error::InvalidArgument { .. }
-                ),
-                "{case}: {err}"
-            );
+            refused(case, err);
             // The LoRA layer's NF4 base alike, and one of another shape than the layer's.
             let lp = LoraParams {
                 m: 3,
@@ -464,13 +459,7 @@ fn nf4_raw_matches_the_safe_calls() {
             // SAFETY: refused before any launch.
             let err = unsafe { lora::raw::forward(&dev, None, DType::BF16, BaseGemm::Mma, &lp) }
                 .unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    Error::Unsupported { .. } | Error::InvalidArgument { .. }
-                ),
-                "lora, {case}: {err}"
-            );
+            refused(&format!("lora, {case}"), err);
         }
         let lp = LoraParams {
             m: 3,

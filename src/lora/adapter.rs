@@ -428,15 +428,58 @@ impl Adapter {
         Ok(Adapter { config, modules })
     }
 
-    /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (creating
-    /// `dir`), each factor in its module's dtype.
+    /// Writes `dir/adapter_model.safetensors` and `dir/adapter_config.json` (creating
+    /// `dir`; each through a temporary file, the config last), each factor in its module's
+    /// dtype. PEFT wraps the modules `target_modules` names and drops, without a word, the
+    /// tensors of any other: `None` is written as the saved modules' full names, and a
+    /// list of names must cover every saved module as PEFT matches them (the name itself or
+    /// a `.`-separated suffix of it). A pattern is written as it is (PEFT's regex: not
+    /// checked here).
     pub fn save(&self, dir: &Path) -> Result<()> {
         self.config.lora(Some(0)).validate()?;
+        let invalid = |why: String| Error::InvalidArgument {
+            what: "adapter save",
+            why,
+        };
+        if self.modules.is_empty() {
+            return Err(invalid("no modules: PEFT has nothing to load".into()));
+        }
+        let mut config = self.config.clone();
+        match &config.target_modules {
+            None => {
+                let names = self.modules.keys().cloned().collect();
+                config.target_modules = Some(TargetModules::Names(names));
+            }
+            Some(TargetModules::Names(names)) => {
+                let targeted = |m: &str| {
+                    names
+                        .iter()
+                        .any(|n| m == n || m.ends_with(&format!(".{n}")))
+                };
+                if let Some(m) = self.modules.keys().find(|m| !targeted(m)) {
+                    return Err(invalid(format!(
+                        "{m} is saved but target_modules {names:?} does not name it: PEFT \
+                         would drop its factors"
+                    )));
+                }
+            }
+            Some(TargetModules::Pattern(_)) => {}
+        }
         let r = self.config.r;
         let mut tensors = Vec::new();
         for (module, f) in &self.modules {
-            Error::check_len(&format!("{module} lora_A [r, in]"), r * f.d_in, f.a.len())?;
-            Error::check_len(&format!("{module} lora_B [out, r]"), f.d_out * r, f.b.len())?;
+            if !matches!(f.dtype, DType::F32 | DType::BF16 | DType::F16) {
+                return Err(Error::UnsupportedDtype {
+                    op: "adapter save",
+                    dtypes: f.dtype.to_string(),
+                });
+            }
+            Error::check_shape(&format!("{module} lora_A [r, in]"), &[r, f.d_in], f.a.len())?;
+            Error::check_shape(
+                &format!("{module} lora_B [out, r]"),
+                &[f.d_out, r],
+                f.b.len(),
+            )?;
             for (suffix, values, shape) in [
                 (A_SUFFIX, &f.a, [r, f.d_in]),
                 (B_SUFFIX, &f.b, [f.d_out, r]),
@@ -454,9 +497,18 @@ impl Adapter {
             why: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        write_atomic(&dir.join(WEIGHTS_FILE), tensors, None)?;
+        // The config last, whole or not at all: a failure leaves no new config beside old
+        // weights (whose scale it would change).
         let config_path = dir.join(CONFIG_FILE);
-        std::fs::write(&config_path, self.config.to_json()).map_err(|e| io(&config_path, e))?;
-        write_atomic(&dir.join(WEIGHTS_FILE), tensors, None)
+        let tmp = dir.join(format!(".{CONFIG_FILE}.{}.tmp", std::process::id()));
+        let written = std::fs::write(&tmp, config.to_json())
+            .and_then(|()| std::fs::rename(&tmp, &config_path))
+            .map_err(|e| io(&config_path, e));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     /// The reference layer of `module` over its base weight `w` `[out, in]` and `bias`,
@@ -497,7 +549,9 @@ fn merged_bytes<W: FloatElem>(adapter: &Adapter, module: &str, w: &RawTensor) ->
 /// Writes `base` with every weight the adapter adapts replaced by `W + scale · B A`
 /// (computed in f64, rounded once through f32 to W's dtype) and every other tensor and the
 /// metadata copied unchanged, to `out` (atomically; `out` may be `base`). NF4 weights that
-/// are not adapted are copied as they are; an adapted one is an error.
+/// are not adapted are written again in bitsandbytes' layout, the same codes and scales
+/// (packed codes stored in another `quant_storage` dtype come back as u8); an adapted one
+/// is an error.
 pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<MergeSummary> {
     let file = base.display().to_string();
     let bytes = read_file(base)?;
