@@ -482,7 +482,7 @@ fn merge_errors_name_the_weight() {
             t.remove("up.weight");
         }),
         "up.weight",
-        "missing",
+        "sharded checkpoint",
     );
     checkpoint_error(
         write(&|t| t.get_mut("up.weight").unwrap().shape = vec![37, 29]),

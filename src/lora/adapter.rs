@@ -569,7 +569,10 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
             Error::checkpoint(
                 &file,
                 &key,
-                format!("missing, but the adapter adapts {module}"),
+                format!(
+                    "missing, but the adapter adapts {module} (a shard of a sharded \
+                     checkpoint? merge takes one file holding every adapted weight)"
+                ),
             )
         })?;
         if w.shape != [f.d_out, f.d_in] {
