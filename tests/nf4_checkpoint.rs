@@ -643,9 +643,12 @@ fn other_families_embeddings_heads_and_conv1d() {
         let raw = &tensors[name];
         let (rows, cols) = (raw.shape[0], raw.shape[1]);
         let v = raw.values::<bf16>();
-        let t: Vec<bf16> = (0..rows * cols)
-            .map(|i| v[i % rows * cols + i / rows])
-            .collect();
+        let mut t = vec![bf16::ZERO; rows * cols];
+        for (r, row) in v.chunks(cols).enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                t[c * rows + r] = x;
+            }
+        }
         let expected = nf4::quantize(&t, &[cols, rows], 64, true).unwrap();
         assert_eq!(ck.nf4[name], expected, "{name}");
     }

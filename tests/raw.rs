@@ -810,7 +810,8 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
             }
         }
         assert!(lora::k_split_count(0, 4096, dev.sm_count()) >= 1);
-        let _ = lora::raw::grad_partials(&dev, 0, 0, 0, 4, false, false);
+        let empty = lora::raw::grad_partials(&dev, 0, 0, 0, 4, false, false);
+        assert!(empty.splits >= 1 && empty.len == 0, "{empty:?}");
         if let Device::Emu(_) = dev {
             let mut out = dev.alloc_poisoned::<u8>(16).unwrap();
             let params = DropoutMaskParams {

@@ -518,10 +518,12 @@ impl<T: Elem> Buffer<T> {
         dst_ld: usize,
     ) -> Result<()> {
         let fits = |len: usize, ld: usize| {
-            let need = (rows.max(1) - 1)
-                .checked_mul(ld)
-                .and_then(|n| n.checked_add(cols));
-            rows == 0 || (ld >= cols && need.is_some_and(|n| n <= len))
+            rows == 0
+                || ld >= cols
+                    && (rows - 1)
+                        .checked_mul(ld)
+                        .and_then(|n| n.checked_add(cols))
+                        .is_some_and(|n| n <= len)
         };
         if !fits(src.len, src_ld) || !fits(self.len, dst_ld) {
             return Err(Error::ShapeMismatch {

@@ -18,7 +18,7 @@
 
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
-use crate::nf4::checkpoint::{read_file, write_atomic, Checkpoint, RawTensor};
+use crate::nf4::checkpoint::{read_file, replace_file, write_atomic, Checkpoint, RawTensor};
 use crate::reference::lora::{LoraConfig, LoraLayer};
 use crate::{bf16, f16};
 use safetensors::Dtype;
@@ -492,23 +492,16 @@ impl Adapter {
                 tensors.push((format!("{KEY_PREFIX}{module}{suffix}"), t));
             }
         }
-        let io = |path: &Path, e: std::io::Error| Error::Io {
-            path: path.display().to_string(),
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.display().to_string(),
             why: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        })?;
         write_atomic(&dir.join(WEIGHTS_FILE), tensors, None)?;
         // The config last, whole or not at all: a failure leaves no new config beside old
         // weights (whose scale it would change).
-        let config_path = dir.join(CONFIG_FILE);
-        let tmp = dir.join(format!(".{CONFIG_FILE}.{}.tmp", std::process::id()));
-        let written = std::fs::write(&tmp, config.to_json())
-            .and_then(|()| std::fs::rename(&tmp, &config_path))
-            .map_err(|e| io(&config_path, e));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+        replace_file(&dir.join(CONFIG_FILE), |tmp| {
+            std::fs::write(tmp, config.to_json()).map_err(|e| e.to_string())
+        })
     }
 
     /// The reference layer of `module` over its base weight `w` `[out, in]` and `bias`,

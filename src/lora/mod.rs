@@ -1586,9 +1586,9 @@ pub mod raw {
     /// # Safety
     /// Every buffer `p` names must be valid memory of `dev` (device addresses on a GPU, host
     /// addresses under the emulator) for its shape, as cuda/params/lora.h says; `stream`
-    /// must belong to `dev`'s context. Outputs must not overlap inputs. An NF4 base
-    /// (`p.nf4`) must be `d_out × d_in` (its rows and columns) with a blocksize of 32 to
-    /// 4096, a power of two, as [`crate::nf4::Nf4Weight`] checks.
+    /// must belong to `dev`'s context. Outputs must not overlap inputs. An NF4 base's params
+    /// (`p.nf4`: its blocksize, shape `d_out × d_in` and pointers) are checked, as
+    /// [`crate::nf4::raw::check_weight`] does, by the GEMMs that read it.
     pub unsafe fn down(
         dev: &Device,
         stream: Option<CUstream>,

@@ -441,26 +441,17 @@ pub fn nf4_tensors(weight: &str, q: &Nf4Quantized) -> Result<Vec<(String, RawTen
     Ok(out)
 }
 
-/// Writes tensors to `path` through a temporary file in the same directory, renamed over
-/// `path` only once complete, so a failure leaves no half-written output (and an existing
-/// file untouched). The metadata gets `format: pt`, which transformers asks for, if absent.
+/// Writes tensors to `path` as [`replace_file`] does. The metadata gets `format: pt`, which
+/// transformers asks for, if absent.
 pub fn write_atomic<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (String, RawTensor<'a>)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let io = |e: &dyn std::fmt::Display| Error::Io {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    };
     let mut metadata = metadata.unwrap_or_default();
     metadata
         .entry("format".into())
         .or_insert_with(|| "pt".into());
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io(&"not a file name"))?
-        .to_string_lossy();
     // safetensors would keep one of two tensors of a name, or panic, and write a header
     // that does not describe its data.
     let tensors: Vec<(String, RawTensor)> = tensors.into_iter().collect();
@@ -474,16 +465,35 @@ pub fn write_atomic<'a>(
             why.into(),
         ));
     }
+    replace_file(path, |tmp| {
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp).map_err(|e| e.to_string())
+    })
+}
+
+/// Writes `path` through a temporary file beside it (`write` fills it), synced to disk and
+/// renamed over `path` once complete: a failure leaves no half-written file and an existing
+/// one untouched, a crash the old file or the new. Failures are [`Error::Io`] naming `path`.
+pub fn replace_file(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let io = |why: String| Error::Io {
+        path: path.display().to_string(),
+        why,
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io("not a file name".into()))?
+        .to_string_lossy();
     let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    // On disk (fsync) before the rename, so that a crash leaves the old file or the new one.
-    let written = safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
-        .map_err(|e| io(&e))
+    let written = write(&tmp)
         .and_then(|()| {
             std::fs::File::open(&tmp)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| io(&e))
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| e.to_string())
         })
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| io(&e)));
+        .map_err(io);
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
