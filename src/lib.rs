@@ -7,6 +7,10 @@
 //! Families: [`sparse`] (sparse deltas), [`nf4`] (QLoRA's 4-bit base weights), [`philox`]
 //! (counter-based random numbers: dropout masks). The register-dump kernels ([`regdump`]) record
 //! tensor-core fragment layouts on real hardware for the emulator's tests.
+//!
+//! Checkpoints: [`nf4::checkpoint`] (safetensors files, NF4 weights in bitsandbytes' layout,
+//! `fk quantize`), [`lora::adapter`] (PEFT's adapter files, `fk merge`) and [`shards`]
+//! (checkpoints split into shards, for both).
 
 pub mod bench;
 pub mod check;
@@ -19,6 +23,7 @@ pub mod params;
 pub mod philox;
 pub mod reference;
 pub mod regdump;
+pub mod shards;
 pub mod sparse;
 pub mod testing;
 

@@ -10,6 +10,10 @@
 //!                                 --resources, each as this GPU's driver compiled it
 //!   fk merge BASE ADAPTER_DIR OUT a PEFT LoRA adapter merged into a safetensors checkpoint
 //!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
+//!
+//! A checkpoint (BASE, IN) is a safetensors file, or a sharded one: its
+//! `model.safetensors.index.json`, or the directory holding that (or `model.safetensors`).
+//! A sharded checkpoint's OUT is a directory: shards of the same names and their index.
 
 use finetune_kernels::bench;
 use finetune_kernels::check::{self, Scale};
@@ -23,7 +27,7 @@ use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN.safetensors OUT.safetensors [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE.safetensors ADAPTER_DIR OUT.safetensors";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN OUT [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE ADAPTER_DIR OUT (IN, BASE: a .safetensors file, a sharded checkpoint's index, or its directory; OUT: a file, or a directory for shards)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -310,8 +314,9 @@ fn run_profile(args: &[String]) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// `fk quantize`: the 2-D linear weights of a bf16/f16/f32 safetensors checkpoint to NF4
-/// (bitsandbytes' layout, loadable by transformers), every other tensor copied. `--include`
+/// `fk quantize`: the 2-D linear weights of a bf16/f16/f32 safetensors checkpoint (one
+/// file, or sharded) to NF4 (bitsandbytes' layout, loadable by transformers), every other
+/// tensor copied. `--include`
 /// replaces the default pattern (`*.weight`); `--exclude` adds to the default ones
 /// (`checkpoint::DEFAULT_EXCLUDE`: embeddings, norms, heads), which `--no-default-excludes`
 /// drops; `--transpose` names weights stored `[in, out]` (GPT-2's `Conv1D`).

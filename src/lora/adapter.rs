@@ -18,8 +18,11 @@
 
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
-use crate::nf4::checkpoint::{read_file, replace_file, write_atomic, Checkpoint, RawTensor};
+use crate::nf4::checkpoint::{
+    read_file, replace_file, write_atomic, Checkpoint, RawTensor, Staged,
+};
 use crate::reference::lora::{LoraConfig, LoraLayer};
+use crate::shards::Layout;
 use crate::{bf16, f16};
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
@@ -108,7 +111,7 @@ pub struct Adapter {
 }
 
 /// What [`merge_checkpoint`] did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MergeSummary {
     /// The weights replaced by `W + scale · B A` (`<module>.weight`).
     pub merged: Vec<String>,
@@ -541,15 +544,49 @@ fn merged_bytes<W: FloatElem>(adapter: &Adapter, module: &str, w: &RawTensor) ->
 
 /// Writes `base` with every weight the adapter adapts replaced by `W + scale · B A`
 /// (computed in f64, rounded once through f32 to W's dtype) and every other tensor and the
-/// metadata copied unchanged, to `out` (atomically; `out` may be `base`). NF4 weights that
-/// are not adapted are written again in bitsandbytes' layout, the same codes and scales
-/// (packed codes stored in another `quant_storage` dtype come back as u8); an adapted one
-/// is an error.
+/// metadata copied unchanged, to `out`. `base` is a safetensors file or a sharded checkpoint
+/// (as [`Layout::find`] takes it: then `out` is a directory, which gets shards of the same
+/// names and their index). The output is staged whole before any of it is renamed into
+/// place; `out` may be `base`. NF4 weights that are not adapted are written again in
+/// bitsandbytes' layout, the same codes and scales (packed codes stored in another
+/// `quant_storage` dtype come back as u8); an adapted one is an error.
 pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<MergeSummary> {
-    let file = base.display().to_string();
-    let bytes = read_file(base)?;
+    let layout = Layout::find(base)?;
+    let mut summary = MergeSummary::default();
+    let converted = layout.convert(out, |file, out| merge_one(file, adapter, out, &mut summary))?;
+    if let Some(module) = adapter
+        .modules
+        .keys()
+        .find(|m| !summary.merged.contains(&format!("{m}.weight")))
+    {
+        let why = match layout {
+            Layout::File(_) => format!(
+                "missing, but the adapter adapts {module} (one shard of a sharded checkpoint? \
+                 pass its index or its directory)"
+            ),
+            Layout::Sharded { .. } => {
+                format!("in no shard, but the adapter adapts {module}")
+            }
+        };
+        let file = base.display().to_string();
+        return Err(Error::checkpoint(&file, &format!("{module}.weight"), why));
+    }
+    converted.commit()?;
+    summary.merged.sort();
+    Ok(summary)
+}
+
+/// [`merge_checkpoint`] for one file, adding to `summary` the weights it merged.
+fn merge_one(
+    path: &Path,
+    adapter: &Adapter,
+    out: &Path,
+    summary: &mut MergeSummary,
+) -> Result<Staged> {
+    let file = path.display().to_string();
+    let bytes = read_file(path)?;
     let mut ckpt = Checkpoint::parse(&bytes, &file)?;
-    let mut merged = Vec::new();
+    let merged_before = summary.merged.len();
     for (module, f) in &adapter.modules {
         let key = format!("{module}.weight");
         if ckpt.nf4.contains_key(&key) {
@@ -558,16 +595,9 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
                 why: format!("{file}: {key} is NF4: merge into the unquantized base"),
             });
         }
-        let w = ckpt.tensors.get_mut(&key).ok_or_else(|| {
-            Error::checkpoint(
-                &file,
-                &key,
-                format!(
-                    "missing, but the adapter adapts {module} (a shard of a sharded \
-                     checkpoint? merge takes one file holding every adapted weight)"
-                ),
-            )
-        })?;
+        let Some(w) = ckpt.tensors.get_mut(&key) else {
+            continue;
+        };
         if w.shape != [f.d_out, f.d_in] {
             let why = format!(
                 "shape {:?}, but the adapter's B A is [{}, {}]",
@@ -585,9 +615,8 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
             }
         };
         w.data = Cow::Owned(data);
-        merged.push(key);
+        summary.merged.push(key);
     }
-    let copied = ckpt.tensors.len() + ckpt.nf4.len() - merged.len();
-    ckpt.save(out)?;
-    Ok(MergeSummary { merged, copied })
+    summary.copied += ckpt.tensors.len() + ckpt.nf4.len() - (summary.merged.len() - merged_before);
+    ckpt.stage(out)
 }

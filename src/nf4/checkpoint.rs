@@ -20,12 +20,13 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::reference::nf4::{self, check_blocksize, Absmax, NestedAbsmax, Nf4Quantized, NF4_CODE};
+use crate::shards::Layout;
 use crate::{bf16, f16};
-use safetensors::tensor::TensorView;
+use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The key that marks an NF4 weight: `<w>` + this holds its JSON quant state.
 pub const QUANT_STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
@@ -106,10 +107,7 @@ pub struct Checkpoint<'a> {
 
 /// Reads a whole file, as an [`Error::Io`] naming it on failure.
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    })
+    std::fs::read(path).map_err(|e| io_error(path, e))
 }
 
 impl<'a> Checkpoint<'a> {
@@ -156,6 +154,11 @@ impl<'a> Checkpoint<'a> {
 
     /// Writes the checkpoint (NF4 weights in bitsandbytes' layout) to `path`, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.stage(path)?.commit()
+    }
+
+    /// Writes the checkpoint beside `path`, to be renamed over it by [`Staged::commit`].
+    pub fn stage(&self, path: &Path) -> Result<Staged> {
         let mut out: Vec<(String, RawTensor)> = self
             .tensors
             .iter()
@@ -164,7 +167,7 @@ impl<'a> Checkpoint<'a> {
         for (name, q) in &self.nf4 {
             out.extend(nf4_tensors(name, q)?);
         }
-        write_atomic(path, out, self.metadata.clone())
+        stage_tensors(path, out, self.metadata.clone())
     }
 }
 
@@ -448,6 +451,15 @@ pub fn write_atomic<'a>(
     tensors: impl IntoIterator<Item = (String, RawTensor<'a>)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    stage_tensors(path, tensors, metadata)?.commit()
+}
+
+/// [`write_atomic`] up to the rename: the file is written and synced beside `path`.
+pub fn stage_tensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, RawTensor<'a>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Staged> {
     let mut metadata = metadata.unwrap_or_default();
     metadata
         .entry("format".into())
@@ -465,7 +477,7 @@ pub fn write_atomic<'a>(
             why.into(),
         ));
     }
-    replace_file(path, |tmp| {
+    stage(path, |tmp| {
         safetensors::serialize_to_file(tensors, Some(metadata), tmp).map_err(|e| e.to_string())
     })
 }
@@ -477,27 +489,79 @@ pub fn replace_file(
     path: &Path,
     write: impl FnOnce(&Path) -> std::result::Result<(), String>,
 ) -> Result<()> {
-    let io = |why: String| Error::Io {
-        path: path.display().to_string(),
-        why,
-    };
+    stage(path, write)?.commit()
+}
+
+/// [`replace_file`] up to the rename.
+pub fn stage(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
+) -> Result<Staged> {
     let file_name = path
         .file_name()
-        .ok_or_else(|| io("not a file name".into()))?
+        .ok_or_else(|| io_error(path, "not a file name"))?
         .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let written = write(&tmp)
+    let staged = Staged {
+        tmp: path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id())),
+        path: path.to_path_buf(),
+    };
+    write(&staged.tmp)
         .and_then(|()| {
-            std::fs::File::open(&tmp)
+            std::fs::File::open(&staged.tmp)
                 .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
                 .map_err(|e| e.to_string())
         })
-        .map_err(io);
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        .map_err(|why| io_error(path, why))?;
+    Ok(staged)
+}
+
+pub(crate) fn io_error(path: &Path, why: impl ToString) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        why: why.to_string(),
     }
-    written
+}
+
+/// A file written and synced under a temporary name beside its destination: [`commit`]
+/// renames it over the destination; dropped uncommitted, it is removed. Staging every file
+/// of a sharded checkpoint before renaming any keeps a failure in one shard from leaving the
+/// others converted.
+///
+/// [`commit`]: Staged::commit
+#[must_use = "a staged file is removed unless committed"]
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// The file as written, under its temporary name.
+    pub fn written(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Where [`commit`](Staged::commit) puts it.
+    pub fn destination(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the file over its destination.
+    pub fn commit(mut self) -> Result<()> {
+        let tmp = std::mem::take(&mut self.tmp);
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_error(&self.path, e.to_string())
+        })
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// What `fk quantize` converts, and how.
@@ -558,12 +622,13 @@ fn is_float_matrix(dtype: Dtype, shape: &[usize]) -> bool {
     shape.len() == 2 && matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32)
 }
 
-/// Which way the 2-D weight `name` is stored, where its module's bias says: `nn.Linear`'s
-/// `[out, in]` has as many rows as the bias has elements, `Conv1D`'s `[in, out]` as many
-/// columns. A square weight, or one without a bias, cannot tell (it is taken as `transpose`
-/// says). An error where the bias contradicts `transpose`.
+/// Which way the 2-D weight `name` is stored, where its module's bias (in `headers`, which
+/// may come from every shard) says: `nn.Linear`'s `[out, in]` has as many rows as the bias
+/// has elements, `Conv1D`'s `[in, out]` as many columns. A square weight, or one without a
+/// bias, cannot tell (it is taken as `transpose` says). An error where the bias contradicts
+/// `transpose`.
 fn check_orientation(
-    st: &SafeTensors,
+    headers: &BTreeMap<String, TensorInfo>,
     name: &str,
     shape: &[usize],
     transpose: bool,
@@ -571,7 +636,7 @@ fn check_orientation(
     let Some(bias) = name.strip_suffix(".weight").map(|m| format!("{m}.bias")) else {
         return Ok(());
     };
-    let Some(&[len]) = st.tensor(&bias).ok().as_ref().map(|b| b.shape()) else {
+    let Some(&[len]) = headers.get(&bias).map(|b| &b.shape[..]) else {
         return Ok(());
     };
     let (rows, cols) = (shape[0], shape[1]);
@@ -633,7 +698,7 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// What [`quantize_file`] did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct QuantizeSummary {
     /// The tensors quantized to NF4, by name.
     pub quantized: Vec<String>,
@@ -647,31 +712,58 @@ pub struct QuantizeSummary {
     pub bytes_after: u64,
 }
 
-/// `fk quantize`: converts the selected weights of the safetensors checkpoint `input` to
-/// NF4 and writes `output` with every other tensor copied unchanged. The input is read
-/// whole into memory; the output is written atomically.
+/// `fk quantize`: converts the selected weights of the checkpoint `input` to NF4 and writes
+/// `output` with every other tensor copied unchanged. `input` is a safetensors file or a
+/// sharded checkpoint (as [`Layout::find`] takes it: then `output` is a directory, which
+/// gets shards of the same names and an index listing every tensor written). Each file is
+/// read whole into memory; the output is staged whole before any of it is renamed into
+/// place.
 pub fn quantize_file(
     input: &Path,
     output: &Path,
     opts: &QuantizeOptions,
 ) -> Result<QuantizeSummary> {
     check_blocksize("fk quantize", opts.blocksize)?;
+    let layout = Layout::find(input)?;
+    let headers = layout.headers()?;
+    let mut summary = QuantizeSummary::default();
+    let converted = layout.convert(output, |input, output| {
+        quantize_one(input, output, opts, &headers, &mut summary)
+    })?;
+    let destinations = converted.destinations();
+    converted.commit()?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    summary.bytes_after = destinations.iter().map(|p| size(p)).sum();
+    summary.quantized.sort();
+    summary.left_alone.sort();
+    Ok(summary)
+}
+
+/// [`quantize_file`] for one file (`headers`: every tensor of the checkpoint), adding to
+/// `summary`.
+fn quantize_one(
+    input: &Path,
+    output: &Path,
+    opts: &QuantizeOptions,
+    headers: &BTreeMap<String, TensorInfo>,
+    summary: &mut QuantizeSummary,
+) -> Result<Staged> {
     let file = input.display().to_string();
     let bytes = read_file(input)?;
     let (st, metadata) = deserialize(&bytes, &file)?;
     let mut out = Vec::new();
-    let (mut quantized, mut left_alone) = (Vec::new(), Vec::new());
     for (name, view) in st.iter() {
         let raw = RawTensor::from(view);
         if !opts.selects(name, raw.dtype, &raw.shape) {
             if is_float_matrix(raw.dtype, &raw.shape) {
-                left_alone.push(name.to_string());
+                summary.left_alone.push(name.to_string());
             }
             out.push((name.to_string(), raw));
+            summary.copied += 1;
             continue;
         }
         let transpose = opts.transpose.iter().any(|p| glob_match(p, name));
-        check_orientation(&st, name, &raw.shape, transpose)
+        check_orientation(headers, name, &raw.shape, transpose)
             .map_err(|why| Error::checkpoint(&file, name, why))?;
         let q = match raw.dtype {
             Dtype::BF16 => quantize_matrix(raw.values::<bf16>(), &raw.shape, transpose, opts),
@@ -680,20 +772,10 @@ pub fn quantize_file(
         };
         let q = q.map_err(|e| Error::checkpoint(&file, name, e.to_string()))?;
         out.extend(nf4_tensors(name, &q)?);
-        quantized.push(name.to_string());
+        summary.quantized.push(name.to_string());
     }
-    let copied = st.len() - quantized.len();
-    write_atomic(output, out, metadata)?;
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    quantized.sort();
-    left_alone.sort();
-    Ok(QuantizeSummary {
-        quantized,
-        copied,
-        left_alone,
-        bytes_before: bytes.len() as u64,
-        bytes_after: size(output),
-    })
+    summary.bytes_before += bytes.len() as u64;
+    stage_tensors(output, out, metadata)
 }
 
 #[cfg(test)]

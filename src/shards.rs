@@ -1,0 +1,306 @@
+//! Sharded safetensors checkpoints. transformers splits a model larger than its shard size
+//! into files `model-0000i-of-0000n.safetensors` beside an index,
+//! `model.safetensors.index.json`:
+//!
+//! ```json
+//! {"metadata": {"total_size": 13476839424},
+//!  "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors", ...}}
+//! ```
+//!
+//! `weight_map` names each tensor's shard and `total_size` counts the tensors' bytes.
+//! transformers reads the shards the map names, and takes the map's keys as the checkpoint's
+//! tensors, so a converted checkpoint needs an index that lists what was written.
+//!
+//! [`Layout::find`] finds a checkpoint's files from a path; [`Layout::convert`] runs a
+//! conversion of one file (`fk quantize`'s, `fk merge`'s) over each of them and indexes
+//! what it wrote. Every output is staged before any is renamed into place, so a failure in
+//! one shard leaves none converted.
+
+use crate::error::{Error, Result};
+use crate::nf4::checkpoint::{io_error, replace_file, Staged};
+use safetensors::tensor::TensorInfo;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The file name transformers gives a model's index; others end the same way
+/// (`diffusion_pytorch_model.safetensors.index.json`).
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// What every index's file name ends with.
+pub const INDEX_SUFFIX: &str = ".safetensors.index.json";
+/// The file name of a checkpoint saved whole.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Where a checkpoint's tensors are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Layout {
+    /// One safetensors file.
+    File(PathBuf),
+    /// Shards in `dir`, named by the index `dir/index_name`.
+    Sharded {
+        dir: PathBuf,
+        index_name: String,
+        index: ShardIndex,
+    },
+}
+
+/// A sharded checkpoint's index: which shard holds each tensor.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShardIndex {
+    /// The index's `metadata`, `total_size` included (recomputed for what is written).
+    pub metadata: Map<String, Value>,
+    /// Tensor name to shard file name (a name in the index's directory).
+    pub weight_map: BTreeMap<String, String>,
+}
+
+impl Layout {
+    /// The checkpoint at `path`: a safetensors file, an index (a name ending in
+    /// `.safetensors.index.json`), or a directory holding `model.safetensors.index.json` or
+    /// `model.safetensors`.
+    pub fn find(path: &Path) -> Result<Layout> {
+        if path.is_dir() {
+            return if path.join(INDEX_FILE).is_file() {
+                Layout::sharded(&path.join(INDEX_FILE))
+            } else if path.join(SINGLE_FILE).is_file() {
+                Ok(Layout::File(path.join(SINGLE_FILE)))
+            } else {
+                let why = format!("a directory with neither {INDEX_FILE} nor {SINGLE_FILE}");
+                Err(io_error(path, why))
+            };
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy());
+        if name.is_some_and(|n| n.ends_with(INDEX_SUFFIX)) {
+            Layout::sharded(path)
+        } else {
+            Ok(Layout::File(path.to_path_buf()))
+        }
+    }
+
+    fn sharded(index_path: &Path) -> Result<Layout> {
+        let file = index_path.display().to_string();
+        let text = std::fs::read_to_string(index_path).map_err(|e| io_error(index_path, e))?;
+        let (dir, index_name) = (index_path.parent(), index_path.file_name());
+        Ok(Layout::Sharded {
+            dir: dir.map_or_else(PathBuf::new, Path::to_path_buf),
+            index_name: index_name
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            index: ShardIndex::parse(&text, &file)?,
+        })
+    }
+
+    /// The checkpoint's files: the one file, or every shard the index names.
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Layout::File(path) => vec![path.clone()],
+            Layout::Sharded { dir, index, .. } => {
+                index.shards().iter().map(|s| dir.join(s)).collect()
+            }
+        }
+    }
+
+    /// Every tensor's dtype and shape, from the files' headers (their data is not read).
+    pub fn headers(&self) -> Result<BTreeMap<String, TensorInfo>> {
+        let mut all = BTreeMap::new();
+        for file in self.files() {
+            all.extend(read_header(&file)?);
+        }
+        Ok(all)
+    }
+
+    /// Runs `convert(input, output)` on each file of the checkpoint, which stages its
+    /// output. A single file's output is `output`, or `output/<its name>` where `output`
+    /// is a directory; shards keep their names, in the directory `output` (made if absent),
+    /// beside an index of what was written. `output` may be the input's own directory:
+    /// nothing is renamed into place before [`Converted::commit`].
+    pub fn convert(
+        &self,
+        output: &Path,
+        mut convert: impl FnMut(&Path, &Path) -> Result<Staged>,
+    ) -> Result<Converted> {
+        let (dir, index_name, index) = match self {
+            Layout::File(input) => {
+                let output = match input.file_name() {
+                    Some(name) if output.is_dir() => output.join(name),
+                    _ => output.to_path_buf(),
+                };
+                let files = vec![convert(input, &output)?];
+                return Ok(Converted { files, index: None });
+            }
+            Layout::Sharded {
+                dir,
+                index_name,
+                index,
+            } => (dir, index_name, index),
+        };
+        std::fs::create_dir_all(output).map_err(|e| io_error(output, e))?;
+        let mut written = ShardIndex {
+            metadata: index.metadata.clone(),
+            weight_map: BTreeMap::new(),
+        };
+        let mut total_size = 0u64;
+        let mut files = Vec::new();
+        for shard in index.shards() {
+            let staged = convert(&dir.join(shard), &output.join(shard))?;
+            for (name, info) in read_header(staged.written())? {
+                if let Some(other) = written.weight_map.insert(name.clone(), shard.into()) {
+                    let why = format!("written to {other} and to {shard}: in two input shards?");
+                    return Err(Error::checkpoint(&output.display().to_string(), &name, why));
+                }
+                total_size += (info.data_offsets.1 - info.data_offsets.0) as u64;
+            }
+            files.push(staged);
+        }
+        written
+            .metadata
+            .insert("total_size".into(), total_size.into());
+        let index = Some((output.join(index_name), written));
+        Ok(Converted { files, index })
+    }
+}
+
+/// What [`Layout::convert`] wrote, not yet in place.
+#[must_use = "converted files are removed unless committed"]
+#[derive(Debug)]
+pub struct Converted {
+    files: Vec<Staged>,
+    index: Option<(PathBuf, ShardIndex)>,
+}
+
+impl Converted {
+    /// Where the files go: the converted files, and the index last.
+    pub fn destinations(&self) -> Vec<PathBuf> {
+        let files = self.files.iter().map(|f| f.destination().to_path_buf());
+        files
+            .chain(self.index.iter().map(|(p, _)| p.clone()))
+            .collect()
+    }
+
+    /// Renames each file into place, then writes the index. A failed rename (or a crash)
+    /// part of the way leaves the files before it converted and those after it as they were.
+    pub fn commit(self) -> Result<()> {
+        for file in self.files {
+            file.commit()?;
+        }
+        if let Some((path, index)) = self.index {
+            replace_file(&path, |tmp| {
+                std::fs::write(tmp, index.to_json()).map_err(|e| e.to_string())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl ShardIndex {
+    /// Parses an index (`file` names it in errors). Shard names must be plain file names
+    /// ending in `.safetensors`: a path would read, and write, outside the directory.
+    pub fn parse(text: &str, file: &str) -> Result<Self> {
+        let bad = |why: String| Error::checkpoint(file, "", why);
+        let json: Value = serde_json::from_str(text).map_err(|e| bad(format!("bad JSON: {e}")))?;
+        let metadata = match json.get("metadata") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(other) => return Err(bad(format!("metadata is not an object: {other}"))),
+        };
+        let Some(Value::Object(map)) = json.get("weight_map") else {
+            return Err(bad("no weight_map object".into()));
+        };
+        let mut weight_map = BTreeMap::new();
+        for (tensor, shard) in map {
+            let shard = shard.as_str().filter(|s| is_shard_name(s)).ok_or_else(|| {
+                let why = format!(
+                    "shard {shard}: not a file name ending in .safetensors in the index's \
+                     directory"
+                );
+                Error::checkpoint(file, tensor, why)
+            })?;
+            weight_map.insert(tensor.clone(), shard.to_string());
+        }
+        if weight_map.is_empty() {
+            return Err(bad("the weight_map names no tensors".into()));
+        }
+        Ok(ShardIndex {
+            metadata,
+            weight_map,
+        })
+    }
+
+    /// The index as transformers writes it (keys sorted, indented by 2).
+    pub fn to_json(&self) -> String {
+        let json = serde_json::json!({"metadata": self.metadata, "weight_map": self.weight_map});
+        serde_json::to_string_pretty(&json).expect("a JSON value serializes") + "\n"
+    }
+
+    /// The shard file names, each once, in order.
+    pub fn shards(&self) -> Vec<&str> {
+        let mut shards: Vec<&str> = self.weight_map.values().map(String::as_str).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+}
+
+fn is_shard_name(name: &str) -> bool {
+    let stem = name.strip_suffix(".safetensors").unwrap_or_default();
+    !stem.is_empty() && stem != "." && stem != ".." && !name.contains(['/', '\\'])
+}
+
+/// A safetensors file's tensors (dtype, shape, offsets), from its header alone.
+pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
+    let file = path.display().to_string();
+    let bad = |why: String| Error::checkpoint(&file, "", why);
+    let mut f = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+    // safetensors' own limit on a header.
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(bad(format!("a header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| bad(format!("a header of {len} bytes, truncated: {e}")))?;
+    let entries: BTreeMap<String, Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: TensorInfo = serde_json::from_value(entry)
+            .map_err(|e| Error::checkpoint(&file, &name, format!("bad header entry: {e}")))?;
+        if info.data_offsets.1 < info.data_offsets.0 {
+            let why = format!("data offsets {:?} run backwards", info.data_offsets);
+            return Err(Error::checkpoint(&file, &name, why));
+        }
+        tensors.insert(name, info);
+    }
+    Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_stay_in_the_directory() {
+        for ok in ["model-00001-of-00002.safetensors", "a.b.safetensors"] {
+            assert!(is_shard_name(ok), "{ok}");
+        }
+        for bad in [
+            "../model.safetensors",
+            "sub/model.safetensors",
+            "..\\model.safetensors",
+            "/etc/model.safetensors",
+            "..safetensors",
+            ".safetensors",
+            "model.bin",
+            "",
+        ] {
+            assert!(!is_shard_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! Sharded checkpoints (src/shards.rs): `fk quantize` and `fk merge` over the shards of a
+//! checkpoint give, tensor for tensor, what they give over the same checkpoint in one file;
+//! each output shard holds what its input shard held, beside an index that names every
+//! tensor written and counts its bytes; a failure in any shard leaves no output; bad
+//! indexes are typed errors.
+
+use finetune_kernels::lora::adapter::{merge_checkpoint, Adapter};
+use finetune_kernels::nf4::checkpoint::{
+    quantize_file, read_file, write_atomic, QuantizeOptions, RawTensor,
+};
+use finetune_kernels::shards::{Layout, INDEX_FILE};
+use finetune_kernels::testing::random_vec;
+use finetune_kernels::{bf16, Error};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// A fresh, empty directory under target/tmp.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("shards")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Every tensor of a safetensors file: dtype, shape and bytes.
+fn contents(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = read_file(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                (v.dtype(), v.shape().to_vec(), v.data().to_vec()),
+            )
+        })
+        .collect()
+}
+
+/// The files in `dir`, by name.
+fn listing(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Every file in `dir` (none if it does not exist), by name: its bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, read_file(&e.path()).unwrap())
+        })
+        .collect()
+}
+
+/// Writes `tensors` into `dir` as shards (tensor `i` of each group to shard `i`'s file) and
+/// an index, as transformers lays them out, with a metadata field of its own beside
+/// `total_size` to be kept.
+fn write_sharded(dir: &Path, shards: &[Vec<(String, RawTensor)>]) {
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0;
+    for (i, tensors) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        for (t, raw) in tensors {
+            weight_map.insert(t.clone(), name.clone().into());
+            total += raw.data.len();
+        }
+        write_atomic(&dir.join(&name), tensors.clone(), None).unwrap();
+    }
+    let index = json!({"metadata": {"total_size": total, "total_parameters": 12345},
+                       "weight_map": weight_map});
+    std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+}
+
+/// The union of the shards an index names, after checking the index against them: every
+/// tensor of every shard is in the map under its own shard, nothing else is, and
+/// `total_size` counts their bytes.
+fn check_index(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(INDEX_FILE)).unwrap()).unwrap();
+    assert_eq!(index["metadata"]["total_parameters"], 12345, "kept");
+    let map = index["weight_map"].as_object().unwrap();
+    let shards: BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    let mut all = BTreeMap::new();
+    let mut bytes = 0;
+    for shard in shards {
+        for (name, t) in contents(&dir.join(shard)) {
+            assert_eq!(
+                map.get(&name).and_then(Value::as_str),
+                Some(shard),
+                "{name}"
+            );
+            bytes += t.2.len();
+            assert!(all.insert(name, t).is_none());
+        }
+    }
+    assert_eq!(
+        map.len(),
+        all.len(),
+        "the index names tensors no shard holds"
+    );
+    assert_eq!(index["metadata"]["total_size"], bytes);
+    all
+}
+
+fn bf16_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> RawTensor<'static> {
+    let v: Vec<bf16> = random_vec(rng, rows * cols, 1.0);
+    RawTensor {
+        dtype: Dtype::BF16,
+        shape: vec![rows, cols],
+        data: Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
+    }
+}
+
+/// A small model's tensors in three shards: Llama's names, and a GPT-2 Conv1D weight in the
+/// first shard whose bias (which shows it is stored [in, out]) is in the last.
+fn model(rng: &mut StdRng) -> Vec<Vec<(String, RawTensor<'static>)>> {
+    let mut m =
+        |name: &str, rows: usize, cols: usize| (name.to_string(), bf16_matrix(rng, rows, cols));
+    let shard0 = vec![
+        m("model.embed_tokens.weight", 40, 24),
+        m("model.layers.0.self_attn.q_proj.weight", 24, 24),
+        m("model.layers.0.mlp.up_proj.weight", 56, 24),
+        m("transformer.h.0.mlp.c_fc.weight", 24, 72),
+    ];
+    let shard1 = vec![
+        m("model.layers.0.mlp.down_proj.weight", 24, 56),
+        m("model.layers.0.self_attn.o_proj.weight", 24, 24),
+    ];
+    let mut norm = m("model.norm.weight", 1, 24);
+    norm.1.shape = vec![24];
+    let mut bias = m("transformer.h.0.mlp.c_fc.bias", 1, 72);
+    bias.1.shape = vec![72];
+    let shard2 = vec![m("lm_head.weight", 40, 24), norm, bias];
+    vec![shard0, shard1, shard2]
+}
+
+/// `fk quantize` over three shards (given as their directory, or their index) writes what
+/// it writes for the same tensors in one file, each tensor's NF4 parts in its input shard,
+/// and an index of it all. The Conv1D weight's orientation is checked against its bias in
+/// another shard: refused without --transpose, and then nothing is written.
+#[test]
+fn quantize_shards_as_one_file() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let dir = scratch("quantize");
+    let (input, whole_in) = (dir.join("in"), dir.join("whole.safetensors"));
+    std::fs::create_dir_all(&input).unwrap();
+    let shards = model(&mut rng);
+    write_sharded(&input, &shards);
+    write_atomic(&whole_in, shards.concat(), None).unwrap();
+
+    let out = dir.join("out");
+    match quantize_file(&input, &out, &QuantizeOptions::default()) {
+        Err(Error::Checkpoint { tensor, why, .. }) => assert!(
+            tensor == "transformer.h.0.mlp.c_fc.weight" && why.contains("--transpose"),
+            "{tensor}: {why}"
+        ),
+        other => panic!("a Conv1D weight quantized as it lies: {other:?}"),
+    }
+    assert!(listing(&out).is_empty(), "{:?}", listing(&out));
+
+    let opts = QuantizeOptions {
+        transpose: vec!["transformer.h.*.c_*.weight".into()],
+        ..QuantizeOptions::default()
+    };
+    let whole_out = dir.join("whole-out.safetensors");
+    let whole = quantize_file(&whole_in, &whole_out, &opts).unwrap();
+    for source in [input.clone(), input.join(INDEX_FILE)] {
+        let _ = std::fs::remove_dir_all(&out);
+        let sharded = quantize_file(&source, &out, &opts).unwrap();
+        assert_eq!(sharded.quantized, whole.quantized);
+        assert_eq!(sharded.left_alone, whole.left_alone);
+        assert_eq!(sharded.copied, whole.copied);
+        assert_eq!(sharded.quantized.len(), 5, "{:?}", sharded.quantized);
+        assert!(
+            check_index(&out) == contents(&whole_out),
+            "{}",
+            source.display()
+        );
+        for (i, input_shard) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-00003.safetensors", i + 1);
+            for name in contents(&out.join(&file)).keys() {
+                let base = name.find(".weight").map_or(&name[..], |at| &name[..at + 7]);
+                assert!(
+                    input_shard.iter().any(|(n, _)| n == base),
+                    "{name} in {file}"
+                );
+            }
+        }
+        assert_eq!(listing(&out).len(), 4, "three shards and the index only");
+    }
+}
+
+/// The adapter of tests/data/lora/plain over its base split in two shards: `fk merge` of the
+/// shards, into another directory and in place, gives the merge of the one file. A module in
+/// no shard, or a bad shape in the second shard, leaves no output and the input untouched.
+#[test]
+fn merge_shards_as_one_file() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/lora");
+    let adapter = Adapter::load(&data.join("plain")).unwrap();
+    let dir = scratch("merge");
+    let (input, out) = (dir.join("in"), dir.join("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    let whole_bytes = read_file(&data.join("base.safetensors")).unwrap();
+    let whole = SafeTensors::deserialize(&whole_bytes).unwrap();
+    let raw = |name: &str| {
+        (
+            name.to_string(),
+            RawTensor::from(whole.tensor(name).unwrap()),
+        )
+    };
+    let shards = vec![
+        vec![raw("up.weight"), raw("position_ids")],
+        vec![raw("block.down.weight"), raw("up.bias")],
+    ];
+    write_sharded(&input, &shards);
+
+    let whole_out = dir.join("whole-out.safetensors");
+    let expected = merge_checkpoint(&data.join("base.safetensors"), &adapter, &whole_out).unwrap();
+    let summary = merge_checkpoint(&input, &adapter, &out).unwrap();
+    assert_eq!(summary, expected);
+    assert_eq!(summary.merged, ["block.down.weight", "up.weight"]);
+    assert!(check_index(&out) == contents(&whole_out));
+    assert_eq!(listing(&out), listing(&input));
+
+    // A module in no shard (its weight missing from the second shard), and a bad shape in
+    // the second shard merged in place: errors naming the weight, the first shard's merge
+    // not written either.
+    let bad = dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let mut bad_down = raw("block.down.weight");
+    bad_down.1.shape.reverse();
+    for (second, output, fragment) in [
+        (vec![raw("up.bias")], dir.join("out2"), "no shard"),
+        (vec![bad_down, raw("up.bias")], bad.clone(), "shape"),
+    ] {
+        write_sharded(&bad, &[shards[0].clone(), second]);
+        let (input_before, output_before) = (files(&bad), files(&output));
+        match merge_checkpoint(&bad, &adapter, &output) {
+            Err(Error::Checkpoint { tensor, why, .. }) => assert!(
+                tensor == "block.down.weight" && why.contains(fragment),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            files(&bad) == input_before,
+            "a failed merge changed its input"
+        );
+        assert!(
+            files(&output) == output_before,
+            "a failed merge wrote {output:?}"
+        );
+    }
+
+    // In place: the same files as into another directory, and no temporary files left.
+    merge_checkpoint(&input, &adapter, &input).unwrap();
+    assert!(files(&input) == files(&out));
+}
+
+/// A file given with an output directory is written into it under its own name; a
+/// directory holding `model.safetensors` is that file.
+#[test]
+fn single_files_and_directories() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let dir = scratch("single");
+    let (input, out) = (dir.join("in"), dir.join("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let file = input.join("model.safetensors");
+    let rows = rng.random_range(2..9);
+    write_atomic(
+        &file,
+        [("l.weight".to_string(), bf16_matrix(&mut rng, rows, 64))],
+        None,
+    )
+    .unwrap();
+    assert_eq!(Layout::find(&input).unwrap(), Layout::File(file.clone()));
+    let opts = QuantizeOptions::default();
+    quantize_file(&input, &out, &opts).unwrap();
+    let direct = dir.join("direct.safetensors");
+    quantize_file(&file, &direct, &opts).unwrap();
+    assert_eq!(
+        listing(&out),
+        BTreeSet::from(["model.safetensors".to_string()])
+    );
+    assert!(contents(&out.join("model.safetensors")) == contents(&direct));
+}
+
+/// Indexes that are not what they claim: typed errors naming the index (and the tensor
+/// where one entry is wrong); a shard the index names that is not there: an I/O error
+/// naming it. Nothing is written.
+#[test]
+fn bad_indexes_are_typed_errors() {
+    let dir = scratch("bad");
+    let index = dir.join(INDEX_FILE);
+    let out = dir.join("out");
+    for (text, tensor, fragment) in [
+        ("{", "", "bad JSON"),
+        (r#"{"metadata": {}}"#, "", "no weight_map"),
+        (r#"{"weight_map": []}"#, "", "no weight_map"),
+        (r#"{"weight_map": {}}"#, "", "no tensors"),
+        (
+            r#"{"metadata": 3, "weight_map": {"a": "m.safetensors"}}"#,
+            "",
+            "metadata",
+        ),
+        (
+            r#"{"weight_map": {"a": "../m.safetensors"}}"#,
+            "a",
+            "not a file name",
+        ),
+        (
+            r#"{"weight_map": {"a": "/tmp/m.safetensors"}}"#,
+            "a",
+            "not a file name",
+        ),
+        (r#"{"weight_map": {"b": 7}}"#, "b", "not a file name"),
+        (r#"{"weight_map": {"c": "m.bin"}}"#, "c", "not a file name"),
+    ] {
+        std::fs::write(&index, text).unwrap();
+        for r in [
+            quantize_file(&dir, &out, &QuantizeOptions::default()).map(|_| ()),
+            Layout::find(&index).map(|_| ()),
+        ] {
+            match r {
+                Err(Error::Checkpoint {
+                    file,
+                    tensor: t,
+                    why,
+                }) => assert!(
+                    file.ends_with(INDEX_FILE) && t == tensor && why.contains(fragment),
+                    "{text}: {file}: {t}: {why}"
+                ),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+    std::fs::write(&index, r#"{"weight_map": {"a": "gone.safetensors"}}"#).unwrap();
+    match quantize_file(&dir, &out, &QuantizeOptions::default()) {
+        Err(Error::Io { path, .. }) => assert!(path.ends_with("gone.safetensors"), "{path}"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_file(&index).unwrap();
+    match Layout::find(&dir) {
+        Err(Error::Io { why, .. }) => assert!(why.contains(INDEX_FILE), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!out.exists() || listing(&out).is_empty());
+}
+
+/// `fk quantize` and `fk merge` take a sharded checkpoint's directory.
+#[test]
+fn fk_takes_sharded_checkpoints() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let dir = scratch("cli");
+    let input = dir.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let shards = model(&mut rng);
+    write_sharded(&input, &shards);
+    let fk = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fk"))
+            .args(args.iter().map(|a| a.as_ref()))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+    };
+    let (cli, lib) = (dir.join("cli"), dir.join("lib"));
+    let t = "--transpose";
+    fk(&[&"quantize", &input, &cli, &t, &"transformer.h.*.c_*.weight"]);
+    let opts = QuantizeOptions {
+        transpose: vec!["transformer.h.*.c_*.weight".into()],
+        ..QuantizeOptions::default()
+    };
+    quantize_file(&input, &lib, &opts).unwrap();
+    assert!(check_index(&cli) == check_index(&lib));
+
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/lora");
+    let whole_bytes = read_file(&data.join("base.safetensors")).unwrap();
+    let whole = SafeTensors::deserialize(&whole_bytes).unwrap();
+    let raw = |name: &str| {
+        (
+            name.to_string(),
+            RawTensor::from(whole.tensor(name).unwrap()),
+        )
+    };
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    write_sharded(
+        &base,
+        &[vec![raw("up.weight")], vec![raw("block.down.weight")]],
+    );
+    let (cli, lib) = (dir.join("cli-merge"), dir.join("lib-merge"));
+    fk(&[&"merge", &base, &data.join("plain"), &cli]);
+    merge_checkpoint(&base, &Adapter::load(&data.join("plain")).unwrap(), &lib).unwrap();
+    assert!(check_index(&cli) == check_index(&lib));
+}
