@@ -284,6 +284,51 @@ fn tile_maps_only_for_what_tma_loads() {
     }
 }
 
+/// A grid or block past CUDA's limits is a typed error naming the limit and the kernel, on
+/// every backend, not the driver's bare "invalid argument"; the largest allowed pass the
+/// same check.
+#[test]
+fn launch_limits_are_checked() {
+    let kernel = Kernel {
+        module: "regdump",
+        name: "regdump_tma_multicast".into(),
+    };
+    let config = |grid, block| LaunchConfig {
+        grid,
+        block,
+        shared_bytes: 0,
+        cluster: (1, 1, 1),
+    };
+    let (one, warp) = ((1, 1, 1), (32, 1, 1));
+    for (grid, block, limit) in [
+        ((1, 65_536, 1), warp, "LaunchConfig::grid"),
+        ((1, 1, 65_536), warp, "LaunchConfig::grid"),
+        ((1 << 31, 1, 1), warp, "LaunchConfig::grid"),
+        (one, (1025, 1, 1), "LaunchConfig::block"),
+        (one, (32, 32, 2), "LaunchConfig::block"),
+        (one, (1, 1, 65), "LaunchConfig::block"),
+    ] {
+        for dev in backends() {
+            // SAFETY: refused before launch: nothing runs.
+            match unsafe { dev.launch(&kernel, config(grid, block), &0u8) } {
+                Err(Error::InvalidArgument { what, why }) => {
+                    assert_eq!(what, limit);
+                    assert!(why.contains("regdump_tma_multicast"), "{why}");
+                }
+                other => panic!("{grid:?} {block:?}: expected a typed error, got {other:?}"),
+            }
+        }
+    }
+    for (grid, block) in [
+        ((i32::MAX as u32, 65_535, 65_535), warp),
+        (one, (1024, 1, 1)),
+        (one, (1, 1024, 1)),
+        (one, (16, 1, 64)),
+    ] {
+        assert!(config(grid, block).check("k").is_ok(), "{grid:?} {block:?}");
+    }
+}
+
 /// A cluster launch the GPU would refuse is a typed error naming the problem: a grid that is
 /// not a whole number of clusters, a cluster of more than 8 blocks or of none. The wgmma
 /// GEMM's launch is always whole clusters: a block per tile (A's tiles rounded up to whole

@@ -69,6 +69,37 @@ impl LaunchConfig {
         self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0
     }
 
+    /// What [`Device::launch`] checks before it launches `kernel` with this config, on
+    /// every backend: the grid and the block within CUDA's limits (every GPU since compute
+    /// capability 3.0; a driver would refuse them with a bare "invalid argument"): 2³¹ - 1
+    /// blocks along x, 65,535 along y and z; blocks of at most 1,024 threads, 1,024 along x
+    /// and y and 64 along z; and the clusters 1 to 8 blocks, the grid a whole number of them.
+    pub fn check(&self, kernel: &str) -> Result<()> {
+        self.check_limits(kernel)?;
+        self.check_cluster()
+    }
+
+    fn check_limits(&self, kernel: &str) -> Result<()> {
+        let (g, b) = (self.grid, self.block);
+        let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
+        let (what, why) = if g.0 > i32::MAX as u32 || g.1 > 65_535 || g.2 > 65_535 {
+            let why = format!(
+                "{kernel}: grid {g:?} passes CUDA's limit of 2^31 - 1 blocks along x and \
+                 65,535 along y and z (a shape too large for this kernel's grid)"
+            );
+            ("LaunchConfig::grid", why)
+        } else if threads > 1024 || b.0 > 1024 || b.1 > 1024 || b.2 > 64 {
+            let why = format!(
+                "{kernel}: block {b:?} passes CUDA's limit of 1,024 threads (1,024 along x \
+                 and y, 64 along z)"
+            );
+            ("LaunchConfig::block", why)
+        } else {
+            return Ok(());
+        };
+        Err(crate::Error::InvalidArgument { what, why })
+    }
+
     /// Errors unless the clusters are 1 to 8 blocks and the grid a whole number of them.
     fn check_cluster(&self) -> Result<()> {
         let (c, g) = (self.cluster, self.grid);
@@ -378,7 +409,7 @@ impl Device {
         if cfg.is_empty() {
             return Ok(());
         }
-        cfg.check_cluster()?;
+        cfg.check(&kernel.name)?;
         if cfg.cluster != (1, 1, 1) && !self.has_clusters() {
             return Err(Error::Unsupported {
                 op: "LaunchConfig::cluster",
