@@ -10,9 +10,9 @@ use finetune_kernels::lora::adapter::{
 };
 use finetune_kernels::nf4::checkpoint::{read_file, write_atomic, Checkpoint, RawTensor};
 use finetune_kernels::reference::lora::{LoraConfig, LoraLayer};
-use finetune_kernels::reference::nf4;
+use finetune_kernels::reference::nf4::{self, Absmax};
 use finetune_kernels::testing::{bit_mismatches, random_vec, rel_l2};
-use finetune_kernels::{bf16, Error};
+use finetune_kernels::{bf16, f16, Error};
 use rand::{rngs::StdRng, SeedableRng};
 use safetensors::Dtype;
 use std::borrow::Cow;
@@ -495,25 +495,103 @@ fn merge_errors_name_the_weight() {
         "I32",
     );
     assert!(!out.exists(), "a failed merge wrote its output");
-    // An adapted NF4 weight.
+    // An NF4 weight of the wrong shape.
     let w: Vec<f32> = f32s(&base, "up.weight");
-    let mut ckpt = Checkpoint {
+    let ckpt = Checkpoint {
         nf4: BTreeMap::from([(
             "up.weight".to_string(),
-            nf4::quantize(&w, &[29, 37], 64, false).unwrap(),
+            nf4::quantize(&w, &[37, 29], 64, false).unwrap(),
         )]),
         ..Default::default()
     };
-    ckpt.tensors.insert(
-        "block.down.weight".into(),
-        base["block.down.weight"].clone(),
-    );
     let path = dir.join("nf4.safetensors");
     ckpt.save(&path).unwrap();
-    assert!(matches!(
+    checkpoint_error(
         merge_checkpoint(&path, &adapter, &out),
-        Err(Error::Unsupported { .. })
-    ));
+        "up.weight",
+        "[29, 37]",
+    );
+    assert!(!out.exists(), "a failed merge wrote its output");
+}
+
+/// Adapted NF4 weights merge as PEFT merges into bitsandbytes' `Linear4bit`: dequantized to
+/// their dtype, plus `scale · B A` in f32, quantized again with their blocksize and double
+/// quantization, keeping their dtype; the summary reports the error the requantization
+/// added. Two weights: bf16 with double quantization (1,073 elements: a partial last block),
+/// f16 without.
+#[test]
+fn merge_into_nf4_weights_requantizes() {
+    let adapter = Adapter::load(&data("rslora")).unwrap();
+    let scale = adapter.config.lora(None).scale() as f64;
+    let rank = adapter.config.r;
+    let dir = scratch("merge-nf4");
+    let (path, out) = (dir.join("nf4.safetensors"), dir.join("out.safetensors"));
+    let base = tensors(&data("base.safetensors"));
+    let quantized = [
+        ("up", DType::BF16, 64, true),
+        ("block.down", DType::F16, 32, false),
+    ]
+    .map(|(module, dtype, blocksize, double_quant)| {
+        let key = format!("{module}.weight");
+        let shape = base[&key].shape.clone();
+        let q = match dtype {
+            DType::BF16 => {
+                let w: Vec<bf16> = f32s(&base, &key).into_iter().map(bf16::from_f32).collect();
+                nf4::quantize(&w, &shape, blocksize, double_quant)
+            }
+            _ => {
+                let w: Vec<f16> = f32s(&base, &key).into_iter().map(f16::from_f32).collect();
+                nf4::quantize(&w, &shape, blocksize, double_quant)
+            }
+        };
+        (module, key, q.unwrap())
+    });
+    let ckpt = Checkpoint {
+        nf4: quantized
+            .iter()
+            .map(|(_, k, q)| (k.clone(), q.clone()))
+            .collect(),
+        tensors: BTreeMap::from([("up.bias".to_string(), base["up.bias"].clone())]),
+        ..Default::default()
+    };
+    ckpt.save(&path).unwrap();
+    let summary = merge_checkpoint(&path, &adapter, &out).unwrap();
+    assert_eq!(summary.merged, ["block.down.weight", "up.weight"]);
+    assert_eq!(summary.copied, 1);
+    let bytes = read_file(&out).unwrap();
+    let merged = Checkpoint::parse(&bytes, "out").unwrap();
+    for (module, key, q) in &quantized {
+        let f = &adapter.modules[*module];
+        // The base as bitsandbytes dequantizes it, in its dtype, then W + scale · B A in f64,
+        // by loops of this test's own.
+        let w: Vec<f32> = match q.dtype {
+            DType::BF16 => q.dequantize::<bf16>().iter().map(|v| v.to_f32()).collect(),
+            _ => q.dequantize::<f16>().iter().map(|v| v.to_f32()).collect(),
+        };
+        let expected_w: Vec<f32> = (0..f.d_out * f.d_in)
+            .map(|k| {
+                let (o, i) = (k / f.d_in, k % f.d_in);
+                let ba: f64 = (0..rank)
+                    .map(|j| f.b[o * rank + j] as f64 * f.a[j * f.d_in + i] as f64)
+                    .sum();
+                (w[k] as f64 + scale * ba) as f32
+            })
+            .collect();
+        let double_quant = matches!(q.absmax, Absmax::Nested(_));
+        let mut expected = nf4::quantize(&expected_w, &q.shape, q.blocksize, double_quant).unwrap();
+        expected.dtype = q.dtype;
+        assert_eq!(merged.nf4[key], expected, "{key}");
+        assert_ne!(
+            merged.nf4[key].codes, q.codes,
+            "{key}: the merge changed no code"
+        );
+        let error = rel_l2(&expected.dequantize::<f32>(), &expected_w);
+        let reported = summary.requantization_error[key];
+        assert!(
+            (reported - error).abs() <= 1e-12 && error > 0.01 && error < 0.2,
+            "{key}: {reported} {error}"
+        );
+    }
 }
 
 #[test]

@@ -376,7 +376,8 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes BASE with every weight the adapter adapts replaced by `W + scale · B A`.
+/// Writes BASE with every weight the adapter adapts replaced by `W + scale · B A` (an NF4
+/// weight dequantized, merged and quantized again, as PEFT merges into bitsandbytes').
 fn run_merge(args: &[String]) -> Result<(), String> {
     let [base, adapter, out] = args else {
         return Err(format!("merge needs BASE ADAPTER_DIR OUT\n{USAGE}"));
@@ -384,6 +385,9 @@ fn run_merge(args: &[String]) -> Result<(), String> {
     let adapter = Adapter::load(Path::new(adapter)).map_err(|e| e.to_string())?;
     let summary =
         merge_checkpoint(Path::new(base), &adapter, Path::new(out)).map_err(|e| e.to_string())?;
+    for (weight, error) in &summary.requantization_error {
+        println!("nf4  {weight}: merged and quantized again, relative error {error:.3e}");
+    }
     println!(
         "merge: {} weights merged (scale {}), {} tensors copied, written to {out}",
         summary.merged.len(),

@@ -22,6 +22,7 @@ use crate::nf4::checkpoint::{
     read_file, replace_file, write_atomic, Checkpoint, RawTensor, Staged,
 };
 use crate::reference::lora::{LoraConfig, LoraLayer};
+use crate::reference::nf4::{self, Absmax, Nf4Quantized};
 use crate::shards::Layout;
 use crate::{bf16, f16};
 use safetensors::Dtype;
@@ -115,6 +116,9 @@ pub struct Adapter {
 pub struct MergeSummary {
     /// The weights replaced by `W + scale · B A` (`<module>.weight`).
     pub merged: Vec<String>,
+    /// The NF4 weights among them, each with the error its requantization added:
+    /// `‖Q(W') − W'‖₂ / ‖W'‖₂`, `W'` the merged weight before it was quantized again.
+    pub requantization_error: BTreeMap<String, f64>,
     /// Tensors copied unchanged.
     pub copied: usize,
 }
@@ -535,6 +539,26 @@ impl Adapter {
     }
 }
 
+/// An NF4 weight merged as PEFT merges an adapter into bitsandbytes' `Linear4bit`:
+/// dequantized to its dtype, `+ scale · B A` (f64, rounded once to f32), and quantized
+/// again with the same blocksize and double quantization; it keeps its dtype. Returns it
+/// and the error the requantization added, `‖Q(W') − W'‖₂ / ‖W'‖₂`.
+fn merged_nf4(adapter: &Adapter, module: &str, q: &Nf4Quantized) -> Result<(Nf4Quantized, f64)> {
+    let w: Vec<f32> = match q.dtype {
+        DType::BF16 => q.dequantize::<bf16>().iter().map(|v| v.to_f32()).collect(),
+        DType::F16 => q.dequantize::<f16>().iter().map(|v| v.to_f32()).collect(),
+        _ => q.dequantize::<f32>(),
+    };
+    let merged = adapter.layer(module, &w, None, None)?.merged()?;
+    let double_quant = matches!(q.absmax, Absmax::Nested(_));
+    let requantized = Nf4Quantized {
+        dtype: q.dtype,
+        ..nf4::quantize(&merged, &q.shape, q.blocksize, double_quant)?
+    };
+    let error = crate::testing::rel_l2(&requantized.dequantize::<f32>(), &merged);
+    Ok((requantized, error))
+}
+
 /// `W + scale · B A` for a base weight of dtype `W`, as its bytes.
 fn merged_bytes<W: FloatElem>(adapter: &Adapter, module: &str, w: &RawTensor) -> Result<Vec<u8>> {
     let w: Vec<W> = w.values();
@@ -547,9 +571,11 @@ fn merged_bytes<W: FloatElem>(adapter: &Adapter, module: &str, w: &RawTensor) ->
 /// metadata copied unchanged, to `out`. `base` is a safetensors file or a sharded checkpoint
 /// (as [`Layout::find`] takes it: then `out` is a directory, which gets shards of the same
 /// names and their index). The output is staged whole before any of it is renamed into
-/// place; `out` may be `base`. NF4 weights that are not adapted are written again in
+/// place; `out` may be `base`. An adapted NF4 weight is merged as PEFT merges into
+/// bitsandbytes' `Linear4bit` (dequantized, merged, quantized again: [`MergeSummary`]
+/// reports the error that adds); NF4 weights that are not adapted are written again in
 /// bitsandbytes' layout, the same codes and scales (packed codes stored in another
-/// `quant_storage` dtype come back as u8); an adapted one is an error.
+/// `quant_storage` dtype come back as u8).
 pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<MergeSummary> {
     let layout = Layout::find(base)?;
     let mut summary = MergeSummary::default();
@@ -589,21 +615,29 @@ fn merge_one(
     let merged_before = summary.merged.len();
     for (module, f) in &adapter.modules {
         let key = format!("{module}.weight");
-        if ckpt.nf4.contains_key(&key) {
-            return Err(Error::Unsupported {
-                op: "lora merge",
-                why: format!("{file}: {key} is NF4: merge into the unquantized base"),
-            });
+        let shape_error = |shape: &[usize]| {
+            let why = format!(
+                "shape {shape:?}, but the adapter's B A is [{}, {}]",
+                f.d_out, f.d_in
+            );
+            Error::checkpoint(&file, &key, why)
+        };
+        if let Some(q) = ckpt.nf4.get_mut(&key) {
+            if q.shape != [f.d_out, f.d_in] {
+                return Err(shape_error(&q.shape));
+            }
+            let (merged, error) = merged_nf4(adapter, module, q)
+                .map_err(|e| Error::checkpoint(&file, &key, e.to_string()))?;
+            *q = merged;
+            summary.requantization_error.insert(key.clone(), error);
+            summary.merged.push(key);
+            continue;
         }
         let Some(w) = ckpt.tensors.get_mut(&key) else {
             continue;
         };
         if w.shape != [f.d_out, f.d_in] {
-            let why = format!(
-                "shape {:?}, but the adapter's B A is [{}, {}]",
-                w.shape, f.d_out, f.d_in
-            );
-            return Err(Error::checkpoint(&file, &key, why));
+            return Err(shape_error(&w.shape));
         }
         let data = match dtype_of(w.dtype) {
             Some(DType::BF16) => merged_bytes::<bf16>(adapter, module, w)?,
