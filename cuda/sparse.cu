@@ -37,7 +37,7 @@ FK_DEVICE void segmented_scatter_add(const SegmentedScatterAddParams& p) {
   for (uint64_t s = grid_start(); s < p.segments; s += grid_stride()) {
     const uint64_t j = targets[s];
     if (j >= p.numel) continue;
-    float sum = 0.0f;
+    float sum = -0.0f;  // -0 + x is x, a -0 included: one value adds as the sorted path adds it
     for (I k = starts[s]; k < starts[s + 1]; ++k) sum += to_f32(v[order[k]]);
     w[j] = from_f32<W>(to_f32(w[j]) + p.alpha * sum);
   }
@@ -50,7 +50,7 @@ FK_DEVICE void atomic_add_rounded(W* w, float x) {
   // Compute in f32 and round once, as the deterministic paths do; a native bf16 atomicAdd
   // would round x to bf16 first.
   unsigned short* bits = reinterpret_cast<unsigned short*>(w);
-  unsigned short old = *bits, seen;
+  unsigned short old = relaxed_load(bits), seen;
   do {
     seen = old;
     const W next = from_f32<W>(to_f32(from_bits16<W>(seen)) + x);

@@ -562,8 +562,14 @@ impl SparseAdamw {
 /// Raw entry points for framework authors: launch on memory and a stream your framework
 /// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). You fill
 /// the params struct with device pointers; nothing is checked except the dtype pair. The
-/// safe functions above are these after their checks. Kernels skip indices `>= numel`
-/// (gather writes NaN there) rather than touch memory out of bounds.
+/// safe functions above are these after their checks. Kernels skip indices (the segmented
+/// kernel: targets) `>= numel` (gather writes NaN there) rather than touch memory out of
+/// bounds.
+///
+/// Every function's contract starts with the same three rules: every pointer in `p` is
+/// valid memory of `dev` (device addresses on a GPU, host addresses under the emulator) for
+/// the lengths in `p`, in the dtypes named, with indices of `width`; `stream` belongs to
+/// `dev`'s context; and no array a kernel writes overlaps another array of `p`.
 pub mod raw {
     use super::*;
     use cudarc::driver::sys::CUstream;
@@ -571,10 +577,7 @@ pub mod raw {
     /// Sorted-unique (`atomic == false`) or atomic scatter-add.
     ///
     /// # Safety
-    /// Every pointer in `p` must be valid memory of `dev` (device addresses on a GPU, host
-    /// addresses under the emulator) for the lengths in `p`, in the dtypes named, with
-    /// indices of `width`; `stream` must belong to `dev`'s context; for `atomic == false`
-    /// the indices must be unique.
+    /// The module's three rules; for `atomic == false` the indices must be unique.
     pub unsafe fn scatter_add(
         dev: &Device,
         stream: Option<CUstream>,
@@ -593,8 +596,12 @@ pub mod raw {
         unsafe { dev.launch_on(&kernel(op, w, values, width)?, config(p.n), stream, p) }
     }
 
+    /// The deterministic scatter-add of a plan ([`ScatterPlan`]).
+    ///
     /// # Safety
-    /// As [`scatter_add`]; `targets` must be unique.
+    /// The module's three rules; `targets` unique; `starts` (`segments + 1` of them)
+    /// non-decreasing, its last at most the length of `order`; every `order[k]` below the
+    /// length of `values` (the kernel checks only the targets).
     pub unsafe fn segmented_scatter_add(
         dev: &Device,
         stream: Option<CUstream>,
@@ -608,8 +615,10 @@ pub mod raw {
         unsafe { dev.launch_on(&k, config(p.segments), stream, p) }
     }
 
+    /// `out[i] = src[indices[i]]`; indices may repeat.
+    ///
     /// # Safety
-    /// As [`scatter_add`].
+    /// The module's three rules.
     pub unsafe fn gather(
         dev: &Device,
         stream: Option<CUstream>,
@@ -622,8 +631,11 @@ pub mod raw {
         unsafe { dev.launch_on(&kernel("gather", src, out, width)?, config(p.n), stream, p) }
     }
 
+    /// One AdamW step over the support ([`SparseAdamw::step`]).
+    ///
     /// # Safety
-    /// As [`scatter_add`]; indices unique; the scalars as [`AdamwStepScalars`] computes them.
+    /// The module's three rules; indices unique. The scalars should be as
+    /// [`AdamwStepScalars`] computes them (others give another update, not UB).
     pub unsafe fn sparse_adamw(
         dev: &Device,
         stream: Option<CUstream>,

@@ -8,8 +8,10 @@ use finetune_kernels::reference::sparse as reference;
 use finetune_kernels::sparse::{
     self, AdamwConfig, IndexWidth, ScatterPlan, SparseAdamw, SparseIndex,
 };
-use finetune_kernels::testing::{backends, bit_mismatches, random_support, random_vec, rel_l2};
-use finetune_kernels::{bf16, Error};
+use finetune_kernels::testing::{
+    backends, bit_mismatches, emulators, random_support, random_vec, rel_l2,
+};
+use finetune_kernels::{bf16, DType, Error};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -187,6 +189,200 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     }
 }
 
+/// Empty supports: every path takes them and changes nothing; gather writes nothing.
+#[test]
+fn empty_supports_change_nothing() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rng_seed());
+        let w0: Vec<bf16> = random_vec(&mut rng, 37, 1.0);
+        let mut w = dev.upload(&w0).unwrap();
+        let none: [u32; 0] = [];
+        let values = dev.upload::<f32>(&[]).unwrap();
+        let index = SparseIndex::sorted(&dev, &none, 37).unwrap();
+        assert!(index.is_empty());
+        sparse::scatter_add(&mut w, &index, &values, 0.5).unwrap();
+        sparse::scatter_add_atomic(&mut w, &index, &values, 0.5).unwrap();
+        let plan = ScatterPlan::new(&dev, &none, 37).unwrap();
+        assert_eq!((plan.len(), plan.segments()), (0, 0));
+        sparse::scatter_add_planned(&mut w, &plan, &values, 0.5).unwrap();
+        let mut out = dev.alloc_poisoned::<f32>(0).unwrap();
+        sparse::gather(&w, &index, &mut out).unwrap();
+        let grad = dev.upload(&random_vec::<bf16>(&mut rng, 37, 1.0)).unwrap();
+        let mut opt = SparseAdamw::new(&w, index, AdamwConfig::default()).unwrap();
+        opt.step(&mut w, &grad).unwrap();
+        assert_eq!(opt.steps_taken(), 1);
+        assert!(bit_mismatches(&w.to_host().unwrap(), &w0).is_empty());
+    }
+}
+
+/// Sums start from -0, the identity of addition: a weight of -0 plus values of -0 stays -0
+/// on the sorted path (one addition), the planned path and the reference alike, bit for bit.
+#[test]
+fn signed_zeros_add_as_the_reference_does() {
+    for dev in backends() {
+        let numel = 40u64;
+        let w0 = vec![-0.0f32; numel as usize];
+        let idx: Vec<u64> = (0..numel).step_by(3).collect();
+        let v = vec![-0.0f32; idx.len()];
+        let mut expected = w0.clone();
+        reference::scatter_add(&mut expected, &idx, &v, 1.5);
+        assert!(expected.iter().all(|x| x.to_bits() == (-0.0f32).to_bits()));
+        let values = dev.upload(&v).unwrap();
+        let mut w = dev.upload(&w0).unwrap();
+        let index = SparseIndex::sorted(&dev, &idx, numel).unwrap();
+        sparse::scatter_add(&mut w, &index, &values, 1.5).unwrap();
+        assert!(bit_mismatches(&w.to_host().unwrap(), &expected).is_empty());
+        let mut w = dev.upload(&w0).unwrap();
+        let plan = ScatterPlan::new(&dev, &idx, numel).unwrap();
+        sparse::scatter_add_planned(&mut w, &plan, &values, 1.5).unwrap();
+        assert!(bit_mismatches(&w.to_host().unwrap(), &expected).is_empty());
+    }
+}
+
+/// u32 offsets up to 2³² elements, u64 past it: chosen by size, and u32 asked for past it
+/// refused (no dense tensor needed: the index checks its sizes alone).
+#[test]
+fn index_width_follows_the_tensor_size() {
+    for dev in backends() {
+        let last_u32 = (1u64 << 32) - 1;
+        let at = SparseIndex::new(&dev, &[last_u32], 1 << 32).unwrap();
+        assert_eq!(at.width(), IndexWidth::U32);
+        let past = SparseIndex::new(&dev, &[1u64 << 32], (1 << 32) + 1).unwrap();
+        assert_eq!(past.width(), IndexWidth::U64);
+        assert!(matches!(
+            SparseIndex::with_width(&dev, &[1u64 << 32], (1 << 32) + 1, IndexWidth::U32),
+            Err(Error::Unsupported { .. })
+        ));
+        assert!(matches!(
+            ScatterPlan::with_width(&dev, &[3u64], (1 << 32) + 1, IndexWidth::U32),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+}
+
+/// What the raw entry points promise past the safe API's checks: an index `>= numel` is
+/// skipped by the scatter-adds (the weight untouched) and read as NaN by gather.
+#[test]
+fn raw_kernels_skip_indices_out_of_range() {
+    use finetune_kernels::params::{GatherParams, ScatterAddParams};
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rng_seed());
+        let numel = 50u64;
+        let w0: Vec<f32> = random_vec(&mut rng, numel as usize, 1.0);
+        let idx = [2u32, 7, 50, 1000, 49];
+        let v: Vec<f32> = random_vec(&mut rng, idx.len(), 1.0);
+        let in_range: Vec<(u64, f32)> = idx
+            .iter()
+            .zip(&v)
+            .filter(|(&i, _)| (i as u64) < numel)
+            .map(|(&i, &x)| (i as u64, x))
+            .collect();
+        let mut expected = w0.clone();
+        let (kept_idx, kept_v): (Vec<u64>, Vec<f32>) = in_range.into_iter().unzip();
+        reference::scatter_add(&mut expected, &kept_idx, &kept_v, 0.75);
+        let indices = dev.upload(&idx).unwrap();
+        let values = dev.upload(&v).unwrap();
+        for atomic in [false, true] {
+            let mut w = dev.upload(&w0).unwrap();
+            let p = ScatterAddParams {
+                w: w.ptr_mut(),
+                values: values.ptr(),
+                indices: indices.ptr(),
+                n: idx.len() as u64,
+                numel,
+                alpha: 0.75,
+            };
+            // SAFETY: every pointer holds the lengths in p; the in-range indices are unique.
+            unsafe {
+                sparse::raw::scatter_add(
+                    &dev,
+                    None,
+                    DType::F32,
+                    DType::F32,
+                    IndexWidth::U32,
+                    atomic,
+                    &p,
+                )
+            }
+            .unwrap();
+            assert!(
+                bit_mismatches(&w.to_host().unwrap(), &expected).is_empty(),
+                "atomic {atomic}"
+            );
+        }
+        let src = dev.upload(&w0).unwrap();
+        let mut out = dev.alloc_poisoned::<f32>(idx.len()).unwrap();
+        let p = GatherParams {
+            out: out.ptr_mut(),
+            src: src.ptr(),
+            indices: indices.ptr(),
+            n: idx.len() as u64,
+            numel,
+        };
+        // SAFETY: as above.
+        unsafe { sparse::raw::gather(&dev, None, DType::F32, DType::F32, IndexWidth::U32, &p) }
+            .unwrap();
+        let got = out.to_host().unwrap();
+        for (k, &i) in idx.iter().enumerate() {
+            match w0.get(i as usize) {
+                Some(x) => assert_eq!(got[k].to_bits(), x.to_bits(), "{i}"),
+                None => assert!(got[k].is_nan(), "{i}: {}", got[k]),
+            }
+        }
+    }
+}
+
+/// The checks the safe API makes past the ones above: buffers of two devices, lengths of
+/// the planned path and of gather's output, and a dtype pair AdamW has no kernel for; none
+/// changes W or counts a step.
+#[test]
+fn mismatched_buffers_are_typed_errors() {
+    let mut rng = StdRng::seed_from_u64(rng_seed());
+    let (one, two) = (emulators().remove(0), emulators().remove(0));
+    let w0: Vec<f32> = random_vec(&mut rng, 60, 1.0);
+    let mut w = one.upload(&w0).unwrap();
+    let values = one.upload(&random_vec::<f32>(&mut rng, 3, 1.0)).unwrap();
+    let elsewhere = SparseIndex::sorted(&two, &[1u32, 4, 9], 60).unwrap();
+    assert_eq!(
+        sparse::scatter_add(&mut w, &elsewhere, &values, 1.0),
+        Err(Error::DeviceMismatch)
+    );
+    let plan_elsewhere = ScatterPlan::new(&two, &[9u32, 1, 9], 60).unwrap();
+    assert_eq!(
+        sparse::scatter_add_planned(&mut w, &plan_elsewhere, &values, 1.0),
+        Err(Error::DeviceMismatch)
+    );
+    let values_elsewhere = two.upload(&random_vec::<f32>(&mut rng, 3, 1.0)).unwrap();
+    let index = SparseIndex::sorted(&one, &[1u32, 4, 9], 60).unwrap();
+    assert_eq!(
+        sparse::scatter_add(&mut w, &index, &values_elsewhere, 1.0),
+        Err(Error::DeviceMismatch)
+    );
+    let plan = ScatterPlan::new(&one, &[9u32, 1, 9, 2], 60).unwrap();
+    assert!(matches!(
+        sparse::scatter_add_planned(&mut w, &plan, &values, 1.0),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let short_w = ScatterPlan::new(&one, &[9u32, 1, 9], 61).unwrap();
+    assert!(matches!(
+        sparse::scatter_add_planned(&mut w, &short_w, &values, 1.0),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let mut out = one.alloc_poisoned::<f32>(4).unwrap();
+    assert!(matches!(
+        sparse::gather(&w, &index, &mut out),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let mut opt = SparseAdamw::new(&w, index, AdamwConfig::default()).unwrap();
+    let bf16_grad = one.upload(&random_vec::<bf16>(&mut rng, 60, 1.0)).unwrap();
+    assert!(matches!(
+        opt.step(&mut w, &bf16_grad),
+        Err(Error::UnsupportedDtype { .. })
+    ));
+    assert_eq!(opt.steps_taken(), 0);
+    assert!(bit_mismatches(&w.to_host().unwrap(), &w0).is_empty());
+}
+
 #[test]
 fn nan_propagates_only_where_it_lands() {
     for dev in backends() {
@@ -227,7 +423,9 @@ fn nan_propagates_only_where_it_lands() {
 }
 
 /// The reference AdamW step against an independent f64 formulation of PyTorch's AdamW
-/// over several steps (checks the reference itself, not a kernel).
+/// over several steps (checks the reference itself, not a kernel), with its decoupled
+/// weight decay applied to the delta, as ours is: the weight decays toward its pretrained
+/// value, not toward zero.
 #[test]
 fn reference_adamw_agrees_with_f64_adamw() {
     let mut rng = StdRng::seed_from_u64(rng_seed());

@@ -804,19 +804,12 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
   if (params_size != info.params_size)
     return fail_launch(std::string(name) + ": params struct is " + std::to_string(params_size) + " bytes, the kernel takes " +
                        std::to_string(info.params_size));
+  // CUDA's grid, block and cluster limits are checked before any launch, on every backend
+  // (LaunchConfig::check, src/device/mod.rs); what is left needs the kernel or the emulator.
   const uint64_t threads = uint64_t(block[0]) * block[1] * block[2];
   std::ostringstream bad;
-  if (threads == 0 || threads > 1024 || block[0] > 1024 || block[1] > 1024 || block[2] > 64)
-    bad << "block (" << block[0] << ", " << block[1] << ", " << block[2] << ") is outside the GPU's limits (1024 threads; z <= 64)";
-  else if (threads > info.max_threads)
+  if (threads > info.max_threads)
     bad << "block of " << threads << " threads exceeds the kernel's __launch_bounds__ of " << info.max_threads;
-  else if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7FFFFFFFu || grid[1] > 65535 || grid[2] > 65535)
-    bad << "grid (" << grid[0] << ", " << grid[1] << ", " << grid[2] << ") is outside the GPU's limits";
-  else if (cluster[0] == 0 || cluster[1] == 0 || cluster[2] == 0 || uint64_t(cluster[0]) * cluster[1] * cluster[2] > 8)
-    bad << "cluster (" << cluster[0] << ", " << cluster[1] << ", " << cluster[2] << ") is outside the portable limits (1 to 8 blocks)";
-  else if (grid[0] % cluster[0] || grid[1] % cluster[1] || grid[2] % cluster[2])
-    bad << "grid (" << grid[0] << ", " << grid[1] << ", " << grid[2] << ") is not a whole number of clusters (" << cluster[0]
-        << ", " << cluster[1] << ", " << cluster[2] << ")";
   else if (dynamic_smem > 227 * 1024)
     bad << "dynamic shared memory " << dynamic_smem << " bytes exceeds the 227 KiB a block can opt into";
   if (!bad.str().empty()) return fail_launch(std::string(name) + ": " + bad.str());

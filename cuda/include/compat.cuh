@@ -37,9 +37,20 @@ __device__ __forceinline__ T* dyn_smem() {
   return reinterpret_cast<T*>(fk_dyn_smem);
 }
 #define FK_SHARED(name, ...) __shared__ __align__(16) fk_type<__VA_ARGS__> name
+// The first read of a word other threads change atomically (the start of a CAS loop): a
+// plain load on the GPU; among the emulator's host threads an atomic one, since a plain read
+// racing with their CAS is a data race in C++.
+template <typename T>
+__device__ __forceinline__ T relaxed_load(const T* p) {
+  return *p;
+}
 #else
 #include "../emu/emu.h"
 #define FK_SHARED(name, ...) fk_type<__VA_ARGS__>& name = ::fk_emu::block_shared<fk_type<__VA_ARGS__>>([] {})
+template <typename T>
+inline T relaxed_load(const T* p) {
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
 #endif
 
 #define FK_DEVICE __device__ __forceinline__

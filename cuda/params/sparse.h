@@ -2,8 +2,9 @@
  * kernels: Rust's side is generated from this file by bindgen (src/params.rs).
  *
  * Indices are flattened row-major offsets into the dense tensor, u32 or u64 as the kernel
- * name says (`_idx64`). Kernels skip an index >= numel rather than touch memory out of
- * bounds; the safe Rust API rejects such indices before any launch. */
+ * name says (`_idx64`). Kernels skip an index (the segmented kernel: a target) >= numel
+ * rather than touch memory out of bounds; the segmented kernel's starts and order are used
+ * as given. The safe Rust API rejects bad indices before any launch. */
 #ifndef FK_PARAMS_SPARSE_H
 #define FK_PARAMS_SPARSE_H
 #include <stdint.h>
@@ -41,8 +42,9 @@ typedef struct GatherParams {
   uint64_t numel;
 } GatherParams;
 
-/* One AdamW step (PyTorch's formulation) over the support, fused with the gather of the
- * gradient and the write-back into W:
+/* One AdamW step over the support (PyTorch's, with the decoupled weight decay applied to
+ * the delta: it pulls the weight toward base, not toward zero), fused with the gather of
+ * the gradient and the write-back into W:
  *   g = grad[idx];  m = beta1*m + (1-beta1)*g;  v = beta2*v + (1-beta2)*g*g
  *   delta = delta * decay - step_size * m / (sqrt(v) / sqrt_bc2 + eps)
  *   w[idx] = base + delta

@@ -74,12 +74,12 @@ fn scatter_rows<W: FloatElem, V: FloatElem>(
         .with_copy_baseline(dev, timer)?,
     );
 
-    // The plan path on the same support given in shuffled order: adds targets, starts and
-    // order (3 more index arrays) to the bytes.
+    // The plan path on the same support given in shuffled order: it reads targets, starts
+    // and order (12 bytes an element) in place of the indices (4).
     let mut shuffled = s.idx.clone();
     shuffled.shuffle(&mut rng);
     let plan = ScatterPlan::new(dev, &shuffled, numel)?;
-    let plan_bytes = bytes + 12.0 * k as f64;
+    let plan_bytes = bytes + 8.0 * k as f64;
     let t = timer.time(3, REPS, || {
         sparse::scatter_add_planned(&mut s.w, &plan, &v, 0.5)
     })?;

@@ -109,27 +109,29 @@ fn atomic_bound(w: DType) -> f64 {
     }
 }
 
-/// Atomic scatter-add with repeats: untouched elements exact (any change there counts as an
-/// infinite error); at touched ones `‖got − ref‖₂ / ‖|w0| + |α|·Σ|v|‖₂`, normalised by the
-/// operands' magnitude rather than by the change, which cancellation can make tiny.
+/// Atomic scatter-add with repeats and a random α: untouched elements exact (any change
+/// there counts as an infinite error); at touched ones `‖got − ref‖₂ / ‖|w0| + |α|·Σ|v|‖₂`,
+/// normalised by the operands' magnitude rather than by the change, which cancellation can
+/// make tiny.
 pub fn scatter_atomic<W: FloatElem, V: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
     let mut rng = StdRng::seed_from_u64(c.seed);
     let w0: Vec<W> = random_vec(&mut rng, c.numel as usize, 2.0);
     let idx = repeated_indices(&mut rng, c.numel, c.n);
     let v: Vec<V> = random_vec(&mut rng, c.n, 1.0);
+    let alpha: f32 = rng.random_range(-2.0..2.0);
     let mut expected = w0.clone();
-    reference::scatter_add(&mut expected, &idx, &v, 1.0);
+    reference::scatter_add(&mut expected, &idx, &v, alpha);
 
     let index = SparseIndex::with_width(dev, &idx, c.numel, c.width)?;
     let mut w = dev.upload(&w0)?;
     let values = dev.upload(&v)?;
-    sparse::scatter_add_atomic(&mut w, &index, &values, 1.0)?;
+    sparse::scatter_add_atomic(&mut w, &index, &values, alpha)?;
     let got = w.to_host()?;
     let mut magnitude: BTreeMap<u64, f64> = BTreeMap::new();
     for (&t, x) in idx.iter().zip(&v) {
         *magnitude
             .entry(t)
-            .or_insert(w0[t as usize].to_f32().abs() as f64) += x.to_f32().abs() as f64;
+            .or_insert(w0[t as usize].to_f32().abs() as f64) += (alpha * x.to_f32()).abs() as f64;
     }
     let untouched_changed = (0..c.numel).any(|t| {
         !magnitude.contains_key(&t)

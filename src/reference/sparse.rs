@@ -15,7 +15,8 @@ pub fn scatter_add<W: FloatElem, V: FloatElem>(
     assert_eq!(indices.len(), values.len());
     let mut sums: BTreeMap<u64, f32> = BTreeMap::new();
     for (&t, &v) in indices.iter().zip(values) {
-        let s = sums.entry(t).or_insert(0.0);
+        // From -0: -0 + x is x for every x, a -0 included, as the kernels' sums start.
+        let s = sums.entry(t).or_insert(-0.0);
         *s += v.to_f32();
     }
     for (t, sum) in sums {
