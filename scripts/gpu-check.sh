@@ -39,7 +39,7 @@ build() {
   # Test binaries: cargo prints their paths as JSON artifacts. Those that never touch a GPU
   # (the emulator's own tests, the CPU references) stay out: CI runs them, and on the GPU
   # machine they would only spend the lease and the bundle's size.
-  local cpu_only=" emu emu_numeric emu_regdump lora_reference nf4_reference shards "
+  local cpu_only=" cli emu emu_numeric emu_regdump lora_reference nf4_reference shards "
   cargo test --release --locked --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys

@@ -11,6 +11,10 @@
 //!   fk merge BASE ADAPTER_DIR OUT a PEFT LoRA adapter merged into a safetensors checkpoint
 //!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
 //!
+//! Exit status: 0 when the command did what it was asked (and every check passed), 1 when
+//! `fk check` or `fk bench` ran and something failed, 2 on any error (a bad argument, a file
+//! that is missing or not what it claims, no GPU where one is needed), with its message.
+//!
 //! A checkpoint (BASE, IN) is a safetensors file, or a sharded one: its
 //! `model.safetensors.index.json`, or the directory holding that (or `model.safetensors`).
 //! A sharded checkpoint's OUT is a directory: shards of the same names and their index.
@@ -31,26 +35,28 @@ const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
     let result = match args.first().map(String::as_str) {
-        Some("info") | None => {
+        Some("info") | None => known_args(rest, &[], &[]).map(|()| {
             let _ = info();
-            Ok(true)
-        }
-        Some("check") => run_check(&args[1..]),
-        Some("regdump") => run_regdump(&args[1..]).map(|_| true),
-        Some("bench") => run_bench(&args[1..]),
-        Some("profile") => run_profile(&args[1..]).map(|_| true),
-        Some("quantize") => run_quantize(&args[1..]).map(|_| true),
-        Some("merge") => run_merge(&args[1..]).map(|_| true),
-        Some("kernels") if args.get(1).is_some_and(|a| a == "--resources") => {
-            run_resources().map(|_| true)
-        }
-        Some("kernels") => {
-            for k in all_kernels() {
-                println!("{} {}", k.module, k.name);
+            true
+        }),
+        Some("check") => run_check(rest),
+        Some("regdump") => run_regdump(rest).map(|_| true),
+        Some("bench") => run_bench(rest),
+        Some("profile") => run_profile(rest).map(|_| true),
+        Some("quantize") => run_quantize(rest).map(|_| true),
+        Some("merge") => run_merge(rest).map(|_| true),
+        Some("kernels") => known_args(rest, &["--resources"], &[]).and_then(|()| {
+            if rest.is_empty() {
+                for k in all_kernels() {
+                    println!("{} {}", k.module, k.name);
+                }
+                Ok(true)
+            } else {
+                run_resources().map(|_| true)
             }
-            Ok(true)
-        }
+        }),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(true)
@@ -65,6 +71,20 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Errors on an argument that is none of `switches` and `valued` (each of those followed by
+/// its value): a mistyped flag is not silently ignored.
+fn known_args(args: &[String], switches: &[&str], valued: &[&str]) -> Result<(), String> {
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if valued.contains(&arg.as_str()) {
+            it.next().ok_or(format!("{arg} needs a value"))?;
+        } else if !switches.contains(&arg.as_str()) {
+            return Err(format!("unknown argument {arg:?}\n{USAGE}"));
+        }
+    }
+    Ok(())
 }
 
 fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>, String> {
@@ -99,6 +119,9 @@ fn info() -> Result<Device, Error> {
     match Device::best() {
         Ok(dev) => {
             println!("device: {}", dev.describe());
+            if let (false, Err(why)) = (dev.is_gpu(), Device::cuda(0)) {
+                println!("no GPU: {why}");
+            }
             println!("kernels run on: {}", dev.backend());
             Ok(dev)
         }
@@ -110,11 +133,21 @@ fn info() -> Result<Device, Error> {
 }
 
 fn run_check(args: &[String]) -> Result<bool, String> {
+    known_args(args, &["--small"], &["--seed"])?;
+    let seed = match flag_value(args, "--seed")? {
+        Some(s) => s.parse().map_err(|e| format!("--seed {s}: {e}"))?,
+        None => rand::random(),
+    };
+    let require_gpu = std::env::var("FK_REQUIRE_GPU").as_deref() == Ok("1");
     let dev = match info() {
+        Ok(dev) if require_gpu && !dev.is_gpu() => {
+            println!("FK_REQUIRE_GPU=1, but kernels would run on the emulator: no check");
+            return Ok(false);
+        }
         Ok(dev) => dev,
         // No device at all is not a failure of the kernels (unless a GPU is required);
         // a driver error on a machine that has one is.
-        Err(Error::NoDevice(_)) if std::env::var("FK_REQUIRE_GPU").as_deref() != Ok("1") => {
+        Err(Error::NoDevice(_)) if !require_gpu => {
             println!("no backend can run kernels here; nothing to check");
             return Ok(true);
         }
@@ -129,10 +162,6 @@ fn run_check(args: &[String]) -> Result<bool, String> {
         Scale::Small
     } else {
         Scale::Realistic
-    };
-    let seed = match flag_value(args, "--seed")? {
-        Some(s) => s.parse().map_err(|e| format!("--seed {s}: {e}"))?,
-        None => rand::random(),
     };
     println!(
         "check: {scale:?} shapes, seed {seed}\non {}\n",
@@ -204,6 +233,7 @@ fn run_resources() -> Result<(), String> {
 }
 
 fn run_regdump(args: &[String]) -> Result<(), String> {
+    known_args(args, &[], &["--out", "--rcp-table"])?;
     let out = flag_value(args, "--out")?.ok_or("regdump needs --out FILE")?;
     let dev = Device::best().map_err(|e| e.to_string())?;
     let Device::Cuda(cuda) = &dev else {
@@ -239,6 +269,8 @@ fn run_regdump(args: &[String]) -> Result<(), String> {
 /// family here, its rows written to `--json` after each row (and at the end to `--md`, if
 /// given); `--ceilings FILE` reuses the floors' ceilings an earlier family measured.
 fn run_bench(args: &[String]) -> Result<bool, String> {
+    let valued = ["--json", "--md", "--seconds", "--family", "--ceilings"];
+    known_args(args, &[], &valued)?;
     let json = flag_value(args, "--json")?.ok_or("bench needs --json FILE")?;
     let md = flag_value(args, "--md")?;
     if let Some(family) = flag_value(args, "--family")? {
@@ -306,6 +338,7 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
 /// profiler's report lists the launches in the same order).
 fn run_profile(args: &[String]) -> Result<(), String> {
     let family = args.first().ok_or("profile needs a family: nf4 or lora")?;
+    known_args(&args[1..], &[], &[])?;
     let dev = Device::best().map_err(|e| e.to_string())?;
     if !matches!(dev, Device::Cuda(_)) {
         return Err("a profile reads a GPU's counters: it needs a GPU".into());
@@ -359,13 +392,17 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
         s.bytes_before as f64 / 1e6,
         s.bytes_after as f64 / 1e6
     );
-    if !s.left_alone.is_empty() {
+    for name in &s.carried {
+        let what = if name == "config.json" {
+            "with a quantization_config for the NF4 weights"
+        } else {
+            "copied"
+        };
+        println!("{name}: {what}");
+    }
+    if !s.left_alone.is_empty() && !s.carried.iter().any(|n| n == "config.json") {
         // transformers quantizes every linear module unless its config says otherwise.
-        let modules: Vec<String> = s
-            .left_alone
-            .iter()
-            .map(|n| format!("{:?}", n.strip_suffix(".weight").unwrap_or(n)))
-            .collect();
+        let modules: Vec<String> = s.skip_modules().iter().map(|m| format!("{m:?}")).collect();
         println!(
             "left as they were, {} 2-D weights: to load this file, transformers' \
              BitsAndBytesConfig needs llm_int8_skip_modules=[{}]",
@@ -387,6 +424,9 @@ fn run_merge(args: &[String]) -> Result<(), String> {
         merge_checkpoint(Path::new(base), &adapter, Path::new(out)).map_err(|e| e.to_string())?;
     for (weight, error) in &summary.requantization_error {
         println!("nf4  {weight}: merged and quantized again, relative error {error:.3e}");
+    }
+    for name in &summary.carried {
+        println!("{name}: copied");
     }
     println!(
         "merge: {} weights merged (scale {}), {} tensors copied, written to {out}",

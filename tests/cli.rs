@@ -1,0 +1,59 @@
+//! `fk`'s own behaviour (src/bin/fk.rs): a mistyped argument is an error before anything
+//! runs; `fk info` says why kernels run on the emulator; `FK_REQUIRE_GPU=1 fk check` fails,
+//! rather than checking on the emulator, where there is no GPU. The commands' work is tested
+//! with the library it calls (tests/nf4_checkpoint.rs, lora_adapter.rs, shards.rs).
+
+use finetune_kernels::Device;
+use std::process::{Command, Output};
+
+fn fk(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fk"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn unknown_arguments_are_errors() {
+    for args in [
+        &["check", "--smal"][..],
+        &["check", "--seed"],
+        &["info", "junk"],
+        &["kernels", "--resource"],
+        &["bench", "--json", "x.json", "--mdd", "x.md"],
+        &["regdump", "--out"],
+        &["profile", "nf4", "extra"],
+        &["quantize", "a", "b", "--blocksize"],
+        &["nonsense"],
+    ] {
+        let out = fk(args, &[]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(
+            said.contains("fk: ") && !said.contains("check:"),
+            "{args:?}: {said}"
+        );
+    }
+}
+
+#[test]
+fn no_gpu_is_said_and_a_required_one_is_not_replaced_by_the_emulator() {
+    let Err(why) = Device::cuda(0) else {
+        return; // A GPU here: nothing falls back.
+    };
+    let out = fk(&["info"], &[]);
+    assert!(out.status.success());
+    assert!(
+        text(&out).contains(&format!("no GPU: {why}")),
+        "{}",
+        text(&out)
+    );
+    let out = fk(&["check", "--small"], &[("FK_REQUIRE_GPU", "1")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("FK_REQUIRE_GPU=1"), "{}", text(&out));
+}
