@@ -37,6 +37,9 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub enum Layout {
     /// One safetensors file.
     File(PathBuf),
+    /// A directory holding `model.safetensors` (transformers' layout for a model saved
+    /// whole): converted into a directory.
+    Directory(PathBuf),
     /// Shards in `dir`, named by the index `dir/index_name`.
     Sharded {
         dir: PathBuf,
@@ -63,7 +66,7 @@ impl Layout {
             return if path.join(INDEX_FILE).is_file() {
                 Layout::sharded(&path.join(INDEX_FILE))
             } else if path.join(SINGLE_FILE).is_file() {
-                Ok(Layout::File(path.join(SINGLE_FILE)))
+                Ok(Layout::Directory(path.to_path_buf()))
             } else {
                 let why = format!("a directory with neither {INDEX_FILE} nor {SINGLE_FILE}");
                 Err(io_error(path, why))
@@ -81,8 +84,9 @@ impl Layout {
         let file = index_path.display().to_string();
         let text = std::fs::read_to_string(index_path).map_err(|e| io_error(index_path, e))?;
         let (dir, index_name) = (index_path.parent(), index_path.file_name());
+        let dir = dir.filter(|d| !d.as_os_str().is_empty());
         Ok(Layout::Sharded {
-            dir: dir.map_or_else(PathBuf::new, Path::to_path_buf),
+            dir: dir.unwrap_or(Path::new(".")).to_path_buf(),
             index_name: index_name
                 .unwrap_or_default()
                 .to_string_lossy()
@@ -95,9 +99,19 @@ impl Layout {
     pub fn files(&self) -> Vec<PathBuf> {
         match self {
             Layout::File(path) => vec![path.clone()],
+            Layout::Directory(dir) => vec![dir.join(SINGLE_FILE)],
             Layout::Sharded { dir, index, .. } => {
                 index.shards().iter().map(|s| dir.join(s)).collect()
             }
+        }
+    }
+
+    /// The directory of a model the checkpoint was found in (a directory, or an index's),
+    /// whose other files (config, tokenizer) belong with it; `None` for a file given alone.
+    pub fn model_dir(&self) -> Option<&Path> {
+        match self {
+            Layout::File(_) => None,
+            Layout::Directory(dir) | Layout::Sharded { dir, .. } => Some(dir),
         }
     }
 
@@ -111,10 +125,11 @@ impl Layout {
     }
 
     /// Runs `convert(input, output)` on each file of the checkpoint, which stages its
-    /// output. A single file's output is `output`, or `output/<its name>` where `output`
-    /// is a directory; shards keep their names, in the directory `output` (made if absent),
-    /// beside an index of what was written. `output` may be the input's own directory:
-    /// nothing is renamed into place before [`Converted::commit`].
+    /// output. A file's output is `output`, or `output/<its name>` where `output` is a
+    /// directory; a checkpoint found in a directory goes into the directory `output` (made
+    /// if absent), shards under their names beside an index of what was written. `output`
+    /// may be the input's own directory: nothing is renamed into place before
+    /// [`Converted::commit`].
     pub fn convert(
         &self,
         output: &Path,
@@ -127,6 +142,11 @@ impl Layout {
                     _ => output.to_path_buf(),
                 };
                 let files = vec![convert(input, &output)?];
+                return Ok(Converted { files, index: None });
+            }
+            Layout::Directory(dir) => {
+                std::fs::create_dir_all(output).map_err(|e| io_error(output, e))?;
+                let files = vec![convert(&dir.join(SINGLE_FILE), &output.join(SINGLE_FILE))?];
                 return Ok(Converted { files, index: None });
             }
             Layout::Sharded {
@@ -240,6 +260,60 @@ impl ShardIndex {
         shards.dedup();
         shards
     }
+}
+
+/// The files of a model directory that are not its weights (`config.json`, the tokenizer's,
+/// `generation_config.json`, ...): every top-level file but weights in any format, indexes
+/// of them and hidden files.
+pub fn side_files(dir: &Path) -> Result<Vec<String>> {
+    const WEIGHTS: [&str; 10] = [
+        ".safetensors",
+        ".index.json",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".gguf",
+        ".onnx",
+    ];
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
+        let entry = entry.map_err(|e| io_error(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !name.starts_with('.') && !WEIGHTS.iter().any(|w| name.ends_with(w)) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Writes a converted model's side files ([`side_files`] of `from`) into `to`, each passed
+/// through `edit` (by name; `None` keeps it as it is): copied where `to` is another
+/// directory, rewritten in place only where edited. Returns the names written.
+pub fn carry_side_files(
+    from: &Path,
+    to: &Path,
+    edit: impl Fn(&str, &[u8]) -> Result<Option<Vec<u8>>>,
+) -> Result<Vec<String>> {
+    let same = std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok();
+    let mut written = Vec::new();
+    for name in side_files(from)? {
+        let bytes = std::fs::read(from.join(&name)).map_err(|e| io_error(&from.join(&name), e))?;
+        let edited = edit(&name, &bytes)?;
+        if same && edited.is_none() {
+            continue;
+        }
+        let bytes = edited.unwrap_or(bytes);
+        replace_file(&to.join(&name), |tmp| {
+            std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
+        })?;
+        written.push(name);
+    }
+    Ok(written)
 }
 
 fn is_shard_name(name: &str) -> bool {

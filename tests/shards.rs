@@ -270,33 +270,109 @@ fn merge_shards_as_one_file() {
     assert!(files(&input) == files(&out));
 }
 
-/// A file given with an output directory is written into it under its own name; a
-/// directory holding `model.safetensors` is that file.
+/// A file given with an existing directory as its output is written into it under its own
+/// name; a directory holding `model.safetensors` is converted into a directory (made if
+/// absent), as a sharded one is.
 #[test]
 fn single_files_and_directories() {
     let mut rng = StdRng::seed_from_u64(rand::random());
     let dir = scratch("single");
-    let (input, out) = (dir.join("in"), dir.join("out"));
+    let (input, out, into) = (dir.join("in"), dir.join("out"), dir.join("into"));
     std::fs::create_dir_all(&input).unwrap();
-    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&into).unwrap();
     let file = input.join("model.safetensors");
     let rows = rng.random_range(2..9);
-    write_atomic(
-        &file,
-        [("l.weight".to_string(), bf16_matrix(&mut rng, rows, 64))],
-        None,
-    )
-    .unwrap();
-    assert_eq!(Layout::find(&input).unwrap(), Layout::File(file.clone()));
+    let weight = [("l.weight".to_string(), bf16_matrix(&mut rng, rows, 64))];
+    write_atomic(&file, weight, None).unwrap();
+    assert_eq!(
+        Layout::find(&input).unwrap(),
+        Layout::Directory(input.clone())
+    );
     let opts = QuantizeOptions::default();
-    quantize_file(&input, &out, &opts).unwrap();
     let direct = dir.join("direct.safetensors");
     quantize_file(&file, &direct, &opts).unwrap();
+    quantize_file(&input, &out, &opts).unwrap();
+    quantize_file(&file, &into, &opts).unwrap();
+    for d in [&out, &into] {
+        assert_eq!(
+            listing(d),
+            BTreeSet::from(["model.safetensors".to_string()])
+        );
+        assert!(contents(&d.join("model.safetensors")) == contents(&direct));
+    }
+}
+
+/// A model directory's other files come with its converted weights: `fk quantize` gives
+/// `config.json` the `quantization_config` transformers loads NF4 weights by (in place too),
+/// `fk merge` copies it as it is; the tokenizer's files are copied; other weight formats
+/// and hidden files are not.
+#[test]
+fn model_files_come_along() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let dir = scratch("model-files");
+    let input = dir.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    write_sharded(&input, &model(&mut rng));
+    let config = json!({"model_type": "llama", "torch_dtype": "bfloat16", "hidden_size": 24});
+    let config_text = serde_json::to_string_pretty(&config).unwrap();
+    for (name, text) in [
+        ("config.json", config_text.as_str()),
+        ("tokenizer.json", "{\"version\": \"1.0\"}"),
+        ("pytorch_model.bin", "not carried"),
+        (".cache", "not carried"),
+    ] {
+        std::fs::write(input.join(name), text).unwrap();
+    }
+    let opts = QuantizeOptions {
+        transpose: vec!["transformer.h.*.c_*.weight".into()],
+        double_quant: false,
+        ..QuantizeOptions::default()
+    };
+    let out = dir.join("out");
+    let summary = quantize_file(&input, &out, &opts).unwrap();
+    assert_eq!(summary.carried, ["config.json", "tokenizer.json"]);
     assert_eq!(
-        listing(&out),
-        BTreeSet::from(["model.safetensors".to_string()])
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        std::fs::read(input.join("tokenizer.json")).unwrap()
     );
-    assert!(contents(&out.join("model.safetensors")) == contents(&direct));
+    assert!(!out.join("pytorch_model.bin").exists() && !out.join(".cache").exists());
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let q = &written["quantization_config"];
+    assert_eq!(written["hidden_size"], 24, "the rest of the config is kept");
+    assert_eq!(q["quant_method"], "bitsandbytes");
+    assert_eq!(q["load_in_4bit"], true);
+    assert_eq!(q["bnb_4bit_quant_type"], "nf4");
+    assert_eq!(q["bnb_4bit_use_double_quant"], false);
+    assert_eq!(q["bnb_4bit_compute_dtype"], "bfloat16");
+    assert_eq!(q["bnb_4bit_quant_storage"], "uint8");
+    let skip = json!(["lm_head", "model.embed_tokens"]);
+    assert_eq!(q["llm_int8_skip_modules"], skip);
+    // In place: the config gains the same quantization_config, the tokenizer is untouched.
+    quantize_file(&input, &input, &opts).unwrap();
+    assert_eq!(
+        std::fs::read(input.join("config.json")).unwrap(),
+        std::fs::read(out.join("config.json")).unwrap()
+    );
+
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/lora");
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::copy(
+        data.join("base.safetensors"),
+        base.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(base.join("config.json"), &config_text).unwrap();
+    let merged = dir.join("merged");
+    let adapter = Adapter::load(&data.join("plain")).unwrap();
+    let summary = merge_checkpoint(&base, &adapter, &merged).unwrap();
+    assert_eq!(summary.carried, ["config.json"]);
+    assert_eq!(
+        std::fs::read_to_string(merged.join("config.json")).unwrap(),
+        config_text
+    );
+    assert!(merged.join("model.safetensors").exists());
 }
 
 /// Indexes that are not what they claim: typed errors naming the index (and the tensor

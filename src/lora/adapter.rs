@@ -23,7 +23,7 @@ use crate::nf4::checkpoint::{
 };
 use crate::reference::lora::{LoraConfig, LoraLayer};
 use crate::reference::nf4::{self, Absmax, Nf4Quantized};
-use crate::shards::Layout;
+use crate::shards::{carry_side_files, Layout};
 use crate::{bf16, f16};
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
@@ -121,6 +121,9 @@ pub struct MergeSummary {
     pub requantization_error: BTreeMap<String, f64>,
     /// Tensors copied unchanged.
     pub copied: usize,
+    /// For a base found in a directory, the other files of the model (config, tokenizer)
+    /// copied beside the output ([`carry_side_files`]).
+    pub carried: Vec<String>,
 }
 
 /// A JSON object's fields, read with errors naming the file and the field.
@@ -570,8 +573,9 @@ fn merged_bytes<W: FloatElem>(adapter: &Adapter, module: &str, w: &RawTensor) ->
 /// (computed in f64, rounded once through f32 to W's dtype) and every other tensor and the
 /// metadata copied unchanged, to `out`. `base` is a safetensors file or a sharded checkpoint
 /// (as [`Layout::find`] takes it: then `out` is a directory, which gets shards of the same
-/// names and their index). The output is staged whole before any of it is renamed into
-/// place; `out` may be `base`. An adapted NF4 weight is merged as PEFT merges into
+/// names and their index; a base found in a directory also gets the model's other files,
+/// config and tokenizer, copied). The output is staged whole before any of it is renamed
+/// into place; `out` may be `base`. An adapted NF4 weight is merged as PEFT merges into
 /// bitsandbytes' `Linear4bit` (dequantized, merged, quantized again: [`MergeSummary`]
 /// reports the error that adds); NF4 weights that are not adapted are written again in
 /// bitsandbytes' layout, the same codes and scales (packed codes stored in another
@@ -586,7 +590,7 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
         .find(|m| !summary.merged.contains(&format!("{m}.weight")))
     {
         let why = match layout {
-            Layout::File(_) => format!(
+            Layout::File(_) | Layout::Directory(_) => format!(
                 "missing, but the adapter adapts {module} (one shard of a sharded checkpoint? \
                  pass its index or its directory)"
             ),
@@ -598,6 +602,9 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
         return Err(Error::checkpoint(&file, &format!("{module}.weight"), why));
     }
     converted.commit()?;
+    if let Some(dir) = layout.model_dir() {
+        summary.carried = carry_side_files(dir, out, |_, _| Ok(None))?;
+    }
     summary.merged.sort();
     Ok(summary)
 }

@@ -20,7 +20,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::reference::nf4::{self, check_blocksize, Absmax, NestedAbsmax, Nf4Quantized, NF4_CODE};
-use crate::shards::Layout;
+use crate::shards::{carry_side_files, Layout};
 use crate::{bf16, f16};
 use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors, View};
@@ -710,14 +710,28 @@ pub struct QuantizeSummary {
     pub left_alone: Vec<String>,
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// For a checkpoint found in a directory, the model's other files written beside the
+    /// output: its `config.json` with a `quantization_config` for the NF4 weights
+    /// (transformers loads them as they are only with one), the tokenizer's copied.
+    pub carried: Vec<String>,
+}
+
+impl QuantizeSummary {
+    /// The modules of the 2-D weights left alone: what transformers' `BitsAndBytesConfig`
+    /// needs as `llm_int8_skip_modules` to load them unquantized.
+    pub fn skip_modules(&self) -> Vec<String> {
+        let module = |n: &String| n.strip_suffix(".weight").unwrap_or(n).to_string();
+        self.left_alone.iter().map(module).collect()
+    }
 }
 
 /// `fk quantize`: converts the selected weights of the checkpoint `input` to NF4 and writes
-/// `output` with every other tensor copied unchanged. `input` is a safetensors file or a
-/// sharded checkpoint (as [`Layout::find`] takes it: then `output` is a directory, which
-/// gets shards of the same names and an index listing every tensor written). Each file is
-/// read whole into memory; the output is staged whole before any of it is renamed into
-/// place.
+/// `output` with every other tensor copied unchanged. `input` is a safetensors file, or a
+/// model directory or shard index as [`Layout::find`] takes them: then `output` is a
+/// directory, which gets the weights (shards under their names, beside an index listing
+/// every tensor written) and the model's other files, `config.json` given a
+/// `quantization_config` ([`QuantizeSummary::carried`]). Each file is read whole into
+/// memory; the weights are staged whole before any of them is renamed into place.
 pub fn quantize_file(
     input: &Path,
     output: &Path,
@@ -736,7 +750,55 @@ pub fn quantize_file(
     summary.bytes_after = destinations.iter().map(|p| size(p)).sum();
     summary.quantized.sort();
     summary.left_alone.sort();
+    if let Some(dir) = layout.model_dir() {
+        let out_dir = destinations[0].parent().unwrap_or(output);
+        summary.carried = carry_side_files(dir, out_dir, |name, bytes| match name {
+            "config.json" => with_quantization_config(bytes, opts, &summary).map(Some),
+            _ => Ok(None),
+        })?;
+    }
     Ok(summary)
+}
+
+/// A model's `config.json` with the `quantization_config` transformers reads to load the
+/// NF4 weights as they are (bitsandbytes, 4-bit, nf4, the double quantization used, the
+/// weights left alone as `llm_int8_skip_modules`, and the compute dtype the config's
+/// `torch_dtype` names, else float32, bitsandbytes' default); one already there is replaced.
+fn with_quantization_config(
+    config: &[u8],
+    opts: &QuantizeOptions,
+    summary: &QuantizeSummary,
+) -> Result<Vec<u8>> {
+    let bad = |why: String| Error::checkpoint("config.json", "", why);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let fields = json
+        .as_object_mut()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let dtypes = ["bfloat16", "float16", "float32"];
+    let compute = ["torch_dtype", "dtype"]
+        .iter()
+        .filter_map(|k| fields.get(*k).and_then(serde_json::Value::as_str))
+        .find(|d| dtypes.contains(d))
+        .unwrap_or("float32");
+    let quantization = serde_json::json!({
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "_load_in_4bit": true,
+        "_load_in_8bit": false,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": opts.double_quant,
+        "bnb_4bit_compute_dtype": compute,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": summary.skip_modules(),
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_enable_fp32_cpu_offload": false,
+    });
+    fields.insert("quantization_config".into(), quantization);
+    let text = serde_json::to_string_pretty(&json).expect("a JSON value serializes");
+    Ok((text + "\n").into_bytes())
 }
 
 /// [`quantize_file`] for one file (`headers`: every tensor of the checkpoint), adding to
