@@ -38,9 +38,11 @@ fn main() -> Result<()> {
     q.dequantize(&mut w_hat)?;
     let want = linear(&x_host, &w_hat.to_host()?, m, rows, cols);
     // Both sides round to bf16 (the output; the GEMV also its codes), about 1e-3 each.
-    println!(
-        "relative error against dequantize-then-multiply: {:.2e}",
-        rel_l2(&y.to_host()?, &want)
+    let err = rel_l2(&y.to_host()?, &want);
+    println!("relative error against dequantize-then-multiply: {err:.2e}");
+    assert!(
+        err < 1e-2,
+        "the fused product is off: {err:e} (NaN if unwritten)"
     );
     Ok(())
 }

@@ -30,9 +30,9 @@
 //!   tiles of x it brings after each tile's sweep, so that no pass over x is left
 //!   ([`LoraLinear::fused_da`]). Not the
 //!   default: at 8192 tokens, 4096→4096, r16 on an H200 it was 0.9% and 1.7% faster than
-//!   Extended (forward, backward; bench/results/2026-11-27T0501-h200), then 3.0% and 4.2%
+//!   Extended (forward, backward; bench/results/2026-11-27T0501-h200), then 3.0% and 4.4%
 //!   slower (2026-11-27T0544-h200, with the faster rank-wide GEMMs): within its own kernels'
-//!   run-to-run spread (≈ 4%), and cuBLAS is the steadier. (Both runs predate the persistent
+//!   run-to-run spread (≈ 4-5%), and cuBLAS is the steadier. (Both runs predate the persistent
 //!   GEMMs and u inside the forward GEMM.)
 //! - **Extended** (the default on a GPU): the same K-extension laid out in memory, so the two
 //!   big GEMMs go to cuBLAS (`wgmma` on Hopper, about twice `mma.sync`'s rate, measured in
