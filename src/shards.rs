@@ -17,7 +17,7 @@
 //! one shard leaves none converted.
 
 use crate::error::{Error, Result};
-use crate::nf4::checkpoint::{io_error, replace_file, Staged};
+use crate::nf4::checkpoint::{io_error, stage, Staged};
 use safetensors::tensor::TensorInfo;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -59,14 +59,15 @@ pub struct ShardIndex {
 
 impl Layout {
     /// The checkpoint at `path`: a safetensors file, an index (a name ending in
-    /// `.safetensors.index.json`), or a directory holding `model.safetensors.index.json` or
-    /// `model.safetensors`.
+    /// `.safetensors.index.json`), or a directory holding `model.safetensors` or (where it
+    /// holds none, as transformers looks) `model.safetensors.index.json`.
     pub fn find(path: &Path) -> Result<Layout> {
         if path.is_dir() {
-            return if path.join(INDEX_FILE).is_file() {
-                Layout::sharded(&path.join(INDEX_FILE))
-            } else if path.join(SINGLE_FILE).is_file() {
+            // transformers' order: the single file before the index.
+            return if path.join(SINGLE_FILE).is_file() {
                 Ok(Layout::Directory(path.to_path_buf()))
+            } else if path.join(INDEX_FILE).is_file() {
+                Layout::sharded(&path.join(INDEX_FILE))
             } else {
                 let why = format!("a directory with neither {INDEX_FILE} nor {SINGLE_FILE}");
                 Err(io_error(path, why))
@@ -127,27 +128,72 @@ impl Layout {
     /// Runs `convert(input, output)` on each file of the checkpoint, which stages its
     /// output. A file's output is `output`, or `output/<its name>` where `output` is a
     /// directory; a checkpoint found in a directory goes into the directory `output` (made
-    /// if absent), shards under their names beside an index of what was written. `output`
-    /// may be the input's own directory: nothing is renamed into place before
-    /// [`Converted::commit`].
+    /// if absent, removed again if the conversion fails), shards under their names beside
+    /// an index of what was written (staged too). `output` may be the input's own
+    /// directory: nothing is renamed into place before [`Converted::commit`]. Refused: a
+    /// directory `output` (not the input's) holding the other layout's weights, which
+    /// transformers could load in place of these (`model.safetensors` before an index).
     pub fn convert(
+        &self,
+        output: &Path,
+        convert: impl FnMut(&Path, &Path) -> Result<Staged>,
+    ) -> Result<Converted> {
+        let Some(dir) = self.model_dir() else {
+            let Layout::File(input) = self else {
+                unreachable!("only a file has no model directory")
+            };
+            let output = match input.file_name() {
+                Some(name) if output.is_dir() => output.join(name),
+                _ => output.to_path_buf(),
+            };
+            return self.convert_into(&output, convert);
+        };
+        let created = !output.exists();
+        std::fs::create_dir_all(output).map_err(|e| io_error(output, e))?;
+        let converted = self
+            .check_no_other_layout(dir, output)
+            .and_then(|()| self.convert_into(output, convert));
+        if converted.is_err() && created {
+            // Empty by now: every staged file was removed when dropped.
+            let _ = std::fs::remove_dir(output);
+        }
+        converted
+    }
+
+    /// Errors where `output` (another directory than `dir`) holds weights of the layout this
+    /// conversion does not write.
+    fn check_no_other_layout(&self, dir: &Path, output: &Path) -> Result<()> {
+        if same_dir(dir, output) {
+            return Ok(());
+        }
+        let other = match self {
+            Layout::Sharded { .. } => SINGLE_FILE,
+            _ => INDEX_FILE,
+        };
+        if output.join(other).exists() {
+            let why = format!(
+                "holds {other}, which transformers would read in place of what this writes: \
+                 remove it or write elsewhere"
+            );
+            return Err(io_error(output, why));
+        }
+        Ok(())
+    }
+
+    /// [`Layout::convert`] into `output` (the file, or the directory made).
+    fn convert_into(
         &self,
         output: &Path,
         mut convert: impl FnMut(&Path, &Path) -> Result<Staged>,
     ) -> Result<Converted> {
         let (dir, index_name, index) = match self {
             Layout::File(input) => {
-                let output = match input.file_name() {
-                    Some(name) if output.is_dir() => output.join(name),
-                    _ => output.to_path_buf(),
-                };
-                let files = vec![convert(input, &output)?];
-                return Ok(Converted { files, index: None });
+                let files = vec![convert(input, output)?];
+                return Ok(Converted::new(files, None));
             }
             Layout::Directory(dir) => {
-                std::fs::create_dir_all(output).map_err(|e| io_error(output, e))?;
                 let files = vec![convert(&dir.join(SINGLE_FILE), &output.join(SINGLE_FILE))?];
-                return Ok(Converted { files, index: None });
+                return Ok(Converted::new(files, Some(output)));
             }
             Layout::Sharded {
                 dir,
@@ -155,7 +201,6 @@ impl Layout {
                 index,
             } => (dir, index_name, index),
         };
-        std::fs::create_dir_all(output).map_err(|e| io_error(output, e))?;
         let mut written = ShardIndex {
             metadata: index.metadata.clone(),
             weight_map: BTreeMap::new(),
@@ -176,41 +221,90 @@ impl Layout {
         written
             .metadata
             .insert("total_size".into(), total_size.into());
-        let index = Some((output.join(index_name), written));
-        Ok(Converted { files, index })
+        let json = written.to_json();
+        let index = stage(&output.join(index_name), |tmp| {
+            std::fs::write(tmp, json).map_err(|e| e.to_string())
+        })?;
+        let mut converted = Converted::new(files, Some(output));
+        converted.index = Some(index);
+        Ok(converted)
     }
 }
 
-/// What [`Layout::convert`] wrote, not yet in place.
+/// What [`Layout::convert`] wrote, not yet in place: the checkpoint's files, its index, and
+/// any side files [`Converted::carry_side_files`] added.
 #[must_use = "converted files are removed unless committed"]
 #[derive(Debug)]
 pub struct Converted {
     files: Vec<Staged>,
-    index: Option<(PathBuf, ShardIndex)>,
+    index: Option<Staged>,
+    side: Vec<Staged>,
+    /// The output's directory, for a checkpoint found in a directory.
+    dir: Option<PathBuf>,
 }
 
 impl Converted {
-    /// Where the files go: the converted files, and the index last.
-    pub fn destinations(&self) -> Vec<PathBuf> {
-        let files = self.files.iter().map(|f| f.destination().to_path_buf());
-        files
-            .chain(self.index.iter().map(|(p, _)| p.clone()))
-            .collect()
+    fn new(files: Vec<Staged>, dir: Option<&Path>) -> Self {
+        Converted {
+            files,
+            index: None,
+            side: Vec::new(),
+            dir: dir.map(Path::to_path_buf),
+        }
     }
 
-    /// Renames each file into place, then writes the index. A failed rename (or a crash)
-    /// part of the way leaves the files before it converted and those after it as they were.
-    pub fn commit(self) -> Result<()> {
-        for file in self.files {
-            file.commit()?;
+    /// Where the checkpoint's files go: the weights, and the index last.
+    pub fn destinations(&self) -> Vec<PathBuf> {
+        let files = self.files.iter().chain(&self.index);
+        files.map(|f| f.destination().to_path_buf()).collect()
+    }
+
+    /// Stages the side files of the model directory `from` ([`side_files`]) into the
+    /// output's directory, each passed through `edit` (by name; `None` keeps it as it is):
+    /// all of them where the output is another directory, only the edited ones in place.
+    /// Returns their names. Nothing for a checkpoint given as a file.
+    pub fn carry_side_files(
+        &mut self,
+        from: &Path,
+        edit: impl Fn(&str, &[u8]) -> Result<Option<Vec<u8>>>,
+    ) -> Result<Vec<String>> {
+        let Some(to) = self.dir.clone() else {
+            return Ok(Vec::new());
+        };
+        let in_place = same_dir(from, &to);
+        let mut names = Vec::new();
+        for name in side_files(from)? {
+            let path = from.join(&name);
+            let bytes = std::fs::read(&path).map_err(|e| io_error(&path, e))?;
+            let edited = edit(&name, &bytes)?;
+            if in_place && edited.is_none() {
+                continue;
+            }
+            let bytes = edited.unwrap_or(bytes);
+            self.side.push(stage(&to.join(&name), |tmp| {
+                std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
+            })?);
+            names.push(name);
         }
-        if let Some((path, index)) = self.index {
-            replace_file(&path, |tmp| {
-                std::fs::write(tmp, index.to_json()).map_err(|e| e.to_string())
-            })?;
+        Ok(names)
+    }
+
+    /// Renames every staged file into place: the weights, the side files, the index last.
+    /// A failed rename (or a crash) part of the way leaves the files before it converted
+    /// and those after it as they were.
+    pub fn commit(self) -> Result<()> {
+        for file in self.files.into_iter().chain(self.side).chain(self.index) {
+            file.commit()?;
         }
         Ok(())
     }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    matches!(
+        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+        (Ok(a), Ok(b)) if a == b
+    )
 }
 
 impl ShardIndex {
@@ -282,7 +376,8 @@ pub fn side_files(dir: &Path) -> Result<Vec<String>> {
     for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
         let entry = entry.map_err(|e| io_error(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        // Following links: a Hugging Face cache snapshot links every file.
+        let is_file = std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file());
         if is_file && !name.starts_with('.') && !WEIGHTS.iter().any(|w| name.ends_with(w)) {
             names.push(name);
         }
@@ -291,34 +386,12 @@ pub fn side_files(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Writes a converted model's side files ([`side_files`] of `from`) into `to`, each passed
-/// through `edit` (by name; `None` keeps it as it is): copied where `to` is another
-/// directory, rewritten in place only where edited. Returns the names written.
-pub fn carry_side_files(
-    from: &Path,
-    to: &Path,
-    edit: impl Fn(&str, &[u8]) -> Result<Option<Vec<u8>>>,
-) -> Result<Vec<String>> {
-    let same = std::fs::canonicalize(from).ok() == std::fs::canonicalize(to).ok();
-    let mut written = Vec::new();
-    for name in side_files(from)? {
-        let bytes = std::fs::read(from.join(&name)).map_err(|e| io_error(&from.join(&name), e))?;
-        let edited = edit(&name, &bytes)?;
-        if same && edited.is_none() {
-            continue;
-        }
-        let bytes = edited.unwrap_or(bytes);
-        replace_file(&to.join(&name), |tmp| {
-            std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
-        })?;
-        written.push(name);
-    }
-    Ok(written)
-}
-
 fn is_shard_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    let one_name =
+        matches!(parts.next(), Some(std::path::Component::Normal(_))) && parts.next().is_none();
     let stem = name.strip_suffix(".safetensors").unwrap_or_default();
-    !stem.is_empty() && stem != "." && stem != ".." && !name.contains(['/', '\\'])
+    one_name && !stem.is_empty() && stem != "." && !name.contains(['/', '\\', ':'])
 }
 
 /// A safetensors file's tensors (dtype, shape, offsets), from its header alone.
@@ -369,6 +442,7 @@ mod tests {
             "sub/model.safetensors",
             "..\\model.safetensors",
             "/etc/model.safetensors",
+            "C:model.safetensors",
             "..safetensors",
             ".safetensors",
             "model.bin",

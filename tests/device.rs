@@ -307,6 +307,7 @@ fn launch_limits_are_checked() {
         (one, (1025, 1, 1), "LaunchConfig::block"),
         (one, (32, 32, 2), "LaunchConfig::block"),
         (one, (1, 1, 65), "LaunchConfig::block"),
+        (one, (32, 0, 1), "LaunchConfig::block"),
     ] {
         for dev in backends() {
             // SAFETY: refused before launch: nothing runs.

@@ -125,7 +125,7 @@ fn bf16_matrix(rng: &mut StdRng, rows: usize, cols: usize) -> RawTensor<'static>
 }
 
 /// A small model's tensors in three shards: Llama's names, and a GPT-2 Conv1D weight in the
-/// first shard whose bias (which shows it is stored [in, out]) is in the last.
+/// second shard whose bias (which shows it is stored [in, out]) is in the last.
 fn model(rng: &mut StdRng) -> Vec<Vec<(String, RawTensor<'static>)>> {
     let mut m =
         |name: &str, rows: usize, cols: usize| (name.to_string(), bf16_matrix(rng, rows, cols));
@@ -133,11 +133,11 @@ fn model(rng: &mut StdRng) -> Vec<Vec<(String, RawTensor<'static>)>> {
         m("model.embed_tokens.weight", 40, 24),
         m("model.layers.0.self_attn.q_proj.weight", 24, 24),
         m("model.layers.0.mlp.up_proj.weight", 56, 24),
-        m("transformer.h.0.mlp.c_fc.weight", 24, 72),
     ];
     let shard1 = vec![
         m("model.layers.0.mlp.down_proj.weight", 24, 56),
         m("model.layers.0.self_attn.o_proj.weight", 24, 24),
+        m("transformer.h.0.mlp.c_fc.weight", 24, 72),
     ];
     let mut norm = m("model.norm.weight", 1, 24);
     norm.1.shape = vec![24];
@@ -169,7 +169,9 @@ fn quantize_shards_as_one_file() {
         ),
         other => panic!("a Conv1D weight quantized as it lies: {other:?}"),
     }
-    assert!(listing(&out).is_empty(), "{:?}", listing(&out));
+    // The first shard was converted (staged) before the second failed: no trace of either,
+    // nor of the output directory the conversion made.
+    assert!(!out.exists(), "{:?}", listing(&out));
 
     let opts = QuantizeOptions {
         transpose: vec!["transformer.h.*.c_*.weight".into()],
@@ -348,12 +350,50 @@ fn model_files_come_along() {
     assert_eq!(q["bnb_4bit_quant_storage"], "uint8");
     let skip = json!(["lm_head", "model.embed_tokens"]);
     assert_eq!(q["llm_int8_skip_modules"], skip);
+    // A config that is not an object, in place: an error, and nothing changed.
+    let bad = dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    for (name, bytes) in files(&input) {
+        let bytes = if name == "config.json" {
+            b"[1]".to_vec()
+        } else {
+            bytes
+        };
+        std::fs::write(bad.join(name), bytes).unwrap();
+    }
+    let before = files(&bad);
+    assert!(matches!(
+        quantize_file(&bad, &bad, &opts),
+        Err(Error::Checkpoint { why, .. }) if why.contains("not a JSON object")
+    ));
+    assert!(
+        files(&bad) == before,
+        "a failed conversion in place changed the model"
+    );
+    // An output directory holding the other layout's weights is refused.
+    let stale = dir.join("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"old").unwrap();
+    assert!(matches!(
+        quantize_file(&input, &stale, &opts),
+        Err(Error::Io { why, .. }) if why.contains("model.safetensors")
+    ));
+    assert_eq!(listing(&stale).len(), 1);
     // In place: the config gains the same quantization_config, the tokenizer is untouched.
     quantize_file(&input, &input, &opts).unwrap();
     assert_eq!(
         std::fs::read(input.join("config.json")).unwrap(),
         std::fs::read(out.join("config.json")).unwrap()
     );
+    // Side files linked, as in a Hugging Face cache snapshot, are followed.
+    let linked = dir.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    for name in listing(&input) {
+        std::os::unix::fs::symlink(input.join(&name), linked.join(&name)).unwrap();
+    }
+    let out_linked = dir.join("out-linked");
+    let summary = quantize_file(&linked, &out_linked, &opts).unwrap();
+    assert_eq!(summary.carried, ["config.json", "tokenizer.json"]);
 
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/lora");
     let base = dir.join("base");
@@ -373,6 +413,17 @@ fn model_files_come_along() {
         config_text
     );
     assert!(merged.join("model.safetensors").exists());
+    // A quantized model's config: the merge writes NF4 codes as u8, and says so.
+    let mut quantized = config.clone();
+    quantized["quantization_config"] = json!({"bnb_4bit_quant_storage": "bfloat16"});
+    std::fs::write(base.join("config.json"), quantized.to_string()).unwrap();
+    merge_checkpoint(&base, &adapter, &merged).unwrap();
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        written["quantization_config"]["bnb_4bit_quant_storage"],
+        "uint8"
+    );
 }
 
 /// Indexes that are not what they claim: typed errors naming the index (and the tensor

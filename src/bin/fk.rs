@@ -11,9 +11,11 @@
 //!   fk merge BASE ADAPTER_DIR OUT a PEFT LoRA adapter merged into a safetensors checkpoint
 //!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
 //!
-//! Exit status: 0 when the command did what it was asked (and every check passed), 1 when
-//! `fk check` or `fk bench` ran and something failed, 2 on any error (a bad argument, a file
-//! that is missing or not what it claims, no GPU where one is needed), with its message.
+//! Exit status: 0 when the command did what it was asked (and every check passed); 1 when
+//! `fk check` or `fk bench` found a failure (for `fk check` with `FK_REQUIRE_GPU=1`, no GPU,
+//! or a driver that fails, counts as one); 2 on any other error (a bad argument, a file
+//! that is missing or not what it claims, no GPU for a command that needs one), with its
+//! message.
 //!
 //! A checkpoint (BASE, IN) is a safetensors file, or a sharded one: its
 //! `model.safetensors.index.json`, or the directory holding that (or `model.safetensors`).

@@ -72,7 +72,7 @@ impl LaunchConfig {
     /// What [`Device::launch`] checks before it launches `kernel` with this config, on
     /// every backend: the grid and the block within CUDA's limits (every GPU since compute
     /// capability 3.0; a driver would refuse them with a bare "invalid argument"): 2³¹ - 1
-    /// blocks along x, 65,535 along y and z; blocks of at most 1,024 threads, 1,024 along x
+    /// blocks along x, 65,535 along y and z; blocks of 1 to 1,024 threads, 1,024 along x
     /// and y and 64 along z; and the clusters 1 to 8 blocks, the grid a whole number of them.
     pub fn check(&self, kernel: &str) -> Result<()> {
         self.check_limits(kernel)?;
@@ -88,10 +88,10 @@ impl LaunchConfig {
                  65,535 along y and z (a shape too large for this kernel's grid)"
             );
             ("LaunchConfig::grid", why)
-        } else if threads > 1024 || b.0 > 1024 || b.1 > 1024 || b.2 > 64 {
+        } else if threads == 0 || threads > 1024 || b.0 > 1024 || b.1 > 1024 || b.2 > 64 {
             let why = format!(
-                "{kernel}: block {b:?} passes CUDA's limit of 1,024 threads (1,024 along x \
-                 and y, 64 along z)"
+                "{kernel}: block {b:?} is outside CUDA's limits: 1 to 1,024 threads \
+                 (1,024 along x and y, 64 along z)"
             );
             ("LaunchConfig::block", why)
         } else {

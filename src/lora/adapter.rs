@@ -23,7 +23,7 @@ use crate::nf4::checkpoint::{
 };
 use crate::reference::lora::{LoraConfig, LoraLayer};
 use crate::reference::nf4::{self, Absmax, Nf4Quantized};
-use crate::shards::{carry_side_files, Layout};
+use crate::shards::Layout;
 use crate::{bf16, f16};
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
@@ -122,7 +122,7 @@ pub struct MergeSummary {
     /// Tensors copied unchanged.
     pub copied: usize,
     /// For a base found in a directory, the other files of the model (config, tokenizer)
-    /// copied beside the output ([`carry_side_files`]).
+    /// written beside the output ([`crate::shards::Converted::carry_side_files`]).
     pub carried: Vec<String>,
 }
 
@@ -542,10 +542,12 @@ impl Adapter {
     }
 }
 
-/// An NF4 weight merged as PEFT merges an adapter into bitsandbytes' `Linear4bit`:
+/// An NF4 weight merged the way PEFT merges an adapter into bitsandbytes' `Linear4bit`:
 /// dequantized to its dtype, `+ scale · B A` (f64, rounded once to f32), and quantized
-/// again with the same blocksize and double quantization; it keeps its dtype. Returns it
-/// and the error the requantization added, `‖Q(W') − W'‖₂ / ‖W'‖₂`.
+/// again with the same blocksize and double quantization. Unlike PEFT's it keeps its dtype
+/// (PEFT's sum with an f32 adapter makes it float32), and its codes are written as u8
+/// whatever `quant_storage` they had. Returns it and the error the requantization added,
+/// `‖Q(W') − W'‖₂ / ‖W'‖₂`.
 fn merged_nf4(adapter: &Adapter, module: &str, q: &Nf4Quantized) -> Result<(Nf4Quantized, f64)> {
     let w: Vec<f32> = match q.dtype {
         DType::BF16 => q.dequantize::<bf16>().iter().map(|v| v.to_f32()).collect(),
@@ -571,19 +573,21 @@ fn merged_bytes<W: FloatElem>(adapter: &Adapter, module: &str, w: &RawTensor) ->
 
 /// Writes `base` with every weight the adapter adapts replaced by `W + scale · B A`
 /// (computed in f64, rounded once through f32 to W's dtype) and every other tensor and the
-/// metadata copied unchanged, to `out`. `base` is a safetensors file or a sharded checkpoint
-/// (as [`Layout::find`] takes it: then `out` is a directory, which gets shards of the same
-/// names and their index; a base found in a directory also gets the model's other files,
-/// config and tokenizer, copied). The output is staged whole before any of it is renamed
-/// into place; `out` may be `base`. An adapted NF4 weight is merged as PEFT merges into
-/// bitsandbytes' `Linear4bit` (dequantized, merged, quantized again: [`MergeSummary`]
-/// reports the error that adds); NF4 weights that are not adapted are written again in
-/// bitsandbytes' layout, the same codes and scales (packed codes stored in another
-/// `quant_storage` dtype come back as u8).
+/// metadata copied unchanged, to `out`. `base` is a safetensors file, or a model directory
+/// or shard index as [`Layout::find`] takes them: then `out` is a directory, which gets the
+/// weights (shards under their names, beside their index) and the model's other files,
+/// config and tokenizer ([`MergeSummary::carried`]). Everything is staged before anything
+/// is renamed into place; `out` may be `base`. An adapted NF4 weight is dequantized,
+/// merged and quantized again, as PEFT merges into bitsandbytes' `Linear4bit`
+/// ([`MergeSummary`] reports the error that adds); NF4 weights that are not adapted are
+/// written again in bitsandbytes' layout, the same codes and scales. Packed codes stored in
+/// another `quant_storage` dtype come back as u8, and a `config.json` carried along says
+/// `bnb_4bit_quant_storage` uint8.
 pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<MergeSummary> {
     let layout = Layout::find(base)?;
     let mut summary = MergeSummary::default();
-    let converted = layout.convert(out, |file, out| merge_one(file, adapter, out, &mut summary))?;
+    let mut converted =
+        layout.convert(out, |file, out| merge_one(file, adapter, out, &mut summary))?;
     if let Some(module) = adapter
         .modules
         .keys()
@@ -601,12 +605,32 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
         let file = base.display().to_string();
         return Err(Error::checkpoint(&file, &format!("{module}.weight"), why));
     }
-    converted.commit()?;
     if let Some(dir) = layout.model_dir() {
-        summary.carried = carry_side_files(dir, out, |_, _| Ok(None))?;
+        summary.carried = converted.carry_side_files(dir, |name, bytes| match name {
+            "config.json" => with_u8_storage(bytes),
+            _ => Ok(None),
+        })?;
     }
+    converted.commit()?;
     summary.merged.sort();
     Ok(summary)
+}
+
+/// A `config.json` whose `quantization_config` names another `bnb_4bit_quant_storage` than
+/// uint8, with uint8: the merge writes every NF4 weight's codes as u8. `None` for any other.
+fn with_u8_storage(config: &[u8]) -> Result<Option<Vec<u8>>> {
+    let bad = |why: String| Error::checkpoint("config.json", "", why);
+    let mut json: Value =
+        serde_json::from_slice(config).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let storage = json
+        .get_mut("quantization_config")
+        .and_then(|q| q.get_mut("bnb_4bit_quant_storage"));
+    match storage {
+        Some(s) if s.as_str() != Some("uint8") => *s = "uint8".into(),
+        _ => return Ok(None),
+    }
+    let text = serde_json::to_string_pretty(&json).expect("a JSON value serializes");
+    Ok(Some((text + "\n").into_bytes()))
 }
 
 /// [`merge_checkpoint`] for one file, adding to `summary` the weights it merged.

@@ -20,7 +20,7 @@
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::reference::nf4::{self, check_blocksize, Absmax, NestedAbsmax, Nf4Quantized, NF4_CODE};
-use crate::shards::{carry_side_files, Layout};
+use crate::shards::Layout;
 use crate::{bf16, f16};
 use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors, View};
@@ -718,10 +718,19 @@ pub struct QuantizeSummary {
 
 impl QuantizeSummary {
     /// The modules of the 2-D weights left alone: what transformers' `BitsAndBytesConfig`
-    /// needs as `llm_int8_skip_modules` to load them unquantized.
+    /// needs as `llm_int8_skip_modules` to load them unquantized. `lm_head` too unless an
+    /// `lm_head` weight was quantized: a list replaces transformers' default, which keeps
+    /// the output embedding unquantized, and a model whose head is tied to its embeddings
+    /// has no `lm_head` weight in its checkpoint to be left alone.
     pub fn skip_modules(&self) -> Vec<String> {
         let module = |n: &String| n.strip_suffix(".weight").unwrap_or(n).to_string();
-        self.left_alone.iter().map(module).collect()
+        let mut modules: Vec<String> = self.left_alone.iter().map(module).collect();
+        let head = |m: &String| m == "lm_head" || m.ends_with(".lm_head");
+        let quantized_head = self.quantized.iter().map(module).any(|m| head(&m));
+        if !quantized_head && !modules.iter().any(head) {
+            modules.push("lm_head".into());
+        }
+        modules
     }
 }
 
@@ -741,22 +750,21 @@ pub fn quantize_file(
     let layout = Layout::find(input)?;
     let headers = layout.headers()?;
     let mut summary = QuantizeSummary::default();
-    let converted = layout.convert(output, |input, output| {
+    let mut converted = layout.convert(output, |input, output| {
         quantize_one(input, output, opts, &headers, &mut summary)
     })?;
-    let destinations = converted.destinations();
-    converted.commit()?;
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    summary.bytes_after = destinations.iter().map(|p| size(p)).sum();
     summary.quantized.sort();
     summary.left_alone.sort();
     if let Some(dir) = layout.model_dir() {
-        let out_dir = destinations[0].parent().unwrap_or(output);
-        summary.carried = carry_side_files(dir, out_dir, |name, bytes| match name {
+        summary.carried = converted.carry_side_files(dir, |name, bytes| match name {
             "config.json" => with_quantization_config(bytes, opts, &summary).map(Some),
             _ => Ok(None),
         })?;
     }
+    let destinations = converted.destinations();
+    converted.commit()?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    summary.bytes_after = destinations.iter().map(|p| size(p)).sum();
     Ok(summary)
 }
 
@@ -843,6 +851,25 @@ fn quantize_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The skip list names every module left alone, and `lm_head` unless a head was
+    /// quantized (a tied head has no weight of its own to leave alone).
+    #[test]
+    fn skip_modules_keep_the_head() {
+        let summary = |quantized: &[&str], left_alone: &[&str]| QuantizeSummary {
+            quantized: quantized.iter().map(|s| s.to_string()).collect(),
+            left_alone: left_alone.iter().map(|s| s.to_string()).collect(),
+            ..QuantizeSummary::default()
+        };
+        let tied = summary(&["m.q.weight"], &["m.embed_tokens.weight"]);
+        assert_eq!(tied.skip_modules(), ["m.embed_tokens", "lm_head"]);
+        let kept = summary(&["m.q.weight"], &["lm_head.weight"]);
+        assert_eq!(kept.skip_modules(), ["lm_head"]);
+        let nested = summary(&["m.q.weight"], &["language_model.lm_head.weight"]);
+        assert_eq!(nested.skip_modules(), ["language_model.lm_head"]);
+        let quantized = summary(&["m.q.weight", "lm_head.weight"], &[]);
+        assert!(quantized.skip_modules().is_empty());
+    }
 
     #[test]
     fn globs() {
