@@ -545,6 +545,7 @@ fn nf4_weights_in_the_input_are_copied_not_requantized() {
     )
     .unwrap();
     assert!(s.quantized.is_empty(), "{:?}", s.quantized);
+    assert_eq!(s.already_nf4, LINEARS);
     let bytes = read_file(&out).unwrap();
     let a = Checkpoint::parse(&bytes, "out").unwrap();
     let bnb_bytes = read_file(&dir.join("checkpoint_dq.safetensors")).unwrap();

@@ -702,6 +702,8 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 pub struct QuantizeSummary {
     /// The tensors quantized to NF4, by name.
     pub quantized: Vec<String>,
+    /// The NF4 weights the input already held (copied as they are), by name.
+    pub already_nf4: Vec<String>,
     /// How many tensors were copied unchanged.
     pub copied: usize,
     /// The 2-D bf16/f16/f32 tensors among those, by name: transformers loads a checkpoint
@@ -719,14 +721,15 @@ pub struct QuantizeSummary {
 impl QuantizeSummary {
     /// The modules of the 2-D weights left alone: what transformers' `BitsAndBytesConfig`
     /// needs as `llm_int8_skip_modules` to load them unquantized. `lm_head` too unless an
-    /// `lm_head` weight was quantized: a list replaces transformers' default, which keeps
-    /// the output embedding unquantized, and a model whose head is tied to its embeddings
-    /// has no `lm_head` weight in its checkpoint to be left alone.
+    /// `lm_head` weight is NF4 (quantized here or before): a list replaces transformers'
+    /// default, which keeps the output embedding unquantized, and a model whose head is tied
+    /// to its embeddings has no `lm_head` weight in its checkpoint to be left alone.
     pub fn skip_modules(&self) -> Vec<String> {
         let module = |n: &String| n.strip_suffix(".weight").unwrap_or(n).to_string();
         let mut modules: Vec<String> = self.left_alone.iter().map(module).collect();
         let head = |m: &String| m == "lm_head" || m.ends_with(".lm_head");
-        let quantized_head = self.quantized.iter().map(module).any(|m| head(&m));
+        let nf4 = self.quantized.iter().chain(&self.already_nf4);
+        let quantized_head = nf4.map(module).any(|m| head(&m));
         if !quantized_head && !modules.iter().any(head) {
             modules.push("lm_head".into());
         }
@@ -754,6 +757,7 @@ pub fn quantize_file(
         quantize_one(input, output, opts, &headers, &mut summary)
     })?;
     summary.quantized.sort();
+    summary.already_nf4.sort();
     summary.left_alone.sort();
     if let Some(dir) = layout.model_dir() {
         summary.carried = converted.carry_side_files(dir, |name, bytes| match name {
@@ -823,6 +827,9 @@ fn quantize_one(
     let (st, metadata) = deserialize(&bytes, &file)?;
     let mut out = Vec::new();
     for (name, view) in st.iter() {
+        if let Some(weight) = name.strip_suffix(QUANT_STATE_SUFFIX) {
+            summary.already_nf4.push(weight.to_string());
+        }
         let raw = RawTensor::from(view);
         if !opts.selects(name, raw.dtype, &raw.shape) {
             if is_float_matrix(raw.dtype, &raw.shape) {
@@ -869,6 +876,11 @@ mod tests {
         assert_eq!(nested.skip_modules(), ["language_model.lm_head"]);
         let quantized = summary(&["m.q.weight", "lm_head.weight"], &[]);
         assert!(quantized.skip_modules().is_empty());
+        let before = QuantizeSummary {
+            already_nf4: vec!["lm_head.weight".into()],
+            ..summary(&[], &["m.embed_tokens.weight"])
+        };
+        assert_eq!(before.skip_modules(), ["m.embed_tokens"]);
     }
 
     #[test]
