@@ -790,7 +790,7 @@ fn bad_input_is_a_typed_error() {
                 ..config
             },
             LoraConfig {
-                alpha: f32::NAN,
+                alpha: f64::NAN,
                 ..config
             },
         ] {

@@ -260,8 +260,8 @@ fn bad_config_and_shapes_are_typed_errors() {
     let case = Case::random(7, 0.0, true, false);
     let bad_configs = [
         (0, 8.0, 0.0),
-        (4, f32::NAN, 0.0),
-        (4, f32::INFINITY, 0.0),
+        (4, f64::NAN, 0.0),
+        (4, f64::INFINITY, 0.0),
         (4, 8.0, 1.0),
         (4, 8.0, -0.1),
         (4, 8.0, f32::NAN),

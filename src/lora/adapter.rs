@@ -294,7 +294,7 @@ impl AdapterConfig {
     pub fn lora(&self, dropout_seed: Option<u64>) -> LoraConfig {
         LoraConfig {
             rank: self.r,
-            alpha: self.lora_alpha as f32,
+            alpha: self.lora_alpha,
             use_rslora: self.use_rslora,
             dropout: dropout_seed.map_or(0.0, |_| self.lora_dropout as f32),
             seed: dropout_seed.unwrap_or(0),

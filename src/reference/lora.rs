@@ -37,7 +37,8 @@ use crate::reference::philox::dropout_mask;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraConfig {
     pub rank: usize,
-    pub alpha: f32,
+    /// PEFT's `lora_alpha`, a Python float: f64, so the scale is PEFT's to the last bit.
+    pub alpha: f64,
     pub use_rslora: bool,
     pub dropout: f32,
     pub seed: u64,
@@ -46,7 +47,7 @@ pub struct LoraConfig {
 impl LoraConfig {
     /// Rank `rank` and `lora_alpha` `alpha`, the rest as PEFT's `LoraConfig` defaults them:
     /// no rsLoRA, no dropout (seed 0; set `dropout` and `seed` to draw a mask).
-    pub fn new(rank: usize, alpha: f32) -> Self {
+    pub fn new(rank: usize, alpha: f64) -> Self {
         LoraConfig {
             rank,
             alpha,
@@ -66,7 +67,7 @@ impl LoraConfig {
     pub fn scale(&self) -> f32 {
         let r = self.rank as f64;
         let denominator = if self.use_rslora { r.sqrt() } else { r };
-        (self.alpha as f64 / denominator) as f32
+        (self.alpha / denominator) as f32
     }
 
     /// Errors unless the rank is at least 1, alpha and the scale are finite and the dropout
@@ -333,6 +334,10 @@ mod tests {
     #[test]
     fn scale_follows_peft() {
         assert_eq!(config(4).scale(), 2.0);
+        // 0.9 / 3 in f64, then f32: 0.3 rounded up; through an f32 alpha it rounded down.
+        let ninth = LoraConfig::new(3, 0.9);
+        assert_eq!(ninth.scale(), 0.3f32);
+        assert_ne!(ninth.scale(), (0.9f32 as f64 / 3.0) as f32);
         let rs = LoraConfig {
             use_rslora: true,
             ..config(4)
