@@ -177,6 +177,14 @@ impl Error {
         }
     }
 
+    /// An I/O failure on `path`.
+    pub(crate) fn io(path: &std::path::Path, why: impl ToString) -> Error {
+        Error::Io {
+            path: path.display().to_string(),
+            why: why.to_string(),
+        }
+    }
+
     /// A problem with `tensor` (empty: the file itself) of checkpoint `file`.
     pub(crate) fn checkpoint(file: &str, tensor: &str, why: String) -> Error {
         Error::Checkpoint {

@@ -17,6 +17,7 @@ pub mod check;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod files;
 pub mod lora;
 pub mod nf4;
 pub mod params;

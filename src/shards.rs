@@ -17,7 +17,7 @@
 //! one shard leaves none converted.
 
 use crate::error::{Error, Result};
-use crate::nf4::checkpoint::{io_error, stage, Staged};
+use crate::files::{stage_bytes, Staged};
 use safetensors::tensor::TensorInfo;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -70,7 +70,7 @@ impl Layout {
                 Layout::sharded(&path.join(INDEX_FILE))
             } else {
                 let why = format!("a directory with neither {INDEX_FILE} nor {SINGLE_FILE}");
-                Err(io_error(path, why))
+                Err(Error::io(path, why))
             };
         }
         let name = path.file_name().map(|n| n.to_string_lossy());
@@ -83,7 +83,7 @@ impl Layout {
 
     fn sharded(index_path: &Path) -> Result<Layout> {
         let file = index_path.display().to_string();
-        let text = std::fs::read_to_string(index_path).map_err(|e| io_error(index_path, e))?;
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
         let (dir, index_name) = (index_path.parent(), index_path.file_name());
         let dir = dir.filter(|d| !d.as_os_str().is_empty());
         Ok(Layout::Sharded {
@@ -138,18 +138,18 @@ impl Layout {
         output: &Path,
         convert: impl FnMut(&Path, &Path) -> Result<Staged>,
     ) -> Result<Converted> {
-        let Some(dir) = self.model_dir() else {
-            let Layout::File(input) = self else {
-                unreachable!("only a file has no model directory")
-            };
-            let output = match input.file_name() {
-                Some(name) if output.is_dir() => output.join(name),
-                _ => output.to_path_buf(),
-            };
-            return self.convert_into(&output, convert);
+        let dir = match self {
+            Layout::File(input) => {
+                let output = match input.file_name() {
+                    Some(name) if output.is_dir() => output.join(name),
+                    _ => output.to_path_buf(),
+                };
+                return self.convert_into(&output, convert);
+            }
+            Layout::Directory(dir) | Layout::Sharded { dir, .. } => dir,
         };
         let created = !output.exists();
-        std::fs::create_dir_all(output).map_err(|e| io_error(output, e))?;
+        std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
         let converted = self
             .check_no_other_layout(dir, output)
             .and_then(|()| self.convert_into(output, convert));
@@ -175,7 +175,7 @@ impl Layout {
                 "holds {other}, which transformers would read in place of what this writes: \
                  remove it or write elsewhere"
             );
-            return Err(io_error(output, why));
+            return Err(Error::io(output, why));
         }
         Ok(())
     }
@@ -221,10 +221,7 @@ impl Layout {
         written
             .metadata
             .insert("total_size".into(), total_size.into());
-        let json = written.to_json();
-        let index = stage(&output.join(index_name), |tmp| {
-            std::fs::write(tmp, json).map_err(|e| e.to_string())
-        })?;
+        let index = stage_bytes(&output.join(index_name), written.to_json())?;
         let mut converted = Converted::new(files, Some(output));
         converted.index = Some(index);
         Ok(converted)
@@ -275,15 +272,13 @@ impl Converted {
         let mut names = Vec::new();
         for name in side_files(from)? {
             let path = from.join(&name);
-            let bytes = std::fs::read(&path).map_err(|e| io_error(&path, e))?;
+            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let edited = edit(&name, &bytes)?;
             if in_place && edited.is_none() {
                 continue;
             }
             let bytes = edited.unwrap_or(bytes);
-            self.side.push(stage(&to.join(&name), |tmp| {
-                std::fs::write(tmp, &bytes).map_err(|e| e.to_string())
-            })?);
+            self.side.push(stage_bytes(&to.join(&name), bytes)?);
             names.push(name);
         }
         Ok(names)
@@ -343,8 +338,7 @@ impl ShardIndex {
 
     /// The index as transformers writes it (keys sorted, indented by 2).
     pub fn to_json(&self) -> String {
-        let json = serde_json::json!({"metadata": self.metadata, "weight_map": self.weight_map});
-        serde_json::to_string_pretty(&json).expect("a JSON value serializes") + "\n"
+        pretty_json(&serde_json::json!({"metadata": self.metadata, "weight_map": self.weight_map}))
     }
 
     /// The shard file names, each once, in order.
@@ -373,8 +367,8 @@ pub fn side_files(dir: &Path) -> Result<Vec<String>> {
         ".onnx",
     ];
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| io_error(dir, e))? {
-        let entry = entry.map_err(|e| io_error(dir, e))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         // Following links: a Hugging Face cache snapshot links every file.
         let is_file = std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file());
@@ -384,6 +378,27 @@ pub fn side_files(dir: &Path) -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// A JSON value as transformers writes its files: keys sorted, indented by 2, a newline last.
+pub fn pretty_json(value: &Value) -> String {
+    serde_json::to_string_pretty(value).expect("a JSON value serializes") + "\n"
+}
+
+/// A side file's JSON object (`config.json`) with `edit` applied, written out again where
+/// `edit` says it changed something (`None` where it did not); `name` names it in errors.
+pub fn edit_json_object(
+    name: &str,
+    bytes: &[u8],
+    edit: impl FnOnce(&mut Map<String, Value>) -> bool,
+) -> Result<Option<Vec<u8>>> {
+    let bad = |why: String| Error::checkpoint(name, "", why);
+    let mut json: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    let fields = json
+        .as_object_mut()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    Ok(edit(fields).then(|| pretty_json(&json).into_bytes()))
 }
 
 fn is_shard_name(name: &str) -> bool {
@@ -398,7 +413,7 @@ fn is_shard_name(name: &str) -> bool {
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
     let file = path.display().to_string();
     let bad = |why: String| Error::checkpoint(&file, "", why);
-    let mut f = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .map_err(|e| bad(format!("no safetensors header: {e}")))?;

@@ -127,6 +127,27 @@ pub fn bit_mismatches<T: bytemuck::Pod>(a: &[T], b: &[T]) -> Vec<usize> {
         .collect()
 }
 
+/// A 2-D bf16 tensor `[rows, cols]` of random values in [-1, 1), as a checkpoint holds it.
+pub fn random_bf16_tensor(
+    rng: &mut impl Rng,
+    rows: usize,
+    cols: usize,
+) -> crate::nf4::checkpoint::RawTensor<'static> {
+    let v: Vec<half::bf16> = random_vec(rng, rows * cols, 1.0);
+    crate::nf4::checkpoint::RawTensor {
+        dtype: safetensors::Dtype::BF16,
+        shape: vec![rows, cols],
+        data: std::borrow::Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
+    }
+}
+
+/// `dir`, emptied (removed and made again): a test's own scratch directory.
+pub fn fresh_dir(dir: std::path::PathBuf) -> std::path::PathBuf {
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
+}
+
 /// `n` values uniform in `[-scale, scale)`, never all zero, rounded to T.
 pub fn random_vec<T: FloatElem>(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<T> {
     (0..n)

@@ -4,14 +4,15 @@
 //! problem; `fk merge` runs the library merge.
 
 use finetune_kernels::dtype::DType;
+use finetune_kernels::files::read_file;
 use finetune_kernels::lora::adapter::{
     merge_checkpoint, Adapter, AdapterConfig, LoraFactors, TargetModules, CONFIG_FILE, KEY_PREFIX,
     WEIGHTS_FILE,
 };
-use finetune_kernels::nf4::checkpoint::{read_file, write_atomic, Checkpoint, RawTensor};
+use finetune_kernels::nf4::checkpoint::{write_atomic, Checkpoint, RawTensor};
 use finetune_kernels::reference::lora::{LoraConfig, LoraLayer};
 use finetune_kernels::reference::nf4::{self, Absmax};
-use finetune_kernels::testing::{bit_mismatches, random_vec, rel_l2};
+use finetune_kernels::testing::{bit_mismatches, fresh_dir, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
 use rand::{rngs::StdRng, SeedableRng};
 use safetensors::Dtype;
@@ -42,12 +43,11 @@ fn data(path: &str) -> PathBuf {
 
 /// A fresh, empty directory under target/tmp.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("lora")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    fresh_dir(
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("lora")
+            .join(name),
+    )
 }
 
 /// Every tensor of a safetensors file, owned.

@@ -4,12 +4,12 @@
 //! (what transformers writes for a 4-bit model), `checkpoint_dequant.safetensors` their
 //! weights as bitsandbytes dequantizes them.
 
+use finetune_kernels::files::read_file;
 use finetune_kernels::nf4::checkpoint::{
-    quantize_file, read_file, write_atomic, Checkpoint, QuantizeOptions, RawTensor,
-    QUANT_STATE_SUFFIX,
+    quantize_file, write_atomic, Checkpoint, QuantizeOptions, RawTensor, QUANT_STATE_SUFFIX,
 };
 use finetune_kernels::reference::nf4::{self, Absmax, BLOCKSIZES};
-use finetune_kernels::testing::random_vec;
+use finetune_kernels::testing::{random_bf16_tensor, random_vec};
 use finetune_kernels::{bf16, f16, DType, Error};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use safetensors::{Dtype, SafeTensors};
@@ -570,16 +570,6 @@ fn codes_in_another_storage_dtype_read_the_same() {
     }
 }
 
-/// A 2-D bf16 tensor of random values.
-fn matrix(rng: &mut StdRng, rows: usize, cols: usize) -> RawTensor<'static> {
-    let v: Vec<bf16> = random_vec(rng, rows * cols, 1.0);
-    RawTensor {
-        dtype: Dtype::BF16,
-        shape: vec![rows, cols],
-        data: Cow::Owned(bytemuck::cast_slice(&v).to_vec()),
-    }
-}
-
 /// Other model families' names: GPT-2's and T5's embeddings, nested and renamed heads stay
 /// as they are by default, and are listed; GPT-2's Conv1D weights (stored [in, out], as their
 /// biases show) are refused unless `transpose` names them, and then quantized as their
@@ -605,11 +595,11 @@ fn other_families_embeddings_heads_and_conv1d() {
         ("transformer.h.0.attn.c_proj.weight", 16, 16),
         ("transformer.h.0.mlp.c_fc.weight", 16, 64),
     ] {
-        tensors.insert(name.to_string(), matrix(&mut rng, rows, cols));
+        tensors.insert(name.to_string(), random_bf16_tensor(&mut rng, rows, cols));
         if let Some(module) = name.strip_suffix(".weight").filter(|m| m.contains(".c_")) {
             let bias = RawTensor {
                 shape: vec![cols],
-                ..matrix(&mut rng, 1, cols)
+                ..random_bf16_tensor(&mut rng, 1, cols)
             };
             tensors.insert(format!("{module}.bias"), bias);
         }
@@ -660,10 +650,13 @@ fn other_families_embeddings_heads_and_conv1d() {
         ..QuantizeOptions::default()
     };
     let mut tensors = BTreeMap::new();
-    tensors.insert("h.c_attn.weight".to_string(), matrix(&mut rng, 48, 16));
+    tensors.insert(
+        "h.c_attn.weight".to_string(),
+        random_bf16_tensor(&mut rng, 48, 16),
+    );
     let bias = RawTensor {
         shape: vec![48],
-        ..matrix(&mut rng, 1, 48)
+        ..random_bf16_tensor(&mut rng, 1, 48)
     };
     tensors.insert("h.c_attn.bias".to_string(), bias);
     write_atomic(&input, tensors, None).unwrap();
@@ -686,12 +679,12 @@ fn names_that_collide_with_nf4_parts_are_refused() {
     for part in [".absmax", ".quant_map", QUANT_STATE_SUFFIX] {
         let clash = format!("a.weight{part}");
         let tensors = [
-            ("a.weight".to_string(), matrix(&mut rng, 4, 64)),
+            ("a.weight".to_string(), random_bf16_tensor(&mut rng, 4, 64)),
             (
                 clash.clone(),
                 RawTensor {
                     shape: vec![1, 16],
-                    ..matrix(&mut rng, 1, 16)
+                    ..random_bf16_tensor(&mut rng, 1, 16)
                 },
             ),
         ];

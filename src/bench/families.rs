@@ -4,10 +4,11 @@
 //! still run, and the family itself keeps the rows it had measured ([`Rows::writing_to`]):
 //! a GPU check, rare and short, loses at most one family's tail to one bad kernel.
 
-use super::{cublas_rows, lora, measure_ceilings, nf4, sparse, write_whole};
+use super::{cublas_rows, lora, measure_ceilings, nf4, sparse};
 use super::{Ceilings, GpuTimer, Row, Rows};
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::files::write_whole;
 use crate::lora::LoraPath;
 use std::path::Path;
 use std::process::Command;
@@ -66,7 +67,7 @@ pub fn run(dev: &Device, family: &str, ceilings: Option<&Path>, out: &mut Rows) 
         None => {
             let c = measure_ceilings(dev, &mut timer)?;
             if let Some(path) = ceilings {
-                write_whole(path, &c.to_json())?;
+                write_whole(path, c.to_json())?;
             }
             c
         }
@@ -136,11 +137,7 @@ pub fn run_isolated(
     child: &dyn Fn(&str, &Path) -> Command,
     each: &mut dyn FnMut(&[Outcome]) -> Result<()>,
 ) -> Result<Vec<Outcome>> {
-    let io = |path: &Path, e: std::io::Error| Error::Io {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut outcomes = Vec::new();
     for &family in families {
         let json = dir.join(format!("{family}.json"));
@@ -148,7 +145,7 @@ pub fn run_isolated(
         // A file left by an earlier run must not pass for this one's rows.
         let _ = std::fs::remove_file(&json);
         let start = Instant::now();
-        let stderr = std::fs::File::create(&err).map_err(|e| io(&err, e))?;
+        let stderr = std::fs::File::create(&err).map_err(|e| Error::io(&err, e))?;
         let mut proc = child(family, &json)
             .stderr(stderr)
             .spawn()
@@ -157,7 +154,7 @@ pub fn run_isolated(
                 why: e.to_string(),
             })?;
         let status = loop {
-            if let Some(status) = proc.try_wait().map_err(|e| io(&json, e))? {
+            if let Some(status) = proc.try_wait().map_err(|e| Error::io(&json, e))? {
                 break Some(status);
             }
             if start.elapsed() >= limit {

@@ -12,6 +12,7 @@ use crate::device::blas::{self, WeightOp};
 use crate::device::{breakdown, CudaDevice, Device};
 use crate::dtype::FloatElem;
 use crate::error::{Error, Result};
+use crate::files::write_whole;
 use cudarc::driver::{result, sys, CudaSlice};
 use half::bf16;
 use std::collections::HashMap;
@@ -390,7 +391,7 @@ impl Rows {
     pub fn extend(&mut self, rows: impl IntoIterator<Item = Row>) -> Result<()> {
         self.rows.extend(rows);
         match &self.json {
-            Some(path) => write_whole(path, &to_json(&self.rows)),
+            Some(path) => write_whole(path, to_json(&self.rows)),
             None => Ok(()),
         }
     }
@@ -417,19 +418,6 @@ impl Rows {
     pub fn failed_extras(&self) -> &[String] {
         &self.failed_extras
     }
-}
-
-/// Writes `text` to `path` through a file beside it and a rename, so that a reader (or a
-/// process killed meanwhile) never sees it half written.
-pub fn write_whole(path: &Path, text: &str) -> Result<()> {
-    let io = |e: std::io::Error| Error::Io {
-        path: path.display().to_string(),
-        why: e.to_string(),
-    };
-    let mut part = path.as_os_str().to_owned();
-    part.push(".part");
-    std::fs::write(&part, text).map_err(io)?;
-    std::fs::rename(&part, path).map_err(io)
 }
 
 /// The rows as a JSON array (one object per row, every figure included; a figure that is

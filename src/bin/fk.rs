@@ -17,13 +17,15 @@
 //! that is missing or not what it claims, no GPU for a command that needs one), with its
 //! message.
 //!
-//! A checkpoint (BASE, IN) is a safetensors file, or a sharded one: its
-//! `model.safetensors.index.json`, or the directory holding that (or `model.safetensors`).
-//! A sharded checkpoint's OUT is a directory: shards of the same names and their index.
+//! A checkpoint (BASE, IN) is a safetensors file, a shard index
+//! (`model.safetensors.index.json`), or a model directory holding `model.safetensors` or an
+//! index. For an index or a directory, OUT is a directory: the weights (shards under their
+//! names, beside their index) and the model's other files (config, tokenizer).
 
 use finetune_kernels::bench;
 use finetune_kernels::check::{self, Scale};
 use finetune_kernels::device::{probe_driver, ptx, Device, Kernel};
+use finetune_kernels::files::write_whole;
 use finetune_kernels::lora::{
     self,
     adapter::{merge_checkpoint, Adapter},
@@ -33,7 +35,7 @@ use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN OUT [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE ADAPTER_DIR OUT (IN, BASE: a .safetensors file, a sharded checkpoint's index, or its directory; OUT: a file, or a directory for shards)";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN OUT [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE ADAPTER_DIR OUT (IN, BASE: a .safetensors file, a shard index, or a model directory; OUT: a file, or a directory for an index or a directory)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -306,13 +308,13 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
     // The results so far after each family: a kill of this process keeps them.
     let write = |outcomes: &[bench::families::Outcome]| -> Result<String, Error> {
         let rows: Vec<bench::Row> = outcomes.iter().flat_map(|o| o.rows.clone()).collect();
-        bench::write_whole(Path::new(json), &bench::to_json(&rows))?;
+        write_whole(Path::new(json), bench::to_json(&rows))?;
         let mut table = bench::to_markdown(&rows);
         table += &format!("\nFamilies, each in a process of its own (at most {seconds} s):\n\n");
         for o in outcomes {
             table += &(o.note() + "\n");
         }
-        bench::write_whole(Path::new(md), &table)?;
+        write_whole(Path::new(md), &table)?;
         Ok(table)
     };
     let outcomes = bench::families::run_isolated(
@@ -350,9 +352,9 @@ fn run_profile(args: &[String]) -> Result<(), String> {
 }
 
 /// `fk quantize`: the 2-D linear weights of a bf16/f16/f32 safetensors checkpoint (one
-/// file, or sharded) to NF4 (bitsandbytes' layout, loadable by transformers), every other
-/// tensor copied. `--include`
-/// replaces the default pattern (`*.weight`); `--exclude` adds to the default ones
+/// file, or a model directory, sharded or not) to NF4 (bitsandbytes' layout, loadable by
+/// transformers), every other tensor copied. `--include` replaces the default pattern
+/// (`*.weight`); `--exclude` adds to the default ones
 /// (`checkpoint::DEFAULT_EXCLUDE`: embeddings, norms, heads), which `--no-default-excludes`
 /// drops; `--transpose` names weights stored `[in, out]` (GPT-2's `Conv1D`).
 fn run_quantize(args: &[String]) -> Result<(), String> {

@@ -18,12 +18,11 @@
 
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
-use crate::nf4::checkpoint::{
-    read_file, replace_file, write_atomic, Checkpoint, RawTensor, Staged,
-};
+use crate::files::{read_file, write_whole, Staged};
+use crate::nf4::checkpoint::{write_atomic, Checkpoint, RawTensor};
 use crate::reference::lora::{LoraConfig, LoraLayer};
 use crate::reference::nf4::{self, Absmax, Nf4Quantized};
-use crate::shards::Layout;
+use crate::shards::{edit_json_object, Layout};
 use crate::{bf16, f16};
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
@@ -502,16 +501,11 @@ impl Adapter {
                 tensors.push((format!("{KEY_PREFIX}{module}{suffix}"), t));
             }
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-            path: dir.display().to_string(),
-            why: e.to_string(),
-        })?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         write_atomic(&dir.join(WEIGHTS_FILE), tensors, None)?;
         // The config last, whole or not at all: a failure leaves no new config beside old
         // weights (whose scale it would change).
-        replace_file(&dir.join(CONFIG_FILE), |tmp| {
-            std::fs::write(tmp, config.to_json()).map_err(|e| e.to_string())
-        })
+        write_whole(&dir.join(CONFIG_FILE), config.to_json())
     }
 
     /// The reference layer of `module` over its base weight `w` `[out, in]` and `bias`,
@@ -619,18 +613,18 @@ pub fn merge_checkpoint(base: &Path, adapter: &Adapter, out: &Path) -> Result<Me
 /// A `config.json` whose `quantization_config` names another `bnb_4bit_quant_storage` than
 /// uint8, with uint8: the merge writes every NF4 weight's codes as u8. `None` for any other.
 fn with_u8_storage(config: &[u8]) -> Result<Option<Vec<u8>>> {
-    let bad = |why: String| Error::checkpoint("config.json", "", why);
-    let mut json: Value =
-        serde_json::from_slice(config).map_err(|e| bad(format!("bad JSON: {e}")))?;
-    let storage = json
-        .get_mut("quantization_config")
-        .and_then(|q| q.get_mut("bnb_4bit_quant_storage"));
-    match storage {
-        Some(s) if s.as_str() != Some("uint8") => *s = "uint8".into(),
-        _ => return Ok(None),
-    }
-    let text = serde_json::to_string_pretty(&json).expect("a JSON value serializes");
-    Ok(Some((text + "\n").into_bytes()))
+    edit_json_object("config.json", config, |fields| {
+        let storage = fields
+            .get_mut("quantization_config")
+            .and_then(|q| q.get_mut("bnb_4bit_quant_storage"));
+        match storage {
+            Some(s) if s.as_str() != Some("uint8") => {
+                *s = "uint8".into();
+                true
+            }
+            _ => false,
+        }
+    })
 }
 
 /// [`merge_checkpoint`] for one file, adding to `summary` the weights it merged.

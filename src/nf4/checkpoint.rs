@@ -19,14 +19,15 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::files::{read_file, stage, Staged};
 use crate::reference::nf4::{self, check_blocksize, Absmax, NestedAbsmax, Nf4Quantized, NF4_CODE};
-use crate::shards::Layout;
+use crate::shards::{edit_json_object, Layout};
 use crate::{bf16, f16};
 use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The key that marks an NF4 weight: `<w>` + this holds its JSON quant state.
 pub const QUANT_STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
@@ -103,11 +104,6 @@ pub struct Checkpoint<'a> {
     pub nf4: BTreeMap<String, Nf4Quantized>,
     pub tensors: BTreeMap<String, RawTensor<'a>>,
     pub metadata: Option<HashMap<String, String>>,
-}
-
-/// Reads a whole file, as an [`Error::Io`] naming it on failure.
-pub fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| io_error(path, e))
 }
 
 impl<'a> Checkpoint<'a> {
@@ -444,7 +440,7 @@ pub fn nf4_tensors(weight: &str, q: &Nf4Quantized) -> Result<Vec<(String, RawTen
     Ok(out)
 }
 
-/// Writes tensors to `path` as [`replace_file`] does. The metadata gets `format: pt`, which
+/// Writes tensors to `path` as [`crate::files::replace_file`] does. The metadata gets `format: pt`, which
 /// transformers asks for, if absent.
 pub fn write_atomic<'a>(
     path: &Path,
@@ -480,88 +476,6 @@ pub fn stage_tensors<'a>(
     stage(path, |tmp| {
         safetensors::serialize_to_file(tensors, Some(metadata), tmp).map_err(|e| e.to_string())
     })
-}
-
-/// Writes `path` through a temporary file beside it (`write` fills it), synced to disk and
-/// renamed over `path` once complete: a failure leaves no half-written file and an existing
-/// one untouched, a crash the old file or the new. Failures are [`Error::Io`] naming `path`.
-pub fn replace_file(
-    path: &Path,
-    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
-) -> Result<()> {
-    stage(path, write)?.commit()
-}
-
-/// [`replace_file`] up to the rename.
-pub fn stage(
-    path: &Path,
-    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
-) -> Result<Staged> {
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io_error(path, "not a file name"))?
-        .to_string_lossy();
-    let staged = Staged {
-        tmp: path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id())),
-        path: path.to_path_buf(),
-    };
-    write(&staged.tmp)
-        .and_then(|()| {
-            std::fs::File::open(&staged.tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| e.to_string())
-        })
-        .map_err(|why| io_error(path, why))?;
-    Ok(staged)
-}
-
-pub(crate) fn io_error(path: &Path, why: impl ToString) -> Error {
-    Error::Io {
-        path: path.display().to_string(),
-        why: why.to_string(),
-    }
-}
-
-/// A file written and synced under a temporary name beside its destination: [`commit`]
-/// renames it over the destination; dropped uncommitted, it is removed. Staging every file
-/// of a sharded checkpoint before renaming any keeps a failure in one shard from leaving the
-/// others converted.
-///
-/// [`commit`]: Staged::commit
-#[must_use = "a staged file is removed unless committed"]
-#[derive(Debug)]
-pub struct Staged {
-    tmp: PathBuf,
-    path: PathBuf,
-}
-
-impl Staged {
-    /// The file as written, under its temporary name.
-    pub fn written(&self) -> &Path {
-        &self.tmp
-    }
-
-    /// Where [`commit`](Staged::commit) puts it.
-    pub fn destination(&self) -> &Path {
-        &self.path
-    }
-
-    /// Renames the file over its destination.
-    pub fn commit(mut self) -> Result<()> {
-        let tmp = std::mem::take(&mut self.tmp);
-        std::fs::rename(&tmp, &self.path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_error(&self.path, e.to_string())
-        })
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
 }
 
 /// What `fk quantize` converts, and how.
@@ -761,7 +675,7 @@ pub fn quantize_file(
     summary.left_alone.sort();
     if let Some(dir) = layout.model_dir() {
         summary.carried = converted.carry_side_files(dir, |name, bytes| match name {
-            "config.json" => with_quantization_config(bytes, opts, &summary).map(Some),
+            "config.json" => with_quantization_config(bytes, opts, &summary),
             _ => Ok(None),
         })?;
     }
@@ -780,37 +694,32 @@ fn with_quantization_config(
     config: &[u8],
     opts: &QuantizeOptions,
     summary: &QuantizeSummary,
-) -> Result<Vec<u8>> {
-    let bad = |why: String| Error::checkpoint("config.json", "", why);
-    let mut json: serde_json::Value =
-        serde_json::from_slice(config).map_err(|e| bad(format!("bad JSON: {e}")))?;
-    let fields = json
-        .as_object_mut()
-        .ok_or_else(|| bad("not a JSON object".into()))?;
-    let dtypes = ["bfloat16", "float16", "float32"];
-    let compute = ["torch_dtype", "dtype"]
-        .iter()
-        .filter_map(|k| fields.get(*k).and_then(serde_json::Value::as_str))
-        .find(|d| dtypes.contains(d))
-        .unwrap_or("float32");
-    let quantization = serde_json::json!({
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": true,
-        "load_in_8bit": false,
-        "_load_in_4bit": true,
-        "_load_in_8bit": false,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": opts.double_quant,
-        "bnb_4bit_compute_dtype": compute,
-        "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": summary.skip_modules(),
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": false,
-        "llm_int8_enable_fp32_cpu_offload": false,
-    });
-    fields.insert("quantization_config".into(), quantization);
-    let text = serde_json::to_string_pretty(&json).expect("a JSON value serializes");
-    Ok((text + "\n").into_bytes())
+) -> Result<Option<Vec<u8>>> {
+    edit_json_object("config.json", config, |fields| {
+        let dtypes = ["bfloat16", "float16", "float32"];
+        let compute = ["torch_dtype", "dtype"]
+            .iter()
+            .filter_map(|k| fields.get(*k).and_then(serde_json::Value::as_str))
+            .find(|d| dtypes.contains(d))
+            .unwrap_or("float32");
+        let quantization = serde_json::json!({
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "_load_in_4bit": true,
+            "_load_in_8bit": false,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": opts.double_quant,
+            "bnb_4bit_compute_dtype": compute,
+            "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": summary.skip_modules(),
+            "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": false,
+            "llm_int8_enable_fp32_cpu_offload": false,
+        });
+        fields.insert("quantization_config".into(), quantization);
+        true
+    })
 }
 
 /// [`quantize_file`] for one file (`headers`: every tensor of the checkpoint), adding to
