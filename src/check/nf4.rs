@@ -40,27 +40,54 @@ impl CheckCase for Case {
     }
 }
 
-/// A weight like a trained layer's: normal-ish values, a few outliers.
-fn random_weight<T: FloatElem>(rng: &mut StdRng, n: usize) -> Vec<T> {
-    (0..n)
+/// The weight a check of case `c` draws from its seed, like a trained layer's: normal-ish
+/// values, a few outliers. f32: each dtype's weight is this one rounded ([`rounded`]), so
+/// that `fk check` draws it once for all its rows (45 M elements at the realistic shape).
+fn weight(c: &Case) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    (0..c.rows * c.cols)
         .map(|_| {
             let x: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.02;
-            T::from_f32(if rng.random_range(0..1000) == 0 {
+            if rng.random_range(0..1000) == 0 {
                 x * 20.0
             } else {
                 x
-            })
+            }
         })
         .collect()
+}
+
+/// `w` rounded to T.
+fn rounded<T: FloatElem>(w: &[f32]) -> Vec<T> {
+    w.iter().map(|&v| T::from_f32(v)).collect()
+}
+
+/// `w` rounded to T and quantized as case `c` says.
+fn quantized_in<T: FloatElem>(c: &Case, w: &[f32]) -> Result<reference::Nf4Quantized> {
+    reference::quantize(
+        &rounded::<T>(w),
+        &[c.rows, c.cols],
+        c.blocksize,
+        c.double_quant,
+    )
+}
+
+/// The generator of a matmul check's activations (and of the rows it samples): a stream of
+/// its own, so that rows with the same seed share the weight whatever their `m`.
+fn activations_rng(c: &Case) -> StdRng {
+    StdRng::seed_from_u64(c.seed ^ 0x9E37_79B9_7F4A_7C15)
 }
 
 /// Quantization on the device against the reference: codes, absmaxes and the nested
 /// statistics bit for bit (the reference is checked against bitsandbytes' own output).
 pub fn quantize<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
-    let mut rng = StdRng::seed_from_u64(c.seed);
-    let w: Vec<T> = random_weight(&mut rng, c.rows * c.cols);
-    let expected = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
-    let wd = dev.upload(&w)?;
+    quantize_drawn::<T>(dev, c, &rounded(&weight(&c)))
+}
+
+/// [`quantize`] of `w`, the case's weight already drawn.
+fn quantize_drawn<T: FloatElem>(dev: &Device, c: Case, w: &[T]) -> Result<CheckRow> {
+    let expected = reference::quantize(w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+    let wd = dev.upload(w)?;
     let q = Nf4Weight::quantize(&wd, c.rows, c.cols, c.blocksize, c.double_quant)?.to_host()?;
     let mut bad = bit_mismatches(&q.codes, &expected.codes).len();
     bad += match (&q.absmax, &expected.absmax) {
@@ -87,10 +114,17 @@ pub fn quantize<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
 
 /// Dequantization into a poisoned buffer, bit for bit against the reference.
 pub fn dequantize<O: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
-    let mut rng = StdRng::seed_from_u64(c.seed);
-    let w: Vec<f32> = random_weight(&mut rng, c.rows * c.cols);
-    let q = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
-    let wd = Nf4Weight::upload(dev, &q)?;
+    let q = reference::quantize(&weight(&c), &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+    dequantize_drawn::<O>(dev, c, &q)
+}
+
+/// [`dequantize`] of `q`, the case's f32 weight already drawn and quantized.
+fn dequantize_drawn<O: FloatElem>(
+    dev: &Device,
+    c: Case,
+    q: &reference::Nf4Quantized,
+) -> Result<CheckRow> {
+    let wd = Nf4Weight::upload(dev, q)?;
     let mut out = dev.alloc_poisoned::<O>(c.rows * c.cols)?;
     wd.dequantize(&mut out)?;
     let bad = bit_mismatches(&out.to_host()?, &q.dequantize::<O>()).len();
@@ -133,9 +167,21 @@ pub fn matmul<T: FloatElem>(
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
-    let mut rng = StdRng::seed_from_u64(c.seed);
-    let w: Vec<T> = random_weight(&mut rng, c.rows * c.cols);
-    let q = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+    matmul_drawn::<T>(dev, c, &quantized_in::<T>(&c, &weight(&c))?, path, forward)
+}
+
+/// [`matmul`] through `q`, the case's weight in T already drawn and quantized.
+fn matmul_drawn<T: FloatElem>(
+    dev: &Device,
+    c: Case,
+    q: &reference::Nf4Quantized,
+    path: MatmulPath,
+    forward: bool,
+) -> Result<CheckRow>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let mut rng = activations_rng(&c);
     // Ŵ as the path uses it: the SIMT GEMV keeps it in f32 (it never materializes it), the
     // tensor-core GEMV multiplies by the codes in T and scales by the f32 absmax, the GEMMs
     // dequantize it to T on the way into their tiles.
@@ -170,7 +216,7 @@ where
     } else {
         linear::linear_dx(&a_checked, &what, checked.len(), c.rows, c.cols)
     };
-    let wd = Nf4Weight::upload(dev, &q)?;
+    let wd = Nf4Weight::upload(dev, q)?;
     let ad = dev.upload(&a)?;
     let mut out = dev.alloc_poisoned::<T>(c.m * n_out)?;
     let run = |out: &mut crate::Buffer<T>| {
@@ -221,45 +267,51 @@ fn base_case(scale: Scale, seed: u64) -> (Case, usize) {
 
 /// Every NF4 kernel at `scale`: quantize/dequantize for each dtype, blocksize and double
 /// quantization; the matmuls for bf16 and f16 through each path the device has. Each row
-/// into `report` as it is checked.
+/// into `report` as it is checked. Every row draws the same weight (its case's seed), so it
+/// is drawn once and quantized once per dtype and blocksize here, as each row would draw it:
+/// at the realistic shape each draw or quantization takes about half a second on the host.
 pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result<()> {
     let (base, m_gemm) = base_case(scale, seed);
+    let w = weight(&base);
+    let (w_bf16, w_f16) = (rounded::<bf16>(&w), rounded::<f16>(&w));
+    let shape = [base.rows, base.cols];
     for (blocksize, dq) in [(64, true), (64, false), (32, true), (4096, true)] {
         let c = Case {
             blocksize,
             double_quant: dq,
             ..base
         };
-        report.push(quantize::<bf16>(dev, c)?);
-        report.push(quantize::<f16>(dev, c)?);
-        report.push(quantize::<f32>(dev, c)?);
-        report.push(dequantize::<bf16>(dev, c)?);
-        report.push(dequantize::<f16>(dev, c)?);
-        report.push(dequantize::<f32>(dev, c)?);
+        report.push(quantize_drawn(dev, c, &w_bf16)?);
+        report.push(quantize_drawn(dev, c, &w_f16)?);
+        report.push(quantize_drawn(dev, c, &w)?);
+        let q = reference::quantize(&w, &shape, blocksize, dq)?;
+        report.push(dequantize_drawn::<bf16>(dev, c, &q)?);
+        report.push(dequantize_drawn::<f16>(dev, c, &q)?);
+        report.push(dequantize_drawn::<f32>(dev, c, &q)?);
     }
+    let (q_bf16, q_f16) = (
+        quantized_in::<bf16>(&base, &w)?,
+        quantized_in::<f16>(&base, &w)?,
+    );
     let mut paths = vec![MatmulPath::FusedGemm];
     if dev.has_cublas() {
         paths.push(MatmulPath::DequantizeCublas);
     }
     for m in [1, 3, 16, 64] {
-        let c = Case {
-            m,
-            seed: seed + m as u64,
-            ..base
-        };
+        let c = Case { m, ..base };
         for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
             if m > gemv.max_rows() {
                 continue;
             }
-            report.push(matmul::<bf16>(dev, c, gemv, true)?);
-            report.push(matmul::<f16>(dev, c, gemv, true)?);
+            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, gemv, true)?);
+            report.push(matmul_drawn::<f16>(dev, c, &q_f16, gemv, true)?);
         }
     }
     for path in paths {
         let c = Case { m: m_gemm, ..base };
         for forward in [true, false] {
-            report.push(matmul::<bf16>(dev, c, path, forward)?);
-            report.push(matmul::<f16>(dev, c, path, forward)?);
+            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, path, forward)?);
+            report.push(matmul_drawn::<f16>(dev, c, &q_f16, path, forward)?);
         }
     }
     Ok(())
@@ -275,9 +327,23 @@ pub fn wgmma(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Resu
     }
     let (base, m_gemm) = base_case(scale, seed);
     let c = Case { m: m_gemm, ..base };
+    let w = weight(&c);
+    let (q_bf16, q_f16) = (quantized_in::<bf16>(&c, &w)?, quantized_in::<f16>(&c, &w)?);
     for forward in [true, false] {
-        report.push(matmul::<bf16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
-        report.push(matmul::<f16>(dev, c, MatmulPath::FusedGemmWgmma, forward)?);
+        report.push(matmul_drawn::<bf16>(
+            dev,
+            c,
+            &q_bf16,
+            MatmulPath::FusedGemmWgmma,
+            forward,
+        )?);
+        report.push(matmul_drawn::<f16>(
+            dev,
+            c,
+            &q_f16,
+            MatmulPath::FusedGemmWgmma,
+            forward,
+        )?);
     }
     Ok(())
 }
