@@ -16,6 +16,10 @@ pub enum NoDevice {
     ComputeCapability { major: i32, minor: i32 },
     /// A device ordinal past the device count.
     Ordinal { ordinal: usize, count: usize },
+    /// The driver is there but cannot run anything: `cuInit`'s error (a stub libcuda from a
+    /// container image, a kernel module that does not match the library, every device taken
+    /// by exclusive-process mode...).
+    DriverUnusable { name: String },
     /// The host emulator backend was not compiled in (feature `emu`).
     EmulatorNotBuilt,
 }
@@ -59,7 +63,13 @@ pub enum Error {
     DeviceMismatch,
     /// A CUDA driver call failed: the call and the driver's error name.
     Driver { call: &'static str, name: String },
-    /// The host emulator caught a kernel bug (race, divergent barrier, bad mask...).
+    /// An allocation of this many bytes failed (device memory on a GPU, host memory under
+    /// the emulator).
+    OutOfMemory { bytes: usize },
+    /// The host emulator caught a kernel bug (race, divergent barrier, bad mask, a deadlock,
+    /// `__trap`...) or could not run the launch (the host out of memory). What it cannot
+    /// catch: an emulated kernel's access out of its buffers is the host process's own, and
+    /// may crash it as on a GPU it would fault (`FK_EMU_ASAN=1` builds report those).
     Emulator(String),
     /// A file could not be read or written.
     Io { path: String, why: String },
@@ -73,6 +83,27 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The driver's name for `e`, e.g. `CUDA_ERROR_OUT_OF_MEMORY`.
+pub(crate) fn driver_error_name(e: cudarc::driver::DriverError) -> String {
+    e.error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0))
+}
+
+/// Driver errors that a faulting kernel leaves on its context: every later call returns one,
+/// so the call that reports it is seldom the one that failed.
+const STICKY: [&str; 9] = [
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_ASSERT",
+];
 
 impl fmt::Display for NoDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -94,6 +125,12 @@ impl fmt::Display for NoDevice {
             ),
             NoDevice::Ordinal { ordinal, count } => {
                 write!(f, "device {ordinal} requested, the driver reports {count}")
+            }
+            NoDevice::DriverUnusable { name } => {
+                write!(
+                    f,
+                    "the NVIDIA driver is installed but cuInit failed: {name}"
+                )
             }
             NoDevice::EmulatorNotBuilt => {
                 write!(
@@ -129,7 +166,15 @@ impl fmt::Display for Error {
             Error::InvalidArgument { what, why } => write!(f, "invalid {what}: {why}"),
             Error::NoDevice(why) => write!(f, "no device: {why}"),
             Error::DeviceMismatch => write!(f, "buffers belong to different devices"),
+            Error::Driver { call, name } if STICKY.contains(&name.as_str()) => write!(
+                f,
+                "CUDA driver call {call} failed: {name} (an error a kernel left behind: an \
+                 earlier asynchronous launch or copy failed, and this context runs nothing more)"
+            ),
             Error::Driver { call, name } => write!(f, "CUDA driver call {call} failed: {name}"),
+            Error::OutOfMemory { bytes } => {
+                write!(f, "out of memory: {bytes} bytes could not be allocated")
+            }
             Error::Emulator(msg) => write!(f, "emulator: {msg}"),
             Error::Io { path, why } => write!(f, "{path}: {why}"),
             Error::Checkpoint { file, tensor, why } if tensor.is_empty() => {
@@ -151,10 +196,9 @@ impl From<NoDevice> for Error {
 impl Error {
     /// Wraps a cudarc driver error with the name of the call that failed.
     pub(crate) fn driver(call: &'static str, e: cudarc::driver::DriverError) -> Self {
-        let name = e.error_name().map(|s| s.to_string_lossy().into_owned());
         Error::Driver {
             call,
-            name: name.unwrap_or_else(|_| format!("{:?}", e.0)),
+            name: driver_error_name(e),
         }
     }
 
@@ -191,6 +235,36 @@ impl Error {
             file: file.to_string(),
             tensor: tensor.to_string(),
             why,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fault a kernel left on the context is said to be one, whichever call reports it;
+    /// other driver errors are said as they are. (Built by hand: the driver's names come from
+    /// libcuda, which CI has not.)
+    #[test]
+    fn sticky_driver_errors_say_an_earlier_launch_failed() {
+        for (name, sticky) in [
+            ("CUDA_ERROR_ILLEGAL_ADDRESS", true),
+            ("CUDA_ERROR_LAUNCH_FAILED", true),
+            ("CUDA_ERROR_OUT_OF_MEMORY", false),
+            ("CUDA_ERROR_INVALID_VALUE", false),
+        ] {
+            let e = Error::Driver {
+                call: "cuMemcpyDtoHAsync",
+                name: name.into(),
+            };
+            let text = e.to_string();
+            assert!(text.contains(name), "{text}");
+            assert_eq!(
+                text.contains("earlier asynchronous launch"),
+                sticky,
+                "{text}"
+            );
         }
     }
 }

@@ -111,6 +111,95 @@ fn wrong_lengths_and_devices_are_typed_errors() {
     }
 }
 
+/// The error `r` must be.
+fn error<T>(r: Result<T, Error>) -> Error {
+    match r {
+        Err(e) => e,
+        Ok(_) => panic!("expected an error"),
+    }
+}
+
+/// Sizes no memory holds are typed errors on every backend, before anything is written:
+/// a length whose bytes overflow, one past any host's or GPU's memory (128 TiB), a kernel's
+/// output sized from an argument, a row pitch that overflows; and launches that cannot run
+/// (a grid past u32, blocks of no threads, a kernel name with a NUL, no timed repetitions).
+/// The emulator had wrapped the byte count and written past a buffer of none.
+#[test]
+fn sizes_and_launches_no_device_takes_are_typed_errors() {
+    use finetune_kernels::bench::GpuTimer;
+    for dev in backends() {
+        let what = dev.describe();
+        let err = error(dev.zeros::<f32>(usize::MAX / 2));
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    what: "buffer length",
+                    ..
+                }
+            ),
+            "{what}: {err}"
+        );
+        let err = error(dev.alloc_poisoned::<f32>(1 << 45));
+        assert!(
+            matches!(err, Error::OutOfMemory { bytes } if bytes == 1 << 47),
+            "{what}: {err}"
+        );
+        let err = error(finetune_kernels::philox::random_words(
+            &dev,
+            1,
+            0,
+            [0, 0],
+            1 << 60,
+        ));
+        assert!(
+            matches!(
+                err,
+                Error::Unsupported { .. } | Error::InvalidArgument { .. }
+            ),
+            "{what}: {err}"
+        );
+        let src = dev.upload(&[1u32, 2, 3]).unwrap();
+        let mut dst = dev.zeros::<u32>(3).unwrap();
+        let err = dst.copy_rows_from(&src, 1, 3, usize::MAX, 3).unwrap_err();
+        assert!(matches!(err, Error::ShapeMismatch { .. }), "{what}: {err}");
+        assert_eq!(dst.to_host().unwrap(), [0; 3], "{what}: nothing is written");
+        let nul = Kernel {
+            module: "regdump",
+            name: "regdump_tma\0".into(),
+        };
+        let one = LaunchConfig::grid_stride(32, 32, 1);
+        // SAFETY: refused before launch: nothing runs.
+        let err = unsafe { dev.launch(&nul, one, &0u8) }.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    what: "kernel name",
+                    ..
+                }
+            ),
+            "{what}: {err}"
+        );
+        let err = GpuTimer::new(&dev)
+            .unwrap()
+            .time(0, 0, || Ok(()))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { .. }),
+            "{what}: {err}"
+        );
+    }
+    for cfg in [
+        LaunchConfig::grid_stride(100, 0, 8),
+        LaunchConfig::tiles(1, usize::MAX, 1),
+        LaunchConfig::narrow(usize::MAX, 1, 1),
+        LaunchConfig::wgmma(usize::MAX, 1, false, 1, usize::MAX),
+    ] {
+        assert!(cfg.check("k").is_err(), "{cfg:?}");
+    }
+}
+
 /// A call's launch-by-launch breakdown (the benchmarks' `GpuTimer::breakdown`; on the
 /// emulator by the wall clock): each launch named after its kernel, in order, with a positive
 /// time, and none of another thread's launches meanwhile.

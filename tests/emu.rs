@@ -338,6 +338,30 @@ fn launches_a_gpu_would_refuse_are_errors() {
     // SAFETY: refused before the kernel could read it.
     let r = unsafe { dev.launch(&k, cfg, &0u8) };
     assert!(matches!(r, Err(Error::Emulator(m)) if m.contains("params struct is 1 bytes")));
+    // A grid CUDA takes but no host can order (2³¹ − 1 × 65,535 × 65,535 blocks): the C++
+    // exception it raises in the emulator is an error, not the end of the process.
+    let mut out = dev.alloc_poisoned::<f32>(1).unwrap();
+    let p = EmuTestParams {
+        out: out.ptr_mut() as *mut f32,
+        in_: out.ptr() as *const f32,
+        n: 1,
+    };
+    let huge = LaunchConfig {
+        grid: (i32::MAX as u32, 65_535, 65_535),
+        ..cfg
+    };
+    // SAFETY: the emulator fails before any block runs.
+    let r = unsafe { dev.launch(&k, huge, &p) };
+    assert!(
+        matches!(&r, Err(Error::Emulator(m)) if m.contains("the emulator failed")),
+        "{r:?}"
+    );
+    // A fiber's stack below the floor is refused when the emulator is made.
+    let small = Device::emu(EmuOptions {
+        stack_bytes: finetune_kernels::device::MIN_STACK_BYTES - 1,
+        ..EmuOptions::default()
+    });
+    assert!(matches!(small, Err(Error::InvalidArgument { .. })));
 }
 
 /// stmatrix.trans as ldmatrix.trans's inverse (the PTX ISA gives both one fragment layout),

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <exception>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -791,9 +792,9 @@ using namespace fk_emu;
 // MUFU.RCP depends on a 1 MiB table recorded on a GPU; the model lives in Rust.
 float fk_emu_rcp_approx_ftz(float x) { return t_block->rcp_approx_ftz(x); }
 
-extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], const uint32_t cluster[3],
-                             uint32_t dynamic_smem, const void* params, uint64_t params_size, const FkEmuOptions* options,
-                             char* err, uint64_t err_len) {
+static int launch(const char* name, const uint32_t grid[3], const uint32_t block[3], const uint32_t cluster[3],
+                  uint32_t dynamic_smem, const void* params, uint64_t params_size, const FkEmuOptions* options, char* err,
+                  uint64_t err_len) {
   auto fail_launch = [&](const std::string& msg) {
     std::snprintf(err, err_len, "%s", msg.c_str());
     return 1;
@@ -829,7 +830,7 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
   std::atomic<bool> failed{false};
   std::mutex error_lock;
   std::string first_error;
-  auto worker = [&]() {
+  auto work = [&]() {
     std::vector<Block> blocks(cluster_blocks);
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block[0], block[1], block[2]};
@@ -874,6 +875,17 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
     }
     t_block = nullptr;
   };
+  // An exception (the host out of memory, say) ends this worker's launch with an error: one
+  // escaping a thread would end the process.
+  auto worker = [&]() {
+    try {
+      work();
+    } catch (const std::exception& e) {
+      t_block = nullptr;
+      std::lock_guard<std::mutex> g(error_lock);
+      if (!failed.exchange(true)) first_error = std::string(name) + ": the emulator failed: " + e.what();
+    }
+  };
   const unsigned workers = std::max(1u, std::min<unsigned>(opt.threads, static_cast<unsigned>(std::min<uint64_t>(clusters, 64))));
   if (workers == 1) {
     worker();
@@ -883,6 +895,19 @@ extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uin
     for (auto& t : pool) t.join();
   }
   return failed.load() ? fail_launch(first_error) : 0;
+}
+
+// The launch, with any C++ exception (a grid too large to order in host memory, threads the
+// host will not start) made an error: none may cross into the Rust caller.
+extern "C" int fk_emu_launch(const char* name, const uint32_t grid[3], const uint32_t block[3], const uint32_t cluster[3],
+                             uint32_t dynamic_smem, const void* params, uint64_t params_size, const FkEmuOptions* options,
+                             char* err, uint64_t err_len) {
+  try {
+    return launch(name, grid, block, cluster, dynamic_smem, params, params_size, options, err, err_len);
+  } catch (const std::exception& e) {
+    std::snprintf(err, err_len, "%s: the emulator failed: %s", name, e.what());
+    return 1;
+  }
 }
 
 extern "C" uint32_t fk_emu_from_f32(uint32_t format, float x) {

@@ -62,14 +62,21 @@ impl<'a> GpuTimer<'a> {
         memset(dev, flush, 0x5A)
     }
 
-    /// Runs `f` `warmup` times untimed, then `reps` times, each between two events, with
-    /// L2 flushed before each. Returns the median in microseconds.
+    /// Runs `f` `warmup` times untimed, then `reps` times (at least one), each between two
+    /// events, with L2 flushed before each. Returns the median in microseconds (of an even
+    /// count, the upper of the middle two).
     pub fn time(
         &mut self,
         warmup: usize,
         reps: usize,
         mut f: impl FnMut() -> Result<()>,
     ) -> Result<Stats> {
+        if reps == 0 {
+            return Err(Error::InvalidArgument {
+                what: "timed repetitions",
+                why: "0: a median needs one".into(),
+            });
+        }
         let Some((dev, flush)) = &self.gpu else {
             let start = std::time::Instant::now();
             f()?;
@@ -146,9 +153,10 @@ impl<'a> GpuTimer<'a> {
             Self::flush_l2(dev, flush)?;
             breakdown::open()?;
             let ran = f();
-            let marks = breakdown::close(dev.raw_stream())?;
+            // f's error first: the marks it left are what fails to close.
+            let marks = breakdown::close(dev.raw_stream());
             ran?;
-            runs.push(marks);
+            runs.push(marks?);
         }
         let first = runs.first().cloned().unwrap_or_default();
         first

@@ -200,13 +200,19 @@ fn launch_smem(k: &Kernel) -> u32 {
     }
 }
 
+/// GPU 0, for a command that only a GPU can run (`what` says why), or why there is none: a
+/// driver too old for the PTX, say, rather than a silent fall back to the emulator.
+fn gpu(what: &str) -> Result<Device, String> {
+    Device::cuda(0).map_err(|e| format!("{what} needs a GPU, and there is none here: {e}"))
+}
+
 /// Every kernel as the driver's JIT compiled it: registers, local memory (spills the build
 /// checks' ptxas did not predict), static and dynamic shared memory, and blocks per SM at 256
 /// threads with the dynamic shared memory its launches ask for.
 fn run_resources() -> Result<(), String> {
-    let dev = Device::best().map_err(|e| e.to_string())?;
+    let dev = gpu("kernel resources are the driver's compile: they")?;
     let Device::Cuda(cuda) = &dev else {
-        return Err("kernel resources are the driver's compile: they need a GPU".into());
+        unreachable!("gpu() opens a CUDA device")
     };
     println!(
         "{:<40} {:>5} {:>6} {:>7} {:>8} {:>8} {:>10}",
@@ -239,9 +245,9 @@ fn run_resources() -> Result<(), String> {
 fn run_regdump(args: &[String]) -> Result<(), String> {
     known_args(args, &[], &["--out", "--rcp-table"])?;
     let out = flag_value(args, "--out")?.ok_or("regdump needs --out FILE")?;
-    let dev = Device::best().map_err(|e| e.to_string())?;
+    let dev = gpu("the register dump records real hardware: it")?;
     let Device::Cuda(cuda) = &dev else {
-        return Err("the register dump records real hardware: it needs a GPU".into());
+        unreachable!("gpu() opens a CUDA device")
     };
     // The MUFU.RCP table first: the dump's newest sections could end the CUDA context.
     if let Some(table) = flag_value(args, "--rcp-table")? {
@@ -279,7 +285,7 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
     let md = flag_value(args, "--md")?;
     if let Some(family) = flag_value(args, "--family")? {
         bench::families::find(family).map_err(|e| e.to_string())?;
-        let dev = Device::best().map_err(|e| e.to_string())?;
+        let dev = gpu("benchmarks time GPU kernels: a family")?;
         let mut out = bench::Rows::writing_to(Path::new(json));
         let ceilings = flag_value(args, "--ceilings")?.map(Path::new);
         let ran = bench::families::run(&dev, family, ceilings, &mut out);
@@ -343,10 +349,7 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
 fn run_profile(args: &[String]) -> Result<(), String> {
     let family = args.first().ok_or("profile needs a family: nf4 or lora")?;
     known_args(&args[1..], &[], &[])?;
-    let dev = Device::best().map_err(|e| e.to_string())?;
-    if !matches!(dev, Device::Cuda(_)) {
-        return Err("a profile reads a GPU's counters: it needs a GPU".into());
-    }
+    let dev = gpu("a profile reads a GPU's counters: it")?;
     bench::profile::run(&dev, family, &mut |case| println!("profile case: {case}"))
         .map_err(|e| e.to_string())
 }

@@ -89,6 +89,12 @@ where
         beta: T::from_f32(0.0),
         ldc: ldo as i32,
     };
+    // cuBLAS runs on the context current on this thread: the device's, whichever thread
+    // this is.
+    out.stream()
+        .context()
+        .bind_to_thread()
+        .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
     super::breakdown::mark(out.stream().cu_stream(), "cuBLAS GEMM")?;
     // SAFETY: each buffer holds the rows cfg describes (checked above), within i32.
     unsafe { blas.gemm(cfg, w, a, out) }.map_err(|e| Error::Driver {

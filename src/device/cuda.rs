@@ -1,7 +1,7 @@
 //! The CUDA backend: a cudarc context and stream, lazily loaded PTX modules, launches.
 
 use super::ptx::{self, Target};
-use super::{Kernel, LaunchConfig};
+use super::{byte_len, kernel_cname, Kernel, LaunchConfig};
 use crate::dtype::Elem;
 use crate::dtype::POISON_BYTE;
 use crate::error::{Error, NoDevice, Result};
@@ -28,9 +28,25 @@ pub fn probe_driver() -> Result<DriverInfo> {
     if !unsafe { sys::is_culib_present() } {
         return Err(NoDevice::NoDriver.into());
     }
+    use sys::CUresult as R;
     match result::init() {
         Ok(()) => {}
-        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => return Err(NoDevice::NoGpu.into()),
+        Err(e) if e.0 == R::CUDA_ERROR_NO_DEVICE => return Err(NoDevice::NoGpu.into()),
+        // A driver that cannot run anything here: the emulator is the fallback, as without one.
+        Err(e)
+            if matches!(
+                e.0,
+                R::CUDA_ERROR_STUB_LIBRARY
+                    | R::CUDA_ERROR_DEVICE_UNAVAILABLE
+                    | R::CUDA_ERROR_DEVICE_NOT_LICENSED
+                    | R::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH
+                    | R::CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE
+                    | R::CUDA_ERROR_OPERATING_SYSTEM
+            ) =>
+        {
+            let name = crate::error::driver_error_name(e);
+            return Err(NoDevice::DriverUnusable { name }.into());
+        }
         Err(e) => return Err(Error::driver("cuInit", e)),
     }
     let mut version = 0;
@@ -112,13 +128,13 @@ fn keep_freed_memory(device: sys::CUdevice) -> Result<()> {
     .map_err(|e| Error::driver("cuMemPoolSetAttribute", e))
 }
 
-/// The bytes of `len` elements of T, or an error if that overflows.
-fn byte_len<T>(len: usize) -> Result<usize> {
-    len.checked_mul(std::mem::size_of::<T>())
-        .ok_or_else(|| Error::InvalidArgument {
-            what: "buffer length",
-            why: format!("{len} elements overflow usize bytes"),
-        })
+/// An allocation's failure: [`Error::OutOfMemory`] when the device has no room.
+fn alloc_error(e: cudarc::driver::DriverError, bytes: usize) -> Error {
+    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory { bytes }
+    } else {
+        Error::driver("cuMemAllocAsync", e)
+    }
 }
 
 impl CudaDevice {
@@ -141,10 +157,19 @@ impl CudaDevice {
             }
             .into());
         }
-        let ctx =
-            CudaContext::new(ordinal).map_err(|e| Error::driver("cuDevicePrimaryCtxRetain", e))?;
-        // One stream, so cudarc's per-buffer event tracking would only add events.
-        // SAFETY: called before any buffer or stream of this context exists.
+        let ctx = CudaContext::new(ordinal).map_err(|e| {
+            Error::driver(
+                "CudaContext::new (cuDeviceGet, cuDevicePrimaryCtxRetain)",
+                e,
+            )
+        })?;
+        // Every buffer is used on one stream, the device's, where its free (cuMemFreeAsync on
+        // that stream) follows every launch that read it: cudarc's per-buffer events would
+        // only add work. A use on another stream is the caller's to order (launch_on's
+        // contract, the docs of stream() and Buffer::as_cuda_slice).
+        // SAFETY: called before any buffer or stream of this context exists; cudarc's
+        // condition, that no buffer is freed before another stream's use of it finishes, is
+        // met on the device's stream and passed on to callers that use others.
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx
             .compute_capability()
@@ -209,11 +234,17 @@ impl CudaDevice {
         &self.driver
     }
 
-    /// The cudarc context, for users who mix this crate with their own cudarc code.
+    /// The cudarc context, for users who mix this crate with their own cudarc code. Its
+    /// event tracking is off ([`Self::stream`]).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 
+    /// The stream every launch and copy of this device goes to: the context's legacy default
+    /// stream. cudarc's per-buffer event tracking is off, so buffers are ordered only on it:
+    /// work on another stream (cudarc's `new_stream`, PyTorch's, both non-blocking) that
+    /// reads a buffer must be synchronized with this stream by hand, and must finish before
+    /// the buffer is dropped (its free goes to this stream).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -223,9 +254,13 @@ impl CudaDevice {
     }
 
     pub(crate) fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| Error::driver("cuMemcpyHtoDAsync", e))
+        self.stream.clone_htod(host).map_err(|e| {
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                alloc_error(e, std::mem::size_of_val(host))
+            } else {
+                Error::driver("cuMemcpyHtoDAsync", e)
+            }
+        })
     }
 
     pub(crate) fn download<T: Elem>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
@@ -259,17 +294,16 @@ impl CudaDevice {
         {
             return self.alloc_filled(len, POISON_BYTE);
         }
-        byte_len::<T>(len)?;
+        let bytes = byte_len::<T>(len)?;
         // SAFETY: T is plain old data, so whatever bytes the memory holds are valid values;
         // the kernels the caller launches write every element before it is read back.
-        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| Error::driver("cuMemAlloc", e))
+        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| alloc_error(e, bytes))
     }
 
     pub(crate) fn alloc_filled<T: Elem>(&self, len: usize, byte: u8) -> Result<CudaSlice<T>> {
         let bytes = byte_len::<T>(len)?;
         // SAFETY: every byte is written by the memset below before anyone can read it.
-        let s = unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| Error::driver("cuMemAlloc", e))?;
+        let s = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| alloc_error(e, bytes))?;
         if bytes > 0 {
             // SAFETY: the allocation holds at least `bytes` bytes.
             unsafe { result::memset_d8_async(self.addr(&s), byte, bytes, self.raw_stream()) }
@@ -291,6 +325,7 @@ impl CudaDevice {
         if rows == 0 || width == 0 {
             return Ok(());
         }
+        self.bind()?;
         let copy = sys::CUDA_MEMCPY2D {
             srcXInBytes: 0,
             srcY: 0,
@@ -326,23 +361,37 @@ impl CudaDevice {
             .map_err(|e| Error::driver("cuStreamSynchronize", e))
     }
 
+    /// Makes this device's context current on the calling thread: a `Device` may be used
+    /// from any thread, and a driver call with no current context (or another device's)
+    /// fails or goes to the wrong device.
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| Error::driver("cuCtxSetCurrent", e))
+    }
+
+    /// `kernel`'s function, its module loaded on first use; the context made current, for
+    /// the calls on the function that follow.
     fn function(&self, kernel: &Kernel) -> Result<Function> {
+        self.bind()?;
         let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = functions.get(&kernel.name) {
             return Ok(*f);
         }
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if !modules.contains_key(kernel.module) {
             let source =
                 ptx::source(kernel.module, self.target).ok_or_else(|| Error::Unsupported {
                     op: "module load",
                     why: format!(
-                        "no PTX for module {} at {}",
+                        "no PTX for module {} at {}{}",
                         kernel.module,
-                        self.target.name()
+                        self.target.name(),
+                        std::env::var("FK_PTX_DIR").map_or(String::new(), |dir| format!(
+                            " (FK_PTX_DIR is set: {dir}/{}/{}.ptx is missing or unreadable)",
+                            self.target.name(),
+                            kernel.module
+                        ))
                     ),
                 })?;
             let image = CString::new(source).map_err(|_| Error::Unsupported {
@@ -355,7 +404,7 @@ impl CudaDevice {
             modules.insert(kernel.module, LoadedModule(m));
         }
         let module = modules[kernel.module].0;
-        let cname = CString::new(kernel.name.as_str()).expect("kernel names hold no NUL");
+        let cname = kernel_cname(kernel)?;
         // SAFETY: `module` is loaded in this context and stays loaded while `self` lives.
         let f = unsafe { result::module::get_function(module, cname) }
             .map_err(|e| Error::driver("cuModuleGetFunction", e))?;
@@ -455,9 +504,6 @@ impl CudaDevice {
         }
         let f = self.function(kernel)?;
         self.allow_shared(kernel, f, cfg.shared_bytes)?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| Error::driver("cuCtxSetCurrent", e))?;
         super::breakdown::mark(stream, &kernel.name)?;
         let mut args = [params as *const P as *mut c_void];
         if cfg.cluster != (1, 1, 1) {
@@ -519,7 +565,9 @@ impl CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_err() {
+        // Work still queued may run kernels of these modules: it finishes first. An error
+        // here (a fault a last launch left) has no caller left to report to.
+        if self.bind().is_err() || self.synchronize().is_err() {
             return;
         }
         let modules = self.modules.get_mut().unwrap_or_else(|p| p.into_inner());

@@ -28,9 +28,16 @@ pub struct EmuOptions {
     pub schedule: Schedule,
     /// OS threads running blocks in parallel (a block never migrates between them).
     pub threads: u32,
-    /// Stack size of each fiber (each GPU thread).
+    /// Stack size of each fiber (each GPU thread): at least [`MIN_STACK_BYTES`]. A kernel's
+    /// frame past it ends the process at the stack's guard page (as an out-of-bounds access
+    /// by an emulated kernel may; `FK_EMU_ASAN=1` builds report those instead).
     pub stack_bytes: u32,
 }
+
+/// The least [`EmuOptions::stack_bytes`] taken. The default, 256 KiB, fits every kernel
+/// here, under AddressSanitizer too; a fiber's stack far smaller than any kernel's frame
+/// would only end the process.
+pub const MIN_STACK_BYTES: u32 = 64 << 10;
 
 impl Default for EmuOptions {
     /// A random schedule (seed from `FK_EMU_SEED` if set), one OS thread per core up to 4,
@@ -80,8 +87,15 @@ extern "C" fn rcp_approx_ftz(x: f32) -> f32 {
 }
 
 impl EmuDevice {
-    /// The emulator, or [`NoDevice::EmulatorNotBuilt`] without feature `emu`.
+    /// The emulator, or [`NoDevice::EmulatorNotBuilt`] without feature `emu`; fewer stack
+    /// bytes than [`MIN_STACK_BYTES`] are refused.
     pub fn new(options: EmuOptions) -> Result<Self> {
+        if options.stack_bytes < MIN_STACK_BYTES {
+            return Err(crate::Error::InvalidArgument {
+                what: "emulator stack bytes",
+                why: format!("{}: at least {MIN_STACK_BYTES}", options.stack_bytes),
+            });
+        }
         if cfg!(feature = "emu") {
             Ok(EmuDevice { options })
         } else {
@@ -134,8 +148,7 @@ impl EmuDevice {
     ) -> Result<()> {
         #[cfg(feature = "emu")]
         {
-            let name =
-                std::ffi::CString::new(kernel.name.as_str()).expect("kernel names hold no NUL");
+            let name = super::kernel_cname(kernel)?;
             let grid = [cfg.grid.0, cfg.grid.1, cfg.grid.2];
             let block = [cfg.block.0, cfg.block.1, cfg.block.2];
             let cluster = [cfg.cluster.0, cfg.cluster.1, cfg.cluster.2];

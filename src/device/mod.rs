@@ -13,7 +13,7 @@ pub mod ptx;
 mod tma;
 
 pub use cuda::{probe_driver, CudaDevice, DriverInfo, KernelResources};
-pub use emu::{EmuDevice, EmuOptions, Schedule};
+pub use emu::{EmuDevice, EmuOptions, Schedule, MIN_STACK_BYTES};
 pub use ptx::Target;
 pub use tma::TileMap;
 
@@ -55,7 +55,8 @@ impl LaunchConfig {
     pub fn grid_stride(n: u64, threads: u32, max_blocks: u32) -> Self {
         #[cfg(test)]
         let max_blocks = max_blocks.min(GRID_CAP.get());
-        let blocks = n.div_ceil(threads as u64).min(max_blocks as u64) as u32;
+        // A block of 0 threads covers nothing: no division by it; check() refuses the block.
+        let blocks = n.div_ceil(threads.max(1) as u64).min(max_blocks as u64) as u32;
         LaunchConfig {
             grid: (blocks, 1, 1),
             block: (threads, 1, 1),
@@ -122,7 +123,11 @@ impl LaunchConfig {
     pub fn tiles(rows: usize, cols: usize, z: u32) -> Self {
         let tile = crate::params::FK_GEMM_TILE as usize;
         LaunchConfig {
-            grid: (cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, z),
+            grid: (
+                grid_dim(cols.div_ceil(tile)),
+                grid_dim(rows.div_ceil(tile)),
+                z,
+            ),
             block: (crate::params::FK_GEMM_THREADS, 1, 1),
             shared_bytes: 0,
             cluster: (1, 1, 1),
@@ -134,8 +139,8 @@ impl LaunchConfig {
     pub fn narrow(rows: usize, cols: usize, z: u32) -> Self {
         LaunchConfig {
             grid: (
-                cols.div_ceil(crate::params::FK_NARROW_COLS as usize) as u32,
-                rows.div_ceil(crate::params::FK_NARROW_ROWS as usize) as u32,
+                grid_dim(cols.div_ceil(crate::params::FK_NARROW_COLS as usize)),
+                grid_dim(rows.div_ceil(crate::params::FK_NARROW_ROWS as usize)),
                 z,
             ),
             block: (crate::params::FK_GEMM_THREADS, 1, 1),
@@ -177,7 +182,7 @@ impl LaunchConfig {
         let units = a_tiles.div_ceil(c) * b_tiles;
         let blocks = units.min((max_blocks / c).max(1)) * c;
         LaunchConfig {
-            grid: (blocks as u32, 1, 1),
+            grid: (grid_dim(blocks), 1, 1),
             block: (crate::params::FK_WGMMA_THREADS, 1, 1),
             shared_bytes: crate::params::FK_WGMMA_SMEM_BYTES,
             cluster: (c as u32, 1, 1),
@@ -307,7 +312,7 @@ impl Device {
         let storage = match self {
             Device::Cuda(d) if host.is_empty() => Storage::Cuda(d.alloc_filled(0, 0)?),
             Device::Cuda(d) => Storage::Cuda(d.upload(host)?),
-            Device::Emu(_) => Storage::Host(HostBuffer::from_slice(host)),
+            Device::Emu(_) => Storage::Host(HostBuffer::from_slice(host)?),
         };
         Ok(Buffer {
             storage,
@@ -321,7 +326,7 @@ impl Device {
     pub fn alloc_poisoned<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, POISON_BYTE)?),
-            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, POISON_BYTE)),
+            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, POISON_BYTE)?),
         };
         Ok(Buffer {
             storage,
@@ -337,7 +342,7 @@ impl Device {
     pub fn alloc_output<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.alloc_output(len)?),
-            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, POISON_BYTE)),
+            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, POISON_BYTE)?),
         };
         Ok(Buffer {
             storage,
@@ -357,7 +362,7 @@ impl Device {
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buffer<T>> {
         let storage = match self {
             Device::Cuda(d) => Storage::Cuda(d.alloc_filled(len, 0)?),
-            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, 0)),
+            Device::Emu(_) => Storage::Host(HostBuffer::filled::<T>(len, 0)?),
         };
         Ok(Buffer {
             storage,
@@ -397,8 +402,11 @@ impl Device {
     /// The emulator has no streams (a launch is done when it returns): it takes `None` only.
     ///
     /// # Safety
-    /// As [`Device::launch`]; a given stream must belong to this device's context, and the
-    /// memory in `params` must be ready on it.
+    /// As [`Device::launch`]; a given stream must belong to this device's context, the
+    /// memory in `params` must be ready on it, and every buffer in `params` must outlive the
+    /// work on it: buffers are freed on the device's own stream (the legacy default stream),
+    /// which a non-blocking stream (cudarc's `new_stream`, PyTorch's) does not wait for
+    /// ([`CudaDevice::stream`]).
     pub unsafe fn launch_on<P: Copy>(
         &self,
         kernel: &Kernel,
@@ -443,6 +451,30 @@ impl Device {
     }
 }
 
+/// `kernel`'s name for the driver (or the emulator's kernel table): a name with a NUL in it
+/// is a typed error, as any other name no module holds would be.
+pub(crate) fn kernel_cname(kernel: &Kernel) -> Result<std::ffi::CString> {
+    std::ffi::CString::new(kernel.name.as_str()).map_err(|_| Error::InvalidArgument {
+        what: "kernel name",
+        why: format!("{:?} holds a NUL byte", kernel.name),
+    })
+}
+
+/// A grid dimension of `blocks`, saturated: a count past u32 must fail
+/// [`LaunchConfig::check`], not wrap to a grid that leaves outputs unwritten.
+fn grid_dim(blocks: usize) -> u32 {
+    u32::try_from(blocks).unwrap_or(u32::MAX)
+}
+
+/// The bytes of `len` elements of T, or an error if that overflows.
+pub(crate) fn byte_len<T>(len: usize) -> Result<usize> {
+    len.checked_mul(std::mem::size_of::<T>())
+        .ok_or_else(|| Error::InvalidArgument {
+            what: "buffer length",
+            why: format!("{len} elements overflow usize bytes"),
+        })
+}
+
 /// Host memory for the emulator, 64-byte aligned as device allocations are (at least) 256:
 /// kernels make vector loads that assume it.
 struct HostBuffer {
@@ -455,18 +487,22 @@ struct HostBuffer {
 struct Align64([u8; 64]);
 
 impl HostBuffer {
-    fn filled<T: Elem>(len: usize, byte: u8) -> Self {
-        let bytes = len * std::mem::size_of::<T>();
-        HostBuffer {
-            chunks: vec![Align64([byte; 64]); bytes.div_ceil(64)],
-            bytes,
-        }
+    /// `len` elements of T, every byte `byte`; a length whose bytes overflow, or memory the
+    /// host will not give, is a typed error (as `cuMemAlloc`'s would be on a GPU).
+    fn filled<T: Elem>(len: usize, byte: u8) -> Result<Self> {
+        let bytes = byte_len::<T>(len)?;
+        let mut chunks = Vec::new();
+        chunks
+            .try_reserve_exact(bytes.div_ceil(64))
+            .map_err(|_| Error::OutOfMemory { bytes })?;
+        chunks.resize(bytes.div_ceil(64), Align64([byte; 64]));
+        Ok(HostBuffer { chunks, bytes })
     }
 
-    fn from_slice<T: Elem>(host: &[T]) -> Self {
-        let mut b = HostBuffer::filled::<T>(host.len(), 0);
+    fn from_slice<T: Elem>(host: &[T]) -> Result<Self> {
+        let mut b = HostBuffer::filled::<T>(host.len(), 0)?;
         b.bytes_mut().copy_from_slice(bytemuck::cast_slice(host));
-        b
+        Ok(b)
     }
 
     fn bytes(&self) -> &[u8] {
@@ -548,9 +584,13 @@ impl<T: Elem> Buffer<T> {
         src_ld: usize,
         dst_ld: usize,
     ) -> Result<()> {
+        let size = std::mem::size_of::<T>();
+        // Rows that fit the buffer, and a pitch in bytes that does not overflow (one row
+        // fits whatever its ld, which the copy still takes as its pitch).
         let fits = |len: usize, ld: usize| {
             rows == 0
                 || ld >= cols
+                    && ld.checked_mul(size).is_some()
                     && (rows - 1)
                         .checked_mul(ld)
                         .and_then(|n| n.checked_add(cols))
@@ -564,7 +604,6 @@ impl<T: Elem> Buffer<T> {
             });
         }
         check_device(&self.device, src)?;
-        let size = std::mem::size_of::<T>();
         match (&mut self.storage, &src.storage, &self.device) {
             (Storage::Cuda(d), Storage::Cuda(s), Device::Cuda(dev)) => {
                 dev.copy_rows(s, d, rows, cols * size, src_ld * size, dst_ld * size)
@@ -601,7 +640,10 @@ impl<T: Elem> Buffer<T> {
         }
     }
 
-    /// The CUDA slice, for users mixing this crate with cudarc.
+    /// The CUDA slice, for users mixing this crate with cudarc. The slice's work is ordered
+    /// only on the device's stream ([`CudaDevice::stream`]): cudarc's per-buffer event
+    /// tracking is off, so a use on another stream must be synchronized with it by hand, and
+    /// must finish before the buffer is dropped.
     pub fn as_cuda_slice(&self) -> Option<&cudarc::driver::CudaSlice<T>> {
         match &self.storage {
             Storage::Cuda(s) => Some(s),
@@ -609,6 +651,7 @@ impl<T: Elem> Buffer<T> {
         }
     }
 
+    /// As [`Buffer::as_cuda_slice`], mutable.
     pub fn as_cuda_slice_mut(&mut self) -> Option<&mut cudarc::driver::CudaSlice<T>> {
         match &mut self.storage {
             Storage::Cuda(s) => Some(s),

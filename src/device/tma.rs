@@ -35,7 +35,9 @@ pub struct TileMap {
 impl TileMap {
     /// Whether a TMA load takes this matrix (the rules above).
     pub(crate) fn loadable(&self, elem_bytes: usize) -> bool {
-        let stride = self.ld * elem_bytes;
+        let Some(stride) = self.ld.checked_mul(elem_bytes) else {
+            return false;
+        };
         (self.ptr as usize) % 16 == 0
             && stride % 16 == 0
             && (stride as u64) < (1u64 << 40)
