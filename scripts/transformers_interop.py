@@ -16,6 +16,8 @@ random weights) is saved by transformers in shards with their index, then:
      adds the bf16-rounded delta to the weight, fk rounds once).
   3. `fk merge NF4 ADAPTER MERGED_NF4`: transformers loads it as NF4 again, with the codes
      and logits of PEFT's merge into the same bitsandbytes weights.
+  4. The same model with tied embeddings (no lm_head tensor): after `fk quantize`, lm_head
+     loads dense, tied to the embeddings.
 
 Run from the repository root, after `cargo build --release` (torch, transformers, peft and
 bitsandbytes for the CPU in a venv; the versions are printed):
@@ -182,6 +184,19 @@ def main():
     e, e_unmerged = rel(logits(merged_nf4, ids), y_peft_nf4), rel(y_peft_nf4, y_peft)
     check(e < 1e-3, f"merged NF4 logits against PEFT's merge into bitsandbytes' NF4: rel {e:.2e} < 1e-3 "
                     f"(PEFT's against its dense unmerged: {e_unmerged:.2e})")
+
+    # 4. Tied embeddings (no lm_head tensor in the checkpoint, as in many small models):
+    #    lm_head stays the embeddings' dense weight.
+    tied_config = LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})
+    tied_dir, tied_nf4_dir = os.path.join(args.work, "tied"), os.path.join(args.work, "tied_nf4")
+    LlamaForCausalLM(tied_config).to(torch.bfloat16).save_pretrained(tied_dir)
+    fk(args.fk, "quantize", tied_dir, tied_nf4_dir)
+    tied = load(tied_nf4_dir)
+    check(type(tied.lm_head).__name__ == "Linear"
+          and tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr(),
+          "tied embeddings: lm_head loads dense, tied to the embeddings")
+    e = rel(logits(tied, ids), logits(load(tied_dir), ids))
+    check(e < 0.2, f"tied NF4 logits against the dense model's: rel {e:.2e} < 0.2")
 
     print(f"{len(failures)} failed" if failures else "all passed")
     return 1 if failures else 0

@@ -233,6 +233,11 @@ pub struct Kernel {
 
 impl Device {
     /// The CUDA device `ordinal`, or a [`NoDevice`](crate::NoDevice) error saying why there is none.
+    ///
+    /// It uses the device's primary context (shared with other frameworks in the process) and
+    /// its default memory pool, whose release threshold it sets to keep freed memory pooled
+    /// (as PyTorch's caching allocator does): that setting is the process's, and
+    /// `cuMemPoolTrimTo` on the pool hands the memory back.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         Ok(Device::Cuda(Arc::new(CudaDevice::new(ordinal)?)))
     }
