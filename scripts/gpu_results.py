@@ -22,6 +22,46 @@ def read(path, default=""):
         return default
 
 
+def read_json(path, default, notes):
+    """A JSON file's value, or `default` (with a note saying why) when it is missing or cut
+    short: a step killed mid-write must not cost the results of the others."""
+    text = read(path)
+    if not text.strip():
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        notes.append(f"{os.path.basename(path)}: unreadable ({e}); left out")
+        return default
+
+
+def bench_rows(work, notes):
+    """`fk bench`'s rows: bench.json holds the families that ended; a family still running
+    when the step was cut wrote its rows one by one beside it (bench.json.families/), and
+    those are taken too, marked."""
+    rows = read_json(os.path.join(work, "bench.json"), [], notes)
+    done = {r.get("family") for r in rows}
+    families = os.path.join(work, "bench.json.families")
+    for name in sorted(os.listdir(families)) if os.path.isdir(families) else []:
+        family = name[: -len(".json")]
+        if not name.endswith(".json") or family == "ceilings" or family in done:
+            continue
+        partial = read_json(os.path.join(families, name), [], notes)
+        if partial:
+            notes.append(f"bench family {family}: cut short, its {len(partial)} rows taken from {name}")
+            rows += partial
+    return rows
+
+
+def write_whole(path, text):
+    """`text` into `path` through a temporary file and a rename: a kill mid-write leaves the
+    last whole version."""
+    part = f"{path}.{os.getpid()}.part"  # a writer of its own: gpu-check.sh runs two at times
+    with open(part, "w") as f:
+        f.write(text)
+    os.replace(part, path)
+
+
 def parse_env(text):
     env = {}
     for line in text.splitlines():
@@ -218,19 +258,21 @@ def main():
     sanitizer = read(os.path.join(work, "sanitizer.txt")).strip()
     resources = read(os.path.join(work, "resources.txt")).strip()
     check = read(os.path.join(work, "check.txt")).strip()
-    bench = json.loads(read(os.path.join(work, "bench.json"), "[]") or "[]")
+    notes = []
+    bench = bench_rows(work, notes)
     bench_md = read(os.path.join(work, "bench.md")).strip()
-    torch_rows = json.loads(read(os.path.join(work, "torch.json"), "[]") or "[]")
+    if not bench_md and bench:
+        bench_md = "bench.md not written (the step was cut short): the rows are in the .json file."
+    torch_rows = read_json(os.path.join(work, "torch.json"), [], notes)
     judged = judge(json.loads(read(PREDICTIONS, "{}") or "{}"), bench, torch_rows)
     ptx = read(os.path.join(work, "ptx.txt")).strip()
-    regdump = sorted(f for f in os.listdir(out) if f.startswith("regdump-"))
+    regdump = sorted(f for f in os.listdir(work) if f.startswith("regdump-"))
     profile_log = read(os.path.join(work, "profile.txt")).strip()
-    steps = parse_steps(read(os.path.join(out, "gpu-check.log")), seconds)
+    steps = parse_steps(read(os.path.join(work, "gpu-check.log")), seconds)
     ncu = {family: read(os.path.join(work, f"ncu-{family}.csv")) for family in ("nf4", "lora")}
-    for family, text in ncu.items():  # every metric, beside the results
+    for family, text in ncu.items():  # every metric, named for the results (in raw.tar.gz)
         if text:
-            with open(os.path.join(out, f"{stem}-ncu-{family}.csv"), "w") as f:
-                f.write(text)
+            write_whole(os.path.join(work, f"{stem}-ncu-{family}.csv"), text)
     try:
         profile = {"launches": [l for text in ncu.values() for l in parse_ncu(text)], "error": None}
     except Exception as e:  # an unexpected ncu format must not cost the rest of the results
@@ -255,9 +297,9 @@ def main():
         "judged": judged,
         "torch": torch_rows,
         "profile": profile,
+        "notes": notes,
     }
-    with open(os.path.join(out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_whole(os.path.join(out, stem + ".json"), json.dumps(result, indent=1))
 
     def test_lines(which):
         rows = []
@@ -273,7 +315,8 @@ def main():
 
     md = [f"# GPU check {date}: {env.get('gpu', '?')}", ""]
     md += ["## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()] + [f"- wall time of the check: {seconds} s"]
-    md += ["- steps (s): " + ", ".join(f"{name} {t}" for name, t in steps), ""]
+    md += ["- steps (s): " + ", ".join(f"{name} {t}" for name, t in steps)]
+    md += [f"- note: {n}" for n in notes] + [""]
     for which in ("committed", "rebuilt"):
         md += [f"## Tests ({which} PTX)", "", "| binary | passed | failed | ignored | exit | failures |", "|---|---:|---:|---:|---:|---|", test_lines(which), ""]
     md += ["## PTX rebuilt on the machine", "", "```", ptx, "```", ""]
@@ -303,8 +346,7 @@ def main():
                       + " | ".join(fmt(k["metrics"][l]) for l, _ in NCU_COLUMNS) + f" | {stalls} |")
         md.append("")
     md += ["```", "\n".join(profile["log_tail"]) or "not run", profile["error"] or "", "```", ""]
-    with open(os.path.join(out, stem + ".md"), "w") as f:
-        f.write("\n".join(md))
+    write_whole(os.path.join(out, stem + ".md"), "\n".join(md))
 
     # The summary, printed last.
     print(f"\nresults: {out}/{stem}.md and .json ({seconds} s)")
@@ -317,7 +359,10 @@ def main():
     for line in sanitizer.splitlines():
         if re.match(r"^\w+: ", line):
             print("sanitizer " + line[:110])
-    print(next((l for l in check.splitlines() if "checks," in l), "fk check: no summary"))
+    # fk check ends at its time limit in a GPU check, before its own summary line.
+    verdicts = [l.split()[-1] for l in check.splitlines() if l.split()[-1:] in (["pass"], ["FAIL"])]
+    print(next((l for l in check.splitlines() if "checks," in l),
+               f"fk check: {verdicts.count('pass')} rows passed, {verdicts.count('FAIL')} failed (no summary: cut short)"))
     print(f"register dump: {', '.join(regdump) or 'none'}")
     print(next((l for l in resources.splitlines() if l.startswith("kernels with local memory")), "kernel resources: not run"))
     print(f"profile: {len(profile['launches'])} launches with counters" + (f" ({profile['error']})" if profile["error"] else ""))
@@ -427,7 +472,20 @@ def self_test():
     for e in spec["targets"] + spec["predictions"]:
         assert ("at_most" in e) != ("range" in e) and "row" in e and "what" in e, e
     assert all(len(d["options"]) > 1 and d["where"] for d in spec["decisions"]), spec["decisions"]
-    print("gpu_results self-test: parse_ncu, parse_steps, parse_tests, judge ok")
+    # A step cut short: a family still running (its rows written one by one), one that ended,
+    # and a PyTorch file cut mid-write.
+    import tempfile
+    with tempfile.TemporaryDirectory() as work:
+        os.makedirs(os.path.join(work, "bench.json.families"))
+        write_whole(os.path.join(work, "bench.json"), json.dumps([{"family": "nf4", "kernel": "a"}]))
+        for family, rows in [("nf4", [{"family": "nf4", "kernel": "a"}]), ("lora", [{"family": "lora", "kernel": "b"}]),
+                             ("ceilings", {"copy": 1})]:
+            write_whole(os.path.join(work, "bench.json.families", family + ".json"), json.dumps(rows))
+        write_whole(os.path.join(work, "torch.json"), '[{"name": "peft", "ti')
+        notes = []
+        assert [r["kernel"] for r in bench_rows(work, notes)] == ["a", "b"], notes
+        assert read_json(os.path.join(work, "torch.json"), [], notes) == [] and len(notes) == 2, notes
+    print("gpu_results self-test: parse_ncu, parse_steps, parse_tests, judge, cut-short steps ok")
 
 
 if __name__ == "__main__":
