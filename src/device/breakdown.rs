@@ -3,7 +3,7 @@
 //! it first records an event on its stream, named after it (launches of other threads, such
 //! as tests running beside it, are not its call's); closing records one more, and each name's
 //! time runs from its event to the next one (work that is not a launch, such as a memset,
-//! counts towards the launch before it). Process-wide: one breakdown at a time, on one stream.
+//! counts towards the launch before it). One breakdown a thread, each on one stream.
 
 use crate::error::{Error, Result};
 use cudarc::driver::{result, sys};
@@ -18,26 +18,43 @@ struct Mark {
 // SAFETY: a CUevent is a driver handle, usable from any thread of its context.
 unsafe impl Send for Mark {}
 
-/// The open breakdown: the thread whose launches it records, and its marks.
-type Open<M> = Mutex<Option<(ThreadId, Vec<M>)>>;
+/// The open breakdowns: each thread whose launches one records, and its marks.
+type Open<M> = Mutex<Vec<(ThreadId, Vec<M>)>>;
 
-static OPEN: Open<Mark> = Mutex::new(None);
+static OPEN: Open<Mark> = Mutex::new(Vec::new());
 
-fn lock<M>(open: &'static Open<M>) -> MutexGuard<'static, Option<(ThreadId, Vec<M>)>> {
+fn lock<M>(open: &'static Open<M>) -> MutexGuard<'static, Vec<(ThreadId, Vec<M>)>> {
     open.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The marks of the breakdown open on this thread, if one is.
-fn this_threads<M>(open: &mut Option<(ThreadId, Vec<M>)>) -> Option<&mut Vec<M>> {
-    open.as_mut()
-        .filter(|(t, _)| *t == std::thread::current().id())
+fn this_threads<M>(open: &mut [(ThreadId, Vec<M>)]) -> Option<&mut Vec<M>> {
+    let me = std::thread::current().id();
+    open.iter_mut()
+        .find(|(t, _)| *t == me)
         .map(|(_, list)| list)
 }
 
-/// Starts recording this thread's marks (discarding any breakdown left open).
+/// The marks of the breakdown open on this thread, closing it (none if none is open).
+fn take_this_threads<M>(open: &'static Open<M>) -> Vec<M> {
+    let me = std::thread::current().id();
+    let mut open = lock(open);
+    match open.iter().position(|(t, _)| *t == me) {
+        Some(i) => open.swap_remove(i).1,
+        None => Vec::new(),
+    }
+}
+
+/// Starts a breakdown on this thread; returns the marks of one it left open, now closed.
+fn start<M>(open: &'static Open<M>) -> Vec<M> {
+    let left = take_this_threads(open);
+    lock(open).push((std::thread::current().id(), Vec::new()));
+    left
+}
+
+/// Starts recording this thread's marks (discarding any breakdown it left open).
 pub(crate) fn open() -> Result<()> {
-    let left = lock(&OPEN).replace((std::thread::current().id(), Vec::new()));
-    destroy(left.map(|(_, list)| list).unwrap_or_default())
+    destroy(start(&OPEN))
 }
 
 /// Records a mark named `name` on `stream` if a breakdown is open on this thread (the
@@ -60,7 +77,7 @@ pub(crate) fn mark(stream: sys::CUstream, name: &str) -> Result<()> {
 /// Closes the breakdown on `stream`: each mark's name and its microseconds to the next, in
 /// launch order.
 pub(crate) fn close(stream: sys::CUstream) -> Result<Vec<(String, f64)>> {
-    let list = lock(&OPEN).take().map(|(_, list)| list).unwrap_or_default();
+    let list = take_this_threads(&OPEN);
     let times = elapsed(&list, stream);
     destroy(list)?;
     times
@@ -93,22 +110,25 @@ fn elapsed(list: &[Mark], stream: sys::CUstream) -> Result<Vec<(String, f64)>> {
     times
 }
 
+/// Destroys every mark's event (all of them, whatever fails), then says the first failure.
 fn destroy(list: Vec<Mark>) -> Result<()> {
+    let mut first = Ok(());
     for m in list {
         // SAFETY: each event is destroyed once, after the last use of it.
-        unsafe { result::event::destroy(m.event) }
-            .map_err(|e| Error::driver("cuEventDestroy", e))?;
+        let r = unsafe { result::event::destroy(m.event) }
+            .map_err(|e| Error::driver("cuEventDestroy", e));
+        first = first.and(r);
     }
-    Ok(())
+    first
 }
 
 /// The emulator's breakdowns (tests of the benchmarks): each launch's name and the wall clock
 /// at its start (an emulated launch runs on the thread that makes it).
-static WALL: Open<(String, std::time::Instant)> = Mutex::new(None);
+static WALL: Open<(String, std::time::Instant)> = Mutex::new(Vec::new());
 
-/// Starts recording this thread's emulated launches (discarding any breakdown left open).
+/// Starts recording this thread's emulated launches (discarding any breakdown it left open).
 pub(crate) fn open_wall() {
-    *lock(&WALL) = Some((std::thread::current().id(), Vec::new()));
+    start(&WALL);
 }
 
 /// Records an emulated launch of `name` if a breakdown is open on this thread.
@@ -121,11 +141,36 @@ pub(crate) fn mark_wall(name: &str) {
 /// Closes the emulator's breakdown: each launch's name and its microseconds to the next, in
 /// launch order.
 pub(crate) fn close_wall() -> Vec<(String, f64)> {
-    let list = lock(&WALL).take().map(|(_, list)| list).unwrap_or_default();
+    let list = take_this_threads(&WALL);
     let now = std::time::Instant::now();
     let ends = list.iter().skip(1).map(|&(_, t)| t).chain([now]);
     list.iter()
         .zip(ends)
         .map(|((name, start), end)| (name.clone(), (end - *start).as_secs_f64() * 1e6))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A breakdown is its own thread's: another thread's open, marks and close neither take
+    /// nor end nor add to it.
+    #[test]
+    fn breakdowns_of_two_threads_stay_apart() {
+        open_wall();
+        mark_wall("first");
+        let other = std::thread::spawn(|| {
+            let before = close_wall();
+            open_wall();
+            mark_wall("other");
+            (before, close_wall())
+        });
+        let (before, theirs) = other.join().unwrap();
+        assert!(before.is_empty(), "{before:?}");
+        assert_eq!(theirs.len(), 1);
+        mark_wall("second");
+        let names: Vec<String> = close_wall().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["first", "second"]);
+    }
 }
