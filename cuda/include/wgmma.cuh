@@ -529,8 +529,9 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   uint4* side_tiles = reinterpret_cast<uint4*>(stages + kStages);  // kSideLines lines of 8 chunks a stage
   unsigned char* extra = reinterpret_cast<unsigned char*>(side_tiles + kStages * kSideLines * 8);
   uint64_t* full = reinterpret_cast<uint64_t*>(extra + kExtraBytes);
-  // Blocks sharing B's tiles: the cluster's, where every B can multicast (a GEMM with an NF4
-  // weight, decoded by each block, is never launched in clusters and carries no multicast).
+  // Blocks sharing B's tiles: the cluster's, where every B can multicast (an NF4 weight as B,
+  // decoded by each block, carries none, so such a GEMM is never launched in clusters; as A,
+  // in dX's GEMM, it is each block's own, beside a B that multicasts).
   constexpr bool kMulticasts = (Segs::B::kMulticasts && ...);
   const uint32_t sharers = kMulticasts ? cluster_nctarank() : 1;
   auto sync = [sharers] { sharers > 1 ? cluster_sync() : __syncthreads(); };
@@ -616,7 +617,9 @@ FK_DEVICE void run_tiles(Accumulators& acc, unsigned char* smem, const Tiles& ti
   wgmma_wait<0>();
   wgmma_hold(acc);
   cp_async_wait<0>();
-  __syncthreads();  // every wait on the barriers is done: they may go
+  // Every wait on the barriers is done, in both blocks of a cluster: they may go, and no
+  // partner's multicast still aims at this block's shared memory when it exits.
+  sync();
   if (threadIdx.x == 0)
     for (int s = 0; s < kStages; ++s) mbarrier_inval(&full[s]);
 }
