@@ -24,7 +24,7 @@
 
 use finetune_kernels::bench;
 use finetune_kernels::check::{self, Scale};
-use finetune_kernels::device::{probe_driver, ptx, Device, Kernel};
+use finetune_kernels::device::{probe_driver, ptx, CudaDevice, Device, Kernel};
 use finetune_kernels::files::write_whole;
 use finetune_kernels::lora::{
     self,
@@ -34,6 +34,7 @@ use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions, DEFAULT_
 use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN OUT [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE ADAPTER_DIR OUT (IN, BASE: a .safetensors file, a shard index, or a model directory; OUT: a file, or a directory for an index or a directory)";
 
@@ -200,20 +201,21 @@ fn launch_smem(k: &Kernel) -> u32 {
     }
 }
 
-/// GPU 0, for a command that only a GPU can run (`what` says why), or why there is none: a
-/// driver too old for the PTX, say, rather than a silent fall back to the emulator.
-fn gpu(what: &str) -> Result<Device, String> {
-    Device::cuda(0).map_err(|e| format!("{what} needs a GPU, and there is none here: {e}"))
+/// GPU 0, for a command that only a GPU can run (`what` says why), as a device and as the
+/// CUDA device it is; or why there is none: a driver too old for the PTX, say, rather than
+/// a silent fall back to the emulator.
+fn gpu(what: &str) -> Result<(Device, Arc<CudaDevice>), String> {
+    let cuda = CudaDevice::new(0)
+        .map(Arc::new)
+        .map_err(|e| format!("{what}, and there is none here: {e}"))?;
+    Ok((Device::Cuda(cuda.clone()), cuda))
 }
 
 /// Every kernel as the driver's JIT compiled it: registers, local memory (spills the build
 /// checks' ptxas did not predict), static and dynamic shared memory, and blocks per SM at 256
 /// threads with the dynamic shared memory its launches ask for.
 fn run_resources() -> Result<(), String> {
-    let dev = gpu("kernel resources are the driver's compile: they")?;
-    let Device::Cuda(cuda) = &dev else {
-        unreachable!("gpu() opens a CUDA device")
-    };
+    let (_, cuda) = gpu("kernel resources are the driver's compile: they need a GPU")?;
     println!(
         "{:<40} {:>5} {:>6} {:>7} {:>8} {:>8} {:>10}",
         "kernel", "regs", "local", "smem", "dynamic", "threads", "blocks/SM"
@@ -245,10 +247,7 @@ fn run_resources() -> Result<(), String> {
 fn run_regdump(args: &[String]) -> Result<(), String> {
     known_args(args, &[], &["--out", "--rcp-table"])?;
     let out = flag_value(args, "--out")?.ok_or("regdump needs --out FILE")?;
-    let dev = gpu("the register dump records real hardware: it")?;
-    let Device::Cuda(cuda) = &dev else {
-        unreachable!("gpu() opens a CUDA device")
-    };
+    let (dev, cuda) = gpu("the register dump records real hardware: it needs a GPU")?;
     // The MUFU.RCP table first: the dump's newest sections could end the CUDA context.
     if let Some(table) = flag_value(args, "--rcp-table")? {
         let words = regdump::record_rcp_table(&dev).map_err(|e| e.to_string())?;
@@ -285,7 +284,7 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
     let md = flag_value(args, "--md")?;
     if let Some(family) = flag_value(args, "--family")? {
         bench::families::find(family).map_err(|e| e.to_string())?;
-        let dev = gpu("benchmarks time GPU kernels: a family")?;
+        let (dev, _) = gpu("benchmarks time GPU kernels: a family needs a GPU")?;
         let mut out = bench::Rows::writing_to(Path::new(json));
         let ceilings = flag_value(args, "--ceilings")?.map(Path::new);
         let ran = bench::families::run(&dev, family, ceilings, &mut out);
@@ -349,7 +348,7 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
 fn run_profile(args: &[String]) -> Result<(), String> {
     let family = args.first().ok_or("profile needs a family: nf4 or lora")?;
     known_args(&args[1..], &[], &[])?;
-    let dev = gpu("a profile reads a GPU's counters: it")?;
+    let (dev, _) = gpu("a profile reads a GPU's counters: it needs a GPU")?;
     bench::profile::run(&dev, family, &mut |case| println!("profile case: {case}"))
         .map_err(|e| e.to_string())
 }

@@ -81,12 +81,18 @@ fn activations_rng(c: &Case) -> StdRng {
 /// Quantization on the device against the reference: codes, absmaxes and the nested
 /// statistics bit for bit (the reference is checked against bitsandbytes' own output).
 pub fn quantize<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
-    quantize_drawn::<T>(dev, c, &rounded(&weight(&c)))
+    let w: Vec<T> = rounded(&weight(&c));
+    let expected = reference::quantize(&w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+    quantize_drawn(dev, c, &w, &expected)
 }
 
-/// [`quantize`] of `w`, the case's weight already drawn.
-fn quantize_drawn<T: FloatElem>(dev: &Device, c: Case, w: &[T]) -> Result<CheckRow> {
-    let expected = reference::quantize(w, &[c.rows, c.cols], c.blocksize, c.double_quant)?;
+/// [`quantize`] of `w`, the case's weight already drawn and its reference quantization made.
+fn quantize_drawn<T: FloatElem>(
+    dev: &Device,
+    c: Case,
+    w: &[T],
+    expected: &reference::Nf4Quantized,
+) -> Result<CheckRow> {
     let wd = dev.upload(w)?;
     let q = Nf4Weight::quantize(&wd, c.rows, c.cols, c.blocksize, c.double_quant)?.to_host()?;
     let mut bad = bit_mismatches(&q.codes, &expected.codes).len();
@@ -281,10 +287,14 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
             double_quant: dq,
             ..base
         };
-        report.push(quantize_drawn(dev, c, &w_bf16)?);
-        report.push(quantize_drawn(dev, c, &w_f16)?);
-        report.push(quantize_drawn(dev, c, &w)?);
+        let q_bf16 = reference::quantize(&w_bf16, &shape, blocksize, dq)?;
+        report.push(quantize_drawn(dev, c, &w_bf16, &q_bf16)?);
+        let q_f16 = reference::quantize(&w_f16, &shape, blocksize, dq)?;
+        report.push(quantize_drawn(dev, c, &w_f16, &q_f16)?);
+        // The f32 weight's quantization is both the quantize row's reference and what the
+        // dequantize rows decode.
         let q = reference::quantize(&w, &shape, blocksize, dq)?;
+        report.push(quantize_drawn(dev, c, &w, &q)?);
         report.push(dequantize_drawn::<bf16>(dev, c, &q)?);
         report.push(dequantize_drawn::<f16>(dev, c, &q)?);
         report.push(dequantize_drawn::<f32>(dev, c, &q)?);

@@ -128,12 +128,13 @@ fn keep_freed_memory(device: sys::CUdevice) -> Result<()> {
     .map_err(|e| Error::driver("cuMemPoolSetAttribute", e))
 }
 
-/// An allocation's failure: [`Error::OutOfMemory`] when the device has no room.
-fn alloc_error(e: cudarc::driver::DriverError, bytes: usize) -> Error {
+/// The failure of `call`, which allocates `bytes`: [`Error::OutOfMemory`] when the device
+/// has no room.
+fn alloc_error(call: &'static str, e: cudarc::driver::DriverError, bytes: usize) -> Error {
     if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         Error::OutOfMemory { bytes }
     } else {
-        Error::driver("cuMemAllocAsync", e)
+        Error::driver(call, e)
     }
 }
 
@@ -254,13 +255,9 @@ impl CudaDevice {
     }
 
     pub(crate) fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(|e| {
-            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-                alloc_error(e, std::mem::size_of_val(host))
-            } else {
-                Error::driver("cuMemcpyHtoDAsync", e)
-            }
-        })
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| alloc_error("cuMemcpyHtoDAsync", e, std::mem::size_of_val(host)))
     }
 
     pub(crate) fn download<T: Elem>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
@@ -297,13 +294,15 @@ impl CudaDevice {
         let bytes = byte_len::<T>(len)?;
         // SAFETY: T is plain old data, so whatever bytes the memory holds are valid values;
         // the kernels the caller launches write every element before it is read back.
-        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| alloc_error(e, bytes))
+        unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| alloc_error("cuMemAllocAsync", e, bytes))
     }
 
     pub(crate) fn alloc_filled<T: Elem>(&self, len: usize, byte: u8) -> Result<CudaSlice<T>> {
         let bytes = byte_len::<T>(len)?;
         // SAFETY: every byte is written by the memset below before anyone can read it.
-        let s = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| alloc_error(e, bytes))?;
+        let s = unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| alloc_error("cuMemAllocAsync", e, bytes))?;
         if bytes > 0 {
             // SAFETY: the allocation holds at least `bytes` bytes.
             unsafe { result::memset_d8_async(self.addr(&s), byte, bytes, self.raw_stream()) }
