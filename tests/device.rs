@@ -249,6 +249,42 @@ fn breakdown_names_each_launch_in_order() {
     }
 }
 
+/// Timing with inputs rotated (the decode rows' `GpuTimer::time_rotated`): the launches run
+/// in turn, whole rotations only, and the time is per launch; a rotation needs at least two
+/// inputs, more the larger the L2 is against them; no repetitions is an error.
+#[test]
+fn rotated_timing_runs_each_launch_in_turn() {
+    use finetune_kernels::bench::GpuTimer;
+    use finetune_kernels::nf4::Nf4Weight;
+    for dev in backends() {
+        let values = finetune_kernels::testing::random_vec::<bf16>(&mut rng(), 32 * 128, 1.0);
+        let w = dev.upload(&values).unwrap();
+        let qs = [(); 3].map(|_| Nf4Weight::quantize(&w, 32, 128, 64, true).unwrap());
+        let mut out = dev.alloc_poisoned::<bf16>(32 * 128).unwrap();
+        let mut timer = GpuTimer::new(&dev).unwrap();
+        let mut order = Vec::new();
+        let t = timer
+            .time_rotated(4, qs.len(), |i| {
+                order.push(i);
+                qs[i].dequantize(&mut out)
+            })
+            .unwrap();
+        assert!(t.median_us > 0.0, "{t:?}");
+        assert!(!order.is_empty() && order.len() % 3 == 0, "{order:?}");
+        assert!(
+            order.iter().enumerate().all(|(n, &i)| i == n % 3),
+            "{order:?}"
+        );
+        assert!(timer.rotation(usize::MAX) == 2 && timer.rotation(0) >= 2);
+        let small = timer.rotation(1 << 20);
+        assert!(small >= 2 && small >= timer.rotation(1 << 30), "{small}");
+        for (reps, launches) in [(0, 3), (3, 0)] {
+            let err = timer.time_rotated(reps, launches, |_| Ok(())).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        }
+    }
+}
+
 fn tma_devices() -> Vec<finetune_kernels::Device> {
     backends().into_iter().filter(|d| d.has_wgmma()).collect()
 }

@@ -71,54 +71,58 @@ impl<'a> GpuTimer<'a> {
         reps: usize,
         mut f: impl FnMut() -> Result<()>,
     ) -> Result<Stats> {
-        if reps == 0 {
-            return Err(Error::InvalidArgument {
-                what: "timed repetitions",
-                why: "0: a median needs one".into(),
-            });
-        }
+        check_reps(reps)?;
         let Some((dev, flush)) = &self.gpu else {
-            let start = std::time::Instant::now();
-            f()?;
-            return Ok(Stats {
-                median_us: start.elapsed().as_secs_f64() * 1e6,
-                reps: 1,
-            });
+            return wall_clock(1, f);
         };
         for _ in 0..warmup {
             f()?;
         }
-        let ctx = dev.context().clone();
-        let stream = dev.stream().clone();
-        let ev = |_| {
-            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| Error::driver("cuEventCreate", e))
-        };
-        let starts = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
-        let ends = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
-        for (s, e) in starts.iter().zip(&ends) {
-            Self::flush_l2(dev, flush)?;
-            s.record(&stream)
-                .map_err(|e| Error::driver("cuEventRecord", e))?;
-            f()?;
-            e.record(&stream)
-                .map_err(|e| Error::driver("cuEventRecord", e))?;
+        let us = event_times(dev, reps, |timed| match timed {
+            true => f(),
+            false => Self::flush_l2(dev, flush),
+        })?;
+        Ok(median(us, reps))
+    }
+
+    /// The other way DESIGN.md §8 allows, inputs rotated, as a model's decode runs a layer's
+    /// kernels: `f(0)`, …, `f(launches - 1)`, each over inputs of its own (as many as
+    /// [`GpuTimer::rotation`] says, so that each arrives from DRAM), queued back to back between
+    /// two events; no flush (whose dirty lines the timed launches would write back). Each
+    /// repetition runs the rotation once untimed first, which also puts the GPU behind the
+    /// host: a launch then waits on the one before, not on its launch call (were the host the
+    /// slower, the time would overstate the GPU's, never understate it). Returns the median
+    /// time per launch.
+    pub fn time_rotated(
+        &mut self,
+        reps: usize,
+        launches: usize,
+        mut f: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Stats> {
+        check_reps(reps)?;
+        if launches == 0 {
+            return Err(Error::InvalidArgument {
+                what: "rotated launches",
+                why: "0: a rotation needs one".into(),
+            });
         }
-        dev.synchronize()?;
-        let mut us = starts
-            .iter()
-            .zip(&ends)
-            .map(|(s, e)| {
-                s.elapsed_ms(e)
-                    .map(|ms| ms as f64 * 1e3)
-                    .map_err(|e| Error::driver("cuEventElapsedTime", e))
-            })
-            .collect::<Result<Vec<f64>>>()?;
-        us.sort_by(|a, b| a.total_cmp(b));
-        Ok(Stats {
-            median_us: us[us.len() / 2],
+        let mut rotation = || (0..launches).try_for_each(&mut f);
+        let Some((dev, _)) = &self.gpu else {
+            return wall_clock(launches, rotation);
+        };
+        rotation()?;
+        let us = event_times(dev, reps, |_| rotation())?;
+        Ok(median(
+            us.iter().map(|t| t / launches as f64).collect(),
             reps,
-        })
+        ))
+    }
+
+    /// How many copies of an input of `bytes` a rotation needs so that none is still in L2
+    /// when its turn comes again: together past twice the L2 (two on the emulator).
+    pub fn rotation(&self, bytes: usize) -> usize {
+        let l2_twice = self.gpu.as_ref().map_or(0, |(_, flush)| flush.len());
+        (l2_twice.div_ceil(bytes.max(1)) + 1).max(2)
     }
 
     /// Where `f`'s time goes: `f` run `warmup` times, then `reps` times (L2 flushed before
@@ -163,7 +167,7 @@ impl<'a> GpuTimer<'a> {
             .into_iter()
             .enumerate()
             .map(|(i, (name, _))| {
-                let mut us = runs
+                let us = runs
                     .iter()
                     .map(|r| match r.get(i) {
                         Some((n, t)) if *n == name => Ok(*t),
@@ -173,16 +177,74 @@ impl<'a> GpuTimer<'a> {
                         }),
                     })
                     .collect::<Result<Vec<f64>>>()?;
-                us.sort_by(|a, b| a.total_cmp(b));
-                Ok((
-                    name,
-                    Stats {
-                        median_us: us[us.len() / 2],
-                        reps,
-                    },
-                ))
+                Ok((name, median(us, reps)))
             })
             .collect()
+    }
+}
+
+/// The emulator's timing (which runs the benchmarks only in tests, at [`Scale::SMALL`], for
+/// their launches and rows): `f` once, by the wall clock, over `launches` launches.
+fn wall_clock(launches: usize, f: impl FnOnce() -> Result<()>) -> Result<Stats> {
+    let start = std::time::Instant::now();
+    f()?;
+    Ok(Stats {
+        median_us: start.elapsed().as_secs_f64() * 1e6 / launches.max(1) as f64,
+        reps: 1,
+    })
+}
+
+fn check_reps(reps: usize) -> Result<()> {
+    if reps == 0 {
+        return Err(Error::InvalidArgument {
+            what: "timed repetitions",
+            why: "0: a median needs one".into(),
+        });
+    }
+    Ok(())
+}
+
+/// `reps` times: `run(false)` untimed, then `run(true)` between two events on `dev`'s
+/// stream; the timed runs' times in microseconds.
+fn event_times(
+    dev: &CudaDevice,
+    reps: usize,
+    mut run: impl FnMut(bool) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let ctx = dev.context().clone();
+    let stream = dev.stream().clone();
+    let ev = |_| {
+        ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| Error::driver("cuEventCreate", e))
+    };
+    let starts = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
+    let ends = (0..reps).map(ev).collect::<Result<Vec<_>>>()?;
+    for (s, e) in starts.iter().zip(&ends) {
+        run(false)?;
+        s.record(&stream)
+            .map_err(|e| Error::driver("cuEventRecord", e))?;
+        run(true)?;
+        e.record(&stream)
+            .map_err(|e| Error::driver("cuEventRecord", e))?;
+    }
+    dev.synchronize()?;
+    starts
+        .iter()
+        .zip(&ends)
+        .map(|(s, e)| {
+            s.elapsed_ms(e)
+                .map(|ms| ms as f64 * 1e3)
+                .map_err(|e| Error::driver("cuEventElapsedTime", e))
+        })
+        .collect()
+}
+
+/// The median of `us` (of an even count, the upper of the middle two).
+fn median(mut us: Vec<f64>, reps: usize) -> Stats {
+    us.sort_by(|a, b| a.total_cmp(b));
+    Stats {
+        median_us: us[us.len() / 2],
+        reps,
     }
 }
 
@@ -525,17 +587,36 @@ fn time_copies(dev: &Device, timer: &mut GpuTimer, bytes: usize, times: usize) -
     let Device::Cuda(d) = dev else {
         return timer.time(0, 1, || Ok(())); // the emulator's tests: no copy to time
     };
-    let src = d.alloc_filled::<u8>(bytes, 0x3C)?;
-    let dst = d.alloc_filled::<u8>(bytes, 0)?;
-    let (s, t) = (d.addr(&src), d.addr(&dst));
-    timer.time(2, REPS, || {
-        for _ in 0..times {
-            // SAFETY: both allocations hold `bytes` bytes.
-            unsafe { result::memcpy_dtod_async(t, s, bytes, d.raw_stream()) }
-                .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))?;
-        }
-        Ok(())
-    })
+    let (src, dst) = copy_pair(d, bytes)?;
+    timer.time(2, REPS, || (0..times).try_for_each(|_| copy(d, &src, &dst)))
+}
+
+/// [`time_copy`] with inputs rotated ([`GpuTimer::time_rotated`]): each copy between buffers
+/// of its own; the time per copy.
+pub fn time_copy_rotated(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Stats> {
+    let Device::Cuda(d) = dev else {
+        return timer.time(0, 1, || Ok(())); // the emulator's tests: no copy to time
+    };
+    let pairs = (0..timer.rotation(2 * bytes))
+        .map(|_| copy_pair(d, bytes))
+        .collect::<Result<Vec<_>>>()?;
+    timer.time_rotated(REPS, pairs.len(), |i| copy(d, &pairs[i].0, &pairs[i].1))
+}
+
+/// A source and a destination of `bytes` bytes each.
+fn copy_pair(d: &CudaDevice, bytes: usize) -> Result<(CudaSlice<u8>, CudaSlice<u8>)> {
+    Ok((
+        d.alloc_filled::<u8>(bytes, 0x3C)?,
+        d.alloc_filled::<u8>(bytes, 0)?,
+    ))
+}
+
+/// Copies `src` into `dst` (as long as it), on `d`'s stream.
+fn copy(d: &CudaDevice, src: &CudaSlice<u8>, dst: &CudaSlice<u8>) -> Result<()> {
+    let bytes = src.len().min(dst.len());
+    // SAFETY: both allocations hold at least `bytes` bytes.
+    unsafe { result::memcpy_dtod_async(d.addr(dst), d.addr(src), bytes, d.raw_stream()) }
+        .map_err(|e| Error::driver("cuMemcpyDtoDAsync", e))
 }
 
 fn random_device<T: FloatElem>(dev: &Device, n: usize, seed: u64) -> Result<crate::Buffer<T>> {
@@ -555,30 +636,68 @@ pub fn time_cublas(
     k: usize,
     op: WeightOp,
 ) -> Result<Option<Stats>> {
+    let key = (m, n, k, op == WeightOp::Transposed);
+    if let Some(t) = timer.cublas.get(&key) {
+        return Ok(Some(t.clone()));
+    }
+    let w = [random_device::<bf16>(dev, n * k, 2)?];
+    let t = cublas_over(dev, timer, (m, n, k), op, &w, false)?;
+    if let Some(t) = &t {
+        timer.cublas.insert(key, t.clone());
+    }
+    Ok(t)
+}
+
+/// [`time_cublas`] with inputs rotated ([`GpuTimer::time_rotated`]): the GEMM over each of
+/// `weights` (`n * k` elements each) in turn; the time per GEMM. None where [`time_cublas`]
+/// has none.
+pub fn time_cublas_rotated(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    (m, n, k): (usize, usize, usize),
+    op: WeightOp,
+    weights: &[crate::Buffer<bf16>],
+) -> Result<Option<Stats>> {
+    cublas_over(dev, timer, (m, n, k), op, weights, true)
+}
+
+/// cuBLAS's GEMM on random activations over `weights`: each timed alone (the first), or
+/// rotated through.
+fn cublas_over(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    (m, n, k): (usize, usize, usize),
+    op: WeightOp,
+    weights: &[crate::Buffer<bf16>],
+    rotated: bool,
+) -> Result<Option<Stats>> {
     let Device::Cuda(d) = dev else {
         return Ok(None); // no cuBLAS on the emulator
     };
     let Some(blas) = blas::handle(d)? else {
         return Ok(None);
     };
-    let key = (m, n, k, op == WeightOp::Transposed);
-    if let Some(t) = timer.cublas.get(&key) {
-        return Ok(Some(t.clone()));
-    }
+    let ws = weights
+        .iter()
+        .map(|w| match w.as_cuda_slice() {
+            Some(w) if w.len() == n * k => Ok(w),
+            _ => Err(Error::InvalidArgument {
+                what: "cuBLAS benchmark weights",
+                why: format!("each must be a CUDA buffer of {n} x {k} elements"),
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let a = random_device::<bf16>(dev, m * k, 1)?;
-    let w = random_device::<bf16>(dev, n * k, 2)?;
     let mut out = dev.alloc_poisoned::<bf16>(m * n)?;
-    let (a, w) = (
-        a.as_cuda_slice().expect("a CUDA buffer"),
-        w.as_cuda_slice().expect("a CUDA buffer"),
-    );
+    let a = a.as_cuda_slice().expect("a CUDA buffer");
     let o = out.as_cuda_slice_mut().expect("a CUDA buffer");
     let ldw = if op == WeightOp::Transposed { k } else { n };
-    let t = timer.time(3, REPS, || {
-        blas::matmul(blas, a, k, w, ldw, o, n, (m, n, k), op)
-    })?;
-    timer.cublas.insert(key, t.clone());
-    Ok(Some(t))
+    let mut gemm = |i: usize| blas::matmul(blas, a, k, ws[i], ldw, o, n, (m, n, k), op);
+    Ok(Some(if rotated {
+        timer.time_rotated(REPS, ws.len(), gemm)?
+    } else {
+        timer.time(3, REPS, || gemm(0))?
+    }))
 }
 
 /// Measures the copy bandwidth (1 GiB moved) and the cuBLAS bf16 rate at 8192³.

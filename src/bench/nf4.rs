@@ -4,7 +4,8 @@
 //! threshold), dequantization against a copy, quantization.
 
 use super::{
-    time_copy, time_cublas, time_memset, Ceilings, GpuTimer, Row, Rows, Scale, Stats, REPS,
+    time_copy, time_copy_rotated, time_cublas, time_cublas_rotated, time_memset, Ceilings,
+    GpuTimer, Row, Rows, Scale, Stats, REPS,
 };
 use crate::device::blas::WeightOp;
 use crate::device::Device;
@@ -16,10 +17,15 @@ use crate::{bf16, Buffer};
 use rand::{rngs::StdRng, SeedableRng};
 
 pub(super) fn weight(dev: &Device, rows: usize, cols: usize) -> Result<(Buffer<bf16>, Nf4Weight)> {
-    let mut rng = StdRng::seed_from_u64((rows * cols) as u64);
-    let w = dev.upload(&random_vec::<bf16>(&mut rng, rows * cols, 0.05))?;
+    let w = dev.upload(&weight_values(rows, cols))?;
     let q = Nf4Weight::quantize(&w, rows, cols, 64, true)?;
     Ok((w, q))
+}
+
+/// A bf16 weight `[rows, cols]` as a trained layer's might be.
+fn weight_values(rows: usize, cols: usize) -> Vec<bf16> {
+    let mut rng = StdRng::seed_from_u64((rows * cols) as u64);
+    random_vec::<bf16>(&mut rng, rows * cols, 0.05)
 }
 
 fn with_cublas(
@@ -223,6 +229,7 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     for weight in [&q, &q_t] {
         out.push(gemv_in_halves(dev, timer, c, weight, 64)?)?;
     }
+    rotated_rows(dev, timer, c, out)?;
     out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;
     let cublas_present = dev.has_cublas();
     // Dequantize + cuBLAS forward on the other shape too (below: 4096→11008's, and dX's), at
@@ -257,6 +264,78 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
                 )?)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Decode's steady state, DESIGN.md §8's other method ([`GpuTimer::time_rotated`]): the
+/// 1-row tensor-core GEMV over weights of its own, launch after launch, against cuBLAS's bf16
+/// GEMV and a copy of the GEMV's bytes timed the same way; the dequantization so against its
+/// copy. Neither launch latency nor the flush's dirty lines are in these rows; the flushed
+/// single launches' rows carry both (the 4 KiB copy's timer floor, 3.8 µs at 0544, is most of
+/// the GEMV's 5.6 µs floor). Rows `… , weights rotated` (`buffers rotated` for copies).
+fn rotated_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
+    let (big, small) = Scale::of(dev).nf4;
+    for (rows, cols) in [(big, small), (small, big)] {
+        let values = weight_values(rows, cols);
+        let w = dev.upload(&values)?;
+        let quantize = || Nf4Weight::quantize(&w, rows, cols, 64, true);
+        let mut qs = vec![quantize()?];
+        for _ in 1..timer.rotation(qs[0].bytes()) {
+            qs.push(quantize()?);
+        }
+        let mut rng = StdRng::seed_from_u64(cols as u64);
+        let x = dev.upload(&random_vec::<bf16>(&mut rng, cols, 1.0))?;
+        let mut y = dev.alloc_poisoned::<bf16>(rows)?;
+        let t = timer.time_rotated(REPS, qs.len(), |i| {
+            nf4::forward_with(&qs[i], &x, 1, &mut y, MatmulPath::GemvMma)
+        })?;
+        let kernel = "nf4_gemv_mma_bf16, weights rotated";
+        let mut row = matmul_work_row(kernel, &t, &qs[0], 1, (cols, rows), c);
+        let ws = (0..timer.rotation(2 * values.len()))
+            .map(|_| dev.upload(&values))
+            .collect::<Result<Vec<_>>>()?;
+        let op = WeightOp::Transposed;
+        if let Some(t) = time_cublas_rotated(dev, timer, (1, rows, cols), op, &ws)? {
+            row = row.with_baseline("cuBLAS bf16, same shape, weights rotated", t.median_us);
+        }
+        out.push(row)?;
+        if rows != big {
+            continue;
+        }
+        let gemv_bytes = qs[0].bytes() + 2 * (rows + cols);
+        let t = time_copy_rotated(dev, timer, gemv_bytes / 2)?;
+        out.push(Row::new(
+            "baseline",
+            "d2d copy (the 1-row GEMV's bytes), buffers rotated",
+            &format!("{gemv_bytes} B"),
+            &t,
+            gemv_bytes as f64,
+            0.0,
+            c,
+        ))?;
+        let numel = rows * cols;
+        let bytes = qs[0].bytes() + 2 * numel;
+        let mut outs = (0..timer.rotation(bytes))
+            .map(|_| dev.alloc_poisoned::<bf16>(numel))
+            .collect::<Result<Vec<_>>>()?;
+        let t = timer.time_rotated(REPS, outs.len(), |i| {
+            qs[i % qs.len()].dequantize(&mut outs[i])
+        })?;
+        let copy = time_copy_rotated(dev, timer, bytes / 2)?;
+        let kernel = "nf4_dequantize_bf16, weights rotated";
+        out.push(
+            Row::new(
+                "nf4",
+                kernel,
+                &format!("{cols}x{rows}"),
+                &t,
+                bytes as f64,
+                0.0,
+                c,
+            )
+            .with_baseline("d2d copy, same bytes, buffers rotated", copy.median_us),
+        )?;
     }
     Ok(())
 }
