@@ -15,6 +15,8 @@
 #      host emulator's runtime (cuda/emu/, not its .cu/.cuh kernels), whose assembly is
 #      x86-64 for fiber switches, not PTX
 #   6. the README performance table is what scripts/readme-perf.py generates
+#   7. DESIGN.md is the project's design document: where the workplace's copy sits beside
+#      the checkout (../shared/DESIGN.md), the two are the same (a clean clone has none)
 #
 # Ends with a table: kernel, registers per target, static smem, budget, SASS rule.
 set -uo pipefail
@@ -274,6 +276,14 @@ check "src/params.rs matches cuda/params (gen-bindings.sh --check)" scripts/gen-
 check "kernel entries, ptxas resources and SASS (cuda/budgets.txt)" kernel_checks
 check "no inline PTX outside cuda/include/ptx.cuh" inline_ptx
 check "README performance table is generated (readme-perf.py --check)" python3 scripts/readme-perf.py --check
+design_copy() {
+  local shared=../shared/DESIGN.md
+  [ -f "$shared" ] || return 0
+  cmp -s "$shared" DESIGN.md && return 0
+  echo "DESIGN.md differs from $shared: take the design's change (cp $shared DESIGN.md) or change it there"
+  return 1
+}
+check "DESIGN.md is the shared design document" design_copy
 
 if [ -f "$work/summary.txt" ]; then
   echo

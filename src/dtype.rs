@@ -5,17 +5,24 @@ use half::{bf16, f16};
 /// A storage dtype, as kernels name it (`<op>_<dtype>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// bfloat16 (`half::bf16`), 2 bytes.
     BF16,
+    /// IEEE half precision (`half::f16`), 2 bytes.
     F16,
+    /// IEEE single precision, 4 bytes.
     F32,
+    /// Unsigned byte, 1 byte.
     U8,
+    /// Unsigned 32-bit integer, 4 bytes.
     U32,
+    /// Unsigned 64-bit integer, 8 bytes.
     U64,
+    /// IEEE double precision, 8 bytes.
     F64,
 }
 
 impl DType {
-    /// The name used in kernel names: `bf16`, `f16`, `f32`, `u8`, `u32`, `u64`.
+    /// The name used in kernel names: `bf16`, `f16`, `f32`, `f64`, `u8`, `u32`, `u64`.
     pub fn name(self) -> &'static str {
         match self {
             DType::BF16 => "bf16",
@@ -28,6 +35,7 @@ impl DType {
         }
     }
 
+    /// Size of one element in bytes.
     pub fn size(self) -> usize {
         match self {
             DType::U8 => 1,
@@ -56,13 +64,16 @@ pub trait Elem:
     + cudarc::driver::ValidAsZeroBits
     + 'static
 {
+    /// The [`DType`] tag of this Rust type.
     const DTYPE: DType;
 }
 
 /// A floating-point element: kernels load it as f32 and round once on store
 /// (round-to-nearest-even, as CUDA's `__float2bfloat16` / `__float2half` do).
 pub trait FloatElem: Elem {
+    /// Widens to f32 (exact for every implementor).
     fn to_f32(self) -> f32;
+    /// Rounds an f32 to this type, round-to-nearest-even.
     fn from_f32(x: f32) -> Self;
 }
 

@@ -37,7 +37,8 @@ pub enum Error {
     UnsupportedDtype { op: &'static str, dtypes: String },
     /// A shape or parameter outside what the kernel supports.
     Unsupported { op: &'static str, why: String },
-    /// A pointer or size that breaks a kernel's alignment requirement.
+    /// A raw entry point's pointer that breaks its kernel's alignment requirement: the
+    /// pointer, its address and the alignment needed in bytes.
     Misaligned {
         what: &'static str,
         align: usize,
@@ -55,7 +56,8 @@ pub enum Error {
         previous: u64,
         index: u64,
     },
-    /// A numeric argument that is NaN, infinite or out of its range.
+    /// An argument outside what the call accepts: a value (NaN, infinite or out of its
+    /// range), a null pointer, a name, a size or a launch shape; what it is and why not.
     InvalidArgument { what: &'static str, why: String },
     /// No device can run kernels; says why.
     NoDevice(NoDevice),
@@ -218,6 +220,18 @@ impl Error {
                 expected: dims.to_vec(),
                 got: vec![len],
             })
+        }
+    }
+
+    /// Checks that the address `ptr` is a multiple of `align` bytes (a raw entry point's
+    /// pointer: a kernel's vector loads and stores fault on a GPU, and leave its context
+    /// unusable, where it is not).
+    pub(crate) fn check_aligned<P>(what: &'static str, ptr: *const P, align: usize) -> Result<()> {
+        let value = ptr as usize as u64;
+        if value.is_multiple_of(align as u64) {
+            Ok(())
+        } else {
+            Err(Error::Misaligned { what, align, value })
         }
     }
 

@@ -4,7 +4,9 @@
 //! ways: a CPU reference ([`mod@reference`]), the same CUDA source run on the host, and the GPU
 //! run from committed PTX through the CUDA driver ([`device`]).
 //!
-//! Families: [`sparse`] (sparse deltas), [`nf4`] (QLoRA's 4-bit base weights), [`philox`]
+//! Families: [`lora`] (LoRA layers in PEFT's layout over a dense or NF4 base, fused forward
+//! and backward: [`lora::LoraLinear`], and [`lora::raw`] on a framework's own memory),
+//! [`sparse`] (sparse deltas), [`nf4`] (QLoRA's 4-bit base weights), [`philox`]
 //! (counter-based random numbers: dropout masks). The register-dump kernels ([`regdump`]) record
 //! tensor-core fragment layouts on real hardware for the emulator's tests.
 //!

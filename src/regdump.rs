@@ -26,27 +26,37 @@ pub struct Section {
     pub kernel: String,
     /// Input set: `none`, `int`, `random` or `edge`.
     pub set: String,
+    /// The words the kernel reads, as [`mma_input`], [`wgmma_input`], [`cvt_input`] or
+    /// [`rcp_input`] lay them out; empty for the kernels that read none.
     pub input: Vec<u32>,
+    /// The words the kernel wrote, [`output_len`] of them; empty until recorded.
     pub output: Vec<u32>,
 }
 
 /// A whole dump: where it was recorded and every section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegDump {
+    /// The device it was recorded on, as [`Device::describe`] names it.
     pub recorded_on: String,
+    /// Every section recorded, in the plan's order ([`plan`]).
     pub sections: Vec<Section>,
 }
 
 /// The element type an mma kernel takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MmaInput {
+    /// bfloat16, two per register.
     BF16,
+    /// IEEE half precision, two per register.
     F16,
+    /// FP8 E4M3, four per register (sm_89 and later).
     E4M3,
+    /// FP8 E5M2, four per register (sm_89 and later).
     E5M2,
 }
 
 impl MmaInput {
+    /// Every input type, in the order the plan records them.
     pub const ALL: [MmaInput; 4] = [
         MmaInput::BF16,
         MmaInput::F16,
@@ -107,7 +117,8 @@ impl MmaInput {
     }
 }
 
-/// An integer in [-15, 15] as an FP8 bit pattern with `mant` mantissa bits and `bias`.
+/// A small integer (the callers draw from [-4, 4]; with 2 mantissa bits 9, 11, 13 and 15 are
+/// not representable) as an FP8 bit pattern with `mant` mantissa bits and `bias`.
 fn encode_small_fp8(x: f32, mant: u32, bias: i32) -> u32 {
     let sign = if x < 0.0 { 0x80 } else { 0 };
     let a = x.abs() as u32;
@@ -362,8 +373,35 @@ pub fn output_len(kernel: &str) -> usize {
     }
 }
 
-/// Runs one section's kernel on `dev` with its input and returns what the warp wrote.
+/// Words each section's kernel reads from its input; None for a kernel no section runs
+/// (the MUFU table's and the TMA tests', whose launches are their own).
+fn input_len(kernel: &str) -> Option<usize> {
+    Some(match kernel {
+        "regdump_ldmatrix" | "regdump_stmatrix" => 0,
+        "regdump_cvt" => LANES * crate::params::FK_REGDUMP_CVT_IN as usize,
+        "regdump_rcp" => FK_REGDUMP_RCP_SAMPLES as usize,
+        k if is_wgmma(k) => FK_REGDUMP_WGMMA_IN as usize,
+        k if k.starts_with("regdump_mma_") => LANES * crate::params::FK_REGDUMP_MMA_IN as usize,
+        _ => return None,
+    })
+}
+
+/// Runs one section's kernel on `dev` with its input and returns what the warp wrote. A
+/// kernel no section runs, or an input of another length than its kernel reads, is an
+/// [`Error::InvalidArgument`].
 pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
+    match input_len(&s.kernel) {
+        Some(n) if n == s.input.len() => {}
+        expected => {
+            return Err(Error::InvalidArgument {
+                what: "register dump",
+                why: match expected {
+                    Some(n) => format!("{}: {} input words, not {n}", s.kernel, s.input.len()),
+                    None => format!("{}: not a section's kernel", s.kernel),
+                },
+            })
+        }
+    }
     let input = dev.upload(if s.input.is_empty() {
         &[0u32][..]
     } else {
@@ -375,16 +413,6 @@ pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
         in_: input.ptr() as *const u32,
     };
     let threads = if is_wgmma(&s.kernel) {
-        if s.input.len() != FK_REGDUMP_WGMMA_IN as usize {
-            return Err(Error::InvalidArgument {
-                what: "register dump",
-                why: format!(
-                    "{}: {} input words, not {FK_REGDUMP_WGMMA_IN}",
-                    s.kernel,
-                    s.input.len()
-                ),
-            });
-        }
         FK_REGDUMP_WGMMA_THREADS
     } else {
         LANES as u32
@@ -399,9 +427,8 @@ pub fn run_section(dev: &Device, s: &Section) -> Result<Vec<u32>> {
         module: MODULE,
         name: s.kernel.clone(),
     };
-    // SAFETY: the kernel reads at most 32 lanes x FK_REGDUMP_MMA_IN words of `input` (the
-    // mma and cvt inputs are that long; ldmatrix reads none), wgmma FK_REGDUMP_WGMMA_IN
-    // (checked above), and writes output_len words.
+    // SAFETY: a section's kernel (checked above) reads input_len words of `input` (checked
+    // above: it holds them, or one where it reads none) and writes output_len words.
     unsafe { dev.launch(&kernel, cfg, &p)? };
     out.to_host()
 }
@@ -473,6 +500,9 @@ impl RegDump {
         t
     }
 
+    /// Reads the text form [`RegDump::to_text`] writes, skipping lines that start with `#`.
+    /// Errors with [`Error::Io`] (path `register dump`) on a missing `recorded_on` line, a
+    /// line that is not the section, count or hex words expected, or words that end early.
     pub fn parse(text: &str) -> Result<RegDump> {
         let bad = |why: String| Error::Io {
             path: "register dump".into(),

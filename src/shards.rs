@@ -42,8 +42,12 @@ pub enum Layout {
     Directory(PathBuf),
     /// Shards in `dir`, named by the index `dir/index_name`.
     Sharded {
+        /// The directory of the index and its shards (`.` for an index path with no
+        /// directory part).
         dir: PathBuf,
+        /// The index's file name.
         index_name: String,
+        /// The index as read.
         index: ShardIndex,
     },
 }

@@ -39,7 +39,9 @@ pub const DTYPE_PAIRS: [(DType, DType); 5] = [
 /// of entries needs u64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IndexWidth {
+    /// u32 offsets: tensors of at most 2³² elements and fewer than 2³² entries.
     U32,
+    /// u64 offsets (kernels with the `_idx64` suffix).
     U64,
 }
 
@@ -203,10 +205,12 @@ impl SparseIndex {
         Ok(index)
     }
 
+    /// Number of indices, repeats included: the length of the values a scatter takes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether there are no indices.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -216,6 +220,8 @@ impl SparseIndex {
         self.numel
     }
 
+    /// Whether the indices are strictly ascending (sorted, no repeats), as [`scatter_add`]
+    /// and [`SparseAdamw`] require.
     pub fn is_sorted_unique(&self) -> bool {
         self.unsorted_at.is_none()
     }
@@ -225,6 +231,7 @@ impl SparseIndex {
         &self.host
     }
 
+    /// The width of the index array on the device.
     pub fn width(&self) -> IndexWidth {
         match self.offsets {
             Offsets::U32(_) => IndexWidth::U32,
@@ -266,6 +273,9 @@ pub struct ScatterPlan {
 }
 
 impl ScatterPlan {
+    /// Groups `indices` (any order, repeats allowed) by target and uploads the plan, with
+    /// the narrowest index width that fits. Errors with [`Error::IndexOutOfRange`] on an
+    /// index `>= numel`.
     pub fn new<I: Copy + Into<u64>>(dev: &Device, indices: &[I], numel: u64) -> Result<Self> {
         let width = IndexWidth::for_sizes(numel, indices.len());
         ScatterPlan::with_width(dev, indices, numel, width)
@@ -307,6 +317,7 @@ impl ScatterPlan {
         self.len
     }
 
+    /// Whether the plan consumes no values.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -531,14 +542,18 @@ impl SparseAdamw {
         Ok(())
     }
 
+    /// Steps taken so far: the bias corrections of the next [`SparseAdamw::step`] use
+    /// `steps_taken() + 1`.
     pub fn steps_taken(&self) -> u64 {
         self.step
     }
 
+    /// The hyper-parameters the run was started with.
     pub fn config(&self) -> &AdamwConfig {
         &self.config
     }
 
+    /// The support the optimizer updates.
     pub fn index(&self) -> &SparseIndex {
         &self.index
     }

@@ -41,6 +41,47 @@ fn unknown_arguments_are_errors() {
     }
 }
 
+/// Arguments that cannot go together, or a family that does not exist, are said before
+/// anything looks for a GPU (which would be the error here otherwise).
+#[test]
+fn bad_combinations_are_named_before_the_gpu_is_looked_for() {
+    for (args, named) in [
+        (&["profile", "nf5"][..], "\"nf5\""),
+        (
+            &[
+                "bench",
+                "--json",
+                "x.json",
+                "--family",
+                "nf4",
+                "--seconds",
+                "9",
+            ],
+            "--seconds",
+        ),
+        (
+            &[
+                "bench",
+                "--json",
+                "x.json",
+                "--md",
+                "x.md",
+                "--ceilings",
+                "c.json",
+            ],
+            "--ceilings",
+        ),
+    ] {
+        let out = fk(args, &[]);
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(
+            said.contains(named) && !said.contains("GPU"),
+            "{args:?}: {said}"
+        );
+    }
+}
+
 #[test]
 fn no_gpu_is_said_and_a_required_one_is_not_replaced_by_the_emulator() {
     let Err(why) = Device::cuda(0) else {

@@ -389,6 +389,33 @@ fn stmatrix_trans_stores_ldmatrix_trans_fragments() {
     }
 }
 
+/// A section's kernel runs on an input of the length it reads and nothing else: a short
+/// input (which it would read past) and a kernel no section runs (the MUFU table, which
+/// writes 2^18 words into the section's output) are refused.
+#[test]
+fn register_dump_sections_are_checked_before_they_run() {
+    let dev = emu(schedules()[0]);
+    let plan = regdump::plan(Target::Sm90a);
+    let rcp = plan.iter().find(|s| s.kernel == "regdump_rcp").unwrap();
+    let short = regdump::Section {
+        input: rcp.input[..rcp.input.len() - 1].to_vec(),
+        ..rcp.clone()
+    };
+    let table = regdump::Section {
+        kernel: "regdump_rcp_table".into(),
+        ..rcp.clone()
+    };
+    for s in [short, table] {
+        let err = regdump::run_section(&dev, &s).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { .. }),
+            "{}: {err}",
+            s.kernel
+        );
+    }
+    assert!(regdump::run_section(&dev, rcp).is_ok());
+}
+
 /// ldmatrix and mma against the PTX ISA formulas (reference/ptx-fragments.md), written
 /// here independently of the emulator and of any hardware dump.
 #[test]

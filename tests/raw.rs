@@ -461,6 +461,73 @@ fn nf4_raw_matches_the_safe_calls() {
                 .unwrap_err();
             refused(&format!("lora, {case}"), err);
         }
+        // Pointers the kernels' vector loads cannot take (codes and activations to 16 bytes,
+        // the f32 arrays to 4, dequantize's output to 16): Error::Misaligned, before any
+        // launch, and the output untouched.
+        let misaligned = |what: &str, err: Error| {
+            assert!(matches!(err, Error::Misaligned { .. }), "{what}: {err}");
+        };
+        let on = |bytes: usize| move |p: *const u8| p.wrapping_add(bytes);
+        for (case, w) in [
+            (
+                "codes 8 bytes on",
+                params::Nf4Weight {
+                    codes: on(8)(good.codes),
+                    ..good
+                },
+            ),
+            (
+                "nested_absmax 2 bytes on",
+                params::Nf4Weight {
+                    nested_absmax: on(2)(good.nested_absmax.cast()).cast(),
+                    ..good
+                },
+            ),
+        ] {
+            let p = Nf4DequantizeParams {
+                w,
+                out: out.ptr_mut(),
+                out_ld: 0,
+            };
+            // SAFETY: refused before any launch.
+            let err = unsafe { nf4::raw::dequantize(&dev, None, DType::F32, &p) }.unwrap_err();
+            misaligned(case, err);
+            let p = Nf4MatmulParams {
+                w,
+                m: 3,
+                ..Nf4MatmulParams::default()
+            };
+            // SAFETY: refused before any launch.
+            let err = unsafe { nf4::raw::matmul(&dev, None, DType::BF16, true, &p) }.unwrap_err();
+            misaligned(case, err);
+        }
+        let p = Nf4DequantizeParams {
+            w: good,
+            out: out.ptr_mut().wrapping_byte_add(4),
+            out_ld: 0,
+        };
+        // SAFETY: refused before any launch.
+        let err = unsafe { nf4::raw::dequantize(&dev, None, DType::F32, &p) }.unwrap_err();
+        misaligned("dequantize out 4 bytes on", err);
+        let x = dev
+            .upload(&random_vec::<bf16>(&mut rng, 3 * cols + 1, 1.0))
+            .unwrap();
+        let mut y = dev.alloc_poisoned::<bf16>(3 * rows).unwrap();
+        let p = Nf4MatmulParams {
+            w: good,
+            a: x.ptr().wrapping_byte_add(2),
+            out: y.ptr_mut(),
+            m: 3,
+            ..Nf4MatmulParams::default()
+        };
+        // SAFETY: refused before any launch.
+        let err = unsafe { nf4::raw::matmul(&dev, None, DType::BF16, true, &p) }.unwrap_err();
+        misaligned("activations 2 bytes on", err);
+        let untouched = out.to_host().unwrap();
+        assert!(
+            untouched.iter().all(|v| v.is_nan()),
+            "dequantize's output was written"
+        );
         let lp = LoraParams {
             m: 3,
             rank: 4,

@@ -98,9 +98,13 @@ pub enum Ending {
 /// One family's rows and how its process ended.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The family's name, as in [`FAMILIES`].
     pub family: String,
+    /// The rows its process wrote before it ended (none if it wrote no readable file).
     pub rows: Vec<Row>,
+    /// How its process ended.
     pub ending: Ending,
+    /// Wall-clock seconds from the process's start until its rows were read back.
     pub seconds: f64,
 }
 

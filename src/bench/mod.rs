@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 /// Repetition times of one measured region.
 #[derive(Debug, Clone)]
 pub struct Stats {
+    /// The median time of one repetition (of one launch, for rotated timings), in
+    /// microseconds.
     pub median_us: f64,
+    /// How many repetitions were timed (1 on the emulator's wall clock).
     pub reps: usize,
 }
 
@@ -40,6 +43,9 @@ pub struct GpuTimer<'a> {
 }
 
 impl<'a> GpuTimer<'a> {
+    /// A timer on `dev`: on a GPU it allocates the L2 flush buffer (twice the L2, at least
+    /// 2 MiB); on the emulator nothing. Errors if the L2 size cannot be read or the buffer
+    /// cannot be allocated.
     pub fn new(dev: &'a Device) -> Result<Self> {
         let gpu = match dev {
             Device::Cuda(d) => {
@@ -135,6 +141,7 @@ impl<'a> GpuTimer<'a> {
         reps: usize,
         mut f: impl FnMut() -> Result<()>,
     ) -> Result<Vec<(String, Stats)>> {
+        check_reps(reps)?;
         let Some((dev, flush)) = &self.gpu else {
             breakdown::open_wall();
             let ran = f();
@@ -258,12 +265,15 @@ pub struct Scale {
     /// The NF4 weight `[rows, cols]` (the GEMVs also take it transposed), and the most rows
     /// its GEMMs run at.
     pub nf4: (usize, usize),
+    /// The most activation rows (tokens) the NF4 GEMMs run at.
     pub nf4_tokens: usize,
     /// The SMs a ladder's wave fills.
     pub sms: usize,
     /// The wgmma ladder's rungs (steps of 64 along K; the last two fit the step time) and
     /// the GEMV ladder's K.
     pub ladder_steps: [usize; 3],
+    /// The K of the GEMV ladder's three one-wave rungs (the middle one is run at two waves
+    /// too).
     pub gemv_ladder_k: [usize; 3],
     /// The sparse rows' weight `[rows, cols]` (1% of it touched).
     pub sparse: (usize, usize),
@@ -336,15 +346,22 @@ impl Ceilings {
 /// One benchmark result.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// The family the row belongs to (`baseline` for the reference measurements).
     pub family: String,
+    /// What was timed: a kernel or a path, with any qualifier the family adds.
     pub kernel: String,
+    /// The problem's shape, as the family writes it (e.g. `8192x4096→11008`).
     pub shape: String,
     /// The median of `reps` timed repetitions.
     pub time_us: f64,
+    /// Timed repetitions behind `time_us`.
     pub reps: usize,
     /// Fewest bytes the work must move through device memory.
     pub bytes: f64,
+    /// Floating-point operations the work does (0 for pure data movement).
     pub flops: f64,
+    /// The least time the work can take at the run's [`Ceilings`], in microseconds: `bytes`
+    /// at the copy rate or `flops` at cuBLAS's bf16 rate, whichever is longer.
     pub floor_us: f64,
     /// Name and median time of the baseline measured in the same run.
     pub baseline: Option<(String, f64)>,
@@ -353,6 +370,9 @@ pub struct Row {
 }
 
 impl Row {
+    /// The row of `kernel` in `family` at `shape`, timed `t`, moving `bytes` and doing
+    /// `flops`, its floor computed from `c` (the FLOP term counts only where `c` has a
+    /// cuBLAS rate); no baseline and no saved bytes yet.
     pub fn new(
         family: &str,
         kernel: &str,
@@ -378,11 +398,13 @@ impl Row {
         }
     }
 
+    /// The row with `bytes` as the device memory the forward leaves for the backward.
     pub fn with_saved_bytes(mut self, bytes: usize) -> Row {
         self.saved_bytes = Some(bytes);
         self
     }
 
+    /// The row against the baseline `name`, whose median time was `time_us` microseconds.
     pub fn with_baseline(mut self, name: &str, time_us: f64) -> Row {
         self.baseline = Some((name.into(), time_us));
         self
@@ -395,14 +417,17 @@ impl Row {
         Ok(self.with_baseline("d2d copy, same bytes", copy.median_us))
     }
 
+    /// `bytes` over the median time, in TB/s (10¹² bytes a second).
     pub fn tb_per_s(&self) -> f64 {
         self.bytes / self.time_us * 1e-6
     }
 
+    /// `flops` over the median time, in TFLOP/s (10¹² a second).
     pub fn tflop_per_s(&self) -> f64 {
         self.flops / self.time_us * 1e-6
     }
 
+    /// `floor_us / time_us`: 1 at the floor, less the slower the row.
     pub fn fraction_of_floor(&self) -> f64 {
         self.floor_us / self.time_us
     }
@@ -454,10 +479,13 @@ impl Rows {
         }
     }
 
+    /// Keeps `row`, as [`Rows::extend`] does.
     pub fn push(&mut self, row: Row) -> Result<()> {
         self.extend([row])
     }
 
+    /// Keeps `rows` and, when writing to a file, rewrites it with every row so far. Errors
+    /// if the file cannot be written (the rows are kept all the same).
     pub fn extend(&mut self, rows: impl IntoIterator<Item = Row>) -> Result<()> {
         self.rows.extend(rows);
         match &self.json {
@@ -480,6 +508,7 @@ impl Rows {
         }
     }
 
+    /// Every row kept so far, in the order they came.
     pub fn rows(&self) -> &[Row] {
         &self.rows
     }

@@ -136,6 +136,12 @@ fn matmul_work_row(
     Row::new("nf4", kernel, &shape, t, bytes, flops, c)
 }
 
+/// The `nf4` family's rows at [`Scale::of`]'s weight, into `out` as they are measured:
+/// dequantization (one launch, and one wave looping) and quantization, the GEMVs at up to 64
+/// rows (as many as each takes) on the weight and its transpose, the rotated decode rows, the
+/// GEMV ladder, and the fused and dequantize + cuBLAS GEMMs forward and backward from 4 rows to
+/// [`Scale::nf4_tokens`], with their copy and cuBLAS baselines. Errors from any launch,
+/// timing or write of the rows, except the GEMV ladder's, which costs only its own rows.
 pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
     let at = Scale::of(dev);
     let (rows, cols) = at.nf4;

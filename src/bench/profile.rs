@@ -18,7 +18,10 @@ use crate::nf4::{self, MatmulPath};
 use crate::testing::random_vec;
 use rand::{rngs::StdRng, SeedableRng};
 
-/// Runs the cases of `family` (`nf4` or `lora`) on `dev` at the benchmarks' shapes
+/// The families [`run`] profiles.
+pub const FAMILIES: [&str; 2] = ["nf4", "lora"];
+
+/// Runs the cases of `family` (one of [`FAMILIES`]) on `dev` at the benchmarks' shapes
 /// ([`Scale::of`]), calling `announce` with each case's name before its launches.
 pub fn run(dev: &Device, family: &str, announce: &mut dyn FnMut(&str)) -> Result<()> {
     run_at(dev, family, Scale::of(dev), announce)

@@ -3,8 +3,9 @@
 //!   fk info                       the device, driver, PTX target, and why kernels cannot run
 //!   fk check [--small] [--seed N] every kernel against its reference; exit 0 only if all pass
 //!   fk regdump --out FILE [--rcp-table FILE]         record tensor-core register layouts on this GPU
-//!   fk bench --json F --md F      GPU benchmarks with floors and same-run baselines, each
-//!                                 family in a process of its own ([--family NAME]: one here)
+//!   fk bench --json F --md F [--seconds N]   GPU benchmarks with floors and same-run
+//!                                 baselines, each family in a process of its own, at most
+//!                                 N s each; --family NAME [--md F] [--ceilings F]: one, here
 //!   fk profile nf4|lora           one launch of each kernel with open questions, for ncu
 //!   fk kernels [--resources]      every (module, kernel) the Rust side can launch; with
 //!                                 --resources, each as this GPU's driver compiled it
@@ -12,8 +13,9 @@
 //!   fk quantize IN OUT [...]      a checkpoint's linear weights to NF4, in bitsandbytes' layout
 //!
 //! Exit status: 0 when the command did what it was asked (and every check passed); 1 when
-//! `fk check` or `fk bench` found a failure (for `fk check` with `FK_REQUIRE_GPU=1`, no GPU,
-//! or a driver that fails, counts as one); 2 on any other error (a bad argument, a file
+//! `fk check` or `fk bench` found a failure (for `fk check`, a kernel that fails to run
+//! counts as one, and so, with `FK_REQUIRE_GPU=1`, do no GPU and a driver that fails); 2 on
+//! any other error (a bad argument, a file
 //! that is missing or not what it claims, no GPU for a command that needs one), with its
 //! message.
 //!
@@ -36,7 +38,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE --md FILE [--seconds N] [--family NAME [--ceilings FILE]] | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN OUT [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE ADAPTER_DIR OUT (IN, BASE: a .safetensors file, a shard index, or a model directory; OUT: a file, or a directory for an index or a directory)";
+const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE (--md FILE [--seconds N] | --family NAME [--md FILE] [--ceilings FILE]) | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN OUT [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE ADAPTER_DIR OUT (IN, BASE: a .safetensors file, a shard index, or a model directory; OUT: a file, or a directory for an index or a directory)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -173,8 +175,14 @@ fn run_check(args: &[String]) -> Result<bool, String> {
         dev.describe()
     );
     println!("{}", check::header());
-    let rows = check::all(&dev, scale, seed, &mut |r| println!("{}", check::line(r)))
-        .map_err(|e| e.to_string())?;
+    // A kernel that fails to run (a fault, a race the emulator caught) fails the check.
+    let rows = match check::all(&dev, scale, seed, &mut |r| println!("{}", check::line(r))) {
+        Ok(rows) => rows,
+        Err(e) => {
+            println!("\ncheck stopped: {e}");
+            return Ok(false);
+        }
+    };
     let failed = rows.iter().filter(|r| !r.pass()).count();
     println!("\n{} checks, {} failed", rows.len(), failed);
     Ok(failed == 0)
@@ -282,12 +290,23 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
     known_args(args, &[], &valued)?;
     let json = flag_value(args, "--json")?.ok_or("bench needs --json FILE")?;
     let md = flag_value(args, "--md")?;
-    if let Some(family) = flag_value(args, "--family")? {
+    let family = flag_value(args, "--family")?;
+    let (seconds, ceilings) = (
+        flag_value(args, "--seconds")?,
+        flag_value(args, "--ceilings")?,
+    );
+    match (family, seconds, ceilings) {
+        (Some(_), Some(_), _) => {
+            return Err("--seconds limits the families bench runs: not one (--family)".into())
+        }
+        (None, _, Some(_)) => return Err("--ceilings is for one family (--family NAME)".into()),
+        _ => {}
+    }
+    if let Some(family) = family {
         bench::families::find(family).map_err(|e| e.to_string())?;
         let (dev, _) = gpu("benchmarks time GPU kernels: a family needs a GPU")?;
         let mut out = bench::Rows::writing_to(Path::new(json));
-        let ceilings = flag_value(args, "--ceilings")?.map(Path::new);
-        let ran = bench::families::run(&dev, family, ceilings, &mut out);
+        let ran = bench::families::run(&dev, family, ceilings.map(Path::new), &mut out);
         if let Some(md) = md {
             let table = bench::to_markdown(out.rows());
             std::fs::write(md, table).map_err(|e| format!("{md}: {e}"))?;
@@ -298,7 +317,7 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
     let md = md.ok_or("bench needs --md FILE")?;
     // No family could run without a GPU: one error for all.
     probe_driver().map_err(|e| format!("benchmarks time GPU kernels: {e}"))?;
-    let seconds = match flag_value(args, "--seconds")? {
+    let seconds = match seconds {
         Some(s) => s
             .parse::<u64>()
             .map_err(|_| format!("--seconds needs a whole number, not {s:?}"))?,
@@ -348,6 +367,9 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
 fn run_profile(args: &[String]) -> Result<(), String> {
     let family = args.first().ok_or("profile needs a family: nf4 or lora")?;
     known_args(&args[1..], &[], &[])?;
+    if !bench::profile::FAMILIES.contains(&family.as_str()) {
+        return Err(format!("profile: no family {family:?}: nf4 or lora"));
+    }
     let (dev, _) = gpu("a profile reads a GPU's counters: it needs a GPU")?;
     bench::profile::run(&dev, family, &mut |case| println!("profile case: {case}"))
         .map_err(|e| e.to_string())

@@ -17,19 +17,30 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 /// A LoRA check's size and options.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
+    /// Seed of the random inputs, weights and hyper-parameters.
     pub seed: u64,
+    /// Rows of the input `x` (tokens).
     pub m: usize,
+    /// Input features: columns of `x` and of the base weight.
     pub d_in: usize,
+    /// Output features: rows of the base weight.
     pub d_out: usize,
+    /// The LoRA rank.
     pub rank: usize,
+    /// Whether the scale is `alpha / √rank` (rsLoRA) instead of `alpha / rank`.
     pub rslora: bool,
+    /// Dropout probability on the LoRA branch's input.
     pub dropout: f32,
+    /// Whether the layer has a bias.
     pub bias: bool,
+    /// Whether the base weight is NF4 (random blocksize and double quantization) instead
+    /// of dense.
     pub nf4: bool,
     /// How the fused paths feed the NF4 base to their GEMMs.
     pub nf4_decode: Nf4Decode,
     /// How the FusedWgmma path loads its tiles.
     pub tile_loads: TileLoads,
+    /// Whether to time the kernels (on a GPU only).
     pub timed: bool,
     /// The layer's path; `None` takes the one `LoraLinear::new` picks for the device.
     pub path: Option<LoraPath>,

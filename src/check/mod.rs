@@ -22,19 +22,27 @@ pub enum Measure {
 /// One kernel run checked against its reference.
 #[derive(Debug, Clone)]
 pub struct CheckRow {
+    /// The kernel checked, by its kernel name (e.g. `scatter_add_bf16_f32`).
     pub kernel: String,
+    /// The backend it ran on: `cuda` or `emu`.
     pub backend: &'static str,
     /// The device's description (for the emulator: its schedule and seed, to replay).
     pub device: String,
+    /// The case's shape, as the check describes it.
     pub shape: String,
+    /// The seed the inputs were drawn from: the same seed replays the check.
     pub seed: u64,
+    /// How `error` is judged.
     pub measure: Measure,
+    /// The measured error: mismatching elements for [`Measure::Exact`], the relative L2
+    /// error for [`Measure::RelL2`].
     pub error: f64,
     /// Median kernel time on a GPU, when timing was asked for.
     pub time_us: Option<f64>,
 }
 
 impl CheckRow {
+    /// Whether `error` is within what `measure` allows (a NaN error fails).
     pub fn pass(&self) -> bool {
         match self.measure {
             Measure::Exact => self.error == 0.0,
@@ -121,11 +129,13 @@ pub struct Report<'a> {
 }
 
 impl Report<'_> {
+    /// Hands `row` to the callback, then keeps it.
     pub fn push(&mut self, row: CheckRow) {
         (self.on_row)(&row);
         self.rows.push(row);
     }
 
+    /// [`Report::push`] for each row, in order.
     pub fn extend(&mut self, rows: impl IntoIterator<Item = CheckRow>) {
         for r in rows {
             self.push(r);
@@ -168,7 +178,7 @@ pub fn header() -> String {
 /// A row as `fk check` prints it, under [`header`].
 pub fn line(r: &CheckRow) -> String {
     let err = match r.measure {
-        Measure::Exact => format!("{} bits off", r.error),
+        Measure::Exact => format!("{} elements off", r.error),
         Measure::RelL2(b) => format!("{:.1e} ≤ {b:.0e}", r.error),
     };
     let time = r.time_us.map_or("—".to_string(), |t| format!("{t:.2}"));

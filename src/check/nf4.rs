@@ -17,12 +17,19 @@ const SAMPLED_ROWS: usize = 64;
 /// An NF4 check's size: the weight `[rows, cols]`, `m` rows of activations.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
+    /// Seed of the weight and the activations.
     pub seed: u64,
+    /// Rows of the weight: out_features.
     pub rows: usize,
+    /// Columns of the weight: in_features, the matmuls' K.
     pub cols: usize,
+    /// Rows of the activations (tokens) in the matmul checks.
     pub m: usize,
+    /// Elements per NF4 block.
     pub blocksize: usize,
+    /// Whether the absmaxes are double-quantized.
     pub double_quant: bool,
+    /// Whether to time the kernels (on a GPU only).
     pub timed: bool,
 }
 

@@ -13,10 +13,15 @@ use std::collections::BTreeMap;
 /// A sparse check's size: `numel` dense elements, `n` support entries.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
+    /// Seed of the random inputs.
     pub seed: u64,
+    /// Elements of the dense tensor.
     pub numel: u64,
+    /// Entries of the support (values scattered or gathered).
     pub n: usize,
+    /// The index width the kernels run with.
     pub width: IndexWidth,
+    /// Whether to time the kernel (on a GPU only).
     pub timed: bool,
 }
 

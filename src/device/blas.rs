@@ -12,7 +12,9 @@ use cudarc::driver::CudaSlice;
 /// (its input gradient: `dX = dY W`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightOp {
+    /// `w` is stored `[n, k]` and applied as `Wᵀ`.
     Transposed,
+    /// `w` is stored `[k, n]` and applied as is.
     Plain,
 }
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 pub struct DriverInfo {
     /// `cuDriverGetVersion`, e.g. 13000 for CUDA 13.0.
     pub version: i32,
+    /// CUDA devices the driver sees (`cuDeviceGetCount`).
     pub device_count: usize,
 }
 
@@ -75,9 +76,11 @@ unsafe impl Sync for Function {}
 /// A kernel as the driver compiled it (`CudaDevice::resources`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelResources {
+    /// Registers per thread.
     pub registers: u32,
     /// Local memory per thread: spills or a stack frame the build checks did not see.
     pub local_bytes: u32,
+    /// Static shared memory per block, in bytes (dynamic shared memory not included).
     pub static_smem_bytes: u32,
     /// The most threads a block of it may have (launch bounds, registers).
     pub max_threads: u32,
@@ -139,6 +142,11 @@ fn alloc_error(call: &'static str, e: cudarc::driver::DriverError, bytes: usize)
 }
 
 impl CudaDevice {
+    /// Opens GPU `ordinal` on its primary context and that context's default stream, and
+    /// keeps freed memory in the device's default pool. Errors with [`NoDevice`] when no
+    /// driver or GPU is usable, `ordinal` is past the device count, the driver is older than
+    /// CUDA 13.0 (`PTX_DRIVER_VERSION`; unless the PTX was built from source) or the compute
+    /// capability is below 8.0, and with a driver error when a driver call fails.
     pub fn new(ordinal: usize) -> Result<Self> {
         let driver = probe_driver()?;
         if driver.device_count == 0 {
@@ -204,6 +212,8 @@ impl CudaDevice {
         })
     }
 
+    /// One line naming the device: ordinal, name, compute capability and the PTX target it
+    /// loads, e.g. `cuda:0 NVIDIA H100 (sm_90, PTX sm_90a)`.
     pub fn describe(&self) -> String {
         let (ma, mi) = self.compute_capability;
         format!(
@@ -214,14 +224,17 @@ impl CudaDevice {
         )
     }
 
+    /// The device's name as the driver reports it (`cuDeviceGetName`).
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// The compute capability as (major, minor), e.g. (9, 0).
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
     }
 
+    /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> usize {
         self.sm_count
     }
@@ -231,6 +244,7 @@ impl CudaDevice {
         self.target
     }
 
+    /// The driver's version and device count, as probed when the device was opened.
     pub fn driver(&self) -> &DriverInfo {
         &self.driver
     }
@@ -354,6 +368,8 @@ impl CudaDevice {
         ptr
     }
 
+    /// Waits for all work queued on [`Self::stream`] to finish. Errors with the driver's error
+    /// when the stream reports one (such as a fault left by an earlier launch).
     pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()

@@ -25,6 +25,7 @@ pub enum Schedule {
 /// How the emulator runs kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmuOptions {
+    /// The order fibers and blocks run in.
     pub schedule: Schedule,
     /// OS threads running blocks in parallel (a block never migrates between them).
     pub threads: u32,
@@ -103,10 +104,13 @@ impl EmuDevice {
         }
     }
 
+    /// The options this emulator runs kernels with.
     pub fn options(&self) -> &EmuOptions {
         &self.options
     }
 
+    /// One line naming the device, its schedule (with the seed of a random one, so a failure
+    /// replays) and its thread count.
     pub fn describe(&self) -> String {
         let s = match self.options.schedule {
             Schedule::Forward => "forward".to_string(),
@@ -190,9 +194,13 @@ impl EmuDevice {
 #[cfg(feature = "emu")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// bfloat16: 8 exponent bits, 7 mantissa bits.
     BF16,
+    /// IEEE half precision: 5 exponent bits, 10 mantissa bits.
     F16,
+    /// FP8 E4M3 (`__nv_fp8_e4m3`): 4 exponent bits, 3 mantissa bits, no infinities.
     E4M3,
+    /// FP8 E5M2 (`__nv_fp8_e5m2`): 5 exponent bits, 2 mantissa bits.
     E5M2,
 }
 

@@ -232,7 +232,8 @@ pub struct Kernel {
 }
 
 impl Device {
-    /// The CUDA device `ordinal`, or a [`NoDevice`](crate::NoDevice) error saying why there is none.
+    /// The CUDA device `ordinal`, or a [`NoDevice`](crate::NoDevice) error saying why there is none
+    /// (an [`Error::Driver`] where a driver that works fails a call on a device it has).
     ///
     /// It uses the device's primary context (shared with other frameworks in the process) and
     /// its default memory pool, whose release threshold it sets to keep freed memory pooled
@@ -248,7 +249,8 @@ impl Device {
     }
 
     /// The best backend available here: GPU 0 if there is one, else the emulator (with
-    /// default options) if it is built in, else the reason there is no GPU.
+    /// default options) if it is built in, else the reason there is no GPU. A GPU that is
+    /// there but fails a driver call ([`Error::Driver`]) is that error, not the emulator.
     pub fn best() -> Result<Device> {
         match Device::cuda(0) {
             Ok(d) => Ok(d),
@@ -385,8 +387,9 @@ impl Device {
     }
 
     /// Launches `kernel` with `params` (its one params struct, passed by value) on the
-    /// device's own stream. A grid with no blocks launches nothing. Public for users who test
-    /// their own kernels on both backends.
+    /// device's own stream. A grid with no blocks launches nothing. Public for callers of the
+    /// crate's kernels by name (`fk kernels` lists them): a kernel is one of this crate's, from
+    /// its embedded PTX (or `$FK_PTX_DIR`) on a GPU and compiled into the crate on the emulator.
     ///
     /// # Safety
     /// `params` must be the struct `kernel` is declared with, and every pointer in it must

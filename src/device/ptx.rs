@@ -13,8 +13,11 @@ pub enum Target {
 }
 
 impl Target {
+    /// Every target, oldest first.
     pub const ALL: [Target; 3] = [Target::Sm80, Target::Sm89, Target::Sm90a];
 
+    /// The target's name as nvcc and the `ptx/` directories spell it: `sm_80`, `sm_89`,
+    /// `sm_90a`.
     pub fn name(self) -> &'static str {
         match self {
             Target::Sm80 => "sm_80",

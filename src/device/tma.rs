@@ -25,10 +25,15 @@ const BOX_K: u32 = 64;
 /// length, both dimensions are in [1, 2^32] and the box has at most 256 rows.
 #[derive(Debug, Clone, Copy)]
 pub struct TileMap {
+    /// Address of the matrix's first element (on the emulator, a host address).
     pub ptr: *const c_void,
+    /// Elements per row (the inner dimension).
     pub cols: usize,
+    /// Number of rows.
     pub rows: usize,
+    /// Distance between consecutive rows, in elements.
     pub ld: usize,
+    /// Rows per box (the outer box dimension).
     pub box_rows: u32,
 }
 
@@ -38,7 +43,7 @@ impl TileMap {
         let Some(stride) = self.ld.checked_mul(elem_bytes) else {
             return false;
         };
-        (self.ptr as usize) % 16 == 0
+        (self.ptr as usize).is_multiple_of(16)
             && stride % 16 == 0
             && (stride as u64) < (1u64 << 40)
             && self.ld >= self.cols

@@ -30,7 +30,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The factors' file in an adapter directory, as PEFT names it.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The config's file in an adapter directory, as PEFT names it.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// PEFT's prefix of every tensor key: `PeftModel.base_model` (the tuner) `.model` (the
 /// wrapped model).
@@ -71,21 +73,30 @@ const BASE_REWRITING_INITS: [&str; 5] = ["pissa", "olora", "corda", "loftq", "lo
 /// PEFT's `target_modules`: module names (exact, or a suffix after a `.`), or one regex.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetModules {
+    /// Module names: a module is targeted when its name is one of them or ends in `.` and
+    /// one of them.
     Names(Vec<String>),
+    /// One regex over full module names, kept as written (not checked here).
     Pattern(String),
 }
 
 /// The `adapter_config.json` fields that decide what a LoRA adapter computes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
+    /// The rank (at least 1): rows of `lora_A`, columns of `lora_B`.
     pub r: usize,
-    /// f64, as JSON and Python hold it; [`AdapterConfig::lora`] rounds it to f32.
+    /// f64, as JSON and Python hold it; the scale divides it in f64 and rounds the quotient
+    /// to f32, as PEFT's f32 multiply of the Python float does.
     pub lora_alpha: f64,
+    /// Whether the scale is `lora_alpha / √r` (rsLoRA) instead of `lora_alpha / r`.
     pub use_rslora: bool,
+    /// Dropout probability on the LoRA branch's input; applied only in training.
     pub lora_dropout: f64,
     /// `None` for `null` (PEFT then picks modules by architecture).
     pub target_modules: Option<TargetModules>,
+    /// The base model PEFT recorded (a hub id or a path), if any.
     pub base_model_name_or_path: Option<String>,
+    /// PEFT's `task_type` (such as `CAUSAL_LM`), if any.
     pub task_type: Option<String>,
 }
 
@@ -97,8 +108,11 @@ pub struct LoraFactors {
     pub a: Vec<f32>,
     /// `[out, r]`
     pub b: Vec<f32>,
+    /// Input features of the module: columns of `a`.
     pub d_in: usize,
+    /// Output features of the module: rows of `b`.
     pub d_out: usize,
+    /// The dtype both factors are stored in on disk: f32, bf16 or f16.
     pub dtype: DType,
 }
 
@@ -106,7 +120,9 @@ pub struct LoraFactors {
 /// (without [`KEY_PREFIX`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Adapter {
+    /// What `adapter_config.json` says.
     pub config: AdapterConfig,
+    /// The factors of each adapted module, by module name.
     pub modules: BTreeMap<String, LoraFactors>,
 }
 

@@ -1454,9 +1454,14 @@ pub mod raw {
     //! framework owns (`Some(stream)`; `None` is the device's own, and all the emulator takes),
     //! through the fused kernels. You fill one [`LoraParams`] with your pointers as
     //! `cuda/params/lora.h` says (what each kernel reads, the saved `u`, the workspaces' layout),
-    //! `tma` left 0 (the wgmma kernels then load by cp.async); nothing is checked but the dtype,
-    //! that the device has wgmma where asked, and [`forward_fused_down`]'s rank and dropout
-    //! ([`backward_dx_fused_v`]'s rank). A forward is [`down`] then [`forward`] (or, on wgmma
+    //! `tma` left 0 (the wgmma kernels then load by cp.async). Checked before a launch: the
+    //! dtype; that the device has wgmma where asked; an NF4 base's params and shape against
+    //! the layer's ([`crate::nf4::raw::check_weight`], alignment included); the row strides
+    //! `x_ld` and `dy_ld`; [`forward_fused_down`]'s rank and dropout, and
+    //! [`backward_dx_fused_v`]'s rank, splits and pointers; [`backward_dx`]'s refusal of
+    //! splits (it makes no partials) and [`grads`]' of zero splits. Not checked: that the
+    //! pointers hold what the shapes say, and the other pointers' alignment (16 bytes, as
+    //! the layer's own buffers are). A forward is [`down`] then [`forward`] (or, on wgmma
     //! without dropout at ranks up to 32, [`forward_fused_down`] alone); a backward
     //! [`backward_v`], [`backward_dx`] (or, on wgmma at ranks up to 32,
     //! [`backward_dx_fused_v`] alone, which makes dA's and dB's partials too where

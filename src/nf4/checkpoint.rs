@@ -46,8 +46,11 @@ const PARTS: [&str; 4] = [
 /// that was read or owned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawTensor<'a> {
+    /// The element type, as safetensors names it.
     pub dtype: Dtype,
+    /// The dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// The elements' little-endian bytes, row-major.
     pub data: Cow<'a, [u8]>,
 }
 
@@ -101,8 +104,11 @@ impl View for RawTensor<'_> {
 /// as it is, and the file's metadata.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Checkpoint<'a> {
+    /// The NF4 weights, each assembled from its parts, by weight name.
     pub nf4: BTreeMap<String, Nf4Quantized>,
+    /// Every tensor that is not part of an NF4 weight, by name.
     pub tensors: BTreeMap<String, RawTensor<'a>>,
+    /// The file's `__metadata__` map, if it has one.
     pub metadata: Option<HashMap<String, String>>,
 }
 
@@ -481,11 +487,15 @@ pub fn stage_tensors<'a>(
 /// What `fk quantize` converts, and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizeOptions {
+    /// Elements per NF4 block: one of [`nf4::BLOCKSIZES`].
     pub blocksize: usize,
+    /// Whether the absmaxes are double-quantized to 8-bit codes (bitsandbytes'
+    /// `compress_statistics`).
     pub double_quant: bool,
     /// Glob patterns (`*` any run of characters, `?` one): a 2-D bf16/f16/f32 tensor is
     /// quantized if its name matches one of `include` and none of `exclude`.
     pub include: Vec<String>,
+    /// Glob patterns of tensors left as they are even where `include` matches them.
     pub exclude: Vec<String>,
     /// Weights stored `[in, out]` (GPT-2's `Conv1D`), by glob: quantized as their transpose
     /// `[out, in]`, as transformers quantizes them (and reads them back untransposed).
@@ -624,7 +634,10 @@ pub struct QuantizeSummary {
     /// with such weights left as they are only if their modules are in the quantization
     /// config's `llm_int8_skip_modules`.
     pub left_alone: Vec<String>,
+    /// Total size of the input weight files read, in bytes (a shard index not counted).
     pub bytes_before: u64,
+    /// Total size of the weight files written, and of the shard index if there is one, in
+    /// bytes (carried side files not counted).
     pub bytes_after: u64,
     /// For a checkpoint found in a directory, the model's other files written beside the
     /// output: its `config.json` with a `quantization_config` for the NF4 weights

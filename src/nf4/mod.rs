@@ -739,8 +739,11 @@ pub fn kernels() -> Vec<Kernel> {
 
 /// Raw entry points for framework authors: launch on memory and a stream your framework
 /// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). Fill
-/// [`params::Nf4Weight`] with device pointers in bitsandbytes' layout (codes and activations
-/// 16-byte aligned). Nothing is checked beyond the dtype.
+/// [`params::Nf4Weight`] with device pointers in bitsandbytes' layout. Checked: the dtype,
+/// the weight's params ([`raw::check_weight`]: blocksize, shape, its pointers present and
+/// aligned), the activations' and dequantized output's 16-byte alignment
+/// ([`Error::Misaligned`]), the GEMVs' row limits and wgmma's Hopper. That the pointers
+/// point at memory of the sizes the shapes say is the caller's promise.
 pub mod raw {
     use super::*;
     use cudarc::driver::sys::CUstream;
@@ -758,7 +761,8 @@ pub mod raw {
 
     /// What the kernels assume of a weight's params, checked: a blocksize bitsandbytes
     /// allows (the kernels shift by its log2), at least one row and column, and the pointers
-    /// its absmax kind reads. (That they point at memory of the weight's size is the
+    /// its absmax kind reads, present and aligned (codes to 16 bytes, for the GEMVs' vector
+    /// loads; the f32 arrays to 4). (That they point at memory of the weight's size is the
     /// caller's promise.)
     pub fn check_weight(w: &params::Nf4Weight) -> Result<()> {
         check_blocksize("nf4 raw weight", w.blocksize as usize)?;
@@ -785,12 +789,18 @@ pub mod raw {
         } else {
             None
         };
-        match missing {
-            Some(why) => Err(Error::InvalidArgument {
+        if let Some(why) = missing {
+            return Err(Error::InvalidArgument {
                 what: "nf4 raw weight",
                 why,
-            }),
-            None => Ok(()),
+            });
+        }
+        Error::check_aligned("nf4 raw weight codes", w.codes, 16)?;
+        if nested {
+            Error::check_aligned("nf4 raw weight nested_absmax", w.nested_absmax, 4)?;
+            Error::check_aligned("nf4 raw weight nested_map", w.nested_map, 4)
+        } else {
+            Error::check_aligned("nf4 raw weight absmax", w.absmax, 4)
         }
     }
 
@@ -829,6 +839,7 @@ pub mod raw {
             &[DType::BF16, DType::F16, DType::F32],
         )?;
         check_weight(&p.w)?;
+        Error::check_aligned("nf4 raw dequantize out", p.out, 16)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch_on(&dequantize_kernel(out), cfg, stream, p) }
     }
@@ -869,6 +880,7 @@ pub mod raw {
     ) -> Result<()> {
         float_dtype("nf4 matmul", act, &[DType::BF16, DType::F16])?;
         check_weight(&p.w)?;
+        Error::check_aligned("nf4 raw matmul activations", p.a, 16)?;
         let m = p.m as usize;
         match path {
             MatmulPath::GemvMma | MatmulPath::Gemv if !forward || m > path.max_rows() => {

@@ -11,7 +11,7 @@
 //! | `a` | `[r, in]` | `lora_A.weight` |
 //! | `b` | `[out, r]` | `lora_B.weight` |
 //! | `y`, `dy` | `[m, out]` | |
-//! | `u` | `[m, r]` | `lora_A(dropout(x))`, what forward saves for backward |
+//! | `u` | `[m, r]` | `lora_A(dropout(x))`, what forward saves for backward (unscaled here; the kernels' [`crate::lora::Saved::u`] holds `scale · u`) |
 //!
 //! `y = x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ` with `scale = alpha / r`, or `alpha / √r`
 //! with rsLoRA, rounded to f32 as PyTorch does when it multiplies an f32 tensor by it.
@@ -282,7 +282,8 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
     }
 
     /// The gradients for `dy` `[m, out]`, given forward's input `x` `[m, in]` and its saved
-    /// `u` `[m, r]` (used as given, as a kernel uses what forward saved).
+    /// `u` `[m, r]` (used as given, as a kernel uses what forward saved): [`Forward::u`],
+    /// unscaled, not the kernels' `scale · u` ([`crate::lora::Saved::u`]).
     pub fn backward(&self, x: &[T], u: &[f32], dy: &[T], m: usize) -> Result<Grads<T>> {
         self.validate()?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);

@@ -235,7 +235,9 @@ pub struct NestedAbsmax {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Absmax {
+    /// One f32 absmax per NF4 block.
     Plain(Vec<f32>),
+    /// The absmaxes double-quantized to 8-bit codes.
     Nested(NestedAbsmax),
 }
 
@@ -246,9 +248,11 @@ pub struct Nf4Quantized {
     pub shape: Vec<usize>,
     /// The original weight's dtype (bitsandbytes' `quant_state.dtype`).
     pub dtype: DType,
+    /// Elements per NF4 block (one of [`BLOCKSIZES`]); the last block may be short.
     pub blocksize: usize,
     /// `ceil(numel / 2)` bytes, element `2i` in the high nibble.
     pub codes: Vec<u8>,
+    /// The per-block scales: one per [`Nf4Quantized::blocks`].
     pub absmax: Absmax,
 }
 
@@ -436,10 +440,12 @@ impl NestedAbsmax {
 }
 
 impl Nf4Quantized {
+    /// Number of elements of the original weight: the product of `shape`.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Number of NF4 blocks, `ceil(numel / blocksize)`: one absmax each.
     pub fn blocks(&self) -> usize {
         self.numel().div_ceil(self.blocksize)
     }
@@ -447,7 +453,7 @@ impl Nf4Quantized {
     /// The 4-bit code of element `i`.
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.codes[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0x0F

@@ -17,9 +17,12 @@
 
 /// Multipliers of the two Philox S-boxes.
 pub const M0: u32 = 0xD251_1F53;
+/// The second S-box's multiplier ([`M0`] is the first's): it multiplies counter word 2.
 pub const M1: u32 = 0xCD9E_8D57;
 /// The Weyl sequence increments of the key schedule (golden ratio, √3 − 1).
 pub const W0: u32 = 0x9E37_79B9;
+/// The key schedule's increment of key word 1, √3 − 1 in 32-bit fixed point ([`W0`] bumps
+/// key word 0).
 pub const W1: u32 = 0xBB67_AE85;
 /// Rounds of Philox4x32-10.
 pub const ROUNDS: usize = 10;

@@ -36,10 +36,16 @@ pub fn gather<S: FloatElem, O: FloatElem>(src: &[S], indices: &[u64]) -> Vec<O> 
 /// AdamW hyper-parameters, PyTorch's defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamwConfig {
+    /// Learning rate (default 1e-3).
     pub lr: f32,
+    /// Decay rate of the first moment (default 0.9).
     pub beta1: f32,
+    /// Decay rate of the second moment (default 0.999).
     pub beta2: f32,
+    /// Added to the bias-corrected `sqrt(v)` in the denominator (default 1e-8).
     pub eps: f32,
+    /// Decoupled weight decay; each step multiplies the delta by `1 - lr * weight_decay`
+    /// (default 1e-2).
     pub weight_decay: f32,
 }
 
@@ -59,17 +65,28 @@ impl Default for AdamwConfig {
 /// in f64 and rounded to f32 (`step` counts from 1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamwStepScalars {
+    /// `beta1`, as configured.
     pub beta1: f32,
+    /// `beta2`, as configured.
     pub beta2: f32,
+    /// `1 - beta1`.
     pub one_minus_beta1: f32,
+    /// `1 - beta2`.
     pub one_minus_beta2: f32,
+    /// `eps`, as configured.
     pub eps: f32,
+    /// The factor the delta is multiplied by before the update: `1 - lr * weight_decay`.
     pub decay: f32,
+    /// `lr / (1 - beta1^step)`: the learning rate with the first moment's bias correction.
     pub step_size: f32,
+    /// `sqrt(1 - beta2^step)`: the second moment's bias correction, which `sqrt(v)` is
+    /// divided by.
     pub sqrt_bc2: f32,
 }
 
 impl AdamwStepScalars {
+    /// The scalars of step `step` (from 1; clamped to `i32::MAX`) under `cfg`. Step 0 would
+    /// divide by a zero bias correction.
     pub fn new(cfg: &AdamwConfig, step: u64) -> Self {
         let (b1, b2, lr) = (cfg.beta1 as f64, cfg.beta2 as f64, cfg.lr as f64);
         let t = step.min(i32::MAX as u64) as i32;
@@ -95,11 +112,15 @@ pub struct SparseAdamwState {
     pub base: Vec<f32>,
     /// The trained change: W at the support is `base + delta`.
     pub delta: Vec<f32>,
+    /// AdamW's first moment (`m`) per support element.
     pub exp_avg: Vec<f32>,
+    /// AdamW's second moment (`v`) per support element.
     pub exp_avg_sq: Vec<f32>,
 }
 
 impl SparseAdamwState {
+    /// The state before the first step: `base` gathered from `w` at `indices`, the delta
+    /// and both moments zero. Panics on an out-of-range index.
     pub fn new<W: FloatElem>(w: &[W], indices: &[u64]) -> Self {
         let n = indices.len();
         SparseAdamwState {
