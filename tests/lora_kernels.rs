@@ -880,7 +880,7 @@ fn bad_input_is_a_typed_error() {
             ),
             "{err}"
         );
-        let layer = layer();
+        let (layer, other) = (layer(), layer());
         let x = dev
             .upload(&random_vec::<f16>(&mut rng, 4 * d_in, 1.0))
             .unwrap();
@@ -901,6 +901,17 @@ fn bad_input_is_a_typed_error() {
             layer.backward(&x, &saved, &short_dy),
             Err(Error::ShapeMismatch { .. })
         ));
+        // What another layer's forward saved, even of this shape: refused, and the layer's
+        // own still taken.
+        let dy = dev
+            .upload(&random_vec::<f16>(&mut rng, 4 * d_out, 1.0))
+            .unwrap();
+        let err = other.backward(&x, &saved, &dy).err();
+        assert!(
+            matches!(err, Some(Error::InvalidArgument { what: "saved", .. })),
+            "{err:?}"
+        );
+        layer.backward(&x, &saved, &dy).unwrap();
         // f32 activations are not built.
         let w32 = dev
             .upload(&random_vec::<f32>(&mut rng, d_out * d_in, 0.1))

@@ -197,15 +197,25 @@ pub struct LoraLinear<T: FloatElem> {
     tile_loads: TileLoads,
     /// Most blocks of the wgmma base GEMMs (`None`: one per SM).
     wgmma_blocks: Option<usize>,
+    /// This layer among the process's ([`NEXT_LAYER`]), which its [`Saved`] carry.
+    id: u64,
 }
 
-/// What forward keeps for backward (besides the caller's `x`).
+/// The id the next [`LoraLinear`] gets.
+static NEXT_LAYER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// What forward keeps for backward (besides the caller's `x`), for the layer that made it
+/// only: another layer's backward refuses it (layers of one shape, a model's every q_proj,
+/// would otherwise take each other's silently).
 pub struct Saved<T: FloatElem> {
     /// `scale · dropout(x) Aᵀ`, `[m, rank]`.
     pub u: Buffer<T>,
+    /// Rows of `x` forward took (tokens).
     pub m: usize,
     /// The dropout seed forward used.
     pub seed: u64,
+    /// The layer whose forward made it ([`LoraLinear`]'s `id`).
+    layer: u64,
 }
 
 impl<T: FloatElem> Saved<T> {
@@ -570,6 +580,7 @@ impl<T: FloatElem> LoraLinear<T> {
             nf4_decode: Nf4Decode::default(),
             tile_loads: TileLoads::default(),
             wgmma_blocks: None,
+            id: NEXT_LAYER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         layer.with_path(path)
     }
@@ -1072,6 +1083,7 @@ impl<T: FloatElem> LoraLinear<T> {
                     u,
                     m,
                     seed: saved_seed,
+                    layer: self.id,
                 },
             ));
         }
@@ -1122,6 +1134,7 @@ impl<T: FloatElem> LoraLinear<T> {
                 u,
                 m,
                 seed: saved_seed,
+                layer: self.id,
             },
         ))
     }
@@ -1201,11 +1214,21 @@ impl<T: FloatElem> LoraLinear<T> {
         Ok(scratch)
     }
 
-    /// The gradients for `dy` `[m, out]`, given forward's input `x` and what it saved.
+    /// The gradients for `dy` `[m, out]`, given forward's input `x` and what it saved (this
+    /// layer's forward: another's [`Saved`] is an [`Error::InvalidArgument`]).
     pub fn backward(&self, x: &Buffer<T>, saved: &Saved<T>, dy: &Buffer<T>) -> Result<LoraGrads<T>>
     where
         CudaBlas: Gemm<T>,
     {
+        if saved.layer != self.id {
+            return Err(Error::InvalidArgument {
+                what: "saved",
+                why: format!(
+                    "made by another layer's forward (layer {}; this is layer {})",
+                    saved.layer, self.id
+                ),
+            });
+        }
         let m = saved.m;
         self.check_rows("x", x, m, self.d_in)?;
         self.check_rows("saved u", &saved.u, m, self.config.rank)?;
