@@ -201,6 +201,14 @@ fn quantize_shards_as_one_file() {
             }
         }
         assert_eq!(listing(&out).len(), 4, "three shards and the index only");
+        // The sizes compared are the weights', before and after: no index on either side.
+        let size = |dir: &Path, i: usize| {
+            let file = format!("model-{:05}-of-00003.safetensors", i + 1);
+            std::fs::metadata(dir.join(file)).unwrap().len()
+        };
+        let (before, after) =
+            (0..3).fold((0, 0), |(b, a), i| (b + size(&input, i), a + size(&out, i)));
+        assert_eq!((sharded.bytes_before, sharded.bytes_after), (before, after));
     }
 }
 

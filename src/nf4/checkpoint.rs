@@ -27,7 +27,7 @@ use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The key that marks an NF4 weight: `<w>` + this holds its JSON quant state.
 pub const QUANT_STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
@@ -636,8 +636,8 @@ pub struct QuantizeSummary {
     pub left_alone: Vec<String>,
     /// Total size of the input weight files read, in bytes (a shard index not counted).
     pub bytes_before: u64,
-    /// Total size of the weight files written, and of the shard index if there is one, in
-    /// bytes (carried side files not counted).
+    /// Total size of the weight files written, in bytes (as [`Self::bytes_before`]: a shard
+    /// index and carried side files not counted).
     pub bytes_after: u64,
     /// For a checkpoint found in a directory, the model's other files written beside the
     /// output: its `config.json` with a `quantization_config` for the NF4 weights
@@ -695,7 +695,8 @@ pub fn quantize_file(
     let destinations = converted.destinations();
     converted.commit()?;
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    summary.bytes_after = destinations.iter().map(|p| size(p)).sum();
+    let weights = |p: &&PathBuf| p.extension().is_some_and(|e| e == "safetensors");
+    summary.bytes_after = destinations.iter().filter(weights).map(|p| size(p)).sum();
     Ok(summary)
 }
 
