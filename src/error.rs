@@ -11,79 +11,147 @@ pub enum NoDevice {
     /// The driver loaded but reports no CUDA device.
     NoGpu,
     /// The driver is older than the committed PTX needs (ISA 9.0: CUDA 13.0, R580).
-    DriverTooOld { driver: i32, needed: i32 },
+    DriverTooOld {
+        /// The CUDA version the driver supports, as `cuDriverGetVersion` reports it:
+        /// `1000 × major + 10 × minor` (12040 is CUDA 12.4).
+        driver: i32,
+        /// The version the committed PTX needs, in the same encoding (13000: CUDA 13.0).
+        needed: i32,
+    },
     /// The device's compute capability is below the sm_80 baseline.
-    ComputeCapability { major: i32, minor: i32 },
+    ComputeCapability {
+        /// The major number of the device's compute capability (7 of 7.5, a Turing GPU).
+        major: i32,
+        /// Its minor number (5 of 7.5).
+        minor: i32,
+    },
     /// A device ordinal past the device count.
-    Ordinal { ordinal: usize, count: usize },
+    Ordinal {
+        /// The ordinal asked for (0-based).
+        ordinal: usize,
+        /// How many devices the driver reports.
+        count: usize,
+    },
     /// The driver is there but cannot run anything: `cuInit`'s error (a stub libcuda from a
     /// container image, a kernel module that does not match the library, every device taken
     /// by exclusive-process mode...).
-    DriverUnusable { name: String },
+    DriverUnusable {
+        /// The driver's name for `cuInit`'s error, e.g. `CUDA_ERROR_STUB_LIBRARY`.
+        name: String,
+    },
     /// The host emulator backend was not compiled in (feature `emu`).
     EmulatorNotBuilt,
 }
 
+/// Everything that can go wrong in the crate: bad input found by a check before a launch, no
+/// usable device, a failed driver call or allocation, a kernel bug the emulator caught, or a
+/// file that cannot be read, written or trusted.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Error {
     /// Two shapes that must agree do not.
     ShapeMismatch {
+        /// The operand or check, often with its shape in words, e.g. `lora A [rank, in]`.
         what: String,
+        /// The shape it must have (a length check: its one dimension).
         expected: Vec<usize>,
+        /// What it has: the shape, or for a buffer checked by length `[len]`, its element
+        /// count.
         got: Vec<usize>,
     },
     /// A dtype (or combination of dtypes) that this kernel is not built for.
-    UnsupportedDtype { op: &'static str, dtypes: String },
+    UnsupportedDtype {
+        /// The operation, e.g. `lora` or `nf4 matmul`.
+        op: &'static str,
+        /// The dtype or dtypes given, as text.
+        dtypes: String,
+    },
     /// A shape or parameter outside what the kernel supports.
-    Unsupported { op: &'static str, why: String },
+    Unsupported {
+        /// The operation, e.g. `lora` or `module load`.
+        op: &'static str,
+        /// What is outside its support, in words.
+        why: String,
+    },
     /// A raw entry point's pointer that breaks its kernel's alignment requirement: the
     /// pointer, its address and the alignment needed in bytes.
     Misaligned {
+        /// Which pointer, e.g. `nf4 raw weight codes`.
         what: &'static str,
+        /// The alignment it needs, in bytes.
         align: usize,
+        /// Its address.
         value: u64,
     },
     /// A flattened index past the end of the tensor it indexes.
     IndexOutOfRange {
+        /// Where the bad index is in the index list (0-based).
         position: usize,
+        /// The index there.
         index: u64,
+        /// The element count of the tensor indexed: indices must be below it.
         numel: u64,
     },
     /// Indices given to a path that needs them sorted and unique.
     UnsortedIndices {
+        /// The first position in the index list (0-based) whose index is not above the one
+        /// before it.
         position: usize,
+        /// The index at `position - 1`.
         previous: u64,
+        /// The index at `position`.
         index: u64,
     },
     /// An argument outside what the call accepts: a value (NaN, infinite or out of its
     /// range), a null pointer, a name, a size or a launch shape; what it is and why not.
-    InvalidArgument { what: &'static str, why: String },
+    InvalidArgument {
+        /// Which argument, e.g. `lora alpha` or `LaunchConfig::grid`.
+        what: &'static str,
+        /// Why it is refused, in words.
+        why: String,
+    },
     /// No device can run kernels; says why.
     NoDevice(NoDevice),
     /// Buffers from two different devices (or backends) in one call.
     DeviceMismatch,
     /// A CUDA driver call failed: the call and the driver's error name.
-    Driver { call: &'static str, name: String },
+    Driver {
+        /// The driver call (or the wrapper making it), e.g. `cuModuleLoadData`.
+        call: &'static str,
+        /// The driver's name for its error, e.g. `CUDA_ERROR_INVALID_VALUE`.
+        name: String,
+    },
     /// An allocation of this many bytes failed (device memory on a GPU, host memory under
     /// the emulator).
-    OutOfMemory { bytes: usize },
+    OutOfMemory {
+        /// The size of the allocation that failed, in bytes.
+        bytes: usize,
+    },
     /// The host emulator caught a kernel bug (race, divergent barrier, bad mask, a deadlock,
     /// `__trap`...) or could not run the launch (the host out of memory). What it cannot
     /// catch: an emulated kernel's access out of its buffers is the host process's own, and
     /// may crash it as on a GPU it would fault (`FK_EMU_ASAN=1` builds report those).
     Emulator(String),
     /// A file could not be read or written.
-    Io { path: String, why: String },
+    Io {
+        /// The file (or directory), as given.
+        path: String,
+        /// The operating system's error, or what else is wrong, in words.
+        why: String,
+    },
     /// A checkpoint that is not what it claims: the file, the tensor (empty when the
     /// problem is the file as a whole) and what is wrong with it.
     Checkpoint {
+        /// The file, as given.
         file: String,
+        /// The tensor's name in the file; empty when the file as a whole is at fault.
         tensor: String,
+        /// What is wrong, in words.
         why: String,
     },
 }
 
+/// The crate's result type: [`Error`] unless another error type is named.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The driver's name for `e`, e.g. `CUDA_ERROR_OUT_OF_MEMORY`.

@@ -14,6 +14,8 @@
 //! `fk quantize`), [`lora::adapter`] (PEFT's adapter files, `fk merge`) and [`shards`]
 //! (checkpoints split into shards, for both).
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod check;
 pub mod device;

@@ -41,8 +41,12 @@ impl std::fmt::Debug for Device {
 /// Grid, block, dynamic shared memory and clusters of one launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LaunchConfig {
+    /// Blocks along x, y and z (`gridDim`).
     pub grid: (u32, u32, u32),
+    /// Threads per block along x, y and z (`blockDim`).
     pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, in bytes (on top of the kernel's static shared
+    /// memory).
     pub shared_bytes: u32,
     /// Blocks per cluster along each grid dimension (sm_90; `(1, 1, 1)`: no clusters). The
     /// grid must be a whole number of clusters, of at most 8 blocks.
@@ -227,7 +231,10 @@ pub(crate) fn with_grid_cap<R>(blocks: u32, f: impl FnOnce() -> R) -> R {
 /// A kernel entry point: the PTX module (one per `cuda/<module>.cu`) and the entry name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Kernel {
+    /// The module: the stem of its `cuda/<module>.cu` and of its committed PTX, e.g. `lora`.
     pub module: &'static str,
+    /// The entry point's name in the module (an `extern "C"` symbol, unmangled), e.g.
+    /// `lora_transpose_b_bf16`.
     pub name: String,
 }
 
@@ -286,6 +293,7 @@ impl Device {
         }
     }
 
+    /// Whether this is a GPU ([`Device::Cuda`]) rather than the emulator.
     pub fn is_gpu(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }
@@ -541,14 +549,17 @@ pub struct Buffer<T: Elem> {
 }
 
 impl<T: Elem> Buffer<T> {
+    /// The number of elements of `T` (not bytes).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the buffer holds no elements.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The device that made the buffer and owns its memory.
     pub fn device(&self) -> &Device {
         &self.device
     }

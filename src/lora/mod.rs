@@ -76,7 +76,10 @@ const THREADS: u32 = params::FK_GEMM_THREADS;
 
 /// The frozen base weight `[out, in]` of a LoRA layer.
 pub enum LoraBase<T: FloatElem> {
+    /// A dense weight in the activations' dtype, `out × in` elements, row-major.
     Dense(Buffer<T>),
+    /// An NF4-quantized weight (QLoRA), `[out, in]` as its rows and columns; the kernels use
+    /// it dequantized to the activations' dtype.
     Nf4(Box<Nf4Weight>),
 }
 
@@ -629,6 +632,8 @@ impl<T: FloatElem> LoraLinear<T> {
         }
     }
 
+    /// The kernels that compute the base GEMMs now ([`Self::with_path`]; at construction,
+    /// [`LoraPath::Extended`] on a GPU with cuBLAS, else [`LoraPath::Fused`]).
     pub fn path(&self) -> LoraPath {
         self.path
     }
@@ -778,6 +783,8 @@ impl<T: FloatElem> LoraLinear<T> {
         self
     }
 
+    /// How the fused paths feed an NF4 base's `Ŵ` to their base GEMMs
+    /// ([`Self::with_nf4_decode`]; [`Nf4Decode::Scratch`] by default).
     pub fn nf4_decode(&self) -> Nf4Decode {
         self.nf4_decode
     }
@@ -789,6 +796,8 @@ impl<T: FloatElem> LoraLinear<T> {
         self
     }
 
+    /// How the FusedWgmma path loads its operands' tiles ([`Self::with_tile_loads`];
+    /// [`TileLoads::Tma`] by default).
     pub fn tile_loads(&self) -> TileLoads {
         self.tile_loads
     }
@@ -863,6 +872,8 @@ impl<T: FloatElem> LoraLinear<T> {
         launched
     }
 
+    /// The layer's hyper-parameters: rank, alpha, rsLoRA, dropout and the dropout seed the
+    /// next forward uses.
     pub fn config(&self) -> &LoraConfig {
         &self.config
     }
@@ -872,14 +883,18 @@ impl<T: FloatElem> LoraLinear<T> {
         self.config.seed = seed;
     }
 
+    /// Input features: the columns of the base weight and of A, the width of `x`'s rows.
     pub fn d_in(&self) -> usize {
         self.d_in
     }
 
+    /// Output features: the rows of the base weight and of B, the width of `y`'s rows.
     pub fn d_out(&self) -> usize {
         self.d_out
     }
 
+    /// The device the layer runs on: A's, where B, the base, the bias and every call's
+    /// buffers must be too.
     pub fn device(&self) -> &Device {
         self.a.device()
     }

@@ -170,22 +170,29 @@ impl Nf4Weight {
         })
     }
 
+    /// Rows of the weight: `out_features`.
     pub fn rows(&self) -> usize {
         self.rows
     }
 
+    /// Columns of the weight: `in_features`.
     pub fn cols(&self) -> usize {
         self.cols
     }
 
+    /// Elements per quantization block, each block scaled by one absmax: consecutive
+    /// elements of the weight flattened row-major (a block may span rows).
     pub fn blocksize(&self) -> usize {
         self.blocksize
     }
 
+    /// Whether the absmaxes are double-quantized (bitsandbytes' `compress_statistics`): 8-bit
+    /// codes with an f32 absmax per 256 of them and an offset, rather than plain f32.
     pub fn is_double_quant(&self) -> bool {
         matches!(self.absmax, DeviceAbsmax::Nested { .. })
     }
 
+    /// The device that holds the weight's codes and absmaxes.
     pub fn device(&self) -> &Device {
         self.codes.device()
     }

@@ -36,11 +36,17 @@ use crate::reference::philox::dropout_mask;
 /// here the mask is a function of the seed, so backward regenerates it).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraConfig {
+    /// PEFT's `r`: the rank, the inner dimension of A `[r, in]` and B `[out, r]`; at least 1.
     pub rank: usize,
     /// PEFT's `lora_alpha`, a Python float: f64, so the scale is PEFT's to the last bit.
     pub alpha: f64,
+    /// PEFT's `use_rslora`: scale by `alpha / √r` rather than `alpha / r`.
     pub use_rslora: bool,
+    /// PEFT's `lora_dropout`: the probability that an element of `x` is dropped on the
+    /// adapter's branch (the base GEMM sees all of `x`), in [0, 1).
     pub dropout: f32,
+    /// Keys the Philox dropout mask, with each element's flattened index in `x`; the same
+    /// seed gives the same mask. No effect when `dropout` is 0.
     pub seed: u64,
 }
 
@@ -106,8 +112,11 @@ pub struct LoraLayer<'a, T, L> {
     pub a: &'a [L],
     /// `[out, r]`
     pub b: &'a [L],
+    /// Input features: the columns of `w` and `a`, the width of `x`'s rows.
     pub d_in: usize,
+    /// Output features: the rows of `w` and `b`, the width of `y`'s rows.
     pub d_out: usize,
+    /// The rank, the scale's alpha and rsLoRA, the dropout and its seed.
     pub config: LoraConfig,
 }
 
