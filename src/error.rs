@@ -215,6 +215,16 @@ impl fmt::Display for NoDevice {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // A buffer checked by its length has an element count, not a shape, for `got`.
+            Error::ShapeMismatch { what, expected, got } if expected.len() > 1 && got.len() == 1 => {
+                let numel = expected.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                let numel = numel.map_or("more than usize".into(), |n| n.to_string());
+                write!(
+                    f,
+                    "shape mismatch in {what}: expected {expected:?} ({numel} elements), got {} elements",
+                    got[0]
+                )
+            }
             Error::ShapeMismatch { what, expected, got } => {
                 write!(f, "shape mismatch in {what}: expected {expected:?}, got {got:?}")
             }
@@ -223,7 +233,7 @@ impl fmt::Display for Error {
             }
             Error::Unsupported { op, why } => write!(f, "{op}: unsupported: {why}"),
             Error::Misaligned { what, align, value } => {
-                write!(f, "{what} must be a multiple of {align}, got {value:#x}")
+                write!(f, "{what} must be {align}-byte aligned; its address is {value:#x}")
             }
             Error::IndexOutOfRange { position, index, numel } => write!(
                 f,
@@ -348,5 +358,25 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A length checked against a shape says both as element counts (a shape beside a count
+    /// read as two shapes); shapes against shapes stay shapes.
+    #[test]
+    fn shape_mismatches_compare_like_with_like() {
+        let by_len = Error::check_shape("x [m, in]", &[4, 8], 30).unwrap_err();
+        let text = by_len.to_string();
+        assert!(
+            text.contains("[4, 8] (32 elements), got 30 elements"),
+            "{text}"
+        );
+        let shapes = Error::ShapeMismatch {
+            what: "w".into(),
+            expected: vec![2, 3],
+            got: vec![3, 2],
+        };
+        assert!(shapes.to_string().ends_with("expected [2, 3], got [3, 2]"));
+        let huge = Error::check_shape("x", &[usize::MAX, 2], 1).unwrap_err();
+        assert!(huge.to_string().contains("more than usize"), "{huge}");
     }
 }

@@ -749,6 +749,80 @@ fn lora_raw_steps_match_the_layer() {
     }
 }
 
+/// Every raw LoRA step refuses a pointer its kernels' 16-byte accesses cannot take, whichever
+/// pointer it is (inputs, outputs, workspaces; these addresses are never dereferenced: the
+/// refusal comes before any launch).
+#[test]
+fn raw_lora_steps_refuse_misaligned_pointers() {
+    use std::ffi::c_void;
+    for dev in backends() {
+        let base = LoraParams {
+            m: 4,
+            rank: 16,
+            d_in: 64,
+            d_out: 64,
+            splits: 1,
+            ..LoraParams::default()
+        };
+        let at = |addr: usize| addr as *mut c_void;
+        let cases = [
+            LoraParams {
+                x: at(0x1002),
+                ..base
+            },
+            LoraParams {
+                w: at(0x1008),
+                ..base
+            },
+            LoraParams {
+                u: at(0x1004),
+                ..base
+            },
+            LoraParams {
+                dy: at(0x100a),
+                ..base
+            },
+            LoraParams {
+                dx: at(0x1001),
+                ..base
+            },
+            LoraParams {
+                da: at(0x1004).cast(),
+                ..base
+            },
+            LoraParams {
+                merged: at(0x1008),
+                ..base
+            },
+            LoraParams {
+                rank_partials: at(0x100c).cast(),
+                ..base
+            },
+        ];
+        for p in &cases {
+            let t = DType::BF16;
+            // SAFETY: refused before any launch.
+            let refusals = unsafe {
+                [
+                    lora::raw::down(&dev, None, t, p),
+                    lora::raw::forward(&dev, None, t, BaseGemm::Mma, p),
+                    lora::raw::backward_v(&dev, None, t, p),
+                    lora::raw::backward_dx(&dev, None, t, BaseGemm::Mma, p),
+                    lora::raw::grads(&dev, None, t, p),
+                    lora::raw::merge(&dev, None, t, p),
+                ]
+            };
+            for (step, r) in refusals.into_iter().enumerate() {
+                let err = r.unwrap_err();
+                assert!(
+                    matches!(err, Error::Misaligned { .. }),
+                    "step {step}: {err}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn raw_entry_points_refuse_what_they_cannot_run() {
     for dev in backends() {

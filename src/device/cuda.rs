@@ -100,9 +100,10 @@ pub struct CudaDevice {
     target: Target,
     driver: DriverInfo,
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
-    functions: Mutex<HashMap<String, Function>>,
+    /// Loaded functions by module and name (two modules may share an entry's name).
+    functions: Mutex<HashMap<Kernel, Function>>,
     /// The dynamic shared memory each function has been allowed (`allow_shared`).
-    shared_allowed: Mutex<HashMap<String, u32>>,
+    shared_allowed: Mutex<HashMap<Kernel, u32>>,
     pub(super) blas: std::sync::OnceLock<Result<Option<cudarc::cublas::CudaBlas>>>,
     /// Whether kernel outputs are poisoned ([`super::Device::set_poison_outputs`]).
     poison_outputs: std::sync::atomic::AtomicBool,
@@ -390,7 +391,7 @@ impl CudaDevice {
     fn function(&self, kernel: &Kernel) -> Result<Function> {
         self.bind()?;
         let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = functions.get(&kernel.name) {
+        if let Some(f) = functions.get(kernel) {
             return Ok(*f);
         }
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
@@ -423,7 +424,7 @@ impl CudaDevice {
         // SAFETY: `module` is loaded in this context and stays loaded while `self` lives.
         let f = unsafe { result::module::get_function(module, cname) }
             .map_err(|e| Error::driver("cuModuleGetFunction", e))?;
-        functions.insert(kernel.name.clone(), Function(f));
+        functions.insert(kernel.clone(), Function(f));
         Ok(Function(f))
     }
 
@@ -481,7 +482,7 @@ impl CudaDevice {
             .shared_allowed
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if allowed.get(&kernel.name).is_some_and(|&b| b >= bytes) {
+        if allowed.get(kernel).is_some_and(|&b| b >= bytes) {
             return Ok(());
         }
         for (attribute, value) in [
@@ -498,7 +499,7 @@ impl CudaDevice {
             unsafe { result::function::set_function_attribute(f.0, attribute, value) }
                 .map_err(|e| Error::driver("cuFuncSetAttribute", e))?;
         }
-        allowed.insert(kernel.name.clone(), bytes);
+        allowed.insert(kernel.clone(), bytes);
         Ok(())
     }
 

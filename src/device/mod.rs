@@ -166,8 +166,9 @@ impl LaunchConfig {
     /// output, with its dynamic shared memory: tiles of `FK_WGMMA_TILE_M` rows by
     /// `FK_WGMMA_TILE_N` columns (or, `transposed`, a dX computed as dXᵀ `[n, m]`: tiles of
     /// `TILE_M` of dX's columns by `TILE_N` of its rows), dealt out by the kernel
-    /// (`wgmma::Schedule`) to a 1-D grid of at most `max_blocks` blocks, in clusters of
-    /// `cluster` blocks that take neighbouring tiles sharing B. Fewer blocks than tiles: each
+    /// (`wgmma::Schedule`) to a 1-D grid of at most `max_blocks` blocks (rounded down to whole
+    /// clusters, and at least one cluster), in clusters of `cluster` blocks that take
+    /// neighbouring tiles sharing B. Fewer blocks than tiles: each
     /// block walks several, its next tile's loads in flight while it stores the last. With
     /// `max_blocks` at least the tiles, a block per tile (a cluster of blocks must fit the GPU
     /// at once, which the driver alone knows: the clustered launches take this form).

@@ -1493,13 +1493,13 @@ pub mod raw {
     //! through the fused kernels. You fill one [`LoraParams`] with your pointers as
     //! `cuda/params/lora.h` says (what each kernel reads, the saved `u`, the workspaces' layout),
     //! `tma` left 0 (the wgmma kernels then load by cp.async). Checked before a launch: the
-    //! dtype; that the device has wgmma where asked; an NF4 base's params and shape against
+    //! dtype; every pointer 16-byte aligned ([`Error::Misaligned`]); that the device has
+    //! wgmma where asked; an NF4 base's params and shape against
     //! the layer's ([`crate::nf4::raw::check_weight`], alignment included); the row strides
     //! `x_ld` and `dy_ld`; [`forward_fused_down`]'s rank and dropout, and
     //! [`backward_dx_fused_v`]'s rank, splits and pointers; [`backward_dx`]'s refusal of
     //! splits (it makes no partials) and [`grads`]' of zero splits. Not checked: that the
-    //! pointers hold what the shapes say, and the other pointers' alignment (16 bytes, as
-    //! the layer's own buffers are). A forward is [`down`] then [`forward`] (or, on wgmma
+    //! pointers hold what the shapes say. A forward is [`down`] then [`forward`] (or, on wgmma
     //! without dropout at ranks up to 32, [`forward_fused_down`] alone); a backward
     //! [`backward_v`], [`backward_dx`] (or, on wgmma at ranks up to 32,
     //! [`backward_dx_fused_v`] alone, which makes dA's and dB's partials too where
@@ -1574,14 +1574,41 @@ pub mod raw {
         }
     }
 
-    fn dtype(t: DType) -> Result<()> {
-        match t {
-            DType::BF16 | DType::F16 => Ok(()),
-            _ => Err(Error::UnsupportedDtype {
+    /// What every raw step checks first: the activations' dtype, and every pointer in `p`
+    /// 16-byte aligned ([`Error::Misaligned`]), as the layer's own buffers are: the kernels
+    /// move 16 bytes at a time (vector loads and stores, cp.async, TMA), and an access they
+    /// cannot make faults and leaves a GPU's context unusable.
+    fn checked(t: DType, p: &LoraParams) -> Result<()> {
+        if !matches!(t, DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDtype {
                 op: "lora",
                 dtypes: t.to_string(),
-            }),
+            });
         }
+        let pointers: [(&'static str, *const std::ffi::c_void); 19] = [
+            ("lora raw w", p.w),
+            ("lora raw bias", p.bias),
+            ("lora raw a", p.a),
+            ("lora raw b", p.b),
+            ("lora raw x", p.x),
+            ("lora raw u", p.u),
+            ("lora raw y", p.y),
+            ("lora raw dy", p.dy),
+            ("lora raw v", p.v),
+            ("lora raw dx", p.dx),
+            ("lora raw partials", p.partials.cast()),
+            ("lora raw bt", p.bt),
+            ("lora raw da", p.da.cast()),
+            ("lora raw db", p.db.cast()),
+            ("lora raw dbias", p.dbias.cast()),
+            ("lora raw merged", p.merged),
+            ("lora raw x_ext", p.x_ext),
+            ("lora raw dy_ext", p.dy_ext),
+            ("lora raw rank_partials", p.rank_partials.cast()),
+        ];
+        pointers
+            .into_iter()
+            .try_for_each(|(what, ptr)| Error::check_aligned(what, ptr, 16))
     }
 
     fn gemm_launch(
@@ -1591,7 +1618,7 @@ pub mod raw {
         gemm: BaseGemm,
         p: &LoraParams,
     ) -> Result<(Kernel, LaunchConfig)> {
-        dtype(t)?;
+        checked(t, p)?;
         let nf4 = if p.w.is_null() { "nf4_" } else { "" };
         let (m, n) = if op.starts_with("forward") {
             (p.m, p.d_out)
@@ -1638,7 +1665,7 @@ pub mod raw {
         t: DType,
         p: &LoraParams,
     ) -> Result<()> {
-        dtype(t)?;
+        checked(t, p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { rank_launch(dev, stream, "lora_down", false, t, p) }
     }
@@ -1702,7 +1729,7 @@ pub mod raw {
         t: DType,
         p: &LoraParams,
     ) -> Result<()> {
-        dtype(t)?;
+        checked(t, p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { rank_launch(dev, stream, "lora_backward_v", false, t, p) }
     }
@@ -1813,7 +1840,7 @@ pub mod raw {
         t: DType,
         p: &LoraParams,
     ) -> Result<()> {
-        dtype(t)?;
+        checked(t, p)?;
         if p.splits == 0 && (p.a_splits == 0 || p.b_splits == 0) {
             return Err(Error::InvalidArgument {
                 what: "lora raw grads",
@@ -1862,7 +1889,7 @@ pub mod raw {
         t: DType,
         p: &LoraParams,
     ) -> Result<()> {
-        dtype(t)?;
+        checked(t, p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe {
             dev.launch_on(
