@@ -868,6 +868,17 @@ fn bad_input_is_a_typed_error() {
             let err = layer().with_k_splits(Some(bad)).map(|_| ()).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
         }
+        // The extended path hands its GEMMs to cuBLAS: where it cannot, refused, saying why.
+        match (
+            dev.has_cublas(),
+            layer().with_path(LoraPath::Extended).map(|_| ()),
+        ) {
+            (true, Ok(())) => {}
+            (false, Err(Error::Unsupported { why, .. })) => {
+                assert!(why.contains("GPU") || why.contains("cuBLAS"), "{why}")
+            }
+            (_, other) => panic!("the extended path: {:?}", other.err()),
+        }
         // At least one block for the wgmma GEMMs.
         let err = layer().with_wgmma_blocks(Some(0)).map(|_| ()).unwrap_err();
         assert!(

@@ -594,11 +594,9 @@ impl<T: FloatElem> LoraLinear<T> {
         if path == self.path {
             return Ok(self);
         }
-        if path == LoraPath::Extended && !self.device().has_cublas() {
-            return Err(Error::Unsupported {
-                op: "lora",
-                why: "the extended path needs a GPU with cuBLAS".into(),
-            });
+        if path == LoraPath::Extended {
+            // Why not, where it cannot: no GPU, no libcublas, or cublasCreate's own error.
+            self.blas()?;
         }
         if path == LoraPath::FusedWgmma && !self.device().has_wgmma() {
             return Err(Error::Unsupported {
