@@ -20,17 +20,17 @@
 
 typedef struct LoraParams {
   uint32_t m;        /* rows of x (tokens) */
-  uint32_t d_in;
-  uint32_t d_out;
-  uint32_t rank;
+  uint32_t d_in;     /* in_features: columns of x, W and A */
+  uint32_t d_out;    /* out_features: columns of y, rows of W and B */
+  uint32_t rank;     /* r: columns of u, v and B, rows of A; 1 to 256 */
   const void* w;     /* [d_out, d_in] dense base (the *_nf4 kernels read `nf4` instead) */
-  Nf4Weight nf4;
+  Nf4Weight nf4;     /* the NF4 base, [d_out, d_in], where w is NULL (params/nf4.h) */
   const void* bias;  /* [d_out], or NULL */
   const void* a;     /* [rank, d_in] */
   const void* b;     /* [d_out, rank] */
   float scale;       /* alpha / rank, or alpha / sqrt(rank) (rsLoRA) */
   float dropout;     /* p in [0, 1) */
-  uint64_t seed;
+  uint64_t seed;     /* dropout's Philox key: x's flattened element i kept as params/philox.h says */
   const void* x;     /* [m, d_in] */
   void* u;           /* [m, rank]: written by lora_down (or lora_forward_down*_wgmma),
                         read by forward and grads */
@@ -60,11 +60,11 @@ typedef struct LoraParams {
    *   w      [d_out + rank, w_ld] = [W | B | bias | 0...] over [A | 0...]: the extended weight,
    *          whose A, B and bias parts lora_extend_weight refreshes,
    * so that y = x_ext · w[:d_out]ᵀ and dX = dy_ext[:, :d_out + rank] · w[:, :d_in]. */
-  uint64_t w_ld;
+  uint64_t w_ld;     /* row stride of the extended weight, elements */
   void* x_ext;
-  uint64_t x_ld;
+  uint64_t x_ld;     /* row stride of x_ext, elements */
   void* dy_ext;
-  uint64_t dy_ld;
+  uint64_t dy_ld;    /* row stride of dy_ext, elements */
   /* Split-K of the two GEMMs only `rank` wide (lora_down, lora_backward_v), which alone
    * would fill a few dozen blocks: with k_splits > 1, blockIdx.z sums its range of K into
    * rank_partials [k_splits][m, rank], and lora_down_reduce / lora_backward_v_reduce add
