@@ -359,10 +359,13 @@ def main():
     for line in sanitizer.splitlines():
         if re.match(r"^\w+: ", line):
             print("sanitizer " + line[:110])
-    # fk check ends at its time limit in a GPU check, before its own summary line.
+    # fk check ends at its time limit in a GPU check, before its own summary line, or stops
+    # where a kernel fails to run ("check stopped: ...").
     verdicts = [l.split()[-1] for l in check.splitlines() if l.split()[-1:] in (["pass"], ["FAIL"])]
+    stopped = next((l for l in check.splitlines() if l.startswith("check stopped:")), None)
+    counted = f"fk check: {verdicts.count('pass')} rows passed, {verdicts.count('FAIL')} failed"
     print(next((l for l in check.splitlines() if "checks," in l),
-               f"fk check: {verdicts.count('pass')} rows passed, {verdicts.count('FAIL')} failed (no summary: cut short)"))
+               f"{counted}, then {stopped}" if stopped else f"{counted} (no summary: cut short)"))
     print(f"register dump: {', '.join(regdump) or 'none'}")
     print(next((l for l in resources.splitlines() if l.startswith("kernels with local memory")), "kernel resources: not run"))
     print(f"profile: {len(profile['launches'])} launches with counters" + (f" ({profile['error']})" if profile["error"] else ""))
