@@ -92,13 +92,27 @@ pub fn dropout_mask(dev: &Device, seed: u64, p: f32, n: usize) -> Result<Buffer<
 }
 
 /// Raw entry points for framework authors: launch on memory and a stream your framework
-/// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). Nothing is
-/// checked; an empty range launches nothing. The functions above are these after their
-/// checks.
+/// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). An empty
+/// range launches nothing. The functions above are these after their checks.
+///
+/// Checked, before any launch (an empty range included): [`random_words`]' `p.out` 4-byte
+/// aligned, else [`Error::Misaligned`] (the kernel stores one u32 at a time; a misaligned
+/// store faults on a GPU and leaves its context unusable). [`dropout_mask`]'s `p.keep` is
+/// written a byte at a time and needs no alignment. Nothing else is checked.
 pub mod raw {
     use super::*;
     use cudarc::driver::sys::CUstream;
 
+    /// What [`random_words`] checks first: `p.out` aligned to its u32 words
+    /// ([`Error::Misaligned`]).
+    fn checked(p: &PhiloxParams) -> Result<()> {
+        Error::check_aligned("philox raw out", p.out, 4)
+    }
+
+    /// Philox blocks `p.counter .. p.counter + p.blocks`, four u32 words each, into `p.out`.
+    ///
+    /// Checked: `p.out` 4-byte aligned ([`Error::Misaligned`]).
+    ///
     /// # Safety
     /// `p.out` must be valid memory of `dev` for `4 * p.blocks` u32; `stream` must belong
     /// to `dev`'s context.
@@ -107,10 +121,15 @@ pub mod raw {
         stream: Option<CUstream>,
         p: &PhiloxParams,
     ) -> Result<()> {
+        checked(p)?;
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch_on(&kernel("philox_u32"), config(p.blocks), stream, p) }
     }
 
+    /// The dropout keep-mask of elements `0 .. p.n` into `p.keep`, one byte each.
+    ///
+    /// Checked: nothing (`p.keep` is stored a byte at a time: any address will do).
+    ///
     /// # Safety
     /// `p.keep` must be valid memory of `dev` for `p.n` bytes; `stream` must belong to
     /// `dev`'s context. `p.p` should be in [0, 1).

@@ -64,6 +64,14 @@ impl IndexWidth {
         Ok(())
     }
 
+    /// Bytes of one device index: the alignment the kernels' index loads need.
+    fn bytes(self) -> usize {
+        match self {
+            IndexWidth::U32 => 4,
+            IndexWidth::U64 => 8,
+        }
+    }
+
     fn suffix(self) -> &'static str {
         match self {
             IndexWidth::U32 => "",
@@ -576,20 +584,51 @@ impl SparseAdamw {
 
 /// Raw entry points for framework authors: launch on memory and a stream your framework
 /// owns (`Some(stream)`; `None` is the device's own, and all the emulator takes). You fill
-/// the params struct with device pointers; nothing is checked except the dtype pair. The
-/// safe functions above are these after their checks. Kernels skip indices (the segmented
-/// kernel: targets) `>= numel` (gather writes NaN there) rather than touch memory out of
-/// bounds.
+/// the params struct with device pointers. The safe functions above are these after their
+/// checks.
+/// Kernels skip indices (the segmented kernel: targets) `>= numel` (gather writes NaN
+/// there) rather than touch memory out of bounds.
 ///
 /// Every function's contract starts with the same three rules: every pointer in `p` is
 /// valid memory of `dev` (device addresses on a GPU, host addresses under the emulator) for
 /// the lengths in `p`, in the dtypes named, with indices of `width`; `stream` belongs to
 /// `dev`'s context; and no array a kernel writes overlaps another array of `p`.
+///
+/// Checked: the dtype pair, and, before any launch (an empty range included), every pointer
+/// in `p` aligned to the element the kernels access through it, else [`Error::Misaligned`]:
+/// the dense arrays and values to their dtype's size (2 bytes for bf16 and f16, 4 for f32;
+/// the atomic path's bf16/f16 add is a 16-bit CAS on the element itself, its f32 add a
+/// 32-bit atomic), the index arrays (`indices`, `targets`, `starts`, `order`) to `width`
+/// (4 bytes for u32, 8 for u64), and the AdamW state (`base`, `delta`, `exp_avg`,
+/// `exp_avg_sq`, f32) to 4. The kernels make no wider (vector) access. A misaligned access
+/// faults on a GPU and leaves its context unusable.
 pub mod raw {
     use super::*;
     use cudarc::driver::sys::CUstream;
+    use std::ffi::c_void;
+
+    /// What every raw launch checks first: the kernel of `op` is built for the dtype pair
+    /// `(a, b)` at `width`, and each `(what, pointer, alignment)` is aligned
+    /// ([`Error::Misaligned`]). Returns the kernel.
+    fn checked<const N: usize>(
+        op: &'static str,
+        a: DType,
+        b: DType,
+        width: IndexWidth,
+        pointers: [(&'static str, *const c_void, usize); N],
+    ) -> Result<Kernel> {
+        let k = kernel(op, a, b, width)?;
+        pointers
+            .into_iter()
+            .try_for_each(|(what, ptr, align)| Error::check_aligned(what, ptr, align))?;
+        Ok(k)
+    }
 
     /// Sorted-unique (`atomic == false`) or atomic scatter-add.
+    ///
+    /// Checked: `p.w` aligned to `w`'s size (its plain or atomic read-modify-write of one
+    /// element: a 16-bit CAS for bf16/f16, a 32-bit float atomic add for f32), `p.values`
+    /// to `values`' size, `p.indices` to `width`'s ([`Error::Misaligned`]).
     ///
     /// # Safety
     /// The module's three rules; for `atomic == false` the indices must be unique.
@@ -607,11 +646,25 @@ pub mod raw {
         } else {
             "scatter_add"
         };
+        let k = checked(
+            op,
+            w,
+            values,
+            width,
+            [
+                ("sparse raw w", p.w, w.size()),
+                ("sparse raw values", p.values, values.size()),
+                ("sparse raw indices", p.indices, width.bytes()),
+            ],
+        )?;
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch_on(&kernel(op, w, values, width)?, config(p.n), stream, p) }
+        unsafe { dev.launch_on(&k, config(p.n), stream, p) }
     }
 
     /// The deterministic scatter-add of a plan ([`ScatterPlan`]).
+    ///
+    /// Checked: `p.w` aligned to `w`'s size, `p.values` to `values`', and `p.targets`,
+    /// `p.starts` and `p.order` to `width`'s ([`Error::Misaligned`]).
     ///
     /// # Safety
     /// The module's three rules; `targets` unique; `starts` (`segments + 1` of them)
@@ -625,12 +678,27 @@ pub mod raw {
         width: IndexWidth,
         p: &SegmentedScatterAddParams,
     ) -> Result<()> {
-        let k = kernel("segmented_scatter_add", w, values, width)?;
+        let k = checked(
+            "segmented_scatter_add",
+            w,
+            values,
+            width,
+            [
+                ("sparse raw w", p.w, w.size()),
+                ("sparse raw values", p.values, values.size()),
+                ("sparse raw targets", p.targets, width.bytes()),
+                ("sparse raw starts", p.starts, width.bytes()),
+                ("sparse raw order", p.order, width.bytes()),
+            ],
+        )?;
         // SAFETY: forwarded from this function's contract.
         unsafe { dev.launch_on(&k, config(p.segments), stream, p) }
     }
 
     /// `out[i] = src[indices[i]]`; indices may repeat.
+    ///
+    /// Checked: `p.src` aligned to `src`'s size, `p.out` to `out`'s, `p.indices` to
+    /// `width`'s ([`Error::Misaligned`]).
     ///
     /// # Safety
     /// The module's three rules.
@@ -642,11 +710,26 @@ pub mod raw {
         width: IndexWidth,
         p: &GatherParams,
     ) -> Result<()> {
+        let k = checked(
+            "gather",
+            src,
+            out,
+            width,
+            [
+                ("sparse raw out", p.out, out.size()),
+                ("sparse raw src", p.src, src.size()),
+                ("sparse raw indices", p.indices, width.bytes()),
+            ],
+        )?;
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch_on(&kernel("gather", src, out, width)?, config(p.n), stream, p) }
+        unsafe { dev.launch_on(&k, config(p.n), stream, p) }
     }
 
     /// One AdamW step over the support ([`SparseAdamw::step`]).
+    ///
+    /// Checked: `p.w` aligned to `w`'s size, `p.grad` to `grad`'s, `p.indices` to
+    /// `width`'s, and the f32 state `p.base`, `p.delta`, `p.exp_avg`, `p.exp_avg_sq` to 4
+    /// bytes ([`Error::Misaligned`]).
     ///
     /// # Safety
     /// The module's three rules; indices unique. The scalars should be as
@@ -659,14 +742,23 @@ pub mod raw {
         width: IndexWidth,
         p: &SparseAdamwParams,
     ) -> Result<()> {
+        let f32_size = DType::F32.size();
+        let k = checked(
+            "sparse_adamw",
+            w,
+            grad,
+            width,
+            [
+                ("sparse raw w", p.w, w.size()),
+                ("sparse raw grad", p.grad, grad.size()),
+                ("sparse raw indices", p.indices, width.bytes()),
+                ("sparse raw base", p.base.cast(), f32_size),
+                ("sparse raw delta", p.delta.cast(), f32_size),
+                ("sparse raw exp_avg", p.exp_avg.cast(), f32_size),
+                ("sparse raw exp_avg_sq", p.exp_avg_sq.cast(), f32_size),
+            ],
+        )?;
         // SAFETY: forwarded from this function's contract.
-        unsafe {
-            dev.launch_on(
-                &kernel("sparse_adamw", w, grad, width)?,
-                config(p.n),
-                stream,
-                p,
-            )
-        }
+        unsafe { dev.launch_on(&k, config(p.n), stream, p) }
     }
 }

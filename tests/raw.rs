@@ -972,3 +972,179 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
         }
     }
 }
+
+/// Every raw sparse and Philox entry point refuses a pointer below the alignment of the
+/// element its kernel accesses through it (its dtype's size, the index width, 4 for the f32
+/// state and Philox's u32 words), at every misaligned offset, pointer by pointer, for every
+/// dtype pair and width (these addresses are never dereferenced: the refusal comes before
+/// any launch); and accepts one aligned to exactly that: a bf16 weight 2 bytes past a 4-byte
+/// boundary under the atomic path's 16-bit CAS.
+#[test]
+fn raw_sparse_and_philox_refuse_misaligned_pointers() {
+    /// A pointer's name, its setter and the alignment it needs.
+    type Pointer<'a, P> = (&'a str, fn(&mut P, usize), usize);
+    /// Each pointer of `base` (set by its setter) at every offset from 0x1000 below its
+    /// alignment: `call` must refuse it with `Error::Misaligned`.
+    fn refuse_each<P: Copy>(
+        what: &str,
+        base: P,
+        pointers: &[Pointer<P>],
+        call: impl Fn(&P) -> Result<()>,
+    ) {
+        for &(name, set, align) in pointers {
+            for offset in 1..align {
+                let mut p = base;
+                set(&mut p, 0x1000 + offset);
+                let err = call(&p).unwrap_err();
+                assert!(
+                    matches!(err, Error::Misaligned { .. }),
+                    "{what} {name} at 0x1000 + {offset}: {err}"
+                );
+            }
+        }
+    }
+    for dev in backends() {
+        for (a, b) in sparse::DTYPE_PAIRS {
+            for (width, index) in [(IndexWidth::U32, 4), (IndexWidth::U64, 8)] {
+                let case = format!("({a}, {b}, {width:?})");
+                let (a_size, b_size) = (a.size(), b.size());
+                let base = ScatterAddParams {
+                    n: 4,
+                    numel: 16,
+                    alpha: 1.0,
+                    ..ScatterAddParams::default()
+                };
+                for atomic in [false, true] {
+                    refuse_each(
+                        &format!("scatter_add (atomic {atomic}) {case}"),
+                        base,
+                        &[
+                            ("w", |p, x| p.w = x as _, a_size),
+                            ("values", |p, x| p.values = x as _, b_size),
+                            ("indices", |p, x| p.indices = x as _, index),
+                        ],
+                        // SAFETY: refused before any launch.
+                        |p| unsafe { sparse::raw::scatter_add(&dev, None, a, b, width, atomic, p) },
+                    );
+                }
+
+                let base = SegmentedScatterAddParams {
+                    segments: 4,
+                    numel: 16,
+                    alpha: 1.0,
+                    ..SegmentedScatterAddParams::default()
+                };
+                refuse_each(
+                    &format!("segmented_scatter_add {case}"),
+                    base,
+                    &[
+                        ("w", |p, x| p.w = x as _, a_size),
+                        ("values", |p, x| p.values = x as _, b_size),
+                        ("targets", |p, x| p.targets = x as _, index),
+                        ("starts", |p, x| p.starts = x as _, index),
+                        ("order", |p, x| p.order = x as _, index),
+                    ],
+                    // SAFETY: refused before any launch.
+                    |p| unsafe { sparse::raw::segmented_scatter_add(&dev, None, a, b, width, p) },
+                );
+
+                let base = GatherParams {
+                    n: 4,
+                    numel: 16,
+                    ..GatherParams::default()
+                };
+                refuse_each(
+                    &format!("gather {case}"),
+                    base,
+                    &[
+                        ("src", |p, x| p.src = x as _, a_size),
+                        ("out", |p, x| p.out = x as _, b_size),
+                        ("indices", |p, x| p.indices = x as _, index),
+                    ],
+                    // SAFETY: refused before any launch.
+                    |p| unsafe { sparse::raw::gather(&dev, None, a, b, width, p) },
+                );
+
+                let base = SparseAdamwParams {
+                    n: 4,
+                    numel: 16,
+                    ..SparseAdamwParams::default()
+                };
+                refuse_each(
+                    &format!("sparse_adamw {case}"),
+                    base,
+                    &[
+                        ("w", |p, x| p.w = x as _, a_size),
+                        ("grad", |p, x| p.grad = x as _, b_size),
+                        ("indices", |p, x| p.indices = x as _, index),
+                        ("base", |p, x| p.base = x as _, 4),
+                        ("delta", |p, x| p.delta = x as _, 4),
+                        ("exp_avg", |p, x| p.exp_avg = x as _, 4),
+                        ("exp_avg_sq", |p, x| p.exp_avg_sq = x as _, 4),
+                    ],
+                    // SAFETY: refused before any launch.
+                    |p| unsafe { sparse::raw::sparse_adamw(&dev, None, a, b, width, p) },
+                );
+            }
+        }
+
+        let base = PhiloxParams {
+            blocks: 4,
+            ..PhiloxParams::default()
+        };
+        refuse_each(
+            "philox random_words",
+            base,
+            &[("out", |p, x| p.out = x as _, 4)],
+            // SAFETY: refused before any launch.
+            |p| unsafe { philox::raw::random_words(&dev, None, p) },
+        );
+
+        // Exactly the element's alignment is enough: a bf16 weight at 2 mod 4 bytes through
+        // the atomic path (a 16-bit CAS on the element itself), against the safe call.
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let (numel, n) = (1031usize, 257usize);
+        let (support, w0) = support_and_weight(&dev, &mut rng, numel + 1, n);
+        let support: Vec<u32> = support.into_iter().filter(|&i| i < numel as u32).collect();
+        let values = dev
+            .upload(&random_vec::<f32>(&mut rng, support.len(), 1.0))
+            .unwrap();
+        let index = SparseIndex::with_width(&dev, &support, numel as u64, IndexWidth::U32).unwrap();
+        let w0_host = w0.to_host().unwrap();
+        let mut safe = dev.upload(&w0_host[1..]).unwrap();
+        sparse::scatter_add_atomic(&mut safe, &index, &values, 0.5).unwrap();
+        let mut raw = copy(&dev, &w0);
+        let indices = dev.upload(&support).unwrap();
+        let p = ScatterAddParams {
+            w: raw.ptr_mut().cast::<u8>().wrapping_add(2).cast(),
+            values: values.ptr(),
+            indices: indices.ptr(),
+            n: support.len() as u64,
+            numel: numel as u64,
+            alpha: 0.5,
+        };
+        assert_eq!(p.w as usize % 4, 2, "the weight starts 2 bytes past a word");
+        // SAFETY: raw holds numel + 1 bf16, so numel from its second; the indices are
+        // unique and < numel; values are sized.
+        unsafe {
+            sparse::raw::scatter_add(
+                &dev,
+                None,
+                DType::BF16,
+                DType::F32,
+                IndexWidth::U32,
+                true,
+                &p,
+            )
+            .unwrap()
+        };
+        let raw = raw.to_host().unwrap();
+        assert_eq!(raw[0].to_bits(), w0_host[0].to_bits(), "the element before");
+        let bad = bit_mismatches(&raw[1..], &safe.to_host().unwrap()).len();
+        assert!(
+            bad == 0,
+            "{}: {bad} of {numel} elements differ",
+            dev.describe()
+        );
+    }
+}
