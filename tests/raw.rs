@@ -749,7 +749,7 @@ fn lora_raw_steps_match_the_layer() {
     }
 }
 
-/// Every raw LoRA step refuses a pointer its kernels' 16-byte accesses cannot take, whichever
+/// Every raw LoRA step refuses a pointer below the alignment its kernels need, whichever
 /// pointer it is (inputs, outputs, workspaces; these addresses are never dereferenced: the
 /// refusal comes before any launch).
 #[test]
@@ -765,21 +765,22 @@ fn raw_lora_steps_refuse_misaligned_pointers() {
             ..LoraParams::default()
         };
         let at = |addr: usize| addr as *mut c_void;
+        // bf16 arrays off their 2 bytes, f32 ones off their 4, x_ext off its 16.
         let cases = [
             LoraParams {
-                x: at(0x1002),
+                x: at(0x1001),
                 ..base
             },
             LoraParams {
-                w: at(0x1008),
+                w: at(0x1003),
                 ..base
             },
             LoraParams {
-                u: at(0x1004),
+                u: at(0x1005),
                 ..base
             },
             LoraParams {
-                dy: at(0x100a),
+                dy: at(0x1007),
                 ..base
             },
             LoraParams {
@@ -787,15 +788,19 @@ fn raw_lora_steps_refuse_misaligned_pointers() {
                 ..base
             },
             LoraParams {
-                da: at(0x1004).cast(),
+                da: at(0x1002).cast(),
                 ..base
             },
             LoraParams {
-                merged: at(0x1008),
+                merged: at(0x1001),
                 ..base
             },
             LoraParams {
-                rank_partials: at(0x100c).cast(),
+                rank_partials: at(0x100a).cast(),
+                ..base
+            },
+            LoraParams {
+                x_ext: at(0x1008),
                 ..base
             },
         ];

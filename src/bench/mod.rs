@@ -669,12 +669,24 @@ pub fn time_cublas(
     if let Some(t) = timer.cublas.get(&key) {
         return Ok(Some(t.clone()));
     }
+    if !cublas_present(dev)? {
+        return Ok(None);
+    }
     let w = [random_device::<bf16>(dev, n * k, 2)?];
     let t = cublas_over(dev, timer, (m, n, k), op, &w, false)?;
     if let Some(t) = &t {
         timer.cublas.insert(key, t.clone());
     }
     Ok(t)
+}
+
+/// Whether cuBLAS serves `dev` (the benchmarks' baselines need it): a GPU whose libcublas
+/// loads; cublasCreate's failure is an error, not an absence.
+pub fn cublas_present(dev: &Device) -> Result<bool> {
+    match dev {
+        Device::Cuda(d) => Ok(blas::handle(d)?.is_some()),
+        Device::Emu(_) => Ok(false),
+    }
 }
 
 /// [`time_cublas`] with inputs rotated ([`GpuTimer::time_rotated`]): the GEMM over each of

@@ -4,8 +4,8 @@
 //! threshold), dequantization against a copy, quantization.
 
 use super::{
-    time_copy, time_copy_rotated, time_cublas, time_cublas_rotated, time_memset, Ceilings,
-    GpuTimer, Row, Rows, Scale, Stats, REPS,
+    cublas_present, time_copy, time_copy_rotated, time_cublas, time_cublas_rotated, time_memset,
+    Ceilings, GpuTimer, Row, Rows, Scale, Stats, REPS,
 };
 use crate::device::blas::WeightOp;
 use crate::device::Device;
@@ -298,12 +298,14 @@ fn rotated_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows
         })?;
         let kernel = "nf4_gemv_mma_bf16, weights rotated";
         let mut row = matmul_work_row(kernel, &t, &qs[0], 1, (cols, rows), c);
-        let ws = (0..timer.rotation(2 * values.len()))
-            .map(|_| dev.upload(&values))
-            .collect::<Result<Vec<_>>>()?;
-        let op = WeightOp::Transposed;
-        if let Some(t) = time_cublas_rotated(dev, timer, (1, rows, cols), op, &ws)? {
-            row = row.with_baseline("cuBLAS bf16, same shape, weights rotated", t.median_us);
+        if cublas_present(dev)? {
+            let ws = (0..timer.rotation(2 * values.len()))
+                .map(|_| dev.upload(&values))
+                .collect::<Result<Vec<_>>>()?;
+            let op = WeightOp::Transposed;
+            if let Some(t) = time_cublas_rotated(dev, timer, (1, rows, cols), op, &ws)? {
+                row = row.with_baseline("cuBLAS bf16, same shape, weights rotated", t.median_us);
+            }
         }
         out.push(row)?;
         if rows != big {

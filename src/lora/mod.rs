@@ -1491,8 +1491,9 @@ pub mod raw {
     //! through the fused kernels. You fill one [`LoraParams`] with your pointers as
     //! `cuda/params/lora.h` says (what each kernel reads, the saved `u`, the workspaces' layout),
     //! `tma` left 0 (the wgmma kernels then load by cp.async). Checked before a launch: the
-    //! dtype; every pointer 16-byte aligned ([`Error::Misaligned`]); that the device has
-    //! wgmma where asked; an NF4 base's params and shape against
+    //! dtype; every pointer aligned as the kernels need ([`Error::Misaligned`]: the dtype's
+    //! arrays to their element, the f32 ones to 4, `x_ext` and `dy_ext` to 16); that the
+    //! device has wgmma where asked; an NF4 base's params and shape against
     //! the layer's ([`crate::nf4::raw::check_weight`], alignment included); the row strides
     //! `x_ld` and `dy_ld`; [`forward_fused_down`]'s rank and dropout, and
     //! [`backward_dx_fused_v`]'s rank, splits and pointers; [`backward_dx`]'s refusal of
@@ -1573,9 +1574,11 @@ pub mod raw {
     }
 
     /// What every raw step checks first: the activations' dtype, and every pointer in `p`
-    /// 16-byte aligned ([`Error::Misaligned`]), as the layer's own buffers are: the kernels
-    /// move 16 bytes at a time (vector loads and stores, cp.async, TMA), and an access they
-    /// cannot make faults and leaves a GPU's context unusable.
+    /// aligned as the kernels need ([`Error::Misaligned`]; an access they cannot make faults
+    /// and leaves a GPU's context unusable): the dtype's arrays to their element (the kernels
+    /// test for 16-byte runs and take element by element where a pointer has none), the f32
+    /// ones to 4, and `x_ext` and `dy_ext` to 16 (their rows are written in 16-byte stores
+    /// wherever their stride is a multiple of 8 elements).
     fn checked(t: DType, p: &LoraParams) -> Result<()> {
         if !matches!(t, DType::BF16 | DType::F16) {
             return Err(Error::UnsupportedDtype {
@@ -1583,30 +1586,31 @@ pub mod raw {
                 dtypes: t.to_string(),
             });
         }
-        let pointers: [(&'static str, *const std::ffi::c_void); 19] = [
-            ("lora raw w", p.w),
-            ("lora raw bias", p.bias),
-            ("lora raw a", p.a),
-            ("lora raw b", p.b),
-            ("lora raw x", p.x),
-            ("lora raw u", p.u),
-            ("lora raw y", p.y),
-            ("lora raw dy", p.dy),
-            ("lora raw v", p.v),
-            ("lora raw dx", p.dx),
-            ("lora raw partials", p.partials.cast()),
-            ("lora raw bt", p.bt),
-            ("lora raw da", p.da.cast()),
-            ("lora raw db", p.db.cast()),
-            ("lora raw dbias", p.dbias.cast()),
-            ("lora raw merged", p.merged),
-            ("lora raw x_ext", p.x_ext),
-            ("lora raw dy_ext", p.dy_ext),
-            ("lora raw rank_partials", p.rank_partials.cast()),
+        let (elem, f32s, runs) = (t.size(), 4, 16);
+        let pointers: [(&'static str, *const std::ffi::c_void, usize); 19] = [
+            ("lora raw w", p.w, elem),
+            ("lora raw bias", p.bias, elem),
+            ("lora raw a", p.a, elem),
+            ("lora raw b", p.b, elem),
+            ("lora raw x", p.x, elem),
+            ("lora raw u", p.u, elem),
+            ("lora raw y", p.y, elem),
+            ("lora raw dy", p.dy, elem),
+            ("lora raw v", p.v, elem),
+            ("lora raw dx", p.dx, elem),
+            ("lora raw bt", p.bt, elem),
+            ("lora raw merged", p.merged, elem),
+            ("lora raw partials", p.partials.cast(), f32s),
+            ("lora raw da", p.da.cast(), f32s),
+            ("lora raw db", p.db.cast(), f32s),
+            ("lora raw dbias", p.dbias.cast(), f32s),
+            ("lora raw rank_partials", p.rank_partials.cast(), f32s),
+            ("lora raw x_ext", p.x_ext, runs),
+            ("lora raw dy_ext", p.dy_ext, runs),
         ];
         pointers
             .into_iter()
-            .try_for_each(|(what, ptr)| Error::check_aligned(what, ptr, 16))
+            .try_for_each(|(what, ptr, align)| Error::check_aligned(what, ptr, align))
     }
 
     fn gemm_launch(

@@ -297,8 +297,11 @@ impl Nf4Weight {
             .and_then(|n| n.checked_add(self.cols));
         if ld < self.cols || need.is_none_or(|n| out.len() < n) {
             return Err(Error::ShapeMismatch {
-                what: "nf4 dequantize output (rows of ld)".into(),
-                expected: vec![self.rows, ld],
+                what: format!(
+                    "nf4 dequantize output: {} rows of {} elements, {ld} apart (ld at least cols)",
+                    self.rows, self.cols
+                ),
+                expected: vec![need.unwrap_or(usize::MAX)],
                 got: vec![out.len()],
             });
         }
