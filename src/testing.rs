@@ -148,7 +148,9 @@ pub fn fresh_dir(dir: std::path::PathBuf) -> std::path::PathBuf {
     dir
 }
 
-/// `n` values uniform in `[-scale, scale)`, never all zero, rounded to T.
+/// `n` values drawn uniformly from `[-scale, scale)` and rounded to T. `scale` must be
+/// positive (an empty range panics); one below T's smallest subnormal rounds every value to
+/// zero, so tests draw at scales near their data's.
 pub fn random_vec<T: FloatElem>(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<T> {
     (0..n)
         .map(|_| T::from_f32(rng.random_range(-scale..scale)))
