@@ -181,13 +181,16 @@ fn sizes_and_launches_no_device_takes_are_typed_errors() {
             ),
             "{what}: {err}"
         );
-        let err = GpuTimer::new(&dev)
-            .unwrap()
-            .time(0, 0, || Ok(()))
-            .unwrap_err();
+        let mut timer = GpuTimer::new(&dev).unwrap();
+        let err = timer.time(0, 0, || Ok(())).unwrap_err();
         assert!(
             matches!(err, Error::InvalidArgument { .. }),
             "{what}: {err}"
+        );
+        let err = timer.breakdown(0, 0, || Ok(())).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { .. }),
+            "{what}: breakdown: {err}"
         );
     }
     for cfg in [
