@@ -1,6 +1,7 @@
 //! The crate's one error type. Every check that can fail on user input returns one of these
 //! before anything is launched; nothing here panics on bad input.
 
+use std::ffi::c_void;
 use std::fmt;
 
 /// Why no CUDA device can run kernels here.
@@ -311,6 +312,16 @@ impl Error {
         } else {
             Err(Error::Misaligned { what, align, value })
         }
+    }
+
+    /// [`Error::check_aligned`] on each `(what, pointer, alignment)` of a raw params struct,
+    /// the first misaligned one the error.
+    pub(crate) fn check_all_aligned(
+        pointers: &[(&'static str, *const c_void, usize)],
+    ) -> Result<()> {
+        pointers
+            .iter()
+            .try_for_each(|&(what, ptr, align)| Error::check_aligned(what, ptr, align))
     }
 
     /// An I/O failure on `path`.

@@ -610,17 +610,15 @@ pub mod raw {
     /// What every raw launch checks first: the kernel of `op` is built for the dtype pair
     /// `(a, b)` at `width`, and each `(what, pointer, alignment)` is aligned
     /// ([`Error::Misaligned`]). Returns the kernel.
-    fn checked<const N: usize>(
+    fn checked(
         op: &'static str,
         a: DType,
         b: DType,
         width: IndexWidth,
-        pointers: [(&'static str, *const c_void, usize); N],
+        pointers: &[(&'static str, *const c_void, usize)],
     ) -> Result<Kernel> {
         let k = kernel(op, a, b, width)?;
-        pointers
-            .into_iter()
-            .try_for_each(|(what, ptr, align)| Error::check_aligned(what, ptr, align))?;
+        Error::check_all_aligned(pointers)?;
         Ok(k)
     }
 
@@ -651,7 +649,7 @@ pub mod raw {
             w,
             values,
             width,
-            [
+            &[
                 ("sparse raw w", p.w, w.size()),
                 ("sparse raw values", p.values, values.size()),
                 ("sparse raw indices", p.indices, width.bytes()),
@@ -683,7 +681,7 @@ pub mod raw {
             w,
             values,
             width,
-            [
+            &[
                 ("sparse raw w", p.w, w.size()),
                 ("sparse raw values", p.values, values.size()),
                 ("sparse raw targets", p.targets, width.bytes()),
@@ -715,7 +713,7 @@ pub mod raw {
             src,
             out,
             width,
-            [
+            &[
                 ("sparse raw out", p.out, out.size()),
                 ("sparse raw src", p.src, src.size()),
                 ("sparse raw indices", p.indices, width.bytes()),
@@ -748,7 +746,7 @@ pub mod raw {
             w,
             grad,
             width,
-            [
+            &[
                 ("sparse raw w", p.w, w.size()),
                 ("sparse raw grad", p.grad, grad.size()),
                 ("sparse raw indices", p.indices, width.bytes()),

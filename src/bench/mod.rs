@@ -88,7 +88,7 @@ impl<'a> GpuTimer<'a> {
             true => f(),
             false => Self::flush_l2(dev, flush),
         })?;
-        Ok(median(us, reps))
+        Ok(median(us))
     }
 
     /// The other way DESIGN.md §8 allows, inputs rotated, as a model's decode runs a layer's
@@ -118,10 +118,7 @@ impl<'a> GpuTimer<'a> {
         };
         rotation()?;
         let us = event_times(dev, reps, |_| rotation())?;
-        Ok(median(
-            us.iter().map(|t| t / launches as f64).collect(),
-            reps,
-        ))
+        Ok(median(us.iter().map(|t| t / launches as f64).collect()))
     }
 
     /// How many copies of an input of `bytes` a rotation needs so that none is still in L2
@@ -184,7 +181,7 @@ impl<'a> GpuTimer<'a> {
                         }),
                     })
                     .collect::<Result<Vec<f64>>>()?;
-                Ok((name, median(us, reps)))
+                Ok((name, median(us)))
             })
             .collect()
     }
@@ -246,12 +243,12 @@ fn event_times(
         .collect()
 }
 
-/// The median of `us` (of an even count, the upper of the middle two).
-fn median(mut us: Vec<f64>, reps: usize) -> Stats {
+/// The median of `us`, one time a repetition (of an even count, the upper of the middle two).
+fn median(mut us: Vec<f64>) -> Stats {
     us.sort_by(|a, b| a.total_cmp(b));
     Stats {
         median_us: us[us.len() / 2],
-        reps,
+        reps: us.len(),
     }
 }
 
@@ -622,7 +619,7 @@ fn time_copies(dev: &Device, timer: &mut GpuTimer, bytes: usize, times: usize) -
 
 /// [`time_copy`] with inputs rotated ([`GpuTimer::time_rotated`]): each copy between buffers
 /// of its own; the time per copy.
-pub fn time_copy_rotated(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Stats> {
+fn time_copy_rotated(dev: &Device, timer: &mut GpuTimer, bytes: usize) -> Result<Stats> {
     let Device::Cuda(d) = dev else {
         return timer.time(0, 1, || Ok(())); // the emulator's tests: no copy to time
     };
@@ -682,7 +679,7 @@ pub fn time_cublas(
 
 /// Whether cuBLAS serves `dev` (the benchmarks' baselines need it): a GPU whose libcublas
 /// loads; cublasCreate's failure is an error, not an absence.
-pub fn cublas_present(dev: &Device) -> Result<bool> {
+fn cublas_present(dev: &Device) -> Result<bool> {
     match dev {
         Device::Cuda(d) => Ok(blas::handle(d)?.is_some()),
         Device::Emu(_) => Ok(false),
@@ -692,7 +689,7 @@ pub fn cublas_present(dev: &Device) -> Result<bool> {
 /// [`time_cublas`] with inputs rotated ([`GpuTimer::time_rotated`]): the GEMM over each of
 /// `weights` (`n * k` elements each) in turn; the time per GEMM. None where [`time_cublas`]
 /// has none.
-pub fn time_cublas_rotated(
+fn time_cublas_rotated(
     dev: &Device,
     timer: &mut GpuTimer,
     (m, n, k): (usize, usize, usize),

@@ -120,6 +120,26 @@ fn gemv_in_halves(
     Ok(matmul_work_row(kernel, &t, q, m, (k_in, n_out), c))
 }
 
+/// The bytes a 1-row GEMV through `q` must move: the weight, x and y.
+fn gemv_bytes(q: &Nf4Weight) -> usize {
+    q.bytes() + 2 * (q.rows() + q.cols())
+}
+
+/// A copy's row (`kernel`, timed `t`) moving the bytes of a 1-row GEMV through `q`: what a
+/// kernel of that size reaches under the same timer.
+fn gemv_copy_row(kernel: &str, t: &Stats, q: &Nf4Weight, c: &Ceilings) -> Row {
+    let bytes = gemv_bytes(q);
+    Row::new(
+        "baseline",
+        kernel,
+        &format!("{bytes} B"),
+        t,
+        bytes as f64,
+        0.0,
+        c,
+    )
+}
+
 /// The row of a matmul through `q` with `m` rows of `k_in` in and `n_out` out that took `t`:
 /// its bytes (the weight once, the activations in and out) and FLOPs.
 fn matmul_work_row(
@@ -202,15 +222,11 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     // A copy moving the 1-row GEMV's bytes (half read, half written): the bandwidth a kernel
     // of that size can reach under this timer (a copy of tens of MB stays well short of the
     // 1 GiB copy the floor is measured with).
-    let gemv_bytes = q.bytes() + 2 * (q.rows() + q.cols());
-    let t = time_copy(dev, timer, gemv_bytes / 2)?;
-    out.push(Row::new(
-        "baseline",
+    let t = time_copy(dev, timer, gemv_bytes(&q) / 2)?;
+    out.push(gemv_copy_row(
         "d2d copy (the 1-row GEMV's bytes)",
-        &format!("{gemv_bytes} B"),
         &t,
-        gemv_bytes as f64,
-        0.0,
+        &q,
         c,
     ))?;
     // Both GEMVs side by side (bench/predictions.json's decision between them), each with
@@ -299,9 +315,11 @@ fn rotated_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows
         let kernel = "nf4_gemv_mma_bf16, weights rotated";
         let mut row = matmul_work_row(kernel, &t, &qs[0], 1, (cols, rows), c);
         if cublas_present(dev)? {
-            let ws = (0..timer.rotation(2 * values.len()))
-                .map(|_| dev.upload(&values))
-                .collect::<Result<Vec<_>>>()?;
+            // The bf16 weight the NF4 ones were quantized from, and more copies of it.
+            let mut ws = vec![w];
+            for _ in 1..timer.rotation(2 * values.len()) {
+                ws.push(dev.upload(&values)?);
+            }
             let op = WeightOp::Transposed;
             if let Some(t) = time_cublas_rotated(dev, timer, (1, rows, cols), op, &ws)? {
                 row = row.with_baseline("cuBLAS bf16, same shape, weights rotated", t.median_us);
@@ -311,17 +329,9 @@ fn rotated_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows
         if rows != big {
             continue;
         }
-        let gemv_bytes = qs[0].bytes() + 2 * (rows + cols);
-        let t = time_copy_rotated(dev, timer, gemv_bytes / 2)?;
-        out.push(Row::new(
-            "baseline",
-            "d2d copy (the 1-row GEMV's bytes), buffers rotated",
-            &format!("{gemv_bytes} B"),
-            &t,
-            gemv_bytes as f64,
-            0.0,
-            c,
-        ))?;
+        let t = time_copy_rotated(dev, timer, gemv_bytes(&qs[0]) / 2)?;
+        let kernel = "d2d copy (the 1-row GEMV's bytes), buffers rotated";
+        out.push(gemv_copy_row(kernel, &t, &qs[0], c))?;
         let numel = rows * cols;
         let bytes = qs[0].bytes() + 2 * numel;
         let mut outs = (0..timer.rotation(bytes))

@@ -1587,7 +1587,7 @@ pub mod raw {
             });
         }
         let (elem, f32s, runs) = (t.size(), 4, 16);
-        let pointers: [(&'static str, *const std::ffi::c_void, usize); 19] = [
+        Error::check_all_aligned(&[
             ("lora raw w", p.w, elem),
             ("lora raw bias", p.bias, elem),
             ("lora raw a", p.a, elem),
@@ -1607,10 +1607,7 @@ pub mod raw {
             ("lora raw rank_partials", p.rank_partials.cast(), f32s),
             ("lora raw x_ext", p.x_ext, runs),
             ("lora raw dy_ext", p.dy_ext, runs),
-        ];
-        pointers
-            .into_iter()
-            .try_for_each(|(what, ptr, align)| Error::check_aligned(what, ptr, align))
+        ])
     }
 
     fn gemm_launch(
