@@ -316,30 +316,14 @@ pub fn plan(target: Target) -> Vec<Section> {
         });
         for (i, t) in [MmaInput::BF16, MmaInput::F16].into_iter().enumerate() {
             let input = move |set: &str, seed| wgmma_input(t, set, seed);
-            both_sets(
-                &mut sections,
-                format!("regdump_wgmma_{}", t.name()),
-                2000 + 10 * i as u64,
-                &input,
-            );
-            both_sets(
-                &mut sections,
-                format!("regdump_wgmma_rs_{}", t.name()),
-                2100 + 10 * i as u64,
-                &input,
-            );
-            both_sets(
-                &mut sections,
-                format!("regdump_wgmma_mn_{}", t.name()),
-                2200 + 10 * i as u64,
-                &input,
-            );
-            both_sets(
-                &mut sections,
-                format!("regdump_wgmma_mn_b_{}", t.name()),
-                2300 + 10 * i as u64,
-                &input,
-            );
+            for (variant, seed) in [("", 2000), ("_rs", 2100), ("_mn", 2200), ("_mn_b", 2300)] {
+                both_sets(
+                    &mut sections,
+                    format!("regdump_wgmma{variant}_{}", t.name()),
+                    seed + 10 * i as u64,
+                    &input,
+                );
+            }
         }
     }
     sections

@@ -34,10 +34,8 @@ proptest! {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
                 let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, fused_down, fused_v, ..Case::new(seed, m, d_in, d_out, rank) };
-                assert_pass(check::forward::<bf16>(&dev, c));
-                assert_pass(check::backward::<bf16>(&dev, c));
-                assert_pass(check::forward::<f16>(&dev, c));
-                assert_pass(check::backward::<f16>(&dev, c));
+                assert_pass(check::forward_and_backward::<bf16>(&dev, c));
+                assert_pass(check::forward_and_backward::<f16>(&dev, c));
             }
         }
     }
@@ -61,8 +59,7 @@ fn the_largest_rank() {
                     path: Some(path),
                     ..Case::new(rand::random(), 37, 72, 40, rank)
                 };
-                assert_pass(check::forward::<bf16>(&dev, c));
-                assert_pass(check::backward::<bf16>(&dev, c));
+                assert_pass(check::forward_and_backward::<bf16>(&dev, c));
                 assert!(check::merge::<f16>(&dev, c).unwrap().pass());
             }
         }
@@ -94,8 +91,7 @@ fn aligned_shapes_large_ranks_and_many_splits() {
                         wide_down,
                         ..Case::new(rand::random(), m, d_in, d_out, rank)
                     };
-                    assert_pass(check::forward::<bf16>(&dev, c));
-                    assert_pass(check::backward::<bf16>(&dev, c));
+                    assert_pass(check::forward_and_backward::<bf16>(&dev, c));
                 }
             }
         }

@@ -298,8 +298,9 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
 /// the GEMV's 5.6 µs floor). Rows `… , weights rotated` (`buffers rotated` for copies).
 fn rotated_rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) -> Result<()> {
     let (big, small) = Scale::of(dev).nf4;
+    // Both shapes' weights hold the same values (drawn once: 45 M of them at the GPU scale).
+    let values = weight_values(big, small);
     for (rows, cols) in [(big, small), (small, big)] {
-        let values = weight_values(rows, cols);
         let w = dev.upload(&values)?;
         let quantize = || Nf4Weight::quantize(&w, rows, cols, 64, true);
         let mut qs = vec![quantize()?];

@@ -2,7 +2,7 @@
 
 use super::{row, time_if, CheckCase, CheckRow, Measure, Report, Scale};
 use crate::check::nf4::{matmul_bound, unit};
-use crate::device::Device;
+use crate::device::{Buffer, Device};
 use crate::dtype::FloatElem;
 use crate::error::Result;
 use crate::lora::{
@@ -310,25 +310,67 @@ fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
     format!("lora_{path}{op}{nf4}{wgmma}_{}", T::DTYPE)
 }
 
+/// The case's layer, its `x` on the device, and the case's random stream past them.
+fn layer_and_x<T: FloatElem>(dev: &Device, c: &Case) -> Result<(Setup<T>, Buffer<T>, StdRng)> {
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let s = setup::<T>(dev, c, &mut rng)?;
+    let x = dev.upload(&s.x)?;
+    Ok((s, x, rng))
+}
+
 /// Forward: `y` and the saved `u` (which the kernel keeps scaled by `scale`).
 pub fn forward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>>
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
-    let mut rng = StdRng::seed_from_u64(c.seed);
-    let s = setup::<T>(dev, &c, &mut rng)?;
-    let expected = reference_layer(&s, &c).forward(&s.x, c.m)?;
-    let x = dev.upload(&s.x)?;
-    let (y, saved) = s.layer.forward(&x, c.m)?;
-    let u = unscaled_u(&s, &saved)?;
-    let t = time_if(dev, c.timed, || s.layer.forward(&x, c.m).map(|_| ()))?;
-    let name = layer_kernel(&s, &c, "forward");
+    let (s, x, _) = layer_and_x::<T>(dev, &c)?;
+    Ok(forward_rows(dev, c, &s, &x)?.0)
+}
+
+/// Backward: `dx`, `dA`, `dB` and `dbias` from the kernels' own forward.
+pub fn backward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let (s, x, mut rng) = layer_and_x::<T>(dev, &c)?;
+    let (_, saved) = s.layer.forward(&x, c.m)?;
+    backward_rows(dev, c, &s, &mut rng, &x, &saved)
+}
+
+/// `forward`'s rows, then `backward`'s (the same rows as the two calls), from one layer:
+/// its setup (at the realistic shape, a CPU quantization of the NF4 base and uploads of
+/// tens of MB) made once.
+pub fn forward_and_backward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let (s, x, mut rng) = layer_and_x::<T>(dev, &c)?;
+    let (mut rows, saved) = forward_rows(dev, c, &s, &x)?;
+    rows.extend(backward_rows(dev, c, &s, &mut rng, &x, &saved)?);
+    Ok(rows)
+}
+
+/// The forward's rows, and what its first run saved for backward.
+fn forward_rows<T: FloatElem>(
+    dev: &Device,
+    c: Case,
+    s: &Setup<T>,
+    x: &Buffer<T>,
+) -> Result<(Vec<CheckRow>, Saved<T>)>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let expected = reference_layer(s, &c).forward(&s.x, c.m)?;
+    let (y, saved) = s.layer.forward(x, c.m)?;
+    let u = unscaled_u(s, &saved)?;
+    let t = time_if(dev, c.timed, || s.layer.forward(x, c.m).map(|_| ()))?;
+    let name = layer_kernel(s, &c, "forward");
     // y's LoRA term is computed from u rounded to T (the u forward saves), the reference's
     // from the exact u: up to half a unit of T of each u element, so up to a unit of the LoRA
     // term's norm in y (more than y's own rounding where the base and LoRA terms cancel).
     let y_norm = norm(&expected.y);
     let u_rounding = if y_norm > 0.0 {
-        unit(T::DTYPE) * lora_term_norm(&s, &expected.u, c) / y_norm
+        unit(T::DTYPE) * lora_term_norm(s, &expected.u, c) / y_norm
     } else {
         0.0
     };
@@ -337,7 +379,7 @@ where
         Some(_) => format!("{name} ▸ u"),
         None => format!("lora_down_{}", T::DTYPE),
     };
-    Ok(vec![
+    let rows = vec![
         row(
             name,
             dev,
@@ -354,27 +396,30 @@ where
             rel_l2(&u, &expected.u),
             None,
         ),
-    ])
+    ];
+    Ok((rows, saved))
 }
 
-/// Backward: `dx`, `dA`, `dB` and `dbias` from the kernels' own forward.
-pub fn backward<T: FloatElem>(dev: &Device, c: Case) -> Result<Vec<CheckRow>>
+/// The backward's rows, from `saved` of a forward of the same layer on `x` and a `dy` drawn
+/// from `rng` after the setup.
+fn backward_rows<T: FloatElem>(
+    dev: &Device,
+    c: Case,
+    s: &Setup<T>,
+    rng: &mut StdRng,
+    x: &Buffer<T>,
+    saved: &Saved<T>,
+) -> Result<Vec<CheckRow>>
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
-    let mut rng = StdRng::seed_from_u64(c.seed);
-    let s = setup::<T>(dev, &c, &mut rng)?;
-    let dy_host: Vec<T> = random_vec(&mut rng, c.m * c.d_out, 1.0);
-    let x = dev.upload(&s.x)?;
-    let (_, saved) = s.layer.forward(&x, c.m)?;
+    let dy_host: Vec<T> = random_vec(rng, c.m * c.d_out, 1.0);
     // The reference backward takes the u the kernel saved, as the kernel does.
-    let u = unscaled_u(&s, &saved)?;
-    let expected = reference_layer(&s, &c).backward(&s.x, &u, &dy_host, c.m)?;
+    let u = unscaled_u(s, saved)?;
+    let expected = reference_layer(s, &c).backward(&s.x, &u, &dy_host, c.m)?;
     let dy = dev.upload(&dy_host)?;
-    let g = s.layer.backward(&x, &saved, &dy)?;
-    let t = time_if(dev, c.timed, || {
-        s.layer.backward(&x, &saved, &dy).map(|_| ())
-    })?;
+    let g = s.layer.backward(x, saved, &dy)?;
+    let t = time_if(dev, c.timed, || s.layer.backward(x, saved, &dy).map(|_| ()))?;
     // dB, dbias: f32 sums over the m tokens of products exact in f32 (dY and u are T).
     let sum_bound = (c.m + 2) as f64 * 2f64.powi(-23);
     // dA and dX use v = scale·dY·B rounded to T, as the reference does too; where the
@@ -382,7 +427,7 @@ where
     // other neighbour: up to one unit of T more.
     let da_bound = sum_bound + unit(T::DTYPE);
     let dx_bound = matmul_bound(T::DTYPE, c.d_out + c.rank) + unit(T::DTYPE);
-    let dx_name = layer_kernel(&s, &c, "backward_dx");
+    let dx_name = layer_kernel(s, &c, "backward_dx");
     // dB's partials: the dX kernel's where it makes them beside dX, else lora_grad_b's.
     let db_name = if s.layer.fused_db() {
         format!("{dx_name} dB")
@@ -488,11 +533,9 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
                 path: Some(path),
                 ..base
             };
-            report.extend(forward::<bf16>(dev, c)?);
-            report.extend(backward::<bf16>(dev, c)?);
+            report.extend(forward_and_backward::<bf16>(dev, c)?);
             if !realistic {
-                report.extend(forward::<f16>(dev, c)?);
-                report.extend(backward::<f16>(dev, c)?);
+                report.extend(forward_and_backward::<f16>(dev, c)?);
             }
         }
     }
@@ -519,8 +562,7 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
                     8,
                 )
             };
-            report.extend(forward::<bf16>(dev, c)?);
-            report.extend(backward::<bf16>(dev, c)?);
+            report.extend(forward_and_backward::<bf16>(dev, c)?);
         }
     }
     Ok(())

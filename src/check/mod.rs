@@ -222,8 +222,7 @@ mod tests {
                             path: Some(path),
                             ..lora::Case::new(seed, 131, 131, 45, 9)
                         };
-                        rows.extend(lora::forward::<bf16>(&dev, c)?);
-                        rows.extend(lora::backward::<bf16>(&dev, c)?);
+                        rows.extend(lora::forward_and_backward::<bf16>(&dev, c)?);
                     }
                     Ok::<_, crate::Error>(rows)
                 })
