@@ -290,12 +290,12 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
 // A block computes FK_NF4_GEMV_MMA_ROWS (16) weight rows: the mma's A operand, with x as its
 // B operand (NT n tiles of 8 activation rows, up to 64; rows past m are never stored). The
 // weight is read once whatever m; x, all of it, by every block (from L2: x is a few hundred
-// KB), which is what grows with m. In each 32-element step of K a lane
-// loads one 4-byte word of codes for each of its two A rows (8 consecutive elements), and
-// each byte, looked up in a table of code pairs, is one A register. Which k slot of the mma
-// holds which element does not change the sum as long as A and B agree, so the lane's B
-// registers are x at the same 8 elements: one 16-byte load. A step lies inside one
-// quantization block (blocksize >= 32, K % 32 == 0): its two mmas' sum is scaled by the
+// KB), which is what grows with m. In each step of K (64 elements where the blocksize is 64
+// or more and K % 64 == 0, else 32) a lane loads 8 bytes of codes (else 4) for each of its two
+// A rows (16 consecutive elements, else 8), and each byte, looked up in a table of code pairs,
+// is one A register. Which k slot of the mma holds which element does not change the sum as
+// long as A and B agree, so the lane's B registers are x at the same elements: two 16-byte
+// loads (else one). A step lies inside one quantization block: its mmas' sum is scaled by the
 // block's f32 absmax into f32 accumulators. The codes enter the mma rounded to T (bf16: 8
 // significant bits), as bitsandbytes' GEMV rounds code × absmax to T; the absmax stays f32.
 // The block's warps take interleaved groups of U steps, each warp a group's codes in registers
@@ -319,15 +319,150 @@ FK_DEVICE void fill_code_pairs(uint32_t (&pairs)[256 * 32]) {
   __syncthreads();
 }
 
+// The warp's part of the product over K in steps of 4·E elements (E a lane's elements of a
+// row a step: 8, one 4-byte code load a row, or 16, one 8-byte load, where a step of 64 lies
+// in one quantization block), into acc[j]: (row g, activation rows 8j + 2t, +1) and (row g + 8,
+// the same). Wider loads halve the load instructions a byte of codes takes, and the L1
+// wavefronts: each touches 8 weight rows, 16 or 32 bytes of each.
+template <typename T, int NT, int E>
+FK_DEVICE void gemv_mma_steps(const Nf4MatmulParams& p, uint32_t (&pairs)[256 * 32], float (&acc)[NT][4]) {
+  static_assert(E == 8 || E == 16, "a lane's elements of a row a step: 8 or 16");
+  constexpr int S = 4 * E;        // a step's elements of a row
+  constexpr int U = 256 / S;      // steps in a warp's group (the next group's loading)
+  constexpr int kWords = E / 8;   // a lane's 4-byte code words of a row a step
+  constexpr int kMmas = E / 4;    // mmas a step (k16 each)
+  const T* a = static_cast<const T*>(p.a);
+  const uint32_t N = p.w.rows, K = p.w.cols, M = p.m, n0 = blockIdx.x * kGemvRows;
+  const int warp = threadIdx.x / 32, lane = lane_id(), g = lane / 4, t = lane % 4;
+  // Rows of W past N and of x past M are read as the last real ones: their products land in
+  // mma rows and columns that are never stored, so no load needs a bounds check but K's.
+  const uint32_t steps = K / S, stride = kGemvWarps * U;
+  // Row g's codes at this lane's E elements of step 0, and how far on row g + 8's are.
+  const uint8_t* code_row = p.w.codes + (uint64_t(min(n0 + g, N - 1)) * K + E * t) / 2;
+  const uint64_t row_gap = uint64_t(min(n0 + g + 8, N - 1) - min(n0 + g, N - 1)) * K / 2;
+  // The codes of step s into slot u, for both of this lane's rows.
+  uint32_t codes[U][2][kWords];
+  auto load_step = [&](uint32_t s, int u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* at = code_row + (S / 2) * s + h * row_gap;
+      if constexpr (kWords == 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(at);
+        codes[u][h][0] = v.x;
+        codes[u][h][1] = v.y;
+      } else {
+        codes[u][h][0] = *reinterpret_cast<const uint32_t*>(at);
+      }
+    }
+  };
+  // A group of U steps from s0 into L1 ahead of its use: its x (256 elements of each x row:
+  // 4 lines of 128 bytes), which each step reads just before its mma (a miss there would be
+  // a round trip per step on the warp's critical path: x is new to each block).
+  auto prefetch_x = [&](uint32_t s0) {
+    for (uint32_t i = lane; i < 8 * NT * 4; i += 32) {
+      const uint32_t k = S * s0 + 64 * (i % 4);
+      if (k < K) prefetch_l1(a + uint64_t(min(i / 4, M - 1)) * K + k);
+    }
+  };
+  // The lanes decode a group's 16 × U absmaxes between them: lane l those of row
+  // n0 + l % 16 at steps l / 16 + 2i, and passes each to the lanes of its row.
+  const int shift = __ffs(static_cast<int>(p.w.blocksize)) - 1;
+  const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + S * (lane / 16);
+  auto absmax_block = [&](uint32_t s0, int i) { return (absmax_e0 + uint64_t(S) * (s0 + 2 * i)) >> shift; };
+  // The absmaxes' bytes of the group at s0 into L1 (their first and last: a run of a few
+  // bytes, or floats), so that its decode at the group's start finds them there.
+  auto prefetch_absmax = [&](uint32_t s0) {
+    nf4_prefetch_absmax(p.w, absmax_block(s0, 0));
+    nf4_prefetch_absmax(p.w, absmax_block(s0, U / 2 - 1));
+  };
+  // The warp's first group goes out (its codes, and its x and absmaxes into L1) before the
+  // block fills its code-pair table and nested map in shared memory, so that those fills and
+  // their barriers overlap the loads' round trip.
+  // Each later group's codes are loaded a group ahead, slot by slot as the group before frees
+  // them (group()), so that a warp always has a group's loads in flight while it computes.
+  const uint32_t first = warp * U;
+  prefetch_x(first);
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (first + u < steps) load_step(first + u, u);
+  if (first < steps) prefetch_absmax(first);
+  fill_code_pairs<T>(pairs);
+  const Nf4Weight w = with_shared_map(p.w);
+  const uint32_t* lane_pairs = pairs + lane;
+  auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
+  const T* x_row[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) x_row[j] = a + uint64_t(min(uint32_t(8 * j + g), M - 1)) * K + E * t;
+  // The group at s0, its codes in `codes`; only the last group of a warp (kTail) may pass K's
+  // end. Each slot, once read, takes the same step of the group at `next`.
+  auto group = [&](uint32_t s0, uint32_t next, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
+    auto live = [&](uint32_t s) { return !kTail || s < steps; };  // warp-uniform
+    float scale[U / 2];
+#pragma unroll
+    for (int i = 0; i < U / 2; ++i) scale[i] = live(s0 + lane / 16 + 2 * i) ? nf4_absmax(w, absmax_block(s0, i)) : 0.0f;
+    if (next < steps) {
+      prefetch_x(next);
+      prefetch_absmax(next);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (!live(s0 + u)) break;
+      const float scale_lo = __shfl_sync(kFullMask, scale[u / 2], g + 16 * (u % 2));
+      const float scale_hi = __shfl_sync(kFullMask, scale[u / 2], g + 8 + 16 * (u % 2));
+      // mma h takes bytes 2h (its k slots 2t, 2t+1) and 2h+1 (2t+8, 2t+9) of each row's
+      // codes: elements 4h to 4h + 3 of the lane's E, which its x registers hold alike.
+      uint32_t af[kMmas][4];
+#pragma unroll
+      for (int h = 0; h < kMmas; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int byte = 2 * h + i / 2;
+          af[h][i] = pair(__byte_perm(codes[u][i % 2][byte / 4], 0, 0x4440 + byte % 4));  // zero-extended
+        }
+      if (next + u < steps) load_step(next + u, u);
+      // A fence for ptxas's scheduler: it would otherwise put these loads, whose values only
+      // the next group reads, after all of this group's mmas, and their round trip back on
+      // the warp's path (it costs a NOP; the SASS keeps each step's loads in its step).
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t x[E / 2];
+#pragma unroll
+        for (int q = 0; q < E / 8; ++q) {
+          const uint4 v = *reinterpret_cast<const uint4*>(x_row[j] + S * (s0 + u) + 8 * q);
+          x[4 * q] = v.x, x[4 * q + 1] = v.y, x[4 * q + 2] = v.z, x[4 * q + 3] = v.w;
+        }
+        float part[4] = {};
+#pragma unroll
+        for (int h = 0; h < kMmas; ++h) {
+          const uint32_t b[2] = {x[2 * h], x[2 * h + 1]};
+          gemm::mma<T>(part, af[h], b);
+        }
+        acc[j][0] = fmaf(scale_lo, part[0], acc[j][0]);
+        acc[j][1] = fmaf(scale_lo, part[1], acc[j][1]);
+        acc[j][2] = fmaf(scale_hi, part[2], acc[j][2]);
+        acc[j][3] = fmaf(scale_hi, part[3], acc[j][3]);
+      }
+    }
+  };
+  for (uint32_t s0 = first; s0 < steps; s0 += stride) {
+    if (s0 + U <= steps) {
+      group(s0, s0 + stride, std::false_type{});
+    } else {
+      group(s0, s0 + stride, std::true_type{});
+    }
+  }
+}
+
 template <typename T, int NT>
 FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
-  constexpr int U = 8;  // steps of 32 elements in a warp's group (the next group's loading)
   FK_SHARED(pairs, uint32_t[256 * 32]);
-  const T* a = static_cast<const T*>(p.a);
   T* out = static_cast<T*>(p.out);
   const uint32_t N = p.w.rows, K = p.w.cols, M = p.m, n0 = blockIdx.x * kGemvRows;
   const int warp = threadIdx.x / 32, lane = lane_id(), g = lane / 4, t = lane % 4;
   if (K % 32 != 0) {
+    const T* a = static_cast<const T*>(p.a);
     fill_code_pairs<T>(pairs);
     const Nf4Weight w = with_shared_map(p.w);
     const uint32_t* lane_pairs = pairs + lane;
@@ -354,106 +489,11 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
     }
     return;
   }
-  // Rows of W past N and of x past M are read as the last real ones: their products land in
-  // mma rows and columns that are never stored, so no load needs a bounds check but K's.
-  const uint32_t steps = K / 32, stride = kGemvWarps * U;
-  // Row g's codes at this lane's 8 elements of step 0, and how far on row g + 8's are.
-  const uint8_t* code_row = p.w.codes + (uint64_t(min(n0 + g, N - 1)) * K + 8 * t) / 2;
-  const uint64_t row_gap = uint64_t(min(n0 + g + 8, N - 1) - min(n0 + g, N - 1)) * K / 2;
-  // The codes of step s into slot u, for both of this lane's rows.
-  uint32_t codes[U][2];
-  auto load_step = [&](uint32_t s, int u) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) codes[u][h] = *reinterpret_cast<const uint32_t*>(code_row + 16 * s + h * row_gap);
-  };
-  // A group of U steps from s0 into L1 ahead of its use: its x (32·U elements of each x row:
-  // U / 2 lines of 128 bytes), which each step reads just before its mma (a miss there would
-  // be a round trip per step on the warp's critical path: x is new to each block).
-  auto prefetch_x = [&](uint32_t s0) {
-    for (uint32_t i = lane; i < 8 * NT * (U / 2); i += 32) {
-      const uint32_t k = 32 * s0 + 64 * (i % (U / 2));
-      if (k < K) prefetch_l1(a + uint64_t(min(i / (U / 2), M - 1)) * K + k);
-    }
-  };
-  // The lanes decode a group's 16 × U absmaxes between them: lane l those of row
-  // n0 + l % 16 at steps l / 16 + 2i, and passes each to the lanes of its row.
-  const int shift = __ffs(static_cast<int>(p.w.blocksize)) - 1;
-  const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + 32 * (lane / 16);
-  auto absmax_block = [&](uint32_t s0, int i) { return (absmax_e0 + 32ull * (s0 + 2 * i)) >> shift; };
-  // The absmaxes' bytes of the group at s0 into L1 (their first and last: a run of a few
-  // bytes, or floats), so that its decode at the group's start finds them there.
-  auto prefetch_absmax = [&](uint32_t s0) {
-    nf4_prefetch_absmax(p.w, absmax_block(s0, 0));
-    nf4_prefetch_absmax(p.w, absmax_block(s0, U / 2 - 1));
-  };
-  // The warp's first group goes out (its codes, and its x and absmaxes into L1) before the
-  // block fills its code-pair table and nested map in shared memory, so that those fills and
-  // their barriers overlap the loads' round trip.
-  // Each later group's codes are loaded a group ahead, slot by slot as the group before frees
-  // them (group()), so that a warp always has a group's loads in flight while it computes.
-  const uint32_t first = warp * U;
-  prefetch_x(first);
-#pragma unroll
-  for (int u = 0; u < U; ++u)
-    if (first + u < steps) load_step(first + u, u);
-  if (first < steps) prefetch_absmax(first);
-  fill_code_pairs<T>(pairs);
-  const Nf4Weight w = with_shared_map(p.w);
-  const uint32_t* lane_pairs = pairs + lane;
-  auto pair = [&](uint32_t byte) { return ld_shared_u32(lane_pairs, byte * 32); };  // this lane's copy
-  const T* x_row[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) x_row[j] = a + uint64_t(min(uint32_t(8 * j + g), M - 1)) * K + 8 * t;
   float acc[NT][4] = {};
-  // The group at s0, its codes in `codes`; only the last group of a warp (kTail) may pass K's
-  // end. Each slot, once read, takes the same step of the group at `next`.
-  auto group = [&](uint32_t s0, uint32_t next, auto tail) {
-    constexpr bool kTail = decltype(tail)::value;
-    auto live = [&](uint32_t s) { return !kTail || s < steps; };  // warp-uniform
-    float scale[U / 2];
-#pragma unroll
-    for (int i = 0; i < U / 2; ++i) scale[i] = live(s0 + lane / 16 + 2 * i) ? nf4_absmax(w, absmax_block(s0, i)) : 0.0f;
-    if (next < steps) {
-      prefetch_x(next);
-      prefetch_absmax(next);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (!live(s0 + u)) break;
-      const float scale_lo = __shfl_sync(kFullMask, scale[u / 2], g + 16 * (u % 2));
-      const float scale_hi = __shfl_sync(kFullMask, scale[u / 2], g + 8 + 16 * (u % 2));
-      // mma h takes bytes 2h (its k slots 2t, 2t+1) and 2h+1 (2t+8, 2t+9) of each row's word.
-      uint32_t af[2][4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          af[h][i] = pair(__byte_perm(codes[u][i % 2], 0, 0x4440 + 2 * h + i / 2));  // the byte, zero-extended
-      if (next + u < steps) load_step(next + u, u);
-      // A fence for ptxas's scheduler: it would otherwise put these loads, whose values only
-      // the next group reads, after all of this group's mmas, and their round trip back on
-      // the warp's path (it costs a NOP; the SASS has each step's loads before its mmas).
-      __syncwarp();
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const uint4 x = *reinterpret_cast<const uint4*>(x_row[j] + 32 * (s0 + u));
-        const uint32_t b0[2] = {x.x, x.y}, b1[2] = {x.z, x.w};
-        float part[4] = {};
-        gemm::mma<T>(part, af[0], b0);
-        gemm::mma<T>(part, af[1], b1);
-        acc[j][0] = fmaf(scale_lo, part[0], acc[j][0]);
-        acc[j][1] = fmaf(scale_lo, part[1], acc[j][1]);
-        acc[j][2] = fmaf(scale_hi, part[2], acc[j][2]);
-        acc[j][3] = fmaf(scale_hi, part[3], acc[j][3]);
-      }
-    }
-  };
-  for (uint32_t s0 = first; s0 < steps; s0 += stride) {
-    if (s0 + U <= steps) {
-      group(s0, s0 + stride, std::false_type{});
-    } else {
-      group(s0, s0 + stride, std::true_type{});
-    }
+  if (p.w.blocksize >= 64 && K % 64 == 0) {
+    gemv_mma_steps<T, NT, 16>(p, pairs, acc);
+  } else {
+    gemv_mma_steps<T, NT, 8>(p, pairs, acc);
   }
   // The warps' sums go where the pair table was, as its words' bits, once every warp is done
   // with it (static shared memory stays under 48 KB with 64 activation rows). A warp's sums

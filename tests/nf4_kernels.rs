@@ -55,8 +55,9 @@ proptest! {
         }
     }
 
-    /// Half the widths are multiples of 32 (the tensor-core GEMV's fast path, whose steps
-    /// of 32 change blocks every step at blocksize 32), half any width (the scalar paths);
+    /// Half the widths are multiples of 32 (the tensor-core GEMV's fast path: steps of 64
+    /// where the width is a multiple of 64 and the blocksize 64 or more, else of 32, which
+    /// change blocks every step at blocksize 32), half any width (the scalar paths);
     /// every row count each GEMV takes (the tensor-core one's n tiles of 8, 1 to 8 of them).
     #[test]
     fn gemv_matches_the_reference(
@@ -152,11 +153,13 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
     }
 }
 
-/// The tensor-core GEMV where each warp takes several groups of 8 steps of 32 (K past 2,048:
-/// 8 warps × 8 steps a round), each group's codes loaded while the group before is computed:
-/// 81 steps (the warps' second groups of 8, 8 and 1 step) and 200 (a fourth round of 8), at
-/// 1, 9, 16, 33 and 64 activation rows (1, 2, 2, 5 and 8 n tiles), blocksizes 32 to 256,
-/// with and without double quantization.
+/// The tensor-core GEMV where each warp takes several groups of steps (K past 2,048: 8 warps ×
+/// 256 elements a round), each group's codes loaded while the group before is computed. Steps
+/// of 32 (K an odd multiple of 32, or blocksize 32): 81 steps (the warps' second groups of 8,
+/// 8 and 1 step) and 200 (a fourth round of 8). Steps of 64 (K a multiple of 64, blocksize 64
+/// or more): 81 steps (groups of 4: a third round, its last group of 1 step) and 100. At 1, 9,
+/// 16, 33 and 64 activation rows (1, 2, 2, 5 and 8 n tiles), blocksizes 32 to 256, with and
+/// without double quantization.
 #[test]
 fn gemv_mma_over_several_groups_per_warp() {
     for dev in backends() {
@@ -167,6 +170,10 @@ fn gemv_mma_over_several_groups_per_warp() {
             (32 * 200, 9, 256, true),
             (32 * 200, 1, 128, false),
             (32 * 200, 33, 32, false),
+            (64 * 81, 1, 64, true),
+            (64 * 81, 33, 128, false),
+            (64 * 81, 64, 64, false),
+            (64 * 100, 16, 64, true),
         ] {
             let c = Case {
                 seed: rand::random(),

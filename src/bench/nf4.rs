@@ -240,6 +240,15 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
         let mut row = matmul_row(dev, timer, c, &q_plain, 1, gemv, true)?;
         row.kernel += " (no double quant)";
         out.push(row)?;
+        if gemv == MatmulPath::GemvMma {
+            // Blocksize 32 keeps the tensor-core GEMV in steps of 32 elements (4-byte code
+            // loads); 64 takes steps of 64 (8-byte loads): what the wider loads gain, against
+            // 3% more bytes (an absmax code per 32 elements, not 64).
+            let q_32 = Nf4Weight::quantize(&w, rows, cols, 32, true)?;
+            let mut row = matmul_row(dev, timer, c, &q_32, 1, gemv, true)?;
+            row.kernel += " (blocksize 32: steps of 32)";
+            out.push(row)?;
+        }
         for weight in [&q, &q_t] {
             for m in [1, 4, 8, 16, 32, 64] {
                 if m <= gemv.max_rows() {
