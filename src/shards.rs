@@ -421,26 +421,53 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>> {
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .map_err(|e| bad(format!("no safetensors header: {e}")))?;
-    // safetensors' own limit on a header.
+    // safetensors' own limit on a header, and the file's size: the length is the file's
+    // word until checked, not a size to allocate.
     let len = u64::from_le_bytes(len);
     if len > 100_000_000 {
         return Err(bad(format!("a header of {len} bytes")));
     }
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > size.saturating_sub(8) {
+        return Err(bad(format!("a header of {len} bytes in a file of {size}")));
+    }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header)
         .map_err(|e| bad(format!("a header of {len} bytes, truncated: {e}")))?;
-    let entries: BTreeMap<String, Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+    header_entries(&header, &file)
+}
+
+/// The tensors of a safetensors header (the JSON after the length), each entry checked on
+/// its own: a dtype, a shape and offsets that agree on its size. Errors name the tensor,
+/// which safetensors' own mostly do not.
+pub(crate) fn header_entries(header: &[u8], file: &str) -> Result<BTreeMap<String, TensorInfo>> {
+    let entries: BTreeMap<String, Value> = serde_json::from_slice(header)
+        .map_err(|e| Error::checkpoint(file, "", format!("bad header: {e}")))?;
     let mut tensors = BTreeMap::new();
     for (name, entry) in entries {
         if name == "__metadata__" {
             continue;
         }
-        let info: TensorInfo = serde_json::from_value(entry)
-            .map_err(|e| Error::checkpoint(&file, &name, format!("bad header entry: {e}")))?;
-        if info.data_offsets.1 < info.data_offsets.0 {
-            let why = format!("data offsets {:?} run backwards", info.data_offsets);
-            return Err(Error::checkpoint(&file, &name, why));
+        let bad = |why: String| Error::checkpoint(file, &name, why);
+        let info: TensorInfo =
+            serde_json::from_value(entry).map_err(|e| bad(format!("bad header entry: {e}")))?;
+        let (start, end) = info.data_offsets;
+        if end < start {
+            return Err(bad(format!(
+                "data offsets {:?} run backwards",
+                info.data_offsets
+            )));
+        }
+        let bits = (info.shape.iter()).try_fold(info.dtype.bitsize(), |n, &d| n.checked_mul(d));
+        if bits.is_none_or(|bits| !bits.is_multiple_of(8) || bits / 8 != end - start) {
+            let why = format!(
+                "{:?} {:?} is not the {} bytes of its data offsets {:?}",
+                info.dtype,
+                info.shape,
+                end - start,
+                info.data_offsets
+            );
+            return Err(bad(why));
         }
         tensors.insert(name, info);
     }

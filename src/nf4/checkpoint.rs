@@ -21,7 +21,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::files::{read_file, stage, Staged};
 use crate::reference::nf4::{self, check_blocksize, Absmax, NestedAbsmax, Nf4Quantized, NF4_CODE};
-use crate::shards::{edit_json_object, Layout};
+use crate::shards::{edit_json_object, header_entries, Layout};
 use crate::{bf16, f16};
 use safetensors::tensor::{TensorInfo, TensorView};
 use safetensors::{Dtype, SafeTensors, View};
@@ -178,7 +178,17 @@ fn deserialize<'a>(
     file: &str,
 ) -> Result<(SafeTensors<'a>, Option<HashMap<String, String>>)> {
     let not_safetensors = |e: safetensors::SafeTensorError| {
-        Error::checkpoint(file, "", format!("not a valid safetensors file: {e}"))
+        // Where one header entry is at fault, name its tensor (safetensors mostly does not).
+        let len = bytes
+            .get(..8)
+            .map(|n| u64::from_le_bytes(n.try_into().unwrap()));
+        let header = len.and_then(|n| bytes.get(8..).and_then(|b| b.get(..n.try_into().ok()?)));
+        match header.and_then(|h| header_entries(h, file).err()) {
+            Some(Error::Checkpoint { tensor, why, .. }) if !tensor.is_empty() => {
+                Error::checkpoint(file, &tensor, why)
+            }
+            _ => Error::checkpoint(file, "", format!("not a valid safetensors file: {e}")),
+        }
     };
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
     let st = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
