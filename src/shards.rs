@@ -212,7 +212,9 @@ impl Layout {
         let mut total_size = 0u64;
         let mut files = Vec::new();
         for shard in index.shards() {
-            let staged = convert(&dir.join(shard), &output.join(shard))?;
+            let input = dir.join(shard);
+            index.check_shard(&input, shard, &dir.join(index_name))?;
+            let staged = convert(&input, &output.join(shard))?;
             for (name, info) in read_header(staged.written())? {
                 if let Some(other) = written.weight_map.insert(name.clone(), shard.into()) {
                     let why = format!("written to {other} and to {shard}: in two input shards?");
@@ -343,6 +345,25 @@ impl ShardIndex {
     /// The index as transformers writes it (keys sorted, indented by 2).
     pub fn to_json(&self) -> String {
         pretty_json(&serde_json::json!({"metadata": self.metadata, "weight_map": self.weight_map}))
+    }
+
+    /// Errors where the shard `input` (the index's `shard`) lacks a tensor the index puts in
+    /// it: transformers would fail to load it from the written index, and the conversion
+    /// would write an index without it.
+    fn check_shard(&self, input: &Path, shard: &str, index_path: &Path) -> Result<()> {
+        let held = read_header(input)?;
+        let mut named = self.weight_map.iter().filter(|(_, s)| *s == shard);
+        match named.find(|(tensor, _)| !held.contains_key(*tensor)) {
+            Some((tensor, _)) => {
+                let why = format!("the index puts it in {shard}, which does not hold it");
+                Err(Error::checkpoint(
+                    &index_path.display().to_string(),
+                    tensor,
+                    why,
+                ))
+            }
+            None => Ok(()),
+        }
     }
 
     /// The shard file names, each once, in order.
