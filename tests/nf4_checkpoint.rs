@@ -670,13 +670,18 @@ fn other_families_embeddings_heads_and_conv1d() {
 }
 
 /// An input whose names would collide with an NF4 weight's parts: an error naming the
-/// tensor, no output (safetensors would write one of the two, or panic).
+/// tensor, no output (safetensors would write one of the two, or panic). A quant state's
+/// name is read as one, and refused as one.
 #[test]
 fn names_that_collide_with_nf4_parts_are_refused() {
     let dir = scratch("collide");
     let mut rng = StdRng::seed_from_u64(rand::random());
     let input = dir.join("in.safetensors");
-    for part in [".absmax", ".quant_map", QUANT_STATE_SUFFIX] {
+    for (part, says) in [
+        (".absmax", "two tensors"),
+        (".quant_map", "two tensors"),
+        (QUANT_STATE_SUFFIX, "dtype BF16, expected U8"),
+    ] {
         let clash = format!("a.weight{part}");
         let tensors = [
             ("a.weight".to_string(), random_bf16_tensor(&mut rng, 4, 64)),
@@ -692,10 +697,7 @@ fn names_that_collide_with_nf4_parts_are_refused() {
         let output = dir.join("out.safetensors");
         match quantize_file(&input, &output, &QuantizeOptions::default()) {
             Err(Error::Checkpoint { tensor, why, .. }) => {
-                assert!(
-                    tensor == clash && why.contains("two tensors"),
-                    "{tensor}: {why}"
-                )
+                assert!(tensor == clash && why.contains(says), "{tensor}: {why}")
             }
             other => panic!("{part}: {other:?}"),
         }

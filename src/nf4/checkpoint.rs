@@ -117,19 +117,8 @@ impl<'a> Checkpoint<'a> {
     pub fn parse(bytes: &'a [u8], file: &str) -> Result<Self> {
         let (st, metadata) = deserialize(bytes, file)?;
         let mut nf4 = BTreeMap::new();
-        for name in st.names() {
-            if let Some(at) = name.find(ANY_QUANT_STATE) {
-                let weight = &name[..at];
-                if !name.ends_with(QUANT_STATE_SUFFIX) {
-                    let kind = &name[at + ANY_QUANT_STATE.len()..];
-                    return Err(Error::checkpoint(
-                        file,
-                        name,
-                        format!("quant_type {kind:?}: only nf4 is supported"),
-                    ));
-                }
-                nf4.insert(weight.to_string(), read_nf4(&st, weight, file)?);
-            }
+        for weight in nf4_weights(&st, file)? {
+            nf4.insert(weight.to_string(), read_nf4(&st, weight, file)?);
         }
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
@@ -193,6 +182,26 @@ fn deserialize<'a>(
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(not_safetensors)?;
     let st = SafeTensors::deserialize(bytes).map_err(not_safetensors)?;
     Ok((st, header.metadata().clone()))
+}
+
+/// The names of a file's NF4 weights, `<w>` of each `<w>.quant_state.bitsandbytes__nf4`: an
+/// error for another bitsandbytes 4-bit type.
+fn nf4_weights<'a>(st: &'a SafeTensors, file: &str) -> Result<Vec<&'a str>> {
+    let mut weights = Vec::new();
+    for name in st.names() {
+        if let Some(at) = name.find(ANY_QUANT_STATE) {
+            if !name.ends_with(QUANT_STATE_SUFFIX) {
+                let kind = &name[at + ANY_QUANT_STATE.len()..];
+                return Err(Error::checkpoint(
+                    file,
+                    name,
+                    format!("quant_type {kind:?}: only nf4 is supported"),
+                ));
+            }
+            weights.push(&name[..at]);
+        }
+    }
+    Ok(weights)
 }
 
 /// Whether `name` is one of the tensors of an NF4 weight in `nf4`.
@@ -758,11 +767,14 @@ fn quantize_one(
     let file = input.display().to_string();
     let bytes = read_file(input)?;
     let (st, metadata) = deserialize(&bytes, &file)?;
+    // Copied as they are, but read as merge reads them first: an NF4 weight that does not
+    // hold together is refused, not passed on.
+    for weight in nf4_weights(&st, &file)? {
+        read_nf4(&st, weight, &file)?;
+        summary.already_nf4.push(weight.to_string());
+    }
     let mut out = Vec::new();
     for (name, view) in st.iter() {
-        if let Some(weight) = name.strip_suffix(QUANT_STATE_SUFFIX) {
-            summary.already_nf4.push(weight.to_string());
-        }
         let raw = RawTensor::from(view);
         if !opts.selects(name, raw.dtype, &raw.shape) {
             if is_float_matrix(raw.dtype, &raw.shape) {
