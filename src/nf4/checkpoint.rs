@@ -390,9 +390,8 @@ impl QuantState {
                     return Err("nested_dtype must be \"float32\"".into());
                 }
                 let blocksize = size("nested_blocksize")?;
-                if blocksize == 0 {
-                    return Err("nested_blocksize 0".into());
-                }
+                // bitsandbytes writes 256, and dequantizes no blocksize but its own.
+                check_blocksize("nested_blocksize", blocksize).map_err(|e| e.to_string())?;
                 Some((blocksize, offset))
             }
         };
