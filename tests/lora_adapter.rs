@@ -381,10 +381,14 @@ fn bad_configs_are_typed_errors() {
         load_edited("r-mismatch", set("r", json!(4)), unchanged),
         &["lora_A.weight", "rank 5", "r = 4"],
     );
-    assert!(matches!(
+    assert_checkpoint_error(
         load_edited("alpha-inf", set("lora_alpha", json!(1e300)), unchanged),
-        Err(Error::InvalidArgument { .. })
-    ));
+        &[CONFIG_FILE, "lora_alpha 1e300", "scale inf"],
+    );
+    assert_checkpoint_error(
+        load_edited("dropout-1", set("lora_dropout", json!(1.0)), unchanged),
+        &[CONFIG_FILE, "lora_dropout 1.0", "not in [0, 1)"],
+    );
 }
 
 #[test]

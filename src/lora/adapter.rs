@@ -192,7 +192,8 @@ fn is_off(v: &Value) -> bool {
 
 impl AdapterConfig {
     /// Parses `adapter_config.json` (`file` names it in errors), refusing what this crate
-    /// does not apply.
+    /// does not apply and what the layer refuses (a scale that overflows f32, a dropout
+    /// outside [0, 1)).
     pub fn from_json(text: &str, file: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| Error::checkpoint(file, "", format!("not valid JSON: {e}")))?;
@@ -259,7 +260,7 @@ impl AdapterConfig {
             )),
             Some(v) => return Err(f.bad("target_modules", "a list of names or a regex", v)),
         };
-        Ok(AdapterConfig {
+        let config = AdapterConfig {
             r,
             // PEFT's defaults for absent fields.
             lora_alpha: f.f64_or("lora_alpha", 8.0)?,
@@ -268,7 +269,14 @@ impl AdapterConfig {
             target_modules,
             base_model_name_or_path: f.string("base_model_name_or_path")?,
             task_type: f.string("task_type")?,
-        })
+        };
+        // The layer's own checks (a finite scale, a dropout probability), said of the fields.
+        config.lora(Some(0)).validate().map_err(|e| {
+            let (alpha, dropout) = (config.lora_alpha, config.lora_dropout);
+            let why = format!("lora_alpha {alpha:?}, r {r}, lora_dropout {dropout:?}: {e}");
+            Error::checkpoint(file, "", why)
+        })?;
+        Ok(config)
     }
 
     /// `adapter_config.json` as PEFT writes it, less the fields left at their defaults
@@ -387,7 +395,6 @@ impl Adapter {
         let text = String::from_utf8(read_file(&config_path)?)
             .map_err(|e| Error::checkpoint(&config_file, "", format!("not UTF-8: {e}")))?;
         let config = AdapterConfig::from_json(&text, &config_file)?;
-        config.lora(Some(0)).validate()?;
 
         let weights_path = dir.join(WEIGHTS_FILE);
         let file = weights_path.display().to_string();
