@@ -111,6 +111,25 @@ fn wrong_lengths_and_devices_are_typed_errors() {
     }
 }
 
+/// A row copy of no elements returns at once, whatever the row count: the emulator had
+/// looped over every one of 2^64 - 1 empty rows. Run on a thread of its own, so that a copy
+/// that never ends fails the test rather than hanging it.
+#[test]
+fn row_copies_of_no_elements_return_at_once() {
+    for dev in backends() {
+        let what = dev.describe();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let src = dev.upload(&[1u32, 2, 3]).unwrap();
+            let mut dst = dev.zeros::<u32>(3).unwrap();
+            let copied = dst.copy_rows_from(&src, usize::MAX, 0, 0, 0);
+            let _ = done.send(copied.and_then(|()| dst.to_host()));
+        });
+        let got = finished.recv_timeout(std::time::Duration::from_secs(20));
+        assert_eq!(got, Ok(Ok(vec![0; 3])), "{what}: nothing is written");
+    }
+}
+
 /// The error `r` must be.
 fn error<T>(r: Result<T, Error>) -> Error {
     match r {

@@ -326,7 +326,8 @@ impl CudaDevice {
         Ok(s)
     }
 
-    /// `rows` rows of `width` bytes from `src` (rows `src_pitch` bytes apart) to `dst`.
+    /// `rows` rows of `width` bytes from `src` (rows `src_pitch` bytes apart) to `dst`; its
+    /// caller ([`super::Buffer::copy_rows_from`]) makes no empty copy.
     pub(crate) fn copy_rows<T>(
         &self,
         src: &CudaSlice<T>,
@@ -336,9 +337,6 @@ impl CudaDevice {
         src_pitch: usize,
         dst_pitch: usize,
     ) -> Result<()> {
-        if rows == 0 || width == 0 {
-            return Ok(());
-        }
         self.bind()?;
         let copy = sys::CUDA_MEMCPY2D {
             srcXInBytes: 0,
