@@ -41,12 +41,30 @@ fn unknown_arguments_are_errors() {
     }
 }
 
-/// Arguments that cannot go together, or a family that does not exist, are said before
-/// anything looks for a GPU (which would be the error here otherwise).
+/// Arguments that cannot go together, a family that does not exist, a flag's value that
+/// cannot be used or a flag given twice (whose second value had been ignored) are said
+/// before anything looks for a GPU (which would be the error here otherwise).
 #[test]
 fn bad_combinations_are_named_before_the_gpu_is_looked_for() {
+    let bench = ["bench", "--json", "x.json", "--md", "x.md"];
     for (args, named) in [
         (&["profile", "nf5"][..], "\"nf5\""),
+        (&[&bench[..], &["--seconds", "abc"]].concat(), "--seconds"),
+        (&[&bench[..], &["--seconds", "0"]].concat(), "--seconds"),
+        (&[&bench[..], &["--json", "y.json"]].concat(), "--json"),
+        (&["regdump", "--out", "a", "--out", "b"], "--out"),
+        (
+            &[
+                "quantize",
+                "--blocksize",
+                "64",
+                "--blocksize",
+                "32",
+                "in",
+                "out",
+            ],
+            "--blocksize",
+        ),
         (
             &[
                 "bench",
@@ -80,6 +98,24 @@ fn bad_combinations_are_named_before_the_gpu_is_looked_for() {
             "{args:?}: {said}"
         );
     }
+}
+
+/// An argument that is not UTF-8 (a file name in another encoding) is an error that says
+/// so; `std::env::args` had panicked on it (exit status 101).
+#[cfg(unix)]
+#[test]
+fn arguments_that_are_not_utf8_are_errors() {
+    use std::os::unix::ffi::OsStrExt;
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_fk"))
+        .arg("quantize")
+        .arg(latin1)
+        .arg("out.safetensors")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("is not UTF-8"), "{said}");
 }
 
 #[test]

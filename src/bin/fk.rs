@@ -41,9 +41,32 @@ use std::sync::Arc;
 const USAGE: &str = "usage: fk info | fk check [--small] [--seed N] | fk regdump --out FILE [--rcp-table FILE] | fk bench --json FILE (--md FILE [--seconds N] | --family NAME [--md FILE] [--ceilings FILE]) | fk profile nf4|lora | fk kernels [--resources] | fk quantize IN OUT [--blocksize N] [--no-double-quant] [--include GLOB]... [--exclude GLOB]... [--no-default-excludes] [--transpose GLOB]... | fk merge BASE ADAPTER_DIR OUT (IN, BASE: a .safetensors file, a shard index, or a model directory; OUT: a file, or a directory for an index or a directory)";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    match utf8_args().and_then(|args| run(&args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(msg) => {
+            eprintln!("fk: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The arguments after the program's name. One that is not UTF-8 (a file name in another
+/// encoding) is an error naming it, where `std::env::args` would panic.
+fn utf8_args() -> Result<Vec<String>, String> {
+    std::env::args_os()
+        .skip(1)
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| format!("argument {arg:?} is not UTF-8"))
+        })
+        .collect()
+}
+
+/// Runs the command `args` names: whether it did what it was asked, or why not.
+fn run(args: &[String]) -> Result<bool, String> {
     let rest = args.get(1..).unwrap_or_default();
-    let result = match args.first().map(String::as_str) {
+    match args.first().map(String::as_str) {
         Some("info") | None => known_args(rest, &[], &[]).map(|()| {
             let _ = info();
             true
@@ -69,24 +92,22 @@ fn main() -> ExitCode {
             Ok(true)
         }
         Some(other) => Err(format!("unknown command {other:?}\n{USAGE}")),
-    };
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(msg) => {
-            eprintln!("fk: {msg}");
-            ExitCode::from(2)
-        }
     }
 }
 
 /// Errors on an argument that is none of `switches` and `valued` (each of those followed by
-/// its value): a mistyped flag is not silently ignored.
+/// its value), and on a valued one given twice: a mistyped flag is not silently ignored, nor
+/// a second value (`flag_value` reads the first).
 fn known_args(args: &[String], switches: &[&str], valued: &[&str]) -> Result<(), String> {
     let mut it = args.iter();
+    let mut given = Vec::new();
     while let Some(arg) = it.next() {
         if valued.contains(&arg.as_str()) {
             it.next().ok_or(format!("{arg} needs a value"))?;
+            if given.contains(&arg) {
+                return Err(format!("{arg} is given twice"));
+            }
+            given.push(arg);
         } else if !switches.contains(&arg.as_str()) {
             return Err(format!("unknown argument {arg:?}\n{USAGE}"));
         }
@@ -315,14 +336,17 @@ fn run_bench(args: &[String]) -> Result<bool, String> {
         return Ok(true);
     }
     let md = md.ok_or("bench needs --md FILE")?;
-    // No family could run without a GPU: one error for all.
-    probe_driver().map_err(|e| format!("benchmarks time GPU kernels: {e}"))?;
+    // A family given no time at all would be stopped before it measured anything.
     let seconds = match seconds {
         Some(s) => s
             .parse::<u64>()
-            .map_err(|_| format!("--seconds needs a whole number, not {s:?}"))?,
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or(format!("--seconds needs a whole number above 0, not {s:?}"))?,
         None => 120,
     };
+    // No family could run without a GPU: one error for all.
+    probe_driver().map_err(|e| format!("benchmarks time GPU kernels: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
     // Each family's rows and stderr beside the results (kept: a failed family's stderr is
     // what says why); the ceilings the first family measures, for the others.
@@ -384,13 +408,16 @@ fn run_profile(args: &[String]) -> Result<(), String> {
 fn run_quantize(args: &[String]) -> Result<(), String> {
     let mut opts = QuantizeOptions::default();
     let (mut include, mut paths) = (Vec::new(), Vec::new());
+    let mut blocksize_given = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
+            "--blocksize" if blocksize_given => return Err("--blocksize is given twice".into()),
             "--blocksize" => {
                 let v = value()?;
                 opts.blocksize = v.parse().map_err(|e| format!("--blocksize {v}: {e}"))?;
+                blocksize_given = true;
             }
             "--no-double-quant" => opts.double_quant = false,
             "--include" => include.push(value()?),
