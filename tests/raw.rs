@@ -828,6 +828,42 @@ fn raw_lora_steps_refuse_misaligned_pointers() {
     }
 }
 
+/// The workspace sizes a framework allocates by saturate rather than wrap: partials whose
+/// count overflows usize ask for usize::MAX elements, which every backend refuses with a
+/// typed error (a wrapped count had been a buffer too small for what the kernels write), and
+/// rows past u32 get at least the row tiles of u32::MAX rows (2^32 + 5 rows had wrapped to 5:
+/// one tile).
+#[test]
+fn raw_workspace_sizes_saturate_rather_than_wrap() {
+    assert_eq!(
+        lora::raw::rank_partials_len(usize::MAX / 2, 3, 4),
+        usize::MAX
+    );
+    let tiles_of_u32_rows = u32::MAX.div_ceil(params::FK_WGMMA_TILE_M);
+    for dev in backends() {
+        let huge = 1usize << 60;
+        let sizes = lora::raw::grad_partials(&dev, 1 << 20, huge, huge, 256, false, false);
+        assert_eq!(sizes.len, usize::MAX, "{dev:?}");
+        let err = dev.alloc_output::<f32>(sizes.len).err();
+        assert!(
+            matches!(
+                err,
+                Some(Error::InvalidArgument {
+                    what: "buffer length",
+                    ..
+                })
+            ),
+            "{dev:?}: {err:?}"
+        );
+        let past_u32 = lora::raw::grad_partials(&dev, (1 << 32) + 5, 64, 64, 4, true, true);
+        assert_eq!(
+            (past_u32.a_splits, past_u32.b_splits),
+            (tiles_of_u32_rows, tiles_of_u32_rows),
+            "{dev:?}"
+        );
+    }
+}
+
 #[test]
 fn raw_entry_points_refuse_what_they_cannot_run() {
     for dev in backends() {

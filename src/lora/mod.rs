@@ -1519,10 +1519,11 @@ pub mod raw {
     }
 
     /// f32 elements of `p.rank_partials` for [`down`] or [`backward_v`] split `k_splits` ways
-    /// over K (none when 1; [`k_split_count`] is what [`LoraLinear`] picks).
+    /// over K (none when 1; [`k_split_count`] is what [`LoraLinear`] picks). A count past
+    /// usize is `usize::MAX`, which no allocation takes, not a wrapped one too small.
     pub fn rank_partials_len(m: usize, rank: usize, k_splits: u32) -> usize {
         if k_splits > 1 {
-            k_splits as usize * m * rank
+            (k_splits as usize).saturating_mul(m).saturating_mul(rank)
         } else {
             0
         }
@@ -1551,7 +1552,9 @@ pub mod raw {
 
     /// The splits that [`LoraLinear`] picks on `dev` for `m` tokens, the dA partials made by
     /// [`backward_dx_fused_v`] where `fused_da` ([`LoraLinear::fused_da`]) and the dB ones
-    /// where `fused_db` ([`LoraLinear::fused_db`]), else by [`grads`].
+    /// where `fused_db` ([`LoraLinear::fused_db`]), else by [`grads`]. Shapes past what the
+    /// kernels count (`m` past u32, a `len` past usize) saturate: `len` is then at least what
+    /// they need, never a wrapped count too small.
     pub fn grad_partials(
         dev: &Device,
         m: usize,
@@ -1562,14 +1565,19 @@ pub mod raw {
         fused_db: bool,
     ) -> GradPartials {
         let splits = split_count(m, d_in.max(d_out), dev.sm_count());
-        let fused = |on: bool| if on { dx_row_tiles(m as u32) } else { 0 };
+        let rows = u32::try_from(m).unwrap_or(u32::MAX);
+        let fused = |on: bool| if on { dx_row_tiles(rows) } else { 0 };
         let (a_splits, b_splits) = (fused(fused_da), fused(fused_db));
         let parts = |fused: u32| if fused != 0 { fused } else { splits } as usize;
+        let da = parts(a_splits).saturating_mul(rank).saturating_mul(d_in);
+        let db = parts(b_splits)
+            .saturating_mul(d_out)
+            .saturating_mul(rank.saturating_add(1));
         GradPartials {
             splits,
             a_splits,
             b_splits,
-            len: parts(a_splits) * rank * d_in + parts(b_splits) * d_out * (rank + 1),
+            len: da.saturating_add(db),
         }
     }
 
