@@ -326,4 +326,21 @@ fn bad_config_and_shapes_are_typed_errors() {
         Err(Error::ShapeMismatch { what, .. }) => assert!(what.contains("lora B"), "{what}"),
         other => panic!("{other:?}"),
     }
+    // No input features: an empty x fits any m, which had sized y and u alone (m = usize::MAX
+    // panicked on a capacity overflow; a large one would have asked for its memory).
+    let b = vec![0.0f32; case.d_out * case.config.rank];
+    let featureless = LoraLayer {
+        w: &[],
+        a: &[],
+        b: &b,
+        d_in: 0,
+        ..layer
+    };
+    for m in [0, usize::MAX] {
+        let e = featureless.forward(&[], m).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported { why, .. } if why.contains("no input features")),
+            "{e}"
+        );
+    }
 }

@@ -267,9 +267,17 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
         self.config.scale() as f64
     }
 
-    /// `y` `[m, out]` and `u` `[m, r]` for `x` `[m, in]`.
+    /// `y` `[m, out]` and `u` `[m, r]` for `x` `[m, in]`. A layer of no input features is
+    /// refused, as [`crate::lora::LoraLinear`] refuses it: an empty `x` `[m, 0]` would fit
+    /// any `m`, and `m` alone would size the outputs.
     pub fn forward(&self, x: &[T], m: usize) -> Result<Forward<T>> {
         self.validate()?;
+        if self.d_in == 0 {
+            return Err(Error::Unsupported {
+                op: "lora",
+                why: format!("layer shape [{}, 0]: no input features", self.d_out),
+            });
+        }
         Error::check_shape("x [m, in]", &[m, self.d_in], x.len())?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);
         let x = Mat::new(x, m, i);
