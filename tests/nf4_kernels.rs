@@ -439,7 +439,20 @@ fn dequantize_into_wider_rows() {
                     .collect::<Vec<_>>(),
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             );
-            assert!(wd.dequantize_strided(&mut out, cols - 1).is_err());
+            // A stride below the row's length is named (it had been a shape mismatch that
+            // expected fewer elements than out has).
+            for err in [
+                wd.dequantize_strided(&mut out, cols - 1).unwrap_err(),
+                dense
+                    .copy_rows_from(&out, rows, cols, cols - 1, cols)
+                    .unwrap_err(),
+            ] {
+                assert!(
+                    matches!(&err, Error::InvalidArgument { what, why }
+                        if what.ends_with("ld") && why.contains(&format!("a row of {cols}"))),
+                    "{err}"
+                );
+            }
             // A row stride whose (rows - 1) · ld wraps past usize::MAX to a small number.
             let wraps = (usize::MAX / (rows - 1)).wrapping_add(1);
             assert!(matches!(

@@ -605,12 +605,15 @@ impl<T: Elem> Buffer<T> {
         dst_ld: usize,
     ) -> Result<()> {
         let size = std::mem::size_of::<T>();
+        if rows > 0 {
+            check_row_stride("copy_rows_from src_ld", src_ld, cols)?;
+            check_row_stride("copy_rows_from dst_ld", dst_ld, cols)?;
+        }
         // Rows that fit the buffer, and a pitch in bytes that does not overflow (one row
         // fits whatever its ld, which the copy still takes as its pitch).
         let fits = |len: usize, ld: usize| {
             rows == 0
-                || ld >= cols
-                    && ld.checked_mul(size).is_some()
+                || ld.checked_mul(size).is_some()
                     && (rows - 1)
                         .checked_mul(ld)
                         .and_then(|n| n.checked_add(cols))
@@ -682,6 +685,19 @@ impl<T: Elem> Buffer<T> {
             Storage::Cuda(s) => Some(s),
             Storage::Host(_) => None,
         }
+    }
+}
+
+/// Errors unless rows `ld` elements apart have room for `cols` elements each: a stride below
+/// the row's length would lay each row over the next. `what` names the stride.
+pub(crate) fn check_row_stride(what: &'static str, ld: usize, cols: usize) -> Result<()> {
+    if ld >= cols {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            what,
+            why: format!("{ld} elements is less than a row of {cols}"),
+        })
     }
 }
 

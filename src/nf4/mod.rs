@@ -20,7 +20,9 @@
 pub mod checkpoint;
 
 use crate::device::blas::{self, WeightOp};
-use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig, TileMap};
+use crate::device::{
+    check_device, check_row_stride, Buffer, Device, Kernel, LaunchConfig, TileMap,
+};
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
 use crate::params::{
@@ -292,13 +294,14 @@ impl Nf4Weight {
         ld: usize,
         max_blocks: Option<u32>,
     ) -> Result<()> {
+        check_row_stride("nf4 dequantize ld", ld, self.cols)?;
         let need = (self.rows - 1)
             .checked_mul(ld)
             .and_then(|n| n.checked_add(self.cols));
-        if ld < self.cols || need.is_none_or(|n| out.len() < n) {
+        if need.is_none_or(|n| out.len() < n) {
             return Err(Error::ShapeMismatch {
                 what: format!(
-                    "nf4 dequantize output: {} rows of {} elements, {ld} apart (ld at least cols)",
+                    "nf4 dequantize output: {} rows of {} elements, {ld} apart",
                     self.rows, self.cols
                 ),
                 expected: vec![need.unwrap_or(usize::MAX)],
