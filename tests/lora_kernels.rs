@@ -8,7 +8,7 @@ use finetune_kernels::lora::{
     ColumnRuns, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads,
 };
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
-use finetune_kernels::testing::{backends, random_vec, rel_l2};
+use finetune_kernels::testing::{backends, emulators, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
@@ -934,6 +934,82 @@ fn bad_input_is_a_typed_error() {
             Err(Error::UnsupportedDtype { .. })
         ));
     }
+}
+
+/// A layer's parts, and each call's buffers, on another device than A's (two emulators:
+/// each its own device, as two GPUs are) are refused: B, the bias, a dense or NF4 base at
+/// construction; x and dY per call; and an A swapped for one elsewhere after it (A and B
+/// are public, for optimizers).
+#[test]
+fn buffers_on_another_device_are_refused() {
+    let Some((one, two)) = emulators().pop().zip(emulators().pop()) else {
+        return; // No emulator built: no second device to mix in.
+    };
+    let (d_out, d_in, rank, m) = (6, 10, 3, 4);
+    let config = LoraConfig::new(rank, 8.0);
+    let buf = |dev: &finetune_kernels::Device, n: usize| {
+        dev.upload(&random_vec::<bf16>(
+            &mut StdRng::seed_from_u64(n as u64),
+            n,
+            0.1,
+        ))
+        .unwrap()
+    };
+    let nf4 = |dev| {
+        let q = finetune_kernels::nf4::Nf4Weight::quantize(
+            &buf(dev, d_out * d_in),
+            d_out,
+            d_in,
+            64,
+            false,
+        );
+        LoraBase::Nf4(Box::new(q.unwrap()))
+    };
+    let dense = |dev| LoraBase::Dense(buf(dev, d_out * d_in));
+    for (what, parts) in [
+        ("B", (dense(&one), None, buf(&two, d_out * rank))),
+        (
+            "bias",
+            (dense(&one), Some(buf(&two, d_out)), buf(&one, d_out * rank)),
+        ),
+        ("dense W", (dense(&two), None, buf(&one, d_out * rank))),
+        ("NF4 W", (nf4(&two), None, buf(&one, d_out * rank))),
+    ] {
+        let (base, bias, b) = parts;
+        let layer = LoraLinear::new(base, bias, buf(&one, rank * d_in), b, config);
+        assert!(
+            matches!(layer, Err(Error::DeviceMismatch)),
+            "{what} elsewhere: {:?}",
+            layer.err()
+        );
+    }
+    let layer = || {
+        LoraLinear::new(
+            dense(&one),
+            None,
+            buf(&one, rank * d_in),
+            buf(&one, d_out * rank),
+            config,
+        )
+        .unwrap()
+    };
+    let (x, dy) = (buf(&one, m * d_in), buf(&one, m * d_out));
+    let here = layer();
+    assert!(matches!(
+        here.forward(&buf(&two, m * d_in), m),
+        Err(Error::DeviceMismatch)
+    ));
+    let (_, saved) = here.forward(&x, m).unwrap();
+    let dy_there = buf(&two, m * d_out);
+    assert!(matches!(
+        here.backward(&x, &saved, &dy_there),
+        Err(Error::DeviceMismatch)
+    ));
+    let mut swapped = layer();
+    swapped.a = buf(&two, rank * d_in);
+    assert!(matches!(swapped.forward(&x, m), Err(Error::DeviceMismatch)));
+    assert!(matches!(swapped.merged(), Err(Error::DeviceMismatch)));
+    here.backward(&x, &saved, &dy).unwrap();
 }
 
 /// The kernels of the extended path write exactly the layouts cuBLAS then reads

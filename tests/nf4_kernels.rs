@@ -6,7 +6,7 @@ use finetune_kernels::check::nf4::{self as check, Case};
 use finetune_kernels::check::CheckRow;
 use finetune_kernels::nf4::{self, MatmulPath, Nf4Weight};
 use finetune_kernels::reference::nf4 as reference;
-use finetune_kernels::testing::{backends, random_vec};
+use finetune_kernels::testing::{backends, emulators, random_vec};
 use finetune_kernels::{bf16, f16, Error};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
@@ -360,6 +360,53 @@ fn bad_input_is_a_typed_error() {
             Err(Error::Unsupported { .. })
         ));
     }
+}
+
+/// Activations, outputs and a dequantized copy on another device than the weight's (two
+/// emulators: each its own device, as two GPUs are) are refused on every path, before
+/// anything is written.
+#[test]
+fn buffers_on_another_device_are_refused() {
+    let Some((one, two)) = emulators().pop().zip(emulators().pop()) else {
+        return; // No emulator built: no second device to mix in.
+    };
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let w: Vec<bf16> = random_vec(&mut rng, 6 * 10, 1.0);
+    let q = Nf4Weight::quantize(&one.upload(&w).unwrap(), 6, 10, 64, true).unwrap();
+    let mut x = |dev: &finetune_kernels::Device| {
+        dev.upload(&random_vec::<bf16>(&mut rng, 3 * 10, 1.0))
+            .unwrap()
+    };
+    let (x_here, x_there) = (x(&one), x(&two));
+    let dy_there = two
+        .upload(&random_vec::<bf16>(&mut rng, 3 * 6, 1.0))
+        .unwrap();
+    let (mut y_here, mut y_there) = (one.zeros::<bf16>(3 * 6).unwrap(), two.zeros(3 * 6).unwrap());
+    let mut dx_here = one.zeros::<bf16>(3 * 10).unwrap();
+    for path in [
+        MatmulPath::GemvMma,
+        MatmulPath::Gemv,
+        MatmulPath::FusedGemm,
+        MatmulPath::FusedGemmWgmma,
+    ] {
+        for result in [
+            nf4::forward_with(&q, &x_there, 3, &mut y_here, path),
+            nf4::forward_with(&q, &x_here, 3, &mut y_there, path),
+            nf4::backward_dx_with(&q, &dy_there, 3, &mut dx_here, path),
+        ] {
+            assert_eq!(result, Err(Error::DeviceMismatch), "{path:?}");
+        }
+    }
+    let mut out_there = two.zeros::<f32>(6 * 10).unwrap();
+    assert_eq!(q.dequantize(&mut out_there), Err(Error::DeviceMismatch));
+    for (what, zeros) in [
+        ("y", y_here.to_host().unwrap()),
+        ("y elsewhere", y_there.to_host().unwrap()),
+        ("dx", dx_here.to_host().unwrap()),
+    ] {
+        assert!(zeros.iter().all(|v| v.to_bits() == 0), "{what} was written");
+    }
+    assert!(out_there.to_host().unwrap().iter().all(|&v| v == 0.0));
 }
 
 /// Past FK_NF4_MEAN_CHUNK blocks the double-quantization offset is a sum of chunk sums:
