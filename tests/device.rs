@@ -431,6 +431,20 @@ fn tile_maps_only_for_what_tma_loads() {
     }
 }
 
+/// A grid-stride grid of items to cover has at least one block, whatever its cap: a cap of 0
+/// had made a grid of none, which launches nothing and reports success.
+#[test]
+fn grid_stride_grids_cover_their_items() {
+    for cfg in [
+        LaunchConfig::grid_stride(100, 256, 0),
+        LaunchConfig::warp_stride(3, 256, 0),
+    ] {
+        assert_eq!(cfg.grid, (1, 1, 1), "{cfg:?}");
+    }
+    assert!(LaunchConfig::grid_stride(0, 256, 0).is_empty());
+    assert_eq!(LaunchConfig::grid_stride(1000, 256, 2).grid.0, 2);
+}
+
 /// A grid or block past CUDA's limits is a typed error naming the limit and the kernel, on
 /// every backend, not the driver's bare "invalid argument"; the largest allowed pass the
 /// same check.

@@ -55,12 +55,16 @@ pub struct LaunchConfig {
 
 impl LaunchConfig {
     /// A 1-D grid of `threads`-wide blocks covering `n` items, one per thread, capped at
-    /// `max_blocks` (kernels loop grid-stride past the cap). `n == 0` gives zero blocks.
+    /// `max_blocks` (kernels loop grid-stride past the cap; a cap of 0 is taken as 1).
+    /// `n == 0` gives zero blocks.
     pub fn grid_stride(n: u64, threads: u32, max_blocks: u32) -> Self {
         #[cfg(test)]
         let max_blocks = max_blocks.min(GRID_CAP.get());
         // A block of 0 threads covers nothing: no division by it; check() refuses the block.
-        let blocks = n.div_ceil(threads.max(1) as u64).min(max_blocks as u64) as u32;
+        // A cap of 0 blocks would make a grid that launches nothing, and reports success.
+        let blocks = n
+            .div_ceil(threads.max(1) as u64)
+            .min(max_blocks.max(1) as u64) as u32;
         LaunchConfig {
             grid: (blocks, 1, 1),
             block: (threads, 1, 1),
