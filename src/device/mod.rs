@@ -599,7 +599,8 @@ impl<T: Elem> Buffer<T> {
     }
 
     /// Copies `rows` rows of `cols` elements from `src` (rows `src_ld` apart) into this
-    /// buffer (rows `dst_ld` apart), on the device. Both must belong to the same device.
+    /// buffer (rows `dst_ld` apart), on the device. Both must belong to the same device, and
+    /// each stride be at least `cols` ([`Error::InvalidArgument`] otherwise).
     pub fn copy_rows_from(
         &mut self,
         src: &Buffer<T>,
