@@ -317,7 +317,10 @@ void block_error(Block& b, const std::string& what) {
   if (b.error.empty()) b.error = what + thread_table(b);
 }
 
-bool same_site(const Site& a, const Site& b) { return a.line == b.line && std::strcmp(a.file, b.file) == 0; }
+// One call site's lanes share the __FILE__ literal: the pointers settle almost every compare.
+bool same_site(const Site& a, const Site& b) {
+  return a.line == b.line && (a.file == b.file || std::strcmp(a.file, b.file) == 0);
+}
 
 // ---- releasing collectives ----------------------------------------------------------------
 
@@ -719,9 +722,8 @@ void fence_proxy_async() {
   t_fiber->unfenced.clear();
 }
 
-bool unfenced(const void* p) {
-  const ptrdiff_t at = smem_offset(p, 1);
-  return at >= 0 && t_block->unfenced[at];
+UnfencedBytes unfenced_bytes() {
+  return {t_block->smem.data(), t_block->smem.size(), t_block->unfenced.data()};
 }
 
 void wait_for_mbarrier(const void* bar, uint32_t parity) {

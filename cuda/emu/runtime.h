@@ -123,7 +123,18 @@ bool in_block_shared(const void* p, size_t bytes);
 void mark_unfenced(void* dst, size_t bytes);
 void mark_fenced(void* dst, size_t bytes);
 void fence_proxy_async();
-bool unfenced(const void* p);
+// The running block's unfenced marks, looked up once for a loop over many addresses (a
+// wgmma reads thousands).
+struct UnfencedBytes {
+  const unsigned char* smem;
+  size_t size;
+  const unsigned char* marks;
+  bool operator()(const void* p) const {
+    const uintptr_t at = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(smem);  // wraps if below
+    return at < size && marks[at];
+  }
+};
+UnfencedBytes unfenced_bytes();
 
 // The running block's cluster (one block without a cluster launch): its size, the block's
 // rank (%cluster_ctarank), the address at `p`'s offset in the dynamic shared memory of the

@@ -35,6 +35,17 @@ float widen(uint32_t bits, int type) {
   return 0.0f;
 }
 
+// ilogb of a finite nonzero float, from its bits (subnormals too), and 2^e as a double:
+// std::ilogb and std::ldexp took a quarter of a wgmma test's time.
+int exponent_of(float x) {
+  const uint32_t bits = f32_bits(x) & 0x7FFFFFFFu;
+  const int field = static_cast<int>(bits >> 23);
+  return field ? field - 127 : (31 - __builtin_clz(bits)) - 149;
+}
+
+// Exact for e in [-1022, 1023].
+double pow2(int e) { return bit_cast<double>(static_cast<uint64_t>(1023 + e) << 52); }
+
 }  // namespace
 
 // Lanes 8j..8j+7 give the rows of matrix j. Without .trans, lane l's register j holds
@@ -78,27 +89,31 @@ void compute_stmatrix_x4_trans(Fiber* const* lanes) {
 // largest of C's exponent and each nonzero product's exponent sum e(a) + e(b) (taken
 // before the product is normalized); every term, C included, is truncated toward zero to a
 // multiple of 2^(ref - 25); the exact sum of those is rounded toward zero to f32.
-// Non-finite inputs take the IEEE path (NaN and infinities propagate).
-static float hmma_dot(const float* a, const float* b, const int* ks, int n, float c) {
+// Non-finite inputs take the IEEE path (NaN and infinities propagate). The products are
+// a[i]·b[i], i < 16.
+static float hmma_dot(const float* a, const float* b, float c) {
   bool finite = std::isfinite(c);
-  int ref = c != 0.0f ? std::ilogb(c) : INT32_MIN;
-  for (int i = 0; i < n; ++i) {
-    const float x = a[ks[i]], y = b[ks[i]];
+  int ref = c != 0.0f ? exponent_of(c) : INT32_MIN;
+  for (int i = 0; i < 16; ++i) {
+    const float x = a[i], y = b[i];
     finite = finite && std::isfinite(x) && std::isfinite(y);
-    if (x != 0.0f && y != 0.0f) ref = std::max(ref, std::ilogb(x) + std::ilogb(y));
+    if (x != 0.0f && y != 0.0f) ref = std::max(ref, exponent_of(x) + exponent_of(y));
   }
   if (!finite) {
     double sum = c;
-    for (int i = 0; i < n; ++i) sum += static_cast<double>(a[ks[i]]) * b[ks[i]];
+    for (int i = 0; i < 16; ++i) sum += static_cast<double>(a[i]) * b[i];
     return static_cast<float>(sum);
   }
   if (ref == INT32_MIN) return c;  // every term is zero
-  int64_t units = static_cast<int64_t>(std::trunc(std::ldexp(static_cast<double>(c), 25 - ref)));
-  for (int i = 0; i < n; ++i) {
-    const double product = static_cast<double>(a[ks[i]]) * b[ks[i]];  // exact: <= 24 bits
-    units += static_cast<int64_t>(std::trunc(std::ldexp(product, 25 - ref)));
+  // ref lies in [-298, 254], so both scales are normal doubles and every scaling is exact; a
+  // conversion to an integer truncates toward zero. Each term is below 2^26 in units.
+  const double to_units = pow2(25 - ref);
+  int64_t units = static_cast<int64_t>(static_cast<double>(c) * to_units);
+  for (int i = 0; i < 16; ++i) {
+    const double product = static_cast<double>(a[i]) * b[i];  // exact: a double holds two floats' product
+    units += static_cast<int64_t>(product * to_units);
   }
-  const double v = std::ldexp(static_cast<double>(units), ref - 25);  // exact
+  const double v = static_cast<double>(units) * pow2(ref - 25);  // exact
   float r = static_cast<float>(v);
   if (std::fabs(static_cast<double>(r)) > std::fabs(v)) r = std::nextafter(r, 0.0f);  // toward zero
   return r;
@@ -112,25 +127,22 @@ static float hmma_dot(const float* a, const float* b, const int* ks, int n, floa
 void compute_mma(Fiber* const* lanes, int type) {
   const bool fp8 = type == static_cast<int>(MmaType::e4m3) || type == static_cast<int>(MmaType::e5m2);
   const int K = fp8 ? 32 : 16, per = fp8 ? 4 : 2, bits = fp8 ? 8 : 16;
+  // Where k sits in A's rows and B's columns: FP8 puts the k with k%4 < 2 (the first HMMA's)
+  // in slots 0-15 and the rest in 16-31, so that each HMMA's dot reads 16 in a row.
+  const auto slot = [fp8](int k) { return fp8 ? (k % 4 < 2 ? 0 : 16) + 2 * (k / 4) + k % 2 : k; };
   float A[16][32], Bt[8][32], C[16][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
     const uint32_t* in = lanes[l]->regs_in;
     for (int r = 0; r < 4; ++r) {  // A: reg r covers row g (+8 if r odd), k-half r/2
       const int row = g + 8 * (r & 1), col0 = per * t + (K / 2) * (r >> 1);
-      for (int i = 0; i < per; ++i) A[row][col0 + i] = widen(element(in[r], i, bits), type);
+      for (int i = 0; i < per; ++i) A[row][slot(col0 + i)] = widen(element(in[r], i, bits), type);
     }
     for (int r = 0; r < 2; ++r) {  // B: reg r covers k-half r of column g
       const int k0 = per * t + (K / 2) * r;
-      for (int i = 0; i < per; ++i) Bt[g][k0 + i] = widen(element(in[4 + r], i, bits), type);
+      for (int i = 0; i < per; ++i) Bt[g][slot(k0 + i)] = widen(element(in[4 + r], i, bits), type);
     }
     for (int i = 0; i < 4; ++i) std::memcpy(&C[g + 8 * (i >> 1)][2 * t + (i & 1)], &in[6 + i], 4);
-  }
-  int all[16], low[16], high[16];
-  for (int k = 0, nl = 0, nh = 0; k < K; ++k) {
-    if (k < 16) all[k] = k;
-    if (k % 4 < 2) low[nl++] = k;
-    else high[nh++] = k;
   }
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
@@ -138,10 +150,10 @@ void compute_mma(Fiber* const* lanes, int type) {
       const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
       float d;
       if (fp8) {
-        const float first = hmma_dot(A[row], Bt[col], low, 16, 0.0f);
-        d = C[row][col] + hmma_dot(A[row], Bt[col], high, 16, first);
+        const float first = hmma_dot(A[row], Bt[col], 0.0f);
+        d = C[row][col] + hmma_dot(A[row] + 16, Bt[col] + 16, first);
       } else {
-        d = hmma_dot(A[row], Bt[col], all, 16, C[row][col]);
+        d = hmma_dot(A[row], Bt[col], C[row][col]);
       }
       std::memcpy(&lanes[l]->regs_out[i], &d, 4);
     }
@@ -242,7 +254,7 @@ void fk_emu_fence_proxy_async() { fence_proxy_async(); }
 // ptx.cuh's layout; each k16 dot product rounds as one HMMA does (hmma_dot: HGMMA's own
 // rounding is not dumped yet). A byte a cp.async wrote that its thread has not fenced since is
 // a bug (runtime.h: mark_unfenced).
-static uint16_t swizzled16(const void* p, int row, int k, bool mn_major = false) {
+static uint16_t swizzled16(const UnfencedBytes& unfenced, const void* p, int row, int k, bool mn_major) {
   const uintptr_t logical =
       reinterpret_cast<uintptr_t>(p) +
       (mn_major ? FK_WGMMA_MN_CHUNK_BYTES * (row / 64) + 128 * k + 2 * (row % 64) : 1024 * (row / 8) + 128 * (row % 8) + 2 * k);
@@ -254,15 +266,15 @@ static uint16_t swizzled16(const void* p, int row, int k, bool mn_major = false)
 
 static void compute_wgmma(const Fiber& f, const AsyncMma& m) {
   const int warp = (f.linear / 32) % 4, lane = f.linear % 32;
-  static const int ks[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   // This thread's two rows of A and N/4 columns of B (see ptx.cuh's accumulator layout).
+  const UnfencedBytes unfenced = unfenced_bytes();
   float a[2][16], b[128][16];
   for (int half = 0; half < 2; ++half)
     for (int k = 0; k < 16; ++k)
-      a[half][k] = m.a ? widen(swizzled16(m.a, 16 * warp + lane / 4 + 8 * half, k, m.a_mn_major), m.type) : m.a_rows[half][k];
+      a[half][k] = m.a ? widen(swizzled16(unfenced, m.a, 16 * warp + lane / 4 + 8 * half, k, m.a_mn_major), m.type) : m.a_rows[half][k];
   for (int c = 0; c < m.n / 4; ++c)
-    for (int k = 0; k < 16; ++k) b[c][k] = widen(swizzled16(m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, k, m.b_mn_major), m.type);
-  for (int j = 0; j < m.n / 2; ++j) m.d[j] = hmma_dot(a[(j % 4) / 2], b[2 * (j / 4) + j % 2], ks, 16, m.d[j]);
+    for (int k = 0; k < 16; ++k) b[c][k] = widen(swizzled16(unfenced, m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, k, m.b_mn_major), m.type);
+  for (int j = 0; j < m.n / 2; ++j) m.d[j] = hmma_dot(a[(j % 4) / 2], b[2 * (j / 4) + j % 2], m.d[j]);
 }
 
 void fk_emu_wgmma(float* d, int n, const void* a, const uint32_t* a_regs, const void* b, int type, bool a_mn_major,
