@@ -37,11 +37,12 @@ build() {
   rm -rf "$bundle"
   mkdir -p "$bundle"
   # No PTX inside the binaries (FK_PTX_EMBED=0): the run reads ptx/ from the repository copy
-  # through FK_PTX_DIR, which keeps the bundle small. A target dir of its own keeps the
-  # normal build's embedded PTX.
-  export FK_PTX_EMBED=0 CARGO_TARGET_DIR=target/bundle
+  # through FK_PTX_DIR, which keeps the bundle small. A target dir of its own
+  # (FK_BUNDLE_TARGET_DIR, default target/bundle) keeps the normal build's embedded PTX; CI,
+  # which builds no more tests after this, gives it target/ to reuse the dependencies built.
+  export FK_PTX_EMBED=0 CARGO_TARGET_DIR=${FK_BUNDLE_TARGET_DIR:-target/bundle}
   cargo build --release --locked --bin fk
-  cp target/bundle/release/fk "$bundle/fk"
+  cp "$CARGO_TARGET_DIR/release/fk" "$bundle/fk"
   # Test binaries: cargo prints their paths as JSON artifacts. Those that never touch a GPU
   # (the emulator's own tests, the CPU references) stay out: CI runs them, and on the GPU
   # machine they would only spend the lease and the bundle's size.

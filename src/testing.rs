@@ -13,7 +13,8 @@ use rand::Rng;
 /// `FK_BACKENDS`, a comma-separated list of `gpu`, `forward`, `reverse` and `random`, keeps
 /// only those: the GPU check sets `gpu` (CI runs the emulated tests already), CI's
 /// AddressSanitizer run `random` (an out-of-bounds index does not depend on the schedule;
-/// the races the schedules expose are the plain run's to find).
+/// the races the schedules expose are the plain run's to find). The longest tests take
+/// [`backends_in_turn`] instead: each case on one schedule.
 pub fn backends() -> Vec<Device> {
     let mut devices = Vec::new();
     if selected_backends().is_none_or(|names| names.contains(&"gpu")) {
@@ -37,6 +38,24 @@ pub fn backends() -> Vec<Device> {
         eprintln!(
             "note: no backend can run kernels here: the test checks nothing but its reference"
         );
+    }
+    devices
+}
+
+/// The backends for case `case` of a long test (many cases, each slow on the emulator): the
+/// GPU, if [`backends`] has it, and one of its emulators, the schedules taking the cases in
+/// turn from a start drawn once a process. Each schedule then runs a third of the cases, and
+/// the test takes a third of the emulator's time; over a few runs every schedule meets every
+/// case (failures name the device, its schedule and seed). Where `FK_BACKENDS` names one
+/// schedule, it runs every case.
+pub fn backends_in_turn(case: usize) -> Vec<Device> {
+    static START: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| rand::random_range(0..3));
+    let (mut devices, emulated): (Vec<Device>, Vec<Device>) =
+        backends().into_iter().partition(Device::is_gpu);
+    if !emulated.is_empty() {
+        let turn = (start + case) % emulated.len();
+        devices.extend(emulated.into_iter().nth(turn));
     }
     devices
 }
@@ -204,7 +223,31 @@ pub fn tma_boxes(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_backends;
+    use super::{backends_in_turn, emulators, parse_backends};
+    use crate::device::Device;
+
+    /// Consecutive cases take the emulators in turn: as many cases as there are emulators
+    /// run each of them once (all three schedules, or the one `FK_BACKENDS` names).
+    #[test]
+    fn cases_take_the_schedules_in_turn() {
+        let schedule = |d: &Device| {
+            let d = d.describe();
+            d.split(" seed").next().unwrap().to_string() // a random schedule's seed is fresh
+        };
+        let mut all: Vec<String> = emulators().iter().map(schedule).collect();
+        let mut taken: Vec<String> = (0..all.len())
+            .flat_map(|i| {
+                let devices = backends_in_turn(i);
+                let emulated: Vec<Device> = devices.into_iter().filter(|d| !d.is_gpu()).collect();
+                assert!(emulated.len() <= 1, "one emulator a case");
+                emulated
+            })
+            .map(|d| schedule(&d))
+            .collect();
+        all.sort();
+        taken.sort();
+        assert_eq!(taken, all);
+    }
 
     #[test]
     fn backend_lists_parse_and_a_misspelt_name_is_refused() {

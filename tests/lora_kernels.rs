@@ -8,7 +8,7 @@ use finetune_kernels::lora::{
     ColumnRuns, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads,
 };
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
-use finetune_kernels::testing::{backends, emulators, random_vec, rel_l2};
+use finetune_kernels::testing::{backends, backends_in_turn, emulators, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
 use proptest::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
@@ -72,27 +72,32 @@ fn the_largest_rank() {
 /// from lora_down_k64 (whole, split and partial steps of 64).
 #[test]
 fn aligned_shapes_large_ranks_and_many_splits() {
-    for dev in backends() {
-        for (m, d_in, d_out, rank) in [(130, 256, 64, 16), (600, 64, 128, 136), (1100, 32, 48, 8)] {
-            for (dropout, nf4, k_splits, narrow_stagger, wide_down) in [
-                (0.0, false, None, false, false),
-                (0.2, true, Some(3), true, true),
-                (0.0, true, None, true, false),
-                (0.3, false, Some(2), false, true),
-            ] {
-                for path in paths(&dev) {
-                    let c = Case {
-                        dropout,
-                        bias: true,
-                        nf4,
-                        path: Some(path),
-                        k_splits,
-                        narrow_stagger,
-                        wide_down,
-                        ..Case::new(rand::random(), m, d_in, d_out, rank)
-                    };
-                    assert_pass(check::forward_and_backward::<bf16>(&dev, c));
-                }
+    let shapes = [(130, 256, 64, 16), (600, 64, 128, 136), (1100, 32, 48, 8)];
+    let variants = [
+        (0.0, false, None, false, false),
+        (0.2, true, Some(3), true, true),
+        (0.0, true, None, true, false),
+        (0.3, false, Some(2), false, true),
+    ];
+    let cases = shapes
+        .iter()
+        .flat_map(|s| variants.iter().map(move |v| (s, v)));
+    for (i, (&(m, d_in, d_out, rank), &(dropout, nf4, k_splits, narrow_stagger, wide_down))) in
+        cases.enumerate()
+    {
+        for dev in backends_in_turn(i) {
+            for path in paths(&dev) {
+                let c = Case {
+                    dropout,
+                    bias: true,
+                    nf4,
+                    path: Some(path),
+                    k_splits,
+                    narrow_stagger,
+                    wide_down,
+                    ..Case::new(rand::random(), m, d_in, d_out, rank)
+                };
+                assert_pass(check::forward_and_backward::<bf16>(&dev, c));
             }
         }
     }
@@ -112,18 +117,21 @@ fn aligned_shapes_large_ranks_and_many_splits() {
 #[test]
 fn wgmma_path_over_many_stages() {
     use TileLoads::{CpAsync, Tma, TmaMulticast};
-    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
-        for (m, d_in, d_out, rank, dropout, bias, nf4, tile_loads, blocks) in [
-            (140, 1000, 300, 16, 0.1, true, false, Tma, Some(1)),
-            (131, 777, 263, 13, 0.0, false, false, Tma, Some(2)),
-            (5, 2048, 256, 64, 0.0, true, false, Tma, None),
-            (5, 2048, 256, 64, 0.0, true, false, CpAsync, None),
-            (300, 136, 1104, 8, 0.2, false, false, TmaMulticast, Some(2)),
-            (140, 1008, 300, 16, 0.1, true, true, Tma, Some(3)),
-            (131, 777, 263, 13, 0.0, false, true, Tma, Some(1)),
-            (5, 2048, 256, 64, 0.0, true, true, CpAsync, None),
-            (300, 144, 1104, 8, 0.0, false, true, TmaMulticast, Some(4)),
-        ] {
+    let cases = [
+        (140, 1000, 300, 16, 0.1, true, false, Tma, Some(1)),
+        (131, 777, 263, 13, 0.0, false, false, Tma, Some(2)),
+        (5, 2048, 256, 64, 0.0, true, false, Tma, None),
+        (5, 2048, 256, 64, 0.0, true, false, CpAsync, None),
+        (300, 136, 1104, 8, 0.2, false, false, TmaMulticast, Some(2)),
+        (140, 1008, 300, 16, 0.1, true, true, Tma, Some(3)),
+        (131, 777, 263, 13, 0.0, false, true, Tma, Some(1)),
+        (5, 2048, 256, 64, 0.0, true, true, CpAsync, None),
+        (300, 144, 1104, 8, 0.0, false, true, TmaMulticast, Some(4)),
+    ];
+    for (i, (m, d_in, d_out, rank, dropout, bias, nf4, tile_loads, blocks)) in
+        cases.into_iter().enumerate()
+    {
+        for dev in backends_in_turn(i).into_iter().filter(|d| d.has_wgmma()) {
             let c = Case {
                 dropout,
                 bias,
@@ -228,14 +236,15 @@ fn tma_multicast_and_cp_async_load_the_same_tiles() {
 #[test]
 fn column_runs_compute_the_window_orders_forward() {
     use TileLoads::{CpAsync, Tma, TmaMulticast};
-    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
-        for (m, nf4, tile_loads, blocks) in [
-            (200, false, Tma, Some(1)),
-            (200, false, CpAsync, Some(4)),
-            (300, false, Tma, Some(7)),
-            (300, false, TmaMulticast, Some(4)),
-            (300, true, Tma, Some(4)),
-        ] {
+    let cases = [
+        (200, false, Tma, Some(1)),
+        (200, false, CpAsync, Some(4)),
+        (300, false, Tma, Some(7)),
+        (300, false, TmaMulticast, Some(4)),
+        (300, true, Tma, Some(4)),
+    ];
+    for (i, (m, nf4, tile_loads, blocks)) in cases.into_iter().enumerate() {
+        for dev in backends_in_turn(i).into_iter().filter(|d| d.has_wgmma()) {
             for fused_down in [true, false] {
                 let c = Case {
                     bias: true,
@@ -335,14 +344,15 @@ const SIDE_PRODUCT_RUNS: [(TileLoads, Option<usize>, ColumnRuns); 4] = [
 /// does not apply (dropout, rank 33, turned off) the layer says so and runs lora_down.
 #[test]
 fn fused_down_makes_u_in_the_forward_gemm() {
-    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
-        for (m, d_in, d_out, rank, nf4, bias) in [
-            (200, 200, 300, 1, false, true),
-            (131, 777, 263, 16, true, false),
-            (200, 136, 520, 17, false, true),
-            (70, 328, 264, 32, true, true),
-            (300, 72, 300, 9, false, false),
-        ] {
+    let cases = [
+        (200, 200, 300, 1, false, true),
+        (131, 777, 263, 16, true, false),
+        (200, 136, 520, 17, false, true),
+        (70, 328, 264, 32, true, true),
+        (300, 72, 300, 9, false, false),
+    ];
+    for (i, (m, d_in, d_out, rank, nf4, bias)) in cases.into_iter().enumerate() {
+        for dev in backends_in_turn(i).into_iter().filter(|d| d.has_wgmma()) {
             let mut bits: Option<(Vec<u16>, Vec<u16>)> = None;
             for (tile_loads, blocks, column_runs) in SIDE_PRODUCT_RUNS {
                 let c = Case {
@@ -409,6 +419,8 @@ fn fused_down_makes_u_in_the_forward_gemm() {
                 }
             }
         }
+    }
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
         // Where u cannot come from the GEMM, the layer says so, and runs lora_down.
         for (rank, dropout) in [(33, 0.0), (16, 0.1)] {
             let c = Case {
@@ -446,18 +458,19 @@ fn fused_down_makes_u_in_the_forward_gemm() {
 /// lora_grad_b's, dA of lora_grad_a's, dX and dA of lora_backward_v + the dXᵀ kernel's.
 #[test]
 fn fused_v_makes_v_in_the_dx_gemm() {
-    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
-        for (m, d_in, d_out, rank, nf4, dropout) in [
-            (200, 300, 200, 1, false, 0.0),
-            (131, 263, 777, 16, true, 0.0),
-            (200, 520, 136, 17, false, 0.1),
-            // Rows of x not whole groups of 4: the mask of dA's steps drawn run by run.
-            (200, 263, 136, 9, false, 0.1),
-            (70, 264, 328, 32, true, 0.05),
-            (300, 300, 72, 9, false, 0.0),
-            // One column tile: every step of dY makes a dB partial, the warpgroups in turn.
-            (150, 200, 300, 8, false, 0.0),
-        ] {
+    let cases = [
+        (200, 300, 200, 1, false, 0.0),
+        (131, 263, 777, 16, true, 0.0),
+        (200, 520, 136, 17, false, 0.1),
+        // Rows of x not whole groups of 4: the mask of dA's steps drawn run by run.
+        (200, 263, 136, 9, false, 0.1),
+        (70, 264, 328, 32, true, 0.05),
+        (300, 300, 72, 9, false, 0.0),
+        // One column tile: every step of dY makes a dB partial, the warpgroups in turn.
+        (150, 200, 300, 8, false, 0.0),
+    ];
+    for (i, (m, d_in, d_out, rank, nf4, dropout)) in cases.into_iter().enumerate() {
+        for dev in backends_in_turn(i).into_iter().filter(|d| d.has_wgmma()) {
             let mut bits: Option<Vec<Vec<u32>>> = None;
             for (tile_loads, blocks, column_runs) in SIDE_PRODUCT_RUNS {
                 let c = Case {
@@ -553,6 +566,8 @@ fn fused_v_makes_v_in_the_dx_gemm() {
                 }
             }
         }
+    }
+    for dev in backends().into_iter().filter(|d| d.has_wgmma()) {
         // Where v cannot come from the GEMM, the layer says so, and runs lora_backward_v.
         let c = Case {
             path: Some(LoraPath::FusedWgmma),

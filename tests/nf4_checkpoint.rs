@@ -9,7 +9,7 @@ use finetune_kernels::nf4::checkpoint::{
     quantize_file, write_atomic, Checkpoint, QuantizeOptions, RawTensor, QUANT_STATE_SUFFIX,
 };
 use finetune_kernels::reference::nf4::{self, Absmax, BLOCKSIZES};
-use finetune_kernels::testing::{random_bf16_tensor, random_vec};
+use finetune_kernels::testing::{fresh_dir, random_bf16_tensor, random_vec};
 use finetune_kernels::{bf16, f16, DType, Error};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use safetensors::{Dtype, SafeTensors};
@@ -49,15 +49,14 @@ fn made_on_cuda(dir: &Path) -> bool {
     header.metadata().as_ref().unwrap()["device"] == "cuda"
 }
 
-/// A fresh directory for one test's outputs.
+/// A fresh, empty directory under target/tmp for one test's outputs (emptied each run, so
+/// runs leave nothing behind in the system's temp directory).
 fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "fk-nf4-{test}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    fresh_dir(
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("nf4")
+            .join(test),
+    )
 }
 
 #[test]
