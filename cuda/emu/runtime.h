@@ -129,9 +129,12 @@ struct UnfencedBytes {
   const unsigned char* smem;
   size_t size;
   const unsigned char* marks;
-  bool operator()(const void* p) const {
+  // Whether any of the `bytes` at p is marked.
+  bool operator()(const void* p, size_t bytes = 1) const {
     const uintptr_t at = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(smem);  // wraps if below
-    return at < size && marks[at];
+    for (size_t i = 0; i < bytes && at + i < size; ++i)
+      if (marks[at + i]) return true;
+    return false;
   }
 };
 UnfencedBytes unfenced_bytes();

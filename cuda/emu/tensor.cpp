@@ -254,14 +254,27 @@ void fk_emu_fence_proxy_async() { fence_proxy_async(); }
 // ptx.cuh's layout; each k16 dot product rounds as one HMMA does (hmma_dot: HGMMA's own
 // rounding is not dumped yet). A byte a cp.async wrote that its thread has not fenced since is
 // a bug (runtime.h: mark_unfenced).
-static uint16_t swizzled16(const UnfencedBytes& unfenced, const void* p, int row, int k, bool mn_major) {
-  const uintptr_t logical =
-      reinterpret_cast<uintptr_t>(p) +
-      (mn_major ? FK_WGMMA_MN_CHUNK_BYTES * (row / 64) + 128 * k + 2 * (row % 64) : 1024 * (row / 8) + 128 * (row % 8) + 2 * k);
+static const void* swizzled(const UnfencedBytes& unfenced, uintptr_t logical, size_t bytes) {
   const void* at = reinterpret_cast<const void*>(logical ^ (((logical >> 7) & 7) << 4));
-  if (unfenced(at))
+  if (unfenced(at, bytes))
     fail(Site{"wgmma", 0}, "wgmma reads shared memory that a thread's cp.async wrote, with no fence.proxy.async after it");
-  return load16(at, 0);
+  return at;
+}
+
+// Row `row` of an operand tile (a row of A, a column of B) at its 16 k, widened. A K-major
+// row's k lie in two 16-byte chunks, which the swizzle moves whole (bits 0-3 stay): two
+// reads; an MN-major row's, 128 bytes apart, one element each.
+static void swizzled_row(const UnfencedBytes& unfenced, const void* p, int row, bool mn_major, int type, float (&out)[16]) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(p);
+  if (mn_major) {
+    for (int k = 0; k < 16; ++k)
+      out[k] = widen(load16(swizzled(unfenced, base + FK_WGMMA_MN_CHUNK_BYTES * (row / 64) + 128 * k + 2 * (row % 64), 2), 0), type);
+    return;
+  }
+  for (int half = 0; half < 2; ++half) {
+    const void* chunk = swizzled(unfenced, base + 1024 * (row / 8) + 128 * (row % 8) + 16 * half, 16);
+    for (int i = 0; i < 8; ++i) out[8 * half + i] = widen(load16(chunk, i), type);
+  }
 }
 
 static void compute_wgmma(const Fiber& f, const AsyncMma& m) {
@@ -269,11 +282,11 @@ static void compute_wgmma(const Fiber& f, const AsyncMma& m) {
   // This thread's two rows of A and N/4 columns of B (see ptx.cuh's accumulator layout).
   const UnfencedBytes unfenced = unfenced_bytes();
   float a[2][16], b[128][16];
-  for (int half = 0; half < 2; ++half)
-    for (int k = 0; k < 16; ++k)
-      a[half][k] = m.a ? widen(swizzled16(unfenced, m.a, 16 * warp + lane / 4 + 8 * half, k, m.a_mn_major), m.type) : m.a_rows[half][k];
-  for (int c = 0; c < m.n / 4; ++c)
-    for (int k = 0; k < 16; ++k) b[c][k] = widen(swizzled16(unfenced, m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, k, m.b_mn_major), m.type);
+  for (int half = 0; half < 2; ++half) {
+    if (m.a) swizzled_row(unfenced, m.a, 16 * warp + lane / 4 + 8 * half, m.a_mn_major, m.type, a[half]);
+    else std::memcpy(a[half], m.a_rows[half], sizeof(a[half]));
+  }
+  for (int c = 0; c < m.n / 4; ++c) swizzled_row(unfenced, m.b, 8 * (c / 2) + 2 * (lane % 4) + c % 2, m.b_mn_major, m.type, b[c]);
   for (int j = 0; j < m.n / 2; ++j) m.d[j] = hmma_dot(a[(j % 4) / 2], b[2 * (j / 4) + j % 2], m.d[j]);
 }
 
