@@ -36,7 +36,7 @@ fn main() -> Result<()> {
     // reference matmul), one rounding to bf16.
     let mut w_hat = dev.alloc_poisoned::<bf16>(rows * cols)?;
     q.dequantize(&mut w_hat)?;
-    let want = linear(&x_host, &w_hat.to_host()?, m, rows, cols);
+    let want = linear(&x_host, &w_hat.to_host()?, m, rows, cols)?;
     // Both sides round to bf16 (the output; the GEMV also its codes), about 1e-3 each.
     let err = rel_l2(&y.to_host()?, &want);
     println!("relative error against dequantize-then-multiply: {err:.2e}");

@@ -225,7 +225,7 @@ fn signed_zeros_add_as_the_reference_does() {
         let idx: Vec<u64> = (0..numel).step_by(3).collect();
         let v = vec![-0.0f32; idx.len()];
         let mut expected = w0.clone();
-        reference::scatter_add(&mut expected, &idx, &v, 1.5);
+        reference::scatter_add(&mut expected, &idx, &v, 1.5).unwrap();
         assert!(expected.iter().all(|x| x.to_bits() == (-0.0f32).to_bits()));
         let values = dev.upload(&v).unwrap();
         let mut w = dev.upload(&w0).unwrap();
@@ -279,7 +279,7 @@ fn raw_kernels_skip_indices_out_of_range() {
             .collect();
         let mut expected = w0.clone();
         let (kept_idx, kept_v): (Vec<u64>, Vec<f32>) = in_range.into_iter().unzip();
-        reference::scatter_add(&mut expected, &kept_idx, &kept_v, 0.75);
+        reference::scatter_add(&mut expected, &kept_idx, &kept_v, 0.75).unwrap();
         let indices = dev.upload(&idx).unwrap();
         let values = dev.upload(&v).unwrap();
         for atomic in [false, true] {
@@ -440,7 +440,7 @@ fn reference_adamw_agrees_with_f64_adamw() {
     let idx = random_support(&mut rng, numel, 17);
     let w0: Vec<f32> = random_vec(&mut rng, numel as usize, 1.0);
     let mut w = w0.clone();
-    let mut state = reference::SparseAdamwState::new(&w0, &idx);
+    let mut state = reference::SparseAdamwState::new(&w0, &idx).unwrap();
     let (mut p, mut m, mut v) = (
         vec![0f64; idx.len()],
         vec![0f64; idx.len()],
@@ -454,7 +454,8 @@ fn reference_adamw_agrees_with_f64_adamw() {
             &idx,
             &mut state,
             &reference::AdamwStepScalars::new(&cfg, t),
-        );
+        )
+        .unwrap();
         for (i, &j) in idx.iter().enumerate() {
             let g = grad[j as usize] as f64;
             let (b1, b2, lr) = (cfg.beta1 as f64, cfg.beta2 as f64, cfg.lr as f64);

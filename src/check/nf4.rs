@@ -225,9 +225,9 @@ where
         .flat_map(|&r| a[r * k_in..(r + 1) * k_in].iter().copied())
         .collect();
     let expected = if forward {
-        linear::linear(&a_checked, &what, checked.len(), c.rows, c.cols)
+        linear::linear(&a_checked, &what, checked.len(), c.rows, c.cols)?
     } else {
-        linear::linear_dx(&a_checked, &what, checked.len(), c.rows, c.cols)
+        linear::linear_dx(&a_checked, &what, checked.len(), c.rows, c.cols)?
     };
     let wd = Nf4Weight::upload(dev, q)?;
     let ad = dev.upload(&a)?;

@@ -56,7 +56,7 @@ pub fn scatter_sorted<W: FloatElem, V: FloatElem>(dev: &Device, c: Case) -> Resu
     let v: Vec<V> = random_vec(&mut rng, c.n, 1.0);
     let alpha = rng.random_range(-2.0..2.0);
     let mut expected = w0.clone();
-    reference::scatter_add(&mut expected, &idx, &v, alpha);
+    reference::scatter_add(&mut expected, &idx, &v, alpha)?;
 
     let index = SparseIndex::with_width(dev, &idx, c.numel, c.width)?;
     let mut w = dev.upload(&w0)?;
@@ -84,7 +84,7 @@ pub fn scatter_planned<W: FloatElem, V: FloatElem>(dev: &Device, c: Case) -> Res
     let v: Vec<V> = random_vec(&mut rng, c.n, 1.0);
     let alpha = rng.random_range(-2.0..2.0);
     let mut expected = w0.clone();
-    reference::scatter_add(&mut expected, &idx, &v, alpha);
+    reference::scatter_add(&mut expected, &idx, &v, alpha)?;
 
     let plan = ScatterPlan::with_width(dev, &idx, c.numel, c.width)?;
     let mut w = dev.upload(&w0)?;
@@ -125,7 +125,7 @@ pub fn scatter_atomic<W: FloatElem, V: FloatElem>(dev: &Device, c: Case) -> Resu
     let v: Vec<V> = random_vec(&mut rng, c.n, 1.0);
     let alpha: f32 = rng.random_range(-2.0..2.0);
     let mut expected = w0.clone();
-    reference::scatter_add(&mut expected, &idx, &v, alpha);
+    reference::scatter_add(&mut expected, &idx, &v, alpha)?;
 
     let index = SparseIndex::with_width(dev, &idx, c.numel, c.width)?;
     let mut w = dev.upload(&w0)?;
@@ -171,7 +171,7 @@ pub fn gather<S: FloatElem, O: FloatElem>(dev: &Device, c: Case) -> Result<Check
     let mut rng = StdRng::seed_from_u64(c.seed);
     let src: Vec<S> = random_vec(&mut rng, c.numel as usize, 3.0);
     let idx: Vec<u64> = (0..c.n).map(|_| rng.random_range(0..c.numel)).collect();
-    let expected: Vec<O> = reference::gather(&src, &idx);
+    let expected: Vec<O> = reference::gather(&src, &idx)?;
     let index = SparseIndex::with_width(dev, &idx, c.numel, c.width)?;
     let src = dev.upload(&src)?;
     let mut out = dev.alloc_poisoned::<O>(c.n)?;
@@ -202,7 +202,7 @@ pub fn adamw<W: FloatElem, G: FloatElem>(dev: &Device, c: Case) -> Result<CheckR
         weight_decay: rng.random_range(0.0..0.1),
     };
     let mut expected = w0.clone();
-    let mut state = reference::SparseAdamwState::new(&w0, &idx);
+    let mut state = reference::SparseAdamwState::new(&w0, &idx)?;
     let mut w = dev.upload(&w0)?;
     let mut opt = SparseAdamw::new(
         &w,
@@ -218,7 +218,7 @@ pub fn adamw<W: FloatElem, G: FloatElem>(dev: &Device, c: Case) -> Result<CheckR
             &idx,
             &mut state,
             &reference::AdamwStepScalars::new(&cfg, step),
-        );
+        )?;
         grad.copy_from_host(&g)?;
         opt.step(&mut w, &grad)?;
     }

@@ -25,7 +25,7 @@ pub(crate) fn by_rows<T: Copy + Send>(
 ) -> Vec<T> {
     let mut out = vec![zero; rows * cols];
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = ((rows * cols * inner) >> 24)
+    let threads = (rows.saturating_mul(cols).saturating_mul(inner) >> 24)
         .clamp(1, cores)
         .min(rows.max(1));
     let per = rows.div_ceil(threads).max(1);

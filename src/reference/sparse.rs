@@ -1,18 +1,33 @@
 //! Reference for the sparse-delta kernels (cuda/sparse.cu).
 
 use crate::dtype::FloatElem;
+use crate::error::{Error, Result};
 use std::collections::BTreeMap;
+
+/// Every index below `numel`, else the first that is not ([`Error::IndexOutOfRange`]).
+fn check_indices(indices: &[u64], numel: usize) -> Result<()> {
+    match indices.iter().position(|&t| t >= numel as u64) {
+        Some(position) => Err(Error::IndexOutOfRange {
+            position,
+            index: indices[position],
+            numel: numel as u64,
+        }),
+        None => Ok(()),
+    }
+}
 
 /// `w[t] += alpha * Σ values[i]` over every `i` with `indices[i] == t`, the sum taken in f32
 /// in order of position, then one rounding into W's dtype. With sorted unique indices this
-/// is `w[idx[i]] += alpha * v[i]`. Panics on an out-of-range index (callers validate).
+/// is `w[idx[i]] += alpha * v[i]`. Errors, W untouched, if `values` and `indices` differ
+/// in length or an index is not below `w.len()`.
 pub fn scatter_add<W: FloatElem, V: FloatElem>(
     w: &mut [W],
     indices: &[u64],
     values: &[V],
     alpha: f32,
-) {
-    assert_eq!(indices.len(), values.len());
+) -> Result<()> {
+    Error::check_shape("scatter_add values [n]", &[indices.len()], values.len())?;
+    check_indices(indices, w.len())?;
     let mut sums: BTreeMap<u64, f32> = BTreeMap::new();
     for (&t, &v) in indices.iter().zip(values) {
         // From -0: -0 + x is x for every x, a -0 included, as the kernels' sums start.
@@ -23,14 +38,17 @@ pub fn scatter_add<W: FloatElem, V: FloatElem>(
         let x = &mut w[t as usize];
         *x = W::from_f32(x.to_f32() + alpha * sum);
     }
+    Ok(())
 }
 
-/// `out[i] = src[indices[i]]`, converted through f32.
-pub fn gather<S: FloatElem, O: FloatElem>(src: &[S], indices: &[u64]) -> Vec<O> {
-    indices
+/// `out[i] = src[indices[i]]`, converted through f32. Errors if an index is not below
+/// `src.len()`.
+pub fn gather<S: FloatElem, O: FloatElem>(src: &[S], indices: &[u64]) -> Result<Vec<O>> {
+    check_indices(indices, src.len())?;
+    Ok(indices
         .iter()
         .map(|&t| O::from_f32(src[t as usize].to_f32()))
-        .collect()
+        .collect())
 }
 
 /// AdamW hyper-parameters, PyTorch's defaults.
@@ -120,28 +138,40 @@ pub struct SparseAdamwState {
 
 impl SparseAdamwState {
     /// The state before the first step: `base` gathered from `w` at `indices`, the delta
-    /// and both moments zero. Panics on an out-of-range index.
-    pub fn new<W: FloatElem>(w: &[W], indices: &[u64]) -> Self {
+    /// and both moments zero. Errors if an index is not below `w.len()`.
+    pub fn new<W: FloatElem>(w: &[W], indices: &[u64]) -> Result<Self> {
         let n = indices.len();
-        SparseAdamwState {
-            base: gather::<W, f32>(w, indices),
+        Ok(SparseAdamwState {
+            base: gather::<W, f32>(w, indices)?,
             delta: vec![0.0; n],
             exp_avg: vec![0.0; n],
             exp_avg_sq: vec![0.0; n],
-        }
+        })
     }
 }
 
 /// One fused sparse AdamW step: gathers the dense gradient at the support, updates the
 /// moments and the delta, and writes `base + delta` into W at the support. The same f32
-/// operations in the same order as the kernel.
+/// operations in the same order as the kernel. Errors, nothing changed, if `grad` is not
+/// W's length, a state vector not the support's, or an index not below `w.len()`.
 pub fn sparse_adamw_step<W: FloatElem, G: FloatElem>(
     w: &mut [W],
     grad: &[G],
     indices: &[u64],
     state: &mut SparseAdamwState,
     s: &AdamwStepScalars,
-) {
+) -> Result<()> {
+    Error::check_shape("sparse_adamw_step grad (W's shape)", &[w.len()], grad.len())?;
+    let n = indices.len();
+    Error::check_shape("sparse_adamw_step base [n]", &[n], state.base.len())?;
+    Error::check_shape("sparse_adamw_step delta [n]", &[n], state.delta.len())?;
+    Error::check_shape("sparse_adamw_step exp_avg [n]", &[n], state.exp_avg.len())?;
+    Error::check_shape(
+        "sparse_adamw_step exp_avg_sq [n]",
+        &[n],
+        state.exp_avg_sq.len(),
+    )?;
+    check_indices(indices, w.len())?;
     for (i, &t) in indices.iter().enumerate() {
         let g = grad[t as usize].to_f32();
         let m = s.beta1 * state.exp_avg[i] + s.one_minus_beta1 * g;
@@ -153,6 +183,7 @@ pub fn sparse_adamw_step<W: FloatElem, G: FloatElem>(
         state.delta[i] = delta;
         w[t as usize] = W::from_f32(state.base[i] + delta);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -165,7 +196,7 @@ mod tests {
         let mut w = vec![bf16::from_f32(1.0); 4];
         // 1 + 3 * 2^-9 rounds to 1 + 2^-7 in bf16 only if the three adds are summed first.
         let eps = 2f32.powi(-9);
-        scatter_add(&mut w, &[2, 2, 2], &[eps, eps, eps], 1.0);
+        scatter_add(&mut w, &[2, 2, 2], &[eps, eps, eps], 1.0).unwrap();
         assert_eq!(w[2].to_f32(), 1.0 + 2f32.powi(-7));
         assert_eq!(w[0].to_f32(), 1.0);
     }
@@ -181,16 +212,71 @@ mod tests {
         let w0 = [0.5f32, -0.25, 2.0];
         let mut w = w0.to_vec();
         let idx = [0u64, 2];
-        let mut st = SparseAdamwState::new(&w, &idx);
+        let mut st = SparseAdamwState::new(&w, &idx).unwrap();
         sparse_adamw_step(
             &mut w,
             &[3.0f32, 7.0, -0.5],
             &idx,
             &mut st,
             &AdamwStepScalars::new(&cfg, 1),
-        );
+        )
+        .unwrap();
         assert!((w[0] - (0.5 - 0.01)).abs() < 1e-6, "{}", w[0]);
         assert_eq!(w[1], -0.25);
         assert!((w[2] - (2.0 + 0.01)).abs() < 1e-6, "{}", w[2]);
+    }
+
+    /// Mismatched lengths and indices past the end are typed errors, and nothing is written
+    /// before they are found.
+    #[test]
+    fn bad_input_is_an_error_and_changes_nothing() {
+        let w0 = vec![1.0f32, 2.0, 3.0];
+        let mut w = w0.clone();
+        let past = |r: Result<()>| {
+            matches!(
+                r,
+                Err(Error::IndexOutOfRange {
+                    position: 1,
+                    index: 3,
+                    numel: 3
+                })
+            )
+        };
+        assert!(past(scatter_add(&mut w, &[0, 3], &[1.0f32, 1.0], 1.0)));
+        assert!(matches!(
+            scatter_add(&mut w, &[0, 1], &[1.0f32], 1.0),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            gather::<f32, f32>(&w, &[2, 5]),
+            Err(Error::IndexOutOfRange {
+                position: 1,
+                index: 5,
+                ..
+            })
+        ));
+        assert!(SparseAdamwState::new(&w, &[7]).is_err());
+        let idx = [0u64, 2];
+        let s = AdamwStepScalars::new(&AdamwConfig::default(), 1);
+        let mut st = SparseAdamwState::new(&w, &idx).unwrap();
+        let before = st.clone();
+        assert!(matches!(
+            sparse_adamw_step(&mut w, &[1.0f32, 1.0], &idx, &mut st, &s),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(past(sparse_adamw_step(
+            &mut w,
+            &[1.0f32; 3],
+            &[0, 3],
+            &mut st,
+            &s
+        )));
+        st.delta.pop();
+        assert!(matches!(
+            sparse_adamw_step(&mut w, &[1.0f32; 3], &idx, &mut st, &s),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        st.delta.push(before.delta[1]);
+        assert_eq!((&w, &st), (&w0, &before));
     }
 }
