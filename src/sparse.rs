@@ -159,14 +159,8 @@ fn checked_indices<I: Copy + Into<u64>>(
 ) -> Result<Vec<u64>> {
     width.check_fits(what, numel, indices.len())?;
     let host: Vec<u64> = indices.iter().map(|&i| i.into()).collect();
-    match host.iter().position(|&t| t >= numel) {
-        Some(position) => Err(Error::IndexOutOfRange {
-            position,
-            index: host[position],
-            numel,
-        }),
-        None => Ok(host),
-    }
+    crate::reference::sparse::check_indices(&host, numel)?;
+    Ok(host)
 }
 
 /// A validated support: flattened indices into a tensor of `numel` elements, on a device.

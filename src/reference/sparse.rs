@@ -4,13 +4,14 @@ use crate::dtype::FloatElem;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
-/// Every index below `numel`, else the first that is not ([`Error::IndexOutOfRange`]).
-fn check_indices(indices: &[u64], numel: usize) -> Result<()> {
-    match indices.iter().position(|&t| t >= numel as u64) {
+/// Every index below `numel`, else the first that is not ([`Error::IndexOutOfRange`]). The
+/// device structures (`crate::sparse`) check their indices with it too.
+pub(crate) fn check_indices(indices: &[u64], numel: u64) -> Result<()> {
+    match indices.iter().position(|&t| t >= numel) {
         Some(position) => Err(Error::IndexOutOfRange {
             position,
             index: indices[position],
-            numel: numel as u64,
+            numel,
         }),
         None => Ok(()),
     }
@@ -27,7 +28,7 @@ pub fn scatter_add<W: FloatElem, V: FloatElem>(
     alpha: f32,
 ) -> Result<()> {
     Error::check_shape("scatter_add values [n]", &[indices.len()], values.len())?;
-    check_indices(indices, w.len())?;
+    check_indices(indices, w.len() as u64)?;
     let mut sums: BTreeMap<u64, f32> = BTreeMap::new();
     for (&t, &v) in indices.iter().zip(values) {
         // From -0: -0 + x is x for every x, a -0 included, as the kernels' sums start.
@@ -44,7 +45,7 @@ pub fn scatter_add<W: FloatElem, V: FloatElem>(
 /// `out[i] = src[indices[i]]`, converted through f32. Errors if an index is not below
 /// `src.len()`.
 pub fn gather<S: FloatElem, O: FloatElem>(src: &[S], indices: &[u64]) -> Result<Vec<O>> {
-    check_indices(indices, src.len())?;
+    check_indices(indices, src.len() as u64)?;
     Ok(indices
         .iter()
         .map(|&t| O::from_f32(src[t as usize].to_f32()))
@@ -162,16 +163,16 @@ pub fn sparse_adamw_step<W: FloatElem, G: FloatElem>(
     s: &AdamwStepScalars,
 ) -> Result<()> {
     Error::check_shape("sparse_adamw_step grad (W's shape)", &[w.len()], grad.len())?;
-    let n = indices.len();
-    Error::check_shape("sparse_adamw_step base [n]", &[n], state.base.len())?;
-    Error::check_shape("sparse_adamw_step delta [n]", &[n], state.delta.len())?;
-    Error::check_shape("sparse_adamw_step exp_avg [n]", &[n], state.exp_avg.len())?;
-    Error::check_shape(
-        "sparse_adamw_step exp_avg_sq [n]",
-        &[n],
-        state.exp_avg_sq.len(),
-    )?;
-    check_indices(indices, w.len())?;
+    for (what, v) in [
+        ("base", &state.base),
+        ("delta", &state.delta),
+        ("exp_avg", &state.exp_avg),
+        ("exp_avg_sq", &state.exp_avg_sq),
+    ] {
+        let what = format!("sparse_adamw_step state {what} [n]");
+        Error::check_shape(&what, &[indices.len()], v.len())?;
+    }
+    check_indices(indices, w.len() as u64)?;
     for (i, &t) in indices.iter().enumerate() {
         let g = grad[t as usize].to_f32();
         let m = s.beta1 * state.exp_avg[i] + s.one_minus_beta1 * g;
