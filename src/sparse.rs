@@ -15,6 +15,8 @@
 //! | [`scatter_add_planned`] | any (a [`ScatterPlan`] groups repeats) | deterministic |
 //! | [`scatter_add_atomic`] | any | **nondeterministic** rounding order for repeats |
 
+use std::marker::PhantomData;
+
 use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig};
 use crate::dtype::{DType, Elem, FloatElem};
 use crate::error::{Error, Result};
@@ -470,7 +472,22 @@ fn check_config(c: &AdamwConfig) -> Result<()> {
 /// gradient at the support and writes `base + delta` into the weight (no drift from
 /// repeated rounding in bf16). Weight decay pulls the delta toward zero, i.e. the weight
 /// toward its pretrained value.
-pub struct SparseAdamw {
+///
+/// `W` is the weight's dtype: the run writes the weight it started from, so a step on a
+/// weight of another dtype does not compile:
+///
+/// ```compile_fail
+/// # use finetune_kernels::{device::Device, sparse::{AdamwConfig, SparseAdamw, SparseIndex}};
+/// # fn run(dev: &Device, index: SparseIndex) -> finetune_kernels::Result<()> {
+/// let w16 = dev.upload(&[half::bf16::ONE; 8])?;
+/// let mut w32 = dev.upload(&[1.0f32; 8])?;
+/// let grad = dev.upload(&[0.5f32; 8])?;
+/// let mut opt = SparseAdamw::new(&w16, index, AdamwConfig::default())?;
+/// opt.step(&mut w32, &grad)?; // started on bf16: an f32 weight is refused here
+/// # Ok(())
+/// # }
+/// ```
+pub struct SparseAdamw<W: FloatElem> {
     index: SparseIndex,
     base: Buffer<f32>,
     delta: Buffer<f32>,
@@ -478,16 +495,13 @@ pub struct SparseAdamw {
     exp_avg_sq: Buffer<f32>,
     step: u64,
     config: AdamwConfig,
+    weight: PhantomData<W>,
 }
 
-impl SparseAdamw {
+impl<W: FloatElem> SparseAdamw<W> {
     /// Starts a run on `w` over `index` (sorted, unique), remembering W's current values
     /// at the support as the base.
-    pub fn new<W: FloatElem>(
-        w: &Buffer<W>,
-        index: SparseIndex,
-        config: AdamwConfig,
-    ) -> Result<Self> {
+    pub fn new(w: &Buffer<W>, index: SparseIndex, config: AdamwConfig) -> Result<Self> {
         index.require_sorted()?;
         index.check(w, "w")?;
         check_config(&config)?;
@@ -503,15 +517,12 @@ impl SparseAdamw {
             base,
             step: 0,
             config,
+            weight: PhantomData,
         })
     }
 
     /// One AdamW step with the dense gradient `grad` (same shape as W).
-    pub fn step<W: FloatElem, G: FloatElem>(
-        &mut self,
-        w: &mut Buffer<W>,
-        grad: &Buffer<G>,
-    ) -> Result<()> {
+    pub fn step<G: FloatElem>(&mut self, w: &mut Buffer<W>, grad: &Buffer<G>) -> Result<()> {
         self.index.check(w, "w")?;
         self.index.check(grad, "grad")?;
         let s = AdamwStepScalars::new(&self.config, self.step + 1);
