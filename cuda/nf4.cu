@@ -193,6 +193,51 @@ FK_DEVICE void unpack8(const uint4& v, float (&x)[8]) {
   }
 }
 
+// ---- The GEMVs' epilogue (Nf4GemvEpilogue): a LoRA layer's bias and low-rank term ---------
+
+// Output (m, n)'s term, bias[n] + u[m, :] · b[n, :] in f32 (0 without an epilogue): u's and
+// b's rows 8 elements a load where both allow 16-byte loads, else one by one.
+template <typename T>
+FK_DEVICE float epilogue_term(const Nf4GemvEpilogue& e, uint32_t m, uint32_t n) {
+  float s = e.bias ? to_f32(static_cast<const T*>(e.bias)[n]) : 0.0f;
+  if (!e.u) return s;
+  const T* u = static_cast<const T*>(e.u) + uint64_t(m) * e.rank;
+  const T* b = static_cast<const T*>(e.b) + uint64_t(n) * e.rank;
+  uint32_t j = 0;
+  if ((reinterpret_cast<uintptr_t>(u) | reinterpret_cast<uintptr_t>(b)) % 16 == 0) {
+#pragma unroll 4
+    for (; j + 8 <= e.rank; j += 8) {
+      float uj[8], bj[8];
+      unpack8<T>(*reinterpret_cast<const uint4*>(u + j), uj);
+      unpack8<T>(*reinterpret_cast<const uint4*>(b + j), bj);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s = fmaf(uj[i], bj[i], s);
+    }
+  }
+  for (; j < e.rank; ++j) s = fmaf(to_f32(u[j]), to_f32(b[j]), s);
+  return s;
+}
+
+// The epilogue's operands of outputs [n0, n1) of the first M rows into L1, a line a thread
+// (no loop, so nothing of it stays live): b's rows there (64 lines at rank 256) and their
+// bias, then u (its first 190 lines), so that the block's stores, which read them, do not
+// wait a round trip each.
+template <typename T>
+FK_DEVICE void prefetch_epilogue(const Nf4GemvEpilogue& e, uint32_t n0, uint32_t n1, uint32_t M) {
+  const uint64_t line = 128ull * threadIdx.x;
+  const uint64_t b_bytes = e.u ? uint64_t(n1 - n0) * e.rank * sizeof(T) : 0;
+  const uint64_t bias_bytes = e.bias ? uint64_t(n1 - n0) * sizeof(T) : 0;
+  const uint64_t u_bytes = e.u ? uint64_t(M) * e.rank * sizeof(T) : 0;
+  if (line < b_bytes) {
+    prefetch_l1(static_cast<const char*>(e.b) + uint64_t(n0) * e.rank * sizeof(T) + line);
+  } else if (threadIdx.x == 64 && bias_bytes) {
+    prefetch_l1(static_cast<const T*>(e.bias) + n0);
+    prefetch_l1(static_cast<const T*>(e.bias) + n1 - 1);
+  } else if (threadIdx.x >= 66 && line - 128 * 66 < u_bytes) {
+    prefetch_l1(static_cast<const char*>(e.u) + (line - 128 * 66));
+  }
+}
+
 template <typename T, int M>
 FK_DEVICE void gemv(const Nf4MatmulParams& p) {
   constexpr int R = M <= 4 ? 4 : 2;  // weight rows per warp (fewer when x has many rows)
@@ -270,13 +315,20 @@ FK_DEVICE void gemv(const Nf4MatmulParams& p) {
         }
       }
     }
+    // Every lane gets every sum (a butterfly); lane m·R + r stores output (m, n0 + r), adding
+    // the epilogue's term (one copy of its loop, the lanes' terms at once).
+    static_assert(M * R <= 32, "a lane per output");
+    float mine = 0.0f;
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const float sum = warp_sum(acc[m][r]);
-        if (lane == 0 && m < static_cast<int>(p.m) && n0 + r < N) out[uint64_t(m) * N + n0 + r] = from_f32<T>(sum);
+        if (lane == m * R + r) mine = sum;
       }
+    const uint32_t m = lane / R, r = lane % R;
+    if (lane < M * R && m < p.m && n0 + r < N)
+      out[uint64_t(m) * N + n0 + r] = from_f32<T>(mine + epilogue_term<T>(p.epilogue, m, n0 + r));
   }
 }
 
@@ -386,6 +438,7 @@ FK_DEVICE void gemv_mma_steps(const Nf4MatmulParams& p, uint32_t (&pairs)[256 * 
   for (int u = 0; u < U; ++u)
     if (first + u < steps) load_step(first + u, u);
   if (first < steps) prefetch_absmax(first);
+  prefetch_epilogue<T>(p.epilogue, n0, min(n0 + kGemvRows, N), M);
   fill_code_pairs<T>(pairs);
   const Nf4Weight w = with_shared_map(p.w);
   const uint32_t* lane_pairs = pairs + lane;
@@ -481,11 +534,15 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
         for (uint32_t m = 0; m < 8; ++m)
           if (m0 + m < M) sum[m] = fmaf(to_f32(a[uint64_t(m0 + m) * K + k]), wv, sum[m]);
       }
+      // Lane m stores activation row m0 + m's output, as the SIMT GEMV's lanes do.
+      float mine = 0.0f;
 #pragma unroll
       for (uint32_t m = 0; m < 8; ++m) {
         const float s = warp_sum(sum[m]);
-        if (lane == 0 && m0 + m < M) out[uint64_t(m0 + m) * N + r] = from_f32<T>(s);
+        if (lane == m) mine = s;
       }
+      if (lane < 8 && m0 + lane < M)
+        out[uint64_t(m0 + lane) * N + r] = from_f32<T>(mine + epilogue_term<T>(p.epilogue, m0 + lane, r));
     }
     return;
   }
@@ -514,7 +571,7 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
     if (m < M && n0 + r < N) {
       float s = 0.0f;
       for (int v = 0; v < kGemvWarps; ++v) s += __uint_as_float(partial[v][m][r]);
-      out[uint64_t(m) * N + n0 + r] = from_f32<T>(s);
+      out[uint64_t(m) * N + n0 + r] = from_f32<T>(s + epilogue_term<T>(p.epilogue, m, n0 + r));
     }
   }
 }

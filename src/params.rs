@@ -228,6 +228,34 @@ impl Default for Nf4NestedParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct Nf4GemvEpilogue {
+    pub bias: *const ::core::ffi::c_void,
+    pub u: *const ::core::ffi::c_void,
+    pub b: *const ::core::ffi::c_void,
+    pub rank: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4GemvEpilogue"][::core::mem::size_of::<Nf4GemvEpilogue>() - 32usize];
+    ["Alignment of Nf4GemvEpilogue"][::core::mem::align_of::<Nf4GemvEpilogue>() - 8usize];
+    ["Offset of field: Nf4GemvEpilogue::bias"]
+        [::core::mem::offset_of!(Nf4GemvEpilogue, bias) - 0usize];
+    ["Offset of field: Nf4GemvEpilogue::u"][::core::mem::offset_of!(Nf4GemvEpilogue, u) - 8usize];
+    ["Offset of field: Nf4GemvEpilogue::b"][::core::mem::offset_of!(Nf4GemvEpilogue, b) - 16usize];
+    ["Offset of field: Nf4GemvEpilogue::rank"]
+        [::core::mem::offset_of!(Nf4GemvEpilogue, rank) - 24usize];
+};
+impl Default for Nf4GemvEpilogue {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[repr(align(64))]
 #[derive(Debug, Copy, Clone)]
 pub struct Nf4MatmulParams {
@@ -238,10 +266,11 @@ pub struct Nf4MatmulParams {
     pub a_tma: u32,
     pub __bindgen_padding_0: [u64; 5usize],
     pub a_map: FkTensorMap,
+    pub epilogue: Nf4GemvEpilogue,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of Nf4MatmulParams"][::core::mem::size_of::<Nf4MatmulParams>() - 256usize];
+    ["Size of Nf4MatmulParams"][::core::mem::size_of::<Nf4MatmulParams>() - 320usize];
     ["Alignment of Nf4MatmulParams"][::core::mem::align_of::<Nf4MatmulParams>() - 64usize];
     ["Offset of field: Nf4MatmulParams::w"][::core::mem::offset_of!(Nf4MatmulParams, w) - 0usize];
     ["Offset of field: Nf4MatmulParams::a"][::core::mem::offset_of!(Nf4MatmulParams, a) - 64usize];
@@ -252,6 +281,8 @@ const _: () = {
         [::core::mem::offset_of!(Nf4MatmulParams, a_tma) - 84usize];
     ["Offset of field: Nf4MatmulParams::a_map"]
         [::core::mem::offset_of!(Nf4MatmulParams, a_map) - 128usize];
+    ["Offset of field: Nf4MatmulParams::epilogue"]
+        [::core::mem::offset_of!(Nf4MatmulParams, epilogue) - 256usize];
 };
 impl Default for Nf4MatmulParams {
     fn default() -> Self {

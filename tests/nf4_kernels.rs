@@ -74,6 +74,27 @@ proptest! {
         }
     }
 
+    /// The GEMVs' epilogue (a QLoRA layer's forward at decode sizes): a bias, a low-rank
+    /// term, both or neither, added before the one rounding; ranks that are multiples of 8
+    /// (16-byte loads of u's and b's rows) and any rank (rows element by element where they
+    /// are not 16-byte aligned), past 256 too; the widths as above.
+    #[test]
+    fn gemv_epilogue_adds_a_bias_and_a_low_rank_term(
+        seed in any::<u64>(), rows in 1usize..150,
+        cols in prop_oneof![1usize..300, (1usize..12).prop_map(|k| 32 * k)],
+        m in 1usize..=nf4::GEMV_MAX_ROWS, bs in 0usize..3, dq in any::<bool>(), bias in any::<bool>(),
+        rank in prop_oneof![Just(None), (1usize..40).prop_map(Some), (1usize..40).prop_map(|r| Some(8 * r))],
+    ) {
+        let c = Case { seed, rows, cols, m, blocksize: BLOCKSIZES[bs], double_quant: dq, timed: false };
+        let epilogue = check::Epilogue { bias, rank };
+        for dev in backends() {
+            for gemv in GEMVS.into_iter().filter(|g| m <= g.max_rows()) {
+                assert_pass(check::gemv_with_epilogue::<bf16>(&dev, c, gemv, epilogue));
+                assert_pass(check::gemv_with_epilogue::<f16>(&dev, c, gemv, epilogue));
+            }
+        }
+    }
+
     /// Half the widths are multiples of 16 (the wgmma GEMM's fast decoder), half any width.
     #[test]
     fn fused_gemm_forward_and_dx_match_the_reference(

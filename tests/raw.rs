@@ -13,8 +13,8 @@ use finetune_kernels::lora::{
 };
 use finetune_kernels::nf4::{self, MatmulPath, Nf4Weight};
 use finetune_kernels::params::{
-    self, DropoutMaskParams, GatherParams, LoraParams, Nf4DequantizeParams, Nf4MatmulParams,
-    PhiloxParams, ScatterAddParams, SegmentedScatterAddParams, SparseAdamwParams,
+    self, DropoutMaskParams, GatherParams, LoraParams, Nf4DequantizeParams, Nf4GemvEpilogue,
+    Nf4MatmulParams, PhiloxParams, ScatterAddParams, SegmentedScatterAddParams, SparseAdamwParams,
 };
 use finetune_kernels::reference::sparse::AdamwStepScalars;
 use finetune_kernels::sparse::{
@@ -387,6 +387,126 @@ fn nf4_raw_matches_the_safe_calls() {
                 &safe,
             );
         }
+        // The GEMVs' epilogue (a bias and a rank-5 term: rows of u and b 10 bytes apart, so
+        // the kernels' 16-byte loads and their element-by-element tail both run).
+        let (m, rank) = (3, 5);
+        let a = dev
+            .upload(&random_vec::<bf16>(&mut rng, m * cols, 1.0))
+            .unwrap();
+        let bias = dev
+            .upload(&random_vec::<bf16>(&mut rng, rows, 1.0))
+            .unwrap();
+        let u = dev
+            .upload(&random_vec::<bf16>(&mut rng, m * rank, 1.0))
+            .unwrap();
+        let b = dev
+            .upload(&random_vec::<bf16>(&mut rng, rows * rank, 1.0))
+            .unwrap();
+        let epilogue = Nf4GemvEpilogue {
+            bias: bias.ptr(),
+            u: u.ptr(),
+            b: b.ptr(),
+            rank: rank as u32,
+        };
+        for path in [MatmulPath::GemvMma, MatmulPath::Gemv] {
+            let mut safe = dev.alloc_poisoned::<bf16>(m * rows).unwrap();
+            let terms = nf4::GemvEpilogue {
+                bias: Some(&bias),
+                low_rank: Some((&u, &b, rank)),
+            };
+            nf4::gemv_with_epilogue(&q, &a, m, &mut safe, path, terms).unwrap();
+            let mut raw = dev.alloc_poisoned::<bf16>(m * rows).unwrap();
+            let p = Nf4MatmulParams {
+                w: q.params(),
+                a: a.ptr(),
+                out: raw.ptr_mut(),
+                m: m as u32,
+                epilogue,
+                ..Nf4MatmulParams::default()
+            };
+            // SAFETY: a [m, cols], raw [m, rows], bias [rows], u [m, rank], b [rows, rank].
+            unsafe { nf4::raw::matmul_with(&dev, stream(&dev), DType::BF16, true, path, &p) }
+                .unwrap();
+            same_bits(&format!("nf4 {path:?} epilogue"), &dev, &raw, &safe);
+        }
+        // Refused before any launch: an epilogue on a GEMM, a u without a b or a rank, and
+        // pointers off their element's alignment.
+        let mut y = dev.alloc_poisoned::<bf16>(m * rows).unwrap();
+        let with = |epilogue, out: *mut std::ffi::c_void| Nf4MatmulParams {
+            w: q.params(),
+            a: a.ptr(),
+            out,
+            m: m as u32,
+            epilogue,
+            ..Nf4MatmulParams::default()
+        };
+        let no_b = Nf4GemvEpilogue {
+            b: std::ptr::null(),
+            ..epilogue
+        };
+        let no_rank = Nf4GemvEpilogue {
+            rank: 0,
+            ..epilogue
+        };
+        let odd = |p: *const std::ffi::c_void| p.wrapping_byte_add(1);
+        let out = y.ptr_mut();
+        for (case, path, p) in [
+            ("on a GEMM", MatmulPath::FusedGemm, with(epilogue, out)),
+            ("u without b", MatmulPath::GemvMma, with(no_b, out)),
+            ("rank 0", MatmulPath::Gemv, with(no_rank, out)),
+            (
+                "out 1 byte on",
+                MatmulPath::GemvMma,
+                with(epilogue, out.wrapping_byte_add(1)),
+            ),
+            (
+                "bias 1 byte on",
+                MatmulPath::GemvMma,
+                with(
+                    Nf4GemvEpilogue {
+                        bias: odd(epilogue.bias),
+                        ..epilogue
+                    },
+                    out,
+                ),
+            ),
+            (
+                "u 1 byte on",
+                MatmulPath::GemvMma,
+                with(
+                    Nf4GemvEpilogue {
+                        u: odd(epilogue.u),
+                        ..epilogue
+                    },
+                    out,
+                ),
+            ),
+            (
+                "b 1 byte on",
+                MatmulPath::Gemv,
+                with(
+                    Nf4GemvEpilogue {
+                        b: odd(epilogue.b),
+                        ..epilogue
+                    },
+                    out,
+                ),
+            ),
+        ] {
+            // SAFETY: refused before any launch.
+            let err = unsafe { nf4::raw::matmul_with(&dev, None, DType::BF16, true, path, &p) }
+                .unwrap_err();
+            let typed = match case {
+                "on a GEMM" => matches!(err, Error::Unsupported { .. }),
+                "u without b" | "rank 0" => matches!(err, Error::InvalidArgument { .. }),
+                _ => matches!(err, Error::Misaligned { .. }),
+            };
+            assert!(typed, "epilogue {case}: {err}");
+        }
+        assert!(
+            y.to_host().unwrap().iter().all(|v| v.is_nan()),
+            "a refused GEMV wrote its output"
+        );
         // Refused before any launch: a GEMV backward, dequantize + cuBLAS.
         let p = Nf4MatmulParams {
             w: q.params(),

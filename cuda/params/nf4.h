@@ -67,6 +67,17 @@ typedef struct Nf4NestedParams {
   uint64_t blocks;
 } Nf4NestedParams;
 
+/* What the GEMVs (nf4_gemv_*, nf4_gemv_mma_*) add to each output before its one rounding, in
+ * f32: a LoRA layer's bias and low-rank term over an NF4 base (QLoRA at decode sizes),
+ *   out[m, n] = a[m, :] · Ŵ[n, :] + bias[n] + Σ_j u[m, j] · b[n, j],
+ * bias [rows], u [m, rank] and b [rows, rank] in the activations' dtype. A null bias adds no
+ * bias; a null u no low-rank term (b and rank are then not read). The GEMMs take none. */
+typedef struct Nf4GemvEpilogue {
+  const void* bias;
+  const void* u;
+  const void* b;
+  uint32_t rank;
+} Nf4GemvEpilogue;
 /* The matmuls through the frozen weight W [rows, cols] (activations' dtype by kernel name):
  *   forward (nf4_gemv_*, nf4_gemm_*):  out[m, rows] = a[m, cols] · Wᵀ
  *   backward (nf4_gemm_dx_*):           out[m, cols] = a[m, rows] · W
@@ -80,6 +91,7 @@ typedef struct Nf4MatmulParams {
    * encoded one (a_tma 1: a 16-byte aligned, rows a multiple of 16 bytes), else cp.async. */
   uint32_t a_tma;
   FkTensorMap a_map;
+  Nf4GemvEpilogue epilogue;
 } Nf4MatmulParams;
 
 #endif

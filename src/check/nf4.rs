@@ -180,16 +180,44 @@ pub fn matmul<T: FloatElem>(
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
-    matmul_drawn::<T>(dev, c, &quantized_in::<T>(&c, &weight(&c))?, path, forward)
+    let q = quantized_in::<T>(&c, &weight(&c))?;
+    matmul_drawn::<T>(dev, c, &q, path, forward, None)
 }
 
-/// [`matmul`] through `q`, the case's weight in T already drawn and quantized.
+/// What a GEMV check adds in the kernel's epilogue ([`nf4::gemv_with_epilogue`]): a bias, a
+/// low-rank term of this rank, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epilogue {
+    /// A bias `[rows]`.
+    pub bias: bool,
+    /// The rank of a low-rank term `u bᵀ`.
+    pub rank: Option<usize>,
+}
+
+/// A forward through the GEMV `path` with `epilogue`, against the f64 reference of the
+/// product and the epilogue's terms summed before one rounding.
+pub fn gemv_with_epilogue<T: FloatElem>(
+    dev: &Device,
+    c: Case,
+    path: MatmulPath,
+    epilogue: Epilogue,
+) -> Result<CheckRow>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    let q = quantized_in::<T>(&c, &weight(&c))?;
+    matmul_drawn::<T>(dev, c, &q, path, true, Some(epilogue))
+}
+
+/// [`matmul`] through `q`, the case's weight in T already drawn and quantized; a forward
+/// through a GEMV may add an `epilogue` ([`gemv_with_epilogue`]).
 fn matmul_drawn<T: FloatElem>(
     dev: &Device,
     c: Case,
     q: &reference::Nf4Quantized,
     path: MatmulPath,
     forward: bool,
+    epilogue: Option<Epilogue>,
 ) -> Result<CheckRow>
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
@@ -224,20 +252,62 @@ where
         .iter()
         .flat_map(|&r| a[r * k_in..(r + 1) * k_in].iter().copied())
         .collect();
-    let expected = if forward {
-        linear::linear(&a_checked, &what, checked.len(), c.rows, c.cols)?
-    } else {
-        linear::linear_dx(&a_checked, &what, checked.len(), c.rows, c.cols)?
+    // A GEMV's epilogue: its terms, which the reference takes as more of K,
+    // [x | u | 1] · [Ŵ | b | bias]ᵀ, summed before the one rounding.
+    let (k_ref, label, bias, u, b) = match epilogue {
+        Some(e) => {
+            let rank = e.rank.unwrap_or(0);
+            let bias: Vec<T> = random_vec(&mut rng, if e.bias { c.rows } else { 0 }, 1.0);
+            let u: Vec<T> = random_vec(&mut rng, c.m * rank, 1.0);
+            let b: Vec<T> = random_vec(&mut rng, c.rows * rank, 0.1);
+            let terms = match e.rank {
+                Some(r) => format!(" + epilogue (bias {}, rank {r})", e.bias),
+                None => format!(" + epilogue (bias {})", e.bias),
+            };
+            let label = path.label(true, T::DTYPE) + &terms;
+            (c.cols + rank + 1, label, bias, u, b)
+        }
+        None => (k_in, path.label(forward, T::DTYPE), vec![], vec![], vec![]),
+    };
+    let expected = match epilogue {
+        Some(e) => {
+            let rank = e.rank.unwrap_or(0);
+            let one = T::from_f32(if e.bias { 1.0 } else { 0.0 });
+            let x_ext: Vec<T> = checked
+                .iter()
+                .flat_map(|&r| {
+                    let x = a[r * c.cols..(r + 1) * c.cols].iter().copied();
+                    x.chain(u[r * rank..(r + 1) * rank].iter().copied())
+                        .chain([one])
+                })
+                .collect();
+            let w_ext: Vec<f32> = (0..c.rows)
+                .flat_map(|n| {
+                    let w = what[n * c.cols..(n + 1) * c.cols].iter().copied();
+                    let bias_n = bias.get(n).map_or(0.0, |v| v.to_f32());
+                    w.chain(b[n * rank..(n + 1) * rank].iter().map(|v| v.to_f32()))
+                        .chain([bias_n])
+                })
+                .collect();
+            linear::linear(&x_ext, &w_ext, checked.len(), c.rows, k_ref)?
+        }
+        None if forward => linear::linear(&a_checked, &what, checked.len(), c.rows, c.cols)?,
+        None => linear::linear_dx(&a_checked, &what, checked.len(), c.rows, c.cols)?,
     };
     let wd = Nf4Weight::upload(dev, q)?;
     let ad = dev.upload(&a)?;
+    let (bias_d, u_d, b_d) = (dev.upload(&bias)?, dev.upload(&u)?, dev.upload(&b)?);
     let mut out = dev.alloc_poisoned::<T>(c.m * n_out)?;
-    let run = |out: &mut crate::Buffer<T>| {
-        if forward {
-            nf4::forward_with(&wd, &ad, c.m, out, path)
-        } else {
-            nf4::backward_dx_with(&wd, &ad, c.m, out, path)
+    let run = |out: &mut crate::Buffer<T>| match epilogue {
+        Some(e) => {
+            let terms = nf4::GemvEpilogue {
+                bias: e.bias.then_some(&bias_d),
+                low_rank: e.rank.map(|r| (&u_d, &b_d, r)),
+            };
+            nf4::gemv_with_epilogue(&wd, &ad, c.m, out, path, terms)
         }
+        None if forward => nf4::forward_with(&wd, &ad, c.m, out, path),
+        None => nf4::backward_dx_with(&wd, &ad, c.m, out, path),
     };
     run(&mut out)?;
     let got = out.to_host()?;
@@ -248,10 +318,10 @@ where
     let err = rel_l2(&got_checked, &expected);
     let t = time_if(dev, c.timed, || run(&mut out))?;
     Ok(row(
-        path.label(forward, T::DTYPE),
+        label,
         dev,
         &c,
-        Measure::RelL2(matmul_bound(T::DTYPE, k_in)),
+        Measure::RelL2(matmul_bound(T::DTYPE, k_ref)),
         err,
         t,
     ))
@@ -320,15 +390,31 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
             if m > gemv.max_rows() {
                 continue;
             }
-            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, gemv, true)?);
-            report.push(matmul_drawn::<f16>(dev, c, &q_f16, gemv, true)?);
+            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, gemv, true, None)?);
+            report.push(matmul_drawn::<f16>(dev, c, &q_f16, gemv, true, None)?);
         }
+    }
+    // A QLoRA layer's forward at decode sizes: bias and a rank-16 term in the GEMV's epilogue.
+    let qlora = Epilogue {
+        bias: true,
+        rank: Some(16),
+    };
+    for m in [1, 64] {
+        let c = Case { m, ..base };
+        report.push(matmul_drawn::<bf16>(
+            dev,
+            c,
+            &q_bf16,
+            MatmulPath::GemvMma,
+            true,
+            Some(qlora),
+        )?);
     }
     for path in paths {
         let c = Case { m: m_gemm, ..base };
         for forward in [true, false] {
-            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, path, forward)?);
-            report.push(matmul_drawn::<f16>(dev, c, &q_f16, path, forward)?);
+            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, path, forward, None)?);
+            report.push(matmul_drawn::<f16>(dev, c, &q_f16, path, forward, None)?);
         }
     }
     Ok(())
@@ -353,6 +439,7 @@ pub fn wgmma(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Resu
             &q_bf16,
             MatmulPath::FusedGemmWgmma,
             forward,
+            None,
         )?);
         report.push(matmul_drawn::<f16>(
             dev,
@@ -360,6 +447,7 @@ pub fn wgmma(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Resu
             &q_f16,
             MatmulPath::FusedGemmWgmma,
             forward,
+            None,
         )?);
     }
     Ok(())

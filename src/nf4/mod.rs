@@ -26,7 +26,7 @@ use crate::device::{
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
 use crate::params::{
-    self, Nf4DequantizeParams, Nf4MatmulParams, Nf4NestedParams, Nf4QuantizeParams,
+    self, Nf4DequantizeParams, Nf4GemvEpilogue, Nf4MatmulParams, Nf4NestedParams, Nf4QuantizeParams,
 };
 use crate::reference::nf4::{check_blocksize, dynamic_map, Absmax, NestedAbsmax, Nf4Quantized};
 
@@ -626,6 +626,68 @@ where
     run_matmul(w, dy, m, dx, path, false)
 }
 
+/// What a GEMV adds to each output before its one rounding, in f32: a LoRA layer's bias and
+/// low-rank term over an NF4 base, so that its forward at decode sizes reads the 4-bit
+/// weight once and writes `y` once ([`gemv_with_epilogue`]).
+#[derive(Clone, Copy)]
+pub struct GemvEpilogue<'a, T: FloatElem> {
+    /// `bias [rows]`, added to every row of the output.
+    pub bias: Option<&'a Buffer<T>>,
+    /// The low-rank term `u bᵀ`: `u [m, rank]` and `b [rows, rank]` (a LoRA layer's
+    /// `scale · dropout(x) Aᵀ` and `lora_B`), and the rank.
+    pub low_rank: Option<(&'a Buffer<T>, &'a Buffer<T>, usize)>,
+}
+
+/// `y[m, rows] = x[m, cols] · Ŵᵀ + bias + u bᵀ` through a GEMV `path`
+/// ([`MatmulPath::GemvMma`] for up to [`GEMV_MAX_ROWS`] rows, [`MatmulPath::Gemv`] for up to
+/// [`SIMT_GEMV_MAX_ROWS`]): the epilogue's terms are summed in f32 with the product and
+/// rounded once. The GEMMs take no epilogue ([`Error::Unsupported`]).
+pub fn gemv_with_epilogue<T: FloatElem>(
+    w: &Nf4Weight,
+    x: &Buffer<T>,
+    m: usize,
+    y: &mut Buffer<T>,
+    path: MatmulPath,
+    epilogue: GemvEpilogue<'_, T>,
+) -> Result<()> {
+    check_matmul(w, x, y, m, true)?;
+    let mut e = Nf4GemvEpilogue::default();
+    if let Some(bias) = epilogue.bias {
+        Error::check_shape("nf4 gemv epilogue bias [rows]", &[w.rows], bias.len())?;
+        check_device(w.device(), bias)?;
+        e.bias = bias.ptr();
+    }
+    if let Some((u, b, rank)) = epilogue.low_rank {
+        if rank == 0 || rank > u32::MAX as usize {
+            return Err(Error::InvalidArgument {
+                what: "nf4 gemv epilogue rank",
+                why: format!("{rank}: 1 to {}", u32::MAX),
+            });
+        }
+        Error::check_shape("nf4 gemv epilogue u [m, rank]", &[m, rank], u.len())?;
+        Error::check_shape("nf4 gemv epilogue b [rows, rank]", &[w.rows, rank], b.len())?;
+        check_device(w.device(), u)?;
+        check_device(w.device(), b)?;
+        (e.u, e.b, e.rank) = (u.ptr(), b.ptr(), rank as u32);
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let p = Nf4MatmulParams {
+        w: w.params(),
+        a: x.ptr(),
+        out: y.ptr_mut(),
+        m: m as u32,
+        epilogue: e,
+        ..Nf4MatmulParams::default()
+    };
+    let dev = w.device().clone();
+    // SAFETY: x [m, cols] and y [m, rows] checked by check_matmul, the epilogue's bias
+    // [rows], u [m, rank] and b [rows, rank] above, all on w's device; raw::matmul_with
+    // refuses a path that is not a GEMV or m past its rows.
+    unsafe { raw::matmul_with(&dev, None, T::DTYPE, true, path, &p) }
+}
+
 fn run_matmul<T: FloatElem>(
     w: &Nf4Weight,
     a: &Buffer<T>,
@@ -772,6 +834,34 @@ pub mod raw {
         }
     }
 
+    /// An epilogue (`p.epilogue`) only on a GEMV, with a b and a rank of at least 1 beside
+    /// its u, and each pointer aligned to the activations' dtype.
+    fn check_epilogue(act: DType, path: MatmulPath, e: &Nf4GemvEpilogue) -> Result<()> {
+        if e.bias.is_null() && e.u.is_null() {
+            return Ok(());
+        }
+        if !matches!(path, MatmulPath::GemvMma | MatmulPath::Gemv) {
+            return Err(Error::Unsupported {
+                op: "nf4 matmul",
+                why: format!("only the GEMVs add an epilogue, not {path:?}"),
+            });
+        }
+        if !e.u.is_null() && (e.b.is_null() || e.rank == 0) {
+            return Err(Error::InvalidArgument {
+                what: "nf4 raw gemv epilogue",
+                why: format!(
+                    "a u with b {:?} and rank {}: b non-null, rank >= 1",
+                    e.b, e.rank
+                ),
+            });
+        }
+        Error::check_all_aligned(&[
+            ("nf4 raw gemv epilogue bias", e.bias, act.size()),
+            ("nf4 raw gemv epilogue u", e.u, act.size()),
+            ("nf4 raw gemv epilogue b", e.b, act.size()),
+        ])
+    }
+
     /// What the kernels assume of a weight's params, checked: a blocksize bitsandbytes
     /// allows (the kernels shift by its log2), at least one row and column, and the pointers
     /// its absmax kind reads, present and aligned (codes to 16 bytes, for the GEMVs' vector
@@ -862,7 +952,9 @@ pub mod raw {
     ///
     /// # Safety
     /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
-    /// `[m, rows]`/`[m, cols]` (backward).
+    /// `[m, rows]`/`[m, cols]` (backward), and the GEMVs' epilogue (`p.epilogue`; checked:
+    /// only on a GEMV) readable where not null: `bias [rows]`, `u [m, rank]`,
+    /// `b [rows, rank]` ([`super::gemv_with_epilogue`]).
     pub unsafe fn matmul(
         dev: &Device,
         stream: Option<CUstream>,
@@ -893,7 +985,11 @@ pub mod raw {
     ) -> Result<()> {
         float_dtype("nf4 matmul", act, &[DType::BF16, DType::F16])?;
         check_weight(&p.w)?;
-        Error::check_aligned("nf4 raw matmul activations", p.a, 16)?;
+        Error::check_all_aligned(&[
+            ("nf4 raw matmul activations", p.a, 16),
+            ("nf4 raw matmul out", p.out, act.size()),
+        ])?;
+        check_epilogue(act, path, &p.epilogue)?;
         let m = p.m as usize;
         match path {
             MatmulPath::GemvMma | MatmulPath::Gemv if !forward || m > path.max_rows() => {
