@@ -537,7 +537,7 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
       // Lane m stores activation row m0 + m's output, as the SIMT GEMV's lanes do.
       float mine = 0.0f;
 #pragma unroll
-      for (uint32_t m = 0; m < 8; ++m) {
+      for (int m = 0; m < 8; ++m) {
         const float s = warp_sum(sum[m]);
         if (lane == m) mine = s;
       }
