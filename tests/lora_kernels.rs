@@ -7,11 +7,12 @@ use finetune_kernels::check::CheckRow;
 use finetune_kernels::lora::{
     ColumnRuns, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, TileLoads,
 };
+use finetune_kernels::nf4::{self, MatmulPath, Nf4Weight};
 use finetune_kernels::reference::{lora as reference, nf4 as nf4_reference};
 use finetune_kernels::testing::{backends, backends_in_turn, emulators, random_vec, rel_l2};
 use finetune_kernels::{bf16, f16, Error};
 use proptest::prelude::*;
-use rand::{rngs::StdRng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn assert_pass(rows: finetune_kernels::Result<Vec<CheckRow>>) {
     for row in rows.unwrap() {
@@ -29,11 +30,12 @@ proptest! {
         scratch in any::<bool>(), tile_loads in prop_oneof![Just(TileLoads::Tma), Just(TileLoads::TmaMulticast), Just(TileLoads::CpAsync)],
         k_splits in prop_oneof![Just(None), (1u32..7).prop_map(Some)], narrow_stagger in any::<bool>(), wide_down in any::<bool>(),
         wgmma_blocks in prop_oneof![Just(None), (1usize..4).prop_map(Some)], fused_down in any::<bool>(), fused_v in any::<bool>(),
+        nf4_gemv in any::<bool>(),
     ) {
         for dev in backends() {
             for path in paths(&dev) {
                 let nf4_decode = if scratch { Nf4Decode::Scratch } else { Nf4Decode::InTile };
-                let c = Case { rslora, dropout, bias, nf4, nf4_decode, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, fused_down, fused_v, ..Case::new(seed, m, d_in, d_out, rank) };
+                let c = Case { rslora, dropout, bias, nf4, nf4_decode, nf4_gemv, tile_loads, path: Some(path), k_splits, narrow_stagger, wide_down, wgmma_blocks, fused_down, fused_v, ..Case::new(seed, m, d_in, d_out, rank) };
                 assert_pass(check::forward_and_backward::<bf16>(&dev, c));
                 assert_pass(check::forward_and_backward::<f16>(&dev, c));
             }
@@ -649,7 +651,7 @@ fn merge_into_nf4_matches_the_reference_requantization() {
         let w_host: Vec<bf16> = q.to_host().unwrap().dequantize();
         let expected_merged = reference::LoraLayer {
             w: &w_host,
-            bias: None,
+            bias: None::<&[bf16]>,
             a: &a_host,
             b: &b_host,
             d_in,
@@ -697,6 +699,85 @@ fn merge_into_nf4_matches_the_reference_requantization() {
 /// Backward regenerates the mask from the seed forward saved, not the layer's current one
 /// (a trainer reseeds after every forward); and no tokens give empty outputs and zero
 /// gradients.
+/// An NF4 base's forward of up to `nf4::GEMV_MAX_ROWS` rows, on every path, takes the NF4
+/// GEMV with the bias and `u Bᵀ` in its epilogue: within the reference's bound (forward and
+/// the backward after it), and bit for bit what `nf4::gemv_with_epilogue` gives over the `u`
+/// the forward saved (no other path's kernels give those bits). Odd widths (the GEMV's scalar
+/// path), aligned ones (steps of 64), ranks with rows of u and B 16-byte aligned or not,
+/// the largest rank, dropout (u masked, the base not).
+#[test]
+fn nf4_forward_of_a_few_rows_takes_the_gemv() {
+    let cases = [
+        (1, 131, 45, 7, 0.0, true, false),
+        (5, 256, 72, 16, 0.2, false, true),
+        (
+            nf4::GEMV_MAX_ROWS,
+            64,
+            33,
+            LoraConfig::MAX_RANK,
+            0.0,
+            true,
+            true,
+        ),
+        (17, 96, 129, 32, 0.1, true, false),
+    ];
+    for (i, &(m, d_in, d_out, rank, dropout, bias, rslora)) in cases.iter().enumerate() {
+        for dev in backends_in_turn(i) {
+            for path in paths(&dev) {
+                let c = Case {
+                    dropout,
+                    bias,
+                    rslora,
+                    nf4: true,
+                    path: Some(path),
+                    ..Case::new(rand::random(), m, d_in, d_out, rank)
+                };
+                assert_pass(check::forward_and_backward::<bf16>(&dev, c));
+                assert_pass(check::forward::<f16>(&dev, c));
+
+                let mut rng = StdRng::seed_from_u64(c.seed);
+                let w: Vec<bf16> = random_vec(&mut rng, d_out * d_in, 0.05);
+                let q = nf4_reference::quantize(&w, &[d_out, d_in], 64, true).unwrap();
+                let upload = |v: &[bf16]| dev.upload(v).unwrap();
+                let bias = bias.then(|| upload(&random_vec(&mut rng, d_out, 0.5)));
+                let a = upload(&random_vec(&mut rng, rank * d_in, 0.1));
+                let b = upload(&random_vec(&mut rng, d_out * rank, 0.1));
+                let x = upload(&random_vec(&mut rng, m * d_in, 1.0));
+                let config = LoraConfig {
+                    rank,
+                    alpha: 8.0,
+                    use_rslora: rslora,
+                    dropout,
+                    seed: rng.random(),
+                };
+                let base = LoraBase::Nf4(Box::new(Nf4Weight::upload(&dev, &q).unwrap()));
+                let bias_again = bias.as_ref().map(|v| upload(&v.to_host().unwrap()));
+                let layer = LoraLinear::new(base, bias, a, b, config)
+                    .and_then(|l| l.with_path(path))
+                    .unwrap();
+                assert!(layer.forward_on_nf4_gemv(m), "{path:?}");
+                let (y, saved) = layer.forward(&x, m).unwrap();
+                let mut want = dev.alloc_poisoned::<bf16>(m * d_out).unwrap();
+                let epilogue = nf4::GemvEpilogue {
+                    bias: bias_again.as_ref(),
+                    low_rank: Some((&saved.u, &layer.b, rank)),
+                };
+                let q = Nf4Weight::upload(&dev, &q).unwrap();
+                nf4::gemv_with_epilogue(&q, &x, m, &mut want, MatmulPath::GemvMma, epilogue)
+                    .unwrap();
+                let bits = |v: &finetune_kernels::Buffer<bf16>| {
+                    v.to_host()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&y), bits(&want), "{path:?} m {m} r {rank}");
+            }
+        }
+    }
+}
+
 #[test]
 fn backward_uses_the_saved_seed_and_empty_batches_work() {
     for dev in backends() {

@@ -286,6 +286,7 @@ pub fn variant_rows(
         });
         out.extend_extra(wide, "lora_down_k64")?;
     }
+    out.extend_extra(decode_rows(dev, timer, c, &inputs), "decode sizes")?;
     if paths(dev).contains(&LoraPath::FusedWgmma) {
         // The wgmma layer as it was before its GEMMs made u, v and the partials of dB and dA
         // themselves (`lora_fused_wgmma forward` and `backward`, above, run
@@ -437,6 +438,70 @@ pub fn variant_rows(
         out.extend_extra(wgmma_ladder(dev, timer, c), "wgmma ladder")?;
     }
     Ok(())
+}
+
+/// A QLoRA layer's forward at decode sizes (1 and 16 rows, the benchmark's width and rank,
+/// with a bias) on the device's default path: on the NF4 GEMV with the bias and `u Bᵀ` in
+/// its epilogue (the layer's default, `lora_qlora N rows forward`), against the same layer
+/// without it (`…, no GEMV forward`: on a GPU the Extended path, which first dequantizes the
+/// weight into its extended scratch) and the dense layer (`lora_dense N rows forward`). The
+/// floor is the NF4 weight's bytes (the dense row's, its bf16 weight's).
+fn decode_rows(
+    dev: &Device,
+    timer: &mut GpuTimer,
+    c: &Ceilings,
+    inputs: &Inputs,
+) -> Result<Vec<Row>> {
+    let (d, rank) = (inputs.d, inputs.rank);
+    let path = LoraPath::default_for(dev);
+    let qlora = || {
+        layer(
+            dev,
+            (d, d),
+            Some(Nf4Decode::Scratch),
+            0.0,
+            true,
+            path,
+            TileLoads::Tma,
+        )
+    };
+    let (gemv, nf4_bytes) = qlora()?;
+    let without = qlora()?.0.with_nf4_gemv_rows(0);
+    let (dense, dense_bytes) = layer(dev, (d, d), None, 0.0, true, path, TileLoads::Tma)?;
+    let mut rng = StdRng::seed_from_u64(13);
+    let mut rows = Vec::new();
+    for m in [1, 16] {
+        let x = dev.upload(&random_vec::<bf16>(&mut rng, m * d, 1.0))?;
+        let mut time = |l: &LoraLinear<bf16>| timer.time(2, REPS, || l.forward(&x, m).map(|_| ()));
+        let (t_gemv, t_without, t_dense) = (time(&gemv)?, time(&without)?, time(&dense)?);
+        let shape = format!("{m}x{d}→{d} r{rank}");
+        let of = if m == 1 {
+            "1 row".to_string()
+        } else {
+            format!("{m} rows")
+        };
+        // x read and y written, the weight's bytes; the base GEMM and the rank-wide two.
+        let row = |label: String, t: &Stats, w_bytes: usize| {
+            let bytes = (w_bytes + 4 * m * d) as f64;
+            let flops = (2 * m * d * (d + 2 * rank)) as f64;
+            Row::new("lora", &label, &shape, t, bytes, flops, c)
+        };
+        rows.push(
+            row(format!("lora_qlora {of} forward"), &t_gemv, nf4_bytes)
+                .with_baseline("the same layer without the GEMV", t_without.median_us),
+        );
+        rows.push(row(
+            format!("lora_qlora {of}, no GEMV forward"),
+            &t_without,
+            nf4_bytes,
+        ));
+        rows.push(row(
+            format!("lora_dense {of} forward"),
+            &t_dense,
+            dense_bytes,
+        ));
+    }
+    Ok(rows)
 }
 
 /// The row `label` of a whole layer call that took `t`, its floor from `work` (bytes, FLOPs),

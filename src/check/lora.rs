@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::lora::{
     ColumnRuns, LoraBase, LoraConfig, LoraLinear, LoraPath, Nf4Decode, Saved, TileLoads,
 };
-use crate::nf4::Nf4Weight;
+use crate::nf4::{self, Nf4Weight};
 use crate::reference::{lora as reference, nf4 as nf4_reference};
 use crate::testing::{random_vec, rel_l2};
 use crate::{bf16, f16};
@@ -38,6 +38,10 @@ pub struct Case {
     pub nf4: bool,
     /// How the fused paths feed the NF4 base to their GEMMs.
     pub nf4_decode: Nf4Decode,
+    /// An NF4 base's forward of up to `nf4::GEMV_MAX_ROWS` rows on the NF4 GEMV, the bias
+    /// and `u Bᵀ` in its epilogue (`LoraLinear::with_nf4_gemv_rows`, on by default); `false`:
+    /// on the path's own GEMM at any rows.
+    pub nf4_gemv: bool,
     /// How the FusedWgmma path loads its tiles.
     pub tile_loads: TileLoads,
     /// Whether to time the kernels (on a GPU only).
@@ -77,6 +81,7 @@ impl Case {
             bias: false,
             nf4: false,
             nf4_decode: Nf4Decode::InTile,
+            nf4_gemv: true,
             tile_loads: TileLoads::Tma,
             timed: false,
             path: None,
@@ -150,6 +155,9 @@ impl CheckCase for Case {
             if self.nf4_decode == Nf4Decode::Scratch {
                 s += " scratch";
             }
+            if !self.nf4_gemv {
+                s += " no gemv";
+            }
         }
         if let Some(path) = self.path {
             s += &format!(" {path:?}");
@@ -165,10 +173,12 @@ impl CheckCase for Case {
     }
 }
 
-/// The layer on the device and its host copies (w as the kernels see it: NF4 dequantized).
+/// The layer on the device and its host copies (w as the kernels see it: NF4 dequantized;
+/// `w_gemv` as the NF4 GEMV does, its codes in T times the f32 absmax).
 struct Setup<T: FloatElem> {
     layer: LoraLinear<T>,
     w: Vec<T>,
+    w_gemv: Vec<f32>,
     bias: Option<Vec<T>>,
     a: Vec<T>,
     b: Vec<T>,
@@ -185,7 +195,7 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
         seed: rng.random(),
     };
     let w0: Vec<T> = random_vec(rng, c.d_out * c.d_in, 0.05);
-    let (base, w) = if c.nf4 {
+    let (base, w, w_gemv) = if c.nf4 {
         // Blocksize and double quantization drawn with the rest of the case: the wgmma path
         // decodes runs of 16 elements, each inside one block at every blocksize.
         let blocksize = 32 << rng.random_range(0..4);
@@ -193,9 +203,10 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
         (
             LoraBase::Nf4(Box::new(Nf4Weight::upload(dev, &q)?)),
             q.dequantize::<T>(),
+            q.dequantize_with_codes_in::<T>(),
         )
     } else {
-        (LoraBase::Dense(dev.upload(&w0)?), w0)
+        (LoraBase::Dense(dev.upload(&w0)?), w0, vec![])
     };
     let bias: Option<Vec<T>> = c.bias.then(|| random_vec(rng, c.d_out, 0.5));
     let a: Vec<T> = random_vec(rng, c.rank * c.d_in, 0.1);
@@ -220,10 +231,12 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
         .with_fused_down(c.fused_down)
         .with_fused_v(c.fused_v)
         .with_nf4_decode(c.nf4_decode)
+        .with_nf4_gemv_rows(if c.nf4_gemv { nf4::GEMV_MAX_ROWS } else { 0 })
         .with_tile_loads(c.tile_loads);
     Ok(Setup {
         layer,
         w,
+        w_gemv,
         bias,
         a,
         b,
@@ -282,8 +295,12 @@ fn unscaled_u<T: FloatElem>(s: &Setup<T>, saved: &Saved<T>) -> Result<Vec<f32>> 
 
 /// The name a row of the layer's `op` goes by: the path, then the base (`_nf4`, or
 /// `_nf4_scratch` through a scratch weight), then the dtype, e.g.
-/// `lora_extended_forward_nf4_bf16`.
+/// `lora_extended_forward_nf4_bf16`; an NF4 base's forward on the GEMV names the GEMV.
 fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
+    if op == "forward" && s.layer.forward_on_nf4_gemv(c.m) {
+        // Every path's forward of a few rows over NF4: lora_down, then the GEMV.
+        return format!("lora_forward ▸ nf4_gemv_mma_{} + epilogue", T::DTYPE);
+    }
     let path = if s.layer.path() == LoraPath::Extended {
         "extended_"
     } else {
@@ -360,7 +377,21 @@ fn forward_rows<T: FloatElem>(
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
-    let expected = reference_layer(s, &c).forward(&s.x, c.m)?;
+    let expected = if s.layer.forward_on_nf4_gemv(c.m) {
+        let layer = reference_layer(s, &c);
+        reference::LoraLayer {
+            w: &s.w_gemv,
+            bias: layer.bias,
+            a: layer.a,
+            b: layer.b,
+            d_in: c.d_in,
+            d_out: c.d_out,
+            config: s.config,
+        }
+        .forward(&s.x, c.m)?
+    } else {
+        reference_layer(s, &c).forward(&s.x, c.m)?
+    };
     let (y, saved) = s.layer.forward(x, c.m)?;
     let u = unscaled_u(s, &saved)?;
     let t = time_if(dev, c.timed, || s.layer.forward(x, c.m).map(|_| ()))?;
@@ -376,8 +407,8 @@ where
     };
     // u from lora_down, or from the forward's own kernel.
     let u_name = match s.layer.fused_down() {
-        Some(_) => format!("{name} ▸ u"),
-        None => format!("lora_down_{}", T::DTYPE),
+        Some(_) if !s.layer.forward_on_nf4_gemv(c.m) => format!("{name} ▸ u"),
+        _ => format!("lora_down_{}", T::DTYPE),
     };
     let rows = vec![
         row(

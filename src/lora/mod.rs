@@ -65,7 +65,7 @@ use crate::device::blas::{self, WeightOp};
 use crate::device::{check_device, Buffer, Device, Kernel, LaunchConfig, TileMap};
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
-use crate::nf4::Nf4Weight;
+use crate::nf4::{self, Nf4Weight};
 use crate::params::{self, FkTensorMap, LoraParams};
 pub use crate::reference::lora::LoraConfig;
 use cudarc::cublas::{CudaBlas, Gemm};
@@ -92,6 +92,19 @@ pub enum LoraPath {
     FusedWgmma,
     /// The base GEMMs on cuBLAS through a K-extended layout (a GPU with cuBLAS).
     Extended,
+}
+
+impl LoraPath {
+    /// The path [`LoraLinear::new`] picks on `dev`. By measurement (the module docs):
+    /// cuBLAS's on a GPU, Hopper included; the mma.sync kernels where there is no GPU (the
+    /// emulator).
+    pub fn default_for(dev: &Device) -> LoraPath {
+        if dev.has_cublas() {
+            LoraPath::Extended
+        } else {
+            LoraPath::Fused
+        }
+    }
 }
 
 /// How the fused paths feed an NF4 base's `Ŵ` to their base GEMMs (the Extended path always
@@ -197,6 +210,7 @@ pub struct LoraLinear<T: FloatElem> {
     /// Whether `u` comes from `lora_down_k64` (steps of 64 along K) rather than `lora_down`.
     wide_down: bool,
     nf4_decode: Nf4Decode,
+    nf4_gemv_rows: usize,
     tile_loads: TileLoads,
     /// Most blocks of the wgmma base GEMMs (`None`: one per SM).
     wgmma_blocks: Option<usize>,
@@ -552,13 +566,7 @@ impl<T: FloatElem> LoraLinear<T> {
             Error::check_shape("bias [out]", &[d_out], bias.len())?;
             check_device(&dev, bias)?;
         }
-        // By measurement (the module docs): cuBLAS's path on a GPU, Hopper included; the
-        // mma.sync kernels where there is no GPU (the emulator).
-        let path = if dev.has_cublas() {
-            LoraPath::Extended
-        } else {
-            LoraPath::Fused
-        };
+        let path = LoraPath::default_for(&dev);
         let base = match base {
             LoraBase::Dense(w) => Base::Dense(w),
             LoraBase::Nf4(q) => Base::Nf4(q),
@@ -581,6 +589,7 @@ impl<T: FloatElem> LoraLinear<T> {
             fused_da: true,
             wide_down: false,
             nf4_decode: Nf4Decode::default(),
+            nf4_gemv_rows: nf4::GEMV_MAX_ROWS,
             tile_loads: TileLoads::default(),
             wgmma_blocks: None,
             id: NEXT_LAYER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -785,6 +794,29 @@ impl<T: FloatElem> LoraLinear<T> {
     /// ([`Self::with_nf4_decode`]; [`Nf4Decode::Scratch`] by default).
     pub fn nf4_decode(&self) -> Nf4Decode {
         self.nf4_decode
+    }
+
+    /// The layer with an NF4 base's forward of up to `rows` rows (at most
+    /// [`nf4::GEMV_MAX_ROWS`]; 0: none) on the NF4 tensor-core GEMV, on every path: `u` from
+    /// `lora_down`, then the GEMV reads the 4-bit weight once and adds the bias and `u Bᵀ`
+    /// in its epilogue ([`nf4::gemv_with_epilogue`]), where the other paths would first
+    /// decode `Ŵ` (into a scratch weight, or in each tile of a GEMM sized for many rows).
+    /// Decode and small-batch evaluation. The backward is as before.
+    pub fn with_nf4_gemv_rows(mut self, rows: usize) -> Self {
+        self.nf4_gemv_rows = rows.min(nf4::GEMV_MAX_ROWS);
+        self
+    }
+
+    /// Rows up to which an NF4 base's forward takes the GEMV ([`Self::with_nf4_gemv_rows`];
+    /// [`nf4::GEMV_MAX_ROWS`] by default).
+    pub fn nf4_gemv_rows(&self) -> usize {
+        self.nf4_gemv_rows
+    }
+
+    /// Whether a forward of `m` rows takes the NF4 GEMV ([`Self::with_nf4_gemv_rows`]): an
+    /// NF4 base and at most that many rows.
+    pub fn forward_on_nf4_gemv(&self, m: usize) -> bool {
+        matches!(self.base, Base::Nf4(_)) && m <= self.nf4_gemv_rows
     }
 
     /// The layer with the FusedWgmma path's operands loaded as `loads` says (no effect on
@@ -1104,8 +1136,16 @@ impl<T: FloatElem> LoraLinear<T> {
         p.x = x.ptr();
         p.u = u.ptr_mut();
         p.y = y.ptr_mut();
-        match self.path {
-            LoraPath::Fused | LoraPath::FusedWgmma => {
+        match (&self.base, self.path) {
+            (Base::Nf4(q), _) if self.forward_on_nf4_gemv(m) => {
+                self.rank_gemm("lora_down", self.wide_down, &mut p, m, self.d_in)?;
+                let epilogue = nf4::GemvEpilogue {
+                    bias: self.bias.as_ref(),
+                    low_rank: Some((&u, &self.b, self.config.rank)),
+                };
+                nf4::gemv_with_epilogue(q, x, m, &mut y, nf4::MatmulPath::GemvMma, epilogue)?;
+            }
+            (_, LoraPath::Fused | LoraPath::FusedWgmma) => {
                 let op = match self.fused_down() {
                     Some(side) => format!("forward_down{side}"),
                     None => {
@@ -1123,7 +1163,7 @@ impl<T: FloatElem> LoraLinear<T> {
                     dev.launch(&name, cfg, &p)?;
                 }
             }
-            LoraPath::Extended => {
+            (_, LoraPath::Extended) => {
                 let ld = self.extended_ld();
                 let (scratch, x_ext) = self.extended_down(&mut p, m)?;
                 let w_ext = self.extended(&scratch);

@@ -100,12 +100,14 @@ impl LoraConfig {
     }
 }
 
-/// One LoRA layer's weights: `T` is the activations' and the base weight's dtype, `L` the
-/// adapter's (often f32 over a bf16 model). Shapes in the [module docs](self).
+/// One LoRA layer's weights: `T` is the activations' dtype, `L` the adapter's (often f32
+/// over a bf16 model), `W` the base weight's (T unless a kernel sees the weight in more
+/// precision than T: f32 for an NF4 weight's codes in T times its f32 absmax, as the NF4
+/// GEMV computes). Shapes in the [module docs](self).
 #[derive(Debug, Clone, Copy)]
-pub struct LoraLayer<'a, T, L> {
+pub struct LoraLayer<'a, T, L, W = T> {
     /// `[out, in]`
-    pub w: &'a [T],
+    pub w: &'a [W],
     /// `[out]`
     pub bias: Option<&'a [T]>,
     /// `[r, in]`
@@ -226,7 +228,7 @@ impl Mat {
     }
 }
 
-impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
+impl<T: FloatElem, L: FloatElem, W: FloatElem> LoraLayer<'_, T, L, W> {
     fn validate(&self) -> Result<()> {
         self.config.validate()?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);
@@ -330,8 +332,8 @@ impl<T: FloatElem, L: FloatElem> LoraLayer<'_, T, L> {
         })
     }
 
-    /// The merged weight `W + scale · B A` `[out, in]`, rounded to `T` through f32.
-    pub fn merged(&self) -> Result<Vec<T>> {
+    /// The merged weight `W + scale · B A` `[out, in]`, rounded to W's dtype through f32.
+    pub fn merged(&self) -> Result<Vec<W>> {
         self.validate()?;
         let (r, i, o) = (self.config.rank, self.d_in, self.d_out);
         let delta = Mat::new(self.b, o, r).mul(&Mat::new(self.a, r, i));
