@@ -554,11 +554,14 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
             if nf4_decode == Nf4Decode::Scratch && path == LoraPath::Extended {
                 continue; // the Extended path always dequantizes: the same rows again
             }
+            // The NF4 base on the path's own GEMMs: at these rows its forward would take the
+            // GEMV, which the row after the loop checks.
             let c = Case {
                 dropout,
                 bias,
                 nf4,
                 nf4_decode,
+                nf4_gemv: false,
                 rslora,
                 seed: seed ^ (dropout.to_bits() as u64),
                 path: Some(path),
@@ -570,6 +573,16 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
             }
         }
     }
+    // A QLoRA layer's forward of a few rows (decode): the NF4 GEMV, the bias and u Bᵀ in its
+    // epilogue, on every path alike.
+    let decode = Case {
+        dropout: 0.05,
+        bias: true,
+        nf4: true,
+        ..Case::new(seed, if realistic { 1 } else { 3 }, d_in, d_out, rank)
+    };
+    report.extend(forward::<bf16>(dev, decode)?);
+    report.extend(forward::<f16>(dev, decode)?);
     if dev.has_wgmma() {
         // The wgmma path at a shape whose every operand TMA can load (rows a multiple of 8
         // elements), by cp.async, by TMA multicast to pairs of blocks, and by plain TMA where

@@ -49,7 +49,10 @@
 //!
 //! Over an NF4 base the fused paths decode `Ŵ` in their base GEMMs' tiles, never
 //! materializing it, or into a scratch weight each call ([`Nf4Decode`]), whichever a GPU run
-//! measures faster for the GEMM.
+//! measures faster for the GEMM. A forward of a few rows (decode, small-batch evaluation: up
+//! to [`LoraLinear::nf4_gemv_rows`]) takes, on every path, `lora_down` and then the NF4 GEMV
+//! with the bias and `u Bᵀ` in its epilogue ([`nf4::gemv_with_epilogue`]): the 4-bit weight
+//! is read once and nothing is decoded.
 //!
 //! The down-projection `u` and `v = scale · dY B` are GEMMs only `rank` wide: one block per
 //! 128 rows would leave most of a GPU idle, so they are split over K ([`k_split_count`],
