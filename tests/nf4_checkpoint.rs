@@ -569,6 +569,67 @@ fn codes_in_another_storage_dtype_read_the_same() {
     }
 }
 
+/// `fk quantize` over a checkpoint whose NF4 codes are packed in bf16 or f32: those weights are
+/// NF4 all the same. They are not quantized again (their 2-D float codes are no weight to
+/// quantize), nor listed as left alone (which would put their modules in the config's
+/// `llm_int8_skip_modules`), and their codes are written as u8, the storage that config
+/// names, reading back as the u8 input does.
+#[test]
+fn nf4_weights_in_another_storage_are_written_as_u8() {
+    let dir = scratch("storage");
+    let plain = read_file(&data_dirs()[0].join("checkpoint_dq.safetensors")).unwrap();
+    let expected = Checkpoint::parse(&plain, "u8").unwrap().nf4;
+    for dtype in [Dtype::BF16, Dtype::F32] {
+        // Every weight whose codes fill whole elements of the dtype: the others (an odd
+        // weight's) stay u8, so the file holds both, as no model would, and both are kept.
+        let bytes = edited(move |t| {
+            for w in LINEARS {
+                let c = t.get_mut(w).unwrap();
+                if c.data.len() % 4 == 0 {
+                    c.dtype = dtype;
+                    c.shape = vec![c.data.len() * 8 / dtype.bitsize(), 1];
+                }
+            }
+        });
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let relabelled = LINEARS
+            .iter()
+            .filter(|w| st.tensor(w).unwrap().dtype() == dtype)
+            .count();
+        assert!(relabelled >= 3, "{relabelled} weights' codes in {dtype:?}");
+        let input = dir.join(format!("in-{dtype:?}.safetensors"));
+        std::fs::write(&input, bytes).unwrap();
+        let nothing = QuantizeOptions {
+            include: vec!["*.nothing".into()],
+            ..QuantizeOptions::default()
+        };
+        for opts in [QuantizeOptions::default(), nothing] {
+            let out = dir.join("out.safetensors");
+            let s = quantize_file(&input, &out, &opts).unwrap();
+            assert!(s.quantized.is_empty(), "{dtype:?}: {:?}", s.quantized);
+            assert_eq!(s.already_nf4, LINEARS, "{dtype:?}");
+            let modules = s.skip_modules();
+            for w in LINEARS {
+                assert!(
+                    !s.left_alone.iter().any(|n| n == w),
+                    "{dtype:?}: {w} left alone"
+                );
+                let module = w.strip_suffix(".weight").unwrap();
+                assert!(
+                    !modules.iter().any(|m| m == module),
+                    "{dtype:?}: skips {module}"
+                );
+            }
+            let written = read_file(&out).unwrap();
+            let st = SafeTensors::deserialize(&written).unwrap();
+            for w in LINEARS {
+                assert_eq!(st.tensor(w).unwrap().dtype(), Dtype::U8, "{dtype:?}: {w}");
+            }
+            assert_eq!(Checkpoint::parse(&written, "out").unwrap().nf4, expected);
+        }
+    }
+}
+
 /// Other model families' names: GPT-2's and T5's embeddings, nested and renamed heads stay
 /// as they are by default, and are listed; GPT-2's Conv1D weights (stored [in, out], as their
 /// biases show) are refused unless `transpose` names them, and then quantized as their

@@ -766,16 +766,28 @@ fn quantize_one(
     let file = input.display().to_string();
     let bytes = read_file(input)?;
     let (st, metadata) = deserialize(&bytes, &file)?;
-    // Copied as they are, but read as merge reads them first: an NF4 weight that does not
-    // hold together is refused, not passed on.
+    // The NF4 weights already there, read as merge reads them first: one that does not hold
+    // together is refused, not passed on. Their parts are copied as they are where the codes
+    // are stored as u8; codes packed in another dtype (`bnb_4bit_quant_storage`, e.g. bf16
+    // under FSDP) are written as u8, the storage the config written beside them names (and
+    // their 2-D float codes are not taken for a weight to quantize).
+    let (mut kept, mut restored) = (BTreeMap::new(), BTreeMap::new());
     for weight in nf4_weights(&st, &file)? {
-        read_nf4(&st, weight, &file)?;
+        let q = read_nf4(&st, weight, &file)?;
         summary.already_nf4.push(weight.to_string());
+        let u8_codes = st.tensor(weight).is_ok_and(|v| v.dtype() == Dtype::U8);
+        if u8_codes { &mut kept } else { &mut restored }.insert(weight.to_string(), q);
     }
     let mut out = Vec::new();
+    for (weight, q) in &restored {
+        out.extend(nf4_tensors(weight, q)?);
+    }
     for (name, view) in st.iter() {
         let raw = RawTensor::from(view);
-        if !opts.selects(name, raw.dtype, &raw.shape) {
+        if is_part_of(name, &restored) {
+            continue;
+        }
+        if is_part_of(name, &kept) || !opts.selects(name, raw.dtype, &raw.shape) {
             if is_float_matrix(raw.dtype, &raw.shape) {
                 summary.left_alone.push(name.to_string());
             }
