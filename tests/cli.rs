@@ -18,6 +18,7 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// Each names the argument at fault (the last one), before anything runs.
 #[test]
 fn unknown_arguments_are_errors() {
     for args in [
@@ -25,7 +26,7 @@ fn unknown_arguments_are_errors() {
         &["check", "--seed"],
         &["info", "junk"],
         &["kernels", "--resource"],
-        &["bench", "--json", "x.json", "--mdd", "x.md"],
+        &["bench", "--json", "x.json", "--mdd"],
         &["regdump", "--out"],
         &["profile", "nf4", "extra"],
         &["quantize", "a", "b", "--blocksize"],
@@ -34,9 +35,40 @@ fn unknown_arguments_are_errors() {
         let out = fk(args, &[]);
         let said = text(&out);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        let named = args.last().unwrap();
         assert!(
-            said.contains("fk: ") && !said.contains("check:"),
+            said.starts_with("fk: ") && said.lines().next().unwrap().contains(named),
             "{args:?}: {said}"
+        );
+        assert!(!said.contains("check:"), "{args:?}: {said}");
+    }
+}
+
+/// `--no-default-excludes` drops the default patterns, not the user's own `--exclude`s,
+/// whichever comes first: lm_head (a default exclude) named by --exclude stays as it is.
+#[test]
+fn no_default_excludes_keeps_the_users_excludes() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/nf4/cpu/checkpoint_input.safetensors"
+    );
+    let out = dir.join("out.safetensors");
+    let out = out.to_str().unwrap();
+    let (exclude, drop) = (["--exclude", "*lm_head*"], ["--no-default-excludes"]);
+    for flags in [
+        [&exclude[..], &drop].concat(),
+        [&drop[..], &exclude].concat(),
+    ] {
+        let said = fk(&[&["quantize", input, out][..], &flags].concat(), &[]);
+        assert!(said.status.success(), "{flags:?}: {}", text(&said));
+        let said = text(&said);
+        assert!(!said.contains("nf4  lm_head.weight"), "{flags:?}: {said}");
+        // The default excludes did go: the embedding is quantized.
+        assert!(
+            said.contains("nf4  model.embed_tokens.weight"),
+            "{flags:?}: {said}"
         );
     }
 }

@@ -32,7 +32,7 @@ use finetune_kernels::lora::{
     self,
     adapter::{merge_checkpoint, Adapter},
 };
-use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions, DEFAULT_EXCLUDE};
+use finetune_kernels::nf4::checkpoint::{quantize_file, QuantizeOptions};
 use finetune_kernels::{params, regdump, Error};
 use std::path::Path;
 use std::process::ExitCode;
@@ -407,8 +407,8 @@ fn run_profile(args: &[String]) -> Result<(), String> {
 /// drops; `--transpose` names weights stored `[in, out]` (GPT-2's `Conv1D`).
 fn run_quantize(args: &[String]) -> Result<(), String> {
     let mut opts = QuantizeOptions::default();
-    let (mut include, mut paths) = (Vec::new(), Vec::new());
-    let mut blocksize_given = false;
+    let (mut include, mut exclude, mut paths) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut blocksize_given, mut default_excludes) = (false, true);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{arg} needs a value"));
@@ -421,8 +421,8 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
             }
             "--no-double-quant" => opts.double_quant = false,
             "--include" => include.push(value()?),
-            "--exclude" => opts.exclude.push(value()?),
-            "--no-default-excludes" => opts.exclude.retain(|p| !DEFAULT_EXCLUDE.contains(&&**p)),
+            "--exclude" => exclude.push(value()?),
+            "--no-default-excludes" => default_excludes = false,
             "--transpose" => opts.transpose.push(value()?),
             flag if flag.starts_with("--") => return Err(format!("unknown flag {flag}\n{USAGE}")),
             path => paths.push(path),
@@ -434,6 +434,11 @@ fn run_quantize(args: &[String]) -> Result<(), String> {
     if !include.is_empty() {
         opts.include = include;
     }
+    // The user's patterns whatever the order of the flags, the defaults unless dropped.
+    if !default_excludes {
+        opts.exclude.clear();
+    }
+    opts.exclude.extend(exclude);
     let s = quantize_file(Path::new(input), Path::new(output), &opts).map_err(|e| e.to_string())?;
     for name in &s.quantized {
         println!("nf4  {name}");
