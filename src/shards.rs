@@ -132,7 +132,8 @@ impl Layout {
     /// Runs `convert(input, output)` on each file of the checkpoint, which stages its
     /// output. A file's output is `output`, or `output/<its name>` where `output` is a
     /// directory; a checkpoint found in a directory goes into the directory `output` (made
-    /// if absent, removed again if the conversion fails), shards under their names beside
+    /// if absent, with any missing parents, and removed again unless the conversion is
+    /// committed), shards under their names beside
     /// an index of what was written (staged too). `output` may be the input's own
     /// directory: nothing is renamed into place before [`Converted::commit`]. Refused: a
     /// directory `output` (not the input's) holding the other layout's weights, which
@@ -152,16 +153,28 @@ impl Layout {
             }
             Layout::Directory(dir) | Layout::Sharded { dir, .. } => dir,
         };
-        let created = !output.exists();
+        // The directories made here, deepest first: removed again unless the conversion is
+        // committed.
+        let created: Vec<PathBuf> = output
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-        let converted = self
+        match self
             .check_no_other_layout(dir, output)
-            .and_then(|()| self.convert_into(output, convert));
-        if converted.is_err() && created {
-            // Empty by now: every staged file was removed when dropped.
-            let _ = std::fs::remove_dir(output);
+            .and_then(|()| self.convert_into(output, convert))
+        {
+            Ok(mut converted) => {
+                converted.created = created;
+                Ok(converted)
+            }
+            Err(e) => {
+                // Empty by now: every staged file was removed when dropped.
+                remove_empty(&created);
+                Err(e)
+            }
         }
-        converted
     }
 
     /// Errors where `output` (another directory than `dir`) holds weights of the layout this
@@ -234,8 +247,16 @@ impl Layout {
     }
 }
 
+/// Removes the directories `dirs` (deepest first) that are empty.
+fn remove_empty(dirs: &[PathBuf]) {
+    for d in dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
 /// What [`Layout::convert`] wrote, not yet in place: the checkpoint's files, its index, and
-/// any side files [`Converted::carry_side_files`] added.
+/// any side files [`Converted::carry_side_files`] added. Dropped uncommitted (an error after
+/// the conversion), it removes them, and the output directories the conversion made.
 #[must_use = "converted files are removed unless committed"]
 #[derive(Debug)]
 pub struct Converted {
@@ -244,6 +265,18 @@ pub struct Converted {
     side: Vec<Staged>,
     /// The output's directory, for a checkpoint found in a directory.
     dir: Option<PathBuf>,
+    /// The directories [`Layout::convert`] made for the output, deepest first.
+    created: Vec<PathBuf>,
+}
+
+impl Drop for Converted {
+    fn drop(&mut self) {
+        // The staged files first (each removes itself), then the directories they were in.
+        self.files.clear();
+        self.index = None;
+        self.side.clear();
+        remove_empty(&self.created);
+    }
 }
 
 impl Converted {
@@ -253,6 +286,7 @@ impl Converted {
             index: None,
             side: Vec::new(),
             dir: dir.map(Path::to_path_buf),
+            created: Vec::new(),
         }
     }
 
@@ -293,8 +327,13 @@ impl Converted {
     /// Renames every staged file into place: the weights, the side files, the index last.
     /// A failed rename (or a crash) part of the way leaves the files before it converted
     /// and those after it as they were.
-    pub fn commit(self) -> Result<()> {
-        for file in self.files.into_iter().chain(self.side).chain(self.index) {
+    pub fn commit(mut self) -> Result<()> {
+        self.created.clear();
+        let (files, side) = (
+            std::mem::take(&mut self.files),
+            std::mem::take(&mut self.side),
+        );
+        for file in files.into_iter().chain(side).chain(self.index.take()) {
             file.commit()?;
         }
         Ok(())

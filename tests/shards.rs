@@ -496,6 +496,45 @@ fn bad_indexes_are_typed_errors() {
     assert!(!out.exists(), "a failed conversion left {out:?}");
 }
 
+/// A failure found after the weights were converted (a `config.json` that is no JSON object,
+/// an adapter for a module the base lacks) leaves no output: not the directory the
+/// conversion made, nor the missing parents made for it.
+#[test]
+fn failures_after_the_conversion_leave_no_directory() {
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let dir = scratch("late-failure");
+    let (input, _) = sharded_model(&dir, &mut rng);
+    std::fs::write(input.join("config.json"), "[1]").unwrap();
+    let made = dir.join("made");
+    let out = made.join("deeper").join("out");
+    let opts = QuantizeOptions {
+        transpose: vec!["transformer.h.*.c_*.weight".into()],
+        ..QuantizeOptions::default()
+    };
+    match quantize_file(&input, &out, &opts) {
+        Err(Error::Checkpoint { file, .. }) => assert!(file.ends_with("config.json"), "{file}"),
+        other => panic!("a config.json of [1]: {other:?}"),
+    }
+    assert!(!made.exists(), "a failed quantize left {made:?}");
+
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/lora");
+    let adapter = Adapter::load(&data.join("plain")).unwrap();
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let whole_bytes = read_file(&data.join("base.safetensors")).unwrap();
+    let whole = SafeTensors::deserialize(&whole_bytes).unwrap();
+    // Every tensor but the adapted up.weight.
+    let kept: Vec<(String, RawTensor)> = whole
+        .iter()
+        .filter(|(n, _)| *n != "up.weight")
+        .map(|(n, v)| (n.to_string(), RawTensor::from(v)))
+        .collect();
+    write_atomic(&base.join("model.safetensors"), kept, None).unwrap();
+    let e = merge_checkpoint(&base, &adapter, &out);
+    assert!(e.is_err(), "merged into a base without up.weight");
+    assert!(!made.exists(), "a failed merge left {made:?}: {e:?}");
+}
+
 /// `fk quantize` and `fk merge` take a sharded checkpoint's directory.
 #[test]
 fn fk_takes_sharded_checkpoints() {
