@@ -18,8 +18,8 @@
 
 use crate::dtype::{DType, FloatElem};
 use crate::error::{Error, Result};
-use crate::files::{read_file, write_whole, Staged};
-use crate::nf4::checkpoint::{write_atomic, Checkpoint, RawTensor};
+use crate::files::{read_file, stage_bytes, Staged};
+use crate::nf4::checkpoint::{stage_tensors, Checkpoint, RawTensor};
 use crate::reference::lora::{LoraConfig, LoraLayer};
 use crate::reference::nf4::{self, Absmax, Nf4Quantized};
 use crate::shards::{edit_json_object, Layout};
@@ -525,10 +525,13 @@ impl Adapter {
             }
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        write_atomic(&dir.join(WEIGHTS_FILE), tensors, None)?;
-        // The config last, whole or not at all: a failure leaves no new config beside old
-        // weights (whose scale it would change).
-        write_whole(&dir.join(CONFIG_FILE), config.to_json())
+        // Both files written whole before either is renamed into place: a failure to write
+        // either leaves an adapter already there as it was (new weights beside its old config
+        // would load with its scale).
+        let weights = stage_tensors(&dir.join(WEIGHTS_FILE), tensors, None)?;
+        let config = stage_bytes(&dir.join(CONFIG_FILE), config.to_json())?;
+        weights.commit()?;
+        config.commit()
     }
 
     /// The reference layer of `module` over its base weight `w` `[out, in]` and `bias`,
