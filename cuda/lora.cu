@@ -132,11 +132,11 @@ FK_DEVICE void extend_rows(narrow::Accumulators& acc, T* ext, uint64_t ld, uint3
     if (m0 + r < rows && n0 + c < rank) ext[(m0 + r) * ld + base + n0 + c] = from_f32<T>(v * factor);
   });
   if (blockIdx.x != 0) return;
-  const uint32_t first = base + rank, width = uint32_t(ld) - first;
-  for (uint32_t i = threadIdx.x; i < narrow::kRows * width; i += kThreads) {
-    const uint32_t r = i / width, c = first + i % width;
-    if (m0 + r < rows) ext[(m0 + r) * ld + c] = from_f32<T>(one && c == first ? 1.0f : 0.0f);
-  }
+  // Row by row, in 64 bits: a raw caller's rows may be up to 2³² elements apart.
+  const uint32_t first = base + rank;
+  for (uint32_t r = 0; r < narrow::kRows && m0 + r < rows; ++r)
+    for (uint64_t c = first + threadIdx.x; c < ld; c += kThreads)
+      ext[(m0 + r) * ld + c] = from_f32<T>(one && c == first ? 1.0f : 0.0f);
 }
 
 // Split blockIdx.z's range of a reduction `len` long cut into `splits`, in whole steps of

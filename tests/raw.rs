@@ -1134,6 +1134,66 @@ fn raw_entry_points_refuse_what_they_cannot_run() {
     }
 }
 
+/// `lora::raw::down` writes the whole tail of x_ext's rows however far apart they are: here
+/// 2²⁵ + 17 elements (a 32-bit count over a block's 128 rows of them wraps); and refuses a
+/// rank outside 1 to 256 (at 0 it would launch no block and leave x_ext unwritten).
+#[test]
+fn raw_down_writes_the_tail_of_rows_far_apart() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let (d_in, rank) = (8, 8);
+        let x_ld = d_in + rank + (1 << 25) + 1;
+        let x = dev
+            .upload(&random_vec::<bf16>(&mut rng, d_in, 1.0))
+            .unwrap();
+        let a = dev
+            .upload(&random_vec::<bf16>(&mut rng, rank * d_in, 0.1))
+            .unwrap();
+        let mut u = dev.alloc_poisoned::<bf16>(rank).unwrap();
+        let mut x_ext = dev.alloc_poisoned::<bf16>(x_ld).unwrap();
+        let p = LoraParams {
+            m: 1,
+            rank: rank as u32,
+            d_in: d_in as u32,
+            d_out: 8,
+            x: x.ptr(),
+            a: a.ptr(),
+            u: u.ptr_mut(),
+            scale: 1.0,
+            k_splits: 1,
+            x_ext: x_ext.ptr_mut(),
+            x_ld: x_ld as u64,
+            ..LoraParams::default()
+        };
+        for bad in [0, LoraConfig::MAX_RANK as u32 + 1] {
+            // SAFETY: refused before any launch.
+            let err =
+                unsafe { lora::raw::down(&dev, None, DType::BF16, &LoraParams { rank: bad, ..p }) }
+                    .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        what: "lora raw rank",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        // SAFETY: x [1, 8], a [8, 8], u [1, 8] and x_ext [1, x_ld] on dev.
+        unsafe { lora::raw::down(&dev, None, DType::BF16, &p) }.unwrap();
+        let row = x_ext.to_host().unwrap();
+        assert_eq!(&row[..d_in], &x.to_host().unwrap()[..], "x's part");
+        assert_eq!(row[d_in + rank], bf16::ONE, "the ones column");
+        let stale = row[d_in + rank + 1..]
+            .iter()
+            .filter(|v| v.to_bits() != 0)
+            .count();
+        assert_eq!(stale, 0, "{stale} of the padding's elements not zero");
+    }
+}
+
 /// Every raw sparse and Philox entry point refuses a pointer below the alignment of the
 /// element its kernel accesses through it (its dtype's size, the index width, 4 for the f32
 /// state and Philox's u32 words), at every misaligned offset, pointer by pointer, for every

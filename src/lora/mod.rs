@@ -1637,6 +1637,13 @@ pub mod raw {
                 dtypes: t.to_string(),
             });
         }
+        // Rank 0 would launch no block of a rank-wide GEMM (its outputs left unwritten).
+        if !(1..=LoraConfig::MAX_RANK).contains(&(p.rank as usize)) {
+            return Err(Error::InvalidArgument {
+                what: "lora raw rank",
+                why: format!("{}: 1 to {}", p.rank, LoraConfig::MAX_RANK),
+            });
+        }
         let (elem, f32s, runs) = (t.size(), 4, 16);
         Error::check_all_aligned(&[
             ("lora raw w", p.w, elem),
