@@ -901,6 +901,22 @@ fn bad_input_is_a_typed_error() {
             };
             assert!(named, "{bad:?}: {e}");
         }
+        // Over a dense base (whose shape comes from A and B): an A or B that is not whole
+        // rows of the rank is named; whole rows that disagree with the base name the base,
+        // and where its shape came from.
+        for (a_len, b_len, named) in [
+            (rank * d_in - 1, d_out * rank, "lora A"),
+            (rank * d_in, d_out * rank + 2, "lora B"),
+            (rank * (d_in - 1), d_out * rank, "A's columns"),
+        ] {
+            let e = LoraLinear::new(LoraBase::Dense(w()), None, a(a_len), a(b_len), config)
+                .err()
+                .expect("A or B of another shape");
+            assert!(
+                matches!(&e, Error::ShapeMismatch { what, .. } if what.contains(named)),
+                "{named}: {e}"
+            );
+        }
         // B of a rank other than A's, over an NF4 base (whose shape does not come from A and
         // B): the error names B. Then a bias of the wrong length.
         let q = finetune_kernels::nf4::Nf4Weight::quantize(&w(), d_out, d_in, 64, false).unwrap();

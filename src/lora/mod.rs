@@ -540,9 +540,13 @@ impl<T: FloatElem> LoraLinear<T> {
         }
         let (d_out, d_in) = match &base {
             LoraBase::Dense(w) => {
-                let d_in = a.len() / config.rank;
-                let d_out = b.len() / config.rank;
-                Error::check_shape("lora base weight [out, in]", &[d_out, d_in], w.len())?;
+                // A dense base has no shape of its own: `in` is A's, `out` B's, each whole.
+                let (r, whole) = (config.rank, |n: usize| n.div_ceil(config.rank));
+                Error::check_shape("lora A [rank, in]", &[r, whole(a.len())], a.len())?;
+                Error::check_shape("lora B [out, rank]", &[whole(b.len()), r], b.len())?;
+                let (d_in, d_out) = (a.len() / r, b.len() / r);
+                let what = "lora base weight [out, in], out B's rows, in A's columns";
+                Error::check_shape(what, &[d_out, d_in], w.len())?;
                 (d_out, d_in)
             }
             LoraBase::Nf4(w) => (w.rows(), w.cols()),
