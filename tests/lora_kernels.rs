@@ -698,9 +698,6 @@ fn merge_into_nf4_matches_the_reference_requantization() {
     }
 }
 
-/// Backward regenerates the mask from the seed forward saved, not the layer's current one
-/// (a trainer reseeds after every forward); and no tokens give empty outputs and zero
-/// gradients.
 /// An NF4 base's forward of up to `nf4::GEMV_MAX_ROWS` rows, on every path, takes the NF4
 /// GEMV with the bias and `u Bᵀ` in its epilogue: within the reference's bound (forward and
 /// the backward after it), and bit for bit what `nf4::gemv_with_epilogue` gives over the `u`
@@ -780,6 +777,9 @@ fn nf4_forward_of_a_few_rows_takes_the_gemv() {
     }
 }
 
+/// Backward regenerates the mask from the seed forward saved, not the layer's current one
+/// (a trainer reseeds after every forward); and no tokens give empty outputs and zero
+/// gradients.
 #[test]
 fn backward_uses_the_saved_seed_and_empty_batches_work() {
     for dev in backends() {

@@ -507,6 +507,32 @@ fn nf4_raw_matches_the_safe_calls() {
             y.to_host().unwrap().iter().all(|v| v.is_nan()),
             "a refused GEMV wrote its output"
         );
+        // A bias alone: b is not read without a u, so whatever it holds is not refused.
+        let bias_only = Nf4GemvEpilogue {
+            bias: bias.ptr(),
+            u: std::ptr::null(),
+            b: odd(b.ptr()),
+            rank: 0,
+        };
+        // SAFETY: a [m, cols], y [m, rows], bias [rows]; b and rank are not read.
+        unsafe {
+            nf4::raw::matmul_with(
+                &dev,
+                stream(&dev),
+                DType::BF16,
+                true,
+                MatmulPath::GemvMma,
+                &with(bias_only, out),
+            )
+        }
+        .unwrap();
+        let mut safe = dev.alloc_poisoned::<bf16>(m * rows).unwrap();
+        let terms = nf4::GemvEpilogue {
+            bias: Some(&bias),
+            low_rank: None,
+        };
+        nf4::gemv_with_epilogue(&q, &a, m, &mut safe, MatmulPath::GemvMma, terms).unwrap();
+        same_bits("nf4 GEMV, a bias alone", &dev, &y, &safe);
         // Refused before any launch: a GEMV backward, dequantize + cuBLAS.
         let p = Nf4MatmulParams {
             w: q.params(),

@@ -641,7 +641,8 @@ pub struct GemvEpilogue<'a, T: FloatElem> {
 /// `y[m, rows] = x[m, cols] · Ŵᵀ + bias + u bᵀ` through a GEMV `path`
 /// ([`MatmulPath::GemvMma`] for up to [`GEMV_MAX_ROWS`] rows, [`MatmulPath::Gemv`] for up to
 /// [`SIMT_GEMV_MAX_ROWS`]): the epilogue's terms are summed in f32 with the product and
-/// rounded once. The GEMMs take no epilogue ([`Error::Unsupported`]).
+/// rounded once. The GEMMs take no epilogue: a bias or a low-rank term on one is an
+/// [`Error::Unsupported`] (an empty epilogue runs the plain forward).
 pub fn gemv_with_epilogue<T: FloatElem>(
     w: &Nf4Weight,
     x: &Buffer<T>,
@@ -855,10 +856,12 @@ pub mod raw {
                 ),
             });
         }
+        // b is read only beside a u.
+        let b = if e.u.is_null() { std::ptr::null() } else { e.b };
         Error::check_all_aligned(&[
             ("nf4 raw gemv epilogue bias", e.bias, act.size()),
             ("nf4 raw gemv epilogue u", e.u, act.size()),
-            ("nf4 raw gemv epilogue b", e.b, act.size()),
+            ("nf4 raw gemv epilogue b", b, act.size()),
         ])
     }
 
@@ -954,7 +957,8 @@ pub mod raw {
     /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
     /// `[m, rows]`/`[m, cols]` (backward), and the GEMVs' epilogue (`p.epilogue`; checked:
     /// only on a GEMV) readable where not null: `bias [rows]`, `u [m, rank]`,
-    /// `b [rows, rank]` ([`super::gemv_with_epilogue`]).
+    /// `b [rows, rank]` ([`super::gemv_with_epilogue`]); `out` overlapping none of them (a
+    /// block's stores would race with another's epilogue reads).
     pub unsafe fn matmul(
         dev: &Device,
         stream: Option<CUstream>,
