@@ -334,6 +334,15 @@ fn bad_input_is_a_typed_error() {
                 Err(Error::Unsupported { .. })
             ));
         }
+        // An epilogue on a GEMM, even an empty one: only the GEMVs take one.
+        let none = nf4::GemvEpilogue {
+            bias: None,
+            low_rank: None,
+        };
+        assert!(matches!(
+            nf4::gemv_with_epilogue(&q, &x, 3, &mut y, MatmulPath::FusedGemm, none),
+            Err(Error::Unsupported { .. })
+        ));
         // The wgmma GEMM on a device that runs wgmma only.
         match (
             dev.has_wgmma(),

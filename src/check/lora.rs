@@ -245,9 +245,13 @@ fn setup<T: FloatElem>(dev: &Device, c: &Case, rng: &mut StdRng) -> Result<Setup
     })
 }
 
-fn reference_layer<'a, T: FloatElem>(s: &'a Setup<T>, c: &Case) -> reference::LoraLayer<'a, T, T> {
+fn reference_layer<'a, T: FloatElem, W: FloatElem>(
+    s: &'a Setup<T>,
+    c: &Case,
+    w: &'a [W],
+) -> reference::LoraLayer<'a, T, T, W> {
     reference::LoraLayer {
-        w: &s.w,
+        w,
         bias: s.bias.as_deref(),
         a: &s.a,
         b: &s.b,
@@ -299,7 +303,8 @@ fn unscaled_u<T: FloatElem>(s: &Setup<T>, saved: &Saved<T>) -> Result<Vec<f32>> 
 fn layer_kernel<T: FloatElem>(s: &Setup<T>, c: &Case, op: &str) -> String {
     if op == "forward" && s.layer.forward_on_nf4_gemv(c.m) {
         // Every path's forward of a few rows over NF4: lora_down, then the GEMV.
-        return format!("lora_forward ▸ nf4_gemv_mma_{} + epilogue", T::DTYPE);
+        let gemv = nf4::MatmulPath::GemvMma.label(true, T::DTYPE);
+        return format!("lora_forward ▸ {gemv} + epilogue");
     }
     let path = if s.layer.path() == LoraPath::Extended {
         "extended_"
@@ -378,19 +383,9 @@ where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
     let expected = if s.layer.forward_on_nf4_gemv(c.m) {
-        let layer = reference_layer(s, &c);
-        reference::LoraLayer {
-            w: &s.w_gemv,
-            bias: layer.bias,
-            a: layer.a,
-            b: layer.b,
-            d_in: c.d_in,
-            d_out: c.d_out,
-            config: s.config,
-        }
-        .forward(&s.x, c.m)?
+        reference_layer(s, &c, &s.w_gemv).forward(&s.x, c.m)?
     } else {
-        reference_layer(s, &c).forward(&s.x, c.m)?
+        reference_layer(s, &c, &s.w).forward(&s.x, c.m)?
     };
     let (y, saved) = s.layer.forward(x, c.m)?;
     let u = unscaled_u(s, &saved)?;
@@ -447,7 +442,7 @@ where
     let dy_host: Vec<T> = random_vec(rng, c.m * c.d_out, 1.0);
     // The reference backward takes the u the kernel saved, as the kernel does.
     let u = unscaled_u(s, saved)?;
-    let expected = reference_layer(s, &c).backward(&s.x, &u, &dy_host, c.m)?;
+    let expected = reference_layer(s, &c, &s.w).backward(&s.x, &u, &dy_host, c.m)?;
     let dy = dev.upload(&dy_host)?;
     let g = s.layer.backward(x, saved, &dy)?;
     let t = time_if(dev, c.timed, || s.layer.backward(x, saved, &dy).map(|_| ()))?;
@@ -516,7 +511,7 @@ pub fn merge<T: FloatElem>(dev: &Device, c: Case) -> Result<CheckRow> {
     // A dense base: the NF4 merge (dequantize, merge, requantize) has its own test.
     let c = Case { nf4: false, ..c };
     let s = setup::<T>(dev, &c, &mut rng)?;
-    let expected = reference_layer(&s, &c).merged()?;
+    let expected = reference_layer(&s, &c, &s.w).merged()?;
     let got = s.layer.merged()?.to_host()?;
     Ok(row(
         format!("lora_merge_{}", T::DTYPE),

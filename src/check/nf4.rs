@@ -252,34 +252,19 @@ where
         .iter()
         .flat_map(|&r| a[r * k_in..(r + 1) * k_in].iter().copied())
         .collect();
+    let (n_checked, label) = (checked.len(), path.label(forward, T::DTYPE));
     // A GEMV's epilogue: its terms, which the reference takes as more of K,
     // [x | u | 1] · [Ŵ | b | bias]ᵀ, summed before the one rounding.
-    let (k_ref, label, bias, u, b) = match epilogue {
+    let (expected, label, k_ref, bias, u, b) = match epilogue {
         Some(e) => {
             let rank = e.rank.unwrap_or(0);
             let bias: Vec<T> = random_vec(&mut rng, if e.bias { c.rows } else { 0 }, 1.0);
             let u: Vec<T> = random_vec(&mut rng, c.m * rank, 1.0);
             let b: Vec<T> = random_vec(&mut rng, c.rows * rank, 0.1);
-            let terms = match e.rank {
-                Some(r) => format!(" + epilogue (bias {}, rank {r})", e.bias),
-                None => format!(" + epilogue (bias {})", e.bias),
-            };
-            let label = path.label(true, T::DTYPE) + &terms;
-            (c.cols + rank + 1, label, bias, u, b)
-        }
-        None => (k_in, path.label(forward, T::DTYPE), vec![], vec![], vec![]),
-    };
-    let expected = match epilogue {
-        Some(e) => {
-            let rank = e.rank.unwrap_or(0);
             let one = T::from_f32(if e.bias { 1.0 } else { 0.0 });
-            let x_ext: Vec<T> = checked
-                .iter()
-                .flat_map(|&r| {
-                    let x = a[r * c.cols..(r + 1) * c.cols].iter().copied();
-                    x.chain(u[r * rank..(r + 1) * rank].iter().copied())
-                        .chain([one])
-                })
+            let x_ext: Vec<T> = (a_checked.chunks(c.cols).zip(&checked))
+                .flat_map(|(x, &r)| x.iter().chain(&u[r * rank..(r + 1) * rank]).chain([&one]))
+                .copied()
                 .collect();
             let w_ext: Vec<f32> = (0..c.rows)
                 .flat_map(|n| {
@@ -289,10 +274,22 @@ where
                         .chain([bias_n])
                 })
                 .collect();
-            linear::linear(&x_ext, &w_ext, checked.len(), c.rows, k_ref)?
+            let k = c.cols + rank + 1;
+            let expected = linear::linear(&x_ext, &w_ext, n_checked, c.rows, k)?;
+            let terms = match e.rank {
+                Some(r) => format!(" + epilogue (bias {}, rank {r})", e.bias),
+                None => format!(" + epilogue (bias {})", e.bias),
+            };
+            (expected, label + &terms, k, bias, u, b)
         }
-        None if forward => linear::linear(&a_checked, &what, checked.len(), c.rows, c.cols)?,
-        None => linear::linear_dx(&a_checked, &what, checked.len(), c.rows, c.cols)?,
+        None => {
+            let expected = if forward {
+                linear::linear(&a_checked, &what, n_checked, c.rows, c.cols)?
+            } else {
+                linear::linear_dx(&a_checked, &what, n_checked, c.rows, c.cols)?
+            };
+            (expected, label, k_in, vec![], vec![], vec![])
+        }
     };
     let wd = Nf4Weight::upload(dev, q)?;
     let ad = dev.upload(&a)?;

@@ -608,7 +608,7 @@ where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
     check_matmul(w, x, y, m, true)?;
-    run_matmul(w, x, m, y, path, true)
+    run_matmul(w, x, m, y, path, true, Nf4GemvEpilogue::default())
 }
 
 /// The backward dX through a given path (for tests and benchmarks).
@@ -623,7 +623,7 @@ where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
     check_matmul(w, dy, dx, m, false)?;
-    run_matmul(w, dy, m, dx, path, false)
+    run_matmul(w, dy, m, dx, path, false, Nf4GemvEpilogue::default())
 }
 
 /// What a GEMV adds to each output before its one rounding, in f32: a LoRA layer's bias and
@@ -641,8 +641,7 @@ pub struct GemvEpilogue<'a, T: FloatElem> {
 /// `y[m, rows] = x[m, cols] · Ŵᵀ + bias + u bᵀ` through a GEMV `path`
 /// ([`MatmulPath::GemvMma`] for up to [`GEMV_MAX_ROWS`] rows, [`MatmulPath::Gemv`] for up to
 /// [`SIMT_GEMV_MAX_ROWS`]): the epilogue's terms are summed in f32 with the product and
-/// rounded once. The GEMMs take no epilogue: a bias or a low-rank term on one is an
-/// [`Error::Unsupported`] (an empty epilogue runs the plain forward).
+/// rounded once. Another path is an [`Error::Unsupported`]: the GEMMs take no epilogue.
 pub fn gemv_with_epilogue<T: FloatElem>(
     w: &Nf4Weight,
     x: &Buffer<T>,
@@ -650,7 +649,16 @@ pub fn gemv_with_epilogue<T: FloatElem>(
     y: &mut Buffer<T>,
     path: MatmulPath,
     epilogue: GemvEpilogue<'_, T>,
-) -> Result<()> {
+) -> Result<()>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    if !matches!(path, MatmulPath::GemvMma | MatmulPath::Gemv) {
+        return Err(Error::Unsupported {
+            op: "nf4 gemv epilogue",
+            why: format!("only the GEMVs add an epilogue, not {path:?}"),
+        });
+    }
     check_matmul(w, x, y, m, true)?;
     let mut e = Nf4GemvEpilogue::default();
     if let Some(bias) = epilogue.bias {
@@ -671,22 +679,7 @@ pub fn gemv_with_epilogue<T: FloatElem>(
         check_device(w.device(), b)?;
         (e.u, e.b, e.rank) = (u.ptr(), b.ptr(), rank as u32);
     }
-    if m == 0 {
-        return Ok(());
-    }
-    let p = Nf4MatmulParams {
-        w: w.params(),
-        a: x.ptr(),
-        out: y.ptr_mut(),
-        m: m as u32,
-        epilogue: e,
-        ..Nf4MatmulParams::default()
-    };
-    let dev = w.device().clone();
-    // SAFETY: x [m, cols] and y [m, rows] checked by check_matmul, the epilogue's bias
-    // [rows], u [m, rank] and b [rows, rank] above, all on w's device; raw::matmul_with
-    // refuses a path that is not a GEMV or m past its rows.
-    unsafe { raw::matmul_with(&dev, None, T::DTYPE, true, path, &p) }
+    run_matmul(w, x, m, y, path, true, e)
 }
 
 fn run_matmul<T: FloatElem>(
@@ -696,6 +689,7 @@ fn run_matmul<T: FloatElem>(
     out: &mut Buffer<T>,
     path: MatmulPath,
     forward: bool,
+    epilogue: Nf4GemvEpilogue,
 ) -> Result<()>
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
@@ -709,6 +703,7 @@ where
         a: a.ptr(),
         out: out.ptr_mut(),
         m: m as u32,
+        epilogue,
         ..Nf4MatmulParams::default()
     };
     if path == MatmulPath::FusedGemmWgmma {
@@ -736,7 +731,8 @@ where
         | MatmulPath::Gemv
         | MatmulPath::FusedGemm
         | MatmulPath::FusedGemmWgmma => {
-            // SAFETY: shapes checked in check_matmul; the GEMVs for a bucket of rows read
+            // SAFETY: shapes checked in check_matmul, an epilogue's by gemv_with_epilogue
+            // (raw::matmul_with refuses one on a GEMM); the GEMVs for a bucket of rows read
             // only the first m rows (the tensor-core one reads rows past m and past the
             // weight's last as the last real ones), the GEMMs bounds-check every tile edge.
             unsafe { raw::matmul_with(&dev, None, T::DTYPE, forward, path, &p) }
