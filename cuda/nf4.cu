@@ -422,10 +422,14 @@ FK_DEVICE void gemv_mma_steps(const Nf4MatmulParams& p, uint32_t (&pairs)[256 * 
   const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + S * (lane / 16);
   auto absmax_block = [&](uint32_t s0, int i) { return (absmax_e0 + uint64_t(S) * (s0 + 2 * i)) >> shift; };
   // The absmaxes' bytes of the group at s0 into L1 (their first and last: a run of a few
-  // bytes, or floats), so that its decode at the group's start finds them there.
+  // bytes, or floats), so that its decode at the group's start finds them there. A warp's
+  // last group may end before its last pair of steps, past the last row's blocks there.
   auto prefetch_absmax = [&](uint32_t s0) {
-    nf4_prefetch_absmax(p.w, absmax_block(s0, 0));
-    nf4_prefetch_absmax(p.w, absmax_block(s0, U / 2 - 1));
+    auto pair_of_steps = [&](int i) {
+      if (s0 + lane / 16 + 2 * i < steps) nf4_prefetch_absmax(p.w, absmax_block(s0, i));
+    };
+    pair_of_steps(0);
+    pair_of_steps(U / 2 - 1);
   };
   // The warp's first group goes out (its codes, and its x and absmaxes into L1) before the
   // block fills its code-pair table and nested map in shared memory, so that those fills and
@@ -576,6 +580,170 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
   }
 }
 
+// ---- dX GEMV: out[m, cols] = a[m, rows] · Ŵ for m <= M (a backward at decode sizes) ------
+//
+// dX sums over W's rows, which lie apart in memory, so no lane can own an output and walk its
+// sum alone, as the forward GEMVs' lanes do. A block takes a slab of 32·C columns and one
+// split of the rows (grid: slabs × p.row_splits): lane l keeps the sums of its C consecutive
+// columns for each of the M activation rows, and the block's warps take the split's rows in
+// turn (warp w: rows w, w + 8, ..., U at a time with their loads in flight together). A row
+// is one load of the lane's C / 2 bytes of codes (all in one quantization block), its absmax
+// and a[:, n]; each code's table value then goes into M sums. The warps' sums meet in shared
+// memory in a fixed order and the block stores its slab of its split's f32 partial, which
+// nf4_gemv_dx_reduce adds over the splits in order, rounding once: deterministic, no atomics.
+// As the memory-bound 1-row case needs bytes in flight and 16 rows need registers for their
+// sums, C shrinks as M grows (M·C ≤ 64 sums a lane): 16-byte code loads for M ≤ 2, 2-byte ones
+// at 16. Ŵ stays in f32 (code · absmax), never rounded to T; where M < C the absmax scales
+// a[m, n] once a row rather than each code. Other K (not a multiple of C) take each element's
+// code and absmax on its own.
+
+// A lane's C codes of one row (C / 2 bytes, aligned to them) as 32-bit words, as they lie in
+// memory (element 2i in byte i's high nibble), the load issued here (ld_global_early): left
+// to itself nvcc sinks it below the absmax's dependent loads, a round trip after them.
+template <int C>
+FK_DEVICE void load_codes(const uint8_t* src, uint32_t (&words)[(C + 7) / 8]) {
+  if constexpr (C == 32) {
+    const uint4 v = ld_global_early(reinterpret_cast<const uint4*>(src));
+    words[0] = v.x, words[1] = v.y, words[2] = v.z, words[3] = v.w;
+  } else if constexpr (C == 16) {
+    const uint2 v = ld_global_early(reinterpret_cast<const uint2*>(src));
+    words[0] = v.x, words[1] = v.y;
+  } else if constexpr (C == 8) {
+    words[0] = ld_global_early(reinterpret_cast<const uint32_t*>(src));
+  } else {
+    static_assert(C == 4, "2, 4, 8 or 16 bytes of codes");
+    words[0] = ld_global_early(reinterpret_cast<const uint16_t*>(src));
+  }
+}
+
+// The table value of code j (0..7) of a word of codes: the byte offset of its table entry,
+// code · 4, taken from the word with both nibbles of each byte moved to bits 2..5 (two
+// operations for the word's eight codes, which the compiler shares), then one byte extract
+// and the lookup a code.
+FK_DEVICE float code_value(const float* table, uint32_t word, int j) {
+  const uint32_t offsets = (j % 2 ? word << 2 : word >> 2) & 0x3C3C3C3Cu;
+  const uint32_t offset = (offsets >> (8 * (j / 2))) & 0xFF;
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(table) + offset);
+}
+
+template <typename T, int M>
+FK_DEVICE void gemv_dx(const Nf4MatmulParams& p) {
+  constexpr int C = M <= 2 ? 32 : 64 / M;  // columns a lane
+  constexpr int U = M >= 8 ? 2 : 4;        // rows a warp has in flight
+  constexpr int kWarps = FK_NF4_GEMV_DX_THREADS / 32, kSlab = 32 * C;
+  constexpr bool kFold = M < C;  // absmax into a[m, n] (M multiplies a row), not into each code
+  static_assert(kWarps == 8, "the warps' sums meet in two rounds of four");
+  const float* table = shared_code_table();
+  const Nf4Weight w = with_shared_map(p.w);
+  const T* a = static_cast<const T*>(p.a);
+  const uint32_t N = w.rows, K = w.cols;
+  const int lane = lane_id(), warp = threadIdx.x / 32;
+  const uint32_t col0 = blockIdx.x * kSlab + lane * C;
+  const uint32_t per_split = (N + p.row_splits - 1) / p.row_splits;
+  const uint32_t n_begin = blockIdx.y * per_split, n_end = min(N, n_begin + per_split);
+  const int shift = __ffs(static_cast<int>(w.blocksize)) - 1;
+  float acc[M][C] = {};
+  auto row_of_a = [&](uint32_t n, bool valid, float (&dy)[M]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) dy[m] = valid && m < static_cast<int>(p.m) ? to_f32(a[uint64_t(m) * N + n]) : 0.0f;
+  };
+  if (K % C == 0) {
+    for (uint32_t n0 = n_begin + warp; col0 < K && n0 < n_end; n0 += kWarps * U) {
+      // Every row's codes in flight before any absmax's dependent loads; rows past the split
+      // read row n0's bytes again (no branch to keep the loads apart) and count for 0.
+      uint32_t codes[U][(C + 7) / 8];
+      float absmax[U], dy[U][M];
+      uint64_t e[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const uint32_t n = n0 + kWarps * u;
+        e[u] = uint64_t(n < n_end ? n : n0) * K + col0;
+        load_codes<C>(w.codes + e[u] / 2, codes[u]);
+      }
+      // The next rows' absmax bytes into L1: ptxas issues an absmax's chain (its code byte,
+      // then the nested map) ahead of the code loads above, so from DRAM it would hold them
+      // back a round trip.
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const uint32_t next = min(n0 + kWarps * (U + u), n_end - 1);
+        nf4_prefetch_absmax(w, (uint64_t(next) * K + col0) >> shift);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const uint32_t n = n0 + kWarps * u;
+        const float s = nf4_absmax(w, e[u] >> shift);
+        absmax[u] = n < n_end ? s : 0.0f;
+        row_of_a(n, n < n_end, dy[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (kFold) {
+#pragma unroll
+          for (int m = 0; m < M; ++m) dy[u][m] *= absmax[u];
+        }
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+          const float code = code_value(table, codes[u][i / 8], i % 8);
+          const float v = kFold ? code : mul_ftz(code, absmax[u]);
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[m][i] = fmaf(dy[u][m], v, acc[m][i]);
+        }
+      }
+    }
+  } else {
+    // Rows need not start on a byte, nor a lane's columns lie in one block: each element's
+    // own code and absmax, a row at a time.
+    for (uint32_t n = n_begin + warp; col0 < K && n < n_end; n += kWarps) {
+      float dy[M];
+      row_of_a(n, true, dy);
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        if (col0 + i >= K) continue;
+        const uint64_t e = uint64_t(n) * K + col0 + i;
+        const float v = nf4_value(table, nf4_code(w.codes, e), nf4_absmax(w, e >> shift));
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[m][i] = fmaf(dy[m], v, acc[m][i]);
+      }
+    }
+  }
+  // The eight warps' sums: warp w + 4's added into warp w's, then (0 + 1) + (2 + 3).
+  FK_SHARED(sums, float[4][M * kSlab]);
+  auto move = [&](int slot, bool add) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int i = 0; i < C; i += 4) {
+        float4* s = reinterpret_cast<float4*>(&sums[slot][m * kSlab + lane * C + i]);
+        if (add) {
+          const float4 o = *s;
+          acc[m][i] += o.x, acc[m][i + 1] += o.y, acc[m][i + 2] += o.z, acc[m][i + 3] += o.w;
+        }
+        *s = make_float4(acc[m][i], acc[m][i + 1], acc[m][i + 2], acc[m][i + 3]);
+      }
+  };
+  if (warp >= 4) move(warp - 4, false);
+  __syncthreads();
+  if (warp < 4) move(warp, true);
+  __syncthreads();
+  float* partial = p.partials + uint64_t(blockIdx.y) * p.m * K;
+  for (int o = threadIdx.x; o < M * kSlab; o += FK_NF4_GEMV_DX_THREADS) {
+    const uint32_t m = o / kSlab, col = blockIdx.x * kSlab + o % kSlab;
+    if (m < p.m && col < K) partial[uint64_t(m) * K + col] = (sums[0][o] + sums[1][o]) + (sums[2][o] + sums[3][o]);
+  }
+}
+
+// The dX GEMV's splits added in split order and rounded once: out[m, cols] = Σ_s partials[s].
+template <typename T>
+FK_DEVICE void gemv_dx_reduce(const Nf4MatmulParams& p) {
+  const uint64_t numel = uint64_t(p.m) * p.w.cols;
+  T* out = static_cast<T*>(p.out);
+  for (uint64_t i = grid_start(); i < numel; i += grid_stride()) {
+    float sum = 0.0f;
+    for (uint32_t s = 0; s < p.row_splits; ++s) sum += p.partials[s * numel + i];
+    out[i] = from_f32<T>(sum);
+  }
+}
+
 // ---- GEMM on tensor cores (gemm.cuh) ------------------------------------------------------
 //
 // out[M, Nout] = a[M, Kr] · B[Kr, Nout] with B = Ŵᵀ (forward: Nout = rows, Kr = cols) or
@@ -658,6 +826,12 @@ FK_KERNEL(nf4_quantize_nested, Nf4NestedParams) { quantize_nested(p); }
   FK_KERNEL_REGS(nf4_gemv_mma_##t##_m16, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS, 128) { gemv_mma<T, 2>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemv_mma_##t##_m32, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS) { gemv_mma<T, 4>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemv_mma_##t##_m64, Nf4MatmulParams, FK_NF4_GEMV_MMA_THREADS) { gemv_mma<T, 8>(p); } \
+  FK_KERNEL_REGS(nf4_gemv_dx_##t##_m1, Nf4MatmulParams, FK_NF4_GEMV_DX_THREADS, 128) { gemv_dx<T, 1>(p); } \
+  FK_KERNEL_REGS(nf4_gemv_dx_##t##_m2, Nf4MatmulParams, FK_NF4_GEMV_DX_THREADS, 128) { gemv_dx<T, 2>(p); } \
+  FK_KERNEL_REGS(nf4_gemv_dx_##t##_m4, Nf4MatmulParams, FK_NF4_GEMV_DX_THREADS, 128) { gemv_dx<T, 4>(p); } \
+  FK_KERNEL_REGS(nf4_gemv_dx_##t##_m8, Nf4MatmulParams, FK_NF4_GEMV_DX_THREADS, 128) { gemv_dx<T, 8>(p); } \
+  FK_KERNEL_REGS(nf4_gemv_dx_##t##_m16, Nf4MatmulParams, FK_NF4_GEMV_DX_THREADS, 128) { gemv_dx<T, 16>(p); } \
+  FK_KERNEL(nf4_gemv_dx_reduce_##t, Nf4MatmulParams) { gemv_dx_reduce<T>(p); }               \
   FK_KERNEL_BOUNDS(nf4_gemm_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, false>(p); } \
   FK_KERNEL_BOUNDS(nf4_gemm_dx_##t, Nf4MatmulParams, gemm::kThreads) { gemm_kernel<T, true>(p); } \
   FK_KERNEL_TMA(nf4_gemm_wgmma_##t, Nf4MatmulParams, wgmma::kThreads) { gemm_wgmma<T, false>(p); } \

@@ -38,6 +38,7 @@ pub const FK_NF4_MEAN_CHUNK: u32 = 1024;
 pub const FK_NF4_GEMV_MMA_ROWS: u32 = 16;
 pub const FK_NF4_GEMV_MMA_THREADS: u32 = 256;
 pub const FK_NF4_DEQUANTIZE_RUNS: u32 = 4;
+pub const FK_NF4_GEMV_DX_THREADS: u32 = 256;
 pub const FK_LORA_TMA_X: u32 = 1;
 pub const FK_LORA_TMA_W: u32 = 2;
 pub const FK_LORA_TMA_U: u32 = 4;
@@ -267,6 +268,8 @@ pub struct Nf4MatmulParams {
     pub __bindgen_padding_0: [u64; 5usize],
     pub a_map: FkTensorMap,
     pub epilogue: Nf4GemvEpilogue,
+    pub partials: *mut f32,
+    pub row_splits: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -283,6 +286,10 @@ const _: () = {
         [::core::mem::offset_of!(Nf4MatmulParams, a_map) - 128usize];
     ["Offset of field: Nf4MatmulParams::epilogue"]
         [::core::mem::offset_of!(Nf4MatmulParams, epilogue) - 256usize];
+    ["Offset of field: Nf4MatmulParams::partials"]
+        [::core::mem::offset_of!(Nf4MatmulParams, partials) - 288usize];
+    ["Offset of field: Nf4MatmulParams::row_splits"]
+        [::core::mem::offset_of!(Nf4MatmulParams, row_splits) - 296usize];
 };
 impl Default for Nf4MatmulParams {
     fn default() -> Self {

@@ -95,6 +95,25 @@ proptest! {
         }
     }
 
+    /// The dX GEMV (a backward of 1 to 16 rows): widths that are multiples of 32 (every
+    /// row bucket's fast path: a lane's 32, 16, 8 or 4 columns whole) and any width (each
+    /// element's own code and absmax where a lane's columns are not whole); weights of up to
+    /// 400 rows, in up to 7 splits whose partials the reduce adds (64 rows a split at least),
+    /// the last split short or empty; the blocksizes 32 to 128, with and without double
+    /// quantization.
+    #[test]
+    fn gemv_dx_matches_the_reference(
+        seed in any::<u64>(), rows in 1usize..400,
+        cols in prop_oneof![1usize..300, (1usize..12).prop_map(|k| 32 * k)],
+        m in 1usize..=nf4::GEMV_DX_MAX_ROWS, bs in 0usize..3, dq in any::<bool>()
+    ) {
+        let c = Case { seed, rows, cols, m, blocksize: BLOCKSIZES[bs], double_quant: dq, timed: false };
+        for dev in backends() {
+            assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::GemvDx, false));
+            assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::GemvDx, false));
+        }
+    }
+
     /// Half the widths are multiples of 16 (the wgmma GEMM's fast decoder), half any width.
     #[test]
     fn fused_gemm_forward_and_dx_match_the_reference(
@@ -136,6 +155,7 @@ fn matmuls_at_the_large_blocksizes() {
                 for gemv in GEMVS {
                     assert_pass(check::matmul::<f16>(&dev, c, gemv, true));
                 }
+                assert_pass(check::matmul::<f16>(&dev, c, MatmulPath::GemvDx, false));
             }
         }
     }
@@ -169,6 +189,9 @@ fn aligned_shapes_take_the_fast_paths_and_agree() {
             assert_fused_gemm_both_ways(&dev, c);
             for gemv in GEMVS.into_iter().filter(|g| m <= g.max_rows()) {
                 assert_pass(check::matmul::<bf16>(&dev, c, gemv, true));
+            }
+            if m <= nf4::GEMV_DX_MAX_ROWS {
+                assert_pass(check::matmul::<bf16>(&dev, c, MatmulPath::GemvDx, false));
             }
         }
     }
@@ -259,6 +282,14 @@ fn dispatch_runs_every_path_it_can_choose() {
             nf4::choose_path(&dev, 4, false),
             MatmulPath::GemvMma,
             "the GEMV is forward-only"
+        );
+        assert_eq!(nf4::choose_path(&dev, 1, false), MatmulPath::GemvDx);
+        assert_eq!(nf4::choose_path(&dev, 16, false), MatmulPath::GemvDx);
+        assert_ne!(nf4::choose_path(&dev, 17, false), MatmulPath::GemvDx);
+        assert_ne!(
+            nf4::choose_path(&dev, 1, true),
+            MatmulPath::GemvDx,
+            "the dX GEMV is backward-only"
         );
         // Every (path, direction) the dispatch picks for some m, each run once at that m.
         let mut chosen = Vec::new();

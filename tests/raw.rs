@@ -20,7 +20,7 @@ use finetune_kernels::reference::sparse::AdamwStepScalars;
 use finetune_kernels::sparse::{
     self, AdamwConfig, IndexWidth, ScatterPlan, SparseAdamw, SparseIndex,
 };
-use finetune_kernels::testing::{backends, bit_mismatches, random_support, random_vec};
+use finetune_kernels::testing::{backends, bit_mismatches, random_support, random_vec, rel_l2};
 use finetune_kernels::{bf16, philox, Buffer, DType, Error, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -303,6 +303,110 @@ fn sparse_adamw_raw_matches_the_optimizer() {
                 &dev.upload(safe).unwrap(),
             );
         }
+    }
+}
+
+/// The dX GEMV through `nf4::raw` on a workspace the caller allocates: with the safe API's
+/// splits, bit for bit against the safe call (also as `raw::matmul`'s choice where
+/// `p.partials` is given; without it `raw::matmul` takes the GEMM as before); with other
+/// splits (1, 3, one a row) within the matmul bound of it, as the sum's order differs; and
+/// what it refuses before any launch: a forward, more rows than it takes, no workspace, splits
+/// of 0 or past the rows, a misaligned workspace.
+#[test]
+fn nf4_raw_gemv_dx_matches_the_safe_call() {
+    for dev in backends() {
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        // 200 rows: 4 splits of 50 at most 64 rows a split; 136 columns: a short last slab.
+        let (rows, cols, m) = (200usize, 136usize, 5usize);
+        let w = dev
+            .upload(&random_vec::<bf16>(&mut rng, rows * cols, 0.5))
+            .unwrap();
+        let q = Nf4Weight::quantize(&w, rows, cols, 64, true).unwrap();
+        let dy = dev
+            .upload(&random_vec::<bf16>(&mut rng, m * rows, 1.0))
+            .unwrap();
+        let mut safe = dev.alloc_poisoned::<bf16>(m * cols).unwrap();
+        nf4::backward_dx_with(&q, &dy, m, &mut safe, MatmulPath::GemvDx).unwrap();
+        let splits = nf4::gemv_dx_splits(&dev, rows, cols, m);
+        assert!(splits > 1, "{splits} splits: the test wants several");
+        let mut partials = dev.alloc_poisoned::<f32>(rows * m * cols).unwrap();
+        let mut dx = dev.alloc_poisoned::<bf16>(m * cols).unwrap();
+        let p = |splits: usize, partials: *mut std::ffi::c_void, out| Nf4MatmulParams {
+            w: q.params(),
+            a: dy.ptr(),
+            out,
+            m: m as u32,
+            partials: partials.cast(),
+            row_splits: splits as u32,
+            ..Nf4MatmulParams::default()
+        };
+        let (ws, out) = (partials.ptr_mut(), dx.ptr_mut());
+        let s = stream(&dev);
+        let path = MatmulPath::GemvDx;
+        // SAFETY: dy [m, rows], dx [m, cols], the partials [rows, m, cols] f32 (the most
+        // splits any call here asks for).
+        unsafe { nf4::raw::matmul_with(&dev, s, DType::BF16, false, path, &p(splits, ws, out)) }
+            .unwrap();
+        same_bits("nf4 raw dX GEMV", &dev, &dx, &safe);
+        let mut dx = dev.alloc_poisoned::<bf16>(m * cols).unwrap();
+        // SAFETY: as above.
+        unsafe { nf4::raw::matmul(&dev, s, DType::BF16, false, &p(splits, ws, dx.ptr_mut())) }
+            .unwrap();
+        same_bits("nf4 raw matmul's dX GEMV", &dev, &dx, &safe);
+        let bound = finetune_kernels::check::nf4::matmul_bound(DType::BF16, rows);
+        let want = safe.to_host().unwrap();
+        for other in [1, 3, rows] {
+            let mut dx = dev.alloc_poisoned::<bf16>(m * cols).unwrap();
+            // SAFETY: as above.
+            unsafe {
+                let p = p(other, ws, dx.ptr_mut());
+                nf4::raw::matmul_with(&dev, s, DType::BF16, false, path, &p)
+            }
+            .unwrap();
+            let err = rel_l2(&dx.to_host().unwrap(), &want);
+            assert!(err <= bound, "{other} splits: {err} against {bound}");
+        }
+        // No workspace: raw::matmul's GEMM, as the safe call through it.
+        let mut gemm = dev.alloc_poisoned::<bf16>(m * cols).unwrap();
+        nf4::backward_dx_with(&q, &dy, m, &mut gemm, MatmulPath::FusedGemm).unwrap();
+        let mut dx = dev.alloc_poisoned::<bf16>(m * cols).unwrap();
+        let no_ws = p(0, std::ptr::null_mut(), dx.ptr_mut());
+        // SAFETY: dy [m, rows], dx [m, cols]; the GEMM reads no workspace.
+        unsafe { nf4::raw::matmul(&dev, s, DType::BF16, false, &no_ws) }.unwrap();
+        same_bits("nf4 raw matmul without a workspace", &dev, &dx, &gemm);
+        // Refused before any launch.
+        let mut y = dev.alloc_poisoned::<bf16>(m * cols).unwrap();
+        let out = y.ptr_mut();
+        let odd = ws.wrapping_byte_add(4);
+        for (case, forward, p) in [
+            ("forward", true, p(splits, ws, out)),
+            (
+                "17 rows",
+                false,
+                Nf4MatmulParams {
+                    m: 17,
+                    ..p(splits, ws, out)
+                },
+            ),
+            ("no workspace", false, p(splits, std::ptr::null_mut(), out)),
+            ("0 splits", false, p(0, ws, out)),
+            ("a split past the rows", false, p(rows + 1, ws, out)),
+            ("workspace 4 bytes on", false, p(splits, odd, out)),
+        ] {
+            // SAFETY: refused before any launch.
+            let err = unsafe { nf4::raw::matmul_with(&dev, None, DType::BF16, forward, path, &p) }
+                .unwrap_err();
+            let typed = match case {
+                "forward" | "17 rows" => matches!(err, Error::Unsupported { .. }),
+                "workspace 4 bytes on" => matches!(err, Error::Misaligned { .. }),
+                _ => matches!(err, Error::InvalidArgument { .. }),
+            };
+            assert!(typed, "dX GEMV {case}: {err}");
+        }
+        assert!(
+            y.to_host().unwrap().iter().all(|v| v.is_nan()),
+            "a refused dX GEMV wrote its output"
+        );
     }
 }
 

@@ -21,6 +21,9 @@
 /* nf4_dequantize: a thread writes this many runs of 16 bytes of output per pass of its grid
  * stride (the launch sizes the grid by it). */
 #define FK_NF4_DEQUANTIZE_RUNS 4
+/* The dX GEMV (nf4_gemv_dx_*): a block of FK_NF4_GEMV_DX_THREADS threads sums one slab of
+ * columns over one split of the weight's rows (its warps taking the split's rows in turn). */
+#define FK_NF4_GEMV_DX_THREADS 256
 
 typedef struct Nf4Weight {
   const uint8_t* codes;         /* [ceil(rows * cols / 2)] */
@@ -79,8 +82,8 @@ typedef struct Nf4GemvEpilogue {
   uint32_t rank;
 } Nf4GemvEpilogue;
 /* The matmuls through the frozen weight W [rows, cols] (activations' dtype by kernel name):
- *   forward (nf4_gemv_*, nf4_gemm_*):  out[m, rows] = a[m, cols] · Wᵀ
- *   backward (nf4_gemm_dx_*):           out[m, cols] = a[m, rows] · W
+ *   forward (nf4_gemv_*, nf4_gemm_*):              out[m, rows] = a[m, cols] · Wᵀ
+ *   backward (nf4_gemv_dx_*, nf4_gemm_dx_*):       out[m, cols] = a[m, rows] · W
  * W is dequantized to the activations' dtype on the way in; f32 accumulation. */
 typedef struct Nf4MatmulParams {
   Nf4Weight w;
@@ -92,6 +95,11 @@ typedef struct Nf4MatmulParams {
   uint32_t a_tma;
   FkTensorMap a_map;
   Nf4GemvEpilogue epilogue;
+  /* The dX GEMV (nf4_gemv_dx_*, then nf4_gemv_dx_reduce_*): f32 sums [row_splits, m, cols],
+   * one per split of W's rows (split s: rows [s·c, (s + 1)·c), c = ⌈rows / row_splits⌉),
+   * which the reduce adds in split order into out. The other matmuls read neither. */
+  float* partials;
+  uint32_t row_splits;
 } Nf4MatmulParams;
 
 #endif

@@ -223,11 +223,11 @@ where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
 {
     let mut rng = activations_rng(&c);
-    // Ŵ as the path uses it: the SIMT GEMV keeps it in f32 (it never materializes it), the
+    // Ŵ as the path uses it: the SIMT GEMVs keep it in f32 (they never materialize it), the
     // tensor-core GEMV multiplies by the codes in T and scales by the f32 absmax, the GEMMs
     // dequantize it to T on the way into their tiles.
     let what: Vec<f32> = match path {
-        MatmulPath::Gemv => q.dequantize::<f32>(),
+        MatmulPath::Gemv | MatmulPath::GemvDx => q.dequantize::<f32>(),
         MatmulPath::GemvMma => q.dequantize_with_codes_in::<T>(),
         MatmulPath::FusedGemm | MatmulPath::FusedGemmWgmma | MatmulPath::DequantizeCublas => {
             q.dequantize::<T>().iter().map(|v| v.to_f32()).collect()
@@ -383,12 +383,13 @@ pub fn all(dev: &Device, scale: Scale, seed: u64, report: &mut Report) -> Result
     }
     for m in [1, 3, 16, 64] {
         let c = Case { m, ..base };
-        for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv] {
+        for gemv in [MatmulPath::GemvMma, MatmulPath::Gemv, MatmulPath::GemvDx] {
             if m > gemv.max_rows() {
                 continue;
             }
-            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, gemv, true, None)?);
-            report.push(matmul_drawn::<f16>(dev, c, &q_f16, gemv, true, None)?);
+            let forward = gemv != MatmulPath::GemvDx;
+            report.push(matmul_drawn::<bf16>(dev, c, &q_bf16, gemv, forward, None)?);
+            report.push(matmul_drawn::<f16>(dev, c, &q_f16, gemv, forward, None)?);
         }
     }
     // A QLoRA layer's forward at decode sizes: bias and a rank-16 term in the GEMV's epilogue.

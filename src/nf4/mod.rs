@@ -1,8 +1,9 @@
 //! NF4 (QLoRA's 4-bit NormalFloat) on the device: bitsandbytes-exact quantization with
 //! double quantization, dequantization, and the matmuls through a frozen NF4 weight with
 //! the dequantization fused in: GEMVs for decode and small batches (1 to 64 rows on tensor
-//! cores, 1 to 16 SIMT), a tensor-core GEMM for the forward `y = x Ŵᵀ`, and the same for the
-//! backward `dX = dY Ŵ` (on `mma.sync`, and on Hopper's `wgmma`); or dequantize + cuBLAS.
+//! cores, 1 to 16 SIMT; the backward `dX = dY Ŵ` of 1 to 16 rows too), a tensor-core GEMM for
+//! the forward `y = x Ŵᵀ`, and the same for the backward (on `mma.sync`, and on Hopper's
+//! `wgmma`); or dequantize + cuBLAS.
 //! [`choose_path`] picks by batch size, from measurements.
 //!
 //! Kernels: `cuda/nf4.cu`. Reference: [`crate::reference::nf4`] (bitsandbytes' format and
@@ -12,8 +13,8 @@
 //! The GEMMs use `Ŵ`, the weight dequantized to the activations' dtype exactly as
 //! [`Nf4Weight::dequantize`] writes it, so they compute with the same operands as
 //! "dequantize, then a bf16 matmul", and [`MatmulPath::DequantizeCublas`] is literally that.
-//! The SIMT GEMV keeps `Ŵ` in f32 (code × absmax, never rounded to the dtype): its reference
-//! is the f32 weight. The tensor-core GEMV multiplies by the codes rounded to the dtype and
+//! The SIMT GEMV and the dX GEMV keep `Ŵ` in f32 (code × absmax, never rounded to the dtype):
+//! their reference is the f32 weight. The tensor-core GEMV multiplies by the codes rounded to the dtype and
 //! scales each block's sum by the f32 absmax: its reference is
 //! [`Nf4Quantized::dequantize_with_codes_in`].
 
@@ -40,6 +41,9 @@ pub const GEMV_MAX_ROWS: usize = 64;
 /// Rows up to which the SIMT GEMV runs (instantiated for 1, 2, 4, 8 and 16: a register
 /// accumulator per row and weight row).
 pub const SIMT_GEMV_MAX_ROWS: usize = 16;
+/// Rows up to which the dX GEMV runs (instantiated for 1, 2, 4, 8 and 16), and with it the
+/// dispatch's backward ([`choose_path`]).
+pub const GEMV_DX_MAX_ROWS: usize = 16;
 
 /// The absmaxes on the device: plain, or double-quantized.
 enum DeviceAbsmax {
@@ -391,6 +395,13 @@ pub enum MatmulPath {
     /// and 4.5× / 5.8× at 16 (4096→11008 / 11008→4096); kept beside it until a GPU run times
     /// the tensor-core GEMV's later versions (bench/predictions.json's decision).
     Gemv,
+    /// The fused dX GEMV (backward only, up to [`GEMV_DX_MAX_ROWS`] rows): dX sums over W's
+    /// rows, so its blocks take a slab of columns each over one split of the rows
+    /// ([`gemv_dx_splits`]), keep f32 sums (`Ŵ` in f32, code × absmax) and write a partial per
+    /// split, which a second kernel adds in split order: deterministic. Reads the 4-bit weight
+    /// once, where dequantize + cuBLAS writes and reads it in bf16 (2.5 bytes an element more)
+    /// and the `mma.sync` GEMM's dX has a block per 128 columns (32 blocks at 4096).
+    GemvDx,
     /// The fused tensor-core GEMM (`mma.sync`): the weight is dequantized on its way into
     /// shared memory and never materialized.
     FusedGemm,
@@ -414,6 +425,7 @@ impl MatmulPath {
         match self {
             MatmulPath::GemvMma => GEMV_MAX_ROWS,
             MatmulPath::Gemv => SIMT_GEMV_MAX_ROWS,
+            MatmulPath::GemvDx => GEMV_DX_MAX_ROWS,
             _ => usize::MAX,
         }
     }
@@ -424,6 +436,7 @@ impl MatmulPath {
         let stem = match (self, forward) {
             (MatmulPath::GemvMma, _) => "nf4_gemv_mma",
             (MatmulPath::Gemv, _) => "nf4_gemv",
+            (MatmulPath::GemvDx, _) => "nf4_gemv_dx",
             (MatmulPath::FusedGemm, true) => "nf4_gemm",
             (MatmulPath::FusedGemm, false) => "nf4_gemm_dx",
             (MatmulPath::FusedGemmWgmma, true) => "nf4_gemm_wgmma",
@@ -459,27 +472,51 @@ pub fn choose_path(dev: &Device, m: usize, forward: bool) -> MatmulPath {
 }
 
 /// The fused kernel for `m` rows: the tensor-core GEMV for a forward of up to
-/// [`GEMV_MAX_ROWS`] rows, else the GEMM (what [`choose_path`] and the raw entry point
-/// share).
+/// [`GEMV_MAX_ROWS`] rows, the dX GEMV for a backward of up to [`GEMV_DX_MAX_ROWS`], else
+/// the GEMM (what [`choose_path`] and the raw entry point share).
 fn fused_path(m: usize, forward: bool) -> MatmulPath {
-    if forward && m <= GEMV_MAX_ROWS {
-        MatmulPath::GemvMma
-    } else {
-        MatmulPath::FusedGemm
+    match forward {
+        true if m <= GEMV_MAX_ROWS => MatmulPath::GemvMma,
+        false if m <= GEMV_DX_MAX_ROWS => MatmulPath::GemvDx,
+        _ => MatmulPath::FusedGemm,
     }
 }
 
-/// The fused kernel and launch of `path` (a GEMV, or the GEMM) for a forward or backward dX,
-/// on a GPU of `sms` SMs (the wgmma GEMM's persistent blocks, one per SM).
+/// Columns a lane of the dX GEMV sums for a bucket of `m` rows (`gemv_dx` in cuda/nf4.cu:
+/// at most 64 sums a lane, so fewer columns as rows grow).
+fn gemv_dx_cols_per_lane(m: usize) -> usize {
+    match m.max(1).next_power_of_two() {
+        1 | 2 => 32,
+        b => 64 / b,
+    }
+}
+
+/// The dX GEMV's slabs of columns (a block's: 32 lanes' columns) for `m` rows through a
+/// weight of `cols` columns.
+fn gemv_dx_slabs(cols: usize, m: usize) -> usize {
+    cols.div_ceil(32 * gemv_dx_cols_per_lane(m))
+}
+
+/// How many splits of the weight's `rows` the dX GEMV sums apart for `m` rows on `dev`
+/// (each a partial of `m × cols` f32 in the workspace, `splits · m · cols` in all: see
+/// [`raw::matmul_with`]): enough for two blocks on each SM (128 registers a thread, 256
+/// threads), as its slabs of columns alone are few (4 at 1 row and 4096 columns), and at
+/// least 64 rows a split (8 a warp), so that the partials stay small beside the weight.
+pub fn gemv_dx_splits(dev: &Device, rows: usize, cols: usize, m: usize) -> usize {
+    let wanted = (2 * dev.sm_count()).div_ceil(gemv_dx_slabs(cols, m).max(1));
+    wanted.clamp(1, rows.div_ceil(64).max(1))
+}
+
+/// The fused kernel and launch of `path` (a GEMV, or the GEMM) for `p`'s forward or backward
+/// dX, on a GPU of `sms` SMs (the wgmma GEMM's persistent blocks, one per SM).
 fn fused_launch(
     act: DType,
-    rows: u32,
-    cols: u32,
-    m: u32,
+    p: &Nf4MatmulParams,
     forward: bool,
     path: MatmulPath,
     sms: usize,
 ) -> (Kernel, LaunchConfig) {
+    let (rows, cols, m) = (p.w.rows, p.w.cols, p.m);
     let bucket = m.max(1).next_power_of_two();
     match path {
         MatmulPath::GemvMma => {
@@ -503,6 +540,19 @@ fn fused_launch(
                 kernel(format!("nf4_gemv_{act}_m{bucket}")),
                 LaunchConfig::warp_stride(warps, THREADS, MAX_BLOCKS),
             )
+        }
+        MatmulPath::GemvDx => {
+            let cfg = LaunchConfig {
+                grid: (
+                    gemv_dx_slabs(cols as usize, m as usize) as u32,
+                    p.row_splits,
+                    1,
+                ),
+                block: (params::FK_NF4_GEMV_DX_THREADS, 1, 1),
+                shared_bytes: 0,
+                cluster: (1, 1, 1),
+            };
+            (kernel(format!("nf4_gemv_dx_{act}_m{bucket}")), cfg)
         }
         MatmulPath::FusedGemmWgmma => {
             let n_out = if forward { rows } else { cols };
@@ -726,15 +776,24 @@ where
             p.a_map = map;
         }
     }
+    // The dX GEMV's partial sums, a split of the rows each.
+    let mut partials = None;
+    if path == MatmulPath::GemvDx {
+        let splits = gemv_dx_splits(&dev, w.rows, w.cols, m);
+        let buf = partials.insert(dev.alloc_output::<f32>(splits * m * w.cols)?);
+        (p.partials, p.row_splits) = (buf.ptr_mut().cast(), splits as u32);
+    }
     match path {
         MatmulPath::GemvMma
         | MatmulPath::Gemv
+        | MatmulPath::GemvDx
         | MatmulPath::FusedGemm
         | MatmulPath::FusedGemmWgmma => {
             // SAFETY: shapes checked in check_matmul, an epilogue's by gemv_with_epilogue
             // (raw::matmul_with refuses one on a GEMM); the GEMVs for a bucket of rows read
             // only the first m rows (the tensor-core one reads rows past m and past the
-            // weight's last as the last real ones), the GEMMs bounds-check every tile edge.
+            // weight's last as the last real ones), the GEMMs bounds-check every tile edge;
+            // the dX GEMV's partials are the row_splits · m · cols allocated above.
             unsafe { raw::matmul_with(&dev, None, T::DTYPE, forward, path, &p) }
         }
         MatmulPath::DequantizeCublas => {
@@ -801,6 +860,10 @@ pub fn kernels() -> Vec<Kernel> {
         for m in [8, 16, 32, 64] {
             names.push(format!("nf4_gemv_mma_{t}_m{m}"));
         }
+        for m in [1, 2, 4, 8, 16] {
+            names.push(format!("nf4_gemv_dx_{t}_m{m}"));
+        }
+        names.push(format!("nf4_gemv_dx_reduce_{t}"));
         names.push(format!("nf4_gemm_{t}"));
         names.push(format!("nf4_gemm_dx_{t}"));
         names.push(format!("nf4_gemm_wgmma_{t}"));
@@ -947,7 +1010,9 @@ pub mod raw {
     }
 
     /// The fused forward (`forward == true`: the tensor-core GEMV for m ≤
-    /// [`GEMV_MAX_ROWS`], else the `mma.sync` GEMM) or backward dX (the GEMM).
+    /// [`GEMV_MAX_ROWS`], else the `mma.sync` GEMM) or backward dX (the dX GEMV for m ≤
+    /// [`GEMV_DX_MAX_ROWS`] where `p.partials` holds its workspace, as [`matmul_with`] says;
+    /// else, a null `p.partials` included, the GEMM).
     ///
     /// # Safety
     /// As [`dequantize`], with `a` and `out` sized `[m, cols]`/`[m, rows]` (forward) or
@@ -962,19 +1027,29 @@ pub mod raw {
         forward: bool,
         p: &Nf4MatmulParams,
     ) -> Result<()> {
-        let path = fused_path(p.m as usize, forward);
+        let path = match fused_path(p.m as usize, forward) {
+            MatmulPath::GemvDx if p.partials.is_null() => MatmulPath::FusedGemm,
+            path => path,
+        };
         // SAFETY: forwarded from this function's contract.
         unsafe { matmul_with(dev, stream, act, forward, path, p) }
     }
 
     /// [`matmul`] through a fused `path` of your choice: a GEMV (forward, 1 to
-    /// [`GEMV_MAX_ROWS`] rows, [`SIMT_GEMV_MAX_ROWS`] for the SIMT one), the `mma.sync` GEMM,
-    /// or the wgmma one (Hopper; its activations by TMA where `p.a_tma` flags a map you
-    /// encoded, else cp.async). For [`MatmulPath::DequantizeCublas`] dequantize into your
-    /// scratch ([`dequantize`]) and call your cuBLAS: it is refused here.
+    /// [`GEMV_MAX_ROWS`] rows, [`SIMT_GEMV_MAX_ROWS`] for the SIMT one), the dX GEMV
+    /// (backward, 1 to [`GEMV_DX_MAX_ROWS`] rows), the `mma.sync` GEMM, or the wgmma one
+    /// (Hopper; its activations by TMA where `p.a_tma` flags a map you encoded, else
+    /// cp.async). For [`MatmulPath::DequantizeCublas`] dequantize into your scratch
+    /// ([`dequantize`]) and call your cuBLAS: it is refused here.
+    ///
+    /// The dX GEMV launches two kernels on `stream` and needs a workspace: `p.row_splits`
+    /// (1 to the weight's rows; [`super::gemv_dx_splits`] is the safe API's choice) and
+    /// `p.partials`, f32 `[row_splits, m, cols]`, 16-byte aligned (checked), which it
+    /// overwrites; no other path reads either.
     ///
     /// # Safety
-    /// As [`matmul`].
+    /// As [`matmul`]; for the dX GEMV, `p.partials` writable for `row_splits · m · cols`
+    /// f32 and overlapping no operand.
     pub unsafe fn matmul_with(
         dev: &Device,
         stream: Option<CUstream>,
@@ -1002,6 +1077,36 @@ pub mod raw {
                     ),
                 });
             }
+            MatmulPath::GemvDx if forward || m > path.max_rows() => {
+                return Err(Error::Unsupported {
+                    op: "nf4 gemv dx",
+                    why: format!(
+                        "the dX GEMV is backward-only, 1..={} rows; got {m} rows {}",
+                        path.max_rows(),
+                        if forward { "forward" } else { "backward" }
+                    ),
+                });
+            }
+            MatmulPath::GemvDx => {
+                if p.row_splits == 0 || p.row_splits > p.w.rows.min(u16::MAX as u32) {
+                    return Err(Error::InvalidArgument {
+                        what: "nf4 raw gemv dx row_splits",
+                        why: format!(
+                            "{}: 1 to the weight's rows ({}), at most {}",
+                            p.row_splits,
+                            p.w.rows,
+                            u16::MAX
+                        ),
+                    });
+                }
+                if p.partials.is_null() {
+                    return Err(Error::InvalidArgument {
+                        what: "nf4 raw gemv dx partials",
+                        why: "null: the dX GEMV needs [row_splits, m, cols] f32".into(),
+                    });
+                }
+                Error::check_aligned("nf4 raw gemv dx partials", p.partials, 16)?;
+            }
             MatmulPath::FusedGemmWgmma if !dev.has_wgmma() => {
                 return Err(Error::Unsupported {
                     op: "nf4 matmul",
@@ -1019,9 +1124,17 @@ pub mod raw {
         if m == 0 {
             return Ok(());
         }
-        let (k, cfg) = fused_launch(act, p.w.rows, p.w.cols, p.m, forward, path, dev.sm_count());
+        let (k, cfg) = fused_launch(act, p, forward, path, dev.sm_count());
         // SAFETY: forwarded from this function's contract.
-        unsafe { dev.launch_on(&k, cfg, stream, p) }
+        unsafe { dev.launch_on(&k, cfg, stream, p) }?;
+        if path == MatmulPath::GemvDx {
+            // The splits' partials added in order into out.
+            let cfg = LaunchConfig::grid_stride(p.m as u64 * p.w.cols as u64, THREADS, MAX_BLOCKS);
+            let k = kernel(format!("nf4_gemv_dx_reduce_{act}"));
+            // SAFETY: as the launch above; the reduce reads the partials it wrote.
+            unsafe { dev.launch_on(&k, cfg, stream, p) }?;
+        }
+        Ok(())
     }
 }
 
