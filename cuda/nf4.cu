@@ -422,14 +422,13 @@ FK_DEVICE void gemv_mma_steps(const Nf4MatmulParams& p, uint32_t (&pairs)[256 * 
   const uint64_t absmax_e0 = uint64_t(min(n0 + lane % 16, N - 1)) * K + S * (lane / 16);
   auto absmax_block = [&](uint32_t s0, int i) { return (absmax_e0 + uint64_t(S) * (s0 + 2 * i)) >> shift; };
   // The absmaxes' bytes of the group at s0 into L1 (their first and last: a run of a few
-  // bytes, or floats), so that its decode at the group's start finds them there. A warp's
-  // last group may end before its last pair of steps, past the last row's blocks there.
+  // bytes, or floats), so that its decode at the group's start finds them there. Whole
+  // groups only: a group cut short by K's end has no blocks past its last step (none past
+  // the weight's last, on its last row).
   auto prefetch_absmax = [&](uint32_t s0) {
-    auto pair_of_steps = [&](int i) {
-      if (s0 + lane / 16 + 2 * i < steps) nf4_prefetch_absmax(p.w, absmax_block(s0, i));
-    };
-    pair_of_steps(0);
-    pair_of_steps(U / 2 - 1);
+    if (s0 + U > steps) return;
+    nf4_prefetch_absmax(p.w, absmax_block(s0, 0));
+    nf4_prefetch_absmax(p.w, absmax_block(s0, U / 2 - 1));
   };
   // The warp's first group goes out (its codes, and its x and absmaxes into L1) before the
   // block fills its code-pair table and nested map in shared memory, so that those fills and
@@ -629,7 +628,7 @@ FK_DEVICE float code_value(const float* table, uint32_t word, int j) {
 template <typename T, int M>
 FK_DEVICE void gemv_dx(const Nf4MatmulParams& p) {
   constexpr int C = M <= 2 ? 32 : 64 / M;  // columns a lane
-  constexpr int U = M >= 8 ? 2 : 4;        // rows a warp has in flight
+  constexpr int U = M >= 16 ? 1 : M >= 8 ? 2 : 4;  // rows a warp loads into registers at once
   constexpr int kWarps = FK_NF4_GEMV_DX_THREADS / 32, kSlab = 32 * C;
   constexpr bool kFold = M < C;  // absmax into a[m, n] (M multiplies a row), not into each code
   static_assert(kWarps == 8, "the warps' sums meet in two rounds of four");
@@ -648,6 +647,22 @@ FK_DEVICE void gemv_dx(const Nf4MatmulParams& p) {
     for (int m = 0; m < M; ++m) dy[m] = valid && m < static_cast<int>(p.m) ? to_f32(a[uint64_t(m) * N + n]) : 0.0f;
   };
   if (K % C == 0) {
+    // The rows kAhead iterations on go into L1 (their codes' lines, a line a lane, and the
+    // lanes' absmax bytes) while this one's load: at 8 and 16 activation rows a lane loads 4
+    // or 2 bytes of codes for each of only two rows at once (their sums fill the registers),
+    // too few bytes in flight on their own to keep DRAM busy.
+    constexpr int kAhead = 16 / U, kLines = C >= 8 ? C / 8 : 1;  // a warp's row: 16·C bytes
+    const uint32_t slab0 = blockIdx.x * kSlab;
+    auto prefetch_rows = [&](uint32_t first) {
+      const uint32_t n = first + kWarps * (lane / kLines), col = slab0 + 256 * (lane % kLines);
+      if (lane < U * kLines && n < n_end && col < K) prefetch_l1(w.codes + (uint64_t(n) * K + col) / 2);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const uint32_t row = first + kWarps * u;
+        if (row < n_end && col0 < K) nf4_prefetch_absmax(w, (uint64_t(row) * K + col0) >> shift);
+      }
+    };
+    for (int d = 0; d < kAhead; ++d) prefetch_rows(n_begin + warp + kWarps * U * d);
     for (uint32_t n0 = n_begin + warp; col0 < K && n0 < n_end; n0 += kWarps * U) {
       // Every row's codes in flight before any absmax's dependent loads; rows past the split
       // read row n0's bytes again (no branch to keep the loads apart) and count for 0.
@@ -660,14 +675,9 @@ FK_DEVICE void gemv_dx(const Nf4MatmulParams& p) {
         e[u] = uint64_t(n < n_end ? n : n0) * K + col0;
         load_codes<C>(w.codes + e[u] / 2, codes[u]);
       }
-      // The next rows' absmax bytes into L1: ptxas issues an absmax's chain (its code byte,
-      // then the nested map) ahead of the code loads above, so from DRAM it would hold them
-      // back a round trip.
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const uint32_t next = min(n0 + kWarps * (U + u), n_end - 1);
-        nf4_prefetch_absmax(w, (uint64_t(next) * K + col0) >> shift);
-      }
+      // (ptxas issues each absmax's chain, its code byte then the nested map, ahead of the
+      // code loads above: from L1, not a DRAM round trip that holds them back.)
+      prefetch_rows(n0 + kWarps * U * kAhead);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const uint32_t n = n0 + kWarps * u;

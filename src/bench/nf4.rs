@@ -260,6 +260,21 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     for weight in [&q, &q_t] {
         out.push(gemv_in_halves(dev, timer, c, weight, 64)?)?;
     }
+    // The dX GEMV (a backward of up to 16 rows) on both shapes; dequantize + cuBLAS's dX at the
+    // same rows is below (4096→11008's weight) and here (11008→4096's), for the dispatch's
+    // choice between them (bench/predictions.json).
+    for weight in [&q, &q_t] {
+        for m in [1, 4, 8, 16] {
+            out.push(matmul_row(dev, timer, c, weight, m, MatmulPath::GemvDx, false)?)?;
+        }
+    }
+    if dev.has_cublas() {
+        for m in [1, 16] {
+            let path = MatmulPath::DequantizeCublas;
+            out.push(matmul_row(dev, timer, c, &q_t, m, path, false)?)?;
+        }
+        out.push(matmul_row(dev, timer, c, &q, 1, MatmulPath::DequantizeCublas, false)?)?;
+    }
     rotated_rows(dev, timer, c, out)?;
     out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;
     let cublas_present = dev.has_cublas();

@@ -449,9 +449,14 @@ impl MatmulPath {
 }
 
 /// The path [`forward`] / [`backward_dx`] take for `m` rows on `dev`: the tensor-core GEMV
-/// for a forward of up to [`GEMV_MAX_ROWS`] rows; past them, and for every backward,
-/// dequantize + cuBLAS where cuBLAS is present (the emulator, or cuBLAS not loadable: the
-/// fused GEMM).
+/// for a forward of up to [`GEMV_MAX_ROWS`] rows, the dX GEMV for a backward of up to
+/// [`GEMV_DX_MAX_ROWS`]; past them, dequantize + cuBLAS where cuBLAS is present (the
+/// emulator, or cuBLAS not loadable: the fused GEMM).
+///
+/// The dX GEMV (thirtieth session) has not run on a GPU: it reads the 4-bit weight once where
+/// dequantize + cuBLAS's dX took 76-82 µs at 4 to 64 rows on an H200 (below), and its
+/// predicted 12-30 µs at 1 row and 25-50 at 16 are bench/predictions.json's, with the decision
+/// that keeps [`GEMV_DX_MAX_ROWS`] or sets it to 0.
 ///
 /// Measured on an H200 (bench/results/2026-11-27T0544-h200.md, 4096→11008 and 11008→4096,
 /// bf16): dequantize + cuBLAS took 76-82 µs at 4 to 64 rows (forward and dX), a dequantize
