@@ -159,7 +159,8 @@ PY
     local which=$1 rc
     for t in "$bundle"/test-*; do
       echo "## $(basename "$t") ($which PTX)" >>"$work/tests-$which.txt"
-      FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout "${FK_TEST_SECONDS:-120}" "$t" --test-threads=4 \
+      FK_BACKENDS=gpu FK_REQUIRE_GPU=$require FK_ALLOW_NO_BACKEND=$((1 - require)) \
+        timeout "${FK_TEST_SECONDS:-120}" "$t" --test-threads=4 \
         >"$work/binary.txt" 2>&1
       rc=$?
       cat "$work/binary.txt" >>"$work/tests-$which.txt"
@@ -178,7 +179,8 @@ PY
           fi
         } | head -4 | while read -r name how; do
           echo "### $name $how" >>"$work/tests-$which.txt"
-          FK_BACKENDS=gpu FK_REQUIRE_GPU=$require timeout 20 "$t" --exact "$name" --test-threads=1 \
+          FK_BACKENDS=gpu FK_REQUIRE_GPU=$require FK_ALLOW_NO_BACKEND=$((1 - require)) \
+            timeout 20 "$t" --exact "$name" --test-threads=1 \
             >>"$work/tests-$which.txt" 2>&1
           echo "exit $?" >>"$work/tests-$which.txt"
         done

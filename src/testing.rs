@@ -15,6 +15,10 @@ use rand::Rng;
 /// AddressSanitizer run `random` (an out-of-bounds index does not depend on the schedule;
 /// the races the schedules expose are the plain run's to find). The longest tests take
 /// [`backends_in_turn`] instead: each case on one schedule.
+///
+/// No backend at all (the emulator left out, `FK_BACKENDS` naming only a GPU that is not
+/// there) is a panic, since every kernel test would then pass having run nothing, unless
+/// `FK_ALLOW_NO_BACKEND=1` says so on purpose (the GPU check's dry run).
 pub fn backends() -> Vec<Device> {
     let mut devices = Vec::new();
     if selected_backends().is_none_or(|names| names.contains(&"gpu")) {
@@ -35,9 +39,11 @@ pub fn backends() -> Vec<Device> {
         devices.extend(emulators());
     }
     if devices.is_empty() {
-        eprintln!(
-            "note: no backend can run kernels here: the test checks nothing but its reference"
-        );
+        let why = "no backend can run kernels here: the test checks nothing but its reference";
+        if std::env::var("FK_ALLOW_NO_BACKEND").as_deref() != Ok("1") {
+            panic!("{why} (FK_ALLOW_NO_BACKEND=1 allows it)");
+        }
+        eprintln!("note: {why}");
     }
     devices
 }

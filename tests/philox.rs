@@ -58,12 +58,38 @@ fn kernel_matches_random123_known_answers() {
     }
 }
 
+/// Blocks whose counters carry into the high word, and wrap past 2^64: the kernel adds a
+/// block's index to the 64-bit counter, not to its low word alone.
+#[test]
+fn kernel_counters_carry_and_wrap() {
+    for dev in backends() {
+        for counter in [(1u64 << 32) - 3, u64::MAX - 2, 7 << 32 | 0xFFFF_FFF0] {
+            let (seed, stream) = (0x9E37_79B9_7F4A_7C15, [5, 6]);
+            let expected = reference::random_words(seed, counter, stream, 40);
+            let got = philox::random_words(&dev, seed, counter, stream, 40)
+                .unwrap()
+                .to_host()
+                .unwrap();
+            assert_eq!(got, expected, "counter {counter:#x} {dev:?}");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// Counters near 2^64 wrap, as the reference says.
+    /// Any counter, and counters a few blocks short of a carry into the high word and of
+    /// 2^64 (where they wrap, as the reference says).
     #[test]
-    fn kernel_words_match_reference(seed in any::<u64>(), counter in any::<u64>(), stream in any::<[u32; 2]>(), blocks in 1usize..2000) {
+    fn kernel_words_match_reference(
+        seed in any::<u64>(),
+        counter in prop_oneof![
+            any::<u64>(),
+            (0u64..4000).prop_map(|d| u64::MAX - d),
+            (any::<u32>(), 0u64..4000).prop_map(|(high, d)| (high as u64) << 32 | (0xFFFF_FFFF - d)),
+        ],
+        stream in any::<[u32; 2]>(), blocks in 1usize..2000
+    ) {
         let expected = reference::random_words(seed, counter, stream, blocks);
         for dev in backends() {
             let got = philox::random_words(&dev, seed, counter, stream, blocks).unwrap().to_host().unwrap();

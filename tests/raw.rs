@@ -953,6 +953,7 @@ fn lora_case(
     same_bits(&format!("{case}: dx"), dev, &dx, &grads.dx);
     same_bits(&format!("{case}: da"), dev, &da, &grads.da);
     same_bits(&format!("{case}: db"), dev, &db, &grads.db);
+    assert_eq!(grads.dbias.is_some(), bias, "{case}: the layer's dbias");
     if let Some(safe) = &grads.dbias {
         same_bits(&format!("{case}: dbias"), dev, &dbias, safe);
     }

@@ -265,7 +265,15 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
     // choice between them (bench/predictions.json).
     for weight in [&q, &q_t] {
         for m in [1, 4, 8, 16] {
-            out.push(matmul_row(dev, timer, c, weight, m, MatmulPath::GemvDx, false)?)?;
+            out.push(matmul_row(
+                dev,
+                timer,
+                c,
+                weight,
+                m,
+                MatmulPath::GemvDx,
+                false,
+            )?)?;
         }
     }
     if dev.has_cublas() {
@@ -273,7 +281,15 @@ pub fn rows(dev: &Device, timer: &mut GpuTimer, c: &Ceilings, out: &mut Rows) ->
             let path = MatmulPath::DequantizeCublas;
             out.push(matmul_row(dev, timer, c, &q_t, m, path, false)?)?;
         }
-        out.push(matmul_row(dev, timer, c, &q, 1, MatmulPath::DequantizeCublas, false)?)?;
+        out.push(matmul_row(
+            dev,
+            timer,
+            c,
+            &q,
+            1,
+            MatmulPath::DequantizeCublas,
+            false,
+        )?)?;
     }
     rotated_rows(dev, timer, c, out)?;
     out.extend_extra(gemv_ladder(dev, timer, c), "GEMV ladder")?;

@@ -17,6 +17,9 @@ pub enum Measure {
     Exact,
     /// `‖out − ref‖₂ / ‖ref‖₂` must be at most the bound.
     RelL2(f64),
+    /// Each element within a bound of its own: `error` is the largest ratio of an element's
+    /// error to its bound, and must be at most 1.
+    PerElement,
 }
 
 /// One kernel run checked against its reference.
@@ -35,7 +38,8 @@ pub struct CheckRow {
     /// How `error` is judged.
     pub measure: Measure,
     /// The measured error: mismatching elements for [`Measure::Exact`], the relative L2
-    /// error for [`Measure::RelL2`].
+    /// error for [`Measure::RelL2`], the worst element's share of its bound for
+    /// [`Measure::PerElement`].
     pub error: f64,
     /// Median kernel time on a GPU, when timing was asked for.
     pub time_us: Option<f64>,
@@ -47,6 +51,7 @@ impl CheckRow {
         match self.measure {
             Measure::Exact => self.error == 0.0,
             Measure::RelL2(bound) => self.error <= bound,
+            Measure::PerElement => self.error <= 1.0,
         }
     }
 }
@@ -56,6 +61,7 @@ impl std::fmt::Display for CheckRow {
         let verdict = if self.pass() { "pass" } else { "FAIL" };
         let err = match self.measure {
             Measure::Exact => format!("{} mismatches (exact)", self.error),
+            Measure::PerElement => format!("worst element {:.2} of its bound", self.error),
             Measure::RelL2(b) => format!("rel {:.2e} (bound {b:.0e})", self.error),
         };
         write!(
@@ -179,6 +185,7 @@ pub fn header() -> String {
 pub fn line(r: &CheckRow) -> String {
     let err = match r.measure {
         Measure::Exact => format!("{} elements off", r.error),
+        Measure::PerElement => format!("{:.2} of bound", r.error),
         Measure::RelL2(b) => format!("{:.1e} ≤ {b:.0e}", r.error),
     };
     let time = r.time_us.map_or("—".to_string(), |t| format!("{t:.2}"));
