@@ -597,21 +597,20 @@ FK_DEVICE void gemv_mma(const Nf4MatmulParams& p) {
 // code and absmax on its own.
 
 // A lane's C codes of one row (C / 2 bytes, aligned to them) as 32-bit words, as they lie in
-// memory (element 2i in byte i's high nibble), the load issued here (ld_global_early): left
-// to itself nvcc sinks it below the absmax's dependent loads, a round trip after them.
+// memory: element 2i in byte i's high nibble.
 template <int C>
 FK_DEVICE void load_codes(const uint8_t* src, uint32_t (&words)[(C + 7) / 8]) {
   if constexpr (C == 32) {
-    const uint4 v = ld_global_early(reinterpret_cast<const uint4*>(src));
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
     words[0] = v.x, words[1] = v.y, words[2] = v.z, words[3] = v.w;
   } else if constexpr (C == 16) {
-    const uint2 v = ld_global_early(reinterpret_cast<const uint2*>(src));
+    const uint2 v = *reinterpret_cast<const uint2*>(src);
     words[0] = v.x, words[1] = v.y;
   } else if constexpr (C == 8) {
-    words[0] = ld_global_early(reinterpret_cast<const uint32_t*>(src));
+    words[0] = *reinterpret_cast<const uint32_t*>(src);
   } else {
     static_assert(C == 4, "2, 4, 8 or 16 bytes of codes");
-    words[0] = ld_global_early(reinterpret_cast<const uint16_t*>(src));
+    words[0] = *reinterpret_cast<const uint16_t*>(src);
   }
 }
 
@@ -675,8 +674,9 @@ FK_DEVICE void gemv_dx(const Nf4MatmulParams& p) {
         e[u] = uint64_t(n < n_end ? n : n0) * K + col0;
         load_codes<C>(w.codes + e[u] / 2, codes[u]);
       }
-      // (ptxas issues each absmax's chain, its code byte then the nested map, ahead of the
-      // code loads above: from L1, not a DRAM round trip that holds them back.)
+      // (Without the prefetches between them, ptxas issued each absmax's chain, its code
+      // byte then the nested map, ahead of the code loads above, a DRAM round trip before
+      // them; with them, the SASS has the code loads first, and the chains find L1.)
       prefetch_rows(n0 + kWarps * U * kAhead);
 #pragma unroll
       for (int u = 0; u < U; ++u) {

@@ -248,37 +248,6 @@ FK_DEVICE uint4 ld_global_early(const uint4* p) {
 #endif
 }
 
-// The same for 8, 4 and 2 bytes.
-FK_DEVICE uint2 ld_global_early(const uint2* p) {
-#if FK_PTX
-  uint2 r;
-  asm volatile("ld.global.v2.u32 {%0, %1}, [%2];\n" : "=r"(r.x), "=r"(r.y) : "l"(p) : "memory");
-  return r;
-#elif FK_EMU_PTX
-  return *p;
-#endif
-}
-
-FK_DEVICE uint32_t ld_global_early(const uint32_t* p) {
-#if FK_PTX
-  uint32_t r;
-  asm volatile("ld.global.u32 %0, [%1];\n" : "=r"(r) : "l"(p) : "memory");
-  return r;
-#elif FK_EMU_PTX
-  return *p;
-#endif
-}
-
-FK_DEVICE uint16_t ld_global_early(const uint16_t* p) {
-#if FK_PTX
-  uint16_t r;
-  asm volatile("ld.global.u16 %0, [%1];\n" : "=h"(r) : "l"(p) : "memory");
-  return r;
-#elif FK_EMU_PTX
-  return *p;
-#endif
-}
-
 // ---- cache hints for global loads (no effect on the emulator) ----------------------------
 
 // Brings the 128-byte line holding `p` into L1, writing no register (prefetch.global.L1).
