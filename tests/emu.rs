@@ -320,6 +320,30 @@ fn launches_a_gpu_would_refuse_are_errors() {
         ),
         "exceeds the 227 KiB",
     );
+    // Static and dynamic shared memory together: 32 KB beside 200 KB.
+    expect_error(
+        run(
+            &dev,
+            "emu_test_static_and_dynamic_shared",
+            &[1.0; 4],
+            4,
+            4,
+            200 * 1024 / 4,
+        ),
+        "exceed the 227 KiB",
+    );
+    assert_eq!(
+        run(
+            &dev,
+            "emu_test_static_and_dynamic_shared",
+            &[1.0; 4],
+            4,
+            4,
+            4
+        )
+        .unwrap(),
+        [1.0; 4]
+    );
     expect_error(
         run(&dev, "no_such_kernel", &[0.0], 1, 1, 0),
         "no emulated kernel named no_such_kernel",

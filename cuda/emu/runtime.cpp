@@ -147,6 +147,9 @@ thread_local Block* t_block = nullptr;
 thread_local Fiber* t_fiber = nullptr;
 thread_local std::vector<Block>* t_cluster = nullptr;  // t_block's cluster, in rank order
 
+// The most shared memory a block can have, static and dynamic together (Hopper's, opted into).
+constexpr size_t kMaxBlockSharedBytes = 227 * 1024;
+
 // ---- stacks -------------------------------------------------------------------------------
 
 const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -668,7 +671,15 @@ unsigned char* dyn_smem_base() { return t_block->smem.data(); }
 
 void* block_shared(const void* key, size_t bytes) {
   std::vector<unsigned char>& s = t_block->shared[key];
-  if (s.empty()) s.assign(bytes, 0xFF);  // operator new: 16-byte aligned on x86-64
+  if (s.empty()) {
+    s.assign(bytes, 0xFF);  // operator new: 16-byte aligned on x86-64
+    // A block's static and dynamic shared memory together (the static as its declarations
+    // are first used: each kernel touches all of its own).
+    size_t total = t_block->smem.size();
+    for (const auto& [k, v] : t_block->shared) total += v.size();
+    if (total > kMaxBlockSharedBytes)
+      fail(Site{"FK_SHARED", 0}, "static and dynamic shared memory together exceed the 227 KiB a block can have");
+  }
   return s.data();
 }
 
@@ -813,7 +824,7 @@ static int launch(const char* name, const uint32_t grid[3], const uint32_t block
   std::ostringstream bad;
   if (threads > info.max_threads)
     bad << "block of " << threads << " threads exceeds the kernel's __launch_bounds__ of " << info.max_threads;
-  else if (dynamic_smem > 227 * 1024)
+  else if (dynamic_smem > kMaxBlockSharedBytes)
     bad << "dynamic shared memory " << dynamic_smem << " bytes exceeds the 227 KiB a block can opt into";
   if (!bad.str().empty()) return fail_launch(std::string(name) + ": " + bad.str());
   if (!options->rcp_approx_ftz) return fail_launch("FkEmuOptions.rcp_approx_ftz is null");

@@ -121,6 +121,16 @@ FK_KERNEL(emu_test_oob_static_shared, EmuTestParams) {
   p.out[threadIdx.x] = s[threadIdx.x % 32];
 }
 
+// Bug: 32 KB of static shared memory beside the n floats of dynamic shared memory the test
+// asks for (200 KB): more than the 227 KiB a block can have, though each alone fits.
+FK_KERNEL(emu_test_static_and_dynamic_shared, EmuTestParams) {
+  FK_SHARED(s, float[8192]);
+  float* d = dyn_smem<float>();
+  s[threadIdx.x] = p.in[threadIdx.x];
+  d[threadIdx.x] = s[threadIdx.x];
+  p.out[threadIdx.x] = d[threadIdx.x];
+}
+
 // Bug: __syncwarp orders a warp, not the block: reading another warp's write needs
 // __syncthreads. Caught only when one warp can run ahead of another.
 FK_KERNEL(emu_test_cross_warp_race, EmuTestParams) {
