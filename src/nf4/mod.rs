@@ -1072,23 +1072,17 @@ pub mod raw {
         check_epilogue(act, path, &p.epilogue)?;
         let m = p.m as usize;
         match path {
-            MatmulPath::GemvMma | MatmulPath::Gemv if !forward || m > path.max_rows() => {
+            // Each GEMV runs one direction, up to its rows.
+            MatmulPath::GemvMma | MatmulPath::Gemv | MatmulPath::GemvDx
+                if forward == (path == MatmulPath::GemvDx) || m > path.max_rows() =>
+            {
+                let way = |f: bool| if f { "forward" } else { "backward" };
+                let (its, got) = (way(path != MatmulPath::GemvDx), way(forward));
                 return Err(Error::Unsupported {
                     op: "nf4 gemv",
                     why: format!(
-                        "the {path:?} GEMV is forward-only, 1..={} rows; got {m} rows {}",
-                        path.max_rows(),
-                        if forward { "forward" } else { "backward" }
-                    ),
-                });
-            }
-            MatmulPath::GemvDx if forward || m > path.max_rows() => {
-                return Err(Error::Unsupported {
-                    op: "nf4 gemv dx",
-                    why: format!(
-                        "the dX GEMV is backward-only, 1..={} rows; got {m} rows {}",
-                        path.max_rows(),
-                        if forward { "forward" } else { "backward" }
+                        "the {path:?} GEMV is {its}-only, 1..={} rows; got {m} rows {got}",
+                        path.max_rows()
                     ),
                 });
             }
